@@ -1,0 +1,33 @@
+# Two commands on a fresh machine with only Python:  make demo  |  make test
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: demo test venv test-venv soak bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test,peers]'
+	touch $@ $(VENV)/.installed
+
+venv: $(VENV)/.installed
+
+test-venv: $(VENV)/.installed-test
+
+## Harvest a local synthetic archive served on loopback into ./harvest-demo
+demo: $(VENV)/.installed
+	$(BIN)/harvester demo
+
+## The whole test suite (what CI runs)
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) harvest-demo .pytest_cache
