@@ -1,0 +1,377 @@
+"""The command line: the only place that reads argv and the environment.
+
+Exit codes (documented in --help and the README):
+  0  everything asked for is complete (or the command succeeded)
+  1  some series failed (each listed with its reason) / verify found damaged files
+  2  bad usage or input: nothing was started
+  3  a fatal stop: disk full, output not writable, credentials rejected, archive unreachable
+130  interrupted (Ctrl-C); verified series are kept, rerun the same command to resume
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from harvester import __version__
+from harvester.config import DEFAULT_API_URL, AuthConfig, Config
+from harvester.errors import FatalError, HarvesterError, RequestError, UsageError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+EPILOG = """\
+exit codes: 0 complete, 1 some series failed, 2 bad usage or input, 3 fatal stop
+(disk full, credentials, archive unreachable), 130 interrupted (rerun to resume).
+API URL: --api-url, else $HARVESTER_API_URL, else the manifest's 'api:', else
+the public TCIA v4 API."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line plus a pointer to --help (exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"harvester: error: {message} (see '{self.prog} --help')\n")
+
+
+def _size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?(/s)?\s*", text, re.I)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 50MB)")
+    base = 1024 if m.group(3) else 1000
+    power = " KMGT".index(m.group(2).upper() or " ")
+    return int(float(m.group(1)) * base**power)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text.rstrip("s"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return value
+
+
+def _add_api_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("archive")
+    g.add_argument("--api-url", metavar="URL",
+                   help=f"NBIA API base ending in the version (default {DEFAULT_API_URL})")
+    g.add_argument("--user", metavar="NAME", help="user for bearer-token auth (private or v2-era NBIA)")
+    g.add_argument("--password-env", metavar="VAR", help="environment variable holding the password")
+    g.add_argument("--password-file", metavar="FILE", type=Path, help="file holding the password")
+    g.add_argument("--token-url", metavar="URL", help="OAuth token URL (default: <host>/nbia-api/oauth/token)")
+    g.add_argument("--timeout", type=_seconds, metavar="S",
+                   help="seconds without a byte before a request counts as stalled (default 120)")
+    g.add_argument("--retries", type=_positive, metavar="N", help="attempts per HTTP request (default 5)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="harvester",
+        description="Harvest DICOM series from TCIA's NBIA API (or any NBIA-compatible archive): plan a query, "
+                    "download concurrently with retries, verify every file, resume after any interruption.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"harvester {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    run = sub.add_parser("run", help="plan and harvest a query into a directory (resumable)",
+                         description="Plan QUERY and harvest every series into DIR: streamed to disk, verified "
+                                     "(count, size, MD5, DICOM), unpacked safely, recorded in DIR/harvest.json. "
+                                     "Rerun the same command to resume.",
+                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("query", metavar="QUERY", help="query manifest (.yaml/.json), TCIA cart (.tcia) or UID list (.csv/.txt)")
+    run.add_argument("-o", "--out", metavar="DIR", type=Path, required=True, help="output directory")
+    run.add_argument("--workers", type=_positive, metavar="N", help="series downloaded at once (default 6)")
+    run.add_argument("--connections", type=_positive, metavar="N", help="HTTP connections at most (default 2 x workers)")
+    run.add_argument("--layout", metavar="LAYOUT",
+                     help="classic, descriptive (default; the NBIA Data Retriever's), flat, or a template like "
+                          "'{Collection}/{PatientID}/{StudyDate}-{StudyDescription}/{Modality}-{SeriesNumber}-{SeriesInstanceUID}'")
+    run.add_argument("--series-retries", type=int, metavar="N", help="extra attempts per series (default 3)")
+    run.add_argument("--max-rate", type=_size, metavar="RATE", help="cap total bandwidth, e.g. 50MB")
+    run.add_argument("--no-progress", action="store_true", help="plain periodic lines instead of a progress bar")
+    run.add_argument("--quiet", "-q", action="store_true", help="only errors and the final summary line")
+    _add_api_args(run)
+
+    plan = sub.add_parser("plan", help="show what a query selects (series, images, bytes) without downloading",
+                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    plan.add_argument("query", metavar="QUERY")
+    plan.add_argument("--json", action="store_true", help="print totals as JSON")
+    _add_api_args(plan)
+
+    query = sub.add_parser("query", help="ad-hoc metadata query, e.g. harvester query getSeries Collection=X",
+                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    query.add_argument("endpoint", metavar="ENDPOINT", help="getCollectionValues, getSeries, getPatient, ...")
+    query.add_argument("params", nargs="*", metavar="Key=Value", help="parameters (names are case-sensitive)")
+    query.add_argument("--format", choices=["json", "csv", "table"], default=None,
+                       help="output format (default: table on a terminal, json otherwise)")
+    _add_api_args(query)
+
+    verify = sub.add_parser("verify", help="re-hash every harvested file against DIR/harvest.json",
+                            epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    verify.add_argument("dir", metavar="DIR", type=Path)
+
+    demo = sub.add_parser("demo", help="serve a small synthetic archive on loopback and harvest it for real")
+    demo.add_argument("dir", metavar="DIR", type=Path, nargs="?", default=Path("harvest-demo"))
+    demo.add_argument("--synthetic", metavar="SPEC",
+                      default="collections=2,patients=3,studies=2,series=2,instances=8,size=32KB,samples=1,seed=1",
+                      help="synthetic archive spec (see harvester serve --help)")
+    demo.add_argument("--faults", metavar="SPEC", default="error=0.05,truncate=0.05,reset=0.03,seed=3",
+                      help="faults the demo server injects, to show retries (use '' for none)")
+    demo.add_argument("--cache-dir", metavar="DIR", type=Path, default=None)
+    demo.add_argument("--no-progress", action="store_true")
+
+    from harvester.server.serve import add_serve_arguments
+    serve = sub.add_parser("serve", help="serve a harvested DIR or a synthetic archive with the NBIA API",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_serve_arguments(serve)
+    return parser
+
+
+# ---------------------------------------------------------------- config
+
+def _password(args: argparse.Namespace, env: dict[str, str]) -> str | None:
+    if args.password_file:
+        try:
+            return args.password_file.read_text("utf-8").strip()
+        except OSError as exc:
+            raise UsageError(f"cannot read --password-file {args.password_file}: {exc.strerror}") from None
+    if args.password_env:
+        if args.password_env not in env:
+            raise UsageError(f"--password-env names {args.password_env}, which is not set")
+        return env[args.password_env]
+    return None
+
+
+def _token_url(api_url: str) -> str:
+    m = re.match(r"^(https?://[^/]+)(/.*?)?/services/", api_url + "/")
+    if m:
+        return f"{m.group(1)}{m.group(2) or ''}/oauth/token"
+    return api_url.rstrip("/").rsplit("/", 1)[0] + "/oauth/token"
+
+
+def build_config(args: argparse.Namespace, env: dict[str, str], manifest_api: str | None = None,
+                 manifest_layout: str | None = None) -> Config:
+    api = getattr(args, "api_url", None) or env.get("HARVESTER_API_URL") or manifest_api or DEFAULT_API_URL
+    if not re.match(r"^https?://[^/\s]+", api):
+        raise UsageError(f"API URL {api!r} is not an http(s) URL")
+    changes: dict[str, Any] = {"api_url": api.rstrip("/")}
+    if getattr(args, "user", None):
+        password = _password(args, env)
+        if password is None:
+            raise UsageError("--user needs --password-env VAR or --password-file FILE (never the password itself)")
+        changes["auth"] = AuthConfig(token_url=args.token_url or _token_url(api), username=args.user,
+                                     password=password)
+    elif getattr(args, "password_env", None) or getattr(args, "password_file", None):
+        raise UsageError("a password was given without --user")
+    for name, attr in (("timeout", "read_timeout"), ("retries", "retries"), ("workers", "workers"),
+                       ("connections", "connections"), ("series_retries", "series_retries"),
+                       ("max_rate", "max_rate")):
+        value = getattr(args, name, None)
+        if value is not None:
+            changes[attr] = value
+    if getattr(args, "workers", None) and not getattr(args, "connections", None):
+        changes["connections"] = max(2 * args.workers, 4)
+    layout = getattr(args, "layout", None) or manifest_layout
+    if layout:
+        from harvester.layout import check_layout
+        changes["layout"] = check_layout(layout)
+    if getattr(args, "out", None) is not None:
+        changes["out_dir"] = args.out
+    changes["progress"] = not getattr(args, "no_progress", False)
+    changes["quiet"] = bool(getattr(args, "quiet", False))
+    return Config(**changes)
+
+
+# ---------------------------------------------------------------- commands
+
+def _print_plan_table(plan: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from harvester.progress import human_bytes
+
+    table = Table(title=f"{len(plan.tasks)} series selected")
+    for col in ("collection", "series", "images", "size"):
+        table.add_column(col, justify="left" if col == "collection" else "right")
+    totals = plan.to_json()
+    for name, c in plan.collections.items():
+        table.add_row(name, str(c.series), str(c.images), human_bytes(c.bytes))
+    table.add_row("[bold]total", f"[bold]{totals['series']}", f"[bold]{totals['images']}",
+                  f"[bold]{human_bytes(totals['bytes'])}")
+    Console().print(table)
+    print(f"{plan.requests} metadata requests, {plan.retries} retried")
+
+
+def cmd_plan(args: argparse.Namespace, env: dict[str, str]) -> int:
+    from harvester.api import aplan
+    from harvester.query import load_query
+
+    query = load_query(args.query)
+    config = build_config(args, env, query.api, query.layout)
+    plan = anyio.run(aplan, query, config)
+    if args.json:
+        print(json.dumps(plan.to_json()))
+    else:
+        _print_plan_table(plan)
+    return EXIT_OK
+
+
+def cmd_query(args: argparse.Namespace, env: dict[str, str]) -> int:
+    from harvester.source.nbia import NBIAClient, make_session
+
+    params: dict[str, str] = {}
+    for item in args.params:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"parameter {item!r} is not Key=Value")
+        params[key] = value
+    config = build_config(args, env)
+
+    async def go() -> list[dict[str, Any]]:
+        async with make_session(config) as session:
+            return await NBIAClient(config, session).query(args.endpoint, params)
+
+    rows = anyio.run(go)
+    fmt = args.format or ("table" if sys.stdout.isatty() else "json")
+    keys: list[str] = list(dict.fromkeys(k for r in rows for k in r))
+    if fmt == "json":
+        print(json.dumps(rows, indent=1))
+    elif fmt == "csv":
+        import csv
+        writer = csv.DictWriter(sys.stdout, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        from rich.console import Console
+        from rich.table import Table
+        table = Table(title=f"{args.endpoint}: {len(rows)} rows")
+        for k in keys:
+            table.add_column(k, overflow="fold")
+        for r in rows:
+            table.add_row(*["" if r.get(k) is None else str(r.get(k)) for k in keys])
+        Console().print(table)
+    return EXIT_OK
+
+
+def _run_harvest(query: Any, config: Config, *, out: Any = None) -> int:
+    from harvester.api import aharvest
+    from harvester.progress import Hub, PlainDisplay, RichDisplay, human_bytes, human_duration
+
+    hub = Hub()
+    use_rich = config.progress and not config.quiet and sys.stderr.isatty()
+    display: Any = None
+    if use_rich:
+        display = RichDisplay(hub.tally)
+        hub.subscribe(display)
+    elif not config.quiet:
+        hub.subscribe(PlainDisplay(hub.tally, interval=10.0 if not config.progress else 5.0))
+
+    def on_plan(plan: Any) -> None:
+        if not config.quiet:
+            t = plan.to_json()
+            print(f"planned {t['series']} series, {t['images']} images, {human_bytes(t['bytes'])} "
+                  f"from {len(t['collections'])} collection(s) ({plan.requests} metadata requests)",
+                  file=sys.stderr, flush=True)
+
+    if display is not None:
+        with display:
+            result = anyio.run(lambda: aharvest(query, config, hub=hub, on_plan=on_plan))
+    else:
+        result = anyio.run(lambda: aharvest(query, config, hub=hub, on_plan=on_plan))
+    tally = hub.tally
+    rate = tally.received_bytes / result.elapsed if result.elapsed else 0
+    totals = result.totals
+    print(f"harvested {totals.get('complete', 0)}/{totals.get('series', 0)} series complete "
+          f"({result.downloaded} downloaded now, {result.skipped} already complete), "
+          f"{totals.get('files', 0)} files, {human_bytes(totals.get('bytes', 0))}; "
+          f"{human_bytes(tally.received_bytes)} received in {human_duration(result.elapsed)} "
+          f"({human_bytes(rate)}/s), {result.requests} requests, {result.retries} retries, "
+          f"{len(result.failed)} failed", file=out or sys.stdout)
+    for uid, reason in result.failed:
+        print(f"  failed: {uid}: {reason}", file=out or sys.stdout)
+    print(f"output: {config.out_dir}  manifest: {config.out_dir / 'harvest.json'}", file=out or sys.stdout)
+    if result.fatal:
+        print(f"harvester: error: {result.fatal}", file=sys.stderr)
+        return EXIT_FATAL
+    return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def cmd_run(args: argparse.Namespace, env: dict[str, str]) -> int:
+    from harvester.query import load_query
+
+    query = load_query(args.query)
+    config = build_config(args, env, query.api, query.layout)
+    return _run_harvest(query, config)
+
+
+def cmd_verify(args: argparse.Namespace, env: dict[str, str]) -> int:
+    from harvester.api import verify_tree
+    from harvester.progress import human_bytes
+
+    result = verify_tree(args.dir)
+    for problem in result.problems:
+        print(f"damaged: {problem}")
+    print(f"verified {result.files} files ({human_bytes(result.bytes)}) in {result.series} series: "
+          f"{'all match' if result.ok else f'{len(result.problems)} problem(s)'}")
+    return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def cmd_demo(args: argparse.Namespace, env: dict[str, str]) -> int:
+    from harvester.demo import run_demo
+
+    return run_demo(args.dir, synthetic=args.synthetic, faults=args.faults or None,
+                    cache_dir=args.cache_dir or Path(env.get("HARVESTER_CACHE", Path.home() / ".cache" / "harvester")),
+                    progress=not args.no_progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return EXIT_USAGE
+    env = dict(os.environ)
+    commands = {"run": cmd_run, "plan": cmd_plan, "query": cmd_query, "verify": cmd_verify, "demo": cmd_demo}
+    try:
+        if args.command == "serve":
+            from harvester.server.serve import run_serve
+            return run_serve(args)
+        return commands[args.command](args, env)
+    except KeyboardInterrupt:
+        print("harvester: interrupted; verified series are kept, run the same command again to resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except UsageError as exc:
+        print(f"harvester: error: {exc.one_line()}", file=sys.stderr)
+        return EXIT_USAGE
+    except FatalError as exc:
+        print(f"harvester: error: {exc.one_line()}", file=sys.stderr)
+        return EXIT_FATAL
+    except RequestError as exc:
+        print(f"harvester: error: {exc.one_line()}", file=sys.stderr)
+        return EXIT_USAGE if exc.status == 400 else EXIT_FATAL
+    except HarvesterError as exc:
+        print(f"harvester: error: {exc.one_line()}", file=sys.stderr)
+        return EXIT_FATAL
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,63 @@
+"""The run's configuration: one frozen dataclass, built once by the CLI (or the library API)
+and passed down. Nothing below reads argv or the environment."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_API_URL = "https://nbia.cancerimagingarchive.net/nbia-api/services/v4"
+NLST_API_URL = "https://nlst.cancerimagingarchive.net/nbia-api/services/v4"
+NLST_COLLECTIONS = frozenset({"NLST"})
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Bearer-token credentials for v2-era or private NBIA installs.
+
+    ``password`` is held only in memory; ``__repr__`` hides it so it can never reach a log.
+    """
+
+    token_url: str
+    username: str
+    password: str = field(repr=False)
+    client_id: str = "nbia"
+
+    def __repr__(self) -> str:  # pragma: no cover - trivial
+        return f"AuthConfig(token_url={self.token_url!r}, username={self.username!r}, password='***')"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Safety limits applied to every downloaded ZIP."""
+
+    max_entry_bytes: int = 4 * 1024**3          # one DICOM file
+    max_ratio: float = 200.0                    # uncompressed / compressed, per entry
+    max_series_overhead: float = 0.10           # extracted may exceed the announced size by this much
+    max_entries: int = 200_000
+
+
+@dataclass(frozen=True)
+class Config:
+    api_url: str = DEFAULT_API_URL
+    out_dir: Path = Path("harvest")
+    layout: str = "descriptive"
+    workers: int = 6                  # series in flight
+    connections: int = 12             # global HTTP connection limit
+    plan_concurrency: int = 8         # metadata requests in flight while planning
+    retries: int = 5                  # attempts per HTTP request
+    series_retries: int = 3           # extra attempts per series after request-level retries
+    connect_timeout: float = 30.0
+    read_timeout: float = 120.0       # no byte for this long = a stall
+    backoff_base: float = 1.0         # seconds; exponential with jitter
+    backoff_max: float = 60.0
+    max_rate: int | None = None       # bytes/s over all connections
+    chunk_size: int = 1 << 20
+    auth: AuthConfig | None = None
+    limits: Limits = Limits()
+    progress: bool = True
+    quiet: bool = False
+    user_agent: str = "harvester/0.1"
+
+    @property
+    def uses_public_default(self) -> bool:
+        return self.api_url.rstrip("/") == DEFAULT_API_URL

@@ -1,0 +1,344 @@
+"""The harvest engine: a bounded pool of workers that fetch, verify, unpack and commit series.
+
+Flow per series: ``fetch_series_zip`` (request-level retries) -> ``verify_and_unpack`` in a
+thread (count, size, MD5, DICOM, safe names) -> single-instance repair when only a few MD5s
+failed -> ``HarvestState.commit`` (journal, then atomic rename). A series that fails with a
+retryable error is put back in the queue after a backoff (series-level retry, like rclone's
+two levels); a permanent failure is recorded and the others go on; a ``FatalError`` (disk
+full, bad credentials) cancels every worker and propagates, leaving only verified series
+under final names.
+
+Concurrency: ``config.workers`` series in flight at most; an ``AdaptiveLimit`` lowers that
+multiplicatively when the server pushes back (429/503/timeouts) and raises it additively while
+healthy. The connection limit lives in the HTTP session.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from harvester.config import Config
+from harvester.errors import (
+    FatalError,
+    HarvesterError,
+    IntegrityError,
+    RequestError,
+    RetryableRequestError,
+    SeriesError,
+    classify_os_error,
+    should_retry_series,
+)
+from harvester.fetch import RateLimiter, fetch_series_zip
+from harvester.layout import assign_paths, safe_component
+from harvester.planner import SeriesTask
+from harvester.progress import Event, Hub
+from harvester.source.nbia import NBIAClient
+from harvester.state import HarvestState, atomic_write, now_iso
+from harvester.unpack import read_dicom_ids, verify_and_unpack
+
+MANIFEST_EVERY = 30.0  # seconds between harvest.json rewrites during a run
+
+
+@dataclass
+class HarvestResult:
+    out_dir: Path
+    totals: dict[str, int]
+    failed: list[tuple[str, str]]
+    downloaded: int
+    skipped: int
+    bytes_received: int
+    requests: int
+    retries: int
+    elapsed: float
+    fatal: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and self.fatal is None
+
+
+class AdaptiveLimit:
+    """AIMD concurrency: halve on push-back, +1 after a run of successes; within [1, maximum]."""
+
+    def __init__(self, maximum: int) -> None:
+        self.maximum = max(1, maximum)
+        self.limiter = anyio.CapacityLimiter(self.maximum)
+        self._healthy = 0
+
+    @property
+    def current(self) -> int:
+        return int(self.limiter.total_tokens)
+
+    def push_back(self) -> None:
+        self._healthy = 0
+        self.limiter.total_tokens = max(1, math.floor(self.current / 2))
+
+    def healthy(self) -> None:
+        self._healthy += 1
+        if self._healthy >= self.current and self.current < self.maximum:
+            self._healthy = 0
+            self.limiter.total_tokens = self.current + 1
+
+
+@dataclass
+class _Job:
+    task: SeriesTask
+    path: str
+    attempts: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class Engine:
+    """Runs a list of ``SeriesTask``s into ``state``'s output directory."""
+
+    def __init__(self, config: Config, client: NBIAClient, state: HarvestState, hub: Hub) -> None:
+        self.config = config
+        self.client = client
+        self.state = state
+        self.hub = hub
+        self.limit = AdaptiveLimit(config.workers)
+        self.rate = RateLimiter(config.max_rate) if config.max_rate else None
+        self._licenses: set[str] = set()
+        self._rng = random.Random()
+        client.on_retry = self._on_request_retry
+
+    def _on_request_retry(self, message: str) -> None:
+        if "HTTP 429" in message or "HTTP 503" in message or "timed out" in message:
+            self.limit.push_back()
+        self.hub.emit(Event("retry", message=message))
+
+    async def run(self, tasks: list[SeriesTask], header: dict[str, Any]) -> HarvestResult:
+        started = time.monotonic()
+        header = dict(header, started=now_iso(), finished=None)
+        order = [t.series_uid for t in tasks]
+        todo: list[SeriesTask] = []
+        for t in tasks:
+            done = self.state.complete(t.series_uid)
+            if done is not None:
+                self.hub.emit(Event("skip", t.series_uid, bytes=int(done.get("bytes") or 0)))
+            else:
+                todo.append(t)
+        paths = assign_paths(((t.series_uid, t.layout_fields()) for t in todo), self.config.layout,
+                             taken=self.state.taken_paths())
+        jobs = [_Job(t, paths[t.series_uid]) for t in todo]
+        self.state.log_event({"event": "run", "series": len(tasks), "todo": len(jobs)})
+        await anyio.to_thread.run_sync(self.state.write_manifest, header, order)
+
+        fatal: FatalError | None = None
+        try:
+            await self._run_pool(jobs, header, order)
+        except FatalError as exc:
+            fatal = exc
+        finally:
+            header["finished"] = now_iso()
+            with anyio.CancelScope(shield=True):
+                try:
+                    totals = await anyio.to_thread.run_sync(self.state.write_manifest, header, order)
+                except HarvesterError:
+                    totals = {}
+        tally = self.hub.tally
+        failed = [(u, self.state.records.get(u, {}).get("error") or "failed") for u in order
+                  if (self.state.records.get(u) or {}).get("status") != "complete"]
+        return HarvestResult(
+            out_dir=self.state.out_dir, totals=totals, failed=failed if fatal is None else failed,
+            downloaded=tally.done_series, skipped=tally.skipped_series, bytes_received=tally.received_bytes,
+            requests=self.client.requests, retries=tally.retries + tally.series_retries,
+            elapsed=time.monotonic() - started, fatal=fatal.one_line() if fatal else None,
+        )
+
+    async def _run_pool(self, jobs: list[_Job], header: dict[str, Any], order: list[str]) -> None:
+        if not jobs:
+            return
+        send, receive = anyio.create_memory_object_stream[_Job](math.inf)
+        pending = len(jobs)
+        for job in jobs:
+            send.send_nowait(job)
+
+        async def finished_one() -> None:
+            nonlocal pending
+            pending -= 1
+            if pending == 0:
+                send.close()
+
+        async def requeue(job: _Job, delay: float) -> None:
+            await anyio.sleep(delay)
+            send.send_nowait(job)
+
+        async def worker() -> None:
+            async for job in receive:
+                async with self.limit.limiter:
+                    delay = await self._attempt(job)
+                if delay is None:
+                    await finished_one()
+                else:
+                    tg.start_soon(requeue, job, delay)
+
+        async def manifest_writer() -> None:
+            while True:
+                await anyio.sleep(MANIFEST_EVERY)
+                await anyio.to_thread.run_sync(self.state.write_manifest, header, order)
+
+        try:
+            async with anyio.create_task_group() as tg:
+                writer_scope = anyio.CancelScope()
+
+                async def guarded_writer() -> None:
+                    with writer_scope:
+                        await manifest_writer()
+
+                tg.start_soon(guarded_writer)
+                async with anyio.create_task_group() as workers:
+                    for _ in range(min(self.config.workers, len(jobs))):
+                        workers.start_soon(worker)
+                writer_scope.cancel()
+        except BaseExceptionGroup as group:
+            fatal = _find(group, FatalError)
+            if fatal is not None:
+                raise fatal from None
+            raise
+
+    async def _attempt(self, job: _Job) -> float | None:
+        """One try at a series. Returns None when it is settled (complete or failed for good),
+        or a delay after which it should be tried again."""
+        task = job.task
+        job.attempts += 1
+        self.hub.emit(Event("start", task.series_uid))
+        partial = self.state.partial_path(task.series_uid)
+        staging = self.state.staging_dir(task.series_uid)
+        try:
+            await fetch_series_zip(self.client, task.series_uid, task.collection, partial,
+                                   chunk_size=self.config.chunk_size, rate=self.rate,
+                                   on_bytes=lambda n: self.hub.emit(Event("bytes", bytes=n)))
+            max_repairs = max(1, (task.image_count or 0) // 10)
+            unpacked = await anyio.to_thread.run_sync(
+                lambda: verify_and_unpack(partial, staging, series_uid=task.series_uid,
+                                          image_count=task.image_count, file_size=task.file_size,
+                                          limits=self.config.limits, max_repairs=max_repairs))
+            _unlink(partial)
+            for repair in unpacked.repairs:
+                await self._repair(task, staging, repair.name, repair.sop_uid, repair.md5)
+            record = self._record(job, unpacked.files)
+            await anyio.to_thread.run_sync(self.state.commit, record, staging)
+            if unpacked.license_text:
+                await self._keep_license(task.collection, unpacked.license_text)
+        except FatalError:
+            raise
+        except (SeriesError, RequestError, OSError) as exc:
+            await anyio.to_thread.run_sync(_cleanup, partial, staging)
+            if isinstance(exc, OSError):
+                converted = classify_os_error(exc, f"series {task.series_uid}")
+                if isinstance(converted, FatalError):
+                    raise converted from None
+            return await self._settle_failure(job, exc)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(_cleanup, partial, staging)
+            raise
+        self.limit.healthy()
+        self.hub.emit(Event("done", task.series_uid, bytes=record["bytes"], files=len(record["files"])))
+        return None
+
+    async def _settle_failure(self, job: _Job, exc: BaseException) -> float | None:
+        task = job.task
+        message = exc.one_line() if isinstance(exc, HarvesterError) else f"{type(exc).__name__}: {exc}"
+        job.errors.append(message)
+        if isinstance(exc, RetryableRequestError) and exc.status in (429, 503):
+            self.limit.push_back()
+        if should_retry_series(exc) and job.attempts <= self.config.series_retries:
+            delay = min(self.config.backoff_max, self.config.backoff_base * 2 ** job.attempts)
+            delay = self._rng.uniform(delay / 2, delay)
+            self.hub.emit(Event("series_retry", task.series_uid, message=message))
+            return delay
+        record = self._record(job, [], status="failed", error=message)
+        await anyio.to_thread.run_sync(self.state.fail, record)
+        self.hub.emit(Event("failed", task.series_uid, message=message))
+        return None
+
+    async def _repair(self, task: SeriesTask, staging: Path, name: str, sop_uid: str, md5: str) -> None:
+        """Replace one corrupt file with getSingleImage; raises ``IntegrityError`` if that fails too."""
+        data = await self.client.single_image(task.series_uid, sop_uid, task.collection)
+        if hashlib.md5(data).hexdigest() != md5:
+            raise IntegrityError(f"{name} still fails its MD5 after a single-image refetch",
+                                 series_uid=task.series_uid)
+        target = staging / name
+
+        def write() -> None:
+            tmp = target.with_name(target.name + ".repair")
+            tmp.write_bytes(data)
+            series, sop, _ = read_dicom_ids(tmp)
+            if series != task.series_uid or sop != sop_uid:
+                raise IntegrityError(f"{name}: the single-image refetch is another instance",
+                                     series_uid=task.series_uid)
+            tmp.replace(target)
+
+        await anyio.to_thread.run_sync(write)
+
+    def _record(self, job: _Job, files: list[Any], *, status: str = "complete", error: str | None = None
+                ) -> dict[str, Any]:
+        t = job.task
+        ordered = sorted(files, key=lambda f: f.name)
+        return {
+            "SeriesInstanceUID": t.series_uid,
+            "Collection": t.collection,
+            "PatientID": t.patient_id,
+            "StudyInstanceUID": t.study_uid,
+            "Modality": t.modality,
+            "status": status,
+            "path": job.path,
+            "bytes": sum(f.size for f in ordered),
+            "attempts": job.attempts,
+            "error": error,
+            "completed": now_iso() if status == "complete" else None,
+            "sop_class_uid": ordered[0].sop_class_uid if ordered else "",
+            "files": [{"path": f"{job.path}/{f.name}", "size": f.size, "md5": f.md5, "SOPInstanceUID": f.sop_uid}
+                      for f in ordered],
+            "metadata": t.row,
+            "patient": t.patient,
+            "study": t.study,
+        }
+
+    async def _keep_license(self, collection: str, text: str) -> None:
+        if collection in self._licenses:
+            return
+        self._licenses.add(collection)
+        folder = self.state.out_dir / "licenses"
+        target = folder / f"{safe_component(collection)}.txt"
+
+        def write() -> None:
+            folder.mkdir(exist_ok=True)
+            if not target.exists():
+                atomic_write(target, text.encode("utf-8"))
+
+        await anyio.to_thread.run_sync(write)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _cleanup(partial: Path, staging: Path) -> None:
+    _unlink(partial)
+    if staging.exists():
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _find(group: BaseExceptionGroup, kind: type[BaseException]) -> Any:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found = _find(exc, kind)
+            if found is not None:
+                return found
+        elif isinstance(exc, kind):
+            return exc
+    return None

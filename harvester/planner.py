@@ -1,0 +1,304 @@
+"""Query -> the exact list of ``SeriesTask``s, with concurrent, bounded metadata calls.
+
+Selectors are expanded concurrently (``config.plan_concurrency`` requests in flight), rows are
+de-duplicated by SeriesInstanceUID, exclusions and the limit applied, and getSeriesSize is
+called only for rows that lack ImageCount or FileSize. For each collection touched, getPatient
+and getPatientStudy are fetched once so that layouts and the manifest have StudyID,
+StudyDescription and the patient record.
+
+Raises ``UnknownSelectionError`` (a usage error) for an unknown collection or series, and the
+request errors of ``NBIAClient`` when the archive keeps failing after retries.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+
+from harvester.config import NLST_COLLECTIONS
+from harvester.errors import PermanentRequestError, UnknownSelectionError
+from harvester.query import Query, Selector
+from harvester.source.nbia import NBIAClient, as_int
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class SeriesTask:
+    """Everything the engine, the layout and the manifest need about one series."""
+
+    series_uid: str
+    collection: str
+    patient_id: str
+    study_uid: str
+    modality: str
+    image_count: int | None
+    file_size: int | None
+    row: dict[str, Any] = field(hash=False, compare=False)          # the getSeries row as received
+    study: dict[str, Any] | None = field(default=None, hash=False, compare=False)
+    patient: dict[str, Any] | None = field(default=None, hash=False, compare=False)
+
+    def layout_fields(self) -> dict[str, Any]:
+        """Fields for path templates: the getSeries row plus study details."""
+        fields: dict[str, Any] = dict(self.row)
+        study = self.study or {}
+        fields.setdefault("StudyDate", study.get("StudyDate"))
+        fields["StudyDate"] = fields.get("StudyDate") or study.get("StudyDate")
+        fields["StudyID"] = study.get("StudyID", "")
+        fields["StudyDescription"] = study.get("StudyDescription") or self.row.get("StudyDesc") or ""
+        fields["PatientName"] = (self.patient or {}).get("PatientName") or study.get("PatientName") or ""
+        fields.update(Collection=self.collection, PatientID=self.patient_id,
+                      StudyInstanceUID=self.study_uid, SeriesInstanceUID=self.series_uid, Modality=self.modality)
+        return fields
+
+
+@dataclass
+class CollectionTotals:
+    series: int = 0
+    images: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class Plan:
+    tasks: list[SeriesTask]
+    requests: int = 0
+    retries: int = 0
+
+    @property
+    def collections(self) -> dict[str, CollectionTotals]:
+        out: dict[str, CollectionTotals] = {}
+        for t in self.tasks:
+            c = out.setdefault(t.collection, CollectionTotals())
+            c.series += 1
+            c.images += t.image_count or 0
+            c.bytes += t.file_size or 0
+        return dict(sorted(out.items()))
+
+    def to_json(self) -> dict[str, Any]:
+        cols = self.collections
+        return {
+            "series": len(self.tasks),
+            "images": sum(c.images for c in cols.values()),
+            "bytes": sum(c.bytes for c in cols.values()),
+            "collections": {k: {"series": v.series, "images": v.images, "bytes": v.bytes} for k, v in cols.items()},
+        }
+
+
+async def gather_limited(calls: Iterable[Callable[[], Awaitable[T]]], limit: int) -> list[T]:
+    """Run the calls concurrently, at most ``limit`` at a time; results in input order.
+
+    The first exception cancels the rest and propagates (anyio task-group semantics).
+    """
+    calls = list(calls)
+    results: list[Any] = [None] * len(calls)
+    limiter = anyio.CapacityLimiter(max(1, limit))
+
+    async def run(i: int, call: Callable[[], Awaitable[T]]) -> None:
+        async with limiter:
+            results[i] = await call()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for i, call in enumerate(calls):
+                tg.start_soon(run, i, call)
+    except BaseExceptionGroup as group:  # surface the first real error, not the group
+        raise _first_error(group) from None
+    return results
+
+
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first_error(exc)
+        return exc
+    return group  # pragma: no cover
+
+
+def _released_after(row: dict[str, Any], when: dt.date) -> bool:
+    text = str(row.get("DateReleased") or "")[:10]
+    try:
+        released = dt.date.fromisoformat(text)
+    except ValueError:
+        return True  # unknown release date: keep it rather than silently lose data
+    return released > when
+
+
+def _matches(row: dict[str, Any], sel: Selector) -> bool:
+    checks = (("Modality", sel.modality), ("BodyPartExamined", sel.body_part),
+              ("Manufacturer", sel.manufacturer), ("PatientID", sel.patients),
+              ("StudyInstanceUID", sel.studies))
+    for key, wanted in checks:
+        if wanted and str(row.get(key, "")) not in wanted:
+            return False
+    if sel.collection and row.get("Collection") not in (None, sel.collection):
+        return False
+    return not (sel.released_after and not _released_after(row, sel.released_after))
+
+
+class Planner:
+    """Expands a ``Query`` against an archive. One instance per plan."""
+
+    def __init__(self, client: NBIAClient, *, concurrency: int = 8) -> None:
+        self.client = client
+        self.concurrency = concurrency
+
+    async def plan(self, query: Query) -> Plan:
+        start_requests, start_retries = self.client.requests, self.client.retries
+        await self._check_collections(query)
+        batches = await gather_limited([self._selector_calls(s) for s in query.selectors], self.concurrency)
+        rows: dict[str, dict[str, Any]] = {}
+        for batch in batches:
+            for row in batch:
+                uid = str(row.get("SeriesInstanceUID") or "")
+                if uid and uid not in rows and not query.exclude.excludes(row):
+                    rows[uid] = row
+        ordered = sorted(rows.values(), key=lambda r: (str(r.get("Collection", "")), str(r.get("PatientID", "")),
+                                                       str(r.get("StudyInstanceUID", "")),
+                                                       str(r.get("SeriesInstanceUID", ""))))
+        if query.limit is not None:
+            ordered = ordered[: query.limit]
+        await self._fill_sizes(ordered)
+        studies, patients = await self._study_details(ordered)
+        tasks = [self._task(r, studies, patients) for r in ordered]
+        return Plan(tasks=tasks, requests=self.client.requests - start_requests,
+                    retries=self.client.retries - start_retries)
+
+    # ------------------------------------------------------------ selectors
+    def _selector_calls(self, sel: Selector) -> Callable[[], Awaitable[list[dict[str, Any]]]]:
+        async def run() -> list[dict[str, Any]]:
+            if sel.series:
+                return await self._series_by_uid(sel)
+            return await self._series_by_filter(sel)
+        return run
+
+    async def _series_by_filter(self, sel: Selector) -> list[dict[str, Any]]:
+        assert sel.collection is not None
+        base: dict[str, str] = {"Collection": sel.collection}
+        # Narrow on the server when a single value is asked for; always filter locally too.
+        for key, values in (("Modality", sel.modality), ("BodyPartExamined", sel.body_part),
+                            ("Manufacturer", sel.manufacturer)):
+            if len(values) == 1:
+                base[key] = values[0]
+        if sel.studies:
+            param_sets = [{**base, "StudyInstanceUID": s} for s in sel.studies]
+        elif sel.patients:
+            param_sets = [{**base, "PatientID": p} for p in sel.patients]
+        else:
+            param_sets = [base]
+        results = await gather_limited(
+            [self._getter("getSeries", p, sel.collection) for p in param_sets], self.concurrency)
+        rows = [r for batch in results for r in batch]
+        for r in rows:
+            r.setdefault("Collection", sel.collection)
+        return [r for r in rows if _matches(r, sel)]
+
+    async def _series_by_uid(self, sel: Selector) -> list[dict[str, Any]]:
+        results = await gather_limited(
+            [self._lookup_series(uid) for uid in sel.series], self.concurrency)
+        missing = [uid for uid, rows in zip(sel.series, results) if not rows]
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise UnknownSelectionError(
+                f"{sel.origin}: the archive has no series {', '.join(missing[:3])}{more}",
+                hint="the series may be restricted, withdrawn, or on another host (NLST); check the UIDs")
+        return [r for rows in results for r in rows]
+
+    def _lookup_series(self, uid: str) -> Callable[[], Awaitable[list[dict[str, Any]]]]:
+        async def run() -> list[dict[str, Any]]:
+            rows = await self._fetch_or_empty("getSeries", {"SeriesInstanceUID": uid}, None)
+            if not rows and self.client.config.uses_public_default:
+                # NLST series live on their own host, and the main host answers 400 for them.
+                for collection in sorted(NLST_COLLECTIONS):
+                    rows = await self._fetch_or_empty("getSeries", {"SeriesInstanceUID": uid}, collection)
+                    if rows:
+                        break
+            return [r for r in rows if str(r.get("SeriesInstanceUID")) == uid]
+        return run
+
+    async def _fetch_or_empty(self, endpoint: str, params: dict[str, str], collection: str | None) -> list[dict[str, Any]]:
+        try:
+            return await self.client.query(endpoint, params, collection=collection)
+        except PermanentRequestError as exc:
+            if exc.status == 400:
+                return []
+            raise
+
+    def _getter(self, endpoint: str, params: dict[str, str], collection: str | None
+                ) -> Callable[[], Awaitable[list[dict[str, Any]]]]:
+        async def run() -> list[dict[str, Any]]:
+            return await self.client.query(endpoint, params, collection=collection)
+        return run
+
+    async def _check_collections(self, query: Query) -> None:
+        wanted = {s.collection for s in query.selectors if s.collection}
+        wanted -= set(NLST_COLLECTIONS) if self.client.config.uses_public_default else set()
+        if not wanted:
+            return
+        known = set(await self.client.collections())
+        for name in sorted(wanted):
+            if name not in known:
+                by_lower = {k.lower(): k for k in known}
+                close = difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.6)
+                suggestion = f"; did you mean {', '.join(by_lower[c] for c in close)}?" if close else ""
+                origin = next(s.origin for s in query.selectors if s.collection == name)
+                raise UnknownSelectionError(f"{origin}: unknown collection {name!r}{suggestion}")
+
+    # ------------------------------------------------------------ enrichment
+    async def _fill_sizes(self, rows: list[dict[str, Any]]) -> None:
+        need = [r for r in rows if as_int(r.get("ImageCount")) is None or as_int(r.get("FileSize")) is None]
+
+        def sizer(row: dict[str, Any]) -> Callable[[], Awaitable[None]]:
+            async def run() -> None:
+                count, size = await self.client.series_size(str(row["SeriesInstanceUID"]),
+                                                            collection=row.get("Collection"))
+                if as_int(row.get("ImageCount")) is None and count is not None:
+                    row["ImageCount"] = count
+                if as_int(row.get("FileSize")) is None and size is not None:
+                    row["FileSize"] = size
+            return run
+
+        await gather_limited([sizer(r) for r in need], self.concurrency)
+
+    async def _study_details(self, rows: list[dict[str, Any]]
+                             ) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, str], dict[str, Any]]]:
+        collections = sorted({str(r.get("Collection", "")) for r in rows if r.get("Collection")})
+        calls = []
+        for c in collections:
+            calls.append(self._getter("getPatientStudy", {"Collection": c}, c))
+            calls.append(self._getter("getPatient", {"Collection": c}, c))
+        results = await gather_limited(calls, self.concurrency)
+        studies: dict[str, dict[str, Any]] = {}
+        patients: dict[tuple[str, str], dict[str, Any]] = {}
+        for i, c in enumerate(collections):
+            for s in results[2 * i]:
+                if s.get("StudyInstanceUID"):
+                    studies[str(s["StudyInstanceUID"])] = s
+            for p in results[2 * i + 1]:
+                pid = p.get("PatientId", p.get("PatientID"))
+                if pid is not None:
+                    patients[(c, str(pid))] = p
+        return studies, patients
+
+    @staticmethod
+    def _task(row: dict[str, Any], studies: dict[str, dict[str, Any]],
+              patients: dict[tuple[str, str], dict[str, Any]]) -> SeriesTask:
+        collection = str(row.get("Collection", ""))
+        patient_id = str(row.get("PatientID", ""))
+        study_uid = str(row.get("StudyInstanceUID", ""))
+        return SeriesTask(
+            series_uid=str(row["SeriesInstanceUID"]),
+            collection=collection,
+            patient_id=patient_id,
+            study_uid=study_uid,
+            modality=str(row.get("Modality", "")),
+            image_count=as_int(row.get("ImageCount")),
+            file_size=as_int(row.get("FileSize")),
+            row=row,
+            study=studies.get(study_uid),
+            patient=patients.get((collection, patient_id)),
+        )

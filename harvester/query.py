@@ -1,0 +1,350 @@
+"""Query manifests: parse and validate what the user wants into a ``Query``.
+
+Accepted inputs (``load_query`` picks by extension):
+
+* a query manifest in YAML (``.yaml``/``.yml``) or JSON (``.json``): ``select`` (a union of
+  selectors), optional ``exclude``, ``limit``, ``api``, ``layout``;
+* a TCIA portal cart (``.tcia``): a Java-properties header, then one SeriesInstanceUID per line
+  after ``ListOfSeriesToDownload=`` (keys are parsed; header lines are never counted);
+* a CSV or text list of series UIDs (``.csv``/``.txt``): a ``SeriesInstanceUID``, ``Series UID``
+  or ``Series Instance UID`` column, or one UID per line.
+
+Every problem raises ``ManifestError`` naming the file and the key (or line) at fault.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harvester.errors import ManifestError
+
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+MAX_UID_LEN = 64
+MAX_INPUT_BYTES = 256 * 1024 * 1024
+
+_SELECTOR_KEYS = {
+    "collection", "modality", "body_part", "manufacturer", "patients", "studies",
+    "released_after", "series", "tcia", "csv",
+}
+_EXCLUDE_KEYS = {"collection", "modality", "body_part", "manufacturer", "patients", "studies", "series"}
+_TOP_KEYS = {"api", "layout", "select", "exclude", "limit"}
+_UID_COLUMNS = ("SeriesInstanceUID", "Series UID", "Series Instance UID", "SeriesUID")
+
+
+@dataclass(frozen=True)
+class Selector:
+    """One entry of ``select``: a metadata filter, or an explicit list of series."""
+
+    origin: str                                  # "file.yaml: select[2]" — for messages
+    collection: str | None = None
+    modality: tuple[str, ...] = ()
+    body_part: tuple[str, ...] = ()
+    manufacturer: tuple[str, ...] = ()
+    patients: tuple[str, ...] = ()
+    studies: tuple[str, ...] = ()
+    series: tuple[str, ...] = ()
+    released_after: dt.date | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key in ("collection", "modality", "body_part", "manufacturer", "patients", "studies", "series"):
+            value = getattr(self, key)
+            if value:
+                out[key] = list(value) if isinstance(value, tuple) else value
+        if self.released_after:
+            out["released_after"] = self.released_after.isoformat()
+        return out
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    """Rows matching any listed value are removed from the union."""
+
+    collection: frozenset[str] = frozenset()
+    modality: frozenset[str] = frozenset()
+    body_part: frozenset[str] = frozenset()
+    manufacturer: frozenset[str] = frozenset()
+    patients: frozenset[str] = frozenset()
+    studies: frozenset[str] = frozenset()
+    series: frozenset[str] = frozenset()
+
+    _ROW_KEYS = {
+        "collection": "Collection", "modality": "Modality", "body_part": "BodyPartExamined",
+        "manufacturer": "Manufacturer", "patients": "PatientID", "studies": "StudyInstanceUID",
+        "series": "SeriesInstanceUID",
+    }
+
+    def excludes(self, row: dict[str, Any]) -> bool:
+        for attr, key in self._ROW_KEYS.items():
+            values = getattr(self, attr)
+            if values and str(row.get(key, "")) in values:
+                return True
+        return False
+
+    def to_json(self) -> dict[str, list[str]]:
+        return {k: sorted(getattr(self, k)) for k in self._ROW_KEYS if getattr(self, k)}
+
+
+@dataclass(frozen=True)
+class Query:
+    selectors: tuple[Selector, ...]
+    exclude: Exclusion = field(default_factory=Exclusion)
+    limit: int | None = None
+    api: str | None = None
+    layout: str | None = None
+    origin: str = "<query>"
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"origin": self.origin, "select": [s.to_json() for s in self.selectors]}
+        if self.exclude.to_json():
+            out["exclude"] = self.exclude.to_json()
+        if self.limit is not None:
+            out["limit"] = self.limit
+        return out
+
+
+# ---------------------------------------------------------------- entry points
+
+def load_query(path: str | Path) -> Query:
+    """Load a query from a manifest, a ``.tcia`` cart or a CSV/text list of series UIDs.
+
+    Raises ``ManifestError`` for anything unreadable or invalid.
+    """
+    p = Path(path)
+    text = _read_text(p)
+    suffix = p.suffix.lower()
+    if suffix in (".yaml", ".yml", ".json"):
+        return parse_manifest(text, origin=str(p), base_dir=p.parent)
+    if suffix == ".tcia":
+        uids = parse_tcia(text, origin=str(p))
+        return Query(selectors=(Selector(origin=str(p), series=uids),), origin=str(p))
+    if suffix in (".csv", ".txt", ".tsv"):
+        uids = parse_uid_list(text, origin=str(p))
+        return Query(selectors=(Selector(origin=str(p), series=uids),), origin=str(p))
+    raise ManifestError(
+        f"{p}: unknown query file type {suffix or '(none)'!r}",
+        hint="use a .yaml/.yml/.json manifest, a .tcia cart, or a .csv/.txt list of series UIDs",
+    )
+
+
+def query_from_dict(data: Any, *, origin: str = "<dict>", base_dir: Path | None = None) -> Query:
+    """Validate an already-parsed manifest (a dict) into a ``Query``."""
+    if not isinstance(data, dict):
+        raise ManifestError(f"{origin}: a query manifest must be a mapping with a 'select' list")
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise ManifestError(f"{origin}: unknown key {sorted(unknown)[0]!r} (allowed: {', '.join(sorted(_TOP_KEYS))})")
+    if "select" not in data:
+        raise ManifestError(f"{origin}: missing key 'select' (a list of selectors)")
+    select = data["select"]
+    if isinstance(select, dict):
+        select = [select]
+    if not isinstance(select, list) or not select:
+        raise ManifestError(f"{origin}: 'select' must be a non-empty list of selectors")
+    selectors = tuple(
+        _parse_selector(item, f"{origin}: select[{i}]", base_dir or Path(".")) for i, item in enumerate(select)
+    )
+    exclude = _parse_exclude(data.get("exclude"), f"{origin}: exclude")
+    limit = data.get("limit")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise ManifestError(f"{origin}: limit: expected a positive whole number, got {limit!r}")
+    api = data.get("api")
+    if api is not None and (not isinstance(api, str) or not re.match(r"^https?://", api)):
+        raise ManifestError(f"{origin}: api: expected an http(s) URL ending in the version, e.g. .../services/v4")
+    layout = data.get("layout")
+    if layout is not None and not isinstance(layout, str):
+        raise ManifestError(f"{origin}: layout: expected a string")
+    return Query(selectors=selectors, exclude=exclude, limit=limit, api=api, layout=layout, origin=origin)
+
+
+def parse_manifest(text: str, *, origin: str, base_dir: Path) -> Query:
+    try:
+        data = yaml.safe_load(text) if not origin.lower().endswith(".json") else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}"
+        elif isinstance(exc, json.JSONDecodeError):
+            where = f" at line {exc.lineno}"
+        raise ManifestError(f"{origin}: not valid YAML/JSON{where}") from None
+    return query_from_dict(data, origin=origin, base_dir=base_dir)
+
+
+def parse_tcia(text: str, *, origin: str) -> tuple[str, ...]:
+    """Parse a TCIA cart: properties up to ``ListOfSeriesToDownload=``, then UIDs one per line."""
+    lines = text.splitlines()
+    start = None
+    for i, line in enumerate(lines):
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == "ListOfSeriesToDownload":
+            start = i + 1
+            first = value.strip()
+            if first:  # some writers put the first UID on the same line
+                lines.insert(i + 1, first)
+            break
+    if start is None:
+        raise ManifestError(f"{origin}: not a TCIA cart: no 'ListOfSeriesToDownload=' line")
+    uids: list[str] = []
+    for lineno, raw in enumerate(lines[start:], start=start + 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        _check_uid(line, f"{origin}: line {lineno}")
+        uids.append(line)
+    if not uids:
+        raise ManifestError(f"{origin}: the cart lists no series after 'ListOfSeriesToDownload='")
+    return tuple(dict.fromkeys(uids))
+
+
+def parse_uid_list(text: str, *, origin: str) -> tuple[str, ...]:
+    """Parse a CSV with a series-UID column, or plain text with one UID per line."""
+    sample = text.lstrip("\ufeff")
+    rows = list(csv.reader(io.StringIO(sample)))
+    rows = [r for r in rows if any(cell.strip() for cell in r)]
+    if not rows:
+        raise ManifestError(f"{origin}: no series UIDs found")
+    header = [c.strip() for c in rows[0]]
+    column = next((header.index(c) for c in _UID_COLUMNS if c in header), None)
+    uids: list[str] = []
+    if column is not None:
+        for lineno, row in enumerate(rows[1:], start=2):
+            if column >= len(row) or not row[column].strip():
+                continue
+            uid = row[column].strip()
+            _check_uid(uid, f"{origin}: row {lineno}, column {header[column]!r}")
+            uids.append(uid)
+    else:
+        if len(header) > 1 or not UID_RE.match(header[0]):
+            raise ManifestError(
+                f"{origin}: no series UID column (expected one of {', '.join(_UID_COLUMNS)}, or one UID per line)"
+            )
+        for lineno, row in enumerate(rows, start=1):
+            if len(row) != 1:
+                raise ManifestError(f"{origin}: line {lineno}: expected one UID per line")
+            uid = row[0].strip()
+            _check_uid(uid, f"{origin}: line {lineno}")
+            uids.append(uid)
+    if not uids:
+        raise ManifestError(f"{origin}: no series UIDs found")
+    return tuple(dict.fromkeys(uids))
+
+
+# ---------------------------------------------------------------- helpers
+
+def _read_text(p: Path) -> str:
+    try:
+        if p.stat().st_size > MAX_INPUT_BYTES:
+            raise ManifestError(f"{p}: file is larger than {MAX_INPUT_BYTES // 2**20} MiB")
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise ManifestError(f"{p}: no such file", hint="check the path") from None
+    except IsADirectoryError:
+        raise ManifestError(f"{p}: is a directory, expected a query file") from None
+    except OSError as exc:
+        raise ManifestError(f"{p}: cannot read: {exc.strerror}") from None
+    if b"\x00" in data:
+        raise ManifestError(f"{p}: binary file (contains NUL bytes), expected text")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ManifestError(f"{p}: not UTF-8 text") from None
+
+
+def _check_uid(uid: str, where: str) -> None:
+    if len(uid) > MAX_UID_LEN or not UID_RE.match(uid):
+        shown = uid if len(uid) <= 80 else uid[:77] + "..."
+        raise ManifestError(f"{where}: {shown!r} is not a DICOM UID (digits and dots, at most 64 characters)")
+
+
+def _strings(value: Any, where: str, *, uids: bool = False) -> tuple[str, ...]:
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        items = [value]
+    elif isinstance(value, list) and value:
+        items = value
+    else:
+        raise ManifestError(f"{where}: expected a string or a non-empty list of strings")
+    out: list[str] = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            raise ManifestError(f"{where}: expected strings, got {type(item).__name__}")
+        text = str(item).strip()
+        if not text or any(ord(ch) < 32 for ch in text) or len(text) > 1024:
+            raise ManifestError(f"{where}: {text[:40]!r} is empty, too long or contains control characters")
+        if uids:
+            _check_uid(text, where)
+        out.append(text)
+    return tuple(dict.fromkeys(out))
+
+
+def _date(value: Any, where: str) -> dt.date:
+    if isinstance(value, dt.datetime):
+        return value.date()
+    if isinstance(value, dt.date):
+        return value
+    if isinstance(value, str):
+        try:
+            return dt.date.fromisoformat(value.strip())
+        except ValueError:
+            pass
+    raise ManifestError(f"{where}: expected a date as YYYY-MM-DD, got {value!r}")
+
+
+def _parse_selector(item: Any, where: str, base_dir: Path) -> Selector:
+    if not isinstance(item, dict):
+        raise ManifestError(f"{where}: expected a mapping such as {{collection: NAME}}")
+    unknown = set(item) - _SELECTOR_KEYS
+    if unknown:
+        raise ManifestError(f"{where}: unknown key {sorted(unknown)[0]!r} (allowed: {', '.join(sorted(_SELECTOR_KEYS))})")
+    file_keys = [k for k in ("series", "tcia", "csv") if k in item]
+    if len(file_keys) > 1 or (file_keys and "collection" in item):
+        raise ManifestError(f"{where}: use one of collection, series, tcia or csv per selector")
+    if "tcia" in item or "csv" in item:
+        key = "tcia" if "tcia" in item else "csv"
+        if len(item) != 1:
+            raise ManifestError(f"{where}: '{key}' takes no other keys in the same selector")
+        ref = item[key]
+        if not isinstance(ref, str) or not ref.strip():
+            raise ManifestError(f"{where}.{key}: expected a file path")
+        path = Path(ref) if Path(ref).is_absolute() else base_dir / ref
+        text = _read_text(path)
+        uids = parse_tcia(text, origin=str(path)) if key == "tcia" else parse_uid_list(text, origin=str(path))
+        return Selector(origin=f"{where} ({path})", series=uids)
+    if "series" in item:
+        if len(item) != 1:
+            raise ManifestError(f"{where}: 'series' takes no other keys in the same selector")
+        return Selector(origin=where, series=_strings(item["series"], f"{where}.series", uids=True))
+    if "collection" not in item:
+        raise ManifestError(f"{where}: missing 'collection' (or use series/tcia/csv)")
+    collection = _strings(item["collection"], f"{where}.collection")
+    if len(collection) != 1:
+        raise ManifestError(f"{where}.collection: one collection per selector (add another selector for more)")
+    return Selector(
+        origin=where,
+        collection=collection[0],
+        modality=_strings(item["modality"], f"{where}.modality") if "modality" in item else (),
+        body_part=_strings(item["body_part"], f"{where}.body_part") if "body_part" in item else (),
+        manufacturer=_strings(item["manufacturer"], f"{where}.manufacturer") if "manufacturer" in item else (),
+        patients=_strings(item["patients"], f"{where}.patients") if "patients" in item else (),
+        studies=_strings(item["studies"], f"{where}.studies", uids=True) if "studies" in item else (),
+        released_after=_date(item["released_after"], f"{where}.released_after") if "released_after" in item else None,
+    )
+
+
+def _parse_exclude(value: Any, where: str) -> Exclusion:
+    if value is None:
+        return Exclusion()
+    if not isinstance(value, dict):
+        raise ManifestError(f"{where}: expected a mapping such as {{modality: [SEG]}}")
+    unknown = set(value) - _EXCLUDE_KEYS
+    if unknown:
+        raise ManifestError(f"{where}: unknown key {sorted(unknown)[0]!r} (allowed: {', '.join(sorted(_EXCLUDE_KEYS))})")
+    return Exclusion(**{k: frozenset(_strings(v, f"{where}.{k}")) for k, v in value.items()})

@@ -1,0 +1,420 @@
+"""The NBIA REST client (TCIA's search/download API), on one aiohttp ClientSession.
+
+Follows ``shared/nbia-api.md``: parameter names are case-sensitive and v4 rejects unknown
+ones, so only names from the page are ever sent. JSON rows may omit any key and send numbers
+as strings; helpers here parse them defensively.
+
+Who raises what:
+
+* every method raises ``RetryableRequestError`` (after ``config.retries`` attempts) for resets,
+  timeouts, 5xx, 408 and 429; ``PermanentRequestError`` for other 4xx (the server's text is in
+  the message); ``AuthError`` when credentials are rejected even after a token refresh.
+* ``open_series`` yields a response already checked for status and content type; the ZIP
+  signature is checked by the caller on the first bytes (see ``harvester.fetch``).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+import aiohttp
+import anyio
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+
+from harvester.config import NLST_API_URL, NLST_COLLECTIONS, AuthConfig, Config
+from harvester.errors import (
+    AuthError,
+    PermanentRequestError,
+    RequestError,
+    RetryableRequestError,
+    should_retry_request,
+)
+
+QUERY_ENDPOINTS: dict[str, tuple[str, ...]] = {
+    "getCollectionValues": (),
+    "getModalityValues": ("Collection", "BodyPartExamined"),
+    "getBodyPartValues": ("Collection", "Modality"),
+    "getManufacturerValues": ("Collection", "Modality", "BodyPartExamined"),
+    "getPatient": ("Collection",),
+    "getPatientByCollectionAndModality": ("Collection", "Modality"),
+    "NewPatientsInCollection": ("Collection", "fromDate"),
+    "getPatientStudy": ("Collection", "PatientID", "StudyInstanceUID"),
+    "NewStudiesInPatientCollection": ("Collection", "PatientID", "fromDate"),
+    "getSeries": ("Collection", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
+                  "BodyPartExamined", "Manufacturer", "ManufacturerModelName"),
+    "getUpdatedSeries": ("fromDate",),
+    "getSeriesSize": ("SeriesInstanceUID",),
+    "getSOPInstanceUIDs": ("SeriesInstanceUID",),
+    "getMD5HashForImage": ("SOPInstanceUID",),
+}
+RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
+_SECRET_PARAMS = {"password", "token", "access_token", "refresh_token", "client_secret"}
+
+
+def redact_url(url: str) -> str:
+    """The URL without user info or secret-looking query parameters, for messages and logs."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<url>"
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    query = "&".join(
+        (kv if kv.split("=", 1)[0].lower() not in _SECRET_PARAMS else kv.split("=", 1)[0] + "=***")
+        for kv in parts.query.split("&") if kv
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def as_int(value: Any) -> int | None:
+    """Parse counts and sizes that may arrive as int, float, "1234" or "1234.0"."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    if number != number or number < 0 or number > 2**62:  # NaN, negative, absurd
+        return None
+    return int(number)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds (delta-seconds or an HTTP date); None when absent or invalid."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    if "<html" in text.lower() or "<!doctype" in text.lower():
+        return "(HTML error page)"
+    return text[:limit] + ("..." if len(text) > limit else "")
+
+
+class BackoffWait:
+    """tenacity wait: the server's Retry-After when it gave one, else exponential backoff with full jitter."""
+
+    def __init__(self, base: float, cap: float, rng: random.Random | None = None) -> None:
+        self.base, self.cap = base, cap
+        self.rng = rng or random.Random()
+
+    def __call__(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            return min(float(retry_after), max(self.cap, 1.0) * 5)
+        ceiling = min(self.cap, self.base * (2 ** (state.attempt_number - 1)))
+        return self.rng.uniform(ceiling / 2, ceiling)
+
+
+@dataclass
+class _Token:
+    access: str
+    refresh: str | None
+    expires_at: float
+
+
+class TokenAuth:
+    """OAuth password-grant bearer tokens, refreshed before expiry and once on 401.
+
+    Tokens and the password live only in this object; nothing here logs or formats them.
+    Raises ``AuthError`` when the token endpoint rejects the credentials.
+    """
+
+    def __init__(self, auth: AuthConfig) -> None:
+        self._auth = auth
+        self._token: _Token | None = None
+        self._lock = anyio.Lock()
+
+    def __repr__(self) -> str:
+        return f"TokenAuth(user={self._auth.username!r})"
+
+    async def header(self, session: aiohttp.ClientSession) -> dict[str, str]:
+        async with self._lock:
+            if self._token is None or time.monotonic() > self._token.expires_at - 30:
+                await self._obtain(session, use_refresh=self._token is not None)
+            assert self._token is not None
+            return {"Authorization": f"Bearer {self._token.access}"}
+
+    async def force_refresh(self, session: aiohttp.ClientSession, rejected: dict[str, str]) -> None:
+        async with self._lock:
+            current = self._token and {"Authorization": f"Bearer {self._token.access}"}
+            if current == rejected:  # nobody refreshed it since this request was sent
+                await self._obtain(session, use_refresh=True)
+
+    async def _obtain(self, session: aiohttp.ClientSession, *, use_refresh: bool) -> None:
+        form: dict[str, str]
+        if use_refresh and self._token and self._token.refresh:
+            form = {"grant_type": "refresh_token", "client_id": self._auth.client_id,
+                    "refresh_token": self._token.refresh}
+        else:
+            form = {"grant_type": "password", "client_id": self._auth.client_id,
+                    "username": self._auth.username, "password": self._auth.password}
+        url = redact_url(self._auth.token_url)
+        try:
+            async with session.post(self._auth.token_url, data=form) as resp:
+                if resp.status in (400, 401, 403) and form["grant_type"] == "refresh_token":
+                    self._token = None
+                    return await self._obtain(session, use_refresh=False)
+                if resp.status in (400, 401, 403):
+                    raise AuthError(f"token request to {url} was rejected (HTTP {resp.status})")
+                if resp.status != 200:
+                    raise RetryableRequestError(f"token request to {url} failed: HTTP {resp.status}",
+                                                status=resp.status, url=url)
+                data = await resp.json(content_type=None)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise RetryableRequestError(f"token request to {url} failed: {type(exc).__name__}", url=url) from None
+        if not isinstance(data, dict) or not isinstance(data.get("access_token"), str):
+            raise AuthError(f"token endpoint {url} answered without an access_token")
+        expires = as_int(data.get("expires_in")) or 3600
+        refresh = data.get("refresh_token") if isinstance(data.get("refresh_token"), str) else None
+        self._token = _Token(data["access_token"], refresh, time.monotonic() + expires)
+
+
+class HostGate:
+    """A shared 'not before' time: one 429 with Retry-After pauses every request to the host."""
+
+    def __init__(self) -> None:
+        self._not_before = 0.0
+
+    def push(self, seconds: float) -> None:
+        self._not_before = max(self._not_before, time.monotonic() + seconds)
+
+    async def wait(self) -> None:
+        delay = self._not_before - time.monotonic()
+        if delay > 0:
+            await anyio.sleep(delay)
+
+
+def make_session(config: Config) -> aiohttp.ClientSession:
+    """One session for the whole run: connection limit, separate connect/read timeouts,
+    proxies from the environment (trust_env), TLS verified (aiohttp's default)."""
+    connector = aiohttp.TCPConnector(limit=config.connections, limit_per_host=config.connections,
+                                     enable_cleanup_closed=True)
+    timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout,
+                                    sock_connect=config.connect_timeout, sock_read=config.read_timeout)
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=True,
+                                 headers={"User-Agent": config.user_agent}, raise_for_status=False,
+                                 auto_decompress=True)
+
+
+class NBIAClient:
+    """Async client for the NBIA v4 query and download endpoints.
+
+    ``on_retry(message)`` is called before each request-level retry (progress uses it).
+    The session is injected, so tests and other archives swap the network without touching us.
+    """
+
+    def __init__(self, config: Config, session: aiohttp.ClientSession, *,
+                 on_retry: Callable[[str], None] | None = None, gate: HostGate | None = None) -> None:
+        self.config = config
+        self.session = session
+        self.auth = TokenAuth(config.auth) if config.auth else None
+        self.on_retry = on_retry
+        self.gate = gate or HostGate()
+        self.requests = 0
+        self.retries = 0
+
+    # ------------------------------------------------------------ routing
+    def base_for(self, collection: str | None = None) -> str:
+        """NLST lives on its own host; route there only when the user kept the public default."""
+        if collection in NLST_COLLECTIONS and self.config.uses_public_default:
+            return NLST_API_URL
+        return self.config.api_url.rstrip("/")
+
+    def url(self, endpoint: str, params: Mapping[str, str], *, collection: str | None = None) -> str:
+        query = urlencode(params)
+        return f"{self.base_for(collection)}/{endpoint}" + (f"?{query}" if query else "")
+
+    # ------------------------------------------------------------ retry plumbing
+    def _retrying(self) -> AsyncRetrying:
+        return AsyncRetrying(
+            stop=stop_after_attempt(max(1, self.config.retries)),
+            wait=BackoffWait(self.config.backoff_base, self.config.backoff_max),
+            retry=retry_if_exception(should_retry_request),
+            before_sleep=self._before_sleep,
+            reraise=True,
+        )
+
+    def _before_sleep(self, state: RetryCallState) -> None:
+        self.retries += 1
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, RetryableRequestError) and exc.retry_after:
+            self.gate.push(exc.retry_after)
+        if self.on_retry is not None:
+            self.on_retry(str(exc))
+
+    async def _headers(self) -> dict[str, str]:
+        return await self.auth.header(self.session) if self.auth else {}
+
+    @contextlib.asynccontextmanager
+    async def _request(self, url: str, *, accept: str) -> AsyncIterator[aiohttp.ClientResponse]:
+        """One GET with auth, the host gate and classification of failures (no retry here)."""
+        await self.gate.wait()
+        headers = await self._headers()
+        headers["Accept"] = accept
+        shown = redact_url(url)
+        self.requests += 1
+        try:
+            async with self.session.get(url, headers=headers) as resp:
+                if resp.status == 401 and self.auth is not None:
+                    await self.auth.force_refresh(self.session, {"Authorization": headers["Authorization"]})
+                    raise _AuthRetry()
+                await _raise_for_status(resp, shown)
+                yield resp
+        except _AuthRetry:
+            headers = await self._headers()
+            headers["Accept"] = accept
+            async with self.session.get(url, headers=headers) as resp:
+                if resp.status == 401:
+                    raise AuthError(f"the server rejected the credentials for {shown} (HTTP 401)") from None
+                await _raise_for_status(resp, shown)
+                yield resp
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, aiohttp.ServerTimeoutError,
+                asyncio.TimeoutError, ConnectionError) as exc:
+            raise RetryableRequestError(f"{_describe(exc)} from {shown}", url=shown) from None
+
+    # ------------------------------------------------------------ queries
+    async def query(self, endpoint: str, params: Mapping[str, Any] | None = None, *,
+                    collection: str | None = None) -> list[dict[str, Any]]:
+        """GET a JSON query endpoint; returns its rows (dicts; any key may be missing).
+
+        Only parameter names listed for the endpoint in the API page are accepted (the
+        public v4 API answers 400 to anything else), and ``None`` values are dropped.
+        """
+        allowed = QUERY_ENDPOINTS.get(endpoint)
+        if allowed is None:
+            raise PermanentRequestError(f"unknown endpoint {endpoint!r}",
+                                        hint=f"one of: {', '.join(QUERY_ENDPOINTS)}")
+        clean = {k: str(v) for k, v in (params or {}).items() if v is not None and v != ""}
+        bad = [k for k in clean if k not in allowed]
+        if bad:
+            raise PermanentRequestError(
+                f"{endpoint} takes no parameter {bad[0]!r}",
+                hint=f"allowed: {', '.join(allowed) or 'none'} (names are case-sensitive)")
+        url = self.url(endpoint, clean, collection=collection or clean.get("Collection"))
+        async for attempt in self._retrying():
+            with attempt:
+                return await self._get_json(url, endpoint)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _get_json(self, url: str, endpoint: str) -> list[dict[str, Any]]:
+        async with self._request(url, accept="application/json") as resp:
+            body = await resp.read()
+        shown = redact_url(url)
+        if endpoint == "getMD5HashForImage":
+            return [{"MD5Hash": body.decode("ascii", "replace").strip()}]
+        if not body.strip():
+            return []  # NBIA answers an empty body (not "[]") when nothing matches
+        try:
+            import json
+            data = json.loads(body)
+        except ValueError:
+            # An outage page with HTTP 200 is a transient failure, not data.
+            raise RetryableRequestError(f"{shown} answered something that is not JSON", url=shown) from None
+        if isinstance(data, dict):
+            data = [data]
+        if not isinstance(data, list):
+            raise RetryableRequestError(f"{shown} answered JSON that is not a list", url=shown)
+        return [row for row in data if isinstance(row, dict)]
+
+    async def collections(self) -> list[str]:
+        rows = await self.query("getCollectionValues")
+        return sorted({str(r["Collection"]) for r in rows if r.get("Collection")})
+
+    async def series_size(self, series_uid: str, *, collection: str | None = None) -> tuple[int | None, int | None]:
+        """(ObjectCount, TotalSizeInBytes) from getSeriesSize; either may be None."""
+        rows = await self.query("getSeriesSize", {"SeriesInstanceUID": series_uid}, collection=collection)
+        if not rows:
+            return None, None
+        return as_int(rows[0].get("ObjectCount")), as_int(rows[0].get("TotalSizeInBytes"))
+
+    # ------------------------------------------------------------ downloads
+    def series_url(self, series_uid: str, collection: str | None) -> str:
+        return self.url("getImage", {"SeriesInstanceUID": series_uid, "NewFileNames": "Yes",
+                                     "IncludeMD5": "yes"}, collection=collection)
+
+    @contextlib.asynccontextmanager
+    async def open_series(self, series_uid: str, collection: str | None) -> AsyncIterator[aiohttp.ClientResponse]:
+        """Open the getImage ZIP stream for one series (one attempt; the caller retries).
+
+        Raises ``RetryableRequestError`` when the body is an error page (HTML or text)
+        instead of a ZIP, and the classified errors of any request.
+        """
+        url = self.series_url(series_uid, collection)
+        async with self._request(url, accept="application/zip, application/octet-stream") as resp:
+            ctype = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
+            if ctype.startswith("text/") or ctype in ("application/json", "application/xhtml+xml"):
+                text = (await resp.content.read(2048)).decode("utf-8", "replace")
+                raise RetryableRequestError(
+                    f"{redact_url(url)} sent {ctype} instead of a ZIP: {_one_line(text)}", url=redact_url(url))
+            yield resp
+
+    async def single_image(self, series_uid: str, sop_uid: str, collection: str | None) -> bytes:
+        """One instance via getSingleImage (to repair a single bad file)."""
+        url = self.url("getSingleImage", {"SeriesInstanceUID": series_uid, "SOPInstanceUID": sop_uid},
+                       collection=collection)
+        async for attempt in self._retrying():
+            with attempt:
+                async with self._request(url, accept="application/dicom") as resp:
+                    return await resp.read()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def retrying(self) -> AsyncRetrying:
+        """The request-level retry policy, for callers that stream (``harvester.fetch``)."""
+        return self._retrying()
+
+
+class _AuthRetry(Exception):
+    """Internal: the first 401 after which the token was refreshed once."""
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+        return "timed out (no data) waiting"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "connection broke mid-response"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "cannot connect"
+    if isinstance(exc, (aiohttp.ServerDisconnectedError, ConnectionResetError)):
+        return "connection reset"
+    return f"network error ({type(exc).__name__})"
+
+
+async def _raise_for_status(resp: aiohttp.ClientResponse, shown: str) -> None:
+    if resp.status == 200:
+        return
+    try:
+        text = (await resp.content.read(4096)).decode("utf-8", "replace")
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        text = ""
+    if resp.status in RETRYABLE_STATUS:
+        raise RetryableRequestError(f"HTTP {resp.status} from {shown}", status=resp.status, url=shown,
+                                    retry_after=parse_retry_after(resp.headers.get("Retry-After")))
+    if resp.status == 401:
+        raise AuthError(f"HTTP 401 from {shown}: the server wants credentials")
+    raise PermanentRequestError(f"HTTP {resp.status} from {shown}: {_one_line(text) or 'no message'}",
+                                status=resp.status, url=shown)
+
+
+__all__ = ["NBIAClient", "TokenAuth", "HostGate", "make_session", "redact_url", "as_int",
+           "parse_retry_after", "QUERY_ENDPOINTS", "RequestError"]

@@ -1,0 +1,313 @@
+"""What is done: an append-only journal plus ``harvest.json`` and ``metadata.csv``.
+
+Files on disk are a database (rclone's rule): nothing half-written ever sits under a final name.
+
+* ``DIR/.harvester/journal.jsonl`` is append-only and fsynced. A series is committed by
+  (1) writing and verifying it in ``DIR/.harvester/tmp/<key>.staging``, (2) appending a
+  ``commit`` line that holds its full record, (3) renaming the staging folder to its final
+  path (atomic on one filesystem). After kill -9 at any point, ``open()`` replays the journal:
+  a commit whose final folder is intact is complete; one whose staging folder survived is
+  finished (step 3 redone); anything else is simply fetched again. Then ``tmp/`` is emptied.
+* ``DIR/harvest.json`` is rewritten atomically (temp file, fsync, rename) from the records, so
+  it only ever lists verified series. ``metadata.csv`` (the Data Retriever's columns) likewise.
+* ``DIR/.harvester/lock`` holds an flock while a run uses DIR, so two runs cannot interleave.
+
+Raises ``OutputNotWritableError``/``DiskFullError`` (fatal) when DIR cannot be written, and
+``UsageError`` when another run holds the lock.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import fcntl
+import hashlib
+import io
+import json
+import os
+import shutil
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from harvester.errors import HarvesterError, UsageError, classify_os_error
+
+SCHEMA = "harvester/1"
+METADATA_COLUMNS = [
+    "Series UID", "Collection", "3rd Party Analysis", "Data Description URI", "Subject ID", "Study UID",
+    "Study Description", "Study Date", "Series Description", "Manufacturer", "Modality", "SOP Class Name",
+    "SOP Class UID", "Number of Images", "File Size", "File Location", "Download Timestamp",
+]
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def series_key(uid: str) -> str:
+    """A short, filesystem-safe key for temp names (UIDs from a server are not trusted)."""
+    return hashlib.sha1(uid.encode("utf-8", "replace")).hexdigest()[:20]
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a fsynced temp file and rename; readers see old or new, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise classify_os_error(exc, path.name) from None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class HarvestState:
+    """The on-disk state of one output directory. Thread-safe for the calls the engine makes."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.meta_dir = out_dir / ".harvester"
+        self.tmp_dir = self.meta_dir / "tmp"
+        self.journal_path = self.meta_dir / "journal.jsonl"
+        self.manifest_path = out_dir / "harvest.json"
+        self.records: dict[str, dict[str, Any]] = {}
+        self.header: dict[str, Any] = {}
+        self.recovered = 0      # commits finished during recovery
+        self.lost = 0           # commits whose files were gone (will be fetched again)
+        self._lock = threading.Lock()
+        self._journal: io.BufferedWriter | None = None
+        self._lockfile: int | None = None
+
+    # ------------------------------------------------------------ open / recover
+    def open(self) -> None:
+        try:
+            self.tmp_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.meta_dir / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise classify_os_error(exc, f"output directory {self.out_dir}") from None
+        self._take_lock()
+        self._load()
+        self._recover()
+        try:
+            self._journal = open(self.journal_path, "ab")
+        except OSError as exc:
+            raise classify_os_error(exc, str(self.journal_path)) from None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._journal is not None:
+                self._journal.close()
+                self._journal = None
+        if self._lockfile is not None:
+            os.close(self._lockfile)
+            self._lockfile = None
+
+    def _take_lock(self) -> None:
+        fd = os.open(self.meta_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UsageError(f"another harvester run is using {self.out_dir}",
+                             hint="wait for it to finish, or use another output directory") from None
+        self._lockfile = fd
+
+    def _load(self) -> None:
+        if self.manifest_path.exists():
+            try:
+                data = json.loads(self.manifest_path.read_text("utf-8"))
+                for rec in data.get("series", []):
+                    if isinstance(rec, dict) and rec.get("SeriesInstanceUID"):
+                        self.records[str(rec["SeriesInstanceUID"])] = rec
+                self.header = {k: v for k, v in data.items() if k not in ("series", "totals")}
+            except (ValueError, OSError, AttributeError):
+                # A damaged harvest.json is rebuilt from the journal, which is the source of truth.
+                self.records.clear()
+        if not self.journal_path.exists():
+            return
+        with open(self.journal_path, "rb") as fh:
+            for line in fh:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue  # a torn last line from a kill -9
+                kind, rec = event.get("event"), event.get("series")
+                if kind in ("commit", "failed") and isinstance(rec, dict) and rec.get("SeriesInstanceUID"):
+                    uid = str(rec["SeriesInstanceUID"])
+                    if kind == "failed" and self.records.get(uid, {}).get("status") == "complete":
+                        continue  # a later failure to refresh never hides a verified copy
+                    self.records[uid] = rec
+                elif kind == "forget" and event.get("uid"):
+                    self.records.pop(str(event["uid"]), None)
+
+    def _recover(self) -> None:
+        for uid, rec in list(self.records.items()):
+            if rec.get("status") != "complete":
+                continue
+            if self._intact(rec):
+                continue
+            staging = self.staging_dir(uid)
+            if staging.is_dir() and self._intact(rec, root=staging):
+                final = self.final_dir(rec)
+                self._move_aside(final)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(staging, final)
+                self.recovered += 1
+            else:
+                self.lost += 1
+                rec = dict(rec, status="failed", error="files missing after an interrupted run; will be fetched again")
+                self.records[uid] = rec
+        for child in self.tmp_dir.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------ paths
+    def final_dir(self, rec: dict[str, Any]) -> Path:
+        path = self.out_dir / rec["path"]
+        # Paths come from our own sanitiser; refuse anything that would leave DIR all the same.
+        resolved = path.resolve()
+        if not resolved.is_relative_to(self.out_dir.resolve()):
+            raise HarvesterError(f"refusing series path outside the output directory: {rec['path']!r}")
+        return path
+
+    def staging_dir(self, uid: str) -> Path:
+        return self.tmp_dir / f"{series_key(uid)}.staging"
+
+    def partial_path(self, uid: str) -> Path:
+        return self.tmp_dir / f"{series_key(uid)}.zip.partial"
+
+    def _intact(self, rec: dict[str, Any], root: Path | None = None) -> bool:
+        """Every recorded file is there with its recorded size (MD5s are for ``verify``)."""
+        base = self.out_dir / rec.get("path", "\x00") if root is None else root
+        prefix = rec.get("path", "") + "/"
+        try:
+            for f in rec.get("files", []):
+                rel = f["path"][len(prefix):] if f["path"].startswith(prefix) else f["path"]
+                if (base / rel).stat().st_size != f["size"]:
+                    return False
+        except (OSError, KeyError, TypeError):
+            return False
+        return bool(rec.get("files"))
+
+    def _move_aside(self, final: Path) -> None:
+        """A folder under a final name that the journal does not vouch for goes to tmp (deleted)."""
+        if final.exists() or final.is_symlink():
+            aside = self.tmp_dir / f"replaced-{series_key(str(final))}-{os.getpid()}"
+            os.rename(final, aside)
+
+    # ------------------------------------------------------------ queries
+    def complete(self, uid: str) -> dict[str, Any] | None:
+        rec = self.records.get(uid)
+        return rec if rec is not None and rec.get("status") == "complete" else None
+
+    def taken_paths(self) -> dict[str, str]:
+        return {uid: r["path"] for uid, r in self.records.items() if r.get("status") == "complete" and r.get("path")}
+
+    # ------------------------------------------------------------ writes (call from a worker thread)
+    def _append(self, event: dict[str, Any]) -> None:
+        line = (json.dumps(event, separators=(",", ":"), ensure_ascii=False) + "\n").encode("utf-8")
+        with self._lock:
+            if self._journal is None:
+                raise HarvesterError("state is closed")
+            try:
+                self._journal.write(line)
+                self._journal.flush()
+                os.fsync(self._journal.fileno())
+            except OSError as exc:
+                raise classify_os_error(exc, "the journal") from None
+
+    def commit(self, rec: dict[str, Any], staging: Path) -> None:
+        """Journal the verified series, then move its staging folder to its final path."""
+        final = self.final_dir(rec)
+        self._append({"event": "commit", "t": now_iso(), "series": rec})
+        try:
+            self._move_aside(final)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(staging, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            raise classify_os_error(exc, rec["path"]) from None
+        with self._lock:
+            self.records[rec["SeriesInstanceUID"]] = rec
+
+    def fail(self, rec: dict[str, Any]) -> None:
+        self._append({"event": "failed", "t": now_iso(), "series": rec})
+        with self._lock:
+            uid = rec["SeriesInstanceUID"]
+            if self.records.get(uid, {}).get("status") != "complete":
+                self.records[uid] = rec
+
+    def log_event(self, event: dict[str, Any]) -> None:
+        """Anything else worth keeping (run start/finish, retries): appended to the journal."""
+        self._append(dict(event, t=now_iso()))
+
+    # ------------------------------------------------------------ manifests
+    def write_manifest(self, header: dict[str, Any], order: Iterable[str] | None = None) -> dict[str, Any]:
+        """Rewrite harvest.json atomically from the records; returns the totals."""
+        with self._lock:
+            uids = list(order) if order is not None else list(self.records)
+            extra = [u for u in self.records if u not in set(uids)]
+            recs = [self.records[u] for u in uids + extra if u in self.records]
+        totals = {
+            "series": len(recs),
+            "complete": sum(1 for r in recs if r.get("status") == "complete"),
+            "failed": sum(1 for r in recs if r.get("status") != "complete"),
+            "files": sum(len(r.get("files", [])) for r in recs if r.get("status") == "complete"),
+            "bytes": sum(int(r.get("bytes") or 0) for r in recs if r.get("status") == "complete"),
+        }
+        doc = {"schema": SCHEMA, **header, "totals": totals, "series": recs}
+        atomic_write(self.manifest_path, json.dumps(doc, indent=1, ensure_ascii=False).encode("utf-8"))
+        self._write_metadata_csv(recs)
+        return totals
+
+    def _write_metadata_csv(self, recs: list[dict[str, Any]]) -> None:
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(METADATA_COLUMNS)
+        for r in recs:
+            if r.get("status") != "complete":
+                continue
+            row, study = r.get("metadata") or {}, r.get("study") or {}
+            sop_class = r.get("sop_class_uid", "")
+            writer.writerow([
+                r["SeriesInstanceUID"], r.get("Collection", ""), row.get("ThirdPartyAnalysis", ""),
+                row.get("DataDescriptionURI", ""), r.get("PatientID", ""), r.get("StudyInstanceUID", ""),
+                study.get("StudyDescription") or row.get("StudyDesc", ""), study.get("StudyDate") or row.get("StudyDate", ""),
+                row.get("SeriesDescription", ""), row.get("Manufacturer", ""), r.get("Modality", ""),
+                _sop_class_name(sop_class), sop_class, len(r.get("files", [])), r.get("bytes", 0),
+                "./" + r.get("path", ""), r.get("completed", ""),
+            ])
+        atomic_write(self.out_dir / "metadata.csv", buf.getvalue().encode("utf-8"))
+
+
+def _sop_class_name(uid: str) -> str:
+    if not uid:
+        return ""
+    try:
+        from pydicom.uid import UID
+        return str(UID(uid).name)
+    except Exception:  # noqa: BLE001 - a name is a nicety, never a failure
+        return uid
