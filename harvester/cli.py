@@ -333,11 +333,21 @@ def cmd_verify(args: argparse.Namespace, env: dict[str, str]) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, env: dict[str, str]) -> int:
-    from harvester.demo import run_demo
+    from harvester.demo import demo_server
 
-    return run_demo(args.dir, synthetic=args.synthetic, faults=args.faults or None,
-                    cache_dir=args.cache_dir or Path(env.get("HARVESTER_CACHE", Path.home() / ".cache" / "harvester")),
-                    progress=not args.no_progress)
+    cache = args.cache_dir or Path(env.get("HARVESTER_CACHE") or Path.home() / ".cache" / "harvester")
+    print(f"demo: building a synthetic archive ({args.synthetic}) in {cache} ...", file=sys.stderr, flush=True)
+    with demo_server(args.synthetic, args.faults or None, cache) as (base_url, query):
+        print(f"demo: serving it at {base_url} (loopback only) with faults: {args.faults or 'none'}",
+              file=sys.stderr, flush=True)
+        # Short backoffs: the demo server is local, and its faults are there to show the retries.
+        config = Config(api_url=base_url, out_dir=args.dir, workers=4, connections=8, backoff_base=0.1,
+                        backoff_max=2.0, retries=6, series_retries=5, read_timeout=10.0,
+                        progress=not args.no_progress)
+        code = _run_harvest(query, config)
+    print(f"demo: look at {args.dir}/ (DICOM tree), {args.dir}/harvest.json and {args.dir}/metadata.csv; "
+          f"'harvester verify {args.dir}' re-checks every file; rerunning 'make demo' resumes (nothing to fetch).")
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

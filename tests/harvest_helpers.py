@@ -1,0 +1,76 @@
+"""Shared helpers for the integration tests that harvest from our loopback server."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from harvester.api import aharvest
+from harvester.config import Config
+from harvester.engine import HarvestResult
+from harvester.query import query_from_dict
+
+# Short backoffs and timeouts: the server is on loopback and its faults are injected on purpose.
+FAST = dict(workers=4, connections=8, retries=6, series_retries=5, backoff_base=0.01, backoff_max=0.05,
+            read_timeout=2.0, connect_timeout=5.0, progress=False, quiet=True)
+
+
+def test_config(base_url: str, out: Path, **overrides: Any) -> Config:
+    return Config(api_url=base_url, out_dir=out, **{**FAST, **overrides})
+
+
+test_config.__test__ = False  # type: ignore[attr-defined]  # not a test, despite the name
+
+
+def harvest(base_url: str, out: Path, query: dict[str, Any], **overrides: Any) -> HarvestResult:
+    config = test_config(base_url, out, **overrides)
+    return anyio.run(aharvest, query_from_dict(query, origin="test"), config)
+
+
+def normal_collections(archive: Any) -> list[str]:
+    return sorted({r.row["Collection"] for r in archive.records() if getattr(r, "hostile_kind", None) is None})
+
+
+def normal_series(archive: Any) -> list[str]:
+    return sorted(r.uid for r in archive.records() if getattr(r, "hostile_kind", None) is None)
+
+
+def select_all(archive: Any) -> dict[str, Any]:
+    return {"select": [{"collection": c} for c in normal_collections(archive)]}
+
+
+def manifest(out: Path) -> dict[str, Any]:
+    return json.loads((out / "harvest.json").read_text("utf-8"))
+
+
+def assert_identical(out: Path, archive: Any, uids: list[str]) -> None:
+    """Every series in ``uids`` is complete in harvest.json and its files are the archive's bytes;
+    nothing under DIR is unlisted, and no temp file is left."""
+    doc = manifest(out)
+    recs = {r["SeriesInstanceUID"]: r for r in doc["series"]}
+    listed: set[Path] = set()
+    for uid in uids:
+        rec = recs[uid]
+        assert rec["status"] == "complete", (uid, rec.get("error"))
+        by_sop = {f["SOPInstanceUID"]: f for f in rec["files"]}
+        series = archive.get(uid)
+        assert len(by_sop) == len(series.instances) == len(rec["files"])
+        for inst in series.instances:
+            f = by_sop[inst.sop_uid]
+            path = out / f["path"]
+            assert path.read_bytes() == inst.path.read_bytes(), f["path"]
+            assert f["md5"] == inst.md5
+            listed.add(path.resolve())
+    for rec in doc["series"]:
+        if rec["status"] == "complete":
+            listed.update((out / f["path"]).resolve() for f in rec["files"])
+    skip = {"harvest.json", "metadata.csv"}
+    for path in out.rglob("*"):
+        rel = path.relative_to(out)
+        if path.is_dir() or rel.parts[0] in (".harvester", "licenses") or str(rel) in skip:
+            continue
+        assert path.resolve() in listed, f"unlisted file in the tree: {rel}"
+    tmp = out / ".harvester" / "tmp"
+    assert not tmp.exists() or not any(tmp.iterdir()), list(tmp.iterdir())

@@ -1,0 +1,197 @@
+"""The command line as a user meets it: subprocesses, exit codes, one-line errors, kill -9."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harvest_helpers import assert_identical, manifest, normal_collections, normal_series, select_all
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
+FAST_FLAGS = ["--timeout", "2", "--retries", "6", "--no-progress"]
+
+
+def cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "harvester", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env or ENV, stdin=subprocess.DEVNULL)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int = 2) -> str:
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("harvester: error:")
+    return lines[0]
+
+
+def write_query(tmp_path: Path, archive) -> Path:
+    path = tmp_path / "q.yaml"
+    path.write_text(yaml.safe_dump(select_all(archive)))
+    return path
+
+
+def test_help_explains_commands_and_exit_codes():
+    proc = cli("--help")
+    assert proc.returncode == 0
+    for word in ("run", "plan", "query", "verify", "serve", "demo", "exit codes"):
+        assert word in proc.stdout
+    proc = cli("run", "--help")
+    assert proc.returncode == 0 and "--workers" in proc.stdout and "--layout" in proc.stdout
+
+
+def test_no_command_is_usage_error():
+    assert cli().returncode == 2
+
+
+@pytest.mark.parametrize("content,suffix,needle", [
+    ("select: [", ".yaml", "not valid YAML"),
+    ("select:\n  - collection: X\n    colour: red\n", ".yaml", "colour"),
+    ("nothing=here\n", ".tcia", "ListOfSeriesToDownload"),
+    ("a,b\n1,2\n", ".csv", "no series UID column"),
+    ("{}", ".json", "select"),
+])
+def test_malformed_inputs_exit_2_with_one_line(tmp_path, content, suffix, needle):
+    path = tmp_path / f"bad{suffix}"
+    path.write_text(content)
+    line = assert_one_line_error(cli("plan", str(path), "--api-url", "http://127.0.0.1:9/nbia-api/services/v4"))
+    assert needle in line and str(path) in line
+
+
+def test_missing_query_file(tmp_path):
+    line = assert_one_line_error(cli("run", str(tmp_path / "nope.yaml"), "-o", str(tmp_path / "o")))
+    assert "no such file" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_flags_are_usage_errors(tmp_path):
+    assert_one_line_error(cli("run", "q.yaml", "-o", str(tmp_path), "--workers", "0"))
+    assert_one_line_error(cli("run", "q.yaml", "-o", str(tmp_path), "--layout", "{Nope}/x"))
+
+
+def test_plan_json_and_table(server, small_archive, tmp_path):
+    q = write_query(tmp_path, small_archive)
+    proc = cli("plan", str(q), "--api-url", server.base_url, "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["series"] == len(normal_series(small_archive))
+    assert set(data["collections"]) == set(normal_collections(small_archive))
+    proc = cli("plan", str(q), "--api-url", server.base_url)
+    assert proc.returncode == 0 and "total" in proc.stdout
+
+
+def test_api_url_from_environment(server, small_archive, tmp_path):
+    q = write_query(tmp_path, small_archive)
+    proc = cli("plan", str(q), "--json", env={**ENV, "HARVESTER_API_URL": server.base_url})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["series"] == len(normal_series(small_archive))
+
+
+def test_query_command(server, small_archive):
+    proc = cli("query", "getCollectionValues", "--api-url", server.base_url, "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    names = {r["Collection"] for r in json.loads(proc.stdout)}
+    assert set(normal_collections(small_archive)) <= names
+    name = normal_collections(small_archive)[0]
+    proc = cli("query", "getSeries", f"Collection={name}", "--api-url", server.base_url, "--format", "csv")
+    assert proc.returncode == 0 and proc.stdout.startswith("SeriesInstanceUID") or "SeriesInstanceUID" in proc.stdout
+    line = assert_one_line_error(cli("query", "getSeries", "collection=x", "--api-url", server.base_url))
+    assert "collection" in line
+
+
+def test_unknown_collection_exit_2(server, small_archive, tmp_path):
+    q = tmp_path / "q.yaml"
+    q.write_text("select:\n  - collection: NO-SUCH-THING\n")
+    line = assert_one_line_error(cli("run", str(q), "-o", str(tmp_path / "o"), "--api-url", server.base_url))
+    assert "NO-SUCH-THING" in line
+
+
+def test_run_then_verify(server, small_archive, tmp_path):
+    q = write_query(tmp_path, small_archive)
+    out = tmp_path / "out"
+    proc = cli("run", str(q), "-o", str(out), "--api-url", server.base_url, *FAST_FLAGS)
+    assert proc.returncode == 0, proc.stderr
+    assert "0 failed" in proc.stdout and "harvest.json" in proc.stdout
+    assert_identical(out, small_archive, normal_series(small_archive))
+    proc = cli("verify", str(out))
+    assert proc.returncode == 0 and "all match" in proc.stdout
+    f = out / manifest(out)["series"][0]["files"][0]["path"]
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 1
+    f.write_bytes(bytes(data))
+    proc = cli("verify", str(out))
+    assert proc.returncode == 1 and "damaged" in proc.stdout
+
+
+def test_failed_series_exit_1_with_reasons(server, small_archive, tmp_path):
+    hostile = [r for r in small_archive.records() if getattr(r, "hostile_kind", None)]
+    q = tmp_path / "q.yaml"
+    q.write_text(yaml.safe_dump({"select": [{"collection": hostile[0].row["Collection"]}]}))
+    proc = cli("run", str(q), "-o", str(tmp_path / "o"), "--api-url", server.base_url, "--series-retries", "0",
+               *FAST_FLAGS)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    failed_lines = [line for line in proc.stdout.splitlines() if line.strip().startswith("failed:")]
+    assert len(failed_lines) == len(hostile)
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_then_resume(server, small_archive, tmp_path):
+    """kill -9 several times during a harvest; each rerun resumes; no completed series is fetched twice."""
+    server.set_faults("latency=20ms,rate=2MB,seed=9")  # slow enough that kills land mid-harvest
+    q = write_query(tmp_path, small_archive)
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "harvester", "run", str(q), "-o", str(out), "--api-url", server.base_url,
+            "--workers", "3", *FAST_FLAGS, "--quiet"]
+    rng = random.Random(1234)
+    kills = 0
+    for _ in range(6):
+        complete_before = _complete_on_disk(out)
+        downloads_before = server.stats.downloads
+        proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + rng.uniform(0.3, 2.0)
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        downloads_after = server.stats.downloads
+        for uid in complete_before:
+            assert downloads_after.get(uid, 0) == downloads_before.get(uid, 0), f"{uid} downloaded again"
+    assert kills >= 3
+    server.set_faults(None)
+    complete_before = _complete_on_disk(out)
+    downloads_before = server.stats.downloads
+    final = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr
+    for uid in complete_before:
+        assert server.stats.downloads.get(uid, 0) == downloads_before.get(uid, 0)
+    assert_identical(out, small_archive, normal_series(small_archive))
+
+
+def _complete_on_disk(out: Path) -> set[str]:
+    """Series the journal vouches for and whose files are all present (what a rerun must skip)."""
+    journal = out / ".harvester" / "journal.jsonl"
+    if not journal.exists():
+        return set()
+    done: set[str] = set()
+    for line in journal.read_text().splitlines():
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        if ev.get("event") == "commit":
+            rec = ev["series"]
+            if all((out / f["path"]).exists() for f in rec["files"]):
+                done.add(rec["SeriesInstanceUID"])
+    return done

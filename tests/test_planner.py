@@ -1,0 +1,120 @@
+"""The planner against our loopback server: every selector and input format, faults while planning."""
+from __future__ import annotations
+
+import datetime as dt
+
+import anyio
+import pytest
+
+from harvest_helpers import normal_collections, test_config
+from harvester.api import aplan
+from harvester.errors import UnknownSelectionError
+from harvester.query import load_query, query_from_dict
+
+
+def plan(server, tmp_path, data, **overrides):
+    return anyio.run(aplan, query_from_dict(data, origin="test", base_dir=tmp_path),
+                     test_config(server.base_url, tmp_path / "out", **overrides))
+
+
+def rows(archive, **match):
+    return sorted(r.uid for r in archive.records()
+                  if all(str(r.row.get(k)) == v for k, v in match.items()))
+
+
+def test_collection_selects_all_its_series(server, small_archive, tmp_path):
+    name = normal_collections(small_archive)[0]
+    p = plan(server, tmp_path, {"select": [{"collection": name}]})
+    assert sorted(t.series_uid for t in p.tasks) == rows(small_archive, Collection=name)
+    totals = p.to_json()
+    want = [small_archive.get(u) for u in rows(small_archive, Collection=name)]
+    assert totals["images"] == sum(len(r.instances) for r in want)
+    assert totals["bytes"] == sum(sum(i.size for i in r.instances) for r in want)
+    assert totals["collections"][name]["series"] == len(want)
+    task = p.tasks[0]
+    assert task.study is not None and task.patient is not None  # enriched for layouts and the manifest
+
+
+def test_filters_narrow_the_selection(server, small_archive, tmp_path):
+    name = normal_collections(small_archive)[0]
+    recs = [r for r in small_archive.records() if r.row["Collection"] == name]
+    modality = recs[0].row["Modality"]
+    p = plan(server, tmp_path, {"select": [{"collection": name, "modality": modality}]})
+    assert sorted(t.series_uid for t in p.tasks) == rows(small_archive, Collection=name, Modality=modality)
+    patient = recs[0].row["PatientID"]
+    p = plan(server, tmp_path, {"select": [{"collection": name, "patients": [patient]}]})
+    assert sorted(t.series_uid for t in p.tasks) == rows(small_archive, Collection=name, PatientID=patient)
+    study = recs[0].row["StudyInstanceUID"]
+    p = plan(server, tmp_path, {"select": [{"collection": name, "studies": [study]}]})
+    assert sorted(t.series_uid for t in p.tasks) == rows(small_archive, StudyInstanceUID=study)
+    body = recs[0].row.get("BodyPartExamined")
+    if body:
+        p = plan(server, tmp_path, {"select": [{"collection": name, "body_part": body}]})
+        assert sorted(t.series_uid for t in p.tasks) == rows(small_archive, Collection=name, BodyPartExamined=body)
+
+
+def test_released_after(server, small_archive, tmp_path):
+    name = normal_collections(small_archive)[0]
+    recs = [r for r in small_archive.records() if r.row["Collection"] == name]
+    dates = sorted(str(r.row["DateReleased"])[:10] for r in recs)
+    cut = dates[len(dates) // 2]
+    p = plan(server, tmp_path, {"select": [{"collection": name, "released_after": cut}]})
+    want = sorted(r.uid for r in recs if dt.date.fromisoformat(str(r.row["DateReleased"])[:10])
+                  > dt.date.fromisoformat(cut))
+    assert sorted(t.series_uid for t in p.tasks) == want
+
+
+def test_union_exclude_limit_and_dedup(server, small_archive, tmp_path):
+    names = normal_collections(small_archive)
+    uid = rows(small_archive, Collection=names[0])[0]
+    data = {"select": [{"collection": names[0]}, {"collection": names[1]}, {"series": [uid]}]}
+    p = plan(server, tmp_path, data)
+    want = rows(small_archive, Collection=names[0]) + rows(small_archive, Collection=names[1])
+    assert sorted(t.series_uid for t in p.tasks) == sorted(want)
+    modality = small_archive.get(uid).row["Modality"]
+    p = plan(server, tmp_path, {**data, "exclude": {"modality": [modality]}})
+    assert all(t.modality != modality for t in p.tasks)
+    p = plan(server, tmp_path, {**data, "limit": 3})
+    assert len(p.tasks) == 3
+
+
+def test_cart_and_csv_inputs(server, small_archive, tmp_path):
+    uids = rows(small_archive, Collection=normal_collections(small_archive)[0])[:3]
+    cart = tmp_path / "cart.tcia"
+    cart.write_text("downloadServerUrl=https://example.invalid/x\nincludeAnnotation=true\nnoOfrRetry=4\n"
+                    "databasketId=manifest-1.tcia\nmanifestVersion=3.0\nListOfSeriesToDownload=\n"
+                    + "\n".join(uids) + "\n")
+    p = anyio.run(aplan, load_query(cart), test_config(server.base_url, tmp_path / "o"))
+    assert sorted(t.series_uid for t in p.tasks) == sorted(uids)
+    csv_file = tmp_path / "list.csv"
+    csv_file.write_text("Series UID,Collection\n" + "".join(f"{u},x\n" for u in uids))
+    p = anyio.run(aplan, load_query(csv_file), test_config(server.base_url, tmp_path / "o"))
+    assert sorted(t.series_uid for t in p.tasks) == sorted(uids)
+    p = plan(server, tmp_path, {"select": [{"tcia": "cart.tcia"}, {"csv": "list.csv"}]})
+    assert sorted(t.series_uid for t in p.tasks) == sorted(uids)
+
+
+def test_unknown_collection_suggests_close_matches(server, small_archive, tmp_path):
+    name = normal_collections(small_archive)[0]
+    with pytest.raises(UnknownSelectionError) as err:
+        plan(server, tmp_path, {"select": [{"collection": name.lower() + "x"}]})
+    assert name in str(err.value) and "did you mean" in str(err.value)
+
+
+def test_unknown_series_is_a_clear_error(server, small_archive, tmp_path):
+    with pytest.raises(UnknownSelectionError) as err:
+        plan(server, tmp_path, {"select": [{"series": ["1.2.3.4.5.6.7.8.9"]}]})
+    assert "1.2.3.4.5.6.7.8.9" in str(err.value)
+
+
+@pytest.mark.parametrize("faults", ["error=0.4,seed=1", "throttle=0.4,retry_after=0,seed=2", "reset=0.4,seed=3",
+                                    "error=0.2,reset=0.2,throttle=0.2,retry_after=0,latency=5ms,seed=4"])
+def test_plan_is_exact_despite_faults(server, small_archive, tmp_path, faults):
+    data = {"select": [{"collection": c} for c in normal_collections(small_archive)]}
+    clean = plan(server, tmp_path, data)
+    server.set_faults(faults)
+    faulty = plan(server, tmp_path, data, retries=10)
+    assert sum(server.stats.faults.values()) > 0
+    assert [t.series_uid for t in faulty.tasks] == [t.series_uid for t in clean.tasks]
+    assert faulty.to_json() == clean.to_json()
+    assert faulty.retries > 0
