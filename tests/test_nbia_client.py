@@ -1,0 +1,158 @@
+"""The NBIA client over real HTTP: parameters, parsing, retries, auth, and secrets staying secret."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+import yaml
+
+from harvest_helpers import harvest, normal_collections, normal_series, select_all, test_config
+from harvester.config import AuthConfig
+from harvester.errors import AuthError, PermanentRequestError
+from harvester.server.app import TOKENS_KEY
+from harvester.server.auth import ServerAuth
+from harvester.server.testing import serve_in_thread
+from harvester.source.nbia import NBIAClient, as_int, make_session, parse_retry_after, redact_url
+
+PASSWORD = "correct-horse-battery-staple-42"
+
+
+async def _with_client(config, fn):
+    async with make_session(config) as session:
+        return await fn(NBIAClient(config, session))
+
+
+def run_client(server_url, tmp_path, fn, **overrides):
+    config = test_config(server_url, tmp_path / "o", **overrides)
+    return anyio.run(_with_client, config, fn)
+
+
+def test_parsers():
+    assert as_int("1234.0") == 1234 and as_int(7) == 7 and as_int("x") is None and as_int(None) is None
+    assert as_int(-1) is None and as_int(True) is None
+    assert parse_retry_after("3") == 3.0 and parse_retry_after("soon") is None and parse_retry_after(None) is None
+    assert redact_url("https://u:pw@h.org/x?password=p&a=1") == "https://h.org/x?password=***&a=1"
+
+
+def test_unknown_parameter_is_refused_before_sending(server, tmp_path):
+    async def go(client):
+        with pytest.raises(PermanentRequestError) as err:
+            await client.query("getSeries", {"collection": "X"})
+        assert "collection" in str(err.value)
+        return client.requests
+
+    assert run_client(server.base_url, tmp_path, go) == 0
+    assert sum(server.stats.requests.values()) == 0
+
+
+def test_queries_and_series_size(server, small_archive, tmp_path):
+    name = normal_collections(small_archive)[0]
+
+    async def go(client):
+        cols = await client.collections()
+        rows = await client.query("getSeries", {"Collection": name})
+        uid = rows[0]["SeriesInstanceUID"]
+        return cols, rows, await client.series_size(uid), uid
+
+    cols, rows, (count, size), uid = run_client(server.base_url, tmp_path, go)
+    assert name in cols
+    rec = small_archive.get(uid)
+    assert count == len(rec.instances) and size == sum(i.size for i in rec.instances)
+    assert {r["SeriesInstanceUID"] for r in rows} == {r.uid for r in small_archive.records()
+                                                     if r.row["Collection"] == name}
+
+
+def test_server_400_text_is_reported(server, tmp_path):
+    async def go(client):
+        with pytest.raises(PermanentRequestError) as err:
+            await client.query("getUpdatedSeries", {"fromDate": "2020-01-01"})  # v4 wants MM-DD-YYYY
+        return err.value
+
+    err = run_client(server.base_url, tmp_path, go)
+    assert err.status == 400 and "HTTP 400" in str(err)
+
+
+def _auth_config(base_url: str, password: str) -> AuthConfig:
+    root = base_url.split("/nbia-api/")[0]
+    return AuthConfig(token_url=f"{root}/nbia-api/oauth/token", username="alice", password=password)
+
+
+def test_bearer_auth_refreshes_after_expiry(small_archive, tmp_path):
+    now = [1000.0]
+    auth = ServerAuth(users={"alice": PASSWORD}, expires_in=3600, clock=lambda: now[0])
+    with serve_in_thread(small_archive, auth=auth) as srv:
+        async def go(client):
+            first = await client.collections()
+            now[0] += 7200  # the server now considers the token expired: one 401, refresh, retry
+            second = await client.collections()
+            return first, second
+
+        first, second = run_client(srv.base_url, tmp_path, go, auth=_auth_config(srv.base_url, PASSWORD))
+        assert first == second and first
+
+
+def test_wrong_password_is_fatal_auth_error(small_archive, tmp_path):
+    auth = ServerAuth(users={"alice": PASSWORD})
+    with serve_in_thread(small_archive, auth=auth) as srv:
+        async def go(client):
+            with pytest.raises(AuthError) as err:
+                await client.collections()
+            return err.value
+
+        err = run_client(srv.base_url, tmp_path, go, auth=_auth_config(srv.base_url, "wrong"))
+        assert "wrong" not in str(err) and PASSWORD not in str(err)
+
+
+def test_no_credentials_against_protected_server_is_auth_error(small_archive, tmp_path):
+    with serve_in_thread(small_archive, auth=ServerAuth(users={"alice": PASSWORD})) as srv:
+        async def go(client):
+            with pytest.raises(AuthError):
+                await client.collections()
+
+        run_client(srv.base_url, tmp_path, go)
+
+
+def test_secrets_never_written_or_printed(small_archive, tmp_path):
+    """An authenticated harvest through the CLI: neither the password nor any token issued
+    appears in stdout, stderr, or any file written under the output directory."""
+    with serve_in_thread(small_archive, auth=ServerAuth(users={"alice": PASSWORD}),
+                         faults="error=0.2,seed=3") as srv:
+        q = tmp_path / "q.yaml"
+        q.write_text(yaml.safe_dump(select_all(small_archive)))
+        out = tmp_path / "out"
+        env = {**os.environ, "NBIA_PW": PASSWORD}
+        proc = subprocess.run(
+            [sys.executable, "-m", "harvester", "run", str(q), "-o", str(out), "--api-url", srv.base_url,
+             "--user", "alice", "--password-env", "NBIA_PW", "--timeout", "2", "--no-progress"],
+            capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        issuer = srv.app[TOKENS_KEY]
+        tokens = list(issuer._access) + list(issuer._refresh)
+        assert tokens, "the server issued no token: the test would prove nothing"
+        secrets = [PASSWORD, *tokens]
+        texts = [proc.stdout, proc.stderr]
+        texts += [p.read_bytes().decode("utf-8", "replace") for p in out.rglob("*") if p.is_file()]
+        for text in texts:
+            for secret in secrets:
+                assert secret not in text
+        # the wrong password: the error names the problem, not the secret
+        env["NBIA_PW"] = "not-the-" + PASSWORD
+        proc = subprocess.run(
+            [sys.executable, "-m", "harvester", "run", str(q), "-o", str(tmp_path / "o2"), "--api-url", srv.base_url,
+             "--user", "alice", "--password-env", "NBIA_PW", "--no-progress"],
+            capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 3, (proc.returncode, proc.stderr)
+        assert PASSWORD not in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
+    assert len(normal_series(small_archive)) > 0
+
+
+def test_harvest_with_auth_completes(small_archive, tmp_path):
+    with serve_in_thread(small_archive, auth=ServerAuth(users={"alice": PASSWORD})) as srv:
+        result = harvest(srv.base_url, tmp_path / "out", select_all(small_archive),
+                         auth=_auth_config(srv.base_url, PASSWORD))
+        assert result.ok, result.failed
+    assert Path(tmp_path / "out" / "harvest.json").exists()
