@@ -1,0 +1,467 @@
+"""The archive model served by ``harvester serve``: series, their instances, and fast queries.
+
+Both backends produce an :class:`Archive`: :func:`load_harvest_dir` re-publishes a harvested
+output directory (``harvest.json``), and :mod:`harvester.server.synthetic` generates one.
+The HTTP layer (:mod:`harvester.server.app`) only ever asks an ``Archive``; it never walks
+the file system, so it cannot serve a path the backend did not vouch for.
+
+Invariants held by every ``Archive``:
+
+* ``series`` keys are unique SeriesInstanceUIDs, in a deterministic insertion order;
+* every ``InstanceRecord.path`` is absolute and was checked by its backend to be a regular
+  file inside the backend's root (no ``..``, no absolute path from metadata, no symlink escape);
+* ``row["ImageCount"] == len(instances)`` and ``row["FileSize"] == sum(sizes)``, so what the
+  query endpoints announce is exactly what the download endpoints send.
+"""
+from __future__ import annotations
+
+import bisect
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import zlib
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
+
+from harvester.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+HARVEST_SCHEMA = "harvester/1"
+
+#: getSeries columns, in the order the page lists them (also the CSV column order).
+SERIES_FIELDS: tuple[str, ...] = (
+    "SeriesInstanceUID", "StudyInstanceUID", "Modality", "ProtocolName", "SeriesDate",
+    "SeriesDescription", "BodyPartExamined", "SeriesNumber", "AnnotationsFlag", "Collection",
+    "Site", "PatientID", "PatientSex", "PatientAge", "Manufacturer", "ManufacturerModelName",
+    "SoftwareVersions", "ImageCount", "MaxSubmissionTimestamp", "LicenseName", "LicenseURI",
+    "DataDescriptionURI", "FileSize", "ReleasedStatus", "DateReleased", "StudyDesc", "StudyDate",
+    "ThirdPartyAnalysis",
+)
+#: getPatient columns (note the lower-case ``d`` in ``PatientId``).
+PATIENT_FIELDS: tuple[str, ...] = (
+    "PatientId", "PatientName", "PatientSex", "EthnicGroup", "Collection", "Phantom",
+    "SpeciesCode", "SpeciesDescription",
+)
+#: getPatientStudy columns.
+STUDY_FIELDS: tuple[str, ...] = (
+    "StudyInstanceUID", "StudyDate", "StudyDescription", "AdmittingDiagnosesDescription",
+    "StudyID", "PatientAge", "PatientID", "PatientName", "PatientSex", "EthnicGroup",
+    "Collection", "SeriesCount", "LongitudinalTemporalEventType",
+    "LongitudinalTemporalOffsetFromEvent", "Phantom", "SpeciesCode", "SpeciesDescription",
+)
+
+#: getSeries filter parameters -> whether matching ignores case. NBIA runs on MySQL with a
+#: case-insensitive collation, so names match regardless of case; UIDs and IDs match exactly.
+SERIES_FILTERS: dict[str, bool] = {
+    "Collection": True,
+    "PatientID": False,
+    "StudyInstanceUID": False,
+    "SeriesInstanceUID": False,
+    "Modality": True,
+    "BodyPartExamined": True,
+    "Manufacturer": True,
+    "ManufacturerModelName": True,
+}
+
+DEFAULT_LICENSE_NAME = "Creative Commons Attribution 4.0 International License"
+DEFAULT_LICENSE_URI = "https://creativecommons.org/licenses/by/4.0/"
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """One DICOM file the archive serves.
+
+    ``crc32`` may be ``None`` when the backend did not compute it (a harvested directory
+    only records MD5s); :meth:`Archive.crc32_of` computes and caches it on first use.
+    """
+
+    sop_uid: str
+    path: Path
+    size: int
+    md5: str
+    crc32: int | None
+    instance_number: int
+
+
+@dataclass
+class SeriesRecord:
+    """One series: its getSeries row, its patient and study rows, and its files.
+
+    ``hostile_kind`` names the attack a synthetic HOSTILE series carries (``None`` for honest
+    series); ``prebuilt_zip`` is then the exact ZIP its download endpoints send verbatim.
+    """
+
+    row: dict[str, Any]
+    patient: dict[str, Any]
+    study: dict[str, Any]
+    instances: list[InstanceRecord]
+    license_text: str
+    hostile_kind: str | None = None
+    prebuilt_zip: Path | None = None
+
+    @property
+    def uid(self) -> str:
+        return str(self.row["SeriesInstanceUID"])
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(inst.size for inst in self.instances)
+
+
+def compact_row(values: Mapping[str, Any], fields: Iterable[str]) -> dict[str, Any]:
+    """Keep ``fields`` in their canonical order and drop null or empty values, as NBIA does."""
+    return {k: values[k] for k in fields if values.get(k) not in (None, "")}
+
+
+def license_text_for(row: Mapping[str, Any]) -> str:
+    """The LICENSE entry sent first in every ZIP, derived from the series' license columns."""
+    name = row.get("LicenseName") or DEFAULT_LICENSE_NAME
+    uri = row.get("LicenseURI") or DEFAULT_LICENSE_URI
+    return f"{name}\n{uri}\n"
+
+
+def parse_release_date(value: Any) -> dt.date | None:
+    """``DateReleased`` as a date (first 10 characters ``YYYY-MM-DD``), or None if absent/unparsable."""
+    if not isinstance(value, str) or len(value) < 10:
+        return None
+    try:
+        return dt.date.fromisoformat(value[:10])
+    except ValueError:
+        return None
+
+
+class Archive:
+    """An immutable set of series with the query helpers the NBIA endpoints need.
+
+    Lookups go through indexes built once in ``__init__`` (value -> sorted series positions),
+    so filtering a 20,000-series archive costs a dictionary lookup and a set intersection.
+
+    Raises ``ValueError`` when two records share a SeriesInstanceUID.
+    """
+
+    def __init__(self, records: Iterable[SeriesRecord]) -> None:
+        self.series: dict[str, SeriesRecord] = {}
+        for rec in records:
+            if rec.uid in self.series:
+                raise ValueError(f"duplicate SeriesInstanceUID {rec.uid}")
+            self.series[rec.uid] = rec
+        self._records: list[SeriesRecord] = list(self.series.values())
+        # Invariant: every posting list is ascending, so results keep insertion order.
+        self._index: dict[str, dict[str, list[int]]] = {f: {} for f in SERIES_FILTERS}
+        self._sop: dict[str, tuple[SeriesRecord, InstanceRecord]] = {}
+        self._study_series = Counter[tuple[str, str]]()
+        released: list[tuple[dt.date, int]] = []
+        for pos, rec in enumerate(self._records):
+            for name, fold in SERIES_FILTERS.items():
+                value = rec.row.get(name)
+                if value is None:
+                    continue
+                key = str(value).casefold() if fold else str(value)
+                self._index[name].setdefault(key, []).append(pos)
+            for inst in rec.instances:
+                self._sop.setdefault(inst.sop_uid, (rec, inst))
+            self._study_series[(str(rec.row.get("Collection", "")), str(rec.row.get("StudyInstanceUID", "")))] += 1
+            day = parse_release_date(rec.row.get("DateReleased"))
+            if day is not None:
+                released.append((day, pos))
+        released.sort()
+        self._released_days = [day for day, _ in released]
+        self._released_pos = [pos for _, pos in released]
+        self._row_json: dict[str, str] = {}
+        self._crc_cache: dict[Path, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def get(self, series_uid: str) -> SeriesRecord | None:
+        return self.series.get(series_uid)
+
+    def records(self) -> list[SeriesRecord]:
+        """All series, in insertion order."""
+        return list(self._records)
+
+    def select(self, filters: Mapping[str, str]) -> list[SeriesRecord]:
+        """Series matching every given getSeries filter (empty values are ignored).
+
+        Raises ``KeyError`` for a filter name that is not a getSeries parameter.
+        """
+        postings: list[list[int]] = []
+        for name, value in filters.items():
+            fold = SERIES_FILTERS[name]
+            if value in (None, ""):
+                continue
+            key = value.casefold() if fold else value
+            hits = self._index[name].get(key)
+            if not hits:
+                return []
+            postings.append(hits)
+        if not postings:
+            return list(self._records)
+        postings.sort(key=len)
+        if len(postings) == 1:
+            return [self._records[p] for p in postings[0]]
+        common = set(postings[0]).intersection(*postings[1:])
+        return [self._records[p] for p in sorted(common)]
+
+    def released_after(self, day: dt.date, within: list[SeriesRecord] | None = None) -> list[SeriesRecord]:
+        """Series whose DateReleased is strictly after ``day`` (optionally among ``within``)."""
+        start = bisect.bisect_right(self._released_days, day)
+        positions = sorted(self._released_pos[start:])
+        hits = [self._records[p] for p in positions]
+        if within is None:
+            return hits
+        wanted = {rec.uid for rec in within}
+        return [rec for rec in hits if rec.uid in wanted]
+
+    @staticmethod
+    def distinct(field_name: str, records: Iterable[SeriesRecord]) -> list[str]:
+        """Distinct non-empty values of a getSeries column, sorted case-insensitively."""
+        values = {str(rec.row[field_name]) for rec in records if rec.row.get(field_name) not in (None, "")}
+        return sorted(values, key=lambda v: (v.casefold(), v))
+
+    def collections(self) -> list[str]:
+        return self.distinct("Collection", self._records)
+
+    @staticmethod
+    def patients_of(records: Iterable[SeriesRecord]) -> list[dict[str, Any]]:
+        """getPatient rows for the patients of ``records``, one per (Collection, PatientID)."""
+        seen: dict[tuple[str, str], dict[str, Any]] = {}
+        for rec in records:
+            key = (str(rec.row.get("Collection", "")), str(rec.row.get("PatientID", "")))
+            if key not in seen:
+                seen[key] = rec.patient
+        return list(seen.values())
+
+    def studies_of(self, records: Iterable[SeriesRecord]) -> list[dict[str, Any]]:
+        """getPatientStudy rows for the studies of ``records``; SeriesCount counts the whole archive."""
+        seen: dict[tuple[str, str], dict[str, Any]] = {}
+        for rec in records:
+            key = (str(rec.row.get("Collection", "")), str(rec.row.get("StudyInstanceUID", "")))
+            if key not in seen:
+                row = {**rec.study, "SeriesCount": self._study_series[key]}
+                seen[key] = compact_row(row, STUDY_FIELDS)
+        return list(seen.values())
+
+    def find_instance(self, sop_uid: str) -> tuple[SeriesRecord, InstanceRecord] | None:
+        return self._sop.get(sop_uid)
+
+    def row_json(self, rec: SeriesRecord) -> str:
+        """The series' getSeries row as compact JSON, serialised once and cached."""
+        text = self._row_json.get(rec.uid)
+        if text is None:
+            text = json.dumps(rec.row, separators=(",", ":"), ensure_ascii=False)
+            self._row_json[rec.uid] = text
+        return text
+
+    def crc32_of(self, inst: InstanceRecord) -> int:
+        """The instance's CRC-32, read from disk on first use when the backend did not record it.
+
+        Blocking (reads the file): call it through ``asyncio.to_thread``. Raises ``OSError``.
+        """
+        if inst.crc32 is not None:
+            return inst.crc32
+        cached = self._crc_cache.get(inst.path)
+        if cached is None:
+            cached = file_crc32(inst.path)
+            self._crc_cache[inst.path] = cached  # a dict store is atomic under the GIL
+        return cached
+
+
+def file_crc32(path: Path, chunk_size: int = 1 << 20) -> int:
+    """CRC-32 of a whole file, read in chunks. Raises ``OSError``."""
+    crc = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_size):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def file_md5(path: Path, chunk_size: int = 1 << 20) -> str:
+    """Hex MD5 of a whole file, read in chunks. Raises ``OSError``."""
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Backend (a): re-publish a harvested output directory
+# --------------------------------------------------------------------------------------------
+
+def resolve_inside(root: Path, relative: str) -> Path | None:
+    """The absolute path of ``relative`` under ``root``, or None if it could escape ``root``.
+
+    Refuses absolute paths (POSIX or Windows), any ``..`` component, and anything whose
+    resolved location (following symlinks) is not inside ``root``. ``root`` must be resolved.
+    """
+    if not relative or "\x00" in relative:
+        return None
+    posix, windows = PurePosixPath(relative), PureWindowsPath(relative)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or windows.root:
+        return None
+    if ".." in posix.parts or ".." in windows.parts:
+        return None
+    candidate = (root / relative).resolve()
+    if candidate != root and not candidate.is_relative_to(root):
+        return None
+    return candidate
+
+
+def _derive_row(entry: Mapping[str, Any]) -> dict[str, Any]:
+    meta = entry.get("metadata")
+    row: dict[str, Any] = dict(meta) if isinstance(meta, Mapping) else {}
+    for key in ("SeriesInstanceUID", "Collection", "PatientID", "StudyInstanceUID", "Modality"):
+        if row.get(key) in (None, "") and entry.get(key) not in (None, ""):
+            row[key] = entry[key]
+    return row
+
+
+def _derive_patient(entry: Mapping[str, Any], row: Mapping[str, Any]) -> dict[str, Any]:
+    given = entry.get("patient")
+    patient: dict[str, Any] = dict(given) if isinstance(given, Mapping) else {}
+    patient.setdefault("PatientId", row.get("PatientID"))
+    patient.setdefault("Collection", row.get("Collection"))
+    for key in ("PatientName", "PatientSex"):
+        if patient.get(key) in (None, "") and row.get(key) not in (None, ""):
+            patient[key] = row[key]
+    return compact_row(patient, PATIENT_FIELDS)
+
+
+def _derive_study(entry: Mapping[str, Any], row: Mapping[str, Any]) -> dict[str, Any]:
+    given = entry.get("study")
+    study: dict[str, Any] = dict(given) if isinstance(given, Mapping) else {}
+    defaults = {
+        "StudyInstanceUID": row.get("StudyInstanceUID"),
+        "PatientID": row.get("PatientID"),
+        "Collection": row.get("Collection"),
+        "StudyDate": row.get("StudyDate"),
+        "StudyDescription": row.get("StudyDesc"),
+        "PatientSex": row.get("PatientSex"),
+        "PatientAge": row.get("PatientAge"),
+    }
+    for key, value in defaults.items():
+        if study.get(key) in (None, "") and value not in (None, ""):
+            study[key] = value
+    return compact_row(study, STUDY_FIELDS)
+
+
+def _harvest_license(root: Path, series_dir: Path | None, row: Mapping[str, Any]) -> str:
+    for candidate in ([series_dir / "LICENSE"] if series_dir else []) + [root / "LICENSE"]:
+        resolved = resolve_inside(root, os.path.relpath(candidate, root))
+        if resolved is not None and resolved.is_file():
+            try:
+                return resolved.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                continue
+    return license_text_for(row)
+
+
+def _harvest_series(root: Path, entry: Mapping[str, Any]) -> SeriesRecord | None:
+    """One complete series of harvest.json, or None (with a warning) if it cannot be served safely."""
+    uid = entry.get("SeriesInstanceUID") or (entry.get("metadata") or {}).get("SeriesInstanceUID")
+    if not isinstance(uid, str) or not uid:
+        log.warning("harvest.json: skipping a series entry without SeriesInstanceUID")
+        return None
+    series_dir: Path | None = None
+    if isinstance(entry.get("path"), str) and entry["path"]:
+        series_dir = resolve_inside(root, entry["path"])
+        if series_dir is None:
+            log.warning("series %s: path %r escapes the harvest directory; not served", uid, entry["path"])
+            return None
+    files = entry.get("files")
+    if not isinstance(files, list) or not files:
+        log.warning("series %s: no files listed; not served", uid)
+        return None
+    instances: list[InstanceRecord] = []
+    for number, item in enumerate(files, start=1):
+        rel = item.get("path") if isinstance(item, Mapping) else None
+        path = resolve_inside(root, rel) if isinstance(rel, str) else None
+        if path is None:
+            log.warning("series %s: file path %r escapes the harvest directory; series not served", uid, rel)
+            return None
+        try:
+            st = path.stat()
+        except OSError as err:
+            log.warning("series %s: %s: %s; series not served", uid, rel, err.strerror)
+            return None
+        if not path.is_file():
+            log.warning("series %s: %s is not a regular file; series not served", uid, rel)
+            return None
+        size = item.get("size")
+        if isinstance(size, int) and size != st.st_size:
+            log.warning("series %s: %s is %d bytes, harvest.json says %d; series not served",
+                        uid, rel, st.st_size, size)
+            return None
+        md5 = item.get("md5")
+        if not isinstance(md5, str) or len(md5) != 32:
+            md5 = file_md5(path)
+        sop = item.get("SOPInstanceUID")
+        instances.append(InstanceRecord(
+            sop_uid=str(sop) if sop else f"{uid}.{number}",
+            path=path, size=st.st_size, md5=md5.lower(), crc32=None, instance_number=number,
+        ))
+    row = _derive_row(entry)
+    row["SeriesInstanceUID"] = uid
+    row["ImageCount"] = len(instances)
+    row["FileSize"] = sum(inst.size for inst in instances)
+    row = compact_row(row, SERIES_FIELDS)
+    return SeriesRecord(
+        row=row,
+        patient=_derive_patient(entry, row),
+        study=_derive_study(entry, row),
+        instances=instances,
+        license_text=_harvest_license(root, series_dir, row),
+    )
+
+
+def load_harvest_dir(path: str | os.PathLike[str]) -> Archive:
+    """Re-publish a harvested output directory: serve every ``status == "complete"`` series.
+
+    Series whose paths would leave the directory (``..``, absolute paths, symlinks pointing
+    outside), whose files are missing, or whose sizes changed are skipped with a warning.
+
+    Raises :class:`harvester.errors.UsageError` when ``DIR/harvest.json`` is missing, is not
+    JSON, or has another schema.
+    """
+    root = Path(path).resolve()
+    manifest = root / "harvest.json"
+    try:
+        text = manifest.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{root} has no harvest.json (not a harvested output directory)") from None
+    except OSError as err:
+        raise UsageError(f"cannot read {manifest}: {err.strerror}") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{manifest} is not valid JSON: {err}") from None
+    if not isinstance(doc, dict) or doc.get("schema") != HARVEST_SCHEMA or not isinstance(doc.get("series"), list):
+        raise UsageError(f"{manifest} is not a {HARVEST_SCHEMA} manifest")
+    records: list[SeriesRecord] = []
+    seen: set[str] = set()
+    for entry in doc["series"]:
+        if not isinstance(entry, Mapping) or entry.get("status") != "complete":
+            continue
+        rec = _harvest_series(root, entry)
+        if rec is None:
+            continue
+        if rec.uid in seen:
+            log.warning("series %s is listed twice in harvest.json; serving the first", rec.uid)
+            continue
+        seen.add(rec.uid)
+        records.append(rec)
+    return Archive(records)
+
+
+__all__ = [
+    "Archive", "InstanceRecord", "SeriesRecord", "load_harvest_dir", "SERIES_FIELDS",
+    "PATIENT_FIELDS", "STUDY_FIELDS", "SERIES_FILTERS", "compact_row", "license_text_for",
+    "resolve_inside", "file_md5", "file_crc32", "parse_release_date",
+]
