@@ -1,0 +1,185 @@
+"""A streaming ZIP writer: STORED entries with sizes and CRC known up front, constant memory.
+
+Why not ``zipfile`` on an unseekable sink: it then sets the data-descriptor flag and writes
+zero CRC/sizes in every local header, which streaming unzippers cannot follow for STORED
+entries. The archive already knows each file's size and CRC-32, so this writer puts the real
+values in the local header (no data descriptor), which every reader accepts.
+
+Invariants: entries are written in the order given; each entry's bytes are streamed exactly
+once; the central directory is written only after every entry was streamed and checked, so a
+ZIP that ends cleanly always has correct sizes and CRCs. ZIP64 records are used only when a
+size, offset or entry count needs them (or when ``force_zip64`` asks for them in tests).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import struct
+import zlib
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiofiles
+
+_U32 = 0xFFFFFFFF
+_U16 = 0xFFFF
+_VERSION_PLAIN = 20
+_VERSION_ZIP64 = 45
+_FLAG_UTF8 = 0x0800
+_UNIX_REGULAR_FILE = 0o100644 << 16
+#: The timestamp of every entry, so identical inputs give byte-identical ZIPs.
+FIXED_MTIME = dt.datetime(2020, 1, 1, 0, 0, 0)
+READ_CHUNK = 256 * 1024
+
+
+class ZipSourceError(Exception):
+    """An entry's bytes did not match the size or CRC-32 announced for it (file changed on disk).
+
+    Raised by :func:`zip_stream` before the central directory is written, so the receiver
+    sees a broken download rather than a well-formed ZIP with wrong contents.
+    """
+
+
+@dataclass(frozen=True)
+class ZipEntry:
+    """One entry to stream: its name, exact size and CRC-32, and a factory for its bytes."""
+
+    name: str
+    size: int
+    crc32: int
+    chunks: Callable[[], AsyncIterator[bytes]]
+
+
+def bytes_entry(name: str, data: bytes) -> ZipEntry:
+    """An entry whose content is already in memory (LICENSE, md5hashes.csv)."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield data
+
+    return ZipEntry(name, len(data), zlib.crc32(data), chunks)
+
+
+def file_entry(name: str, path: Path, size: int, crc32: int, *, flip_last_byte: bool = False,
+               chunk_size: int = READ_CHUNK) -> ZipEntry:
+    """An entry read from ``path`` in chunks without blocking the event loop.
+
+    With ``flip_last_byte`` the last byte is inverted on the way out (the corrupt fault);
+    ``crc32`` must then be the CRC of the altered bytes. Reading raises ``OSError``.
+    """
+
+    async def chunks() -> AsyncIterator[bytes]:
+        position = 0
+        async with aiofiles.open(path, "rb") as fh:
+            while True:
+                chunk = await fh.read(chunk_size)
+                if not chunk:
+                    return
+                end = position + len(chunk)
+                if flip_last_byte and position <= size - 1 < end:
+                    buf = bytearray(chunk)
+                    buf[size - 1 - position] ^= 0xFF
+                    chunk = bytes(buf)
+                position = end
+                yield chunk
+
+    return ZipEntry(name, size, crc32, chunks)
+
+
+def _dos_datetime(moment: dt.datetime) -> tuple[int, int]:
+    date = ((moment.year - 1980) << 9) | (moment.month << 5) | moment.day
+    time = (moment.hour << 11) | (moment.minute << 5) | (moment.second // 2)
+    return time, date
+
+
+@dataclass
+class _Written:
+    name: bytes
+    flags: int
+    size: int
+    crc32: int
+    offset: int
+
+
+def _local_header(name: bytes, flags: int, size: int, crc: int, zip64: bool, time: int, date: int) -> bytes:
+    extra = struct.pack("<HHQQ", 0x0001, 16, size, size) if zip64 else b""
+    shown = _U32 if zip64 else size
+    return struct.pack(
+        "<IHHHHHIIIHH", 0x04034B50, _VERSION_ZIP64 if zip64 else _VERSION_PLAIN, flags, 0,
+        time, date, crc, shown, shown, len(name), len(extra),
+    ) + name + extra
+
+
+def _central_header(item: _Written, force_zip64: bool, time: int, date: int) -> bytes:
+    big_size = force_zip64 or item.size >= _U32
+    big_offset = force_zip64 or item.offset >= _U32
+    fields: list[int] = []
+    if big_size:
+        fields += [item.size, item.size]
+    if big_offset:
+        fields.append(item.offset)
+    extra = struct.pack(f"<HH{len(fields)}Q", 0x0001, 8 * len(fields), *fields) if fields else b""
+    version = _VERSION_ZIP64 if fields else _VERSION_PLAIN
+    return struct.pack(
+        "<IHHHHHHIIIHHHHHII", 0x02014B50, (3 << 8) | version, version, item.flags, 0, time, date,
+        item.crc32, _U32 if big_size else item.size, _U32 if big_size else item.size,
+        len(item.name), len(extra), 0, 0, 0, _UNIX_REGULAR_FILE, _U32 if big_offset else item.offset,
+    ) + item.name + extra
+
+
+def _end_records(count: int, cd_offset: int, cd_size: int, force_zip64: bool) -> bytes:
+    out = b""
+    zip64 = force_zip64 or count >= _U16 or cd_offset >= _U32 or cd_size >= _U32
+    if zip64:
+        eocd64_offset = cd_offset + cd_size
+        out += struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, (3 << 8) | _VERSION_ZIP64, _VERSION_ZIP64,
+                           0, 0, count, count, cd_size, cd_offset)
+        out += struct.pack("<IIQI", 0x07064B50, 0, eocd64_offset, 1)
+    out += struct.pack(
+        "<IHHHHIIH", 0x06054B50, 0, 0, min(count, _U16), min(count, _U16),
+        min(cd_size, _U32) if not zip64 else _U32, min(cd_offset, _U32) if not zip64 else _U32, 0,
+    )
+    return out
+
+
+async def _aiter(entries: AsyncIterable[ZipEntry] | Iterable[ZipEntry]) -> AsyncIterator[ZipEntry]:
+    if isinstance(entries, AsyncIterable):
+        async for entry in entries:
+            yield entry
+    else:
+        for entry in entries:
+            yield entry
+
+
+async def zip_stream(entries: AsyncIterable[ZipEntry] | Iterable[ZipEntry], *,
+                     mtime: dt.datetime = FIXED_MTIME, force_zip64: bool = False) -> AsyncIterator[bytes]:
+    """Yield the bytes of a ZIP holding ``entries`` (all STORED), ready to write to a socket.
+
+    Raises :class:`ZipSourceError` when an entry yields a different number of bytes or a
+    different CRC-32 than it announced, and whatever reading an entry raises (``OSError``).
+    """
+    time, date = _dos_datetime(mtime)
+    offset = 0
+    written: list[_Written] = []
+    async for entry in _aiter(entries):
+        name = entry.name.encode("utf-8")
+        flags = 0 if entry.name.isascii() else _FLAG_UTF8
+        zip64 = force_zip64 or entry.size >= _U32
+        header = _local_header(name, flags, entry.size, entry.crc32, zip64, time, date)
+        written.append(_Written(name, flags, entry.size, entry.crc32, offset))
+        yield header
+        offset += len(header)
+        sent, crc = 0, 0
+        async for chunk in entry.chunks():
+            sent += len(chunk)
+            if sent > entry.size:
+                raise ZipSourceError(f"{entry.name}: more than the announced {entry.size} bytes")
+            crc = zlib.crc32(chunk, crc)
+            yield chunk
+        if sent != entry.size or crc != entry.crc32:
+            raise ZipSourceError(f"{entry.name}: sent {sent} bytes with CRC {crc:08x}, "
+                                 f"announced {entry.size} bytes with CRC {entry.crc32:08x}")
+        offset += sent
+    cd_offset = offset
+    central = b"".join(_central_header(item, force_zip64, time, date) for item in written)
+    yield central
+    yield _end_records(len(written), cd_offset, len(central), force_zip64)
