@@ -1,0 +1,76 @@
+"""Request statistics of one server: what tests and benchmarks assert on.
+
+Written by the server's event loop, read from any thread (tests run the server in a daemon
+thread), so every access takes one short lock; readers always get copies.
+"""
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from typing import Any
+
+
+class Stats:
+    """Counters: requests per endpoint, downloads per SeriesInstanceUID, body bytes sent,
+    injected faults per kind. ``downloads`` counts getImage and getImageWithMD5Hash only."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._requests: Counter[str] = Counter()
+        self._downloads: Counter[str] = Counter()
+        self._faults: Counter[str] = Counter()
+        self._bytes_sent = 0
+
+    def count_request(self, endpoint: str) -> None:
+        with self._lock:
+            self._requests[endpoint] += 1
+
+    def count_download(self, series_uid: str) -> None:
+        with self._lock:
+            self._downloads[series_uid] += 1
+
+    def count_fault(self, kind: str) -> None:
+        with self._lock:
+            self._faults[kind] += 1
+
+    def add_bytes(self, nbytes: int) -> None:
+        with self._lock:
+            self._bytes_sent += nbytes
+
+    @property
+    def requests(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._requests)
+
+    @property
+    def downloads(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._downloads)
+
+    @property
+    def faults(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._faults)
+
+    @property
+    def bytes_sent(self) -> int:
+        with self._lock:
+            return self._bytes_sent
+
+    def reset(self) -> None:
+        """Forget everything counted so far."""
+        with self._lock:
+            self._requests.clear()
+            self._downloads.clear()
+            self._faults.clear()
+            self._bytes_sent = 0
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-ready copy: ``{"requests", "downloads", "bytes_sent", "faults"}``."""
+        with self._lock:
+            return {
+                "requests": dict(self._requests),
+                "downloads": dict(self._downloads),
+                "bytes_sent": self._bytes_sent,
+                "faults": dict(self._faults),
+            }
