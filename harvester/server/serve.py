@@ -1,0 +1,161 @@
+"""``harvester serve``: publish a harvested directory or a synthetic archive over NBIA's API.
+
+    harvester serve [DIR] [--synthetic SPEC] [--cache-dir DIR] [--host 127.0.0.1] [--port 0]
+                    [--faults SPEC] [--auth USER:PASSWORD_FILE] [--token-expires SECONDS]
+
+The first line of stdout is the base URL (ending in ``/v4``), flushed, so a parent process
+can read it and start talking; the server then runs until SIGINT or SIGTERM (exit 0).
+Bad usage prints one ``harvester: error: ...`` line on stderr and exits 2.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from harvester.errors import UsageError
+from harvester.server.app import make_app
+from harvester.server.archive import Archive, load_harvest_dir
+from harvester.server.auth import ServerAuth
+from harvester.server.faults import FaultInjector, FaultSpec
+
+DEFAULT_CACHE_DIR = Path("~/.cache/harvester")
+SHUTDOWN_TIMEOUT = 2.0
+
+
+async def start_server(archive: Archive, host: str = "127.0.0.1", port: int = 0,
+                       faults: FaultSpec | FaultInjector | None = None,
+                       auth: ServerAuth | None = None) -> tuple[web.AppRunner, str]:
+    """Start serving ``archive`` on the running loop; returns the runner and the v4 base URL.
+
+    Stop it with ``await runner.cleanup()``. The app (and its stats) is ``runner.app``.
+    Raises ``OSError`` when the address cannot be bound.
+    """
+    runner = web.AppRunner(make_app(archive, faults, auth), access_log=None,
+                           shutdown_timeout=SHUTDOWN_TIMEOUT)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound_host, bound_port = runner.addresses[0][:2]
+    shown = f"[{bound_host}]" if ":" in str(bound_host) else bound_host
+    return runner, f"http://{shown}:{bound_port}/nbia-api/services/v4"
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``serve`` options to ``parser`` (the CLI's sub-command or :func:`main`)."""
+    parser.add_argument("dir", nargs="?", metavar="DIR", help="a harvested output directory (with harvest.json)")
+    parser.add_argument("--synthetic", metavar="SPEC",
+                        help="serve a generated archive, e.g. collections=2,patients=3,series=2,instances=5,size=16KB")
+    parser.add_argument("--cache-dir", metavar="DIR", type=Path, default=None,
+                        help=f"where synthetic archives are generated (default {DEFAULT_CACHE_DIR})")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
+    parser.add_argument("--faults", metavar="SPEC",
+                        help="inject failures, e.g. error=0.1,throttle=0.05,reset=0.05,latency=50ms,seed=7")
+    parser.add_argument("--auth", metavar="USER:PASSWORD_FILE", action="append", default=None,
+                        help="require bearer tokens; USER logs in with the password in PASSWORD_FILE (repeatable)")
+    parser.add_argument("--token-expires", metavar="SECONDS", type=int, default=7200,
+                        help="access token lifetime with --auth (default 7200)")
+
+
+def _parse_auth(values: list[str] | None, expires_in: int) -> ServerAuth | None:
+    """Raises ``UsageError`` for a malformed value or an unreadable password file."""
+    if not values:
+        return None
+    users: dict[str, str] = {}
+    for value in values:
+        user, sep, password_file = value.partition(":")
+        if not sep or not user or not password_file:
+            raise UsageError(f"--auth wants USER:PASSWORD_FILE, not {value.split(':')[0]!r}...")
+        try:
+            lines = Path(password_file).expanduser().read_text(encoding="utf-8").splitlines()
+        except OSError as err:
+            raise UsageError(f"cannot read the password file for {user}: {err.strerror}") from None
+        if not lines or not lines[0]:
+            raise UsageError(f"the password file for {user} is empty")
+        users[user] = lines[0]
+    if expires_in <= 0:
+        raise UsageError("--token-expires must be positive")
+    return ServerAuth(users=users, expires_in=expires_in)
+
+
+def build_archive(args: argparse.Namespace) -> Archive:
+    """The archive named on the command line. Raises ``UsageError`` for bad usage."""
+    if bool(args.dir) == bool(args.synthetic):
+        raise UsageError("give either a harvested DIR or --synthetic SPEC (exactly one)")
+    if args.dir:
+        return load_harvest_dir(args.dir)
+    from harvester.server.synthetic import (  # pydicom only when needed
+        SyntheticSpec,
+        build_synthetic,
+    )
+
+    try:
+        spec = SyntheticSpec.parse(args.synthetic)
+    except ValueError as err:
+        raise UsageError(f"--synthetic: {err}") from None
+    cache_dir = (args.cache_dir or DEFAULT_CACHE_DIR).expanduser()
+    try:
+        return build_synthetic(spec, cache_dir)
+    except OSError as err:
+        raise UsageError(f"cannot generate the synthetic archive in {cache_dir}: {err}") from None
+
+
+async def _serve_until_signalled(archive: Archive, args: argparse.Namespace, faults: FaultSpec | None,
+                                 auth: ServerAuth | None) -> None:
+    runner, base_url = await start_server(archive, args.host, args.port, faults, auth)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        print(base_url, flush=True)
+        print(f"harvester: serving {len(archive)} series at {base_url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Run ``harvester serve`` with parsed ``args``; returns the exit code (0, or 2 for bad usage)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="harvester: %(levelname)s: %(message)s")
+    try:
+        faults = FaultSpec.parse(args.faults) if args.faults else None
+    except ValueError as err:
+        return _usage_error(f"--faults: {err}")
+    try:
+        auth = _parse_auth(args.auth, args.token_expires)
+        archive = build_archive(args)
+    except UsageError as err:
+        return _usage_error(str(err))
+    try:
+        asyncio.run(_serve_until_signalled(archive, args, faults, auth))
+    except OSError as err:
+        return _usage_error(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}")
+    return 0
+
+
+def _usage_error(message: str) -> int:
+    print(f"harvester: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m harvester.server.serve ...``"""
+    parser = argparse.ArgumentParser(prog="harvester serve", description=__doc__.split("\n\n")[0])
+    add_serve_arguments(parser)
+    return run_serve(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
