@@ -6,7 +6,6 @@ instances) so a client really downloads it; its metadata carries path-hostile va
 carries one attack, named by ``hostile_kind`` and at the start of its SeriesDescription
 (``HOSTILE:<kind> ...``):
 
-``metadata``   an honest ZIP; only the metadata is hostile (a client should store it safely)
 ``traversal``  an entry named ``../../harvester-traversal.dcm``
 ``absolute``   an entry named ``/tmp/harvester-absolute.dcm``
 ``symlink``    an extra entry that is a symlink (S_IFLNK) to ``/etc/passwd``
@@ -39,7 +38,7 @@ from harvester.server.dicomgen import (
 )
 
 COLLECTION = "HOSTILE"
-KINDS = ("metadata", "traversal", "absolute", "symlink", "zipbomb", "duplicate", "nondicom", "foreign")
+KINDS = ("traversal", "absolute", "symlink", "zipbomb", "duplicate", "nondicom", "foreign")
 INSTANCES_PER_SERIES = 3
 PIXEL_BYTES = 4096
 BOMB_BYTES = 200 * 1024 * 1024
@@ -68,7 +67,7 @@ class HostileSeries:
     patient: dict[str, Any]
     study: dict[str, Any]
     instances: list[WrittenInstance]
-    zip_relpath: str | None
+    zip_relpath: str
 
 
 def _zip_info(name: str, *, compress: int = zipfile.ZIP_STORED) -> zipfile.ZipInfo:
@@ -149,12 +148,11 @@ def build_hostile(root: Path, reldir: str, seed: int, license_text: str) -> list
         series_dir = f"{reldir}/{k:02d}-{kind}"
         instances = write_series(root, series_dir, template, series_uid, INSTANCES_PER_SERIES,
                                  geometry.size, seed)
-        zip_relpath: str | None = None
-        if kind != "metadata":
-            files = [(f"{i.number:08d}.dcm", (root / i.file.relpath).read_bytes()) for i in instances]
-            foreign = (root / made[0].instances[0].file.relpath).read_bytes()
-            zip_relpath = f"{reldir}/{kind}.zip"
-            _write_zip(root / zip_relpath, kind, files, license_text, foreign)
+        files = [(f"{i.number:08d}.dcm", (root / i.file.relpath).read_bytes()) for i in instances]
+        # the foreign entry is a DICOM file of the first hostile series (KINDS[0] is not "foreign")
+        source = made[0].instances[0] if made else instances[0]
+        zip_relpath = f"{reldir}/{kind}.zip"
+        _write_zip(root / zip_relpath, kind, files, license_text, (root / source.file.relpath).read_bytes())
         made.append(HostileSeries(kind, row, patient, study, instances, zip_relpath))
     return made
 

@@ -53,7 +53,7 @@ from harvester.server.dicomgen import (
 )
 from harvester.server.faults import parse_size
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 INDEX_NAME = "index.json"
 SAMPLES_COLLECTION = "PYDICOM-SAMPLES"
 

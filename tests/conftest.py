@@ -1,0 +1,55 @@
+"""Shared fixtures: an anyio backend, a synthetic archive built once per session, and a
+loopback NBIA server over it for each test."""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harvester.server.archive import Archive
+from harvester.server.synthetic import SyntheticSpec, build_synthetic
+from harvester.server.testing import ServerHandle, serve_in_thread
+
+#: Small but complete: two SYN collections (CT+MR), pydicom's samples, the HOSTILE collection.
+SMALL_SPEC = "collections=2,patients=2,studies=1,series=2,instances=4,size=8KB,modalities=CT+MR,samples=1,hostile=1,seed=1"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def synthetic_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where synthetic archives are generated: ``$HARVESTER_TEST_CACHE`` if set and writable
+    (e.g. /work/main/.cache/synthetic, reused across runs), else a session temp dir."""
+    configured = os.environ.get("HARVESTER_TEST_CACHE")
+    if configured:
+        path = Path(configured).expanduser()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            pass
+        else:
+            if os.access(path, os.W_OK):
+                return path
+    return tmp_path_factory.mktemp("synthetic-cache")
+
+
+@pytest.fixture(scope="session")
+def small_spec() -> SyntheticSpec:
+    return SyntheticSpec.parse(SMALL_SPEC)
+
+
+@pytest.fixture(scope="session")
+def small_archive(small_spec: SyntheticSpec, synthetic_cache: Path) -> Archive:
+    return build_synthetic(small_spec, synthetic_cache)
+
+
+@pytest.fixture
+def server(small_archive: Archive) -> Iterator[ServerHandle]:
+    """A fresh server (fresh stats, no faults) over ``small_archive`` on 127.0.0.1."""
+    with serve_in_thread(small_archive) as handle:
+        yield handle

@@ -1,0 +1,386 @@
+"""The NBIA-compatible API over real HTTP on loopback: every endpoint, its parameters, the
+version differences, CSV, the ZIP layout, tokens and statistics."""
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import hashlib
+import io
+import json
+import zipfile
+from typing import Any
+
+import aiohttp
+import pydicom
+import pydicom.data
+import pytest
+
+from harvester.server.app import entry_names, parse_from_date
+from harvester.server.archive import Archive, SeriesRecord
+from harvester.server.auth import ServerAuth
+from harvester.server.testing import ServerHandle, serve_in_thread
+
+pytestmark = pytest.mark.anyio
+
+
+async def fetch(handle: ServerHandle, endpoint: str, params: dict[str, str] | None = None, *,
+                version: str = "v4", headers: dict[str, str] | None = None) -> tuple[int, Any, bytes]:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(handle.url(endpoint, version), params=params, headers=headers) as resp:
+            return resp.status, resp.headers, await resp.read()
+
+
+async def fetch_json(handle: ServerHandle, endpoint: str, params: dict[str, str] | None = None,
+                     **kw: Any) -> list[dict[str, Any]]:
+    status, headers, body = await fetch(handle, endpoint, params, **kw)
+    assert status == 200, body
+    assert headers["Content-Type"].startswith("application/json")
+    data = json.loads(body)
+    assert isinstance(data, list)
+    return data
+
+
+def syn_series(archive: Archive) -> list[SeriesRecord]:
+    return [r for r in archive.records() if r.row["Collection"].startswith("SYN-")]
+
+
+def no_nulls(rows: list[dict[str, Any]]) -> bool:
+    return all(v is not None and v != "" for row in rows for v in row.values())
+
+
+# ---------------------------------------------------------------------------- query endpoints
+
+async def test_collection_values(server: ServerHandle) -> None:
+    rows = await fetch_json(server, "getCollectionValues")
+    assert rows == [{"Collection": c} for c in ("HOSTILE", "PYDICOM-SAMPLES", "SYN-BRAIN-MR", "SYN-LUNG-CT")]
+
+
+async def test_value_endpoints_filter(server: ServerHandle) -> None:
+    assert await fetch_json(server, "getModalityValues", {"Collection": "SYN-LUNG-CT"}) == [
+        {"Modality": "CT"}, {"Modality": "MR"}]
+    assert await fetch_json(server, "getModalityValues", {"Collection": "PYDICOM-SAMPLES"}) == [
+        {"Modality": "CR"}, {"Modality": "CT"}, {"Modality": "MR"}]
+    assert await fetch_json(server, "getBodyPartValues", {"Collection": "SYN-BRAIN-MR"}) == [
+        {"BodyPartExamined": "HEAD"}]
+    makers = await fetch_json(server, "getManufacturerValues", {"Collection": "SYN-LUNG-CT", "Modality": "MR"})
+    assert makers and all(set(m) == {"Manufacturer"} for m in makers)
+    assert await fetch_json(server, "getModalityValues", {"Collection": "NO-SUCH"}) == []
+
+
+async def test_get_patient_uses_lower_case_d(server: ServerHandle, small_archive: Archive) -> None:
+    rows = await fetch_json(server, "getPatient", {"Collection": "SYN-LUNG-CT"})
+    assert [r["PatientId"] for r in rows] == ["SYN-LUNG-CT-0001", "SYN-LUNG-CT-0002"]
+    assert all("PatientID" not in r and r["Collection"] == "SYN-LUNG-CT" for r in rows)
+    everyone = await fetch_json(server, "getPatient")
+    assert len(everyone) == len({(r.row["Collection"], r.row["PatientID"]) for r in small_archive.records()})
+    assert no_nulls(everyone)
+
+
+async def test_patient_by_collection_and_modality(server: ServerHandle) -> None:
+    rows = await fetch_json(server, "getPatientByCollectionAndModality", {"Collection": "PYDICOM-SAMPLES", "Modality": "CR"})
+    assert rows == [{"PatientId": "77654033"}]
+
+
+async def test_patient_study_counts_series(server: ServerHandle, small_archive: Archive) -> None:
+    rec = syn_series(small_archive)[0]
+    rows = await fetch_json(server, "getPatientStudy", {"Collection": rec.row["Collection"], "PatientID": rec.row["PatientID"]})
+    assert len(rows) == 1
+    study = rows[0]
+    assert study["StudyInstanceUID"] == rec.row["StudyInstanceUID"]
+    assert study["PatientID"] == rec.row["PatientID"]
+    assert study["SeriesCount"] == 2
+    assert "/" in study["StudyDescription"] or study["StudyDescription"]
+    by_uid = await fetch_json(server, "getPatientStudy", {"StudyInstanceUID": rec.row["StudyInstanceUID"]})
+    assert by_uid == rows
+
+
+@pytest.mark.parametrize("param", ["Collection", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
+                                   "BodyPartExamined", "Manufacturer", "ManufacturerModelName"])
+async def test_get_series_each_filter(server: ServerHandle, small_archive: Archive, param: str) -> None:
+    rec = syn_series(small_archive)[3]
+    rows = await fetch_json(server, "getSeries", {param: str(rec.row[param])})
+    expected = [r.uid for r in small_archive.records() if str(r.row.get(param)).casefold() == str(rec.row[param]).casefold()]
+    assert [r["SeriesInstanceUID"] for r in rows] == expected
+    assert rec.uid in expected
+
+
+async def test_get_series_row_shape(server: ServerHandle, small_archive: Archive) -> None:
+    rows = await fetch_json(server, "getSeries", {"Collection": "SYN-LUNG-CT", "Modality": "CT"})
+    assert len(rows) == 2 and no_nulls(rows)
+    row = rows[0]
+    rec = small_archive.series[row["SeriesInstanceUID"]]
+    assert row["ImageCount"] == len(rec.instances) == 4
+    assert row["FileSize"] == sum(i.path.stat().st_size for i in rec.instances)
+    assert row["StudyDate"].count("-") == 2 and len(row["StudyDate"]) == 10
+    assert row["DateReleased"].endswith(":00.0") and len(row["MaxSubmissionTimestamp"]) == 21
+    for key in ("LicenseName", "LicenseURI", "DataDescriptionURI", "Site", "Manufacturer", "ManufacturerModelName",
+                "SoftwareVersions", "SeriesDate", "StudyDesc"):
+        assert row[key], key
+    combined = await fetch_json(server, "getSeries", {"Collection": "syn-lung-ct", "PatientID": "SYN-LUNG-CT-0002"})
+    assert {r["PatientID"] for r in combined} == {"SYN-LUNG-CT-0002"} and len(combined) == 2
+    assert await fetch_json(server, "getSeries", {"PatientID": "syn-lung-ct-0002"}) == []  # IDs match exactly
+
+
+async def test_null_fields_are_omitted(server: ServerHandle) -> None:
+    rows = await fetch_json(server, "getSeries", {"Collection": "PYDICOM-SAMPLES"})
+    assert no_nulls(rows)
+    ct_small = [r for r in rows if r["PatientID"] == "1CT1"]
+    assert ct_small and "SeriesDescription" not in ct_small[0]  # CT_small.dcm has none
+
+
+async def test_unknown_parameter_is_400_on_v4(server: ServerHandle) -> None:
+    status, headers, body = await fetch(server, "getSeries", {"Colection": "SYN-LUNG-CT"})
+    assert status == 400 and headers["Content-Type"].startswith("text/plain")
+    assert b"Invalid query parameter: Colection" in body
+    status, _, body = await fetch(server, "getPatient", {"collection": "SYN-LUNG-CT"})  # case-sensitive
+    assert status == 400 and b"collection" in body
+    status, _, body = await fetch(server, "getCollectionValues", {"anything": "1"})
+    assert status == 400
+
+
+async def test_old_versions_ignore_unknown_parameters(server: ServerHandle) -> None:
+    for version in ("v1", "v2"):
+        rows = await fetch_json(server, "getPatient", {"collection": "SYN-LUNG-CT"}, version=version)
+        assert len(rows) > 2  # the misspelt filter was ignored, not applied
+
+
+async def test_missing_required_parameter(server: ServerHandle) -> None:
+    for endpoint in ("getSeriesSize", "getSOPInstanceUIDs", "getImage", "getUpdatedSeries", "getMD5HashForImage"):
+        status, _, body = await fetch(server, endpoint)
+        assert status == 400, endpoint
+        assert b"Missing required query parameter" in body
+
+
+async def test_format_csv_matches_json(server: ServerHandle) -> None:
+    rows = await fetch_json(server, "getSeries", {"Collection": "SYN-BRAIN-MR"})
+    status, headers, body = await fetch(server, "getSeries", {"Collection": "SYN-BRAIN-MR", "format": "csv"})
+    assert status == 200 and headers["Content-Type"].startswith("text/csv")
+    parsed = list(csv.DictReader(io.StringIO(body.decode("utf-8"))))
+    assert len(parsed) == len(rows)
+    assert [p["SeriesInstanceUID"] for p in parsed] == [r["SeriesInstanceUID"] for r in rows]
+    assert parsed[0]["SeriesDescription"] == rows[0]["SeriesDescription"]
+    assert parsed[0]["ImageCount"] == str(rows[0]["ImageCount"])
+    status, _, _ = await fetch(server, "getSeries", {"format": "xml"})
+    assert status == 400
+    assert (await fetch_json(server, "getSeries", {"Collection": "SYN-BRAIN-MR", "format": "json"})) == rows
+
+
+def _release_day(rec: SeriesRecord) -> dt.date:
+    return dt.date.fromisoformat(rec.row["DateReleased"][:10])
+
+
+async def test_updated_series_date_format_per_version(server: ServerHandle, small_archive: Archive) -> None:
+    days = sorted({_release_day(r) for r in small_archive.records()})
+    pivot = days[len(days) // 2]
+    expected = {r.uid for r in small_archive.records() if _release_day(r) > pivot}  # strictly after
+    assert 0 < len(expected) < len(small_archive)
+    v4 = await fetch_json(server, "getUpdatedSeries", {"fromDate": pivot.strftime("%m-%d-%Y")})
+    assert {r["SeriesInstanceUID"] for r in v4} == expected
+    for version in ("v1", "v2"):
+        old = await fetch_json(server, "getUpdatedSeries", {"fromDate": pivot.strftime("%d/%m/%Y")}, version=version)
+        assert {r["SeriesInstanceUID"] for r in old} == expected
+        status, _, _ = await fetch(server, "getUpdatedSeries", {"fromDate": pivot.strftime("%m-%d-%Y")}, version=version)
+        assert status == 400
+    for bad in (pivot.strftime("%d/%m/%Y"), pivot.isoformat(), "13-45-2020", "yesterday"):
+        status, _, body = await fetch(server, "getUpdatedSeries", {"fromDate": bad})
+        assert status == 400 and b"fromDate" in body, bad
+
+
+def test_from_date_parsing() -> None:
+    assert parse_from_date("03-04-2021", "v4") == dt.date(2021, 3, 4)
+    assert parse_from_date("03/04/2021", "v2") == dt.date(2021, 4, 3)
+
+
+async def test_new_patients_and_studies(server: ServerHandle, small_archive: Archive) -> None:
+    lung = [r for r in small_archive.records() if r.row["Collection"] == "SYN-LUNG-CT"]
+    last = max(_release_day(r) for r in lung)
+    before_last = last - dt.timedelta(days=1)
+    rows = await fetch_json(server, "NewPatientsInCollection",
+                            {"Collection": "SYN-LUNG-CT", "fromDate": before_last.strftime("%m-%d-%Y")})
+    newest = [r for r in lung if _release_day(r) == last]
+    assert [r["PatientId"] for r in rows] == sorted({r.row["PatientID"] for r in newest})
+    assert await fetch_json(server, "NewPatientsInCollection",
+                            {"Collection": "SYN-LUNG-CT", "fromDate": last.strftime("%m-%d-%Y")}) == []
+    studies = await fetch_json(server, "NewStudiesInPatientCollection", {
+        "Collection": "SYN-LUNG-CT", "PatientID": newest[0].row["PatientID"], "fromDate": "01-01-1990"})
+    assert [s["StudyInstanceUID"] for s in studies] == [newest[0].row["StudyInstanceUID"]]
+
+
+async def test_series_size_sop_uids_and_md5(server: ServerHandle, small_archive: Archive) -> None:
+    rec = syn_series(small_archive)[1]
+    size = await fetch_json(server, "getSeriesSize", {"SeriesInstanceUID": rec.uid})
+    total = sum(i.path.stat().st_size for i in rec.instances)
+    assert size == [{"TotalSizeInBytes": f"{total}.0", "ObjectCount": 4}]
+    assert await fetch_json(server, "getSeriesSize", {"SeriesInstanceUID": "1.2.3.404"}) == []
+    sops = await fetch_json(server, "getSOPInstanceUIDs", {"SeriesInstanceUID": rec.uid})
+    assert [s["SOPInstanceUID"] for s in sops] == [i.sop_uid for i in rec.instances]
+    inst = rec.instances[2]
+    status, headers, body = await fetch(server, "getMD5HashForImage", {"SOPInstanceUID": inst.sop_uid})
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    assert body.decode() == hashlib.md5(inst.path.read_bytes()).hexdigest()
+    status, _, _ = await fetch(server, "getMD5HashForImage", {"SOPInstanceUID": "1.2.3.404"})
+    assert status == 400
+
+
+async def test_single_image(server: ServerHandle, small_archive: Archive) -> None:
+    rec = syn_series(small_archive)[0]
+    inst = rec.instances[1]
+    status, headers, body = await fetch(server, "getSingleImage", {"SeriesInstanceUID": rec.uid, "SOPInstanceUID": inst.sop_uid})
+    assert status == 200 and headers["Content-Type"] == "application/dicom"
+    assert body == inst.path.read_bytes()
+    other = syn_series(small_archive)[1]
+    status, _, body = await fetch(server, "getSingleImage", {"SeriesInstanceUID": other.uid, "SOPInstanceUID": inst.sop_uid})
+    assert status == 400 and b"not found" in body
+
+
+async def test_unknown_endpoint_and_no_listing(server: ServerHandle) -> None:
+    async with aiohttp.ClientSession() as session:
+        for path in ("/", "/nbia-api/services/v4/", "/nbia-api/services/v4/getNothing",
+                     "/nbia-api/services/v3/getSeries", "/nbia-api/services/v4/..%2F..%2Fetc%2Fpasswd",
+                     "/nbia-api/services/v4/../../../etc/passwd"):
+            async with session.get(server.root_url + path) as resp:
+                assert resp.status == 404, path
+                assert b"root:" not in await resp.read()
+
+
+# ------------------------------------------------------------------------------- ZIP downloads
+
+async def download(handle: ServerHandle, endpoint: str, params: dict[str, str], version: str = "v4") -> tuple[Any, bytes]:
+    status, headers, body = await fetch(handle, endpoint, params, version=version)
+    assert status == 200, body
+    return headers, body
+
+
+def test_entry_names() -> None:
+    assert entry_names(3, False) == ["00000001.dcm", "00000002.dcm", "00000003.dcm"]
+    assert entry_names(3, True) == ["1-01.dcm", "1-02.dcm", "1-03.dcm"]
+    assert entry_names(120, True)[0] == "1-001.dcm" and entry_names(120, True)[-1] == "1-120.dcm"
+
+
+@pytest.mark.parametrize("endpoint,params,names,with_md5", [
+    ("getImage", {}, "00000001.dcm", False),
+    ("getImage", {"NewFileNames": "Yes"}, "1-01.dcm", False),
+    ("getImage", {"IncludeMD5": "yes"}, "00000001.dcm", True),
+    ("getImage", {"NewFileNames": "Yes", "IncludeMD5": "yes"}, "1-01.dcm", True),
+    ("getImageWithMD5Hash", {}, "00000001.dcm", True),
+])
+async def test_zip_layout(server: ServerHandle, small_archive: Archive, endpoint: str, params: dict[str, str],
+                          names: str, with_md5: bool) -> None:
+    rec = syn_series(small_archive)[2]
+    headers, body = await download(server, endpoint, {"SeriesInstanceUID": rec.uid, **params})
+    assert headers["Content-Type"] == "application/octet-stream"
+    assert "Content-Length" not in headers and headers.get("Transfer-Encoding") == "chunked"
+    zf = zipfile.ZipFile(io.BytesIO(body))
+    assert zf.testzip() is None
+    listed = zf.namelist()
+    assert listed[0] == "LICENSE" and zf.read("LICENSE").decode().startswith("Creative Commons")
+    dicoms = listed[1:-1] if with_md5 else listed[1:]
+    assert dicoms[0] == names and len(dicoms) == len(rec.instances)
+    for name, inst in zip(dicoms, rec.instances, strict=True):
+        assert zf.read(name) == inst.path.read_bytes()
+        assert zf.getinfo(name).compress_type == zipfile.ZIP_STORED
+        assert not zf.getinfo(name).flag_bits & 0x08  # sizes and CRC in the local header
+    if with_md5:
+        assert listed[-1] == "md5hashes.csv"
+        table = list(csv.DictReader(io.StringIO(zf.read("md5hashes.csv").decode())))
+        assert {row["Filename"]: row["MD5Hash"] for row in table} == {
+            name: hashlib.md5(zf.read(name)).hexdigest() for name in dicoms}
+    else:
+        assert "md5hashes.csv" not in listed
+
+
+async def test_zip_of_pydicom_samples_and_old_versions(server: ServerHandle, small_archive: Archive) -> None:
+    rec = next(r for r in small_archive.records() if r.row["PatientID"] == "1CT1")
+    with open(pydicom.data.get_testdata_file("CT_small.dcm"), "rb") as fh:
+        original = fh.read()
+    for version in ("v1", "v2", "v4"):
+        _, body = await download(server, "getImageWithMD5Hash", {"SeriesInstanceUID": rec.uid}, version)
+        zf = zipfile.ZipFile(io.BytesIO(body))
+        assert zf.namelist() == ["LICENSE", "00000001.dcm", "md5hashes.csv"]
+        assert zf.read("00000001.dcm") == original
+
+
+async def test_download_of_unknown_series_is_400_text(server: ServerHandle) -> None:
+    for endpoint in ("getImage", "getImageWithMD5Hash"):
+        status, headers, body = await fetch(server, endpoint, {"SeriesInstanceUID": "1.2.3.404"})
+        assert status == 400 and headers["Content-Type"].startswith("text/plain")
+        assert b"1.2.3.404" in body and not body.startswith(b"PK")
+
+
+# ------------------------------------------------------------------------------- statistics
+
+async def test_stats_count_requests_downloads_and_bytes(server: ServerHandle, small_archive: Archive) -> None:
+    rec = syn_series(small_archive)[0]
+    await fetch_json(server, "getSeries")
+    sizes = []
+    for _ in range(2):
+        _, body = await download(server, "getImage", {"SeriesInstanceUID": rec.uid})
+        sizes.append(len(body))
+    stats = server.stats.snapshot()
+    assert stats["requests"] == {"getSeries": 1, "getImage": 2}
+    assert stats["downloads"] == {rec.uid: 2}
+    assert stats["bytes_sent"] == sum(sizes)
+    assert stats["faults"] == {}
+    async with aiohttp.ClientSession() as session:
+        async with session.get(server.root_url + "/_harvester/stats") as resp:
+            assert resp.status == 200
+            assert (await resp.json())["downloads"] == {rec.uid: 2}
+
+
+# ------------------------------------------------------------------------------- tokens
+
+async def _token(handle: ServerHandle, form: dict[str, str], path: str = "/nbia-api/oauth/token") -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(handle.root_url + path, data=form) as resp:
+            return resp.status, await resp.json()
+
+
+async def test_token_endpoint_without_auth_gives_anyone_a_token(server: ServerHandle) -> None:
+    for path in ("/nbia-api/oauth/token", "/nbia-api/services/oauth/token"):
+        status, body = await _token(server, {"grant_type": "password", "client_id": "NBIA",
+                                             "username": "nbia_guest", "password": ""}, path)
+        assert status == 200
+        assert set(body) >= {"access_token", "expires_in", "refresh_token", "token_type", "scope"}
+    status, _ = await _token(server, {"grant_type": "refresh_token", "refresh_token": body["refresh_token"]})
+    assert status == 200
+    rows = await fetch_json(server, "getCollectionValues")  # no token needed
+    assert rows
+
+
+async def test_auth_requires_valid_unexpired_token(small_archive: Archive) -> None:
+    now = [1000.0]
+    auth = ServerAuth(users={"alice": "s3cret"}, expires_in=60, clock=lambda: now[0])
+    with serve_in_thread(small_archive, auth=auth) as handle:
+        status, _, body = await fetch(handle, "getCollectionValues")
+        assert status == 401
+        status, body_json = await _token(handle, {"grant_type": "password", "client_id": "nbia",
+                                                  "username": "alice", "password": "wrong"})
+        assert status == 401 and body_json["error"] == "invalid_grant"
+        status, body_json = await _token(handle, {"grant_type": "password", "client_id": "nbia",
+                                                  "username": "nbia_guest", "password": ""})
+        assert status == 401
+        status, grant = await _token(handle, {"grant_type": "password", "client_id": "nbia",
+                                              "username": "alice", "password": "s3cret"})
+        assert status == 200 and grant["expires_in"] == 60
+        bearer = {"Authorization": f"Bearer {grant['access_token']}"}
+        status, _, _ = await fetch(handle, "getCollectionValues", headers=bearer)
+        assert status == 200
+        status, _, _ = await fetch(handle, "getCollectionValues", headers={"Authorization": "Bearer forged"})
+        assert status == 401
+        now[0] += 61  # the access token expires
+        status, _, _ = await fetch(handle, "getCollectionValues", headers=bearer)
+        assert status == 401
+        status, fresh = await _token(handle, {"grant_type": "refresh_token", "client_id": "nbia",
+                                              "refresh_token": grant["refresh_token"]})
+        assert status == 200
+        status, _, _ = await fetch(handle, "getCollectionValues",
+                                   headers={"Authorization": f"Bearer {fresh['access_token']}"})
+        assert status == 200
+        status, _ = await _token(handle, {"grant_type": "refresh_token", "refresh_token": grant["refresh_token"]})
+        assert status == 401  # a refresh token is single-use
+        status, _ = await _token(handle, {"grant_type": "client_credentials"})
+        assert status == 400
+
+
+def test_server_auth_repr_hides_passwords() -> None:
+    assert "s3cret" not in repr(ServerAuth(users={"alice": "s3cret"}))
