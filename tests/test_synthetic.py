@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pydicom
@@ -160,3 +163,27 @@ def test_samples_are_pydicoms_files_byte_for_byte(small_archive: Archive) -> Non
             assert ds.SeriesInstanceUID == rec.uid and ds.SOPInstanceUID == inst.sop_uid
             assert ds.PatientID == rec.row["PatientID"]
     assert all("DICOMDIR" not in str(i.path) for r in samples for i in r.instances)
+
+
+PARALLEL_CHECK = """
+import os, sys, threading
+from harvester.server import synthetic
+from harvester.server.synthetic import SyntheticSpec, build_synthetic
+spec = SyntheticSpec.parse("collections=3,patients=4,studies=2,series=2,instances=2,size=2KB,modalities=CT+MR+PT,seed=21")
+sequential = build_synthetic(spec, sys.argv[1])
+synthetic.PARALLEL_MIN_FILES = 0
+assert threading.active_count() == 1 and (os.cpu_count() or 1) >= 2  # so the forked workers really run
+parallel = build_synthetic(spec, sys.argv[2])
+def view(archive):
+    return [(r.row, [(i.sop_uid, i.md5, i.path.read_bytes()) for i in r.instances]) for r in archive.records()]
+assert view(sequential) == view(parallel)
+print(len(parallel))
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs for worker processes")
+def test_parallel_build_equals_sequential(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-c", PARALLEL_CHECK, str(tmp_path / "seq"), str(tmp_path / "par")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(3 * 4 * 2 * 2)

@@ -15,12 +15,15 @@ byte for byte); ``hostile=1`` adds ``HOSTILE`` (see :mod:`harvester.server.hosti
 """
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
+import threading
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -56,6 +59,9 @@ from harvester.server.faults import parse_size
 GENERATOR_VERSION = 2
 INDEX_NAME = "index.json"
 SAMPLES_COLLECTION = "PYDICOM-SAMPLES"
+#: Builds with fewer files stay in one process (starting workers is not free).
+PARALLEL_MIN_FILES = 4000
+MAX_WORKERS = 8
 
 LICENSE_NAME = "Creative Commons Attribution 4.0 International License"
 LICENSE_URI = "https://creativecommons.org/licenses/by/4.0/"
@@ -226,58 +232,80 @@ def _index_entry(row: dict[str, Any], patient: Mapping[str, Any], study: Mapping
 SeriesParts = tuple[dict[str, Any], dict[str, Any], dict[str, Any], list[WrittenInstance]]
 
 
-def _regular_series(spec: SyntheticSpec, root: Path) -> list[SeriesParts]:
-    """The SYN-* collections: (row, patient, study, instances) per series, files written."""
+def _patient_series(spec: SyntheticSpec, root: Path, c: int, p: int) -> list[SeriesParts]:
+    """The series of patient ``p`` of SYN collection ``c``, files written. Depends on nothing
+    else, so patients can be generated in any order or process and give the same bytes."""
     geometry = PixelGeometry.for_size(spec.size)
     out: list[SeriesParts] = []
-    for c in range(spec.collections):
-        collection = collection_name(c, spec.modalities)
-        body_part = ORGANS[c % len(ORGANS)][1]
-        for p in range(spec.patients):
-            patient_id = f"{collection}-{p + 1:04d}"
-            sex = "MF"[(c + p) % 2]
-            age = f"{35 + (c * 7 + p * 13) % 50:03d}Y"
-            patient = {"PatientId": patient_id, "PatientName": patient_id, "PatientSex": sex,
-                       "Collection": collection, "Phantom": "NO", "SpeciesCode": "337915000",
-                       "SpeciesDescription": "Homo sapiens"}
-            for st in range(spec.studies):
-                study_uid = make_uid("study", spec.seed, c, p, st)
-                study_day = dt.date(2000, 1, 1) + dt.timedelta(days=seeded_rng("date", spec.seed, study_uid).randrange(7000))
-                study_desc = STUDY_DESCRIPTIONS[(c + p + st) % len(STUDY_DESCRIPTIONS)]
-                study_id = str(1000 + st)
-                study = {"StudyInstanceUID": study_uid, "StudyDate": study_day.isoformat(),
-                         "StudyDescription": study_desc, "StudyID": study_id, "PatientAge": age,
-                         "PatientID": patient_id, "PatientName": patient_id, "PatientSex": sex,
-                         "Collection": collection, "Phantom": "NO", "SpeciesCode": "337915000",
-                         "SpeciesDescription": "Homo sapiens"}
-                for se in range(spec.series):
-                    modality = spec.modalities[(c + se) % len(spec.modalities)]
-                    series_uid = make_uid("series", spec.seed, c, p, st, se)
-                    maker, model, software = SCANNERS[(c + p + se) % len(SCANNERS)]
-                    series_desc = SERIES_DESCRIPTIONS[(c + st + se) % len(SERIES_DESCRIPTIONS)]
-                    row = {
-                        "SeriesInstanceUID": series_uid, "StudyInstanceUID": study_uid, "Modality": modality,
-                        "ProtocolName": f"{body_part} {modality} routine", "SeriesDate": study_day.isoformat(),
-                        "SeriesDescription": series_desc, "BodyPartExamined": body_part, "SeriesNumber": se + 1,
-                        "Collection": collection, "Site": f"Synthetic Site {c % 3 + 1}", "PatientID": patient_id,
-                        "PatientSex": sex, "PatientAge": age, "Manufacturer": maker,
-                        "ManufacturerModelName": model, "SoftwareVersions": software,
-                        "StudyDesc": study_desc, "StudyDate": study_day.isoformat(),
-                    }
-                    dicom_date = study_day.strftime("%Y%m%d")
-                    template = series_template(modality, geometry, {
-                        "StudyDate": dicom_date, "SeriesDate": dicom_date, "StudyTime": "093000",
-                        "Manufacturer": maker, "StudyDescription": study_desc, "SeriesDescription": series_desc,
-                        "ManufacturerModelName": model, "PatientName": patient_id, "PatientID": patient_id,
-                        "PatientSex": sex, "PatientAge": age, "BodyPartExamined": body_part,
-                        "SoftwareVersions": software, "ProtocolName": row["ProtocolName"],
-                        "StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid, "StudyID": study_id,
-                        "SeriesNumber": se + 1, "FrameOfReferenceUID": make_uid("for", spec.seed, c, p, st),
-                    })
-                    reldir = f"syn/c{c:03d}/p{p:05d}/st{st:03d}/se{se:03d}"
-                    instances = write_series(root, reldir, template, series_uid, spec.instances, spec.size, spec.seed)
-                    out.append((row, patient, study, instances))
+    collection = collection_name(c, spec.modalities)
+    body_part = ORGANS[c % len(ORGANS)][1]
+    patient_id = f"{collection}-{p + 1:04d}"
+    sex = "MF"[(c + p) % 2]
+    age = f"{35 + (c * 7 + p * 13) % 50:03d}Y"
+    patient = {"PatientId": patient_id, "PatientName": patient_id, "PatientSex": sex,
+               "Collection": collection, "Phantom": "NO", "SpeciesCode": "337915000",
+               "SpeciesDescription": "Homo sapiens"}
+    for st in range(spec.studies):
+        study_uid = make_uid("study", spec.seed, c, p, st)
+        study_day = dt.date(2000, 1, 1) + dt.timedelta(days=seeded_rng("date", spec.seed, study_uid).randrange(7000))
+        study_desc = STUDY_DESCRIPTIONS[(c + p + st) % len(STUDY_DESCRIPTIONS)]
+        study_id = str(1000 + st)
+        study = {"StudyInstanceUID": study_uid, "StudyDate": study_day.isoformat(),
+                 "StudyDescription": study_desc, "StudyID": study_id, "PatientAge": age,
+                 "PatientID": patient_id, "PatientName": patient_id, "PatientSex": sex,
+                 "Collection": collection, "Phantom": "NO", "SpeciesCode": "337915000",
+                 "SpeciesDescription": "Homo sapiens"}
+        for se in range(spec.series):
+            modality = spec.modalities[(c + se) % len(spec.modalities)]
+            series_uid = make_uid("series", spec.seed, c, p, st, se)
+            maker, model, software = SCANNERS[(c + p + se) % len(SCANNERS)]
+            series_desc = SERIES_DESCRIPTIONS[(c + st + se) % len(SERIES_DESCRIPTIONS)]
+            row = {
+                "SeriesInstanceUID": series_uid, "StudyInstanceUID": study_uid, "Modality": modality,
+                "ProtocolName": f"{body_part} {modality} routine", "SeriesDate": study_day.isoformat(),
+                "SeriesDescription": series_desc, "BodyPartExamined": body_part, "SeriesNumber": se + 1,
+                "Collection": collection, "Site": f"Synthetic Site {c % 3 + 1}", "PatientID": patient_id,
+                "PatientSex": sex, "PatientAge": age, "Manufacturer": maker,
+                "ManufacturerModelName": model, "SoftwareVersions": software,
+                "StudyDesc": study_desc, "StudyDate": study_day.isoformat(),
+            }
+            dicom_date = study_day.strftime("%Y%m%d")
+            template = series_template(modality, geometry, {
+                "StudyDate": dicom_date, "SeriesDate": dicom_date, "StudyTime": "093000",
+                "Manufacturer": maker, "StudyDescription": study_desc, "SeriesDescription": series_desc,
+                "ManufacturerModelName": model, "PatientName": patient_id, "PatientID": patient_id,
+                "PatientSex": sex, "PatientAge": age, "BodyPartExamined": body_part,
+                "SoftwareVersions": software, "ProtocolName": row["ProtocolName"],
+                "StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid, "StudyID": study_id,
+                "SeriesNumber": se + 1, "FrameOfReferenceUID": make_uid("for", spec.seed, c, p, st),
+            })
+            reldir = f"syn/c{c:03d}/p{p:05d}/st{st:03d}/se{se:03d}"
+            instances = write_series(root, reldir, template, series_uid, spec.instances, spec.size, spec.seed)
+            out.append((row, patient, study, instances))
     return out
+
+
+def _patient_series_job(job: tuple[SyntheticSpec, Path, int, int]) -> list[SeriesParts]:
+    return _patient_series(*job)
+
+
+def _regular_series(spec: SyntheticSpec, root: Path) -> list[SeriesParts]:
+    """The SYN-* collections: (row, patient, study, instances) per series, files written.
+
+    Big builds run patients in forked worker processes, but only when this process has no
+    other thread (forking a threaded process can deadlock the child; spawning would re-run
+    an unguarded ``__main__`` of the caller). Order and bytes are those of a sequential build.
+    """
+    jobs = [(spec, root, c, p) for c in range(spec.collections) for p in range(spec.patients)]
+    files = len(jobs) * spec.studies * spec.series * spec.instances
+    workers = min(os.cpu_count() or 1, MAX_WORKERS)
+    can_fork = "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
+    if not can_fork or workers < 2 or files < PARALLEL_MIN_FILES or len(jobs) < 2:
+        return [parts for job in jobs for parts in _patient_series_job(job)]
+    chunk = max(1, len(jobs) // (workers * 8))
+    context = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        return [parts for result in pool.map(_patient_series_job, jobs, chunksize=chunk) for parts in result]
 
 
 def pydicom_sample_files() -> list[tuple[Path, str]]:
