@@ -11,8 +11,9 @@ from typing import Any
 
 
 class Stats:
-    """Counters: requests per endpoint, downloads per SeriesInstanceUID, body bytes sent,
-    injected faults per kind. ``downloads`` counts getImage and getImageWithMD5Hash only."""
+    """Counters: requests per endpoint name (all versions together), downloads per
+    SeriesInstanceUID (getImage and getImageWithMD5Hash only), body bytes sent by the download
+    endpoints (ZIPs and getSingleImage; query answers are not counted), injected faults per kind."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
