@@ -170,7 +170,7 @@ class HarvestState:
             staging = self.staging_dir(uid)
             if staging.is_dir() and self._intact(rec, root=staging):
                 final = self.final_dir(rec)
-                self._move_aside(final)
+                self._move_aside(final)  # removed with the rest of tmp/ below
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.rename(staging, final)
                 self.recovered += 1
@@ -212,11 +212,14 @@ class HarvestState:
             return False
         return bool(rec.get("files"))
 
-    def _move_aside(self, final: Path) -> None:
-        """A folder under a final name that the journal does not vouch for goes to tmp (deleted)."""
+    def _move_aside(self, final: Path) -> Path | None:
+        """A folder under a final name that the journal does not vouch for goes to tmp/ (deleted
+        after the new one is in place, or by the next run's clean-up)."""
         if final.exists() or final.is_symlink():
             aside = self.tmp_dir / f"replaced-{series_key(str(final))}-{os.getpid()}"
             os.rename(final, aside)
+            return aside
+        return None
 
     # ------------------------------------------------------------ queries
     def complete(self, uid: str) -> dict[str, Any] | None:
@@ -244,12 +247,14 @@ class HarvestState:
         final = self.final_dir(rec)
         self._append({"event": "commit", "t": now_iso(), "series": rec})
         try:
-            self._move_aside(final)
+            aside = self._move_aside(final)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.rename(staging, final)
             _fsync_dir(final.parent)
         except OSError as exc:
             raise classify_os_error(exc, rec["path"]) from None
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
         with self._lock:
             self.records[rec["SeriesInstanceUID"]] = rec
 

@@ -12,7 +12,7 @@ import yaml
 
 from harvest_helpers import harvest, normal_collections, normal_series, select_all, test_config
 from harvester.config import AuthConfig
-from harvester.errors import AuthError, PermanentRequestError
+from harvester.errors import AuthError, PermanentRequestError, UsageError
 from harvester.server.app import TOKENS_KEY
 from harvester.server.auth import ServerAuth
 from harvester.server.testing import serve_in_thread
@@ -40,7 +40,7 @@ def test_parsers():
 
 def test_unknown_parameter_is_refused_before_sending(server, tmp_path):
     async def go(client):
-        with pytest.raises(PermanentRequestError) as err:
+        with pytest.raises(UsageError) as err:
             await client.query("getSeries", {"collection": "X"})
         assert "collection" in str(err.value)
         return client.requests

@@ -34,6 +34,7 @@ from harvester.errors import (
     PermanentRequestError,
     RequestError,
     RetryableRequestError,
+    UsageError,
     should_retry_request,
 )
 
@@ -299,16 +300,16 @@ class NBIAClient:
         """GET a JSON query endpoint; returns its rows (dicts; any key may be missing).
 
         Only parameter names listed for the endpoint in the API page are accepted (the
-        public v4 API answers 400 to anything else), and ``None`` values are dropped.
+        public v4 API answers 400 to anything else; we raise ``UsageError`` before sending),
+        and ``None`` values are dropped.
         """
         allowed = QUERY_ENDPOINTS.get(endpoint)
         if allowed is None:
-            raise PermanentRequestError(f"unknown endpoint {endpoint!r}",
-                                        hint=f"one of: {', '.join(QUERY_ENDPOINTS)}")
+            raise UsageError(f"unknown endpoint {endpoint!r}", hint=f"one of: {', '.join(QUERY_ENDPOINTS)}")
         clean = {k: str(v) for k, v in (params or {}).items() if v is not None and v != ""}
         bad = [k for k in clean if k not in allowed]
         if bad:
-            raise PermanentRequestError(
+            raise UsageError(
                 f"{endpoint} takes no parameter {bad[0]!r}",
                 hint=f"allowed: {', '.join(allowed) or 'none'} (names are case-sensitive)")
         url = self.url(endpoint, clean, collection=collection or clean.get("Collection"))
