@@ -18,19 +18,23 @@ from harvester.config import Config
 from harvester.engine import Engine, HarvestResult
 from harvester.errors import ManifestError, UsageError
 from harvester.layout import check_layout
-from harvester.planner import Plan, Planner
+from harvester.planner import Plan
 from harvester.progress import Hub
 from harvester.query import Query
-from harvester.source.nbia import NBIAClient, make_session, redact_url
+from harvester.source.base import Source
+from harvester.source.nbia import NBIAClient, NBIASource, make_session, redact_url
 from harvester.state import HarvestState
 
 
-async def aplan(query: Query, config: Config, *, client: NBIAClient | None = None) -> Plan:
+def make_source(config: Config, session: Any) -> Source:
+    """The archive named by the config, on the given HTTP session."""
+    return NBIASource(NBIAClient(config, session))
+
+
+async def aplan(query: Query, config: Config) -> Plan:
     """Expand ``query`` into series tasks (see ``harvester.planner``)."""
-    if client is not None:
-        return await Planner(client, concurrency=config.plan_concurrency).plan(query)
     async with make_session(config) as session:
-        return await Planner(NBIAClient(config, session), concurrency=config.plan_concurrency).plan(query)
+        return await make_source(config, session).plan(query)
 
 
 async def aharvest(query: Query, config: Config, *, hub: Hub | None = None,
@@ -42,15 +46,15 @@ async def aharvest(query: Query, config: Config, *, hub: Hub | None = None,
     await anyio.to_thread.run_sync(state.open)
     try:
         async with make_session(config) as session:
-            client = NBIAClient(config, session)
-            plan = await Planner(client, concurrency=config.plan_concurrency).plan(query)
+            source = make_source(config, session)
+            plan = await source.plan(query)
             if on_plan is not None:
                 on_plan(plan)
             totals = plan.to_json()
             from harvester.progress import Event
             hub.emit(Event("plan", data={"series": totals["series"], "bytes": totals["bytes"]}))
             header = {"api_url": redact_url(config.api_url), "query": query.to_json(), "layout": config.layout}
-            engine = Engine(config, client, state, hub)
+            engine = Engine(config, source, state, hub)
             return await engine.run(plan.tasks, header)
     finally:
         state.close()

@@ -1,8 +1,8 @@
 """The harvest engine: a bounded pool of workers that fetch, verify, unpack and commit series.
 
-Flow per series: ``fetch_series_zip`` (request-level retries) -> ``verify_and_unpack`` in a
-thread (count, size, MD5, DICOM, safe names) -> single-instance repair when only a few MD5s
-failed -> ``HarvestState.commit`` (journal, then atomic rename). A series that fails with a
+Flow per series: ``Source.fetch_series`` (for NBIA: stream the ZIP with request-level retries,
+verify count, size, MD5 and DICOM and unpack safely in a thread, repair single instances) ->
+``HarvestState.commit`` (journal, then atomic rename). A series that fails with a
 retryable error is put back in the queue after a backoff (series-level retry, like rclone's
 two levels); a permanent failure is recorded and the others go on; a ``FatalError`` (disk
 full, bad credentials) cancels every worker and propagates, leaving only verified series
@@ -14,7 +14,6 @@ healthy. The connection limit lives in the HTTP session.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 import shutil
@@ -29,20 +28,18 @@ from harvester.config import Config
 from harvester.errors import (
     FatalError,
     HarvesterError,
-    IntegrityError,
     RequestError,
     RetryableRequestError,
     SeriesError,
     classify_os_error,
     should_retry_series,
 )
-from harvester.fetch import RateLimiter, fetch_series_zip
+from harvester.fetch import RateLimiter
 from harvester.layout import assign_paths, safe_component
 from harvester.planner import SeriesTask
 from harvester.progress import Event, Hub
-from harvester.source.nbia import NBIAClient
+from harvester.source.base import Source
 from harvester.state import HarvestState, atomic_write, now_iso
-from harvester.unpack import read_dicom_ids, verify_and_unpack
 
 MANIFEST_EVERY = 30.0  # seconds between harvest.json rewrites during a run
 
@@ -97,18 +94,18 @@ class _Job:
 
 
 class Engine:
-    """Runs a list of ``SeriesTask``s into ``state``'s output directory."""
+    """Runs a list of ``SeriesTask``s from a ``Source`` into ``state``'s output directory."""
 
-    def __init__(self, config: Config, client: NBIAClient, state: HarvestState, hub: Hub) -> None:
+    def __init__(self, config: Config, source: Source, state: HarvestState, hub: Hub) -> None:
         self.config = config
-        self.client = client
+        self.source = source
         self.state = state
         self.hub = hub
         self.limit = AdaptiveLimit(config.workers)
         self.rate = RateLimiter(config.max_rate) if config.max_rate else None
         self._licenses: set[str] = set()
         self._rng = random.Random()
-        client.on_retry = self._on_request_retry
+        source.on_retry = self._on_request_retry
 
     def _on_request_retry(self, message: str) -> None:
         if "HTTP 429" in message or "HTTP 503" in message or "timed out" in message:
@@ -148,9 +145,9 @@ class Engine:
         failed = [(u, self.state.records.get(u, {}).get("error") or "failed") for u in order
                   if (self.state.records.get(u) or {}).get("status") != "complete"]
         return HarvestResult(
-            out_dir=self.state.out_dir, totals=totals, failed=failed if fatal is None else failed,
+            out_dir=self.state.out_dir, totals=totals, failed=failed,
             downloaded=tally.done_series, skipped=tally.skipped_series, bytes_received=tally.received_bytes,
-            requests=self.client.requests, retries=tally.retries + tally.series_retries,
+            requests=self.source.requests, retries=tally.retries + tally.series_retries,
             elapsed=time.monotonic() - started, fatal=fatal.one_line() if fatal else None,
         )
 
@@ -214,17 +211,10 @@ class Engine:
         partial = self.state.partial_path(task.series_uid)
         staging = self.state.staging_dir(task.series_uid)
         try:
-            await fetch_series_zip(self.client, task.series_uid, task.collection, partial,
-                                   chunk_size=self.config.chunk_size, rate=self.rate,
-                                   on_bytes=lambda n: self.hub.emit(Event("bytes", bytes=n)))
-            max_repairs = max(1, (task.image_count or 0) // 10)
-            unpacked = await anyio.to_thread.run_sync(
-                lambda: verify_and_unpack(partial, staging, series_uid=task.series_uid,
-                                          image_count=task.image_count, file_size=task.file_size,
-                                          limits=self.config.limits, max_repairs=max_repairs))
+            unpacked = await self.source.fetch_series(
+                task, partial=partial, staging=staging, rate=self.rate,
+                on_bytes=lambda n: self.hub.emit(Event("bytes", bytes=n)))
             _unlink(partial)
-            for repair in unpacked.repairs:
-                await self._repair(task, staging, repair.name, repair.sop_uid, repair.md5)
             record = self._record(job, unpacked.files)
             await anyio.to_thread.run_sync(self.state.commit, record, staging)
             if unpacked.license_text:
@@ -261,25 +251,6 @@ class Engine:
         await anyio.to_thread.run_sync(self.state.fail, record)
         self.hub.emit(Event("failed", task.series_uid, message=message))
         return None
-
-    async def _repair(self, task: SeriesTask, staging: Path, name: str, sop_uid: str, md5: str) -> None:
-        """Replace one corrupt file with getSingleImage; raises ``IntegrityError`` if that fails too."""
-        data = await self.client.single_image(task.series_uid, sop_uid, task.collection)
-        if hashlib.md5(data).hexdigest() != md5:
-            raise IntegrityError(f"{name} still fails its MD5 after a single-image refetch",
-                                 series_uid=task.series_uid)
-        target = staging / name
-
-        def write() -> None:
-            tmp = target.with_name(target.name + ".repair")
-            tmp.write_bytes(data)
-            series, sop, _ = read_dicom_ids(tmp)
-            if series != task.series_uid or sop != sop_uid:
-                raise IntegrityError(f"{name}: the single-image refetch is another instance",
-                                     series_uid=task.series_uid)
-            tmp.replace(target)
-
-        await anyio.to_thread.run_sync(write)
 
     def _record(self, job: _Job, files: list[Any], *, status: str = "complete", error: str | None = None
                 ) -> dict[str, Any]:

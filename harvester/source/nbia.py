@@ -417,5 +417,71 @@ async def _raise_for_status(resp: aiohttp.ClientResponse, shown: str) -> None:
                                 status=resp.status, url=shown)
 
 
-__all__ = ["NBIAClient", "TokenAuth", "HostGate", "make_session", "redact_url", "as_int",
+class NBIASource:
+    """The NBIA archive as a ``Source``: the planner for queries, getImage ZIPs for series.
+
+    Per series: stream the ZIP (``fetch_series_zip``), verify and unpack it in a thread
+    (``verify_and_unpack``), then repair up to one in ten instances that failed only their MD5
+    with getSingleImage instead of refetching the whole series.
+    """
+
+    def __init__(self, client: NBIAClient) -> None:
+        self.client = client
+
+    @property
+    def requests(self) -> int:
+        return self.client.requests
+
+    @property
+    def retries(self) -> int:
+        return self.client.retries
+
+    @property
+    def on_retry(self) -> Callable[[str], None] | None:
+        return self.client.on_retry
+
+    @on_retry.setter
+    def on_retry(self, fn: Callable[[str], None] | None) -> None:
+        self.client.on_retry = fn
+
+    async def plan(self, query: Any) -> Any:
+        from harvester.planner import Planner
+        return await Planner(self.client, concurrency=self.client.config.plan_concurrency).plan(query)
+
+    async def fetch_series(self, task: Any, *, partial: Any, staging: Any, on_bytes: Callable[[int], None],
+                           rate: Any) -> Any:
+        import hashlib
+
+        from harvester.errors import IntegrityError
+        from harvester.fetch import fetch_series_zip
+        from harvester.unpack import read_dicom_ids, verify_and_unpack
+
+        config = self.client.config
+        await fetch_series_zip(self.client, task.series_uid, task.collection, partial,
+                               chunk_size=config.chunk_size, rate=rate, on_bytes=on_bytes)
+        max_repairs = max(1, (task.image_count or 0) // 10)
+        unpacked = await anyio.to_thread.run_sync(
+            lambda: verify_and_unpack(partial, staging, series_uid=task.series_uid, image_count=task.image_count,
+                                      file_size=task.file_size, limits=config.limits, max_repairs=max_repairs))
+        for repair in unpacked.repairs:
+            data = await self.client.single_image(task.series_uid, repair.sop_uid, task.collection)
+            if hashlib.md5(data).hexdigest() != repair.md5:
+                raise IntegrityError(f"{repair.name} still fails its MD5 after a single-image refetch",
+                                     series_uid=task.series_uid)
+            target = staging / repair.name
+
+            def write(target: Any = target, data: bytes = data, sop: str = repair.sop_uid) -> None:
+                tmp = target.with_name(target.name + ".repair")
+                tmp.write_bytes(data)
+                series, got_sop, _ = read_dicom_ids(tmp)
+                if series != task.series_uid or got_sop != sop:
+                    raise IntegrityError(f"{target.name}: the single-image refetch is another instance",
+                                         series_uid=task.series_uid)
+                tmp.replace(target)
+
+            await anyio.to_thread.run_sync(write)
+        return unpacked
+
+
+__all__ = ["NBIAClient", "NBIASource", "TokenAuth", "HostGate", "make_session", "redact_url", "as_int",
            "parse_retry_after", "QUERY_ENDPOINTS", "RequestError"]

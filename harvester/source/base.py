@@ -1,0 +1,41 @@
+"""The seam between the engine and an archive: where bytes come from.
+
+An archive type (NBIA now, DICOMweb next) implements ``Source``. The engine only ever calls
+these methods, so a new archive is one new module, not a fork of the engine (httpx's
+transports, rclone's backends).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from harvester.fetch import RateLimiter
+    from harvester.planner import Plan, SeriesTask
+    from harvester.query import Query
+    from harvester.unpack import UnpackedSeries
+
+
+class Source(Protocol):
+    """One archive. Implementations raise the classified errors of ``harvester.errors``."""
+
+    #: HTTP requests sent and request-level retries so far (for summaries and benchmarks)
+    requests: int
+    retries: int
+    #: called before each request-level retry with a one-line message (no secrets)
+    on_retry: Callable[[str], None] | None
+
+    async def plan(self, query: Query) -> Plan:
+        """Expand a query into the exact list of series tasks."""
+        ...
+
+    async def fetch_series(self, task: SeriesTask, *, partial: Path, staging: Path,
+                           on_bytes: Callable[[int], None], rate: RateLimiter | None) -> UnpackedSeries:
+        """Download one series and leave its verified files in ``staging`` (created).
+
+        ``partial`` is a scratch file the source may use for the raw download. Raises
+        ``SeriesError`` subclasses (retry the series later / give up), request errors, or
+        ``FatalError``. The caller removes ``partial`` and ``staging`` on failure.
+        """
+        ...
