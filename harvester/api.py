@@ -27,7 +27,10 @@ from harvester.state import HarvestState
 
 
 def make_source(config: Config, session: Any) -> Source:
-    """The archive named by the config, on the given HTTP session."""
+    """The archive named by ``config.source``, on the given HTTP session."""
+    if config.source == "dicomweb":
+        from harvester.source.dicomweb import DICOMwebSource
+        return DICOMwebSource(config, session)
     return NBIASource(NBIAClient(config, session))
 
 

@@ -70,8 +70,12 @@ def _seconds(text: str) -> float:
 
 def _add_api_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("archive")
-    g.add_argument("--api-url", metavar="URL",
-                   help=f"NBIA API base ending in the version (default {DEFAULT_API_URL})")
+    g.add_argument("--api-url", "--url", metavar="URL", dest="api_url",
+                   help=f"NBIA API base ending in the version (default {DEFAULT_API_URL}), "
+                        "or the root of a DICOMweb service with --source dicomweb")
+    g.add_argument("--source", choices=["nbia", "dicomweb"], default=None,
+                   help="archive type (default nbia; or the manifest's 'source:')")
+    g.add_argument("--token-env", metavar="VAR", help="environment variable holding a bearer token (DICOMweb)")
     g.add_argument("--user", metavar="NAME", help="user for bearer-token auth (private or v2-era NBIA)")
     g.add_argument("--password-env", metavar="VAR", help="environment variable holding the password")
     g.add_argument("--password-file", metavar="FILE", type=Path, help="file holding the password")
@@ -166,11 +170,19 @@ def _token_url(api_url: str) -> str:
 
 
 def build_config(args: argparse.Namespace, env: dict[str, str], manifest_api: str | None = None,
-                 manifest_layout: str | None = None) -> Config:
-    api = getattr(args, "api_url", None) or env.get("HARVESTER_API_URL") or manifest_api or DEFAULT_API_URL
+                 manifest_layout: str | None = None, manifest_source: str | None = None) -> Config:
+    source = getattr(args, "source", None) or manifest_source or "nbia"
+    default = DEFAULT_API_URL if source == "nbia" else None
+    api = getattr(args, "api_url", None) or env.get("HARVESTER_API_URL") or manifest_api or default
+    if not api:
+        raise UsageError("a DICOMweb source needs its URL", hint="give --url URL or 'url:' in the manifest")
     if not re.match(r"^https?://[^/\s]+", api):
         raise UsageError(f"API URL {api!r} is not an http(s) URL")
-    changes: dict[str, Any] = {"api_url": api.rstrip("/")}
+    changes: dict[str, Any] = {"api_url": api.rstrip("/"), "source": source}
+    if getattr(args, "token_env", None):
+        if args.token_env not in env:
+            raise UsageError(f"--token-env names {args.token_env}, which is not set")
+        changes["bearer_token"] = env[args.token_env]
     if getattr(args, "user", None):
         password = _password(args, env)
         if password is None:
@@ -223,7 +235,7 @@ def cmd_plan(args: argparse.Namespace, env: dict[str, str]) -> int:
     from harvester.query import load_query
 
     query = load_query(args.query)
-    config = build_config(args, env, query.api, query.layout)
+    config = build_config(args, env, query.url or query.api, query.layout, query.source)
     plan = anyio.run(aplan, query, config)
     if args.json:
         print(json.dumps(plan.to_json()))
@@ -316,7 +328,7 @@ def cmd_run(args: argparse.Namespace, env: dict[str, str]) -> int:
     from harvester.query import load_query
 
     query = load_query(args.query)
-    config = build_config(args, env, query.api, query.layout)
+    config = build_config(args, env, query.url or query.api, query.layout, query.source)
     return _run_harvest(query, config)
 
 

@@ -36,9 +36,14 @@ class Limits:
     max_entries: int = 200_000
 
 
+SOURCES = ("nbia", "dicomweb")
+
+
 @dataclass(frozen=True)
 class Config:
-    api_url: str = DEFAULT_API_URL
+    api_url: str = DEFAULT_API_URL    # NBIA: base ending in the version; DICOMweb: the service root
+    source: str = "nbia"              # one of SOURCES
+    collection_attribute: str = "ClinicalTrialProtocolID"  # DICOMweb: the attribute holding the collection
     out_dir: Path = Path("harvest")
     layout: str = "descriptive"
     workers: int = 6                  # series in flight
@@ -52,7 +57,8 @@ class Config:
     backoff_max: float = 60.0
     max_rate: int | None = None       # bytes/s over all connections
     chunk_size: int = 1 << 20
-    auth: AuthConfig | None = None
+    auth: AuthConfig | None = None    # NBIA OAuth password grant; for DICOMweb: HTTP basic (user, password)
+    bearer_token: str | None = field(default=None, repr=False)  # a fixed bearer token (DICOMweb)
     limits: Limits = Limits()
     progress: bool = True
     quiet: bool = False

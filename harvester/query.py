@@ -35,7 +35,7 @@ _SELECTOR_KEYS = {
     "released_after", "series", "tcia", "csv",
 }
 _EXCLUDE_KEYS = {"collection", "modality", "body_part", "manufacturer", "patients", "studies", "series"}
-_TOP_KEYS = {"api", "layout", "select", "exclude", "limit"}
+_TOP_KEYS = {"api", "layout", "select", "exclude", "limit", "source", "url"}
 _UID_COLUMNS = ("SeriesInstanceUID", "Series UID", "Series Instance UID", "SeriesUID")
 
 
@@ -101,6 +101,8 @@ class Query:
     api: str | None = None
     layout: str | None = None
     origin: str = "<query>"
+    source: str | None = None      # "nbia" (default) or "dicomweb"
+    url: str | None = None         # a DICOMweb service root (``source: dicomweb``)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"origin": self.origin, "select": [s.to_json() for s in self.selectors]}
@@ -141,7 +143,7 @@ def query_from_dict(data: Any, *, origin: str = "<dict>", base_dir: Path | None 
         raise ManifestError(f"{origin}: a query manifest must be a mapping with a 'select' list")
     unknown = set(data) - _TOP_KEYS
     if unknown:
-        raise ManifestError(f"{origin}: unknown key {sorted(unknown)[0]!r} (allowed: {', '.join(sorted(_TOP_KEYS))})")
+        raise ManifestError(f"{origin}: unknown key {min(unknown, key=str)!r} (allowed: {', '.join(sorted(_TOP_KEYS))})")
     if "select" not in data:
         raise ManifestError(f"{origin}: missing key 'select' (a list of selectors)")
     select = data["select"]
@@ -162,13 +164,20 @@ def query_from_dict(data: Any, *, origin: str = "<dict>", base_dir: Path | None 
     layout = data.get("layout")
     if layout is not None and not isinstance(layout, str):
         raise ManifestError(f"{origin}: layout: expected a string")
-    return Query(selectors=selectors, exclude=exclude, limit=limit, api=api, layout=layout, origin=origin)
+    source = data.get("source")
+    if source is not None and source not in ("nbia", "dicomweb"):
+        raise ManifestError(f"{origin}: source: expected nbia or dicomweb, got {source!r}")
+    url = data.get("url")
+    if url is not None and (not isinstance(url, str) or not re.match(r"^https?://", url)):
+        raise ManifestError(f"{origin}: url: expected the http(s) root of a DICOMweb service")
+    return Query(selectors=selectors, exclude=exclude, limit=limit, api=api, layout=layout, origin=origin,
+                 source=source, url=url)
 
 
 def parse_manifest(text: str, *, origin: str, base_dir: Path) -> Query:
     try:
         data = yaml.safe_load(text) if not origin.lower().endswith(".json") else json.loads(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         where = ""
         mark = getattr(exc, "problem_mark", None)
         if mark is not None:
@@ -181,15 +190,15 @@ def parse_manifest(text: str, *, origin: str, base_dir: Path) -> Query:
 
 def parse_tcia(text: str, *, origin: str) -> tuple[str, ...]:
     """Parse a TCIA cart: properties up to ``ListOfSeriesToDownload=``, then UIDs one per line."""
-    lines = text.splitlines()
+    lines = text.lstrip("\ufeff").splitlines()
     start = None
     for i, line in enumerate(lines):
         key, sep, value = line.partition("=")
         if sep and key.strip() == "ListOfSeriesToDownload":
-            start = i + 1
-            first = value.strip()
-            if first:  # some writers put the first UID on the same line
-                lines.insert(i + 1, first)
+            # Some writers put the first UID on the same line; keeping it at index i keeps the
+            # line numbers in messages equal to the file's.
+            lines[i] = value
+            start = i
             break
     if start is None:
         raise ManifestError(f"{origin}: not a TCIA cart: no 'ListOfSeriesToDownload=' line")
@@ -208,26 +217,33 @@ def parse_tcia(text: str, *, origin: str) -> tuple[str, ...]:
 def parse_uid_list(text: str, *, origin: str) -> tuple[str, ...]:
     """Parse a CSV with a series-UID column, or plain text with one UID per line."""
     sample = text.lstrip("\ufeff")
-    rows = list(csv.reader(io.StringIO(sample)))
-    rows = [r for r in rows if any(cell.strip() for cell in r)]
-    if not rows:
+    # newline="" lets csv see \r, \n and \r\n line ends alike; line_num is the file's line number.
+    reader = csv.reader(io.StringIO(sample, newline=""))
+    numbered: list[tuple[int, list[str]]] = []
+    try:
+        for row in reader:
+            if any(cell.strip() for cell in row):
+                numbered.append((reader.line_num, row))
+    except csv.Error as exc:
+        raise ManifestError(f"{origin}: line {reader.line_num}: not readable as CSV ({exc})") from None
+    if not numbered:
         raise ManifestError(f"{origin}: no series UIDs found")
-    header = [c.strip() for c in rows[0]]
+    header = [c.strip() for c in numbered[0][1]]
     column = next((header.index(c) for c in _UID_COLUMNS if c in header), None)
     uids: list[str] = []
     if column is not None:
-        for lineno, row in enumerate(rows[1:], start=2):
+        for lineno, row in numbered[1:]:
             if column >= len(row) or not row[column].strip():
                 continue
             uid = row[column].strip()
-            _check_uid(uid, f"{origin}: row {lineno}, column {header[column]!r}")
+            _check_uid(uid, f"{origin}: line {lineno}, column {header[column]!r}")
             uids.append(uid)
     else:
         if len(header) > 1 or not UID_RE.match(header[0]):
             raise ManifestError(
                 f"{origin}: no series UID column (expected one of {', '.join(_UID_COLUMNS)}, or one UID per line)"
             )
-        for lineno, row in enumerate(rows, start=1):
+        for lineno, row in numbered:
             if len(row) != 1:
                 raise ManifestError(f"{origin}: line {lineno}: expected one UID per line")
             uid = row[0].strip()
@@ -251,6 +267,8 @@ def _read_text(p: Path) -> str:
         raise ManifestError(f"{p}: is a directory, expected a query file") from None
     except OSError as exc:
         raise ManifestError(f"{p}: cannot read: {exc.strerror}") from None
+    except ValueError:  # a NUL in the path
+        raise ManifestError(f"{str(p)!r}: not a usable file name") from None
     if b"\x00" in data:
         raise ManifestError(f"{p}: binary file (contains NUL bytes), expected text")
     try:
@@ -303,7 +321,7 @@ def _parse_selector(item: Any, where: str, base_dir: Path) -> Selector:
         raise ManifestError(f"{where}: expected a mapping such as {{collection: NAME}}")
     unknown = set(item) - _SELECTOR_KEYS
     if unknown:
-        raise ManifestError(f"{where}: unknown key {sorted(unknown)[0]!r} (allowed: {', '.join(sorted(_SELECTOR_KEYS))})")
+        raise ManifestError(f"{where}: unknown key {min(unknown, key=str)!r} (allowed: {', '.join(sorted(_SELECTOR_KEYS))})")
     file_keys = [k for k in ("series", "tcia", "csv") if k in item]
     if len(file_keys) > 1 or (file_keys and "collection" in item):
         raise ManifestError(f"{where}: use one of collection, series, tcia or csv per selector")
@@ -315,8 +333,11 @@ def _parse_selector(item: Any, where: str, base_dir: Path) -> Selector:
         if not isinstance(ref, str) or not ref.strip():
             raise ManifestError(f"{where}.{key}: expected a file path")
         path = Path(ref) if Path(ref).is_absolute() else base_dir / ref
-        text = _read_text(path)
-        uids = parse_tcia(text, origin=str(path)) if key == "tcia" else parse_uid_list(text, origin=str(path))
+        try:
+            text = _read_text(path)
+            uids = parse_tcia(text, origin=str(path)) if key == "tcia" else parse_uid_list(text, origin=str(path))
+        except ManifestError as exc:  # name the manifest and key as well as the referenced file
+            raise ManifestError(f"{where}.{key}: {exc}", hint=exc.hint) from None
         return Selector(origin=f"{where} ({path})", series=uids)
     if "series" in item:
         if len(item) != 1:
@@ -346,5 +367,5 @@ def _parse_exclude(value: Any, where: str) -> Exclusion:
         raise ManifestError(f"{where}: expected a mapping such as {{modality: [SEG]}}")
     unknown = set(value) - _EXCLUDE_KEYS
     if unknown:
-        raise ManifestError(f"{where}: unknown key {sorted(unknown)[0]!r} (allowed: {', '.join(sorted(_EXCLUDE_KEYS))})")
+        raise ManifestError(f"{where}: unknown key {min(unknown, key=str)!r} (allowed: {', '.join(sorted(_EXCLUDE_KEYS))})")
     return Exclusion(**{k: frozenset(_strings(v, f"{where}.{k}")) for k, v in value.items()})
