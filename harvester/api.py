@@ -57,6 +57,8 @@ async def aharvest(query: Query, config: Config, *, hub: Hub | None = None,
             from harvester.progress import Event
             hub.emit(Event("plan", data={"series": totals["series"], "bytes": totals["bytes"]}))
             header = {"api_url": redact_url(config.api_url), "query": query.to_json(), "layout": config.layout}
+            if state.header.get("last_sync"):
+                header["last_sync"] = state.header["last_sync"]
             engine = Engine(config, source, state, hub)
             return await engine.run(plan.tasks, header)
     finally:

@@ -126,9 +126,37 @@ def build_parser() -> argparse.ArgumentParser:
                        help="output format (default: table on a terminal, json otherwise)")
     _add_api_args(query)
 
+    sync = sub.add_parser("sync", help="bring DIR up to date with a query: new, changed and missing series",
+                          description="Mirror QUERY into DIR: fetch series that are new, changed on the server "
+                                      "(image count, size, or re-released since the last sync), missing or failed. "
+                                      "A changed series keeps its old copy until the new one verifies.",
+                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sync.add_argument("query", metavar="QUERY")
+    sync.add_argument("-o", "--out", metavar="DIR", type=Path, required=True)
+    sync.add_argument("--prune", action="store_true",
+                      help="move series no longer selected to DIR/.harvester/trash/ (never deleted)")
+    sync.add_argument("--dry-run", action="store_true", help="print the difference and change nothing")
+    sync.add_argument("--workers", type=_positive, metavar="N")
+    sync.add_argument("--layout", metavar="LAYOUT")
+    sync.add_argument("--no-progress", action="store_true")
+    sync.add_argument("--quiet", "-q", action="store_true")
+    _add_api_args(sync)
+
     verify = sub.add_parser("verify", help="re-hash every harvested file against DIR/harvest.json",
                             epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     verify.add_argument("dir", metavar="DIR", type=Path)
+    verify.add_argument("--repair", action="store_true",
+                        help="refetch what fails: single instances with getSingleImage, whole series only if needed")
+    _add_api_args(verify)
+
+    status = sub.add_parser("status", help="what DIR holds per collection, last sync, failures, disk use")
+    status.add_argument("dir", metavar="DIR", type=Path)
+    status.add_argument("--json", action="store_true")
+
+    export = sub.add_parser("export", help="write a TCIA cart (.tcia) or a CSV of the series in DIR")
+    export.add_argument("dir", metavar="DIR", type=Path)
+    export.add_argument("--tcia", metavar="FILE", type=Path, help="a cart the TCIA portal and Data Retriever accept")
+    export.add_argument("--csv", metavar="FILE", type=Path, help="one row per series with metadata and path")
 
     demo = sub.add_parser("demo", help="serve a small synthetic archive on loopback and harvest it for real")
     demo.add_argument("dir", metavar="DIR", type=Path, nargs="?", default=Path("harvest-demo"))
@@ -281,7 +309,14 @@ def cmd_query(args: argparse.Namespace, env: dict[str, str]) -> int:
     return EXIT_OK
 
 
-def _run_harvest(query: Any, config: Config, *, out: Any = None) -> int:
+def _recorded_api(out_dir: Path) -> str | None:
+    try:
+        return json.loads((out_dir / "harvest.json").read_text("utf-8")).get("api_url")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _run_harvest(query: Any, config: Config, *, out: Any = None, runner: Any = None) -> int:
     from harvester.api import aharvest
     from harvester.progress import Hub, PlainDisplay, RichDisplay, human_bytes, human_duration
 
@@ -301,11 +336,12 @@ def _run_harvest(query: Any, config: Config, *, out: Any = None) -> int:
                   f"from {len(t['collections'])} collection(s) ({plan.requests} metadata requests)",
                   file=sys.stderr, flush=True)
 
+    run = runner or (lambda q, c, hub, on_plan: aharvest(q, c, hub=hub, on_plan=on_plan))
     if display is not None:
         with display:
-            result = anyio.run(lambda: aharvest(query, config, hub=hub, on_plan=on_plan))
+            result = anyio.run(lambda: run(query, config, hub, on_plan))
     else:
-        result = anyio.run(lambda: aharvest(query, config, hub=hub, on_plan=on_plan))
+        result = anyio.run(lambda: run(query, config, hub, on_plan))
     tally = hub.tally
     rate = tally.received_bytes / result.elapsed if result.elapsed else 0
     totals = result.totals
@@ -332,10 +368,87 @@ def cmd_run(args: argparse.Namespace, env: dict[str, str]) -> int:
     return _run_harvest(query, config)
 
 
+def cmd_sync(args: argparse.Namespace, env: dict[str, str]) -> int:
+    from harvester.mirror import async_sync
+    from harvester.query import load_query
+
+    query = load_query(args.query)
+    config = build_config(args, env, query.url or query.api, query.layout, query.source)
+    if args.dry_run:
+        result = anyio.run(lambda: async_sync(query, config, prune=args.prune, dry_run=True))
+        d = result.diff
+        print(f"dry run: {len(d.new)} new, {len(d.changed)} changed, {len(d.unchanged)} unchanged, "
+              f"{len(d.removed)} no longer selected{' (would be pruned)' if args.prune else ''}")
+        for label, uids in (("new", d.new), ("changed", d.changed), ("removed", d.removed)):
+            for uid in uids:
+                print(f"  {label}: {uid}")
+        return EXIT_OK
+    holder: dict[str, Any] = {}
+
+    async def go(query: Any, config: Config, hub: Any, on_plan: Any) -> Any:
+        result = await async_sync(query, config, prune=args.prune, hub=hub)
+        holder["sync"] = result
+        return result.harvest
+
+    code = _run_harvest(query, config, runner=go)
+    sync = holder.get("sync")
+    if sync is not None:
+        d = sync.diff
+        print(f"sync: {len(d.new)} new, {len(d.changed)} changed, {len(d.unchanged)} unchanged, "
+              f"{len(d.removed)} no longer selected, {len(sync.pruned)} pruned")
+    return code
+
+
+def cmd_status(args: argparse.Namespace, env: dict[str, str]) -> int:
+    from harvester.mirror import read_status
+    from harvester.progress import human_bytes
+
+    st = read_status(args.dir)
+    if args.json:
+        print(json.dumps(st, indent=1))
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{args.dir}: last sync {st['last_sync'] or 'never'}, disk use {human_bytes(st['disk_bytes'])}")
+    for col in ("collection", "series", "complete", "failed", "files", "size"):
+        table.add_column(col, justify="left" if col == "collection" else "right")
+    for name, c in st["collections"].items():
+        table.add_row(name, str(c["series"]), str(c["complete"]), str(c["failed"]), str(c["files"]),
+                      human_bytes(c["bytes"]))
+    Console().print(table)
+    for f in st["failures"]:
+        print(f"failed: {f['SeriesInstanceUID']}: {f['error']}")
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace, env: dict[str, str]) -> int:
+    from harvester.mirror import export_csv, export_tcia
+
+    if not args.tcia and not args.csv:
+        raise UsageError("export needs --tcia FILE and/or --csv FILE")
+    if args.tcia:
+        print(f"wrote {args.tcia}: {export_tcia(args.dir, args.tcia)} series")
+    if args.csv:
+        print(f"wrote {args.csv}: {export_csv(args.dir, args.csv)} series")
+    return EXIT_OK
+
+
 def cmd_verify(args: argparse.Namespace, env: dict[str, str]) -> int:
     from harvester.api import verify_tree
     from harvester.progress import human_bytes
 
+    if args.repair:
+        from harvester.mirror import async_repair
+        config = build_config(args, env, _recorded_api(args.dir))
+        config = Config(**{**config.__dict__, "out_dir": args.dir, "progress": False})
+        rep = anyio.run(lambda: async_repair(config))
+        for path in rep.repaired_files:
+            print(f"repaired: {path}")
+        for uid in rep.refetched_series:
+            print(f"refetched series: {uid}")
+        print(f"{len(rep.damaged)} damaged file(s): {len(rep.repaired_files)} repaired alone, "
+              f"{len(rep.refetched_series)} series refetched")
     result = verify_tree(args.dir)
     for problem in result.problems:
         print(f"damaged: {problem}")
@@ -369,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     env = dict(os.environ)
-    commands = {"run": cmd_run, "plan": cmd_plan, "query": cmd_query, "verify": cmd_verify, "demo": cmd_demo}
+    commands = {"run": cmd_run, "plan": cmd_plan, "query": cmd_query, "verify": cmd_verify, "demo": cmd_demo,
+                "sync": cmd_sync, "status": cmd_status, "export": cmd_export}
     try:
         if args.command == "serve":
             from harvester.server.serve import run_serve

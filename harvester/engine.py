@@ -112,14 +112,17 @@ class Engine:
             self.limit.push_back()
         self.hub.emit(Event("retry", message=message))
 
-    async def run(self, tasks: list[SeriesTask], header: dict[str, Any]) -> HarvestResult:
+    async def run(self, tasks: list[SeriesTask], header: dict[str, Any],
+                  refetch: frozenset[str] = frozenset()) -> HarvestResult:
+        """Harvest ``tasks``; complete series are skipped unless listed in ``refetch`` (their old
+        copy stays in place until the new one is verified and committed)."""
         started = time.monotonic()
         header = dict(header, started=now_iso(), finished=None)
         order = [t.series_uid for t in tasks]
         todo: list[SeriesTask] = []
         for t in tasks:
             done = self.state.complete(t.series_uid)
-            if done is not None:
+            if done is not None and t.series_uid not in refetch:
                 self.hub.emit(Event("skip", t.series_uid, bytes=int(done.get("bytes") or 0)))
             else:
                 todo.append(t)
@@ -136,6 +139,9 @@ class Engine:
             fatal = exc
         finally:
             header["finished"] = now_iso()
+            if fatal is None and all(self.state.complete(u) for u in order):
+                # sync counts "what is new" from here (see harvester.mirror)
+                header["last_sync"] = header["started"]
             with anyio.CancelScope(shield=True):
                 try:
                     totals = await anyio.to_thread.run_sync(self.state.write_manifest, header, order)

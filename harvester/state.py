@@ -94,6 +94,7 @@ class HarvestState:
         self.recovered = 0      # commits finished during recovery
         self.lost = 0           # commits whose files were gone (will be fetched again)
         self._lock = threading.Lock()
+        self._pending_trash: dict[str, tuple[str, str]] = {}  # uid -> (path, trash) of prunes
         self._journal: io.BufferedWriter | None = None
         self._lockfile: int | None = None
 
@@ -158,10 +159,16 @@ class HarvestState:
                     if kind == "failed" and self.records.get(uid, {}).get("status") == "complete":
                         continue  # a later failure to refresh never hides a verified copy
                     self.records[uid] = rec
+                    self._pending_trash.pop(uid, None)  # fetched again after a prune: keep it
                 elif kind == "forget" and event.get("uid"):
                     self.records.pop(str(event["uid"]), None)
+                    if event.get("path") and event.get("trash"):
+                        self._pending_trash[str(event["uid"])] = (str(event["path"]), str(event["trash"]))
 
     def _recover(self) -> None:
+        for path, trash in self._pending_trash.values():  # prunes interrupted between journal and move
+            self._to_trash(path, trash)
+        self._pending_trash.clear()
         for uid, rec in list(self.records.items()):
             if rec.get("status") != "complete":
                 continue
@@ -258,12 +265,40 @@ class HarvestState:
         with self._lock:
             self.records[rec["SeriesInstanceUID"]] = rec
 
+    def restore(self, rec: dict[str, Any]) -> None:
+        """Record a series complete again after its files were mended in place (``verify --repair``)."""
+        self._append({"event": "commit", "t": now_iso(), "series": rec})
+        with self._lock:
+            self.records[rec["SeriesInstanceUID"]] = rec
+
     def fail(self, rec: dict[str, Any]) -> None:
         self._append({"event": "failed", "t": now_iso(), "series": rec})
         with self._lock:
             uid = rec["SeriesInstanceUID"]
             if self.records.get(uid, {}).get("status") != "complete":
                 self.records[uid] = rec
+
+    def forget(self, uid: str, path: str, trash: str) -> None:
+        """Drop a series from the manifest and move its folder to ``trash`` (relative to DIR).
+
+        Journalled first, so a kill between the two steps is finished by the next ``open()``.
+        """
+        self._append({"event": "forget", "t": now_iso(), "uid": uid, "path": path, "trash": trash})
+        self._to_trash(path, trash)
+        with self._lock:
+            self.records.pop(uid, None)
+
+    def _to_trash(self, path: str, trash: str) -> None:
+        src, dst = self.out_dir / path, self.out_dir / trash
+        root = self.out_dir.resolve()
+        if not src.resolve().is_relative_to(root) or not dst.resolve().is_relative_to(root):
+            return
+        if src.exists() and not dst.exists():
+            try:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(src, dst)
+            except OSError as exc:
+                raise classify_os_error(exc, path) from None
 
     def log_event(self, event: dict[str, Any]) -> None:
         """Anything else worth keeping (run start/finish, retries): appended to the journal."""

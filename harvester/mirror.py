@@ -1,0 +1,351 @@
+"""Dataset mirroring: keep an output directory current with a query, repair it, describe it.
+
+* ``async_sync``: plan the query now, compare with ``harvest.json``, and fetch what is new,
+  what changed on the server (ImageCount or FileSize differ, or getUpdatedSeries lists it
+  since the last successful sync, minus a safety overlap) and what is missing or failed.
+  With ``prune``, series no longer selected move to ``DIR/.harvester/trash/``. ``dry_run``
+  only reports the difference. A changed series keeps its old copy until the new one is
+  verified (``HarvestState.commit`` swaps them atomically).
+* ``async_repair``: re-hash every file; refetch only the bad instances with getSingleImage,
+  and the whole series only when an instance cannot be repaired alone.
+* ``read_status``, ``export_tcia``, ``export_csv``: what the tree holds, for people and tools.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from harvester.config import Config
+from harvester.engine import Engine, HarvestResult
+from harvester.errors import HarvesterError, ManifestError, RequestError, UsageError
+from harvester.planner import Plan, SeriesTask
+from harvester.progress import Event, Hub
+from harvester.query import Query
+from harvester.source.nbia import NBIAClient, as_int, make_session, redact_url
+from harvester.state import HarvestState, atomic_write, now_iso
+
+SYNC_OVERLAP = dt.timedelta(days=2)
+
+
+@dataclass
+class SyncDiff:
+    new: list[str] = field(default_factory=list)          # not harvested yet (or failed before)
+    changed: list[str] = field(default_factory=list)      # complete here, different on the server
+    unchanged: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)      # complete here, no longer selected
+
+    def to_json(self) -> dict[str, Any]:
+        return {"new": self.new, "changed": self.changed, "unchanged": len(self.unchanged), "removed": self.removed}
+
+
+@dataclass
+class SyncResult:
+    diff: SyncDiff
+    harvest: HarvestResult | None
+    pruned: list[str]
+    dry_run: bool
+
+
+def from_date_param(when: dt.date, api_url: str) -> str:
+    """fromDate as the API version wants it: v4 MM-DD-YYYY, v1/v2 DD/MM/YYYY."""
+    version = api_url.rstrip("/").rsplit("/", 1)[-1]
+    return when.strftime("%d/%m/%Y") if version in ("v1", "v2") else when.strftime("%m-%d-%Y")
+
+
+def diff_plan(state: HarvestState, plan: Plan, updated: set[str]) -> SyncDiff:
+    """Compare what is on disk with what the query selects now."""
+    diff = SyncDiff()
+    selected = set()
+    for task in plan.tasks:
+        selected.add(task.series_uid)
+        rec = state.complete(task.series_uid)
+        if rec is None:
+            diff.new.append(task.series_uid)
+            continue
+        meta = rec.get("metadata") or {}
+        count_changed = task.image_count is not None and task.image_count != len(rec.get("files", []))
+        size_changed = task.file_size is not None and as_int(meta.get("FileSize")) not in (None, task.file_size)
+        released_changed = (str(task.row.get("DateReleased") or "") != str(meta.get("DateReleased") or "")
+                            and task.series_uid in updated)
+        if count_changed or size_changed or released_changed:
+            diff.changed.append(task.series_uid)
+        else:
+            diff.unchanged.append(task.series_uid)
+    diff.removed = sorted(uid for uid, rec in state.records.items()
+                          if rec.get("status") == "complete" and uid not in selected)
+    return diff
+
+
+async def _updated_since(client: NBIAClient, last_sync: str | None) -> set[str]:
+    """Series the archive says were released or updated since the last sync (minus an overlap)."""
+    if not last_sync:
+        return set()
+    try:
+        since = dt.datetime.fromisoformat(last_sync.replace("Z", "+00:00")).date() - SYNC_OVERLAP
+    except ValueError:
+        return set()
+    rows = await client.query("getUpdatedSeries", {"fromDate": from_date_param(since, client.config.api_url)})
+    return {str(r["SeriesInstanceUID"]) for r in rows if r.get("SeriesInstanceUID")}
+
+
+async def async_sync(query: Query, config: Config, *, prune: bool = False, dry_run: bool = False,
+                     hub: Hub | None = None) -> SyncResult:
+    """Bring ``config.out_dir`` up to date with ``query`` (see the module docstring)."""
+    from harvester.api import make_source
+
+    hub = hub or Hub()
+    state = HarvestState(config.out_dir)
+    await anyio.to_thread.run_sync(state.open)
+    try:
+        async with make_session(config) as session:
+            source = make_source(config, session)
+            plan = await source.plan(query)
+            updated: set[str] = set()
+            if isinstance(getattr(source, "client", None), NBIAClient):
+                try:
+                    updated = await _updated_since(source.client, state.header.get("last_sync"))
+                except RequestError:
+                    updated = set()  # counts and sizes still catch changed series
+            diff = diff_plan(state, plan, updated)
+            if dry_run:
+                return SyncResult(diff=diff, harvest=None, pruned=[], dry_run=True)
+            pruned = await anyio.to_thread.run_sync(_prune, state, diff.removed) if prune else []
+            totals = plan.to_json()
+            hub.emit(Event("plan", data={"series": totals["series"], "bytes": totals["bytes"]}))
+            header = _header(config, query, state)
+            result = await Engine(config, source, state, hub).run(plan.tasks, header,
+                                                                   refetch=frozenset(diff.changed))
+            return SyncResult(diff=diff, harvest=result, pruned=pruned, dry_run=False)
+    finally:
+        state.close()
+
+
+def _header(config: Config, query: Query, state: HarvestState) -> dict[str, Any]:
+    header = {"api_url": redact_url(config.api_url), "query": query.to_json(), "layout": config.layout}
+    if state.header.get("last_sync"):
+        header["last_sync"] = state.header["last_sync"]
+    return header
+
+
+def _prune(state: HarvestState, uids: list[str]) -> list[str]:
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    pruned = []
+    for uid in uids:
+        rec = state.complete(uid)
+        if rec is None:
+            continue
+        trash = Path(".harvester") / "trash" / stamp / rec["path"]
+        state.forget(uid, rec["path"], str(trash))
+        pruned.append(uid)
+    return pruned
+
+
+# ---------------------------------------------------------------- repair
+
+@dataclass
+class RepairResult:
+    damaged: list[str] = field(default_factory=list)        # file paths that failed verification
+    repaired_files: list[str] = field(default_factory=list)  # fixed with getSingleImage
+    refetched_series: list[str] = field(default_factory=list)
+    harvest: HarvestResult | None = None
+    still_bad: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.still_bad and (self.harvest is None or self.harvest.ok)
+
+
+def _file_md5(path: Path) -> str | None:
+    try:
+        md5 = hashlib.md5()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                md5.update(chunk)
+        return md5.hexdigest()
+    except OSError:
+        return None
+
+
+def task_from_record(rec: dict[str, Any]) -> SeriesTask:
+    meta = rec.get("metadata") or {}
+    return SeriesTask(
+        series_uid=rec["SeriesInstanceUID"], collection=rec.get("Collection", ""),
+        patient_id=rec.get("PatientID", ""), study_uid=rec.get("StudyInstanceUID", ""),
+        modality=rec.get("Modality", ""),
+        image_count=as_int(meta.get("ImageCount")) or len(rec.get("files", [])),
+        file_size=as_int(meta.get("FileSize")) or rec.get("bytes"),
+        row=dict(meta), study=rec.get("study"), patient=rec.get("patient"),
+    )
+
+
+async def async_repair(config: Config, *, hub: Hub | None = None) -> RepairResult:
+    """Verify every file of ``config.out_dir`` and repair what fails (see the module docstring)."""
+    from harvester.api import make_source
+    from harvester.unpack import read_dicom_ids
+
+    hub = hub or Hub()
+    state = HarvestState(config.out_dir)
+    await anyio.to_thread.run_sync(state.open)
+    result = RepairResult()
+    try:
+        bad: dict[str, list[dict[str, Any]]] = {}
+
+        def scan() -> None:
+            # Complete series, and those whose files went missing (recovery marked them failed
+            # but kept the list of what they held): both can be mended file by file.
+            for uid, rec in state.records.items():
+                if not rec.get("files"):
+                    continue
+                for f in rec.get("files", []):
+                    if _file_md5(config.out_dir / f["path"]) != f["md5"]:
+                        bad.setdefault(uid, []).append(f)
+                        result.damaged.append(f["path"])
+
+        await anyio.to_thread.run_sync(scan)
+        if not bad:
+            return result
+        async with make_session(config) as session:
+            source = make_source(config, session)
+            client: NBIAClient | None = getattr(source, "client", None)
+            refetch: list[str] = []
+            for uid, files in bad.items():
+                rec = state.records[uid]
+                ok = client is not None
+                for f in files:
+                    if not ok:
+                        break
+                    try:
+                        data = await client.single_image(uid, f["SOPInstanceUID"], rec.get("Collection"))
+                    except (RequestError, HarvesterError):
+                        ok = False
+                        break
+                    if hashlib.md5(data).hexdigest() != f["md5"]:
+                        ok = False
+                        break
+                    target = config.out_dir / f["path"]
+
+                    def replace(target: Path = target, data: bytes = data, sop: str = f["SOPInstanceUID"]) -> bool:
+                        tmp = state.tmp_dir / f"repair-{hashlib.sha1(str(target).encode()).hexdigest()[:16]}"
+                        tmp.write_bytes(data)
+                        series, got_sop, _ = read_dicom_ids(tmp)
+                        if series != uid or got_sop != sop:
+                            tmp.unlink()
+                            return False
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        os.replace(tmp, target)  # atomic: the old bad file or the good one, never half
+                        return True
+
+                    if not await anyio.to_thread.run_sync(replace):
+                        ok = False
+                        break
+                    result.repaired_files.append(f["path"])
+                if not ok:
+                    refetch.append(uid)
+                elif rec.get("status") != "complete":
+                    await anyio.to_thread.run_sync(state.restore, dict(rec, status="complete", error=None))
+            if refetch:
+                result.refetched_series = refetch
+                tasks = [task_from_record(state.records[u]) for u in refetch]
+                header = {k: v for k, v in state.header.items() if k not in ("started", "finished", "schema")}
+                result.harvest = await Engine(config, source, state, hub).run(tasks, header,
+                                                                               refetch=frozenset(refetch))
+            else:
+                header = {k: v for k, v in state.header.items() if k != "schema"}
+                await anyio.to_thread.run_sync(state.write_manifest, header)
+        return result
+    finally:
+        state.close()
+
+
+# ---------------------------------------------------------------- status and exports
+
+def _load_manifest(out_dir: Path) -> dict[str, Any]:
+    path = out_dir / "harvest.json"
+    try:
+        doc = json.loads(path.read_text("utf-8"))
+        if not isinstance(doc.get("series"), list):
+            raise ValueError
+        return doc
+    except FileNotFoundError:
+        raise UsageError(f"{path}: not found", hint="give the output directory of a harvest") from None
+    except (ValueError, OSError, AttributeError):
+        raise ManifestError(f"{path}: unreadable or not a harvester manifest") from None
+
+
+def read_status(out_dir: Path) -> dict[str, Any]:
+    """What DIR holds: per collection series/files/bytes, failures, last sync, disk use."""
+    doc = _load_manifest(out_dir)
+    collections: dict[str, dict[str, int]] = {}
+    failures = []
+    for rec in doc["series"]:
+        c = collections.setdefault(str(rec.get("Collection", "")), {"series": 0, "complete": 0, "failed": 0,
+                                                                     "files": 0, "bytes": 0})
+        c["series"] += 1
+        if rec.get("status") == "complete":
+            c["complete"] += 1
+            c["files"] += len(rec.get("files", []))
+            c["bytes"] += int(rec.get("bytes") or 0)
+        else:
+            c["failed"] += 1
+            failures.append({"SeriesInstanceUID": rec.get("SeriesInstanceUID"), "error": rec.get("error")})
+    disk = 0
+    for root, _dirs, files in os.walk(out_dir):
+        for name in files:
+            try:
+                disk += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return {
+        "dir": str(out_dir), "api_url": doc.get("api_url"), "started": doc.get("started"),
+        "finished": doc.get("finished"), "last_sync": doc.get("last_sync"), "totals": doc.get("totals", {}),
+        "collections": dict(sorted(collections.items())), "failures": failures, "disk_bytes": disk,
+    }
+
+
+def export_tcia(out_dir: Path, target: Path) -> int:
+    """Write a TCIA portal cart of the complete series; returns how many series it lists."""
+    doc = _load_manifest(out_dir)
+    uids = [r["SeriesInstanceUID"] for r in doc["series"] if r.get("status") == "complete"]
+    stamp = int(dt.datetime.now(dt.timezone.utc).timestamp() * 1000)
+    lines = [
+        "downloadServerUrl=https://nbia.cancerimagingarchive.net/nbia-download/servlet/DownloadServlet",
+        "includeAnnotation=true", "noOfrRetry=4", f"databasketId=manifest-{stamp}.tcia", "manifestVersion=3.0",
+        "ListOfSeriesToDownload=", *uids,
+    ]
+    atomic_write(target, ("\n".join(lines) + "\n").encode("utf-8"))
+    return len(uids)
+
+
+EXPORT_COLUMNS = ["SeriesInstanceUID", "Collection", "PatientID", "StudyInstanceUID", "Modality", "status",
+                  "path", "files", "bytes", "SeriesDescription", "SeriesNumber", "StudyDate", "BodyPartExamined",
+                  "Manufacturer", "DateReleased", "error"]
+
+
+def export_csv(out_dir: Path, target: Path) -> int:
+    """One row per series with its metadata and path; returns the number of rows."""
+    doc = _load_manifest(out_dir)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(EXPORT_COLUMNS)
+    for r in doc["series"]:
+        meta = r.get("metadata") or {}
+        writer.writerow([r.get("SeriesInstanceUID"), r.get("Collection"), r.get("PatientID"),
+                         r.get("StudyInstanceUID"), r.get("Modality"), r.get("status"), r.get("path"),
+                         len(r.get("files", [])), r.get("bytes"), meta.get("SeriesDescription", ""),
+                         meta.get("SeriesNumber", ""), meta.get("StudyDate", ""), meta.get("BodyPartExamined", ""),
+                         meta.get("Manufacturer", ""), meta.get("DateReleased", ""), r.get("error") or ""])
+    atomic_write(target, buf.getvalue().encode("utf-8"))
+    return len(doc["series"])
+
+
+__all__ = ["SyncDiff", "SyncResult", "RepairResult", "async_sync", "async_repair", "read_status",
+           "export_tcia", "export_csv", "diff_plan", "from_date_param", "now_iso"]

@@ -1,0 +1,201 @@
+"""Mirroring: sync against an archive that grows and changes, prune, dry run, repair, status, export."""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+import yaml
+
+from harvest_helpers import assert_identical, manifest, test_config
+from harvester.api import verify_tree
+from harvester.mirror import async_repair, async_sync, export_csv, export_tcia, from_date_param, read_status
+from harvester.query import load_query, query_from_dict
+from harvester.server.archive import Archive
+from harvester.server.synthetic import SyntheticSpec, build_synthetic
+from harvester.server.testing import serve_in_thread
+
+BEFORE = "collections=1,patients=2,studies=1,series=2,instances=3,size=4KB,seed=21"
+AFTER = "collections=1,patients=3,studies=2,series=2,instances=3,size=4KB,seed=21"  # a superset of BEFORE
+
+
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory):
+    cache = Path(os.environ.get("HARVESTER_TEST_CACHE") or tmp_path_factory.mktemp("syn"))
+    before = build_synthetic(SyntheticSpec.parse(BEFORE), cache)
+    grown = build_synthetic(SyntheticSpec.parse(AFTER), cache)
+    assert {r.uid for r in before.records()} < {r.uid for r in grown.records()}
+    today = dt.date.today().isoformat() + " 00:00:00.0"
+    records = []
+    old = sorted(r.uid for r in before.records())
+    shrunk, rereleased = old[0], old[1]
+    for rec in grown.records():
+        if rec.uid == shrunk:  # the server dropped an instance: ImageCount and FileSize change
+            inst = rec.instances[:-1]
+            row = dict(rec.row, ImageCount=len(inst), FileSize=sum(i.size for i in inst), DateReleased=today)
+            rec = dataclasses.replace(rec, row=row, instances=inst)
+        elif rec.uid == rereleased:  # same counts, re-released: only getUpdatedSeries tells
+            rec = dataclasses.replace(rec, row=dict(rec.row, DateReleased=today))
+        records.append(rec)
+    return before, Archive(records), shrunk, rereleased
+
+
+def query_all(archive) -> dict:
+    return {"select": [{"collection": c} for c in sorted({r.row["Collection"] for r in archive.records()})]}
+
+
+def sync(base_url, out, query, **kw):
+    config = test_config(base_url, out)
+    return anyio.run(lambda: async_sync(query_from_dict(query, origin="test"), config, **kw))
+
+
+def test_from_date_formats():
+    day = dt.date(2024, 3, 7)
+    assert from_date_param(day, "http://h/nbia-api/services/v4") == "03-07-2024"
+    assert from_date_param(day, "http://h/nbia-api/services/v2") == "07/03/2024"
+    assert from_date_param(day, "http://h/nbia-api/services/v1") == "07/03/2024"
+
+
+def test_sync_fetches_exactly_what_is_new_or_changed(archives, tmp_path):
+    before, after, shrunk, rereleased = archives
+    out = tmp_path / "mirror"
+    with serve_in_thread(before) as srv:
+        first = sync(srv.base_url, out, query_all(before))
+        assert first.harvest.ok
+    assert manifest(out)["last_sync"]
+    with serve_in_thread(after) as srv:
+        dry = sync(srv.base_url, out, query_all(after), dry_run=True)
+        new = sorted({r.uid for r in after.records()} - {r.uid for r in before.records()})
+        assert sorted(dry.diff.new) == new
+        assert sorted(dry.diff.changed) == sorted([shrunk, rereleased])
+        assert dry.diff.removed == []
+        assert srv.stats.downloads == {}, "a dry run downloads nothing"
+        assert json.loads((out / "harvest.json").read_text())["totals"]["complete"] == len(before.records())
+
+        result = sync(srv.base_url, out, query_all(after))
+        assert result.harvest.ok, result.harvest.failed
+        assert sorted(srv.stats.downloads) == sorted(new + [shrunk, rereleased])
+        assert all(n == 1 for n in srv.stats.downloads.values())
+        assert srv.stats.requests.get("getUpdatedSeries", 0) >= 1
+    assert_identical(out, after, sorted(r.uid for r in after.records()))
+    assert verify_tree(out).ok
+    # a third sync against the same archive has nothing to do
+    with serve_in_thread(after) as srv:
+        again = sync(srv.base_url, out, query_all(after))
+        assert again.harvest.ok and srv.stats.downloads == {}
+
+
+def test_prune_moves_unselected_series_to_trash(archives, tmp_path):
+    before, _after, _s, _r = archives
+    out = tmp_path / "mirror"
+    with serve_in_thread(before) as srv:
+        assert sync(srv.base_url, out, query_all(before)).harvest.ok
+        patient = sorted({r.row["PatientID"] for r in before.records()})[0]
+        keep = {"select": [{"collection": before.records()[0].row["Collection"], "patients": [patient]}]}
+        dropped = sorted(r.uid for r in before.records() if r.row["PatientID"] != patient)
+        dry = sync(srv.base_url, out, keep, prune=True, dry_run=True)
+        assert sorted(dry.diff.removed) == dropped
+        paths = {r["SeriesInstanceUID"]: r["path"] for r in manifest(out)["series"]}
+        assert all((out / paths[u]).exists() for u in dropped), "dry run must not move anything"
+        no_prune = sync(srv.base_url, out, keep)
+        assert no_prune.pruned == [] and all((out / paths[u]).exists() for u in dropped)
+        result = sync(srv.base_url, out, keep, prune=True)
+        assert sorted(result.pruned) == dropped
+    listed = {r["SeriesInstanceUID"] for r in manifest(out)["series"]}
+    assert not listed & set(dropped)
+    for uid in dropped:
+        assert not (out / paths[uid]).exists()
+        trashed = list((out / ".harvester" / "trash").rglob(Path(paths[uid]).name))
+        assert trashed, f"{uid} is not in the trash"
+    assert verify_tree(out).ok
+
+
+def test_repair_refetches_one_instance(archives, tmp_path):
+    before, *_ = archives
+    out = tmp_path / "mirror"
+    with serve_in_thread(before) as srv:
+        assert sync(srv.base_url, out, query_all(before)).harvest.ok
+        rec = manifest(out)["series"][0]
+        victim = out / rec["files"][1]["path"]
+        data = bytearray(victim.read_bytes())
+        data[-3] ^= 0x55
+        victim.write_bytes(bytes(data))
+        missing = out / manifest(out)["series"][1]["files"][0]["path"]
+        missing.unlink()
+        downloads = dict(srv.stats.downloads)
+        config = test_config(srv.base_url, out)
+        rep = anyio.run(lambda: async_repair(config))
+        assert sorted(rep.damaged) == sorted([str(victim.relative_to(out)), str(missing.relative_to(out))])
+        assert len(rep.repaired_files) == 2 and rep.refetched_series == []
+        assert srv.stats.requests.get("getSingleImage", 0) == 2
+        assert srv.stats.downloads == downloads, "repair must not refetch whole series"
+    assert verify_tree(out).ok
+    assert_identical(out, before, sorted(r.uid for r in before.records()))
+
+
+def test_status_and_exports(archives, tmp_path):
+    before, *_ = archives
+    out = tmp_path / "mirror"
+    with serve_in_thread(before) as srv:
+        assert sync(srv.base_url, out, query_all(before)).harvest.ok
+    st = read_status(out)
+    (name, c), = st["collections"].items()
+    assert c["complete"] == len(before.records()) and c["failed"] == 0
+    assert c["files"] == sum(len(r.instances) for r in before.records())
+    assert st["last_sync"] and st["disk_bytes"] >= c["bytes"] > 0
+    cart = tmp_path / "out.tcia"
+    assert export_tcia(out, cart) == len(before.records())
+    q = load_query(cart)  # our own cart parser reads it back: the portal's format
+    assert sorted(q.selectors[0].series) == sorted(r.uid for r in before.records())
+    table = tmp_path / "out.csv"
+    export_csv(out, table)
+    rows = table.read_text().splitlines()
+    assert rows[0].startswith("SeriesInstanceUID,Collection") and len(rows) == 1 + len(before.records())
+
+
+@pytest.mark.slow
+def test_sync_killed_and_rerun_ends_like_an_uninterrupted_one(archives, tmp_path):
+    before, after, *_ = archives
+    q = tmp_path / "q.yaml"
+    q.write_text(yaml.safe_dump(query_all(after)))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    with serve_in_thread(before) as srv:
+        for out in (reference, killed):
+            assert sync(srv.base_url, out, query_all(before)).harvest.ok
+    with serve_in_thread(after, faults="latency=20ms,rate=24KB,seed=4") as srv:
+        args = [sys.executable, "-m", "harvester", "sync", str(q), "--api-url", srv.base_url, "--timeout", "5",
+                "--no-progress", "--quiet"]
+        assert subprocess.run([*args, "-o", str(reference)], env=env, capture_output=True, timeout=300).returncode == 0
+        rng = random.Random(7)
+        kills = 0
+        for _ in range(4):
+            proc = subprocess.Popen([*args, "-o", str(killed)], env=env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + rng.uniform(0.5, 1.5)
+            while time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.02)
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                kills += 1
+            proc.wait()
+        assert kills >= 2
+        final = subprocess.run([*args, "-o", str(killed)], env=env, capture_output=True, text=True, timeout=300)
+        assert final.returncode == 0, final.stderr
+
+    def state(out: Path) -> dict:
+        return {r["SeriesInstanceUID"]: (r["status"], r["path"], sorted((f["path"], f["md5"]) for f in r["files"]))
+                for r in manifest(out)["series"]}
+
+    assert state(killed) == state(reference)
+    assert verify_tree(killed).ok
+    assert_identical(killed, after, sorted(r.uid for r in after.records()))
