@@ -144,7 +144,7 @@ class Engine:
                 header["last_sync"] = header["started"]
             with anyio.CancelScope(shield=True):
                 try:
-                    totals = await anyio.to_thread.run_sync(self.state.write_manifest, header, order)
+                    totals = await anyio.to_thread.run_sync(self._checkpoint, header, order)
                 except HarvesterError:
                     totals = {}
         tally = self.hub.tally
@@ -187,7 +187,7 @@ class Engine:
         async def manifest_writer() -> None:
             while True:
                 await anyio.sleep(MANIFEST_EVERY)
-                await anyio.to_thread.run_sync(self.state.write_manifest, header, order)
+                await anyio.to_thread.run_sync(self._checkpoint, header, order)
 
         try:
             async with anyio.create_task_group() as tg:
@@ -207,6 +207,15 @@ class Engine:
             if fatal is not None:
                 raise fatal from None
             raise
+
+    def _checkpoint(self, header: dict[str, Any], order: list[str]) -> dict[str, int]:
+        """Rewrite harvest.json and journal the counters (the report plots them); returns the totals."""
+        totals = self.state.write_manifest(header, order)
+        t = self.hub.tally
+        self.state.log_event({"event": "progress", "received_bytes": t.received_bytes, "retries": t.retries
+                              + t.series_retries, "done": t.done_series, "failed": t.failed_series,
+                              "in_flight": t.in_flight, "limit": self.limit.current})
+        return totals
 
     async def _attempt(self, job: _Job) -> float | None:
         """One try at a series. Returns None when it is settled (complete or failed for good),
