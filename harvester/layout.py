@@ -46,7 +46,8 @@ def safe_component(value: Any, *, max_bytes: int = MAX_COMPONENT_BYTES) -> str:
     ``.``/``..`` or a Windows device name, has no trailing dot or space, and is at most
     ``max_bytes`` UTF-8 bytes (a truncated name gets a short hash so it stays distinct).
     """
-    text = unicodedata.normalize("NFC", "" if value is None else str(value))
+    raw = "" if value is None else str(value)
+    text = unicodedata.normalize("NFC", raw)
     text = text.replace("/", "-").replace("\\", "-")
     text = _UNSAFE_CHARS.sub("_", text)
     text = "".join(ch if unicodedata.category(ch)[0] != "C" else "_" for ch in text)
@@ -54,11 +55,13 @@ def safe_component(value: Any, *, max_bytes: int = MAX_COMPONENT_BYTES) -> str:
     text = text.rstrip(". ")
     if not text or set(text) <= {"."}:
         text = "_"
-    if text.split(".")[0].upper() in _WINDOWS_RESERVED:
+    # Windows ignores the extension and trailing spaces: "con .txt" is the console too.
+    if text.split(".")[0].rstrip(" ").upper() in _WINDOWS_RESERVED:
         text = "_" + text
     encoded = text.encode("utf-8")
     if len(encoded) > max_bytes:
-        digest = hashlib.sha1(encoded).hexdigest()[:8]
+        # The digest is of the raw value: inputs that sanitise alike ("a/b", "a\\b") stay distinct.
+        digest = hashlib.sha1(raw.encode("utf-8", "surrogatepass")).hexdigest()[:8]
         cut = encoded[: max_bytes - 9].decode("utf-8", "ignore").rstrip(". ")
         text = f"{cut}~{digest}"
     return text
@@ -114,13 +117,20 @@ def check_layout(layout: str) -> str:
     if "{" not in layout:
         raise UsageError(f"unknown layout {layout!r}", hint="use classic, descriptive, flat, or a {Field}/... template")
     try:
-        names = [name for _, name, _, _ in string.Formatter().parse(layout) if name is not None]
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(layout) if name is not None]
     except ValueError as exc:
         raise UsageError(f"layout template {layout!r} is malformed: {exc}") from None
+    names = [name for name, _, _ in fields]
     unknown = [n for n in names if n not in TEMPLATE_FIELDS]
     if unknown:
         raise UsageError(f"layout template uses unknown field {{{unknown[0]}}}",
                          hint=f"fields: {', '.join(sorted(TEMPLATE_FIELDS))}")
+    for name, spec, conv in fields:
+        # Values are strings from the archive: a spec like {SeriesNumber:d} would fail for every
+        # series at harvest time, and a width like {Collection:>999999999} would exhaust memory.
+        if spec or conv:
+            shown = f"{{{name}{'!' + conv if conv else ''}{':' + spec if spec else ''}}}"
+            raise UsageError(f"layout template field {shown} has a format spec or conversion; use plain {{{name}}}")
     if layout.startswith("/") or any(part in ("", ".", "..") for part in layout.split("/")):
         raise UsageError(f"layout template {layout!r} must be relative, without empty, '.' or '..' parts")
     return layout
@@ -156,6 +166,13 @@ def assign_paths(items: Iterable[tuple[str, Mapping[str, Any]]], layout: str,
             result[uid] = taken[uid]
             continue
         path = series_path(fields, layout)
+        # A series folder recorded by an earlier run (another layout) may be a parent of this path;
+        # renaming the last part would never get out of it, so rename the part that is that folder.
+        for depth in range(1, len(path.parts)):
+            if str(PurePosixPath(*path.parts[:depth])) in used.folders:
+                head = safe_component(f"{path.parts[depth - 1]}~{hashlib.sha1(uid.encode()).hexdigest()[:10]}")
+                path = PurePosixPath(*path.parts[:depth - 1], head, *path.parts[depth:])
+                break
         candidate = str(path)
         if used.clashes(candidate):
             suffix = hashlib.sha1(uid.encode()).hexdigest()[:10]

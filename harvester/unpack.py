@@ -20,9 +20,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import lzma
 import os
 import stat
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -33,6 +35,9 @@ from harvester.layout import instance_filename
 LICENSE_NAME = "LICENSE"
 MD5_NAME = "md5hashes.csv"
 _CHUNK = 1 << 20
+# What reading a damaged or mislabelled entry raises besides BadZipFile (a broken deflate stream
+# raises zlib.error, an unknown compression method NotImplementedError).
+_CORRUPT_ENTRY = (zipfile.BadZipFile, EOFError, ValueError, zlib.error, lzma.LZMAError, NotImplementedError)
 
 
 @dataclass(frozen=True)
@@ -95,19 +100,21 @@ def parse_md5_csv(data: bytes) -> dict[str, str]:
 def read_dicom_ids(path: Path) -> tuple[str, str, str]:
     """(SeriesInstanceUID, SOPInstanceUID, SOPClassUID) from a DICOM header; ``IntegrityError`` if not DICOM."""
     import pydicom
-    from pydicom.errors import InvalidDicomError
 
     try:
         ds = pydicom.dcmread(str(path), stop_before_pixels=True,
                              specific_tags=["SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"])
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
+        # Values are converted lazily, on first access: that can fail too, so it stays in the try.
+        series = str(getattr(ds, "SeriesInstanceUID", "") or "")
+        sop = str(getattr(ds, "SOPInstanceUID", "") or "")
+        if not sop:
+            meta = getattr(ds, "file_meta", None)
+            sop = str(getattr(meta, "MediaStorageSOPInstanceUID", "") or "")
+        sop_class = str(getattr(ds, "SOPClassUID", "") or "")
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes: pydicom raises InvalidDicomError, but also
+        # NotImplementedError (unknown VR), struct.error, BytesLengthException... all mean "not DICOM"
         raise IntegrityError(f"{path.name} is not a readable DICOM file ({type(exc).__name__})") from None
-    series = str(getattr(ds, "SeriesInstanceUID", "") or "")
-    sop = str(getattr(ds, "SOPInstanceUID", "") or "")
-    if not sop:
-        meta = getattr(ds, "file_meta", None)
-        sop = str(getattr(meta, "MediaStorageSOPInstanceUID", "") or "")
-    return series, sop, str(getattr(ds, "SOPClassUID", "") or "")
+    return series, sop, sop_class
 
 
 def verify_and_unpack(zip_path: Path, staging: Path, *, series_uid: str, image_count: int | None,
@@ -222,7 +229,7 @@ def _read_small(zf: zipfile.ZipFile, info: zipfile.ZipInfo, cap: int) -> bytes:
     try:
         with zf.open(info) as fh:
             return fh.read(cap + 1)[:cap]
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+    except (*_CORRUPT_ENTRY, OSError) as exc:
         raise IntegrityError(f"ZIP entry {info.filename!r} is corrupt ({exc})") from None
 
 
@@ -246,7 +253,7 @@ def _extract(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, series_ui
                                              series_uid=series_uid)
                 md5.update(chunk)
                 out.write(chunk)
-    except (zipfile.BadZipFile, EOFError, ValueError) as exc:
+    except _CORRUPT_ENTRY as exc:
         raise IntegrityError(f"ZIP entry {info.filename!r} is corrupt ({exc})", series_uid=series_uid) from None
     except OSError as exc:
         raise classify_os_error(exc, target.name) from None

@@ -1,0 +1,388 @@
+"""harvester.layout: sanitised path components, the Data Retriever's layouts, templates, and
+series folders that are unique and never nested in one another."""
+from __future__ import annotations
+
+import re
+import unicodedata
+from pathlib import PurePosixPath
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from harvester.errors import UsageError
+from harvester.layout import (
+    MAX_COMPONENT_BYTES,
+    assign_paths,
+    check_layout,
+    descriptive_parts,
+    instance_filename,
+    safe_component,
+    series_parts,
+    series_path,
+)
+
+FAST = settings(max_examples=200, deadline=None)
+
+STUDY_UID = "1.3.6.1.4.1.14519.5.2.1.6279.6001.298806137288633453246975630178"
+SERIES_UID = "1.3.6.1.4.1.14519.5.2.1.6279.6001.179049373636438705059720603192"
+RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)), *(f"LPT{i}" for i in range(10))}
+
+
+def assert_safe(name: str) -> None:
+    assert isinstance(name, str) and name
+    assert name not in (".", "..")
+    assert not name.endswith((".", " "))
+    assert len(name.encode("utf-8")) <= MAX_COMPONENT_BYTES
+    for ch in name:
+        assert ch not in '/\\\x00<>:"|?*', (ch, name)
+        assert unicodedata.category(ch)[0] != "C", (hex(ord(ch)), name)
+    # Windows ignores the extension and trailing spaces when it looks for device names.
+    assert name.split(".")[0].rstrip(" ").upper() not in RESERVED, name
+
+
+ANY_VALUE = st.one_of(st.text(), st.text(alphabet=st.characters(codec="utf-8"), min_size=100, max_size=400),
+                      st.integers(), st.floats(), st.none(), st.sampled_from(
+                          ["..", ".", "...", " . ", "../../etc/passwd", "con", "CON.txt", "nul.tar.gz", "LpT9",
+                           "com1 ", "aux.", "Prn .log", "\x00", "a\x00b", "é" * 200, "\u202e\u200b", "C:\\x"]))
+
+
+@FAST
+@given(ANY_VALUE)
+def test_safe_component_is_always_safe(value: object) -> None:
+    assert_safe(safe_component(value))
+
+
+@FAST
+@given(ANY_VALUE)
+def test_safe_component_is_stable(value: object) -> None:
+    # A name already made safe is left alone, so a resumed run computes the same folders.
+    once = safe_component(value)
+    assert safe_component(once) == once
+
+
+@FAST
+@given(st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,60}[A-Za-z0-9_-]", fullmatch=True))
+def test_ordinary_names_are_kept(name: str) -> None:
+    if name.split(".")[0].upper() in RESERVED:
+        return
+    assert safe_component(name) == name
+
+
+@FAST
+@given(st.text(min_size=1), st.text(min_size=1))
+def test_long_inputs_stay_distinct(a: str, b: str) -> None:
+    prefix = "Series description that goes on and on " * 4     # > 120 bytes on its own
+    if a == b:
+        return
+    first, second = safe_component(prefix + a), safe_component(prefix + b)
+    assert first != second
+    assert_safe(first)
+    assert_safe(second)
+
+
+def test_long_names_differing_only_in_unsafe_characters_stay_distinct() -> None:
+    prefix = "x" * 200
+    names = {safe_component(prefix + tail) for tail in ("/", "\\", ":", "\x00", "?", "*")}
+    assert len(names) == 6
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("LIDC-IDRI-0001", "LIDC-IDRI-0001"),
+    (SERIES_UID, SERIES_UID),
+    ("CHEST/ABD", "CHEST-ABD"),
+    ("a\\b", "a-b"),
+    ("../../x", "..-..-x"),
+    ("..", "_"),
+    (".", "_"),
+    ("", "_"),
+    (None, "_"),
+    ("   ", "_"),
+    ("name. . .", "name"),
+    ("a\x00b", "a_b"),
+    ("a\tb\nc", "a_b_c"),
+    ("a  \u3000 b", "a b"),
+    ("e\u0301", "\u00e9"),           # NFC
+    (3000566, "3000566"),
+    ("CON", "_CON"),
+    ("con", "_con"),
+    ("Con.txt", "_Con.txt"),
+    ("nul.tar.gz", "_nul.tar.gz"),
+    ("COM1", "_COM1"),
+    ("lpt1.dcm", "_lpt1.dcm"),
+    ("AUX.", "_AUX"),
+    ("PRN ", "_PRN"),
+    ("CONSOLE", "CONSOLE"),
+    ("COM10", "COM10"),
+])
+def test_safe_component_examples(value: object, expected: str) -> None:
+    assert safe_component(value) == expected
+
+
+@pytest.mark.parametrize("value", ["CON .txt", "nul   .tar.gz", "Com1 .dcm", "lpt9 ."])
+def test_device_names_with_spaces_before_the_extension(value: str) -> None:
+    assert_safe(safe_component(value))
+
+
+def test_truncated_name_keeps_a_readable_prefix_and_respects_the_byte_limit() -> None:
+    name = safe_component("é" * 300)                          # 600 UTF-8 bytes
+    assert len(name.encode("utf-8")) <= MAX_COMPONENT_BYTES
+    assert name.startswith("é" * 50)
+    assert re.search(r"~[0-9a-f]{8}$", name)
+    assert safe_component("x" * 120) == "x" * 120             # exactly at the limit: untouched
+    assert safe_component("x" * 121) != "x" * 121
+
+
+# ---------------------------------------------------------------- descriptive layout (the Data Retriever's)
+
+FULL = {
+    "Collection": "LIDC-IDRI",
+    "PatientID": "LIDC-IDRI-0001",
+    "StudyInstanceUID": STUDY_UID,
+    "StudyDate": "2000-01-01",
+    "StudyID": "5",
+    "StudyDescription": "CHEST/ABD PELVIS",
+    "SeriesInstanceUID": SERIES_UID,
+    "SeriesNumber": "3000566",
+    "SeriesDescription": "Recon 2: CHEST",
+}
+
+
+def test_descriptive_layout_full() -> None:
+    assert descriptive_parts(FULL) == [
+        "LIDC-IDRI", "LIDC-IDRI-0001", "01-01-2000-5-CHEST-ABD PELVIS-30178", "3000566-Recon 2: CHEST-03192"]
+    assert str(series_path(FULL, "descriptive")) == (
+        "LIDC-IDRI/LIDC-IDRI-0001/01-01-2000-5-CHEST-ABD PELVIS-30178/3000566-Recon 2_ CHEST-03192")
+
+
+def test_descriptive_layout_leaves_empty_parts_out() -> None:
+    fields = dict(FULL, StudyID="", StudyDescription=None, SeriesDescription="", SeriesNumber=None)
+    assert descriptive_parts(fields)[2:] == ["01-01-2000-30178", "03192"]
+    fields = {k: v for k, v in fields.items() if k != "StudyDate"}
+    assert descriptive_parts(fields)[2:] == ["30178", "03192"]
+
+
+def test_descriptive_layout_cuts_descriptions_to_53_characters() -> None:
+    study_desc = "S" * 52 + "/" + "T" * 20
+    series_desc = "A/B " * 30
+    parts = descriptive_parts(dict(FULL, StudyDescription=study_desc, SeriesDescription=series_desc))
+    assert parts[2] == "01-01-2000-5-" + "S" * 52 + "-" + "-30178"
+    assert parts[3] == "3000566-" + ("A/B " * 30)[:53].replace("/", "-") + "-03192"
+    assert len(("A/B " * 30)[:53]) == 53
+
+
+@pytest.mark.parametrize("date", ["2000-01-31", "20000131", "01-31-2000", "01/31/2000", "2000-01-31T10:20:30",
+                                  "2000-1-31"])
+def test_descriptive_study_date_is_mm_dd_yyyy(date: str) -> None:
+    assert descriptive_parts(dict(FULL, StudyDate=date))[2].startswith("01-31-2000-5-")
+
+
+@pytest.mark.parametrize("number,expected", [("3000566", "3000566"), (2, "2"), (2.0, "2"), ("2.000000", "2"),
+                                             ("1.5", "1.5"), ("", None), (None, None), ("abc", "abc")])
+def test_descriptive_series_number(number: object, expected: str | None) -> None:
+    series = descriptive_parts(dict(FULL, SeriesNumber=number))[3]
+    assert series == (f"{expected}-Recon 2: CHEST-03192" if expected else "Recon 2: CHEST-03192")
+
+
+def test_descriptive_short_uids_and_missing_fields() -> None:
+    parts = descriptive_parts({"SeriesInstanceUID": "1.2", "StudyInstanceUID": "7"})
+    assert parts[2:] == ["7", "1.2"]
+    path = series_path({"SeriesInstanceUID": "1.2"}, "descriptive")
+    assert len(path.parts) == 4
+    for part in path.parts:
+        assert_safe(part)
+
+
+# ---------------------------------------------------------------- classic, flat, templates
+
+def test_classic_layout() -> None:
+    assert str(series_path(FULL, "classic")) == f"LIDC-IDRI/LIDC-IDRI-0001/{STUDY_UID}/{SERIES_UID}"
+
+
+def test_flat_layout() -> None:
+    assert str(series_path(FULL, "flat")) == SERIES_UID
+
+
+def test_template_layout() -> None:
+    fields = dict(FULL, Modality="CT", StudyDate="2000-01-01")
+    template = "{Collection}/{PatientID}/{StudyDate}-{StudyDescription}/{Modality}-{SeriesNumber}-{SeriesInstanceUID}"
+    assert check_layout(template) == template
+    assert series_parts(fields, template) == [
+        "LIDC-IDRI", "LIDC-IDRI-0001", "2000-01-01-CHEST/ABD PELVIS", f"CT-3000566-{SERIES_UID}"]
+    assert str(series_path(fields, template)) == (
+        f"LIDC-IDRI/LIDC-IDRI-0001/2000-01-01-CHEST-ABD PELVIS/CT-3000566-{SERIES_UID}")
+
+
+def test_template_literal_braces_and_missing_fields() -> None:
+    template = "{{raw}}/{Modality}{BodyPartExamined}"
+    assert check_layout(template) == template
+    assert series_parts({"Modality": "CT"}, template) == ["{raw}", "CT"]
+    assert str(series_path({}, "{Modality}")) == "_"
+
+
+@FAST
+@given(st.dictionaries(st.sampled_from(["Collection", "PatientID", "StudyInstanceUID", "StudyDate", "StudyID",
+                                        "StudyDescription", "SeriesInstanceUID", "SeriesNumber",
+                                        "SeriesDescription", "Modality"]),
+                       st.one_of(st.text(), st.integers(), st.floats(), st.none(),
+                                 st.sampled_from(["../../x", "..", "/", "/etc", "\x00", "C:\\", "x" * 500]))),
+       st.sampled_from(["classic", "descriptive", "flat",
+                        "{Collection}/{PatientID}/{StudyDate}-{StudyDescription}/{Modality}-{SeriesNumber}"]))
+def test_series_path_is_relative_and_made_of_safe_parts(fields: dict, layout: str) -> None:
+    path = series_path(fields, layout)
+    expected_depth = {"classic": 4, "descriptive": 4, "flat": 1}.get(layout, 4)
+    assert len(path.parts) == expected_depth
+    assert not path.is_absolute()
+    for part in path.parts:
+        assert_safe(part)
+
+
+# ---------------------------------------------------------------- check_layout
+
+@pytest.mark.parametrize("name", ["classic", "descriptive", "flat", "{SeriesInstanceUID}",
+                                  "{Collection}/{PatientID}/{SeriesInstanceUID}", "data-{Collection}/x"])
+def test_check_layout_accepts(name: str) -> None:
+    assert check_layout(name) == name
+
+
+@pytest.mark.parametrize("layout,needle", [
+    ("classical", "unknown layout"),
+    ("Classic", "unknown layout"),
+    ("", "unknown layout"),
+    ("{Collection}/{Colour}", "{Colour}"),
+    ("{collection}", "{collection}"),
+    ("{}", "unknown field"),
+    ("{0}", "unknown field"),
+    ("{Collection.__class__}", "unknown field"),
+    ("{Collection[0]}", "unknown field"),
+    ("/{Collection}", "relative"),
+    ("/abs/{Collection}", "relative"),
+    ("{Collection}/../{PatientID}", "relative"),
+    ("../{Collection}", "relative"),
+    ("{Collection}/..", "relative"),
+    ("./{Collection}", "relative"),
+    ("{Collection}//{PatientID}", "relative"),
+    ("{Collection}/", "relative"),
+    ("{Collection", "malformed"),
+    ("{Collection}}", "malformed"),
+    # format specs and conversions would fail (or allocate without bound) when applied to archive values
+    ("{SeriesNumber:d}", "{SeriesNumber:d}"),
+    ("{Collection:>999999999999}", "Collection"),
+    ("{Collection!r}", "Collection"),
+])
+def test_check_layout_rejects(layout: str, needle: str) -> None:
+    with pytest.raises(UsageError) as info:
+        check_layout(layout)
+    assert needle in str(info.value)
+
+
+def test_every_accepted_template_formats() -> None:
+    for template in ("{SeriesNumber:d}", "{Collection:>999999999999}", "{PatientID!r}", "{StudyDate:%Y}"):
+        try:
+            check_layout(template)
+        except UsageError:
+            continue
+        series_path(FULL, template)      # accepted: must then work for any archive value
+
+
+# ---------------------------------------------------------------- assign_paths
+
+def fields_for(uid: str, **extra: object) -> dict:
+    return {"Collection": "C", "PatientID": "P", "StudyInstanceUID": "1.2", "SeriesInstanceUID": uid, **extra}
+
+
+def check_no_sharing_or_nesting(paths: dict[str, str]) -> None:
+    folders = list(paths.values())
+    assert len(set(folders)) == len(folders), folders
+    as_set = set(folders)
+    for folder in folders:
+        pure = PurePosixPath(folder)
+        assert not pure.is_absolute() and ".." not in pure.parts
+        for parent in pure.parents:
+            assert str(parent) not in as_set, (folder, parent)
+
+
+def test_assign_paths_plain() -> None:
+    items = [("1.1", fields_for("1.1")), ("1.2", fields_for("1.2"))]
+    assert assign_paths(items, "classic") == {"1.1": "C/P/1.2/1.1", "1.2": "C/P/1.2/1.2"}
+
+
+def test_assign_paths_collision_gets_a_stable_suffix_from_the_uid() -> None:
+    # Same SeriesNumber and description: the descriptive folders would be equal except for the
+    # last 5 characters of the UID, which collide here.
+    a, b = "1.2.3.11111", "1.2.4.11111"
+    items = [(a, fields_for(a, SeriesNumber=1)), (b, fields_for(b, SeriesNumber=1))]
+    paths = assign_paths(items, "descriptive")
+    check_no_sharing_or_nesting(paths)
+    assert paths[a] == "C/P/1.2/1-11111"
+    assert paths[b].startswith("C/P/1.2/1-11111~")
+    assert assign_paths(list(reversed(items)), "descriptive")[a].startswith("C/P/1.2/1-11111~")
+    assert assign_paths(items, "descriptive") == paths             # deterministic
+
+
+def test_assign_paths_keeps_taken_paths() -> None:
+    taken = {"1.1": "old/place/for/1.1", "9.9": "C/P/1.2/1.2"}
+    items = [("1.1", fields_for("1.1")), ("1.2", fields_for("1.2")), ("1.3", fields_for("1.3"))]
+    paths = assign_paths(items, "classic", taken)
+    assert paths["1.1"] == "old/place/for/1.1"
+    assert paths["1.2"] != "C/P/1.2/1.2"                 # held by a finished series of an earlier run
+    assert paths["1.3"] == "C/P/1.2/1.3"
+    assert "9.9" not in paths
+    check_no_sharing_or_nesting({**paths, "9.9": taken["9.9"]})
+
+
+def test_assign_paths_never_nests_in_a_taken_folder() -> None:
+    # A resumed run with another layout: a flat folder of the earlier run is a prefix of the
+    # classic path now. The new series must not land inside it (and the call must finish).
+    taken = {"0.1": "C"}
+    items = [("1.1", fields_for("1.1")), ("1.2", fields_for("1.2"))]
+    paths = assign_paths(items, "classic", taken)
+    check_no_sharing_or_nesting({**paths, "0.1": "C"})
+
+
+def test_assign_paths_never_contains_a_taken_folder() -> None:
+    taken = {"0.1": "C/P/1.2/1.1/deeper"}
+    paths = assign_paths([("1.1", fields_for("1.1"))], "classic", taken)
+    check_no_sharing_or_nesting({**paths, "0.1": taken["0.1"]})
+
+
+HOSTILE = st.one_of(st.sampled_from(["../../x", "..", ".", "", "/", "/etc/passwd", "\x00", "a\x00b", "x" * 300,
+                                     "CON", "C:\\evil", "same", "SAME", " same ", "C", "P", "_"]),
+                    st.text(max_size=30))
+
+
+@settings(FAST, max_examples=100)
+@given(st.lists(st.tuples(st.from_regex(r"[1-9][0-9]{0,3}(\.[0-9]{1,3}){1,3}", fullmatch=True),
+                          st.fixed_dictionaries({}, optional={
+                              k: HOSTILE for k in ("Collection", "PatientID", "StudyInstanceUID", "StudyDate",
+                                                   "StudyDescription", "SeriesNumber", "SeriesDescription",
+                                                   "Modality")})),
+                min_size=1, max_size=12, unique_by=lambda t: t[0]),
+       st.sampled_from(["classic", "descriptive", "flat", "{Collection}/{Modality}",
+                        "{Modality}", "{PatientID}/{SeriesDescription}"]),
+       st.dictionaries(st.from_regex(r"9\.[0-9]{1,3}", fullmatch=True),
+                       st.sampled_from(["C", "C/P", "x/y/z", "_", "same", "_/_", "_/_/_/_", "..-..-x"]), max_size=3))
+def test_assign_paths_unique_and_never_nested(items: list, layout: str, taken: dict) -> None:
+    # Taken folders of an earlier run must themselves be disjoint for the guarantee to hold.
+    disjoint: dict[str, str] = {}
+    for uid, folder in taken.items():
+        trial = {**disjoint, uid: folder}
+        try:
+            check_no_sharing_or_nesting(trial)
+        except AssertionError:
+            continue
+        disjoint = trial
+    paths = assign_paths(items, layout, disjoint)
+    assert set(paths) == {uid for uid, _ in items}
+    check_no_sharing_or_nesting({**paths, **disjoint})
+    for uid, folder in paths.items():
+        for part in PurePosixPath(folder).parts:
+            assert_safe(part)
+
+
+# ---------------------------------------------------------------- instance file names
+
+@pytest.mark.parametrize("entry,expected", [("00000001.dcm", "00000001.dcm"), ("1-001.dcm", "1-001.dcm"),
+                                            ("sub/dir/1-01.dcm", "1-01.dcm"), ("con.dcm", "_con.dcm")])
+def test_instance_filename(entry: str, expected: str) -> None:
+    assert instance_filename(entry) == expected
