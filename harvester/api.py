@@ -1,16 +1,26 @@
-"""The operations the CLI (and Python callers) use: plan, harvest, verify.
+"""The public Python API: what notebooks, pipelines and the CLI use.
 
-Each async function opens one HTTP session for its duration and closes it. Nothing here reads
-argv or the environment: the ``Config`` comes in fully built.
+Async functions (``aplan``, ``aharvest``, ``async_sync``...) are for asyncio/anyio code; the
+plain ones (``plan``, ``harvest``, ``verify``, ``sync``, ``repair``) work from scripts and also
+from inside a running event loop such as Jupyter's (they then run on a private loop in a
+worker thread and block until done). A query may be a ``Query``, a dict shaped like a query
+manifest, or the path of a manifest, ``.tcia`` cart or UID list. Options are ``Config`` field
+names (``api_url``, ``workers``, ``layout``, ``retries``, ...); an unknown option raises
+``TypeError``. Nothing here reads argv or the environment.
+
+Progress: pass ``on_event=callable`` to receive every ``harvester.progress.Event``.
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import dataclasses
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 
@@ -19,8 +29,8 @@ from harvester.engine import Engine, HarvestResult
 from harvester.errors import ManifestError, UsageError
 from harvester.layout import check_layout
 from harvester.planner import Plan
-from harvester.progress import Hub
-from harvester.query import Query
+from harvester.progress import Event, Hub
+from harvester.query import Query, load_query, query_from_dict
 from harvester.source.base import Source
 from harvester.source.nbia import NBIAClient, NBIASource, make_session, redact_url
 from harvester.state import HarvestState
@@ -34,17 +44,69 @@ def make_source(config: Config, session: Any) -> Source:
     return NBIASource(NBIAClient(config, session))
 
 
-async def aplan(query: Query, config: Config) -> Plan:
-    """Expand ``query`` into series tasks (see ``harvester.planner``)."""
+QueryLike = Query | dict[str, Any] | str | Path
+
+
+def as_query(query: QueryLike) -> Query:
+    """A ``Query`` from a Query, a manifest-shaped dict, or a path. Raises ``ManifestError``."""
+    if isinstance(query, Query):
+        return query
+    if isinstance(query, dict):
+        return query_from_dict(query, origin="<dict>", base_dir=Path.cwd())
+    if isinstance(query, (str, Path)):
+        return load_query(query)
+    raise TypeError(f"a query is a Query, a dict or a path, not {type(query).__name__}")
+
+
+def make_config(query: Query | None = None, config: Config | None = None, out: str | Path | None = None,
+                **options: Any) -> Config:
+    """``config`` (or defaults, taking ``api``/``layout``/``source``/``url`` from the query) with
+    ``out`` and ``options`` applied. Raises ``TypeError`` for an unknown option."""
+    fields = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise TypeError(f"unknown option {unknown[0]!r}; options are Config fields: {', '.join(sorted(fields))}")
+    changes: dict[str, Any] = {}
+    if config is None and query is not None:
+        if query.source:
+            changes["source"] = query.source
+        if query.url or query.api:
+            changes["api_url"] = (query.url or query.api or "").rstrip("/")
+        if query.layout:
+            changes["layout"] = query.layout
+    if out is not None:
+        changes["out_dir"] = Path(out)
+    changes.update({k: v for k, v in options.items() if v is not None})
+    if "api_url" in changes:
+        changes["api_url"] = str(changes["api_url"]).rstrip("/")
+    return dataclasses.replace(config or Config(), **changes)
+
+
+async def aplan(query: QueryLike, config: Config | None = None, **options: Any) -> Plan:
+    """Expand ``query`` into the exact list of series tasks (``Plan.tasks``; totals in ``Plan.to_json()``)."""
+    q = as_query(query)
+    config = make_config(q, config, **options)
     async with make_session(config) as session:
-        return await make_source(config, session).plan(query)
+        return await make_source(config, session).plan(q)
 
 
-async def aharvest(query: Query, config: Config, *, hub: Hub | None = None,
-                   on_plan: Callable[[Plan], None] | None = None) -> HarvestResult:
-    """Plan and harvest ``query`` into ``config.out_dir``; resumable, see ``harvester.engine``."""
+async def aharvest(query: QueryLike, out: str | Path | Config | None = None, *, config: Config | None = None,
+                   hub: Hub | None = None, on_plan: Callable[[Plan], None] | None = None,
+                   on_event: Callable[[Event], None] | None = None, **options: Any) -> HarvestResult:
+    """Plan and harvest ``query`` into ``out`` (or ``config.out_dir``); resumable, see ``harvester.engine``.
+
+    Returns a ``HarvestResult`` (``ok``, ``totals``, ``failed`` with reasons, counters). Raises
+    ``UsageError`` for bad input and ``FatalError`` only before the harvest starts; a fatal stop
+    during the harvest is reported in ``result.fatal`` with everything verified kept.
+    """
+    if isinstance(out, Config):  # aharvest(query, config) reads naturally too
+        config, out = out, None
+    query = as_query(query)
+    config = make_config(query, config, out, **options)
     check_layout(config.layout)
     hub = hub or Hub()
+    if on_event is not None:
+        hub.subscribe(on_event)
     state = HarvestState(config.out_dir)
     await anyio.to_thread.run_sync(state.open)
     try:
@@ -54,7 +116,6 @@ async def aharvest(query: Query, config: Config, *, hub: Hub | None = None,
             if on_plan is not None:
                 on_plan(plan)
             totals = plan.to_json()
-            from harvester.progress import Event
             hub.emit(Event("plan", data={"series": totals["series"], "bytes": totals["bytes"]}))
             header = {"api_url": redact_url(config.api_url), "query": query.to_json(), "layout": config.layout}
             if state.header.get("last_sync"):
@@ -127,5 +188,177 @@ def verify_tree(out_dir: Path, *, on_file: Callable[[int], None] | None = None) 
     return result
 
 
-def with_overrides(config: Config, **changes: Any) -> Config:
-    return replace(config, **{k: v for k, v in changes.items() if v is not None})
+T = TypeVar("T")
+
+
+def run_sync(fn: Callable[[], Awaitable[T]]) -> T:
+    """Run an async function to completion from synchronous code.
+
+    Without a running event loop: ``anyio.run``. Inside one (Jupyter, an async framework):
+    on a private loop in a worker thread, blocking the caller until done, so the caller's
+    loop is never re-entered.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return anyio.run(fn)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="harvester") as pool:
+        return pool.submit(anyio.run, fn).result()
+
+
+def plan(query: QueryLike, config: Config | None = None, **options: Any) -> Plan:
+    """Synchronous ``aplan``."""
+    return run_sync(lambda: aplan(query, config, **options))
+
+
+def harvest(query: QueryLike, out: str | Path | None = None, *, config: Config | None = None,
+            on_event: Callable[[Event], None] | None = None, **options: Any) -> HarvestResult:
+    """Synchronous ``aharvest``: plan and harvest ``query`` into ``out``."""
+    return run_sync(lambda: aharvest(query, out, config=config, on_event=on_event, **options))
+
+
+def verify(out: str | Path) -> VerifyResult:
+    """Re-hash every file of a harvest against its harvest.json (``VerifyResult.problems``)."""
+    return verify_tree(Path(out))
+
+
+def sync(query: QueryLike, out: str | Path, *, prune: bool = False, dry_run: bool = False,
+         config: Config | None = None, on_event: Callable[[Event], None] | None = None, **options: Any) -> Any:
+    """Synchronous ``harvester.mirror.async_sync``: bring ``out`` up to date with ``query``."""
+    from harvester.mirror import async_sync
+
+    q = as_query(query)
+    cfg = make_config(q, config, out, **options)
+    hub = Hub()
+    if on_event is not None:
+        hub.subscribe(on_event)
+    return run_sync(lambda: async_sync(q, cfg, prune=prune, dry_run=dry_run, hub=hub))
+
+
+def repair(out: str | Path, *, config: Config | None = None, **options: Any) -> Any:
+    """Synchronous ``harvester.mirror.async_repair``: refetch what fails verification."""
+    from harvester.mirror import async_repair
+
+    cfg = make_config(None, config, out, **options)
+    return run_sync(lambda: async_repair(cfg))
+
+
+def to_dataframe(rows: list[dict[str, Any]]) -> Any:
+    """Rows as a pandas DataFrame; pandas is optional and only imported here."""
+    try:
+        import pandas as pd
+    except ImportError:
+        raise ImportError("to_dataframe needs pandas: pip install pandas (harvester itself does not)") from None
+    return pd.DataFrame(rows)
+
+
+class AsyncMetadataClient:
+    """The archive's query endpoints as plain records, for asyncio/anyio code::
+
+        async with AsyncMetadataClient(api_url) as meta:
+            rows = await meta.series(Collection="LIDC-IDRI", Modality="CT")
+
+    Parameter names are the API's own (case-sensitive); unknown ones raise ``UsageError``.
+    """
+
+    def __init__(self, api_url: str | None = None, *, config: Config | None = None, **options: Any) -> None:
+        self.config = make_config(None, config, None, **({"api_url": api_url} if api_url else {}), **options)
+        self._session: Any = None
+        self._client: NBIAClient | None = None
+
+    async def __aenter__(self) -> AsyncMetadataClient:
+        self._session = make_session(self.config)
+        self._client = NBIAClient(self.config, self._session)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+        self._session = self._client = None
+
+    async def query(self, endpoint: str, **params: Any) -> list[dict[str, Any]]:
+        if self._client is None:
+            async with self:
+                return await self.query(endpoint, **params)
+        return await self._client.query(endpoint, params)
+
+    async def collections(self) -> list[str]:
+        return sorted({str(r["Collection"]) for r in await self.query("getCollectionValues") if r.get("Collection")})
+
+    async def modalities(self, **params: Any) -> list[dict[str, Any]]:
+        return await self.query("getModalityValues", **params)
+
+    async def body_parts(self, **params: Any) -> list[dict[str, Any]]:
+        return await self.query("getBodyPartValues", **params)
+
+    async def manufacturers(self, **params: Any) -> list[dict[str, Any]]:
+        return await self.query("getManufacturerValues", **params)
+
+    async def patients(self, **params: Any) -> list[dict[str, Any]]:
+        return await self.query("getPatient", **params)
+
+    async def studies(self, **params: Any) -> list[dict[str, Any]]:
+        return await self.query("getPatientStudy", **params)
+
+    async def series(self, **params: Any) -> list[dict[str, Any]]:
+        return await self.query("getSeries", **params)
+
+    async def updated_series(self, fromDate: str) -> list[dict[str, Any]]:  # noqa: N803 - the API's name
+        return await self.query("getUpdatedSeries", fromDate=fromDate)
+
+    async def series_size(self, SeriesInstanceUID: str) -> list[dict[str, Any]]:  # noqa: N803
+        return await self.query("getSeriesSize", SeriesInstanceUID=SeriesInstanceUID)
+
+    async def sop_instance_uids(self, SeriesInstanceUID: str) -> list[dict[str, Any]]:  # noqa: N803
+        return await self.query("getSOPInstanceUIDs", SeriesInstanceUID=SeriesInstanceUID)
+
+
+class MetadataClient:
+    """Synchronous twin of ``AsyncMetadataClient`` (works in plain scripts and in Jupyter).
+
+    Every method also takes ``dataframe=True`` to get a pandas DataFrame instead of records.
+    """
+
+    def __init__(self, api_url: str | None = None, *, config: Config | None = None, **options: Any) -> None:
+        self._async = AsyncMetadataClient(api_url, config=config, **options)
+
+    def _call(self, name: str, dataframe: bool, *args: Any, **params: Any) -> Any:
+        async def go() -> Any:
+            async with AsyncMetadataClient(config=self._async.config) as meta:
+                return await getattr(meta, name)(*args, **params)
+
+        rows = run_sync(go)
+        return to_dataframe(rows) if dataframe else rows
+
+    def query(self, endpoint: str, *, dataframe: bool = False, **params: Any) -> Any:
+        return self._call("query", dataframe, endpoint, **params)
+
+    def collections(self) -> list[str]:
+        return self._call("collections", False)
+
+    def modalities(self, *, dataframe: bool = False, **params: Any) -> Any:
+        return self._call("modalities", dataframe, **params)
+
+    def body_parts(self, *, dataframe: bool = False, **params: Any) -> Any:
+        return self._call("body_parts", dataframe, **params)
+
+    def manufacturers(self, *, dataframe: bool = False, **params: Any) -> Any:
+        return self._call("manufacturers", dataframe, **params)
+
+    def patients(self, *, dataframe: bool = False, **params: Any) -> Any:
+        return self._call("patients", dataframe, **params)
+
+    def studies(self, *, dataframe: bool = False, **params: Any) -> Any:
+        return self._call("studies", dataframe, **params)
+
+    def series(self, *, dataframe: bool = False, **params: Any) -> Any:
+        return self._call("series", dataframe, **params)
+
+    def updated_series(self, fromDate: str, *, dataframe: bool = False) -> Any:  # noqa: N803
+        return self._call("updated_series", dataframe, fromDate)
+
+    def series_size(self, SeriesInstanceUID: str) -> Any:  # noqa: N803
+        return self._call("series_size", False, SeriesInstanceUID)
+
+    def sop_instance_uids(self, SeriesInstanceUID: str, *, dataframe: bool = False) -> Any:  # noqa: N803
+        return self._call("sop_instance_uids", dataframe, SeriesInstanceUID)

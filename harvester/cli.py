@@ -153,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("dir", metavar="DIR", type=Path)
     status.add_argument("--json", action="store_true")
 
+    report = sub.add_parser("report", help="write a self-contained HTML report of what DIR holds")
+    report.add_argument("dir", metavar="DIR", type=Path)
+    report.add_argument("-o", "--out", metavar="FILE", type=Path, default=None,
+                        help="where to write it (default DIR/report.html)")
+
     export = sub.add_parser("export", help="write a TCIA cart (.tcia) or a CSV of the series in DIR")
     export.add_argument("dir", metavar="DIR", type=Path)
     export.add_argument("--tcia", metavar="FILE", type=Path, help="a cart the TCIA portal and Data Retriever accept")
@@ -422,6 +427,13 @@ def cmd_status(args: argparse.Namespace, env: dict[str, str]) -> int:
     return EXIT_OK
 
 
+def cmd_report(args: argparse.Namespace, env: dict[str, str]) -> int:
+    from harvester.report import write_report
+
+    print(f"wrote {write_report(args.dir, args.out)}")
+    return EXIT_OK
+
+
 def cmd_export(args: argparse.Namespace, env: dict[str, str]) -> int:
     from harvester.mirror import export_csv, export_tcia
 
@@ -483,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     env = dict(os.environ)
     commands = {"run": cmd_run, "plan": cmd_plan, "query": cmd_query, "verify": cmd_verify, "demo": cmd_demo,
-                "sync": cmd_sync, "status": cmd_status, "export": cmd_export}
+                "sync": cmd_sync, "status": cmd_status, "export": cmd_export, "report": cmd_report}
     try:
         if args.command == "serve":
             from harvester.server.serve import run_serve
