@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test venv test-venv soak bench clean
+.PHONY: demo test venv test-venv soak bench docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ demo: $(VENV)/.installed
 ## The whole test suite (what CI runs)
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q
+
+## API reference from the docstrings (pdoc), into docs/api/
+docs: $(VENV)/.installed
+	$(BIN)/pip install -q pdoc
+	$(BIN)/pdoc -o docs/api harvester
 
 clean:
 	rm -rf $(VENV) harvest-demo .pytest_cache
