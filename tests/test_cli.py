@@ -195,3 +195,34 @@ def _complete_on_disk(out: Path) -> set[str]:
             if all((out / f["path"]).exists() for f in rec["files"]):
                 done.add(rec["SeriesInstanceUID"])
     return done
+
+
+def test_ctrl_c_leaves_only_verified_series(server, small_archive, tmp_path):
+    server.set_faults("latency=20ms,rate=48KB,seed=2")
+    q = write_query(tmp_path, small_archive)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "harvester", "run", str(q), "-o", str(out), "--api-url",
+                             server.base_url, *FAST_FLAGS], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not _complete_on_disk(out):
+        time.sleep(0.05)  # wait until at least one series is committed, so the interrupt lands mid-harvest
+    assert proc.poll() is None, "the harvest ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (proc.returncode, stderr)
+    assert "Traceback" not in stderr and "resume" in stderr
+    doc = manifest(out)
+    done = [r for r in doc["series"] if r["status"] == "complete"]
+    assert done and len(done) < len(normal_series(small_archive))
+    for rec in done:
+        for f in rec["files"]:
+            assert (out / f["path"]).stat().st_size == f["size"]
+    tmp = out / ".harvester" / "tmp"
+    assert not any(p.suffix == ".dcm" for p in out.rglob("*") if ".harvester" not in p.parts
+                   and p.resolve() not in {(out / f["path"]).resolve() for r in done for f in r["files"]})
+    server.set_faults(None)
+    final = cli("run", str(q), "-o", str(out), "--api-url", server.base_url, *FAST_FLAGS)
+    assert final.returncode == 0
+    assert_identical(out, small_archive, normal_series(small_archive))
+    assert tmp.exists()

@@ -156,3 +156,15 @@ def test_harvest_with_auth_completes(small_archive, tmp_path):
                          auth=_auth_config(srv.base_url, PASSWORD))
         assert result.ok, result.failed
     assert Path(tmp_path / "out" / "harvest.json").exists()
+
+
+def test_nlst_is_routed_to_its_host_only_with_the_public_default():
+    from harvester.config import DEFAULT_API_URL, NLST_API_URL, Config
+
+    public = NBIAClient(Config(), session=None)  # routing needs no network
+    assert public.base_for("NLST") == NLST_API_URL
+    assert public.base_for("LIDC-IDRI") == DEFAULT_API_URL
+    assert public.series_url("1.2.3", "NLST").startswith(NLST_API_URL + "/getImage?")
+    assert "SeriesInstanceUID=1.2.3" in public.series_url("1.2.3", "NLST")
+    private = NBIAClient(Config(api_url="http://127.0.0.1:1/nbia-api/services/v4"), session=None)
+    assert private.base_for("NLST") == "http://127.0.0.1:1/nbia-api/services/v4"
