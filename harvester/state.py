@@ -24,13 +24,14 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from harvester.errors import HarvesterError, UsageError, classify_os_error
+from harvester.errors import FatalError, HarvesterError, OutputNotWritableError, UsageError, classify_os_error
 
 SCHEMA = "harvester/1"
 METADATA_COLUMNS = [
@@ -38,6 +39,7 @@ METADATA_COLUMNS = [
     "Study Description", "Study Date", "Series Description", "Manufacturer", "Modality", "SOP Class Name",
     "SOP Class UID", "Number of Images", "File Size", "File Location", "Download Timestamp",
 ]
+_ATOMIC_TMP = re.compile(r"^\..+\.[0-9]+\.tmp$")   # atomic_write's temp names: .<name>.<pid>.tmp
 
 
 def now_iso() -> str:
@@ -106,12 +108,23 @@ class HarvestState:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
-            raise classify_os_error(exc, f"output directory {self.out_dir}") from None
+            err = classify_os_error(exc, f"output directory {self.out_dir}")
+            if not isinstance(err, FatalError):  # ENOTDIR, EEXIST...: DIR is unusable, not a series problem
+                err = OutputNotWritableError(f"cannot use output directory {self.out_dir}: {exc.strerror or exc}")
+            raise err from None
         self._take_lock()
         self._load()
         self._recover()
         try:
             self._journal = open(self.journal_path, "ab")
+            # A kill -9 mid-append leaves a line without its newline; end it, or the next event
+            # would be glued to the fragment and lost on the next replay.
+            if self._journal.tell() > 0:
+                with open(self.journal_path, "rb") as fh:
+                    fh.seek(-1, os.SEEK_END)
+                    if fh.read(1) != b"\n":
+                        self._journal.write(b"\n")
+                        self._journal.flush()
         except OSError as exc:
             raise classify_os_error(exc, str(self.journal_path)) from None
 
@@ -142,7 +155,7 @@ class HarvestState:
                     if isinstance(rec, dict) and rec.get("SeriesInstanceUID"):
                         self.records[str(rec["SeriesInstanceUID"])] = rec
                 self.header = {k: v for k, v in data.items() if k not in ("series", "totals")}
-            except (ValueError, OSError, AttributeError):
+            except (ValueError, OSError, AttributeError, TypeError):
                 # A damaged harvest.json is rebuilt from the journal, which is the source of truth.
                 self.records.clear()
         if not self.journal_path.exists():
@@ -153,6 +166,8 @@ class HarvestState:
                     event = json.loads(line)
                 except ValueError:
                     continue  # a torn last line from a kill -9
+                if not isinstance(event, dict):
+                    continue
                 kind, rec = event.get("event"), event.get("series")
                 if kind in ("commit", "failed") and isinstance(rec, dict) and rec.get("SeriesInstanceUID"):
                     uid = str(rec["SeriesInstanceUID"])
@@ -190,6 +205,10 @@ class HarvestState:
                 shutil.rmtree(child, ignore_errors=True)
             else:
                 child.unlink(missing_ok=True)
+        for folder in (self.out_dir, self.out_dir / "licenses"):  # atomic_write temps of a killed run
+            for child in folder.glob(".*.tmp"):
+                if _ATOMIC_TMP.match(child.name) and child.is_file():
+                    child.unlink(missing_ok=True)
 
     # ------------------------------------------------------------ paths
     def final_dir(self, rec: dict[str, Any]) -> Path:
@@ -309,7 +328,8 @@ class HarvestState:
         """Rewrite harvest.json atomically from the records; returns the totals."""
         with self._lock:
             uids = list(order) if order is not None else list(self.records)
-            extra = [u for u in self.records if u not in set(uids)]
+            wanted = set(uids)
+            extra = [u for u in self.records if u not in wanted]
             recs = [self.records[u] for u in uids + extra if u in self.records]
         totals = {
             "series": len(recs),
