@@ -324,8 +324,8 @@ def test_bad_json_names_the_line(tmp_path: Path) -> None:
 @pytest.mark.parametrize("text", [
     "select:\n  - collection: A\n    released_after: 2020-13-45\n",   # YAML's own date resolver
     "select:\n  - collection: A\nlimit: " + "9" * 5000 + "\n",         # int() digit limit
-    "[" * 3000 + "]" * 3000,                                            # nesting deeper than the stack
-    "select: " + "{a: " * 3000 + "1" + "}" * 3000 + "\n",
+    "[" * 1000 + "]" * 1000,                                            # nesting deeper than the stack
+    "select: " + "{a: " * 1000 + "1" + "}" * 1000 + "\n",
 ])
 def test_pathological_yaml_is_a_manifest_error(tmp_path: Path, text: str) -> None:
     path = write(tmp_path / "q.yaml", text)

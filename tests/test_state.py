@@ -1,0 +1,582 @@
+"""harvester.state: the journal, the atomic manifests, the lock, and recovery after a kill -9
+at every step of a commit (simulated by an exception that nothing catches, then a fresh open())."""
+from __future__ import annotations
+
+import csv
+import errno
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harvester.errors import (
+    DiskFullError,
+    FatalError,
+    HarvesterError,
+    OutputNotWritableError,
+    UsageError,
+)
+from harvester.state import METADATA_COLUMNS, SCHEMA, HarvestState, atomic_write
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+class Crash(BaseException):
+    """Stands for kill -9: no handler in the code under test catches it."""
+
+
+def files_of(uid: str, n: int = 3) -> dict[str, bytes]:
+    return {f"1-{i:03d}.dcm": f"{uid} instance {i}".encode() * (i + 1) for i in range(1, n + 1)}
+
+
+def record(uid: str, path: str, files: dict[str, bytes], *, status: str = "complete",
+           error: str | None = None) -> dict[str, Any]:
+    """A record shaped as engine._record builds it."""
+    ordered = sorted(files)
+    return {
+        "SeriesInstanceUID": uid,
+        "Collection": "LIDC-IDRI",
+        "PatientID": "LIDC-IDRI-0001",
+        "StudyInstanceUID": "1.2.3",
+        "Modality": "CT",
+        "status": status,
+        "path": path,
+        "bytes": sum(len(files[n]) for n in ordered) if status == "complete" else 0,
+        "attempts": 1,
+        "error": error,
+        "completed": "2024-05-01T10:00:00Z" if status == "complete" else None,
+        "sop_class_uid": CT_IMAGE_STORAGE if status == "complete" else "",
+        "files": [{"path": f"{path}/{n}", "size": len(files[n]), "md5": hashlib.md5(files[n]).hexdigest(),
+                   "SOPInstanceUID": f"{uid}.{i}"} for i, n in enumerate(ordered, start=1)]
+        if status == "complete" else [],
+        "metadata": {"SeriesInstanceUID": uid, "ThirdPartyAnalysis": "NO",
+                     "DataDescriptionURI": "https://doi.org/10.7937/x", "SeriesDescription": "Recon, 2",
+                     "Manufacturer": "GE MEDICAL SYSTEMS", "StudyDesc": "row desc", "StudyDate": "2000-01-01"},
+        "patient": {"PatientId": "LIDC-IDRI-0001"},
+        "study": {"StudyDescription": "CHEST", "StudyDate": "01-01-2000"},
+    }
+
+
+def stage(state: HarvestState, uid: str, files: dict[str, bytes]) -> Path:
+    staging = state.staging_dir(uid)
+    staging.mkdir(parents=True)
+    for name, data in files.items():
+        (staging / name).write_bytes(data)
+    return staging
+
+
+def journal_events(state: HarvestState) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in state.journal_path.read_bytes().splitlines() if line.strip()]
+
+
+def assert_files(folder: Path, files: dict[str, bytes]) -> None:
+    assert sorted(p.name for p in folder.iterdir()) == sorted(files)
+    for name, data in files.items():
+        assert (folder / name).read_bytes() == data
+
+
+@pytest.fixture
+def out(tmp_path: Path) -> Path:
+    return tmp_path / "harvest"
+
+
+@pytest.fixture
+def state(out: Path):
+    st = HarvestState(out)
+    st.open()
+    yield st
+    st.close()
+
+
+def reopen(state: HarvestState) -> HarvestState:
+    state.close()
+    fresh = HarvestState(state.out_dir)
+    fresh.open()
+    return fresh
+
+
+# ---------------------------------------------------------------- open, lock
+
+def test_open_creates_its_folders_and_a_lock(out: Path) -> None:
+    st = HarvestState(out)
+    st.open()
+    try:
+        assert (out / ".harvester" / "tmp").is_dir()
+        assert (out / ".harvester" / "lock").exists()
+        assert st.journal_path.exists()
+        assert st.records == {} and st.recovered == 0 and st.lost == 0
+    finally:
+        st.close()
+
+
+def test_second_open_while_locked_is_a_usage_error_and_touches_nothing(state: HarvestState) -> None:
+    uid = "1.2.840.1"
+    staging = stage(state, uid, files_of(uid))            # the first run's work in progress
+    partial = state.partial_path(uid)
+    partial.write_bytes(b"PK\x03\x04 half a zip")
+    second = HarvestState(state.out_dir)
+    with pytest.raises(UsageError) as info:
+        second.open()
+    assert str(state.out_dir) in str(info.value)
+    assert staging.is_dir() and partial.exists()         # the second run must not clean the first's tmp/
+    second.close()
+    state.close()
+    third = HarvestState(state.out_dir)
+    third.open()                                          # the lock is released with close()
+    try:
+        assert not staging.exists() and not partial.exists()
+    finally:
+        third.close()
+
+
+def test_output_under_a_regular_file_is_fatal(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    for out_dir in (tmp_path / "file" / "sub", tmp_path / "file"):
+        st = HarvestState(out_dir)
+        with pytest.raises(FatalError) as info:
+            st.open()
+        assert isinstance(info.value, OutputNotWritableError)
+        assert str(out_dir) in str(info.value)
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write to a 0o500 folder")
+def test_read_only_output_dir_is_fatal(tmp_path: Path) -> None:
+    tmp_path.joinpath("ro").mkdir(mode=0o500)
+    try:
+        with pytest.raises(OutputNotWritableError):
+            HarvestState(tmp_path / "ro" / "out").open()
+    finally:
+        tmp_path.joinpath("ro").chmod(0o700)
+
+
+# ---------------------------------------------------------------- commit
+
+def test_commit_journals_then_moves_staging_into_place(state: HarvestState) -> None:
+    uid, files = "1.2.840.1", files_of("1.2.840.1")
+    staging = stage(state, uid, files)
+    rec = record(uid, "LIDC-IDRI/LIDC-IDRI-0001/s/1", files)
+    state.commit(rec, staging)
+    assert not staging.exists()
+    assert_files(state.out_dir / rec["path"], files)
+    (event,) = [e for e in journal_events(state) if e.get("event") == "commit"]
+    assert event["series"] == rec and event["t"].endswith("Z")
+    assert state.complete(uid) == rec
+    assert state.taken_paths() == {uid: rec["path"]}
+
+
+def test_journal_line_is_on_disk_before_the_rename(state: HarvestState, monkeypatch: pytest.MonkeyPatch) -> None:
+    uid, files = "1.2.840.1", files_of("1.2.840.1")
+    staging = stage(state, uid, files)
+    rec = record(uid, "C/P/S/1", files)
+    seen: list[list[dict[str, Any]]] = []
+
+    def rename(src: Any, dst: Any) -> None:
+        seen.append(journal_events(state))               # read back from the file, not from memory
+        raise Crash
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(Crash):
+        state.commit(rec, staging)
+    assert seen and seen[0][-1]["event"] == "commit" and seen[0][-1]["series"] == rec
+
+
+def test_journal_failure_leaves_staging_alone(state: HarvestState, monkeypatch: pytest.MonkeyPatch) -> None:
+    uid, files = "1.2.840.1", files_of("1.2.840.1")
+    staging = stage(state, uid, files)
+    rec = record(uid, "C/P/S/1", files)
+
+    def fsync(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(DiskFullError):
+        state.commit(rec, staging)
+    monkeypatch.undo()
+    assert staging.is_dir() and not (state.out_dir / "C").exists()
+    assert state.complete(uid) is None
+
+
+def test_commit_refuses_a_path_outside_the_output_dir(state: HarvestState) -> None:
+    uid, files = "1.2.840.1", files_of("1.2.840.1")
+    staging = stage(state, uid, files)
+    size_before = state.journal_path.stat().st_size
+    with pytest.raises(HarvesterError):
+        state.commit(record(uid, "../escaped", files), staging)
+    assert state.journal_path.stat().st_size == size_before
+    assert staging.is_dir() and not (state.out_dir.parent / "escaped").exists()
+
+
+def test_commit_replaces_an_unvouched_folder(state: HarvestState) -> None:
+    uid, files = "1.2.840.1", files_of("1.2.840.1")
+    final = state.out_dir / "C/P/S/1"
+    final.mkdir(parents=True)
+    (final / "stray.dcm").write_bytes(b"left by someone else")
+    state.commit(record(uid, "C/P/S/1", files), stage(state, uid, files))
+    assert_files(final, files)
+    assert list(state.tmp_dir.iterdir()) == []
+
+
+def test_fail_never_hides_a_complete_series(state: HarvestState) -> None:
+    uid, files = "1.2.840.1", files_of("1.2.840.1")
+    rec = record(uid, "C/P/S/1", files)
+    state.commit(rec, stage(state, uid, files))
+    state.fail(record(uid, "C/P/S/1", {}, status="failed", error="refresh failed"))
+    assert state.complete(uid) == rec
+    state.fail(record("1.2.840.2", "C/P/S/2", {}, status="failed", error="HTTP 400"))
+    assert state.records["1.2.840.2"]["status"] == "failed"
+    fresh = reopen(state)
+    try:
+        assert fresh.complete(uid) == rec
+        assert fresh.records["1.2.840.2"]["error"] == "HTTP 400"
+    finally:
+        fresh.close()
+
+
+# ---------------------------------------------------------------- recovery after kill -9
+
+def crash_during_commit(state: HarvestState, monkeypatch: pytest.MonkeyPatch, uid: str, path: str
+                        ) -> tuple[dict[str, Any], dict[str, bytes], Path]:
+    """Journal the commit, then die before the rename."""
+    files = files_of(uid)
+    staging = stage(state, uid, files)
+    rec = record(uid, path, files)
+
+    def rename(src: Any, dst: Any) -> None:
+        raise Crash
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(Crash):
+        state.commit(rec, staging)
+    monkeypatch.undo()
+    return rec, files, staging
+
+
+def test_recovery_finishes_a_commit_whose_staging_survived(state: HarvestState,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    rec, files, staging = crash_during_commit(state, monkeypatch, "1.2.840.1", "C/P/S/1")
+    assert staging.is_dir() and not (state.out_dir / rec["path"]).exists()
+    fresh = reopen(state)
+    try:
+        assert fresh.recovered == 1 and fresh.lost == 0
+        assert_files(fresh.out_dir / rec["path"], files)
+        assert not staging.exists()
+        assert fresh.complete(rec["SeriesInstanceUID"]) == rec
+    finally:
+        fresh.close()
+
+
+def test_recovery_marks_a_commit_with_no_files_left_as_failed(state: HarvestState,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    rec, _, staging = crash_during_commit(state, monkeypatch, "1.2.840.1", "C/P/S/1")
+    shutil.rmtree(staging)                        # e.g. a run that crashed again while cleaning tmp/
+    fresh = reopen(state)
+    try:
+        uid = rec["SeriesInstanceUID"]
+        assert fresh.lost == 1 and fresh.recovered == 0
+        assert fresh.complete(uid) is None         # so the engine fetches it again
+        assert fresh.records[uid]["status"] == "failed"
+        assert uid not in fresh.taken_paths()
+        totals = fresh.write_manifest({"query": {}})
+        assert totals["complete"] == 0 and totals["failed"] == 1
+        rows = list(csv.reader(io.StringIO((fresh.out_dir / "metadata.csv").read_text("utf-8"))))
+        assert rows == [METADATA_COLUMNS]
+    finally:
+        fresh.close()
+
+
+def test_recovery_with_a_half_filled_staging_folder(state: HarvestState, monkeypatch: pytest.MonkeyPatch) -> None:
+    rec, files, staging = crash_during_commit(state, monkeypatch, "1.2.840.1", "C/P/S/1")
+    (staging / sorted(files)[0]).unlink()
+    fresh = reopen(state)
+    try:
+        assert fresh.lost == 1 and fresh.complete(rec["SeriesInstanceUID"]) is None
+        assert not (fresh.out_dir / rec["path"]).exists() and not staging.exists()
+    finally:
+        fresh.close()
+
+
+def test_recovery_replaces_a_damaged_final_folder_with_an_intact_staging(
+        state: HarvestState, monkeypatch: pytest.MonkeyPatch) -> None:
+    rec, files, staging = crash_during_commit(state, monkeypatch, "1.2.840.1", "C/P/S/1")
+    final = state.out_dir / rec["path"]
+    final.mkdir(parents=True)
+    (final / sorted(files)[0]).write_bytes(b"short")
+    fresh = reopen(state)
+    try:
+        assert fresh.recovered == 1
+        assert_files(final, files)
+        assert list(fresh.tmp_dir.iterdir()) == []
+    finally:
+        fresh.close()
+
+
+def test_crash_after_the_rename_is_simply_complete(state: HarvestState) -> None:
+    uid, files = "1.2.840.1", files_of("1.2.840.1")
+    rec = record(uid, "C/P/S/1", files)
+    state.commit(rec, stage(state, uid, files))
+    fresh = reopen(state)                          # no write_manifest: only the journal knows
+    try:
+        assert fresh.complete(uid) == rec and fresh.recovered == 0 and fresh.lost == 0
+    finally:
+        fresh.close()
+
+
+def test_complete_series_whose_folder_was_damaged_is_fetched_again(state: HarvestState) -> None:
+    uid, files = "1.2.840.1", files_of("1.2.840.1")
+    rec = record(uid, "C/P/S/1", files)
+    state.commit(rec, stage(state, uid, files))
+    state.write_manifest({})
+    (state.out_dir / rec["path"] / sorted(files)[-1]).write_bytes(b"")
+    fresh = reopen(state)
+    try:
+        assert fresh.lost == 1 and fresh.complete(uid) is None
+    finally:
+        fresh.close()
+
+
+def test_torn_last_journal_line_is_ignored(state: HarvestState) -> None:
+    uid, files = "1.2.840.1", files_of("1.2.840.1")
+    rec = record(uid, "C/P/S/1", files)
+    state.commit(rec, stage(state, uid, files))
+    state.close()
+    with open(state.journal_path, "ab") as fh:         # kill -9 in the middle of an append
+        fh.write(b'{"event":"commit","t":"2024-05-01T10:00:00Z","series":{"SeriesInstanceUID":"1.2.8')
+    fresh = HarvestState(state.out_dir)
+    fresh.open()
+    try:
+        assert list(fresh.records) == [uid] and fresh.complete(uid) == rec
+    finally:
+        fresh.close()
+
+
+def test_commit_after_a_torn_line_survives_the_next_open(state: HarvestState) -> None:
+    state.close()
+    with open(state.journal_path, "ab") as fh:
+        fh.write(b'{"event":"commit","series":{"Series')
+    first = HarvestState(state.out_dir)
+    first.open()
+    uid, files = "1.2.840.2", files_of("1.2.840.2")
+    rec = record(uid, "C/P/S/2", files)
+    first.commit(rec, stage(first, uid, files))
+    second = reopen(first)
+    try:
+        assert second.complete(uid) == rec       # not glued to the torn fragment and lost
+    finally:
+        second.close()
+
+
+def test_journal_lines_that_are_not_events_are_ignored(state: HarvestState) -> None:
+    uid, files = "1.2.840.1", files_of("1.2.840.1")
+    rec = record(uid, "C/P/S/1", files)
+    state.commit(rec, stage(state, uid, files))
+    state.close()
+    with open(state.journal_path, "ab") as fh:
+        fh.write(b'[1, 2]\n"text"\nnull\n42\n\x00\x00\x00\x00\n{"event":"commit","series":[]}\n')
+    fresh = HarvestState(state.out_dir)
+    fresh.open()
+    try:
+        assert fresh.complete(uid) == rec
+    finally:
+        fresh.close()
+
+
+def test_stale_temp_files_are_removed_on_open(state: HarvestState, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("not ours")
+    stage(state, "9.9.9", files_of("9.9.9"))                   # staging of a series never journalled
+    state.partial_path("9.9.8").write_bytes(b"PK\x03\x04")
+    (state.tmp_dir / "replaced-abc-123").mkdir()
+    (state.tmp_dir / "link").symlink_to(outside, target_is_directory=True)
+    # atomic_write's temp files, left by a kill -9 between write and rename
+    (state.out_dir / ".harvest.json.4242.tmp").write_text('{"schema": "harvester/1", "ser')
+    (state.out_dir / ".metadata.csv.4242.tmp").write_text("Series UID,Coll")
+    (state.out_dir / "notes.tmp").write_text("a user's file, not one of ours")
+    fresh = reopen(state)
+    try:
+        assert list(fresh.tmp_dir.iterdir()) == []
+        assert (outside / "keep.txt").read_text() == "not ours"   # the symlink was removed, not followed
+        assert not (fresh.out_dir / ".harvest.json.4242.tmp").exists()
+        assert not (fresh.out_dir / ".metadata.csv.4242.tmp").exists()
+        assert (fresh.out_dir / "notes.tmp").exists()
+    finally:
+        fresh.close()
+
+
+def test_forget_is_finished_after_a_crash(state: HarvestState, monkeypatch: pytest.MonkeyPatch) -> None:
+    uid, files = "1.2.840.1", files_of("1.2.840.1")
+    rec = record(uid, "C/P/S/1", files)
+    state.commit(rec, stage(state, uid, files))
+
+    def rename(src: Any, dst: Any) -> None:
+        raise Crash
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(Crash):
+        state.forget(uid, rec["path"], "trash/C/P/S/1")
+    monkeypatch.undo()
+    fresh = reopen(state)
+    try:
+        assert uid not in fresh.records
+        assert not (fresh.out_dir / rec["path"]).exists()
+        assert_files(fresh.out_dir / "trash/C/P/S/1", files)
+    finally:
+        fresh.close()
+
+
+# ---------------------------------------------------------------- harvest.json and metadata.csv
+
+def test_write_manifest_schema_and_metadata_csv(state: HarvestState) -> None:
+    done = []
+    for i in (1, 2):
+        uid, files = f"1.2.840.{i}", files_of(f"1.2.840.{i}", n=i + 1)
+        rec = record(uid, f"LIDC-IDRI/LIDC-IDRI-0001/s/{i}", files)
+        state.commit(rec, stage(state, uid, files))
+        done.append(rec)
+    failed = record("1.2.840.3", "LIDC-IDRI/LIDC-IDRI-0001/s/3", {}, status="failed", error="MD5 mismatch")
+    state.fail(failed)
+    header = {"version": "0.1.0", "query": {"select": [{"collection": "LIDC-IDRI"}]}}
+    totals = state.write_manifest(header, order=["1.2.840.3", "1.2.840.2"])
+    assert totals == {"series": 3, "complete": 2, "failed": 1, "files": 2 + 3,
+                      "bytes": done[0]["bytes"] + done[1]["bytes"]}
+
+    doc = json.loads((state.out_dir / "harvest.json").read_text("utf-8"))
+    assert doc["schema"] == SCHEMA == "harvester/1"
+    assert doc["version"] == "0.1.0" and doc["query"] == header["query"]
+    assert doc["totals"] == totals
+    assert [r["SeriesInstanceUID"] for r in doc["series"]] == ["1.2.840.3", "1.2.840.2", "1.2.840.1"]
+    assert doc["series"][1] == done[1] and doc["series"][0] == failed
+    for rec in done:
+        for f in rec["files"]:
+            assert (state.out_dir / f["path"]).stat().st_size == f["size"]
+            assert hashlib.md5((state.out_dir / f["path"]).read_bytes()).hexdigest() == f["md5"]
+
+    rows = list(csv.DictReader(io.StringIO((state.out_dir / "metadata.csv").read_text("utf-8"))))
+    assert list(rows[0]) == METADATA_COLUMNS
+    assert [r["Series UID"] for r in rows] == ["1.2.840.2", "1.2.840.1"]       # failed series are not listed
+    row = rows[0]
+    rec = done[1]
+    assert row == {
+        "Series UID": "1.2.840.2", "Collection": "LIDC-IDRI", "3rd Party Analysis": "NO",
+        "Data Description URI": "https://doi.org/10.7937/x", "Subject ID": "LIDC-IDRI-0001", "Study UID": "1.2.3",
+        "Study Description": "CHEST", "Study Date": "01-01-2000", "Series Description": "Recon, 2",
+        "Manufacturer": "GE MEDICAL SYSTEMS", "Modality": "CT", "SOP Class Name": "CT Image Storage",
+        "SOP Class UID": CT_IMAGE_STORAGE, "Number of Images": "3", "File Size": str(rec["bytes"]),
+        "File Location": "./LIDC-IDRI/LIDC-IDRI-0001/s/2", "Download Timestamp": "2024-05-01T10:00:00Z",
+    }
+
+
+def test_metadata_csv_falls_back_to_the_series_row(state: HarvestState) -> None:
+    uid, files = "1.2.840.1", files_of("1.2.840.1")
+    rec = dict(record(uid, "C/P/S/1", files), study=None, sop_class_uid="1.2.3.4.5.6.7")
+    state.commit(rec, stage(state, uid, files))
+    state.write_manifest({})
+    (row,) = csv.DictReader(io.StringIO((state.out_dir / "metadata.csv").read_text("utf-8")))
+    assert row["Study Description"] == "row desc" and row["Study Date"] == "2000-01-01"
+    assert row["SOP Class Name"] == "1.2.3.4.5.6.7"            # an unknown UID is shown as is
+
+
+def test_manifest_and_journal_agree_after_reopen(state: HarvestState) -> None:
+    uid, files = "1.2.840.1", files_of("1.2.840.1")
+    rec = record(uid, "C/P/S/1", files)
+    state.commit(rec, stage(state, uid, files))
+    state.write_manifest({"run": 1})
+    fresh = reopen(state)
+    try:
+        assert fresh.complete(uid) == rec and fresh.header == {"schema": SCHEMA, "run": 1}
+    finally:
+        fresh.close()
+
+
+@pytest.mark.parametrize("damage", [b"", b"{not json", b"[1, 2]", b'{"series": 5}', b'{"series": [1, null, "x"]}',
+                                    b"\xff\xfe"])
+def test_damaged_harvest_json_is_rebuilt_from_the_journal(state: HarvestState, damage: bytes) -> None:
+    uid, files = "1.2.840.1", files_of("1.2.840.1")
+    rec = record(uid, "C/P/S/1", files)
+    state.commit(rec, stage(state, uid, files))
+    state.write_manifest({})
+    state.manifest_path.write_bytes(damage)
+    fresh = reopen(state)
+    try:
+        assert fresh.complete(uid) == rec
+        fresh.write_manifest({})
+        assert json.loads(fresh.manifest_path.read_text("utf-8"))["series"] == [rec]
+    finally:
+        fresh.close()
+
+
+def test_failed_manifest_write_keeps_the_old_one(state: HarvestState, monkeypatch: pytest.MonkeyPatch) -> None:
+    uid, files = "1.2.840.1", files_of("1.2.840.1")
+    state.commit(record(uid, "C/P/S/1", files), stage(state, uid, files))
+    state.write_manifest({"run": 1})
+    before = state.manifest_path.read_bytes()
+    state.fail(record("1.2.840.2", "C/P/S/2", {}, status="failed", error="x"))
+
+    def replace(src: Any, dst: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(DiskFullError):
+        state.write_manifest({"run": 2})
+    monkeypatch.undo()
+    assert state.manifest_path.read_bytes() == before
+    assert [p.name for p in state.out_dir.iterdir() if p.name.endswith(".tmp")] == []
+
+
+# ---------------------------------------------------------------- atomic_write
+
+def test_atomic_write_creates_and_replaces(tmp_path: Path) -> None:
+    target = tmp_path / "a.json"
+    atomic_write(target, b"one")
+    assert target.read_bytes() == b"one"
+    atomic_write(target, b"two" * 1000)
+    assert target.read_bytes() == b"two" * 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+@pytest.mark.parametrize("err,kind", [(errno.ENOSPC, DiskFullError), (errno.EDQUOT, DiskFullError),
+                                      (errno.EROFS, OutputNotWritableError), (errno.EACCES, OutputNotWritableError)])
+def test_atomic_write_failure_leaves_old_content_and_no_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             err: int, kind: type) -> None:
+    target = tmp_path / "a.json"
+    target.write_bytes(b"old")
+
+    def fsync(fd: int) -> None:
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(kind):
+        atomic_write(target, b"new" * 100)
+    monkeypatch.undo()
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+def test_atomic_write_killed_midway_never_shows_a_half_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "a.json"
+    target.write_bytes(b"old")
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        raise Crash                                     # the data is in the temp file; the rename never came
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(Crash):
+        atomic_write(target, b"new")
+    monkeypatch.undo()
+    assert target.read_bytes() == b"old"
+    leftovers = [p for p in tmp_path.iterdir() if p.name != "a.json"]
+    assert all(p.name.startswith(".a.json.") and p.name.endswith(".tmp") for p in leftovers)
+
+
+def test_atomic_write_into_a_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(HarvesterError):
+        atomic_write(tmp_path / "missing" / "a.json", b"x")
+    assert not (tmp_path / "missing").exists()
