@@ -145,6 +145,11 @@ class Engine:
             with anyio.CancelScope(shield=True):
                 try:
                     totals = await anyio.to_thread.run_sync(self._checkpoint, header, order)
+                except FatalError as exc:
+                    # harvest.json could not be rewritten (disk full...): the journal keeps every
+                    # commit for the next run, but this run must not report success.
+                    totals = {}
+                    fatal = fatal or exc
                 except HarvesterError:
                     totals = {}
         tally = self.hub.tally

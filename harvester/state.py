@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import errno
 import fcntl
 import hashlib
 import io
@@ -97,7 +98,7 @@ class HarvestState:
         self.lost = 0           # commits whose files were gone (will be fetched again)
         self._lock = threading.Lock()
         self._pending_trash: dict[str, tuple[str, str]] = {}  # uid -> (path, trash) of prunes
-        self._journal: io.BufferedWriter | None = None
+        self._journal: io.RawIOBase | None = None
         self._lockfile: int | None = None
 
     # ------------------------------------------------------------ open / recover
@@ -116,7 +117,9 @@ class HarvestState:
         self._load()
         self._recover()
         try:
-            self._journal = open(self.journal_path, "ab")
+            # Unbuffered: an append that fails leaves nothing behind in a buffer for close() to
+            # flush (and fail on) later; _append cuts off whatever part of it reached the file.
+            self._journal = open(self.journal_path, "ab", buffering=0)
             # A kill -9 mid-append leaves a line without its newline; end it, or the next event
             # would be glued to the fragment and lost on the next replay.
             if self._journal.tell() > 0:
@@ -259,13 +262,25 @@ class HarvestState:
     def _append(self, event: dict[str, Any]) -> None:
         line = (json.dumps(event, separators=(",", ":"), ensure_ascii=False) + "\n").encode("utf-8")
         with self._lock:
-            if self._journal is None:
+            journal = self._journal
+            if journal is None:
                 raise HarvesterError("state is closed")
+            start = journal.tell()
             try:
-                self._journal.write(line)
-                self._journal.flush()
-                os.fsync(self._journal.fileno())
+                view = memoryview(line)
+                while view:
+                    written = journal.write(view)
+                    if not written:
+                        raise OSError(errno.EIO, "the journal accepts no more bytes")
+                    view = view[written:]
+                os.fsync(journal.fileno())
             except OSError as exc:
+                # Disk full or a size limit mid-line: cut the fragment off, so the journal stays a
+                # sequence of whole lines and the next append (this run's or the next's) is readable.
+                try:
+                    os.ftruncate(journal.fileno(), start)
+                except OSError:
+                    pass
                 raise classify_os_error(exc, "the journal") from None
 
     def commit(self, rec: dict[str, Any], staging: Path) -> None:
