@@ -105,6 +105,7 @@ class Engine:
         self.rate = RateLimiter(config.max_rate) if config.max_rate else None
         self._licenses: set[str] = set()
         self._rng = random.Random()
+        self._refresh_failed: dict[str, str] = {}  # uid -> why a refetch failed (its old copy is kept)
         source.on_retry = self._on_request_retry
 
     def _on_request_retry(self, message: str) -> None:
@@ -155,6 +156,10 @@ class Engine:
         tally = self.hub.tally
         failed = [(u, self.state.records.get(u, {}).get("error") or "failed") for u in order
                   if (self.state.records.get(u) or {}).get("status") != "complete"]
+        # A refetch (sync of a changed series, repair) that failed leaves the copy already on disk
+        # in place, but the user asked for a new one: a failure to report, not a success.
+        failed += [(u, f"{why}; the copy already on disk is kept") for u, why in self._refresh_failed.items()
+                   if self.state.complete(u) is not None]
         return HarvestResult(
             out_dir=self.state.out_dir, totals=totals, failed=failed,
             downloaded=tally.done_series, skipped=tally.skipped_series, bytes_received=tally.received_bytes,
@@ -268,6 +273,8 @@ class Engine:
             self.hub.emit(Event("series_retry", task.series_uid, message=message))
             return delay
         record = self._record(job, [], status="failed", error=message)
+        if self.state.complete(task.series_uid) is not None:
+            self._refresh_failed[task.series_uid] = message
         await anyio.to_thread.run_sync(self.state.fail, record)
         self.hub.emit(Event("failed", task.series_uid, message=message))
         return None
