@@ -18,6 +18,7 @@ import datetime as dt
 import io
 import json
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -258,7 +259,13 @@ def parse_uid_list(text: str, *, origin: str) -> tuple[str, ...]:
 
 def _read_text(p: Path) -> str:
     try:
-        if p.stat().st_size > MAX_INPUT_BYTES:
+        info = p.stat()
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError
+        if not stat.S_ISREG(info.st_mode):
+            # /dev/zero never ends and a FIFO blocks: only a regular file can be a query file
+            raise ManifestError(f"{p}: not a regular file, expected a query file")
+        if info.st_size > MAX_INPUT_BYTES:
             raise ManifestError(f"{p}: file is larger than {MAX_INPUT_BYTES // 2**20} MiB")
         data = p.read_bytes()
     except FileNotFoundError:
