@@ -187,7 +187,11 @@ def assign_paths(items: Iterable[tuple[str, Mapping[str, Any]]], layout: str,
 
 
 class _FolderSet:
-    """Series folders in use, plus every ancestor of them, for O(depth) clash checks."""
+    """Series folders in use, plus every ancestor of them, for O(depth) clash checks.
+
+    Compared case-insensitively: on macOS and Windows ``abc`` and ``ABC`` are one folder, and a
+    tree harvested on Linux is often copied there.
+    """
 
     def __init__(self, folders: Iterable[str] = ()) -> None:
         self.folders: set[str] = set()
@@ -196,11 +200,13 @@ class _FolderSet:
             self.add(f)
 
     def add(self, folder: str) -> None:
+        folder = folder.casefold()
         self.folders.add(folder)
         self.ancestors.update(str(p) for p in PurePosixPath(folder).parents if str(p) != ".")
 
     def clashes(self, candidate: str) -> bool:
         # Same folder, a folder that contains a series, or one inside a series: files would mix.
+        candidate = candidate.casefold()
         if candidate in self.folders or candidate in self.ancestors:
             return True
         return any(str(p) in self.folders for p in PurePosixPath(candidate).parents)

@@ -219,7 +219,8 @@ def parse_uid_list(text: str, *, origin: str) -> tuple[str, ...]:
     """Parse a CSV with a series-UID column, or plain text with one UID per line."""
     sample = text.lstrip("\ufeff")
     # newline="" lets csv see \r, \n and \r\n line ends alike; line_num is the file's line number.
-    reader = csv.reader(io.StringIO(sample, newline=""))
+    reader = csv.reader(io.StringIO(sample, newline=""),
+                        delimiter="\t" if origin.lower().endswith(".tsv") else ",")
     numbered: list[tuple[int, list[str]]] = []
     try:
         for row in reader:

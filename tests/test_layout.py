@@ -386,3 +386,10 @@ def test_assign_paths_unique_and_never_nested(items: list, layout: str, taken: d
                                             ("sub/dir/1-01.dcm", "1-01.dcm"), ("con.dcm", "_con.dcm")])
 def test_instance_filename(entry: str, expected: str) -> None:
     assert instance_filename(entry) == expected
+
+
+def test_folders_differing_only_in_case_do_not_share_a_folder():
+    from harvester.layout import assign_paths
+
+    paths = assign_paths([("1.1", {"PatientID": "abc"}), ("1.2", {"PatientID": "ABC"})], "{PatientID}")
+    assert paths["1.1"].casefold() != paths["1.2"].casefold()

@@ -647,3 +647,11 @@ def test_query_from_dict_returns_query_or_manifest_error(tmp_path: Path, data: o
     text = json.dumps(data)
     check_query(text, str(tmp_path / "m.json"), tmp_path)
     check_query(yaml.safe_dump(data), str(tmp_path / "m.yaml"), tmp_path)
+
+
+def test_tsv_uid_column(tmp_path):
+    from harvester.query import load_query
+
+    path = tmp_path / "list.tsv"
+    path.write_text("SeriesInstanceUID\tNote\n1.2.3\tfirst\n1.2.4\tsecond\n")
+    assert load_query(path).selectors[0].series == ("1.2.3", "1.2.4")
