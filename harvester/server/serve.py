@@ -26,18 +26,27 @@ from harvester.server.faults import FaultInjector, FaultSpec
 
 DEFAULT_CACHE_DIR = Path("~/.cache/harvester")
 SHUTDOWN_TIMEOUT = 2.0
+#: Seconds a connection may stay open without a complete request (stalled or dribbling clients,
+#: idle keep-alives) before it is closed. aiohttp's own default is an hour, and older releases
+#: never closed a connection that had not sent its first request (aiohttp PR #13681).
+IDLE_TIMEOUT = 30.0
+#: Request line and each header field at most this many bytes (HTTP 400 beyond): aiohttp's
+#: defaults, stated here so a change of them upstream cannot loosen the server.
+MAX_LINE_SIZE = MAX_FIELD_SIZE = 8190
 
 
 async def start_server(archive: Archive, host: str = "127.0.0.1", port: int = 0,
                        faults: FaultSpec | FaultInjector | None = None,
-                       auth: ServerAuth | None = None) -> tuple[web.AppRunner, str]:
+                       auth: ServerAuth | None = None, *, idle_timeout: float = IDLE_TIMEOUT
+                       ) -> tuple[web.AppRunner, str]:
     """Start serving ``archive`` on the running loop; returns the runner and the v4 base URL.
 
     Stop it with ``await runner.cleanup()``. The app (and its stats) is ``runner.app``.
     Raises ``OSError`` when the address cannot be bound.
     """
     runner = web.AppRunner(make_app(archive, faults, auth), access_log=None,
-                           shutdown_timeout=SHUTDOWN_TIMEOUT)
+                           shutdown_timeout=SHUTDOWN_TIMEOUT, keepalive_timeout=idle_timeout,
+                           max_line_size=MAX_LINE_SIZE, max_field_size=MAX_FIELD_SIZE)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:
