@@ -181,7 +181,11 @@ class TokenAuth:
                 if resp.status != 200:
                     raise RetryableRequestError(f"token request to {url} failed: HTTP {resp.status}",
                                                 status=resp.status, url=url)
-                data = await resp.json(content_type=None)
+                try:
+                    data = await resp.json(content_type=None)
+                except ValueError:  # a login page or a proxy's answer: never show its text (it may echo secrets)
+                    raise AuthError(f"token endpoint {url} answered something that is not JSON",
+                                    hint="check --token-url (default: <host>/nbia-api/oauth/token)") from None
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise RetryableRequestError(f"token request to {url} failed: {type(exc).__name__}", url=url) from None
         if not isinstance(data, dict) or not isinstance(data.get("access_token"), str):

@@ -89,17 +89,24 @@ def make_hand_app(archive: HandArchive) -> web.Application:
 @contextmanager
 def serve_hand(archive: HandArchive) -> Iterator[str]:
     """Serve ``archive`` on 127.0.0.1 in a thread; yields the v4 base URL."""
+    with serve_app(make_hand_app(archive)) as root:
+        yield f"{root}/nbia-api/services/v4"
+
+
+@contextmanager
+def serve_app(app: web.Application) -> Iterator[str]:
+    """Serve any aiohttp ``app`` on 127.0.0.1 in a thread; yields ``http://127.0.0.1:PORT``."""
     loop = asyncio.new_event_loop()
     started: Future[tuple[web.AppRunner, str]] = Future()
     stop = threading.Event()
 
     async def start() -> tuple[web.AppRunner, str]:
-        runner = web.AppRunner(make_hand_app(archive), access_log=None)
+        runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         host, port = runner.addresses[0][:2]
-        return runner, f"http://{host}:{port}/nbia-api/services/v4"
+        return runner, f"http://{host}:{port}"
 
     def run() -> None:
         asyncio.set_event_loop(loop)
@@ -113,7 +120,7 @@ def serve_hand(archive: HandArchive) -> Iterator[str]:
         loop.close()
         stop.set()
 
-    thread = threading.Thread(target=run, daemon=True, name="hand-nbia")
+    thread = threading.Thread(target=run, daemon=True, name="hand-server")
     thread.start()
     _, url = started.result(timeout=30)
     try:
