@@ -23,6 +23,7 @@ import io
 import lzma
 import os
 import stat
+import struct
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -97,8 +98,28 @@ def parse_md5_csv(data: bytes) -> dict[str, str]:
     return out
 
 
-def read_dicom_ids(path: Path) -> tuple[str, str, str]:
-    """(SeriesInstanceUID, SOPInstanceUID, SOPClassUID) from a DICOM header; ``IntegrityError`` if not DICOM."""
+def read_dicom_ids(path: Path, head: bytes | None = None, *, whole: bool = False) -> tuple[str, str, str]:
+    """(SeriesInstanceUID, SOPInstanceUID, SOPClassUID) from a DICOM header; ``IntegrityError`` if not DICOM.
+
+    ``head``, when given, is the start of the file (``whole``: all of it), which spares reading
+    the file again. A well-formed header is walked by ``header_ids`` without pydicom (a tenth of
+    the cost, which dominates small instances); anything it is unsure of is left to pydicom,
+    whose verdict stands.
+    """
+    if head is None:
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(_HEAD_BYTES + 1)
+        except OSError:
+            head = b""
+        whole = len(head) <= _HEAD_BYTES
+    found = header_ids(head, complete=whole) if head else None
+    if found is not None:
+        return found
+    return _read_dicom_ids_pydicom(path)
+
+
+def _read_dicom_ids_pydicom(path: Path) -> tuple[str, str, str]:
     import pydicom
 
     try:
@@ -115,6 +136,183 @@ def read_dicom_ids(path: Path) -> tuple[str, str, str]:
         # NotImplementedError (unknown VR), struct.error, BytesLengthException... all mean "not DICOM"
         raise IntegrityError(f"{path.name} is not a readable DICOM file ({type(exc).__name__})") from None
     return series, sop, sop_class
+
+
+# ------------------------------------------------------------------ DICOM header walk (fast path)
+#
+# Invariant: header_ids returns a result only for a header it has walked completely and
+# unambiguously (preamble and "DICM", a group-2 meta header, then every element of the data set
+# up to the pixel data or the end of the file, nested sequences included, each with a known VR
+# and a length inside the bytes), in a little-endian transfer syntax; it then returns what
+# pydicom would. Anything else (big endian, deflate, an odd VR, a value pydicom would convert
+# differently, a header longer than ``head``) returns None, and pydicom decides.
+
+_HEAD_BYTES = 256 * 1024
+_IMPLICIT_LE = "1.2.840.10008.1.2"
+_PYDICOM_ONLY_SYNTAXES = frozenset({"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"})  # big endian, deflated
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+_SHORT_VRS = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT",
+                        b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"})
+_UNDEFINED = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_PIXEL_DATA = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # float, double float, pixel data
+_MEDIA_SOP, _SYNTAX = 0x00020003, 0x00020010
+_SOP_CLASS, _SOP, _SERIES = 0x00080016, 0x00080018, 0x0020000E
+_WANTED = frozenset({_SOP_CLASS, _SOP, _SERIES})
+_U16, _U32, _U16x2 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<HH")
+_MAX_DEPTH = 16
+
+
+class _Unsure(Exception):
+    """The fast walk cannot vouch for this header; pydicom must decide."""
+
+
+def header_ids(head: bytes, *, complete: bool) -> tuple[str, str, str] | None:
+    """(SeriesInstanceUID, SOPInstanceUID, SOPClassUID) from the first bytes of a DICOM file, or
+    None when only pydicom can tell. ``complete`` says ``head`` is the whole file. Never raises."""
+    try:
+        return _walk_file(head, complete)
+    except (_Unsure, struct.error, IndexError, ValueError):
+        return None
+
+
+def _walk_file(head: bytes, complete: bool) -> tuple[str, str, str]:
+    if len(head) < 132 or head[128:132] != b"DICM":
+        raise _Unsure
+    meta: dict[int, bytes] = {}
+    pos = 132
+    while pos + 8 <= len(head) and _U16.unpack_from(head, pos)[0] == 0x0002:
+        pos = _element(head, pos, True, meta, frozenset({_MEDIA_SOP, _SYNTAX}), 0)
+    syntax = _ui(meta.get(_SYNTAX, b""))
+    if not syntax or syntax in _PYDICOM_ONLY_SYNTAXES:
+        raise _Unsure
+    found: dict[int, bytes] = {}
+    end = _walk_dataset(head, pos, syntax != _IMPLICIT_LE, found, 0, top=True)
+    if end is None and not complete:
+        raise _Unsure  # the header goes on beyond the bytes we have
+    series, sop, sop_class = (_ui(found[t]) if t in found else "" for t in (_SERIES, _SOP, _SOP_CLASS))
+    if not sop:
+        sop = _ui(meta.get(_MEDIA_SOP, b""))
+    return series, sop, sop_class
+
+
+def _walk_dataset(buf: bytes, pos: int, explicit: bool, found: dict[int, bytes], depth: int, *,
+                  top: bool = False, end: int | None = None) -> int | None:
+    """Walk elements from ``pos``. At top level: returns the offset of the pixel data, or None
+    at the end of ``buf``. Inside an undefined-length item: returns the offset after its
+    delimiter. Inside a defined-length item: walks up to ``end``."""
+    limit = len(buf) if end is None else end
+    while pos < limit:
+        if pos + 8 > limit:
+            raise _Unsure
+        group, elem = _U16x2.unpack_from(buf, pos)
+        tag = group << 16 | elem
+        if top and tag in _PIXEL_DATA:  # where pydicom's stop_before_pixels stops too
+            return pos
+        if tag == _ITEM_END and not top and end is None:
+            if _U32.unpack_from(buf, pos + 4)[0] != 0:
+                raise _Unsure
+            return pos + 8
+        if group in (0xFFFE, 0x0002):
+            raise _Unsure
+        pos = _element(buf, pos, explicit, found if top else {}, _WANTED, depth)
+    if end is not None and pos == end:
+        return pos
+    if top and pos == len(buf):
+        return None
+    raise _Unsure
+
+
+def _element(buf: bytes, pos: int, explicit: bool, found: dict[int, bytes], wanted: frozenset[int],
+             depth: int) -> int:
+    """Step over one element at ``pos`` (recording it in ``found`` when wanted); returns the next offset."""
+    group, elem = _U16x2.unpack_from(buf, pos)
+    tag = group << 16 | elem
+    if explicit:
+        vr = buf[pos + 4:pos + 6]
+        if vr in _SHORT_VRS:
+            length, pos = _U16.unpack_from(buf, pos + 6)[0], pos + 8
+        elif vr in _LONG_VRS:
+            length, pos = _U32.unpack_from(buf, pos + 8)[0], pos + 12
+        else:
+            raise _Unsure
+    else:
+        vr = b""
+        length, pos = _U32.unpack_from(buf, pos + 4)[0], pos + 8
+    if length == _UNDEFINED:
+        if (explicit and vr != b"SQ") or tag in wanted:
+            raise _Unsure
+        return _skip_sequence(buf, pos, explicit, depth + 1)
+    if pos + length > len(buf):
+        raise _Unsure
+    if tag in wanted:
+        if explicit and vr != b"UI":
+            raise _Unsure
+        found[tag] = buf[pos:pos + length]
+    elif explicit and vr == b"SQ" and length:
+        _skip_items(buf, pos, pos + length, explicit, depth + 1)
+    return pos + length
+
+
+def _skip_sequence(buf: bytes, pos: int, explicit: bool, depth: int) -> int:
+    """Step over the items of an undefined-length sequence; returns the offset after its delimiter."""
+    if depth > _MAX_DEPTH:
+        raise _Unsure
+    while True:
+        if pos + 8 > len(buf):
+            raise _Unsure
+        group, elem = _U16x2.unpack_from(buf, pos)
+        tag, length = group << 16 | elem, _U32.unpack_from(buf, pos + 4)[0]
+        pos += 8
+        if tag == _SEQUENCE_END:
+            if length != 0:
+                raise _Unsure
+            return pos
+        if tag != _ITEM:
+            raise _Unsure
+        if length == _UNDEFINED:
+            pos = _walk_dataset(buf, pos, explicit, {}, depth)  # type: ignore[assignment]
+        else:
+            if pos + length > len(buf):
+                raise _Unsure
+            _walk_dataset(buf, pos, explicit, {}, depth, end=pos + length)
+            pos += length
+
+
+def _skip_items(buf: bytes, pos: int, end: int, explicit: bool, depth: int) -> None:
+    """Check the items of a defined-length sequence (``pos``..``end``)."""
+    if depth > _MAX_DEPTH:
+        raise _Unsure
+    while pos < end:
+        if pos + 8 > end:
+            raise _Unsure
+        group, elem = _U16x2.unpack_from(buf, pos)
+        tag, length = group << 16 | elem, _U32.unpack_from(buf, pos + 4)[0]
+        pos += 8
+        if tag != _ITEM:
+            raise _Unsure
+        if length == _UNDEFINED:
+            pos = _walk_dataset(buf, pos, explicit, {}, depth)  # type: ignore[assignment]
+            if pos > end:
+                raise _Unsure
+        else:
+            if pos + length > end:
+                raise _Unsure
+            _walk_dataset(buf, pos, explicit, {}, depth, end=pos + length)
+            pos += length
+
+
+_UID_CHARACTERS = frozenset(b"0123456789.")
+
+
+def _ui(value: bytes) -> str:
+    """A UI value as pydicom gives it (trailing NULs and spaces dropped). Only a plain UID (digits
+    and dots) is answered here; pydicom's handling of anything else (whitespace, several values,
+    other bytes) differs between versions, so it decides those."""
+    value = value.rstrip(b"\0 ")
+    if not _UID_CHARACTERS.issuperset(value):
+        raise _Unsure
+    return value.decode("ascii")
 
 
 def verify_and_unpack(zip_path: Path, staging: Path, *, series_uid: str, image_count: int | None,
@@ -157,7 +355,7 @@ def verify_and_unpack(zip_path: Path, staging: Path, *, series_uid: str, image_c
             entry_base = PurePosixPath(info.filename.replace("\\", "/")).name
             name = instance_filename(info.filename)
             target = staging / name
-            digest = _extract(zf, info, target, series_uid)
+            digest, head = _extract(zf, info, target, series_uid)
             want = expected_md5.get(entry_base) or expected_md5.get(info.filename)
             if want is None:
                 raise IntegrityError(f"{entry_base} is not listed in md5hashes.csv", series_uid=series_uid)
@@ -165,7 +363,7 @@ def verify_and_unpack(zip_path: Path, staging: Path, *, series_uid: str, image_c
             if mismatch and len(repairs) >= max_repairs:
                 raise IntegrityError(f"{entry_base} does not match its MD5 (got {digest}, expected {want})",
                                      series_uid=series_uid)
-            got_series, sop, sop_class = read_dicom_ids(target)
+            got_series, sop, sop_class = read_dicom_ids(target, head, whole=len(head) == info.file_size)
             if mismatch:
                 if got_series != series_uid or not sop:
                     raise IntegrityError(f"{entry_base} does not match its MD5 and cannot be repaired alone",
@@ -233,16 +431,22 @@ def _read_small(zf: zipfile.ZipFile, info: zipfile.ZipInfo, cap: int) -> bytes:
         raise IntegrityError(f"ZIP entry {info.filename!r} is corrupt ({exc})") from None
 
 
-def _extract(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, series_uid: str) -> str:
-    """Stream one entry to ``target`` (new file, no following of links); returns its MD5."""
+def _extract(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, series_uid: str) -> tuple[str, bytes]:
+    """Stream one entry to ``target`` (new file, no following of links); returns its MD5 and its
+    first chunk (the DICOM header is read from there rather than from the file again).
+
+    Written with ``os.write`` on the raw descriptor: no second buffer, and hashing and writing
+    release the GIL, so the event loop keeps running while a worker thread unpacks.
+    """
     md5 = hashlib.md5()
     written = 0
+    head = b""
     try:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
     except OSError as exc:
         raise classify_os_error(exc, f"{target.name}") from None
     try:
-        with os.fdopen(fd, "wb") as out, zf.open(info) as src:
+        with zf.open(info) as src:
             while True:
                 chunk = src.read(_CHUNK)
                 if not chunk:
@@ -251,12 +455,18 @@ def _extract(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, series_ui
                 if written > info.file_size:  # never trust the header beyond what it declared
                     raise UnsafeArchiveError(f"ZIP entry {info.filename!r} is longer than declared",
                                              series_uid=series_uid)
+                if not head:  # keep the header's bytes, not a whole chunk of pixel data
+                    head = chunk if len(chunk) == info.file_size else chunk[:_HEAD_BYTES]
                 md5.update(chunk)
-                out.write(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
     except _CORRUPT_ENTRY as exc:
         raise IntegrityError(f"ZIP entry {info.filename!r} is corrupt ({exc})", series_uid=series_uid) from None
     except OSError as exc:
         raise classify_os_error(exc, target.name) from None
+    finally:
+        os.close(fd)
     if written != info.file_size:
         raise IntegrityError(f"ZIP entry {info.filename!r} is shorter than declared", series_uid=series_uid)
-    return md5.hexdigest()
+    return md5.hexdigest(), head

@@ -1,0 +1,104 @@
+"""harvester.unpack's DICOM header walk (the fast path of ``read_dicom_ids``) agrees with
+pydicom wherever it answers, and leaves to pydicom everything it cannot vouch for."""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import pydicom
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydicom.data import get_testdata_file, get_testdata_files
+
+from harvester.errors import IntegrityError
+from harvester.unpack import _read_dicom_ids_pydicom, header_ids, read_dicom_ids
+
+SAMPLES = sorted({Path(p) for p in get_testdata_files("**/*") if Path(p).is_file()})
+CT_SMALL = Path(get_testdata_file("CT_small.dcm"))
+
+
+def pydicom_ids(path: Path) -> tuple[str, str, str] | None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return _read_dicom_ids_pydicom(path)
+        except IntegrityError:
+            return None
+
+
+def test_most_sample_files_take_the_fast_path_and_agree_with_pydicom() -> None:
+    fast = 0
+    for path in SAMPLES:
+        found = header_ids(path.read_bytes(), complete=True)
+        if found is None:
+            continue
+        fast += 1
+        assert found == pydicom_ids(path), path.name
+    assert fast >= 100, "the fast path should cover pydicom's ordinary test files"
+
+
+@pytest.mark.parametrize("name", ["MR_small_bigendian.dcm", "image_dfl.dcm", "no_meta.dcm",
+                                  "meta_missing_tsyntax.dcm", "UN_sequence.dcm"])
+def test_what_the_walk_cannot_vouch_for_is_left_to_pydicom(name: str) -> None:
+    path = Path(get_testdata_file(name))
+    assert header_ids(path.read_bytes(), complete=True) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            expected = _read_dicom_ids_pydicom(path)
+        except IntegrityError:
+            with pytest.raises(IntegrityError):
+                read_dicom_ids(path)
+            return
+        assert read_dicom_ids(path) == expected
+
+
+def test_nested_sequences_of_both_kinds_are_walked() -> None:
+    ds = pydicom.dcmread(CT_SMALL)
+    inner = pydicom.Dataset()
+    inner.ReferencedSOPInstanceUID = "1.2.3.4"
+    inner.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    deeper = pydicom.Dataset()
+    deeper.CodeValue = "X"
+    inner.ConceptNameCodeSequence = [deeper]
+    ds.ReferencedImageSequence = [inner, inner]
+    for undefined in (False, True):
+        buf = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if undefined:  # pydicom writes sequences with undefined length when asked so
+                ds.ReferencedImageSequence.is_undefined_length = True
+                for item in ds.ReferencedImageSequence:
+                    item.is_undefined_length_sequence_item = True
+            ds.save_as(buf)
+        data = buf.getvalue()
+        assert header_ids(data, complete=True) == (str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID),
+                                                    str(ds.SOPClassUID))
+
+
+def test_a_header_cut_short_is_never_answered_wrongly() -> None:
+    data = CT_SMALL.read_bytes()
+    whole = header_ids(data, complete=True)
+    assert whole is not None
+    for cut in range(0, 1200):
+        got = header_ids(data[:cut], complete=False)
+        assert got is None or got == whole
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 1400), st.integers(0, 255)), min_size=1, max_size=6))
+def test_damaged_headers_agree_with_pydicom_or_go_to_it(flips: list[tuple[int, int]]) -> None:
+    """Whatever the walk answers for damaged bytes is what pydicom answers; it never raises."""
+    data = bytearray(CT_SMALL.read_bytes())
+    for where, value in flips:
+        data[where] = value
+    found = header_ids(bytes(data), complete=True)
+    if found is None:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(io.BytesIO(bytes(data)), stop_before_pixels=True)
+        sop = str(ds.get("SOPInstanceUID", "") or "") or str(ds.file_meta.get("MediaStorageSOPInstanceUID", "") or "")
+        assert found == (str(ds.get("SeriesInstanceUID", "") or ""), sop, str(ds.get("SOPClassUID", "") or ""))
