@@ -18,6 +18,7 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,12 +64,21 @@ class HarvestResult:
 
 
 class AdaptiveLimit:
-    """AIMD concurrency: halve on push-back, +1 after a run of successes; within [1, maximum]."""
+    """AIMD concurrency: halve on push-back, +1 after a run of successes; within [1, maximum].
 
-    def __init__(self, maximum: int) -> None:
+    Push-backs closer together than ``cooldown`` seconds count once (TCP's one decrease per
+    round trip): a wave of 429s seen by N workers at the same moment is one signal, and must
+    not collapse the limit from N to 1, which would then take N*N/2 successes to undo.
+    """
+
+    def __init__(self, maximum: int, *, cooldown: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.maximum = max(1, maximum)
         self.limiter = anyio.CapacityLimiter(self.maximum)
+        self.cooldown = cooldown
+        self._clock = clock
         self._healthy = 0
+        self._last_push: float | None = None
 
     @property
     def current(self) -> int:
@@ -76,6 +86,10 @@ class AdaptiveLimit:
 
     def push_back(self) -> None:
         self._healthy = 0
+        now = self._clock()
+        if self._last_push is not None and now - self._last_push < self.cooldown:
+            return
+        self._last_push = now
         self.limiter.total_tokens = max(1, math.floor(self.current / 2))
 
     def healthy(self) -> None:
@@ -101,7 +115,7 @@ class Engine:
         self.source = source
         self.state = state
         self.hub = hub
-        self.limit = AdaptiveLimit(config.workers)
+        self.limit = AdaptiveLimit(config.workers, cooldown=config.backoff_base)
         self.rate = RateLimiter(config.max_rate) if config.max_rate else None
         self._licenses: set[str] = set()
         self._rng = random.Random()

@@ -1,0 +1,279 @@
+"""The engine's throughput controls behave: adaptive concurrency shrinks under push-back and
+regrows once the server is healthy, ``--max-rate`` caps the bytes taken per unit of time, and
+memory does not grow with the size of a series. Behaviour only: time is virtual where a rate is
+checked, and the one real-time check is a lower bound the limiter guarantees."""
+from __future__ import annotations
+
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+import harvester.engine as engine_module
+from harvest_helpers import assert_identical, normal_series, select_all, test_config
+from harvester.api import aharvest
+from harvester.config import Limits
+from harvester.engine import AdaptiveLimit
+from harvester.fetch import RateLimiter
+from harvester.progress import Event, Hub
+from harvester.query import query_from_dict
+from harvester.server.synthetic import SyntheticSpec, build_synthetic
+from harvester.server.testing import serve_in_thread
+
+
+def harvest(base_url: str, out: Path, query: dict[str, Any], hub: Hub, **overrides: Any) -> Any:
+    config = test_config(base_url, out, **overrides)
+    return anyio.run(lambda: aharvest(query_from_dict(query, origin="test"), config, hub=hub))
+
+
+class VirtualClock:
+    """A clock that only moves when someone sleeps on it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += max(0.0, seconds)
+        await anyio.lowlevel.checkpoint()
+
+
+# ---------------------------------------------------------------- AdaptiveLimit
+
+def test_push_back_halves_down_to_one_and_successes_regrow_to_the_maximum() -> None:
+    clock = VirtualClock()
+    limit = AdaptiveLimit(8, cooldown=1.0, clock=clock)
+    assert limit.current == 8
+    for expected in (4, 2, 1, 1):
+        limit.push_back()
+        assert limit.current == expected
+        clock.now += 1.0
+    # additive increase: +1 after `current` successes in a row
+    steps = []
+    for _ in range(40):
+        limit.healthy()
+        steps.append(limit.current)
+    assert steps[:6] == [2, 2, 3, 3, 3, 4]
+    assert max(steps) == 8 and steps[-1] == 8
+
+
+def test_a_burst_of_push_backs_halves_once_per_cooldown() -> None:
+    """Many requests throttled at the same moment are one signal, not N: the limit must not
+    collapse from 16 to 1 because 16 workers saw the same 429 wave."""
+    clock = VirtualClock()
+    limit = AdaptiveLimit(16, cooldown=1.0, clock=clock)
+    for _ in range(16):
+        limit.push_back()
+    assert limit.current == 8
+    clock.now += 0.5
+    limit.push_back()
+    assert limit.current == 8
+    clock.now += 0.6
+    limit.push_back()
+    assert limit.current == 4
+
+
+def test_a_push_back_resets_the_run_of_successes() -> None:
+    clock = VirtualClock()
+    limit = AdaptiveLimit(4, cooldown=1.0, clock=clock)
+    limit.push_back()                      # 2
+    limit.healthy()
+    clock.now += 2
+    limit.push_back()                      # 1
+    limit.healthy()                        # one success at 1 -> 2
+    assert limit.current == 2
+
+
+@pytest.mark.anyio
+async def test_the_capacity_follows_the_limit() -> None:
+    """Lowering the limit really lowers how many run at once (anyio lets total_tokens shrink
+    below the borrowed count; new borrowers wait)."""
+    clock = VirtualClock()
+    limit = AdaptiveLimit(4, cooldown=1.0, clock=clock)
+    running, peak = 0, 0
+    release = anyio.Event()
+
+    async def job() -> None:
+        nonlocal running, peak
+        async with limit.limiter:
+            running += 1
+            peak = max(peak, running)
+            await release.wait()
+            running -= 1
+
+    async with anyio.create_task_group() as tg:
+        limit.push_back()  # 2
+        for _ in range(6):
+            tg.start_soon(job)
+        await anyio.wait_all_tasks_blocked()
+        assert running == 2
+        release.set()
+    assert peak == 2
+
+
+def test_engine_cools_down_on_its_backoff_scale(server, small_archive, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Throttle every download until the limit has shrunk to 1, then lift the fault: the limit
+    regrows to the configured maximum and every series completes."""
+    seen: list[int] = []
+    lifted = False
+    engines: list[Any] = []
+    original = engine_module.Engine.__init__
+
+    def capture(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        engines.append(self)
+
+    def watch(ev: Event) -> None:
+        nonlocal lifted
+        if ev.kind == "plan":
+            server.set_faults("throttle=1.0,retry_after=0,seed=3")  # planning done: throttle downloads
+            return
+        if not engines:
+            return
+        current = engines[0].limit.current
+        seen.append(current)
+        if current == 1 and not lifted:
+            lifted = True
+            server.set_faults(None)
+
+    hub = Hub()
+    hub.subscribe(watch)
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(engine_module.Engine, "__init__", capture)
+    try:
+        out = tmp_path / "out"
+        result = harvest(server.base_url, out, select_all(small_archive), hub=hub, workers=4, connections=8,
+                         retries=8, series_retries=8)
+    finally:
+        monkey.undo()
+    assert lifted, f"the limit never shrank to 1: {seen}"
+    assert server.stats.faults.get("throttle", 0) > 0
+    after = seen[seen.index(1):]
+    assert max(after) == 4, f"the limit did not regrow to the maximum: {after}"
+    assert result.ok, result.failed
+    assert_identical(out, small_archive, normal_series(small_archive))
+
+
+# ---------------------------------------------------------------- RateLimiter (--max-rate)
+
+@pytest.mark.anyio
+async def test_rate_limiter_lets_rate_times_time_plus_one_burst_through() -> None:
+    clock = VirtualClock()
+    rate = 1_000_000
+    limiter = RateLimiter(rate, clock=clock, sleep=clock.sleep)
+    started = clock()
+    total = 0
+    for _ in range(160):  # 10.5 MB in 64 KiB chunks
+        await limiter.consume(65536)
+        total += 65536
+        # at no moment more than rate * elapsed + one burst + one chunk
+        assert total <= rate * (clock() - started) + rate + 65536
+    elapsed = clock() - started
+    assert limiter.consumed == total
+    assert (total - rate) / rate <= elapsed <= (total - rate) / rate + 0.2
+
+
+@pytest.mark.anyio
+async def test_rate_limiter_is_shared_by_concurrent_downloads() -> None:
+    clock = VirtualClock()
+    limiter = RateLimiter(500_000, clock=clock, sleep=clock.sleep)
+    started = clock()
+
+    async def download(chunks: int, size: int) -> None:
+        for _ in range(chunks):
+            await limiter.consume(size)
+
+    async with anyio.create_task_group() as tg:
+        for size in (16384, 65536, 200_000):
+            tg.start_soon(download, 20, size)
+    total = 20 * (16384 + 65536 + 200_000)
+    assert limiter.consumed == total
+    assert clock() - started >= (total - 500_000 - 200_000) / 500_000
+
+
+@pytest.mark.anyio
+async def test_a_chunk_larger_than_the_burst_still_passes_and_is_paid_for() -> None:
+    clock = VirtualClock()
+    limiter = RateLimiter(100_000, clock=clock, sleep=clock.sleep)
+    await limiter.consume(350_000)   # a full bucket lets it through, the bucket goes negative
+    t0 = clock()
+    await limiter.consume(1)         # and the next caller waits until it has refilled
+    assert clock() - t0 >= 2.5
+
+
+def test_max_rate_caps_a_real_harvest(server, small_archive, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Every received byte goes through the limiter, and the harvest cannot beat the rate:
+    a lower bound, which only a broken limiter could violate."""
+    limiters: list[RateLimiter] = []
+
+    class Recording(RateLimiter):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            limiters.append(self)
+
+    rate = 200_000
+    hub = Hub()
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(engine_module, "RateLimiter", Recording)
+    try:
+        started = time.monotonic()
+        result = harvest(server.base_url, tmp_path / "out", select_all(small_archive), hub=hub, max_rate=rate)
+        elapsed = time.monotonic() - started
+    finally:
+        monkey.undo()
+    assert result.ok, result.failed
+    (limiter,) = limiters
+    received = hub.tally.received_bytes
+    assert received > 2 * rate, "the archive is too small to show the cap"
+    assert limiter.consumed == received
+    assert elapsed >= (received - rate) / rate * 0.95
+
+
+# ---------------------------------------------------------------- memory does not grow with series size
+
+BIG_SPEC = "collections=1,patients=1,studies=1,series=1,instances=12,size=4MB,seed=4"
+
+
+@pytest.fixture(scope="module")
+def big_archive(synthetic_cache: Path) -> Any:
+    return build_synthetic(SyntheticSpec.parse(BIG_SPEC), synthetic_cache)
+
+
+def test_fetch_and_unpack_hold_a_few_chunks_not_the_series(big_archive: Any, tmp_path: Path) -> None:
+    """A 48 MiB series is streamed to disk and unpacked with Python allocations bounded by a
+    few chunks (tracemalloc sees aiohttp's buffers too)."""
+    from harvester.config import Config
+    from harvester.fetch import fetch_series_zip
+    from harvester.source.nbia import NBIAClient, make_session
+    from harvester.unpack import verify_and_unpack
+
+    (rec,) = big_archive.records()
+    assert rec.total_bytes > 40 * 2**20
+    partial = tmp_path / "s.zip.partial"
+    with serve_in_thread(big_archive) as handle:
+        config = Config(api_url=handle.base_url, out_dir=tmp_path, retries=2, progress=False)
+
+        async def fetch() -> int:
+            async with make_session(config) as session:
+                return await fetch_series_zip(NBIAClient(config, session), rec.uid, None, partial,
+                                              chunk_size=config.chunk_size)
+
+        tracemalloc.start()
+        try:
+            size = anyio.run(fetch)
+            _, fetch_peak = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+            unpacked = verify_and_unpack(partial, tmp_path / "staging", series_uid=rec.uid,
+                                         image_count=len(rec.instances), file_size=rec.total_bytes, limits=Limits())
+            _, unpack_peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert size > rec.total_bytes
+    assert len(unpacked.files) == len(rec.instances)
+    assert fetch_peak < 6 * config.chunk_size, fetch_peak
+    assert unpack_peak < 4 * 2**20, unpack_peak
