@@ -1,0 +1,774 @@
+"""A DICOMweb service as a ``Source``: QIDO-RS to plan, WADO-RS to fetch (Orthanc, dcm4chee,
+Google/Azure/AWS health-imaging APIs, any PACS with a DICOMweb root).
+
+How a query maps onto QIDO-RS (``GET {root}/series``, ``{root}/studies/{uid}/series``):
+
+* ``collection`` -> the attribute ``config.collection_attribute`` (default
+  ClinicalTrialProtocolID, which TCIA-style de-identification fills with the collection name);
+  ``patients`` -> PatientID, ``studies`` -> StudyInstanceUID, ``series`` -> SeriesInstanceUID,
+  ``modality`` -> Modality, ``body_part`` -> BodyPartExamined, ``manufacturer`` -> Manufacturer.
+  Single values narrow the search on the server; every row is also checked locally, so a server
+  that ignores a matching key cannot widen the harvest.
+* ``released_after`` has no DICOMweb equivalent (archives record no release date) and raises
+  ``UsageError`` rather than being silently ignored.
+* ImageCount is NumberOfSeriesRelatedInstances (asked for with ``includefield``; counted from
+  the series' instances when the server leaves it out). FileSize is unknown, so a series is
+  verified by its instance count, SeriesInstanceUID and unique SOPInstanceUIDs instead.
+
+Per series, WADO-RS ``GET {root}/studies/{study}/series/{series}`` with
+``Accept: multipart/related; type="application/dicom"; transfer-syntax=*`` (files as stored) is
+parsed as a stream by ``MultipartParser``: memory is one chunk per series in flight. Each part
+is written to a new file in ``staging`` while its MD5 is computed, then parsed (in a thread) and
+renamed to ``<SOPInstanceUID>.dcm``.
+
+Who raises what:
+
+* every request raises ``RetryableRequestError`` (after ``config.retries`` attempts, with the NBIA
+  source's policy: backoff with jitter, ``Retry-After`` honoured for the whole host) for resets,
+  timeouts, 5xx, 408, 429, an error page instead of a multipart body and a body cut before its
+  closing boundary; ``PermanentRequestError`` for other 4xx; ``AuthError`` for 401.
+* ``plan`` raises ``UnknownSelectionError`` for a series or collection the service does not have.
+* ``fetch_series`` raises ``IncompleteSeriesError`` when fewer instances arrive than QIDO
+  announced, ``IntegrityError`` for a part that is not DICOM, belongs to another series, repeats
+  a SOPInstanceUID or exceeds the announced count, and ``DiskFullError``/``OutputNotWritableError``.
+
+Credentials: ``config.auth`` (user, password) as HTTP basic, or ``config.bearer_token``. They
+are only ever put in request headers; messages carry URLs through ``redact_url``.
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import email.message
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import quote, urlencode, urlsplit
+
+import aiohttp
+import anyio
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+
+from harvester.config import Config
+from harvester.errors import (
+    IncompleteSeriesError,
+    IntegrityError,
+    RetryableRequestError,
+    UnknownSelectionError,
+    UsageError,
+    classify_os_error,
+    should_retry_request,
+)
+from harvester.layout import safe_component
+from harvester.planner import Plan, SeriesTask, gather_limited
+from harvester.query import Query, Selector
+from harvester.source.nbia import (
+    BackoffWait,
+    HostGate,
+    _describe,
+    _one_line,
+    _raise_for_status,
+    as_int,
+    redact_url,
+)
+from harvester.unpack import UnpackedSeries, VerifiedFile, read_dicom_ids
+
+#: QIDO-RS page size (limit=); a shorter page ends the search unless the server warns of more.
+PAGE_SIZE = 500
+#: An upper bound on rows per search, so a server that ignores offset cannot loop us forever.
+MAX_ROWS = 1_000_000
+WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+QIDO_ACCEPT = "application/dicom+json, application/json"
+#: The collection of a series whose collection attribute is empty (a folder name in layouts).
+NO_COLLECTION = "NO-COLLECTION"
+
+# DICOM tags as QIDO-RS names them (8 upper-case hex digits).
+TAGS = {
+    "PatientID": "00100020", "PatientName": "00100010", "PatientSex": "00100040",
+    "StudyInstanceUID": "0020000D", "StudyDate": "00080020", "StudyID": "00200010",
+    "StudyDescription": "00081030", "SeriesInstanceUID": "0020000E", "SeriesNumber": "00200011",
+    "SeriesDescription": "0008103E", "SeriesDate": "00080021", "Modality": "00080060",
+    "BodyPartExamined": "00180015", "Manufacturer": "00080070", "ManufacturerModelName": "00081090",
+    "ProtocolName": "00181030", "NumberOfSeriesRelatedInstances": "00201209", "SOPInstanceUID": "00080018",
+}
+#: Asked for with includefield on every series search (servers omit most of them by default).
+SERIES_FIELDS = tuple(TAGS[k] for k in (
+    "PatientID", "PatientName", "PatientSex", "StudyInstanceUID", "StudyDate", "StudyID", "StudyDescription",
+    "SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "SeriesDate", "Modality", "BodyPartExamined",
+    "Manufacturer", "ManufacturerModelName", "ProtocolName", "NumberOfSeriesRelatedInstances"))
+
+
+def dicom_tag(name: str) -> str:
+    """A DICOM keyword (``ClinicalTrialProtocolID``) or tag (``00120020``, ``0012,0020``) as the
+    8-hex-digit form QIDO-RS uses. Raises ``UsageError`` for anything else."""
+    text = name.strip().replace(",", "").replace("(", "").replace(")", "")
+    if len(text) == 8 and all(c in "0123456789abcdefABCDEF" for c in text):
+        return text.upper()
+    from pydicom.datadict import tag_for_keyword
+
+    tag = tag_for_keyword(name.strip())
+    if tag is None:
+        raise UsageError(f"collection attribute {name!r} is neither a DICOM keyword nor a tag",
+                         hint="use a keyword such as ClinicalTrialProtocolID or a tag such as 00120020")
+    return f"{tag:08X}"
+
+
+def json_text(item: dict[str, Any], tag: str) -> str | None:
+    """The first value of ``tag`` in a DICOM JSON object, as text; None when absent or empty.
+
+    Defensive: any key or level may be missing or of the wrong type; person names are
+    ``{"Alphabetic": ...}`` objects; numbers may arrive as numbers or strings.
+    """
+    element = item.get(tag)
+    if not isinstance(element, dict):
+        return None
+    values = element.get("Value")
+    if not isinstance(values, list) or not values:
+        return None
+    value = values[0]
+    if isinstance(value, dict):  # PN
+        value = value.get("Alphabetic")
+    if value is None or isinstance(value, (dict, list, bool)):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    return text or None
+
+
+def iso_date(value: str | None) -> str | None:
+    """DICOM DA (``YYYYMMDD``) as ISO ``YYYY-MM-DD``, like NBIA's rows; other text unchanged."""
+    if value and len(value) == 8 and value.isdigit():
+        return f"{value[:4]}-{value[4:6]}-{value[6:]}"
+    return value
+
+
+# ---------------------------------------------------------------------------- multipart
+
+class MultipartError(ValueError):
+    """The body is not a well-formed multipart body (``MultipartParser``)."""
+
+
+#: ("headers", {name: value}) | ("data", bytes) | ("end", None)
+Event = tuple[str, Any]
+
+
+class MultipartParser:
+    """A sans-IO parser for a multipart body (RFC 2046) in constant memory.
+
+    ``feed(chunk)`` returns events in order: ``("headers", {lower-case name: value})`` when a
+    part starts, ``("data", bytes)`` for its body (any number of pieces), ``("end", None)`` when
+    it ends. Memory held between calls is at most the delimiter's length (plus a part's header
+    block, capped at ``max_header_bytes``), however large the parts. ``close()`` raises
+    ``MultipartError`` if the closing delimiter never came (a truncated body).
+    """
+
+    def __init__(self, boundary: str, *, max_header_bytes: int = 64 * 1024) -> None:
+        if not boundary or len(boundary) > 200:
+            raise MultipartError("multipart boundary is empty or too long")
+        self._delimiter = b"\r\n--" + boundary.encode("latin-1")
+        # A leading CRLF lets a body that starts with the delimiter match like any other.
+        self._buf = b"\r\n"
+        self._state: Literal["preamble", "after_delimiter", "headers", "body", "epilogue"] = "preamble"
+        self._max_header_bytes = max_header_bytes
+        self.parts = 0
+
+    @property
+    def done(self) -> bool:
+        return self._state == "epilogue"
+
+    def feed(self, data: bytes) -> list[Event]:
+        if self._state == "epilogue":
+            return []
+        buf = self._buf + data if self._buf else bytes(data)
+        events: list[Event] = []
+        delimiter = self._delimiter
+        keep = len(delimiter) - 1  # the longest proper prefix of the delimiter a chunk can end in
+        while True:
+            if self._state == "body":
+                at = buf.find(delimiter)
+                if at < 0:
+                    if len(buf) > keep:
+                        events.append(("data", buf[:-keep]))
+                        buf = buf[-keep:]
+                    break
+                if at:
+                    events.append(("data", buf[:at]))
+                events.append(("end", None))
+                buf = buf[at + len(delimiter):]
+                self._state = "after_delimiter"
+            elif self._state == "preamble":
+                at = buf.find(delimiter)
+                if at < 0:
+                    buf = buf[-keep:]
+                    break
+                buf = buf[at + len(delimiter):]
+                self._state = "after_delimiter"
+            elif self._state == "after_delimiter":
+                if len(buf) < 2:
+                    break
+                if buf.startswith(b"--"):
+                    self._state = "epilogue"
+                    buf = b""
+                    break
+                eol = buf.find(b"\r\n")
+                if eol < 0:
+                    if len(buf) > 1024:
+                        raise MultipartError("garbage after a multipart delimiter")
+                    break
+                if buf[:eol].strip(b" \t"):
+                    raise MultipartError("garbage after a multipart delimiter")
+                buf = buf[eol + 2:]
+                self._state = "headers"
+            elif self._state == "headers":
+                if buf.startswith(b"\r\n"):
+                    block, buf = b"", buf[2:]
+                else:
+                    end = buf.find(b"\r\n\r\n")
+                    if end < 0:
+                        if len(buf) > self._max_header_bytes:
+                            raise MultipartError("a multipart part has an oversized header block")
+                        break
+                    block, buf = buf[:end], buf[end + 4:]
+                events.append(("headers", _parse_part_headers(block)))
+                self.parts += 1
+                self._state = "body"
+            else:  # epilogue
+                buf = b""
+                break
+        self._buf = buf
+        return events
+
+    def close(self) -> None:
+        if self._state != "epilogue":
+            raise MultipartError("the multipart body ended before its closing delimiter")
+
+
+def _parse_part_headers(block: bytes) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for line in block.split(b"\r\n"):
+        name, sep, value = line.partition(b":")
+        if sep:
+            headers[name.strip().decode("latin-1").lower()] = value.strip().decode("latin-1")
+    return headers
+
+
+def multipart_boundary(content_type: str) -> tuple[str, str | None]:
+    """(media type, boundary parameter or None) from a Content-Type header value."""
+    msg = email.message.Message()
+    msg["Content-Type"] = content_type
+    boundary = msg.get_param("boundary")
+    return msg.get_content_type(), boundary if isinstance(boundary, str) else None
+
+
+# ---------------------------------------------------------------------------- client
+
+class DICOMwebClient:
+    """QIDO-RS searches and WADO-RS series streams on one aiohttp session, with the request
+    retry policy of ``NBIAClient`` (see the module docstring for what is raised)."""
+
+    def __init__(self, config: Config, session: aiohttp.ClientSession, *,
+                 on_retry: Callable[[str], None] | None = None, gate: HostGate | None = None) -> None:
+        self.config = config
+        self.session = session
+        self.root = config.api_url.rstrip("/")
+        self.on_retry = on_retry
+        self.gate = gate or HostGate()
+        self.requests = 0
+        self.retries = 0
+        self._auth_header: dict[str, str] = {}
+        if config.bearer_token:
+            self._auth_header = {"Authorization": f"Bearer {config.bearer_token}"}
+        elif config.auth is not None:
+            pair = f"{config.auth.username}:{config.auth.password}".encode()
+            self._auth_header = {"Authorization": "Basic " + base64.b64encode(pair).decode("ascii")}
+        if self._auth_header and urlsplit(self.root).username is not None:
+            raise UsageError("credentials were given both in the URL and as options",
+                             hint="keep one: the URL's user:password@ or --user/--token-env")
+
+    def __repr__(self) -> str:
+        return f"DICOMwebClient(root={redact_url(self.root)!r})"
+
+    def retrying(self) -> AsyncRetrying:
+        """The request-level retry policy (shared with the NBIA source)."""
+        return AsyncRetrying(
+            stop=stop_after_attempt(max(1, self.config.retries)),
+            wait=BackoffWait(self.config.backoff_base, self.config.backoff_max),
+            retry=retry_if_exception(should_retry_request),
+            before_sleep=self._before_sleep,
+            reraise=True,
+        )
+
+    def _before_sleep(self, state: RetryCallState) -> None:
+        self.retries += 1
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, RetryableRequestError) and exc.retry_after:
+            self.gate.push(exc.retry_after)
+        if self.on_retry is not None:
+            self.on_retry(str(exc))
+
+    @contextlib.asynccontextmanager
+    async def _request(self, url: str, *, accept: str, ok: Sequence[int] = (200,)
+                       ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """One GET with auth and the host gate; failures classified, transport errors inside the
+        ``async with`` body included (no retry here)."""
+        await self.gate.wait()
+        headers = {"Accept": accept, **self._auth_header}
+        shown = redact_url(url)
+        self.requests += 1
+        try:
+            async with self.session.get(url, headers=headers) as resp:
+                if resp.status not in ok:
+                    await _raise_for_status(resp, shown)
+                yield resp
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, aiohttp.ServerTimeoutError,
+                TimeoutError, ConnectionError) as exc:
+            raise RetryableRequestError(f"{_describe(exc)} from {shown}", url=shown) from None
+
+    # ------------------------------------------------------------ QIDO-RS
+    def url(self, path: str, params: Iterable[tuple[str, str]] = ()) -> str:
+        query = urlencode(list(params))
+        return f"{self.root}/{path}" + (f"?{query}" if query else "")
+
+    async def search(self, path: str, params: Sequence[tuple[str, str]],
+                     key: Callable[[dict[str, Any]], str]) -> list[dict[str, Any]]:
+        """Every row of a QIDO-RS search, paged with limit/offset; rows de-duplicated by ``key``.
+
+        Paging stops at a page shorter than asked (unless the server sent a Warning that more
+        matches exist), at a page that adds nothing new (a server ignoring offset), or at a page
+        longer than asked (a server ignoring limit sent everything).
+        """
+        rows: dict[str, dict[str, Any]] = {}
+        offset = 0
+        while offset < MAX_ROWS:
+            url = self.url(path, [*params, ("limit", str(PAGE_SIZE)), ("offset", str(offset))])
+            page, more = await self._get_json(url)
+            new = 0
+            for row in page:
+                k = key(row)
+                if k not in rows:
+                    rows[k] = row
+                    new += 1
+            if not page or new == 0 or len(page) > PAGE_SIZE or (len(page) < PAGE_SIZE and not more):
+                break
+            offset += len(page)
+        return list(rows.values())
+
+    async def _get_json(self, url: str) -> tuple[list[dict[str, Any]], bool]:
+        async for attempt in self.retrying():
+            with attempt:
+                return await self._get_json_once(url)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _get_json_once(self, url: str) -> tuple[list[dict[str, Any]], bool]:
+        shown = redact_url(url)
+        async with self._request(url, accept=QIDO_ACCEPT, ok=(200, 204)) as resp:
+            if resp.status == 204:  # the standard's answer to "no matches"
+                return [], False
+            body = await resp.read()
+            warning = " ".join(resp.headers.getall("Warning", []))
+        if not body.strip():
+            return [], False
+        try:
+            data = json.loads(body)
+        except ValueError:
+            # An outage page with HTTP 200 is a transient failure, not data.
+            raise RetryableRequestError(
+                f"{shown} answered something that is not JSON: {_one_line(body[:300].decode('utf-8', 'replace'))}",
+                url=shown) from None
+        if isinstance(data, dict):
+            data = [data]
+        if not isinstance(data, list):
+            raise RetryableRequestError(f"{shown} answered JSON that is not a list", url=shown)
+        return [row for row in data if isinstance(row, dict)], "299" in warning
+
+    # ------------------------------------------------------------ WADO-RS
+    def series_url(self, study_uid: str, series_uid: str) -> str:
+        return f"{self.root}/studies/{quote(study_uid, safe='')}/series/{quote(series_uid, safe='')}"
+
+    @contextlib.asynccontextmanager
+    async def open_series(self, study_uid: str, series_uid: str) -> AsyncIterator[tuple[aiohttp.ClientResponse, str]]:
+        """Open the WADO-RS multipart stream of one series (one attempt; the caller retries).
+
+        Yields the response and its boundary. Raises ``RetryableRequestError`` when the body is
+        not multipart/related with a boundary (an error page sent with HTTP 200).
+        """
+        url = self.series_url(study_uid, series_uid)
+        shown = redact_url(url)
+        async with self._request(url, accept=WADO_ACCEPT, ok=(200, 206)) as resp:
+            media, boundary = multipart_boundary(resp.headers.get("Content-Type", ""))
+            if media != "multipart/related" or not boundary:
+                text = (await resp.content.read(2048)).decode("utf-8", "replace")
+                raise RetryableRequestError(
+                    f"{shown} sent {media} instead of multipart/related: {_one_line(text) or 'no body'}", url=shown)
+            yield resp, boundary
+
+
+# ---------------------------------------------------------------------------- source
+
+@dataclass
+class _SearchResult:
+    rows: list[dict[str, Any]]   # getSeries-like rows that passed the local checks
+    raw: int                     # rows the server sent
+    with_collection: int         # of which carried the collection attribute
+
+
+class DICOMwebSource:
+    """A DICOMweb service as a ``Source`` (QIDO-RS plan, WADO-RS multipart fetch)."""
+
+    def __init__(self, config: Config, session: aiohttp.ClientSession) -> None:
+        self.config = config
+        self.client = DICOMwebClient(config, session)
+        self.collection_tag = dicom_tag(config.collection_attribute)
+        #: SeriesInstanceUID -> (study record, patient record), filled while searching
+        self._details: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+
+    @property
+    def requests(self) -> int:
+        return self.client.requests
+
+    @property
+    def retries(self) -> int:
+        return self.client.retries
+
+    @property
+    def on_retry(self) -> Callable[[str], None] | None:
+        return self.client.on_retry
+
+    @on_retry.setter
+    def on_retry(self, fn: Callable[[str], None] | None) -> None:
+        self.client.on_retry = fn
+
+    # ------------------------------------------------------------ plan
+    async def plan(self, query: Query) -> Plan:
+        """QIDO-RS searches for every selector (``config.plan_concurrency`` at a time), then the
+        union de-duplicated by SeriesInstanceUID, exclusions, the limit and missing counts."""
+        start_requests, start_retries = self.requests, self.retries
+        for sel in query.selectors:
+            if sel.released_after is not None:
+                raise UsageError(f"{sel.origin}: released_after has no DICOMweb equivalent",
+                                 hint="a DICOMweb archive records no release date; remove the key")
+        batches = await gather_limited([self._selector_call(s) for s in query.selectors],
+                                       self.config.plan_concurrency)
+        rows: dict[str, dict[str, Any]] = {}
+        for batch in batches:
+            for row in batch:
+                uid = row["SeriesInstanceUID"]
+                if uid not in rows and not query.exclude.excludes(row):
+                    rows[uid] = row
+        ordered = sorted(rows.values(), key=lambda r: (r["Collection"], r.get("PatientID", ""),
+                                                       r.get("StudyInstanceUID", ""), r["SeriesInstanceUID"]))
+        if query.limit is not None:
+            ordered = ordered[: query.limit]
+        await gather_limited([self._count_call(r) for r in ordered if r.get("ImageCount") is None],
+                             self.config.plan_concurrency)
+        return Plan(tasks=[self._task(r) for r in ordered], requests=self.requests - start_requests,
+                    retries=self.retries - start_retries)
+
+    def _selector_call(self, sel: Selector) -> Callable[[], Any]:
+        async def run() -> list[dict[str, Any]]:
+            return await (self._series_by_uid(sel) if sel.series else self._series_by_filter(sel))
+        return run
+
+    def _fields(self) -> list[tuple[str, str]]:
+        return [("includefield", t) for t in (*SERIES_FIELDS, self.collection_tag)]
+
+    async def _search_series(self, path: str, params: list[tuple[str, str]], collection: str | None
+                             ) -> _SearchResult:
+        raw = await self.client.search(path, params + self._fields(),
+                                       key=lambda r: json_text(r, TAGS["SeriesInstanceUID"]) or repr(r))
+        rows, with_collection = [], 0
+        for item in raw:
+            row = self._row(item)
+            if row is None:
+                continue
+            self._details.setdefault(row["SeriesInstanceUID"], self._study_and_patient(item))
+            if json_text(item, self.collection_tag) is not None:
+                with_collection += 1
+            if collection is None or row["Collection"] == collection:
+                rows.append(row)
+        return _SearchResult(rows, len(raw), with_collection)
+
+    async def _series_by_filter(self, sel: Selector) -> list[dict[str, Any]]:
+        assert sel.collection is not None
+        base = [(self.collection_tag, sel.collection)]
+        for key, values in (("Modality", sel.modality), ("BodyPartExamined", sel.body_part),
+                            ("Manufacturer", sel.manufacturer)):
+            if len(values) == 1:  # narrow on the server when one value is asked for
+                base.append((TAGS[key], values[0]))
+        searches: list[tuple[str, list[tuple[str, str]]]]
+        if sel.studies:
+            searches = [(f"studies/{quote(s, safe='')}/series", list(base)) for s in sel.studies]
+        elif sel.patients:
+            searches = [("series", [*base, (TAGS["PatientID"], p)]) for p in sel.patients]
+        else:
+            searches = [("series", base)]
+        results = await gather_limited(
+            [self._search_call(path, params, sel.collection) for path, params in searches],
+            self.config.plan_concurrency)
+        rows = [r for res in results for r in res.rows if _matches(r, sel)]
+        if not any(res.rows for res in results):
+            await self._check_collection(sel, results)
+        return rows
+
+    def _search_call(self, path: str, params: list[tuple[str, str]], collection: str | None
+                     ) -> Callable[[], Any]:
+        async def run() -> _SearchResult:
+            return await self._search_series(path, params, collection)
+        return run
+
+    async def _check_collection(self, sel: Selector, results: list[_SearchResult]) -> None:
+        """Nothing matched: tell an unknown collection (or an unusable attribute) from an empty filter."""
+        attribute = self.config.collection_attribute
+        if any(res.raw and not res.with_collection for res in results):
+            raise UsageError(
+                f"{sel.origin}: the DICOMweb service matched series but did not return {attribute}, "
+                "so their collection cannot be checked",
+                hint="the service may not support that attribute; choose another collection attribute")
+        probe = await self._search_series("series", [(self.collection_tag, sel.collection or "")], sel.collection)
+        if not probe.rows:
+            raise UnknownSelectionError(
+                f"{sel.origin}: the DICOMweb service has no series whose {attribute} is {sel.collection!r}",
+                hint=f"the collection is matched against the DICOM attribute {attribute}; check the name")
+
+    async def _series_by_uid(self, sel: Selector) -> list[dict[str, Any]]:
+        results = await gather_limited([self._uid_call(uid) for uid in sel.series], self.config.plan_concurrency)
+        missing = [uid for uid, rows in zip(sel.series, results) if not rows]
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise UnknownSelectionError(
+                f"{sel.origin}: the DICOMweb service has no series {', '.join(missing[:3])}{more}",
+                hint="check the UIDs, and that the URL is the service root (the one ending in /dicom-web or similar)")
+        return [r for rows in results for r in rows]
+
+    def _uid_call(self, uid: str) -> Callable[[], Any]:
+        async def run() -> list[dict[str, Any]]:
+            res = await self._search_series("series", [(TAGS["SeriesInstanceUID"], uid)], None)
+            return [r for r in res.rows if r["SeriesInstanceUID"] == uid]
+        return run
+
+    def _count_call(self, row: dict[str, Any]) -> Callable[[], Any]:
+        async def run() -> None:
+            path = (f"studies/{quote(row['StudyInstanceUID'], safe='')}"
+                    f"/series/{quote(row['SeriesInstanceUID'], safe='')}/instances")
+            instances = await self.client.search(path, [("includefield", TAGS["SOPInstanceUID"])],
+                                                 key=lambda r: json_text(r, TAGS["SOPInstanceUID"]) or repr(r))
+            row["ImageCount"] = len(instances) or None  # none listed: unknown, not zero
+        return run
+
+    def _row(self, item: dict[str, Any]) -> dict[str, Any] | None:
+        """A getSeries-like row (the keys layouts and the manifest use) from a QIDO-RS series
+        object; None without a SeriesInstanceUID and StudyInstanceUID (WADO-RS needs both)."""
+        def text(key: str) -> str | None:
+            return json_text(item, TAGS[key])
+
+        series_uid, study_uid = text("SeriesInstanceUID"), text("StudyInstanceUID")
+        if not series_uid or not study_uid:
+            return None
+        number = as_int(text("SeriesNumber"))
+        row: dict[str, Any] = {
+            "Collection": json_text(item, self.collection_tag) or NO_COLLECTION,
+            "PatientID": text("PatientID") or "",
+            "StudyInstanceUID": study_uid,
+            "SeriesInstanceUID": series_uid,
+            "Modality": text("Modality") or "",
+            "SeriesNumber": number if number is not None else text("SeriesNumber"),
+            "SeriesDescription": text("SeriesDescription"),
+            "SeriesDate": iso_date(text("SeriesDate")),
+            "StudyDate": iso_date(text("StudyDate")),
+            "StudyDesc": text("StudyDescription"),
+            "BodyPartExamined": text("BodyPartExamined"),
+            "Manufacturer": text("Manufacturer"),
+            "ManufacturerModelName": text("ManufacturerModelName"),
+            "ProtocolName": text("ProtocolName"),
+            "ImageCount": as_int(text("NumberOfSeriesRelatedInstances")),
+        }
+        return {k: v for k, v in row.items() if v is not None or k == "ImageCount"}
+
+    def _study_and_patient(self, item: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The study record (StudyDate, StudyID, StudyDescription: the descriptive layout's) and
+        the patient record (NBIA's getPatient keys) from the same QIDO-RS object."""
+        def text(key: str) -> str:
+            return json_text(item, TAGS[key]) or ""
+
+        study = {"StudyInstanceUID": text("StudyInstanceUID"), "StudyDate": iso_date(text("StudyDate")),
+                 "StudyID": text("StudyID"), "StudyDescription": text("StudyDescription"),
+                 "PatientID": text("PatientID"), "PatientName": text("PatientName")}
+        patient = {"PatientId": text("PatientID"), "PatientName": text("PatientName"),
+                   "PatientSex": text("PatientSex"),
+                   "Collection": json_text(item, self.collection_tag) or NO_COLLECTION}
+        return study, patient
+
+    def _task(self, row: dict[str, Any]) -> SeriesTask:
+        study, patient = self._details.get(row["SeriesInstanceUID"], (None, None))
+        return SeriesTask(
+            series_uid=row["SeriesInstanceUID"],
+            collection=row["Collection"],
+            patient_id=row.get("PatientID", ""),
+            study_uid=row["StudyInstanceUID"],
+            modality=row.get("Modality", ""),
+            image_count=as_int(row.get("ImageCount")),
+            file_size=None,  # DICOMweb announces no sizes: the instance count is verified instead
+            row=row,
+            study=study,
+            patient=patient,
+        )
+
+    # ------------------------------------------------------------ fetch
+    async def fetch_series(self, task: SeriesTask, *, partial: Path, staging: Path,
+                           on_bytes: Callable[[int], None], rate: Any) -> UnpackedSeries:
+        """Stream the series' WADO-RS multipart body straight into ``staging`` (``partial`` is
+        not used), with request-level retries; each attempt starts from an empty ``staging``."""
+        async for attempt in self.client.retrying():
+            with attempt:
+                files = await self._fetch_once(task, staging, on_bytes, rate)
+        if task.image_count is not None and len(files) != task.image_count:
+            raise IncompleteSeriesError(f"WADO-RS sent {len(files)} of {task.image_count} instances",
+                                        series_uid=task.series_uid)
+        if not files:
+            raise IncompleteSeriesError("WADO-RS sent no instance", series_uid=task.series_uid)
+        return UnpackedSeries(files=files, license_text=None, repairs=[])
+
+    async def _fetch_once(self, task: SeriesTask, staging: Path, on_bytes: Callable[[int], None],
+                          rate: Any) -> list[VerifiedFile]:
+        """One attempt: parse the body chunk by chunk; each part is hashed, written and checked
+        in a worker thread. (Overlapping the two in separate tasks measured no faster: the
+        kernel's socket buffer keeps receiving while a chunk is written.)"""
+        await anyio.to_thread.run_sync(_fresh_dir, staging)
+        limits = self.config.limits
+        announced = task.image_count if task.image_count is not None else limits.max_entries
+        checker = _SeriesChecker(task, staging, limits.max_entry_bytes, min(limits.max_entries, announced))
+        shown = redact_url(self.client.series_url(task.study_uid, task.series_uid))
+        async with self.client.open_series(task.study_uid, task.series_uid) as (resp, boundary):
+            try:
+                parser = MultipartParser(boundary)
+                async for chunk in resp.content.iter_chunked(self.config.chunk_size):
+                    if rate is not None:
+                        await rate.consume(len(chunk))
+                    on_bytes(len(chunk))
+                    for kind, payload in parser.feed(chunk):
+                        if kind == "headers":
+                            await anyio.to_thread.run_sync(checker.start_part, payload)
+                        elif kind == "data":
+                            await anyio.to_thread.run_sync(checker.write, payload)
+                        else:
+                            await anyio.to_thread.run_sync(checker.end_part)
+                parser.close()
+            except MultipartError as exc:
+                raise RetryableRequestError(f"{exc} ({shown})", url=shown) from None
+            finally:
+                checker.abort()  # synchronous: it must run even when cancelled
+        return checker.files
+
+
+def _fresh_dir(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+    try:
+        path.mkdir(parents=True)
+    except OSError as exc:
+        raise classify_os_error(exc, f"staging folder {path.name}") from None
+
+
+class _SeriesChecker:
+    """Blocking per-part work, run in a worker thread: write and hash each part to a new file,
+    then check its DICOM header and name it after its SOPInstanceUID. Parts arrive one after
+    another, so no lock is needed."""
+
+    def __init__(self, task: SeriesTask, staging: Path, max_part_bytes: int, max_parts: int) -> None:
+        self.task = task
+        self.staging = staging
+        self.max_part_bytes = max_part_bytes
+        self.max_parts = max_parts
+        self.files: list[VerifiedFile] = []
+        self._sops: set[str] = set()
+        self._names: set[str] = set()
+        self._count = 0
+        self._fd: int | None = None
+        self._path: Path | None = None
+        self._md5 = hashlib.md5()
+        self._size = 0
+
+    def _error(self, message: str) -> IntegrityError:
+        return IntegrityError(message, series_uid=self.task.series_uid)
+
+    def start_part(self, headers: dict[str, str]) -> None:
+        self._count += 1
+        if self._count > self.max_parts:
+            raise self._error(f"WADO-RS sent more than the {self.max_parts} instances announced")
+        ctype = headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
+        if ctype != "application/dicom":
+            raise self._error(f"WADO-RS part {self._count} is {ctype}, not application/dicom")
+        self._path = self.staging / f"{self._count:08d}.part"
+        try:
+            self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as exc:
+            raise classify_os_error(exc, self._path.name) from None
+        self._md5 = hashlib.md5()
+        self._size = 0
+
+    def write(self, data: bytes) -> None:
+        assert self._fd is not None
+        self._size += len(data)
+        if self._size > self.max_part_bytes:
+            raise self._error(f"WADO-RS part {self._count} is larger than {self.max_part_bytes} bytes")
+        self._md5.update(data)
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as exc:
+            raise classify_os_error(exc, f"{self._path.name if self._path else 'part'}") from None
+
+    def end_part(self) -> None:
+        assert self._fd is not None and self._path is not None
+        fd, self._fd = self._fd, None
+        try:
+            os.close(fd)
+        except OSError as exc:
+            raise classify_os_error(exc, self._path.name) from None
+        try:
+            series, sop, sop_class = read_dicom_ids(self._path)
+        except IntegrityError as exc:
+            raise self._error(f"WADO-RS part {self._count}: {exc}") from None
+        if series != self.task.series_uid:
+            raise self._error(f"WADO-RS part {self._count} belongs to series {series or '(none)'}, not this one")
+        if not sop:
+            raise self._error(f"WADO-RS part {self._count} has no SOPInstanceUID")
+        if sop in self._sops:
+            raise self._error(f"WADO-RS part {self._count} repeats SOPInstanceUID {sop}")
+        name = safe_component(sop, max_bytes=100) + ".dcm"
+        if name.lower() in self._names:  # two UIDs sanitised alike: never overwrite a verified file
+            raise self._error(f"WADO-RS part {self._count}: SOPInstanceUID {sop!r} clashes with another's file name")
+        self._sops.add(sop)
+        self._names.add(name.lower())
+        try:
+            os.replace(self._path, self.staging / name)
+        except OSError as exc:
+            raise classify_os_error(exc, name) from None
+        self.files.append(VerifiedFile(name=name, size=self._size, md5=self._md5.hexdigest(), sop_uid=sop,
+                                       sop_class_uid=sop_class))
+        self._path = None
+
+    def abort(self) -> None:
+        """Close a part left open by an error (its file goes with ``staging``)."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+
+def _matches(row: dict[str, Any], sel: Selector) -> bool:
+    checks = (("Modality", sel.modality), ("BodyPartExamined", sel.body_part),
+              ("Manufacturer", sel.manufacturer), ("PatientID", sel.patients),
+              ("StudyInstanceUID", sel.studies))
+    return all(not wanted or str(row.get(key, "")) in wanted for key, wanted in checks)
+
+
+__all__ = ["DICOMwebSource", "DICOMwebClient", "MultipartParser", "MultipartError", "dicom_tag", "json_text",
+           "multipart_boundary"]
