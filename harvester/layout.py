@@ -169,7 +169,7 @@ def assign_paths(items: Iterable[tuple[str, Mapping[str, Any]]], layout: str,
         # A series folder recorded by an earlier run (another layout) may be a parent of this path;
         # renaming the last part would never get out of it, so rename the part that is that folder.
         for depth in range(1, len(path.parts)):
-            if str(PurePosixPath(*path.parts[:depth])) in used.folders:
+            if used.is_folder(str(PurePosixPath(*path.parts[:depth]))):
                 head = safe_component(f"{path.parts[depth - 1]}~{hashlib.sha1(uid.encode()).hexdigest()[:10]}")
                 path = PurePosixPath(*path.parts[:depth - 1], head, *path.parts[depth:])
                 break
@@ -203,6 +203,9 @@ class _FolderSet:
         folder = folder.casefold()
         self.folders.add(folder)
         self.ancestors.update(str(p) for p in PurePosixPath(folder).parents if str(p) != ".")
+
+    def is_folder(self, folder: str) -> bool:
+        return folder.casefold() in self.folders
 
     def clashes(self, candidate: str) -> bool:
         # Same folder, a folder that contains a series, or one inside a series: files would mix.

@@ -44,7 +44,8 @@ _ATOMIC_TMP = re.compile(r"^\..+\.[0-9]+\.tmp$")   # atomic_write's temp names: 
 
 
 def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    """UTC now as ISO-8601 with milliseconds (the report buckets short runs by these)."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def series_key(uid: str) -> str:
