@@ -76,7 +76,10 @@ def _add_api_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--source", choices=["nbia", "dicomweb"], default=None,
                    help="archive type (default nbia; or the manifest's 'source:')")
     g.add_argument("--token-env", metavar="VAR", help="environment variable holding a bearer token (DICOMweb)")
-    g.add_argument("--user", metavar="NAME", help="user for bearer-token auth (private or v2-era NBIA)")
+    g.add_argument("--user", metavar="NAME",
+                   help="user name: NBIA bearer-token login (private or v2-era installs), or HTTP basic for DICOMweb")
+    g.add_argument("--collection-attribute", metavar="KEYWORD",
+                   help="DICOMweb: the DICOM attribute that holds the collection (default ClinicalTrialProtocolID)")
     g.add_argument("--password-env", metavar="VAR", help="environment variable holding the password")
     g.add_argument("--password-file", metavar="FILE", type=Path, help="file holding the password")
     g.add_argument("--token-url", metavar="URL", help="OAuth token URL (default: <host>/nbia-api/oauth/token)")
@@ -225,6 +228,7 @@ def build_config(args: argparse.Namespace, env: dict[str, str], manifest_api: st
     elif getattr(args, "password_env", None) or getattr(args, "password_file", None):
         raise UsageError("a password was given without --user")
     for name, attr in (("timeout", "read_timeout"), ("retries", "retries"), ("workers", "workers"),
+                       ("collection_attribute", "collection_attribute"),
                        ("connections", "connections"), ("series_retries", "series_retries"),
                        ("max_rate", "max_rate")):
         value = getattr(args, name, None)
@@ -260,6 +264,9 @@ def _print_plan_table(plan: Any) -> None:
     table.add_row("[bold]total", f"[bold]{totals['series']}", f"[bold]{totals['images']}",
                   f"[bold]{human_bytes(totals['bytes'])}")
     Console().print(table)
+    unknown = sum(1 for t in plan.tasks if t.file_size is None)
+    if unknown:
+        print(f"{unknown} series of unknown size (the archive does not say; e.g. DICOMweb): sizes above are a minimum")
     print(f"{plan.requests} metadata requests, {plan.retries} retried")
 
 
