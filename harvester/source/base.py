@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from harvester.fetch import RateLimiter
@@ -39,3 +39,25 @@ class Source(Protocol):
         ``FatalError``. The caller removes ``partial`` and ``staging`` on failure.
         """
         ...
+
+
+class ClientBackedSource:
+    """Mixin for sources whose request counters and retry hook live on ``self.client``."""
+
+    client: Any
+
+    @property
+    def requests(self) -> int:
+        return int(self.client.requests)
+
+    @property
+    def retries(self) -> int:
+        return int(self.client.retries)
+
+    @property
+    def on_retry(self) -> Callable[[str], None] | None:
+        return self.client.on_retry  # type: ignore[no-any-return]
+
+    @on_retry.setter
+    def on_retry(self, fn: Callable[[str], None] | None) -> None:
+        self.client.on_retry = fn

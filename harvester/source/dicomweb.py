@@ -52,7 +52,12 @@ from urllib.parse import quote, urlencode, urlsplit
 
 import aiohttp
 import anyio
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+)
 
 from harvester.config import Config
 from harvester.errors import (
@@ -67,13 +72,14 @@ from harvester.errors import (
 from harvester.layout import safe_component
 from harvester.planner import Plan, SeriesTask, gather_limited
 from harvester.query import Query, Selector
-from harvester.source.nbia import (
+from harvester.source.base import ClientBackedSource
+from harvester.source.http import (
     BackoffWait,
     HostGate,
-    _describe,
-    _one_line,
-    _raise_for_status,
     as_int,
+    describe_transport_error,
+    one_line,
+    raise_for_status,
     redact_url,
 )
 from harvester.unpack import UnpackedSeries, VerifiedFile, read_dicom_ids
@@ -324,11 +330,11 @@ class DICOMwebClient:
         try:
             async with self.session.get(url, headers=headers) as resp:
                 if resp.status not in ok:
-                    await _raise_for_status(resp, shown)
+                    await raise_for_status(resp, shown)
                 yield resp
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, aiohttp.ServerTimeoutError,
                 TimeoutError, ConnectionError) as exc:
-            raise RetryableRequestError(f"{_describe(exc)} from {shown}", url=shown) from None
+            raise RetryableRequestError(f"{describe_transport_error(exc)} from {shown}", url=shown) from None
 
     # ------------------------------------------------------------ QIDO-RS
     def url(self, path: str, params: Iterable[tuple[str, str]] = ()) -> str:
@@ -379,7 +385,7 @@ class DICOMwebClient:
         except ValueError:
             # An outage page with HTTP 200 is a transient failure, not data.
             raise RetryableRequestError(
-                f"{shown} answered something that is not JSON: {_one_line(body[:300].decode('utf-8', 'replace'))}",
+                f"{shown} answered something that is not JSON: {one_line(body[:300].decode('utf-8', 'replace'))}",
                 url=shown) from None
         if isinstance(data, dict):
             data = [data]
@@ -405,7 +411,7 @@ class DICOMwebClient:
             if media != "multipart/related" or not boundary:
                 text = (await resp.content.read(2048)).decode("utf-8", "replace")
                 raise RetryableRequestError(
-                    f"{shown} sent {media} instead of multipart/related: {_one_line(text) or 'no body'}", url=shown)
+                    f"{shown} sent {media} instead of multipart/related: {one_line(text) or 'no body'}", url=shown)
             yield resp, boundary
 
 
@@ -418,7 +424,7 @@ class _SearchResult:
     with_collection: int         # of which carried the collection attribute
 
 
-class DICOMwebSource:
+class DICOMwebSource(ClientBackedSource):
     """A DICOMweb service as a ``Source`` (QIDO-RS plan, WADO-RS multipart fetch)."""
 
     def __init__(self, config: Config, session: aiohttp.ClientSession) -> None:
@@ -427,22 +433,6 @@ class DICOMwebSource:
         self.collection_tag = dicom_tag(config.collection_attribute)
         #: SeriesInstanceUID -> (study record, patient record), filled while searching
         self._details: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
-
-    @property
-    def requests(self) -> int:
-        return self.client.requests
-
-    @property
-    def retries(self) -> int:
-        return self.client.retries
-
-    @property
-    def on_retry(self) -> Callable[[str], None] | None:
-        return self.client.on_retry
-
-    @on_retry.setter
-    def on_retry(self, fn: Callable[[str], None] | None) -> None:
-        self.client.on_retry = fn
 
     # ------------------------------------------------------------ plan
     async def plan(self, query: Query) -> Plan:

@@ -16,26 +16,41 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
-import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlencode, urlsplit, urlunsplit
+from urllib.parse import urlencode
 
 import aiohttp
 import anyio
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+)
 
 from harvester.config import NLST_API_URL, NLST_COLLECTIONS, AuthConfig, Config
 from harvester.errors import (
     AuthError,
-    PermanentRequestError,
     RequestError,
     RetryableRequestError,
     UsageError,
     should_retry_request,
+)
+from harvester.source.base import ClientBackedSource
+from harvester.source.http import (
+    TRANSPORT_ERRORS,
+    BackoffWait,
+    HostGate,
+    as_int,
+    describe_transport_error,
+    make_session,
+    one_line,
+    parse_retry_after,
+    raise_for_status,
+    redact_url,
 )
 
 QUERY_ENDPOINTS: dict[str, tuple[str, ...]] = {
@@ -55,78 +70,6 @@ QUERY_ENDPOINTS: dict[str, tuple[str, ...]] = {
     "getSOPInstanceUIDs": ("SeriesInstanceUID",),
     "getMD5HashForImage": ("SOPInstanceUID",),
 }
-RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
-_SECRET_PARAMS = {"password", "token", "access_token", "refresh_token", "client_secret"}
-
-
-def redact_url(url: str) -> str:
-    """The URL without user info or secret-looking query parameters, for messages and logs."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<url>"
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    query = "&".join(
-        (kv if kv.split("=", 1)[0].lower() not in _SECRET_PARAMS else kv.split("=", 1)[0] + "=***")
-        for kv in parts.query.split("&") if kv
-    )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
-
-
-def as_int(value: Any) -> int | None:
-    """Parse counts and sizes that may arrive as int, float, "1234" or "1234.0"."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    if number != number or number < 0 or number > 2**62:  # NaN, negative, absurd
-        return None
-    return int(number)
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Retry-After as seconds (delta-seconds or an HTTP date); None when absent or invalid."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def _one_line(text: str, limit: int = 200) -> str:
-    text = " ".join(text.split())
-    if "<html" in text.lower() or "<!doctype" in text.lower():
-        return "(HTML error page)"
-    return text[:limit] + ("..." if len(text) > limit else "")
-
-
-class BackoffWait:
-    """tenacity wait: the server's Retry-After when it gave one, else exponential backoff with full jitter."""
-
-    def __init__(self, base: float, cap: float, rng: random.Random | None = None) -> None:
-        self.base, self.cap = base, cap
-        self.rng = rng or random.Random()
-
-    def __call__(self, state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
-        retry_after = getattr(exc, "retry_after", None)
-        if retry_after is not None:
-            return min(float(retry_after), max(self.cap, 1.0) * 5)
-        ceiling = min(self.cap, self.base * (2 ** (state.attempt_number - 1)))
-        return self.rng.uniform(ceiling / 2, ceiling)
-
-
 @dataclass
 class _Token:
     access: str
@@ -195,33 +138,6 @@ class TokenAuth:
         self._token = _Token(data["access_token"], refresh, time.monotonic() + expires)
 
 
-class HostGate:
-    """A shared 'not before' time: one 429 with Retry-After pauses every request to the host."""
-
-    def __init__(self) -> None:
-        self._not_before = 0.0
-
-    def push(self, seconds: float) -> None:
-        self._not_before = max(self._not_before, time.monotonic() + seconds)
-
-    async def wait(self) -> None:
-        delay = self._not_before - time.monotonic()
-        if delay > 0:
-            await anyio.sleep(delay)
-
-
-def make_session(config: Config) -> aiohttp.ClientSession:
-    """One session for the whole run: connection limit, separate connect/read timeouts,
-    proxies from the environment (trust_env), TLS verified (aiohttp's default)."""
-    connector = aiohttp.TCPConnector(limit=config.connections, limit_per_host=config.connections,
-                                     enable_cleanup_closed=True)
-    timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout,
-                                    sock_connect=config.connect_timeout, sock_read=config.read_timeout)
-    return aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=True,
-                                 headers={"User-Agent": config.user_agent}, raise_for_status=False,
-                                 auto_decompress=True)
-
-
 class NBIAClient:
     """Async client for the NBIA v4 query and download endpoints.
 
@@ -284,7 +200,7 @@ class NBIAClient:
                 if resp.status == 401 and self.auth is not None:
                     await self.auth.force_refresh(self.session, {"Authorization": headers["Authorization"]})
                     raise _AuthRetry()
-                await _raise_for_status(resp, shown)
+                await raise_for_status(resp, shown)
                 yield resp
         except _AuthRetry:
             headers = await self._headers()
@@ -292,11 +208,10 @@ class NBIAClient:
             async with self.session.get(url, headers=headers) as resp:
                 if resp.status == 401:
                     raise AuthError(f"the server rejected the credentials for {shown} (HTTP 401)") from None
-                await _raise_for_status(resp, shown)
+                await raise_for_status(resp, shown)
                 yield resp
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, aiohttp.ServerTimeoutError,
-                asyncio.TimeoutError, ConnectionError) as exc:
-            raise RetryableRequestError(f"{_describe(exc)} from {shown}", url=shown) from None
+        except TRANSPORT_ERRORS as exc:
+            raise RetryableRequestError(f"{describe_transport_error(exc)} from {shown}", url=shown) from None
 
     # ------------------------------------------------------------ queries
     async def query(self, endpoint: str, params: Mapping[str, Any] | None = None, *,
@@ -371,7 +286,7 @@ class NBIAClient:
             if ctype.startswith("text/") or ctype in ("application/json", "application/xhtml+xml"):
                 text = (await resp.content.read(2048)).decode("utf-8", "replace")
                 raise RetryableRequestError(
-                    f"{redact_url(url)} sent {ctype} instead of a ZIP: {_one_line(text)}", url=redact_url(url))
+                    f"{redact_url(url)} sent {ctype} instead of a ZIP: {one_line(text)}", url=redact_url(url))
             yield resp
 
     async def single_image(self, series_uid: str, sop_uid: str, collection: str | None) -> bytes:
@@ -393,35 +308,7 @@ class _AuthRetry(Exception):
     """Internal: the first 401 after which the token was refreshed once."""
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
-        return "timed out (no data) waiting"
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return "connection broke mid-response"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return "cannot connect"
-    if isinstance(exc, (aiohttp.ServerDisconnectedError, ConnectionResetError)):
-        return "connection reset"
-    return f"network error ({type(exc).__name__})"
-
-
-async def _raise_for_status(resp: aiohttp.ClientResponse, shown: str) -> None:
-    if resp.status == 200:
-        return
-    try:
-        text = (await resp.content.read(4096)).decode("utf-8", "replace")
-    except (aiohttp.ClientError, asyncio.TimeoutError):
-        text = ""
-    if resp.status in RETRYABLE_STATUS:
-        raise RetryableRequestError(f"HTTP {resp.status} from {shown}", status=resp.status, url=shown,
-                                    retry_after=parse_retry_after(resp.headers.get("Retry-After")))
-    if resp.status == 401:
-        raise AuthError(f"HTTP 401 from {shown}: the server wants credentials")
-    raise PermanentRequestError(f"HTTP {resp.status} from {shown}: {_one_line(text) or 'no message'}",
-                                status=resp.status, url=shown)
-
-
-class NBIASource:
+class NBIASource(ClientBackedSource):
     """The NBIA archive as a ``Source``: the planner for queries, getImage ZIPs for series.
 
     Per series: stream the ZIP (``fetch_series_zip``), verify and unpack it in a thread
@@ -431,22 +318,6 @@ class NBIASource:
 
     def __init__(self, client: NBIAClient) -> None:
         self.client = client
-
-    @property
-    def requests(self) -> int:
-        return self.client.requests
-
-    @property
-    def retries(self) -> int:
-        return self.client.retries
-
-    @property
-    def on_retry(self) -> Callable[[str], None] | None:
-        return self.client.on_retry
-
-    @on_retry.setter
-    def on_retry(self, fn: Callable[[str], None] | None) -> None:
-        self.client.on_retry = fn
 
     async def plan(self, query: Any) -> Any:
         from harvester.planner import Planner
