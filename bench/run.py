@@ -1,0 +1,341 @@
+"""Benchmarks: harvester against the peer clients (tcia_utils, nbiatoolkit) on loopback.
+
+    python bench/run.py SCENARIO [--small] [--keep] [--json FILE]
+    SCENARIO: a (many small series), b (link-bound), c (one 1 GB series),
+              d (link-bound with faults), e (planning 20,000 series), all
+
+Every tool runs in its own process against a fresh ``harvester serve --synthetic ...``
+subprocess (same archive, same injected faults), and is measured the same way: wall time of
+its process, MiB/s over that wall time and over the server's first-to-last byte, peak RSS of
+its process tree, requests counted by the server, retries, and what its output is worth
+(series complete byte for byte, instances missing or corrupt). ``--small`` runs a tiny
+version of each scenario (for CI). Synthetic archives are generated once into
+``.cache/synthetic`` (git-ignored); tool output goes to ``bench/out`` and is deleted after
+checking unless ``--keep``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import (  # noqa: E402
+    BENCH,
+    MIB,
+    OUT_DIR,
+    PYTHON,
+    LinkMeter,
+    Measurement,
+    ServedArchive,
+    check_output,
+    clean,
+    load_archive,
+    request_count,
+    run_tool,
+)
+
+DOWNLOAD_ENDPOINTS = ("getImage", "getImageWithMD5Hash")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One scenario at one size: the archive, the server's faults, and the subsets given to slow peers."""
+
+    spec: str
+    faults: str
+    nbiatoolkit_limit: int | None = None   # nbiatoolkit at 1 process gets the first N series only
+
+
+SETUPS: dict[str, dict[bool, Setup]] = {
+    "a": {
+        False: Setup("collections=4,patients=100,studies=1,series=1,instances=50,size=64KB,seed=0", "latency=50ms"),
+        True: Setup("collections=2,patients=4,studies=1,series=1,instances=5,size=16KB,seed=0", "latency=10ms"),
+    },
+    "b": {
+        False: Setup("collections=2,patients=25,studies=1,series=2,instances=20,size=1MB,seed=0",
+                     "latency=50ms,rate=4MB,total_rate=64MB", nbiatoolkit_limit=10),
+        True: Setup("collections=1,patients=4,studies=1,series=1,instances=4,size=256KB,seed=0",
+                    "latency=5ms,rate=1MB,total_rate=4MB", nbiatoolkit_limit=2),
+    },
+    "c": {
+        False: Setup("collections=1,patients=1,studies=1,series=1,instances=200,size=5MB,seed=0", ""),
+        True: Setup("collections=1,patients=1,studies=1,series=1,instances=10,size=1MB,seed=0", ""),
+    },
+    "d": {
+        False: Setup("collections=2,patients=25,studies=1,series=2,instances=20,size=1MB,seed=0",
+                     "latency=50ms,rate=4MB,total_rate=64MB,error=0.05,reset=0.02,truncate=0.02,seed=5",
+                     nbiatoolkit_limit=10),
+        True: Setup("collections=1,patients=4,studies=1,series=1,instances=4,size=256KB,seed=0",
+                    "latency=5ms,rate=1MB,total_rate=4MB,error=0.05,reset=0.02,truncate=0.02,seed=5",
+                    nbiatoolkit_limit=2),
+    },
+    "e": {
+        False: Setup("collections=20,patients=1000,studies=1,series=1,instances=1,size=1KB,seed=0", "latency=20ms"),
+        True: Setup("collections=2,patients=50,studies=1,series=1,instances=1,size=1KB,seed=0", "latency=20ms"),
+    },
+}
+TITLES = {
+    "a": "many small series (latency 50 ms)",
+    "b": "link-bound (4 MiB/s per connection, 64 MiB/s in total, latency 50 ms)",
+    "c": "one 1 GB series (peak RSS)",
+    "d": "link-bound with faults (error 5%, reset 2%, truncate 2%)",
+    "e": "planning 20,000 series (latency 20 ms)",
+}
+
+
+class Bench:
+    """Runs tools for one scenario and collects their measurements."""
+
+    def __init__(self, name: str, small: bool, keep: bool) -> None:
+        self.name, self.small, self.keep = name, small, keep
+        self.setup = SETUPS[name][small]
+        self.archive = load_archive(self.setup.spec)
+        self.collections = sorted(self.archive.collections())
+        self.uids = [rec.uid for rec in self.archive.records()]
+        self.root = OUT_DIR / (name + ("-small" if small else ""))
+        self.results: list[Measurement] = []
+
+    # ------------------------------------------------------------ one tool, one run
+    def measure(self, tool: str, setting: str, command: Callable[[str, Path], list[str]], *,
+                download: bool = True, note: str = "", faults: str | None = None) -> Measurement:
+        work = self.root / f"{tool}-{setting}".replace(" ", "_")
+        clean(work)
+        work.mkdir(parents=True)
+        print(f"[{self.name}] {tool} ({setting}) ...", file=sys.stderr, flush=True)
+        faults = self.setup.faults if faults is None else faults
+        with ServedArchive(self.setup.spec, faults or None, log=work / "server.stderr") as server:
+            before = server.stats()
+            server_cpu = server.cpu_seconds()
+            load = os.getloadavg()[0]
+            meter = LinkMeter(server)
+            meter.start()
+            run = run_tool(command(server.base_url, work), work)
+            meter.stop()
+            after = server.stats()
+            server_cpu = server.cpu_seconds() - server_cpu
+        summary = _last_json(run.stdout)
+        asked = summary.get("uids") if isinstance(summary.get("uids"), list) else self.uids
+        retries = None
+        m = re.search(r"(\d+) requests, (\d+) retries", run.stdout)
+        if m:
+            retries = int(m.group(2))
+        check = check_output(work / "out", self.archive, asked) if download else None
+        downloads = sum(after["downloads"].values()) - sum(before["downloads"].values())
+        result = Measurement(
+            tool=tool, setting=setting, wall=run.wall, peak_rss=run.peak_rss, cpu=run.cpu, server_cpu=server_cpu,
+            load=load,
+            bytes_sent=after["bytes_sent"] - before["bytes_sent"], link_seconds=meter.seconds,
+            requests=request_count(before, after), downloads=downloads, retries=retries, check=check,
+            returncode=run.returncode, note=note,
+            extra={k: v for k, v in summary.items() if k != "uids"} | {"asked": len(asked)},
+        )
+        if run.returncode not in (0, 1):
+            result.note = (result.note + f"; exit {run.returncode}: " + run.stderr.strip()[-300:]).strip("; ")
+        if not self.keep:
+            clean(work / "out")
+        self.results.append(result)
+        print(f"[{self.name}]   {_brief(result)}", file=sys.stderr, flush=True)
+        return result
+
+    # ------------------------------------------------------------ the three tools
+    def harvester(self, setting: str = "defaults", workers: int | None = None, **kw: Any) -> Measurement:
+        def command(base_url: str, work: Path) -> list[str]:
+            query = work / "query.json"
+            query.write_text(json.dumps({"select": [{"collection": c} for c in self.collections]}))
+            cmd = [PYTHON, "-m", "harvester", "run", str(query), "-o", str(work / "out"), "--api-url", base_url]
+            return cmd + (["--workers", str(workers)] if workers else [])
+        return self.measure("harvester", setting, command, **kw)
+
+    def harvester_plan(self) -> Measurement:
+        def command(base_url: str, work: Path) -> list[str]:
+            query = work / "query.json"
+            query.write_text(json.dumps({"select": [{"collection": c} for c in self.collections]}))
+            return [PYTHON, "-m", "harvester", "plan", str(query), "--json", "--api-url", base_url]
+        return self.measure("harvester", "plan --json", command, download=False)
+
+    def tcia_utils(self, setting: str = "defaults", threads: int | None = None, plan_only: bool = False,
+                   **kw: Any) -> Measurement:
+        def command(base_url: str, work: Path) -> list[str]:
+            cmd = [PYTHON, str(BENCH / "peer_tcia_utils.py"), "--api", base_url, "--out", str(work / "out"),
+                   "--collections", ",".join(self.collections)]
+            cmd += ["--threads", str(threads)] if threads else []
+            return cmd + (["--plan-only"] if plan_only else [])
+        return self.measure("tcia_utils", setting, command, download=not plan_only, **kw)
+
+    def nbiatoolkit(self, setting: str = "defaults", processes: int | None = None, limit: int | None = None,
+                    **kw: Any) -> Measurement:
+        def command(base_url: str, work: Path) -> list[str]:
+            cmd = [PYTHON, str(BENCH / "peer_nbiatoolkit.py"), "--api", base_url, "--out", str(work / "out"),
+                   "--collections", ",".join(self.collections)]
+            cmd += ["--processes", str(processes)] if processes else []
+            return cmd + (["--limit", str(limit)] if limit else [])
+        if limit:
+            kw.setdefault("note", f"subset: first {limit} of {len(self.uids)} series (compare MiB/s, not time)")
+        return self.measure("nbiatoolkit", setting, command, **kw)
+
+
+def _last_json(text: str) -> dict[str, Any]:
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(doc, dict):
+                return doc
+    return {}
+
+
+def _brief(m: Measurement) -> str:
+    done = f"{m.check.complete}/{m.check.series} series complete" if m.check else ""
+    return (f"{m.wall:.1f} s, {m.mib_s:.1f} MiB/s, peak RSS {m.peak_rss / MIB:.0f} MiB, "
+            f"{m.requests} requests {done} (exit {m.returncode})")
+
+
+# ---------------------------------------------------------------------------------- scenarios
+
+def scenario_a(b: Bench) -> list[str]:
+    h = b.harvester()
+    t = b.tcia_utils("defaults (10 threads)")
+    n = b.nbiatoolkit("defaults (1 process)")
+    return [download_table(b, [h, t, n]), ratio_lines(h, [t, n], by="time")]
+
+
+def scenario_b(b: Bench) -> list[str]:
+    limit = b.setup.nbiatoolkit_limit
+    h = b.harvester("defaults")
+    t = b.tcia_utils("defaults (10 threads)")
+    n = b.nbiatoolkit("defaults (1 process)", limit=limit)
+    h10 = b.harvester("10 workers", workers=10)
+    n10 = b.nbiatoolkit("10 processes", processes=10)
+    cap = _total_cap(b.setup.faults)
+    out = ["**At each tool's defaults**", download_table(b, [h, t, n]), ratio_lines(h, [t, n], by="rate", cap=cap),
+           "**At equal concurrency (10 series in flight; tcia_utils' default is 10 threads, same run as above)**",
+           download_table(b, [h10, t, n10]), ratio_lines(h10, [t, n10], by="rate", cap=cap)]
+    return out
+
+
+def scenario_c(b: Bench) -> list[str]:
+    h = b.harvester()
+    t = b.tcia_utils("defaults (10 threads)")
+    n = b.nbiatoolkit("defaults (1 process)")
+    return [download_table(b, [h, t, n]), ratio_lines(h, [t, n], by="rss")]
+
+
+def scenario_d(b: Bench) -> list[str]:
+    h = b.harvester()
+    t = b.tcia_utils("defaults (10 threads)")
+    n = b.nbiatoolkit("defaults (1 process)", limit=b.setup.nbiatoolkit_limit)
+    return [download_table(b, [h, t, n]), ratio_lines(h, [t, n], by="rate")]
+
+
+def scenario_e(b: Bench) -> list[str]:
+    h = b.harvester_plan()
+    t = b.tcia_utils("getSeries per collection", plan_only=True)
+    planned = {"harvester": _last_json_series(h), "tcia_utils": t.extra.get("listed")}
+    rows = ["| tool | setting | series listed | wall s | requests | peak RSS MiB | CPU s | server CPU s | load |",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
+    for m, key in ((h, "harvester"), (t, "tcia_utils")):
+        rows.append(f"| {m.tool} | {m.setting} | {planned[key]} | {m.wall:.2f} | {m.requests} | "
+                    f"{m.peak_rss / MIB:.0f} | {m.cpu:.1f} | {m.server_cpu:.1f} | {m.load:.1f} |")
+    lines = "\n".join(rows)
+    ratio = (f"- harvester / tcia_utils: time {h.wall / t.wall:.2f}x, requests {h.requests / max(1, t.requests):.2f}x "
+             f"({h.requests} vs {t.requests})")
+    return [lines, ratio]
+
+
+def _last_json_series(m: Measurement) -> Any:
+    return m.extra.get("series")
+
+
+def _total_cap(faults: str) -> int | None:
+    from harvester.server.faults import FaultSpec
+    return FaultSpec.parse(faults).total_rate if faults else None
+
+
+SCENARIOS: dict[str, Callable[[Bench], list[str]]] = {
+    "a": scenario_a, "b": scenario_b, "c": scenario_c, "d": scenario_d, "e": scenario_e,
+}
+
+
+# ---------------------------------------------------------------------------------- tables
+
+def download_table(b: Bench, results: list[Measurement]) -> str:
+    rows = ["| tool | setting | series done | wall s | MiB/s (wall) | MiB/s (link) | peak RSS MiB | CPU s "
+            "| server CPU s | requests | req/series | retries | incomplete series | missing inst. | corrupt inst. | load "
+            "| note |",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
+    for m in results:
+        c = m.check
+        asked = m.extra.get("asked") or len(b.uids)
+        link = f"{m.link_mib_s:.1f}" if m.link_mib_s else "-"
+        retries = str(m.retries) if m.retries is not None else "0 (none)"
+        rows.append(
+            f"| {m.tool} | {m.setting} | {c.complete if c else '-'}/{asked} | {m.wall:.1f} | {m.mib_s:.1f} | {link} | "
+            f"{m.peak_rss / MIB:.0f} | {m.cpu:.1f} | {m.server_cpu:.1f} | {m.requests} | {m.requests / max(1, asked):.2f} | {retries} | "
+            f"{c.incomplete if c else '-'} | {c.missing if c else '-'} | {c.corrupt if c else '-'} | {m.load:.1f} | "
+            f"{m.note} |")
+    return "\n".join(rows)
+
+
+def ratio_lines(h: Measurement, peers: list[Measurement], *, by: str, cap: int | None = None) -> str:
+    lines = []
+    for p in peers:
+        same = (p.extra.get("asked") == h.extra.get("asked"))
+        if by == "rss":
+            lines.append(f"- peak RSS harvester / {p.tool}: {h.peak_rss / max(1, p.peak_rss):.2f}x "
+                         f"({h.peak_rss / MIB:.0f} vs {p.peak_rss / MIB:.0f} MiB)")
+            continue
+        rate = h.mib_s / p.mib_s if p.mib_s else float("inf")
+        text = f"- harvester vs {p.tool} ({p.setting}): throughput {rate:.2f}x"
+        if same:
+            text += f", time {h.wall / p.wall:.2f}x (harvester {h.wall:.1f} s, {p.tool} {p.wall:.1f} s)"
+        else:
+            text += " (different subsets: compare MiB/s only)"
+        lines.append(text)
+    if cap:
+        link = h.link_mib_s or 0.0
+        lines.append(f"- harvester vs the total cap ({cap / MIB:.0f} MiB/s): {h.mib_s / (cap / MIB):.0%} over wall time, "
+                     f"{link / (cap / MIB):.0%} from first to last byte")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("scenario", choices=[*SCENARIOS, "all"])
+    parser.add_argument("--small", action="store_true", help="a tiny version of each scenario (CI)")
+    parser.add_argument("--keep", action="store_true", help="keep each tool's output under bench/out")
+    parser.add_argument("--json", type=Path, help="also write the measurements as JSON")
+    args = parser.parse_args(argv)
+
+    names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "small": args.small, "scenarios": {}}
+    for name in names:
+        bench = Bench(name, args.small, args.keep)
+        setup = bench.setup
+        blocks = SCENARIOS[name](bench)
+        print(f"\n### {name}. {TITLES[name]}{' (small)' if args.small else ''}\n")
+        print(f"archive `{setup.spec}` ({len(bench.uids)} series, "
+              f"{sum(r.total_bytes for r in bench.archive.records()) / MIB:.0f} MiB), faults `{setup.faults or 'none'}`\n")
+        for block in blocks:
+            print(block + "\n")
+        sys.stdout.flush()
+        report["scenarios"][name] = {"spec": setup.spec, "faults": setup.faults,
+                                     "results": [m.to_json() for m in bench.results], "tables": blocks}
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The benchmarks run end to end in their ``--small`` form: every scenario prints its tables,
+harvester completes every series byte for byte, and every figure is a real measurement.
+No timing is asserted (timings are reported by bench/run.py, as ratios between tools)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.peers]
+
+REPO = Path(__file__).resolve().parent.parent
+SCENARIOS = ("a", "b", "c", "d", "e")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    pytest.importorskip("tcia_utils.nbia")
+    pytest.importorskip("nbiatoolkit")
+    pytest.importorskip("psutil")
+    work = tmp_path_factory.mktemp("bench")
+    cache = os.environ.get("HARVESTER_TEST_CACHE") or str(work / "cache")
+    env = dict(os.environ, HARVESTER_BENCH_OUT=str(work / "out"), HARVESTER_BENCH_CACHE=cache)
+    out = work / "report.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "all", "--small", "--json", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    doc["stdout"] = proc.stdout
+    return doc
+
+
+def test_every_scenario_prints_its_tables(report: dict) -> None:
+    assert report["small"] is True
+    assert set(report["scenarios"]) == set(SCENARIOS)
+    for name in SCENARIOS:
+        assert f"### {name}." in report["stdout"]
+        tables = report["scenarios"][name]["tables"]
+        assert any(t.startswith("| tool |") and "| harvester |" in t for t in tables), name
+        assert any("harvester" in t and ("x" in t) for t in tables if t.startswith("- ")), name
+
+
+@pytest.mark.parametrize("name", ["a", "b", "c", "d"])
+def test_harvester_completes_every_series_byte_for_byte(report: dict, name: str) -> None:
+    results = [r for r in report["scenarios"][name]["results"] if r["tool"] == "harvester"]
+    assert results
+    for r in results:
+        check = r["check"]
+        assert r["returncode"] == 0, r
+        assert check["series"] > 0 and check["complete"] == check["series"], check
+        assert check["missing"] == 0 and check["corrupt"] == 0
+        assert check["ok"] == check["instances"] > 0
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_figures_are_measured(report: dict, name: str) -> None:
+    tools = set()
+    for r in report["scenarios"][name]["results"]:
+        tools.add(r["tool"])
+        assert r["wall"] > 0 and r["peak_rss"] > 0 and r["cpu"] > 0, r
+        assert r["requests"] > 0
+        if name != "e":
+            assert r["bytes_sent"] > 0 and r["downloads"] > 0 and r["mib_s"] > 0
+            assert r["check"]["ok"] > 0, r  # every peer got something right, or the wiring is broken
+    assert "harvester" in tools and "tcia_utils" in tools
+    if name != "e":
+        assert "nbiatoolkit" in tools
+
+
+def test_planning_lists_the_same_series(report: dict) -> None:
+    results = {r["tool"]: r for r in report["scenarios"]["e"]["results"]}
+    assert results["harvester"]["extra"]["series"] == results["tcia_utils"]["extra"]["listed"] > 0
