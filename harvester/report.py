@@ -263,7 +263,8 @@ class _Grid:
         first, last = min(times), max(times)
         step = _bucket_step(first, last)
         start_s = math.floor(first.timestamp() / step) * step
-        count = int((last.timestamp() - start_s) // step) + 1
+        # ``spread`` lets an interval run one second past its last timestamp: cover that too.
+        count = int((last.timestamp() + 1 - 1e-9 - start_s) // step) + 1
         return cls(dt.datetime.fromtimestamp(start_s, _UTC), step, count)
 
     def _index(self, seconds: float) -> int:
@@ -277,7 +278,8 @@ class _Grid:
 
     def spread(self, intervals: list[_Interval]) -> list[float]:
         """Each amount shared among the buckets its interval overlaps, in proportion. Journal
-        times are whole seconds, so an interval ends one second after its last timestamp."""
+        times may be whole seconds (older journals), so an interval ends one second after its
+        last timestamp."""
         values = [0.0] * self.count
         base = self.start.timestamp()
         for a, b, v in intervals:
