@@ -105,6 +105,7 @@ def kept_series(out: Path, archive: Archive) -> set[str]:
     return must_skip
 
 
+@pytest.mark.slow
 def test_disk_full_on_a_small_filesystem_then_resume(big_archive, tmp_path, figures):
     query = write_query(tmp_path, big_archive)
     with tmpfs(tmp_path / "fs", "size=3m") as fs, serve_in_thread(big_archive) as srv:
@@ -127,6 +128,7 @@ def test_disk_full_on_a_small_filesystem_then_resume(big_archive, tmp_path, figu
                    message=line)
 
 
+@pytest.mark.slow
 def test_file_size_limit_is_disk_full_then_resume(small_files_archive, tmp_path, figures):
     """EFBIG (a quota or file-size limit): the journal and harvest.json outgrow the limit mid-run."""
     query = write_query(tmp_path, small_files_archive)
@@ -147,6 +149,7 @@ def test_file_size_limit_is_disk_full_then_resume(small_files_archive, tmp_path,
                    series=len(normal_series(small_files_archive)), message=line)
 
 
+@pytest.mark.slow
 def test_disk_full_while_writing_the_final_manifest_is_not_success(small_files_archive, tmp_path, figures):
     """Every series verified and journalled, then harvest.json cannot be rewritten: that is a fatal
     stop (exit 3), not a success with a stale manifest; the rerun finishes it without downloading."""
@@ -186,7 +189,7 @@ def test_output_under_a_regular_file_is_one_clear_error(small_files_archive, tmp
             assert str(blocker) in line and "-o DIR" in line, line
             assert sum(srv.stats.downloads.values()) == 0
     assert blocker.read_text() == "not a directory"
-    figures.record("disk", case="output under a regular file", message=line)
+    figures.record("disk", case="output under a regular file", message=line.replace(str(tmp_path), "<tmp>"))
 
 
 def test_read_only_output_is_one_clear_error(small_files_archive, tmp_path, figures):
@@ -211,4 +214,5 @@ def test_read_only_output_is_one_clear_error(small_files_archive, tmp_path, figu
             subprocess.run(["umount", str(out)], capture_output=True)
         assert (out / "harvest.json").read_bytes() == before
         assert_identical(out, small_files_archive, normal_series(small_files_archive))
-    figures.record("disk", case="read-only output", message=line)
+    figures.record("disk", case="read-only output (tmpfs mounted ro; a ro bind mount of a harvest too)",
+                   message=line.replace(str(tmp_path), "<tmp>"))
