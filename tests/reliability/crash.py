@@ -413,8 +413,9 @@ class Campaign:
         now_complete = check_tree(self.out, self.archive)  # the invariants at the instant of the kill
         self.result.complete_at_kills += len(now_complete)
         self.ever_complete |= now_complete
-        hit = killed and self.result.kills[-1].phase == target
-        return hit or target == "random" and killed
+        if not killed:
+            return False
+        return target == "random" or self.result.kills[-1].phase == target
 
     def _no_refetch(self, must_skip: set[str], before: dict[str, int]) -> None:
         after = self.server.stats.downloads

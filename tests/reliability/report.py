@@ -24,13 +24,36 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from .seeds import CI_KILL_SEEDS, CI_SOAK_SEEDS, KILL_SEEDS_ENV, SOAK_SEEDS_ENV
+
 ROOT = Path(__file__).resolve().parents[2]
 PHASES = ("planning", "download", "verify", "unpack", "commit", "manifest", "startup", "other")
 FAULTS = ("error", "throttle", "reset", "truncate", "corrupt", "stall")
 
 
+#: Bugs these tests exposed (test file, what happened, the commit that fixed it).
+FOUND = [
+    ("test_disk_full.py", "EFBIG/ENOSPC while appending to the journal left bytes in its buffer; closing it raised "
+     "again and `harvester run` died with a traceback", "b50b8ca: unbuffered journal, a failed append is truncated "
+     "away (the journal stays whole lines); clean exit 3"),
+    ("test_disk_full.py", "disk full while rewriting harvest.json at the end was swallowed: exit 0, "
+     "'0/0 series complete', a stale manifest", "b50b8ca: it is the run's fatal error (exit 3)"),
+    ("test_hostile_server.py", "`sync` of changed series whose new copies all failed (attack ZIPs) said "
+     "'16/16 complete, 0 failed', exit 0: the user could not know the mirror was stale",
+     "99d3d36: a failed refetch is listed with its reason and exits 1; the old copy is still kept"),
+    ("test_hostile_inputs.py", "a manifest referencing `/dev/zero` read until memory ran out (MemoryError "
+     "traceback); a FIFO as query file hung forever", "3b725ea: only regular files are read (exit 2, one line)"),
+    ("test_secrets.py", "a token endpoint answering 200 with HTML (a login page, or a redirect to one) crashed "
+     "`harvester run --user` with a JSONDecodeError traceback", "2beaedc: exit 3, one line naming the endpoint, "
+     "never its body"),
+    ("test_serve_hardening.py", "`harvester serve` kept a stalled or dribbling half-request open for aiohttp's "
+     "default hour (and, on older aiohttp, forever)", "d70fc4a: connections idle for 30 s are closed; explicit "
+     "request-line and header limits"),
+]
+
+
 def run_suite(soak: str, kill: str, figures: Path, junit: Path) -> int:
-    env = {**os.environ, "HARVESTER_SOAK_SEEDS": soak, "HARVESTER_KILL_SEEDS": kill,
+    env = {**os.environ, SOAK_SEEDS_ENV: soak, KILL_SEEDS_ENV: kill,
            "HARVESTER_RELIABILITY_FIGURES": str(figures)}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
            "tests/reliability"]
@@ -226,9 +249,18 @@ def render(rows: list[dict[str, Any]], results: dict[str, Counter[str]], *, soak
     for s in kinds["secrets"]:
         w(f"| {s['case']} | {s['texts']} | {s['secrets']} |")
     w("")
+    w("## What this suite found, and what was fixed")
+    w("")
+    w("| found by | problem | fix |")
+    w("|---|---|---|")
+    for found, problem, fix in FOUND:
+        w(f"| `{found}` | {problem} | {fix} |")
+    w("")
     w("## Running it")
     w("")
-    w("CI (`make test`) runs the whole suite with the short seed set (2 soak seeds, 1 kill campaign). A long soak:")
+    w(f"CI (`make test`) runs the whole suite with the short seed set (soak seeds {CI_SOAK_SEEDS}, kill seeds "
+      f"{CI_KILL_SEEDS}); `{SOAK_SEEDS_ENV}` and `{KILL_SEEDS_ENV}` (`N` for 1..N, or a comma list) choose others. "
+      "A long soak:")
     w("")
     w("```make")
     w("## Long chaos soak and kill -9 campaign (20 + 5 seeds); make soak SOAK_SEEDS=50 for more")
