@@ -157,8 +157,10 @@ _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _PIXEL_DATA = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # float, double float, pixel data
 _MEDIA_SOP, _SYNTAX = 0x00020003, 0x00020010
-_SOP_CLASS, _SOP, _SERIES = 0x00080016, 0x00080018, 0x0020000E
-_WANTED = frozenset({_SOP_CLASS, _SOP, _SERIES})
+_CHARSET, _SOP_CLASS, _SOP, _SERIES = 0x00080005, 0x00080016, 0x00080018, 0x0020000E
+#: element -> the VR it must have (explicit VR) for the walk to read it
+_META_WANTED = {_MEDIA_SOP: b"UI", _SYNTAX: b"UI"}
+_WANTED = {_CHARSET: b"CS", _SOP_CLASS: b"UI", _SOP: b"UI", _SERIES: b"UI"}
 _U16, _U32, _U16x2 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<HH")
 _MAX_DEPTH = 16
 
@@ -182,7 +184,7 @@ def _walk_file(head: bytes, complete: bool) -> tuple[str, str, str]:
     meta: dict[int, bytes] = {}
     pos = 132
     while pos + 8 <= len(head) and _U16.unpack_from(head, pos)[0] == 0x0002:
-        pos = _element(head, pos, True, meta, frozenset({_MEDIA_SOP, _SYNTAX}), 0)
+        pos = _element(head, pos, True, meta, _META_WANTED, 0)
     syntax = _ui(meta.get(_SYNTAX, b""))
     if not syntax or syntax in _PYDICOM_ONLY_SYNTAXES:
         raise _Unsure
@@ -190,6 +192,8 @@ def _walk_file(head: bytes, complete: bool) -> tuple[str, str, str]:
     end = _walk_dataset(head, pos, syntax != _IMPLICIT_LE, found, 0, top=True)
     if end is None and not complete:
         raise _Unsure  # the header goes on beyond the bytes we have
+    if _CHARSET in found:
+        _check_charset(found[_CHARSET])
     series, sop, sop_class = (_ui(found[t]) if t in found else "" for t in (_SERIES, _SOP, _SOP_CLASS))
     if not sop:
         sop = _ui(meta.get(_MEDIA_SOP, b""))
@@ -223,7 +227,7 @@ def _walk_dataset(buf: bytes, pos: int, explicit: bool, found: dict[int, bytes],
     raise _Unsure
 
 
-def _element(buf: bytes, pos: int, explicit: bool, found: dict[int, bytes], wanted: frozenset[int],
+def _element(buf: bytes, pos: int, explicit: bool, found: dict[int, bytes], wanted: dict[int, bytes],
              depth: int) -> int:
     """Step over one element at ``pos`` (recording it in ``found`` when wanted); returns the next offset."""
     group, elem = _U16x2.unpack_from(buf, pos)
@@ -246,7 +250,7 @@ def _element(buf: bytes, pos: int, explicit: bool, found: dict[int, bytes], want
     if pos + length > len(buf):
         raise _Unsure
     if tag in wanted:
-        if explicit and vr != b"UI":
+        if explicit and vr != wanted[tag]:
             raise _Unsure
         found[tag] = buf[pos:pos + length]
     elif explicit and vr == b"SQ" and length:
@@ -300,6 +304,16 @@ def _skip_items(buf: bytes, pos: int, end: int, explicit: bool, depth: int) -> N
                 raise _Unsure
             _walk_dataset(buf, pos, explicit, {}, depth, end=pos + length)
             pos += length
+
+
+def _check_charset(value: bytes) -> None:
+    """pydicom decodes the Specific Character Set before it converts any element, and refuses the
+    file when it cannot: answer only for one term it knows (or none)."""
+    from pydicom.charset import python_encoding
+
+    term = value.rstrip(b" ")
+    if term and (not term.isascii() or term.decode("ascii") not in python_encoding):
+        raise _Unsure
 
 
 _UID_CHARACTERS = frozenset(b"0123456789.")
