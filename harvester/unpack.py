@@ -18,6 +18,7 @@ Nothing is written outside ``staging``; on any failure the caller deletes ``stag
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import lzma
@@ -309,11 +310,16 @@ def _skip_items(buf: bytes, pos: int, end: int, explicit: bool, depth: int) -> N
 def _check_charset(value: bytes) -> None:
     """pydicom decodes the Specific Character Set before it converts any element, and refuses the
     file when it cannot: answer only for one term it knows (or none)."""
+    term = value.rstrip(b" ")
+    if term and term not in _known_charsets():
+        raise _Unsure
+
+
+@functools.cache
+def _known_charsets() -> frozenset[bytes]:
     from pydicom.charset import python_encoding
 
-    term = value.rstrip(b" ")
-    if term and (not term.isascii() or term.decode("ascii") not in python_encoding):
-        raise _Unsure
+    return frozenset(name.encode("ascii") for name in python_encoding if name.isascii())
 
 
 _UID_CHARACTERS = frozenset(b"0123456789.")
