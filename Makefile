@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test venv test-venv soak bench docs clean
+.PHONY: demo test venv test-venv soak bench docs reliability-report clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,17 @@ demo: $(VENV)/.installed
 ## The whole test suite (what CI runs)
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q
+
+## Long chaos soak and kill -9 campaign (20 + 5 seeds); make soak SOAK_SEEDS=50 for more
+SOAK_SEEDS ?= 20
+KILL_SEEDS ?= 5
+soak: $(VENV)/.installed-test
+	HARVESTER_SOAK_SEEDS=$(SOAK_SEEDS) HARVESTER_KILL_SEEDS=$(KILL_SEEDS) $(BIN)/python -m pytest -q \
+		tests/reliability/test_chaos_soak.py tests/reliability/test_crash_consistency.py
+
+## Regenerate docs/reliability.md from a run of the reliability suite
+reliability-report: $(VENV)/.installed-test
+	$(BIN)/python -m tests.reliability.report
 
 ## API reference from the docstrings (pdoc), into docs/api/
 docs: $(VENV)/.installed

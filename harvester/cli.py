@@ -188,7 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _password(args: argparse.Namespace, env: dict[str, str]) -> str | None:
     if args.password_file:
         try:
-            return args.password_file.read_text("utf-8").strip()
+            if not args.password_file.is_file():
+                raise UsageError(f"--password-file {args.password_file} is not a regular file")
+            with open(args.password_file, encoding="utf-8") as fh:
+                return fh.read(64 * 1024).strip()  # a password, not a stream: read a bounded amount
+        except UnicodeDecodeError:
+            raise UsageError(f"--password-file {args.password_file} is not UTF-8 text") from None
         except OSError as exc:
             raise UsageError(f"cannot read --password-file {args.password_file}: {exc.strerror}") from None
     if args.password_env:

@@ -173,8 +173,9 @@ def test_sync_killed_and_rerun_ends_like_an_uninterrupted_one(archives, tmp_path
         for out in (reference, killed):
             assert sync(srv.base_url, out, query_all(before)).harvest.ok
     with serve_in_thread(after, faults="latency=20ms,rate=24KB,seed=4") as srv:
+        # Two workers on a slow link: the sync takes several seconds, so kills land mid-run.
         args = [sys.executable, "-m", "harvester", "sync", str(q), "--api-url", srv.base_url, "--timeout", "5",
-                "--no-progress", "--quiet"]
+                "--workers", "2", "--no-progress", "--quiet"]
         assert subprocess.run([*args, "-o", str(reference)], env=env, capture_output=True, timeout=300).returncode == 0
         rng = random.Random(7)
         kills = 0

@@ -115,12 +115,16 @@ class TokenAuth:
                     "username": self._auth.username, "password": self._auth.password}
         url = redact_url(self._auth.token_url)
         try:
-            async with session.post(self._auth.token_url, data=form) as resp:
+            # No redirects: a 307/308 would re-post the password to wherever it points.
+            async with session.post(self._auth.token_url, data=form, allow_redirects=False) as resp:
                 if resp.status in (400, 401, 403) and form["grant_type"] == "refresh_token":
                     self._token = None
                     return await self._obtain(session, use_refresh=False)
                 if resp.status in (400, 401, 403):
                     raise AuthError(f"token request to {url} was rejected (HTTP {resp.status})")
+                if 300 <= resp.status < 400:
+                    raise AuthError(f"token endpoint {url} redirects (HTTP {resp.status}); the password was not "
+                                    "sent on", hint="give the final token URL with --token-url")
                 if resp.status != 200:
                     raise RetryableRequestError(f"token request to {url} failed: HTTP {resp.status}",
                                                 status=resp.status, url=url)
