@@ -40,7 +40,7 @@ from harvester.layout import assign_paths, safe_component
 from harvester.planner import SeriesTask
 from harvester.progress import Event, Hub
 from harvester.source.base import Source
-from harvester.state import HarvestState, atomic_write, now_iso
+from harvester.state import HarvestState, atomic_write, now_iso, totals_of
 
 MANIFEST_EVERY = 30.0  # seconds between harvest.json rewrites during a run
 
@@ -163,10 +163,10 @@ class Engine:
                 except FatalError as exc:
                     # harvest.json could not be rewritten (disk full...): the journal keeps every
                     # commit for the next run, but this run must not report success.
-                    totals = {}
+                    totals = self._totals(order)
                     fatal = fatal or exc
                 except HarvesterError:
-                    totals = {}
+                    totals = self._totals(order)
         tally = self.hub.tally
         failed = [(u, self.state.records.get(u, {}).get("error") or "failed") for u in order
                   if (self.state.records.get(u) or {}).get("status") != "complete"]
@@ -231,6 +231,9 @@ class Engine:
             if fatal is not None:
                 raise fatal from None
             raise
+
+    def _totals(self, order: list[str]) -> dict[str, int]:
+        return totals_of([self.state.records[u] for u in order if u in self.state.records])
 
     def _checkpoint(self, header: dict[str, Any], order: list[str]) -> dict[str, int]:
         """Rewrite harvest.json and journal the counters (the report plots them); returns the totals."""

@@ -84,6 +84,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def totals_of(recs: list[dict[str, Any]]) -> dict[str, int]:
+    """The ``totals`` block of harvest.json for these records."""
+    done = [r for r in recs if r.get("status") == "complete"]
+    return {
+        "series": len(recs),
+        "complete": len(done),
+        "failed": len(recs) - len(done),
+        "files": sum(len(r.get("files", [])) for r in done),
+        "bytes": sum(int(r.get("bytes") or 0) for r in done),
+    }
+
+
 class HarvestState:
     """The on-disk state of one output directory. Thread-safe for the calls the engine makes."""
 
@@ -347,13 +359,7 @@ class HarvestState:
             wanted = set(uids)
             extra = [u for u in self.records if u not in wanted]
             recs = [self.records[u] for u in uids + extra if u in self.records]
-        totals = {
-            "series": len(recs),
-            "complete": sum(1 for r in recs if r.get("status") == "complete"),
-            "failed": sum(1 for r in recs if r.get("status") != "complete"),
-            "files": sum(len(r.get("files", [])) for r in recs if r.get("status") == "complete"),
-            "bytes": sum(int(r.get("bytes") or 0) for r in recs if r.get("status") == "complete"),
-        }
+        totals = totals_of(recs)
         doc = {"schema": SCHEMA, **header, "totals": totals, "series": recs}
         atomic_write(self.manifest_path, json.dumps(doc, indent=1, ensure_ascii=False).encode("utf-8"))
         self._write_metadata_csv(recs)
