@@ -11,7 +11,7 @@ its process tree, requests counted by the server, retries, and what its output i
 (series complete byte for byte, instances missing or corrupt). ``--small`` runs a tiny
 version of each scenario (for CI). Synthetic archives are generated once into
 ``.cache/synthetic`` (git-ignored); tool output goes to ``bench/out`` and is deleted after
-checking unless ``--keep``.
+checking (at the end of the run: see ``harness.set_aside``) unless ``--keep``.
 """
 from __future__ import annotations
 
@@ -37,10 +37,11 @@ from harness import (  # noqa: E402
     Measurement,
     ServedArchive,
     check_output,
-    clean,
+    empty_trash,
     load_archive,
     request_count,
     run_tool,
+    set_aside,
 )
 
 DOWNLOAD_ENDPOINTS = ("getImage", "getImageWithMD5Hash")
@@ -108,7 +109,7 @@ class Bench:
     def measure(self, tool: str, setting: str, command: Callable[[str, Path], list[str]], *,
                 download: bool = True, note: str = "", faults: str | None = None) -> Measurement:
         work = self.root / f"{tool}-{setting}".replace(" ", "_")
-        clean(work)
+        set_aside(work)
         work.mkdir(parents=True)
         print(f"[{self.name}] {tool} ({setting}) ...", file=sys.stderr, flush=True)
         faults = self.setup.faults if faults is None else faults
@@ -141,7 +142,7 @@ class Bench:
         if run.returncode not in (0, 1):
             result.note = (result.note + f"; exit {run.returncode}: " + run.stderr.strip()[-300:]).strip("; ")
         if not self.keep:
-            clean(work / "out")
+            set_aside(work / "out")
         self.results.append(result)
         print(f"[{self.name}]   {_brief(result)}", file=sys.stderr, flush=True)
         return result
@@ -334,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "results": [m.to_json() for m in bench.results], "tables": blocks}
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
+    empty_trash()  # only now: see harness.set_aside
     return 0
 
 
