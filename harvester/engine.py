@@ -8,9 +8,11 @@ two levels); a permanent failure is recorded and the others go on; a ``FatalErro
 full, bad credentials) cancels every worker and propagates, leaving only verified series
 under final names.
 
-Concurrency: ``config.workers`` series in flight at most; an ``AdaptiveLimit`` lowers that
+Concurrency: ``config.workers`` downloads at most; an ``AdaptiveLimit`` lowers that
 multiplicatively when the server pushes back (429/503/timeouts) and raises it additively while
-healthy. The connection limit lives in the HTTP session.
+healthy. A source that takes the download slot itself (``download_limiter``, as NBIA does)
+lets up to twice as many series be in flight, the others verifying, unpacking or committing;
+otherwise a slot covers the whole attempt. The connection limit lives in the HTTP session.
 """
 from __future__ import annotations
 
@@ -116,6 +118,13 @@ class Engine:
         self.state = state
         self.hub = hub
         self.limit = AdaptiveLimit(config.workers, cooldown=config.backoff_base)
+        # A source with a ``download_limiter`` holds a slot only while bytes stream (NBIA: the
+        # ZIP); the engine then keeps up to twice as many series in flight, so verifying,
+        # unpacking and committing one series overlaps the next one's download and `workers`
+        # connections stay busy. Other sources hold a slot for the whole attempt.
+        self._slots_in_source = hasattr(source, "download_limiter")
+        if self._slots_in_source:
+            source.download_limiter = self.limit.limiter  # type: ignore[attr-defined]
         self.rate = RateLimiter(config.max_rate) if config.max_rate else None
         self._licenses: set[str] = set()
         self._rng = random.Random()
@@ -201,8 +210,11 @@ class Engine:
 
         async def worker() -> None:
             async for job in receive:
-                async with self.limit.limiter:
+                if self._slots_in_source:
                     delay = await self._attempt(job)
+                else:
+                    async with self.limit.limiter:
+                        delay = await self._attempt(job)
                 if delay is None:
                     await finished_one()
                 else:
@@ -223,7 +235,8 @@ class Engine:
 
                 tg.start_soon(guarded_writer)
                 async with anyio.create_task_group() as workers:
-                    for _ in range(min(self.config.workers, len(jobs))):
+                    in_flight = self.config.workers * (2 if self._slots_in_source else 1)
+                    for _ in range(min(in_flight, len(jobs))):
                         workers.start_soon(worker)
                 writer_scope.cancel()
         except BaseExceptionGroup as group:

@@ -277,3 +277,49 @@ def test_fetch_and_unpack_hold_a_few_chunks_not_the_series(big_archive: Any, tmp
     assert len(unpacked.files) == len(rec.instances)
     assert fetch_peak < 6 * config.chunk_size, fetch_peak
     assert unpack_peak < 4 * 2**20, unpack_peak
+
+
+# ---------------------------------------------------------------- downloads overlap verification
+
+def test_verifying_one_series_does_not_keep_a_download_slot(server, small_archive, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """With one worker, the first series' unpack waits for the next download to start: that can
+    only happen if the download slot was released before verifying. Downloads never exceed
+    the worker count."""
+    import threading
+
+    import harvester.fetch as fetch_module
+    import harvester.unpack as unpack_module
+
+    active = peak = 0
+    real_fetch = fetch_module.fetch_series_zip
+
+    async def counting_fetch(*args: Any, **kwargs: Any) -> int:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        try:
+            return await real_fetch(*args, **kwargs)
+        finally:
+            active -= 1
+
+    overlapped = threading.Event()
+    first = threading.Lock()
+    real_unpack = unpack_module.verify_and_unpack
+
+    def unpack_after_the_next_download_started(*args: Any, **kwargs: Any) -> Any:
+        if first.acquire(blocking=False):  # only the first series waits (in its worker thread)
+            started = sum(server.stats.downloads.values())
+            for _ in range(400):
+                if sum(server.stats.downloads.values()) > started:
+                    overlapped.set()
+                    break
+                threading.Event().wait(0.025)
+        return real_unpack(*args, **kwargs)
+
+    monkeypatch.setattr(fetch_module, "fetch_series_zip", counting_fetch)
+    monkeypatch.setattr(unpack_module, "verify_and_unpack", unpack_after_the_next_download_started)
+    result = harvest(server.base_url, tmp_path / "out", select_all(small_archive), Hub(), workers=1, connections=4)
+    assert result.ok, result.failed
+    assert overlapped.is_set(), "the next download waited for the previous series to be verified"
+    assert peak == 1
+    assert_identical(tmp_path / "out", small_archive, normal_series(small_archive))

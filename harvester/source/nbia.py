@@ -315,13 +315,17 @@ class _AuthRetry(Exception):
 class NBIASource(ClientBackedSource):
     """The NBIA archive as a ``Source``: the planner for queries, getImage ZIPs for series.
 
-    Per series: stream the ZIP (``fetch_series_zip``), verify and unpack it in a thread
+    Per series: stream the ZIP (``fetch_series_zip``, holding a ``download_limiter`` slot when
+    the engine gave one), verify and unpack it in a thread
     (``verify_and_unpack``), then repair up to one in ten instances that failed only their MD5
     with getSingleImage instead of refetching the whole series.
     """
 
     def __init__(self, client: NBIAClient) -> None:
         self.client = client
+        #: Set by the engine: held while the ZIP streams (retries included) and released before
+        #: verifying and unpacking, so that work never keeps a connection slot from a download.
+        self.download_limiter: anyio.CapacityLimiter | None = None
 
     async def plan(self, query: Any) -> Any:
         from harvester.planner import Planner
@@ -336,8 +340,9 @@ class NBIASource(ClientBackedSource):
         from harvester.unpack import read_dicom_ids, verify_and_unpack
 
         config = self.client.config
-        await fetch_series_zip(self.client, task.series_uid, task.collection, partial,
-                               chunk_size=config.chunk_size, rate=rate, on_bytes=on_bytes)
+        async with self.download_limiter or contextlib.nullcontext():
+            await fetch_series_zip(self.client, task.series_uid, task.collection, partial,
+                                   chunk_size=config.chunk_size, rate=rate, on_bytes=on_bytes)
         max_repairs = max(1, (task.image_count or 0) // 10)
         unpacked = await anyio.to_thread.run_sync(
             lambda: verify_and_unpack(partial, staging, series_uid=task.series_uid, image_count=task.image_count,
