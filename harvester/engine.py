@@ -269,9 +269,8 @@ class Engine:
             unpacked = await self.source.fetch_series(
                 task, partial=partial, staging=staging, rate=self.rate,
                 on_bytes=lambda n: self.hub.emit(Event("bytes", bytes=n)))
-            _unlink(partial)
             record = self._record(job, unpacked.files)
-            await anyio.to_thread.run_sync(self.state.commit, record, staging)
+            await anyio.to_thread.run_sync(_unlink_and_commit, partial, self.state, record, staging)
             if unpacked.license_text:
                 await self._keep_license(task.collection, unpacked.license_text)
         except FatalError:
@@ -353,6 +352,12 @@ def _unlink(path: Path) -> None:
         path.unlink()
     except FileNotFoundError:
         pass
+
+
+def _unlink_and_commit(partial: Path, state: HarvestState, record: dict[str, Any], staging: Path) -> None:
+    """In a worker thread: unlinking a large file frees its blocks, which must not stall the loop."""
+    _unlink(partial)
+    state.commit(record, staging)
 
 
 def _cleanup(partial: Path, staging: Path) -> None:
