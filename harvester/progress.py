@@ -133,10 +133,12 @@ class PlainDisplay:
         self._last = 0.0
 
     def __call__(self, ev: Event) -> None:
+        if ev.kind not in ("done", "failed", "skip"):
+            return  # "bytes" arrives once per network chunk: return at once
         if ev.kind == "failed":
             print(f"failed: series {ev.series_uid}: {ev.message}", file=self.stream, flush=True)
         now = time.monotonic()
-        if ev.kind in ("done", "failed", "skip") and now - self._last >= self.interval:
+        if now - self._last >= self.interval:
             self._last = now
             print(self.line(), file=self.stream, flush=True)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -158,6 +159,7 @@ class NBIAClient:
         self.gate = gate or HostGate()
         self.requests = 0
         self.retries = 0
+        self._rng = random.Random()  # one per client: seeding a Random per request is not free
 
     # ------------------------------------------------------------ routing
     def base_for(self, collection: str | None = None) -> str:
@@ -174,7 +176,7 @@ class NBIAClient:
     def _retrying(self) -> AsyncRetrying:
         return AsyncRetrying(
             stop=stop_after_attempt(max(1, self.config.retries)),
-            wait=BackoffWait(self.config.backoff_base, self.config.backoff_max),
+            wait=BackoffWait(self.config.backoff_base, self.config.backoff_max, self._rng),
             retry=retry_if_exception(should_retry_request),
             before_sleep=self._before_sleep,
             reraise=True,
