@@ -113,6 +113,7 @@ class Bench:
         work.mkdir(parents=True)
         print(f"[{self.name}] {tool} ({setting}) ...", file=sys.stderr, flush=True)
         faults = self.setup.faults if faults is None else faults
+        os.sync()  # the previous tool's dirty pages must not be written back on this tool's time
         with ServedArchive(self.setup.spec, faults or None, log=work / "server.stderr") as server:
             before = server.stats()
             server_cpu = server.cpu_seconds()
