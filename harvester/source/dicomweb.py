@@ -52,12 +52,6 @@ from urllib.parse import quote, urlencode, urlsplit
 
 import aiohttp
 import anyio
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception,
-    stop_after_attempt,
-)
 
 from harvester.config import Config
 from harvester.errors import (
@@ -67,14 +61,13 @@ from harvester.errors import (
     UnknownSelectionError,
     UsageError,
     classify_os_error,
-    should_retry_request,
 )
 from harvester.layout import safe_component
 from harvester.planner import Plan, SeriesTask, gather_limited
 from harvester.query import Query, Selector
 from harvester.source.base import ClientBackedSource
 from harvester.source.http import (
-    BackoffWait,
+    RetryingClient,
     HostGate,
     as_int,
     describe_transport_error,
@@ -274,7 +267,7 @@ def multipart_boundary(content_type: str) -> tuple[str, str | None]:
 
 # ---------------------------------------------------------------------------- client
 
-class DICOMwebClient:
+class DICOMwebClient(RetryingClient):
     """QIDO-RS searches and WADO-RS series streams on one aiohttp session, with the request
     retry policy of ``NBIAClient`` (see the module docstring for what is raised)."""
 
@@ -299,24 +292,6 @@ class DICOMwebClient:
 
     def __repr__(self) -> str:
         return f"DICOMwebClient(root={redact_url(self.root)!r})"
-
-    def retrying(self) -> AsyncRetrying:
-        """The request-level retry policy (shared with the NBIA source)."""
-        return AsyncRetrying(
-            stop=stop_after_attempt(max(1, self.config.retries)),
-            wait=BackoffWait(self.config.backoff_base, self.config.backoff_max),
-            retry=retry_if_exception(should_retry_request),
-            before_sleep=self._before_sleep,
-            reraise=True,
-        )
-
-    def _before_sleep(self, state: RetryCallState) -> None:
-        self.retries += 1
-        exc = state.outcome.exception() if state.outcome else None
-        if isinstance(exc, RetryableRequestError) and exc.retry_after:
-            self.gate.push(exc.retry_after)
-        if self.on_retry is not None:
-            self.on_retry(str(exc))
 
     @contextlib.asynccontextmanager
     async def _request(self, url: str, *, accept: str, ok: Sequence[int] = (200,)

@@ -17,10 +17,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import anyio
-from tenacity import RetryCallState
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 from harvester.config import Config
-from harvester.errors import AuthError, PermanentRequestError, RetryableRequestError
+from harvester.errors import AuthError, PermanentRequestError, RetryableRequestError, should_retry_request
 
 #: transport failures worth another attempt (resets, broken bodies, stalls)
 TRANSPORT_ERRORS = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, aiohttp.ServerTimeoutError,
@@ -151,3 +151,32 @@ async def raise_for_status(resp: aiohttp.ClientResponse, shown: str) -> None:
         raise AuthError(f"HTTP 401 from {shown}: the server wants credentials")
     raise PermanentRequestError(f"HTTP {resp.status} from {shown}: {one_line(text) or 'no message'}",
                                 status=resp.status, url=shown)
+
+
+class RetryingClient:
+    """The request-level retry policy shared by the HTTP clients (tenacity): ``config.retries``
+    attempts, ``BackoffWait``, ``should_retry_request``; before each retry the counter goes up,
+    a Retry-After pauses the whole host (``gate``) and ``on_retry`` hears one line."""
+
+    config: Config
+    gate: HostGate
+    retries: int
+    on_retry: Any
+    _rng: random.Random | None = None
+
+    def retrying(self) -> AsyncRetrying:
+        return AsyncRetrying(
+            stop=stop_after_attempt(max(1, self.config.retries)),
+            wait=BackoffWait(self.config.backoff_base, self.config.backoff_max, self._rng),
+            retry=retry_if_exception(should_retry_request),
+            before_sleep=self._before_sleep,
+            reraise=True,
+        )
+
+    def _before_sleep(self, state: RetryCallState) -> None:
+        self.retries += 1
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, RetryableRequestError) and exc.retry_after:
+            self.gate.push(exc.retry_after)
+        if self.on_retry is not None:
+            self.on_retry(str(exc))

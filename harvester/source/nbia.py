@@ -25,12 +25,6 @@ from urllib.parse import urlencode
 
 import aiohttp
 import anyio
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception,
-    stop_after_attempt,
-)
 
 from harvester.config import NLST_API_URL, NLST_COLLECTIONS, AuthConfig, Config
 from harvester.errors import (
@@ -38,12 +32,11 @@ from harvester.errors import (
     RequestError,
     RetryableRequestError,
     UsageError,
-    should_retry_request,
 )
 from harvester.source.base import ClientBackedSource
 from harvester.source.http import (
+    RetryingClient,
     TRANSPORT_ERRORS,
-    BackoffWait,
     HostGate,
     as_int,
     describe_transport_error,
@@ -143,7 +136,7 @@ class TokenAuth:
         self._token = _Token(data["access_token"], refresh, time.monotonic() + expires)
 
 
-class NBIAClient:
+class NBIAClient(RetryingClient):
     """Async client for the NBIA v4 query and download endpoints.
 
     ``on_retry(message)`` is called before each request-level retry (progress uses it).
@@ -173,23 +166,6 @@ class NBIAClient:
         return f"{self.base_for(collection)}/{endpoint}" + (f"?{query}" if query else "")
 
     # ------------------------------------------------------------ retry plumbing
-    def _retrying(self) -> AsyncRetrying:
-        return AsyncRetrying(
-            stop=stop_after_attempt(max(1, self.config.retries)),
-            wait=BackoffWait(self.config.backoff_base, self.config.backoff_max, self._rng),
-            retry=retry_if_exception(should_retry_request),
-            before_sleep=self._before_sleep,
-            reraise=True,
-        )
-
-    def _before_sleep(self, state: RetryCallState) -> None:
-        self.retries += 1
-        exc = state.outcome.exception() if state.outcome else None
-        if isinstance(exc, RetryableRequestError) and exc.retry_after:
-            self.gate.push(exc.retry_after)
-        if self.on_retry is not None:
-            self.on_retry(str(exc))
-
     async def _headers(self) -> dict[str, str]:
         return await self.auth.header(self.session) if self.auth else {}
 
@@ -238,7 +214,7 @@ class NBIAClient:
                 f"{endpoint} takes no parameter {bad[0]!r}",
                 hint=f"allowed: {', '.join(allowed) or 'none'} (names are case-sensitive)")
         url = self.url(endpoint, clean, collection=collection or clean.get("Collection"))
-        async for attempt in self._retrying():
+        async for attempt in self.retrying():
             with attempt:
                 return await self._get_json(url, endpoint)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -299,15 +275,12 @@ class NBIAClient:
         """One instance via getSingleImage (to repair a single bad file)."""
         url = self.url("getSingleImage", {"SeriesInstanceUID": series_uid, "SOPInstanceUID": sop_uid},
                        collection=collection)
-        async for attempt in self._retrying():
+        async for attempt in self.retrying():
             with attempt:
                 async with self._request(url, accept="application/dicom") as resp:
                     return await resp.read()
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def retrying(self) -> AsyncRetrying:
-        """The request-level retry policy, for callers that stream (``harvester.fetch``)."""
-        return self._retrying()
 
 
 class _AuthRetry(Exception):
