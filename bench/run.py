@@ -42,6 +42,7 @@ from harness import (  # noqa: E402
     request_count,
     run_tool,
     set_aside,
+    warm_cache,
 )
 
 DOWNLOAD_ENDPOINTS = ("getImage", "getImageWithMD5Hash")
@@ -113,6 +114,7 @@ class Bench:
         work.mkdir(parents=True)
         print(f"[{self.name}] {tool} ({setting}) ...", file=sys.stderr, flush=True)
         faults = self.setup.faults if faults is None else faults
+        warm_cache(self.archive)
         os.sync()  # the previous tool's dirty pages must not be written back on this tool's time
         with ServedArchive(self.setup.spec, faults or None, log=work / "server.stderr") as server:
             before = server.stats()
