@@ -82,12 +82,17 @@ def make_config(query: Query | None = None, config: Config | None = None, out: s
     return dataclasses.replace(config or Config(), **changes)
 
 
-async def aplan(query: QueryLike, config: Config | None = None, **options: Any) -> Plan:
-    """Expand ``query`` into the exact list of series tasks (``Plan.tasks``; totals in ``Plan.to_json()``)."""
+async def aplan(query: QueryLike, config: Config | None = None, *, details: bool = True,
+                **options: Any) -> Plan:
+    """Expand ``query`` into the exact list of series tasks (``Plan.tasks``; totals in ``Plan.to_json()``).
+
+    ``details=False`` skips the study and patient records of each task (two requests per
+    collection on NBIA) when only the series and totals are wanted.
+    """
     q = as_query(query)
     config = make_config(q, config, **options)
     async with make_session(config) as session:
-        return await make_source(config, session).plan(q)
+        return await make_source(config, session).plan(q, details=details)
 
 
 async def aharvest(query: QueryLike, out: str | Path | Config | None = None, *, config: Config | None = None,

@@ -281,7 +281,7 @@ def cmd_plan(args: argparse.Namespace, env: dict[str, str]) -> int:
 
     query = load_query(args.query)
     config = build_config(args, env, query.url or query.api, query.layout, query.source)
-    plan = anyio.run(aplan, query, config)
+    plan = anyio.run(lambda: aplan(query, config, details=False))  # totals only
     if args.json:
         print(json.dumps(plan.to_json()))
     else:

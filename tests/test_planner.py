@@ -118,3 +118,22 @@ def test_plan_is_exact_despite_faults(server, small_archive, tmp_path, faults):
     assert [t.series_uid for t in faulty.tasks] == [t.series_uid for t in clean.tasks]
     assert faulty.to_json() == clean.to_json()
     assert faulty.retries > 0
+
+
+def test_totals_only_plan_skips_study_details(server, small_archive, tmp_path):
+    """`harvester plan` only counts: the same tasks and totals, without getPatientStudy/getPatient."""
+    name = normal_collections(small_archive)[0]
+    query = query_from_dict({"select": [{"collection": name}]}, origin="test", base_dir=tmp_path)
+    config = test_config(server.base_url, tmp_path / "out")
+    before = dict(server.stats.requests)
+    lean = anyio.run(lambda: aplan(query, config, details=False))
+    after = dict(server.stats.requests)
+    full = anyio.run(aplan, query, config)
+    for endpoint in ("getPatientStudy", "getPatient"):
+        assert after.get(endpoint, 0) == before.get(endpoint, 0), endpoint
+    assert server.stats.requests.get("getPatientStudy", 0) > after.get("getPatientStudy", 0)
+    assert [t.series_uid for t in lean.tasks] == [t.series_uid for t in full.tasks]
+    assert lean.to_json() == full.to_json()
+    assert all(t.study is None and t.patient is None for t in lean.tasks)
+    assert lean.requests == full.requests - 2
+    assert repr(lean) == f"Plan({len(lean.tasks)} series, {lean.requests} requests, 0 retries)"

@@ -26,8 +26,12 @@ class Source(Protocol):
     #: called before each request-level retry with a one-line message (no secrets)
     on_retry: Callable[[str], None] | None
 
-    async def plan(self, query: Query) -> Plan:
-        """Expand a query into the exact list of series tasks."""
+    async def plan(self, query: Query, *, details: bool = True) -> Plan:
+        """Expand a query into the exact list of series tasks.
+
+        ``details=False``: only the series and their sizes are wanted (``harvester plan``); a
+        source may then skip the study and patient records layouts and the manifest use.
+        """
         ...
 
     async def fetch_series(self, task: SeriesTask, *, partial: Path, staging: Path,

@@ -410,9 +410,10 @@ class DICOMwebSource(ClientBackedSource):
         self._details: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
 
     # ------------------------------------------------------------ plan
-    async def plan(self, query: Query) -> Plan:
+    async def plan(self, query: Query, *, details: bool = True) -> Plan:
         """QIDO-RS searches for every selector (``config.plan_concurrency`` at a time), then the
-        union de-duplicated by SeriesInstanceUID, exclusions, the limit and missing counts."""
+        union de-duplicated by SeriesInstanceUID, exclusions, the limit and missing counts.
+        Study and patient details come with the searches, so ``details`` changes nothing here."""
         start_requests, start_retries = self.requests, self.retries
         for sel in query.selectors:
             if sel.released_after is not None:

@@ -302,9 +302,10 @@ class NBIASource(ClientBackedSource):
         #: verifying and unpacking, so that work never keeps a connection slot from a download.
         self.download_limiter: anyio.CapacityLimiter | None = None
 
-    async def plan(self, query: Any) -> Any:
+    async def plan(self, query: Any, *, details: bool = True) -> Any:
         from harvester.planner import Planner
-        return await Planner(self.client, concurrency=self.client.config.plan_concurrency).plan(query)
+        return await Planner(self.client, concurrency=self.client.config.plan_concurrency).plan(
+            query, details=details)
 
     async def fetch_series(self, task: Any, *, partial: Any, staging: Any, on_bytes: Callable[[int], None],
                            rate: Any) -> Any:
