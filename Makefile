@@ -40,6 +40,11 @@ soak: $(VENV)/.installed-test
 reliability-report: $(VENV)/.installed-test
 	$(BIN)/python -m tests.reliability.report
 
+## Benchmarks against tcia_utils and nbiatoolkit on loopback: make bench SCENARIO=a (a-e, all)
+SCENARIO ?= all
+bench: $(VENV)/.installed-test
+	$(BIN)/python bench/run.py $(SCENARIO) --json bench/out/results-$(SCENARIO).json
+
 ## API reference from the docstrings (pdoc), into docs/api/
 docs: $(VENV)/.installed
 	$(BIN)/pip install -q pdoc

@@ -337,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         report["scenarios"][name] = {"spec": setup.spec, "faults": setup.faults,
                                      "results": [m.to_json() for m in bench.results], "tables": blocks}
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))
     empty_trash()  # only now: see harness.set_aside
     return 0
