@@ -15,7 +15,6 @@ import argparse
 import concurrent.futures
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -25,36 +24,14 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import TreeRss  # noqa: E402
+
 from harvester.server.synthetic import SyntheticSpec, build_synthetic  # noqa: E402
 
 SPEC = "collections=1,patients=1,studies=1,series=1,instances=200,size=5MB,seed=0"
 MB = 1024 * 1024
-
-
-class RssSampler(threading.Thread):
-    """Samples a process's resident set size every ``interval`` seconds; keeps the peak."""
-
-    def __init__(self, pid: int, interval: float = 0.005) -> None:
-        super().__init__(daemon=True)
-        self.process = psutil.Process(pid)
-        self.interval = interval
-        self.peak = 0
-        self.samples = 0
-        self._done = threading.Event()
-
-    def run(self) -> None:
-        while not self._done.is_set():
-            try:
-                rss = self.process.memory_info().rss
-            except psutil.Error:
-                return
-            self.peak = max(self.peak, rss)
-            self.samples += 1
-            self._done.wait(self.interval)
-
-    def stop(self) -> None:
-        self._done.set()
-        self.join()
 
 
 def download(url: str) -> int:
@@ -89,7 +66,7 @@ def main() -> int:
         if not base_url.startswith("http://"):
             raise RuntimeError("the server did not print its base URL")
         idle_rss = psutil.Process(server.pid).memory_info().rss
-        sampler = RssSampler(server.pid)
+        sampler = TreeRss(server.pid, interval=0.005)
         sampler.start()
         url = f"{base_url}/getImage?SeriesInstanceUID={record.uid}"
         began = time.monotonic()

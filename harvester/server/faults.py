@@ -18,7 +18,7 @@ import hashlib
 import random
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 
 #: The fault kinds counted in the server's statistics.
@@ -51,6 +51,31 @@ def parse_duration(text: str) -> float:
     return float(match.group(1)) * _TIME_UNITS[unit]
 
 
+def parse_key_values(text: str, known: Iterable[str], what: str,
+                     convert: Callable[[str, str], object]) -> dict[str, object]:
+    """Parse ``key=value,...`` with ``convert(key, raw)`` for each value.
+
+    Raises ``ValueError`` naming ``what`` and the key: unknown, without a value, or a value
+    ``convert`` rejected (its message follows).
+    """
+    known = set(known)
+    values: dict[str, object] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        key, sep, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if key not in known:
+            raise ValueError(f"unknown {what} key {key!r} (known: {', '.join(sorted(known))})")
+        if not sep or not raw:
+            raise ValueError(f"{what} key {key!r} needs a value")
+        try:
+            values[key] = convert(key, raw)
+        except ValueError as err:
+            raise ValueError(f"{what} key {key!r}: {err}") from None
+    return values
+
+
 @dataclass(frozen=True)
 class FaultSpec:
     """What to inject. Probabilities are per request, in [0, 1]; everything is off by default."""
@@ -71,41 +96,29 @@ class FaultSpec:
     @classmethod
     def parse(cls, text: str) -> FaultSpec:
         """Parse ``key=value,...``. Raises ``ValueError`` naming an unknown key or a bad value."""
-        known = {f.name for f in fields(cls)}
-        values: dict[str, object] = {}
-        for item in (part.strip() for part in text.split(",")):
-            if not item:
-                continue
-            key, sep, raw = item.partition("=")
-            key, raw = key.strip(), raw.strip()
-            if key not in known:
-                raise ValueError(f"unknown fault key {key!r} (known: {', '.join(sorted(known))})")
-            if not sep or not raw:
-                raise ValueError(f"fault key {key!r} needs a value")
-            try:
-                if key in _PROBABILITIES:
-                    prob = float(raw)
-                    if not 0.0 <= prob <= 1.0:
-                        raise ValueError("a probability must be between 0 and 1")
-                    values[key] = prob
-                elif key in ("latency", "stall_for"):
-                    values[key] = parse_duration(raw)
-                elif key in ("rate", "total_rate"):
-                    size = parse_size(raw)
-                    if size <= 0:
-                        raise ValueError("a rate must be positive")
-                    values[key] = size
-                else:  # seed, retry_after
-                    values[key] = int(raw)
-            except ValueError as err:
-                raise ValueError(f"fault key {key!r}: {err}") from None
-        return cls(**values)  # type: ignore[arg-type]
+        return cls(**parse_key_values(text, (f.name for f in fields(cls)), "fault", _fault_value))  # type: ignore[arg-type]
 
     @property
     def active(self) -> bool:
         """Whether this spec injects anything at all."""
         return any(getattr(self, name) for name in _PROBABILITIES) or bool(
             self.latency or self.rate or self.total_rate)
+
+
+def _fault_value(key: str, raw: str) -> object:
+    if key in _PROBABILITIES:
+        prob = float(raw)
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError("a probability must be between 0 and 1")
+        return prob
+    if key in ("latency", "stall_for"):
+        return parse_duration(raw)
+    if key in ("rate", "total_rate"):
+        size = parse_size(raw)
+        if size <= 0:
+            raise ValueError("a rate must be positive")
+        return size
+    return int(raw)  # seed, retry_after
 
 
 @dataclass(frozen=True)

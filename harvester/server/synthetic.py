@@ -54,7 +54,7 @@ from harvester.server.dicomgen import (
     store,
     write_series,
 )
-from harvester.server.faults import parse_size
+from harvester.server.faults import parse_key_values, parse_size
 
 GENERATOR_VERSION = 2
 INDEX_NAME = "index.json"
@@ -85,6 +85,29 @@ SERIES_DESCRIPTIONS: tuple[str, ...] = (
     "CHEST/ABD W CONTRAST 2.5mm", "AX T1 POST (GAD)", "Recon 2: 1.25mm STND", "PET WB [AC]",
     "3D/MPR Sag; 1mm", "t2_tse_tra 5/1.0", "Scout & Localizer", "DWI b=1000 s/mm2",
 )
+
+
+def _spec_value(key: str, raw: str) -> object:
+    if key in ("collections", "patients", "studies", "series", "instances", "seed"):
+        number = int(raw)
+        minimum = 0 if key in ("collections", "seed") else 1
+        if number < minimum:
+            raise ValueError(f"must be at least {minimum}")
+        return number
+    if key == "size":
+        size = parse_size(raw)
+        PixelGeometry.for_size(size)
+        return size
+    if key == "modalities":
+        mods = tuple(m.strip().upper() for m in raw.replace("+", " ").split())
+        unknown = [m for m in mods if m not in SOP_CLASSES]
+        if not mods or unknown:
+            raise ValueError(f"unknown modality {unknown[0] if unknown else raw!r} "
+                             f"(known: {'+'.join(SOP_CLASSES)})")
+        return mods
+    if key in ("samples", "hostile"):
+        return _parse_bool(raw)
+    return _parse_released(raw)
 
 
 def _parse_bool(text: str) -> bool:
@@ -130,42 +153,8 @@ class SyntheticSpec:
 
         Raises ``ValueError`` naming an unknown key, or describing a bad value.
         """
-        known = {f.name for f in fields(cls)}
-        values: dict[str, Any] = {}
-        for item in (part.strip() for part in text.split(",")):
-            if not item:
-                continue
-            key, sep, raw = item.partition("=")
-            key, raw = key.strip(), raw.strip()
-            if key not in known:
-                raise ValueError(f"unknown synthetic spec key {key!r} (known: {', '.join(sorted(known))})")
-            if not sep or not raw:
-                raise ValueError(f"synthetic spec key {key!r} needs a value")
-            try:
-                if key in ("collections", "patients", "studies", "series", "instances", "seed"):
-                    number = int(raw)
-                    minimum = 0 if key in ("collections", "seed") else 1
-                    if number < minimum:
-                        raise ValueError(f"must be at least {minimum}")
-                    values[key] = number
-                elif key == "size":
-                    size = parse_size(raw)
-                    PixelGeometry.for_size(size)
-                    values[key] = size
-                elif key == "modalities":
-                    mods = tuple(m.strip().upper() for m in raw.replace("+", " ").split())
-                    unknown = [m for m in mods if m not in SOP_CLASSES]
-                    if not mods or unknown:
-                        raise ValueError(f"unknown modality {unknown[0] if unknown else raw!r} "
-                                         f"(known: {'+'.join(SOP_CLASSES)})")
-                    values[key] = mods
-                elif key in ("samples", "hostile"):
-                    values[key] = _parse_bool(raw)
-                else:
-                    values[key] = _parse_released(raw)
-            except ValueError as err:
-                raise ValueError(f"synthetic spec key {key!r}: {err}") from None
-        return cls(**values)
+        return cls(**parse_key_values(text, (f.name for f in fields(cls)), "synthetic spec",
+                                      _spec_value))  # type: ignore[arg-type]
 
     def canonical(self) -> str:
         """The spec as text with every key, in a fixed order (``parse(canonical())`` round-trips)."""
