@@ -2,7 +2,9 @@
 
 Files on disk are a database (rclone's rule): nothing half-written ever sits under a final name.
 
-* ``DIR/.harvester/journal.jsonl`` is append-only and fsynced. A series is committed by
+* ``DIR/.harvester/journal.jsonl`` is append-only and fsynced, with group commit: concurrent
+  appends each write their line under a lock, then one fsync covers every line written before it
+  started, and no append returns before its line is durable. A series is committed by
   (1) writing and verifying it in ``DIR/.harvester/tmp/<key>.staging``, (2) appending a
   ``commit`` line that holds its full record, (3) renaming the staging folder to its final
   path (atomic on one filesystem). After kill -9 at any point, ``open()`` replays the journal:
@@ -96,6 +98,17 @@ def totals_of(recs: list[dict[str, Any]]) -> dict[str, int]:
     }
 
 
+class _SyncGroup:
+    """The journal lines written since the last fsync started: one fsync makes all of them durable."""
+
+    __slots__ = ("done", "error", "start")
+
+    def __init__(self, start: int) -> None:
+        self.start = start                  # journal offset of the group's first line
+        self.done = False
+        self.error: OSError | None = None   # set when the group's lines are not durable
+
+
 class HarvestState:
     """The on-disk state of one output directory. Thread-safe for the calls the engine makes."""
 
@@ -110,6 +123,9 @@ class HarvestState:
         self.recovered = 0      # commits finished during recovery
         self.lost = 0           # commits whose files were gone (will be fetched again)
         self._lock = threading.Lock()
+        self._synced = threading.Condition(self._lock)  # notified whenever an fsync ends
+        self._syncing = False                           # an fsync is running (outside the lock)
+        self._group = _SyncGroup(0)                     # lines waiting for the next fsync
         self._pending_trash: dict[str, tuple[str, str]] = {}  # uid -> (path, trash) of prunes
         self._journal: io.RawIOBase | None = None
         self._lockfile: int | None = None
@@ -133,6 +149,7 @@ class HarvestState:
             # Unbuffered: an append that fails leaves nothing behind in a buffer for close() to
             # flush (and fail on) later; _append cuts off whatever part of it reached the file.
             self._journal = open(self.journal_path, "ab", buffering=0)
+            self._group = _SyncGroup(self._journal.tell())
             # A kill -9 mid-append leaves a line without its newline; end it, or the next event
             # would be glued to the fragment and lost on the next replay.
             if self._journal.tell() > 0:
@@ -146,6 +163,8 @@ class HarvestState:
 
     def close(self) -> None:
         with self._lock:
+            while self._syncing:  # never close the descriptor under a running fsync
+                self._synced.wait()
             if self._journal is not None:
                 self._journal.close()
                 self._journal = None
@@ -273,11 +292,18 @@ class HarvestState:
 
     # ------------------------------------------------------------ writes (call from a worker thread)
     def _append(self, event: dict[str, Any]) -> None:
+        """Append one line to the journal; returns once it is durable (fsynced).
+
+        Group commit: the line is written under the lock, then the appender waits for an fsync
+        that starts after its write. If none is running, it runs one itself (outside the lock), for
+        every line written so far; lines written meanwhile wait for the next one. Raises what
+        ``classify_os_error`` makes of a failed write or fsync; the lines that fsync did not make
+        durable are cut off, so the journal only holds lines whose append returned (or that a
+        kill -9 interrupted).
+        """
         line = (json.dumps(event, separators=(",", ":"), ensure_ascii=False) + "\n").encode("utf-8")
         with self._lock:
-            journal = self._journal
-            if journal is None:
-                raise HarvesterError("state is closed")
+            journal = self._open_journal()
             start = journal.tell()
             try:
                 view = memoryview(line)
@@ -286,15 +312,56 @@ class HarvestState:
                     if not written:
                         raise OSError(errno.EIO, "the journal accepts no more bytes")
                     view = view[written:]
-                os.fsync(journal.fileno())
             except OSError as exc:
                 # Disk full or a size limit mid-line: cut the fragment off, so the journal stays a
                 # sequence of whole lines and the next append (this run's or the next's) is readable.
-                try:
-                    os.ftruncate(journal.fileno(), start)
-                except OSError:
-                    pass
+                self._cut(journal, start)
                 raise classify_os_error(exc, "the journal") from None
+            group = self._group
+            while not group.done:
+                if self._syncing:   # started before this write: it does not cover this line
+                    self._synced.wait()
+                else:       # none running, so this line's group is still the current one
+                    self._sync_group()
+            if group.error is not None:
+                raise classify_os_error(group.error, "the journal") from None
+
+    def _open_journal(self) -> io.RawIOBase:
+        if self._journal is None:
+            raise HarvesterError("state is closed")
+        return self._journal
+
+    def _sync_group(self) -> None:
+        """fsync the current group's lines; called with the lock held, drops it during the fsync."""
+        journal, group = self._open_journal(), self._group
+        self._group = _SyncGroup(journal.tell())
+        self._syncing = True
+        outcome: OSError | None = OSError(errno.EIO, "the journal's fsync was interrupted")
+        self._lock.release()
+        try:
+            os.fsync(journal.fileno())
+            outcome = None
+        except OSError as exc:
+            outcome = exc
+        finally:
+            self._lock.acquire()
+            self._syncing = False
+            group.done, group.error = True, outcome
+            self._synced.notify_all()
+        if outcome is not None:
+            # Nothing since group.start is known durable: cut it all off, the lines written during
+            # the fsync included, and fail their appends too.
+            self._cut(journal, group.start)
+            self._group.done, self._group.error = True, outcome
+            self._group = _SyncGroup(group.start)
+
+    @staticmethod
+    def _cut(journal: io.RawIOBase, offset: int) -> None:
+        try:
+            os.ftruncate(journal.fileno(), offset)
+            journal.seek(offset)  # appends still go to the end; tell() must not report the old one
+        except OSError:
+            pass
 
     def commit(self, rec: dict[str, Any], staging: Path) -> None:
         """Journal the verified series, then move its staging folder to its final path."""

@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +199,108 @@ def test_journal_failure_leaves_staging_alone(state: HarvestState, monkeypatch: 
     monkeypatch.undo()
     assert staging.is_dir() and not (state.out_dir / "C").exists()
     assert state.complete(uid) is None
+
+
+def hold_first_fsync(state: HarvestState, monkeypatch: pytest.MonkeyPatch, lines: int,
+                     error: OSError | None = None) -> tuple[list[tuple[str, Any]], threading.Lock]:
+    """Log the journal's writes and fsyncs in order, and hold its first fsync until ``lines`` lines
+    are written, so the other committers pile up behind it (then fail that fsync with ``error``).
+    Without group commit nobody can write during an fsync, and the hold ends by its timeout."""
+    log: list[tuple[str, Any]] = []
+    log_lock, all_written = threading.Lock(), threading.Event()
+    raw, real_fsync = state._journal, os.fsync
+    assert raw is not None
+    syncs: list[int] = []
+
+    class LoggedJournal:
+        def write(self, data: Any) -> int:
+            count = raw.write(data)
+            with log_lock:
+                log.append(("write", json.loads(bytes(data))["series"]["SeriesInstanceUID"]))
+                if sum(kind == "write" for kind, _ in log) == lines:
+                    all_written.set()
+            return count
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(raw, name)
+
+    def fsync(fd: int) -> None:
+        if fd != raw.fileno():      # the final folder's parent
+            return real_fsync(fd)
+        with log_lock:
+            k = len(syncs)
+            syncs.append(k)
+            log.append(("sync start", k))
+        if k == 0:
+            all_written.wait(timeout=5)
+            if error is not None:
+                raise error
+        real_fsync(fd)
+        with log_lock:
+            log.append(("sync end", k))
+
+    monkeypatch.setattr(state, "_journal", LoggedJournal())
+    monkeypatch.setattr(os, "fsync", fsync)
+    return log, log_lock
+
+
+def commit_concurrently(state: HarvestState, uids: list[str], log: list[tuple[str, Any]],
+                        log_lock: threading.Lock) -> dict[str, BaseException]:
+    """Commit one series per uid, each from its own thread; logs each return, returns the errors."""
+    staged = {uid: (record(uid, f"C/P/{uid}/1", files_of(uid)), stage(state, uid, files_of(uid))) for uid in uids}
+    errors: dict[str, BaseException] = {}
+
+    def run(uid: str) -> None:
+        try:
+            state.commit(*staged[uid])
+        except HarvesterError as exc:
+            errors[uid] = exc
+            return
+        with log_lock:
+            log.append(("return", uid))
+
+    threads = [threading.Thread(target=run, args=(uid,)) for uid in uids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
+def test_concurrent_commits_share_an_fsync_and_return_only_once_durable(
+        state: HarvestState, monkeypatch: pytest.MonkeyPatch) -> None:
+    uids = [f"1.2.840.{i}" for i in range(16)]
+    log, log_lock = hold_first_fsync(state, monkeypatch, len(uids))
+    assert commit_concurrently(state, uids, log, log_lock) == {}
+    assert sorted(e["series"]["SeriesInstanceUID"] for e in journal_events(state)) == sorted(uids)
+    syncs = [k for kind, k in log if kind == "sync start"]
+    # Group commit: one fsync for the line(s) written before the first one started, and one for
+    # every line written while it ran.
+    assert 1 <= len(syncs) <= 2
+    for uid in uids:
+        written, returned = log.index(("write", uid)), log.index(("return", uid))
+        assert any(written < log.index(("sync start", k)) and log.index(("sync end", k)) < returned
+                   for k in syncs), f"{uid} returned before an fsync that started after its write ended"
+
+
+def test_a_failed_group_fsync_fails_and_cuts_off_every_line_it_did_not_make_durable(
+        state: HarvestState, monkeypatch: pytest.MonkeyPatch) -> None:
+    uids = [f"1.2.840.{i}" for i in range(8)]
+    log, log_lock = hold_first_fsync(state, monkeypatch, len(uids), OSError(errno.ENOSPC, "No space left"))
+    errors = commit_concurrently(state, uids, log, log_lock)
+    monkeypatch.undo()
+    assert sorted(errors) == sorted(uids) and all(isinstance(e, DiskFullError) for e in errors.values())
+    assert journal_events(state) == []
+    assert all(state.staging_dir(uid).is_dir() and state.complete(uid) is None for uid in uids)
+    files = files_of("1.2.840.99")
+    rec = record("1.2.840.99", "C/P/S/99", files)
+    state.commit(rec, stage(state, "1.2.840.99", files))
+    fresh = reopen(state)
+    try:
+        assert list(fresh.records) == ["1.2.840.99"]
+        assert [e["series"] for e in journal_events(fresh)] == [rec]
+    finally:
+        fresh.close()
 
 
 def test_commit_refuses_a_path_outside_the_output_dir(state: HarvestState) -> None:
