@@ -153,7 +153,7 @@ class Engine:
         paths = assign_paths(((t.series_uid, t.layout_fields()) for t in todo), self.config.layout,
                              taken=self.state.taken_paths())
         jobs = [_Job(t, paths[t.series_uid]) for t in todo]
-        self.state.log_event({"event": "run", "series": len(tasks), "todo": len(jobs)})
+        await anyio.to_thread.run_sync(self.state.log_event, {"event": "run", "series": len(tasks), "todo": len(jobs)})
         await anyio.to_thread.run_sync(self.state.write_manifest, header, order)
 
         fatal: FatalError | None = None
