@@ -74,3 +74,19 @@ def test_figures_are_measured(report: dict, name: str) -> None:
 def test_planning_lists_the_same_series(report: dict) -> None:
     results = {r["tool"]: r for r in report["scenarios"]["e"]["results"]}
     assert results["harvester"]["extra"]["series"] == results["tcia_utils"]["extra"]["listed"] > 0
+
+
+@pytest.mark.parametrize("script, args, expect", [
+    ("server_rss.py", ["--spec", "collections=1,patients=1,studies=1,series=1,instances=4,size=64KB,seed=0"],
+     "peak_rss_mib="),
+    ("unpack_cost.py", ["--spec", "collections=1,patients=1,studies=1,series=1,instances=4,size=16KB,seed=0",
+                        "--repeat", "2"], "verify_and_unpack:"),
+])
+def test_side_benchmarks_run(tmp_path: Path, script: str, args: list[str], expect: str) -> None:
+    """The single-purpose scripts next to run.py run on a tiny series and print their figure."""
+    pytest.importorskip("psutil")
+    cache = os.environ.get("HARVESTER_TEST_CACHE") or str(tmp_path / "cache")
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args, "--cache-dir", cache],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert expect in proc.stdout
