@@ -84,8 +84,8 @@ def _add_api_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--password-file", metavar="FILE", type=Path, help="file holding the password")
     g.add_argument("--token-url", metavar="URL", help="OAuth token URL (default: <host>/nbia-api/oauth/token)")
     g.add_argument("--timeout", type=_seconds, metavar="S",
-                   help="seconds without a byte before a request counts as stalled (default 120)")
-    g.add_argument("--retries", type=_positive, metavar="N", help="attempts per HTTP request (default 5)")
+                   help=f"seconds without a byte before a request counts as stalled (default {Config.read_timeout:g})")
+    g.add_argument("--retries", type=_positive, metavar="N", help=f"attempts per HTTP request (default {Config.retries})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,12 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("query", metavar="QUERY", help="query manifest (.yaml/.json), TCIA cart (.tcia) or UID list (.csv/.txt)")
     run.add_argument("-o", "--out", metavar="DIR", type=Path, required=True, help="output directory")
-    run.add_argument("--workers", type=_positive, metavar="N", help="series downloaded at once (default 6)")
+    run.add_argument("--workers", type=_positive, metavar="N",
+                     help=f"series downloaded at once (default {Config.workers}); backs off by itself on "
+                          "429/503/timeouts; use fewer, or --max-rate, on a shared link")
     run.add_argument("--connections", type=_positive, metavar="N", help="HTTP connections at most (default 2 x workers)")
     run.add_argument("--layout", metavar="LAYOUT",
                      help="classic, descriptive (default; the NBIA Data Retriever's), flat, or a template like "
                           "'{Collection}/{PatientID}/{StudyDate}-{StudyDescription}/{Modality}-{SeriesNumber}-{SeriesInstanceUID}'")
-    run.add_argument("--series-retries", type=int, metavar="N", help="extra attempts per series (default 3)")
+    run.add_argument("--series-retries", type=int, metavar="N", help=f"extra attempts per series (default {Config.series_retries})")
     run.add_argument("--max-rate", type=_size, metavar="RATE", help="cap total bandwidth, e.g. 50MB")
     run.add_argument("--no-progress", action="store_true", help="plain periodic lines instead of a progress bar")
     run.add_argument("--quiet", "-q", action="store_true", help="only errors and the final summary line")
@@ -139,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--prune", action="store_true",
                       help="move series no longer selected to DIR/.harvester/trash/ (never deleted)")
     sync.add_argument("--dry-run", action="store_true", help="print the difference and change nothing")
-    sync.add_argument("--workers", type=_positive, metavar="N")
+    sync.add_argument("--workers", type=_positive, metavar="N",
+                      help=f"series downloaded at once (default {Config.workers})")
     sync.add_argument("--layout", metavar="LAYOUT")
     sync.add_argument("--no-progress", action="store_true")
     sync.add_argument("--quiet", "-q", action="store_true")

@@ -46,6 +46,9 @@ def test_help_explains_commands_and_exit_codes():
         assert word in proc.stdout
     proc = cli("run", "--help")
     assert proc.returncode == 0 and "--workers" in proc.stdout and "--layout" in proc.stdout
+    # the defaults it states are the ones that apply
+    from harvester.config import Config
+    assert f"(default {Config().workers})" in " ".join(proc.stdout.split())
 
 
 def test_no_command_is_usage_error():
