@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +78,15 @@ def assert_identical(out: Path, archive: Any, uids: list[str]) -> None:
         assert path.resolve() in listed, f"unlisted file in the tree: {rel}"
     tmp = out / ".harvester" / "tmp"
     assert not tmp.exists() or not any(tmp.iterdir()), list(tmp.iterdir())
+
+
+def kill_after(proc: subprocess.Popen, seconds: float) -> bool:
+    """kill -9 ``proc`` after ``seconds`` unless it exits first; True when it was killed."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    killed = proc.poll() is None
+    if killed:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return killed

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harvest_helpers import assert_identical, manifest, normal_collections, normal_series, select_all
+from harvest_helpers import assert_identical, kill_after, manifest, normal_collections, normal_series, select_all
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
 FAST_FLAGS = ["--timeout", "2", "--retries", "6", "--no-progress"]
@@ -161,13 +161,7 @@ def test_kill_9_at_random_moments_then_resume(server, small_archive, tmp_path):
         downloads_before = server.stats.downloads
         proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + rng.uniform(0.3, 2.0)
-        while time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.02)
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            kills += 1
-        proc.wait()
+        kills += kill_after(proc, rng.uniform(0.3, 2.0))
         downloads_after = server.stats.downloads
         for uid in complete_before:
             assert downloads_after.get(uid, 0) == downloads_before.get(uid, 0), f"{uid} downloaded again"

@@ -36,7 +36,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harvest_helpers import manifest
+from harvest_helpers import kill_after, manifest
 from harvester.api import aharvest, aplan
 from harvester.config import AuthConfig, Config
 from harvester.errors import (
@@ -412,13 +412,7 @@ def test_kill_9_then_rerun_completes(orthanc, tmp_path):
         deadline = time.monotonic() + 30
         while len(_commits(out)) == before and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)  # polling the journal: kill once this run has made progress...
-        jitter = time.monotonic() + rng.uniform(0, 0.4)
-        while time.monotonic() < jitter and proc.poll() is None:
-            time.sleep(0.01)  # ...at a random moment after it
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            kills += 1
-        proc.wait()
+        kills += kill_after(proc, rng.uniform(0, 0.4))  # ...at a random moment after it
     assert kills == 3
     partial = set(_commits(out))
     assert 0 < len(partial) < len(orthanc.series), "the kills should land mid-harvest"

@@ -6,17 +6,15 @@ import datetime as dt
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import anyio
 import pytest
 import yaml
 
-from harvest_helpers import assert_identical, manifest, test_config
+from harvest_helpers import assert_identical, kill_after, manifest, test_config
 from harvester.api import verify_tree
 from harvester.mirror import async_repair, async_sync, export_csv, export_tcia, from_date_param, read_status
 from harvester.query import load_query, query_from_dict
@@ -182,13 +180,7 @@ def test_sync_killed_and_rerun_ends_like_an_uninterrupted_one(archives, tmp_path
         for _ in range(4):
             proc = subprocess.Popen([*args, "-o", str(killed)], env=env, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)
-            deadline = time.monotonic() + rng.uniform(0.5, 1.5)
-            while time.monotonic() < deadline and proc.poll() is None:
-                time.sleep(0.02)
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGKILL)
-                kills += 1
-            proc.wait()
+            kills += kill_after(proc, rng.uniform(0.5, 1.5))
         assert kills >= 2
         final = subprocess.run([*args, "-o", str(killed)], env=env, capture_output=True, text=True, timeout=300)
         assert final.returncode == 0, final.stderr
