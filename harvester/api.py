@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -112,23 +113,39 @@ async def aharvest(query: QueryLike, out: str | Path | Config | None = None, *, 
     hub = hub or Hub()
     if on_event is not None:
         hub.subscribe(on_event)
+    async with open_harvest(config) as (state, source):
+        plan = await source.plan(query)
+        if on_plan is not None:
+            on_plan(plan)
+        hub.emit(plan_event(plan))
+        return await Engine(config, source, state, hub).run(plan.tasks, manifest_header(config, query, state))
+
+
+@contextlib.asynccontextmanager
+async def open_harvest(config: Config) -> AsyncIterator[tuple[HarvestState, Source]]:
+    """The output directory's state (opened and locked) and a source on one HTTP session; both
+    closed on the way out. Shared by ``aharvest`` and ``harvester.mirror.async_sync``."""
     state = HarvestState(config.out_dir)
     await anyio.to_thread.run_sync(state.open)
     try:
         async with make_session(config) as session:
-            source = make_source(config, session)
-            plan = await source.plan(query)
-            if on_plan is not None:
-                on_plan(plan)
-            totals = plan.to_json()
-            hub.emit(Event("plan", data={"series": totals["series"], "bytes": totals["bytes"]}))
-            header = {"api_url": redact_url(config.api_url), "query": query.to_json(), "layout": config.layout}
-            if state.header.get("last_sync"):
-                header["last_sync"] = state.header["last_sync"]
-            engine = Engine(config, source, state, hub)
-            return await engine.run(plan.tasks, header)
+            yield state, make_source(config, session)
     finally:
         state.close()
+
+
+def manifest_header(config: Config, query: Query, state: HarvestState) -> dict[str, Any]:
+    """What harvest.json records about the run: archive (without credentials), query, layout,
+    and the last sync, kept from the state so a plain ``run`` does not forget it."""
+    header = {"api_url": redact_url(config.api_url), "query": query.to_json(), "layout": config.layout}
+    if state.header.get("last_sync"):
+        header["last_sync"] = state.header["last_sync"]
+    return header
+
+
+def plan_event(plan: Plan) -> Event:
+    totals = plan.to_json()
+    return Event("plan", data={"series": totals["series"], "bytes": totals["bytes"]})
 
 
 @dataclass

@@ -28,9 +28,9 @@ from harvester.config import Config
 from harvester.engine import Engine, HarvestResult
 from harvester.errors import HarvesterError, ManifestError, RequestError, UsageError
 from harvester.planner import Plan, SeriesTask
-from harvester.progress import Event, Hub
+from harvester.progress import Hub
 from harvester.query import Query
-from harvester.source.nbia import NBIAClient, as_int, make_session, redact_url
+from harvester.source.nbia import NBIAClient, as_int, make_session
 from harvester.state import HarvestState, atomic_write, now_iso
 
 SYNC_OVERLAP = dt.timedelta(days=2)
@@ -100,40 +100,25 @@ async def _updated_since(client: NBIAClient, last_sync: str | None) -> set[str]:
 async def async_sync(query: Query, config: Config, *, prune: bool = False, dry_run: bool = False,
                      hub: Hub | None = None) -> SyncResult:
     """Bring ``config.out_dir`` up to date with ``query`` (see the module docstring)."""
-    from harvester.api import make_source
+    from harvester.api import manifest_header, open_harvest, plan_event
 
     hub = hub or Hub()
-    state = HarvestState(config.out_dir)
-    await anyio.to_thread.run_sync(state.open)
-    try:
-        async with make_session(config) as session:
-            source = make_source(config, session)
-            plan = await source.plan(query)
-            updated: set[str] = set()
-            if isinstance(getattr(source, "client", None), NBIAClient):
-                try:
-                    updated = await _updated_since(source.client, state.header.get("last_sync"))
-                except RequestError:
-                    updated = set()  # counts and sizes still catch changed series
-            diff = diff_plan(state, plan, updated)
-            if dry_run:
-                return SyncResult(diff=diff, harvest=None, pruned=[], dry_run=True)
-            pruned = await anyio.to_thread.run_sync(_prune, state, diff.removed) if prune else []
-            totals = plan.to_json()
-            hub.emit(Event("plan", data={"series": totals["series"], "bytes": totals["bytes"]}))
-            header = _header(config, query, state)
-            result = await Engine(config, source, state, hub).run(plan.tasks, header,
-                                                                   refetch=frozenset(diff.changed))
-            return SyncResult(diff=diff, harvest=result, pruned=pruned, dry_run=False)
-    finally:
-        state.close()
-
-
-def _header(config: Config, query: Query, state: HarvestState) -> dict[str, Any]:
-    header = {"api_url": redact_url(config.api_url), "query": query.to_json(), "layout": config.layout}
-    if state.header.get("last_sync"):
-        header["last_sync"] = state.header["last_sync"]
-    return header
+    async with open_harvest(config) as (state, source):
+        plan = await source.plan(query)
+        updated: set[str] = set()
+        if isinstance(getattr(source, "client", None), NBIAClient):
+            try:
+                updated = await _updated_since(source.client, state.header.get("last_sync"))
+            except RequestError:
+                updated = set()  # counts and sizes still catch changed series
+        diff = diff_plan(state, plan, updated)
+        if dry_run:
+            return SyncResult(diff=diff, harvest=None, pruned=[], dry_run=True)
+        pruned = await anyio.to_thread.run_sync(_prune, state, diff.removed) if prune else []
+        hub.emit(plan_event(plan))
+        result = await Engine(config, source, state, hub).run(plan.tasks, manifest_header(config, query, state),
+                                                               refetch=frozenset(diff.changed))
+        return SyncResult(diff=diff, harvest=result, pruned=pruned, dry_run=False)
 
 
 def _prune(state: HarvestState, uids: list[str]) -> list[str]:
