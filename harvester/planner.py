@@ -117,6 +117,18 @@ async def gather_limited(calls: Iterable[Callable[[], Awaitable[T]]], limit: int
     return results
 
 
+async def rows_by_uid(uids: list[str], lookup: Callable[[str], Callable[[], Awaitable[list[dict[str, Any]]]]],
+                      limit: int, *, origin: str, archive: str, hint: str) -> list[dict[str, Any]]:
+    """The rows of every series UID, ``limit`` lookups at a time. A UID with no row is an
+    ``UnknownSelectionError`` naming up to three of them (``archive``: "the archive", ...)."""
+    results = await gather_limited([lookup(uid) for uid in uids], limit)
+    missing = [uid for uid, rows in zip(uids, results) if not rows]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise UnknownSelectionError(f"{origin}: {archive} has no series {', '.join(missing[:3])}{more}", hint=hint)
+    return [r for rows in results for r in rows]
+
+
 def _first_error(group: BaseExceptionGroup) -> BaseException:
     for exc in group.exceptions:
         if isinstance(exc, BaseExceptionGroup):
@@ -206,15 +218,9 @@ class Planner:
         return [r for r in rows if _matches(r, sel)]
 
     async def _series_by_uid(self, sel: Selector) -> list[dict[str, Any]]:
-        results = await gather_limited(
-            [self._lookup_series(uid) for uid in sel.series], self.concurrency)
-        missing = [uid for uid, rows in zip(sel.series, results) if not rows]
-        if missing:
-            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            raise UnknownSelectionError(
-                f"{sel.origin}: the archive has no series {', '.join(missing[:3])}{more}",
-                hint="the series may be restricted, withdrawn, or on another host (NLST); check the UIDs")
-        return [r for rows in results for r in rows]
+        return await rows_by_uid(
+            sel.series, self._lookup_series, self.concurrency, origin=sel.origin, archive="the archive",
+            hint="the series may be restricted, withdrawn, or on another host (NLST); check the UIDs")
 
     def _lookup_series(self, uid: str) -> Callable[[], Awaitable[list[dict[str, Any]]]]:
         async def run() -> list[dict[str, Any]]:

@@ -63,7 +63,7 @@ from harvester.errors import (
     classify_os_error,
 )
 from harvester.layout import safe_component
-from harvester.planner import Plan, SeriesTask, gather_limited
+from harvester.planner import Plan, SeriesTask, gather_limited, rows_by_uid
 from harvester.query import Query, Selector
 from harvester.source.base import ClientBackedSource
 from harvester.source.http import (
@@ -503,14 +503,10 @@ class DICOMwebSource(ClientBackedSource):
                 hint=f"the collection is matched against the DICOM attribute {attribute}; check the name")
 
     async def _series_by_uid(self, sel: Selector) -> list[dict[str, Any]]:
-        results = await gather_limited([self._uid_call(uid) for uid in sel.series], self.config.plan_concurrency)
-        missing = [uid for uid, rows in zip(sel.series, results) if not rows]
-        if missing:
-            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            raise UnknownSelectionError(
-                f"{sel.origin}: the DICOMweb service has no series {', '.join(missing[:3])}{more}",
-                hint="check the UIDs, and that the URL is the service root (the one ending in /dicom-web or similar)")
-        return [r for rows in results for r in rows]
+        return await rows_by_uid(
+            sel.series, self._uid_call, self.config.plan_concurrency, origin=sel.origin,
+            archive="the DICOMweb service",
+            hint="check the UIDs, and that the URL is the service root (the one ending in /dicom-web or similar)")
 
     def _uid_call(self, uid: str) -> Callable[[], Any]:
         async def run() -> list[dict[str, Any]]:
