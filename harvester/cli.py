@@ -88,6 +88,22 @@ def _add_api_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--retries", type=_positive, metavar="N", help=f"attempts per HTTP request (default {Config.retries})")
 
 
+def _add_harvest_args(p: argparse.ArgumentParser) -> None:
+    """The options of the commands that download (run, sync)."""
+    p.add_argument("-o", "--out", metavar="DIR", type=Path, required=True, help="output directory")
+    p.add_argument("--workers", type=_positive, metavar="N",
+                   help=f"series downloaded at once (default {Config.workers}); backs off by itself on "
+                        "429/503/timeouts; use fewer, or --max-rate, on a shared link")
+    p.add_argument("--connections", type=_positive, metavar="N", help="HTTP connections at most (default 2 x workers)")
+    p.add_argument("--layout", metavar="LAYOUT",
+                   help="classic, descriptive (default; the NBIA Data Retriever's), flat, or a template like "
+                        "'{Collection}/{PatientID}/{StudyDate}-{StudyDescription}/{Modality}-{SeriesNumber}-{SeriesInstanceUID}'")
+    p.add_argument("--series-retries", type=int, metavar="N", help=f"extra attempts per series (default {Config.series_retries})")
+    p.add_argument("--max-rate", type=_size, metavar="RATE", help="cap total bandwidth, e.g. 50MB")
+    p.add_argument("--no-progress", action="store_true", help="plain periodic lines instead of a progress bar")
+    p.add_argument("--quiet", "-q", action="store_true", help="only errors and the final summary line")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="harvester",
@@ -103,18 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "Rerun the same command to resume.",
                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("query", metavar="QUERY", help="query manifest (.yaml/.json), TCIA cart (.tcia) or UID list (.csv/.txt)")
-    run.add_argument("-o", "--out", metavar="DIR", type=Path, required=True, help="output directory")
-    run.add_argument("--workers", type=_positive, metavar="N",
-                     help=f"series downloaded at once (default {Config.workers}); backs off by itself on "
-                          "429/503/timeouts; use fewer, or --max-rate, on a shared link")
-    run.add_argument("--connections", type=_positive, metavar="N", help="HTTP connections at most (default 2 x workers)")
-    run.add_argument("--layout", metavar="LAYOUT",
-                     help="classic, descriptive (default; the NBIA Data Retriever's), flat, or a template like "
-                          "'{Collection}/{PatientID}/{StudyDate}-{StudyDescription}/{Modality}-{SeriesNumber}-{SeriesInstanceUID}'")
-    run.add_argument("--series-retries", type=int, metavar="N", help=f"extra attempts per series (default {Config.series_retries})")
-    run.add_argument("--max-rate", type=_size, metavar="RATE", help="cap total bandwidth, e.g. 50MB")
-    run.add_argument("--no-progress", action="store_true", help="plain periodic lines instead of a progress bar")
-    run.add_argument("--quiet", "-q", action="store_true", help="only errors and the final summary line")
+    _add_harvest_args(run)
     _add_api_args(run)
 
     plan = sub.add_parser("plan", help="show what a query selects (series, images, bytes) without downloading",
@@ -136,16 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(image count, size, or re-released since the last sync), missing or failed. "
                                       "A changed series keeps its old copy until the new one verifies.",
                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sync.add_argument("query", metavar="QUERY")
-    sync.add_argument("-o", "--out", metavar="DIR", type=Path, required=True)
+    sync.add_argument("query", metavar="QUERY", help="the mirror's query manifest, cart or UID list")
     sync.add_argument("--prune", action="store_true",
                       help="move series no longer selected to DIR/.harvester/trash/ (never deleted)")
     sync.add_argument("--dry-run", action="store_true", help="print the difference and change nothing")
-    sync.add_argument("--workers", type=_positive, metavar="N",
-                      help=f"series downloaded at once (default {Config.workers})")
-    sync.add_argument("--layout", metavar="LAYOUT")
-    sync.add_argument("--no-progress", action="store_true")
-    sync.add_argument("--quiet", "-q", action="store_true")
+    _add_harvest_args(sync)
     _add_api_args(sync)
 
     verify = sub.add_parser("verify", help="re-hash every harvested file against DIR/harvest.json",

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harvest_helpers import assert_identical, kill_after, manifest, normal_collections, normal_series, select_all
+from harvest_helpers import assert_identical, kill_after_progress, manifest, normal_collections, normal_series, select_all
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
 FAST_FLAGS = ["--timeout", "2", "--retries", "6", "--no-progress"]
@@ -49,6 +49,20 @@ def test_help_explains_commands_and_exit_codes():
     # the defaults it states are the ones that apply
     from harvester.config import Config
     assert f"(default {Config().workers})" in " ".join(proc.stdout.split())
+
+
+@pytest.mark.parametrize("command", ["run", "sync"])
+def test_run_and_sync_take_the_same_harvest_options(command):
+    """A mirror job on a shared link needs the same politeness knobs as a one-off run."""
+    from harvester.cli import build_config, build_parser
+    args = build_parser().parse_args([command, "q.yaml", "-o", "out", "--workers", "3", "--connections", "5",
+                                      "--series-retries", "1", "--max-rate", "50MB", "--layout", "flat",
+                                      "--no-progress", "--quiet"])
+    config = build_config(args, {})
+    assert (config.workers, config.connections, config.series_retries) == (3, 5, 1)
+    assert config.max_rate == 50_000_000
+    assert config.layout == "flat" and not config.progress and config.quiet
+    assert str(config.out_dir) == "out"
 
 
 def test_no_command_is_usage_error():
@@ -161,7 +175,7 @@ def test_kill_9_at_random_moments_then_resume(server, small_archive, tmp_path):
         downloads_before = server.stats.downloads
         proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 stdin=subprocess.DEVNULL)
-        kills += kill_after(proc, rng.uniform(0.3, 2.0))
+        kills += kill_after_progress(proc, out, rng.uniform(0, 0.5))
         downloads_after = server.stats.downloads
         for uid in complete_before:
             assert downloads_after.get(uid, 0) == downloads_before.get(uid, 0), f"{uid} downloaded again"
