@@ -80,6 +80,36 @@ def assert_identical(out: Path, archive: Any, uids: list[str]) -> None:
     assert not tmp.exists() or not any(tmp.iterdir()), list(tmp.iterdir())
 
 
+def journal_commits(out: Path) -> list[str]:
+    """Series UIDs of the journal's commit events, in order (lines cut by kill -9 are skipped)."""
+    journal = out / ".harvester" / "journal.jsonl"
+    if not journal.exists():
+        return []
+    uids = []
+    for line in journal.read_text().splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:  # a line cut by kill -9
+            continue
+        if event.get("event") == "commit":
+            uids.append(event["series"]["SeriesInstanceUID"])
+    return uids
+
+
+def kill_after_progress(proc: subprocess.Popen, out: Path, seconds: float, wait: float = 60) -> bool:
+    """kill -9 ``proc`` ``seconds`` after it has committed a series beyond those already in ``out``'s
+    journal, unless it exits first; True when it was killed.
+
+    Waiting for a commit, rather than a fixed time from start, puts the kill mid-run whatever the
+    machine's speed: a slow interpreter start-up cannot push it past the end of a short harvest.
+    """
+    before = len(journal_commits(out))
+    deadline = time.monotonic() + wait
+    while len(journal_commits(out)) == before and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return kill_after(proc, seconds)
+
+
 def kill_after(proc: subprocess.Popen, seconds: float) -> bool:
     """kill -9 ``proc`` after ``seconds`` unless it exits first; True when it was killed."""
     deadline = time.monotonic() + seconds

@@ -36,7 +36,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harvest_helpers import kill_after, manifest
+from harvest_helpers import journal_commits, kill_after_progress, manifest
 from harvester.api import aharvest, aplan
 from harvester.config import AuthConfig, Config
 from harvester.errors import (
@@ -376,21 +376,6 @@ def test_count_mismatch_and_unknown_series_fail_the_series(orthanc, tmp_path):
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
 
 
-def _commits(out: Path) -> list[str]:
-    journal = out / ".harvester" / "journal.jsonl"
-    if not journal.exists():
-        return []
-    uids = []
-    for line in journal.read_text().splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:  # a line cut by kill -9
-            continue
-        if event.get("event") == "commit":
-            uids.append(event["series"]["SeriesInstanceUID"])
-    return uids
-
-
 @pytest.mark.slow
 def test_kill_9_then_rerun_completes(orthanc, tmp_path):
     """kill -9 of the CLI mid-harvest, several times; the rerun completes; no series is committed twice."""
@@ -405,20 +390,16 @@ def test_kill_9_then_rerun_completes(orthanc, tmp_path):
     rng = random.Random(7)
     kills = 0
     for _ in range(3):
-        before = len(_commits(out))
         # about five seconds for the whole harvest, so that each run is killed mid-harvest
         proc = subprocess.Popen([*args, "--max-rate", str(total // 5)], env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while len(_commits(out)) == before and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)  # polling the journal: kill once this run has made progress...
-        kills += kill_after(proc, rng.uniform(0, 0.4))  # ...at a random moment after it
+        kills += kill_after_progress(proc, out, rng.uniform(0, 0.4), wait=30)
     assert kills == 3
-    partial = set(_commits(out))
+    partial = set(journal_commits(out))
     assert 0 < len(partial) < len(orthanc.series), "the kills should land mid-harvest"
     final = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
     assert final.returncode == 0, final.stdout + final.stderr
-    commits = _commits(out)
+    commits = journal_commits(out)
     assert sorted(commits) == sorted(set(commits)), "a series was committed twice"
     assert_identical_to_orthanc(out, orthanc, sorted(orthanc.series))
 
@@ -444,11 +425,11 @@ def test_orthanc_restart_mid_harvest_still_completes(orthanc, tmp_path):
     worker = threading.Thread(target=run, daemon=True)
     worker.start()
     deadline = time.monotonic() + 20
-    while not _commits(out) and time.monotonic() < deadline and worker.is_alive():
+    while not journal_commits(out) and time.monotonic() < deadline and worker.is_alive():
         time.sleep(0.02)
-    assert worker.is_alive() and 0 < len(_commits(out)) < len(orthanc.series), "restart must land mid-harvest"
+    assert worker.is_alive() and 0 < len(journal_commits(out)) < len(orthanc.series), "restart must land mid-harvest"
     orthanc.orthanc.stop(kill=True)
-    committed_while_down = len(_commits(out))
+    committed_while_down = len(journal_commits(out))
     orthanc.orthanc.start()
     worker.join(120)
     assert not worker.is_alive()

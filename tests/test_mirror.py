@@ -14,7 +14,7 @@ import anyio
 import pytest
 import yaml
 
-from harvest_helpers import assert_identical, kill_after, manifest, test_config
+from harvest_helpers import assert_identical, journal_commits, kill_after_progress, manifest, test_config
 from harvester.api import verify_tree
 from harvester.mirror import async_repair, async_sync, export_csv, export_tcia, from_date_param, read_status
 from harvester.query import load_query, query_from_dict
@@ -170,18 +170,22 @@ def test_sync_killed_and_rerun_ends_like_an_uninterrupted_one(archives, tmp_path
     with serve_in_thread(before) as srv:
         for out in (reference, killed):
             assert sync(srv.base_url, out, query_all(before)).harvest.ok
-    with serve_in_thread(after, faults="latency=20ms,rate=24KB,seed=4") as srv:
-        # Two workers on a slow link: the sync takes several seconds, so kills land mid-run.
+    with serve_in_thread(after, faults="latency=20ms,seed=4") as srv:
+        # Two workers limited to 24 KB/s in all: the 120 KB sync takes about five seconds, so the kills,
+        # each at a random moment after the run's first commit, land mid-run. (The server's per-download
+        # rate would not slow series this small: they fit in its burst.)
         args = [sys.executable, "-m", "harvester", "sync", str(q), "--api-url", srv.base_url, "--timeout", "5",
-                "--workers", "2", "--no-progress", "--quiet"]
+                "--workers", "2", "--max-rate", "24KB", "--no-progress", "--quiet"]
         assert subprocess.run([*args, "-o", str(reference)], env=env, capture_output=True, timeout=300).returncode == 0
         rng = random.Random(7)
-        kills = 0
-        for _ in range(4):
+        kills, start = 0, len(journal_commits(killed))
+        for _ in range(3):
             proc = subprocess.Popen([*args, "-o", str(killed)], env=env, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)
-            kills += kill_after(proc, rng.uniform(0.5, 1.5))
-        assert kills >= 2
+            kills += kill_after_progress(proc, killed, rng.uniform(0, 0.3))
+        assert kills == 3
+        to_fetch = len(after.records()) - len(before.records()) + 2  # new, plus shrunk and rereleased
+        assert len(journal_commits(killed)) - start < to_fetch, "the kills should land mid-sync"
         final = subprocess.run([*args, "-o", str(killed)], env=env, capture_output=True, text=True, timeout=300)
         assert final.returncode == 0, final.stderr
 
