@@ -212,8 +212,10 @@ def test_ctrl_c_leaves_only_verified_series(server, small_archive, tmp_path):
     server.set_faults("latency=20ms,rate=48KB,seed=2")
     q = write_query(tmp_path, small_archive)
     out = tmp_path / "out"
+    # two workers: the 8 series come in waves, so the interrupt after the first commit lands mid-harvest
+    # (with the default 24 workers every series would start at once and end together)
     proc = subprocess.Popen([sys.executable, "-m", "harvester", "run", str(q), "-o", str(out), "--api-url",
-                             server.base_url, *FAST_FLAGS], env=ENV, stdout=subprocess.PIPE,
+                             server.base_url, "--workers", "2", *FAST_FLAGS], env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not _complete_on_disk(out):
