@@ -102,8 +102,12 @@ def human_bytes(n: float) -> str:
 
 
 def human_duration(seconds: float | None) -> str:
+    """``0.9s``, ``42s``, ``3m07s``, ``2h05m``; ``?`` when unknown. Tenths below 10 s, so that a short
+    run does not read "received in 0s"."""
     if seconds is None:
         return "?"
+    if seconds < 9.95:  # tenths below 10 s (from 9.95 on, .1f would print "10.0s")
+        return f"{max(seconds, 0):.1f}s"
     seconds = int(seconds)
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
