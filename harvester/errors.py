@@ -74,7 +74,10 @@ class RequestError(HarvesterError):
 
 
 class RetryableRequestError(RequestError):
-    """Worth another attempt: reset, timeout, stall, 5xx, 408, 429."""
+    """Worth another attempt: reset, timeout, stall, 5xx, 408, 429. When it reaches the user,
+    every attempt has failed."""
+
+    hint = "no attempt succeeded; check the URL and the network, or run again later"
 
     def __init__(self, message: str, *, status: int | None = None, url: str = "",
                  retry_after: float | None = None, hint: str | None = None) -> None:

@@ -83,6 +83,25 @@ def test_malformed_inputs_exit_2_with_one_line(tmp_path, content, suffix, needle
     assert needle in line and str(path) in line
 
 
+@pytest.mark.parametrize("command", ["plan", "run", "sync"])
+def test_unreachable_archive_says_where_and_what_to_do(tmp_path, command):
+    """Nothing listens on the port: one line naming the URL, with what to do; exit 3; nothing
+    harvested (the output directory holds at most its empty .harvester state)."""
+    import socket
+    with socket.socket() as sock:  # a port that was free a moment ago, and that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    q = tmp_path / "q.yaml"
+    q.write_text(yaml.safe_dump({"select": [{"collection": "X"}]}))
+    api = f"http://127.0.0.1:{port}/nbia-api/services/v4"
+    out = ["-o", str(tmp_path / "o")] if command != "plan" else []
+    line = assert_one_line_error(cli(command, str(q), *out, "--api-url", api, "--retries", "2"), code=3)
+    assert f"cannot connect to {api}/" in line and "check the URL and the network" in line
+    written = [p.relative_to(tmp_path / "o") for p in (tmp_path / "o").rglob("*") if p.is_file()]
+    assert all(p.parts[0] == ".harvester" for p in written), written
+    assert not (tmp_path / "o" / "harvest.json").exists()
+
+
 def test_missing_query_file(tmp_path):
     line = assert_one_line_error(cli("run", str(tmp_path / "nope.yaml"), "-o", str(tmp_path / "o")))
     assert "no such file" in line

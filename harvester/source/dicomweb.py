@@ -309,7 +309,7 @@ class DICOMwebClient(RetryingClient):
                 yield resp
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, aiohttp.ServerTimeoutError,
                 TimeoutError, ConnectionError) as exc:
-            raise RetryableRequestError(f"{describe_transport_error(exc)} from {shown}", url=shown) from None
+            raise RetryableRequestError(describe_transport_error(exc, shown), url=shown) from None
 
     # ------------------------------------------------------------ QIDO-RS
     def url(self, path: str, params: Iterable[tuple[str, str]] = ()) -> str:

@@ -125,16 +125,20 @@ def make_session(config: Config) -> aiohttp.ClientSession:
                                  auto_decompress=True)
 
 
-def describe_transport_error(exc: BaseException) -> str:
+def describe_transport_error(exc: BaseException, shown: str) -> str:
+    """One line for a transport failure of a request to ``shown`` (a redacted URL).
+
+    The engine's adaptive concurrency reads "timed out" in it as a sign of overload.
+    """
     if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
-        return "timed out (no data) waiting"
+        return f"timed out (no data) waiting for {shown}"
     if isinstance(exc, aiohttp.ClientPayloadError):
-        return "connection broke mid-response"
+        return f"connection broke mid-response from {shown}"
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return "cannot connect"
+        return f"cannot connect to {shown}"
     if isinstance(exc, (aiohttp.ServerDisconnectedError, ConnectionResetError)):
-        return "connection reset"
-    return f"network error ({type(exc).__name__})"
+        return f"connection reset by {shown}"
+    return f"network error ({type(exc).__name__}) from {shown}"
 
 
 async def raise_for_status(resp: aiohttp.ClientResponse, shown: str) -> None:

@@ -193,7 +193,7 @@ class NBIAClient(RetryingClient):
                 await raise_for_status(resp, shown)
                 yield resp
         except TRANSPORT_ERRORS as exc:
-            raise RetryableRequestError(f"{describe_transport_error(exc)} from {shown}", url=shown) from None
+            raise RetryableRequestError(describe_transport_error(exc, shown), url=shown) from None
 
     # ------------------------------------------------------------ queries
     async def query(self, endpoint: str, params: Mapping[str, Any] | None = None, *,
