@@ -1,8 +1,9 @@
 """Query -> the exact list of ``SeriesTask``s, with concurrent, bounded metadata calls.
 
-Selectors are expanded concurrently (``config.plan_concurrency`` requests in flight), rows are
-de-duplicated by SeriesInstanceUID, exclusions and the limit applied, and getSeriesSize is
-called only for rows that lack ImageCount or FileSize. For each collection touched, getPatient
+Selectors are expanded concurrently (``config.plan_concurrency`` requests in flight; a long list
+of series UIDs through the collections it comes from), rows are de-duplicated by
+SeriesInstanceUID, exclusions and the limit applied, and getSeriesSize is called only for rows
+that lack ImageCount or FileSize. For each collection touched, getPatient
 and getPatientStudy are fetched once so that layouts and the manifest have StudyID,
 StudyDescription and the patient record (skipped with ``details=False``, when only totals are
 wanted: ``harvester plan``).
@@ -26,6 +27,10 @@ from harvester.query import Query, Selector
 from harvester.source.nbia import NBIAClient, as_int
 
 T = TypeVar("T")
+
+# A list of series UIDs this long or longer is answered by listing the collections it comes from
+# (one getSeries?Collection= each) rather than by one getSeries per UID; see Planner._series_by_uid.
+SWEEP_MIN_PENDING = 32
 
 
 @dataclass(frozen=True)
@@ -124,9 +129,13 @@ async def rows_by_uid(uids: list[str], lookup: Callable[[str], Callable[[], Awai
     results = await gather_limited([lookup(uid) for uid in uids], limit)
     missing = [uid for uid, rows in zip(uids, results) if not rows]
     if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise UnknownSelectionError(f"{origin}: {archive} has no series {', '.join(missing[:3])}{more}", hint=hint)
+        raise UnknownSelectionError(unknown_series_message(missing, origin, archive), hint=hint)
     return [r for rows in results for r in rows]
+
+
+def unknown_series_message(missing: list[str], origin: str, archive: str) -> str:
+    more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+    return f"{origin}: {archive} has no series {', '.join(missing[:3])}{more}"
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:
@@ -218,9 +227,53 @@ class Planner:
         return [r for r in rows if _matches(r, sel)]
 
     async def _series_by_uid(self, sel: Selector) -> list[dict[str, Any]]:
-        return await rows_by_uid(
-            sel.series, self._lookup_series, self.concurrency, origin=sel.origin, archive="the archive",
-            hint="the series may be restricted, withdrawn, or on another host (NLST); check the UIDs")
+        """The rows of the selector's series UIDs (a cart, a CSV, a ``series:`` list).
+
+        NBIA has no batch lookup, so a UID costs one getSeries. A long list (a portal cart of
+        thousands of series) mostly comes from a few collections: once a lookup shows a collection,
+        one getSeries?Collection= lists all of it and answers every UID of the list it holds
+        (the same endpoint, so the same rows). Lookups go ``concurrency`` at a time, and a sweep
+        follows each batch that met new collections while ``SWEEP_MIN_PENDING`` UIDs or more are
+        still unanswered. NLST (over 200,000 series) is never swept.
+        """
+        hint = "the series may be restricted, withdrawn, or on another host (NLST); check the UIDs"
+        wanted = list(dict.fromkeys(sel.series))
+        if len(wanted) < SWEEP_MIN_PENDING:
+            return await rows_by_uid(wanted, self._lookup_series, self.concurrency, origin=sel.origin,
+                                     archive="the archive", hint=hint)
+        found: dict[str, dict[str, Any]] = {}
+        missing: list[str] = []
+        swept: set[str] = set(NLST_COLLECTIONS)
+        pending = wanted
+        while pending:
+            batch, pending = pending[:self.concurrency], pending[self.concurrency:]
+            results = await gather_limited([self._lookup_series(uid) for uid in batch], self.concurrency)
+            for uid, rows in zip(batch, results, strict=True):
+                if rows:
+                    found[uid] = rows[0]
+                else:
+                    missing.append(uid)
+            seen = sorted({str(r.get("Collection") or "") for rows in results for r in rows} - swept - {""})
+            if seen and len(pending) >= SWEEP_MIN_PENDING:
+                swept.update(seen)
+                listings = await gather_limited(  # a listing refused (400) leaves its UIDs to lookups
+                    [self._sweep(c) for c in seen], self.concurrency)
+                unanswered = set(pending)
+                for collection, rows in zip(seen, listings, strict=True):
+                    for row in rows:
+                        uid = str(row.get("SeriesInstanceUID") or "")
+                        if uid in unanswered and uid not in found:
+                            row.setdefault("Collection", collection)
+                            found[uid] = row
+                pending = [uid for uid in pending if uid not in found]
+        if missing:
+            raise UnknownSelectionError(unknown_series_message(missing, sel.origin, "the archive"), hint=hint)
+        return [found[uid] for uid in wanted]
+
+    def _sweep(self, collection: str) -> Callable[[], Awaitable[list[dict[str, Any]]]]:
+        async def run() -> list[dict[str, Any]]:
+            return await self._fetch_or_empty("getSeries", {"Collection": collection}, collection)
+        return run
 
     def _lookup_series(self, uid: str) -> Callable[[], Awaitable[list[dict[str, Any]]]]:
         async def run() -> list[dict[str, Any]]:

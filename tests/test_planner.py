@@ -7,9 +7,12 @@ import anyio
 import pytest
 
 from harvest_helpers import normal_collections, test_config
+from harvester import planner as planner_module
 from harvester.api import aplan
 from harvester.errors import UnknownSelectionError
 from harvester.query import load_query, query_from_dict
+from harvester.server.synthetic import SyntheticSpec, build_synthetic
+from harvester.server.testing import serve_in_thread
 
 
 def plan(server, tmp_path, data, **overrides):
@@ -137,3 +140,74 @@ def test_totals_only_plan_skips_study_details(server, small_archive, tmp_path):
     assert all(t.study is None and t.patient is None for t in lean.tasks)
     assert lean.requests == full.requests - 2
     assert repr(lean) == f"Plan({len(lean.tasks)} series, {lean.requests} requests, 0 retries)"
+
+
+# ---------------------------------------------------------------- long lists of series UIDs (carts)
+
+CART_SPEC = "collections=3,patients=12,studies=1,series=2,instances=1,size=1KB,seed=11"  # 72 series
+
+
+@pytest.fixture(scope="module")
+def cart_server(synthetic_cache):
+    archive = build_synthetic(SyntheticSpec.parse(CART_SPEC), synthetic_cache)
+    with serve_in_thread(archive) as handle:
+        yield archive, handle
+
+
+def cart_uids(archive, collections):
+    """The series of ``collections``, interleaved, so that the first lookups meet every one of them."""
+    by_collection = [rows(archive, Collection=c) for c in collections]
+    return [uid for group in zip(*by_collection, strict=True) for uid in group]
+
+
+def series_plan(server, tmp_path, uids, **overrides):
+    before = server.stats.requests.get("getSeries", 0)
+    p = plan(server, tmp_path, {"select": [{"series": uids}]}, **overrides)
+    return p, server.stats.requests.get("getSeries", 0) - before
+
+
+def test_long_cart_is_answered_by_listing_its_collections(cart_server, tmp_path, monkeypatch):
+    """40 UIDs from 2 of 3 collections: 8 lookups meet both collections, 2 listings answer the rest;
+    the plan is the one that 40 lookups give."""
+    archive, server = cart_server
+    names = normal_collections(archive)
+    uids = cart_uids(archive, names[:2])[:40]
+    assert len(uids) == 40 >= planner_module.SWEEP_MIN_PENDING
+    swept, swept_requests = series_plan(server, tmp_path, uids)
+    assert sorted(t.series_uid for t in swept.tasks) == sorted(uids)
+    assert swept_requests == 8 + 2
+    monkeypatch.setattr(planner_module, "SWEEP_MIN_PENDING", 10**9)
+    looked_up, lookup_requests = series_plan(server, tmp_path, uids)
+    assert lookup_requests == 40
+    assert swept.tasks == looked_up.tasks
+    assert swept.to_json() == looked_up.to_json()
+
+
+def test_short_list_is_looked_up_one_by_one(cart_server, tmp_path):
+    archive, server = cart_server
+    uids = cart_uids(archive, normal_collections(archive)[:2])[:planner_module.SWEEP_MIN_PENDING - 1]
+    p, requests = series_plan(server, tmp_path, uids)
+    assert sorted(t.series_uid for t in p.tasks) == sorted(uids) and requests == len(uids)
+
+
+def test_long_cart_with_unknown_uids_names_them(cart_server, tmp_path):
+    archive, server = cart_server
+    uids = cart_uids(archive, normal_collections(archive))
+    ghosts = [f"1.2.3.999.{i}" for i in range(4)]
+    with pytest.raises(UnknownSelectionError) as err:
+        plan(server, tmp_path, {"select": [{"series": uids[:3] + ghosts + uids[3:]}]})
+    text = str(err.value)
+    assert all(g in text for g in ghosts[:3]) and "and 1 more" in text
+
+
+def test_long_cart_is_exact_despite_faults(cart_server, tmp_path):
+    archive, server = cart_server
+    uids = cart_uids(archive, normal_collections(archive))
+    clean, _ = series_plan(server, tmp_path, uids)
+    server.set_faults("error=0.3,reset=0.2,throttle=0.2,retry_after=0,seed=6")
+    try:
+        faulty, _ = series_plan(server, tmp_path, uids, retries=12)
+    finally:
+        server.set_faults(None)
+    assert faulty.retries > 0
+    assert faulty.tasks == clean.tasks and sorted(t.series_uid for t in clean.tasks) == sorted(uids)
