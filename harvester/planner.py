@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -230,11 +231,12 @@ class Planner:
         """The rows of the selector's series UIDs (a cart, a CSV, a ``series:`` list).
 
         NBIA has no batch lookup, so a UID costs one getSeries. A long list (a portal cart of
-        thousands of series) mostly comes from a few collections: once a lookup shows a collection,
-        one getSeries?Collection= lists all of it and answers every UID of the list it holds
-        (the same endpoint, so the same rows). Lookups go ``concurrency`` at a time, and a sweep
-        follows each batch that met new collections while ``SWEEP_MIN_PENDING`` UIDs or more are
-        still unanswered. NLST (over 200,000 series) is never swept.
+        thousands of series) mostly comes from a few collections: once a lookup shows a
+        collection, one getSeries?Collection= lists all of it and answers every UID of the list it
+        holds (the same endpoint, so the same rows). ``concurrency`` workers look UIDs up; a worker
+        whose lookup shows a new collection sweeps it while ``SWEEP_MIN_PENDING`` UIDs or more are
+        unanswered, and no new lookup starts until the sweeps in flight end (they may answer it).
+        NLST (over 200,000 series) is never swept, so its lookups flow without pause.
         """
         hint = "the series may be restricted, withdrawn, or on another host (NLST); check the UIDs"
         wanted = list(dict.fromkeys(sel.series))
@@ -244,30 +246,60 @@ class Planner:
         found: dict[str, dict[str, Any]] = {}
         missing: list[str] = []
         swept: set[str] = set(NLST_COLLECTIONS)
-        pending = wanted
-        while pending:
-            batch, pending = pending[:self.concurrency], pending[self.concurrency:]
-            results = await gather_limited([self._lookup_series(uid) for uid in batch], self.concurrency)
-            for uid, rows in zip(batch, results, strict=True):
-                if rows:
-                    found[uid] = rows[0]
-                else:
-                    missing.append(uid)
-            seen = sorted({str(r.get("Collection") or "") for rows in results for r in rows} - swept - {""})
-            if seen and len(pending) >= SWEEP_MIN_PENDING:
-                swept.update(seen)
-                listings = await gather_limited(  # a listing refused (400) leaves its UIDs to lookups
-                    [self._sweep(c) for c in seen], self.concurrency)
-                unanswered = set(pending)
-                for collection, rows in zip(seen, listings, strict=True):
-                    for row in rows:
-                        uid = str(row.get("SeriesInstanceUID") or "")
-                        if uid in unanswered and uid not in found:
-                            row.setdefault("Collection", collection)
-                            found[uid] = row
-                pending = [uid for uid in pending if uid not in found]
+        sweeps: set[anyio.Event] = set()  # sweeps in flight; lookups wait for them
+        queue = deque(wanted)
+        unanswered = len(wanted)
+
+        def answer(uid: str, row: dict[str, Any] | None) -> None:
+            nonlocal unanswered
+            if uid in found:
+                return  # a lookup in flight when a sweep answered it
+            unanswered -= 1
+            if row is None:
+                missing.append(uid)
+            else:
+                found[uid] = row
+
+        async def sweep(collection: str) -> None:
+            done = anyio.Event()
+            sweeps.add(done)
+            try:
+                for row in await self._sweep(collection)():  # refused (400): its UIDs stay with lookups
+                    uid = str(row.get("SeriesInstanceUID") or "")
+                    if uid in wanted_set and uid not in found:
+                        row.setdefault("Collection", collection)
+                        answer(uid, row)
+            finally:
+                sweeps.discard(done)
+                done.set()
+
+        async def worker() -> None:
+            while True:
+                while sweeps:
+                    await next(iter(sweeps)).wait()
+                while queue and queue[0] in found:
+                    queue.popleft()
+                if not queue:
+                    return
+                uid = queue.popleft()
+                rows = await self._lookup_series(uid)()
+                answer(uid, rows[0] if rows else None)
+                collection = str(rows[0].get("Collection") or "") if rows else ""
+                if collection and collection not in swept and unanswered >= SWEEP_MIN_PENDING:
+                    swept.add(collection)
+                    await sweep(collection)
+
+        wanted_set = set(wanted)
+        try:
+            async with anyio.create_task_group() as tg:
+                for _ in range(max(1, self.concurrency)):
+                    tg.start_soon(worker)
+        except BaseExceptionGroup as group:  # surface the first real error, as gather_limited does
+            raise _first_error(group) from None
         if missing:
-            raise UnknownSelectionError(unknown_series_message(missing, sel.origin, "the archive"), hint=hint)
+            unknown = set(missing)  # named in the list's order, not in the order the lookups ended
+            raise UnknownSelectionError(unknown_series_message([u for u in wanted if u in unknown], sel.origin,
+                                                               "the archive"), hint=hint)
         return [found[uid] for uid in wanted]
 
     def _sweep(self, collection: str) -> Callable[[], Awaitable[list[dict[str, Any]]]]:

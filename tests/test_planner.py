@@ -1,6 +1,7 @@
 """The planner against our loopback server: every selector and input format, faults while planning."""
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 
 import anyio
@@ -11,6 +12,7 @@ from harvester import planner as planner_module
 from harvester.api import aplan
 from harvester.errors import UnknownSelectionError
 from harvester.query import load_query, query_from_dict
+from harvester.server.archive import Archive
 from harvester.server.synthetic import SyntheticSpec, build_synthetic
 from harvester.server.testing import serve_in_thread
 
@@ -211,3 +213,14 @@ def test_long_cart_is_exact_despite_faults(cart_server, tmp_path):
         server.set_faults(None)
     assert faulty.retries > 0
     assert faulty.tasks == clean.tasks and sorted(t.series_uid for t in clean.tasks) == sorted(uids)
+
+
+def test_nlst_is_never_listed_whole(synthetic_cache, tmp_path):
+    """NLST holds over 200,000 series: a long NLST cart is looked up UID by UID, never swept."""
+    base = build_synthetic(SyntheticSpec.parse(CART_SPEC), synthetic_cache)
+    records = [dataclasses.replace(r, row=dict(r.row, Collection="NLST")) for r in base.records()]
+    with serve_in_thread(Archive(records)) as server:
+        uids = sorted(r.uid for r in records)[:40]
+        p, requests = series_plan(server, tmp_path, uids)
+        assert sorted(t.series_uid for t in p.tasks) == sorted(uids) and requests == len(uids)
+        assert {t.collection for t in p.tasks} == {"NLST"}
