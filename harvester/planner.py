@@ -3,10 +3,9 @@
 Selectors are expanded concurrently (``config.plan_concurrency`` requests in flight; a long list
 of series UIDs through the collections it comes from), rows are de-duplicated by
 SeriesInstanceUID, exclusions and the limit applied, and getSeriesSize is called only for rows
-that lack ImageCount or FileSize. For each collection touched, getPatient
-and getPatientStudy are fetched once so that layouts and the manifest have StudyID,
-StudyDescription and the patient record (skipped with ``details=False``, when only totals are
-wanted: ``harvester plan``).
+that lack ImageCount or FileSize. For each collection touched, getPatient and getPatientStudy
+are fetched once so that layouts and the manifest have StudyID, StudyDescription and the
+patient record (skipped with ``details=False``, when only totals are wanted: ``harvester plan``).
 
 Raises ``UnknownSelectionError`` (a usage error) for an unknown collection or series, and the
 request errors of ``NBIAClient`` when the archive keeps failing after retries.
@@ -247,7 +246,7 @@ class Planner:
         missing: list[str] = []
         swept: set[str] = set(NLST_COLLECTIONS)
         sweeps: set[anyio.Event] = set()  # sweeps in flight; lookups wait for them
-        queue = deque(wanted)
+        queue, wanted_set = deque(wanted), set(wanted)
         unanswered = len(wanted)
 
         def answer(uid: str, row: dict[str, Any] | None) -> None:
@@ -289,7 +288,6 @@ class Planner:
                     swept.add(collection)
                     await sweep(collection)
 
-        wanted_set = set(wanted)
         try:
             async with anyio.create_task_group() as tg:
                 for _ in range(max(1, self.concurrency)):
