@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,14 +125,36 @@ async def aharvest(query: QueryLike, out: str | Path | Config | None = None, *, 
 @contextlib.asynccontextmanager
 async def open_harvest(config: Config) -> AsyncIterator[tuple[HarvestState, Source]]:
     """The output directory's state (opened and locked) and a source on one HTTP session; both
-    closed on the way out. Shared by ``aharvest`` and ``harvester.mirror.async_sync``."""
+    closed on the way out. Shared by ``aharvest`` and ``harvester.mirror.async_sync``.
+
+    When the block raises (a wrong URL, an unknown collection, Ctrl-C...) before anything was
+    recorded, the folders that this call created are removed again, so that a failed first run
+    leaves no empty output directory behind. A directory that existed before is never touched.
+    """
+    created = _first_missing_ancestor(config.out_dir)
     state = HarvestState(config.out_dir)
     await anyio.to_thread.run_sync(state.open)
     try:
         async with make_session(config) as session:
             yield state, make_source(config, session)
-    finally:
+    except BaseException:
         state.close()
+        if created is not None and not state.records:
+            # Everything under ``created`` is this run's: the directory did not exist when it
+            # started, and the run's lock kept other harvester runs out of it since.
+            await anyio.to_thread.run_sync(lambda: shutil.rmtree(created, ignore_errors=True))
+        raise
+    state.close()
+
+
+def _first_missing_ancestor(path: Path) -> Path | None:
+    """The outermost of ``path`` and its parents that does not exist yet (None if ``path`` exists)."""
+    path = path.absolute()
+    if path.exists():
+        return None
+    while not path.parent.exists() and path.parent != path:
+        path = path.parent
+    return path
 
 
 def manifest_header(config: Config, query: Query, state: HarvestState) -> dict[str, Any]:

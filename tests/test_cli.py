@@ -85,8 +85,8 @@ def test_malformed_inputs_exit_2_with_one_line(tmp_path, content, suffix, needle
 
 @pytest.mark.parametrize("command", ["plan", "run", "sync"])
 def test_unreachable_archive_says_where_and_what_to_do(tmp_path, command):
-    """Nothing listens on the port: one line naming the URL, with what to do; exit 3; nothing
-    harvested (the output directory holds at most its empty .harvester state)."""
+    """Nothing listens on the port: one line naming the URL, with what to do; exit 3; and no
+    output directory left behind by the failed first run."""
     import socket
     with socket.socket() as sock:  # a port that was free a moment ago, and that nothing listens on
         sock.bind(("127.0.0.1", 0))
@@ -97,9 +97,28 @@ def test_unreachable_archive_says_where_and_what_to_do(tmp_path, command):
     out = ["-o", str(tmp_path / "o")] if command != "plan" else []
     line = assert_one_line_error(cli(command, str(q), *out, "--api-url", api, "--retries", "2"), code=3)
     assert f"cannot connect to {api}/" in line and "check the URL and the network" in line
-    written = [p.relative_to(tmp_path / "o") for p in (tmp_path / "o").rglob("*") if p.is_file()]
-    assert all(p.parts[0] == ".harvester" for p in written), written
-    assert not (tmp_path / "o" / "harvest.json").exists()
+    assert not (tmp_path / "o").exists()
+
+
+def test_failed_first_run_leaves_no_directories_but_a_harvest_is_never_touched(server, small_archive, tmp_path):
+    """Unknown collection into a fresh nested DIR: exit 2, and none of the folders it made remain.
+    A failing rerun into a harvested DIR (wrong URL) leaves every file as it was."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"select": [{"collection": "NO-SUCH-COLLECTION"}]}))
+    nested = tmp_path / "a" / "b" / "out"
+    assert_one_line_error(cli("run", str(bad), "-o", str(nested), "--api-url", server.base_url))
+    assert not (tmp_path / "a").exists()
+    out = tmp_path / "out"
+    q = write_query(tmp_path, small_archive)
+    first = cli("run", str(q), "-o", str(out), "--api-url", server.base_url, *FAST_FLAGS)
+    assert first.returncode == 0, first.stderr
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "lock"}
+    assert manifest(out)["totals"]["complete"] > 0
+    gone = cli("run", str(q), "-o", str(out), "--api-url", "http://127.0.0.1:9/nbia-api/services/v4",
+               "--retries", "1")
+    assert_one_line_error(gone, code=3)
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "lock"}
+    assert after == before
 
 
 def test_missing_query_file(tmp_path):
