@@ -138,11 +138,13 @@ async def open_harvest(config: Config) -> AsyncIterator[tuple[HarvestState, Sour
         async with make_session(config) as session:
             yield state, make_source(config, session)
     except BaseException:
-        state.close()
         if created is not None and not state.records:
             # Everything under ``created`` is this run's: the directory did not exist when it
-            # started, and the run's lock kept other harvester runs out of it since.
-            await anyio.to_thread.run_sync(lambda: shutil.rmtree(created, ignore_errors=True))
+            # started, and the run's lock, held until the removal is done, kept other runs out.
+            # Removed in place, not in a thread: this may run in a cancelled scope (Ctrl-C), where
+            # an await would be cancelled too; with nothing recorded, there is little to remove.
+            shutil.rmtree(created, ignore_errors=True)
+        state.close()
         raise
     state.close()
 

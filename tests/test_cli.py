@@ -121,6 +121,24 @@ def test_failed_first_run_leaves_no_directories_but_a_harvest_is_never_touched(s
     assert after == before
 
 
+def test_ctrl_c_while_planning_a_first_run_leaves_no_directory(server, small_archive, tmp_path):
+    server.set_faults("latency=400ms")  # planning takes a few seconds
+    q = write_query(tmp_path, small_archive)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "harvester", "run", str(q), "-o", str(out), "--api-url",
+                             server.base_url, *FAST_FLAGS], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not (out / ".harvester" / "lock").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # the run has opened DIR: now it is planning
+    assert proc.poll() is None and server.stats.downloads == {}
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert server.stats.downloads == {} and not out.exists()
+
+
 def test_missing_query_file(tmp_path):
     line = assert_one_line_error(cli("run", str(tmp_path / "nope.yaml"), "-o", str(tmp_path / "o")))
     assert "no such file" in line
