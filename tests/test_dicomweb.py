@@ -312,6 +312,35 @@ def test_selectors_patients_modality_series(orthanc, tmp_path):
     assert_identical_to_orthanc(out, orthanc, expected)
 
 
+def test_a_list_of_series_uids_is_looked_up_in_batches(orthanc, tmp_path, monkeypatch):
+    """UID list matching: one QIDO query per 32 UIDs instead of one per UID, and the same plan. A
+    service that refuses lists (4xx) or answers them with nothing gets single lookups instead."""
+    uids = sorted(orthanc.series)
+    assert len(uids) > 3
+    query = query_from_dict({"select": [{"series": uids}]}, origin="t")
+    config = dw_config(orthanc, tmp_path / "p")
+    batched = anyio.run(aplan, query, config)
+    assert sorted(t.series_uid for t in batched.tasks) == uids
+
+    real_search = DICOMwebSource._search_series
+
+    async def refuse_lists(self, path, params, collection):
+        if any("," in value for _, value in params):
+            self.client.requests += 1  # the refused query was still sent
+            raise PermanentRequestError("HTTP 400 from the service: no UID list matching", status=400)
+        return await real_search(self, path, params, collection)
+
+    monkeypatch.setattr(DICOMwebSource, "_search_series", refuse_lists)
+    single = anyio.run(aplan, query, config)
+    assert single.tasks == batched.tasks
+    # fewer than 32 series: one list query, against the refused one plus one query per UID
+    assert single.requests - batched.requests == len(uids), (single.requests, batched.requests)
+    monkeypatch.undo()
+    ghost = "1.2.3.4.5.6.7.8.9.10"
+    with pytest.raises(UnknownSelectionError, match=ghost):
+        anyio.run(aplan, query_from_dict({"select": [{"series": [*uids, ghost]}]}, origin="t"), config)
+
+
 def test_rerun_downloads_nothing(orthanc, tmp_path):
     out = tmp_path / "out"
     uids = sorted(orthanc.series)

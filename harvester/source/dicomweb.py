@@ -8,7 +8,8 @@ How a query maps onto QIDO-RS (``GET {root}/series``, ``{root}/studies/{uid}/ser
   ``patients`` -> PatientID, ``studies`` -> StudyInstanceUID, ``series`` -> SeriesInstanceUID,
   ``modality`` -> Modality, ``body_part`` -> BodyPartExamined, ``manufacturer`` -> Manufacturer.
   Single values narrow the search on the server; every row is also checked locally, so a server
-  that ignores a matching key cannot widen the harvest.
+  that ignores a matching key cannot widen the harvest. A list of series UIDs is searched
+  ``UID_LIST_BATCH`` at a time (UID list matching), then UID by UID for what no list answered.
 * ``released_after`` has no DICOMweb equivalent (archives record no release date) and raises
   ``UsageError`` rather than being silently ignored.
 * ImageCount is NumberOfSeriesRelatedInstances (asked for with ``includefield``; counted from
@@ -57,6 +58,7 @@ from harvester.config import Config
 from harvester.errors import (
     IncompleteSeriesError,
     IntegrityError,
+    PermanentRequestError,
     RetryableRequestError,
     UnknownSelectionError,
     UsageError,
@@ -85,6 +87,9 @@ WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 QIDO_ACCEPT = "application/dicom+json, application/json"
 #: The collection of a series whose collection attribute is empty (a folder name in layouts).
 NO_COLLECTION = "NO-COLLECTION"
+#: Series UIDs per QIDO-RS query when a list of UIDs is looked up (UID list matching, PS3.18
+#: 8.3.4.1: ``SeriesInstanceUID=uid1,uid2,...``); about 2 KB of URL.
+UID_LIST_BATCH = 32
 
 # DICOM tags as QIDO-RS names them (8 upper-case hex digits).
 TAGS = {
@@ -503,10 +508,30 @@ class DICOMwebSource(ClientBackedSource):
                 hint=f"the collection is matched against the DICOM attribute {attribute}; check the name")
 
     async def _series_by_uid(self, sel: Selector) -> list[dict[str, Any]]:
-        return await rows_by_uid(
-            sel.series, self._uid_call, self.config.plan_concurrency, origin=sel.origin,
-            archive="the DICOMweb service",
+        """The rows of a list of series UIDs: ``UID_LIST_BATCH`` UIDs per query (UID list matching),
+        then one query per UID that no list query answered. A service without list matching
+        answers nothing or refuses (4xx) and costs one extra query per batch; an unknown UID is
+        an ``UnknownSelectionError``, as with single lookups."""
+        wanted = list(dict.fromkeys(sel.series))
+        batches = [wanted[i:i + UID_LIST_BATCH] for i in range(0, len(wanted), UID_LIST_BATCH)] \
+            if len(wanted) > 1 else []
+        listed = await gather_limited([self._uid_list_call(b) for b in batches], self.config.plan_concurrency)
+        found = {r["SeriesInstanceUID"]: r for rows in listed for r in rows}
+        rest = await rows_by_uid(
+            [uid for uid in wanted if uid not in found], self._uid_call, self.config.plan_concurrency,
+            origin=sel.origin, archive="the DICOMweb service",
             hint="check the UIDs, and that the URL is the service root (the one ending in /dicom-web or similar)")
+        return [found[uid] for uid in wanted if uid in found] + rest
+
+    def _uid_list_call(self, uids: list[str]) -> Callable[[], Any]:
+        async def run() -> list[dict[str, Any]]:
+            try:
+                res = await self._search_series("series", [(TAGS["SeriesInstanceUID"], ",".join(uids))], None)
+            except PermanentRequestError:
+                return []  # no UID list matching here: single lookups follow
+            wanted = set(uids)
+            return [r for r in res.rows if r["SeriesInstanceUID"] in wanted]
+        return run
 
     def _uid_call(self, uid: str) -> Callable[[], Any]:
         async def run() -> list[dict[str, Any]]:
