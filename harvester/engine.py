@@ -131,10 +131,10 @@ class Engine:
         self._refresh_failed: dict[str, str] = {}  # uid -> why a refetch failed (its old copy is kept)
         source.on_retry = self._on_request_retry
 
-    def _on_request_retry(self, message: str) -> None:
-        if "HTTP 429" in message or "HTTP 503" in message or "timed out" in message:
+    def _on_request_retry(self, exc: BaseException) -> None:
+        if getattr(exc, "overload", False):  # 429, 503 or a timeout: the server is struggling
             self.limit.push_back()
-        self.hub.emit(Event("retry", message=message))
+        self.hub.emit(Event("retry", message=str(exc)))
 
     async def run(self, tasks: list[SeriesTask], header: dict[str, Any],
                   refetch: frozenset[str] = frozenset()) -> HarvestResult:

@@ -80,9 +80,11 @@ class RetryableRequestError(RequestError):
     hint = "no attempt succeeded; check the URL and the network, or run again later"
 
     def __init__(self, message: str, *, status: int | None = None, url: str = "",
-                 retry_after: float | None = None, hint: str | None = None) -> None:
+                 retry_after: float | None = None, hint: str | None = None, timed_out: bool = False) -> None:
         super().__init__(message, status=status, url=url, hint=hint)
         self.retry_after = retry_after
+        #: the server pushed back (429, 503) or did not answer in time: a sign to slow down
+        self.overload = timed_out or status in (429, 503)
 
 
 class PermanentRequestError(RequestError):

@@ -116,9 +116,14 @@ async def test_the_capacity_follows_the_limit() -> None:
     assert peak == 2
 
 
-def test_engine_cools_down_on_its_backoff_scale(server, small_archive, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """Throttle every download until the limit has shrunk to 1, then lift the fault: the limit
-    regrows to the configured maximum and every series completes."""
+@pytest.mark.parametrize("fault,kind,overrides", [
+    ("throttle=1.0,retry_after=0,seed=3", "throttle", {}),
+    ("stall=1.0,stall_for=2s,seed=3", "stall", {"read_timeout": 0.3}),  # no bytes: the client times out
+])
+def test_engine_cools_down_on_its_backoff_scale(server, small_archive, tmp_path, fault, kind,  # type: ignore[no-untyped-def]
+                                                overrides) -> None:
+    """Throttle (429) or stall (timeouts) every download until the limit has shrunk to 1, then
+    lift the fault: the limit regrows to the configured maximum and every series completes."""
     seen: list[int] = []
     lifted = False
     engines: list[Any] = []
@@ -131,7 +136,7 @@ def test_engine_cools_down_on_its_backoff_scale(server, small_archive, tmp_path)
     def watch(ev: Event) -> None:
         nonlocal lifted
         if ev.kind == "plan":
-            server.set_faults("throttle=1.0,retry_after=0,seed=3")  # planning done: throttle downloads
+            server.set_faults(fault)  # planning done: push back on every download
             return
         if not engines:
             return
@@ -148,11 +153,11 @@ def test_engine_cools_down_on_its_backoff_scale(server, small_archive, tmp_path)
     try:
         out = tmp_path / "out"
         result = harvest(server.base_url, out, select_all(small_archive), hub=hub, workers=4, connections=8,
-                         retries=8, series_retries=8)
+                         retries=8, series_retries=8, **overrides)
     finally:
         monkey.undo()
     assert lifted, f"the limit never shrank to 1: {seen}"
-    assert server.stats.faults.get("throttle", 0) > 0
+    assert server.stats.faults.get(kind, 0) > 0
     after = seen[seen.index(1):]
     assert max(after) == 4, f"the limit did not regrow to the maximum: {after}"
     assert result.ok, result.failed

@@ -23,8 +23,8 @@ class Source(Protocol):
     #: HTTP requests sent and request-level retries so far (for summaries and benchmarks)
     requests: int
     retries: int
-    #: called before each request-level retry with a one-line message (no secrets)
-    on_retry: Callable[[str], None] | None
+    #: called before each request-level retry with the error (``str`` is one line, no secrets)
+    on_retry: Callable[[BaseException], None] | None
 
     async def plan(self, query: Query, *, details: bool = True) -> Plan:
         """Expand a query into the exact list of series tasks.
@@ -59,9 +59,9 @@ class ClientBackedSource:
         return int(self.client.retries)
 
     @property
-    def on_retry(self) -> Callable[[str], None] | None:
+    def on_retry(self) -> Callable[[BaseException], None] | None:
         return self.client.on_retry  # type: ignore[no-any-return]
 
     @on_retry.setter
-    def on_retry(self, fn: Callable[[str], None] | None) -> None:
+    def on_retry(self, fn: Callable[[BaseException], None] | None) -> None:
         self.client.on_retry = fn

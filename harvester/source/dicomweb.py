@@ -72,10 +72,10 @@ from harvester.source.http import (
     RetryingClient,
     HostGate,
     as_int,
-    describe_transport_error,
     one_line,
     raise_for_status,
     redact_url,
+    transport_error,
 )
 from harvester.unpack import UnpackedSeries, VerifiedFile, read_dicom_ids
 
@@ -277,7 +277,7 @@ class DICOMwebClient(RetryingClient):
     retry policy of ``NBIAClient`` (see the module docstring for what is raised)."""
 
     def __init__(self, config: Config, session: aiohttp.ClientSession, *,
-                 on_retry: Callable[[str], None] | None = None, gate: HostGate | None = None) -> None:
+                 on_retry: Callable[[BaseException], None] | None = None, gate: HostGate | None = None) -> None:
         self.config = config
         self.session = session
         self.root = config.api_url.rstrip("/")
@@ -314,7 +314,7 @@ class DICOMwebClient(RetryingClient):
                 yield resp
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, aiohttp.ServerTimeoutError,
                 TimeoutError, ConnectionError) as exc:
-            raise RetryableRequestError(describe_transport_error(exc, shown), url=shown) from None
+            raise transport_error(exc, shown) from None
 
     # ------------------------------------------------------------ QIDO-RS
     def url(self, path: str, params: Iterable[tuple[str, str]] = ()) -> str:

@@ -1,6 +1,6 @@
 """HTTP plumbing shared by every source: one session, retry timing, classification of failures.
 
-``raise_for_status`` and ``describe_transport_error`` turn responses and aiohttp exceptions
+``raise_for_status`` and ``transport_error`` turn responses and aiohttp exceptions
 into the classes of ``harvester.errors`` (retry the request or not); ``BackoffWait`` is the
 tenacity wait (Retry-After first, else exponential backoff with full jitter); ``HostGate``
 makes one Retry-After pause every request to the host. ``redact_url`` is applied to every URL
@@ -125,20 +125,21 @@ def make_session(config: Config) -> aiohttp.ClientSession:
                                  auto_decompress=True)
 
 
-def describe_transport_error(exc: BaseException, shown: str) -> str:
-    """One line for a transport failure of a request to ``shown`` (a redacted URL).
-
-    The engine's adaptive concurrency reads "timed out" in it as a sign of overload.
-    """
-    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
-        return f"timed out (no data) waiting for {shown}"
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return f"connection broke mid-response from {shown}"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"cannot connect to {shown}"
-    if isinstance(exc, (aiohttp.ServerDisconnectedError, ConnectionResetError)):
-        return f"connection reset by {shown}"
-    return f"network error ({type(exc).__name__}) from {shown}"
+def transport_error(exc: BaseException, shown: str) -> RetryableRequestError:
+    """The retryable error for a transport failure of a request to ``shown`` (a redacted URL);
+    a timeout is marked ``overload`` for the engine's adaptive concurrency."""
+    timed_out = isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError))
+    if timed_out:
+        what = f"timed out (no data) waiting for {shown}"
+    elif isinstance(exc, aiohttp.ClientPayloadError):
+        what = f"connection broke mid-response from {shown}"
+    elif isinstance(exc, aiohttp.ClientConnectorError):
+        what = f"cannot connect to {shown}"
+    elif isinstance(exc, (aiohttp.ServerDisconnectedError, ConnectionResetError)):
+        what = f"connection reset by {shown}"
+    else:
+        what = f"network error ({type(exc).__name__}) from {shown}"
+    return RetryableRequestError(what, url=shown, timed_out=timed_out)
 
 
 async def raise_for_status(resp: aiohttp.ClientResponse, shown: str) -> None:
@@ -160,7 +161,8 @@ async def raise_for_status(resp: aiohttp.ClientResponse, shown: str) -> None:
 class RetryingClient:
     """The request-level retry policy shared by the HTTP clients (tenacity): ``config.retries``
     attempts, ``BackoffWait``, ``should_retry_request``; before each retry the counter goes up,
-    a Retry-After pauses the whole host (``gate``) and ``on_retry`` hears one line."""
+    a Retry-After pauses the whole host (``gate``) and ``on_retry`` hears the error (its ``str``
+    is one line without secrets)."""
 
     config: Config
     gate: HostGate
@@ -182,5 +184,5 @@ class RetryingClient:
         exc = state.outcome.exception() if state.outcome else None
         if isinstance(exc, RetryableRequestError) and exc.retry_after:
             self.gate.push(exc.retry_after)
-        if self.on_retry is not None:
-            self.on_retry(str(exc))
+        if self.on_retry is not None and exc is not None:
+            self.on_retry(exc)

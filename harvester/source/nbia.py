@@ -39,12 +39,12 @@ from harvester.source.http import (
     TRANSPORT_ERRORS,
     HostGate,
     as_int,
-    describe_transport_error,
     make_session,
     one_line,
     parse_retry_after,
     raise_for_status,
     redact_url,
+    transport_error,
 )
 
 QUERY_ENDPOINTS: dict[str, tuple[str, ...]] = {
@@ -139,12 +139,12 @@ class TokenAuth:
 class NBIAClient(RetryingClient):
     """Async client for the NBIA v4 query and download endpoints.
 
-    ``on_retry(message)`` is called before each request-level retry (progress uses it).
+    ``on_retry(error)`` is called before each request-level retry (the engine and progress use it).
     The session is injected, so tests and other archives swap the network without touching us.
     """
 
     def __init__(self, config: Config, session: aiohttp.ClientSession, *,
-                 on_retry: Callable[[str], None] | None = None, gate: HostGate | None = None) -> None:
+                 on_retry: Callable[[BaseException], None] | None = None, gate: HostGate | None = None) -> None:
         self.config = config
         self.session = session
         self.auth = TokenAuth(config.auth) if config.auth else None
@@ -193,7 +193,7 @@ class NBIAClient(RetryingClient):
                 await raise_for_status(resp, shown)
                 yield resp
         except TRANSPORT_ERRORS as exc:
-            raise RetryableRequestError(describe_transport_error(exc, shown), url=shown) from None
+            raise transport_error(exc, shown) from None
 
     # ------------------------------------------------------------ queries
     async def query(self, endpoint: str, params: Mapping[str, Any] | None = None, *,
