@@ -127,26 +127,29 @@ async def open_harvest(config: Config) -> AsyncIterator[tuple[HarvestState, Sour
     """The output directory's state (opened and locked) and a source on one HTTP session; both
     closed on the way out. Shared by ``aharvest`` and ``harvester.mirror.async_sync``.
 
-    When the block raises (a wrong URL, an unknown collection, Ctrl-C...) before anything was
-    recorded, the folders that this call created are removed again, so that a failed first run
-    leaves no empty output directory behind. A directory that existed before is never touched.
+    The folders that this call created are removed again when no series was recorded and the
+    block either raised (a wrong URL, an unknown collection, Ctrl-C...) or wrote no harvest.json
+    (``sync --dry-run``), so that a first run that did nothing leaves no directory behind. A
+    directory that existed before is never touched.
     """
     created = _first_missing_ancestor(config.out_dir)
     state = HarvestState(config.out_dir)
     await anyio.to_thread.run_sync(state.open)
+    raised = False
     try:
         async with make_session(config) as session:
             yield state, make_source(config, session)
     except BaseException:
-        if created is not None and not state.records:
+        raised = True
+        raise
+    finally:
+        if created is not None and not state.records and (raised or not state.manifest_path.exists()):
             # Everything under ``created`` is this run's: the directory did not exist when it
             # started, and the run's lock, held until the removal is done, kept other runs out.
             # Removed in place, not in a thread: this may run in a cancelled scope (Ctrl-C), where
             # an await would be cancelled too; with nothing recorded, there is little to remove.
             shutil.rmtree(created, ignore_errors=True)
         state.close()
-        raise
-    state.close()
 
 
 def _first_missing_ancestor(path: Path) -> Path | None:

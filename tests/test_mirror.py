@@ -63,6 +63,15 @@ def test_from_date_formats():
     assert from_date_param(day, "http://h/nbia-api/services/v1") == "07/03/2024"
 
 
+def test_dry_run_into_a_new_directory_creates_nothing(archives, tmp_path):
+    before, *_ = archives
+    out = tmp_path / "new" / "mirror"
+    with serve_in_thread(before) as srv:
+        dry = sync(srv.base_url, out, query_all(before), dry_run=True)
+    assert sorted(dry.diff.new) == sorted(r.uid for r in before.records())
+    assert not (tmp_path / "new").exists()
+
+
 def test_sync_fetches_exactly_what_is_new_or_changed(archives, tmp_path):
     before, after, shrunk, rereleased = archives
     out = tmp_path / "mirror"
