@@ -28,8 +28,8 @@ from harvester.source.nbia import NBIAClient, as_int
 
 T = TypeVar("T")
 
-# A list of series UIDs this long or longer is answered by listing the collections it comes from
-# (one getSeries?Collection= each) rather than by one getSeries per UID; see Planner._series_by_uid.
+# While this many UIDs of a list are unanswered, a collection that a lookup shows is listed whole
+# (one getSeries?Collection=) rather than looked up UID by UID; see Planner._series_by_uid.
 SWEEP_MIN_PENDING = 32
 
 
@@ -239,9 +239,6 @@ class Planner:
         """
         hint = "the series may be restricted, withdrawn, or on another host (NLST); check the UIDs"
         wanted = list(dict.fromkeys(sel.series))
-        if len(wanted) < SWEEP_MIN_PENDING:
-            return await rows_by_uid(wanted, self._lookup_series, self.concurrency, origin=sel.origin,
-                                     archive="the archive", hint=hint)
         found: dict[str, dict[str, Any]] = {}
         missing: list[str] = []
         swept: set[str] = set(NLST_COLLECTIONS)
