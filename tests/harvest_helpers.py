@@ -80,20 +80,25 @@ def assert_identical(out: Path, archive: Any, uids: list[str]) -> None:
     assert not tmp.exists() or not any(tmp.iterdir()), list(tmp.iterdir())
 
 
-def journal_commits(out: Path) -> list[str]:
-    """Series UIDs of the journal's commit events, in order (lines cut by kill -9 are skipped)."""
+def journal_commit_records(out: Path) -> list[dict[str, Any]]:
+    """The series records of the journal's commit events, in order (lines cut by kill -9 are skipped)."""
     journal = out / ".harvester" / "journal.jsonl"
     if not journal.exists():
         return []
-    uids = []
+    records = []
     for line in journal.read_text().splitlines():
         try:
             event = json.loads(line)
         except ValueError:  # a line cut by kill -9
             continue
         if event.get("event") == "commit":
-            uids.append(event["series"]["SeriesInstanceUID"])
-    return uids
+            records.append(event["series"])
+    return records
+
+
+def journal_commits(out: Path) -> list[str]:
+    """Series UIDs of the journal's commit events, in order."""
+    return [rec["SeriesInstanceUID"] for rec in journal_commit_records(out)]
 
 
 def kill_after_progress(proc: subprocess.Popen, out: Path, seconds: float, wait: float = 60) -> bool:

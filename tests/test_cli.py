@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harvest_helpers import assert_identical, kill_after_progress, manifest, normal_collections, normal_series, select_all
+from harvest_helpers import assert_identical, journal_commit_records, kill_after_progress, manifest, normal_collections, normal_series, select_all
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
 FAST_FLAGS = ["--timeout", "2", "--retries", "6", "--no-progress"]
@@ -248,20 +248,8 @@ def test_kill_9_at_random_moments_then_resume(server, small_archive, tmp_path):
 
 def _complete_on_disk(out: Path) -> set[str]:
     """Series the journal vouches for and whose files are all present (what a rerun must skip)."""
-    journal = out / ".harvester" / "journal.jsonl"
-    if not journal.exists():
-        return set()
-    done: set[str] = set()
-    for line in journal.read_text().splitlines():
-        try:
-            ev = json.loads(line)
-        except ValueError:
-            continue
-        if ev.get("event") == "commit":
-            rec = ev["series"]
-            if all((out / f["path"]).exists() for f in rec["files"]):
-                done.add(rec["SeriesInstanceUID"])
-    return done
+    return {rec["SeriesInstanceUID"] for rec in journal_commit_records(out)
+            if all((out / f["path"]).exists() for f in rec["files"])}
 
 
 def test_ctrl_c_leaves_only_verified_series(server, small_archive, tmp_path):
