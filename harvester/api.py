@@ -119,6 +119,7 @@ async def aharvest(query: QueryLike, out: str | Path | Config | None = None, *, 
         if on_plan is not None:
             on_plan(plan)
         hub.emit(plan_event(plan))
+        emit_warnings(hub, plan)
         return await Engine(config, source, state, hub).run(plan.tasks, manifest_header(config, query, state))
 
 
@@ -174,6 +175,12 @@ def manifest_header(config: Config, query: Query, state: HarvestState) -> dict[s
 def plan_event(plan: Plan) -> Event:
     totals = plan.to_json()
     return Event("plan", data={"series": totals["series"], "bytes": totals["bytes"]})
+
+
+def emit_warnings(hub: Hub, plan: Plan) -> None:
+    """One "warning" event per warning of the plan (each is said once per plan)."""
+    for warning in plan.warnings:
+        hub.emit(Event("warning", message=warning))
 
 
 @dataclass

@@ -278,6 +278,16 @@ def _print_plan_table(plan: Any) -> None:
     print(f"{plan.requests} metadata requests, {plan.retries} retried")
 
 
+def _print_warnings(plan: Any) -> None:
+    for warning in plan.warnings:
+        print(f"harvester: warning: {warning}", file=sys.stderr, flush=True)
+
+
+def _print_warning_event(ev: Any) -> None:
+    if ev.kind == "warning":
+        print(f"harvester: warning: {ev.message}", file=sys.stderr, flush=True)
+
+
 def cmd_plan(args: argparse.Namespace, env: dict[str, str]) -> int:
     from harvester.api import aplan
     from harvester.query import load_query
@@ -285,6 +295,7 @@ def cmd_plan(args: argparse.Namespace, env: dict[str, str]) -> int:
     query = load_query(args.query)
     config = build_config(args, env, query.url or query.api, query.layout, query.source)
     plan = anyio.run(lambda: aplan(query, config, details=False))  # totals only
+    _print_warnings(plan)
     if args.json:
         print(json.dumps(plan.to_json()))
     else:
@@ -341,6 +352,7 @@ def _run_harvest(query: Any, config: Config, *, out: Any = None, runner: Any = N
     from harvester.progress import Hub, PlainDisplay, RichDisplay, human_bytes, human_duration
 
     hub = Hub()
+    hub.subscribe(_print_warning_event)  # warnings are said even with --quiet
     use_rich = config.progress and not config.quiet and sys.stderr.isatty()
     display: Any = None
     if use_rich:

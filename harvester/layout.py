@@ -10,7 +10,6 @@ such as ``{Collection}/{PatientID}/{StudyDate}-{StudyDescription}/{Modality}-{Se
 """
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import re
 import string
@@ -19,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import PurePosixPath
 from typing import Any
 
+from harvester.dates import nbia_date, parse_archive_date
 from harvester.errors import UsageError
 
 MAX_COMPONENT_BYTES = 120
@@ -68,14 +68,12 @@ def safe_component(value: Any, *, max_bytes: int = MAX_COMPONENT_BYTES) -> str:
 
 
 def _nbia_date(value: Any) -> str:
-    """Dates as the Data Retriever writes them: MM-DD-YYYY (input: ISO, DICOM or NBIA forms)."""
-    text = "" if value is None else str(value).strip()
-    for fmt, width in (("%Y-%m-%d", 10), ("%Y%m%d", 8), ("%m-%d-%Y", 10), ("%m/%d/%Y", 10)):
-        try:
-            return dt.datetime.strptime(text[:width], fmt).strftime("%m-%d-%Y")
-        except ValueError:
-            continue
-    return text
+    """Dates as the Data Retriever writes them: MM-DD-YYYY (input: any form of ``harvester.dates``);
+    a value that is not a date is kept as text."""
+    day = parse_archive_date(value)
+    if day is not None:
+        return nbia_date(day)
+    return "" if value is None else str(value).strip()
 
 
 def _number(value: Any) -> str:

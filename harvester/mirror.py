@@ -25,6 +25,7 @@ from typing import Any
 import anyio
 
 from harvester.config import Config
+from harvester.dates import parse_archive_date
 from harvester.engine import Engine, HarvestResult
 from harvester.errors import HarvesterError, ManifestError, RequestError, UsageError
 from harvester.planner import Plan, SeriesTask
@@ -61,6 +62,16 @@ def from_date_param(when: dt.date, api_url: str) -> str:
     return when.strftime("%d/%m/%Y") if version in ("v1", "v2") else when.strftime("%m-%d-%Y")
 
 
+def same_release(now: Any, recorded: Any) -> bool:
+    """Whether two DateReleased values name the same day, whatever form each came in (a tree
+    harvested from a v2 server and synced from v4 holds ``2015-05-27 00:00:00.0`` for the v4
+    ``05-27-2015``); values that are not dates compare as text."""
+    day_now, day_recorded = parse_archive_date(now), parse_archive_date(recorded)
+    if day_now is not None and day_recorded is not None:
+        return day_now == day_recorded
+    return str(now or "") == str(recorded or "")
+
+
 def diff_plan(state: HarvestState, plan: Plan, updated: set[str]) -> SyncDiff:
     """Compare what is on disk with what the query selects now."""
     diff = SyncDiff()
@@ -74,7 +85,7 @@ def diff_plan(state: HarvestState, plan: Plan, updated: set[str]) -> SyncDiff:
         meta = rec.get("metadata") or {}
         count_changed = task.image_count is not None and task.image_count != len(rec.get("files", []))
         size_changed = task.file_size is not None and as_int(meta.get("FileSize")) not in (None, task.file_size)
-        released_changed = (str(task.row.get("DateReleased") or "") != str(meta.get("DateReleased") or "")
+        released_changed = (not same_release(task.row.get("DateReleased"), meta.get("DateReleased"))
                             and task.series_uid in updated)
         if count_changed or size_changed or released_changed:
             diff.changed.append(task.series_uid)
@@ -100,7 +111,7 @@ async def _updated_since(client: NBIAClient, last_sync: str | None) -> set[str]:
 async def async_sync(query: Query, config: Config, *, prune: bool = False, dry_run: bool = False,
                      hub: Hub | None = None) -> SyncResult:
     """Bring ``config.out_dir`` up to date with ``query`` (see the module docstring)."""
-    from harvester.api import manifest_header, open_harvest, plan_event
+    from harvester.api import emit_warnings, manifest_header, open_harvest, plan_event
 
     hub = hub or Hub()
     async with open_harvest(config) as (state, source):
@@ -116,6 +127,7 @@ async def async_sync(query: Query, config: Config, *, prune: bool = False, dry_r
             return SyncResult(diff=diff, harvest=None, pruned=[], dry_run=True)
         pruned = await anyio.to_thread.run_sync(_prune, state, diff.removed) if prune else []
         hub.emit(plan_event(plan))
+        emit_warnings(hub, plan)
         result = await Engine(config, source, state, hub).run(plan.tasks, manifest_header(config, query, state),
                                                                refetch=frozenset(diff.changed))
         return SyncResult(diff=diff, harvest=result, pruned=pruned, dry_run=False)

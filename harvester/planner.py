@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import anyio
 
 from harvester.config import NLST_COLLECTIONS
+from harvester.dates import parse_archive_date
 from harvester.errors import PermanentRequestError, UnknownSelectionError
 from harvester.query import Query, Selector
 from harvester.source.nbia import NBIAClient, as_int
@@ -74,6 +75,8 @@ class Plan:
     tasks: list[SeriesTask]
     requests: int = 0
     retries: int = 0
+    #: One line each, said once per plan (the CLI prints them; ``aharvest`` emits "warning" events).
+    warnings: list[str] = field(default_factory=list)
 
     def __repr__(self) -> str:
         # Short on purpose: asyncio formats a task's result on some paths, and the default
@@ -147,12 +150,16 @@ def _first_error(group: BaseExceptionGroup) -> BaseException:
 
 
 def _released_after(row: dict[str, Any], when: dt.date) -> bool:
-    text = str(row.get("DateReleased") or "")[:10]
-    try:
-        released = dt.date.fromisoformat(text)
-    except ValueError:
-        return True  # unknown release date: keep it rather than silently lose data
-    return released > when
+    """Whether the row's DateReleased (any format the API has sent) is after ``when``. A row whose
+    date cannot be read is kept rather than silently lost; the planner counts and names them."""
+    released = parse_archive_date(row.get("DateReleased"))
+    return released is None or released > when
+
+
+def undated_warning(count: int) -> str:
+    """The plan's one warning about series kept by ``released_after`` without a readable date."""
+    return (f"released_after: {count} series have no readable DateReleased; they are kept "
+            f"(check the archive's dates, or exclude them by UID)")
 
 
 def _matches(row: dict[str, Any], sel: Selector) -> bool:
@@ -173,6 +180,8 @@ class Planner:
     def __init__(self, client: NBIAClient, *, concurrency: int = 8) -> None:
         self.client = client
         self.concurrency = concurrency
+        #: SeriesInstanceUIDs a ``released_after`` selector kept without a readable DateReleased.
+        self._undated: set[str] = set()
 
     async def plan(self, query: Query, *, details: bool = True) -> Plan:
         """The exact plan; ``details=False`` leaves ``SeriesTask.study``/``patient`` empty and
@@ -194,15 +203,19 @@ class Planner:
         await self._fill_sizes(ordered)
         studies, patients = await self._study_details(ordered) if details else ({}, {})
         tasks = [self._task(r, studies, patients) for r in ordered]
+        undated = sum(1 for t in tasks if t.series_uid in self._undated)
         return Plan(tasks=tasks, requests=self.client.requests - start_requests,
-                    retries=self.client.retries - start_retries)
+                    retries=self.client.retries - start_retries,
+                    warnings=[undated_warning(undated)] if undated else [])
 
     # ------------------------------------------------------------ selectors
     def _selector_calls(self, sel: Selector) -> Callable[[], Awaitable[list[dict[str, Any]]]]:
         async def run() -> list[dict[str, Any]]:
-            if sel.series:
-                return await self._series_by_uid(sel)
-            return await self._series_by_filter(sel)
+            rows = await (self._series_by_uid(sel) if sel.series else self._series_by_filter(sel))
+            if sel.released_after and not sel.series:  # (the date filters selector rows, not UID lists)
+                self._undated.update(str(r.get("SeriesInstanceUID") or "") for r in rows
+                                     if parse_archive_date(r.get("DateReleased")) is None)
+            return rows
         return run
 
     async def _series_by_filter(self, sel: Selector) -> list[dict[str, Any]]:

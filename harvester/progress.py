@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 @dataclass(frozen=True)
 class Event:
-    """One thing that happened. ``kind`` is one of: plan, start, bytes, done, skip, retry,
+    """One thing that happened. ``kind`` is one of: plan, warning, start, bytes, done, skip, retry,
     series_retry, failed, finish."""
 
     kind: str

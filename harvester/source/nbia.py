@@ -233,6 +233,8 @@ class NBIAClient(RetryingClient):
         except ValueError:
             # An outage page with HTTP 200 is a transient failure, not data.
             raise RetryableRequestError(f"{shown} answered something that is not JSON", url=shown) from None
+        if data is None:
+            return []  # a JSON null: no rows, as the empty body
         if isinstance(data, dict):
             data = [data]
         if not isinstance(data, list):
