@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
 
 from harvest_helpers import assert_identical, harvest, manifest, normal_series, select_all
 from harvester.api import verify_tree
+
+V4_DATE = re.compile(r"\d{2}-\d{2}-\d{4}")
 
 
 def test_full_harvest_is_byte_identical(server, small_archive, tmp_path):
@@ -146,8 +149,8 @@ def test_descriptive_layout_matches_data_retriever(server, small_archive, tmp_pa
     assert parts[2].endswith(rec["StudyInstanceUID"][-5:])
     assert parts[3].endswith(rec["SeriesInstanceUID"][-5:])
     study_date = rec["study"]["StudyDate"] if rec.get("study") else rec["metadata"]["StudyDate"]
-    y, m, d = str(study_date)[:10].split("-")
-    assert parts[2].startswith(f"{m}-{d}-{y}")
+    assert V4_DATE.fullmatch(study_date)  # as v4 sends it, and as the Data Retriever names the folder
+    assert parts[2].startswith(study_date + "-")
 
 
 def test_manifest_paths_are_relative_and_complete(server, small_archive, tmp_path):

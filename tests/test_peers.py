@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from harvester.dates import parse_archive_date
 from harvester.server.archive import Archive, SeriesRecord
 from harvester.server.testing import ServerHandle
 
@@ -39,14 +40,15 @@ def test_tcia_utils_queries(tcia, server: ServerHandle, small_archive: Archive) 
     rec = normal(small_archive)[0]
     rows = tcia.getSeries(collection=rec.row["Collection"], modality=rec.row["Modality"])
     assert rec.uid in [r["SeriesInstanceUID"] for r in rows]
-    assert tcia.getSeriesSize(rec.uid) == [{"TotalSizeInBytes": f"{rec.total_bytes}.0", "ObjectCount": 4}]
+    assert tcia.getSeriesSize(rec.uid) == [{"TotalSizeInBytes": rec.total_bytes, "ObjectCount": 4}]
     assert [s["SOPInstanceUID"] for s in tcia.getSopInstanceUids(rec.uid)] == [i.sop_uid for i in rec.instances]
     assert tcia.getPatient(collection=rec.row["Collection"])
     assert tcia.getStudy(rec.row["Collection"], patientId=rec.row["PatientID"])
     cutoff = dt.date(2022, 1, 1)
     updated = tcia.getUpdatedSeries("2022/01/01")  # tcia_utils sends MM-DD-YYYY to v4
     assert {r["SeriesInstanceUID"] for r in updated} == {
-        r.uid for r in small_archive.records() if dt.date.fromisoformat(r.row["DateReleased"][:10]) > cutoff}
+        r.uid for r in small_archive.records() if parse_archive_date(r.row["DateReleased"]) > cutoff}
+    assert all(r["DateReleased"].count("-") == 2 and len(r["DateReleased"]) == 10 for r in updated)  # v4 MM-DD-YYYY
 
 
 @pytest.mark.parametrize("hash_", ["", "y"])

@@ -7,6 +7,7 @@ import datetime as dt
 import hashlib
 import io
 import json
+import re
 import zipfile
 from typing import Any
 
@@ -15,6 +16,7 @@ import pydicom
 import pydicom.data
 import pytest
 
+from harvester.dates import nbia_date, parse_archive_date
 from harvester.server.app import entry_names, parse_from_date
 from harvester.server.archive import Archive, SeriesRecord
 from harvester.server.auth import ServerAuth
@@ -36,8 +38,21 @@ async def fetch_json(handle: ServerHandle, endpoint: str, params: dict[str, str]
     assert status == 200, body
     assert headers["Content-Type"].startswith("application/json")
     data = json.loads(body)
-    assert isinstance(data, list)
+    assert isinstance(data, list) and data, "no match is an empty body (see assert_no_match), never []"
     return data
+
+
+async def assert_no_match(handle: ServerHandle, endpoint: str, params: dict[str, str] | None = None,
+                          **kw: Any) -> None:
+    """NBIA's answer when nothing matches: HTTP 200, typed JSON, and an empty body (not ``[]``)."""
+    status, headers, body = await fetch(handle, endpoint, params, **kw)
+    assert status == 200, body
+    assert headers["Content-Type"].startswith("application/json")
+    assert body == b""
+
+
+V4_DATE = re.compile(r"\d{2}-\d{2}-\d{4}")
+V2_DATE = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\.\d+")
 
 
 def syn_series(archive: Archive) -> list[SeriesRecord]:
@@ -64,7 +79,7 @@ async def test_value_endpoints_filter(server: ServerHandle) -> None:
         {"BodyPartExamined": "HEAD"}]
     makers = await fetch_json(server, "getManufacturerValues", {"Collection": "SYN-LUNG-CT", "Modality": "MR"})
     assert makers and all(set(m) == {"Manufacturer"} for m in makers)
-    assert await fetch_json(server, "getModalityValues", {"Collection": "NO-SUCH"}) == []
+    await assert_no_match(server, "getModalityValues", {"Collection": "NO-SUCH"})
 
 
 async def test_get_patient_uses_lower_case_d(server: ServerHandle, small_archive: Archive) -> None:
@@ -99,7 +114,7 @@ async def test_patient_study_counts_series(server: ServerHandle, small_archive: 
 async def test_get_series_each_filter(server: ServerHandle, small_archive: Archive, param: str) -> None:
     rec = syn_series(small_archive)[3]
     rows = await fetch_json(server, "getSeries", {param: str(rec.row[param])})
-    expected = [r.uid for r in small_archive.records() if str(r.row.get(param)).casefold() == str(rec.row[param]).casefold()]
+    expected = [r.uid for r in small_archive.records() if str(r.row.get(param)).upper() == str(rec.row[param]).upper()]
     assert [r["SeriesInstanceUID"] for r in rows] == expected
     assert rec.uid in expected
 
@@ -111,14 +126,128 @@ async def test_get_series_row_shape(server: ServerHandle, small_archive: Archive
     rec = small_archive.series[row["SeriesInstanceUID"]]
     assert row["ImageCount"] == len(rec.instances) == 4
     assert row["FileSize"] == sum(i.path.stat().st_size for i in rec.instances)
-    assert row["StudyDate"].count("-") == 2 and len(row["StudyDate"]) == 10
-    assert row["DateReleased"].endswith(":00.0") and len(row["MaxSubmissionTimestamp"]) == 21
+    for key in ("SeriesDate", "StudyDate", "DateReleased", "MaxSubmissionTimestamp"):  # v4: MM-DD-YYYY
+        assert V4_DATE.fullmatch(row[key]), (key, row[key])
     for key in ("LicenseName", "LicenseURI", "DataDescriptionURI", "Site", "Manufacturer", "ManufacturerModelName",
                 "SoftwareVersions", "SeriesDate", "StudyDesc"):
         assert row[key], key
     combined = await fetch_json(server, "getSeries", {"Collection": "syn-lung-ct", "PatientID": "SYN-LUNG-CT-0002"})
     assert {r["PatientID"] for r in combined} == {"SYN-LUNG-CT-0002"} and len(combined) == 2
-    assert await fetch_json(server, "getSeries", {"PatientID": "syn-lung-ct-0002"}) == []  # IDs match exactly
+    lower = await fetch_json(server, "getSeries", {"PatientID": "syn-lung-ct-0002"})  # UPPER(PatientID) = UPPER(?)
+    assert lower == combined
+
+
+# ---------------------------------------------------------------------------- the wire, byte for byte
+
+DATE_KEYS = ("SeriesDate", "StudyDate", "DateReleased", "MaxSubmissionTimestamp")
+
+
+async def test_v4_dates_are_mm_dd_yyyy(server: ServerHandle, small_archive: Archive) -> None:
+    rows = await fetch_json(server, "getSeries", {"Collection": "SYN-LUNG-CT"})
+    for row in rows:
+        rec = small_archive.series[row["SeriesInstanceUID"]]
+        for key in DATE_KEYS:
+            assert row[key] == nbia_date(parse_archive_date(rec.row[key])), key
+    studies = await fetch_json(server, "getPatientStudy", {"Collection": "SYN-LUNG-CT"})
+    assert studies and all(V4_DATE.fullmatch(s["StudyDate"]) for s in studies)
+    updated = await fetch_json(server, "getUpdatedSeries", {"fromDate": "01-01-1990"})
+    assert updated and all(V4_DATE.fullmatch(r["DateReleased"]) for r in updated)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+async def test_old_versions_send_v2_era_dates(server: ServerHandle, small_archive: Archive, version: str) -> None:
+    rows = await fetch_json(server, "getSeries", {"Collection": "SYN-LUNG-CT"}, version=version)
+    for row in rows:
+        rec = small_archive.series[row["SeriesInstanceUID"]]
+        for key in DATE_KEYS:
+            assert V2_DATE.fullmatch(row[key]), (key, row[key])
+            assert parse_archive_date(row[key]) == parse_archive_date(rec.row[key])
+    studies = await fetch_json(server, "getPatientStudy", {"Collection": "SYN-LUNG-CT"}, version=version)
+    assert studies and all(V2_DATE.fullmatch(s["StudyDate"]) for s in studies)
+
+
+async def test_numbers_are_json_numbers_and_slashes_escaped(server: ServerHandle, small_archive: Archive) -> None:
+    rec = syn_series(small_archive)[0]
+    status, _, body = await fetch(server, "getSeries", {"SeriesInstanceUID": rec.uid})
+    assert status == 200
+    assert b"https:\\/\\/creativecommons.org\\/" in body and b"/" not in body.replace(b"\\/", b"")
+    row = json.loads(body)[0]
+    assert row["SeriesNumber"] == rec.row["SeriesNumber"] and isinstance(row["SeriesNumber"], int)
+    assert row["FileSize"] == rec.total_bytes and row["ImageCount"] == len(rec.instances)
+    [size] = await fetch_json(server, "getSeriesSize", {"SeriesInstanceUID": rec.uid})
+    assert size == {"TotalSizeInBytes": rec.total_bytes, "ObjectCount": len(rec.instances)}
+    [study] = await fetch_json(server, "getPatientStudy", {"StudyInstanceUID": rec.row["StudyInstanceUID"]})
+    assert study["SeriesCount"] == 2
+
+
+async def test_numbers_as_strings_mode(small_archive: Archive) -> None:
+    rec = syn_series(small_archive)[0]
+    with serve_in_thread(small_archive, numbers_as_strings=True) as handle:
+        [row] = await fetch_json(handle, "getSeries", {"SeriesInstanceUID": rec.uid})
+        [size] = await fetch_json(handle, "getSeriesSize", {"SeriesInstanceUID": rec.uid})
+        [study] = await fetch_json(handle, "getPatientStudy", {"StudyInstanceUID": rec.row["StudyInstanceUID"]})
+    assert (row["SeriesNumber"], row["ImageCount"]) == (str(rec.row["SeriesNumber"]), str(len(rec.instances)))
+    assert row["FileSize"] == f"{rec.total_bytes}.0"
+    assert size == {"TotalSizeInBytes": f"{rec.total_bytes}.0", "ObjectCount": str(len(rec.instances))}
+    assert study["SeriesCount"] == "2"
+    assert V4_DATE.fullmatch(row["DateReleased"])  # only the numbers change
+
+
+@pytest.mark.parametrize("endpoint,params", [
+    ("getCollectionValues", None),  # None: asked of an empty archive
+    ("getModalityValues", {"Collection": "NO-SUCH"}),
+    ("getBodyPartValues", {"Collection": "NO-SUCH"}),
+    ("getManufacturerValues", {"Collection": "NO-SUCH"}),
+    ("getPatient", {"Collection": "NO-SUCH"}),
+    ("getPatientByCollectionAndModality", {"Collection": "SYN-LUNG-CT", "Modality": "XA"}),
+    ("NewPatientsInCollection", {"Collection": "SYN-LUNG-CT", "fromDate": "01-01-2100"}),
+    ("getPatientStudy", {"PatientID": "NO-SUCH"}),
+    ("NewStudiesInPatientCollection", {"Collection": "NO-SUCH", "fromDate": "01-01-1990"}),
+    ("getSeries", {"Collection": "SYN-LUNG-CT", "Modality": "XA"}),
+    ("getUpdatedSeries", {"fromDate": "01-01-2100"}),
+    ("getSeriesSize", {"SeriesInstanceUID": "1.2.3.404"}),
+    ("getSOPInstanceUIDs", {"SeriesInstanceUID": "1.2.3.404"}),
+])
+async def test_no_match_is_an_empty_200_body(server: ServerHandle, small_archive: Archive, endpoint: str,
+                                             params: dict[str, str] | None) -> None:
+    if params is None:
+        with serve_in_thread(Archive([])) as empty:
+            await assert_no_match(empty, endpoint)
+        return
+    await assert_no_match(server, endpoint, params)
+    if "fromDate" not in params:  # (v2 reads fromDate as DD/MM/YYYY)
+        await assert_no_match(server, endpoint, params, version="v2")
+
+
+@pytest.mark.parametrize("param", ["Collection", "PatientID", "Modality", "BodyPartExamined", "Manufacturer",
+                                   "ManufacturerModelName"])
+async def test_filters_ignore_case(server: ServerHandle, small_archive: Archive, param: str) -> None:
+    rec = syn_series(small_archive)[3]
+    exact = await fetch_json(server, "getSeries", {param: str(rec.row[param])})
+    assert rec.uid in {r["SeriesInstanceUID"] for r in exact}
+    for variant in (str(rec.row[param]).lower(), str(rec.row[param]).swapcase()):
+        assert await fetch_json(server, "getSeries", {param: variant}) == exact, variant
+
+
+async def test_modality_ct_returns_the_ct_series(server: ServerHandle, small_archive: Archive) -> None:
+    rows = await fetch_json(server, "getSeries", {"Collection": "syn-lung-ct", "Modality": "ct"})
+    expected = [r.uid for r in small_archive.records() if r.row["Collection"] == "SYN-LUNG-CT" and r.row["Modality"] == "CT"]
+    assert [r["SeriesInstanceUID"] for r in rows] == expected and expected
+    assert {r["Modality"] for r in rows} == {"CT"}  # the archive's spelling comes back
+    assert await fetch_json(server, "getModalityValues", {"Collection": "syn-lung-ct"}) == [
+        {"Modality": "CT"}, {"Modality": "MR"}]
+    assert await fetch_json(server, "getBodyPartValues", {"Collection": "syn-brain-mr", "Modality": "mr"}) == [
+        {"BodyPartExamined": "HEAD"}]
+    patients = await fetch_json(server, "getPatientByCollectionAndModality", {"Collection": "Syn-Lung-Ct",
+                                                                               "Modality": "Ct"})
+    assert [p["PatientId"] for p in patients] == ["SYN-LUNG-CT-0001", "SYN-LUNG-CT-0002"]
+
+
+async def test_uids_match_exactly(server: ServerHandle, small_archive: Archive) -> None:
+    rec = syn_series(small_archive)[0]
+    await fetch_json(server, "getSeries", {"StudyInstanceUID": rec.row["StudyInstanceUID"]})
+    await assert_no_match(server, "getSeries", {"StudyInstanceUID": rec.row["StudyInstanceUID"] + " "})
+    await assert_no_match(server, "getSeries", {"SeriesInstanceUID": rec.uid + ".0"})
 
 
 async def test_null_fields_are_omitted(server: ServerHandle) -> None:
@@ -199,8 +328,8 @@ async def test_new_patients_and_studies(server: ServerHandle, small_archive: Arc
                             {"Collection": "SYN-LUNG-CT", "fromDate": before_last.strftime("%m-%d-%Y")})
     newest = [r for r in lung if _release_day(r) == last]
     assert [r["PatientId"] for r in rows] == sorted({r.row["PatientID"] for r in newest})
-    assert await fetch_json(server, "NewPatientsInCollection",
-                            {"Collection": "SYN-LUNG-CT", "fromDate": last.strftime("%m-%d-%Y")}) == []
+    await assert_no_match(server, "NewPatientsInCollection",
+                          {"Collection": "SYN-LUNG-CT", "fromDate": last.strftime("%m-%d-%Y")})
     studies = await fetch_json(server, "NewStudiesInPatientCollection", {
         "Collection": "SYN-LUNG-CT", "PatientID": newest[0].row["PatientID"], "fromDate": "01-01-1990"})
     assert [s["StudyInstanceUID"] for s in studies] == [newest[0].row["StudyInstanceUID"]]
@@ -210,8 +339,8 @@ async def test_series_size_sop_uids_and_md5(server: ServerHandle, small_archive:
     rec = syn_series(small_archive)[1]
     size = await fetch_json(server, "getSeriesSize", {"SeriesInstanceUID": rec.uid})
     total = sum(i.path.stat().st_size for i in rec.instances)
-    assert size == [{"TotalSizeInBytes": f"{total}.0", "ObjectCount": 4}]
-    assert await fetch_json(server, "getSeriesSize", {"SeriesInstanceUID": "1.2.3.404"}) == []
+    assert size == [{"TotalSizeInBytes": total, "ObjectCount": 4}]  # JSON numbers, as v4 sends them
+    await assert_no_match(server, "getSeriesSize", {"SeriesInstanceUID": "1.2.3.404"})
     sops = await fetch_json(server, "getSOPInstanceUIDs", {"SeriesInstanceUID": rec.uid})
     assert [s["SOPInstanceUID"] for s in sops] == [i.sop_uid for i in rec.instances]
     inst = rec.instances[2]
@@ -230,7 +359,7 @@ async def test_single_image(server: ServerHandle, small_archive: Archive) -> Non
     assert body == inst.path.read_bytes()
     other = syn_series(small_archive)[1]
     status, _, body = await fetch(server, "getSingleImage", {"SeriesInstanceUID": other.uid, "SOPInstanceUID": inst.sop_uid})
-    assert status == 400 and b"not found" in body
+    assert status == 500 and b"not found" in body  # NBIA answers an instance it cannot find with 500
 
 
 async def test_unknown_endpoint_and_no_listing(server: ServerHandle) -> None:
@@ -300,11 +429,17 @@ async def test_zip_of_pydicom_samples_and_old_versions(server: ServerHandle, sma
         assert zf.read("00000001.dcm") == original
 
 
-async def test_download_of_unknown_series_is_400_text(server: ServerHandle) -> None:
-    for endpoint in ("getImage", "getImageWithMD5Hash"):
-        status, headers, body = await fetch(server, endpoint, {"SeriesInstanceUID": "1.2.3.404"})
-        assert status == 400 and headers["Content-Type"].startswith("text/plain")
-        assert b"1.2.3.404" in body and not body.startswith(b"PK")
+async def test_download_of_unknown_series_is_400_text_typed_json(server: ServerHandle) -> None:
+    """Access denied (or no such series): HTTP 400, a plain-text message, ``Content-Type: application/json``."""
+    for endpoint in ("getImage", "getImageWithMD5Hash", "getSingleImage"):
+        params = {"SeriesInstanceUID": "1.2.3.404"}
+        if endpoint == "getSingleImage":
+            params["SOPInstanceUID"] = "1.2.3.405"
+        status, headers, body = await fetch(server, endpoint, params)
+        assert status == 400 and headers["Content-Type"].startswith("application/json"), endpoint
+        assert b"1.2.3.404" in body and b"not authorized" in body and not body.startswith(b"PK")
+        with pytest.raises(ValueError):
+            json.loads(body)  # the type says JSON, the body is text: clients must not trust the type
 
 
 # ------------------------------------------------------------------------------- statistics

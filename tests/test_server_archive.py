@@ -17,7 +17,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from harvester.errors import UsageError
-from harvester.server.archive import Archive, InstanceRecord, SeriesRecord, load_harvest_dir, resolve_inside
+from harvester.server.archive import (
+    Archive,
+    InstanceRecord,
+    SeriesRecord,
+    load_harvest_dir,
+    resolve_inside,
+    wire_json,
+    wire_row,
+)
 from harvester.server.testing import serve_in_thread
 
 pytestmark = pytest.mark.anyio
@@ -190,9 +198,50 @@ def test_indexes_agree_with_brute_force_on_20000_series() -> None:
              and r.row["BodyPartExamined"] == "HEAD"]
     assert [r.uid for r in archive.select(wanted)] == brute and brute
     assert [r.uid for r in archive.select({"PatientID": "P42"})] == [f"1.{i}" for i in range(420, 430)]
-    assert archive.select({"PatientID": "p42"}) == []
+    assert archive.select({"PatientID": "p42"}) == archive.select({"PatientID": "P42"})  # UPPER(), as NBIA
+    assert archive.select({"SeriesInstanceUID": "1.42"}) == [records[42]]
     after = archive.released_after(dt.date(2022, 6, 1))
     assert [r.uid for r in after] == [r.uid for r in records if int(r.row["DateReleased"][:4]) > 2022]
     assert archive.find_instance("3.19999") == (records[-1], records[-1].instances[0])
     with pytest.raises(ValueError, match="duplicate"):
         Archive(records[:2] + records[:1])
+
+
+def test_release_dates_in_every_wire_format_are_indexed() -> None:
+    """A harvested directory holds DateReleased as its server sent it: v4 MM-DD-YYYY, v2 stamps, ISO."""
+    dates = ["05-27-2015", "2016-03-01 00:00:00.0", "2017-01-02", "not a date"]
+    records = [SeriesRecord(row={"SeriesInstanceUID": f"1.{i}", "DateReleased": d}, patient={}, study={},
+                            instances=[], license_text="") for i, d in enumerate(dates)]
+    archive = Archive(records)
+    assert [r.uid for r in archive.released_after(dt.date(2015, 5, 26))] == ["1.0", "1.1", "1.2"]
+    assert [r.uid for r in archive.released_after(dt.date(2015, 5, 27))] == ["1.1", "1.2"]  # strictly after
+
+
+def test_wire_row_dates_per_version_and_numbers() -> None:
+    row = {"SeriesDate": "2003-12-12", "StudyDate": "20031212", "DateReleased": "2015-05-27 13:37:05.0",
+           "MaxSubmissionTimestamp": "05-27-2015", "SeriesNumber": "3000566.000000", "FileSize": 1234,
+           "ImageCount": "93", "SeriesDescription": "AX T1/POST", "Site": None, "Modality": "",
+           "SeriesCount": "not a number"}
+    v4 = wire_row(row)
+    assert v4 == {"SeriesDate": "12-12-2003", "StudyDate": "12-12-2003", "DateReleased": "05-27-2015",
+                  "MaxSubmissionTimestamp": "05-27-2015", "SeriesNumber": 3000566, "FileSize": 1234,
+                  "ImageCount": 93, "SeriesDescription": "AX T1/POST", "SeriesCount": "not a number"}
+    v2 = wire_row(row, style="v2")
+    assert (v2["SeriesDate"], v2["StudyDate"], v2["MaxSubmissionTimestamp"]) == ("2003-12-12 00:00:00.0",) * 2 + (
+        "2015-05-27 00:00:00.0",)
+    assert v2["DateReleased"] == "2015-05-27 13:37:05.0"  # a v2 stamp keeps its time of day
+    strings = wire_row(row, numbers_as_strings=True)
+    assert (strings["SeriesNumber"], strings["FileSize"], strings["ImageCount"]) == ("3000566", "1234.0", "93")
+    assert wire_row({"SeriesNumber": "4.5", "FileSize": "1.2E7"}) == {"SeriesNumber": 4.5, "FileSize": 12_000_000}
+    assert wire_row({"ImageCount": "NaN", "FileSize": True}) == {"ImageCount": "NaN", "FileSize": True}
+
+
+def test_wire_json_escapes_slashes_like_java() -> None:
+    text = wire_json([{"LicenseURI": "https://creativecommons.org/licenses/by/4.0/", "N": 1}])
+    assert text == '[{"LicenseURI":"https:\\/\\/creativecommons.org\\/licenses\\/by\\/4.0\\/","N":1}]'
+    assert json.loads(text) == [{"LicenseURI": "https://creativecommons.org/licenses/by/4.0/", "N": 1}]
+
+
+@given(st.text())
+def test_wire_json_round_trips_any_text(value: str) -> None:
+    assert json.loads(wire_json({"v": value})) == {"v": value}

@@ -57,7 +57,17 @@ def test_prints_base_url_first_and_stops_on_signal(synthetic_cache: Path, signum
 def test_serves_a_harvest_directory(tmp_path: Path) -> None:
     (tmp_path / "harvest.json").write_text(json.dumps({"schema": "harvester/1", "series": []}), encoding="utf-8")
     with serving(str(tmp_path)) as (proc, url):
-        assert get(url + "/getSeries") == (200, b"[]")
+        assert get(url + "/getSeries") == (200, b"")  # no match: an empty body, as NBIA answers
+        proc.terminate()
+        assert proc.wait(15) == 0
+
+
+def test_numbers_as_strings_option(synthetic_cache: Path) -> None:
+    with serving("--synthetic", SPEC, "--cache-dir", str(synthetic_cache), "--numbers-as-strings") as (proc, url):
+        status, body = get(url + "/getSeries")
+        assert status == 200
+        rows = json.loads(body)
+        assert rows and all(isinstance(r["ImageCount"], str) and r["FileSize"].endswith(".0") for r in rows)
         proc.terminate()
         assert proc.wait(15) == 0
 

@@ -7,11 +7,23 @@ Routes (``{v}`` is ``v1``, ``v2`` or ``v4``)::
     POST /nbia-api/services/oauth/token        the same (nbiatoolkit's location)
     GET  /_harvester/stats                     request statistics as JSON (not part of NBIA)
 
-Behaviour that clients rely on, as the real service does it: JSON lists with null keys
-omitted, ``format=csv``; on v4 an unknown (or wrongly cased) parameter is HTTP 400
-"Invalid query parameter: X" (v1/v2 ignore unknown parameters); ``fromDate`` is
-``MM-DD-YYYY`` on v4 and ``DD/MM/YYYY`` on v1/v2; download errors are HTTP 400 with a text
-body; ZIPs are streamed chunked, without Content-Length, in constant memory.
+Behaviour that clients rely on, as the real service does it (``shared/nbia-api.md``, "The
+wire, byte for byte"): JSON lists with null keys omitted and ``/`` escaped as ``\\/``;
+no match is HTTP 200 with an empty body (not ``[]``); ``format=csv``; on v4 an unknown (or
+wrongly cased) parameter is HTTP 400 "Invalid query parameter: X" (v1/v2 ignore unknown
+parameters); Collection, PatientID, Modality, BodyPartExamined, Manufacturer and
+ManufacturerModelName match case-insensitively (SQL ``UPPER``).
+
+Per API version, decided by the URL's version segment: on v4, dates in the JSON are
+``MM-DD-YYYY`` (``"05-27-2015"``) and ``fromDate`` is ``MM-DD-YYYY``; on v1/v2, dates are the
+v2-era ``"2003-12-12 00:00:00.0"`` and ``fromDate`` is ``DD/MM/YYYY``. SeriesNumber, FileSize,
+TotalSizeInBytes, ImageCount, ObjectCount and SeriesCount are JSON numbers, or strings with
+``numbers_as_strings`` (as some deployments and proxies send them).
+
+Download errors are HTTP 400 with a text body; access denied (an unknown or unauthorised
+series) is that text typed ``application/json``, as NBIA sends it; getSingleImage of an
+unknown instance is HTTP 500. ZIPs are streamed chunked, without Content-Length, in constant
+memory.
 
 The server is read-only and only sends files the ``Archive`` vouched for; there is no static
 route and no directory listing.
@@ -22,7 +34,6 @@ import asyncio
 import csv
 import datetime as dt
 import io
-import json
 import logging
 import zlib
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -41,6 +52,8 @@ from harvester.server.archive import (
     Archive,
     InstanceRecord,
     SeriesRecord,
+    wire_json,
+    wire_row,
 )
 from harvester.server.auth import ServerAuth, TokenGrantError, TokenIssuer
 from harvester.server.faults import (
@@ -67,6 +80,8 @@ STATS_PATH = "/_harvester/stats"
 TOKEN_PATHS = ("/nbia-api/oauth/token", "/nbia-api/services/oauth/token")
 #: fromDate formats: v4 uses MM-DD-YYYY; the v1/v2 getUpdatedSeries parsed DD/MM/YYYY.
 DATE_FORMATS = {"v1": "%d/%m/%Y", "v2": "%d/%m/%Y", "v4": "%m-%d-%Y"}
+#: How each version writes dates in its JSON (see :func:`harvester.server.archive.wire_row`).
+DATE_STYLES = {"v1": "v2", "v2": "v2", "v4": "v4"}
 PACED_CHUNK = 64 * 1024
 FILE_CHUNK = 256 * 1024
 
@@ -74,10 +89,20 @@ STATS_KEY = web.AppKey("harvester_stats", Stats)
 ARCHIVE_KEY = web.AppKey("harvester_archive", Archive)
 FAULTS_KEY = web.AppKey("harvester_faults", FaultInjector)
 TOKENS_KEY = web.AppKey("harvester_tokens", TokenIssuer)
+NUMBERS_AS_STRINGS_KEY = web.AppKey("harvester_numbers_as_strings", bool)
 
 
 class BadRequest(Exception):
     """Answered with HTTP 400 and the message as text/plain (NBIA's way of saying no)."""
+
+
+class AccessDenied(BadRequest):
+    """Answered with HTTP 400 and the message as text, but typed ``application/json``, as NBIA
+    answers a series that does not exist or that the user may not see."""
+
+
+class InternalError(Exception):
+    """Answered with HTTP 500 and the message as text/plain (NBIA's answer to an unknown instance)."""
 
 
 @dataclass(frozen=True)
@@ -167,7 +192,7 @@ def _updated_series(archive: Archive, params: Params, version: str) -> QueryResu
 
 def _series_size(archive: Archive, params: Params, version: str) -> QueryResult:
     rec = archive.get(params["SeriesInstanceUID"])
-    rows = [] if rec is None else [{"TotalSizeInBytes": f"{rec.total_bytes}.0", "ObjectCount": len(rec.instances)}]
+    rows = [] if rec is None else [{"TotalSizeInBytes": rec.total_bytes, "ObjectCount": len(rec.instances)}]
     return QueryResult(["TotalSizeInBytes", "ObjectCount"], rows=rows)
 
 
@@ -206,15 +231,24 @@ ENDPOINTS: dict[str, Endpoint] = {
 }
 
 
-def render_rows(archive: Archive, result: QueryResult, fmt: str) -> web.Response:
-    """JSON (default) or CSV for a query result."""
+def render_rows(archive: Archive, result: QueryResult, fmt: str, version: str = "v4", *,
+                numbers_as_strings: bool = False) -> web.Response:
+    """JSON (default) or CSV for a query result, in ``version``'s wire form (see the module doc).
+
+    No row is HTTP 200 with an empty JSON body, as NBIA answers; CSV still has its header line.
+    """
+    style = DATE_STYLES[version]
     if fmt == "json":
         if result.series is not None:
-            text = "[" + ",".join(archive.row_json(rec) for rec in result.series) + "]"
+            parts = [archive.row_json(rec, style=style, numbers_as_strings=numbers_as_strings)
+                     for rec in result.series]
         else:
-            text = json.dumps(result.rows or [], separators=(",", ":"), ensure_ascii=False)
+            parts = [wire_json(wire_row(row, style=style, numbers_as_strings=numbers_as_strings))
+                     for row in result.rows or []]
+        text = "[" + ",".join(parts) + "]" if parts else ""
         return web.Response(body=text.encode("utf-8"), content_type="application/json")
-    rows = [rec.row for rec in result.series] if result.series is not None else (result.rows or [])
+    raw = [rec.row for rec in result.series] if result.series is not None else (result.rows or [])
+    rows = [wire_row(row, style=style) for row in raw]
     present = {key for row in rows for key in row}
     columns = [c for c in result.columns if c in present] + sorted(present - set(result.columns))
     if not rows:
@@ -376,11 +410,11 @@ async def _download(request: web.Request, endpoint: str, params: Params, decisio
     uid = params["SeriesInstanceUID"]
     rec = archive.get(uid)
     if rec is None:
-        raise BadRequest(f"SeriesInstanceUID {uid} was not found or you are not authorized to access it")
+        raise AccessDenied(f"SeriesInstanceUID {uid} was not found or you are not authorized to access it")
     if endpoint == "getSingleImage":
         found = archive.find_instance(params["SOPInstanceUID"])
         if found is None or found[0] is not rec:
-            raise BadRequest(f"SOPInstanceUID {params['SOPInstanceUID']} was not found in series {uid}")
+            raise InternalError(f"SOPInstanceUID {params['SOPInstanceUID']} was not found in series {uid}")
         inst: InstanceRecord = found[1]
         resp = web.StreamResponse(status=200, headers={"Content-Type": "application/dicom"})
         resp.content_length = inst.size
@@ -480,9 +514,14 @@ async def api_handler(request: web.Request) -> web.StreamResponse:
                 raise BadRequest(f"SOPInstanceUID {params['SOPInstanceUID']} was not found")
             return web.Response(text=found[1].md5, content_type="text/plain")
         assert spec.query is not None
-        return render_rows(archive, spec.query(archive, params, version), params["format"])
+        return render_rows(archive, spec.query(archive, params, version), params["format"], version,
+                           numbers_as_strings=request.app[NUMBERS_AS_STRINGS_KEY])
+    except AccessDenied as err:
+        return web.Response(status=400, text=str(err) + "\n", content_type="application/json")
     except BadRequest as err:
         return _text(400, str(err))
+    except InternalError as err:
+        return _text(500, str(err))
 
 
 async def token_handler(request: web.Request) -> web.Response:
@@ -502,15 +541,17 @@ async def stats_handler(request: web.Request) -> web.Response:
 
 
 def make_app(archive: Archive, faults: FaultSpec | FaultInjector | None = None,
-             auth: ServerAuth | None = None) -> web.Application:
+             auth: ServerAuth | None = None, *, numbers_as_strings: bool = False) -> web.Application:
     """The aiohttp application serving ``archive``.
 
     ``faults`` may be a spec or an injector (to share one and switch it at runtime through
-    ``app[FAULTS_KEY].replace(...)``); ``auth`` makes tokens mandatory. Statistics are at
-    ``app[STATS_KEY]``.
+    ``app[FAULTS_KEY].replace(...)``); ``auth`` makes tokens mandatory; ``numbers_as_strings``
+    sends the number fields of the query JSON as strings, as some deployments and proxies do.
+    Statistics are at ``app[STATS_KEY]``.
     """
     app = web.Application()
     app[ARCHIVE_KEY] = archive
+    app[NUMBERS_AS_STRINGS_KEY] = numbers_as_strings
     app[STATS_KEY] = Stats()
     app[FAULTS_KEY] = faults if isinstance(faults, FaultInjector) else FaultInjector(faults)
     app[TOKENS_KEY] = TokenIssuer(auth)

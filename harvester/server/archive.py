@@ -21,13 +21,16 @@ import hashlib
 import json
 import logging
 import os
+import re
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+from harvester.dates import nbia_date, parse_archive_date
 from harvester.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -56,11 +59,11 @@ STUDY_FIELDS: tuple[str, ...] = (
     "LongitudinalTemporalOffsetFromEvent", "Phantom", "SpeciesCode", "SpeciesDescription",
 )
 
-#: getSeries filter parameters -> whether matching ignores case. NBIA runs on MySQL with a
-#: case-insensitive collation, so names match regardless of case; UIDs and IDs match exactly.
+#: getSeries filter parameters -> whether matching ignores case. NBIA's v4 DAO queries compare
+#: ``UPPER(column) = UPPER(value)`` for these six; UIDs match exactly.
 SERIES_FILTERS: dict[str, bool] = {
     "Collection": True,
-    "PatientID": False,
+    "PatientID": True,
     "StudyInstanceUID": False,
     "SeriesInstanceUID": False,
     "Modality": True,
@@ -68,6 +71,15 @@ SERIES_FILTERS: dict[str, bool] = {
     "Manufacturer": True,
     "ManufacturerModelName": True,
 }
+
+#: Query JSON fields that hold a date: ``MM-DD-YYYY`` on v4, ``YYYY-MM-DD HH:MM:SS.f`` on v1/v2.
+DATE_FIELDS: frozenset[str] = frozenset({"SeriesDate", "StudyDate", "DateReleased", "MaxSubmissionTimestamp"})
+#: Query JSON fields that hold a number: JSON numbers by default, strings in the proxy mode.
+NUMBER_FIELDS: frozenset[str] = frozenset({"SeriesNumber", "FileSize", "TotalSizeInBytes", "ImageCount",
+                                           "ObjectCount", "SeriesCount"})
+#: Sizes that deployments sending strings write as Java doubles (``"1234.0"``).
+_DOUBLE_FIELDS = frozenset({"FileSize", "TotalSizeInBytes"})
+_V2_STAMP = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\.\d+$")
 
 DEFAULT_LICENSE_NAME = "Creative Commons Attribution 4.0 International License"
 DEFAULT_LICENSE_URI = "https://creativecommons.org/licenses/by/4.0/"
@@ -127,13 +139,74 @@ def license_text_for(row: Mapping[str, Any]) -> str:
 
 
 def parse_release_date(value: Any) -> dt.date | None:
-    """``DateReleased`` as a date (first 10 characters ``YYYY-MM-DD``), or None if absent/unparsable."""
-    if not isinstance(value, str) or len(value) < 10:
-        return None
+    """``DateReleased`` as a date (any format the API has sent), or None if absent/unparsable."""
+    return parse_archive_date(value)
+
+
+def fold_case(value: Any) -> str:
+    """The value as NBIA compares it in a case-insensitive filter: SQL ``UPPER``.
+
+    The one folding of the server (indexes, lookups, sorting): ``upper`` rather than ``casefold``,
+    because ``UPPER`` is what the real queries run ("ß" stays "ß" there and must not match "ss").
+    """
+    return str(value).upper()
+
+
+def _wire_date(value: Any, style: str) -> Any:
+    """A date field as the API version ``style`` (``"v4"`` or ``"v2"``) sends it; a value that
+    is not a readable date is passed on as it is."""
+    day = parse_archive_date(value)
+    if day is None:
+        return value
+    if style == "v4":
+        return nbia_date(day)
+    if isinstance(value, str) and _V2_STAMP.match(value.strip()):
+        return value.strip()  # already the v2 form: keep its time of day
+    return f"{day.isoformat()} 00:00:00.0"
+
+
+def _wire_number(value: Any, field_name: str, as_string: bool) -> Any:
+    """A number field as a JSON number (``3000566``, ``12.5``), or as a string when ``as_string``.
+
+    A value that is not a finite number (metadata of a harvested directory is untrusted) is
+    passed on as it is.
+    """
+    if isinstance(value, bool):
+        return value
     try:
-        return dt.date.fromisoformat(value[:10])
-    except ValueError:
-        return None
+        number = Decimal(str(value).strip())
+    except (InvalidOperation, ValueError):
+        return value
+    if not number.is_finite():
+        return value
+    out: int | float = int(number) if number == number.to_integral_value() else float(number)
+    if not as_string:
+        return out
+    return f"{out}.0" if isinstance(out, int) and field_name in _DOUBLE_FIELDS else str(out)
+
+
+def wire_row(row: Mapping[str, Any], *, style: str = "v4", numbers_as_strings: bool = False) -> dict[str, Any]:
+    """One query row as it goes on the wire: dates in the version's form, numbers as numbers
+    (or strings), null and empty values left out. ``row`` is not changed."""
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if value is None or value == "":
+            continue
+        if key in DATE_FIELDS:
+            value = _wire_date(value, style)
+        elif key in NUMBER_FIELDS:
+            value = _wire_number(value, key, numbers_as_strings)
+        out[key] = value
+    return out
+
+
+def wire_json(value: Any) -> str:
+    """Compact JSON as NBIA's Java writer sends it: UTF-8 text, ``/`` escaped as ``\\/``.
+
+    Invariant: outside strings JSON has no ``/``, so replacing every one escapes exactly the
+    slashes inside strings, and ``\\/`` is a valid JSON escape of ``/``.
+    """
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).replace("/", "\\/")
 
 
 class Archive:
@@ -162,7 +235,7 @@ class Archive:
                 value = rec.row.get(name)
                 if value is None:
                     continue
-                key = str(value).casefold() if fold else str(value)
+                key = fold_case(value) if fold else str(value)
                 self._index[name].setdefault(key, []).append(pos)
             for inst in rec.instances:
                 self._sop.setdefault(inst.sop_uid, (rec, inst))
@@ -173,7 +246,7 @@ class Archive:
         released.sort()
         self._released_days = [day for day, _ in released]
         self._released_pos = [pos for _, pos in released]
-        self._row_json: dict[str, str] = {}
+        self._row_json: dict[tuple[str, str, bool], str] = {}
         self._crc_cache: dict[Path, int] = {}
 
     def __len__(self) -> int:
@@ -196,7 +269,7 @@ class Archive:
             fold = SERIES_FILTERS[name]
             if value in (None, ""):
                 continue
-            key = value.casefold() if fold else value
+            key = fold_case(value) if fold else value
             hits = self._index[name].get(key)
             if not hits:
                 return []
@@ -223,7 +296,7 @@ class Archive:
     def distinct(field_name: str, records: Iterable[SeriesRecord]) -> list[str]:
         """Distinct non-empty values of a getSeries column, sorted case-insensitively."""
         values = {str(rec.row[field_name]) for rec in records if rec.row.get(field_name) not in (None, "")}
-        return sorted(values, key=lambda v: (v.casefold(), v))
+        return sorted(values, key=lambda v: (fold_case(v), v))
 
     def collections(self) -> list[str]:
         return self.distinct("Collection", self._records)
@@ -251,12 +324,13 @@ class Archive:
     def find_instance(self, sop_uid: str) -> tuple[SeriesRecord, InstanceRecord] | None:
         return self._sop.get(sop_uid)
 
-    def row_json(self, rec: SeriesRecord) -> str:
-        """The series' getSeries row as compact JSON, serialised once and cached."""
-        text = self._row_json.get(rec.uid)
+    def row_json(self, rec: SeriesRecord, *, style: str = "v4", numbers_as_strings: bool = False) -> str:
+        """The series' getSeries row as wire JSON (:func:`wire_row`), serialised once per form and cached."""
+        key = (rec.uid, style, numbers_as_strings)
+        text = self._row_json.get(key)
         if text is None:
-            text = json.dumps(rec.row, separators=(",", ":"), ensure_ascii=False)
-            self._row_json[rec.uid] = text
+            text = wire_json(wire_row(rec.row, style=style, numbers_as_strings=numbers_as_strings))
+            self._row_json[key] = text
         return text
 
     def crc32_of(self, inst: InstanceRecord) -> int:
@@ -463,5 +537,6 @@ def load_harvest_dir(path: str | os.PathLike[str]) -> Archive:
 __all__ = [
     "Archive", "InstanceRecord", "SeriesRecord", "load_harvest_dir", "SERIES_FIELDS",
     "PATIENT_FIELDS", "STUDY_FIELDS", "SERIES_FILTERS", "compact_row", "license_text_for",
-    "resolve_inside", "file_md5", "file_crc32", "parse_release_date",
+    "resolve_inside", "file_md5", "file_crc32", "parse_release_date", "fold_case", "wire_row", "wire_json",
+    "DATE_FIELDS", "NUMBER_FIELDS",
 ]

@@ -2,6 +2,7 @@
 
     harvester serve [DIR] [--synthetic SPEC] [--cache-dir DIR] [--host 127.0.0.1] [--port 0]
                     [--faults SPEC] [--auth USER:PASSWORD_FILE] [--token-expires SECONDS]
+                    [--numbers-as-strings]
 
 The first line of stdout is the base URL (ending in ``/v4``), flushed, so a parent process
 can read it and start talking; the server then runs until SIGINT or SIGTERM (exit 0).
@@ -37,14 +38,16 @@ MAX_LINE_SIZE = MAX_FIELD_SIZE = 8190
 
 async def start_server(archive: Archive, host: str = "127.0.0.1", port: int = 0,
                        faults: FaultSpec | FaultInjector | None = None,
-                       auth: ServerAuth | None = None, *, idle_timeout: float = IDLE_TIMEOUT
-                       ) -> tuple[web.AppRunner, str]:
+                       auth: ServerAuth | None = None, *, idle_timeout: float = IDLE_TIMEOUT,
+                       numbers_as_strings: bool = False) -> tuple[web.AppRunner, str]:
     """Start serving ``archive`` on the running loop; returns the runner and the v4 base URL.
+
+    ``numbers_as_strings``: see :func:`harvester.server.app.make_app`.
 
     Stop it with ``await runner.cleanup()``. The app (and its stats) is ``runner.app``.
     Raises ``OSError`` when the address cannot be bound.
     """
-    runner = web.AppRunner(make_app(archive, faults, auth), access_log=None,
+    runner = web.AppRunner(make_app(archive, faults, auth, numbers_as_strings=numbers_as_strings), access_log=None,
                            shutdown_timeout=SHUTDOWN_TIMEOUT, keepalive_timeout=idle_timeout,
                            max_line_size=MAX_LINE_SIZE, max_field_size=MAX_FIELD_SIZE)
     await runner.setup()
@@ -74,6 +77,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="require bearer tokens; USER logs in with the password in PASSWORD_FILE (repeatable)")
     parser.add_argument("--token-expires", metavar="SECONDS", type=int, default=7200,
                         help="access token lifetime with --auth (default 7200)")
+    parser.add_argument("--numbers-as-strings", action="store_true",
+                        help="send the JSON's numbers (FileSize, ImageCount, ...) as strings, as some "
+                             "deployments and proxies do")
 
 
 def _parse_auth(values: list[str] | None, expires_in: int) -> ServerAuth | None:
@@ -121,7 +127,8 @@ def build_archive(args: argparse.Namespace) -> Archive:
 
 async def _serve_until_signalled(archive: Archive, args: argparse.Namespace, faults: FaultSpec | None,
                                  auth: ServerAuth | None) -> None:
-    runner, base_url = await start_server(archive, args.host, args.port, faults, auth)
+    runner, base_url = await start_server(archive, args.host, args.port, faults, auth,
+                                          numbers_as_strings=args.numbers_as_strings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -59,8 +59,9 @@ class ServerHandle:
 
 @contextmanager
 def serve_in_thread(archive: Archive, faults: FaultSpec | str | None = None, auth: ServerAuth | None = None,
-                    host: str = "127.0.0.1") -> Iterator[ServerHandle]:
-    """Serve ``archive`` on a free port of ``host`` until the block exits.
+                    host: str = "127.0.0.1", *, numbers_as_strings: bool = False) -> Iterator[ServerHandle]:
+    """Serve ``archive`` on a free port of ``host`` until the block exits (``numbers_as_strings``:
+    see :func:`harvester.server.app.make_app`).
 
     Raises whatever starting the server raises (``OSError`` if the address is unusable).
     """
@@ -73,7 +74,8 @@ def serve_in_thread(archive: Archive, faults: FaultSpec | str | None = None, aut
     def run() -> None:
         asyncio.set_event_loop(loop)
         try:
-            runner_url = loop.run_until_complete(start_server(archive, host, 0, injector, auth))
+            runner_url = loop.run_until_complete(start_server(archive, host, 0, injector, auth,
+                                                                  numbers_as_strings=numbers_as_strings))
         except BaseException as err:  # hand the failure to the caller's thread
             started.set_exception(err)
             loop.close()
