@@ -1,18 +1,21 @@
 """The NBIA client over real HTTP: parameters, parsing, retries, auth, and secrets staying secret."""
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
+import threading
 import sys
 from pathlib import Path
 
 import anyio
 import pytest
 import yaml
+from aiohttp import web
 
 from harvest_helpers import harvest, normal_collections, normal_series, select_all, test_config
 from harvester.config import AuthConfig
-from harvester.errors import AuthError, PermanentRequestError, UsageError
+from harvester.errors import AuthError, PermanentRequestError, RetryableRequestError, UsageError
 from harvester.server.app import TOKENS_KEY
 from harvester.server.auth import ServerAuth
 from harvester.server.testing import serve_in_thread
@@ -34,6 +37,10 @@ def run_client(server_url, tmp_path, fn, **overrides):
 def test_parsers():
     assert as_int("1234.0") == 1234 and as_int(7) == 7 and as_int("x") is None and as_int(None) is None
     assert as_int(-1) is None and as_int(True) is None
+    # numbers as v4 sends them, and as strings the way deployments and proxies pass them on
+    assert as_int(1234) == as_int("1234") == as_int("1234.0") == as_int(1234.0) == as_int(" 1234 ") == 1234
+    assert as_int("1.2E7") == as_int(1.2e7) == 12_000_000 and as_int("3000566.000000") == 3000566
+    assert as_int("NaN") is None and as_int("Infinity") is None and as_int("") is None
     assert parse_retry_after("3") == 3.0 and parse_retry_after("soon") is None and parse_retry_after(None) is None
     assert redact_url("https://u:pw@h.org/x?password=p&a=1") == "https://h.org/x?password=***&a=1"
 
@@ -64,6 +71,71 @@ def test_queries_and_series_size(server, small_archive, tmp_path):
     assert count == len(rec.instances) and size == sum(i.size for i in rec.instances)
     assert {r["SeriesInstanceUID"] for r in rows} == {r.uid for r in small_archive.records()
                                                      if r.row["Collection"] == name}
+
+
+@pytest.mark.parametrize("as_strings", [False, True])
+def test_series_size_with_numbers_or_strings(small_archive, tmp_path, as_strings):
+    rec = small_archive.get(normal_series(small_archive)[0])
+
+    async def go(client):
+        return await client.query("getSeriesSize", {"SeriesInstanceUID": rec.uid}), await client.series_size(rec.uid)
+
+    with serve_in_thread(small_archive, numbers_as_strings=as_strings) as srv:
+        rows, sizes = run_client(srv.base_url, tmp_path, go)
+    assert isinstance(rows[0]["TotalSizeInBytes"], str) == as_strings  # the wire form differs...
+    assert sizes == (len(rec.instances), rec.total_bytes)  # ...the reading does not
+
+
+def test_no_match_empty_body_is_no_rows(server, tmp_path):
+    async def go(client):
+        return (await client.query("getSeries", {"Collection": "NO-SUCH"}),
+                await client.query("getSeriesSize", {"SeriesInstanceUID": "1.2.3.404"}),
+                await client.series_size("1.2.3.404"), client.requests, client.retries)
+
+    series, size, (count, total), requests, retries = run_client(server.base_url, tmp_path, go)
+    assert series == [] and size == [] and (count, total) == (None, None)
+    assert (requests, retries) == (3, 0)  # answered at once, not retried as a bad body
+    assert server.stats.requests == {"getSeries": 1, "getSeriesSize": 2}
+
+
+@pytest.fixture
+def odd_bodies():
+    """A loopback server that answers getSeries with whitespace, getSeriesSize with JSON null,
+    getPatient with an HTML page typed 200 (what a proxy in front of NBIA sometimes does)."""
+    bodies = {"getSeries": b" \r\n\t ", "getSeriesSize": b"null", "getPatient": b"<html>down</html>"}
+
+    async def handler(request):
+        return web.Response(body=bodies[request.match_info["endpoint"]], content_type="application/json")
+
+    async def start():
+        app = web.Application()
+        app.router.add_get("/nbia-api/services/v4/{endpoint}", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return runner
+
+    loop = asyncio.new_event_loop()
+    runner = loop.run_until_complete(start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    host, port = runner.addresses[0][:2]
+    yield f"http://{host}:{port}/nbia-api/services/v4"
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    loop.close()
+
+
+def test_whitespace_and_null_bodies_are_no_rows(odd_bodies, tmp_path):
+    async def go(client):
+        rows = (await client.query("getSeries"), await client.query("getSeriesSize", {"SeriesInstanceUID": "1.2"}))
+        with pytest.raises(RetryableRequestError, match="not JSON"):
+            await client.query("getPatient")  # still an error: not data, not an empty answer
+        return rows
+
+    assert run_client(odd_bodies, tmp_path, go, retries=1) == ([], [])
 
 
 def test_server_400_text_is_reported(server, tmp_path):

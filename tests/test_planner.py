@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import re
 
 import anyio
 import pytest
 
-from harvest_helpers import normal_collections, test_config
+from harvest_helpers import manifest, normal_collections, test_config
 from harvester import planner as planner_module
-from harvester.api import aplan
+from harvester.api import aharvest, aplan
+from harvester.dates import parse_archive_date
 from harvester.errors import UnknownSelectionError
+from harvester.layout import series_path
 from harvester.query import load_query, query_from_dict
 from harvester.server.archive import Archive
 from harvester.server.synthetic import SyntheticSpec, build_synthetic
@@ -67,6 +70,72 @@ def test_released_after(server, small_archive, tmp_path):
     want = sorted(r.uid for r in recs if dt.date.fromisoformat(str(r.row["DateReleased"])[:10])
                   > dt.date.fromisoformat(cut))
     assert sorted(t.series_uid for t in p.tasks) == want
+
+
+V4_DATE = re.compile(r"\d{2}-\d{2}-\d{4}")
+V2_DATE = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\.\d+")
+
+
+def _released(rec):
+    return parse_archive_date(rec.row["DateReleased"])
+
+
+@pytest.mark.parametrize("version,form", [("v4", V4_DATE), ("v2", V2_DATE)])
+def test_released_after_reads_each_versions_dates(server, small_archive, tmp_path, version, form):
+    """v4 sends DateReleased as MM-DD-YYYY (which used to keep every series), v2 as a stamp."""
+    name = normal_collections(small_archive)[0]
+    recs = [r for r in small_archive.records() if r.row["Collection"] == name]
+    days = sorted({_released(r) for r in recs})
+    cut = days[len(days) // 2]  # a day a series was released on: that one is not after it
+    want = sorted(r.uid for r in recs if _released(r) > cut)
+    assert 0 < len(want) < len(recs) and any(_released(r) == cut for r in recs)
+    config = test_config(server.url("", version).rstrip("/"), tmp_path / "out")
+    p = anyio.run(aplan, query_from_dict({"select": [{"collection": name, "released_after": cut.isoformat()}]},
+                                         origin="test"), config)
+    assert sorted(t.series_uid for t in p.tasks) == want
+    assert all(form.fullmatch(t.row["DateReleased"]) for t in p.tasks)  # as that version sent them
+    assert p.warnings == []
+
+
+def test_released_after_keeps_unreadable_dates_and_says_so_once(small_archive, tmp_path):
+    name = normal_collections(small_archive)[0]
+    recs = [r for r in small_archive.records() if r.row["Collection"] == name]
+    odd = {recs[0].uid: "sometime in 2020", recs[1].uid: None}  # unreadable, and absent
+
+    def with_date(rec):
+        row = {k: v for k, v in rec.row.items() if k != "DateReleased"}
+        return dataclasses.replace(rec, row=row if odd[rec.uid] is None else {**row, "DateReleased": odd[rec.uid]})
+
+    archive = Archive([with_date(r) if r.uid in odd else r for r in small_archive.records()])
+    last = max(_released(r) for r in recs if r.uid not in odd)  # no dated series is after it
+    query = {"select": [{"collection": name, "released_after": last.isoformat()},
+                        {"collection": normal_collections(small_archive)[1]}]}  # no date filter: not counted
+    events = []
+    with serve_in_thread(archive) as srv:
+        result = anyio.run(lambda: aharvest(query_from_dict(query, origin="test"),
+                                            test_config(srv.base_url, tmp_path / "out"), on_event=events.append))
+    assert result.ok
+    done = {s["SeriesInstanceUID"] for s in manifest(tmp_path / "out")["series"] if s["status"] == "complete"}
+    assert done & {r.uid for r in recs} == set(odd)
+    warnings = [e.message for e in events if e.kind == "warning"]
+    assert warnings == [planner_module.undated_warning(2)] and "2 series" in warnings[0]
+
+
+def test_plan_is_the_same_when_numbers_arrive_as_strings(small_archive, tmp_path):
+    data = {"select": [{"collection": c} for c in normal_collections(small_archive)]}
+    plans = []
+    for as_strings in (False, True):
+        with serve_in_thread(small_archive, numbers_as_strings=as_strings) as srv:
+            plans.append(plan(srv, tmp_path, data))
+    numbers, strings = plans
+    assert all(isinstance(t.row["FileSize"], str) for t in strings.tasks)  # they did arrive as strings
+    assert all(isinstance(t.row["FileSize"], int) for t in numbers.tasks)
+    assert strings.to_json() == numbers.to_json() and numbers.to_json()["bytes"] > 0
+    assert [(t.series_uid, t.image_count, t.file_size) for t in strings.tasks] == [
+        (t.series_uid, t.image_count, t.file_size) for t in numbers.tasks]
+    for layout in ("descriptive", "classic"):
+        assert [series_path(t.layout_fields(), layout) for t in strings.tasks] == [
+            series_path(t.layout_fields(), layout) for t in numbers.tasks]
 
 
 def test_union_exclude_limit_and_dedup(server, small_archive, tmp_path):
