@@ -101,6 +101,23 @@ def test_sync_fetches_exactly_what_is_new_or_changed(archives, tmp_path):
         assert again.harvest.ok and srv.stats.downloads == {}
 
 
+def test_sync_reads_release_dates_in_either_versions_form(archives, tmp_path):
+    """A tree harvested through /v2/ records DateReleased as '2026-01-02 00:00:00.0'; v4 sends the
+    same day as '01-02-2026'. Listed by getUpdatedSeries, such a series is still unchanged."""
+    before, _, _, _ = archives
+    today = dt.date.today().isoformat() + " 00:00:00.0"  # released now: getUpdatedSeries lists it
+    fresh = Archive([dataclasses.replace(r, row=dict(r.row, DateReleased=today)) for r in before.records()])
+    out = tmp_path / "mirror"
+    with serve_in_thread(fresh) as srv:
+        assert sync(srv.url("", "v2").rstrip("/"), out, query_all(fresh)).harvest.ok
+        recorded = {s["metadata"]["DateReleased"] for s in manifest(out)["series"]}
+        assert recorded == {today}
+        dry = sync(srv.base_url, out, query_all(fresh), dry_run=True)
+        assert srv.stats.requests.get("getUpdatedSeries", 0) == 1  # the v4 sync asked, and it listed them all
+    assert dry.diff.changed == [] and dry.diff.new == []
+    assert len(dry.diff.unchanged) == len(fresh)
+
+
 def test_prune_moves_unselected_series_to_trash(archives, tmp_path):
     before, _after, _s, _r = archives
     out = tmp_path / "mirror"
