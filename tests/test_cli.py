@@ -1,6 +1,7 @@
 """The command line as a user meets it: subprocesses, exit codes, one-line errors, kill -9."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -14,6 +15,8 @@ import pytest
 import yaml
 
 from harvest_helpers import assert_identical, journal_commit_records, kill_after_progress, manifest, normal_collections, normal_series, select_all
+from harvester.server.archive import Archive
+from harvester.server.testing import serve_in_thread
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
 FAST_FLAGS = ["--timeout", "2", "--retries", "6", "--no-progress"]
@@ -159,6 +162,25 @@ def test_plan_json_and_table(server, small_archive, tmp_path):
     assert set(data["collections"]) == set(normal_collections(small_archive))
     proc = cli("plan", str(q), "--api-url", server.base_url)
     assert proc.returncode == 0 and "total" in proc.stdout
+
+
+def test_unreadable_release_dates_are_one_warning_line(small_archive, tmp_path):
+    name = normal_collections(small_archive)[0]
+    recs = [r for r in small_archive.records() if r.row["Collection"] == name]
+    undated = {r.uid for r in recs[:2]}
+    archive = Archive([dataclasses.replace(r, row={**r.row, "DateReleased": "n/a"}) if r.uid in undated else r
+                       for r in small_archive.records()])
+    q = tmp_path / "q.yaml"
+    q.write_text(yaml.safe_dump({"select": [{"collection": name, "released_after": "2100-01-01"}]}))
+    with serve_in_thread(archive) as srv:
+        planned = cli("plan", str(q), "--api-url", srv.base_url, "--json")
+        ran = cli("run", str(q), "-o", str(tmp_path / "out"), "--api-url", srv.base_url, "--quiet", *FAST_FLAGS)
+    assert planned.returncode == 0 and json.loads(planned.stdout)["series"] == 2, planned.stderr
+    assert ran.returncode == 0, ran.stderr
+    for proc in (planned, ran):
+        warnings = [line for line in proc.stderr.splitlines() if line.startswith("harvester: warning:")]
+        assert warnings == ["harvester: warning: released_after: 2 series have no readable DateReleased; they are "
+                            "kept (check the archive's dates, or exclude them by UID)"], proc.stderr
 
 
 def test_api_url_from_environment(server, small_archive, tmp_path):
