@@ -234,6 +234,8 @@ def test_wire_row_dates_per_version_and_numbers() -> None:
     assert (strings["SeriesNumber"], strings["FileSize"], strings["ImageCount"]) == ("3000566", "1234.0", "93")
     assert wire_row({"SeriesNumber": "4.5", "FileSize": "1.2E7"}) == {"SeriesNumber": 4.5, "FileSize": 12_000_000}
     assert wire_row({"ImageCount": "NaN", "FileSize": True}) == {"ImageCount": "NaN", "FileSize": True}
+    assert wire_row({"FileSize": "1e999999999"}) == {"FileSize": "1e999999999"}  # hostile: passed on, not expanded
+    assert wire_row({"FileSize": 2**70}, numbers_as_strings=True) == {"FileSize": f"{2**70}.0"}
 
 
 def test_wire_json_escapes_slashes_like_java() -> None:

@@ -26,7 +26,7 @@ import zlib
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -168,18 +168,22 @@ def _wire_date(value: Any, style: str) -> Any:
 def _wire_number(value: Any, field_name: str, as_string: bool) -> Any:
     """A number field as a JSON number (``3000566``, ``12.5``), or as a string when ``as_string``.
 
-    A value that is not a finite number (metadata of a harvested directory is untrusted) is
-    passed on as it is.
+    A value that is not a finite number below 10**19 (metadata of a harvested directory is
+    untrusted: ``"1e999999999"`` must not become a billion-digit integer) is passed on as it is.
     """
     if isinstance(value, bool):
         return value
-    try:
-        number = Decimal(str(value).strip())
-    except (InvalidOperation, ValueError):
-        return value
-    if not number.is_finite():
-        return value
-    out: int | float = int(number) if number == number.to_integral_value() else float(number)
+    out: int | float
+    if isinstance(value, int):  # how both backends hold them: the common case, kept cheap
+        out = value
+    else:
+        try:
+            number = Decimal(str(value).strip())
+            if not number.is_finite() or number.adjusted() > 18:  # (adjusted: no arithmetic, no overflow)
+                return value
+            out = int(number) if number == number.to_integral_value() else float(number)
+        except (ArithmeticError, ValueError):  # decimal's InvalidOperation, Overflow, ... included
+            return value
     if not as_string:
         return out
     return f"{out}.0" if isinstance(out, int) and field_name in _DOUBLE_FIELDS else str(out)
