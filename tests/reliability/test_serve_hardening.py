@@ -107,8 +107,9 @@ def assert_nothing_leaks(port: int, targets: list[str], forbidden: list[bytes]) 
         for needle in forbidden:
             assert needle not in body, (target, status, body[:200])
         if status == 200:
-            # only the API's own answers: JSON, an MD5 hex digest, or a ZIP/DICOM the archive vouched for
-            assert body[:1] in (b"[", b"{") or len(body) == 32 or body[:2] == b"PK" or body[128:132] == b"DICM", \
+            # only the API's own answers: JSON, the empty body of no match, an MD5 hex digest, or a
+            # ZIP/DICOM the archive vouched for
+            assert body[:1] in (b"[", b"{", b"") or len(body) == 32 or body[:2] == b"PK" or body[128:132] == b"DICM", \
                 (target, body[:100])
     return len(targets)
 
