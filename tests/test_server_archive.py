@@ -235,6 +235,8 @@ def test_wire_row_dates_per_version_and_numbers() -> None:
     assert wire_row({"SeriesNumber": "4.5", "FileSize": "1.2E7"}) == {"SeriesNumber": 4.5, "FileSize": 12_000_000}
     assert wire_row({"ImageCount": "NaN", "FileSize": True}) == {"ImageCount": "NaN", "FileSize": True}
     assert wire_row({"FileSize": "1e999999999"}) == {"FileSize": "1e999999999"}  # hostile: passed on, not expanded
+    assert wire_row({"SeriesDate": ["2003-12-12"], "FileSize": {"a": 1}}) == {"SeriesDate": ["2003-12-12"],
+                                                                            "FileSize": {"a": 1}}
     assert wire_row({"FileSize": 2**70}, numbers_as_strings=True) == {"FileSize": f"{2**70}.0"}
 
 

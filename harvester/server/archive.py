@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
@@ -154,7 +155,18 @@ def fold_case(value: Any) -> str:
 
 def _wire_date(value: Any, style: str) -> Any:
     """A date field as the API version ``style`` (``"v4"`` or ``"v2"``) sends it; a value that
-    is not a readable date is passed on as it is."""
+    is not a readable date (a list, from a hostile harvest.json) is passed on as it is."""
+    return _wire_date_text(value, style) if isinstance(value, str) else _convert_date(value, style)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _wire_date_text(value: str, style: str) -> Any:
+    """:func:`_convert_date`, cached: an archive has few distinct dates and many rows, and
+    parsing them was most of the cost of rendering a row."""
+    return _convert_date(value, style)
+
+
+def _convert_date(value: Any, style: str) -> Any:
     day = parse_archive_date(value)
     if day is None:
         return value
