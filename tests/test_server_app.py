@@ -289,6 +289,7 @@ async def test_format_csv_matches_json(server: ServerHandle) -> None:
     assert [p["SeriesInstanceUID"] for p in parsed] == [r["SeriesInstanceUID"] for r in rows]
     assert parsed[0]["SeriesDescription"] == rows[0]["SeriesDescription"]
     assert parsed[0]["ImageCount"] == str(rows[0]["ImageCount"])
+    assert parsed[0]["DateReleased"] == rows[0]["DateReleased"] and V4_DATE.fullmatch(parsed[0]["DateReleased"])
     status, _, _ = await fetch(server, "getSeries", {"format": "xml"})
     assert status == 400
     assert (await fetch_json(server, "getSeries", {"Collection": "SYN-BRAIN-MR", "format": "json"})) == rows

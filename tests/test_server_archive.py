@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from harvester.dates import parse_archive_date
 from harvester.errors import UsageError
 from harvester.server.archive import (
     Archive,
@@ -249,3 +250,13 @@ def test_wire_json_escapes_slashes_like_java() -> None:
 @given(st.text())
 def test_wire_json_round_trips_any_text(value: str) -> None:
     assert json.loads(wire_json({"v": value})) == {"v": value}
+
+
+@given(st.dates(min_value=dt.date(1900, 1, 1)), st.sampled_from(["iso", "v2", "v4", "dicom"]),
+       st.sampled_from(["v2", "v4"]))
+def test_wire_dates_name_the_same_day_in_every_form(day: dt.date, given_form: str, style: str) -> None:
+    given_text = {"iso": day.isoformat(), "v2": f"{day.isoformat()} 00:00:00.0", "v4": day.strftime("%m-%d-%Y"),
+                  "dicom": day.strftime("%Y%m%d")}[given_form]
+    sent = wire_row({"StudyDate": given_text}, style=style)["StudyDate"]
+    assert parse_archive_date(sent) == day
+    assert sent == (day.strftime("%m-%d-%Y") if style == "v4" else f"{day.isoformat()} 00:00:00.0")
