@@ -119,7 +119,22 @@ async def aharvest(query: QueryLike, out: str | Path | Config | None = None, *, 
         if on_plan is not None:
             on_plan(plan)
         hub.emit(plan_event(plan))
-        return await Engine(config, source, state, hub).run(plan.tasks, manifest_header(config, query, state))
+        return await harvest_plan(Engine(config, source, state, hub), plan, manifest_header(config, query, state))
+
+
+async def harvest_plan(engine: Engine, plan: Plan, header: dict[str, Any],
+                       refetch: frozenset[str] = frozenset()) -> HarvestResult:
+    """Run ``plan`` on ``engine`` (see ``Engine.run``) after recording its unavailable series in the
+    state (harvest.json lists them; the next run looks them up again); the result names them, and
+    is not ``ok`` while any is. Shared by ``aharvest`` and ``harvester.mirror.async_sync``."""
+    state = engine.state
+    await anyio.to_thread.run_sync(state.mark_unavailable,
+                                   [(u.series_uid, u.origin, u.reason) for u in plan.unavailable])
+    result = await engine.run(plan.tasks, header, refetch=refetch)
+    result.unavailable = [
+        (u.series_uid, u.reason + ("; the copy already on disk is kept" if state.complete(u.series_uid) else ""))
+        for u in plan.unavailable]
+    return result
 
 
 @contextlib.asynccontextmanager
@@ -173,7 +188,8 @@ def manifest_header(config: Config, query: Query, state: HarvestState) -> dict[s
 
 def plan_event(plan: Plan) -> Event:
     totals = plan.to_json()
-    return Event("plan", data={"series": totals["series"], "bytes": totals["bytes"]})
+    return Event("plan", data={"series": totals["series"], "bytes": totals["bytes"],
+                               "unavailable": len(plan.unavailable)})
 
 
 @dataclass

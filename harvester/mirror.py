@@ -100,7 +100,7 @@ async def _updated_since(client: NBIAClient, last_sync: str | None) -> set[str]:
 async def async_sync(query: Query, config: Config, *, prune: bool = False, dry_run: bool = False,
                      hub: Hub | None = None) -> SyncResult:
     """Bring ``config.out_dir`` up to date with ``query`` (see the module docstring)."""
-    from harvester.api import manifest_header, open_harvest, plan_event
+    from harvester.api import harvest_plan, manifest_header, open_harvest, plan_event
 
     hub = hub or Hub()
     async with open_harvest(config) as (state, source):
@@ -116,8 +116,8 @@ async def async_sync(query: Query, config: Config, *, prune: bool = False, dry_r
             return SyncResult(diff=diff, harvest=None, pruned=[], dry_run=True)
         pruned = await anyio.to_thread.run_sync(_prune, state, diff.removed) if prune else []
         hub.emit(plan_event(plan))
-        result = await Engine(config, source, state, hub).run(plan.tasks, manifest_header(config, query, state),
-                                                               refetch=frozenset(diff.changed))
+        result = await harvest_plan(Engine(config, source, state, hub), plan, manifest_header(config, query, state),
+                                    refetch=frozenset(diff.changed))
         return SyncResult(diff=diff, harvest=result, pruned=pruned, dry_run=False)
 
 

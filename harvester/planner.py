@@ -7,8 +7,15 @@ that lack ImageCount or FileSize. For each collection touched, getPatient and ge
 are fetched once so that layouts and the manifest have StudyID, StudyDescription and the
 patient record (skipped with ``details=False``, when only totals are wanted: ``harvester plan``).
 
-Raises ``UnknownSelectionError`` (a usage error) for an unknown collection or series, and the
-request errors of ``NBIAClient`` when the archive keeps failing after retries.
+Rows are checked with ``Selector.matches`` (the server's case-insensitive comparison). A series
+of a list (a cart, a CSV, ``series:``) that the archive does not have, or refuses (withdrawn,
+restricted, mistyped), is not an error: it goes to ``Plan.unavailable`` with what the archive
+said, and the rest is planned; ``config.strict`` keeps the refusal instead. A selector that
+matches nothing is named in ``Plan.warnings``.
+
+Raises ``UnknownSelectionError`` (a usage error) for an unknown collection, and with
+``config.strict`` for unavailable series; the request errors of ``NBIAClient`` when the archive
+keeps failing after retries.
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ import anyio
 
 from harvester.config import NLST_COLLECTIONS
 from harvester.errors import PermanentRequestError, UnknownSelectionError
-from harvester.query import Query, Selector
+from harvester.query import Query, Selector, fold
 from harvester.source.nbia import NBIAClient, as_int
 
 T = TypeVar("T")
@@ -31,6 +38,10 @@ T = TypeVar("T")
 # While this many UIDs of a list are unanswered, a collection that a lookup shows is listed whole
 # (one getSeries?Collection=) rather than looked up UID by UID; see Planner._series_by_uid.
 SWEEP_MIN_PENDING = 32
+#: The reason recorded for a series the archive answers with no row.
+NO_ROW = "the archive has no such series (getSeries answered no row): withdrawn, restricted or mistyped"
+UNAVAILABLE_HINT = ("the series may be restricted, withdrawn, or on another host (NLST); check the UIDs, "
+                    "or leave out --strict to harvest the rest")
 
 
 @dataclass(frozen=True)
@@ -69,11 +80,25 @@ class CollectionTotals:
     bytes: int = 0
 
 
+@dataclass(frozen=True)
+class UnavailableSeries:
+    """A series a list asked for that the archive did not give: no row, or a refusal."""
+
+    series_uid: str
+    origin: str     # the selector (file and key) that listed it
+    reason: str     # what the archive said: one line, URLs redacted, server text bounded
+
+    def to_json(self) -> dict[str, str]:
+        return {"SeriesInstanceUID": self.series_uid, "origin": self.origin, "reason": self.reason}
+
+
 @dataclass(repr=False)
 class Plan:
     tasks: list[SeriesTask]
     requests: int = 0
     retries: int = 0
+    unavailable: list[UnavailableSeries] = field(default_factory=list)   # in the lists' order
+    warnings: list[str] = field(default_factory=list)                    # selectors matching nothing
 
     def __repr__(self) -> str:
         # Short on purpose: asyncio formats a task's result on some paths, and the default
@@ -92,12 +117,17 @@ class Plan:
 
     def to_json(self) -> dict[str, Any]:
         cols = self.collections
-        return {
+        out: dict[str, Any] = {
             "series": len(self.tasks),
             "images": sum(c.images for c in cols.values()),
             "bytes": sum(c.bytes for c in cols.values()),
             "collections": {k: {"series": v.series, "images": v.images, "bytes": v.bytes} for k, v in cols.items()},
         }
+        if self.unavailable:
+            out["unavailable"] = [u.to_json() for u in self.unavailable]
+        if self.warnings:
+            out["warnings"] = list(self.warnings)
+        return out
 
 
 async def gather_limited(calls: Iterable[Callable[[], Awaitable[T]]], limit: int) -> list[T]:
@@ -123,19 +153,33 @@ async def gather_limited(calls: Iterable[Callable[[], Awaitable[T]]], limit: int
 
 
 async def rows_by_uid(uids: list[str], lookup: Callable[[str], Callable[[], Awaitable[list[dict[str, Any]]]]],
-                      limit: int, *, origin: str, archive: str, hint: str) -> list[dict[str, Any]]:
-    """The rows of every series UID, ``limit`` lookups at a time. A UID with no row is an
-    ``UnknownSelectionError`` naming up to three of them (``archive``: "the archive", ...)."""
+                      limit: int) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows of every series UID, ``limit`` lookups at a time, and the UIDs that had none
+    (in the order given)."""
     results = await gather_limited([lookup(uid) for uid in uids], limit)
     missing = [uid for uid, rows in zip(uids, results) if not rows]
-    if missing:
-        raise UnknownSelectionError(unknown_series_message(missing, origin, archive), hint=hint)
-    return [r for rows in results for r in rows]
+    return [r for rows in results for r in rows], missing
 
 
 def unknown_series_message(missing: list[str], origin: str, archive: str) -> str:
     more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
     return f"{origin}: {archive} has no series {', '.join(missing[:3])}{more}"
+
+
+def refuse_unavailable(unavailable: list[UnavailableSeries], *, archive: str, hint: str) -> None:
+    """``strict``: raise ``UnknownSelectionError`` naming up to three unavailable series (the first
+    selector's that has any), so that nothing is downloaded. Returns when none is unavailable."""
+    if not unavailable:
+        return
+    origin = unavailable[0].origin
+    missing = [u.series_uid for u in unavailable]
+    raise UnknownSelectionError(unknown_series_message(missing, origin, archive), hint=hint)
+
+
+def empty_selector_warnings(selectors: tuple[Selector, ...], batches: list[list[dict[str, Any]]]) -> list[str]:
+    """One warning per selector that matched no series, numbered from 1 as the user counts."""
+    return [f"selector {i} ({sel.describe()}) matches no series"
+            for i, (sel, rows) in enumerate(zip(selectors, batches), start=1) if not rows]
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:
@@ -156,15 +200,7 @@ def _released_after(row: dict[str, Any], when: dt.date) -> bool:
 
 
 def _matches(row: dict[str, Any], sel: Selector) -> bool:
-    checks = (("Modality", sel.modality), ("BodyPartExamined", sel.body_part),
-              ("Manufacturer", sel.manufacturer), ("PatientID", sel.patients),
-              ("StudyInstanceUID", sel.studies))
-    for key, wanted in checks:
-        if wanted and str(row.get(key, "")) not in wanted:
-            return False
-    if sel.collection and row.get("Collection") not in (None, sel.collection):
-        return False
-    return not (sel.released_after and not _released_after(row, sel.released_after))
+    return sel.matches(row) and not (sel.released_after and not _released_after(row, sel.released_after))
 
 
 class Planner:
@@ -173,13 +209,27 @@ class Planner:
     def __init__(self, client: NBIAClient, *, concurrency: int = 8) -> None:
         self.client = client
         self.concurrency = concurrency
+        # a selector's collection -> the archive's spelling of it (the server matches either;
+        # requests, NLST routing and the rows' Collection use the archive's)
+        self._collection_names: dict[str, str] = {}
 
     async def plan(self, query: Query, *, details: bool = True) -> Plan:
         """The exact plan; ``details=False`` leaves ``SeriesTask.study``/``patient`` empty and
-        saves two requests per collection."""
+        saves two requests per collection. Raises ``UnknownSelectionError`` for an unknown
+        collection, and for unavailable series of a list when ``config.strict`` is set."""
         start_requests, start_retries = self.client.requests, self.client.retries
         await self._check_collections(query)
-        batches = await gather_limited([self._selector_calls(s) for s in query.selectors], self.concurrency)
+        results = await gather_limited([self._selector_calls(s) for s in query.selectors], self.concurrency)
+        batches = [found for found, _ in results]
+        # a series another selector found is not unavailable (a cart and a collection may overlap)
+        found = {str(row.get("SeriesInstanceUID") or "") for batch in batches for row in batch}
+        unavailable: dict[str, UnavailableSeries] = {}
+        for _, missing in results:
+            for u in missing:
+                if u.series_uid not in found:
+                    unavailable.setdefault(u.series_uid, u)
+        if self.client.config.strict:
+            refuse_unavailable(list(unavailable.values()), archive="the archive", hint=UNAVAILABLE_HINT)
         rows: dict[str, dict[str, Any]] = {}
         for batch in batches:
             for row in batch:
@@ -195,19 +245,23 @@ class Planner:
         studies, patients = await self._study_details(ordered) if details else ({}, {})
         tasks = [self._task(r, studies, patients) for r in ordered]
         return Plan(tasks=tasks, requests=self.client.requests - start_requests,
-                    retries=self.client.retries - start_retries)
+                    retries=self.client.retries - start_retries, unavailable=list(unavailable.values()),
+                    warnings=empty_selector_warnings(query.selectors, batches))
 
     # ------------------------------------------------------------ selectors
-    def _selector_calls(self, sel: Selector) -> Callable[[], Awaitable[list[dict[str, Any]]]]:
-        async def run() -> list[dict[str, Any]]:
+    def _selector_calls(self, sel: Selector
+                        ) -> Callable[[], Awaitable[tuple[list[dict[str, Any]], list[UnavailableSeries]]]]:
+        async def run() -> tuple[list[dict[str, Any]], list[UnavailableSeries]]:
             if sel.series:
                 return await self._series_by_uid(sel)
-            return await self._series_by_filter(sel)
+            return await self._series_by_filter(sel), []
         return run
 
     async def _series_by_filter(self, sel: Selector) -> list[dict[str, Any]]:
-        assert sel.collection is not None
-        base: dict[str, str] = {"Collection": sel.collection}
+        """Collection, patients alone or studies alone (getSeries takes each without the others),
+        narrowed on the server by single values and always checked locally."""
+        collection = self._collection_names.get(sel.collection, sel.collection) if sel.collection else None
+        base: dict[str, str] = {"Collection": collection} if collection else {}
         # Narrow on the server when a single value is asked for; always filter locally too.
         for key, values in (("Modality", sel.modality), ("BodyPartExamined", sel.body_part),
                             ("Manufacturer", sel.manufacturer)):
@@ -220,13 +274,14 @@ class Planner:
         else:
             param_sets = [base]
         results = await gather_limited(
-            [self._getter("getSeries", p, sel.collection) for p in param_sets], self.concurrency)
+            [self._getter("getSeries", p, collection) for p in param_sets], self.concurrency)
         rows = [r for batch in results for r in batch]
-        for r in rows:
-            r.setdefault("Collection", sel.collection)
+        if collection:
+            for r in rows:
+                r.setdefault("Collection", collection)
         return [r for r in rows if _matches(r, sel)]
 
-    async def _series_by_uid(self, sel: Selector) -> list[dict[str, Any]]:
+    async def _series_by_uid(self, sel: Selector) -> tuple[list[dict[str, Any]], list[UnavailableSeries]]:
         """The rows of the selector's series UIDs (a cart, a CSV, a ``series:`` list).
 
         NBIA has no batch lookup, so a UID costs one getSeries. A long list (a portal cart of
@@ -236,23 +291,25 @@ class Planner:
         whose lookup shows a new collection sweeps it while ``SWEEP_MIN_PENDING`` UIDs or more are
         unanswered, and no new lookup starts until the sweeps in flight end (they may answer it).
         NLST (over 200,000 series) is never swept, so its lookups flow without pause.
+
+        Returns the rows found, in the list's order, and the UIDs the archive answered with no
+        row or refused, each with what it said.
         """
-        hint = "the series may be restricted, withdrawn, or on another host (NLST); check the UIDs"
         wanted = list(dict.fromkeys(sel.series))
         found: dict[str, dict[str, Any]] = {}
-        missing: list[str] = []
+        missing: dict[str, str] = {}  # uid -> the archive's reason
         swept: set[str] = set(NLST_COLLECTIONS)
         sweeps: set[anyio.Event] = set()  # sweeps in flight; lookups wait for them
         queue, wanted_set = deque(wanted), set(wanted)
         unanswered = len(wanted)
 
-        def answer(uid: str, row: dict[str, Any] | None) -> None:
+        def answer(uid: str, row: dict[str, Any] | None, reason: str = "") -> None:
             nonlocal unanswered
             if uid in found:
                 return  # a lookup in flight when a sweep answered it
             unanswered -= 1
             if row is None:
-                missing.append(uid)
+                missing[uid] = reason
             else:
                 found[uid] = row
 
@@ -278,8 +335,8 @@ class Planner:
                 if not queue:
                     return
                 uid = queue.popleft()
-                rows = await self._lookup_series(uid)()
-                answer(uid, rows[0] if rows else None)
+                rows, reason = await self._lookup_series(uid)
+                answer(uid, rows[0] if rows else None, reason)
                 collection = str(rows[0].get("Collection") or "") if rows else ""
                 if collection and collection not in swept and unanswered >= SWEEP_MIN_PENDING:
                     swept.add(collection)
@@ -291,28 +348,38 @@ class Planner:
                     tg.start_soon(worker)
         except BaseExceptionGroup as group:  # surface the first real error, as gather_limited does
             raise _first_error(group) from None
-        if missing:
-            unknown = set(missing)  # named in the list's order, not in the order the lookups ended
-            raise UnknownSelectionError(unknown_series_message([u for u in wanted if u in unknown], sel.origin,
-                                                               "the archive"), hint=hint)
-        return [found[uid] for uid in wanted]
+        # in the list's order, not in the order the lookups ended
+        return ([found[uid] for uid in wanted if uid in found],
+                [UnavailableSeries(uid, sel.origin, missing[uid]) for uid in wanted if uid in missing])
 
     def _sweep(self, collection: str) -> Callable[[], Awaitable[list[dict[str, Any]]]]:
         async def run() -> list[dict[str, Any]]:
             return await self._fetch_or_empty("getSeries", {"Collection": collection}, collection)
         return run
 
-    def _lookup_series(self, uid: str) -> Callable[[], Awaitable[list[dict[str, Any]]]]:
-        async def run() -> list[dict[str, Any]]:
-            rows = await self._fetch_or_empty("getSeries", {"SeriesInstanceUID": uid}, None)
-            if not rows and self.client.config.uses_public_default:
-                # NLST series live on their own host, and the main host answers 400 for them.
-                for collection in sorted(NLST_COLLECTIONS):
-                    rows = await self._fetch_or_empty("getSeries", {"SeriesInstanceUID": uid}, collection)
-                    if rows:
-                        break
-            return [r for r in rows if str(r.get("SeriesInstanceUID")) == uid]
-        return run
+    async def _lookup_series(self, uid: str) -> tuple[list[dict[str, Any]], str]:
+        """getSeries?SeriesInstanceUID=: the series' row, or none and what the archive said (the
+        main host's answer: an NLST host that has no row either adds nothing)."""
+        rows, reason = await self._series_row(uid, None)
+        if not rows and self.client.config.uses_public_default:
+            # NLST series live on their own host, and the main host answers 400 for them.
+            for collection in sorted(NLST_COLLECTIONS):
+                rows, _ = await self._series_row(uid, collection)
+                if rows:
+                    break
+        return rows, "" if rows else reason
+
+    async def _series_row(self, uid: str, collection: str | None) -> tuple[list[dict[str, Any]], str]:
+        try:
+            rows = await self.client.query("getSeries", {"SeriesInstanceUID": uid}, collection=collection)
+        except PermanentRequestError as exc:
+            if exc.status != 400:
+                raise
+            # NBIA's "no" (restricted, withdrawn, another host): the message is already one
+            # line, its URL redacted and the server's text bounded (source.http.raise_for_status)
+            return [], f"refused: {exc}"
+        rows = [r for r in rows if str(r.get("SeriesInstanceUID")) == uid]
+        return rows, "" if rows else NO_ROW
 
     async def _fetch_or_empty(self, endpoint: str, params: dict[str, str], collection: str | None) -> list[dict[str, Any]]:
         try:
@@ -329,14 +396,21 @@ class Planner:
         return run
 
     async def _check_collections(self, query: Query) -> None:
+        """Every selector's collection exists (compared folded, as the server compares); fills
+        ``_collection_names`` with the archive's spelling of each."""
         wanted = {s.collection for s in query.selectors if s.collection}
-        wanted -= set(NLST_COLLECTIONS) if self.client.config.uses_public_default else set()
+        if self.client.config.uses_public_default:
+            nlst = {fold(n): n for n in NLST_COLLECTIONS}  # on its own host: not listed by the main one
+            self._collection_names.update({w: nlst[fold(w)] for w in wanted if fold(w) in nlst})
+            wanted -= set(self._collection_names)
         if not wanted:
             return
-        known = set(await self.client.collections())
+        known = {fold(k): k for k in await self.client.collections()}
         for name in sorted(wanted):
-            if name not in known:
-                by_lower = {k.lower(): k for k in known}
+            if fold(name) in known:
+                self._collection_names[name] = known[fold(name)]
+            else:
+                by_lower = {k.lower(): k for k in known.values()}
                 close = difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.6)
                 suggestion = f"; did you mean {', '.join(by_lower[c] for c in close)}?" if close else ""
                 origin = next(s.origin for s in query.selectors if s.collection == name)

@@ -546,7 +546,7 @@ def test_write_manifest_schema_and_metadata_csv(state: HarvestState) -> None:
     state.fail(failed)
     header = {"version": "0.1.0", "query": {"select": [{"collection": "LIDC-IDRI"}]}}
     totals = state.write_manifest(header, order=["1.2.840.3", "1.2.840.2"])
-    assert totals == {"series": 3, "complete": 2, "failed": 1, "files": 2 + 3,
+    assert totals == {"series": 3, "complete": 2, "failed": 1, "unavailable": 0, "files": 2 + 3,
                       "bytes": done[0]["bytes"] + done[1]["bytes"]}
 
     doc = json.loads((state.out_dir / "harvest.json").read_text("utf-8"))
