@@ -296,13 +296,14 @@ def _print_plan_notes(plan: Any, *, listed: bool) -> None:
     unavailable (each with the archive's reason when ``listed``)."""
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    if plan.unavailable:
-        n = len(plan.unavailable)
-        print(f"{n} series unavailable (the archive does not give them; the rest is "
-              f"{'planned' if listed else 'harvested, and harvest.json lists them'}):", file=sys.stderr)
-        if listed:
-            for u in plan.unavailable:
-                print(f"  unavailable: {u.series_uid}: {u.reason}", file=sys.stderr)
+    if plan.unavailable and listed:
+        print(f"{len(plan.unavailable)} series unavailable (the archive does not give them; the rest is planned):",
+              file=sys.stderr)
+        for u in plan.unavailable:
+            print(f"  unavailable: {u.series_uid}: {u.reason}", file=sys.stderr)
+    elif plan.unavailable:
+        print(f"{len(plan.unavailable)} series unavailable (the archive does not give them): harvesting the rest; "
+              "the summary and harvest.json list them", file=sys.stderr)
     sys.stderr.flush()
 
 
@@ -474,7 +475,8 @@ def cmd_status(args: argparse.Namespace, env: dict[str, str]) -> int:
                       human_bytes(c["bytes"]))
     Console().print(table)
     for f in st["failures"]:
-        print(f"failed: {f['SeriesInstanceUID']}: {f['error']}")
+        print(f"{'unavailable' if f.get('status') == 'unavailable' else 'failed'}: "
+              f"{f['SeriesInstanceUID']}: {f['error']}")
     return EXIT_OK
 
 

@@ -272,6 +272,10 @@ def read_status(out_dir: Path) -> dict[str, Any]:
     collections: dict[str, dict[str, int]] = {}
     failures = []
     for rec in doc["series"]:
+        if rec.get("status") == "unavailable":  # asked for, never in the archive: no collection to count under
+            failures.append({"SeriesInstanceUID": rec.get("SeriesInstanceUID"), "error": rec.get("error"),
+                             "status": "unavailable"})
+            continue
         c = collections.setdefault(str(rec.get("Collection", "")), {"series": 0, "complete": 0, "failed": 0,
                                                                      "files": 0, "bytes": 0})
         c["series"] += 1
