@@ -304,6 +304,33 @@ def test_strict_refuses_a_partial_cart_before_downloading(server, small_archive,
     assert server.stats.downloads == {} and not out.exists()
 
 
+def test_a_series_unavailable_once_is_harvested_when_it_appears(small_archive, tmp_path):
+    """sync of a cart whose series the archive lacks: exit 1, recorded unavailable; once the archive
+    serves it, the next run looks it up again, harvests it alone and exits 0."""
+    from harvester.server.archive import Archive
+    from harvester.server.testing import serve_in_thread
+
+    uids = normal_series(small_archive)[:3]
+    late = uids[1]
+    cart = write_cart(tmp_path / "cart.tcia", uids)
+    out = tmp_path / "out"
+    with serve_in_thread(Archive(r for r in small_archive.records() if r.uid != late)) as before:
+        first = cli("sync", str(cart), "-o", str(out), "--api-url", before.base_url, *FAST_FLAGS)
+        assert before.stats.downloads == {u: 1 for u in uids if u != late}
+    assert first.returncode == 1, (first.stdout, first.stderr)
+    assert "1 unavailable" in first.stdout and f"  unavailable: {late}: " in first.stdout
+    assert {r["SeriesInstanceUID"]: r["status"] for r in manifest(out)["series"]}[late] == "unavailable"
+    with serve_in_thread(small_archive) as after:
+        second = cli("run", str(cart), "-o", str(out), "--api-url", after.base_url, *FAST_FLAGS)
+        assert after.stats.downloads == {late: 1}
+    assert second.returncode == 0, (second.stdout, second.stderr)
+    assert "0 failed" in second.stdout and "unavailable:" not in second.stdout + second.stderr
+    assert " unavailable" not in second.stdout.splitlines()[0]
+    doc = manifest(out)
+    assert doc["totals"]["complete"] == 3 and doc["totals"]["unavailable"] == 0 and len(doc["series"]) == 3
+    assert_identical(out, small_archive, uids)
+
+
 def test_case_insensitive_selector_and_the_warning_for_one_matching_nothing(server, small_archive, tmp_path):
     """`modality: ct` plans what `modality: CT` plans; a selector matching nothing is named on stderr
     (plan and run) and is not an error."""

@@ -136,6 +136,26 @@ def test_partial_list_plans_the_rest(server, small_archive, tmp_path):
     assert plan(server, tmp_path, {"select": [{"series": uids}]}).unavailable == []
 
 
+def test_the_api_harvests_a_partial_list_or_refuses_it_with_strict(server, small_archive, tmp_path):
+    """harvest(): the result names the unavailable series and is not ok; strict=True raises before
+    any download."""
+    from harvester.api import harvest
+
+    uids = rows(small_archive, Collection=normal_collections(small_archive)[0])[:3]
+    ghost = "1.2.3.999.7"
+    cart = tmp_path / "cart.csv"
+    cart.write_text("SeriesInstanceUID\n" + "\n".join([ghost, *uids]) + "\n")
+    options = {k: v for k, v in vars(test_config(server.base_url, tmp_path)).items() if k not in ("out_dir",)}
+    with pytest.raises(UnknownSelectionError, match=ghost):
+        harvest(cart, tmp_path / "strict", **{**options, "strict": True})
+    assert server.stats.downloads == {} and not (tmp_path / "strict").exists()
+    result = harvest(cart, tmp_path / "out", **options)
+    assert not result.ok and result.failed == [] and result.fatal is None
+    assert [(uid, "no row" in why) for uid, why in result.unavailable] == [(ghost, True)]
+    assert result.totals["complete"] == 3 and result.totals["unavailable"] == 1
+    assert sorted(server.stats.downloads) == sorted(uids)
+
+
 def test_refused_series_records_the_servers_text(small_archive, tmp_path):
     """NBIA says "no" to a restricted series with HTTP 400 and a text (typed application/json): the
     reason is that text, on one line and bounded, with the URL; the rest is planned."""
