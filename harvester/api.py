@@ -89,7 +89,9 @@ async def aplan(query: QueryLike, config: Config | None = None, *, details: bool
     """Expand ``query`` into the exact list of series tasks (``Plan.tasks``; totals in ``Plan.to_json()``).
 
     ``details=False`` skips the study and patient records of each task (two requests per
-    collection on NBIA) when only the series and totals are wanted.
+    collection on NBIA) when only the series and totals are wanted. Series of a cart or list
+    that the archive does not give are in ``Plan.unavailable`` (with ``strict=True``: raises
+    ``UnknownSelectionError``); selectors matching nothing are named in ``Plan.warnings``.
     """
     q = as_query(query)
     config = make_config(q, config, **options)
@@ -102,9 +104,10 @@ async def aharvest(query: QueryLike, out: str | Path | Config | None = None, *, 
                    on_event: Callable[[Event], None] | None = None, **options: Any) -> HarvestResult:
     """Plan and harvest ``query`` into ``out`` (or ``config.out_dir``); resumable, see ``harvester.engine``.
 
-    Returns a ``HarvestResult`` (``ok``, ``totals``, ``failed`` with reasons, counters). Raises
-    ``UsageError`` for bad input and ``FatalError`` only before the harvest starts; a fatal stop
-    during the harvest is reported in ``result.fatal`` with everything verified kept.
+    Returns a ``HarvestResult`` (``ok``, ``totals``, ``failed`` and ``unavailable`` with reasons,
+    counters). Raises ``UsageError`` for bad input (with ``strict=True``, for a series of a cart or
+    list that the archive does not give) and ``FatalError`` only before the harvest starts; a
+    fatal stop during the harvest is reported in ``result.fatal`` with everything verified kept.
     """
     if isinstance(out, Config):  # aharvest(query, config) reads naturally too
         config, out = out, None
