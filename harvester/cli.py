@@ -439,7 +439,11 @@ def cmd_sync(args: argparse.Namespace, env: dict[str, str]) -> int:
         for label, uids in (("new", d.new), ("changed", d.changed), ("removed", d.removed)):
             for uid in uids:
                 print(f"  {label}: {uid}")
-        return EXIT_OK
+        if result.unavailable:
+            print(f"{len(result.unavailable)} series unavailable (the archive does not give them):")
+            for uid, reason in result.unavailable:
+                print(f"  unavailable: {uid}: {reason}")
+        return EXIT_FAILED if result.unavailable else EXIT_OK
     holder: dict[str, Any] = {}
 
     async def go(query: Any, config: Config, hub: Any, on_plan: Any) -> Any:

@@ -53,6 +53,8 @@ class SyncResult:
     harvest: HarvestResult | None
     pruned: list[str]
     dry_run: bool
+    #: (uid, reason) of the series the query's lists name that the archive does not give
+    unavailable: list[tuple[str, str]] = field(default_factory=list)
 
 
 def from_date_param(when: dt.date, api_url: str) -> str:
@@ -113,12 +115,13 @@ async def async_sync(query: Query, config: Config, *, prune: bool = False, dry_r
                 updated = set()  # counts and sizes still catch changed series
         diff = diff_plan(state, plan, updated)
         if dry_run:
-            return SyncResult(diff=diff, harvest=None, pruned=[], dry_run=True)
+            return SyncResult(diff=diff, harvest=None, pruned=[], dry_run=True,
+                              unavailable=[(u.series_uid, u.reason) for u in plan.unavailable])
         pruned = await anyio.to_thread.run_sync(_prune, state, diff.removed) if prune else []
         hub.emit(plan_event(plan))
         result = await harvest_plan(Engine(config, source, state, hub), plan, manifest_header(config, query, state),
                                     refetch=frozenset(diff.changed))
-        return SyncResult(diff=diff, harvest=result, pruned=pruned, dry_run=False)
+        return SyncResult(diff=diff, harvest=result, pruned=pruned, dry_run=False, unavailable=result.unavailable)
 
 
 def _prune(state: HarvestState, uids: list[str]) -> list[str]:

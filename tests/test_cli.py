@@ -315,6 +315,9 @@ def test_a_series_unavailable_once_is_harvested_when_it_appears(small_archive, t
     cart = write_cart(tmp_path / "cart.tcia", uids)
     out = tmp_path / "out"
     with serve_in_thread(Archive(r for r in small_archive.records() if r.uid != late)) as before:
+        dry = cli("sync", str(cart), "-o", str(out), "--api-url", before.base_url, "--dry-run", *FAST_FLAGS)
+        assert dry.returncode == 1 and "dry run: 2 new" in dry.stdout and f"  unavailable: {late}: " in dry.stdout
+        assert not out.exists()
         first = cli("sync", str(cart), "-o", str(out), "--api-url", before.base_url, *FAST_FLAGS)
         assert before.stats.downloads == {u: 1 for u in uids if u != late}
     assert first.returncode == 1, (first.stdout, first.stderr)
