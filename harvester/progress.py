@@ -190,5 +190,6 @@ class RichDisplay:
             total=max(1, t.total_bytes),
             completed=min(t.total_bytes, t.skipped_bytes + t.received_bytes),  # live, retries included
             series=f"series {t.finished_series}/{t.total_series}",
-            extra=f"retries {t.retries + t.series_retries}  failed {t.failed_series}  in flight {t.in_flight}",
+            extra=f"retries {t.retries + t.series_retries}  failed {t.failed_series}  in flight {t.in_flight}"
+                  + (f"  unavailable {t.unavailable_series}" if t.unavailable_series else ""),
         )

@@ -279,6 +279,26 @@ def test_cart_with_a_withdrawn_series_harvests_the_rest_and_exits_1(server, smal
     assert manifest(out)["totals"] == doc["totals"]
 
 
+REAL_CART = Path(__file__).parent / "data" / "real-nbia" / "manifests" / "TCIA_Notebooks__CPTAC-HNSCC-demo.tcia"
+
+
+def test_a_real_cart_of_series_the_archive_lacks_is_recorded_not_refused(server, tmp_path):
+    """A real portal cart against an archive that has none of its series: exit 1, every UID listed
+    and recorded unavailable, a warning for the selector, harvest.json kept (it says what was asked)."""
+    from harvester.query import load_query
+
+    uids = load_query(REAL_CART).selectors[0].series
+    out = tmp_path / "out"
+    proc = cli("run", str(REAL_CART), "-o", str(out), "--api-url", server.base_url, *FAST_FLAGS)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert f"warning: selector 1 (series: {len(uids)} UIDs) matches no series" in proc.stderr
+    assert f"0 failed, {len(uids)} unavailable" in proc.stdout
+    assert [line.split(": ")[1] for line in proc.stdout.splitlines() if line.startswith("  unavailable: ")] == list(uids)
+    doc = manifest(out)
+    assert doc["totals"]["unavailable"] == len(uids) == len(doc["series"]) and doc["totals"]["complete"] == 0
+    assert server.stats.downloads == {}
+
+
 def test_strict_refuses_a_partial_cart_before_downloading(server, small_archive, tmp_path):
     """--strict keeps the refusal: exit 2, one line naming the UID, no getImage, no directory."""
     uids = normal_series(small_archive)[:3]
