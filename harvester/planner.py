@@ -167,13 +167,16 @@ def unknown_series_message(missing: list[str], origin: str, archive: str) -> str
 
 
 def refuse_unavailable(unavailable: list[UnavailableSeries], *, archive: str, hint: str) -> None:
-    """``strict``: raise ``UnknownSelectionError`` naming up to three unavailable series (the first
-    selector's that has any), so that nothing is downloaded. Returns when none is unavailable."""
+    """``strict``: raise ``UnknownSelectionError`` naming up to three unavailable series of the first
+    selector that has any (and how many other selectors' there are), so that nothing is
+    downloaded. Returns when none is unavailable."""
     if not unavailable:
         return
     origin = unavailable[0].origin
-    missing = [u.series_uid for u in unavailable]
-    raise UnknownSelectionError(unknown_series_message(missing, origin, archive), hint=hint)
+    first = [u.series_uid for u in unavailable if u.origin == origin]
+    others = len(unavailable) - len(first)
+    message = unknown_series_message(first, origin, archive)
+    raise UnknownSelectionError(message + (f"; {others} more in other selectors" if others else ""), hint=hint)
 
 
 def empty_selector_warnings(selectors: tuple[Selector, ...], batches: list[list[dict[str, Any]]]) -> list[str]:

@@ -120,6 +120,10 @@ def test_unknown_series_is_unavailable_and_strict_refuses_it(server, small_archi
     with pytest.raises(UnknownSelectionError) as err:
         plan(server, tmp_path, {"select": [{"series": [ghost]}]}, strict=True)
     assert ghost in str(err.value) and "--strict" in err.value.one_line()
+    with pytest.raises(UnknownSelectionError) as err:
+        plan(server, tmp_path, {"select": [{"series": [ghost]}, {"series": ["1.2.3.5"]}, {"series": ["1.2.3.6"]}]},
+             strict=True)
+    assert str(err.value) == f"test: select[0]: the archive has no series {ghost}; 2 more in other selectors"
 
 
 def test_partial_list_plans_the_rest(server, small_archive, tmp_path):
