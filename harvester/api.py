@@ -89,7 +89,9 @@ async def aplan(query: QueryLike, config: Config | None = None, *, details: bool
     """Expand ``query`` into the exact list of series tasks (``Plan.tasks``; totals in ``Plan.to_json()``).
 
     ``details=False`` skips the study and patient records of each task (two requests per
-    collection on NBIA) when only the series and totals are wanted.
+    collection on NBIA) when only the series and totals are wanted. Series of a cart or list
+    that the archive does not give are in ``Plan.unavailable`` (with ``strict=True``: raises
+    ``UnknownSelectionError``); selectors matching nothing are named in ``Plan.warnings``.
     """
     q = as_query(query)
     config = make_config(q, config, **options)
@@ -102,9 +104,10 @@ async def aharvest(query: QueryLike, out: str | Path | Config | None = None, *, 
                    on_event: Callable[[Event], None] | None = None, **options: Any) -> HarvestResult:
     """Plan and harvest ``query`` into ``out`` (or ``config.out_dir``); resumable, see ``harvester.engine``.
 
-    Returns a ``HarvestResult`` (``ok``, ``totals``, ``failed`` with reasons, counters). Raises
-    ``UsageError`` for bad input and ``FatalError`` only before the harvest starts; a fatal stop
-    during the harvest is reported in ``result.fatal`` with everything verified kept.
+    Returns a ``HarvestResult`` (``ok``, ``totals``, ``failed`` and ``unavailable`` with reasons,
+    counters). Raises ``UsageError`` for bad input (with ``strict=True``, for a series of a cart or
+    list that the archive does not give) and ``FatalError`` only before the harvest starts; a
+    fatal stop during the harvest is reported in ``result.fatal`` with everything verified kept.
     """
     if isinstance(out, Config):  # aharvest(query, config) reads naturally too
         config, out = out, None
@@ -120,7 +123,22 @@ async def aharvest(query: QueryLike, out: str | Path | Config | None = None, *, 
             on_plan(plan)
         hub.emit(plan_event(plan))
         emit_warnings(hub, plan)
-        return await Engine(config, source, state, hub).run(plan.tasks, manifest_header(config, query, state))
+        return await harvest_plan(Engine(config, source, state, hub), plan, manifest_header(config, query, state))
+
+
+async def harvest_plan(engine: Engine, plan: Plan, header: dict[str, Any],
+                       refetch: frozenset[str] = frozenset()) -> HarvestResult:
+    """Run ``plan`` on ``engine`` (see ``Engine.run``) after recording its unavailable series in the
+    state (harvest.json lists them; the next run looks them up again); the result names them, and
+    is not ``ok`` while any is. Shared by ``aharvest`` and ``harvester.mirror.async_sync``."""
+    state = engine.state
+    await anyio.to_thread.run_sync(state.mark_unavailable,
+                                   [(u.series_uid, u.origin, u.reason) for u in plan.unavailable])
+    result = await engine.run(plan.tasks, header, refetch=refetch)
+    result.unavailable = [
+        (u.series_uid, u.reason + ("; the copy already on disk is kept" if state.complete(u.series_uid) else ""))
+        for u in plan.unavailable]
+    return result
 
 
 @contextlib.asynccontextmanager
@@ -174,7 +192,8 @@ def manifest_header(config: Config, query: Query, state: HarvestState) -> dict[s
 
 def plan_event(plan: Plan) -> Event:
     totals = plan.to_json()
-    return Event("plan", data={"series": totals["series"], "bytes": totals["bytes"]})
+    return Event("plan", data={"series": totals["series"], "bytes": totals["bytes"],
+                               "unavailable": len(plan.unavailable)})
 
 
 def emit_warnings(hub: Hub, plan: Plan) -> None:

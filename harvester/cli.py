@@ -2,7 +2,8 @@
 
 Exit codes (documented in --help and the README):
   0  everything asked for is complete (or the command succeeded)
-  1  some series failed (each listed with its reason) / verify found damaged files
+  1  some series failed, or a cart or list named series the archive does not have (each listed
+     with its reason; the rest is harvested) / verify found damaged files
   2  bad usage or input: nothing was started
   3  a fatal stop: disk full, output not writable, credentials rejected, archive unreachable
 130  interrupted (Ctrl-C); verified series are kept, rerun the same command to resume
@@ -26,7 +27,8 @@ from harvester.errors import FatalError, HarvesterError, RequestError, UsageErro
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 EPILOG = """\
-exit codes: 0 complete, 1 some series failed, 2 bad usage or input, 3 fatal stop
+exit codes: 0 complete, 1 some series failed or unavailable (the rest is harvested;
+--strict makes unavailable ones exit 2 instead), 2 bad usage or input, 3 fatal stop
 (disk full, credentials, archive unreachable), 130 interrupted (rerun to resume).
 API URL: --api-url, else $HARVESTER_API_URL, else the manifest's 'api:', else
 the public TCIA v4 API."""
@@ -88,6 +90,13 @@ def _add_api_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--retries", type=_positive, metavar="N", help=f"attempts per HTTP request (default {Config.retries})")
 
 
+def _add_strict_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strict", action="store_true",
+                   help="refuse (exit 2, nothing downloaded) when a cart or UID list names series the archive "
+                        "does not have or refuses; by default they are listed as unavailable, the rest is "
+                        "harvested and the exit code is 1")
+
+
 def _add_harvest_args(p: argparse.ArgumentParser) -> None:
     """The options of the commands that download (run, sync)."""
     p.add_argument("-o", "--out", metavar="DIR", type=Path, required=True, help="output directory")
@@ -120,12 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("query", metavar="QUERY", help="query manifest (.yaml/.json), TCIA cart (.tcia) or UID list (.csv/.txt)")
     _add_harvest_args(run)
+    _add_strict_arg(run)
     _add_api_args(run)
 
     plan = sub.add_parser("plan", help="show what a query selects (series, images, bytes) without downloading",
                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     plan.add_argument("query", metavar="QUERY")
     plan.add_argument("--json", action="store_true", help="print totals as JSON")
+    _add_strict_arg(plan)
     _add_api_args(plan)
 
     query = sub.add_parser("query", help="ad-hoc metadata query, e.g. harvester query getSeries Collection=X",
@@ -146,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="move series no longer selected to DIR/.harvester/trash/ (never deleted)")
     sync.add_argument("--dry-run", action="store_true", help="print the difference and change nothing")
     _add_harvest_args(sync)
+    _add_strict_arg(sync)
     _add_api_args(sync)
 
     verify = sub.add_parser("verify", help="re-hash every harvested file against DIR/harvest.json",
@@ -250,6 +262,7 @@ def build_config(args: argparse.Namespace, env: dict[str, str], manifest_api: st
         changes["layout"] = check_layout(layout)
     if getattr(args, "out", None) is not None:
         changes["out_dir"] = args.out
+    changes["strict"] = bool(getattr(args, "strict", False))
     changes["progress"] = not getattr(args, "no_progress", False)
     changes["quiet"] = bool(getattr(args, "quiet", False))
     return Config(**changes)
@@ -288,6 +301,20 @@ def _print_warning_event(ev: Any) -> None:
         print(f"harvester: warning: {ev.message}", file=sys.stderr, flush=True)
 
 
+def _print_plan_notes(plan: Any, *, listed: bool) -> None:
+    """On stderr: how many series are unavailable (each with the archive's reason when
+    ``listed``). Warnings are said apart: ``_print_warnings`` for plan, events for run."""
+    if plan.unavailable and listed:
+        print(f"{len(plan.unavailable)} series unavailable (the archive does not give them; the rest is planned):",
+              file=sys.stderr)
+        for u in plan.unavailable:
+            print(f"  unavailable: {u.series_uid}: {u.reason}", file=sys.stderr)
+    elif plan.unavailable:
+        print(f"{len(plan.unavailable)} series unavailable (the archive does not give them): harvesting the rest; "
+              "the summary and harvest.json list them", file=sys.stderr)
+    sys.stderr.flush()
+
+
 def cmd_plan(args: argparse.Namespace, env: dict[str, str]) -> int:
     from harvester.api import aplan
     from harvester.query import load_query
@@ -300,7 +327,8 @@ def cmd_plan(args: argparse.Namespace, env: dict[str, str]) -> int:
         print(json.dumps(plan.to_json()))
     else:
         _print_plan_table(plan)
-    return EXIT_OK
+    _print_plan_notes(plan, listed=True)
+    return EXIT_FAILED if plan.unavailable else EXIT_OK
 
 
 def cmd_query(args: argparse.Namespace, env: dict[str, str]) -> int:
@@ -367,6 +395,7 @@ def _run_harvest(query: Any, config: Config, *, out: Any = None, runner: Any = N
             print(f"planned {t['series']} series, {t['images']} images, {human_bytes(t['bytes'])} "
                   f"from {len(t['collections'])} collection(s) ({plan.requests} metadata requests)",
                   file=sys.stderr, flush=True)
+            _print_plan_notes(plan, listed=False)  # the summary lists them, after the progress
 
     run = runner or (lambda q, c, hub, on_plan: aharvest(q, c, hub=hub, on_plan=on_plan))
     if display is not None:
@@ -382,9 +411,12 @@ def _run_harvest(query: Any, config: Config, *, out: Any = None, runner: Any = N
           f"{totals.get('files', 0)} files, {human_bytes(totals.get('bytes', 0))}; "
           f"{human_bytes(tally.received_bytes)} received in {human_duration(result.elapsed)} "
           f"({human_bytes(rate)}/s), {result.requests} requests, {result.retries} retries, "
-          f"{len(result.failed)} failed", file=out or sys.stdout)
+          f"{len(result.failed)} failed"
+          + (f", {len(result.unavailable)} unavailable" if result.unavailable else ""), file=out or sys.stdout)
     for uid, reason in result.failed:
         print(f"  failed: {uid}: {reason}", file=out or sys.stdout)
+    for uid, reason in result.unavailable:
+        print(f"  unavailable: {uid}: {reason}", file=out or sys.stdout)
     print(f"output: {config.out_dir}  manifest: {config.out_dir / 'harvest.json'}", file=out or sys.stdout)
     if result.fatal:
         print(f"harvester: error: {result.fatal}", file=sys.stderr)
@@ -414,7 +446,11 @@ def cmd_sync(args: argparse.Namespace, env: dict[str, str]) -> int:
         for label, uids in (("new", d.new), ("changed", d.changed), ("removed", d.removed)):
             for uid in uids:
                 print(f"  {label}: {uid}")
-        return EXIT_OK
+        if result.unavailable:
+            print(f"{len(result.unavailable)} series unavailable (the archive does not give them):")
+            for uid, reason in result.unavailable:
+                print(f"  unavailable: {uid}: {reason}")
+        return EXIT_FAILED if result.unavailable else EXIT_OK
     holder: dict[str, Any] = {}
 
     async def go(query: Any, config: Config, hub: Any, on_plan: Any) -> Any:
@@ -450,7 +486,8 @@ def cmd_status(args: argparse.Namespace, env: dict[str, str]) -> int:
                       human_bytes(c["bytes"]))
     Console().print(table)
     for f in st["failures"]:
-        print(f"failed: {f['SeriesInstanceUID']}: {f['error']}")
+        print(f"{'unavailable' if f.get('status') == 'unavailable' else 'failed'}: "
+              f"{f['SeriesInstanceUID']}: {f['error']}")
     return EXIT_OK
 
 

@@ -63,6 +63,9 @@ class Config:
     auth: AuthConfig | None = None    # NBIA OAuth password grant; for DICOMweb: HTTP basic (user, password)
     bearer_token: str | None = field(default=None, repr=False)  # a fixed bearer token (DICOMweb)
     limits: Limits = Limits()
+    # A cart or UID list naming series the archive does not have (or refuses): False harvests the
+    # rest and lists them as unavailable (exit 1); True refuses before downloading (exit 2).
+    strict: bool = False
     progress: bool = True
     quiet: bool = False
     user_agent: str = "harvester/0.1"

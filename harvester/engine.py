@@ -59,10 +59,13 @@ class HarvestResult:
     retries: int
     elapsed: float
     fatal: str | None = None
+    #: (uid, reason) of the series a cart or list asked for that the archive did not give
+    unavailable: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.failed and self.fatal is None
+        """Everything asked for is complete: nothing failed, nothing was unavailable, no fatal stop."""
+        return not self.failed and not self.unavailable and self.fatal is None
 
 
 class AdaptiveLimit:

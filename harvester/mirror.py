@@ -54,6 +54,8 @@ class SyncResult:
     harvest: HarvestResult | None
     pruned: list[str]
     dry_run: bool
+    #: (uid, reason) of the series the query's lists name that the archive does not give
+    unavailable: list[tuple[str, str]] = field(default_factory=list)
 
 
 def from_date_param(when: dt.date, api_url: str) -> str:
@@ -111,7 +113,7 @@ async def _updated_since(client: NBIAClient, last_sync: str | None) -> set[str]:
 async def async_sync(query: Query, config: Config, *, prune: bool = False, dry_run: bool = False,
                      hub: Hub | None = None) -> SyncResult:
     """Bring ``config.out_dir`` up to date with ``query`` (see the module docstring)."""
-    from harvester.api import emit_warnings, manifest_header, open_harvest, plan_event
+    from harvester.api import emit_warnings, harvest_plan, manifest_header, open_harvest, plan_event
 
     hub = hub or Hub()
     async with open_harvest(config) as (state, source):
@@ -124,13 +126,14 @@ async def async_sync(query: Query, config: Config, *, prune: bool = False, dry_r
                 updated = set()  # counts and sizes still catch changed series
         diff = diff_plan(state, plan, updated)
         if dry_run:
-            return SyncResult(diff=diff, harvest=None, pruned=[], dry_run=True)
+            return SyncResult(diff=diff, harvest=None, pruned=[], dry_run=True,
+                              unavailable=[(u.series_uid, u.reason) for u in plan.unavailable])
         pruned = await anyio.to_thread.run_sync(_prune, state, diff.removed) if prune else []
         hub.emit(plan_event(plan))
         emit_warnings(hub, plan)
-        result = await Engine(config, source, state, hub).run(plan.tasks, manifest_header(config, query, state),
-                                                               refetch=frozenset(diff.changed))
-        return SyncResult(diff=diff, harvest=result, pruned=pruned, dry_run=False)
+        result = await harvest_plan(Engine(config, source, state, hub), plan, manifest_header(config, query, state),
+                                    refetch=frozenset(diff.changed))
+        return SyncResult(diff=diff, harvest=result, pruned=pruned, dry_run=False, unavailable=result.unavailable)
 
 
 def _prune(state: HarvestState, uids: list[str]) -> list[str]:
@@ -284,6 +287,10 @@ def read_status(out_dir: Path) -> dict[str, Any]:
     collections: dict[str, dict[str, int]] = {}
     failures = []
     for rec in doc["series"]:
+        if rec.get("status") == "unavailable":  # asked for, never in the archive: no collection to count under
+            failures.append({"SeriesInstanceUID": rec.get("SeriesInstanceUID"), "error": rec.get("error"),
+                             "status": "unavailable"})
+            continue
         c = collections.setdefault(str(rec.get("Collection", "")), {"series": 0, "complete": 0, "failed": 0,
                                                                      "files": 0, "bytes": 0})
         c["series"] += 1

@@ -7,8 +7,15 @@ that lack ImageCount or FileSize. For each collection touched, getPatient and ge
 are fetched once so that layouts and the manifest have StudyID, StudyDescription and the
 patient record (skipped with ``details=False``, when only totals are wanted: ``harvester plan``).
 
-Raises ``UnknownSelectionError`` (a usage error) for an unknown collection or series, and the
-request errors of ``NBIAClient`` when the archive keeps failing after retries.
+Rows are checked with ``Selector.matches`` (the server's case-insensitive comparison). A series
+of a list (a cart, a CSV, ``series:``) that the archive does not have, or refuses (withdrawn,
+restricted, mistyped), is not an error: it goes to ``Plan.unavailable`` with what the archive
+said, and the rest is planned; ``config.strict`` keeps the refusal instead. A selector that
+matches nothing is named in ``Plan.warnings``.
+
+Raises ``UnknownSelectionError`` (a usage error) for an unknown collection, and with
+``config.strict`` for unavailable series; the request errors of ``NBIAClient`` when the archive
+keeps failing after retries.
 """
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ import anyio
 from harvester.config import NLST_COLLECTIONS
 from harvester.dates import parse_archive_date
 from harvester.errors import PermanentRequestError, UnknownSelectionError
-from harvester.query import Query, Selector
+from harvester.query import Query, Selector, fold
 from harvester.source.nbia import NBIAClient, as_int
 
 T = TypeVar("T")
@@ -32,6 +39,10 @@ T = TypeVar("T")
 # While this many UIDs of a list are unanswered, a collection that a lookup shows is listed whole
 # (one getSeries?Collection=) rather than looked up UID by UID; see Planner._series_by_uid.
 SWEEP_MIN_PENDING = 32
+#: The reason recorded for a series the archive answers with no row.
+NO_ROW = "the archive has no such series (getSeries answered no row): withdrawn, restricted or mistyped"
+UNAVAILABLE_HINT = ("the series may be restricted, withdrawn, or on another host (NLST); check the UIDs, "
+                    "or leave out --strict to harvest the rest")
 
 
 @dataclass(frozen=True)
@@ -70,12 +81,26 @@ class CollectionTotals:
     bytes: int = 0
 
 
+@dataclass(frozen=True)
+class UnavailableSeries:
+    """A series a list asked for that the archive did not give: no row, or a refusal."""
+
+    series_uid: str
+    origin: str     # the selector (file and key) that listed it
+    reason: str     # what the archive said: one line, URLs redacted, server text bounded
+
+    def to_json(self) -> dict[str, str]:
+        return {"SeriesInstanceUID": self.series_uid, "origin": self.origin, "reason": self.reason}
+
+
 @dataclass(repr=False)
 class Plan:
     tasks: list[SeriesTask]
     requests: int = 0
     retries: int = 0
-    #: One line each, said once per plan (the CLI prints them; ``aharvest`` emits "warning" events).
+    unavailable: list[UnavailableSeries] = field(default_factory=list)   # in the lists' order
+    #: One line each, said once per plan: selectors matching nothing, rows kept without a readable
+    #: release date (the CLI prints them; ``aharvest`` emits "warning" events).
     warnings: list[str] = field(default_factory=list)
 
     def __repr__(self) -> str:
@@ -95,12 +120,17 @@ class Plan:
 
     def to_json(self) -> dict[str, Any]:
         cols = self.collections
-        return {
+        out: dict[str, Any] = {
             "series": len(self.tasks),
             "images": sum(c.images for c in cols.values()),
             "bytes": sum(c.bytes for c in cols.values()),
             "collections": {k: {"series": v.series, "images": v.images, "bytes": v.bytes} for k, v in cols.items()},
         }
+        if self.unavailable:
+            out["unavailable"] = [u.to_json() for u in self.unavailable]
+        if self.warnings:
+            out["warnings"] = list(self.warnings)
+        return out
 
 
 async def gather_limited(calls: Iterable[Callable[[], Awaitable[T]]], limit: int) -> list[T]:
@@ -126,19 +156,36 @@ async def gather_limited(calls: Iterable[Callable[[], Awaitable[T]]], limit: int
 
 
 async def rows_by_uid(uids: list[str], lookup: Callable[[str], Callable[[], Awaitable[list[dict[str, Any]]]]],
-                      limit: int, *, origin: str, archive: str, hint: str) -> list[dict[str, Any]]:
-    """The rows of every series UID, ``limit`` lookups at a time. A UID with no row is an
-    ``UnknownSelectionError`` naming up to three of them (``archive``: "the archive", ...)."""
+                      limit: int) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows of every series UID, ``limit`` lookups at a time, and the UIDs that had none
+    (in the order given)."""
     results = await gather_limited([lookup(uid) for uid in uids], limit)
     missing = [uid for uid, rows in zip(uids, results) if not rows]
-    if missing:
-        raise UnknownSelectionError(unknown_series_message(missing, origin, archive), hint=hint)
-    return [r for rows in results for r in rows]
+    return [r for rows in results for r in rows], missing
 
 
 def unknown_series_message(missing: list[str], origin: str, archive: str) -> str:
     more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
     return f"{origin}: {archive} has no series {', '.join(missing[:3])}{more}"
+
+
+def refuse_unavailable(unavailable: list[UnavailableSeries], *, archive: str, hint: str) -> None:
+    """``strict``: raise ``UnknownSelectionError`` naming up to three unavailable series of the first
+    selector that has any (and how many other selectors' there are), so that nothing is
+    downloaded. Returns when none is unavailable."""
+    if not unavailable:
+        return
+    origin = unavailable[0].origin
+    first = [u.series_uid for u in unavailable if u.origin == origin]
+    others = len(unavailable) - len(first)
+    message = unknown_series_message(first, origin, archive)
+    raise UnknownSelectionError(message + (f"; {others} more in other selectors" if others else ""), hint=hint)
+
+
+def empty_selector_warnings(selectors: tuple[Selector, ...], batches: list[list[dict[str, Any]]]) -> list[str]:
+    """One warning per selector that matched no series, numbered from 1 as the user counts."""
+    return [f"selector {i} ({sel.describe()}) matches no series"
+            for i, (sel, rows) in enumerate(zip(selectors, batches), start=1) if not rows]
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:
@@ -163,15 +210,7 @@ def undated_warning(count: int) -> str:
 
 
 def _matches(row: dict[str, Any], sel: Selector) -> bool:
-    checks = (("Modality", sel.modality), ("BodyPartExamined", sel.body_part),
-              ("Manufacturer", sel.manufacturer), ("PatientID", sel.patients),
-              ("StudyInstanceUID", sel.studies))
-    for key, wanted in checks:
-        if wanted and str(row.get(key, "")) not in wanted:
-            return False
-    if sel.collection and row.get("Collection") not in (None, sel.collection):
-        return False
-    return not (sel.released_after and not _released_after(row, sel.released_after))
+    return sel.matches(row) and not (sel.released_after and not _released_after(row, sel.released_after))
 
 
 class Planner:
@@ -182,13 +221,27 @@ class Planner:
         self.concurrency = concurrency
         #: SeriesInstanceUIDs a ``released_after`` selector kept without a readable DateReleased.
         self._undated: set[str] = set()
+        # a selector's collection -> the archive's spelling of it (the server matches either;
+        # requests, NLST routing and the rows' Collection use the archive's)
+        self._collection_names: dict[str, str] = {}
 
     async def plan(self, query: Query, *, details: bool = True) -> Plan:
         """The exact plan; ``details=False`` leaves ``SeriesTask.study``/``patient`` empty and
-        saves two requests per collection."""
+        saves two requests per collection. Raises ``UnknownSelectionError`` for an unknown
+        collection, and for unavailable series of a list when ``config.strict`` is set."""
         start_requests, start_retries = self.client.requests, self.client.retries
         await self._check_collections(query)
-        batches = await gather_limited([self._selector_calls(s) for s in query.selectors], self.concurrency)
+        results = await gather_limited([self._selector_calls(s) for s in query.selectors], self.concurrency)
+        batches = [found for found, _ in results]
+        # a series another selector found is not unavailable (a cart and a collection may overlap)
+        found = {str(row.get("SeriesInstanceUID") or "") for batch in batches for row in batch}
+        unavailable: dict[str, UnavailableSeries] = {}
+        for _, missing in results:
+            for u in missing:
+                if u.series_uid not in found:
+                    unavailable.setdefault(u.series_uid, u)
+        if self.client.config.strict:
+            refuse_unavailable(list(unavailable.values()), archive="the archive", hint=UNAVAILABLE_HINT)
         rows: dict[str, dict[str, Any]] = {}
         for batch in batches:
             for row in batch:
@@ -205,22 +258,28 @@ class Planner:
         tasks = [self._task(r, studies, patients) for r in ordered]
         undated = sum(1 for t in tasks if t.series_uid in self._undated)
         return Plan(tasks=tasks, requests=self.client.requests - start_requests,
-                    retries=self.client.retries - start_retries,
-                    warnings=[undated_warning(undated)] if undated else [])
+                    retries=self.client.retries - start_retries, unavailable=list(unavailable.values()),
+                    warnings=empty_selector_warnings(query.selectors, batches)
+                    + ([undated_warning(undated)] if undated else []))
 
     # ------------------------------------------------------------ selectors
-    def _selector_calls(self, sel: Selector) -> Callable[[], Awaitable[list[dict[str, Any]]]]:
-        async def run() -> list[dict[str, Any]]:
-            rows = await (self._series_by_uid(sel) if sel.series else self._series_by_filter(sel))
-            if sel.released_after and not sel.series:  # (the date filters selector rows, not UID lists)
+    def _selector_calls(self, sel: Selector
+                        ) -> Callable[[], Awaitable[tuple[list[dict[str, Any]], list[UnavailableSeries]]]]:
+        async def run() -> tuple[list[dict[str, Any]], list[UnavailableSeries]]:
+            if sel.series:
+                return await self._series_by_uid(sel)
+            rows = await self._series_by_filter(sel)
+            if sel.released_after:  # (the date filters selector rows, not UID lists)
                 self._undated.update(str(r.get("SeriesInstanceUID") or "") for r in rows
                                      if parse_archive_date(r.get("DateReleased")) is None)
-            return rows
+            return rows, []
         return run
 
     async def _series_by_filter(self, sel: Selector) -> list[dict[str, Any]]:
-        assert sel.collection is not None
-        base: dict[str, str] = {"Collection": sel.collection}
+        """Collection, patients alone or studies alone (getSeries takes each without the others),
+        narrowed on the server by single values and always checked locally."""
+        collection = self._collection_names.get(sel.collection, sel.collection) if sel.collection else None
+        base: dict[str, str] = {"Collection": collection} if collection else {}
         # Narrow on the server when a single value is asked for; always filter locally too.
         for key, values in (("Modality", sel.modality), ("BodyPartExamined", sel.body_part),
                             ("Manufacturer", sel.manufacturer)):
@@ -233,13 +292,14 @@ class Planner:
         else:
             param_sets = [base]
         results = await gather_limited(
-            [self._getter("getSeries", p, sel.collection) for p in param_sets], self.concurrency)
+            [self._getter("getSeries", p, collection) for p in param_sets], self.concurrency)
         rows = [r for batch in results for r in batch]
-        for r in rows:
-            r.setdefault("Collection", sel.collection)
+        if collection:
+            for r in rows:
+                r.setdefault("Collection", collection)
         return [r for r in rows if _matches(r, sel)]
 
-    async def _series_by_uid(self, sel: Selector) -> list[dict[str, Any]]:
+    async def _series_by_uid(self, sel: Selector) -> tuple[list[dict[str, Any]], list[UnavailableSeries]]:
         """The rows of the selector's series UIDs (a cart, a CSV, a ``series:`` list).
 
         NBIA has no batch lookup, so a UID costs one getSeries. A long list (a portal cart of
@@ -249,23 +309,25 @@ class Planner:
         whose lookup shows a new collection sweeps it while ``SWEEP_MIN_PENDING`` UIDs or more are
         unanswered, and no new lookup starts until the sweeps in flight end (they may answer it).
         NLST (over 200,000 series) is never swept, so its lookups flow without pause.
+
+        Returns the rows found, in the list's order, and the UIDs the archive answered with no
+        row or refused, each with what it said.
         """
-        hint = "the series may be restricted, withdrawn, or on another host (NLST); check the UIDs"
         wanted = list(dict.fromkeys(sel.series))
         found: dict[str, dict[str, Any]] = {}
-        missing: list[str] = []
+        missing: dict[str, str] = {}  # uid -> the archive's reason
         swept: set[str] = set(NLST_COLLECTIONS)
         sweeps: set[anyio.Event] = set()  # sweeps in flight; lookups wait for them
         queue, wanted_set = deque(wanted), set(wanted)
         unanswered = len(wanted)
 
-        def answer(uid: str, row: dict[str, Any] | None) -> None:
+        def answer(uid: str, row: dict[str, Any] | None, reason: str = "") -> None:
             nonlocal unanswered
             if uid in found:
                 return  # a lookup in flight when a sweep answered it
             unanswered -= 1
             if row is None:
-                missing.append(uid)
+                missing[uid] = reason
             else:
                 found[uid] = row
 
@@ -291,8 +353,8 @@ class Planner:
                 if not queue:
                     return
                 uid = queue.popleft()
-                rows = await self._lookup_series(uid)()
-                answer(uid, rows[0] if rows else None)
+                rows, reason = await self._lookup_series(uid)
+                answer(uid, rows[0] if rows else None, reason)
                 collection = str(rows[0].get("Collection") or "") if rows else ""
                 if collection and collection not in swept and unanswered >= SWEEP_MIN_PENDING:
                     swept.add(collection)
@@ -304,28 +366,38 @@ class Planner:
                     tg.start_soon(worker)
         except BaseExceptionGroup as group:  # surface the first real error, as gather_limited does
             raise _first_error(group) from None
-        if missing:
-            unknown = set(missing)  # named in the list's order, not in the order the lookups ended
-            raise UnknownSelectionError(unknown_series_message([u for u in wanted if u in unknown], sel.origin,
-                                                               "the archive"), hint=hint)
-        return [found[uid] for uid in wanted]
+        # in the list's order, not in the order the lookups ended
+        return ([found[uid] for uid in wanted if uid in found],
+                [UnavailableSeries(uid, sel.origin, missing[uid]) for uid in wanted if uid in missing])
 
     def _sweep(self, collection: str) -> Callable[[], Awaitable[list[dict[str, Any]]]]:
         async def run() -> list[dict[str, Any]]:
             return await self._fetch_or_empty("getSeries", {"Collection": collection}, collection)
         return run
 
-    def _lookup_series(self, uid: str) -> Callable[[], Awaitable[list[dict[str, Any]]]]:
-        async def run() -> list[dict[str, Any]]:
-            rows = await self._fetch_or_empty("getSeries", {"SeriesInstanceUID": uid}, None)
-            if not rows and self.client.config.uses_public_default:
-                # NLST series live on their own host, and the main host answers 400 for them.
-                for collection in sorted(NLST_COLLECTIONS):
-                    rows = await self._fetch_or_empty("getSeries", {"SeriesInstanceUID": uid}, collection)
-                    if rows:
-                        break
-            return [r for r in rows if str(r.get("SeriesInstanceUID")) == uid]
-        return run
+    async def _lookup_series(self, uid: str) -> tuple[list[dict[str, Any]], str]:
+        """getSeries?SeriesInstanceUID=: the series' row, or none and what the archive said (the
+        main host's answer: an NLST host that has no row either adds nothing)."""
+        rows, reason = await self._series_row(uid, None)
+        if not rows and self.client.config.uses_public_default:
+            # NLST series live on their own host, and the main host answers 400 for them.
+            for collection in sorted(NLST_COLLECTIONS):
+                rows, _ = await self._series_row(uid, collection)
+                if rows:
+                    break
+        return rows, "" if rows else reason
+
+    async def _series_row(self, uid: str, collection: str | None) -> tuple[list[dict[str, Any]], str]:
+        try:
+            rows = await self.client.query("getSeries", {"SeriesInstanceUID": uid}, collection=collection)
+        except PermanentRequestError as exc:
+            if exc.status != 400:
+                raise
+            # NBIA's "no" (restricted, withdrawn, another host): the message is already one
+            # line, its URL redacted and the server's text bounded (source.http.raise_for_status)
+            return [], f"refused: {exc}"
+        rows = [r for r in rows if str(r.get("SeriesInstanceUID")) == uid]
+        return rows, "" if rows else NO_ROW
 
     async def _fetch_or_empty(self, endpoint: str, params: dict[str, str], collection: str | None) -> list[dict[str, Any]]:
         try:
@@ -342,14 +414,21 @@ class Planner:
         return run
 
     async def _check_collections(self, query: Query) -> None:
+        """Every selector's collection exists (compared folded, as the server compares); fills
+        ``_collection_names`` with the archive's spelling of each."""
         wanted = {s.collection for s in query.selectors if s.collection}
-        wanted -= set(NLST_COLLECTIONS) if self.client.config.uses_public_default else set()
+        if self.client.config.uses_public_default:
+            nlst = {fold(n): n for n in NLST_COLLECTIONS}  # on its own host: not listed by the main one
+            self._collection_names.update({w: nlst[fold(w)] for w in wanted if fold(w) in nlst})
+            wanted -= set(self._collection_names)
         if not wanted:
             return
-        known = set(await self.client.collections())
+        known = {fold(k): k for k in await self.client.collections()}
         for name in sorted(wanted):
-            if name not in known:
-                by_lower = {k.lower(): k for k in known}
+            if fold(name) in known:
+                self._collection_names[name] = known[fold(name)]
+            else:
+                by_lower = {k.lower(): k for k in known.values()}
                 close = difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.6)
                 suggestion = f"; did you mean {', '.join(by_lower[c] for c in close)}?" if close else ""
                 origin = next(s.origin for s in query.selectors if s.collection == name)

@@ -41,6 +41,7 @@ class Tally:
     skipped_series: int = 0        # already complete before this run
     skipped_bytes: int = 0
     failed_series: int = 0
+    unavailable_series: int = 0    # asked for by a cart or list, not given by the archive (planned out)
     received_bytes: int = 0        # everything off the wire, retries included
     retries: int = 0
     series_retries: int = 0
@@ -53,6 +54,7 @@ class Tally:
         if k == "plan":
             self.total_series = ev.data.get("series", 0)
             self.total_bytes = ev.data.get("bytes", 0)
+            self.unavailable_series = ev.data.get("unavailable", 0)
         elif k == "start":
             self.in_flight += 1
         elif k == "bytes":
@@ -148,7 +150,8 @@ class PlainDisplay:
 
     def line(self) -> str:
         t = self.tally
-        return (f"series {t.finished_series}/{t.total_series} (failed {t.failed_series}), "
+        unavailable = f", unavailable {t.unavailable_series}" if t.unavailable_series else ""
+        return (f"series {t.finished_series}/{t.total_series} (failed {t.failed_series}{unavailable}), "
                 f"{human_bytes(t.done_bytes + t.skipped_bytes)}/{human_bytes(t.total_bytes)}, "
                 f"{human_bytes(t.rate)}/s, retries {t.retries + t.series_retries}, ETA {human_duration(t.eta())}")
 
@@ -187,5 +190,6 @@ class RichDisplay:
             total=max(1, t.total_bytes),
             completed=min(t.total_bytes, t.skipped_bytes + t.received_bytes),  # live, retries included
             series=f"series {t.finished_series}/{t.total_series}",
-            extra=f"retries {t.retries + t.series_retries}  failed {t.failed_series}  in flight {t.in_flight}",
+            extra=f"retries {t.retries + t.series_retries}  failed {t.failed_series}  in flight {t.in_flight}"
+                  + (f"  unavailable {t.unavailable_series}" if t.unavailable_series else ""),
         )

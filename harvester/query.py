@@ -9,6 +9,12 @@ Accepted inputs (``load_query`` picks by extension):
 * a CSV or text list of series UIDs (``.csv``/``.txt``): a ``SeriesInstanceUID``, ``Series UID``
   or ``Series Instance UID`` column, or one UID per line.
 
+A selector names a collection, patients alone, studies alone, or a list of series; the metadata
+filters (``modality``, ``body_part``, ``manufacturer``, ``patients``) and the collection compare
+the way the NBIA server compares them: ``UPPER(column) = UPPER(value)`` (``fold``). Every source
+checks rows with ``Selector.matches`` and ``Exclusion.excludes``, so none of them can be stricter
+(or looser) than the archive it asks.
+
 Every problem raises ``ManifestError`` naming the file and the key (or line) at fault.
 """
 from __future__ import annotations
@@ -20,6 +26,7 @@ import json
 import re
 import stat
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +45,23 @@ _SELECTOR_KEYS = {
 _EXCLUDE_KEYS = {"collection", "modality", "body_part", "manufacturer", "patients", "studies", "series"}
 _TOP_KEYS = {"api", "layout", "select", "exclude", "limit", "source", "url"}
 _UID_COLUMNS = ("SeriesInstanceUID", "Series UID", "Series Instance UID", "SeriesUID")
+#: Selector and exclusion keys -> the getSeries column each filters, compared folded (``fold``).
+_FOLDED_COLUMNS = (("collection", "Collection"), ("modality", "Modality"), ("body_part", "BodyPartExamined"),
+                   ("manufacturer", "Manufacturer"), ("patients", "PatientID"))
+
+
+def fold(value: Any) -> str:
+    """A filter value or a row's value as the NBIA server compares them: its queries match
+    Collection, PatientID, Modality, BodyPartExamined, Manufacturer and ManufacturerModelName as
+    ``UPPER(column) = UPPER(value)``, so ``modality: ct`` selects the CT series. UIDs are digits
+    and dots and compare exactly."""
+    return str(value).upper()
+
+
+def _folded(values: str | tuple[str, ...] | frozenset[str] | None) -> frozenset[str]:
+    if not values:
+        return frozenset()
+    return frozenset({fold(values)} if isinstance(values, str) else {fold(v) for v in values})
 
 
 @dataclass(frozen=True)
@@ -53,6 +77,40 @@ class Selector:
     studies: tuple[str, ...] = ()
     series: tuple[str, ...] = ()
     released_after: dt.date | None = None
+
+    @cached_property
+    def _wanted(self) -> tuple[tuple[str, frozenset[str]], ...]:
+        # (column, folded values) of every filter given; computed once, rows are many
+        return tuple((column, _folded(getattr(self, attr))) for attr, column in _FOLDED_COLUMNS
+                     if getattr(self, attr))
+
+    def matches(self, row: dict[str, Any]) -> bool:
+        """Whether a getSeries-shaped row passes every filter of this selector, compared as the
+        NBIA server compares (``fold``); a row without a Collection passes the collection test
+        (the source knows where it came from). ``released_after`` is the planner's to check."""
+        for column, wanted in self._wanted:
+            value = row.get(column)
+            if column == "Collection" and value is None:
+                continue
+            if fold(value if value is not None else "") not in wanted:
+                return False
+        return not self.studies or str(row.get("StudyInstanceUID", "")) in self.studies
+
+    def describe(self) -> str:
+        """The selector as the user wrote it, on one line, for warnings: ``collection: X, modality: MR``."""
+        parts = [f"collection: {self.collection}"] if self.collection else []
+        for key in ("modality", "body_part", "manufacturer", "patients", "studies"):
+            values = getattr(self, key)
+            if len(values) == 1:
+                parts.append(f"{key}: {values[0]}")
+            elif values:
+                shown = ", ".join(values[:3]) + (f", ... ({len(values)} in all)" if len(values) > 3 else "")
+                parts.append(f"{key}: [{shown}]")
+        if self.series:
+            parts.append(f"series: {self.series[0]}" if len(self.series) == 1 else f"series: {len(self.series)} UIDs")
+        if self.released_after:
+            parts.append(f"released_after: {self.released_after.isoformat()}")
+        return ", ".join(parts)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -83,10 +141,18 @@ class Exclusion:
         "series": "SeriesInstanceUID",
     }
 
+    @cached_property
+    def _unwanted(self) -> tuple[tuple[str, bool, frozenset[str]], ...]:
+        # (column, folded?, values): the columns the server matches case-insensitively are
+        # compared folded, as selectors are; UIDs exactly
+        folded = dict(_FOLDED_COLUMNS)
+        return tuple((key, attr in folded, _folded(values) if attr in folded else values)
+                     for attr, key in self._ROW_KEYS.items() if (values := getattr(self, attr)))
+
     def excludes(self, row: dict[str, Any]) -> bool:
-        for attr, key in self._ROW_KEYS.items():
-            values = getattr(self, attr)
-            if values and str(row.get(key, "")) in values:
+        for key, folded, values in self._unwanted:
+            value = str(row.get(key, ""))
+            if (fold(value) if folded else value) in values:
                 return True
         return False
 
@@ -351,14 +417,19 @@ def _parse_selector(item: Any, where: str, base_dir: Path) -> Selector:
         if len(item) != 1:
             raise ManifestError(f"{where}: 'series' takes no other keys in the same selector")
         return Selector(origin=where, series=_strings(item["series"], f"{where}.series", uids=True))
-    if "collection" not in item:
-        raise ManifestError(f"{where}: missing 'collection' (or use series/tcia/csv)")
-    collection = _strings(item["collection"], f"{where}.collection")
-    if len(collection) != 1:
-        raise ManifestError(f"{where}.collection: one collection per selector (add another selector for more)")
+    if "collection" not in item and "patients" not in item and "studies" not in item:
+        # patients or studies alone are enough: getSeries (and QIDO-RS) take PatientID alone, or
+        # StudyInstanceUID alone, and a DICOMweb PACS has no collections at all
+        raise ManifestError(f"{where}: missing 'collection' (or give patients or studies alone, or use series/tcia/csv)")
+    collection = None
+    if "collection" in item:
+        names = _strings(item["collection"], f"{where}.collection")
+        if len(names) != 1:
+            raise ManifestError(f"{where}.collection: one collection per selector (add another selector for more)")
+        collection = names[0]
     return Selector(
         origin=where,
-        collection=collection[0],
+        collection=collection,
         modality=_strings(item["modality"], f"{where}.modality") if "modality" in item else (),
         body_part=_strings(item["body_part"], f"{where}.body_part") if "body_part" in item else (),
         manufacturer=_strings(item["manufacturer"], f"{where}.manufacturer") if "manufacturer" in item else (),

@@ -13,6 +13,9 @@ Files on disk are a database (rclone's rule): nothing half-written ever sits und
 * ``DIR/harvest.json`` is rewritten atomically (temp file, fsync, rename) from the records, so
   it only ever lists verified series. ``metadata.csv`` (the Data Retriever's columns) likewise.
 * ``DIR/.harvester/lock`` holds an flock while a run uses DIR, so two runs cannot interleave.
+* A series a cart or list asked for that the archive did not give is recorded with status
+  ``unavailable`` and the archive's reason in ``error`` (no path, no files); it never replaces a
+  complete record, and the next run looks it up again.
 
 Raises ``OutputNotWritableError``/``DiskFullError`` (fatal) when DIR cannot be written, and
 ``UsageError`` when another run holds the lock.
@@ -89,10 +92,12 @@ def _fsync_dir(path: Path) -> None:
 def totals_of(recs: list[dict[str, Any]]) -> dict[str, int]:
     """The ``totals`` block of harvest.json for these records."""
     done = [r for r in recs if r.get("status") == "complete"]
+    unavailable = sum(1 for r in recs if r.get("status") == "unavailable")
     return {
         "series": len(recs),
         "complete": len(done),
-        "failed": len(recs) - len(done),
+        "failed": len(recs) - len(done) - unavailable,
+        "unavailable": unavailable,
         "files": sum(len(r.get("files", [])) for r in done),
         "bytes": sum(int(r.get("bytes") or 0) for r in done),
     }
@@ -210,6 +215,11 @@ class HarvestState:
                         continue  # a later failure to refresh never hides a verified copy
                     self.records[uid] = rec
                     self._pending_trash.pop(uid, None)  # fetched again after a prune: keep it
+                elif kind == "unavailable" and isinstance(rec, list):
+                    for one in rec:
+                        if (isinstance(one, dict) and one.get("SeriesInstanceUID")
+                                and self.records.get(str(one["SeriesInstanceUID"]), {}).get("status") != "complete"):
+                            self.records[str(one["SeriesInstanceUID"])] = one
                 elif kind == "forget" and event.get("uid"):
                     self.records.pop(str(event["uid"]), None)
                     if event.get("path") and event.get("trash"):
@@ -391,6 +401,22 @@ class HarvestState:
             uid = rec["SeriesInstanceUID"]
             if self.records.get(uid, {}).get("status") != "complete":
                 self.records[uid] = rec
+
+    def mark_unavailable(self, missing: Iterable[tuple[str, str, str]]) -> None:
+        """Record series the archive did not give, as ``(uid, origin, reason)``: one journal line
+        (one fsync) for all of them. A complete record is kept as it is (its files are verified;
+        the archive withdrawing the series later does not undo that)."""
+        recs = [{"SeriesInstanceUID": uid, "Collection": "", "PatientID": "", "StudyInstanceUID": "",
+                 "Modality": "", "status": "unavailable", "path": None, "bytes": 0, "attempts": 0,
+                 "error": reason, "origin": origin, "checked": now_iso(), "files": []}
+                for uid, origin, reason in missing]
+        if not recs:
+            return
+        self._append({"event": "unavailable", "t": now_iso(), "series": recs})
+        with self._lock:
+            for rec in recs:
+                if self.records.get(rec["SeriesInstanceUID"], {}).get("status") != "complete":
+                    self.records[rec["SeriesInstanceUID"]] = rec
 
     def forget(self, uid: str, path: str, trash: str) -> None:
         """Drop a series from the manifest and move its folder to ``trash`` (relative to DIR).

@@ -238,6 +238,178 @@ def test_failed_series_exit_1_with_reasons(server, small_archive, tmp_path):
     assert len(failed_lines) == len(hostile)
 
 
+def write_cart(path: Path, uids: list[str]) -> Path:
+    """A cart as the portal writes it (its six-line header), CRLF and all."""
+    path.write_text("downloadServerUrl=https://nbia.cancerimagingarchive.net/nbia-download/servlet/DownloadServlet\r\n"
+                    "includeAnnotation=true\r\nnoOfrRetry=4\r\ndatabasketId=manifest-1.tcia\r\n"
+                    "manifestVersion=3.0\r\nListOfSeriesToDownload=\r\n" + "\r\n".join(uids) + "\r\n")
+    return path
+
+
+def test_cart_with_a_withdrawn_series_harvests_the_rest_and_exits_1(server, small_archive, tmp_path):
+    """3 existing UIDs and 1 withdrawn: plan and run name it, harvest.json records it unavailable
+    with the archive's answer, the 3 are harvested, exit 1; status, verify, report and export read
+    the directory; a rerun looks the withdrawn one up again and downloads nothing more."""
+    uids = normal_series(small_archive)[:3]
+    ghost = "1.3.6.1.4.1.14519.5.2.1.999.1"
+    cart = write_cart(tmp_path / "cart.tcia", [uids[0], ghost, *uids[1:]])
+    api = ("--api-url", server.base_url)
+    planned = cli("plan", str(cart), *api)
+    assert planned.returncode == 1, planned.stderr
+    assert "Traceback" not in planned.stderr
+    assert "1 series unavailable" in planned.stderr and f"unavailable: {ghost}: " in planned.stderr
+    assert "3 series selected" in planned.stdout
+    as_json = cli("plan", str(cart), *api, "--json")
+    assert as_json.returncode == 1
+    data = json.loads(as_json.stdout)
+    assert data["series"] == 3 and [u["SeriesInstanceUID"] for u in data["unavailable"]] == [ghost]
+
+    out = tmp_path / "out"
+    run = cli("run", str(cart), "-o", str(out), *api, *FAST_FLAGS)
+    assert run.returncode == 1, (run.stdout, run.stderr)
+    assert "Traceback" not in run.stderr
+    assert "1 series unavailable" in run.stderr  # said once planned, before the downloads
+    assert "0 failed, 1 unavailable" in run.stdout and f"  unavailable: {ghost}: " in run.stdout
+    assert_identical(out, small_archive, uids)
+    doc = manifest(out)
+    recs = {r["SeriesInstanceUID"]: r for r in doc["series"]}
+    assert {u for u, r in recs.items() if r["status"] == "complete"} == set(uids)
+    assert recs[ghost]["status"] == "unavailable" and "no row" in recs[ghost]["error"]
+    assert recs[ghost]["origin"] == str(cart) and recs[ghost]["files"] == []
+    assert doc["totals"]["complete"] == 3 and doc["totals"]["unavailable"] == 1 and doc["totals"]["failed"] == 0
+    assert server.stats.downloads == {u: 1 for u in uids}
+
+    status = cli("status", str(out))
+    assert status.returncode == 0 and "Traceback" not in status.stderr
+    assert f"unavailable: {ghost}: " in status.stdout
+    status_json = cli("status", str(out), "--json")
+    assert status_json.returncode == 0 and json.loads(status_json.stdout)["totals"]["unavailable"] == 1
+    verify = cli("verify", str(out))
+    assert verify.returncode == 0 and "all match" in verify.stdout and "3 series" in verify.stdout
+    report = cli("report", str(out))
+    assert report.returncode == 0, report.stderr
+    assert ghost in (out / "report.html").read_text("utf-8")
+    exported = cli("export", str(out), "--tcia", str(tmp_path / "back.tcia"), "--csv", str(tmp_path / "all.csv"))
+    assert exported.returncode == 0, exported.stderr
+    assert ghost not in (tmp_path / "back.tcia").read_text() and ghost in (tmp_path / "all.csv").read_text()
+
+    lookups = server.stats.requests.get("getSeries", 0)
+    again = cli("run", str(cart), "-o", str(out), *api, *FAST_FLAGS)
+    assert again.returncode == 1 and "3 already complete" in again.stdout and "1 unavailable" in again.stdout
+    assert server.stats.requests.get("getSeries", 0) > lookups  # looked up again, not taken from harvest.json
+    assert server.stats.downloads == {u: 1 for u in uids}
+    assert manifest(out)["totals"] == doc["totals"]
+
+
+REAL_CART = Path(__file__).parent / "data" / "real-nbia" / "manifests" / "TCIA_Notebooks__CPTAC-HNSCC-demo.tcia"
+
+
+def test_a_real_cart_of_series_the_archive_lacks_is_recorded_not_refused(server, tmp_path):
+    """A real portal cart against an archive that has none of its series: exit 1, every UID listed
+    and recorded unavailable, a warning for the selector, harvest.json kept (it says what was asked)."""
+    from harvester.query import load_query
+
+    uids = load_query(REAL_CART).selectors[0].series
+    out = tmp_path / "out"
+    proc = cli("run", str(REAL_CART), "-o", str(out), "--api-url", server.base_url, *FAST_FLAGS)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert f"warning: selector 1 (series: {len(uids)} UIDs) matches no series" in proc.stderr
+    assert f"0 failed, {len(uids)} unavailable" in proc.stdout
+    assert [line.split(": ")[1] for line in proc.stdout.splitlines() if line.startswith("  unavailable: ")] == list(uids)
+    doc = manifest(out)
+    assert doc["totals"]["unavailable"] == len(uids) == len(doc["series"]) and doc["totals"]["complete"] == 0
+    assert server.stats.downloads == {}
+
+
+def test_strict_refuses_a_partial_cart_before_downloading(server, small_archive, tmp_path):
+    """--strict keeps the refusal: exit 2, one line naming the UID, no getImage, no directory."""
+    uids = normal_series(small_archive)[:3]
+    ghost = "1.3.6.1.4.1.14519.5.2.1.999.2"
+    cart = write_cart(tmp_path / "cart.tcia", [*uids, ghost])
+    api = ("--api-url", server.base_url)
+    line = assert_one_line_error(cli("plan", str(cart), *api, "--strict"))
+    assert ghost in line and "--strict" in line
+    out = tmp_path / "out"
+    for command in ("run", "sync"):
+        line = assert_one_line_error(cli(command, str(cart), "-o", str(out), *api, "--strict", *FAST_FLAGS))
+        assert ghost in line
+    assert server.stats.requests.get("getImage", 0) == 0 and server.stats.downloads == {}
+    assert not out.exists()
+    # the same list as a CSV, and as a `series:` list in a manifest
+    listed = tmp_path / "list.csv"
+    listed.write_text("SeriesInstanceUID\n" + "\n".join([*uids, ghost]) + "\n")
+    manifest_file = tmp_path / "q.yaml"
+    manifest_file.write_text(yaml.safe_dump({"select": [{"series": [*uids, ghost]}]}))
+    for query in (listed, manifest_file):
+        assert ghost in assert_one_line_error(cli("run", str(query), "-o", str(out), *api, "--strict", *FAST_FLAGS))
+        assert cli("plan", str(query), *api).returncode == 1
+    assert server.stats.downloads == {} and not out.exists()
+
+
+def test_a_series_unavailable_once_is_harvested_when_it_appears(small_archive, tmp_path):
+    """sync of a cart whose series the archive lacks: exit 1, recorded unavailable; once the archive
+    serves it, the next run looks it up again, harvests it alone and exits 0."""
+    from harvester.server.archive import Archive
+    from harvester.server.testing import serve_in_thread
+
+    uids = normal_series(small_archive)[:3]
+    late = uids[1]
+    cart = write_cart(tmp_path / "cart.tcia", uids)
+    out = tmp_path / "out"
+    with serve_in_thread(Archive(r for r in small_archive.records() if r.uid != late)) as before:
+        dry = cli("sync", str(cart), "-o", str(out), "--api-url", before.base_url, "--dry-run", *FAST_FLAGS)
+        assert dry.returncode == 1 and "dry run: 2 new" in dry.stdout and f"  unavailable: {late}: " in dry.stdout
+        assert not out.exists()
+        first = cli("sync", str(cart), "-o", str(out), "--api-url", before.base_url, *FAST_FLAGS)
+        assert before.stats.downloads == {u: 1 for u in uids if u != late}
+    assert first.returncode == 1, (first.stdout, first.stderr)
+    assert "1 unavailable" in first.stdout and f"  unavailable: {late}: " in first.stdout
+    assert {r["SeriesInstanceUID"]: r["status"] for r in manifest(out)["series"]}[late] == "unavailable"
+    with serve_in_thread(small_archive) as after:
+        second = cli("run", str(cart), "-o", str(out), "--api-url", after.base_url, *FAST_FLAGS)
+        assert after.stats.downloads == {late: 1}
+    assert second.returncode == 0, (second.stdout, second.stderr)
+    assert "0 failed" in second.stdout and "unavailable:" not in second.stdout + second.stderr
+    assert " unavailable" not in second.stdout.splitlines()[0]
+    doc = manifest(out)
+    assert doc["totals"]["complete"] == 3 and doc["totals"]["unavailable"] == 0 and len(doc["series"]) == 3
+    assert_identical(out, small_archive, uids)
+
+
+def test_case_insensitive_selector_and_the_warning_for_one_matching_nothing(server, small_archive, tmp_path):
+    """`modality: ct` plans what `modality: CT` plans; a selector matching nothing is named on stderr
+    (plan and run) and is not an error."""
+    name = normal_collections(small_archive)[0]
+    modality = next(r.row["Modality"] for r in small_archive.records() if r.row["Collection"] == name)
+    api = ("--api-url", server.base_url)
+    totals = {}
+    for value in (modality, modality.lower()):
+        q = tmp_path / f"q-{value}.yaml"
+        q.write_text(yaml.safe_dump({"select": [{"collection": name, "modality": value}]}))
+        proc = cli("plan", str(q), *api, "--json")
+        assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
+        totals[value] = json.loads(proc.stdout)
+    assert totals[modality] == totals[modality.lower()] and totals[modality]["series"] > 0
+    q = tmp_path / "q.yaml"
+    q.write_text(yaml.safe_dump({"select": [{"collection": name, "modality": modality},
+                                            {"collection": name, "modality": "NOSUCH"}]}))
+    warning = f"harvester: warning: selector 2 (collection: {name}, modality: NOSUCH) matches no series"
+    proc = cli("plan", str(q), *api)
+    assert proc.returncode == 0 and warning in proc.stderr.splitlines(), proc.stderr
+    proc = cli("run", str(q), "-o", str(tmp_path / "out"), *api, *FAST_FLAGS, "--quiet")
+    assert proc.returncode == 0 and warning in proc.stderr.splitlines(), proc.stderr
+
+
+def test_patients_alone_through_the_cli(server, small_archive, tmp_path):
+    recs = [small_archive.get(u) for u in normal_series(small_archive)]
+    patient = recs[0].row["PatientID"]
+    q = tmp_path / "q.yaml"
+    q.write_text(f"select:\n  - patients: [{patient}]\n")
+    proc = cli("run", str(q), "-o", str(tmp_path / "out"), "--api-url", server.base_url, *FAST_FLAGS)
+    assert proc.returncode == 0, proc.stderr
+    assert_identical(tmp_path / "out", small_archive, [r.uid for r in recs if r.row["PatientID"] == patient])
+
+
 @pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume(server, small_archive, tmp_path):
     """kill -9 several times during a harvest; each rerun resumes; no completed series is fetched twice."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import glob
 import json
 import os
@@ -336,9 +337,40 @@ def test_a_list_of_series_uids_is_looked_up_in_batches(orthanc, tmp_path, monkey
     # fewer than 32 series: one list query, against the refused one plus one query per UID
     assert single.requests - batched.requests == len(uids), (single.requests, batched.requests)
     monkeypatch.undo()
+    # a UID no query answers is unavailable, the rest planned; strict refuses (the old behaviour)
     ghost = "1.2.3.4.5.6.7.8.9.10"
+    with_ghost = query_from_dict({"select": [{"series": [*uids, ghost]}]}, origin="t")
+    partial = anyio.run(aplan, with_ghost, config)
+    assert partial.tasks == batched.tasks
+    assert [u.series_uid for u in partial.unavailable] == [ghost] and "no row" in partial.unavailable[0].reason
     with pytest.raises(UnknownSelectionError, match=ghost):
-        anyio.run(aplan, query_from_dict({"select": [{"series": [*uids, ghost]}]}, origin="t"), config)
+        anyio.run(aplan, with_ghost, dataclasses.replace(config, strict=True))
+
+
+def test_patients_alone_studies_alone_and_case_insensitive_filters(orthanc, tmp_path):
+    """A PACS has no collections: patients alone (QIDO-RS PatientID=) and studies alone
+    (StudyInstanceUID) plan exactly their series, across collections; filters compare
+    case-insensitively, as NBIA's do."""
+    config = dw_config(orthanc, tmp_path / "p")
+
+    def planned(*selectors: dict[str, Any]) -> list[str]:
+        query = query_from_dict({"select": list(selectors)}, origin="t")
+        return sorted(t.series_uid for t in anyio.run(aplan, query, config).tasks)
+
+    first, second = (orthanc.rows[orthanc.uids(Collection=c)[0]] for c in orthanc.collections[:2])
+    patients = [first["PatientID"], second["PatientID"]]
+    want = sorted(set(orthanc.uids(PatientID=patients[0])) | set(orthanc.uids(PatientID=patients[1])))
+    assert want and len(want) < len(orthanc.series)
+    assert planned({"patients": patients}) == want
+    study = first["StudyInstanceUID"]
+    assert planned({"studies": [study]}) == orthanc.uids(StudyInstanceUID=study) != []
+    other = orthanc.collections[1]
+    mr = orthanc.uids(Collection=other, Modality="MR")
+    assert mr and planned({"collection": other, "modality": "mr"}) == mr == planned({"collection": other,
+                                                                                      "modality": "MR"})
+    manufacturer = orthanc.rows[mr[0]]["Manufacturer"]
+    assert planned({"collection": other, "manufacturer": manufacturer.swapcase()}) == \
+        orthanc.uids(Collection=other, Manufacturer=manufacturer)
 
 
 def test_rerun_downloads_nothing(orthanc, tmp_path):
@@ -354,12 +386,15 @@ def test_rerun_downloads_nothing(orthanc, tmp_path):
 def test_unknown_selections_and_released_after_are_usage_errors(orthanc, tmp_path):
     config = dw_config(orthanc, tmp_path)
     with pytest.raises(UnknownSelectionError, match="1.2.3.4.5"):
-        anyio.run(aplan, query_from_dict({"select": [{"series": ["1.2.3.4.5"]}]}, origin="t"), config)
+        anyio.run(aplan, query_from_dict({"select": [{"series": ["1.2.3.4.5"]}]}, origin="t"),
+                  dataclasses.replace(config, strict=True))
     with pytest.raises(UnknownSelectionError, match="ClinicalTrialProtocolID"):
         anyio.run(aplan, query_from_dict({"select": [{"collection": "NO-SUCH"}]}, origin="t"), config)
-    # a known collection whose filter matches nothing is an empty plan, not an error
+    # a known collection whose filter matches nothing is an empty plan and a warning, not an error
     empty = {"select": [{"collection": orthanc.collections[0], "modality": "PT"}]}
-    assert anyio.run(aplan, query_from_dict(empty, origin="t"), config).tasks == []
+    nothing = anyio.run(aplan, query_from_dict(empty, origin="t"), config)
+    assert nothing.tasks == []
+    assert nothing.warnings == [f"selector 1 (collection: {orthanc.collections[0]}, modality: PT) matches no series"]
     with pytest.raises(UsageError, match="released_after"):
         anyio.run(aplan, query_from_dict({"select": [{"collection": orthanc.collections[0],
                                                       "released_after": "2020-01-01"}]}, origin="t"), config)

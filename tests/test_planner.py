@@ -8,7 +8,7 @@ import re
 import anyio
 import pytest
 
-from harvest_helpers import manifest, normal_collections, test_config
+from harvest_helpers import manifest, normal_collections, normal_series, test_config
 from harvester import planner as planner_module
 from harvester.api import aharvest, aplan
 from harvester.dates import parse_archive_date
@@ -175,10 +175,154 @@ def test_unknown_collection_suggests_close_matches(server, small_archive, tmp_pa
     assert name in str(err.value) and "did you mean" in str(err.value)
 
 
-def test_unknown_series_is_a_clear_error(server, small_archive, tmp_path):
+def test_unknown_series_is_unavailable_and_strict_refuses_it(server, small_archive, tmp_path):
+    """A UID the archive has no row for is listed with the archive's answer (no longer an error);
+    ``strict`` keeps the old refusal."""
+    ghost = "1.2.3.4.5.6.7.8.9"
+    p = plan(server, tmp_path, {"select": [{"series": [ghost]}]})
+    assert p.tasks == []
+    assert [(u.series_uid, u.origin) for u in p.unavailable] == [(ghost, "test: select[0]")]
+    assert "no row" in p.unavailable[0].reason
+    assert p.warnings == [f"selector 1 (series: {ghost}) matches no series"]
+    assert p.to_json()["unavailable"] == [{"SeriesInstanceUID": ghost, "origin": "test: select[0]",
+                                           "reason": p.unavailable[0].reason}]
     with pytest.raises(UnknownSelectionError) as err:
-        plan(server, tmp_path, {"select": [{"series": ["1.2.3.4.5.6.7.8.9"]}]})
-    assert "1.2.3.4.5.6.7.8.9" in str(err.value)
+        plan(server, tmp_path, {"select": [{"series": [ghost]}]}, strict=True)
+    assert ghost in str(err.value) and "--strict" in err.value.one_line()
+    with pytest.raises(UnknownSelectionError) as err:
+        plan(server, tmp_path, {"select": [{"series": [ghost]}, {"series": ["1.2.3.5"]}, {"series": ["1.2.3.6"]}]},
+             strict=True)
+    assert str(err.value) == f"test: select[0]: the archive has no series {ghost}; 2 more in other selectors"
+
+
+def test_partial_list_plans_the_rest(server, small_archive, tmp_path):
+    """3 existing UIDs and 1 withdrawn: the 3 are planned, the 1 named; a UID that another selector
+    finds is not unavailable."""
+    name = normal_collections(small_archive)[0]
+    uids = rows(small_archive, Collection=name)[:3]
+    ghost = "1.2.3.999.1"
+    p = plan(server, tmp_path, {"select": [{"series": [uids[0], ghost, *uids[1:]]}]})
+    assert sorted(t.series_uid for t in p.tasks) == sorted(uids)
+    assert [u.series_uid for u in p.unavailable] == [ghost] and p.warnings == []
+    both = plan(server, tmp_path, {"select": [{"series": [ghost]}, {"collection": name}]})
+    assert [u.series_uid for u in both.unavailable] == [ghost]
+    assert plan(server, tmp_path, {"select": [{"series": uids}]}).unavailable == []
+
+
+def test_the_api_harvests_a_partial_list_or_refuses_it_with_strict(server, small_archive, tmp_path):
+    """harvest(): the result names the unavailable series and is not ok; strict=True raises before
+    any download."""
+    from harvester.api import harvest
+
+    uids = rows(small_archive, Collection=normal_collections(small_archive)[0])[:3]
+    ghost = "1.2.3.999.7"
+    cart = tmp_path / "cart.csv"
+    cart.write_text("SeriesInstanceUID\n" + "\n".join([ghost, *uids]) + "\n")
+    options = {k: v for k, v in vars(test_config(server.base_url, tmp_path)).items() if k not in ("out_dir",)}
+    with pytest.raises(UnknownSelectionError, match=ghost):
+        harvest(cart, tmp_path / "strict", **{**options, "strict": True})
+    assert server.stats.downloads == {} and not (tmp_path / "strict").exists()
+    result = harvest(cart, tmp_path / "out", **options)
+    assert not result.ok and result.failed == [] and result.fatal is None
+    assert [(uid, "no row" in why) for uid, why in result.unavailable] == [(ghost, True)]
+    assert result.totals["complete"] == 3 and result.totals["unavailable"] == 1
+    assert sorted(server.stats.downloads) == sorted(uids)
+
+
+def test_refused_series_records_the_servers_text(small_archive, tmp_path):
+    """NBIA says "no" to a restricted series with HTTP 400 and a text (typed application/json): the
+    reason is that text, on one line and bounded, with the URL; the rest is planned."""
+    from aiohttp import ClientSession, web
+
+    name = normal_collections(small_archive)[0]
+    uids = rows(small_archive, Collection=name)[:2]
+    restricted = "1.2.3.777.1"
+    denial = "Access denied:\n user nbia_guest may not see series " + restricted + " " + "x" * 500
+
+    async def main():
+        with serve_in_thread(small_archive) as upstream:
+            async with ClientSession() as session:
+                async def proxy(request):
+                    if request.query.get("SeriesInstanceUID") == restricted:
+                        return web.Response(status=400, text=denial, content_type="application/json")
+                    async with session.get(upstream.root_url + request.path_qs) as resp:
+                        return web.Response(status=resp.status, body=await resp.read(),
+                                            content_type=resp.content_type)
+
+                app = web.Application()
+                app.router.add_get("/{tail:.*}", proxy)
+                runner = web.AppRunner(app)
+                await runner.setup()
+                site = web.TCPSite(runner, "127.0.0.1", 0)
+                await site.start()
+                port = site._server.sockets[0].getsockname()[1]
+                try:
+                    query = query_from_dict({"select": [{"series": [*uids, restricted]}]}, origin="cart")
+                    return await aplan(query, test_config(f"http://127.0.0.1:{port}/nbia-api/services/v4",
+                                                          tmp_path / "out"))
+                finally:
+                    await runner.cleanup()
+
+    p = anyio.run(main)
+    assert sorted(t.series_uid for t in p.tasks) == sorted(uids)
+    (u,) = p.unavailable
+    assert u.series_uid == restricted
+    assert "HTTP 400" in u.reason and "Access denied: user nbia_guest may not see series" in u.reason
+    assert "\n" not in u.reason and len(u.reason) < 400 and u.reason.endswith("...")
+
+
+def test_selectors_match_case_insensitively_as_the_server_does(server, small_archive, tmp_path):
+    """The server compares UPPER(column) = UPPER(value): so does the local check, for one value
+    (narrowed on the server), for several (checked locally only), for the collection and for
+    exclusions."""
+    names = normal_collections(small_archive)
+    name = names[0]
+    modalities = sorted({r.row["Modality"] for r in small_archive.records() if r.row["Collection"] == name})
+    modality = modalities[0]
+    assert modality != modality.lower()
+    exact = plan(server, tmp_path, {"select": [{"collection": name, "modality": modality}]})
+    assert exact.tasks and sorted(t.series_uid for t in exact.tasks) == rows(small_archive, Collection=name,
+                                                                             Modality=modality)
+    lower = plan(server, tmp_path, {"select": [{"collection": name, "modality": modality.lower()}]})
+    assert lower.tasks == exact.tasks and lower.warnings == []
+    several = plan(server, tmp_path, {"select": [{"collection": name, "modality": [m.lower() for m in modalities]}]})
+    assert sorted(t.series_uid for t in several.tasks) == rows(small_archive, Collection=name)
+    folded_name = plan(server, tmp_path, {"select": [{"collection": name.lower(), "modality": modality}]})
+    assert folded_name.tasks == exact.tasks
+    assert {t.collection for t in folded_name.tasks} == {name}  # the archive's spelling
+    excluded = plan(server, tmp_path, {"select": [{"collection": name}], "exclude": {"modality": modality.lower()}})
+    assert excluded.tasks and all(t.modality != modality for t in excluded.tasks)
+
+
+def test_a_selector_matching_nothing_is_named_in_a_warning(server, small_archive, tmp_path):
+    name = normal_collections(small_archive)[0]
+    p = plan(server, tmp_path, {"select": [{"collection": name}, {"collection": name, "modality": "NOSUCH"}]})
+    assert p.tasks
+    assert p.warnings == [f"selector 2 (collection: {name}, modality: NOSUCH) matches no series"]
+    assert p.to_json()["warnings"] == p.warnings
+
+
+def test_patients_alone_and_studies_alone(server, small_archive, tmp_path):
+    """getSeries takes PatientID alone or StudyInstanceUID alone: no collection needed."""
+    names = normal_collections(small_archive)
+    recs = [small_archive.get(u) for u in normal_series(small_archive)]
+    patients = sorted({(r.row["Collection"], r.row["PatientID"]) for r in recs})
+    picked = [next(p for c, p in patients if c == names[0]), next(p for c, p in patients if c == names[1])]
+    p = plan(server, tmp_path, {"select": [{"patients": picked}]})
+    want = sorted(r.uid for r in recs if r.row["PatientID"] in picked)
+    assert want and sorted(t.series_uid for t in p.tasks) == want
+    assert {t.collection for t in p.tasks} == set(names[:2])
+    assert all(t.study is not None for t in p.tasks)  # enriched as any other selector's
+    modality = recs[0].row["Modality"]
+    p = plan(server, tmp_path, {"select": [{"patients": picked, "modality": modality.lower()}]})
+    assert sorted(t.series_uid for t in p.tasks) == sorted(r.uid for r in recs if r.row["PatientID"] in picked
+                                                           and r.row["Modality"] == modality)
+    studies = sorted({r.row["StudyInstanceUID"] for r in recs})[:2]
+    p = plan(server, tmp_path, {"select": [{"studies": studies}]})
+    assert sorted(t.series_uid for t in p.tasks) == sorted(r.uid for r in small_archive.records()
+                                                           if r.row["StudyInstanceUID"] in studies)
+    p = plan(server, tmp_path, {"select": [{"patients": ["NO-SUCH-PATIENT"]}]})
+    assert p.tasks == [] and p.warnings == ["selector 1 (patients: NO-SUCH-PATIENT) matches no series"]
 
 
 @pytest.mark.parametrize("faults", ["error=0.4,seed=1", "throttle=0.4,retry_after=0,seed=2", "reset=0.4,seed=3",
@@ -262,11 +406,17 @@ def test_short_list_is_looked_up_one_by_one(cart_server, tmp_path):
 
 
 def test_long_cart_with_unknown_uids_names_them(cart_server, tmp_path):
+    """Swept or looked up, the unknown UIDs are listed in the cart's order and the rest planned;
+    ``strict`` refuses naming three of them."""
     archive, server = cart_server
     uids = cart_uids(archive, normal_collections(archive))
     ghosts = [f"1.2.3.999.{i}" for i in range(4)]
+    cart = {"select": [{"series": uids[:3] + ghosts + uids[3:]}]}
+    p = plan(server, tmp_path, cart)
+    assert sorted(t.series_uid for t in p.tasks) == sorted(uids)
+    assert [u.series_uid for u in p.unavailable] == ghosts
     with pytest.raises(UnknownSelectionError) as err:
-        plan(server, tmp_path, {"select": [{"series": uids[:3] + ghosts + uids[3:]}]})
+        plan(server, tmp_path, cart, strict=True)
     text = str(err.value)
     assert all(g in text for g in ghosts[:3]) and "and 1 more" in text
 

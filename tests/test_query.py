@@ -16,6 +16,7 @@ from harvester.errors import ManifestError, UsageError
 from harvester.query import (
     Exclusion,
     Query,
+    fold,
     load_query,
     parse_manifest,
     parse_tcia,
@@ -192,6 +193,69 @@ def test_exclusion_matches_rows() -> None:
     assert ex.excludes({"PatientID": "P1"})
     assert not ex.excludes({"Modality": "CT", "SeriesInstanceUID": UID1, "PatientID": "P2"})
     assert not Exclusion().excludes({"Modality": "SEG"})
+
+
+def test_selectors_and_exclusions_compare_as_the_server_does() -> None:
+    """UPPER(column) = UPPER(value) for collection, modality, body part, manufacturer and patient;
+    UIDs exactly. (A row without a Collection passes: the source knows where it came from.)"""
+    assert fold("ct") == fold("Ct") == fold("CT") == "CT" and fold(17) == "17"
+    (sel,) = query_from_dict({"select": [{"collection": "lidc-idri", "modality": ["ct", "Mr"],
+                                          "body_part": "chest", "manufacturer": "siemens",
+                                          "patients": "lidc-idri-0001"}]}).selectors
+    row = {"Collection": "LIDC-IDRI", "Modality": "CT", "BodyPartExamined": "CHEST", "Manufacturer": "SIEMENS",
+           "PatientID": "LIDC-IDRI-0001", "StudyInstanceUID": STUDY}
+    assert sel.matches(row) and sel.matches({**row, "Modality": "mr"})
+    assert sel.matches({k: v for k, v in row.items() if k != "Collection"})
+    for key, other in (("Collection", "LIDC-IDRI-2"), ("Modality", "PT"), ("BodyPartExamined", "HEAD"),
+                       ("Manufacturer", "GE"), ("PatientID", "LIDC-IDRI-0002")):
+        assert not sel.matches({**row, key: other}), key
+    assert not sel.matches({k: v for k, v in row.items() if k != "Modality"})  # a filter needs the value
+    (by_study,) = query_from_dict({"select": [{"studies": [STUDY]}]}).selectors
+    assert by_study.matches(row) and not by_study.matches({**row, "StudyInstanceUID": STUDY + "1"})
+    ex = query_from_dict({"select": [{"collection": "A"}],
+                          "exclude": {"modality": "seg", "patients": "p1", "series": [UID2]}}).exclude
+    assert ex.excludes({"Modality": "SEG"}) and ex.excludes({"PatientID": "P1"})
+    assert ex.excludes({"SeriesInstanceUID": UID2}) and not ex.excludes({"Modality": "CT", "PatientID": "P2"})
+
+
+@FAST
+@given(st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 -_.^", min_size=1, max_size=20),
+       st.randoms())
+def test_matching_ignores_case_whatever_the_value(value: str, rnd) -> None:
+    """Any case-scrambling of a value selects (and excludes) the rows holding the value, and only those."""
+    value = value.strip()
+    if not value:
+        return
+    scrambled = "".join(c.upper() if rnd.random() < 0.5 else c.lower() for c in value)
+    (sel,) = query_from_dict({"select": [{"collection": "A", "modality": scrambled}]}).selectors
+    assert sel.matches({"Collection": "a", "Modality": value})
+    assert not sel.matches({"Collection": "a", "Modality": value + "X"})
+    ex = query_from_dict({"select": [{"collection": "A"}], "exclude": {"manufacturer": scrambled}}).exclude
+    assert ex.excludes({"Manufacturer": value}) and not ex.excludes({"Manufacturer": "X" + value})
+
+
+def test_patients_alone_and_studies_alone_are_selectors() -> None:
+    """getSeries takes PatientID alone or StudyInstanceUID alone, and a PACS has no collections."""
+    query = query_from_dict({"select": [{"patients": ["P-1", "P-2"]}, {"studies": STUDY, "modality": "CT"},
+                                        {"patients": "P-3", "studies": [STUDY]}]}, origin="q.yaml")
+    patients, studies, both = query.selectors
+    assert patients.collection is None and patients.patients == ("P-1", "P-2") and patients.series == ()
+    assert studies.collection is None and studies.studies == (STUDY,) and studies.modality == ("CT",)
+    assert both.patients == ("P-3",) and both.studies == (STUDY,)
+    assert query.to_json()["select"][0] == {"patients": ["P-1", "P-2"]}
+    with pytest.raises(ManifestError, match="studies"):
+        query_from_dict({"select": [{"studies": ["not-a-uid"]}]})
+    with pytest.raises(ManifestError, match=r"select\[0\]: missing 'collection' \(or give patients or studies"):
+        query_from_dict({"select": [{"modality": "CT", "body_part": "CHEST"}]})
+
+
+def test_selectors_describe_themselves_for_warnings() -> None:
+    sels = query_from_dict({"select": [
+        {"collection": "X", "modality": "MR"}, {"patients": ["A", "B", "C", "D"]},
+        {"series": [UID1, UID2]}, {"series": UID3}, {"collection": "Y", "released_after": "2021-02-03"}]}).selectors
+    assert [s.describe() for s in sels] == [
+        "collection: X, modality: MR", "patients: [A, B, C, ... (4 in all)]", "series: 2 UIDs", f"series: {UID3}",
+        "collection: Y, released_after: 2021-02-03"]
 
 
 def test_query_to_json_is_serialisable() -> None:
@@ -647,6 +711,33 @@ def test_query_from_dict_returns_query_or_manifest_error(tmp_path: Path, data: o
     text = json.dumps(data)
     check_query(text, str(tmp_path / "m.json"), tmp_path)
     check_query(yaml.safe_dump(data), str(tmp_path / "m.yaml"), tmp_path)
+
+
+REAL_CARTS = sorted((Path(__file__).parent / "data" / "real-nbia" / "manifests").glob("*.tcia"))
+
+
+def listed_uids(cart: Path) -> list[str]:
+    """The UID lines of a cart, read the plain way: every non-empty line after ListOfSeriesToDownload=."""
+    lines = cart.read_bytes().decode("utf-8-sig").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("ListOfSeriesToDownload="))
+    return [line.strip() for line in lines[start + 1:] if line.strip()]
+
+
+def test_the_real_carts_are_all_there() -> None:
+    assert len(REAL_CARTS) == 10
+    counts = {cart.name: listed_uids(cart) for cart in REAL_CARTS}
+    assert max(len(set(uids)) for uids in counts.values()) == 3042
+    assert any(len(uids) != len(set(uids)) for uids in counts.values())  # one repeats a UID
+
+
+@pytest.mark.parametrize("cart", REAL_CARTS, ids=lambda p: p.name)
+def test_real_portal_carts_parse(cart: Path) -> None:
+    """Real carts (old hosts, CRLF, a repeated UID, no final newline, 3,042 UIDs) give exactly their
+    UIDs, once each, in the cart's order, as one series selector."""
+    query = load_query(cart)
+    (sel,) = query.selectors
+    assert sel.series == tuple(dict.fromkeys(listed_uids(cart))) and sel.series
+    assert sel.collection is None and sel.origin == str(cart) and query.origin == str(cart)
 
 
 def test_tsv_uid_column(tmp_path):

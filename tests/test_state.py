@@ -339,6 +339,42 @@ def test_fail_never_hides_a_complete_series(state: HarvestState) -> None:
         fresh.close()
 
 
+def test_unavailable_series_are_one_journal_line_and_never_hide_a_complete_one(state: HarvestState) -> None:
+    """A cart's missing series are recorded in one line (one fsync), kept across a reopen, counted
+    apart in the totals, and never replace a verified series; a later commit replaces them."""
+    uid, files = "1.2.840.1", files_of("1.2.840.1")
+    rec = record(uid, "C/P/S/1", files)
+    state.commit(rec, stage(state, uid, files))
+    lines = len(journal_events(state))
+    state.mark_unavailable([(uid, "cart.tcia", "withdrawn"), ("1.2.840.8", "cart.tcia", "HTTP 400: denied"),
+                            ("1.2.840.9", "list.csv", "no row")])
+    assert len(journal_events(state)) == lines + 1
+    assert state.complete(uid) == rec
+    assert state.records["1.2.840.8"]["status"] == "unavailable"
+    assert state.records["1.2.840.8"]["error"] == "HTTP 400: denied" and state.records["1.2.840.8"]["files"] == []
+    totals = state.write_manifest({})
+    assert (totals["series"], totals["complete"], totals["failed"], totals["unavailable"]) == (3, 1, 0, 2)
+    state.mark_unavailable([])
+    assert len(journal_events(state)) == lines + 1  # nothing to record, nothing written
+    fresh = reopen(state)
+    try:
+        assert fresh.complete(uid) == rec
+        assert {u: r["status"] for u, r in fresh.records.items()} == {
+            uid: "complete", "1.2.840.8": "unavailable", "1.2.840.9": "unavailable"}
+        assert fresh.records["1.2.840.9"]["origin"] == "list.csv"
+        later, later_files = record("1.2.840.9", "C/P/S/9", files_of("1.2.840.9")), files_of("1.2.840.9")
+        fresh.commit(later, stage(fresh, "1.2.840.9", later_files))
+        assert fresh.complete("1.2.840.9") == later
+    finally:
+        fresh.close()
+    again = HarvestState(state.out_dir)
+    again.open()
+    try:
+        assert again.complete("1.2.840.9") is not None and again.records["1.2.840.8"]["status"] == "unavailable"
+    finally:
+        again.close()
+
+
 # ---------------------------------------------------------------- recovery after kill -9
 
 def crash_during_commit(state: HarvestState, monkeypatch: pytest.MonkeyPatch, uid: str, path: str
@@ -546,7 +582,7 @@ def test_write_manifest_schema_and_metadata_csv(state: HarvestState) -> None:
     state.fail(failed)
     header = {"version": "0.1.0", "query": {"select": [{"collection": "LIDC-IDRI"}]}}
     totals = state.write_manifest(header, order=["1.2.840.3", "1.2.840.2"])
-    assert totals == {"series": 3, "complete": 2, "failed": 1, "files": 2 + 3,
+    assert totals == {"series": 3, "complete": 2, "failed": 1, "unavailable": 0, "files": 2 + 3,
                       "bytes": done[0]["bytes"] + done[1]["bytes"]}
 
     doc = json.loads((state.out_dir / "harvest.json").read_text("utf-8"))

@@ -27,7 +27,8 @@ class Source(Protocol):
     on_retry: Callable[[BaseException], None] | None
 
     async def plan(self, query: Query, *, details: bool = True) -> Plan:
-        """Expand a query into the exact list of series tasks.
+        """Expand a query into the exact list of series tasks; listed series the archive does not
+        give go to ``Plan.unavailable`` (``config.strict``: ``UnknownSelectionError``).
 
         ``details=False``: only the series and their sizes are wanted (``harvester plan``); a
         source may then skip the study and patient records layouts and the manifest use.

@@ -7,9 +7,13 @@ How a query maps onto QIDO-RS (``GET {root}/series``, ``{root}/studies/{uid}/ser
   ClinicalTrialProtocolID, which TCIA-style de-identification fills with the collection name);
   ``patients`` -> PatientID, ``studies`` -> StudyInstanceUID, ``series`` -> SeriesInstanceUID,
   ``modality`` -> Modality, ``body_part`` -> BodyPartExamined, ``manufacturer`` -> Manufacturer.
-  Single values narrow the search on the server; every row is also checked locally, so a server
-  that ignores a matching key cannot widen the harvest. A list of series UIDs is searched
-  ``UID_LIST_BATCH`` at a time (UID list matching), then UID by UID for what no list answered.
+  A selector of patients alone or studies alone needs no collection (a PACS has none). Single
+  values of Modality and BodyPartExamined (code strings, upper case by definition) narrow the
+  search on the server, upper-cased; every row is also checked locally with ``Selector.matches``
+  (case-insensitive, as NBIA matches), so a server that ignores a matching key cannot widen the
+  harvest. A list of series UIDs is searched ``UID_LIST_BATCH`` at a time (UID list matching),
+  then UID by UID for what no list answered; a UID still without a row is listed in
+  ``Plan.unavailable`` (``config.strict``: ``UnknownSelectionError``).
 * ``released_after`` has no DICOMweb equivalent (archives record no release date) and raises
   ``UsageError`` rather than being silently ignored.
 * ImageCount is NumberOfSeriesRelatedInstances (asked for with ``includefield``; counted from
@@ -28,7 +32,8 @@ Who raises what:
   source's policy: backoff with jitter, ``Retry-After`` honoured for the whole host) for resets,
   timeouts, 5xx, 408, 429, an error page instead of a multipart body and a body cut before its
   closing boundary; ``PermanentRequestError`` for other 4xx; ``AuthError`` for 401.
-* ``plan`` raises ``UnknownSelectionError`` for a series or collection the service does not have.
+* ``plan`` raises ``UnknownSelectionError`` for a collection the service does not have (and, with
+  ``config.strict``, for a listed series it does not have).
 * ``fetch_series`` raises ``IncompleteSeriesError`` when fewer instances arrive than QIDO
   announced, ``IntegrityError`` for a part that is not DICOM, belongs to another series, repeats
   a SOPInstanceUID or exceeds the announced count, and ``DiskFullError``/``OutputNotWritableError``.
@@ -65,8 +70,16 @@ from harvester.errors import (
     classify_os_error,
 )
 from harvester.layout import safe_component
-from harvester.planner import Plan, SeriesTask, gather_limited, rows_by_uid
-from harvester.query import Query, Selector
+from harvester.planner import (
+    Plan,
+    SeriesTask,
+    UnavailableSeries,
+    empty_selector_warnings,
+    gather_limited,
+    refuse_unavailable,
+    rows_by_uid,
+)
+from harvester.query import Query, Selector, fold
 from harvester.source.base import ClientBackedSource
 from harvester.source.http import (
     RetryingClient,
@@ -90,6 +103,10 @@ NO_COLLECTION = "NO-COLLECTION"
 #: Series UIDs per QIDO-RS query when a list of UIDs is looked up (UID list matching, PS3.18
 #: 8.3.4.1: ``SeriesInstanceUID=uid1,uid2,...``); about 2 KB of URL.
 UID_LIST_BATCH = 32
+#: The reason recorded for a listed series that no QIDO-RS search returns.
+NO_SERIES = "the DICOMweb service has no such series (QIDO-RS answered no row)"
+UNKNOWN_UID_HINT = ("check the UIDs, and that the URL is the service root (the one ending in /dicom-web or "
+                    "similar); or leave out --strict to harvest the rest")
 
 # DICOM tags as QIDO-RS names them (8 upper-case hex digits).
 TAGS = {
@@ -424,8 +441,17 @@ class DICOMwebSource(ClientBackedSource):
             if sel.released_after is not None:
                 raise UsageError(f"{sel.origin}: released_after has no DICOMweb equivalent",
                                  hint="a DICOMweb archive records no release date; remove the key")
-        batches = await gather_limited([self._selector_call(s) for s in query.selectors],
+        results = await gather_limited([self._selector_call(s) for s in query.selectors],
                                        self.config.plan_concurrency)
+        batches = [found for found, _ in results]
+        found = {row["SeriesInstanceUID"] for batch in batches for row in batch}
+        unavailable: dict[str, UnavailableSeries] = {}
+        for _, missing in results:
+            for u in missing:
+                if u.series_uid not in found:  # another selector found it
+                    unavailable.setdefault(u.series_uid, u)
+        if self.config.strict:
+            refuse_unavailable(list(unavailable.values()), archive="the DICOMweb service", hint=UNKNOWN_UID_HINT)
         rows: dict[str, dict[str, Any]] = {}
         for batch in batches:
             for row in batch:
@@ -439,11 +465,14 @@ class DICOMwebSource(ClientBackedSource):
         await gather_limited([self._count_call(r) for r in ordered if r.get("ImageCount") is None],
                              self.config.plan_concurrency)
         return Plan(tasks=[self._task(r) for r in ordered], requests=self.requests - start_requests,
-                    retries=self.retries - start_retries)
+                    retries=self.retries - start_retries, unavailable=list(unavailable.values()),
+                    warnings=empty_selector_warnings(query.selectors, batches))
 
     def _selector_call(self, sel: Selector) -> Callable[[], Any]:
-        async def run() -> list[dict[str, Any]]:
-            return await (self._series_by_uid(sel) if sel.series else self._series_by_filter(sel))
+        async def run() -> tuple[list[dict[str, Any]], list[UnavailableSeries]]:
+            if sel.series:
+                return await self._series_by_uid(sel)
+            return await self._series_by_filter(sel), []
         return run
 
     def _fields(self) -> list[tuple[str, str]]:
@@ -461,17 +490,15 @@ class DICOMwebSource(ClientBackedSource):
             self._details.setdefault(row["SeriesInstanceUID"], self._study_and_patient(item))
             if json_text(item, self.collection_tag) is not None:
                 with_collection += 1
-            if collection is None or row["Collection"] == collection:
+            if collection is None or fold(row["Collection"]) == fold(collection):
                 rows.append(row)
         return _SearchResult(rows, len(raw), with_collection)
 
     async def _series_by_filter(self, sel: Selector) -> list[dict[str, Any]]:
-        assert sel.collection is not None
-        base = [(self.collection_tag, sel.collection)]
-        for key, values in (("Modality", sel.modality), ("BodyPartExamined", sel.body_part),
-                            ("Manufacturer", sel.manufacturer)):
-            if len(values) == 1:  # narrow on the server when one value is asked for
-                base.append((TAGS[key], values[0]))
+        base = [(self.collection_tag, sel.collection)] if sel.collection else []
+        for key, values in (("Modality", sel.modality), ("BodyPartExamined", sel.body_part)):
+            if len(values) == 1:  # narrow on the server when one value is asked for (code strings:
+                base.append((TAGS[key], fold(values[0])))  # upper case; Manufacturer may be any case)
         searches: list[tuple[str, list[tuple[str, str]]]]
         if sel.studies:
             searches = [(f"studies/{quote(s, safe='')}/series", list(base)) for s in sel.studies]
@@ -482,8 +509,8 @@ class DICOMwebSource(ClientBackedSource):
         results = await gather_limited(
             [self._search_call(path, params, sel.collection) for path, params in searches],
             self.config.plan_concurrency)
-        rows = [r for res in results for r in res.rows if _matches(r, sel)]
-        if not any(res.rows for res in results):
+        rows = [r for res in results for r in res.rows if sel.matches(r)]
+        if sel.collection and not any(res.rows for res in results):
             await self._check_collection(sel, results)
         return rows
 
@@ -507,21 +534,20 @@ class DICOMwebSource(ClientBackedSource):
                 f"{sel.origin}: the DICOMweb service has no series whose {attribute} is {sel.collection!r}",
                 hint=f"the collection is matched against the DICOM attribute {attribute}; check the name")
 
-    async def _series_by_uid(self, sel: Selector) -> list[dict[str, Any]]:
+    async def _series_by_uid(self, sel: Selector) -> tuple[list[dict[str, Any]], list[UnavailableSeries]]:
         """The rows of a list of series UIDs: ``UID_LIST_BATCH`` UIDs per query (UID list matching),
         then one query per UID that no list query answered. A service without list matching
-        answers nothing or refuses (4xx) and costs one extra query per batch; an unknown UID is
-        an ``UnknownSelectionError``, as with single lookups."""
+        answers nothing or refuses (4xx) and costs one extra query per batch. Returns the rows and
+        the UIDs that no query answered."""
         wanted = list(dict.fromkeys(sel.series))
         batches = [wanted[i:i + UID_LIST_BATCH] for i in range(0, len(wanted), UID_LIST_BATCH)] \
             if len(wanted) > 1 else []
         listed = await gather_limited([self._uid_list_call(b) for b in batches], self.config.plan_concurrency)
         found = {r["SeriesInstanceUID"]: r for rows in listed for r in rows}
-        rest = await rows_by_uid(
-            [uid for uid in wanted if uid not in found], self._uid_call, self.config.plan_concurrency,
-            origin=sel.origin, archive="the DICOMweb service",
-            hint="check the UIDs, and that the URL is the service root (the one ending in /dicom-web or similar)")
-        return [found[uid] for uid in wanted if uid in found] + rest
+        rest, missing = await rows_by_uid(
+            [uid for uid in wanted if uid not in found], self._uid_call, self.config.plan_concurrency)
+        return ([found[uid] for uid in wanted if uid in found] + rest,
+                [UnavailableSeries(uid, sel.origin, NO_SERIES) for uid in missing])
 
     def _uid_list_call(self, uids: list[str]) -> Callable[[], Any]:
         async def run() -> list[dict[str, Any]]:
@@ -748,13 +774,6 @@ class _SeriesChecker:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None
-
-
-def _matches(row: dict[str, Any], sel: Selector) -> bool:
-    checks = (("Modality", sel.modality), ("BodyPartExamined", sel.body_part),
-              ("Manufacturer", sel.manufacturer), ("PatientID", sel.patients),
-              ("StudyInstanceUID", sel.studies))
-    return all(not wanted or str(row.get(key, "")) in wanted for key, wanted in checks)
 
 
 __all__ = ["DICOMwebSource", "DICOMwebClient", "MultipartParser", "MultipartError", "dicom_tag", "json_text",

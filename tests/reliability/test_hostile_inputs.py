@@ -104,13 +104,20 @@ def run_main(argv: list[str]) -> tuple[int, str, str]:
 
 
 def assert_usage_error_or_plan(code: int, out: str, err: str) -> None:
+    """Exit 2 with one error line, or a plan: exit 0, or 1 when a list named series the archive
+    does not have (each listed, with the archive's reason, on stderr)."""
     assert "Traceback" not in out + err
-    assert code in (0, 2), (code, out[-500:], err[-500:])
+    assert code in (0, 1, 2), (code, out[-500:], err[-500:])
     if code == 2:
         lines = [line for line in err.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("harvester: error: "), err
     else:
-        assert isinstance(json.loads(out)["series"], int)
+        plan = json.loads(out)
+        assert isinstance(plan["series"], int)
+        unavailable = [u["SeriesInstanceUID"] for u in plan.get("unavailable", [])]
+        assert (code == 1) == bool(unavailable), (code, out[-500:])
+        assert all(f"  unavailable: {uid}: " in err for uid in unavailable), err[-500:]
+        assert "harvester: error" not in err
 
 
 def test_plan_never_crashes_on_any_query_file(module_server, tmp_path_factory, figures):
