@@ -2,6 +2,7 @@
 
     harvester serve [DIR] [--synthetic SPEC] [--cache-dir DIR] [--host 127.0.0.1] [--port 0]
                     [--faults SPEC] [--auth USER:PASSWORD_FILE] [--token-expires SECONDS]
+                    [--zip deflated|stored] [--refuse-include-md5]
 
 The first line of stdout is the base URL (ending in ``/v4``), flushed, so a parent process
 can read it and start talking; the server then runs until SIGINT or SIGTERM (exit 0).
@@ -19,10 +20,11 @@ from pathlib import Path
 from aiohttp import web
 
 from harvester.errors import UsageError
-from harvester.server.app import make_app
+from harvester.server.app import DownloadWire, make_app
 from harvester.server.archive import Archive, load_harvest_dir
 from harvester.server.auth import ServerAuth
 from harvester.server.faults import FaultInjector, FaultSpec
+from harvester.server.zipstream import DEFAULT_ZIP_FORMAT, ZIP_FORMATS
 
 DEFAULT_CACHE_DIR = Path("~/.cache/harvester")
 SHUTDOWN_TIMEOUT = 2.0
@@ -37,14 +39,14 @@ MAX_LINE_SIZE = MAX_FIELD_SIZE = 8190
 
 async def start_server(archive: Archive, host: str = "127.0.0.1", port: int = 0,
                        faults: FaultSpec | FaultInjector | None = None,
-                       auth: ServerAuth | None = None, *, idle_timeout: float = IDLE_TIMEOUT
-                       ) -> tuple[web.AppRunner, str]:
+                       auth: ServerAuth | None = None, *, idle_timeout: float = IDLE_TIMEOUT,
+                       wire: DownloadWire | None = None) -> tuple[web.AppRunner, str]:
     """Start serving ``archive`` on the running loop; returns the runner and the v4 base URL.
 
     Stop it with ``await runner.cleanup()``. The app (and its stats) is ``runner.app``.
     Raises ``OSError`` when the address cannot be bound.
     """
-    runner = web.AppRunner(make_app(archive, faults, auth), access_log=None,
+    runner = web.AppRunner(make_app(archive, faults, auth, wire=wire), access_log=None,
                            shutdown_timeout=SHUTDOWN_TIMEOUT, keepalive_timeout=idle_timeout,
                            max_line_size=MAX_LINE_SIZE, max_field_size=MAX_FIELD_SIZE)
     await runner.setup()
@@ -74,6 +76,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="require bearer tokens; USER logs in with the password in PASSWORD_FILE (repeatable)")
     parser.add_argument("--token-expires", metavar="SECONDS", type=int, default=7200,
                         help="access token lifetime with --auth (default 7200)")
+    parser.add_argument("--zip", choices=ZIP_FORMATS, default=DEFAULT_ZIP_FORMAT, dest="zip_format",
+                        help="ZIP entries DEFLATED with data descriptors as the real service writes them "
+                             "(default), or STORED")
+    parser.add_argument("--refuse-include-md5", action="store_true",
+                        help="answer getImage's IncludeMD5 with HTTP 400, as v4 builds of May-Nov 2025 do")
 
 
 def _parse_auth(values: list[str] | None, expires_in: int) -> ServerAuth | None:
@@ -121,7 +128,8 @@ def build_archive(args: argparse.Namespace) -> Archive:
 
 async def _serve_until_signalled(archive: Archive, args: argparse.Namespace, faults: FaultSpec | None,
                                  auth: ServerAuth | None) -> None:
-    runner, base_url = await start_server(archive, args.host, args.port, faults, auth)
+    wire = DownloadWire(zip_format=args.zip_format, include_md5=not args.refuse_include_md5)
+    runner, base_url = await start_server(archive, args.host, args.port, faults, auth, wire=wire)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
