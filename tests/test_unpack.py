@@ -290,7 +290,8 @@ def test_unreadable_md5hashes_csv(work: Path) -> None:
 
 def test_parse_md5_csv() -> None:
     text = "\ufeffFilename,MD5Hash\r\n1-1.dcm, ABCDEF \r\n,x\r\n1-2.dcm,\r\n\r\n1-3.dcm,0123\r\n"
-    assert parse_md5_csv(text.encode("utf-8")) == {"1-1.dcm": "abcdef", "1-3.dcm": "0123"}
+    # an empty MD5 is kept as "" (the archive has none recorded): listed, verified without MD5
+    assert parse_md5_csv(text.encode("utf-8")) == {"1-1.dcm": "abcdef", "1-2.dcm": "", "1-3.dcm": "0123"}
     assert parse_md5_csv(b"") == {}
 
 
@@ -538,8 +539,7 @@ def test_encrypted_entry(work: Path) -> None:
     assert "encrypted" in message
 
 
-def test_zip_bomb_by_ratio(work: Path) -> None:
-    path = work / "bomb.zip"
+def _bomb_zip(path: Path) -> Path:
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr(LICENSE_NAME, LICENSE_TEXT)
         for name, data in INSTANCES.items():
@@ -550,8 +550,44 @@ def test_zip_bomb_by_ratio(work: Path) -> None:
                 out.write(block)
         zf.writestr(MD5_NAME, "Filename,MD5Hash\n")
     assert path.stat().st_size < 1 << 20
-    message = assert_rejected_without_writing(work, path, file_size=None, image_count=None)
-    assert "ratio" in message
+    return path
+
+
+def test_zip_bomb_past_the_announced_size(work: Path) -> None:
+    # No ratio limit any more (real SEG data deflates at over 800:1): the bomb is caught because
+    # it expands past the size the archive announced for the series.
+    message = assert_rejected_without_writing(work, _bomb_zip(work / "bomb.zip"), image_count=None)
+    assert "announced size" in message
+
+
+def test_zip_bomb_of_unknown_series_size_meets_the_per_entry_cap(work: Path) -> None:
+    message = assert_rejected_without_writing(work, _bomb_zip(work / "bomb.zip"), file_size=None, image_count=None,
+                                              limits=Limits(max_entry_bytes=32 << 20))
+    assert "limit" in message and "1-4.dcm" in message
+
+
+def mostly_zero_instance(sop_uid: str, pixel_bytes: int = 12 << 20) -> bytes:
+    """CT_small.dcm re-saved with a mask of zeros (one small square set) as its pixel data, like
+    a binary segmentation: it deflates at over 800:1."""
+    ds = pydicom.dcmread(CT_SMALL)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.Rows, ds.Columns = pixel_bytes // 2 // 512, 512
+    mask = bytearray(pixel_bytes)
+    mask[4096:4160] = b"\x01" * 64
+    ds.PixelData = bytes(mask)
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+def test_entries_deflated_at_over_800_to_1_are_real_data(work: Path) -> None:
+    # The old ratio limit (200:1) refused these forever; they are within the announced size.
+    masks = {"1-1.dcm": mostly_zero_instance(SOPS[1]), "1-2.dcm": mostly_zero_instance(SOPS[2])}
+    path = build_zip(work / "seg.zip", masks)
+    with zipfile.ZipFile(path) as zf:
+        assert all(zf.getinfo(n).file_size > 800 * zf.getinfo(n).compress_size for n in masks)
+    result = unpack(path, staging_of(work), image_count=2, file_size=sum(map(len, masks.values())))
+    assert {f.name: (staging_of(work) / f.name).read_bytes() for f in result.files} == masks
 
 
 def test_zip_expanding_beyond_the_announced_size(work: Path) -> None:
