@@ -381,8 +381,9 @@ def test_broken_deflate_stream(work: Path) -> None:
     assert "1-2.dcm" in str(info.value)
 
 
-def test_bad_crc(work: Path) -> None:
-    path = build_zip(work / "s.zip", INSTANCES, compression=zipfile.ZIP_STORED)
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_bad_crc(work: Path, compression: int) -> None:
+    path = build_zip(work / "s.zip", INSTANCES, compression=compression)
     data = bytearray(path.read_bytes())
     data[entry_data_offset(bytes(data), "1-1.dcm") + 2000] ^= 0x01
     path.write_bytes(bytes(data))
@@ -412,9 +413,10 @@ def patch_entry_header(data: bytes, name: str, *, flag_bits: int | None = None, 
     return bytes(out)
 
 
-@pytest.mark.parametrize("method", [6, 12, 14, 97])       # implode, bzip2 (over stored bytes), lzma, wavpack
-def test_unsupported_or_mislabelled_compression(work: Path, method: int) -> None:
-    path = build_zip(work / "s.zip", INSTANCES, compression=zipfile.ZIP_STORED)
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+@pytest.mark.parametrize("method", [6, 12, 14, 97])       # implode, bzip2 (over other bytes), lzma, wavpack
+def test_unsupported_or_mislabelled_compression(work: Path, method: int, compression: int) -> None:
+    path = build_zip(work / "s.zip", INSTANCES, compression=compression)
     path.write_bytes(patch_entry_header(path.read_bytes(), "1-2.dcm", method=method))
     with pytest.raises(SeriesError) as info:       # IntegrityError, or a plain SeriesError for bzip2's OSError
         unpack(path, staging_of(work))
@@ -532,11 +534,38 @@ def test_duplicate_names(work: Path, names: list[str]) -> None:
     assert "repeats" in message
 
 
-def test_encrypted_entry(work: Path) -> None:
-    path = build_zip(work / "s.zip", INSTANCES, compression=zipfile.ZIP_STORED)
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_encrypted_entry(work: Path, compression: int) -> None:
+    path = build_zip(work / "s.zip", INSTANCES, compression=compression)
     path.write_bytes(patch_entry_header(path.read_bytes(), "1-2.dcm", flag_bits=0x1))
     message = assert_rejected_without_writing(work, path)
     assert "encrypted" in message
+
+
+def test_empty_md5_row_is_verified_without_md5_and_said_so(work: Path) -> None:
+    rows = {name: md5(data) for name, data in INSTANCES.items()} | {"1-2.dcm": ""}
+    result = unpack(build_zip(work / "s.zip", INSTANCES, md5_rows=rows), staging_of(work))
+    assert {f.name: f.md5_checked for f in result.files} == {"1-1.dcm": True, "1-2.dcm": False, "1-3.dcm": True}
+    assert result.without_md5 == 1
+    assert all(f.md5 == md5(INSTANCES[f.name]) for f in result.files)  # what arrived, computed
+
+
+def test_empty_md5_row_still_checks_the_crc(work: Path) -> None:
+    rows = {name: md5(data) for name, data in INSTANCES.items()} | {"1-2.dcm": ""}
+    path = build_zip(work / "s.zip", INSTANCES, md5_rows=rows, compression=zipfile.ZIP_STORED)
+    data = bytearray(path.read_bytes())
+    data[entry_data_offset(bytes(data), "1-2.dcm") + 2000] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="1-2.dcm"):
+        unpack(path, staging_of(work))
+
+
+def test_empty_md5_row_still_checks_the_dicom(work: Path) -> None:
+    entries = dict(INSTANCES) | {"1-2.dcm": resaved(SOPS[1], OTHER_SERIES_UID)}
+    rows = {name: md5(data) for name, data in entries.items()} | {"1-2.dcm": ""}
+    with pytest.raises(IntegrityError, match="belongs to series"):
+        unpack(build_zip(work / "s.zip", entries, md5_rows=rows), staging_of(work),
+               file_size=sum(map(len, entries.values())))
 
 
 def _bomb_zip(path: Path) -> Path:
@@ -590,11 +619,12 @@ def test_entries_deflated_at_over_800_to_1_are_real_data(work: Path) -> None:
     assert {f.name: (staging_of(work) / f.name).read_bytes() for f in result.files} == masks
 
 
-def test_zip_expanding_beyond_the_announced_size(work: Path) -> None:
-    # Incompressible, so no ratio alarm: only the series' byte budget (announced + 10% + 16 MiB) catches it.
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_zip_expanding_beyond_the_announced_size(work: Path, compression: int) -> None:
+    # Incompressible, so not a bomb by any ratio: the series' byte budget (announced + 10% + 16 MiB) catches it.
     big = os.urandom(17 << 20)
     entries = list(INSTANCES.items()) + [("1-4.dcm", big)]
-    path = build_zip(work / "s.zip", entries, compression=zipfile.ZIP_STORED)
+    path = build_zip(work / "s.zip", entries, compression=compression)
     message = assert_rejected_without_writing(work, path, file_size=SERIES_BYTES)
     assert "announced size" in message
 
