@@ -76,9 +76,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="require bearer tokens; USER logs in with the password in PASSWORD_FILE (repeatable)")
     parser.add_argument("--token-expires", metavar="SECONDS", type=int, default=7200,
                         help="access token lifetime with --auth (default 7200)")
-    parser.add_argument("--zip", choices=ZIP_FORMATS, default=DEFAULT_ZIP_FORMAT, dest="zip_format",
+    parser.add_argument("--zip", metavar="|".join(ZIP_FORMATS), default=DEFAULT_ZIP_FORMAT, dest="zip_format",
                         help="ZIP entries DEFLATED with data descriptors as the real service writes them "
-                             "(default), or STORED")
+                             f"(default: {DEFAULT_ZIP_FORMAT}), or STORED")
     parser.add_argument("--refuse-include-md5", action="store_true",
                         help="answer getImage's IncludeMD5 with HTTP 400, as v4 builds of May-Nov 2025 do")
 
@@ -150,6 +150,8 @@ def run_serve(args: argparse.Namespace) -> int:
         faults = FaultSpec.parse(args.faults) if args.faults else None
     except ValueError as err:
         return _usage_error(f"--faults: {err}")
+    if args.zip_format not in ZIP_FORMATS:
+        return _usage_error(f"--zip wants one of {', '.join(ZIP_FORMATS)}, not {args.zip_format!r}")
     try:
         auth = _parse_auth(args.auth, args.token_expires)
         archive = build_archive(args)

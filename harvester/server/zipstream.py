@@ -21,6 +21,7 @@ them (or when ``force_zip64`` asks for them in tests).
 """
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import struct
 import zlib
@@ -40,6 +41,9 @@ _METHOD_DEFLATED = 8
 _DESCRIPTOR_SIG = 0x08074B50
 #: zlib level of java.util.zip.Deflater's DEFAULT_COMPRESSION
 DEFLATE_LEVEL = 6
+#: Chunks at least this big are deflated in a worker thread (zlib releases the GIL), so one
+#: download's compression neither stalls the event loop nor keeps the other core idle.
+THREAD_DEFLATE_MIN = 64 * 1024
 ZIP_FORMATS = ("deflated", "stored")
 DEFAULT_ZIP_FORMAT = "deflated"
 _UNIX_REGULAR_FILE = 0o100644 << 16
@@ -269,7 +273,10 @@ async def _deflated_stream(entries: AsyncIterable[ZipEntry] | Iterable[ZipEntry]
             if sent > entry.size:
                 raise ZipSourceError(f"{entry.name}: more than the announced {entry.size} bytes")
             crc = zlib.crc32(chunk, crc)
-            packed = deflater.compress(chunk)
+            if len(chunk) >= THREAD_DEFLATE_MIN:
+                packed = await asyncio.to_thread(deflater.compress, chunk)
+            else:
+                packed = deflater.compress(chunk)
             if packed:
                 csize += len(packed)
                 yield packed
