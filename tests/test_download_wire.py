@@ -26,6 +26,7 @@ from harvester.server.testing import ServerHandle, serve_in_thread
 from harvester.unpack import verify_and_unpack
 
 from harvest_helpers import assert_identical, harvest, manifest, normal_series, select_all
+from test_server_zipstream import parse_java_zip
 
 #: One SYN collection with the SEG-like series, and no MD5 recorded for every series' 2nd instance.
 WIRE_SPEC = "collections=1,patients=2,studies=1,series=2,instances=4,size=8KB,seg=1,missing_md5=1,seed=13"
@@ -61,6 +62,15 @@ def md5_rows(zf: zipfile.ZipFile) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------ what the server sends
+
+def test_served_zip_is_byte_for_byte_java_format(server: ServerHandle, small_archive: Archive) -> None:
+    rec = next(r for r in small_archive.records() if r.row["Collection"].startswith("SYN-"))
+    _, _, body = get(server, "getImage", SeriesInstanceUID=rec.uid, NewFileNames="Yes", IncludeMD5="yes")
+    entries = parse_java_zip(body)  # every header field, data descriptor and the central directory
+    names = [e["name"] for e in entries]
+    assert names == ["LICENSE", *(f"1-{i}.dcm" for i in range(1, len(rec.instances) + 1)), "md5hashes.csv"]
+    assert [e["data"] for e in entries[1:-1]] == [inst.path.read_bytes() for inst in rec.instances]
+
 
 @pytest.mark.parametrize("endpoint", ["getImage", "getImageWithMD5Hash"])
 def test_download_headers(server: ServerHandle, small_archive: Archive, endpoint: str) -> None:
