@@ -438,11 +438,11 @@ def _classify_entries(infos: list[zipfile.ZipInfo], series_uid: str, limits: Lim
         names.add(base.lower())
         if info.file_size > limits.max_entry_bytes:
             raise UnsafeArchiveError(f"ZIP entry {info.filename!r} expands to {info.file_size} bytes "
-                                     f"(limit {limits.max_entry_bytes} per entry)", series_uid=series_uid)
+                                     f"(limit {limits.max_entry_bytes} per entry; zip bomb?)", series_uid=series_uid)
         total += info.file_size
         if budget is not None and total > budget:
-            raise UnsafeArchiveError(f"ZIP expands beyond the series' announced size ({file_size} bytes)",
-                                     series_uid=series_uid)
+            raise UnsafeArchiveError(f"ZIP expands beyond the series' announced size ({file_size} bytes): "
+                                     "a zip bomb, or the archive's figures are wrong", series_uid=series_uid)
         bare = PurePosixPath(info.filename.replace("\\", "/")).name
         if bare == MD5_NAME:
             md5_info = info
