@@ -45,6 +45,7 @@ from harvester.layout import instance_filename
 LICENSE_NAME = "LICENSE"
 MD5_NAME = "md5hashes.csv"
 _CHUNK = 1 << 20
+_INFLATE_CHUNK = 256 << 10
 # What reading a damaged or mislabelled entry raises besides BadZipFile (a broken deflate stream
 # raises zlib.error, an unknown compression method NotImplementedError).
 _CORRUPT_ENTRY = (zipfile.BadZipFile, EOFError, ValueError, zlib.error, lzma.LZMAError, NotImplementedError)
@@ -477,10 +478,13 @@ def _extract(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, series_ui
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
     except OSError as exc:
         raise classify_os_error(exc, f"{target.name}") from None
+    # zipfile inflates a read of n bytes holding about four buffers of n (the compressed read,
+    # its unconsumed tail, their concatenation, the output): read DEFLATED entries in smaller steps
+    step = _CHUNK if info.compress_type == zipfile.ZIP_STORED else _INFLATE_CHUNK
     try:
         with zf.open(info) as src:
             while True:
-                chunk = src.read(_CHUNK)
+                chunk = src.read(step)
                 if not chunk:
                     break
                 written += len(chunk)
