@@ -361,7 +361,8 @@ def verify_and_unpack(zip_path: Path, staging: Path, *, series_uid: str, image_c
     """
     try:
         zf = zipfile.ZipFile(zip_path)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError) as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, NotImplementedError) as exc:
+        # NotImplementedError: a central header asks for a "zip file version" zipfile lacks
         raise IntegrityError(f"download is not a readable ZIP ({exc})", series_uid=series_uid) from None
     with zf:
         infos = [i for i in zf.infolist() if not i.is_dir()]

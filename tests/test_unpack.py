@@ -413,6 +413,18 @@ def patch_entry_header(data: bytes, name: str, *, flag_bits: int | None = None, 
     return bytes(out)
 
 
+def test_central_header_asking_for_an_unknown_zip_version(work: Path) -> None:
+    """Found by the ZIP fuzz: zipfile refuses a "version needed" above 6.3 with NotImplementedError."""
+    path = build_zip(work / "s.zip", INSTANCES)
+    data = bytearray(path.read_bytes())
+    central = zipfile.ZipFile(io.BytesIO(bytes(data))).start_dir
+    data[central + 6: central + 8] = struct.pack("<H", 75)
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="not a readable ZIP"):
+        unpack(path, staging_of(work))
+    assert not staging_of(work).exists()
+
+
 @pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
 @pytest.mark.parametrize("method", [6, 12, 14, 97])       # implode, bzip2 (over other bytes), lzma, wavpack
 def test_unsupported_or_mislabelled_compression(work: Path, method: int, compression: int) -> None:

@@ -308,11 +308,14 @@ class NBIAClient(RetryingClient):
 
 
 
+LICENSE_FIELD_MAX = 2000  # characters of each license column kept (rows are untrusted)
+
+
 def license_from_row(row: Mapping[str, Any] | None) -> str | None:
     """The license of a series from its getSeries row (LicenseName, LicenseURI), in the form of
     getImage's LICENSE entry; None when the row names neither."""
     row = row or {}
-    parts = [str(row[key]).strip() for key in ("LicenseName", "LicenseURI") if row.get(key)]
+    parts = [str(row[key]).strip()[:LICENSE_FIELD_MAX] for key in ("LicenseName", "LicenseURI") if row.get(key)]
     return "".join(f"{part}\n" for part in parts if part) or None
 
 
