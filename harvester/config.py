@@ -28,11 +28,17 @@ class AuthConfig:
 
 @dataclass(frozen=True)
 class Limits:
-    """Safety limits applied to every downloaded ZIP."""
+    """Safety limits applied to every downloaded ZIP.
+
+    Expansion is bounded by sizes, never by a compression ratio (real segmentations deflate at
+    over 800:1): each entry by ``max_entry_bytes``, and all entries together by the series'
+    announced size (FileSize / TotalSizeInBytes) plus ``max_series_overhead`` and
+    ``series_slack_bytes`` (room for LICENSE and md5hashes.csv).
+    """
 
     max_entry_bytes: int = 4 * 1024**3          # one DICOM file
-    max_ratio: float = 200.0                    # uncompressed / compressed, per entry
     max_series_overhead: float = 0.10           # extracted may exceed the announced size by this much
+    series_slack_bytes: int = 16 << 20          # ... plus this much
     max_entries: int = 200_000
 
 

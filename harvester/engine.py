@@ -315,6 +315,7 @@ class Engine:
                 ) -> dict[str, Any]:
         t = job.task
         ordered = sorted(files, key=lambda f: f.name)
+        unchecked = sum(not f.md5_checked for f in ordered)
         return {
             "SeriesInstanceUID": t.series_uid,
             "Collection": t.collection,
@@ -328,11 +329,15 @@ class Engine:
             "error": error,
             "completed": now_iso() if status == "complete" else None,
             "sop_class_uid": ordered[0].sop_class_uid if ordered else "",
-            "files": [{"path": f"{job.path}/{f.name}", "size": f.size, "md5": f.md5, "SOPInstanceUID": f.sop_uid}
+            # a file the archive listed without an MD5 was checked by count, size, CRC and DICOM
+            # only: its md5 is what arrived, and the record says so
+            "files": [{"path": f"{job.path}/{f.name}", "size": f.size, "md5": f.md5, "SOPInstanceUID": f.sop_uid,
+                       **({} if f.md5_checked else {"md5_source": "computed"})}
                       for f in ordered],
             "metadata": t.row,
             "patient": t.patient,
             "study": t.study,
+            **({"files_without_md5": unchecked} if unchecked else {}),
         }
 
     async def _keep_license(self, collection: str, text: str) -> None:

@@ -170,9 +170,8 @@ async def test_truncate_sends_a_clean_zip_with_fewer_files(server: ServerHandle,
         assert zf.testzip() is None
         dicoms = [n for n in zf.namelist() if n.endswith(".dcm")]
         assert len(dicoms) < len(rec.instances)
-        assert zf.namelist()[0] == "LICENSE" and zf.namelist()[-1] == "md5hashes.csv"
-        listed = list(csv.DictReader(io.StringIO(zf.read("md5hashes.csv").decode())))
-        assert len(listed) == len(rec.instances)  # the hashes of everything, as announced
+        # as the real service after an error mid-stream: a well-formed ZIP without md5hashes.csv
+        assert zf.namelist() == dicoms
     assert server.stats.faults == {"truncate": 3}
 
 

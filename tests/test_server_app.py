@@ -383,16 +383,20 @@ async def download(handle: ServerHandle, endpoint: str, params: dict[str, str], 
 
 def test_entry_names() -> None:
     assert entry_names(3, False) == ["00000001.dcm", "00000002.dcm", "00000003.dcm"]
-    assert entry_names(3, True) == ["1-01.dcm", "1-02.dcm", "1-03.dcm"]
+    # padded to the digits of the instance count, as the real service does
+    assert entry_names(3, True) == ["1-1.dcm", "1-2.dcm", "1-3.dcm"]
+    assert entry_names(50, True)[0] == "1-01.dcm" and entry_names(50, True)[-1] == "1-50.dcm"
+    assert entry_names(400, True)[0] == "1-001.dcm" and entry_names(400, True)[-1] == "1-400.dcm"
     assert entry_names(120, True)[0] == "1-001.dcm" and entry_names(120, True)[-1] == "1-120.dcm"
 
 
 @pytest.mark.parametrize("endpoint,params,names,with_md5", [
     ("getImage", {}, "00000001.dcm", False),
-    ("getImage", {"NewFileNames": "Yes"}, "1-01.dcm", False),
+    ("getImage", {"NewFileNames": "Yes"}, "1-1.dcm", False),
     ("getImage", {"IncludeMD5": "yes"}, "00000001.dcm", True),
-    ("getImage", {"NewFileNames": "Yes", "IncludeMD5": "yes"}, "1-01.dcm", True),
+    ("getImage", {"NewFileNames": "Yes", "IncludeMD5": "yes"}, "1-1.dcm", True),
     ("getImageWithMD5Hash", {}, "00000001.dcm", True),
+    ("getImageWithMD5Hash", {"NewFileNames": "Yes"}, "00000001.dcm", True),  # always the plain names
 ])
 async def test_zip_layout(server: ServerHandle, small_archive: Archive, endpoint: str, params: dict[str, str],
                           names: str, with_md5: bool) -> None:
@@ -403,13 +407,18 @@ async def test_zip_layout(server: ServerHandle, small_archive: Archive, endpoint
     zf = zipfile.ZipFile(io.BytesIO(body))
     assert zf.testzip() is None
     listed = zf.namelist()
-    assert listed[0] == "LICENSE" and zf.read("LICENSE").decode().startswith("Creative Commons")
-    dicoms = listed[1:-1] if with_md5 else listed[1:]
+    if endpoint == "getImage":  # only getImage carries the LICENSE, first
+        assert listed[0] == "LICENSE" and zf.read("LICENSE").decode().startswith("Creative Commons")
+        listed = listed[1:]
+    else:
+        assert "LICENSE" not in listed
+    dicoms = listed[:-1] if with_md5 else listed
     assert dicoms[0] == names and len(dicoms) == len(rec.instances)
     for name, inst in zip(dicoms, rec.instances, strict=True):
         assert zf.read(name) == inst.path.read_bytes()
-        assert zf.getinfo(name).compress_type == zipfile.ZIP_STORED
-        assert not zf.getinfo(name).flag_bits & 0x08  # sizes and CRC in the local header
+        # as java.util.zip.ZipOutputStream writes: DEFLATED, data descriptor, UTF-8 names
+        assert zf.getinfo(name).compress_type == zipfile.ZIP_DEFLATED
+        assert zf.getinfo(name).flag_bits == 0x0808
     if with_md5:
         assert listed[-1] == "md5hashes.csv"
         table = list(csv.DictReader(io.StringIO(zf.read("md5hashes.csv").decode())))
@@ -426,7 +435,7 @@ async def test_zip_of_pydicom_samples_and_old_versions(server: ServerHandle, sma
     for version in ("v1", "v2", "v4"):
         _, body = await download(server, "getImageWithMD5Hash", {"SeriesInstanceUID": rec.uid}, version)
         zf = zipfile.ZipFile(io.BytesIO(body))
-        assert zf.namelist() == ["LICENSE", "00000001.dcm", "md5hashes.csv"]
+        assert zf.namelist() == ["00000001.dcm", "md5hashes.csv"]  # getImageWithMD5Hash: no LICENSE
         assert zf.read("00000001.dcm") == original
 
 

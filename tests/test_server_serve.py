@@ -97,6 +97,7 @@ def test_auth_from_a_password_file(synthetic_cache: Path, tmp_path: Path) -> Non
     (["--synthetic", SPEC, "--auth", "alice"], "--auth"),
     (["--synthetic", SPEC, "--auth", "alice:/nonexistent/pw"], "password file"),
     (["DIR", "--synthetic", SPEC], "exactly one"),
+    (["--synthetic", SPEC, "--zip", "bzip2"], "--zip"),
 ])
 def test_bad_usage_is_one_line_and_exit_2(args: list[str], needle: str, tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "harvester.server.serve", *args, "--cache-dir", str(tmp_path)],
@@ -106,6 +107,22 @@ def test_bad_usage_is_one_line_and_exit_2(args: list[str], needle: str, tmp_path
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("harvester: error: ") and needle in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_zip_format_and_include_md5_refusal_options(synthetic_cache: Path) -> None:
+    import io
+    import zipfile
+
+    with serving("--synthetic", SPEC, "--cache-dir", str(synthetic_cache), "--zip", "stored",
+                 "--refuse-include-md5") as (proc, url):
+        uid = json.loads(get(url + "/getSeries")[1])[0]["SeriesInstanceUID"]
+        status, body = get(f"{url}/getImage?SeriesInstanceUID={uid}&IncludeMD5=yes")
+        assert status == 400 and b"'IncludeMD5'" in body
+        status, body = get(f"{url}/getImageWithMD5Hash?SeriesInstanceUID={uid}")
+        infos = zipfile.ZipFile(io.BytesIO(body)).infolist()
+        assert status == 200 and infos and all(i.compress_type == zipfile.ZIP_STORED for i in infos)
+        proc.terminate()
+        assert proc.wait(15) == 0
 
 
 def test_port_in_use_is_exit_2(synthetic_cache: Path) -> None:

@@ -51,6 +51,7 @@ specs = st.builds(
     series=st.integers(1, 9), instances=st.integers(1, 500), size=st.integers(1, 5000).map(lambda n: 2 * n),
     modalities=st.lists(st.sampled_from(sorted(SOP_CLASSES)), min_size=1, max_size=4).map(tuple),
     seed=st.integers(0, 2**32), samples=st.booleans(), hostile=st.booleans(),
+    seg=st.booleans(), missing_md5=st.booleans(),
 )
 
 
@@ -187,3 +188,25 @@ def test_parallel_build_equals_sequential(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(3 * 4 * 2 * 2)
+
+
+def test_seg_and_missing_md5_extras(tmp_path: Path) -> None:
+    import zlib
+
+    spec = SyntheticSpec.parse("collections=1,patients=1,series=1,instances=3,size=2KB,seg=1,missing_md5=1,seed=3")
+    plain = SyntheticSpec.parse("collections=1,patients=1,series=1,instances=3,size=2KB,seed=3")
+    assert "seg" not in plain.canonical() and "md5" not in plain.canonical()  # old cache keys stand
+    first, again = build_synthetic(spec, tmp_path / "a"), build_synthetic(spec, tmp_path / "b")
+    (seg,) = [r for r in first.records() if r.row["Modality"] == "SEG"]
+    (ct,) = [r for r in first.records() if r.row["Modality"] == "CT"]
+    assert seg.row["StudyInstanceUID"] == ct.row["StudyInstanceUID"] and seg.row["ImageCount"] == 2
+    for inst, twin in zip(seg.instances, again.get(seg.uid).instances, strict=True):
+        data = inst.path.read_bytes()
+        assert data == twin.path.read_bytes()  # deterministic
+        ds = pydicom.dcmread(inst.path)
+        assert ds.Modality == "SEG" and ds.SOPClassUID == synthetic.SEGMENTATION_STORAGE
+        assert ds.SeriesInstanceUID == seg.uid and any(ds.PixelData)
+        deflater = zlib.compressobj(6, zlib.DEFLATED, -15)
+        assert len(data) > 1 << 20 and len(data) > 800 * len(deflater.compress(data) + deflater.flush())
+    for rec in (seg, ct):  # the second instance of each SYN series has no MD5 recorded
+        assert [i.md5 == "" for i in rec.instances][:3] == [False, True, False][:len(rec.instances)]

@@ -290,7 +290,8 @@ def test_unreadable_md5hashes_csv(work: Path) -> None:
 
 def test_parse_md5_csv() -> None:
     text = "\ufeffFilename,MD5Hash\r\n1-1.dcm, ABCDEF \r\n,x\r\n1-2.dcm,\r\n\r\n1-3.dcm,0123\r\n"
-    assert parse_md5_csv(text.encode("utf-8")) == {"1-1.dcm": "abcdef", "1-3.dcm": "0123"}
+    # an empty MD5 is kept as "" (the archive has none recorded): listed, verified without MD5
+    assert parse_md5_csv(text.encode("utf-8")) == {"1-1.dcm": "abcdef", "1-2.dcm": "", "1-3.dcm": "0123"}
     assert parse_md5_csv(b"") == {}
 
 
@@ -380,8 +381,9 @@ def test_broken_deflate_stream(work: Path) -> None:
     assert "1-2.dcm" in str(info.value)
 
 
-def test_bad_crc(work: Path) -> None:
-    path = build_zip(work / "s.zip", INSTANCES, compression=zipfile.ZIP_STORED)
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_bad_crc(work: Path, compression: int) -> None:
+    path = build_zip(work / "s.zip", INSTANCES, compression=compression)
     data = bytearray(path.read_bytes())
     data[entry_data_offset(bytes(data), "1-1.dcm") + 2000] ^= 0x01
     path.write_bytes(bytes(data))
@@ -411,9 +413,22 @@ def patch_entry_header(data: bytes, name: str, *, flag_bits: int | None = None, 
     return bytes(out)
 
 
-@pytest.mark.parametrize("method", [6, 12, 14, 97])       # implode, bzip2 (over stored bytes), lzma, wavpack
-def test_unsupported_or_mislabelled_compression(work: Path, method: int) -> None:
-    path = build_zip(work / "s.zip", INSTANCES, compression=zipfile.ZIP_STORED)
+def test_central_header_asking_for_an_unknown_zip_version(work: Path) -> None:
+    """Found by the ZIP fuzz: zipfile refuses a "version needed" above 6.3 with NotImplementedError."""
+    path = build_zip(work / "s.zip", INSTANCES)
+    data = bytearray(path.read_bytes())
+    central = zipfile.ZipFile(io.BytesIO(bytes(data))).start_dir
+    data[central + 6: central + 8] = struct.pack("<H", 75)
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="not a readable ZIP"):
+        unpack(path, staging_of(work))
+    assert not staging_of(work).exists()
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+@pytest.mark.parametrize("method", [6, 12, 14, 97])       # implode, bzip2 (over other bytes), lzma, wavpack
+def test_unsupported_or_mislabelled_compression(work: Path, method: int, compression: int) -> None:
+    path = build_zip(work / "s.zip", INSTANCES, compression=compression)
     path.write_bytes(patch_entry_header(path.read_bytes(), "1-2.dcm", method=method))
     with pytest.raises(SeriesError) as info:       # IntegrityError, or a plain SeriesError for bzip2's OSError
         unpack(path, staging_of(work))
@@ -531,15 +546,41 @@ def test_duplicate_names(work: Path, names: list[str]) -> None:
     assert "repeats" in message
 
 
-def test_encrypted_entry(work: Path) -> None:
-    path = build_zip(work / "s.zip", INSTANCES, compression=zipfile.ZIP_STORED)
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_encrypted_entry(work: Path, compression: int) -> None:
+    path = build_zip(work / "s.zip", INSTANCES, compression=compression)
     path.write_bytes(patch_entry_header(path.read_bytes(), "1-2.dcm", flag_bits=0x1))
     message = assert_rejected_without_writing(work, path)
     assert "encrypted" in message
 
 
-def test_zip_bomb_by_ratio(work: Path) -> None:
-    path = work / "bomb.zip"
+def test_empty_md5_row_is_verified_without_md5_and_said_so(work: Path) -> None:
+    rows = {name: md5(data) for name, data in INSTANCES.items()} | {"1-2.dcm": ""}
+    result = unpack(build_zip(work / "s.zip", INSTANCES, md5_rows=rows), staging_of(work))
+    assert {f.name: f.md5_checked for f in result.files} == {"1-1.dcm": True, "1-2.dcm": False, "1-3.dcm": True}
+    assert result.without_md5 == 1
+    assert all(f.md5 == md5(INSTANCES[f.name]) for f in result.files)  # what arrived, computed
+
+
+def test_empty_md5_row_still_checks_the_crc(work: Path) -> None:
+    rows = {name: md5(data) for name, data in INSTANCES.items()} | {"1-2.dcm": ""}
+    path = build_zip(work / "s.zip", INSTANCES, md5_rows=rows, compression=zipfile.ZIP_STORED)
+    data = bytearray(path.read_bytes())
+    data[entry_data_offset(bytes(data), "1-2.dcm") + 2000] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="1-2.dcm"):
+        unpack(path, staging_of(work))
+
+
+def test_empty_md5_row_still_checks_the_dicom(work: Path) -> None:
+    entries = dict(INSTANCES) | {"1-2.dcm": resaved(SOPS[1], OTHER_SERIES_UID)}
+    rows = {name: md5(data) for name, data in entries.items()} | {"1-2.dcm": ""}
+    with pytest.raises(IntegrityError, match="belongs to series"):
+        unpack(build_zip(work / "s.zip", entries, md5_rows=rows), staging_of(work),
+               file_size=sum(map(len, entries.values())))
+
+
+def _bomb_zip(path: Path) -> Path:
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr(LICENSE_NAME, LICENSE_TEXT)
         for name, data in INSTANCES.items():
@@ -550,15 +591,52 @@ def test_zip_bomb_by_ratio(work: Path) -> None:
                 out.write(block)
         zf.writestr(MD5_NAME, "Filename,MD5Hash\n")
     assert path.stat().st_size < 1 << 20
-    message = assert_rejected_without_writing(work, path, file_size=None, image_count=None)
-    assert "ratio" in message
+    return path
 
 
-def test_zip_expanding_beyond_the_announced_size(work: Path) -> None:
-    # Incompressible, so no ratio alarm: only the series' byte budget (announced + 10% + 16 MiB) catches it.
+def test_zip_bomb_past_the_announced_size(work: Path) -> None:
+    # No ratio limit any more (real SEG data deflates at over 800:1): the bomb is caught because
+    # it expands past the size the archive announced for the series.
+    message = assert_rejected_without_writing(work, _bomb_zip(work / "bomb.zip"), image_count=None)
+    assert "announced size" in message
+
+
+def test_zip_bomb_of_unknown_series_size_meets_the_per_entry_cap(work: Path) -> None:
+    message = assert_rejected_without_writing(work, _bomb_zip(work / "bomb.zip"), file_size=None, image_count=None,
+                                              limits=Limits(max_entry_bytes=32 << 20))
+    assert "limit" in message and "1-4.dcm" in message
+
+
+def mostly_zero_instance(sop_uid: str, pixel_bytes: int = 12 << 20) -> bytes:
+    """CT_small.dcm re-saved with a mask of zeros (one small square set) as its pixel data, like
+    a binary segmentation: it deflates at over 800:1."""
+    ds = pydicom.dcmread(CT_SMALL)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.Rows, ds.Columns = pixel_bytes // 2 // 512, 512
+    mask = bytearray(pixel_bytes)
+    mask[4096:4160] = b"\x01" * 64
+    ds.PixelData = bytes(mask)
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+def test_entries_deflated_at_over_800_to_1_are_real_data(work: Path) -> None:
+    # The old ratio limit (200:1) refused these forever; they are within the announced size.
+    masks = {"1-1.dcm": mostly_zero_instance(SOPS[1]), "1-2.dcm": mostly_zero_instance(SOPS[2])}
+    path = build_zip(work / "seg.zip", masks)
+    with zipfile.ZipFile(path) as zf:
+        assert all(zf.getinfo(n).file_size > 800 * zf.getinfo(n).compress_size for n in masks)
+    result = unpack(path, staging_of(work), image_count=2, file_size=sum(map(len, masks.values())))
+    assert {f.name: (staging_of(work) / f.name).read_bytes() for f in result.files} == masks
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_zip_expanding_beyond_the_announced_size(work: Path, compression: int) -> None:
+    # Incompressible, so not a bomb by any ratio: the series' byte budget (announced + 10% + 16 MiB) catches it.
     big = os.urandom(17 << 20)
     entries = list(INSTANCES.items()) + [("1-4.dcm", big)]
-    path = build_zip(work / "s.zip", entries, compression=zipfile.ZIP_STORED)
+    path = build_zip(work / "s.zip", entries, compression=compression)
     message = assert_rejected_without_writing(work, path, file_size=SERIES_BYTES)
     assert "announced size" in message
 

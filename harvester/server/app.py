@@ -23,7 +23,8 @@ TotalSizeInBytes, ImageCount, ObjectCount and SeriesCount are JSON numbers, or s
 Download errors are HTTP 400 with a text body; access denied (an unknown or unauthorised
 series) is that text typed ``application/json``, as NBIA sends it; getSingleImage of an
 unknown instance is HTTP 500. ZIPs are streamed chunked, without Content-Length, in constant
-memory.
+memory, DEFLATED with data descriptors as Java's ZipOutputStream writes them (or STORED:
+see ``DownloadWire``).
 
 The server is read-only and only sends files the ``Archive`` vouched for; there is no static
 route and no directory listing.
@@ -35,6 +36,7 @@ import csv
 import datetime as dt
 import io
 import logging
+import random
 import zlib
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -65,6 +67,8 @@ from harvester.server.faults import (
 )
 from harvester.server.stats import Stats
 from harvester.server.zipstream import (
+    DEFAULT_ZIP_FORMAT,
+    ZIP_FORMATS,
     ZipEntry,
     ZipSourceError,
     bytes_entry,
@@ -90,6 +94,26 @@ ARCHIVE_KEY = web.AppKey("harvester_archive", Archive)
 FAULTS_KEY = web.AppKey("harvester_faults", FaultInjector)
 TOKENS_KEY = web.AppKey("harvester_tokens", TokenIssuer)
 NUMBERS_AS_STRINGS_KEY = web.AppKey("harvester_numbers_as_strings", bool)
+
+
+@dataclass(frozen=True)
+class DownloadWire:
+    """How the download endpoints speak. ``zip_format``: one of ``ZIP_FORMATS`` (``deflated``
+    as the real service writes, or the older ``stored``). ``include_md5=False`` answers
+    ``IncludeMD5`` with HTTP 400, as v4 builds of May to Nov 2025 do."""
+
+    zip_format: str = DEFAULT_ZIP_FORMAT
+    include_md5: bool = True
+
+    def __post_init__(self) -> None:
+        if self.zip_format not in ZIP_FORMATS:
+            raise ValueError(f"unknown ZIP format {self.zip_format!r} (one of {', '.join(ZIP_FORMATS)})")
+
+
+WIRE_KEY = web.AppKey("harvester_wire", DownloadWire)
+#: The answer of a v4 build of May to Nov 2025 to getImage with IncludeMD5 (NBIA-TCIA V4_getImage).
+INCLUDE_MD5_REFUSED = ("Invalid query parameter: 'IncludeMD5'. "
+                       "Allowed parameters are: [NewFileNames, SeriesInstanceUID]")
 
 
 class BadRequest(Exception):
@@ -313,9 +337,11 @@ class _FaultyWriter:
 
 
 def entry_names(count: int, new_file_names: bool) -> list[str]:
-    """ZIP names of a series' DICOM files: ``00000001.dcm``... or TCIA-style ``1-01.dcm``/``1-001.dcm``."""
+    """ZIP names of a series' DICOM files: ``00000001.dcm``... or TCIA-style
+    ``<acquisition>-<instance>.dcm`` zero-padded to the digits of ``count`` (``1-1.dcm`` of 3,
+    ``1-01.dcm`` of 50, ``1-001.dcm`` of 400)."""
     if new_file_names:
-        width = max(2, len(str(count)))
+        width = len(str(count))
         return [f"1-{i:0{width}d}.dcm" for i in range(1, count + 1)]
     return [f"{i:08d}.dcm" for i in range(1, count + 1)]
 
@@ -335,12 +361,26 @@ def _flipped_crc(path: Path, size: int) -> int:
     return crc
 
 
+def md5_csv(rec: SeriesRecord, names: Sequence[str]) -> bytes:
+    """md5hashes.csv as the real service writes it: LF line ends, no quoting, rows in no
+    particular order (shuffled, deterministically per series); an instance without a recorded
+    MD5 gets an empty one."""
+    rows = [f"{name},{inst.md5}" for name, inst in zip(names, rec.instances, strict=True)]
+    random.Random(rec.uid).shuffle(rows)
+    return ("\n".join(["Filename,MD5Hash", *rows]) + "\n").encode("utf-8")
+
+
 async def _series_entries(archive: Archive, rec: SeriesRecord, decision: FaultDecision, stats: Stats,
-                          *, new_file_names: bool, include_md5: bool) -> AsyncIterator[ZipEntry]:
-    """LICENSE, the DICOM files (minus what ``truncate`` drops), then md5hashes.csv for all."""
+                          *, with_license: bool, new_file_names: bool, include_md5: bool) -> AsyncIterator[ZipEntry]:
+    """LICENSE (getImage only), the DICOM files, then md5hashes.csv for all of them.
+
+    ``truncate`` stops after a proper subset of the files, as an error mid-stream does on the
+    real service: the ZIP still ends well-formed, but without md5hashes.csv.
+    """
     instances = rec.instances
     names = entry_names(len(instances), new_file_names)
-    yield bytes_entry("LICENSE", rec.license_text.encode("utf-8"))
+    if with_license:
+        yield bytes_entry("LICENSE", rec.license_text.encode("utf-8"))
     keep = len(instances)
     if decision.truncate:
         keep = min(len(instances) - 1, int(decision.pick * len(instances)))  # a proper subset
@@ -354,9 +394,8 @@ async def _series_entries(archive: Archive, rec: SeriesRecord, decision: FaultDe
         else:
             crc = inst.crc32 if inst.crc32 is not None else await asyncio.to_thread(archive.crc32_of, inst)
             yield file_entry(name, inst.path, inst.size, crc)
-    if include_md5:
-        lines = ["Filename,MD5Hash"] + [f"{name},{inst.md5}" for name, inst in zip(names, instances, strict=True)]
-        yield bytes_entry("md5hashes.csv", ("\r\n".join(lines) + "\r\n").encode("utf-8"))
+    if include_md5 and not decision.truncate:
+        yield bytes_entry("md5hashes.csv", md5_csv(rec, names))
 
 
 async def _file_chunks(path: Path) -> AsyncIterator[bytes]:
@@ -408,6 +447,8 @@ async def _download(request: web.Request, endpoint: str, params: Params, decisio
     archive = request.app[ARCHIVE_KEY]
     stats = request.app[STATS_KEY]
     uid = params["SeriesInstanceUID"]
+    if endpoint == "getImage" and "IncludeMD5" in params and not request.app[WIRE_KEY].include_md5:
+        raise BadRequest(INCLUDE_MD5_REFUSED)
     rec = archive.get(uid)
     if rec is None:
         raise AccessDenied(f"SeriesInstanceUID {uid} was not found or you are not authorized to access it")
@@ -429,10 +470,13 @@ async def _download(request: web.Request, endpoint: str, params: Params, decisio
         size = rec.prebuilt_zip.stat().st_size
         decision = FaultDecision(reset=decision.reset, stall=decision.stall, where=decision.where)
         return await _stream_body(request, resp, decision, _file_chunks(rec.prebuilt_zip), size)
-    include_md5 = endpoint == "getImageWithMD5Hash" or _yes(params.get("IncludeMD5"))
-    entries = _series_entries(archive, rec, decision, stats, new_file_names=_yes(params.get("NewFileNames")),
-                              include_md5=include_md5)
-    return await _stream_body(request, resp, decision, zip_stream(entries), rec.total_bytes)
+    # getImageWithMD5Hash: no LICENSE, always 00000001.dcm names, md5hashes.csv last
+    with_md5_hash = endpoint == "getImageWithMD5Hash"
+    entries = _series_entries(archive, rec, decision, stats, with_license=not with_md5_hash,
+                              new_file_names=not with_md5_hash and _yes(params.get("NewFileNames")),
+                              include_md5=with_md5_hash or _yes(params.get("IncludeMD5")))
+    body = zip_stream(entries, zip_format=request.app[WIRE_KEY].zip_format)
+    return await _stream_body(request, resp, decision, body, rec.total_bytes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -541,15 +585,19 @@ async def stats_handler(request: web.Request) -> web.Response:
 
 
 def make_app(archive: Archive, faults: FaultSpec | FaultInjector | None = None,
-             auth: ServerAuth | None = None, *, numbers_as_strings: bool = False) -> web.Application:
+             auth: ServerAuth | None = None, *, numbers_as_strings: bool = False,
+             wire: DownloadWire | None = None) -> web.Application:
     """The aiohttp application serving ``archive``.
 
     ``faults`` may be a spec or an injector (to share one and switch it at runtime through
     ``app[FAULTS_KEY].replace(...)``); ``auth`` makes tokens mandatory; ``numbers_as_strings``
-    sends the number fields of the query JSON as strings, as some deployments and proxies do.
+    sends the number fields of the query JSON as strings, as some deployments and proxies do;
+    ``wire`` chooses the ZIP format and whether IncludeMD5 is accepted (default: as the real
+    service of 2026).
     Statistics are at ``app[STATS_KEY]``.
     """
     app = web.Application()
+    app[WIRE_KEY] = wire or DownloadWire()
     app[ARCHIVE_KEY] = archive
     app[NUMBERS_AS_STRINGS_KEY] = numbers_as_strings
     app[STATS_KEY] = Stats()

@@ -15,7 +15,8 @@ carries one attack, named by ``hostile_kind`` and at the start of its SeriesDesc
 ``foreign``    an entry that is a DICOM file of another series
 
 md5hashes.csv lists the bytes actually sent (except for the symlink and bomb entries), so
-only the defence against the specific attack can catch it.
+only the defence against the specific attack can catch it. Every entry is DEFLATED, as the
+real service sends them.
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ class HostileSeries:
     zip_relpath: str
 
 
-def _zip_info(name: str, *, compress: int = zipfile.ZIP_STORED) -> zipfile.ZipInfo:
+def _zip_info(name: str, *, compress: int = zipfile.ZIP_DEFLATED) -> zipfile.ZipInfo:
     info = zipfile.ZipInfo(name, date_time=_ZIP_TIME)
     info.compress_type = compress
     info.create_system = 3

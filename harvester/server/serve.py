@@ -2,7 +2,7 @@
 
     harvester serve [DIR] [--synthetic SPEC] [--cache-dir DIR] [--host 127.0.0.1] [--port 0]
                     [--faults SPEC] [--auth USER:PASSWORD_FILE] [--token-expires SECONDS]
-                    [--numbers-as-strings]
+                    [--numbers-as-strings] [--zip deflated|stored] [--refuse-include-md5]
 
 The first line of stdout is the base URL (ending in ``/v4``), flushed, so a parent process
 can read it and start talking; the server then runs until SIGINT or SIGTERM (exit 0).
@@ -20,10 +20,11 @@ from pathlib import Path
 from aiohttp import web
 
 from harvester.errors import UsageError
-from harvester.server.app import make_app
+from harvester.server.app import DownloadWire, make_app
 from harvester.server.archive import Archive, load_harvest_dir
 from harvester.server.auth import ServerAuth
 from harvester.server.faults import FaultInjector, FaultSpec
+from harvester.server.zipstream import DEFAULT_ZIP_FORMAT, ZIP_FORMATS
 
 DEFAULT_CACHE_DIR = Path("~/.cache/harvester")
 SHUTDOWN_TIMEOUT = 2.0
@@ -39,7 +40,8 @@ MAX_LINE_SIZE = MAX_FIELD_SIZE = 8190
 async def start_server(archive: Archive, host: str = "127.0.0.1", port: int = 0,
                        faults: FaultSpec | FaultInjector | None = None,
                        auth: ServerAuth | None = None, *, idle_timeout: float = IDLE_TIMEOUT,
-                       numbers_as_strings: bool = False) -> tuple[web.AppRunner, str]:
+                       numbers_as_strings: bool = False,
+                       wire: DownloadWire | None = None) -> tuple[web.AppRunner, str]:
     """Start serving ``archive`` on the running loop; returns the runner and the v4 base URL.
 
     ``numbers_as_strings``: see :func:`harvester.server.app.make_app`.
@@ -47,7 +49,8 @@ async def start_server(archive: Archive, host: str = "127.0.0.1", port: int = 0,
     Stop it with ``await runner.cleanup()``. The app (and its stats) is ``runner.app``.
     Raises ``OSError`` when the address cannot be bound.
     """
-    runner = web.AppRunner(make_app(archive, faults, auth, numbers_as_strings=numbers_as_strings), access_log=None,
+    runner = web.AppRunner(make_app(archive, faults, auth, numbers_as_strings=numbers_as_strings, wire=wire),
+                           access_log=None,
                            shutdown_timeout=SHUTDOWN_TIMEOUT, keepalive_timeout=idle_timeout,
                            max_line_size=MAX_LINE_SIZE, max_field_size=MAX_FIELD_SIZE)
     await runner.setup()
@@ -80,6 +83,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--numbers-as-strings", action="store_true",
                         help="send the JSON's numbers (FileSize, ImageCount, ...) as strings, as some "
                              "deployments and proxies do")
+    parser.add_argument("--zip", metavar="|".join(ZIP_FORMATS), default=DEFAULT_ZIP_FORMAT, dest="zip_format",
+                        help="ZIP entries DEFLATED with data descriptors as the real service writes them "
+                             f"(default: {DEFAULT_ZIP_FORMAT}), or STORED")
+    parser.add_argument("--refuse-include-md5", action="store_true",
+                        help="answer getImage's IncludeMD5 with HTTP 400, as v4 builds of May-Nov 2025 do")
 
 
 def _parse_auth(values: list[str] | None, expires_in: int) -> ServerAuth | None:
@@ -129,6 +137,8 @@ async def _serve_until_signalled(archive: Archive, args: argparse.Namespace, fau
                                  auth: ServerAuth | None) -> None:
     runner, base_url = await start_server(archive, args.host, args.port, faults, auth,
                                           numbers_as_strings=args.numbers_as_strings)
+    wire = DownloadWire(zip_format=args.zip_format, include_md5=not args.refuse_include_md5)
+    runner, base_url = await start_server(archive, args.host, args.port, faults, auth, wire=wire)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -149,6 +159,8 @@ def run_serve(args: argparse.Namespace) -> int:
         faults = FaultSpec.parse(args.faults) if args.faults else None
     except ValueError as err:
         return _usage_error(f"--faults: {err}")
+    if args.zip_format not in ZIP_FORMATS:
+        return _usage_error(f"--zip wants one of {', '.join(ZIP_FORMATS)}, not {args.zip_format!r}")
     try:
         auth = _parse_auth(args.auth, args.token_expires)
         archive = build_archive(args)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from harvester.server.app import STATS_KEY
+from harvester.server.app import STATS_KEY, DownloadWire
 from harvester.server.archive import Archive
 from harvester.server.auth import ServerAuth
 from harvester.server.faults import FaultInjector, FaultSpec
@@ -59,9 +59,11 @@ class ServerHandle:
 
 @contextmanager
 def serve_in_thread(archive: Archive, faults: FaultSpec | str | None = None, auth: ServerAuth | None = None,
-                    host: str = "127.0.0.1", *, numbers_as_strings: bool = False) -> Iterator[ServerHandle]:
+                    host: str = "127.0.0.1", *, numbers_as_strings: bool = False,
+                    wire: DownloadWire | None = None) -> Iterator[ServerHandle]:
     """Serve ``archive`` on a free port of ``host`` until the block exits (``numbers_as_strings``:
-    see :func:`harvester.server.app.make_app`).
+    see :func:`harvester.server.app.make_app`; ``wire`` chooses the ZIP format and IncludeMD5
+    support, by default the real service's DEFLATED format).
 
     Raises whatever starting the server raises (``OSError`` if the address is unusable).
     """
@@ -75,7 +77,7 @@ def serve_in_thread(archive: Archive, faults: FaultSpec | str | None = None, aut
         asyncio.set_event_loop(loop)
         try:
             runner_url = loop.run_until_complete(start_server(archive, host, 0, injector, auth,
-                                                                  numbers_as_strings=numbers_as_strings))
+                                                              numbers_as_strings=numbers_as_strings, wire=wire))
         except BaseException as err:  # hand the failure to the caller's thread
             started.set_exception(err)
             loop.close()

@@ -10,7 +10,9 @@ Who raises what:
   timeouts, 5xx, 408 and 429; ``PermanentRequestError`` for other 4xx (the server's text is in
   the message); ``AuthError`` when credentials are rejected even after a token refresh.
 * ``open_series`` yields a response already checked for status and content type; the ZIP
-  signature is checked by the caller on the first bytes (see ``harvester.fetch``).
+  signature is checked by the caller on the first bytes (see ``harvester.fetch``). A server
+  that refuses getImage's ``IncludeMD5`` with HTTP 400 (v4 builds of May to Nov 2025) is asked
+  with ``getImageWithMD5Hash`` instead, at once and for every later series of this client.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import anyio
 from harvester.config import NLST_API_URL, NLST_COLLECTIONS, AuthConfig, Config
 from harvester.errors import (
     AuthError,
+    PermanentRequestError,
     RequestError,
     RetryableRequestError,
     UsageError,
@@ -153,6 +156,8 @@ class NBIAClient(RetryingClient):
         self.requests = 0
         self.retries = 0
         self._rng = random.Random()  # one per client: seeding a Random per request is not free
+        #: Set once the server answered IncludeMD5 with 400; from then on getImageWithMD5Hash.
+        self.include_md5_refused = False
 
     # ------------------------------------------------------------ routing
     def base_for(self, collection: str | None = None) -> str:
@@ -254,17 +259,37 @@ class NBIAClient(RetryingClient):
 
     # ------------------------------------------------------------ downloads
     def series_url(self, series_uid: str, collection: str | None) -> str:
+        """getImage with TCIA-style names and md5hashes.csv, or getImageWithMD5Hash (no LICENSE,
+        ``00000001.dcm`` names) once this server refused ``IncludeMD5``."""
+        if self.include_md5_refused:
+            return self.url("getImageWithMD5Hash", {"SeriesInstanceUID": series_uid}, collection=collection)
         return self.url("getImage", {"SeriesInstanceUID": series_uid, "NewFileNames": "Yes",
                                      "IncludeMD5": "yes"}, collection=collection)
 
+    @staticmethod
+    def _refuses_include_md5(exc: PermanentRequestError) -> bool:
+        """The 400 of a v4 build that predates IncludeMD5: "Invalid query parameter: 'IncludeMD5'..."."""
+        return exc.status == 400 and "IncludeMD5" in str(exc)
+
     @contextlib.asynccontextmanager
     async def open_series(self, series_uid: str, collection: str | None) -> AsyncIterator[aiohttp.ClientResponse]:
-        """Open the getImage ZIP stream for one series (one attempt; the caller retries).
+        """Open the ZIP stream for one series (one attempt; the caller retries).
 
         Raises ``RetryableRequestError`` when the body is an error page (HTML or text)
         instead of a ZIP, and the classified errors of any request.
         """
-        url = self.series_url(series_uid, collection)
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                resp = await stack.enter_async_context(self._open_zip(self.series_url(series_uid, collection)))
+            except PermanentRequestError as exc:
+                if self.include_md5_refused or not self._refuses_include_md5(exc):
+                    raise
+                self.include_md5_refused = True
+                resp = await stack.enter_async_context(self._open_zip(self.series_url(series_uid, collection)))
+            yield resp
+
+    @contextlib.asynccontextmanager
+    async def _open_zip(self, url: str) -> AsyncIterator[aiohttp.ClientResponse]:
         async with self._request(url, accept="application/zip, application/octet-stream") as resp:
             ctype = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
             if ctype.startswith("text/") or ctype in ("application/json", "application/xhtml+xml"):
@@ -283,6 +308,17 @@ class NBIAClient(RetryingClient):
                     return await resp.read()
         raise AssertionError("unreachable")  # pragma: no cover
 
+
+
+LICENSE_FIELD_MAX = 2000  # characters of each license column kept (rows are untrusted)
+
+
+def license_from_row(row: Mapping[str, Any] | None) -> str | None:
+    """The license of a series from its getSeries row (LicenseName, LicenseURI), in the form of
+    getImage's LICENSE entry; None when the row names neither."""
+    row = row or {}
+    parts = [str(row[key]).strip()[:LICENSE_FIELD_MAX] for key in ("LicenseName", "LicenseURI") if row.get(key)]
+    return "".join(f"{part}\n" for part in parts if part) or None
 
 
 class _AuthRetry(Exception):
@@ -311,6 +347,7 @@ class NBIASource(ClientBackedSource):
 
     async def fetch_series(self, task: Any, *, partial: Any, staging: Any, on_bytes: Callable[[int], None],
                            rate: Any) -> Any:
+        import dataclasses
         import hashlib
 
         from harvester.errors import IntegrityError
@@ -325,6 +362,8 @@ class NBIASource(ClientBackedSource):
         unpacked = await anyio.to_thread.run_sync(
             lambda: verify_and_unpack(partial, staging, series_uid=task.series_uid, image_count=task.image_count,
                                       file_size=task.file_size, limits=config.limits, max_repairs=max_repairs))
+        if unpacked.license_text is None:  # getImageWithMD5Hash sends none: say what getSeries said
+            unpacked = dataclasses.replace(unpacked, license_text=license_from_row(task.row))
         for repair in unpacked.repairs:
             data = await self.client.single_image(task.series_uid, repair.sop_uid, task.collection)
             if hashlib.md5(data).hexdigest() != repair.md5:

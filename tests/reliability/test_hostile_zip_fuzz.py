@@ -9,15 +9,17 @@ import shutil
 import warnings
 from pathlib import Path
 
+import anyio
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from harvester.config import Limits
 from harvester.errors import SeriesError
+from harvester.server.zipstream import bytes_entry, zip_stream
 from harvester.unpack import verify_and_unpack
 
-from .handserver import dicom_series, honest_zip
+from .handserver import dicom_series, honest_zip, md5_csv
 
 SERIES = "1.2.826.0.1.3680043.2.1125.3001"
 
@@ -52,12 +54,24 @@ ZIP = honest_zip(FILES)
 MD5 = {hashlib.md5(d).hexdigest() for _, d in FILES}
 
 
-def test_mutated_zips_are_accepted_whole_or_refused_as_series_errors(tmp_path_factory, figures):
+async def _java_zip(files: list[tuple[str, bytes]]) -> bytes:
+    entries = [bytes_entry("LICENSE", b"CC BY 4.0\n"), *(bytes_entry(n, d) for n, d in files),
+               bytes_entry("md5hashes.csv", md5_csv(files))]
+    return b"".join([piece async for piece in zip_stream(entries)])
+
+
+#: The same series as the real service sends it: DEFLATED entries with data descriptors.
+JAVA_ZIP = anyio.run(_java_zip, FILES)
+
+
+@pytest.mark.parametrize("original,kind", [(ZIP, "hand-made"), (JAVA_ZIP, "deflated, data descriptors")],
+                         ids=["hand-made", "java-deflated"])
+def test_mutated_zips_are_accepted_whole_or_refused_as_series_errors(tmp_path_factory, figures, original, kind):
     root = tmp_path_factory.mktemp("zipfuzz")
     tried = {"examples": 0, "accepted": 0, "refused": 0}
 
     @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-    @given(data=mutations(ZIP))
+    @given(data=mutations(original))
     def check(data: bytes) -> None:
         tried["examples"] += 1
         work = root / f"w{tried['examples']}"
@@ -82,7 +96,7 @@ def test_mutated_zips_are_accepted_whole_or_refused_as_series_errors(tmp_path_fa
 
     check()
     assert tried["refused"] > 0 and tried["examples"] == tried["accepted"] + tried["refused"]
-    figures.record("hostile", family="mutated ZIPs, hypothesis (verify_and_unpack)", inputs=tried["examples"],
+    figures.record("hostile", family=f"mutated ZIPs ({kind}), hypothesis (verify_and_unpack)", inputs=tried["examples"],
                    hypothesis_examples=tried["examples"], accepted=tried["accepted"], refused=tried["refused"])
 
 
