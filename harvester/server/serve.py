@@ -135,10 +135,9 @@ def build_archive(args: argparse.Namespace) -> Archive:
 
 async def _serve_until_signalled(archive: Archive, args: argparse.Namespace, faults: FaultSpec | None,
                                  auth: ServerAuth | None) -> None:
-    runner, base_url = await start_server(archive, args.host, args.port, faults, auth,
-                                          numbers_as_strings=args.numbers_as_strings)
     wire = DownloadWire(zip_format=args.zip_format, include_md5=not args.refuse_include_md5)
-    runner, base_url = await start_server(archive, args.host, args.port, faults, auth, wire=wire)
+    runner, base_url = await start_server(archive, args.host, args.port, faults, auth,
+                                          numbers_as_strings=args.numbers_as_strings, wire=wire)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
