@@ -264,11 +264,12 @@ class HarvestState:
         return self.tmp_dir / f"{series_key(uid)}.zip.partial"
 
     def _intact(self, rec: dict[str, Any], root: Path | None = None) -> bool:
-        """Every recorded file is there with its recorded size (MD5s are for ``verify``)."""
+        """Every recorded file (annotation files included) is there with its recorded size (MD5s
+        are for ``verify``)."""
         base = self.out_dir / rec.get("path", "\x00") if root is None else root
         prefix = rec.get("path", "") + "/"
         try:
-            for f in rec.get("files", []):
+            for f in [*rec.get("files", []), *(rec.get("annotations") or [])]:
                 rel = f["path"][len(prefix):] if f["path"].startswith(prefix) else f["path"]
                 if (base / rel).stat().st_size != f["size"]:
                     return False
