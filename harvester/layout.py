@@ -87,7 +87,7 @@ def _number(value: Any) -> str:
     try:
         number = float(value)
         return str(int(number)) if number.is_integer() else str(value)
-    except (TypeError, ValueError, OverflowError):
+    except (TypeError, ValueError):
         return str(value)
 
 

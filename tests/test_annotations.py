@@ -149,6 +149,29 @@ def test_cart_with_include_annotation_false_gets_none(annotated_server: ServerHa
     assert all("annotations" not in r for r in manifest(out)["series"])
 
 
+def test_cli_run_of_a_cart_with_annotations(annotated_server: ServerHandle, archive: Archive,
+                                            tmp_path: Path) -> None:
+    # The command a user types with a portal cart, tcia2026 layout included.
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "harvester", "run", str(cart(tmp_path / "c.tcia", annotated(archive),
+                                                                             "TRUE")),
+                           "-o", str(out), "--api-url", annotated_server.base_url, "--layout", "tcia2026",
+                           "--timeout", "2", "--no-progress"],
+                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    recs = manifest(out)["series"]
+    assert len(recs) == len(annotated(archive))
+    for r in recs:
+        assert r["path"] == f"{r['Collection']}/{r['PatientID']}/{r['StudyInstanceUID']}/{r['SeriesInstanceUID']}"
+        assert (out / r["annotations"][0]["path"]).read_bytes() == archive.get(
+            r["SeriesInstanceUID"]).annotations[0].path.read_bytes()
+    assert (out / "metadata" / "metadata.csv").read_bytes().count(b"\r\n") == len(recs) + 1
+    assert not (out / "metadata.csv").exists()
+
+
 def test_manifest_annotations_true(annotated_server: ServerHandle, archive: Archive, tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = harvest(annotated_server.base_url, out, {"select": [{"collection": "SYN-LUNG-CT"}],

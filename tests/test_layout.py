@@ -518,6 +518,20 @@ def test_folders_differing_only_in_case_do_not_share_a_folder():
     assert paths["1.1"].casefold() != paths["1.2"].casefold()
 
 
+@FAST
+@given(st.one_of(st.none(), st.text(max_size=120)), st.one_of(st.none(), st.text(max_size=120)))
+def test_descriptions_are_always_in_the_servers_character_set(study_desc: str | None, series_desc: str | None) -> None:
+    fields = dict(FULL, StudyDescription=study_desc, SeriesDescription=series_desc, SeriesNumber=None)
+    study, series = descriptive_parts(fields)[2:]
+    study_part = study[len("01-01-2000-5-"):-len("-30178")] if study != "01-01-2000-5-30178" else ""
+    series_part = series[:-len("-03192")] if series != "03192" else ""
+    for part in (study_part, series_part):
+        assert re.fullmatch(r"[A-Za-z0-9 .-]{0,53}", part), part
+        assert part != "-"
+    if study_desc is None or not re.sub(r"[^A-Za-z0-9 .-]", "", study_desc):
+        assert study_part == "NA"
+
+
 # ---------------------------------------------------------------- a rerun over an older tree
 
 OLD_DESCRIPTIVE = "{Collection}/{PatientID}/{StudyDate}-{StudyDescription}/{SeriesNumber}-{SeriesDescription}"
