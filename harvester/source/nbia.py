@@ -375,6 +375,8 @@ class NBIASource(ClientBackedSource):
                                on_bytes: Callable[[int], None]) -> Any:
         """Fetch the series' annotation files (getDCMImage) and place them beside its verified
         DICOM files in ``staging``; raises what ``unpack_annotations`` and the download raise."""
+        import dataclasses
+
         from harvester.annotations import AnnotatedSeries, AnnotationOpener, unpack_annotations
         from harvester.fetch import fetch_series_zip
 
@@ -389,8 +391,9 @@ class NBIASource(ClientBackedSource):
                 lambda: unpack_annotations(zip_path, staging, series_uid=task.series_uid, taken=names))
         finally:
             zip_path.unlink(missing_ok=True)
-        return AnnotatedSeries(files=unpacked.files, license_text=unpacked.license_text, repairs=unpacked.repairs,
-                               annotations=tuple(found))
+        # every field of the unpacked series is carried over, whatever fields it has
+        carried = {f.name: getattr(unpacked, f.name) for f in dataclasses.fields(unpacked)}
+        return AnnotatedSeries(**carried, annotations=tuple(found))
 
 
 __all__ = ["NBIAClient", "NBIASource", "TokenAuth", "HostGate", "make_session", "redact_url", "as_int",
