@@ -183,6 +183,18 @@ def test_manifest_annotations_true(annotated_server: ServerHandle, archive: Arch
         assert (out / r["annotations"][0]["path"]).is_file()
 
 
+def test_sync_of_a_cart_with_annotations(annotated_server: ServerHandle, archive: Archive, tmp_path: Path) -> None:
+    from harvester.api import sync
+
+    out = tmp_path / "out"
+    result = sync(cart(tmp_path / "c.tcia", annotated(archive), "true"), out,
+                  config=test_config(annotated_server.base_url, out))
+    assert result.harvest is not None and result.harvest.ok
+    recs = manifest(out)["series"]
+    assert len(recs) == len(annotated(archive)) and all(len(r["annotations"]) == 1 for r in recs)
+    assert annotated_server.stats.requests["getDCMImage"] == len(recs)
+
+
 def test_a_lost_annotation_file_is_fetched_again(annotated_server: ServerHandle, archive: Archive,
                                                  tmp_path: Path) -> None:
     out = tmp_path / "out"
