@@ -31,7 +31,6 @@ import re
 import shutil
 import threading
 from collections.abc import Iterable
-from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -466,17 +465,20 @@ def _csv_value(value: Any) -> str:
 
 def retriever_file_size(size: Any) -> str:
     """File Size as the Data Retriever shows it: decimal units, two decimals, half up
-    (``3.62 MB``, ``163.31 KB``, ``6.10 MB``; real HNSCC rows show 1 MB = 1,000,000 bytes)."""
+    (``3.62 MB``, ``163.31 KB``, ``6.10 MB``; real HNSCC rows show 1 MB = 1,000,000 bytes).
+    Java's ``%.2f`` rounds the shortest decimal of the double half up, so 3,615,000 bytes is
+    ``3.62 MB`` there (Python's float formatting would say 3.61); exact integers agree with it."""
     try:
-        n = int(size or 0)
-    except (TypeError, ValueError):
+        n = max(0, int(size or 0))
+    except (TypeError, ValueError, OverflowError):
         n = 0
     for unit, scale in (("TB", 10 ** 12), ("GB", 10 ** 9), ("MB", 10 ** 6), ("KB", 10 ** 3)):
         if n >= scale:
             break
     else:
         unit, scale = "B", 1
-    return f"{(Decimal(n) / scale).quantize(Decimal('0.01'), ROUND_HALF_UP)} {unit}"
+    hundredths = (n * 100 + scale // 2) // scale      # integers: exact, half up, any size
+    return f"{hundredths // 100}.{hundredths % 100:02d} {unit}"
 
 
 def retriever_timestamp(value: Any) -> str | None:
@@ -484,11 +486,11 @@ def retriever_timestamp(value: Any) -> str | None:
     zone, milliseconds (``2021-09-30T21:39:12.665``); None when unreadable."""
     try:
         when = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.timezone.utc)
+        return when.astimezone().replace(tzinfo=None).isoformat(timespec="milliseconds")
+    except (ValueError, OverflowError, OSError):   # a hostile harvest.json: year 9999 at UTC+14...
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
-    return when.astimezone().replace(tzinfo=None).isoformat(timespec="milliseconds")
 
 
 def metadata_csv_row(rec: dict[str, Any]) -> list[str]:

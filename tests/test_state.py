@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from harvester.errors import (
     DiskFullError,
@@ -660,8 +662,10 @@ def test_metadata_csv_matches_the_real_retriever_rows(state: HarvestState, new_y
 
 @pytest.mark.parametrize("size,expected", [
     (0, "0.00 B"), (999, "999.00 B"), (1000, "1.00 KB"), (163_310, "163.31 KB"), (616_525, "616.53 KB"),
-    (616_524, "616.52 KB"), (6_100_000, "6.10 MB"), (3_625_000, "3.63 MB"), (117_844_999, "117.84 MB"),
+    (616_524, "616.52 KB"), (6_100_000, "6.10 MB"), (3_625_000, "3.63 MB"), (3_615_000, "3.62 MB"),
+    (117_844_999, "117.84 MB"),
     (10 ** 9, "1.00 GB"), (1_234_567_890_123, "1.23 TB"), (10 ** 16, "10000.00 TB"), (None, "0.00 B"),
+    (10 ** 40, "10000000000000000000000000000.00 TB"), (-5, "0.00 B"), (float("inf"), "0.00 B"), (1999.5, "2.00 KB"),
     ("x", "0.00 B")])
 def test_file_size_is_the_retrievers_decimal_units(size: Any, expected: str) -> None:
     # decimal units (real rows: 223 CT slices of 512x512 are "117.84 MB"), two decimals, half up
@@ -673,6 +677,8 @@ def test_download_timestamp_is_local_time_without_zone(new_york: Any) -> None:
     assert retriever_timestamp("2024-01-01T10:00:00+00:00") == "2024-01-01T05:00:00.000"
     assert retriever_timestamp("2024-05-01T10:00:00") == "2024-05-01T06:00:00.000"    # no zone: UTC
     assert retriever_timestamp("yesterday") is None and retriever_timestamp(None) is None
+    assert retriever_timestamp("9999-12-31T23:59:59.999-14:00") is None          # past year 9999 here
+    assert retriever_timestamp("0001-01-01T00:00:00Z") is None                   # before year 1 here
 
 
 def test_metadata_csv_absent_values_are_null_and_descriptions_na() -> None:
@@ -708,6 +714,25 @@ def test_metadata_csv_values_that_would_break_the_file_become_spaces(state: Harv
     assert fields["Series Description"] == fields["Manufacturer"] == "abcdefghi"   # the server's character set
     assert fields["Study Date"] == "a b  c d e f g h i"
     assert list(csv.reader(io.StringIO(lines[1].decode("utf-8"))))[0] == values
+
+
+_ANY = st.one_of(st.none(), st.text(), st.integers(), st.floats(), st.booleans(),
+                st.lists(st.text(), max_size=2), st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(["SeriesInstanceUID", "Collection", "PatientID", "StudyInstanceUID",
+                                        "Modality", "path", "bytes", "completed", "sop_class_uid", "files"]), _ANY),
+       st.dictionaries(st.sampled_from(["ThirdPartyAnalysis", "DataDescriptionURI", "SeriesDescription",
+                                        "Manufacturer", "StudyDesc", "StudyDate"]), _ANY),
+       st.one_of(st.none(), st.dictionaries(st.sampled_from(["StudyDescription", "StudyDate"]), _ANY)))
+def test_metadata_csv_row_of_any_record_is_17_unquoted_fields(rec: dict, row: dict, study: Any) -> None:
+    # whatever a damaged harvest.json or a hostile server put in a record: one line, 17 fields
+    fields = metadata_csv_row({**rec, "metadata": row, "study": study})
+    assert len(fields) == 17
+    line = ",".join(fields)
+    assert not re.search(r'[\r\n"\x00\u2028\u2029\x85]', line) and line.count(",") == 16
+    assert all(fields)                                   # absent is "null", never empty
 
 
 def test_tcia2026_layout_writes_metadata_in_its_folder(state: HarvestState) -> None:
