@@ -466,8 +466,8 @@ def _csv_value(value: Any) -> str:
 def retriever_file_size(size: Any) -> str:
     """File Size as the Data Retriever shows it: decimal units, two decimals, half up
     (``3.62 MB``, ``163.31 KB``, ``6.10 MB``; real HNSCC rows show 1 MB = 1,000,000 bytes).
-    Java's ``%.2f`` rounds the shortest decimal of the double half up, so 3,615,000 bytes is
-    ``3.62 MB`` there (Python's float formatting would say 3.61); exact integers agree with it."""
+    Java's ``%.2f`` rounds half up, so 1,125,000 bytes is ``1.13 MB`` there (Python's float
+    formatting rounds half to even: 1.12); exact integer arithmetic agrees with Java."""
     try:
         n = max(0, int(size or 0))
     except (TypeError, ValueError, OverflowError):
