@@ -113,6 +113,8 @@ async def aharvest(query: QueryLike, out: str | Path | Config | None = None, *, 
         config, out = out, None
     query = as_query(query)
     config = make_config(query, config, out, **options)
+    if query.annotations and not config.annotations:   # the cart or manifest asks for them
+        config = dataclasses.replace(config, annotations=True)
     check_layout(config.layout)
     hub = hub or Hub()
     if on_event is not None:

@@ -105,7 +105,8 @@ def _add_harvest_args(p: argparse.ArgumentParser) -> None:
                         "429/503/timeouts; use fewer, or --max-rate, on a shared link")
     p.add_argument("--connections", type=_positive, metavar="N", help="HTTP connections at most (default 2 x workers)")
     p.add_argument("--layout", metavar="LAYOUT",
-                   help="classic, descriptive (default; the NBIA Data Retriever's), flat, or a template like "
+                   help="descriptive (default; the Java NBIA Data Retriever's), classic, tcia2026 (TCIA's 2026 "
+                        "Data Retriever's; metadata/metadata.csv), flat, or a template like "
                         "'{Collection}/{PatientID}/{StudyDate}-{StudyDescription}/{Modality}-{SeriesNumber}-{SeriesInstanceUID}'")
     p.add_argument("--series-retries", type=int, metavar="N", help=f"extra attempts per series (default {Config.series_retries})")
     p.add_argument("--max-rate", type=_size, metavar="RATE", help="cap total bandwidth, e.g. 50MB")

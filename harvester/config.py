@@ -52,6 +52,7 @@ class Config:
     collection_attribute: str = "ClinicalTrialProtocolID"  # DICOMweb: the attribute holding the collection
     out_dir: Path = Path("harvest")
     layout: str = "descriptive"
+    annotations: bool = False         # also fetch annotation files (a cart's includeAnnotation=true)
     # Series in flight: one connection each. Enough to fill a link of per-connection-capped
     # streams (24 x 4 MB/s covers 64 MB/s with headroom for the slots busy unpacking); the
     # adaptive limit lowers it when the archive pushes back.

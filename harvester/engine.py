@@ -27,6 +27,7 @@ from typing import Any
 
 import anyio
 
+from harvester.annotations import AnnotatedSeries
 from harvester.config import Config
 from harvester.errors import (
     FatalError,
@@ -273,6 +274,8 @@ class Engine:
                 task, partial=partial, staging=staging, rate=self.rate,
                 on_bytes=lambda n: self.hub.emit(Event("bytes", bytes=n)))
             record = self._record(job, unpacked.files)
+            if isinstance(unpacked, AnnotatedSeries) and unpacked.annotations:   # beside the DICOM files
+                record["annotations"] = [a.to_json(job.path) for a in unpacked.annotations]
             await anyio.to_thread.run_sync(_unlink_and_commit, partial, self.state, record, staging)
             if unpacked.license_text:
                 await self._keep_license(task.collection, unpacked.license_text)

@@ -5,8 +5,10 @@ IDs and descriptions come from the archive and are never trusted as path compone
 control or reserved characters, no Windows device names, bounded length). ``assign_paths``
 guarantees that two series never share a folder and that no series folder lies inside another.
 
-Layouts: ``classic``, ``descriptive`` (the NBIA Data Retriever's), ``flat``, or a template
-such as ``{Collection}/{PatientID}/{StudyDate}-{StudyDescription}/{Modality}-{SeriesNumber}-{SeriesInstanceUID}``.
+Layouts: ``descriptive`` (the Java NBIA Data Retriever's default, value for value), ``classic``
+(the Java Retriever's other one), ``tcia2026`` (TCIA's 2026 Go Data Retriever: the classic folders,
+``metadata/metadata.csv``), ``flat``, or a template such as
+``{Collection}/{PatientID}/{StudyDate}-{StudyDescription}/{Modality}-{SeriesNumber}-{SeriesInstanceUID}``.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import re
 import string
 import unicodedata
 from collections.abc import Iterable, Mapping
+from decimal import Decimal, InvalidOperation
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -28,9 +31,18 @@ _UNSAFE_CHARS = re.compile(r'[\x00-\x1f\x7f<>:"|?*\\/]')
 
 LAYOUTS = {
     "classic": "{Collection}/{PatientID}/{StudyInstanceUID}/{SeriesInstanceUID}",
+    "tcia2026": "{Collection}/{PatientID}/{StudyInstanceUID}/{SeriesInstanceUID}",
     "flat": "{SeriesInstanceUID}",
     "descriptive": None,  # computed by descriptive_parts()
 }
+#: Layouts whose metadata.csv goes to ``metadata/metadata.csv`` (TCIA's 2026 Data Retriever), not DIR.
+METADATA_IN_SUBFOLDER = {"tcia2026"}
+
+# The NBIA server hands the Data Retriever descriptions reduced to these characters, deleting every
+# other one (DownloadServletV4.cleanStr: ``replaceAll("[^a-zA-Z0-9 .-]", "")``); so "HEAD & NECK"
+# becomes "HEAD  NECK" and "PET/CT" becomes "PETCT".
+_NOT_RETRIEVER_CHAR = re.compile(r"[^A-Za-z0-9 .-]")
+RETRIEVER_DESCRIPTION_MAX = 53
 
 TEMPLATE_FIELDS = {
     "Collection", "PatientID", "PatientName", "StudyInstanceUID", "StudyDate", "StudyID",
@@ -51,7 +63,9 @@ def safe_component(value: Any, *, max_bytes: int = MAX_COMPONENT_BYTES) -> str:
     text = text.replace("/", "-").replace("\\", "-")
     text = _UNSAFE_CHARS.sub("_", text)
     text = "".join(ch if unicodedata.category(ch)[0] != "C" else "_" for ch in text)
-    text = " ".join(text.split())  # fold runs of white space
+    # Every white space becomes one plain space, runs kept: the Data Retriever writes
+    # "PETCT HEAD  NECK CA", and a name it writes that is already safe must stay as it is.
+    text = "".join(" " if ch.isspace() else ch for ch in text).strip(" ")
     text = text.rstrip(". ")
     if not text or set(text) <= {"."}:
         text = "_"
@@ -67,15 +81,6 @@ def safe_component(value: Any, *, max_bytes: int = MAX_COMPONENT_BYTES) -> str:
     return text
 
 
-def _nbia_date(value: Any) -> str:
-    """Dates as the Data Retriever writes them: MM-DD-YYYY (input: any form of ``harvester.dates``);
-    a value that is not a date is kept as text."""
-    day = parse_archive_date(value)
-    if day is not None:
-        return nbia_date(day)
-    return "" if value is None else str(value).strip()
-
-
 def _number(value: Any) -> str:
     if value is None or value == "":
         return ""
@@ -86,23 +91,86 @@ def _number(value: Any) -> str:
         return str(value)
 
 
-def _join(parts: Iterable[Any]) -> str:
-    return "-".join(str(p) for p in parts if p not in (None, ""))
+def _absent(value: Any) -> bool:
+    """The Retriever leaves a part out when its value is empty or the text ``null`` (Java's
+    string of a null)."""
+    return value is None or str(value) in ("", "null")
+
+
+def retriever_text(value: Any) -> str:
+    """A description as the NBIA server gives it to the Data Retriever: every character outside
+    ``[A-Za-z0-9 .-]`` deleted (runs of spaces that leaves stay), and ``NA`` when nothing is left
+    or there was no value (``cleanStr``; LIDC's empty descriptions are the ``NA-NA`` of its folders)."""
+    text = "" if _absent(value) else _NOT_RETRIEVER_CHAR.sub("", str(value))
+    return text or "NA"
+
+
+def _retriever_description(value: Any) -> str:
+    """A description part of a descriptive folder name ("" when it is left out).
+
+    Order, as the values travel: the server reduces the text to its character set (which deletes
+    ``/``, so the Retriever's own ``/`` -> ``-`` has nothing left to replace), the Retriever cuts
+    it to 53 characters and drops a description that is just ``-``.
+    """
+    text = retriever_text(value)[:RETRIEVER_DESCRIPTION_MAX]
+    return "" if text == "-" else text
+
+
+def _retriever_study_id(value: Any) -> str:
+    """StudyID: reduced to the server's character set like a description, but left out when there
+    is none (Lung-PET-CT-Dx's ``04-25-2007-ThoraxAThoraxRoutine Adult-34834`` has no StudyID part)."""
+    return "" if _absent(value) else _NOT_RETRIEVER_CHAR.sub("", str(value))
+
+
+def retriever_series_number(value: Any) -> str:
+    """SeriesNumber as the Retriever prints it: the database decimal, ``3000566.000000`` ("" when absent).
+
+    A value that is not a plain number (never sent by NBIA; a hostile server might) is kept as text;
+    a huge exponent is never expanded.
+    """
+    text = "" if value is None else str(value).strip()
+    if _absent(text):
+        return ""
+    try:
+        number = Decimal(text)
+    except InvalidOperation:
+        return text
+    if not number.is_finite() or number.adjusted() >= 18:   # adjusted(): the exponent, no arithmetic
+        return text
+    return f"{number:.6f}"
+
+
+def retriever_date(value: Any) -> str:
+    """StudyDate as the Retriever writes it, ``MM-DD-YYYY`` ("" when absent; unreadable text is kept)."""
+    text = "" if value is None else str(value).strip()
+    if _absent(text):
+        return ""
+    day = parse_archive_date(text)
+    return nbia_date(day) if day is not None else text
+
+
+def _join(parts: Iterable[str]) -> str:
+    return "-".join(p for p in parts if p)
 
 
 def descriptive_parts(fields: Mapping[str, Any]) -> list[str]:
-    """The NBIA Data Retriever's default layout (descriptions cut to 53 characters, '/' -> '-')."""
-    study_uid = str(fields.get("StudyInstanceUID", ""))
-    series_uid = str(fields.get("SeriesInstanceUID", ""))
+    """The Java NBIA Data Retriever's default layout, value for value:
+    ``Collection/PatientID/<StudyDate>-<StudyID>-<StudyDescription>-<last 5 of StudyUID>/
+    <SeriesNumber>-<SeriesDescription>-<last 5 of SeriesUID>``, each part left out when empty.
+
+    The parts are raw: ``series_path`` still makes each one safe (it changes none that is already).
+    """
+    study_uid = "" if fields.get("StudyInstanceUID") is None else str(fields.get("StudyInstanceUID"))
+    series_uid = "" if fields.get("SeriesInstanceUID") is None else str(fields.get("SeriesInstanceUID"))
     study = _join([
-        _nbia_date(fields.get("StudyDate")),
-        fields.get("StudyID") or "",
-        str(fields.get("StudyDescription") or "")[:53].replace("/", "-"),
+        retriever_date(fields.get("StudyDate")),
+        _retriever_study_id(fields.get("StudyID")),
+        _retriever_description(fields.get("StudyDescription")),
         study_uid[-5:],
     ])
     series = _join([
-        _number(fields.get("SeriesNumber")),
-        str(fields.get("SeriesDescription") or "")[:53].replace("/", "-"),
+        retriever_series_number(fields.get("SeriesNumber")),
+        _retriever_description(fields.get("SeriesDescription")),
         series_uid[-5:],
     ])
     return [str(fields.get("Collection", "")), str(fields.get("PatientID", "")), study, series]
@@ -113,7 +181,8 @@ def check_layout(layout: str) -> str:
     if layout in LAYOUTS:
         return layout
     if "{" not in layout:
-        raise UsageError(f"unknown layout {layout!r}", hint="use classic, descriptive, flat, or a {Field}/... template")
+        raise UsageError(f"unknown layout {layout!r}",
+                         hint="use descriptive, classic, tcia2026, flat, or a {Field}/... template")
     try:
         fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(layout) if name is not None]
     except ValueError as exc:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as dt
 import hashlib
 import io
@@ -116,6 +117,8 @@ async def async_sync(query: Query, config: Config, *, prune: bool = False, dry_r
     from harvester.api import emit_warnings, harvest_plan, manifest_header, open_harvest, plan_event
 
     hub = hub or Hub()
+    if query.annotations and not config.annotations:   # the cart or manifest asks for them
+        config = dataclasses.replace(config, annotations=True)
     async with open_harvest(config) as (state, source):
         plan = await source.plan(query)
         updated: set[str] = set()

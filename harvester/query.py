@@ -43,7 +43,7 @@ _SELECTOR_KEYS = {
     "released_after", "series", "tcia", "csv",
 }
 _EXCLUDE_KEYS = {"collection", "modality", "body_part", "manufacturer", "patients", "studies", "series"}
-_TOP_KEYS = {"api", "layout", "select", "exclude", "limit", "source", "url"}
+_TOP_KEYS = {"annotations", "api", "layout", "select", "exclude", "limit", "source", "url"}
 _UID_COLUMNS = ("SeriesInstanceUID", "Series UID", "Series Instance UID", "SeriesUID")
 #: Selector and exclusion keys -> the getSeries column each filters, compared folded (``fold``).
 _FOLDED_COLUMNS = (("collection", "Collection"), ("modality", "Modality"), ("body_part", "BodyPartExamined"),
@@ -170,6 +170,7 @@ class Query:
     origin: str = "<query>"
     source: str | None = None      # "nbia" (default) or "dicomweb"
     url: str | None = None         # a DICOMweb service root (``source: dicomweb``)
+    annotations: bool = False      # fetch the series' annotation files too (docs/annotations.md)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"origin": self.origin, "select": [s.to_json() for s in self.selectors]}
@@ -177,6 +178,8 @@ class Query:
             out["exclude"] = self.exclude.to_json()
         if self.limit is not None:
             out["limit"] = self.limit
+        if self.annotations:
+            out["annotations"] = True
         return out
 
 
@@ -194,7 +197,8 @@ def load_query(path: str | Path) -> Query:
         return parse_manifest(text, origin=str(p), base_dir=p.parent)
     if suffix == ".tcia":
         uids = parse_tcia(text, origin=str(p))
-        return Query(selectors=(Selector(origin=str(p), series=uids),), origin=str(p))
+        return Query(selectors=(Selector(origin=str(p), series=uids),), origin=str(p),
+                     annotations=tcia_includes_annotations(text))
     if suffix in (".csv", ".txt", ".tsv"):
         uids = parse_uid_list(text, origin=str(p))
         return Query(selectors=(Selector(origin=str(p), series=uids),), origin=str(p))
@@ -237,8 +241,11 @@ def query_from_dict(data: Any, *, origin: str = "<dict>", base_dir: Path | None 
     url = data.get("url")
     if url is not None and (not isinstance(url, str) or not re.match(r"^https?://", url)):
         raise ManifestError(f"{origin}: url: expected the http(s) root of a DICOMweb service")
+    annotations = data.get("annotations", False)
+    if not isinstance(annotations, bool):
+        raise ManifestError(f"{origin}: annotations: expected true or false, got {annotations!r}")
     return Query(selectors=selectors, exclude=exclude, limit=limit, api=api, layout=layout, origin=origin,
-                 source=source, url=url)
+                 source=source, url=url, annotations=annotations)
 
 
 def parse_manifest(text: str, *, origin: str, base_dir: Path) -> Query:
@@ -279,6 +286,20 @@ def parse_tcia(text: str, *, origin: str) -> tuple[str, ...]:
     if not uids:
         raise ManifestError(f"{origin}: the cart lists no series after 'ListOfSeriesToDownload='")
     return tuple(dict.fromkeys(uids))
+
+
+def tcia_includes_annotations(text: str) -> bool:
+    """Whether a TCIA cart's header says ``includeAnnotation=true`` (Java's Boolean.valueOf:
+    ``true`` in any case, anything else false). Only the lines before the UID list count."""
+    for line in text.lstrip("\ufeff").splitlines():
+        key, sep, value = line.partition("=")
+        if not sep:
+            continue
+        if key.strip() == "ListOfSeriesToDownload":
+            break
+        if key.strip() == "includeAnnotation":
+            return value.strip().lower() == "true"
+    return False
 
 
 def parse_uid_list(text: str, *, origin: str) -> tuple[str, ...]:

@@ -11,7 +11,8 @@ Files on disk are a database (rclone's rule): nothing half-written ever sits und
   a commit whose final folder is intact is complete; one whose staging folder survived is
   finished (step 3 redone); anything else is simply fetched again. Then ``tmp/`` is emptied.
 * ``DIR/harvest.json`` is rewritten atomically (temp file, fsync, rename) from the records, so
-  it only ever lists verified series. ``metadata.csv`` (the Data Retriever's columns) likewise.
+  it only ever lists verified series. ``metadata.csv`` (the Data Retriever's, value for value:
+  CRLF, unquoted, its 17 columns) likewise; ``metadata/metadata.csv`` for the ``tcia2026`` layout.
 * ``DIR/.harvester/lock`` holds an flock while a run uses DIR, so two runs cannot interleave.
 * A series a cart or list asked for that the archive did not give is recorded with status
   ``unavailable`` and the archive's reason in ``error`` (no path, no files); it never replaces a
@@ -22,7 +23,6 @@ Raises ``OutputNotWritableError``/``DiskFullError`` (fatal) when DIR cannot be w
 """
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import errno
 import fcntl
@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from harvester.errors import FatalError, HarvesterError, OutputNotWritableError, UsageError, classify_os_error
+from harvester.layout import METADATA_IN_SUBFOLDER, retriever_date, retriever_text
 
 SCHEMA = "harvester/1"
 METADATA_COLUMNS = [
@@ -250,7 +251,8 @@ class HarvestState:
                 shutil.rmtree(child, ignore_errors=True)
             else:
                 child.unlink(missing_ok=True)
-        for folder in (self.out_dir, self.out_dir / "licenses"):  # atomic_write temps of a killed run
+        # atomic_write temps of a killed run
+        for folder in (self.out_dir, self.out_dir / "licenses", self.out_dir / "metadata"):
             for child in folder.glob(".*.tmp"):
                 if _ATOMIC_TMP.match(child.name) and child.is_file():
                     child.unlink(missing_ok=True)
@@ -271,11 +273,12 @@ class HarvestState:
         return self.tmp_dir / f"{series_key(uid)}.zip.partial"
 
     def _intact(self, rec: dict[str, Any], root: Path | None = None) -> bool:
-        """Every recorded file is there with its recorded size (MD5s are for ``verify``)."""
+        """Every recorded file (annotation files included) is there with its recorded size (MD5s
+        are for ``verify``)."""
         base = self.out_dir / rec.get("path", "\x00") if root is None else root
         prefix = rec.get("path", "") + "/"
         try:
-            for f in rec.get("files", []):
+            for f in [*rec.get("files", []), *(rec.get("annotations") or [])]:
                 rel = f["path"][len(prefix):] if f["path"].startswith(prefix) else f["path"]
                 if (base / rel).stat().st_size != f["size"]:
                     return False
@@ -455,27 +458,87 @@ class HarvestState:
         totals = totals_of(recs)
         doc = {"schema": SCHEMA, **header, "totals": totals, "series": recs}
         atomic_write(self.manifest_path, json.dumps(doc, indent=1, ensure_ascii=False).encode("utf-8"))
-        self._write_metadata_csv(recs)
+        self._write_metadata_csv(recs, header.get("layout"))
         return totals
 
-    def _write_metadata_csv(self, recs: list[dict[str, Any]]) -> None:
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        writer.writerow(METADATA_COLUMNS)
-        for r in recs:
-            if r.get("status") != "complete":
-                continue
-            row, study = r.get("metadata") or {}, r.get("study") or {}
-            sop_class = r.get("sop_class_uid", "")
-            writer.writerow([
-                r["SeriesInstanceUID"], r.get("Collection", ""), row.get("ThirdPartyAnalysis", ""),
-                row.get("DataDescriptionURI", ""), r.get("PatientID", ""), r.get("StudyInstanceUID", ""),
-                study.get("StudyDescription") or row.get("StudyDesc", ""), study.get("StudyDate") or row.get("StudyDate", ""),
-                row.get("SeriesDescription", ""), row.get("Manufacturer", ""), r.get("Modality", ""),
-                _sop_class_name(sop_class), sop_class, len(r.get("files", [])), r.get("bytes", 0),
-                "./" + r.get("path", ""), r.get("completed", ""),
-            ])
-        atomic_write(self.out_dir / "metadata.csv", buf.getvalue().encode("utf-8"))
+    def _write_metadata_csv(self, recs: list[dict[str, Any]], layout: Any = None) -> None:
+        """metadata.csv as the Java Data Retriever writes it (see ``metadata_csv_row``), or
+        ``metadata/metadata.csv`` for the layouts of TCIA's 2026 Retriever."""
+        lines = [",".join(METADATA_COLUMNS)]
+        lines += [",".join(metadata_csv_row(r)) for r in recs if r.get("status") == "complete"]
+        if layout in METADATA_IN_SUBFOLDER:
+            folder = self.out_dir / "metadata"
+            try:
+                folder.mkdir(exist_ok=True)
+            except OSError as exc:
+                raise classify_os_error(exc, "metadata/") from None
+        else:
+            folder = self.out_dir
+        atomic_write(folder / "metadata.csv", "".join(line + "\r\n" for line in lines).encode("utf-8"))
+
+
+# A value that would end or split an unquoted CSV field (a hostile server's description, a name
+# with a comma): each such character becomes a space, so every row keeps its 17 columns.
+_CSV_BREAKERS = re.compile(r'[,"\x00-\x1f\x7f\u2028\u2029\x85]')
+
+
+def _csv_value(value: Any) -> str:
+    """One unquoted metadata.csv field; ``null`` for an absent value, as the Retriever writes it."""
+    if value is None or value == "":
+        return "null"
+    return _CSV_BREAKERS.sub(" ", str(value))
+
+
+def retriever_file_size(size: Any) -> str:
+    """File Size as the Data Retriever shows it: decimal units, two decimals, half up
+    (``3.62 MB``, ``163.31 KB``, ``6.10 MB``; real HNSCC rows show 1 MB = 1,000,000 bytes).
+    Java's ``%.2f`` rounds half up, so 1,125,000 bytes is ``1.13 MB`` there (Python's float
+    formatting rounds half to even: 1.12); exact integer arithmetic agrees with Java."""
+    try:
+        n = max(0, int(size or 0))
+    except (TypeError, ValueError, OverflowError):
+        n = 0
+    for unit, scale in (("TB", 10 ** 12), ("GB", 10 ** 9), ("MB", 10 ** 6), ("KB", 10 ** 3)):
+        if n >= scale:
+            break
+    else:
+        unit, scale = "B", 1
+    hundredths = (n * 100 + scale // 2) // scale      # integers: exact, half up, any size
+    return f"{hundredths // 100}.{hundredths % 100:02d} {unit}"
+
+
+def retriever_timestamp(value: Any) -> str | None:
+    """A record's UTC ``completed`` time as the Retriever's Download Timestamp: local time, no
+    zone, milliseconds (``2021-09-30T21:39:12.665``); None when unreadable."""
+    try:
+        when = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.timezone.utc)
+        return when.astimezone().replace(tzinfo=None).isoformat(timespec="milliseconds")
+    except (ValueError, OverflowError, OSError):   # a hostile harvest.json: year 9999 at UTC+14...
+        return None
+
+
+def metadata_csv_row(rec: dict[str, Any]) -> list[str]:
+    """The 17 metadata.csv fields of a complete record, value for value as the Java Data Retriever
+    writes them (descriptions and Manufacturer reduced to the server's character set, ``NA`` when
+    empty; Study Date ``MM-DD-YYYY``; absent values ``null``), except the Data Description URI,
+    which is written whole (the Retriever's server strips its ``:`` and ``/``)."""
+    row = rec.get("metadata") if isinstance(rec.get("metadata"), dict) else {}
+    study = rec.get("study") if isinstance(rec.get("study"), dict) else {}
+    sop_class = rec.get("sop_class_uid") or ""
+    files = rec.get("files") if isinstance(rec.get("files"), list) else []
+    values = [
+        rec.get("SeriesInstanceUID"), rec.get("Collection"), row.get("ThirdPartyAnalysis"),
+        row.get("DataDescriptionURI"), rec.get("PatientID"), rec.get("StudyInstanceUID"),
+        retriever_text(study.get("StudyDescription") or row.get("StudyDesc")),
+        retriever_date(study.get("StudyDate") or row.get("StudyDate")),
+        retriever_text(row.get("SeriesDescription")), retriever_text(row.get("Manufacturer")),
+        rec.get("Modality"), _sop_class_name(sop_class), sop_class, len(files),
+        retriever_file_size(rec.get("bytes")), "./" + str(rec.get("path") or ""),
+        retriever_timestamp(rec.get("completed")),
+    ]
+    return [_csv_value(v) for v in values]
 
 
 def _sop_class_name(uid: str) -> str:

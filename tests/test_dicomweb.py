@@ -281,8 +281,10 @@ def test_harvest_is_byte_identical_to_orthanc(orthanc, tmp_path):
     parts = recs[some]["path"].split("/")
     assert parts[:2] == [row["Collection"], row["PatientID"]]
     month_day_year = "-".join(reversed(row["StudyDate"].split("-", 1)))  # 2003-05-17 -> 05-17-2003
-    assert parts[2].startswith(f"{month_day_year}-1000-") and row["StudyDesc"].replace("/", "-") in parts[2]
-    assert parts[3].startswith(f"{row['SeriesNumber']}-")
+    # the Data Retriever's rules: descriptions reduced to [A-Za-z0-9 .-], SeriesNumber as a decimal
+    assert parts[2].startswith(f"{month_day_year}-1000-")
+    assert "".join(c for c in row["StudyDesc"] if c.isascii() and (c.isalnum() or c in " .-")) in parts[2]
+    assert parts[3].startswith(f"{int(row['SeriesNumber'])}.000000-")
     assert recs[some]["metadata"]["ImageCount"] == len(orthanc.series[some])
     assert recs[some]["metadata"]["Manufacturer"] == row["Manufacturer"]
     # series without the collection attribute (pydicom's samples) land under a named folder

@@ -2,9 +2,10 @@
 series folders that are unique and never nested in one another."""
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 import pytest
 from hypothesis import given, settings
@@ -101,7 +102,8 @@ def test_long_names_differing_only_in_unsafe_characters_stay_distinct() -> None:
     ("name. . .", "name"),
     ("a\x00b", "a_b"),
     ("a\tb\nc", "a_b_c"),
-    ("a  \u3000 b", "a b"),
+    ("a  \u3000 b", "a    b"),          # every white space one space, runs kept (the Retriever keeps them)
+    ("  PETCT HEAD  NECK CA  ", "PETCT HEAD  NECK CA"),
     ("e\u0301", "\u00e9"),           # NFC
     (3000566, "3000566"),
     ("CON", "_CON"),
@@ -149,54 +151,175 @@ FULL = {
 
 
 def test_descriptive_layout_full() -> None:
+    # "/" and ":" are outside the server's character set: deleted, as the NBIA server does for the
+    # Retriever; SeriesNumber is printed as the database decimal.
     assert descriptive_parts(FULL) == [
-        "LIDC-IDRI", "LIDC-IDRI-0001", "01-01-2000-5-CHEST-ABD PELVIS-30178", "3000566-Recon 2: CHEST-03192"]
+        "LIDC-IDRI", "LIDC-IDRI-0001", "01-01-2000-5-CHESTABD PELVIS-30178", "3000566.000000-Recon 2 CHEST-03192"]
     assert str(series_path(FULL, "descriptive")) == (
-        "LIDC-IDRI/LIDC-IDRI-0001/01-01-2000-5-CHEST-ABD PELVIS-30178/3000566-Recon 2_ CHEST-03192")
+        "LIDC-IDRI/LIDC-IDRI-0001/01-01-2000-5-CHESTABD PELVIS-30178/3000566.000000-Recon 2 CHEST-03192")
 
 
 def test_descriptive_layout_leaves_empty_parts_out() -> None:
+    # Empty StudyID, SeriesNumber and StudyDate parts are left out; an empty description is the
+    # server's "NA" (cleanStr), as in LIDC's real "01-01-2000-NA-NA-30178/3000566.000000-NA-03192".
     fields = dict(FULL, StudyID="", StudyDescription=None, SeriesDescription="", SeriesNumber=None)
-    assert descriptive_parts(fields)[2:] == ["01-01-2000-30178", "03192"]
+    assert descriptive_parts(fields)[2:] == ["01-01-2000-NA-30178", "NA-03192"]
     fields = {k: v for k, v in fields.items() if k != "StudyDate"}
-    assert descriptive_parts(fields)[2:] == ["30178", "03192"]
+    assert descriptive_parts(fields)[2:] == ["NA-30178", "NA-03192"]
+    fields = dict(FULL, StudyID="null", StudyDate="null", SeriesNumber="null", StudyDescription="null")
+    assert descriptive_parts(fields)[2:] == ["NA-30178", "Recon 2 CHEST-03192"]
 
 
 def test_descriptive_layout_cuts_descriptions_to_53_characters() -> None:
-    study_desc = "S" * 52 + "/" + "T" * 20
+    study_desc = "S" * 52 + "/" + "T" * 20                   # "/" deleted first, then the cut
     series_desc = "A/B " * 30
     parts = descriptive_parts(dict(FULL, StudyDescription=study_desc, SeriesDescription=series_desc))
-    assert parts[2] == "01-01-2000-5-" + "S" * 52 + "-" + "-30178"
-    assert parts[3] == "3000566-" + ("A/B " * 30)[:53].replace("/", "-") + "-03192"
-    assert len(("A/B " * 30)[:53]) == 53
+    assert parts[2] == "01-01-2000-5-" + "S" * 52 + "T" + "-30178"
+    assert parts[3] == "3000566.000000-" + ("AB " * 30)[:53] + "-03192"
+    assert len(("AB " * 30)[:53]) == 53
+
+
+@pytest.mark.parametrize("description,expected", [
+    ("-", None),                     # just "-": dropped
+    ("/-/", None),                   # "-" once the server deleted the "/"
+    ("--", "--"),
+    ("/", "NA"),                     # nothing left: the server's "NA"
+    ("^^", "NA"),
+    ("   ", "   "),                  # spaces are in the character set (safe_component strips them at the ends only)
+    ("PET/CT HEAD & NECK CA", "PETCT HEAD  NECK CA"),
+    ("Thorax^A_ThoraxRoutine (Adult)", "ThoraxAThoraxRoutine Adult"),
+    ("Crâne 1,25 mm", "Crne 125 mm"),
+    ("x" * 60, "x" * 53),
+])
+def test_descriptive_description_rules(description: str, expected: str | None) -> None:
+    study = descriptive_parts(dict(FULL, StudyDescription=description))[2]
+    series = descriptive_parts(dict(FULL, SeriesDescription=description))[3]
+    if expected is None:
+        assert (study, series) == ("01-01-2000-5-30178", "3000566.000000-03192")
+    else:
+        assert (study, series) == (f"01-01-2000-5-{expected}-30178", f"3000566.000000-{expected}-03192")
+
+
+def test_descriptive_study_id_is_reduced_to_the_character_set() -> None:
+    assert descriptive_parts(dict(FULL, StudyID="PANCREAS_0001"))[2] == "01-01-2000-PANCREAS0001-CHESTABD PELVIS-30178"
+    assert descriptive_parts(dict(FULL, StudyID=None))[2] == "01-01-2000-CHESTABD PELVIS-30178"
 
 
 @pytest.mark.parametrize("date", ["2000-01-31", "20000131", "01-31-2000", "01/31/2000", "2000-01-31T10:20:30",
-                                  "2000-1-31"])
+                                  "2000-1-31", "2000-01-31 00:00:00.0"])
 def test_descriptive_study_date_is_mm_dd_yyyy(date: str) -> None:
     assert descriptive_parts(dict(FULL, StudyDate=date))[2].startswith("01-31-2000-5-")
 
 
-@pytest.mark.parametrize("number,expected", [("3000566", "3000566"), (2, "2"), (2.0, "2"), ("2.000000", "2"),
-                                             ("1.5", "1.5"), ("", None), (None, None), ("abc", "abc")])
+@pytest.mark.parametrize("number,expected", [
+    ("3000566", "3000566.000000"), (3000566, "3000566.000000"), (2, "2.000000"), (2.0, "2.000000"),
+    ("2.000000", "2.000000"), ("1.5", "1.500000"), (" 4 ", "4.000000"), ("-1", "-1.000000"),
+    ("", None), (None, None), ("null", None), ("abc", "abc"), ("1e999999999", "1e999999999"), ("NaN", "NaN")])
 def test_descriptive_series_number(number: object, expected: str | None) -> None:
     series = descriptive_parts(dict(FULL, SeriesNumber=number))[3]
-    assert series == (f"{expected}-Recon 2: CHEST-03192" if expected else "Recon 2: CHEST-03192")
+    assert series == (f"{expected}-Recon 2 CHEST-03192" if expected else "Recon 2 CHEST-03192")
 
 
 def test_descriptive_short_uids_and_missing_fields() -> None:
     parts = descriptive_parts({"SeriesInstanceUID": "1.2", "StudyInstanceUID": "7"})
-    assert parts[2:] == ["7", "1.2"]
+    assert parts[2:] == ["NA-7", "NA-1.2"]
     path = series_path({"SeriesInstanceUID": "1.2"}, "descriptive")
     assert len(path.parts) == 4
     for part in path.parts:
         assert_safe(part)
 
 
+# ---------------------------------------------------------------- the real Data Retriever's folders
+
+# Folder names and metadata.csv rows written by the real Java Data Retriever (a copy of the shared
+# real-NBIA fixture; its "source" fields say where each was found).
+REAL = json.loads((Path(__file__).parent / "fixtures/real-nbia/real_retriever.json").read_text("utf-8"))
+
+
+def _uid_ending(last5: str) -> str:
+    """A UID ending in the five digits that are all a real folder name tells of it."""
+    return f"1.3.6.1.4.1.14519.5.2.1.9999.4242.{'1' * 25}{last5}"
+
+
+# The metadata each real folder came from (shared/nbia-api.md, "What the NBIA Data Retriever
+# writes"); where only the last 5 digits of a UID are known, a UID ending in them.
+REAL_METADATA = [
+    ("LIDC-IDRI/LIDC-IDRI-0001/01-01-2000-NA-NA-30178/3000566.000000-NA-03192",
+     dict(Collection="LIDC-IDRI", PatientID="LIDC-IDRI-0001", StudyDate="01-01-2000", StudyID="NA",
+          StudyDescription="NA", StudyInstanceUID=STUDY_UID, SeriesNumber=3000566, SeriesDescription="NA",
+          SeriesInstanceUID=SERIES_UID)),
+    ("HNSCC/HNSCC-01-0001/12-01-1998-NA-PETCT HEAD  NECK CA-59359/4.000000-PET AC-04291",
+     dict(Collection="HNSCC", PatientID="HNSCC-01-0001", StudyDate="12-01-1998", StudyID="NA",
+          StudyDescription="PETCT HEAD  NECK CA",
+          StudyInstanceUID="1.3.6.1.4.1.14519.5.2.1.1706.8040.227180113037748503185792359359",
+          SeriesNumber=4, SeriesDescription="PET AC",
+          SeriesInstanceUID="1.3.6.1.4.1.14519.5.2.1.1706.8040.868288851446304820044692604291")),
+    ("HNSCC/HNSCC-01-0001/12-05-1998-NA-RT SIMULATION-43582/NA-28768",
+     dict(Collection="HNSCC", PatientID="HNSCC-01-0001", StudyDate="12-05-1998", StudyID="NA",
+          StudyDescription="RT SIMULATION",
+          StudyInstanceUID="1.3.6.1.4.1.14519.5.2.1.1706.8040.141473127645431244275904143582",
+          SeriesNumber=None, SeriesDescription="NA",
+          SeriesInstanceUID="1.3.6.1.4.1.14519.5.2.1.1706.8040.898612621408214889027419428768")),
+    ("Pancreas-CT/PANCREAS_0001/11-24-2015-PANCREAS0001-Pancreas-18957/Pancreas-99667",
+     dict(Collection="Pancreas-CT", PatientID="PANCREAS_0001", StudyDate="11-24-2015", StudyID="PANCREAS0001",
+          StudyDescription="Pancreas", StudyInstanceUID=_uid_ending("18957"), SeriesNumber=None,
+          SeriesDescription="Pancreas", SeriesInstanceUID=_uid_ending("99667"))),
+    ("Lung-PET-CT-Dx/Lung_Dx-A0002/04-25-2007-ThoraxAThoraxRoutine Adult-34834/"
+     "3.000000-ThoraxRoutine  8.0.0  B40f-10983",
+     dict(Collection="Lung-PET-CT-Dx", PatientID="Lung_Dx-A0002", StudyDate="04-25-2007", StudyID=None,
+          StudyDescription="ThoraxAThoraxRoutine Adult", StudyInstanceUID=_uid_ending("34834"), SeriesNumber=3,
+          SeriesDescription="ThoraxRoutine  8.0.0  B40f", SeriesInstanceUID=_uid_ending("10983"))),
+]
+
+
+@pytest.mark.parametrize("expected,fields", REAL_METADATA,
+                         ids=[p.split("/")[0] + "-" + p[-5:] for p, _ in REAL_METADATA])
+def test_descriptive_layout_reproduces_real_retriever_folders(expected: str, fields: dict) -> None:
+    assert str(series_path(fields, "descriptive")) == expected
+    # and assign_paths, the engine's way in, neither renames nor suffixes them
+    uid = fields["SeriesInstanceUID"]
+    assert assign_paths([(uid, fields)], "descriptive") == {uid: expected}
+
+
+def test_real_retriever_fixture_is_the_one_tested() -> None:
+    # The expected names above are copied from the shared fixture: keep them in step with it.
+    assert sorted(p["path"] for p in REAL["paths"]) == sorted(p for p, _ in REAL_METADATA)
+
+
+def test_descriptive_layout_with_raw_v4_values() -> None:
+    # What v4 getSeries/getPatientStudy send (raw text, null keys left out, v2-era dates) gives the
+    # Retriever's folder for the same series.
+    fields = dict(Collection="HNSCC", PatientID="HNSCC-01-0001", StudyDate="1998-12-01 00:00:00.0", StudyID="NA",
+                  StudyDescription="PET/CT HEAD & NECK CA", StudyInstanceUID=REAL_METADATA[1][1]["StudyInstanceUID"],
+                  SeriesNumber="4", SeriesDescription="PET AC",
+                  SeriesInstanceUID=REAL_METADATA[1][1]["SeriesInstanceUID"])
+    assert str(series_path(fields, "descriptive")) == REAL_METADATA[1][0]
+    lidc = {k: v for k, v in REAL_METADATA[0][1].items() if k not in ("StudyDescription", "SeriesDescription")}
+    assert str(series_path(lidc, "descriptive")) == REAL_METADATA[0][0]
+
+
+@FAST
+@given(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9 .-]{0,51}[A-Za-z0-9]", fullmatch=True),
+       st.from_regex(r"[A-Za-z0-9][A-Za-z0-9 .-]{0,51}[A-Za-z0-9]", fullmatch=True),
+       st.one_of(st.none(), st.integers(min_value=0, max_value=10 ** 9)))
+def test_retriever_names_that_are_safe_are_kept(study_desc: str, series_desc: str, number: int | None) -> None:
+    # A name the Retriever writes that is already safe (runs of spaces included) is not changed.
+    fields = dict(FULL, StudyDescription=study_desc, SeriesDescription=series_desc, SeriesNumber=number)
+    parts = descriptive_parts(fields)
+    if any(p.split(".")[0].rstrip(" ").upper() in RESERVED for p in parts):
+        return
+    assert [str(p) for p in series_path(fields, "descriptive").parts] == parts
+    assert study_desc in parts[2] and series_desc in parts[3]
+
+
 # ---------------------------------------------------------------- classic, flat, templates
 
 def test_classic_layout() -> None:
     assert str(series_path(FULL, "classic")) == f"LIDC-IDRI/LIDC-IDRI-0001/{STUDY_UID}/{SERIES_UID}"
+
+
+def test_tcia2026_layout_is_collection_patient_study_series() -> None:
+    assert str(series_path(FULL, "tcia2026")) == f"LIDC-IDRI/LIDC-IDRI-0001/{STUDY_UID}/{SERIES_UID}"
 
 
 def test_flat_layout() -> None:
@@ -226,11 +349,11 @@ def test_template_literal_braces_and_missing_fields() -> None:
                                         "SeriesDescription", "Modality"]),
                        st.one_of(st.text(), st.integers(), st.floats(), st.none(),
                                  st.sampled_from(["../../x", "..", "/", "/etc", "\x00", "C:\\", "x" * 500]))),
-       st.sampled_from(["classic", "descriptive", "flat",
+       st.sampled_from(["classic", "descriptive", "tcia2026", "flat",
                         "{Collection}/{PatientID}/{StudyDate}-{StudyDescription}/{Modality}-{SeriesNumber}"]))
 def test_series_path_is_relative_and_made_of_safe_parts(fields: dict, layout: str) -> None:
     path = series_path(fields, layout)
-    expected_depth = {"classic": 4, "descriptive": 4, "flat": 1}.get(layout, 4)
+    expected_depth = {"classic": 4, "descriptive": 4, "tcia2026": 4, "flat": 1}.get(layout, 4)
     assert len(path.parts) == expected_depth
     assert not path.is_absolute()
     for part in path.parts:
@@ -239,7 +362,7 @@ def test_series_path_is_relative_and_made_of_safe_parts(fields: dict, layout: st
 
 # ---------------------------------------------------------------- check_layout
 
-@pytest.mark.parametrize("name", ["classic", "descriptive", "flat", "{SeriesInstanceUID}",
+@pytest.mark.parametrize("name", ["classic", "descriptive", "tcia2026", "flat", "{SeriesInstanceUID}",
                                   "{Collection}/{PatientID}/{SeriesInstanceUID}", "data-{Collection}/x"])
 def test_check_layout_accepts(name: str) -> None:
     assert check_layout(name) == name
@@ -314,9 +437,9 @@ def test_assign_paths_collision_gets_a_stable_suffix_from_the_uid() -> None:
     items = [(a, fields_for(a, SeriesNumber=1)), (b, fields_for(b, SeriesNumber=1))]
     paths = assign_paths(items, "descriptive")
     check_no_sharing_or_nesting(paths)
-    assert paths[a] == "C/P/1.2/1-11111"
-    assert paths[b].startswith("C/P/1.2/1-11111~")
-    assert assign_paths(list(reversed(items)), "descriptive")[a].startswith("C/P/1.2/1-11111~")
+    assert paths[a] == "C/P/NA-1.2/1.000000-NA-11111"
+    assert paths[b].startswith("C/P/NA-1.2/1.000000-NA-11111~")
+    assert assign_paths(list(reversed(items)), "descriptive")[a].startswith("C/P/NA-1.2/1.000000-NA-11111~")
     assert assign_paths(items, "descriptive") == paths             # deterministic
 
 
@@ -393,3 +516,46 @@ def test_folders_differing_only_in_case_do_not_share_a_folder():
 
     paths = assign_paths([("1.1", {"PatientID": "abc"}), ("1.2", {"PatientID": "ABC"})], "{PatientID}")
     assert paths["1.1"].casefold() != paths["1.2"].casefold()
+
+
+@FAST
+@given(st.one_of(st.none(), st.text(max_size=120)), st.one_of(st.none(), st.text(max_size=120)))
+def test_descriptions_are_always_in_the_servers_character_set(study_desc: str | None, series_desc: str | None) -> None:
+    fields = dict(FULL, StudyDescription=study_desc, SeriesDescription=series_desc, SeriesNumber=None)
+    study, series = descriptive_parts(fields)[2:]
+    study_part = study[len("01-01-2000-5-"):-len("-30178")] if study != "01-01-2000-5-30178" else ""
+    series_part = series[:-len("-03192")] if series != "03192" else ""
+    for part in (study_part, series_part):
+        assert re.fullmatch(r"[A-Za-z0-9 .-]{0,53}", part), part
+        assert part != "-"
+    if study_desc is None or not re.sub(r"[^A-Za-z0-9 .-]", "", study_desc):
+        assert study_part == "NA"
+
+
+# ---------------------------------------------------------------- a rerun over an older tree
+
+OLD_DESCRIPTIVE = "{Collection}/{PatientID}/{StudyDate}-{StudyDescription}/{SeriesNumber}-{SeriesDescription}"
+
+
+def test_rerun_over_a_tree_with_older_names_fetches_nothing_and_moves_nothing(server, small_archive, tmp_path):
+    # A tree harvested before the descriptive names changed (SeriesNumber "3", descriptions with
+    # characters outside the server's set) is a harvest.json of other folders: a rerun with today's
+    # descriptive layout keeps every recorded folder and downloads nothing.
+    from harvest_helpers import assert_identical, harvest, manifest, normal_series, select_all
+
+    out = tmp_path / "out"
+    assert harvest(server.base_url, out, select_all(small_archive), layout=OLD_DESCRIPTIVE).ok
+    recs = manifest(out)["series"]
+    before = {r["SeriesInstanceUID"]: r["path"] for r in recs}
+    now = assign_paths([(r["SeriesInstanceUID"], {**r["metadata"], **(r["study"] or {}), **r}) for r in recs],
+                       "descriptive")
+    assert all(now[uid] != path for uid, path in before.items())        # the names really differ
+    downloads = sum(server.stats.downloads.values())
+
+    result = harvest(server.base_url, out, select_all(small_archive), layout="descriptive")
+    assert result.ok and result.downloaded == 0 and result.skipped == len(before)
+    assert sum(server.stats.downloads.values()) == downloads
+    doc = manifest(out)
+    assert {r["SeriesInstanceUID"]: r["path"] for r in doc["series"]} == before
+    assert doc["layout"] == "descriptive"
+    assert_identical(out, small_archive, normal_series(small_archive))

@@ -8,11 +8,15 @@ import hashlib
 import io
 import json
 import os
+import re
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from harvester.errors import (
     DiskFullError,
@@ -21,7 +25,16 @@ from harvester.errors import (
     OutputNotWritableError,
     UsageError,
 )
-from harvester.state import METADATA_COLUMNS, SCHEMA, HarvestState, atomic_write
+from harvester.layout import series_path
+from harvester.state import (
+    METADATA_COLUMNS,
+    SCHEMA,
+    HarvestState,
+    atomic_write,
+    metadata_csv_row,
+    retriever_file_size,
+    retriever_timestamp,
+)
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -596,18 +609,20 @@ def test_write_manifest_schema_and_metadata_csv(state: HarvestState) -> None:
             assert (state.out_dir / f["path"]).stat().st_size == f["size"]
             assert hashlib.md5((state.out_dir / f["path"]).read_bytes()).hexdigest() == f["md5"]
 
-    rows = list(csv.DictReader(io.StringIO((state.out_dir / "metadata.csv").read_text("utf-8"))))
+    raw = (state.out_dir / "metadata.csv").read_bytes()
+    assert raw.count(b"\r\n") == 3 and raw.count(b"\n") == 3 and b'"' not in raw    # CRLF, no quoting
+    rows = list(csv.DictReader(io.StringIO(raw.decode("utf-8"), newline="")))
     assert list(rows[0]) == METADATA_COLUMNS
     assert [r["Series UID"] for r in rows] == ["1.2.840.2", "1.2.840.1"]       # failed series are not listed
     row = rows[0]
-    rec = done[1]
     assert row == {
         "Series UID": "1.2.840.2", "Collection": "LIDC-IDRI", "3rd Party Analysis": "NO",
         "Data Description URI": "https://doi.org/10.7937/x", "Subject ID": "LIDC-IDRI-0001", "Study UID": "1.2.3",
-        "Study Description": "CHEST", "Study Date": "01-01-2000", "Series Description": "Recon, 2",
+        "Study Description": "CHEST", "Study Date": "01-01-2000",
+        "Series Description": "Recon 2",        # the server's character set: "," is deleted
         "Manufacturer": "GE MEDICAL SYSTEMS", "Modality": "CT", "SOP Class Name": "CT Image Storage",
-        "SOP Class UID": CT_IMAGE_STORAGE, "Number of Images": "3", "File Size": str(rec["bytes"]),
-        "File Location": "./LIDC-IDRI/LIDC-IDRI-0001/s/2", "Download Timestamp": "2024-05-01T10:00:00Z",
+        "SOP Class UID": CT_IMAGE_STORAGE, "Number of Images": "3", "File Size": "180.00 B",
+        "File Location": "./LIDC-IDRI/LIDC-IDRI-0001/s/2", "Download Timestamp": "2024-05-01T10:00:00.000",
     }
 
 
@@ -617,8 +632,152 @@ def test_metadata_csv_falls_back_to_the_series_row(state: HarvestState) -> None:
     state.commit(rec, stage(state, uid, files))
     state.write_manifest({})
     (row,) = csv.DictReader(io.StringIO((state.out_dir / "metadata.csv").read_text("utf-8")))
-    assert row["Study Description"] == "row desc" and row["Study Date"] == "2000-01-01"
+    assert row["Study Description"] == "row desc" and row["Study Date"] == "01-01-2000"
     assert row["SOP Class Name"] == "1.2.3.4.5.6.7"            # an unknown UID is shown as is
+
+
+@pytest.fixture
+def new_york(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Local time is America/New_York for the test (the Download Timestamp is local time)."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+# The real HNSCC rows' sizes are only known to two decimals: byte counts that the Retriever shows so.
+_REAL_HNSCC = {
+    "1.3.6.1.4.1.14519.5.2.1.1706.8040.868288851446304820044692604291": dict(
+        study_desc="PETCT HEAD  NECK CA", date="12-01-1998", series_number=4, series_desc="PET AC",
+        manufacturer="GE MEDICAL SYSTEMS", modality="PT", sop_class="1.2.840.10008.5.1.4.1.1.128", images=93,
+        size=3_617_406, study="1.3.6.1.4.1.14519.5.2.1.1706.8040.227180113037748503185792359359"),
+    "1.3.6.1.4.1.14519.5.2.1.1706.8040.898612621408214889027419428768": dict(
+        study_desc="RT SIMULATION", date="12-05-1998", series_number=None, series_desc=None,
+        manufacturer="Philips Medical Systems", modality="CT", sop_class="1.2.840.10008.5.1.4.1.1.2", images=117,
+        size=61_634_990, study="1.3.6.1.4.1.14519.5.2.1.1706.8040.141473127645431244275904143582"),
+}
+
+
+def test_metadata_csv_matches_the_real_retriever_rows(state: HarvestState, new_york: Any) -> None:
+    real = json.loads((Path(__file__).parent / "fixtures/real-nbia/real_retriever.json").read_text("utf-8"))
+    uri = "https://doi.org/10.7937/k9/tcia.2020.a8sh-7363"
+    for uid, v in _REAL_HNSCC.items():
+        row = {"SeriesInstanceUID": uid, "StudyInstanceUID": v["study"], "Collection": "HNSCC",
+               "PatientID": "HNSCC-01-0001", "Modality": v["modality"], "SeriesNumber": v["series_number"],
+               "Manufacturer": v["manufacturer"], "DataDescriptionURI": uri, "StudyDate": v["date"]}
+        if v["series_desc"]:
+            row["SeriesDescription"] = v["series_desc"]
+        study = {"StudyInstanceUID": v["study"], "StudyDate": v["date"], "StudyDescription": v["study_desc"],
+                 "StudyID": "NA"}
+        path = str(series_path({**row, **study}, "descriptive"))
+        state.records[uid] = {
+            "SeriesInstanceUID": uid, "Collection": "HNSCC", "PatientID": "HNSCC-01-0001",
+            "StudyInstanceUID": v["study"], "Modality": v["modality"], "status": "complete", "path": path,
+            "bytes": v["size"], "completed": "2021-10-01T01:39:12.665Z", "sop_class_uid": v["sop_class"],
+            "files": [{"path": f"{path}/1-{i:03d}.dcm", "size": 1} for i in range(v["images"])],
+            "metadata": row, "study": study}
+    state.write_manifest({"layout": "descriptive"}, order=list(_REAL_HNSCC))
+    lines = (state.out_dir / "metadata.csv").read_bytes().decode("utf-8").split("\r\n")
+    assert lines[0] == real["metadata_csv"]["header"] and lines[-1] == ""
+    for ours, theirs in zip(lines[1:-1], real["metadata_csv"]["rows"], strict=True):
+        ours_cols, theirs_cols = ours.split(","), theirs.split(",")
+        assert len(ours_cols) == len(theirs_cols) == 17
+        for name, mine, real_value in zip(METADATA_COLUMNS, ours_cols, theirs_cols):
+            if name == "Data Description URI":
+                # written whole; the Retriever's server deleted ":" and "/" (its bug, not copied)
+                assert mine == uri and re.sub(r"[^A-Za-z0-9 .-]", "", mine) == real_value
+            elif name == "Download Timestamp":
+                assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}", mine) and re.fullmatch(
+                    r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}", real_value)
+            else:
+                assert mine == real_value, name
+    # 01:39:12.665 UTC is 21:39:12.665 the evening before in New York: local time, no zone
+    assert lines[1].endswith(",2021-09-30T21:39:12.665")
+
+
+@pytest.mark.parametrize("size,expected", [
+    (0, "0.00 B"), (999, "999.00 B"), (1000, "1.00 KB"), (163_310, "163.31 KB"), (616_525, "616.53 KB"),
+    (616_524, "616.52 KB"), (6_100_000, "6.10 MB"), (3_625_000, "3.63 MB"), (3_615_000, "3.62 MB"), (1_125_000, "1.13 MB"),
+    (117_844_999, "117.84 MB"),
+    (10 ** 9, "1.00 GB"), (1_234_567_890_123, "1.23 TB"), (10 ** 16, "10000.00 TB"), (None, "0.00 B"),
+    (10 ** 40, "10000000000000000000000000000.00 TB"), (-5, "0.00 B"), (float("inf"), "0.00 B"), (1999.5, "2.00 KB"),
+    ("x", "0.00 B")])
+def test_file_size_is_the_retrievers_decimal_units(size: Any, expected: str) -> None:
+    # decimal units (real rows: 223 CT slices of 512x512 are "117.84 MB"), two decimals, half up
+    assert retriever_file_size(size) == expected
+
+
+def test_download_timestamp_is_local_time_without_zone(new_york: Any) -> None:
+    assert retriever_timestamp("2024-05-01T10:00:00.123Z") == "2024-05-01T06:00:00.123"
+    assert retriever_timestamp("2024-01-01T10:00:00+00:00") == "2024-01-01T05:00:00.000"
+    assert retriever_timestamp("2024-05-01T10:00:00") == "2024-05-01T06:00:00.000"    # no zone: UTC
+    assert retriever_timestamp("yesterday") is None and retriever_timestamp(None) is None
+    assert retriever_timestamp("9999-12-31T23:59:59.999-14:00") is None          # past year 9999 here
+    assert retriever_timestamp("0001-01-01T00:00:00Z") is None                   # before year 1 here
+
+
+def test_metadata_csv_absent_values_are_null_and_descriptions_na() -> None:
+    row = metadata_csv_row({"SeriesInstanceUID": "1.2.3", "status": "complete", "path": "a/b", "bytes": 5,
+                            "files": [{}], "metadata": {}, "study": None, "completed": None})
+    assert dict(zip(METADATA_COLUMNS, row)) == {
+        "Series UID": "1.2.3", "Collection": "null", "3rd Party Analysis": "null", "Data Description URI": "null",
+        "Subject ID": "null", "Study UID": "null", "Study Description": "NA", "Study Date": "null",
+        "Series Description": "NA", "Manufacturer": "NA", "Modality": "null", "SOP Class Name": "null",
+        "SOP Class UID": "null", "Number of Images": "1", "File Size": "5.00 B", "File Location": "./a/b",
+        "Download Timestamp": "null"}
+
+
+HOSTILE_TEXT = 'a,b\r\nc\nd\re"f\x00g\x1fh\u2028i'
+
+
+def test_metadata_csv_values_that_would_break_the_file_become_spaces(state: HarvestState) -> None:
+    # A hostile server's values with commas, quotes and line breaks: every row keeps 17 columns.
+    uid, files = "1.2.840.1", files_of("1.2.840.1")
+    rec = record(uid, "C/P/S/1", files)
+    rec.update(Collection=HOSTILE_TEXT, PatientID=HOSTILE_TEXT, Modality=HOSTILE_TEXT)
+    rec["metadata"] = dict(rec["metadata"], ThirdPartyAnalysis=HOSTILE_TEXT, DataDescriptionURI=HOSTILE_TEXT,
+                           SeriesDescription=HOSTILE_TEXT, Manufacturer=HOSTILE_TEXT)
+    rec["study"] = {"StudyDescription": HOSTILE_TEXT, "StudyDate": HOSTILE_TEXT}
+    state.commit(rec, stage(state, uid, files))
+    state.write_manifest({})
+    lines = (state.out_dir / "metadata.csv").read_bytes().split(b"\r\n")
+    assert len(lines) == 3 and lines[2] == b""
+    values = lines[1].decode("utf-8").split(",")
+    assert len(values) == 17
+    fields = dict(zip(METADATA_COLUMNS, values))
+    assert fields["Collection"] == fields["Subject ID"] == fields["Modality"] == "a b  c d e f g h i"
+    assert fields["Series Description"] == fields["Manufacturer"] == "abcdefghi"   # the server's character set
+    assert fields["Study Date"] == "a b  c d e f g h i"
+    assert list(csv.reader(io.StringIO(lines[1].decode("utf-8"))))[0] == values
+
+
+_ANY = st.one_of(st.none(), st.text(), st.integers(), st.floats(), st.booleans(),
+                st.lists(st.text(), max_size=2), st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(["SeriesInstanceUID", "Collection", "PatientID", "StudyInstanceUID",
+                                        "Modality", "path", "bytes", "completed", "sop_class_uid", "files"]), _ANY),
+       st.dictionaries(st.sampled_from(["ThirdPartyAnalysis", "DataDescriptionURI", "SeriesDescription",
+                                        "Manufacturer", "StudyDesc", "StudyDate"]), _ANY),
+       st.one_of(st.none(), st.dictionaries(st.sampled_from(["StudyDescription", "StudyDate"]), _ANY)))
+def test_metadata_csv_row_of_any_record_is_17_unquoted_fields(rec: dict, row: dict, study: Any) -> None:
+    # whatever a damaged harvest.json or a hostile server put in a record: one line, 17 fields
+    fields = metadata_csv_row({**rec, "metadata": row, "study": study})
+    assert len(fields) == 17
+    line = ",".join(fields)
+    assert not re.search(r'[\r\n"\x00\u2028\u2029\x85]', line) and line.count(",") == 16
+    assert all(fields)                                   # absent is "null", never empty
+
+
+def test_tcia2026_layout_writes_metadata_in_its_folder(state: HarvestState) -> None:
+    uid, files = "1.2.840.1", files_of("1.2.840.1")
+    state.commit(record(uid, "C/P/S/1", files), stage(state, uid, files))
+    state.write_manifest({"layout": "tcia2026"})
+    assert not (state.out_dir / "metadata.csv").exists()
+    (row,) = csv.DictReader(io.StringIO((state.out_dir / "metadata" / "metadata.csv").read_text("utf-8")))
+    assert row["Series UID"] == uid and row["File Location"] == "./C/P/S/1"
 
 
 def test_manifest_and_journal_agree_after_reopen(state: HarvestState) -> None:

@@ -3,6 +3,7 @@
 Routes (``{v}`` is ``v1``, ``v2`` or ``v4``)::
 
     GET  /nbia-api/services/{v}/<endpoint>     query and download endpoints of /work/shared/nbia-api.md
+    GET  /nbia-api/services/v1/getDCMImage     a series with its annotation files (docs/annotations.md)
     POST /nbia-api/oauth/token                 password / refresh_token grants
     POST /nbia-api/services/oauth/token        the same (nbiatoolkit's location)
     GET  /_harvester/stats                     request statistics as JSON (not part of NBIA)
@@ -568,6 +569,45 @@ async def api_handler(request: web.Request) -> web.StreamResponse:
         return _text(500, str(err))
 
 
+async def dcm_image_handler(request: web.Request) -> web.StreamResponse:
+    """v1 ``getDCMImage`` as NBIA's ``V1_getDCMImage.java`` answers it: a ZIP of the series'
+    DICOM files (TCIA-style names, no LICENSE), ``md5hashes.csv`` with ``MD5Verification=true``,
+    then its annotation files with ``IncludeAnnotation=true``. Unknown parameters are ignored
+    (v1); auth and statistics as for every endpoint; no download faults."""
+    stats, archive = request.app[STATS_KEY], request.app[ARCHIVE_KEY]
+    stats.count_request("getDCMImage")
+    tokens = request.app[TOKENS_KEY]
+    if tokens.required and not tokens.check(request.headers.get("Authorization")):
+        return _text(401, "Unauthorized: a valid bearer token is required")
+    uid = request.query.get("SeriesInstanceUID")
+    if not uid:
+        return _text(400, "A parameter, SeriesInstanceUID, is required for this API call.")
+    rec = archive.get(uid)
+    if rec is None or rec.prebuilt_zip is not None:
+        return _text(400, f"Image with given SeriesInstanceUID,{uid}, is not in public domain.")
+    md5 = (request.query.get("MD5Verification") or "").lower() == "true"
+    annotations = rec.annotations if (request.query.get("IncludeAnnotation") or "").lower() == "true" else ()
+
+    async def entries() -> AsyncIterator[ZipEntry]:
+        names = entry_names(len(rec.instances), True)
+        for name, inst in zip(names, rec.instances, strict=True):
+            crc = inst.crc32 if inst.crc32 is not None else await asyncio.to_thread(archive.crc32_of, inst)
+            yield file_entry(name, inst.path, inst.size, crc)
+        if md5:
+            lines = ["Filename,MD5Hash"] + [f"{n},{i.md5}" for n, i in zip(names, rec.instances, strict=True)]
+            yield bytes_entry("md5hashes.csv", ("\n".join(lines) + "\n").encode("utf-8"))
+        for ann in annotations:
+            yield file_entry(ann.name, ann.path, ann.size, ann.crc32)
+
+    resp = web.StreamResponse(status=200, headers={
+        "Content-Type": "application/octet-stream",
+        "Content-Disposition": f'attachment; filename="{uid}.zip"',
+    })
+    resp.enable_chunked_encoding()
+    planned = rec.total_bytes + sum(a.size for a in annotations)
+    return await _stream_body(request, resp, NO_FAULTS, zip_stream(entries()), planned)
+
+
 async def token_handler(request: web.Request) -> web.Response:
     """OAuth2 token endpoint (form POST). 400/401 with a JSON error body when refused."""
     request.app[STATS_KEY].count_request("oauth/token")
@@ -604,6 +644,8 @@ def make_app(archive: Archive, faults: FaultSpec | FaultInjector | None = None,
     app[FAULTS_KEY] = faults if isinstance(faults, FaultInjector) else FaultInjector(faults)
     app[TOKENS_KEY] = TokenIssuer(auth)
     versions = "|".join(VERSIONS)
+    # before the generic route, which would answer it as an unknown endpoint
+    app.router.add_get(f"{API_PREFIX}/v1/getDCMImage", dcm_image_handler, allow_head=False)
     app.router.add_get(f"{API_PREFIX}/{{version:({versions})}}/{{endpoint}}", api_handler, allow_head=False)
     for path in TOKEN_PATHS:
         app.router.add_post(path, token_handler)

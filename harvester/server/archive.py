@@ -102,6 +102,16 @@ class InstanceRecord:
     instance_number: int
 
 
+@dataclass(frozen=True)
+class AnnotationRecord:
+    """One annotation file of a series (an LIDC-style read, ``069.xml``), served by v1 getDCMImage."""
+
+    name: str
+    path: Path
+    size: int
+    crc32: int
+
+
 @dataclass
 class SeriesRecord:
     """One series: its getSeries row, its patient and study rows, and its files.
@@ -117,6 +127,7 @@ class SeriesRecord:
     license_text: str
     hostile_kind: str | None = None
     prebuilt_zip: Path | None = None
+    annotations: tuple[AnnotationRecord, ...] = ()
 
     @property
     def uid(self) -> str:

@@ -16,6 +16,8 @@ byte for byte); ``hostile=1`` adds ``HOSTILE`` (see :mod:`harvester.server.hosti
 masks over 1 MB each, which deflate at over 800:1 as real binary segmentations do;
 ``missing_md5=1`` records no MD5 for the second instance of every SYN series, so its
 md5hashes.csv row is empty (as the real archive's are where it has none).
+``annotations=1`` gives every series of the first collection an LIDC-style annotation file
+(``069.xml``, served by v1 getDCMImage) and ``AnnotationsFlag: true``.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ from harvester.server.archive import (
     PATIENT_FIELDS,
     SERIES_FIELDS,
     STUDY_FIELDS,
+    AnnotationRecord,
     Archive,
     InstanceRecord,
     SeriesRecord,
@@ -111,7 +114,7 @@ def _spec_value(key: str, raw: str) -> object:
             raise ValueError(f"unknown modality {unknown[0] if unknown else raw!r} "
                              f"(known: {'+'.join(SOP_CLASSES)})")
         return mods
-    if key in ("samples", "hostile", "seg", "missing_md5"):
+    if key in ("samples", "hostile", "seg", "missing_md5", "annotations"):
         return _parse_bool(raw)
     return _parse_released(raw)
 
@@ -154,6 +157,7 @@ class SyntheticSpec:
     released: tuple[dt.date, dt.date] = (dt.date(2019, 1, 1), dt.date(2024, 12, 31))
     seg: bool = False
     missing_md5: bool = False
+    annotations: bool = False
 
     @classmethod
     def parse(cls, text: str) -> SyntheticSpec:
@@ -171,7 +175,8 @@ class SyntheticSpec:
                 f"modalities={'+'.join(self.modalities)},seed={self.seed},samples={int(self.samples)},"
                 f"hostile={int(self.hostile)},released={self.released[0]}..{self.released[1]}"
                 # only when set, so the cache keys of specs without them stay as they were
-                + (",seg=1" if self.seg else "") + (",missing_md5=1" if self.missing_md5 else ""))
+                + (",seg=1" if self.seg else "") + (",missing_md5=1" if self.missing_md5 else "")
+                + (",annotations=1" if self.annotations else ""))
 
     def cache_key(self) -> str:
         """The cache folder name: a hash of the canonical spec and the generator version."""
@@ -434,6 +439,8 @@ def _generate(spec: SyntheticSpec, root: Path) -> list[dict[str, Any]]:
         entries.append(_index_entry(row, patient, study, instances, release_day(i, len(regular), spec.released)))
         if spec.missing_md5 and len(instances) > 1:
             entries[-1]["instances"][1][3] = ""  # the archive has no MD5 recorded for it
+    if spec.annotations:
+        _add_annotations(entries, collection_name(0, spec.modalities), root)
     if spec.samples:
         samples = _sample_series(spec, root)
         for i, (row, patient, study, instances) in enumerate(samples):
@@ -446,6 +453,28 @@ def _generate(spec: SyntheticSpec, root: Path) -> list[dict[str, Any]]:
                                         release_day(i, len(made), spec.released),
                                         hostile_kind=h.kind, prebuilt_zip=h.zip_relpath))
     return entries
+
+
+def annotation_xml(series_uid: str, study_uid: str, reader: int) -> bytes:
+    """An LIDC-IDRI-style radiologist read of a series (the shape of LIDC's ``069.xml``)."""
+    return (f'<?xml version="1.0" encoding="UTF-8"?>\n'
+            f'<LidcReadMessage uid="{series_uid}.{reader}" xmlns="http://www.nih.gov">\n'
+            f'  <ResponseHeader>\n    <Version>1.8.1</Version>\n'
+            f'    <StudyInstanceUID>{study_uid}</StudyInstanceUID>\n'
+            f'    <SeriesInstanceUid>{series_uid}</SeriesInstanceUid>\n  </ResponseHeader>\n'
+            f'  <readingSession>\n    <servicingRadiologistID>{reader}</servicingRadiologistID>\n'
+            f'    <unblindedReadNodule><noduleID>Nodule {reader}</noduleID></unblindedReadNodule>\n'
+            f'  </readingSession>\n</LidcReadMessage>\n').encode("utf-8")
+
+
+def _add_annotations(entries: list[dict[str, Any]], collection: str, root: Path) -> None:
+    """One annotation file per series of ``collection`` (named like LIDC's, ``069.xml``)."""
+    for n, entry in enumerate(e for e in entries if e["row"].get("Collection") == collection):
+        uid, name = str(entry["row"]["SeriesInstanceUID"]), f"{69 + n:03d}.xml"
+        written = store(root, f"annotations/{n}/{name}",
+                        annotation_xml(uid, str(entry["row"].get("StudyInstanceUID", "")), n + 1))
+        entry["row"] = compact_row({**entry["row"], "AnnotationsFlag": True}, SERIES_FIELDS)
+        entry["annotations"] = [[name, written.relpath, written.size, written.crc32]]
 
 
 def load_index(root: Path) -> Archive:
@@ -467,6 +496,8 @@ def load_index(root: Path) -> Archive:
             row=entry["row"], patient=entry["patient"], study=entry["study"], instances=instances,
             license_text=entry["license_text"], hostile_kind=entry.get("hostile_kind"),
             prebuilt_zip=root / entry["prebuilt_zip"] if entry.get("prebuilt_zip") else None,
+            annotations=tuple(AnnotationRecord(name=name, path=root / rel, size=size, crc32=crc)
+                              for name, rel, size, crc in entry.get("annotations", ())),
         ))
     return Archive(records)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -298,6 +299,31 @@ class NBIAClient(RetryingClient):
                     f"{redact_url(url)} sent {ctype} instead of a ZIP: {one_line(text)}", url=redact_url(url))
             yield resp
 
+    def annotated_series_url(self, series_uid: str, collection: str | None) -> str:
+        """v1 getDCMImage with ``IncludeAnnotation=true``: the one NBIA endpoint that serves a
+        series' annotation files (docs/annotations.md). ``v1`` replaces the version at the end
+        of the base URL (a base without one is used as it is)."""
+        base = self.base_for(collection)
+        head, _, last = base.rpartition("/")
+        if head and re.fullmatch(r"v[0-9]+", last):
+            base = f"{head}/v1"
+        query = urlencode({"SeriesInstanceUID": series_uid, "IncludeAnnotation": "true"})
+        return f"{base}/getDCMImage?{query}"
+
+    @contextlib.asynccontextmanager
+    async def open_annotated_series(self, series_uid: str, collection: str | None
+                                    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """Open the getDCMImage ZIP of a series with its annotation files (one attempt; the
+        caller retries). Raises as ``open_series`` does."""
+        url = self.annotated_series_url(series_uid, collection)
+        async with self._request(url, accept="application/zip, application/octet-stream") as resp:
+            ctype = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
+            if ctype.startswith("text/") or ctype in ("application/json", "application/xhtml+xml"):
+                text = (await resp.content.read(2048)).decode("utf-8", "replace")
+                raise RetryableRequestError(
+                    f"{redact_url(url)} sent {ctype} instead of a ZIP: {one_line(text)}", url=redact_url(url))
+            yield resp
+
     async def single_image(self, series_uid: str, sop_uid: str, collection: str | None) -> bytes:
         """One instance via getSingleImage (to repair a single bad file)."""
         url = self.url("getSingleImage", {"SeriesInstanceUID": series_uid, "SOPInstanceUID": sop_uid},
@@ -350,6 +376,7 @@ class NBIASource(ClientBackedSource):
         import dataclasses
         import hashlib
 
+        from harvester.annotations import has_annotations
         from harvester.errors import IntegrityError
         from harvester.fetch import fetch_series_zip
         from harvester.unpack import read_dicom_ids, verify_and_unpack
@@ -381,7 +408,33 @@ class NBIASource(ClientBackedSource):
                 tmp.replace(target)
 
             await anyio.to_thread.run_sync(write)
+        if config.annotations and has_annotations(task.row):
+            return await self._add_annotations(task, unpacked, partial, staging, rate, on_bytes)
         return unpacked
+
+    async def _add_annotations(self, task: Any, unpacked: Any, partial: Any, staging: Any, rate: Any,
+                               on_bytes: Callable[[int], None]) -> Any:
+        """Fetch the series' annotation files (getDCMImage) and place them beside its verified
+        DICOM files in ``staging``; raises what ``unpack_annotations`` and the download raise."""
+        import dataclasses
+
+        from harvester.annotations import AnnotatedSeries, AnnotationOpener, unpack_annotations
+        from harvester.fetch import fetch_series_zip
+
+        zip_path = partial.with_name(partial.name + ".annotations")
+        try:
+            async with self.download_limiter or contextlib.nullcontext():
+                await fetch_series_zip(AnnotationOpener(self.client), task.series_uid,  # type: ignore[arg-type]
+                                       task.collection, zip_path, chunk_size=self.client.config.chunk_size,
+                                       rate=rate, on_bytes=on_bytes)
+            names = [f.name for f in unpacked.files]
+            found = await anyio.to_thread.run_sync(
+                lambda: unpack_annotations(zip_path, staging, series_uid=task.series_uid, taken=names))
+        finally:
+            zip_path.unlink(missing_ok=True)
+        # every field of the unpacked series is carried over, whatever fields it has
+        carried = {f.name: getattr(unpacked, f.name) for f in dataclasses.fields(unpacked)}
+        return AnnotatedSeries(**carried, annotations=tuple(found))
 
 
 __all__ = ["NBIAClient", "NBIASource", "TokenAuth", "HostGate", "make_session", "redact_url", "as_int",
