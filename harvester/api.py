@@ -27,8 +27,9 @@ from typing import Any, TypeVar
 import anyio
 
 from harvester.config import Config
+from harvester.containment import inside, nofollow_opener
 from harvester.engine import Engine, HarvestResult
-from harvester.errors import ManifestError, UsageError
+from harvester.errors import ManifestError, UnsafePathError, UsageError
 from harvester.layout import check_layout
 from harvester.planner import Plan
 from harvester.progress import Event, Hub
@@ -192,7 +193,9 @@ class VerifyResult:
 def verify_tree(out_dir: Path, *, on_file: Callable[[int], None] | None = None) -> VerifyResult:
     """Re-hash every file listed in ``out_dir/harvest.json`` (blocking; run it in a thread).
 
-    Raises ``UsageError`` when there is no readable harvest.json.
+    A file path that is not strictly inside DIR, or reaches its file through a symbolic link, is
+    a problem naming the record; it is never opened. Raises ``UsageError`` when there is no
+    readable harvest.json.
     """
     manifest = out_dir / "harvest.json"
     try:
@@ -203,21 +206,22 @@ def verify_tree(out_dir: Path, *, on_file: Callable[[int], None] | None = None) 
     except (ValueError, KeyError, TypeError, OSError):
         raise ManifestError(f"{manifest}: unreadable or not a harvester manifest") from None
     result = VerifyResult(out_dir=out_dir)
-    root = out_dir.resolve()
-    for rec in series:
+    for index, rec in enumerate(series if isinstance(series, list) else [], start=1):
         if not isinstance(rec, dict) or rec.get("status") != "complete":
             continue
         result.series += 1
-        for f in rec.get("files", []):
-            rel = str(f.get("path", ""))
-            path = (out_dir / rel)
-            if not path.resolve().is_relative_to(root):
-                result.problems.append(f"{rel}: path leaves the output directory")
+        files = rec.get("files")
+        for f in files if isinstance(files, list) else []:
+            rel = f.get("path") if isinstance(f, dict) else None
+            try:
+                path = inside(out_dir, rel if isinstance(rel, str) else "")
+            except UnsafePathError as exc:
+                result.problems.append(f"{manifest.name} series #{index} ({rec.get('SeriesInstanceUID')}): {exc}")
                 continue
             try:
                 md5 = hashlib.md5()
                 size = 0
-                with open(path, "rb") as fh:
+                with open(path, "rb", opener=nofollow_opener()) as fh:
                     while chunk := fh.read(1 << 20):
                         md5.update(chunk)
                         size += len(chunk)

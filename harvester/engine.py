@@ -28,6 +28,7 @@ from typing import Any
 import anyio
 
 from harvester.config import Config
+from harvester.containment import inside
 from harvester.errors import (
     FatalError,
     HarvesterError,
@@ -337,9 +338,9 @@ class Engine:
             return
         self._licenses.add(collection)
         folder = self.state.out_dir / "licenses"
-        target = folder / f"{safe_component(collection)}.txt"
 
         def write() -> None:
+            target = inside(self.state.out_dir, f"licenses/{safe_component(collection)}.txt")  # no link on the way
             folder.mkdir(exist_ok=True)
             if not target.exists():
                 atomic_write(target, text.encode("utf-8"))

@@ -13,6 +13,12 @@ Files on disk are a database (rclone's rule): nothing half-written ever sits und
 * ``DIR/harvest.json`` is rewritten atomically (temp file, fsync, rename) from the records, so
   it only ever lists verified series. ``metadata.csv`` (the Data Retriever's columns) likewise.
 * ``DIR/.harvester/lock`` holds an flock while a run uses DIR, so two runs cannot interleave.
+* Every path read from harvest.json or the journal goes through ``harvester.containment``:
+  a record whose folder or files would leave DIR is refused (left out of ``records``, so it is
+  fetched again into a safe folder, and listed in ``refused`` with where it came from); a link
+  at ``.harvester``, ``.harvester/tmp``, ``licenses`` or on the way to a series folder stops the
+  run with ``UnsafePathError`` naming it. Renames into place are made relative to a descriptor
+  of the parent folder opened without following links.
 
 Raises ``OutputNotWritableError``/``DiskFullError`` (fatal) when DIR cannot be written, and
 ``UsageError`` when another run holds the lock.
@@ -26,6 +32,7 @@ import fcntl
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -34,7 +41,17 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from harvester.errors import FatalError, HarvesterError, OutputNotWritableError, UsageError, classify_os_error
+from harvester.containment import check_not_link, inside, open_dir, parts_of
+from harvester.errors import (
+    FatalError,
+    HarvesterError,
+    OutputNotWritableError,
+    UnsafePathError,
+    UsageError,
+    classify_os_error,
+)
+
+log = logging.getLogger(__name__)
 
 SCHEMA = "harvester/1"
 METADATA_COLUMNS = [
@@ -59,7 +76,10 @@ def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a fsynced temp file and rename; readers see old or new, never half."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as fh:
+        # A file (or a planted link) left under the temp name goes first; the temp is then made
+        # new, never through a link.
+        tmp.unlink(missing_ok=True)
+        with open(tmp, "wb", opener=_new_file) as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
@@ -71,6 +91,10 @@ def atomic_write(path: Path, data: bytes) -> None:
         except OSError:
             pass
         raise classify_os_error(exc, path.name) from None
+
+
+def _new_file(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_EXCL | os.O_NOFOLLOW, 0o644)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -127,11 +151,18 @@ class HarvestState:
         self._syncing = False                           # an fsync is running (outside the lock)
         self._group = _SyncGroup(0)                     # lines waiting for the next fsync
         self._pending_trash: dict[str, tuple[str, str]] = {}  # uid -> (path, trash) of prunes
+        self._origin: dict[str, str] = {}   # uid -> where its record was read (for refusals)
+        #: one line per record refused on open (a path that leaves DIR), naming the file and line
+        self.refused: list[str] = []
         self._journal: io.RawIOBase | None = None
         self._lockfile: int | None = None
 
     # ------------------------------------------------------------ open / recover
     def open(self) -> None:
+        """Create, lock, load and recover DIR. Raises ``UnsafePathError`` when ``.harvester``,
+        ``.harvester/tmp`` or ``licenses`` is a symbolic link (nothing is written then)."""
+        for fixed in (self.meta_dir, self.tmp_dir, self.out_dir / "licenses"):
+            check_not_link(self.out_dir, fixed)
         try:
             self.tmp_dir.mkdir(parents=True, exist_ok=True)
             probe = self.meta_dir / ".write-test"
@@ -173,7 +204,7 @@ class HarvestState:
             self._lockfile = None
 
     def _take_lock(self) -> None:
-        fd = os.open(self.meta_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.meta_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -186,9 +217,10 @@ class HarvestState:
         if self.manifest_path.exists():
             try:
                 data = json.loads(self.manifest_path.read_text("utf-8"))
-                for rec in data.get("series", []):
+                for index, rec in enumerate(data.get("series", []), start=1):
                     if isinstance(rec, dict) and rec.get("SeriesInstanceUID"):
                         self.records[str(rec["SeriesInstanceUID"])] = rec
+                        self._origin[str(rec["SeriesInstanceUID"])] = f"{self.manifest_path.name} series #{index}"
                 self.header = {k: v for k, v in data.items() if k not in ("series", "totals")}
             except (ValueError, OSError, AttributeError, TypeError):
                 # A damaged harvest.json is rebuilt from the journal, which is the source of truth.
@@ -196,7 +228,7 @@ class HarvestState:
         if not self.journal_path.exists():
             return
         with open(self.journal_path, "rb") as fh:
-            for line in fh:
+            for number, line in enumerate(fh, start=1):
                 try:
                     event = json.loads(line)
                 except ValueError:
@@ -209,15 +241,41 @@ class HarvestState:
                     if kind == "failed" and self.records.get(uid, {}).get("status") == "complete":
                         continue  # a later failure to refresh never hides a verified copy
                     self.records[uid] = rec
+                    self._origin[uid] = f"{self.journal_path.name} line {number}"
                     self._pending_trash.pop(uid, None)  # fetched again after a prune: keep it
                 elif kind == "forget" and event.get("uid"):
                     self.records.pop(str(event["uid"]), None)
                     if event.get("path") and event.get("trash"):
                         self._pending_trash[str(event["uid"])] = (str(event["path"]), str(event["trash"]))
 
+    def _refuse_unsafe(self) -> None:
+        """Leave out every record whose folder or files are not plain relative paths inside DIR
+        (``..``, absolute, NUL, DIR itself, ``.harvester/``, not a string): it is fetched again
+        into a safe folder, and ``refused`` says which record it was."""
+        for uid, rec in list(self.records.items()):
+            try:
+                paths = [rec.get("path")] if rec.get("status") == "complete" or rec.get("path") else []
+                paths += [f.get("path") if isinstance(f, dict) else f for f in rec.get("files") or []]
+                for path in paths:
+                    if not isinstance(path, str):
+                        raise UnsafePathError(f"refusing path {path!r}: not a string", path=str(path))
+                    if parts_of(path)[0] == self.meta_dir.name:
+                        raise UnsafePathError(f"refusing path {path!r}: it lies in {self.meta_dir.name}/", path=path)
+            except (UnsafePathError, AttributeError, TypeError) as exc:
+                why = str(exc) if isinstance(exc, UnsafePathError) else "malformed file list"
+                where = self._origin.get(uid, "a record")
+                self.refused.append(f"{where}: series {uid}: {why}; not used (it will be fetched again)")
+                del self.records[uid]
+        for line in self.refused:
+            log.warning("harvester: warning: %s", line)
+
     def _recover(self) -> None:
+        self._refuse_unsafe()
         for path, trash in self._pending_trash.values():  # prunes interrupted between journal and move
-            self._to_trash(path, trash)
+            try:
+                self._to_trash(path, trash)
+            except UnsafePathError as exc:
+                self.refused.append(f"{self.journal_path.name}: forget of {path!r}: {exc}; not moved")
         self._pending_trash.clear()
         for uid, rec in list(self.records.items()):
             if rec.get("status") != "complete":
@@ -226,10 +284,7 @@ class HarvestState:
                 continue
             staging = self.staging_dir(uid)
             if staging.is_dir() and self._intact(rec, root=staging):
-                final = self.final_dir(rec)
-                self._move_aside(final)  # removed with the rest of tmp/ below
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.rename(staging, final)
+                self._move_into_place(staging, self.final_dir(rec))  # an old copy: removed with tmp/ below
                 self.recovered += 1
             else:
                 self.lost += 1
@@ -247,12 +302,20 @@ class HarvestState:
 
     # ------------------------------------------------------------ paths
     def final_dir(self, rec: dict[str, Any]) -> Path:
-        path = self.out_dir / rec["path"]
-        # Paths come from our own sanitiser; refuse anything that would leave DIR all the same.
-        resolved = path.resolve()
-        if not resolved.is_relative_to(self.out_dir.resolve()):
-            raise HarvesterError(f"refusing series path outside the output directory: {rec['path']!r}")
-        return path
+        """The series folder of ``rec``. Paths come from our own sanitiser, or from a harvest.json
+        someone sent: raises ``UnsafePathError`` for anything not strictly inside DIR, or with a
+        link on the way."""
+        return inside(self.out_dir, rec["path"])
+
+    def _move_into_place(self, staging: Path, final: Path) -> Path | None:
+        """Rename ``staging`` to ``final`` (from ``final_dir``) relative to a descriptor of its
+        parent, reached without following links; an old folder under that name goes aside first
+        (returned). Raises ``UnsafePathError`` or ``OSError``."""
+        with open_dir(self.out_dir, final.parent.relative_to(self.out_dir), create=True) as parent:
+            aside = self._move_aside(final)
+            os.rename(staging, final.name, dst_dir_fd=parent)
+            os.fsync(parent)
+        return aside
 
     def staging_dir(self, uid: str) -> Path:
         return self.tmp_dir / f"{series_key(uid)}.staging"
@@ -365,13 +428,10 @@ class HarvestState:
 
     def commit(self, rec: dict[str, Any], staging: Path) -> None:
         """Journal the verified series, then move its staging folder to its final path."""
-        final = self.final_dir(rec)
+        final = self.final_dir(rec)   # refused before anything is journalled
         self._append({"event": "commit", "t": now_iso(), "series": rec})
         try:
-            aside = self._move_aside(final)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(staging, final)
-            _fsync_dir(final.parent)
+            aside = self._move_into_place(staging, final)
         except OSError as exc:
             raise classify_os_error(exc, rec["path"]) from None
         if aside is not None:
@@ -403,14 +463,12 @@ class HarvestState:
             self.records.pop(uid, None)
 
     def _to_trash(self, path: str, trash: str) -> None:
-        src, dst = self.out_dir / path, self.out_dir / trash
-        root = self.out_dir.resolve()
-        if not src.resolve().is_relative_to(root) or not dst.resolve().is_relative_to(root):
-            return
+        """Raises ``UnsafePathError`` when either path is not strictly inside DIR."""
+        src, dst = inside(self.out_dir, path), inside(self.out_dir, trash)
         if src.exists() and not dst.exists():
             try:
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                os.rename(src, dst)
+                with open_dir(self.out_dir, dst.parent.relative_to(self.out_dir), create=True) as parent:
+                    os.rename(src, dst.name, dst_dir_fd=parent)
             except OSError as exc:
                 raise classify_os_error(exc, path) from None
 

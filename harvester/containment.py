@@ -1,0 +1,168 @@
+"""The one gate between a path that came from outside and the output directory.
+
+Every relative path that comes from a manifest, the journal, harvest.json, the server or a
+layout template is resolved here before anything under DIR is read, written, renamed or deleted:
+
+* ``inside(root, relative)`` returns ``root / relative`` when ``relative`` is a plain relative
+  path (no NUL, no absolute or drive part, no ``..``, not DIR itself) and none of its components
+  that exist is a symbolic link; it raises ``UnsafePathError`` naming the path otherwise. DIR
+  itself may be a link (``~/data -> /mnt/data`` is the user's choice); nothing below it may.
+  Refusing every link on the way, rather than resolving and comparing, also refuses a link that
+  points back inside DIR: nothing the harvester writes depends on where a link points.
+* ``open_dir(root, relative, create=...)`` walks the same path one component at a time with
+  ``O_NOFOLLOW | O_DIRECTORY`` relative to the parent's descriptor (openat), creating what is
+  missing, so a folder swapped for a link between the check and the write is refused too.
+  Renames and deletes that matter take ``src_dir_fd``/``dst_dir_fd`` from it.
+* ``nofollow_opener(expect)``: an opener for reading a file that was indexed earlier
+  (``harvester serve``): the last component is not followed, and the opened file must be the
+  regular file (device, inode, size) that was indexed; no FIFO or device is ever opened for reading.
+
+The callers decide what a refusal means: a fatal stop for the state and the engine (exit 3), a
+reported problem for ``verify`` and ``verify --repair``, a series not served for ``serve``.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from harvester.errors import UnsafePathError
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+def parts_of(relative: str | os.PathLike[str]) -> tuple[str, ...]:
+    """The components of a relative path from outside; raises ``UnsafePathError`` for anything
+    that could name a place other than strictly inside DIR (empty, NUL, absolute, drive, ``..``)."""
+    text = os.fspath(relative)
+    if not isinstance(text, str) or not text or "\x00" in text:
+        raise UnsafePathError(f"refusing path {text!r}: empty or with a NUL byte", path=str(text))
+    windows = PureWindowsPath(text)
+    posix = PurePosixPath(text)
+    if posix.is_absolute() or windows.drive or windows.root:
+        raise UnsafePathError(f"refusing absolute path {text!r}", path=text)
+    parts = tuple(p for p in posix.parts if p != ".")
+    if ".." in parts or ".." in windows.parts:
+        raise UnsafePathError(f"refusing path {text!r}: it climbs out with '..'", path=text)
+    if not parts:
+        raise UnsafePathError(f"refusing path {text!r}: it names the output directory itself", path=text)
+    return parts
+
+
+def inside(root: Path, relative: str | os.PathLike[str]) -> Path:
+    """``root / relative``, checked: see the module docstring. Raises ``UnsafePathError`` naming
+    the first link met (or the bad path)."""
+    parts = parts_of(relative)
+    path = root
+    for part in parts:
+        path = path / part
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            break  # nothing below a missing component exists, so no link either
+        except NotADirectoryError:
+            break  # a file where a folder should be: the write itself will fail with ENOTDIR
+        except OSError:
+            break
+        if stat.S_ISLNK(mode):
+            raise link_error(root, path)
+    return root.joinpath(*parts)
+
+
+def link_error(root: Path, link: Path) -> UnsafePathError:
+    """The one-line refusal of a symbolic link found at ``link`` inside ``root``."""
+    try:
+        shown = link.relative_to(root)
+    except ValueError:
+        shown = link
+    return UnsafePathError(f"{root}/{shown} is a symbolic link inside the output directory; refusing to "
+                           f"follow it", path=str(link))
+
+
+def check_not_link(root: Path, path: Path) -> None:
+    """Raise ``UnsafePathError`` when ``path`` (a fixed folder of DIR: ``.harvester``, its
+    ``tmp``, ``licenses``) is a symbolic link."""
+    if path.is_symlink():
+        raise link_error(root, path)
+
+
+@contextlib.contextmanager
+def open_dir(root: Path, relative: str | os.PathLike[str] | None = None, *, create: bool = False
+             ) -> Iterator[int]:
+    """A descriptor of the folder ``root / relative``, reached without following any link below
+    ``root`` (each component opened with ``O_NOFOLLOW`` relative to its parent). With ``create``,
+    missing folders are made on the way (``mkdir`` relative to the parent's descriptor).
+
+    Raises ``UnsafePathError`` when a component is a link, and ``OSError`` for the rest
+    (ENOENT without ``create``, ENOTDIR, EACCES...).
+    """
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        path = root
+        rel = "" if relative is None else os.fspath(relative)
+        for part in (parts_of(rel) if rel not in ("", ".") else ()):   # "" or ".": ``root`` itself
+            path = path / part
+            try:
+                child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                try:
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    pass  # made meanwhile (another worker): opened below, not followed either
+                child = _open_child_dir(fd, part, root, path)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR) and _is_link_at(fd, part):
+                    raise link_error(root, path) from None
+                raise
+            os.close(fd)
+            fd = child
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _open_child_dir(parent: int, name: str, root: Path, path: Path) -> int:
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=parent)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and _is_link_at(parent, name):
+            raise link_error(root, path) from None
+        raise
+
+
+def _is_link_at(parent: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(name, dir_fd=parent).st_mode)
+    except OSError:
+        return False
+
+
+def nofollow_opener(expect: os.stat_result | tuple[int, int, int] | None = None):  # noqa: ANN201 - an opener
+    """An ``opener=`` for ``open()``/``aiofiles.open()`` that never follows a link at the last
+    component and, given ``expect`` (a stat result or ``(st_dev, st_ino, st_size)`` taken when the
+    file was indexed), refuses any other file: a file swapped for another one (or for a link,
+    through a swapped folder) after indexing raises ``OSError`` instead of being read. Anything
+    but a regular file (a FIFO, a device) raises ``OSError`` too."""
+    if isinstance(expect, os.stat_result):
+        expect = (expect.st_dev, expect.st_ino, expect.st_size)
+
+    def opener(path: str, flags: int) -> int:
+        # O_NONBLOCK: a FIFO planted under a file's name must not hang the open (refused below).
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EINVAL, "not a regular file", path)
+            if expect is not None and (st.st_dev, st.st_ino, st.st_size) != tuple(expect):
+                raise OSError(errno.ESTALE, "not the file that was indexed (replaced since)", path)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    return opener
