@@ -13,9 +13,13 @@ layout template is resolved here before anything under DIR is read, written, ren
   ``O_NOFOLLOW | O_DIRECTORY`` relative to the parent's descriptor (openat), creating what is
   missing, so a folder swapped for a link between the check and the write is refused too.
   Renames and deletes that matter take ``src_dir_fd``/``dst_dir_fd`` from it.
-* ``nofollow_opener(expect)``: an opener for reading a file that was indexed earlier
-  (``harvester serve``): the last component is not followed, and the opened file must be the
-  regular file (device, inode, size) that was indexed; no FIFO or device is ever opened for reading.
+* ``nofollow_opener(expect)``: an opener for reading a file from DIR: the last component is not
+  followed, only a regular file is opened (no FIFO or device, so nothing hangs), and with
+  ``expect`` it must be the file (device, inode, size) seen before.
+* ``open_indexed``: the opener of ``harvester serve``, which indexed each file by its resolved
+  path when it loaded DIR and opens it at request time: besides the above, the file opened must
+  still live at exactly that path (the kernel's name of the descriptor), so a file or any folder
+  above it swapped for a link after loading is refused, never read.
 
 The callers decide what a refusal means: a fatal stop for the state and the engine (exit 3), a
 reported problem for ``verify`` and ``verify --repair``, a series not served for ``serve``.
@@ -166,3 +170,25 @@ def nofollow_opener(expect: os.stat_result | tuple[int, int, int] | None = None)
         return fd
 
     return opener
+
+
+_FD_NAME = "/proc/self/fd/{}"
+
+
+def open_indexed(path: str, flags: int) -> int:
+    """An ``opener=`` for a file indexed by its resolved, absolute ``path`` (see the module
+    docstring). Raises ``OSError`` (ELOOP for a link at the end, EXDEV when the file opened lives
+    elsewhere: a folder on the way became a link). Where the system has no ``/proc`` the check
+    of the location is left out; ``O_NOFOLLOW`` still holds."""
+    fd = nofollow_opener()(path, flags)
+    try:
+        try:
+            where = os.readlink(_FD_NAME.format(fd))
+        except OSError:
+            return fd
+        if where != os.path.abspath(path):
+            raise OSError(errno.EXDEV, "the file opened is not where it was indexed (a link on the way?)", path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
