@@ -280,6 +280,7 @@ class HarvestState:
         for uid, rec in list(self.records.items()):
             if rec.get("status") != "complete":
                 continue
+            self.final_dir(rec)  # a link on the way to a recorded series stops here, before any write
             if self._intact(rec):
                 continue
             staging = self.staging_dir(uid)
