@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import anyio
 
 from harvester.config import Config
-from harvester.containment import inside, nofollow_opener
+from harvester.containment import inside, nofollow_opener, read_bytes
 from harvester.engine import Engine, HarvestResult
 from harvester.errors import ManifestError, UnsafePathError, UsageError
 from harvester.layout import check_layout
@@ -215,7 +215,7 @@ def verify_tree(out_dir: Path, *, on_file: Callable[[int], None] | None = None) 
     """
     manifest = out_dir / "harvest.json"
     try:
-        doc = json.loads(manifest.read_text("utf-8"))
+        doc = json.loads(read_bytes(manifest))   # never through a link, never blocked on a FIFO
         series = doc["series"]
     except FileNotFoundError:
         raise UsageError(f"{manifest}: not found", hint="verify takes the output directory of a harvest") from None

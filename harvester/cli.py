@@ -331,7 +331,8 @@ def cmd_query(args: argparse.Namespace, env: dict[str, str]) -> int:
 
 def _recorded_api(out_dir: Path) -> str | None:
     try:
-        return json.loads((out_dir / "harvest.json").read_text("utf-8")).get("api_url")
+        from harvester.containment import read_bytes
+        return json.loads(read_bytes(out_dir / "harvest.json")).get("api_url")
     except (OSError, ValueError, AttributeError):
         return None
 

@@ -16,6 +16,8 @@ layout template is resolved here before anything under DIR is read, written, ren
 * ``nofollow_opener(expect)``: an opener for reading a file from DIR: the last component is not
   followed, only a regular file is opened (no FIFO or device, so nothing hangs), and with
   ``expect`` it must be the file (device, inode, size) seen before.
+* ``read_bytes(path)``: the whole of one of DIR's own files (harvest.json, the journal) read
+  through ``nofollow_opener``: a link or a FIFO under that name raises ``OSError``, never hangs.
 * ``open_indexed``: the opener of ``harvester serve``, which indexed each file by its resolved
   path when it loaded DIR and opens it at request time: besides the above, the file opened must
   still live at exactly that path (the kernel's name of the descriptor), so a file or any folder
@@ -31,28 +33,40 @@ import errno
 import os
 import stat
 from collections.abc import Iterator
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path, PureWindowsPath
 
 from harvester.errors import UnsafePathError
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
+def _shown(text: object) -> str:
+    """A path as a message shows it: quoted, and cut at 200 characters (one readable line)."""
+    text = str(text)
+    return repr(text if len(text) <= 200 else text[:200] + "...")
+
+
 def parts_of(relative: str | os.PathLike[str]) -> tuple[str, ...]:
     """The components of a relative path from outside; raises ``UnsafePathError`` for anything
-    that could name a place other than strictly inside DIR (empty, NUL, absolute, drive, ``..``)."""
+    that could name a place other than strictly inside DIR (empty, NUL, absolute, drive, ``..``,
+    in POSIX or Windows spelling). String operations only: it runs for every file of every record
+    when DIR is opened."""
     text = os.fspath(relative)
     if not isinstance(text, str) or not text or "\x00" in text:
-        raise UnsafePathError(f"refusing path {text!r}: empty or with a NUL byte", path=str(text))
-    windows = PureWindowsPath(text)
-    posix = PurePosixPath(text)
-    if posix.is_absolute() or windows.drive or windows.root:
-        raise UnsafePathError(f"refusing absolute path {text!r}", path=text)
-    parts = tuple(p for p in posix.parts if p != ".")
-    if ".." in parts or ".." in windows.parts:
-        raise UnsafePathError(f"refusing path {text!r}: it climbs out with '..'", path=text)
+        raise UnsafePathError(f"refusing path {_shown(text)}: empty or with a NUL byte", path=str(text))
+    if text.startswith("/"):
+        raise UnsafePathError(f"refusing absolute path {_shown(text)}", path=text)
+    if "\\" in text or ":" in text:   # only then can Windows read it otherwise than POSIX does
+        windows = PureWindowsPath(text)
+        if windows.drive or windows.root:
+            raise UnsafePathError(f"refusing absolute path {_shown(text)}", path=text)
+        if ".." in windows.parts:
+            raise UnsafePathError(f"refusing path {_shown(text)}: it climbs out with '..'", path=text)
+    parts = tuple(p for p in text.split("/") if p not in ("", "."))
+    if ".." in parts:
+        raise UnsafePathError(f"refusing path {_shown(text)}: it climbs out with '..'", path=text)
     if not parts:
-        raise UnsafePathError(f"refusing path {text!r}: it names the output directory itself", path=text)
+        raise UnsafePathError(f"refusing path {_shown(text)}: it names the output directory itself", path=text)
     return parts
 
 
@@ -65,11 +79,9 @@ def inside(root: Path, relative: str | os.PathLike[str]) -> Path:
         path = path / part
         try:
             mode = os.lstat(path).st_mode
-        except FileNotFoundError:
-            break  # nothing below a missing component exists, so no link either
-        except NotADirectoryError:
-            break  # a file where a folder should be: the write itself will fail with ENOTDIR
         except OSError:
+            # missing: nothing below it exists, so no link either; a file where a folder should
+            # be (ENOTDIR): the write itself fails
             break
         if stat.S_ISLNK(mode):
             raise link_error(root, path)
@@ -115,7 +127,7 @@ def open_dir(root: Path, relative: str | os.PathLike[str] | None = None, *, crea
                 if not create:
                     raise
                 try:
-                    os.mkdir(part, 0o755, dir_fd=fd)
+                    os.mkdir(part, 0o777, dir_fd=fd)   # the umask applies, as for Path.mkdir
                 except FileExistsError:
                     pass  # made meanwhile (another worker): opened below, not followed either
                 child = _open_child_dir(fd, part, root, path)
@@ -157,7 +169,7 @@ def nofollow_opener(expect: os.stat_result | tuple[int, int, int] | None = None)
 
     def opener(path: str, flags: int) -> int:
         # O_NONBLOCK: a FIFO planted under a file's name must not hang the open (refused below).
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), 0o666)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -170,6 +182,13 @@ def nofollow_opener(expect: os.stat_result | tuple[int, int, int] | None = None)
         return fd
 
     return opener
+
+
+def read_bytes(path: Path) -> bytes:
+    """All of ``path``, a regular file reached without following a link at its name. Raises
+    ``OSError`` (FileNotFoundError, ELOOP for a link, EINVAL for a FIFO or device)."""
+    with open(path, "rb", opener=nofollow_opener()) as fh:
+        return fh.read()
 
 
 _FD_NAME = "/proc/self/fd/{}"

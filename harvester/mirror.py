@@ -27,7 +27,7 @@ from typing import Any
 import anyio
 
 from harvester.config import Config
-from harvester.containment import inside, nofollow_opener, open_dir
+from harvester.containment import inside, nofollow_opener, open_dir, read_bytes
 from harvester.engine import Engine, HarvestResult
 from harvester.errors import HarvesterError, ManifestError, RequestError, UnsafePathError, UsageError
 from harvester.planner import Plan, SeriesTask
@@ -274,7 +274,7 @@ async def async_repair(config: Config, *, hub: Hub | None = None) -> RepairResul
 def _load_manifest(out_dir: Path) -> dict[str, Any]:
     path = out_dir / "harvest.json"
     try:
-        doc = json.loads(path.read_text("utf-8"))
+        doc = json.loads(read_bytes(path))   # never through a link, never blocked on a FIFO
         if not isinstance(doc.get("series"), list):
             raise ValueError
         return doc

@@ -41,7 +41,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from harvester.containment import check_not_link, inside, open_dir, parts_of
+from harvester.containment import check_not_link, inside, nofollow_opener, open_dir, parts_of, read_bytes
 from harvester.errors import (
     FatalError,
     HarvesterError,
@@ -160,8 +160,10 @@ class HarvestState:
     # ------------------------------------------------------------ open / recover
     def open(self) -> None:
         """Create, lock, load and recover DIR. Raises ``UnsafePathError`` when ``.harvester``,
-        ``.harvester/tmp`` or ``licenses`` is a symbolic link (nothing is written then)."""
-        for fixed in (self.meta_dir, self.tmp_dir, self.out_dir / "licenses"):
+        ``.harvester/tmp``, ``licenses``, the journal or the lock is a symbolic link, or the
+        journal is not a regular file (nothing is written then)."""
+        for fixed in (self.meta_dir, self.tmp_dir, self.out_dir / "licenses", self.journal_path,
+                      self.meta_dir / "lock"):
             check_not_link(self.out_dir, fixed)
         try:
             self.tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -179,12 +181,12 @@ class HarvestState:
         try:
             # Unbuffered: an append that fails leaves nothing behind in a buffer for close() to
             # flush (and fail on) later; _append cuts off whatever part of it reached the file.
-            self._journal = open(self.journal_path, "ab", buffering=0)
+            self._journal = open(self.journal_path, "ab", buffering=0, opener=nofollow_opener())
             self._group = _SyncGroup(self._journal.tell())
             # A kill -9 mid-append leaves a line without its newline; end it, or the next event
             # would be glued to the fragment and lost on the next replay.
             if self._journal.tell() > 0:
-                with open(self.journal_path, "rb") as fh:
+                with open(self.journal_path, "rb", opener=nofollow_opener()) as fh:
                     fh.seek(-1, os.SEEK_END)
                     if fh.read(1) != b"\n":
                         self._journal.write(b"\n")
@@ -216,7 +218,7 @@ class HarvestState:
     def _load(self) -> None:
         if self.manifest_path.exists():
             try:
-                data = json.loads(self.manifest_path.read_text("utf-8"))
+                data = json.loads(read_bytes(self.manifest_path))   # a link or a FIFO: rebuilt as damaged
                 for index, rec in enumerate(data.get("series", []), start=1):
                     if isinstance(rec, dict) and rec.get("SeriesInstanceUID"):
                         self.records[str(rec["SeriesInstanceUID"])] = rec
@@ -227,7 +229,12 @@ class HarvestState:
                 self.records.clear()
         if not self.journal_path.exists():
             return
-        with open(self.journal_path, "rb") as fh:
+        try:
+            fh = open(self.journal_path, "rb", opener=nofollow_opener())
+        except OSError as exc:
+            raise UnsafePathError(f"{self.journal_path} cannot be read as a regular file ({exc.strerror or exc}); "
+                                  f"refusing to use it", path=str(self.journal_path)) from None
+        with fh:
             for number, line in enumerate(fh, start=1):
                 try:
                     event = json.loads(line)
@@ -258,7 +265,7 @@ class HarvestState:
                 paths += [f.get("path") if isinstance(f, dict) else f for f in rec.get("files") or []]
                 for path in paths:
                     if not isinstance(path, str):
-                        raise UnsafePathError(f"refusing path {path!r}: not a string", path=str(path))
+                        raise UnsafePathError(f"refusing a path that is a {type(path).__name__}, not a string", path="")
                     if parts_of(path)[0] == self.meta_dir.name:
                         raise UnsafePathError(f"refusing path {path!r}: it lies in {self.meta_dir.name}/", path=path)
             except (UnsafePathError, AttributeError, TypeError) as exc:

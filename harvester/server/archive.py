@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
-from harvester.containment import open_indexed
+from harvester.containment import open_indexed, read_bytes
 from harvester.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -437,11 +437,13 @@ def load_harvest_dir(path: str | os.PathLike[str]) -> Archive:
     root = Path(path).resolve()
     manifest = root / "harvest.json"
     try:
-        text = manifest.read_text(encoding="utf-8")
+        text = read_bytes(manifest).decode("utf-8")   # never blocked on a FIFO
     except FileNotFoundError:
         raise UsageError(f"{root} has no harvest.json (not a harvested output directory)") from None
     except OSError as err:
         raise UsageError(f"cannot read {manifest}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{manifest} is not UTF-8 text: {err.reason}") from None
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as err:
