@@ -81,6 +81,11 @@ def error_line(proc: subprocess.CompletedProcess[str], code: int) -> str:
     return errors[0]
 
 
+def record(figures: Any, case: str, attacks: int, code: int | str, line: str, tmp: Path) -> None:
+    """One row of docs/reliability.md's containment table (paths of this machine left out)."""
+    figures.record("containment", case=case, attacks=attacks, exit=code, line=line.replace(str(tmp), "<tmp>"))
+
+
 def write_query(path: Path, query: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(query))
     return path
@@ -158,10 +163,13 @@ def test_verify_repair_never_writes_outside_dir(template, place, server, small_a
     assert "harvest.json series #1" in plain.stdout and "'../decoy/x.dcm'" in plain.stdout
     assert f"refusing absolute path '{absolute}'" in plain.stdout
     assert f"{out}/{linked['path']} is a symbolic link" in plain.stdout
+    record(figures, "`verify`: harvest.json lists a file as `../x`, as `/abs`, and through a linked series folder",
+           3, 1, next(line for line in plain.stdout.splitlines() if "climbs out" in line), root)
 
     line = error_line(cli("verify", out, "--repair", *api), 3)
     assert f"{out}/{linked['path']} is a symbolic link inside the output directory" in line
     assert tree_state(decoy) == before
+    record(figures, "`verify --repair`: a series folder is a link to a copy outside DIR", 1, 3, line, root)
 
     real.unlink()                      # the link goes, the real folder comes back
     shutil.move(outside, real)
@@ -175,7 +183,8 @@ def test_verify_repair_never_writes_outside_dir(template, place, server, small_a
     assert f"repaired: {recs[3]['files'][0]['path']}" in repair.stdout
     assert tree_state(decoy) == before
     assert not absolute.exists()
-    figures.record("hostile", family="containment: verify and verify --repair of paths leaving DIR", inputs=3 * 3)
+    record(figures, "`verify --repair`: harvest.json and the journal list files as `../x` and `/abs`", 2, 1,
+           next(line for line in refused if "journal.jsonl line" in line), root)
 
     rerun = cli("run", write_query(root / "q.yaml", select_all(small_archive)), "-o", out,
                 "--api-url", server.base_url, *FAST_FLAGS)
@@ -189,7 +198,7 @@ def test_verify_repair_never_writes_outside_dir(template, place, server, small_a
 
 # --------------------------------------------------------- clean-up of a failed first run
 
-def test_failed_first_run_cleanup_removes_only_what_it_created(template, place):
+def test_failed_first_run_cleanup_removes_only_what_it_created(template, place, figures):
     """A complete harvest lives in A/; a first run into A/B/C/out fails (the archive refuses it)
     while another harvest lands in A/B/other. The failed run removes out, C and nothing else:
     A/ is byte for byte what it was plus the other harvest, untouched."""
@@ -213,6 +222,8 @@ def test_failed_first_run_cleanup_removes_only_what_it_created(template, place):
                    *FAST_FLAGS)
     line = error_line(proc, 2)
     assert "access denied" in line, line
+    record(figures, "`run`: a failed first run into `A/B/C/out` while another harvest lands in `A/B/other`", 1, 2,
+           line + " (A/ and A/B/other kept byte for byte)", root)
     assert other.is_dir(), "the other run's harvest was deleted"
     assert not (a / "B" / "C").exists()
     after = tree_state(a)
@@ -272,7 +283,7 @@ def test_symlinks_planted_inside_dir_are_refused(where, template, place, server,
     assert f"{out}/{rel} is a symbolic link inside the output directory" in line, line
     assert "remove the link" in line
     assert tree_state(decoy) == before
-    figures.record("hostile", family="containment: directory links planted inside DIR (run)", inputs=1)
+    record(figures, f"`run`: `{where}` is a link to a folder outside DIR", 1, 3, line, root)
 
     link.unlink()
     if where in (".harvester/tmp", "licenses"):
@@ -346,7 +357,9 @@ def test_serve_refuses_a_file_swapped_for_a_symlink_after_loading(swap, template
         with zipfile.ZipFile(__import__("io").BytesIO(body)) as zf:
             assert zf.testzip() is None
             assert len([n for n in zf.namelist() if n.endswith(".dcm")]) == len(healthy["files"])
-    figures.record("serve", case=f"{swap} swapped for a link after loading", requests=3)
+    record(figures, f"`serve`: a {swap} swapped for a link after DIR was loaded (getSingleImage, getImage)", 2,
+           "-", "the download is cut short; no byte from outside DIR is sent; other series are served whole",
+           root)
 
 
 # ------------------------------------------------------ one case-folding rule
@@ -431,45 +444,81 @@ def hostile_dir(template: Path, root: Path, decoy: Path) -> Path:
     return out
 
 
-def test_every_command_on_a_hostile_directory_ends_without_a_traceback(template, place, server, small_archive,
-                                                                       figures):
+def own_files_hostile_dir(template: Path, root: Path, decoy: Path) -> Path:
+    """A harvest whose own files are traps: harvest.json is a FIFO (a plain read blocks for ever)
+    and the journal is a link to a file outside DIR (an append would write there)."""
+    out = copy_harvest(template, root / "hostile")
+    (out / "harvest.json").unlink()
+    os.mkfifo(out / "harvest.json")
+    journal = out / ".harvester" / "journal.jsonl"
+    journal.unlink()
+    journal.symlink_to(decoy / "x.dcm")
+    return out
+
+
+#: variant -> (how to build DIR, command -> exit codes it may end with, what a fatal stop names)
+HOSTILE_DIRS = {
+    "records and links": (hostile_dir, {"verify": {1}, "verify --repair": {3}, "status": {0}, "status --json": {0},
+                                        "report": {0}, "export": {0}, "run": {3}, "sync": {3},
+                                        "sync --dry-run": {3}, "serve": {0}},
+                          "is a symbolic link inside the output directory"),
+    "DIR's own files": (own_files_hostile_dir, {"verify": {2}, "verify --repair": {3}, "status": {2},
+                                                "status --json": {2}, "report": {2}, "export": {2}, "run": {3},
+                                                "sync": {3}, "sync --dry-run": {3}, "serve": {2}},
+                        "journal.jsonl is a symbolic link inside the output directory"),
+}
+
+
+@pytest.mark.parametrize("variant", list(HOSTILE_DIRS))
+def test_every_command_on_a_hostile_directory_ends_without_a_traceback(variant, template, place, server,
+                                                                       small_archive, figures):
+    """Each CLI command (run, sync, verify, verify --repair, status, report, export, serve) on a
+    hostile DIR, under ``-X faulthandler``: no traceback, no hang, the exit code its class says,
+    one line naming the link when it stops, and the decoy beside DIR unchanged."""
+    build, expected, fatal_names = HOSTILE_DIRS[variant]
     root, decoy = place
-    out = hostile_dir(template, root, decoy)
+    out = build(template, root, decoy)
     before = tree_state(decoy)
     query = write_query(root / "q.yaml", select_all(small_archive))
     exports = root / "exports"
     exports.mkdir()
     api = ["--api-url", server.base_url]
-    commands: dict[str, tuple[list[Any], set[int]]] = {
-        "verify": (["verify", out], {1}),
-        "verify --repair": (["verify", out, "--repair", *api, "--timeout", "10"], {3}),
-        "status": (["status", out], {0}),
-        "status --json": (["status", out, "--json"], {0}),
-        "report": (["report", out, "-o", exports / "report.html"], {0}),
-        "export": (["export", out, "--tcia", exports / "c.tcia", "--csv", exports / "s.csv"], {0}),
-        "run": (["run", query, "-o", out, *api, *FAST_FLAGS], {3}),
-        "sync": (["sync", query, "-o", out, *api, *FAST_FLAGS], {3}),
-        "sync --dry-run": (["sync", query, "-o", out, "--dry-run", *api, *FAST_FLAGS], {3}),
+    commands: dict[str, list[Any]] = {
+        "verify": ["verify", out],
+        "verify --repair": ["verify", out, "--repair", *api, "--timeout", "10"],
+        "status": ["status", out],
+        "status --json": ["status", out, "--json"],
+        "report": ["report", out, "-o", exports / "report.html"],
+        "export": ["export", out, "--tcia", exports / "c.tcia", "--csv", exports / "s.csv"],
+        "run": ["run", query, "-o", out, *api, *FAST_FLAGS],
+        "sync": ["sync", query, "-o", out, *api, *FAST_FLAGS],
+        "sync --dry-run": ["sync", query, "-o", out, "--dry-run", *api, *FAST_FLAGS],
     }
-    for label, (args, codes) in commands.items():
+    for label, args in commands.items():
         proc = cli(*args)
         no_traceback(proc)
-        assert proc.returncode in codes, (label, proc.returncode, proc.stdout[-1500:], proc.stderr[-1500:])
+        assert proc.returncode in expected[label], (label, proc.returncode, proc.stdout[-1500:], proc.stderr[-1500:])
         if proc.returncode == 3:
-            assert "is a symbolic link inside the output directory" in error_line(proc, 3), label
+            assert fatal_names in error_line(proc, 3), label
+        elif proc.returncode == 2:
+            error_line(proc, 2)
         assert tree_state(decoy) == before, label
     # serve: loads what is safe, warns about the rest, answers, stops cleanly on SIGTERM
-    proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "harvester", "serve", str(out), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    try:
-        base = proc.stdout.readline().strip()
-        assert base.startswith("http://127.0.0.1:"), proc.stderr.read() if proc.poll() is not None else base
-        status, body = _get(base, "getSeries")
-        assert status == 200 and json.loads(body)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    assert "Traceback" not in err and proc.returncode == 0, err[-3000:]
+    if expected["serve"] == {2}:
+        error_line(cli("serve", out, "--port", "0"), 2)
+    else:
+        proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "harvester", "serve", str(out),
+                                 "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        try:
+            base = proc.stdout.readline().strip()
+            assert base.startswith("http://127.0.0.1:"), base
+            status, body = _get(base, "getSeries")
+            assert status == 200 and json.loads(body)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)
+        assert "Traceback" not in err and proc.returncode == 0, err[-3000:]
     assert tree_state(decoy) == before
-    figures.record("hostile", family="containment: every CLI command on a hostile DIR (-X faulthandler)",
-                   inputs=len(commands) + 1)
+    record(figures, f"every CLI command (run, sync, verify, verify --repair, status, report, export, serve) on "
+           f"a hostile DIR: {variant}", len(commands) + 1, "/".join(sorted({str(c) for v in expected.values() for c in v})),
+           "no traceback, no hang (-X faulthandler); a stop names the link", root)
