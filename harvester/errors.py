@@ -144,7 +144,7 @@ class UnsafePathError(FatalError):
     Fatal for a run (exit 3: DIR was tampered with, and only the user can say what the link is
     for); ``verify`` and ``serve`` report it and go on with the rest."""
 
-    hint = "remove the link or fix the record (verified series are kept) and run the same command again"
+    hint = "remove the link or fix the record, then run the same command again; verified series are kept"
 
     def __init__(self, message: str, *, path: str = "", hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
