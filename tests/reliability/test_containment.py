@@ -13,6 +13,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -83,7 +84,8 @@ def error_line(proc: subprocess.CompletedProcess[str], code: int) -> str:
 
 def record(figures: Any, case: str, attacks: int, code: int | str, line: str, tmp: Path) -> None:
     """One row of docs/reliability.md's containment table (paths of this machine left out)."""
-    figures.record("containment", case=case, attacks=attacks, exit=code, line=line.replace(str(tmp), "<tmp>"))
+    line = re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", line.replace(str(tmp), "<tmp>"))
+    figures.record("containment", case=case, attacks=attacks, exit=code, line=line)
 
 
 def write_query(path: Path, query: dict[str, Any]) -> Path:
