@@ -273,8 +273,6 @@ class HarvestState:
                 where = self._origin.get(uid, "a record")
                 self.refused.append(f"{where}: series {uid}: {why}; not used (it will be fetched again)")
                 del self.records[uid]
-        for line in self.refused:
-            log.warning("harvester: warning: %s", line)
 
     def _recover(self) -> None:
         self._refuse_unsafe()
@@ -282,8 +280,10 @@ class HarvestState:
             try:
                 self._to_trash(path, trash)
             except UnsafePathError as exc:
-                self.refused.append(f"{self.journal_path.name}: forget of {path!r}: {exc}; not moved")
+                self.refused.append(f"{self.journal_path.name}: {exc}; not moved")
         self._pending_trash.clear()
+        for line in self.refused:
+            log.warning("harvester: warning: %s", line)
         for uid, rec in list(self.records.items()):
             if rec.get("status") != "complete":
                 continue
@@ -471,7 +471,14 @@ class HarvestState:
             self.records.pop(uid, None)
 
     def _to_trash(self, path: str, trash: str) -> None:
-        """Raises ``UnsafePathError`` when either path is not strictly inside DIR."""
+        """Raises ``UnsafePathError`` when either path is not strictly inside DIR, when ``path``
+        lies in ``.harvester/``, or ``trash`` does but not in ``.harvester/trash/``: a forged
+        journal line must not move the harvester's own files, nor a series into ``tmp/`` (emptied
+        on the next open)."""
+        src_parts, dst_parts = parts_of(path), parts_of(trash)
+        if src_parts[0] == self.meta_dir.name or (dst_parts[0] == self.meta_dir.name and dst_parts[1:2] != ("trash",)):
+            raise UnsafePathError(f"refusing to move {path[:200]!r} to {trash[:200]!r}: only a series folder "
+                                  f"goes to the trash", path=path)
         src, dst = inside(self.out_dir, path), inside(self.out_dir, trash)
         if src.exists() and not dst.exists():
             try:

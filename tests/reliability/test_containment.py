@@ -147,6 +147,11 @@ def test_verify_repair_never_writes_outside_dir(template, place, server, small_a
     real.symlink_to(outside, target_is_directory=True)
     first = outside / Path(linked["files"][0]["path"]).name
     first.write_bytes(b"damaged" + first.read_bytes()[7:])
+    # 5: one file of another series is a link to a file outside DIR (verify would read it,
+    # --repair would hash and replace it)
+    file_link = out / recs[4]["files"][0]["path"]
+    file_link.unlink()
+    file_link.symlink_to(decoy / "x.dcm")
     # 4: honest damage inside DIR, which --repair must still mend
     honest = out / recs[3]["files"][0]["path"]
     honest.write_bytes(honest.read_bytes()[:-1] + bytes([honest.read_bytes()[-1] ^ 0xFF]))
@@ -165,8 +170,9 @@ def test_verify_repair_never_writes_outside_dir(template, place, server, small_a
     assert "harvest.json series #1" in plain.stdout and "'../decoy/x.dcm'" in plain.stdout
     assert f"refusing absolute path '{absolute}'" in plain.stdout
     assert f"{out}/{linked['path']} is a symbolic link" in plain.stdout
-    record(figures, "`verify`: harvest.json lists a file as `../x`, as `/abs`, and through a linked series folder",
-           3, 1, next(line for line in plain.stdout.splitlines() if "climbs out" in line), root)
+    assert f"{out}/{recs[4]['files'][0]['path']} is a symbolic link" in plain.stdout
+    record(figures, "`verify`: harvest.json lists a file as `../x`, as `/abs`, through a linked series folder, "
+           "and a file is a link outside", 4, 1, next(line for line in plain.stdout.splitlines() if "climbs out" in line), root)
 
     line = error_line(cli("verify", out, "--repair", *api), 3)
     assert f"{out}/{linked['path']} is a symbolic link inside the output directory" in line
@@ -182,10 +188,12 @@ def test_verify_repair_never_writes_outside_dir(template, place, server, small_a
     refused = [line for line in repair.stdout.splitlines() if line.startswith("refused: ")]
     assert any("journal.jsonl line" in line and "../decoy/x.dcm" in line for line in refused), repair.stdout
     assert any(str(absolute) in line for line in refused), repair.stdout
+    assert any(f"{recs[4]['files'][0]['path']} is a symbolic link" in line for line in refused), repair.stdout
     assert f"repaired: {recs[3]['files'][0]['path']}" in repair.stdout
     assert tree_state(decoy) == before
     assert not absolute.exists()
-    record(figures, "`verify --repair`: harvest.json and the journal list files as `../x` and `/abs`", 2, 1,
+    record(figures, "`verify --repair`: harvest.json and the journal list files as `../x` and `/abs`; a file is "
+           "a link outside", 3, 1,
            next(line for line in refused if "journal.jsonl line" in line), root)
 
     rerun = cli("run", write_query(root / "q.yaml", select_all(small_archive)), "-o", out,
@@ -196,6 +204,36 @@ def test_verify_repair_never_writes_outside_dir(template, place, server, small_a
     check = cli("verify", out)
     assert check.returncode == 0, check.stdout
     assert tree_state(decoy) == before
+
+
+def test_a_forged_journal_cannot_move_or_delete_anything(template, place, server, small_archive, figures):
+    """Journal lines of the right shape that would move a series into ``.harvester/tmp`` (emptied
+    on open), move ``.harvester`` itself, or move a folder outside DIR: each is refused with a
+    warning naming it; no verified file is lost, nothing outside DIR moves, the run completes."""
+    root, decoy = place
+    out = copy_harvest(template, root / "out")
+    victim = series_by_path(out)[0]
+    forged = [
+        {"event": "forget", "uid": victim["SeriesInstanceUID"], "path": victim["path"], "trash": ".harvester/tmp/gone"},
+        {"event": "forget", "uid": "9.9.1", "path": ".harvester", "trash": ".harvester/trash/x"},
+        {"event": "forget", "uid": "9.9.2", "path": "../decoy/keep", "trash": ".harvester/trash/y"},
+        {"event": "forget", "uid": "9.9.3", "path": victim["path"], "trash": "/tmp/elsewhere"},
+    ]
+    with (out / ".harvester" / "journal.jsonl").open("a") as fh:
+        fh.writelines(json.dumps(line) + "\n" for line in forged)
+    before, files_before = tree_state(decoy), tree_state(out / victim["path"])
+    proc = cli("run", write_query(root / "q.yaml", select_all(small_archive)), "-o", out,
+               "--api-url", server.base_url, *FAST_FLAGS)
+    no_traceback(proc)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("harvester: warning:")]
+    assert len(warnings) == len(forged), proc.stderr
+    assert tree_state(decoy) == before
+    assert (out / ".harvester" / "journal.jsonl").is_file()
+    assert tree_state(out / victim["path"]) == files_before or cli("verify", out).returncode == 0
+    assert cli("verify", out).returncode == 0
+    record(figures, "`run`: forged journal lines move a series into `.harvester/tmp`, `.harvester` itself, "
+           "a folder outside DIR", len(forged), 0, warnings[0], root)
 
 
 # --------------------------------------------------------- clean-up of a failed first run
