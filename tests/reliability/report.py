@@ -62,6 +62,9 @@ FOUND = [
     ("test_containment.py", "a FIFO as harvest.json hung `verify`, `status`, `export`, `report` and `serve`; a "
      "journal that is a link made `run` append outside DIR", "527b287: DIR's own files are read without following links, "
      "only if regular"),
+    ("test_containment.py", "a forged `forget` line in the journal moved a series into `.harvester/tmp`, which the "
+     "next open emptied: verified files deleted", "fd0b856: only a series folder, only into the trash; refused with "
+     "a warning"),
     ("test_serve_hardening.py", "`harvester serve` kept a stalled or dribbling half-request open for aiohttp's "
      "default hour (and, on older aiohttp, forever)", "d70fc4a: connections idle for 30 s are closed; explicit "
      "request-line and header limits"),
