@@ -322,7 +322,10 @@ class HarvestState:
         with open_dir(self.out_dir, final.parent.relative_to(self.out_dir), create=True) as parent:
             aside = self._move_aside(final)
             os.rename(staging, final.name, dst_dir_fd=parent)
-            os.fsync(parent)
+            try:
+                os.fsync(parent)
+            except OSError:
+                pass  # as _fsync_dir: some file systems cannot fsync a folder; the rename stands
         return aside
 
     def staging_dir(self, uid: str) -> Path:
