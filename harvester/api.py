@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import anyio
 
 from harvester.config import Config
-from harvester.containment import inside, nofollow_opener, read_bytes
+from harvester.containment import inside, open_nofollow, read_bytes
 from harvester.engine import Engine, HarvestResult
 from harvester.errors import ManifestError, UnsafePathError, UsageError
 from harvester.layout import check_layout
@@ -237,7 +237,7 @@ def verify_tree(out_dir: Path, *, on_file: Callable[[int], None] | None = None) 
             try:
                 md5 = hashlib.md5()
                 size = 0
-                with open(path, "rb", opener=nofollow_opener()) as fh:
+                with open(path, "rb", opener=open_nofollow) as fh:
                     while chunk := fh.read(1 << 20):
                         md5.update(chunk)
                         size += len(chunk)

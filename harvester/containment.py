@@ -13,11 +13,10 @@ layout template is resolved here before anything under DIR is read, written, ren
   ``O_NOFOLLOW | O_DIRECTORY`` relative to the parent's descriptor (openat), creating what is
   missing, so a folder swapped for a link between the check and the write is refused too.
   Renames and deletes that matter take ``src_dir_fd``/``dst_dir_fd`` from it.
-* ``nofollow_opener(expect)``: an opener for reading a file from DIR: the last component is not
-  followed, only a regular file is opened (no FIFO or device, so nothing hangs), and with
-  ``expect`` it must be the file (device, inode, size) seen before.
+* ``open_nofollow``: an opener for reading a file from DIR: the last component is not followed,
+  and only a regular file is opened (no FIFO or device, so nothing hangs).
 * ``read_bytes(path)``: the whole of one of DIR's own files (harvest.json, the journal) read
-  through ``nofollow_opener``: a link or a FIFO under that name raises ``OSError``, never hangs.
+  through ``open_nofollow``: a link or a FIFO under that name raises ``OSError``, never hangs.
 * ``open_indexed``: the opener of ``harvester serve``, which indexed each file by its resolved
   path when it loaded DIR and opens it at request time: besides the above, the file opened must
   still live at exactly that path (the kernel's name of the descriptor), so a file or any folder
@@ -99,8 +98,8 @@ def link_error(root: Path, link: Path) -> UnsafePathError:
 
 
 def check_not_link(root: Path, path: Path) -> None:
-    """Raise ``UnsafePathError`` when ``path`` (a fixed folder of DIR: ``.harvester``, its
-    ``tmp``, ``licenses``) is a symbolic link."""
+    """Raise ``UnsafePathError`` when ``path`` (one of DIR's fixed names: ``.harvester``, its
+    ``tmp``, ``licenses``, the journal, the lock) is a symbolic link."""
     if path.is_symlink():
         raise link_error(root, path)
 
@@ -158,36 +157,25 @@ def _is_link_at(parent: int, name: str) -> bool:
         return False
 
 
-def nofollow_opener(expect: os.stat_result | tuple[int, int, int] | None = None):  # noqa: ANN201 - an opener
+def open_nofollow(path: str, flags: int) -> int:
     """An ``opener=`` for ``open()``/``aiofiles.open()`` that never follows a link at the last
-    component and, given ``expect`` (a stat result or ``(st_dev, st_ino, st_size)`` taken when the
-    file was indexed), refuses any other file: a file swapped for another one (or for a link,
-    through a swapped folder) after indexing raises ``OSError`` instead of being read. Anything
-    but a regular file (a FIFO, a device) raises ``OSError`` too."""
-    if isinstance(expect, os.stat_result):
-        expect = (expect.st_dev, expect.st_ino, expect.st_size)
-
-    def opener(path: str, flags: int) -> int:
-        # O_NONBLOCK: a FIFO planted under a file's name must not hang the open (refused below).
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), 0o666)
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise OSError(errno.EINVAL, "not a regular file", path)
-            if expect is not None and (st.st_dev, st.st_ino, st.st_size) != tuple(expect):
-                raise OSError(errno.ESTALE, "not the file that was indexed (replaced since)", path)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-
-    return opener
+    component and opens nothing but a regular file (a FIFO or a device raises ``OSError``
+    instead of blocking the open or the reads)."""
+    # O_NONBLOCK: a FIFO planted under a file's name must not hang the open (refused below).
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def read_bytes(path: Path) -> bytes:
     """All of ``path``, a regular file reached without following a link at its name. Raises
     ``OSError`` (FileNotFoundError, ELOOP for a link, EINVAL for a FIFO or device)."""
-    with open(path, "rb", opener=nofollow_opener()) as fh:
+    with open(path, "rb", opener=open_nofollow) as fh:
         return fh.read()
 
 
@@ -199,7 +187,7 @@ def open_indexed(path: str, flags: int) -> int:
     docstring). Raises ``OSError`` (ELOOP for a link at the end, EXDEV when the file opened lives
     elsewhere: a folder on the way became a link). Where the system has no ``/proc`` the check
     of the location is left out; ``O_NOFOLLOW`` still holds."""
-    fd = nofollow_opener()(path, flags)
+    fd = open_nofollow(path, flags)
     try:
         try:
             where = os.readlink(_FD_NAME.format(fd))

@@ -27,7 +27,7 @@ from typing import Any
 import anyio
 
 from harvester.config import Config
-from harvester.containment import inside, nofollow_opener, open_dir, read_bytes
+from harvester.containment import inside, open_dir, open_nofollow, read_bytes
 from harvester.engine import Engine, HarvestResult
 from harvester.errors import HarvesterError, ManifestError, RequestError, UnsafePathError, UsageError
 from harvester.planner import Plan, SeriesTask
@@ -156,7 +156,7 @@ class RepairResult:
 def _file_md5(path: Path) -> str | None:
     try:
         md5 = hashlib.md5()
-        with open(path, "rb", opener=nofollow_opener()) as fh:
+        with open(path, "rb", opener=open_nofollow) as fh:
             while chunk := fh.read(1 << 20):
                 md5.update(chunk)
         return md5.hexdigest()

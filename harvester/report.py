@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harvester.containment import nofollow_opener, read_bytes
+from harvester.containment import open_nofollow, read_bytes
 from harvester.errors import ManifestError, UsageError
 from harvester.progress import human_bytes
 from harvester.state import atomic_write, now_iso
@@ -128,7 +128,7 @@ def _read_journal(path: Path) -> _Journal:
     """
     j = _Journal()
     try:
-        fh = open(path, "rb", opener=nofollow_opener())   # a FIFO would block the report for ever
+        fh = open(path, "rb", opener=open_nofollow)   # a FIFO would block the report for ever
     except FileNotFoundError:
         return j
     except OSError as exc:

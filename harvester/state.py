@@ -41,7 +41,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from harvester.containment import check_not_link, inside, nofollow_opener, open_dir, parts_of, read_bytes
+from harvester.containment import check_not_link, inside, open_dir, open_nofollow, parts_of, read_bytes
 from harvester.errors import (
     FatalError,
     HarvesterError,
@@ -181,12 +181,12 @@ class HarvestState:
         try:
             # Unbuffered: an append that fails leaves nothing behind in a buffer for close() to
             # flush (and fail on) later; _append cuts off whatever part of it reached the file.
-            self._journal = open(self.journal_path, "ab", buffering=0, opener=nofollow_opener())
+            self._journal = open(self.journal_path, "ab", buffering=0, opener=open_nofollow)
             self._group = _SyncGroup(self._journal.tell())
             # A kill -9 mid-append leaves a line without its newline; end it, or the next event
             # would be glued to the fragment and lost on the next replay.
             if self._journal.tell() > 0:
-                with open(self.journal_path, "rb", opener=nofollow_opener()) as fh:
+                with open(self.journal_path, "rb", opener=open_nofollow) as fh:
                     fh.seek(-1, os.SEEK_END)
                     if fh.read(1) != b"\n":
                         self._journal.write(b"\n")
@@ -230,7 +230,7 @@ class HarvestState:
         if not self.journal_path.exists():
             return
         try:
-            fh = open(self.journal_path, "rb", opener=nofollow_opener())
+            fh = open(self.journal_path, "rb", opener=open_nofollow)
         except OSError as exc:
             raise UnsafePathError(f"{self.journal_path} cannot be read as a regular file ({exc.strerror or exc}); "
                                   f"refusing to use it", path=str(self.journal_path)) from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import io
 import json
 import os
 import re
@@ -34,9 +35,9 @@ from harvester.containment import inside, open_dir, parts_of
 from harvester.errors import UnsafeArchiveError, UnsafePathError
 from harvester.layout import assign_paths, name_key
 from harvester.server.archive import Archive, load_harvest_dir
-from harvester.server.testing import ServerHandle, serve_in_thread
+from harvester.server.testing import serve_in_thread
 
-from .handserver import dicom_series, honest_zip, serve_app
+from .handserver import serve_app
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
 FAST_FLAGS = ["--no-progress", "--retries", "2", "--series-retries", "0", "--timeout", "10"]
@@ -391,10 +392,10 @@ def test_serve_refuses_a_file_swapped_for_a_symlink_after_loading(swap, template
         status, body = _get(srv.base_url, "getImage", SeriesInstanceUID=victim["SeriesInstanceUID"])
         assert b"SECRET-OUTSIDE-DIR" not in body
         with pytest.raises(zipfile.BadZipFile):
-            zipfile.ZipFile(__import__("io").BytesIO(body)).testzip()
+            zipfile.ZipFile(io.BytesIO(body)).testzip()
         status, body = _get(srv.base_url, "getImage", SeriesInstanceUID=healthy["SeriesInstanceUID"])
         assert status == 200
-        with zipfile.ZipFile(__import__("io").BytesIO(body)) as zf:
+        with zipfile.ZipFile(io.BytesIO(body)) as zf:
             assert zf.testzip() is None
             assert len([n for n in zf.namelist() if n.endswith(".dcm")]) == len(healthy["files"])
     record(figures, f"`serve`: a {swap} swapped for a link after DIR was loaded (getSingleImage, getImage)", 2,
