@@ -445,6 +445,46 @@ def test_inside_refuses_every_path_that_could_leave_dir(tmp_path_factory, relati
     assert ".." not in parts_of(relative)
 
 
+@pytest.fixture(scope="module")
+def verify_field(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """DIR with ``a/1.dcm`` and a link ``l`` to a folder outside holding a ``1.dcm`` of its own."""
+    base = tmp_path_factory.mktemp("verify-field")
+    out, outside = base / "out", base / "outside"
+    (out / "a").mkdir(parents=True)
+    outside.mkdir()
+    (out / "a" / "1.dcm").write_bytes(b"inside")
+    (outside / "1.dcm").write_bytes(b"outside")
+    (out / "l").symlink_to(outside, target_is_directory=True)
+    return out, outside
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["a", "l", "..", ".", "", "1.dcm", "out", "outside", "//"]), min_size=1,
+                max_size=6).map("/".join))
+def test_verify_never_reads_a_file_outside_dir(verify_field, relative):
+    """Whatever path harvest.json gives a file, verify reads it only if it is inside DIR with no
+    link on the way; otherwise it reports the path, with its record, and reads nothing."""
+    from harvester.api import verify_tree
+
+    out, outside = verify_field
+    doc = {"schema": "harvester/1", "series": [{"SeriesInstanceUID": "1.2", "status": "complete", "path": "a",
+                                                "files": [{"path": relative, "size": 6,
+                                                           "md5": hashlib.md5(b"inside").hexdigest()}]}]}
+    (out / "harvest.json").write_text(json.dumps(doc))
+    result = verify_tree(out)
+    parts = [p for p in relative.split("/") if p not in ("", ".")]
+    if relative.startswith("/") or not parts or ".." in parts or parts[0] == "l":   # the one link is DIR/l
+        assert result.files == 0 and len(result.problems) == 1, (relative, result.problems)
+        assert result.problems[0].startswith("harvest.json series #1 (1.2): "), result.problems
+    elif parts == ["a", "1.dcm"]:
+        assert result.files == 1 and result.ok, (relative, result.problems)
+    else:
+        assert result.files == 0 and result.problems in ([f"{relative}: missing"],
+                                                         [f"{relative}: unreadable (not a regular file)"],
+                                                         [f"{relative}: unreadable (Is a directory)"],
+                                                         [f"{relative}: unreadable (Not a directory)"]), result.problems
+
+
 def test_open_dir_never_follows_a_link_swapped_in(tmp_path):
     root, outside = tmp_path / "root", tmp_path / "outside"
     (root / "a").mkdir(parents=True)
