@@ -37,7 +37,7 @@ from harvester.layout import assign_paths, name_key
 from harvester.server.archive import Archive, load_harvest_dir
 from harvester.server.testing import serve_in_thread
 
-from .handserver import serve_app
+from .handserver import HandArchive, dicom_series, honest_zip, serve_app, serve_hand
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
 FAST_FLAGS = ["--no-progress", "--retries", "2", "--series-retries", "0", "--timeout", "10"]
@@ -425,6 +425,34 @@ def test_a_collection_named_like_the_harvesters_folder_stays_out_of_it():
     paths = assign_paths([("1.1", {"SeriesInstanceUID": "1.1", "Collection": ".harvester", "PatientID": "tmp"})],
                          "classic")
     assert not paths["1.1"].startswith(".harvester/")
+
+
+def test_an_archive_naming_a_collection_like_the_harvesters_folder_loses_nothing(tmp_path, figures):
+    """A hostile archive names its collection ``.harvester`` and a patient ``tmp`` (classic
+    layout: ``{Collection}/{PatientID}/...``): the series lands in ``_.harvester/``, not in the
+    harvester's tmp/ that every open empties, so it is still complete after the rerun, and the
+    rerun downloads nothing again."""
+    uid = "1.2.826.0.1.3680043.2.1125.901"
+    files = dicom_series(uid, seed="reserved")
+    archive = HandArchive(collections=[".harvester"])
+    archive.series = [{"SeriesInstanceUID": uid, "StudyInstanceUID": "1.2.826.0.1.3680043.2.1125.9",
+                       "Collection": ".harvester", "PatientID": "tmp", "Modality": "CT",
+                       "ImageCount": len(files), "FileSize": sum(len(d) for _, d in files)}]
+    archive.zips[uid] = honest_zip(files)
+    out = tmp_path / "out"
+    query = write_query(tmp_path / "q.yaml", {"select": [{"series": [uid]}]})
+    with serve_hand(archive) as url:
+        for _ in range(2):
+            proc = cli("run", query, "-o", out, "--api-url", url, "--layout", "classic", *FAST_FLAGS)
+            no_traceback(proc)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+    check = cli("verify", out)   # the files are still there (under .harvester/tmp they were emptied)
+    assert check.returncode == 0, check.stdout
+    rec = manifest(out)["series"][0]
+    assert rec["status"] == "complete" and rec["path"].startswith("_.harvester/tmp/"), rec["path"]
+    assert archive.downloads[uid] == 1
+    record(figures, "`run` twice: the archive names a collection `.harvester` and a patient `tmp`", 1, 0,
+           f"stored under {rec['path'].split('/')[0]}/, still complete after the rerun", tmp_path)
 
 
 # ------------------------------------------------------ the containment function itself
