@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -27,8 +28,9 @@ from typing import Any, TypeVar
 import anyio
 
 from harvester.config import Config
+from harvester.containment import inside, open_nofollow, read_bytes
 from harvester.engine import Engine, HarvestResult
-from harvester.errors import ManifestError, UsageError
+from harvester.errors import ManifestError, UnsafePathError, UsageError
 from harvester.layout import check_layout
 from harvester.planner import Plan
 from harvester.progress import Event, Hub
@@ -150,10 +152,11 @@ async def open_harvest(config: Config) -> AsyncIterator[tuple[HarvestState, Sour
 
     The folders that this call created are removed again when no series was recorded and the
     block either raised (a wrong URL, an unknown collection, Ctrl-C...) or wrote no harvest.json
-    (``sync --dry-run``), so that a first run that did nothing leaves no directory behind. A
-    directory that existed before is never touched.
+    (``sync --dry-run``), so that a first run that did nothing leaves no directory behind. Only
+    what this run created goes, deepest first, and a folder only while it is empty: a directory
+    that existed before is never touched, nor anything another run put beside DIR meanwhile.
     """
-    created = _first_missing_ancestor(config.out_dir)
+    created = _missing_folders(config.out_dir)
     state = HarvestState(config.out_dir)
     await anyio.to_thread.run_sync(state.open)
     raised = False
@@ -164,23 +167,37 @@ async def open_harvest(config: Config) -> AsyncIterator[tuple[HarvestState, Sour
         raised = True
         raise
     finally:
-        if created is not None and not state.records and (raised or not state.manifest_path.exists()):
-            # Everything under ``created`` is this run's: the directory did not exist when it
-            # started, and the run's lock, held until the removal is done, kept other runs out.
+        if created and not state.records and (raised or not state.manifest_path.exists()):
             # Removed in place, not in a thread: this may run in a cancelled scope (Ctrl-C), where
             # an await would be cancelled too; with nothing recorded, there is little to remove.
-            shutil.rmtree(created, ignore_errors=True)
+            _remove_created(state, created)
         state.close()
 
 
-def _first_missing_ancestor(path: Path) -> Path | None:
-    """The outermost of ``path`` and its parents that does not exist yet (None if ``path`` exists)."""
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first (empty if ``path``
+    exists): the folders a run into ``path`` creates."""
     path = path.absolute()
-    if path.exists():
-        return None
-    while not path.parent.exists() and path.parent != path:
+    missing = []
+    while not os.path.lexists(path) and path.parent != path:
+        missing.append(path)
         path = path.parent
-    return path
+    return missing
+
+
+def _remove_created(state: HarvestState, created: list[Path]) -> None:
+    """Undo a first run that recorded nothing: DIR's own files (``.harvester``, under the lock
+    this run holds, and the manifests it wrote), then each folder in ``created`` while it is
+    empty. Whatever else appeared inside them (another harvest next to DIR) stays."""
+    shutil.rmtree(state.meta_dir, ignore_errors=True)   # never follows a link (refused on open anyway)
+    for name in (state.manifest_path.name, "metadata.csv"):
+        with contextlib.suppress(OSError):
+            (state.out_dir / name).unlink()
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:
+            return   # not empty, or not ours to remove: nor are its parents
 
 
 def manifest_header(config: Config, query: Query, state: HarvestState) -> dict[str, Any]:
@@ -220,32 +237,35 @@ class VerifyResult:
 def verify_tree(out_dir: Path, *, on_file: Callable[[int], None] | None = None) -> VerifyResult:
     """Re-hash every file listed in ``out_dir/harvest.json`` (blocking; run it in a thread).
 
-    Raises ``UsageError`` when there is no readable harvest.json.
+    A file path that is not strictly inside DIR, or reaches its file through a symbolic link, is
+    a problem naming the record; it is never opened. Raises ``UsageError`` when there is no
+    readable harvest.json.
     """
     manifest = out_dir / "harvest.json"
     try:
-        doc = json.loads(manifest.read_text("utf-8"))
+        doc = json.loads(read_bytes(manifest))   # never through a link, never blocked on a FIFO
         series = doc["series"]
     except FileNotFoundError:
         raise UsageError(f"{manifest}: not found", hint="verify takes the output directory of a harvest") from None
     except (ValueError, KeyError, TypeError, OSError):
         raise ManifestError(f"{manifest}: unreadable or not a harvester manifest") from None
     result = VerifyResult(out_dir=out_dir)
-    root = out_dir.resolve()
-    for rec in series:
+    for index, rec in enumerate(series if isinstance(series, list) else [], start=1):
         if not isinstance(rec, dict) or rec.get("status") != "complete":
             continue
         result.series += 1
-        for f in rec.get("files", []):
-            rel = str(f.get("path", ""))
-            path = (out_dir / rel)
-            if not path.resolve().is_relative_to(root):
-                result.problems.append(f"{rel}: path leaves the output directory")
+        files = rec.get("files")
+        for f in files if isinstance(files, list) else []:
+            rel = f.get("path") if isinstance(f, dict) else None
+            try:
+                path = inside(out_dir, rel if isinstance(rel, str) else "")
+            except UnsafePathError as exc:
+                result.problems.append(f"{manifest.name} series #{index} ({rec.get('SeriesInstanceUID')}): {exc}")
                 continue
             try:
                 md5 = hashlib.md5()
                 size = 0
-                with open(path, "rb") as fh:
+                with open(path, "rb", opener=open_nofollow) as fh:
                     while chunk := fh.read(1 << 20):
                         md5.update(chunk)
                         size += len(chunk)

@@ -371,7 +371,8 @@ def cmd_query(args: argparse.Namespace, env: dict[str, str]) -> int:
 
 def _recorded_api(out_dir: Path) -> str | None:
     try:
-        return json.loads((out_dir / "harvest.json").read_text("utf-8")).get("api_url")
+        from harvester.containment import read_bytes
+        return json.loads(read_bytes(out_dir / "harvest.json")).get("api_url")
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -526,12 +527,14 @@ def cmd_verify(args: argparse.Namespace, env: dict[str, str]) -> int:
             print(f"refetched series: {uid}")
         print(f"{len(rep.damaged)} damaged file(s): {len(rep.repaired_files)} repaired alone, "
               f"{len(rep.refetched_series)} series refetched")
+        for line in rep.refused:
+            print(f"refused: {line}")
     result = verify_tree(args.dir)
     for problem in result.problems:
         print(f"damaged: {problem}")
     print(f"verified {result.files} files ({human_bytes(result.bytes)}) in {result.series} series: "
           f"{'all match' if result.ok else f'{len(result.problems)} problem(s)'}")
-    return EXIT_OK if result.ok else EXIT_FAILED
+    return EXIT_OK if result.ok and not (args.repair and rep.refused) else EXIT_FAILED
 
 
 def cmd_demo(args: argparse.Namespace, env: dict[str, str]) -> int:

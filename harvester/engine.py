@@ -29,6 +29,7 @@ import anyio
 
 from harvester.annotations import AnnotatedSeries
 from harvester.config import Config
+from harvester.containment import inside
 from harvester.errors import (
     FatalError,
     HarvesterError,
@@ -348,9 +349,9 @@ class Engine:
             return
         self._licenses.add(collection)
         folder = self.state.out_dir / "licenses"
-        target = folder / f"{safe_component(collection)}.txt"
 
         def write() -> None:
+            target = inside(self.state.out_dir, f"licenses/{safe_component(collection)}.txt")  # no link on the way
             folder.mkdir(exist_ok=True)
             if not target.exists():
                 atomic_write(target, text.encode("utf-8"))

@@ -19,6 +19,7 @@ request, retry the series later, give up on the series, or stop the whole job::
     └── FatalError                  stop every worker cleanly, keep what is verified
         ├── DiskFullError           no space left (or quota / file-size limit) in the output directory
         ├── OutputNotWritableError  the output directory cannot be written
+        ├── UnsafePathError         a path from outside leaves DIR, or a symlink inside DIR is on the way
         └── AuthError               credentials rejected even after a token refresh
 
 ``should_retry_request`` is the single place that decides whether an exception is worth
@@ -135,6 +136,19 @@ class DiskFullError(FatalError):
 
 class OutputNotWritableError(FatalError):
     hint = "choose an output directory you can write to (-o DIR)"
+
+
+class UnsafePathError(FatalError):
+    """A path that came from outside (manifest, journal, harvest.json, server, template) is not
+    strictly inside DIR, or a symbolic link inside DIR lies on it. ``path`` is the path refused.
+    Fatal for a run (exit 3: DIR was tampered with, and only the user can say what the link is
+    for); ``verify`` and ``serve`` report it and go on with the rest."""
+
+    hint = "remove the link or fix the record, then run the same command again; verified series are kept"
+
+    def __init__(self, message: str, *, path: str = "", hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.path = path
 
 
 class AuthError(FatalError):

@@ -81,6 +81,13 @@ def safe_component(value: Any, *, max_bytes: int = MAX_COMPONENT_BYTES) -> str:
     return text
 
 
+def name_key(name: str) -> str:
+    """The one rule for "same name" of files and folders: Unicode case folding (``casefold``,
+    which also folds ``ß`` to ``ss``, where ``lower`` does not). macOS and Windows treat names
+    that differ only in case as one, and a tree harvested on Linux is often copied there."""
+    return name.casefold()
+
+
 def _number(value: Any) -> str:
     if value is None or value == "":
         return ""
@@ -214,8 +221,15 @@ def series_parts(fields: Mapping[str, Any], layout: str) -> list[str]:
     return [seg.format_map(values) for seg in template.split("/")]
 
 
+#: First components the harvester keeps for itself: a series folder there would be emptied with tmp/.
+RESERVED_TOP = frozenset({".harvester"})
+
+
 def series_path(fields: Mapping[str, Any], layout: str) -> PurePosixPath:
-    return PurePosixPath(*[safe_component(p) for p in series_parts(fields, layout)])
+    parts = [safe_component(p) for p in series_parts(fields, layout)]
+    if name_key(parts[0]) in RESERVED_TOP:  # a collection named ".harvester" by a hostile archive
+        parts[0] = safe_component("_" + parts[0])
+    return PurePosixPath(*parts)
 
 
 def assign_paths(items: Iterable[tuple[str, Mapping[str, Any]]], layout: str,
@@ -256,8 +270,7 @@ def assign_paths(items: Iterable[tuple[str, Mapping[str, Any]]], layout: str,
 class _FolderSet:
     """Series folders in use, plus every ancestor of them, for O(depth) clash checks.
 
-    Compared case-insensitively: on macOS and Windows ``abc`` and ``ABC`` are one folder, and a
-    tree harvested on Linux is often copied there.
+    Compared by ``name_key``: on macOS and Windows ``abc`` and ``ABC`` are one folder.
     """
 
     def __init__(self, folders: Iterable[str] = ()) -> None:
@@ -267,16 +280,16 @@ class _FolderSet:
             self.add(f)
 
     def add(self, folder: str) -> None:
-        folder = folder.casefold()
+        folder = name_key(folder)
         self.folders.add(folder)
         self.ancestors.update(str(p) for p in PurePosixPath(folder).parents if str(p) != ".")
 
     def is_folder(self, folder: str) -> bool:
-        return folder.casefold() in self.folders
+        return name_key(folder) in self.folders
 
     def clashes(self, candidate: str) -> bool:
         # Same folder, a folder that contains a series, or one inside a series: files would mix.
-        candidate = candidate.casefold()
+        candidate = name_key(candidate)
         if candidate in self.folders or candidate in self.ancestors:
             return True
         return any(str(p) in self.folders for p in PurePosixPath(candidate).parents)

@@ -7,7 +7,9 @@
   only reports the difference. A changed series keeps its old copy until the new one is
   verified (``HarvestState.commit`` swaps them atomically).
 * ``async_repair``: re-hash every file; refetch only the bad instances with getSingleImage,
-  and the whole series only when an instance cannot be repaired alone.
+  and the whole series only when an instance cannot be repaired alone. A file whose recorded
+  path is not strictly inside DIR (``../x``, absolute, through a link) is refused and reported
+  (``RepairResult.refused``), never created or replaced.
 * ``read_status``, ``export_tcia``, ``export_csv``: what the tree holds, for people and tools.
 """
 from __future__ import annotations
@@ -26,9 +28,10 @@ from typing import Any
 import anyio
 
 from harvester.config import Config
+from harvester.containment import inside, open_dir, open_nofollow, read_bytes
 from harvester.dates import parse_archive_date
 from harvester.engine import Engine, HarvestResult
-from harvester.errors import HarvesterError, ManifestError, RequestError, UsageError
+from harvester.errors import HarvesterError, ManifestError, RequestError, UnsafePathError, UsageError
 from harvester.planner import Plan, SeriesTask
 from harvester.progress import Hub
 from harvester.query import Query
@@ -161,16 +164,17 @@ class RepairResult:
     refetched_series: list[str] = field(default_factory=list)
     harvest: HarvestResult | None = None
     still_bad: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)          # records or files whose paths leave DIR
 
     @property
     def ok(self) -> bool:
-        return not self.still_bad and (self.harvest is None or self.harvest.ok)
+        return not self.still_bad and not self.refused and (self.harvest is None or self.harvest.ok)
 
 
 def _file_md5(path: Path) -> str | None:
     try:
         md5 = hashlib.md5()
-        with open(path, "rb") as fh:
+        with open(path, "rb", opener=open_nofollow) as fh:
             while chunk := fh.read(1 << 20):
                 md5.update(chunk)
         return md5.hexdigest()
@@ -204,12 +208,19 @@ async def async_repair(config: Config, *, hub: Hub | None = None) -> RepairResul
 
         def scan() -> None:
             # Complete series, and those whose files went missing (recovery marked them failed
-            # but kept the list of what they held): both can be mended file by file.
+            # but kept the list of what they held): both can be mended file by file. Records
+            # whose paths leave DIR were refused by ``state.open``; a link on the way is refused here.
+            result.refused.extend(state.refused)
             for uid, rec in state.records.items():
                 if not rec.get("files"):
                     continue
                 for f in rec.get("files", []):
-                    if _file_md5(config.out_dir / f["path"]) != f["md5"]:
+                    try:
+                        path = inside(config.out_dir, f["path"])
+                    except UnsafePathError as exc:
+                        result.refused.append(f"series {uid}: {exc}; not repaired")
+                        continue
+                    if _file_md5(path) != f["md5"]:
                         bad.setdefault(uid, []).append(f)
                         result.damaged.append(f["path"])
 
@@ -234,20 +245,27 @@ async def async_repair(config: Config, *, hub: Hub | None = None) -> RepairResul
                     if hashlib.md5(data).hexdigest() != f["md5"]:
                         ok = False
                         break
-                    target = config.out_dir / f["path"]
 
-                    def replace(target: Path = target, data: bytes = data, sop: str = f["SOPInstanceUID"]) -> bool:
+                    def replace(rel: str = f["path"], data: bytes = data, sop: str = f["SOPInstanceUID"]) -> bool:
+                        target = inside(config.out_dir, rel)   # checked again just before the write
                         tmp = state.tmp_dir / f"repair-{hashlib.sha1(str(target).encode()).hexdigest()[:16]}"
                         tmp.write_bytes(data)
                         series, got_sop, _ = read_dicom_ids(tmp)
                         if series != uid or got_sop != sop:
                             tmp.unlink()
                             return False
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        os.replace(tmp, target)  # atomic: the old bad file or the good one, never half
+                        # Into a folder reached without following links, so a folder swapped for a
+                        # link since the check cannot take the file out of DIR.
+                        with open_dir(config.out_dir, target.parent.relative_to(config.out_dir), create=True) as parent:
+                            os.replace(tmp, target.name, dst_dir_fd=parent)  # atomic: old bad file or good one
                         return True
 
-                    if not await anyio.to_thread.run_sync(replace):
+                    try:
+                        replaced = await anyio.to_thread.run_sync(replace)
+                    except UnsafePathError as exc:
+                        result.refused.append(f"series {uid}: {exc}; not repaired")
+                        replaced = False
+                    if not replaced:
                         ok = False
                         break
                     result.repaired_files.append(f["path"])
@@ -274,7 +292,7 @@ async def async_repair(config: Config, *, hub: Hub | None = None) -> RepairResul
 def _load_manifest(out_dir: Path) -> dict[str, Any]:
     path = out_dir / "harvest.json"
     try:
-        doc = json.loads(path.read_text("utf-8"))
+        doc = json.loads(read_bytes(path))   # never through a link, never blocked on a FIFO
         if not isinstance(doc.get("series"), list):
             raise ValueError
         return doc

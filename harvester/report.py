@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harvester.containment import open_nofollow, read_bytes
 from harvester.errors import ManifestError, UsageError
 from harvester.progress import human_bytes
 from harvester.state import atomic_write, now_iso
@@ -85,7 +86,7 @@ def _load_manifest(out_dir: Path) -> dict[str, Any]:
         raise UsageError(f"{out_dir} holds no harvest.json: it is not a harvest output directory",
                          hint="give the directory you harvested into (the -o DIR of harvester run)")
     try:
-        doc = json.loads(path.read_text("utf-8"))
+        doc = json.loads(read_bytes(path))   # never through a link, never blocked on a FIFO
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ManifestError(f"cannot read {path}: {exc}",
                             hint="run the harvest again to rewrite it from the journal") from None
@@ -127,7 +128,7 @@ def _read_journal(path: Path) -> _Journal:
     """
     j = _Journal()
     try:
-        fh = open(path, "rb")
+        fh = open(path, "rb", opener=open_nofollow)   # a FIFO would block the report for ever
     except FileNotFoundError:
         return j
     except OSError as exc:

@@ -17,6 +17,12 @@ Files on disk are a database (rclone's rule): nothing half-written ever sits und
 * A series a cart or list asked for that the archive did not give is recorded with status
   ``unavailable`` and the archive's reason in ``error`` (no path, no files); it never replaces a
   complete record, and the next run looks it up again.
+* Every path read from harvest.json or the journal goes through ``harvester.containment``:
+  a record whose folder or files would leave DIR is refused (left out of ``records``, so it is
+  fetched again into a safe folder, and listed in ``refused`` with where it came from); a link
+  at ``.harvester``, ``.harvester/tmp``, ``licenses`` or on the way to a series folder stops the
+  run with ``UnsafePathError`` naming it. Renames into place are made relative to a descriptor
+  of the parent folder opened without following links.
 
 Raises ``OutputNotWritableError``/``DiskFullError`` (fatal) when DIR cannot be written, and
 ``UsageError`` when another run holds the lock.
@@ -29,6 +35,7 @@ import fcntl
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -37,8 +44,18 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from harvester.errors import FatalError, HarvesterError, OutputNotWritableError, UsageError, classify_os_error
+from harvester.containment import check_not_link, inside, open_dir, open_nofollow, parts_of, read_bytes
+from harvester.errors import (
+    FatalError,
+    HarvesterError,
+    OutputNotWritableError,
+    UnsafePathError,
+    UsageError,
+    classify_os_error,
+)
 from harvester.layout import METADATA_IN_SUBFOLDER, retriever_date, retriever_text
+
+log = logging.getLogger(__name__)
 
 SCHEMA = "harvester/1"
 METADATA_COLUMNS = [
@@ -63,7 +80,10 @@ def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a fsynced temp file and rename; readers see old or new, never half."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as fh:
+        # A file (or a planted link) left under the temp name goes first; the temp is then made
+        # new, never through a link.
+        tmp.unlink(missing_ok=True)
+        with open(tmp, "wb", opener=_new_file) as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
@@ -75,6 +95,10 @@ def atomic_write(path: Path, data: bytes) -> None:
         except OSError:
             pass
         raise classify_os_error(exc, path.name) from None
+
+
+def _new_file(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_EXCL | os.O_NOFOLLOW, 0o644)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -133,11 +157,20 @@ class HarvestState:
         self._syncing = False                           # an fsync is running (outside the lock)
         self._group = _SyncGroup(0)                     # lines waiting for the next fsync
         self._pending_trash: dict[str, tuple[str, str]] = {}  # uid -> (path, trash) of prunes
+        self._origin: dict[str, str] = {}   # uid -> where its record was read (for refusals)
+        #: one line per record refused on open (a path that leaves DIR), naming the file and line
+        self.refused: list[str] = []
         self._journal: io.RawIOBase | None = None
         self._lockfile: int | None = None
 
     # ------------------------------------------------------------ open / recover
     def open(self) -> None:
+        """Create, lock, load and recover DIR. Raises ``UnsafePathError`` when ``.harvester``,
+        ``.harvester/tmp``, ``licenses``, the journal or the lock is a symbolic link, or the
+        journal is not a regular file (nothing is written then)."""
+        for fixed in (self.meta_dir, self.tmp_dir, self.out_dir / "licenses", self.journal_path,
+                      self.meta_dir / "lock"):
+            check_not_link(self.out_dir, fixed)
         try:
             self.tmp_dir.mkdir(parents=True, exist_ok=True)
             probe = self.meta_dir / ".write-test"
@@ -154,12 +187,12 @@ class HarvestState:
         try:
             # Unbuffered: an append that fails leaves nothing behind in a buffer for close() to
             # flush (and fail on) later; _append cuts off whatever part of it reached the file.
-            self._journal = open(self.journal_path, "ab", buffering=0)
+            self._journal = open(self.journal_path, "ab", buffering=0, opener=open_nofollow)
             self._group = _SyncGroup(self._journal.tell())
             # A kill -9 mid-append leaves a line without its newline; end it, or the next event
             # would be glued to the fragment and lost on the next replay.
             if self._journal.tell() > 0:
-                with open(self.journal_path, "rb") as fh:
+                with open(self.journal_path, "rb", opener=open_nofollow) as fh:
                     fh.seek(-1, os.SEEK_END)
                     if fh.read(1) != b"\n":
                         self._journal.write(b"\n")
@@ -179,7 +212,7 @@ class HarvestState:
             self._lockfile = None
 
     def _take_lock(self) -> None:
-        fd = os.open(self.meta_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.meta_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -191,18 +224,24 @@ class HarvestState:
     def _load(self) -> None:
         if self.manifest_path.exists():
             try:
-                data = json.loads(self.manifest_path.read_text("utf-8"))
-                for rec in data.get("series", []):
+                data = json.loads(read_bytes(self.manifest_path))   # a link or a FIFO: rebuilt as damaged
+                for index, rec in enumerate(data.get("series", []), start=1):
                     if isinstance(rec, dict) and rec.get("SeriesInstanceUID"):
                         self.records[str(rec["SeriesInstanceUID"])] = rec
+                        self._origin[str(rec["SeriesInstanceUID"])] = f"{self.manifest_path.name} series #{index}"
                 self.header = {k: v for k, v in data.items() if k not in ("series", "totals")}
             except (ValueError, OSError, AttributeError, TypeError):
                 # A damaged harvest.json is rebuilt from the journal, which is the source of truth.
                 self.records.clear()
         if not self.journal_path.exists():
             return
-        with open(self.journal_path, "rb") as fh:
-            for line in fh:
+        try:
+            fh = open(self.journal_path, "rb", opener=open_nofollow)
+        except OSError as exc:
+            raise UnsafePathError(f"{self.journal_path} cannot be read as a regular file ({exc.strerror or exc}); "
+                                  f"refusing to use it", path=str(self.journal_path)) from None
+        with fh:
+            for number, line in enumerate(fh, start=1):
                 try:
                     event = json.loads(line)
                 except ValueError:
@@ -215,6 +254,7 @@ class HarvestState:
                     if kind == "failed" and self.records.get(uid, {}).get("status") == "complete":
                         continue  # a later failure to refresh never hides a verified copy
                     self.records[uid] = rec
+                    self._origin[uid] = f"{self.journal_path.name} line {number}"
                     self._pending_trash.pop(uid, None)  # fetched again after a prune: keep it
                 elif kind == "unavailable" and isinstance(rec, list):
                     for one in rec:
@@ -226,21 +266,44 @@ class HarvestState:
                     if event.get("path") and event.get("trash"):
                         self._pending_trash[str(event["uid"])] = (str(event["path"]), str(event["trash"]))
 
+    def _refuse_unsafe(self) -> None:
+        """Leave out every record whose folder or files are not plain relative paths inside DIR
+        (``..``, absolute, NUL, DIR itself, ``.harvester/``, not a string): it is fetched again
+        into a safe folder, and ``refused`` says which record it was."""
+        for uid, rec in list(self.records.items()):
+            try:
+                paths = [rec.get("path")] if rec.get("status") == "complete" or rec.get("path") else []
+                paths += [f.get("path") if isinstance(f, dict) else f for f in rec.get("files") or []]
+                for path in paths:
+                    if not isinstance(path, str):
+                        raise UnsafePathError(f"refusing a path that is a {type(path).__name__}, not a string", path="")
+                    if parts_of(path)[0] == self.meta_dir.name:
+                        raise UnsafePathError(f"refusing path {path!r}: it lies in {self.meta_dir.name}/", path=path)
+            except (UnsafePathError, AttributeError, TypeError) as exc:
+                why = str(exc) if isinstance(exc, UnsafePathError) else "malformed file list"
+                where = self._origin.get(uid, "a record")
+                self.refused.append(f"{where}: series {uid}: {why}; not used (it will be fetched again)")
+                del self.records[uid]
+
     def _recover(self) -> None:
+        self._refuse_unsafe()
         for path, trash in self._pending_trash.values():  # prunes interrupted between journal and move
-            self._to_trash(path, trash)
+            try:
+                self._to_trash(path, trash)
+            except UnsafePathError as exc:
+                self.refused.append(f"{self.journal_path.name}: {exc}; not moved")
         self._pending_trash.clear()
+        for line in self.refused:
+            log.warning("harvester: warning: %s", line)
         for uid, rec in list(self.records.items()):
             if rec.get("status") != "complete":
                 continue
+            self.final_dir(rec)  # a link on the way to a recorded series stops here, before any write
             if self._intact(rec):
                 continue
             staging = self.staging_dir(uid)
             if staging.is_dir() and self._intact(rec, root=staging):
-                final = self.final_dir(rec)
-                self._move_aside(final)  # removed with the rest of tmp/ below
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.rename(staging, final)
+                self._move_into_place(staging, self.final_dir(rec))  # an old copy: removed with tmp/ below
                 self.recovered += 1
             else:
                 self.lost += 1
@@ -259,12 +322,23 @@ class HarvestState:
 
     # ------------------------------------------------------------ paths
     def final_dir(self, rec: dict[str, Any]) -> Path:
-        path = self.out_dir / rec["path"]
-        # Paths come from our own sanitiser; refuse anything that would leave DIR all the same.
-        resolved = path.resolve()
-        if not resolved.is_relative_to(self.out_dir.resolve()):
-            raise HarvesterError(f"refusing series path outside the output directory: {rec['path']!r}")
-        return path
+        """The series folder of ``rec``. Paths come from our own sanitiser, or from a harvest.json
+        someone sent: raises ``UnsafePathError`` for anything not strictly inside DIR, or with a
+        link on the way."""
+        return inside(self.out_dir, rec["path"])
+
+    def _move_into_place(self, staging: Path, final: Path) -> Path | None:
+        """Rename ``staging`` to ``final`` (from ``final_dir``) relative to a descriptor of its
+        parent, reached without following links; an old folder under that name goes aside first
+        (returned). Raises ``UnsafePathError`` or ``OSError``."""
+        with open_dir(self.out_dir, final.parent.relative_to(self.out_dir), create=True) as parent:
+            aside = self._move_aside(final)
+            os.rename(staging, final.name, dst_dir_fd=parent)
+            try:
+                os.fsync(parent)
+            except OSError:
+                pass  # as _fsync_dir: some file systems cannot fsync a folder; the rename stands
+        return aside
 
     def staging_dir(self, uid: str) -> Path:
         return self.tmp_dir / f"{series_key(uid)}.staging"
@@ -378,13 +452,10 @@ class HarvestState:
 
     def commit(self, rec: dict[str, Any], staging: Path) -> None:
         """Journal the verified series, then move its staging folder to its final path."""
-        final = self.final_dir(rec)
+        final = self.final_dir(rec)   # refused before anything is journalled
         self._append({"event": "commit", "t": now_iso(), "series": rec})
         try:
-            aside = self._move_aside(final)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(staging, final)
-            _fsync_dir(final.parent)
+            aside = self._move_into_place(staging, final)
         except OSError as exc:
             raise classify_os_error(exc, rec["path"]) from None
         if aside is not None:
@@ -432,14 +503,19 @@ class HarvestState:
             self.records.pop(uid, None)
 
     def _to_trash(self, path: str, trash: str) -> None:
-        src, dst = self.out_dir / path, self.out_dir / trash
-        root = self.out_dir.resolve()
-        if not src.resolve().is_relative_to(root) or not dst.resolve().is_relative_to(root):
-            return
+        """Raises ``UnsafePathError`` when either path is not strictly inside DIR, when ``path``
+        lies in ``.harvester/``, or ``trash`` does but not in ``.harvester/trash/``: a forged
+        journal line must not move the harvester's own files, nor a series into ``tmp/`` (emptied
+        on the next open)."""
+        src_parts, dst_parts = parts_of(path), parts_of(trash)
+        if src_parts[0] == self.meta_dir.name or (dst_parts[0] == self.meta_dir.name and dst_parts[1:2] != ("trash",)):
+            raise UnsafePathError(f"refusing to move {path[:200]!r} to {trash[:200]!r}: only a series folder "
+                                  f"goes to the trash", path=path)
+        src, dst = inside(self.out_dir, path), inside(self.out_dir, trash)
         if src.exists() and not dst.exists():
             try:
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                os.rename(src, dst)
+                with open_dir(self.out_dir, dst.parent.relative_to(self.out_dir), create=True) as parent:
+                    os.rename(src, dst.name, dst_dir_fd=parent)
             except OSError as exc:
                 raise classify_os_error(exc, path) from None
 

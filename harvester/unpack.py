@@ -40,7 +40,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from harvester.config import Limits
 from harvester.errors import IncompleteSeriesError, IntegrityError, UnsafeArchiveError, classify_os_error
-from harvester.layout import instance_filename
+from harvester.layout import instance_filename, name_key
 
 LICENSE_NAME = "LICENSE"
 MD5_NAME = "md5hashes.csv"
@@ -435,9 +435,9 @@ def _classify_entries(infos: list[zipfile.ZipInfo], series_uid: str, limits: Lim
         if info.flag_bits & 0x1:
             raise UnsafeArchiveError(f"ZIP entry {info.filename!r} is encrypted", series_uid=series_uid)
         base = instance_filename(info.filename)
-        if base.lower() in names:
+        if name_key(base) in names:  # the same rule as for folders: one file on macOS or Windows
             raise UnsafeArchiveError(f"ZIP repeats the entry name {base!r}", series_uid=series_uid)
-        names.add(base.lower())
+        names.add(name_key(base))
         if info.file_size > limits.max_entry_bytes:
             raise UnsafeArchiveError(f"ZIP entry {info.filename!r} expands to {info.file_size} bytes "
                                      f"(limit {limits.max_entry_bytes} per entry; zip bomb?)", series_uid=series_uid)

@@ -188,7 +188,7 @@ def test_journal_line_is_on_disk_before_the_rename(state: HarvestState, monkeypa
     rec = record(uid, "C/P/S/1", files)
     seen: list[list[dict[str, Any]]] = []
 
-    def rename(src: Any, dst: Any) -> None:
+    def rename(src: Any, dst: Any, **kwargs: Any) -> None:  # dst_dir_fd: the rename is made relative to the parent
         seen.append(journal_events(state))               # read back from the file, not from memory
         raise Crash
 
@@ -397,7 +397,7 @@ def crash_during_commit(state: HarvestState, monkeypatch: pytest.MonkeyPatch, ui
     staging = stage(state, uid, files)
     rec = record(uid, path, files)
 
-    def rename(src: Any, dst: Any) -> None:
+    def rename(src: Any, dst: Any, **kwargs: Any) -> None:
         raise Crash
 
     monkeypatch.setattr(os, "rename", rename)
@@ -566,7 +566,7 @@ def test_forget_is_finished_after_a_crash(state: HarvestState, monkeypatch: pyte
     rec = record(uid, "C/P/S/1", files)
     state.commit(rec, stage(state, uid, files))
 
-    def rename(src: Any, dst: Any) -> None:
+    def rename(src: Any, dst: Any, **kwargs: Any) -> None:
         raise Crash
 
     monkeypatch.setattr(os, "rename", rename)

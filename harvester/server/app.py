@@ -47,6 +47,7 @@ from typing import Any
 import aiofiles
 from aiohttp import web
 
+from harvester.containment import open_indexed
 from harvester.server.archive import (
     PATIENT_FIELDS,
     SERIES_FIELDS,
@@ -350,7 +351,7 @@ def entry_names(count: int, new_file_names: bool) -> list[str]:
 def _flipped_crc(path: Path, size: int) -> int:
     """CRC-32 of the file with its last byte inverted (blocking: run in a thread)."""
     crc, position = 0, 0
-    with open(path, "rb") as fh:
+    with open(path, "rb", opener=open_indexed) as fh:
         while chunk := fh.read(1 << 20):
             end = position + len(chunk)
             if position <= size - 1 < end:
@@ -400,7 +401,9 @@ async def _series_entries(archive: Archive, rec: SeriesRecord, decision: FaultDe
 
 
 async def _file_chunks(path: Path) -> AsyncIterator[bytes]:
-    async with aiofiles.open(path, "rb") as fh:
+    """The file indexed at ``path``, opened now without following links (``open_indexed``):
+    one swapped for a link since loading raises ``OSError``, and the download is cut short."""
+    async with aiofiles.open(path, "rb", opener=open_indexed) as fh:
         while chunk := await fh.read(FILE_CHUNK):
             yield chunk
 

@@ -8,8 +8,11 @@ the file system, so it cannot serve a path the backend did not vouch for.
 Invariants held by every ``Archive``:
 
 * ``series`` keys are unique SeriesInstanceUIDs, in a deterministic insertion order;
-* every ``InstanceRecord.path`` is absolute and was checked by its backend to be a regular
-  file inside the backend's root (no ``..``, no absolute path from metadata, no symlink escape);
+* every ``InstanceRecord.path`` is absolute and resolved (no link on the way) and was checked by
+  its backend to be a regular file inside the backend's root (no ``..``, no absolute path from
+  metadata, no symlink escape); it is opened at request time with
+  ``harvester.containment.open_indexed``, so a file or folder swapped for a link after loading
+  is refused (the download is cut short), never served;
 * ``row["ImageCount"] == len(instances)`` and ``row["FileSize"] == sum(sizes)``, so what the
   query endpoints announce is exactly what the download endpoints send.
 """
@@ -31,6 +34,7 @@ from decimal import Decimal
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+from harvester.containment import open_indexed, read_bytes
 from harvester.dates import nbia_date, parse_archive_date
 from harvester.errors import UsageError
 
@@ -377,7 +381,7 @@ class Archive:
 def file_crc32(path: Path, chunk_size: int = 1 << 20) -> int:
     """CRC-32 of a whole file, read in chunks. Raises ``OSError``."""
     crc = 0
-    with open(path, "rb") as fh:
+    with open(path, "rb", opener=open_indexed) as fh:
         while chunk := fh.read(chunk_size):
             crc = zlib.crc32(chunk, crc)
     return crc
@@ -386,7 +390,7 @@ def file_crc32(path: Path, chunk_size: int = 1 << 20) -> int:
 def file_md5(path: Path, chunk_size: int = 1 << 20) -> str:
     """Hex MD5 of a whole file, read in chunks. Raises ``OSError``."""
     digest = hashlib.md5()
-    with open(path, "rb") as fh:
+    with open(path, "rb", opener=open_indexed) as fh:
         while chunk := fh.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
@@ -534,11 +538,13 @@ def load_harvest_dir(path: str | os.PathLike[str]) -> Archive:
     root = Path(path).resolve()
     manifest = root / "harvest.json"
     try:
-        text = manifest.read_text(encoding="utf-8")
+        text = read_bytes(manifest).decode("utf-8")   # never blocked on a FIFO
     except FileNotFoundError:
         raise UsageError(f"{root} has no harvest.json (not a harvested output directory)") from None
     except OSError as err:
         raise UsageError(f"cannot read {manifest}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{manifest} is not UTF-8 text: {err.reason}") from None
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as err:

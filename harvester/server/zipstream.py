@@ -31,6 +31,8 @@ from pathlib import Path
 
 import aiofiles
 
+from harvester.containment import open_indexed
+
 _U32 = 0xFFFFFFFF
 _U16 = 0xFFFF
 _VERSION_PLAIN = 20
@@ -89,7 +91,7 @@ def file_entry(name: str, path: Path, size: int, crc32: int, *, flip_last_byte: 
 
     async def chunks() -> AsyncIterator[bytes]:
         position = 0
-        async with aiofiles.open(path, "rb") as fh:
+        async with aiofiles.open(path, "rb", opener=open_indexed) as fh:   # never through a link
             while True:
                 chunk = await fh.read(chunk_size)
                 if not chunk:

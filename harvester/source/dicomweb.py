@@ -69,7 +69,7 @@ from harvester.errors import (
     UsageError,
     classify_os_error,
 )
-from harvester.layout import safe_component
+from harvester.layout import name_key, safe_component
 from harvester.planner import (
     Plan,
     SeriesTask,
@@ -756,10 +756,10 @@ class _SeriesChecker:
         if sop in self._sops:
             raise self._error(f"WADO-RS part {self._count} repeats SOPInstanceUID {sop}")
         name = safe_component(sop, max_bytes=100) + ".dcm"
-        if name.lower() in self._names:  # two UIDs sanitised alike: never overwrite a verified file
+        if name_key(name) in self._names:  # two UIDs sanitised (or case-folded) alike: never overwrite a verified file
             raise self._error(f"WADO-RS part {self._count}: SOPInstanceUID {sop!r} clashes with another's file name")
         self._sops.add(sop)
-        self._names.add(name.lower())
+        self._names.add(name_key(name))
         try:
             os.replace(self._path, self.staging / name)
         except OSError as exc:

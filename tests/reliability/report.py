@@ -46,6 +46,25 @@ FOUND = [
     ("test_secrets.py", "a token endpoint answering 200 with HTML (a login page, or a redirect to one) crashed "
      "`harvester run --user` with a JSONDecodeError traceback", "2beaedc: exit 3, one line naming the endpoint, "
      "never its body"),
+    ("test_containment.py", "`verify --repair` created and replaced files that harvest.json or the journal listed "
+     "as `../x` or `/abs`, with bytes from the archive it names: a shared dataset could plant a file anywhere",
+     "3c44278: every path from outside goes through `harvester.containment`; refused, reported with the record, "
+     "exit 1"),
+    ("test_containment.py", "the clean-up of a failed first run into `A/B/C/out` removed `A/B` whole, with any "
+     "harvest another run had put there meanwhile", "c903e19: only the folders this run created, deepest first, "
+     "and only while empty"),
+    ("test_containment.py", "links planted at `.harvester`, `.harvester/tmp`, `licenses` or a collection, patient, "
+     "study or series folder made `run` write (or empty `tmp/`) outside DIR", "3c44278, 374438d: refused, exit 3, "
+     "one line naming the link"),
+    ("test_containment.py", "`harvester serve` checked each file when it loaded DIR, then opened it following links: "
+     "a file or folder swapped for a link later was served from outside DIR", "f097d47: opened at request time "
+     "with O_NOFOLLOW, and only at the path it was indexed at"),
+    ("test_containment.py", "a FIFO as harvest.json hung `verify`, `status`, `export`, `report` and `serve`; a "
+     "journal that is a link made `run` append outside DIR", "527b287: DIR's own files are read without following links, "
+     "only if regular"),
+    ("test_containment.py", "a forged `forget` line in the journal moved a series into `.harvester/tmp`, which the "
+     "next open emptied: verified files deleted", "fd0b856: only a series folder, only into the trash; refused with "
+     "a warning"),
     ("test_serve_hardening.py", "`harvester serve` kept a stalled or dribbling half-request open for aiohttp's "
      "default hour (and, on older aiohttp, forever)", "d70fc4a: connections idle for 30 s are closed; explicit "
      "request-line and header limits"),
@@ -103,6 +122,7 @@ def render(rows: list[dict[str, Any]], results: dict[str, Counter[str]], *, soak
     hostile_inputs = sum(h.get("inputs", 0) for h in hostile)
     hypothesis = sum(h.get("hypothesis_examples", 0) for h in hostile)
     serve_requests = sum(s.get("requests", 0) for s in kinds["serve"])
+    containment = kinds["containment"]
     soak_series = sum(s["series"] for s in soaks)
     kill_series = sum(k["series"] for k in kills)
     verified = sum(s["bytes_verified"] for s in soaks) + sum(k["bytes_verified"] for k in kills)
@@ -144,6 +164,8 @@ def render(rows: list[dict[str, Any]], results: dict[str, Counter[str]], *, soak
       + " |")
     w(f"| hostile inputs tried | {hostile_inputs + serve_requests:,} ({hypothesis:,} of them hypothesis examples; "
       f"{serve_requests} hostile requests to `harvester serve`) |")
+    w(f"| containment attacks tried (paths leaving DIR, planted links, swapped files, hostile DIRs) | "
+      f"{sum(c.get('attacks', 0) for c in containment):,} in {len(containment)} cases; written outside DIR: 0 |")
     w(f"| bytes verified (MD5 against the archive, after the soak and after each campaign) | {mib(verified)} "
       f"in {files:,} files |")
     w(f"| data lost (a completed series fetched again, damaged or gone) | {lost} |")
@@ -190,6 +212,12 @@ def render(rows: list[dict[str, Any]], results: dict[str, Counter[str]], *, soak
       "the archive; no directory listing; oversized requests get 4xx and serving goes on; stalled, dribbling and "
       "non-reading clients do not starve a normal one; a stalled half request is closed; loopback by default | "
       f"{res('test_serve_hardening')} |")
+    w("| containment | `test_containment.py` | paths from harvest.json and the journal (`../x`, `/abs`, through a "
+      "link), links planted at `.harvester`, `.harvester/tmp`, `licenses` and at every level of the layout, files "
+      "swapped under `harvester serve`, a failed first run beside another harvest, a FIFO as harvest.json: "
+      "refused with one line (exit 3, or reported with the record and exit 1), a decoy tree beside DIR unchanged "
+      "byte for byte, the rerun completes; every CLI command on a hostile DIR under `-X faulthandler` without a "
+      f"traceback | {res('test_containment')} |")
     w("| secrets | `test_secrets.py` | the password, every issued token and a password in the URL never appear in "
       "stdout, stderr, journal, harvest.json, metadata.csv, report.html or status/verify/query output, with "
       "refreshes under faults, a rejected refresh, a password rejected mid-run, and six broken token endpoints | "
@@ -241,6 +269,19 @@ def render(rows: list[dict[str, Any]], results: dict[str, Counter[str]], *, soak
         w(f"| {family} | {n:,} | {hyp:,} |")
     for s in kinds["serve"]:
         w(f"| `harvester serve`: {s['case']} | {s['requests']} | 0 |")
+    w("")
+    w("## Containment")
+    w("")
+    w("One function (`harvester.containment.inside`) resolves every path that comes from a manifest, the journal, "
+      "harvest.json, the server or a layout template; renames into place go through a folder descriptor opened "
+      "without following links, and `serve` opens files at request time with `O_NOFOLLOW` at the path it "
+      "indexed. A link inside DIR is refused (DIR itself may be a link). Each case hashes a decoy tree beside "
+      "DIR before and after (unchanged in every case) and reruns once the attack is undone.")
+    w("")
+    w("| case | attacks | exit | the one line |")
+    w("|---|---|---|---|")
+    for c in containment:
+        w(f"| {c['case']} | {c['attacks']} | {c['exit']} | `{c['line']}` |")
     w("")
     w("## Secrets")
     w("")
