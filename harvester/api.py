@@ -35,7 +35,7 @@ from harvester.progress import Event, Hub
 from harvester.query import Query, load_query, query_from_dict
 from harvester.source.base import Source
 from harvester.source.nbia import NBIAClient, NBIASource, make_session, redact_url
-from harvester.state import HarvestState
+from harvester.state import HarvestState, usable_records
 
 
 def make_source(config: Config, session: Any) -> Source:
@@ -197,10 +197,10 @@ def verify_tree(out_dir: Path, *, on_file: Callable[[int], None] | None = None) 
     manifest = out_dir / "harvest.json"
     try:
         doc = json.loads(manifest.read_text("utf-8"))
-        series = doc["series"]
+        series = usable_records(doc["series"], str(manifest))  # the others are reported and skipped
     except FileNotFoundError:
         raise UsageError(f"{manifest}: not found", hint="verify takes the output directory of a harvest") from None
-    except (ValueError, KeyError, TypeError, OSError):
+    except (ValueError, KeyError, TypeError, OSError, RecursionError):
         raise ManifestError(f"{manifest}: unreadable or not a harvester manifest") from None
     result = VerifyResult(out_dir=out_dir)
     root = out_dir.resolve()

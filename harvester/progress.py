@@ -180,8 +180,11 @@ class RichDisplay:
     def __call__(self, ev: Event) -> None:
         t = self.tally
         if ev.kind == "failed":
-            self.progress.console.print(f"[red]failed[/red] series {ev.series_uid}: {ev.message}", markup=True,
-                                        highlight=False)
+            from rich.markup import escape
+
+            # UIDs and messages hold server text: "[red]" or "[/]" in it is text, not markup
+            self.progress.console.print(f"[red]failed[/red] series {escape(ev.series_uid)}: {escape(ev.message)}",
+                                        markup=True, highlight=False)
         self.progress.update(
             self.task_id,
             total=max(1, t.total_bytes),

@@ -26,6 +26,7 @@ import fcntl
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -35,6 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from harvester.errors import FatalError, HarvesterError, OutputNotWritableError, UsageError, classify_os_error
+from harvester.redact import redact
+
+_log = logging.getLogger("harvester")
 
 SCHEMA = "harvester/1"
 METADATA_COLUMNS = [
@@ -43,6 +47,56 @@ METADATA_COLUMNS = [
     "SOP Class UID", "Number of Images", "File Size", "File Location", "Download Timestamp",
 ]
 _ATOMIC_TMP = re.compile(r"^\..+\.[0-9]+\.tmp$")   # atomic_write's temp names: .<name>.<pid>.tmp
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def record_problem(rec: Any) -> str | None:
+    """Why a series record read from the journal or harvest.json (hostile until checked: the
+    directory may come from someone else) cannot be used, or None. Checks the types of every
+    field the readers compute with; other fields are only ever shown, through ``str``."""
+    if not isinstance(rec, dict):
+        return "a series record is not an object"
+    if not isinstance(rec.get("SeriesInstanceUID"), str) or not rec["SeriesInstanceUID"]:
+        return "SeriesInstanceUID is not a non-empty string"
+    for key in ("status", "path", "error", "completed", "sop_class_uid"):
+        if rec.get(key) is not None and not isinstance(rec[key], str):
+            return f"{key} is not a string"
+    for key in ("bytes", "attempts"):
+        if rec.get(key) is not None and not _whole(rec[key]):
+            return f"{key} is not a whole number"
+    for key in ("metadata", "patient", "study"):
+        if rec.get(key) is not None and not isinstance(rec[key], dict):
+            return f"{key} is not an object"
+    files = rec.get("files", [])
+    if not isinstance(files, list):
+        return "files is not a list"
+    for i, f in enumerate(files):
+        if not isinstance(f, dict) or not isinstance(f.get("path"), str) or not _whole(f.get("size")):
+            return f"files[{i}] is not an object with a path and a size"
+        if f.get("md5") is not None and not isinstance(f["md5"], str):
+            return f"files[{i}].md5 is not a string"
+    if rec.get("status") == "complete" and not isinstance(rec.get("path"), str):
+        return "a complete series without a path"
+    return None
+
+
+def usable_records(series: Any, where: str) -> list[dict[str, Any]]:
+    """The records of a harvest.json ``series`` list that pass ``record_problem``; each one that
+    does not is reported (``logging``, on stderr by default) with its position and skipped."""
+    if not isinstance(series, list):
+        _log.warning("%s: the series list is not a list; ignored", where)
+        return []
+    good = []
+    for n, rec in enumerate(series, 1):
+        problem = record_problem(rec)
+        if problem is None:
+            good.append(rec)
+        else:
+            _log.warning("%s: series record %d: %s; skipped", where, n, redact(problem))
+    return good
 
 
 def now_iso() -> str:
@@ -186,33 +240,37 @@ class HarvestState:
         if self.manifest_path.exists():
             try:
                 data = json.loads(self.manifest_path.read_text("utf-8"))
-                for rec in data.get("series", []):
-                    if isinstance(rec, dict) and rec.get("SeriesInstanceUID"):
-                        self.records[str(rec["SeriesInstanceUID"])] = rec
+                for rec in usable_records(data.get("series", []), str(self.manifest_path)):
+                    self.records[rec["SeriesInstanceUID"]] = rec
                 self.header = {k: v for k, v in data.items() if k not in ("series", "totals")}
-            except (ValueError, OSError, AttributeError, TypeError):
+            except (ValueError, OSError, AttributeError, TypeError, RecursionError):
                 # A damaged harvest.json is rebuilt from the journal, which is the source of truth.
                 self.records.clear()
         if not self.journal_path.exists():
             return
         with open(self.journal_path, "rb") as fh:
-            for line in fh:
+            for lineno, line in enumerate(fh, 1):
                 try:
                     event = json.loads(line)
-                except ValueError:
-                    continue  # a torn last line from a kill -9
+                except (ValueError, RecursionError):
+                    continue  # a torn last line from a kill -9 (or a hostile one: JSON nested too deep)
                 if not isinstance(event, dict):
                     continue
                 kind, rec = event.get("event"), event.get("series")
-                if kind in ("commit", "failed") and isinstance(rec, dict) and rec.get("SeriesInstanceUID"):
-                    uid = str(rec["SeriesInstanceUID"])
+                if kind in ("commit", "failed"):
+                    problem = record_problem(rec)
+                    if problem is not None:
+                        _log.warning("%s line %d: %s; line skipped", self.journal_path, lineno, redact(problem))
+                        continue
+                    uid = rec["SeriesInstanceUID"]
                     if kind == "failed" and self.records.get(uid, {}).get("status") == "complete":
                         continue  # a later failure to refresh never hides a verified copy
                     self.records[uid] = rec
                     self._pending_trash.pop(uid, None)  # fetched again after a prune: keep it
-                elif kind == "forget" and event.get("uid"):
-                    self.records.pop(str(event["uid"]), None)
-                    if event.get("path") and event.get("trash"):
+                elif kind == "forget" and isinstance(event.get("uid"), str) and event["uid"]:
+                    self.records.pop(event["uid"], None)
+                    if isinstance(event.get("path"), str) and isinstance(event.get("trash"), str) and \
+                            event["path"] and event["trash"]:
                         self._pending_trash[str(event["uid"])] = (str(event["path"]), str(event["trash"]))
 
     def _recover(self) -> None:
