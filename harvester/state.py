@@ -61,7 +61,7 @@ def record_problem(rec: Any) -> str | None:
         return "a series record is not an object"
     if not isinstance(rec.get("SeriesInstanceUID"), str) or not rec["SeriesInstanceUID"]:
         return "SeriesInstanceUID is not a non-empty string"
-    for key in ("status", "path", "error", "completed", "sop_class_uid"):
+    for key in ("status", "path", "error", "error_kind", "completed", "sop_class_uid"):
         if rec.get(key) is not None and not isinstance(rec[key], str):
             return f"{key} is not a string"
     for key in ("bytes", "attempts"):
@@ -76,7 +76,7 @@ def record_problem(rec: Any) -> str | None:
     for i, f in enumerate(files):
         if not isinstance(f, dict) or not isinstance(f.get("path"), str) or not _whole(f.get("size")):
             return f"files[{i}] is not an object with a path and a size"
-        if f.get("md5") is not None and not isinstance(f["md5"], str):
+        if not isinstance(f.get("md5"), str):
             return f"files[{i}].md5 is not a string"
     if rec.get("status") == "complete" and not isinstance(rec.get("path"), str):
         return "a complete series without a path"
@@ -252,8 +252,11 @@ class HarvestState:
             for lineno, line in enumerate(fh, 1):
                 try:
                     event = json.loads(line)
-                except (ValueError, RecursionError):
-                    continue  # a torn last line from a kill -9 (or a hostile one: JSON nested too deep)
+                except RecursionError:
+                    _log.warning("%s line %d: JSON nested too deep; line skipped", self.journal_path, lineno)
+                    continue
+                except ValueError:
+                    continue  # a torn last line from a kill -9
                 if not isinstance(event, dict):
                     continue
                 kind, rec = event.get("event"), event.get("series")
@@ -267,11 +270,16 @@ class HarvestState:
                         continue  # a later failure to refresh never hides a verified copy
                     self.records[uid] = rec
                     self._pending_trash.pop(uid, None)  # fetched again after a prune: keep it
-                elif kind == "forget" and isinstance(event.get("uid"), str) and event["uid"]:
-                    self.records.pop(event["uid"], None)
-                    if isinstance(event.get("path"), str) and isinstance(event.get("trash"), str) and \
-                            event["path"] and event["trash"]:
-                        self._pending_trash[str(event["uid"])] = (str(event["path"]), str(event["trash"]))
+                elif kind == "forget":
+                    uid, path, trash = event.get("uid"), event.get("path"), event.get("trash")
+                    if not isinstance(uid, str) or not uid or not all(isinstance(v, (str, type(None)))
+                                                                      for v in (path, trash)):
+                        _log.warning("%s line %d: a forget event without a usable uid, path or trash; line "
+                                     "skipped", self.journal_path, lineno)
+                        continue
+                    self.records.pop(uid, None)
+                    if path and trash:
+                        self._pending_trash[uid] = (path, trash)
 
     def _recover(self) -> None:
         for path, trash in self._pending_trash.values():  # prunes interrupted between journal and move

@@ -208,6 +208,9 @@ def classify_client_error(exc: BaseException, shown: str) -> HarvesterError:
     if isinstance(exc, (http_exceptions.HttpProcessingError, aiohttp.ClientResponseError)) and not isinstance(
             exc, aiohttp.ClientConnectionError):
         status = getattr(exc, "status", None) or getattr(exc, "code", None)
+        if "encoding" in str(exc).lower():
+            return RetryableRequestError(f"{shown} sent a body whose Content-Encoding cannot be decoded", url=shown,
+                                         hint="the server or a proxy is broken; run again later")
         kind = "headers too long" if "too long" in str(exc).lower() or "more than" in str(exc).lower() else (
             "a malformed response")
         return RetryableRequestError(f"{shown} sent {kind} (HTTP {status or '?'}: not a valid HTTP answer)",

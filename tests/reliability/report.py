@@ -194,7 +194,22 @@ def render(rows: list[dict[str, Any]], results: dict[str, Counter[str]], *, soak
       "stdout, stderr, journal, harvest.json, metadata.csv, report.html or status/verify/query output, with "
       "refreshes under faults, a rejected refresh, a password rejected mid-run, and six broken token endpoints | "
       f"{res('test_secrets')} |")
+    w("| secrets echoed | `test_secrets_echo.py` | a server echoing the bearer token, refresh token and password "
+      "(literal, URL-encoded, base64, the basic-auth pair) in 400, 500, text/plain and non-ZIP bodies and a "
+      "getSeries answer: no form of them in any byte under DIR or printed by run/status/verify/report/export | "
+      f"{res('test_secrets_echo')} |")
+    w("| time bounds | `test_time_bounds.py` | Retry-After past the cap (1e9, inf, nan, -1, 9999) is not waited for; "
+      "a dribbling server is cut off by the stall rule and a never-ending one by the deadline, with the URL named | "
+      f"{res('test_time_bounds')} |")
+    w("| size bounds | `test_size_bounds.py` | getImage past the announced size (plain, gzip, deflate) stops and its "
+      "temp file goes; getSeries past the JSON cap (plain, gzip bomb) or nested 200,000 deep: one line, exit 3 | "
+      f"{res('test_size_bounds')} |")
+    w("| exceptions classified | `test_exceptions.py` | redirect loops, file:/ftp:/invalid/cross-origin redirects, 2 MB "
+      "headers, invalid UTF-8, undecodable Content-Encoding, rich markup, malformed journal and harvest.json lines: "
+      "one line from every CLI command (`-X faulthandler`), never a traceback; reruns complete | "
+      f"{res('test_exceptions')} |")
     w("")
+    out.extend(render_issue14(kinds["issue14"]))
     w("## Chaos soak, per seed")
     w("")
     w("| seed | series | requests | downloads | retries | " + " | ".join(FAULTS) + " | bytes verified | lost |")
@@ -274,6 +289,29 @@ def render(rows: list[dict[str, Any]], results: dict[str, Counter[str]], *, soak
     w(f"This page: `{command}`.")
     w("")
     return "\n".join(out)
+
+
+def render_issue14(rows: list[dict[str, Any]]) -> list[str]:
+    """The section on the families of issue 14 (secrets echoed, time and size bounds, classified
+    exceptions): per family, the attacks tried and the outcome every one of them had."""
+    out = ["## Secrets echoed, time and size bounds, classified exceptions", "",
+           "Each attack runs real `python -X faulthandler -m harvester` processes against a hostile loopback server "
+           "(`tests/reliability/hostile.py`), scans every byte under DIR and printed for the token, the password and "
+           "their encodings and for `Traceback`, and ends with a rerun against the healthy server that completes.", "",
+           "| family | attacks | outcome (all of them) | a message |", "|---|---|---|---|"]
+    grouped: dict[str, list[Any]] = {}
+    for r in rows:
+        g = grouped.setdefault(r["family"], [0, r.get("outcome", ""), ""])
+        g[0] += r.get("attacks", 0)
+        if not g[2]:
+            msgs = r.get("messages")
+            msg = r.get("message") or (next(iter(msgs.values() if isinstance(msgs, dict) else msgs), "") if msgs else "")
+            g[2] = str(msg).replace("|", "\\|")[:160]
+    for family, (n, outcome, msg) in grouped.items():
+        out.append(f"| {family} | {n} | {outcome} | {'`' + msg + '`' if msg else ''} |")
+    out.append(f"| **total** | {sum(g[0] for g in grouped.values())} | | |")
+    out.append("")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
