@@ -127,6 +127,7 @@ async def _fetch_once(client: NBIAClient, series_uid: str, collection: str | Non
             checked = False
             async for chunk in resp.content.iter_chunked(chunk_size):
                 guard.feed(len(chunk))
+                ours = time.monotonic()  # from here to the next read: our side's time, not the server's
                 if rate is not None:
                     await rate.consume(len(chunk))
                 batch.append(chunk)
@@ -145,6 +146,7 @@ async def _fetch_once(client: NBIAClient, series_uid: str, collection: str | Non
                 if batched >= chunk_size:
                     written += await _write_batch(fd, batch, dest)
                     batch, batched = [], 0
+                guard.credit(time.monotonic() - ours)
             if not checked:
                 raise RetryableRequestError(f"download of series {series_uid} was empty or not a ZIP")
             if batch:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
+
+from harvester.redact import redact
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,8 @@ class Hub:
         self._subs.append(fn)
 
     def emit(self, ev: Event) -> None:
+        if ev.message:  # the one redaction point, for messages built from something else than a HarvesterError
+            ev = replace(ev, message=redact(ev.message))
         for fn in self._subs:
             fn(ev)
 

@@ -243,6 +243,10 @@ class HarvestState:
                 for rec in usable_records(data.get("series", []), str(self.manifest_path)):
                     self.records[rec["SeriesInstanceUID"]] = rec
                 self.header = {k: v for k, v in data.items() if k not in ("series", "totals")}
+                for key in ("started", "finished", "last_sync"):  # times the next run computes with
+                    if self.header.get(key) is not None and not isinstance(self.header[key], str):
+                        _log.warning("%s: %s is not a string; ignored", self.manifest_path, key)
+                        del self.header[key]
             except (ValueError, OSError, AttributeError, TypeError, RecursionError):
                 # A damaged harvest.json is rebuilt from the journal, which is the source of truth.
                 self.records.clear()

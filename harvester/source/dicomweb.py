@@ -44,6 +44,7 @@ import email.message
 import hashlib
 import os
 import shutil
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -641,6 +642,7 @@ class DICOMwebSource(ClientBackedSource):
                 parser = MultipartParser(boundary)
                 async for chunk in resp.content.iter_chunked(self.config.chunk_size):
                     guard.feed(len(chunk))
+                    ours = time.monotonic()  # the bandwidth cap and the disk: not the server's time
                     if rate is not None:
                         await rate.consume(len(chunk))
                     on_bytes(len(chunk))
@@ -651,6 +653,7 @@ class DICOMwebSource(ClientBackedSource):
                             await anyio.to_thread.run_sync(checker.write, payload)
                         else:
                             await anyio.to_thread.run_sync(checker.end_part)
+                    guard.credit(time.monotonic() - ours)
                 parser.close()
             except MultipartError as exc:
                 raise RetryableRequestError(f"{exc} ({shown})", url=shown) from None

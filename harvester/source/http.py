@@ -289,7 +289,7 @@ async def raise_for_status(resp: aiohttp.ClientResponse, shown: str, *, max_retr
             wait = "an unusable time" if not math.isfinite(retry_after) or retry_after >= 1e12 else f"{retry_after:.0f} s"
             raise ServerBusyError(
                 f"HTTP {resp.status} from {shown} asks to wait {wait}, past the {max_retry_after:g} s cap on "
-                "Retry-After; the series is tried again later", status=resp.status, url=shown)
+                "Retry-After (--max-retry-after)", status=resp.status, url=shown)
         raise RetryableRequestError(f"HTTP {resp.status} from {shown}", status=resp.status, url=shown,
                                     retry_after=retry_after)
     if resp.status == 401:
@@ -306,7 +306,8 @@ class BodyGuard:
     * fewer than ``config.stall_min_bytes`` in a window of ``config.stall_window`` seconds: a
       stall (``RetryableRequestError``, marked ``timed_out``), so a server dribbling a byte a
       second, which the idle read timeout never catches, is cut off.
-    ``clock`` is injectable for unit tests.
+    Time the reader spends on its own side is ``credit``ed back, so that ``--max-rate`` or a
+    slow disk never makes a healthy server look stalled. ``clock`` is injectable for unit tests.
     """
 
     def __init__(self, config: Config, shown: str, *, max_bytes: int | None = None,
@@ -319,6 +320,12 @@ class BodyGuard:
         self.started = clock() if started is None else started
         self.total = 0
         self._window_start, self._window_total = self.started, 0
+
+    def credit(self, seconds: float) -> None:
+        """Time spent on our side (the bandwidth cap, a slow disk) that is not the server's: the
+        window and the deadline are pushed back by it."""
+        self.started += seconds
+        self._window_start += seconds
 
     def feed(self, n: int) -> None:
         self.total += n

@@ -199,6 +199,7 @@ def test_malformed_journal_and_manifest_lines_are_reported_and_skipped(tmp_path:
             fh.write("[" * 200_000 + "]" * 200_000 + "\n")  # right syntax, nested past the parser
         doc = json.loads((out / "harvest.json").read_text("utf-8"))
         doc["series"] += BAD_MANIFEST_RECORDS
+        doc.update(last_sync=5, started=["not", "a", "time"], finished={"a": 1})  # header fields of the wrong type
         (out / "harvest.json").write_text(json.dumps(doc))
         readers = [cli("status", str(out)), cli("status", str(out), "--json"), cli("verify", str(out)),
                    cli("report", str(out)), cli("export", str(out), "--csv", str(tmp_path / "e.csv"))]
@@ -207,6 +208,9 @@ def test_malformed_journal_and_manifest_lines_are_reported_and_skipped(tmp_path:
             warned = [line for line in proc.stderr.splitlines() if "series record" in line]
             assert len(warned) == len(BAD_MANIFEST_RECORDS), (proc.args, proc.stderr)
         resume = cli(*run_args(h, tmp_path, out))
+        doc = json.loads((out / "harvest.json").read_text("utf-8"))
+        doc.update(last_sync=5, series=doc["series"] + BAD_MANIFEST_RECORDS)  # and again for sync
+        (out / "harvest.json").write_text(json.dumps(doc))
         sync = cli("sync", str(h.query_file(tmp_path)), "-o", str(out), "--api-url", h.base_url, "--retries", "2",
                    "--timeout", "5", "--no-progress")
         for proc in (resume, sync):

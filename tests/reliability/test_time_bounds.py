@@ -141,3 +141,16 @@ def test_body_guard_stall_and_deadline_on_a_fake_clock() -> None:
             now[0] += 1
             brisk.feed(10_000)
     assert err.value.overload  # a timeout: the engine's adaptive limit backs off
+
+
+def test_time_on_our_side_is_credited_not_counted_as_a_stall() -> None:
+    """The bandwidth cap or a slow disk holding the reader back is not the server stalling."""
+    now = [0.0]
+    config = Config(stall_window=10.0, stall_min_bytes=1000, request_deadline=30.0)
+    guard = BodyGuard(config, "http://x/y", clock=lambda: now[0])
+    for _ in range(20):  # 500 bytes a second of server time, each followed by 30 s of our own waiting
+        now[0] += 1
+        guard.feed(500)
+        now[0] += 30
+        guard.credit(30)
+    assert guard.total == 10_000
