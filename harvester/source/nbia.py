@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -70,6 +71,9 @@ QUERY_ENDPOINTS: dict[str, tuple[str, ...]] = {
     "getSOPInstanceUIDs": ("SeriesInstanceUID",),
     "getMD5HashForImage": ("SOPInstanceUID",),
 }
+TOKEN_ANSWER_BYTES = 1 << 20  # a token answer is a few hundred bytes; a bigger one is not read on
+
+
 @dataclass
 class _Token:
     access: str
@@ -128,12 +132,18 @@ class TokenAuth:
                 if resp.status != 200:
                     raise RetryableRequestError(f"token request to {url} failed: HTTP {resp.status}",
                                                 status=resp.status, url=url)
+                body = b""
+                async for chunk in resp.content.iter_any():
+                    body += chunk
+                    if len(body) > TOKEN_ANSWER_BYTES:
+                        raise AuthError(f"token endpoint {url} answered more than {TOKEN_ANSWER_BYTES} bytes",
+                                        hint="check --token-url (default: <host>/nbia-api/oauth/token)")
                 try:
-                    data = await resp.json(content_type=None)
-                except ValueError:  # a login page or a proxy's answer: never show its text (it may echo secrets)
+                    data = json.loads(body)
+                except (ValueError, RecursionError):  # a login page or a proxy's answer: never show its text
                     raise AuthError(f"token endpoint {url} answered something that is not JSON",
                                     hint="check --token-url (default: <host>/nbia-api/oauth/token)") from None
-        except (aiohttp.ClientError, asyncio.TimeoutError, RecursionError) as exc:
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise RetryableRequestError(f"token request to {url} failed: {type(exc).__name__}", url=url) from None
         if not isinstance(data, dict) or not isinstance(data.get("access_token"), str):
             raise AuthError(f"token endpoint {url} answered without an access_token")

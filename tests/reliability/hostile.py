@@ -101,8 +101,11 @@ def make_hostile_app(h: Hostile) -> web.Application:
         h.hits[key] = h.hits.get(key, 0) + 1
         return await attack(request)
 
-    async def token(request: web.Request) -> web.Response:
+    async def token(request: web.Request) -> web.StreamResponse:
         await request.post()
+        if "token" in h.attacks:
+            h.hits["token"] = h.hits.get("token", 0) + 1
+            return await h.attacks["token"](request)
         return web.json_response({"access_token": TOKEN, "refresh_token": REFRESH, "expires_in": 3600,
                                   "token_type": "bearer"})
 

@@ -16,6 +16,7 @@ from harvester.config import Limits
 from harvester.fetch import download_bound
 
 from .hostile import (
+    AUTH,
     assert_rerun_completes,
     build_hostile,
     cli,
@@ -146,3 +147,20 @@ def test_download_bound_units() -> None:
     bound = download_bound(10 << 20, 100, limits)
     assert (10 << 20) * 1.1 < bound < (10 << 20) * 1.1 + (2 << 20)
     assert download_bound(10 << 20, None, limits) < bound  # unknown count: the fixed margin only
+
+
+def test_token_answer_past_its_cap_is_one_line_exit_3(tmp_path: Path, figures) -> None:
+    h = build_hostile(1)
+    h.require_auth = True
+    h.attacks["token"] = endless_rows(h, "token")
+    out = tmp_path / "out"
+    with serve_hostile(h):
+        run = cli(*run_args(h, tmp_path, out, *AUTH))
+        assert run.returncode == 3, (run.stdout[-2000:], run.stderr[-2000:])
+        lines = error_lines(run)
+        assert len(lines) == 1 and "token endpoint" in lines[0] and "more than 1048576 bytes" in lines[0], run.stderr
+        assert h.sent["token"] < CUT
+        scan(out, run)
+        assert_rerun_completes(h, tmp_path, out, *AUTH)
+    figures.record("issue14", family="size bounds: token endpoint answer past 1 MiB", attacks=1,
+                   outcome="one line, exit 3", message=lines[0][:200])
