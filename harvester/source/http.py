@@ -8,7 +8,7 @@ Retry-After pause every request to the host, up to ``config.max_retry_after`` se
 wait, ``inf``, ``nan`` or a date in 9999 is not honoured: the request fails with the reason and
 the series is tried again later). ``get_following`` follows redirects itself: same origin only
 (unless ``config.cross_origin_redirects``, and then https only), never to another scheme, never
-from https to http. ``BodyGuard`` bounds every body as it arrives: a size cap (counted after
+from https to http (http to https on the same host is). ``BodyGuard`` bounds every body as it arrives: a size cap (counted after
 decompression), a per-request deadline and a minimum throughput, on top of aiohttp's idle read
 timeout. ``parse_json`` never raises ``RecursionError``. Messages name the URL through
 ``redact_url`` and quote server text only through ``harvester.redact.excerpt``.
@@ -229,7 +229,7 @@ def check_redirect(current: URL, location: str, *, cross_origin: bool, shown: st
 
     Raises ``PermanentRequestError`` for an invalid target, a scheme other than http(s), a step
     down from https to http, and (unless ``cross_origin``, which still demands https) another
-    origin."""
+    origin; the step up from http to https on the same host is the same server, and allowed."""
     try:
         target = current.join(URL(location.strip()))
         scheme = target.scheme.lower()
@@ -243,7 +243,8 @@ def check_redirect(current: URL, location: str, *, cross_origin: bool, shown: st
     if current.scheme.lower() == "https" and scheme != "https":
         raise PermanentRequestError(f"{shown} redirects from https to http, which is never followed", url=shown,
                                     hint="use the server's https URL; a downgrade would expose the data")
-    if _origin(target) != _origin(current) and not (cross_origin and scheme == "https"):
+    upgrade = current.scheme.lower() == "http" and scheme == "https" and host.lower() == (current.host or "").lower()
+    if _origin(target) != _origin(current) and not upgrade and not (cross_origin and scheme == "https"):
         raise PermanentRequestError(
             f"{shown} redirects to another host ({redact_url(str(target.origin()))}), which is not followed by default",
             url=shown, hint="give that URL directly, or allow https redirects to other hosts with "

@@ -236,7 +236,8 @@ def test_malformed_journal_and_manifest_lines_are_reported_and_skipped(tmp_path:
     ("https://a.example/x", "https://b.example/y", False, False),     # another origin
     ("https://a.example/x", "https://b.example/y", True, True),       # allowed by the flag (https)
     ("http://a.example/x", "http://b.example/y", True, False),        # the flag is https only
-    ("http://a.example/x", "https://a.example/y", False, False),      # another origin (scheme)
+    ("http://a.example/x", "https://a.example/y", False, True),       # the upgrade to https on the same host
+    ("http://a.example/x", "https://b.example/y", False, False),      # an upgrade, but to another host
     ("https://a.example/x", "file:///etc/passwd", True, False),
     ("https://a.example/x", "javascript:alert(1)", True, False),
     ("https://a.example/x", "http://[::1", True, False),
