@@ -7,10 +7,10 @@ exception of aiohttp escapes a request unclassified. ``BackoffWait`` is the tena
 Retry-After pause every request to the host, up to ``config.max_retry_after`` seconds (a longer
 wait, ``inf``, ``nan`` or a date in 9999 is not honoured: the request fails with the reason and
 the series is tried again later). ``get_following`` follows redirects itself: same origin only
-(unless ``config.cross_origin_redirects``, and then https only), never to another scheme, never
-from https to http (http to https on the same host is). ``BodyGuard`` bounds every body as it arrives: a size cap (counted after
-decompression), a per-request deadline and a minimum throughput, on top of aiohttp's idle read
-timeout. ``parse_json`` never raises ``RecursionError``. Messages name the URL through
+(unless ``config.cross_origin_redirects``, and then https only; http to https on the same host
+is the same server), never to another scheme, never from https to http. ``BodyGuard`` bounds
+every body as it arrives: a size cap (counted after decompression), a per-request deadline and
+a minimum throughput, on top of aiohttp's idle read timeout. ``parse_json`` never raises ``RecursionError``. Messages name the URL through
 ``redact_url`` and quote server text only through ``harvester.redact.excerpt``.
 """
 from __future__ import annotations
