@@ -49,6 +49,20 @@ FOUND = [
     ("test_serve_hardening.py", "`harvester serve` kept a stalled or dribbling half-request open for aiohttp's "
      "default hour (and, on older aiohttp, forever)", "d70fc4a: connections idle for 30 s are closed; explicit "
      "request-line and header limits"),
+    ("test_exceptions.py", "a redirect loop, a redirect to `file:`, 2 MB response headers and getSeries JSON nested "
+     "200,000 deep each ended `harvester run` with a traceback (TooManyRedirects, NonHttpUrlRedirectClientError, "
+     "ClientResponseError, RecursionError), on every rerun", "2363f4e: every aiohttp exception is classified "
+     "(one line, exit 3); redirects are followed by the harvester's own policy"),
+    ("test_exceptions.py", "`[/]` in a collection name crashed `harvester query` with rich's MarkupError; a "
+     "harvest.json record with `bytes: \"many\"` or a list for `files` crashed `status` and `verify`; "
+     "`last_sync: 5` crashed `sync`", "2363f4e, bf4026f: server text is escaped for rich; records and header "
+     "times are type-checked, reported with their line or record number and skipped"),
+    ("test_time_bounds.py", "a 503 with `Retry-After: inf` (or 10^9 s, or a date in 9999) made `harvester run` wait "
+     "without a word (killed after 40 s in the check)", "2363f4e: past the 300 s cap the request fails with the "
+     "reason and the series is tried again later"),
+    ("test_secrets_echo.py", "a server echoing the bearer token and the password (literal and base64) in a 400, a "
+     "text/plain or a non-ZIP body put them into the journal, harvest.json, stdout and stderr", "2363f4e: one redaction point in every "
+     "HarvesterError, for every form of every secret the client knows"),
 ]
 
 
