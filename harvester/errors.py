@@ -16,7 +16,9 @@ request, retry the series later, give up on the series, or stop the whole job::
     │                               a refused redirect or a loop, JSON too large or nested too deep
     ├── SeriesError                 this series failed; the engine retries the whole series later
     │   ├── IncompleteSeriesError   fewer files or bytes than the archive said (a truncated ZIP with HTTP 200)
-    │   └── IntegrityError          MD5 mismatch, not DICOM, a file of another series, a corrupt ZIP
+    │   ├── IntegrityError          MD5 mismatch, not DICOM, a file of another series, a corrupt ZIP,
+    │   │   │                       more files or bytes than announced (not the announced series)
+    │   │   └── OversizeDownloadError  the download passed the announced size plus the margin (stopped)
     │   └── PermanentSeriesError    give up on this series and go on (hostile ZIP, access denied)
     │       └── UnsafeArchiveError  path traversal, absolute path, symlink, zip bomb
     └── FatalError                  stop every worker cleanly, keep what is verified
@@ -127,6 +129,12 @@ class IntegrityError(SeriesError):
     """A file did not match its MD5, was not DICOM, belonged to another series, or the ZIP was corrupt."""
 
     hint = "the download was corrupt; it will be fetched again"
+
+
+class OversizeDownloadError(IntegrityError):
+    """The ZIP grew past the size the archive announced for the series plus the margin."""
+
+    hint = "the download was stopped and removed; the series is tried again, then failed with this reason"
 
 
 class PermanentSeriesError(SeriesError):

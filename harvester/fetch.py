@@ -26,7 +26,7 @@ from pathlib import Path
 import anyio
 
 from harvester.config import Limits
-from harvester.errors import IntegrityError, RetryableRequestError, classify_os_error
+from harvester.errors import OversizeDownloadError, RetryableRequestError, classify_os_error
 from harvester.source.http import BodyGuard, redact_url
 from harvester.source.nbia import NBIAClient
 
@@ -35,12 +35,6 @@ ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")
 #: a name of up to 255 bytes twice), plus the LICENSE and md5hashes.csv of a getImage answer
 ZIP_ENTRY_OVERHEAD = 30 + 16 + 46 + 2 * 255
 ZIP_FIXED_OVERHEAD = 1 << 20
-
-
-class OversizeDownloadError(IntegrityError):
-    """The ZIP grew past the size the archive announced for the series plus the margin."""
-
-    hint = "the download was stopped and removed; the series is tried again, then failed with this reason"
 
 
 def download_bound(file_size: int | None, image_count: int | None, limits: Limits) -> int | None:

@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 
 from harvester.config import Limits
+from harvester.errors import HarvesterError, IncompleteSeriesError
 from harvester.fetch import download_bound
 
 from .hostile import (
@@ -164,3 +165,51 @@ def test_token_answer_past_its_cap_is_one_line_exit_3(tmp_path: Path, figures) -
         assert_rerun_completes(h, tmp_path, out, *AUTH)
     figures.record("issue14", family="size bounds: token endpoint answer past 1 MiB", attacks=1,
                    outcome="one line, exit 3", message=lines[0][:200])
+
+
+def many_entries_zip(n: int) -> bytes:
+    import io
+    import zipfile
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("LICENSE", b"CC BY 4.0\n")
+        for i in range(n):
+            zf.writestr(f"1-{i:06d}.dcm", b"")
+        zf.writestr("md5hashes.csv", b"Filename,MD5Hash\n")
+    return buf.getvalue()
+
+
+def test_zip_of_200000_entries_is_not_the_announced_series_not_truncated(tmp_path: Path, figures) -> None:
+    """Issue 14: a ZIP of 200,000 entries for a series of 3 was reported as "truncated"."""
+    from harvester.unpack import verify_and_unpack
+
+    # the unpacker's verdict, past the download bound (which would stop these ZIPs first, see below):
+    # too many entries for any series at the entry limit, not the announced series below it
+    for n, verdict in ((199_990, "more than the 3 the archive announced: not the announced series"),
+                       (200_000, "ZIP has 200002 entries (limit 200000)")):
+        data = many_entries_zip(n)
+        path = tmp_path / f"many-{n}.zip"
+        path.write_bytes(data)
+        with pytest.raises(HarvesterError) as err:
+            verify_and_unpack(path, tmp_path / "staging", series_uid="1.2.3", image_count=3, file_size=None,
+                              limits=Limits())
+        line = err.value.one_line()
+        assert verdict in line and "truncated" not in line, line
+        assert not isinstance(err.value, IncompleteSeriesError)
+        assert not (tmp_path / "staging").exists()
+    # end to end: the download bound stops it, with the same verdict
+    h = build_hostile(2)
+    uid = h.uids[0]
+    h.archive.zips[uid] = data
+    out = tmp_path / "out"
+    with serve_hostile(h):
+        run = cli(*run_args(h, tmp_path, out, "--retries", "1"))
+        assert run.returncode == 1, (run.stdout[-2000:], run.stderr[-2000:])
+        failed = failed_lines(run)
+        assert len(failed) == 1 and "not the announced series" in failed[0] and "truncated" not in failed[0], failed
+        scan(out, run)
+        h.archive.zips[uid] = build_hostile(2).archive.zips[uid]
+        assert_rerun_completes(h, tmp_path, out)
+    figures.record("issue14", family="size bounds: a ZIP of 200,000 entries for a series of 3", attacks=2,
+                   outcome="'not the announced series' (unpack and download), never 'truncated'; exit 1",
+                   message=line[:200])
