@@ -34,6 +34,7 @@ _PARAM_RE = re.compile(r"(?i)(?<![A-Za-z0-9_-])(" + "|".join(re.escape(p) for p 
 _USERINFO_RE = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@?#]+@")
 _AUTH_RE = re.compile(r"\b(Bearer|Basic|bearer)(\s+)[A-Za-z0-9\-._~+/]{8,}=*")  # a credential, not "basic auth"
 MIN_SECRET = 4  # shorter values would mask ordinary words
+MAX_SECRET = 64 * 1024  # longer than any token or password we hold
 
 
 class SecretRegistry:
@@ -78,6 +79,10 @@ def redact(text: str, limit: int | None = None) -> str:
     (with "...") when given. Never raises."""
     if not isinstance(text, str):
         text = str(text)
+    if limit is not None:
+        # bounded work on a huge text; a secret (a token is at most a few KB) cut at this point
+        # lies past ``limit``, so the cut below drops what the scrubbing could not recognise
+        text = text[: limit + MAX_SECRET]
     text = SECRETS.scrub(text)
     text = _USERINFO_RE.sub(r"\1", text)
     text = _AUTH_RE.sub(lambda m: f"{m.group(1)}{m.group(2)}{MASK}", text)
