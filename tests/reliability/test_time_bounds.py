@@ -7,6 +7,9 @@ the URL and what to do. The bounds are set small through the CLI, so no test wai
 from __future__ import annotations
 
 import asyncio
+import json
+import socketserver
+import threading
 from pathlib import Path
 
 import pytest
@@ -154,3 +157,75 @@ def test_time_on_our_side_is_credited_not_counted_as_a_stall() -> None:
         now[0] += 30
         guard.credit(30)
     assert guard.total == 10_000
+
+
+# ------------------------------------------------------------------------------ metadata and headers
+
+def test_dribbled_getseries_is_cut_off_with_one_line(tmp_path: Path, figures) -> None:
+    h = build_hostile(1)
+    body = json.dumps(h.archive.series).encode() * 50
+
+    async def slow_rows(request: web.Request) -> web.StreamResponse:
+        async def chunks():
+            for i in range(0, len(body), 2):
+                yield body[i:i + 2]
+                await asyncio.sleep(0.1)
+        return await stream(request, chunks(), h=h, key="getSeries", headers={"Content-Type": "application/json"})
+
+    h.attacks["getSeries"] = slow_rows
+    out = tmp_path / "out"
+    with serve_hostile(h):
+        run = cli(*run_args(h, tmp_path, out, "--retries", "1", "--min-rate", "100", "--stall-window", "1"))
+        assert run.returncode == 3, (run.stdout[-2000:], run.stderr[-2000:])
+        lines = [line for line in run.stderr.splitlines() if line.startswith("harvester: error: ")]
+        assert len(lines) == 1 and "stalled" in lines[0] and "getSeries" in lines[0], run.stderr
+        scan(out, run)
+        assert_rerun_completes(h, tmp_path, out)
+    figures.record("issue14", family="time bounds: getSeries dribbled", attacks=1, outcome="one line, exit 3",
+                   message=lines[0][:200])
+
+
+class DribbledHeaders(socketserver.ThreadingTCPServer):
+    """Answers every request with a status line, then one header byte every 0.1 s, forever: the
+    idle read timeout is reset by each byte; only the deadline per request ends it."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        outer = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                self.request.recv(65536)
+                try:
+                    self.request.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                    while not outer.stop.wait(0.1):
+                        self.request.sendall(b"a")
+                except OSError:
+                    pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
+def test_dribbled_headers_are_cut_off_by_the_deadline(tmp_path: Path, figures) -> None:
+    server = DribbledHeaders()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        query = tmp_path / "q.yaml"
+        query.write_text("select:\n  - collection: HOSTILE\n")
+        url = f"http://127.0.0.1:{server.server_address[1]}/nbia-api/services/v4"
+        run = cli("run", str(query), "-o", str(tmp_path / "out"), "--api-url", url, "--retries", "1",
+                  "--timeout", "5", "--deadline", "1.5", "--no-progress")
+    finally:
+        server.stop.set()
+        server.shutdown()
+        server.server_close()
+    assert run.returncode == 3, (run.stdout[-2000:], run.stderr[-2000:])
+    lines = [line for line in run.stderr.splitlines() if line.startswith("harvester: error: ")]
+    assert len(lines) == 1 and "deadline" in lines[0], run.stderr
+    assert "Traceback" not in run.stderr
+    figures.record("issue14", family="time bounds: headers dribbled a byte at a time", attacks=1,
+                   outcome="one line, exit 3", message=lines[0][:200])
