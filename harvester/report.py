@@ -642,7 +642,8 @@ class _Page:
                    f'<td>{_text(meta.get("SeriesDescription"))}</td>'
                    f'<td class="uid">{_text(r.get("SeriesInstanceUID"))}</td>'
                    f'<td class="num">{_int(r.get("attempts"))}</td>'
-                   f'<td class="reason">{_text(redact(str(r.get("error") or "failed (no reason recorded)")))}</td></tr>')
+                   f'<td class="reason">{_text(redact(str(r.get("error") or "failed (no reason recorded)")))}'
+                   "</td></tr>")
         yield "</tbody></table>"
 
 

@@ -353,8 +353,8 @@ def verify_and_unpack(zip_path: Path, staging: Path, *, series_uid: str, image_c
         announced = sum(i.file_size for i in dicom_infos)
         # more files or bytes than announced is not a truncated download but another answer
         if image_count is not None and len(dicom_infos) > image_count:
-            raise IntegrityError(_not_announced(f"{len(dicom_infos)} files", f"{image_count}"), series_uid=series_uid,
-                                 hint=_MORE_THAN_ANNOUNCED)
+            raise IntegrityError(_not_announced(f"{len(dicom_infos)} files", f"{image_count}"),
+                                 series_uid=series_uid, hint=_MORE_THAN_ANNOUNCED)
         if image_count is not None and len(dicom_infos) != image_count:
             raise IncompleteSeriesError(
                 f"ZIP holds {len(dicom_infos)} of {image_count} files", series_uid=series_uid)

@@ -10,8 +10,9 @@ the series is tried again later). ``get_following`` follows redirects itself: sa
 (unless ``config.cross_origin_redirects``, and then https only; http to https on the same host
 is the same server), never to another scheme, never from https to http. ``BodyGuard`` bounds
 every body as it arrives: a size cap (counted after decompression), a per-request deadline and
-a minimum throughput, on top of aiohttp's idle read timeout. ``parse_json`` never raises ``RecursionError``. Messages name the URL through
-``redact_url`` and quote server text only through ``harvester.redact.excerpt``.
+a minimum throughput, on top of aiohttp's idle read timeout. ``parse_json`` never raises
+``RecursionError``. Messages name the URL through ``redact_url`` and quote server text only
+through ``harvester.redact.excerpt``.
 """
 from __future__ import annotations
 
@@ -287,7 +288,7 @@ async def raise_for_status(resp: aiohttp.ClientResponse, shown: str, *, max_retr
     if resp.status in RETRYABLE_STATUS:
         retry_after = parse_retry_after(resp.headers.get("Retry-After"))
         if retry_after is not None and retry_after > max_retry_after:
-            wait = "an unusable time" if not math.isfinite(retry_after) or retry_after >= 1e12 else f"{retry_after:.0f} s"
+            wait = f"{retry_after:.0f} s" if math.isfinite(retry_after) else "an unusable time"
             raise ServerBusyError(
                 f"HTTP {resp.status} from {shown} asks to wait {wait}, past the {max_retry_after:g} s cap on "
                 "Retry-After (--max-retry-after)", status=resp.status, url=shown)
@@ -317,7 +318,8 @@ class BodyGuard:
         self.shown, self.max_bytes, self.clock = shown, max_bytes, clock
         self.too_big = too_big or (lambda total: PermanentRequestError(
             f"{shown} sent more than {max_bytes} bytes, the cap on one answer", url=shown))
-        self.deadline, self.window, self.min_bytes = config.request_deadline, config.stall_window, config.stall_min_bytes
+        self.deadline, self.window = config.request_deadline, config.stall_window
+        self.min_bytes = config.stall_min_bytes
         self.started = clock() if started is None else started
         self.total = 0
         self._window_start, self._window_total = self.started, 0
@@ -374,7 +376,8 @@ def parse_json(body: bytes, shown: str) -> Any:
     except UnicodeDecodeError:
         raise RetryableRequestError(f"{shown} answered JSON that is not valid UTF-8", url=shown) from None
     except ValueError:
-        raise RetryableRequestError(f"{shown} answered something that is not JSON: {one_line(body[:300].decode('utf-8', 'replace'))}",
+        raise RetryableRequestError(f"{shown} answered something that is not JSON: "
+                                    f"{one_line(body[:300].decode('utf-8', 'replace'))}",
                                     url=shown) from None
 
 

@@ -34,8 +34,8 @@ from harvester.errors import (
     RetryableRequestError,
     UsageError,
 )
-from harvester.source.base import ClientBackedSource
 from harvester.redact import SECRETS
+from harvester.source.base import ClientBackedSource
 from harvester.source.http import (
     CLIENT_ERRORS,
     BodyGuard,
@@ -248,7 +248,8 @@ class NBIAClient(RetryingClient):
         shown = redact_url(url)
         cap = self.config.max_json_bytes
         async with self._request(url, accept="application/json") as resp:
-            body = await read_guarded(resp, BodyGuard(self.config, shown, max_bytes=cap, too_big=json_too_big(shown, cap)))
+            body = await read_guarded(resp, BodyGuard(self.config, shown, max_bytes=cap,
+                                                      too_big=json_too_big(shown, cap)))
         if endpoint == "getMD5HashForImage":
             return [{"MD5Hash": body.decode("ascii", "replace").strip()}]
         if not body.strip():
