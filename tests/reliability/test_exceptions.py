@@ -221,7 +221,7 @@ def test_malformed_journal_and_manifest_lines_are_reported_and_skipped(tmp_path:
         scan(out, *readers, resume, sync)
     assert set(statuses(out).values()) == {"complete"} and set(statuses(out)) == set(h.uids)
     figures.record("issue14", family="exceptions: malformed journal and harvest.json lines",
-                   attacks=len(BAD_JOURNAL_LINES) + 1 + len(BAD_MANIFEST_RECORDS),
+                   attacks=len(BAD_JOURNAL_LINES) + 1 + len(BAD_MANIFEST_RECORDS) + 3,  # + 3 header fields
                    outcome="reported with the line or record number, skipped; status/verify/report/export/run/sync "
                            "exit 0 without a traceback")
 
@@ -297,4 +297,5 @@ def test_every_network_command_against_hostile_metadata_is_one_line(tmp_path: Pa
         healthy = cli("run", str(query), "-o", str(tmp_path / "healthy"), "--no-progress", *net)
         assert healthy.returncode == 0, healthy.stderr[-1500:]
     figures.record("issue14", family="exceptions: every network command against hostile metadata",
-                   attacks=len(METADATA_ATTACKS), commands=tried, outcome="one line, exit 2 or 3, no traceback")
+                   attacks=len(METADATA_ATTACKS), commands=tried,
+                   outcome=f"one line, exit 2 or 3, no traceback ({tried} command runs)")
