@@ -222,6 +222,10 @@ def render(rows: list[dict[str, Any]], results: dict[str, Counter[str]], *, soak
       "headers, invalid UTF-8, undecodable Content-Encoding, rich markup, malformed journal and harvest.json lines: "
       "one line from every CLI command (`-X faulthandler`), never a traceback; reruns complete | "
       f"{res('test_exceptions')} |")
+    w("| DICOMweb requests | `test_exceptions_dicomweb.py` | the DICOMweb client's QIDO-RS requests under redirect loops, "
+      "ftp: redirects, JSON nested 200,000 deep or past the cap, 2 MB headers and an echoed bearer token or basic "
+      "password: one classified error each, no secret in it (in process, no Orthanc needed) | "
+      f"{res('test_exceptions_dicomweb')} |")
     w("")
     out.extend(render_issue14(kinds["issue14"]))
     w("## Chaos soak, per seed")
