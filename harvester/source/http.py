@@ -339,7 +339,7 @@ class BodyGuard:
             raise RetryableRequestError(
                 f"{self.shown} did not finish within the deadline of {self.deadline:g} s per request",
                 url=self.shown, timed_out=True, hint="the server is too slow; raise --deadline, or run again later")
-        if self.min_bytes and now - self._window_start >= self.window:
+        if self.min_bytes and self.window and now - self._window_start >= self.window:
             got = self.total - self._window_total
             if got < self.min_bytes:
                 raise RetryableRequestError(
