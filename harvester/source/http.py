@@ -225,6 +225,15 @@ def _origin(url: URL) -> tuple[str, str, int | None]:
     return (url.scheme.lower(), (url.host or "").lower(), url.port)
 
 
+def _same_server(current: URL, target: URL) -> bool:
+    """The same origin, or the step up from http to https on the same host (the server moving
+    its own URL to TLS): credentials may follow."""
+    if _origin(current) == _origin(target):
+        return True
+    return (current.scheme.lower() == "http" and target.scheme.lower() == "https"
+            and (current.host or "").lower() == (target.host or "").lower())
+
+
 def check_redirect(current: URL, location: str, *, cross_origin: bool, shown: str) -> URL:
     """The URL a redirect from ``current`` to ``location`` leads to, if the policy allows it.
 
@@ -244,8 +253,7 @@ def check_redirect(current: URL, location: str, *, cross_origin: bool, shown: st
     if current.scheme.lower() == "https" and scheme != "https":
         raise PermanentRequestError(f"{shown} redirects from https to http, which is never followed", url=shown,
                                     hint="use the server's https URL; a downgrade would expose the data")
-    upgrade = current.scheme.lower() == "http" and scheme == "https" and host.lower() == (current.host or "").lower()
-    if _origin(target) != _origin(current) and not upgrade and not (cross_origin and scheme == "https"):
+    if not _same_server(current, target) and not (cross_origin and scheme == "https"):
         raise PermanentRequestError(
             f"{shown} redirects to another host ({redact_url(str(target.origin()))}), which is not followed by default",
             url=shown, hint="give that URL directly, or allow https redirects to other hosts with "
@@ -268,7 +276,7 @@ async def get_following(session: aiohttp.ClientSession, url: str, *, headers: Ma
                 yield resp
                 return
             target = check_redirect(resp.url, location, cross_origin=config.cross_origin_redirects, shown=shown)
-            if _origin(target) != _origin(resp.url):
+            if not _same_server(resp.url, target):
                 sent = {k: v for k, v in sent.items() if k.lower() != "authorization"}
         current = target
     raise PermanentRequestError(f"{shown} redirects in a loop (more than {MAX_REDIRECTS} redirects)", url=shown,
