@@ -37,7 +37,7 @@ from harvester.progress import Event, Hub
 from harvester.query import Query, load_query, query_from_dict
 from harvester.source.base import Source
 from harvester.source.nbia import NBIAClient, NBIASource, make_session, redact_url
-from harvester.state import HarvestState
+from harvester.state import HarvestState, usable_records
 
 
 def make_source(config: Config, session: Any) -> Source:
@@ -244,10 +244,10 @@ def verify_tree(out_dir: Path, *, on_file: Callable[[int], None] | None = None) 
     manifest = out_dir / "harvest.json"
     try:
         doc = json.loads(read_bytes(manifest))   # never through a link, never blocked on a FIFO
-        series = doc["series"]
+        series = usable_records(doc["series"], str(manifest))  # the others are reported and skipped
     except FileNotFoundError:
         raise UsageError(f"{manifest}: not found", hint="verify takes the output directory of a harvest") from None
-    except (ValueError, KeyError, TypeError, OSError):
+    except (ValueError, KeyError, TypeError, OSError, RecursionError):
         raise ManifestError(f"{manifest}: unreadable or not a harvester manifest") from None
     result = VerifyResult(out_dir=out_dir)
     for index, rec in enumerate(series if isinstance(series, list) else [], start=1):

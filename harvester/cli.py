@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import sys
@@ -88,6 +89,21 @@ def _add_api_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=_seconds, metavar="S",
                    help=f"seconds without a byte before a request counts as stalled (default {Config.read_timeout:g})")
     g.add_argument("--retries", type=_positive, metavar="N", help=f"attempts per HTTP request (default {Config.retries})")
+    g.add_argument("--deadline", type=_seconds, metavar="S", dest="request_deadline",
+                   help=f"seconds one request may take in all (default {Config.request_deadline:g})")
+    g.add_argument("--min-rate", type=_size, metavar="RATE",
+                   help="a body slower than this over --stall-window is cut off as stalled (default "
+                        f"{Config.stall_min_bytes // Config.stall_window:g} B/s)")
+    g.add_argument("--stall-window", type=_seconds, metavar="S",
+                   help=f"seconds over which --min-rate is measured (default {Config.stall_window:g})")
+    g.add_argument("--max-retry-after", type=_seconds, metavar="S",
+                   help=f"longest Retry-After waited for (default {Config.max_retry_after:g}); a longer one "
+                        "fails the request, and the series is tried again later")
+    g.add_argument("--max-json-bytes", type=_size, metavar="SIZE",
+                   help=f"largest JSON answer read (default {Config.max_json_bytes >> 20} MiB)")
+    g.add_argument("--allow-cross-origin-redirects", action="store_true", default=None,
+                   dest="cross_origin_redirects",
+                   help="follow https redirects to another host (never to http; credentials are not sent there)")
 
 
 def _add_strict_arg(p: argparse.ArgumentParser) -> None:
@@ -251,10 +267,14 @@ def build_config(args: argparse.Namespace, env: dict[str, str], manifest_api: st
     for name, attr in (("timeout", "read_timeout"), ("retries", "retries"), ("workers", "workers"),
                        ("collection_attribute", "collection_attribute"),
                        ("connections", "connections"), ("series_retries", "series_retries"),
-                       ("max_rate", "max_rate")):
+                       ("max_rate", "max_rate"), ("request_deadline", "request_deadline"),
+                       ("stall_window", "stall_window"), ("max_retry_after", "max_retry_after"),
+                       ("max_json_bytes", "max_json_bytes"), ("cross_origin_redirects", "cross_origin_redirects")):
         value = getattr(args, name, None)
         if value is not None:
             changes[attr] = value
+    if getattr(args, "min_rate", None) is not None:
+        changes["stall_min_bytes"] = int(args.min_rate * changes.get("stall_window", Config.stall_window))
     if getattr(args, "workers", None) and not getattr(args, "connections", None):
         changes["connections"] = max(2 * args.workers, 4)
     layout = getattr(args, "layout", None) or manifest_layout
@@ -273,6 +293,7 @@ def build_config(args: argparse.Namespace, env: dict[str, str], manifest_api: st
 
 def _print_plan_table(plan: Any) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from harvester.progress import human_bytes
@@ -282,7 +303,7 @@ def _print_plan_table(plan: Any) -> None:
         table.add_column(col, justify="left" if col == "collection" else "right")
     totals = plan.to_json()
     for name, c in plan.collections.items():
-        table.add_row(name, str(c.series), str(c.images), human_bytes(c.bytes))
+        table.add_row(escape(name), str(c.series), str(c.images), human_bytes(c.bytes))  # server text: no markup
     table.add_row("[bold]total", f"[bold]{totals['series']}", f"[bold]{totals['images']}",
                   f"[bold]{human_bytes(totals['bytes'])}")
     Console().print(table)
@@ -359,12 +380,13 @@ def cmd_query(args: argparse.Namespace, env: dict[str, str]) -> int:
         writer.writerows(rows)
     else:
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
         table = Table(title=f"{args.endpoint}: {len(rows)} rows")
         for k in keys:
-            table.add_column(k, overflow="fold")
-        for r in rows:
-            table.add_row(*["" if r.get(k) is None else str(r.get(k)) for k in keys])
+            table.add_column(escape(str(k)), overflow="fold")
+        for r in rows:  # server text: "[red]" or "[/]" in it is shown, not parsed as markup
+            table.add_row(*["" if r.get(k) is None else escape(str(r.get(k))) for k in keys])
         Console().print(table)
     return EXIT_OK
 
@@ -478,13 +500,15 @@ def cmd_status(args: argparse.Namespace, env: dict[str, str]) -> int:
         print(json.dumps(st, indent=1))
         return EXIT_OK
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"{args.dir}: last sync {st['last_sync'] or 'never'}, disk use {human_bytes(st['disk_bytes'])}")
+    table = Table(title=escape(f"{args.dir}: last sync {st['last_sync'] or 'never'}, disk use "
+                               f"{human_bytes(st['disk_bytes'])}"))
     for col in ("collection", "series", "complete", "failed", "files", "size"):
         table.add_column(col, justify="left" if col == "collection" else "right")
-    for name, c in st["collections"].items():
-        table.add_row(name, str(c["series"]), str(c["complete"]), str(c["failed"]), str(c["files"]),
+    for name, c in st["collections"].items():  # names come from harvest.json: text, not markup
+        table.add_row(escape(str(name)), str(c["series"]), str(c["complete"]), str(c["failed"]), str(c["files"]),
                       human_bytes(c["bytes"]))
     Console().print(table)
     for f in st["failures"]:
@@ -562,6 +586,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     env = dict(os.environ)
+    if not logging.getLogger().handlers:  # the library's warnings (a malformed journal line...) on stderr
+        logging.basicConfig(level=logging.WARNING, format="harvester: %(levelname)s: %(message)s")
     commands = {"run": cmd_run, "plan": cmd_plan, "query": cmd_query, "verify": cmd_verify, "demo": cmd_demo,
                 "sync": cmd_sync, "status": cmd_status, "export": cmd_export, "report": cmd_report}
     try:

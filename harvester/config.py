@@ -63,6 +63,16 @@ class Config:
     series_retries: int = 3           # extra attempts per series after request-level retries
     connect_timeout: float = 30.0
     read_timeout: float = 120.0       # no byte for this long = a stall
+    # A request (headers and body) must end within this many seconds: 6 h is a 100 GB series
+    # at 5 MB/s. And a body must bring stall_min_bytes in every stall_window seconds (1 KB/s
+    # averaged over a minute), or it is cut off: a server dribbling a byte a second never trips
+    # read_timeout. None / 0 switches each rule off.
+    request_deadline: float | None = 6 * 3600.0
+    stall_window: float = 60.0
+    stall_min_bytes: int = 60 * 1024
+    max_retry_after: float = 300.0    # a longer Retry-After is not waited for: the series is retried later
+    max_json_bytes: int = 256 << 20   # one JSON answer, decompressed (NLST's getSeries is tens of MB)
+    cross_origin_redirects: bool = False  # follow an https redirect to another host (never to http)
     backoff_base: float = 1.0         # seconds; exponential with jitter
     backoff_max: float = 60.0
     max_rate: int | None = None       # bytes/s over all connections

@@ -309,6 +309,7 @@ class Engine:
             self.hub.emit(Event("series_retry", task.series_uid, message=message))
             return delay
         record = self._record(job, [], status="failed", error=message)
+        record["error_kind"] = type(exc).__name__  # the class (harvester.errors) that says what went wrong
         if self.state.complete(task.series_uid) is not None:
             self._refresh_failed[task.series_uid] = message
         await anyio.to_thread.run_sync(self.state.fail, record)

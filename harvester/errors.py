@@ -8,12 +8,17 @@ request, retry the series later, give up on the series, or stop the whole job::
     │   ├── ManifestError           malformed query manifest, .tcia cart or CSV (names the file and key)
     │   └── UnknownSelectionError   a collection or series the archive does not have (lists close matches)
     ├── RequestError                one HTTP request failed
-    │   ├── RetryableRequestError   retry this request: connection reset, timeout, stall, 5xx, 408, 429
-    │   │                           (``retry_after`` carries the server's Retry-After, in seconds)
-    │   └── PermanentRequestError   do not retry: other 4xx (NBIA says "access denied" with HTTP 400)
+    │   ├── RetryableRequestError   retry this request: connection reset, timeout, stall, 5xx, 408, 429,
+    │   │                           a broken HTTP answer (``retry_after``: the server's Retry-After, in s)
+    │   ├── ServerBusyError         not this request again now: a Retry-After past the cap (or unusable);
+    │   │                           the series is tried again later, then failed with the reason
+    │   └── PermanentRequestError   do not retry: other 4xx (NBIA says "access denied" with HTTP 400),
+    │                               a refused redirect or a loop, JSON too large or nested too deep
     ├── SeriesError                 this series failed; the engine retries the whole series later
     │   ├── IncompleteSeriesError   fewer files or bytes than the archive said (a truncated ZIP with HTTP 200)
-    │   └── IntegrityError          MD5 mismatch, not DICOM, a file of another series, a corrupt ZIP
+    │   ├── IntegrityError          MD5 mismatch, not DICOM, a file of another series, a corrupt ZIP,
+    │   │   │                       more files or bytes than announced (not the announced series)
+    │   │   └── OversizeDownloadError  the download passed the announced size plus the margin (stopped)
     │   └── PermanentSeriesError    give up on this series and go on (hostile ZIP, access denied)
     │       └── UnsafeArchiveError  path traversal, absolute path, symlink, zip bomb
     └── FatalError                  stop every worker cleanly, keep what is verified
@@ -24,11 +29,17 @@ request, retry the series later, give up on the series, or stop the whole job::
 
 ``should_retry_request`` is the single place that decides whether an exception is worth
 another HTTP attempt; tenacity calls it. ``should_retry_series`` decides the series level.
-Messages never contain secrets: URLs are passed through ``redact_url`` before they get here.
+Messages never contain secrets: URLs are passed through ``redact_url`` before they get here, and
+every message and hint is passed through ``harvester.redact.redact`` (known secrets in any
+encoding, credential-shaped text) and bounded to ``MAX_MESSAGE`` characters when it is built.
 """
 from __future__ import annotations
 
 import errno
+
+from harvester.redact import redact
+
+MAX_MESSAGE = 1000  # characters of one error message (server text in it is already cut shorter)
 
 
 class HarvesterError(Exception):
@@ -37,9 +48,9 @@ class HarvesterError(Exception):
     hint: str = ""
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
-        super().__init__(message)
+        super().__init__(redact(message, MAX_MESSAGE))
         if hint is not None:
-            self.hint = hint
+            self.hint = redact(hint, MAX_MESSAGE)
 
     def one_line(self) -> str:
         """The message and the hint on one line, as the CLI prints it."""
@@ -88,6 +99,13 @@ class RetryableRequestError(RequestError):
         self.overload = timed_out or status in (429, 503)
 
 
+class ServerBusyError(RequestError):
+    """The server asked to wait longer than ``config.max_retry_after`` (or gave an unusable
+    Retry-After): the request is not retried on that wait; the series is tried again later."""
+
+    hint = "the archive asked to wait too long; run the same command again later to resume"
+
+
 class PermanentRequestError(RequestError):
     """Not worth retrying: the server said no (4xx other than 408/429)."""
 
@@ -112,6 +130,12 @@ class IntegrityError(SeriesError):
     """A file did not match its MD5, was not DICOM, belonged to another series, or the ZIP was corrupt."""
 
     hint = "the download was corrupt; it will be fetched again"
+
+
+class OversizeDownloadError(IntegrityError):
+    """The ZIP grew past the size the archive announced for the series plus the margin."""
+
+    hint = "the download was stopped and removed; the series is tried again, then failed with this reason"
 
 
 class PermanentSeriesError(SeriesError):

@@ -7,8 +7,14 @@ loop pays one thread hop per batch instead of one per network read. Before a byt
 the status and content type are checked (``NBIAClient.open_series``) and the first bytes must
 carry the ZIP signature: an outage page sent with HTTP 200 is retried, not unzipped.
 
+Every attempt is bounded (``BodyGuard``): the per-request deadline and the stall rule of the
+config, and ``max_bytes``, the size the archive announced for the series plus a margin
+(``download_bound``; counted after any Content-Encoding is decoded), past which the download
+stops with ``OversizeDownloadError`` and the caller removes the ``.partial`` file.
+
 Raises ``RetryableRequestError`` once the request-level retries are spent, the client's
-permanent errors at once, and ``DiskFullError``/``OutputNotWritableError`` when the disk fails.
+permanent errors at once, ``OversizeDownloadError`` (the series is retried later, then failed),
+and ``DiskFullError``/``OutputNotWritableError`` when the disk fails.
 """
 from __future__ import annotations
 
@@ -19,10 +25,27 @@ from pathlib import Path
 
 import anyio
 
-from harvester.errors import RetryableRequestError, classify_os_error
+from harvester.config import Limits
+from harvester.errors import OversizeDownloadError, RetryableRequestError, classify_os_error
+from harvester.source.http import BodyGuard, redact_url
 from harvester.source.nbia import NBIAClient
 
 ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")
+#: ZIP bytes allowed per entry beyond its data (local header, data descriptor, central record,
+#: a name of up to 255 bytes twice), plus the LICENSE and md5hashes.csv of a getImage answer
+ZIP_ENTRY_OVERHEAD = 30 + 16 + 46 + 2 * 255
+ZIP_FIXED_OVERHEAD = 1 << 20
+
+
+def download_bound(file_size: int | None, image_count: int | None, limits: Limits) -> int | None:
+    """The most ZIP bytes a series announced as ``file_size`` bytes in ``image_count`` files may
+    take: deflate never grows data by more than a few bytes per block, so the DICOM bytes plus
+    ``limits.max_series_overhead``, the ZIP's own records per entry and a fixed megabyte. None
+    (no bound but the deadline and the disk) when the archive announced no size."""
+    if not file_size or file_size <= 0:
+        return None
+    entries = max(image_count or 0, 0) + 2
+    return int(file_size * (1 + limits.max_series_overhead)) + entries * ZIP_ENTRY_OVERHEAD + ZIP_FIXED_OVERHEAD
 
 
 class RateLimiter:
@@ -66,17 +89,27 @@ class RateLimiter:
 
 async def fetch_series_zip(client: NBIAClient, series_uid: str, collection: str | None, dest: Path, *,
                            chunk_size: int = 1 << 20, rate: RateLimiter | None = None,
-                           on_bytes: Callable[[int], None] | None = None) -> int:
-    """Download the series ZIP into ``dest`` (overwritten per attempt); returns its size in bytes."""
+                           on_bytes: Callable[[int], None] | None = None, max_bytes: int | None = None) -> int:
+    """Download the series ZIP into ``dest`` (overwritten per attempt); returns its size in bytes.
+    ``max_bytes``: see ``download_bound``."""
     async for attempt in client.retrying():
         with attempt:
-            return await _fetch_once(client, series_uid, collection, dest, chunk_size, rate, on_bytes)
+            return await _fetch_once(client, series_uid, collection, dest, chunk_size, rate, on_bytes, max_bytes)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def _fetch_once(client: NBIAClient, series_uid: str, collection: str | None, dest: Path,
-                      chunk_size: int, rate: RateLimiter | None, on_bytes: Callable[[int], None] | None) -> int:
+                      chunk_size: int, rate: RateLimiter | None, on_bytes: Callable[[int], None] | None,
+                      max_bytes: int | None) -> int:
     written = 0
+    shown = redact_url(client.series_url(series_uid, collection))
+
+    def too_big(total: int) -> OversizeDownloadError:
+        return OversizeDownloadError(
+            f"download of series {series_uid} passed {total} bytes, more than the {max_bytes} the archive's "
+            "announced size allows: not the announced series", series_uid=series_uid)
+
+    guard = BodyGuard(client.config, shown, max_bytes=max_bytes, too_big=too_big)
     async with client.open_series(series_uid, collection) as resp:
         try:
             fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -87,6 +120,8 @@ async def _fetch_once(client: NBIAClient, series_uid: str, collection: str | Non
             batched = 0
             checked = False
             async for chunk in resp.content.iter_chunked(chunk_size):
+                guard.feed(len(chunk))
+                ours = time.monotonic()  # from here to the next read: our side's time, not the server's
                 if rate is not None:
                     await rate.consume(len(chunk))
                 batch.append(chunk)
@@ -105,6 +140,7 @@ async def _fetch_once(client: NBIAClient, series_uid: str, collection: str | Non
                 if batched >= chunk_size:
                     written += await _write_batch(fd, batch, dest)
                     batch, batched = [], 0
+                guard.credit(time.monotonic() - ours)
             if not checked:
                 raise RetryableRequestError(f"download of series {series_uid} was empty or not a ZIP")
             if batch:

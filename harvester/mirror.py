@@ -36,7 +36,8 @@ from harvester.planner import Plan, SeriesTask
 from harvester.progress import Hub
 from harvester.query import Query
 from harvester.source.nbia import NBIAClient, as_int, make_session
-from harvester.state import HarvestState, atomic_write, now_iso
+from harvester.redact import redact
+from harvester.state import HarvestState, atomic_write, now_iso, usable_records
 
 SYNC_OVERLAP = dt.timedelta(days=2)
 
@@ -295,10 +296,11 @@ def _load_manifest(out_dir: Path) -> dict[str, Any]:
         doc = json.loads(read_bytes(path))   # never through a link, never blocked on a FIFO
         if not isinstance(doc.get("series"), list):
             raise ValueError
+        doc["series"] = usable_records(doc["series"], str(path))  # the others are reported and skipped
         return doc
     except FileNotFoundError:
         raise UsageError(f"{path}: not found", hint="give the output directory of a harvest") from None
-    except (ValueError, OSError, AttributeError):
+    except (ValueError, OSError, AttributeError, RecursionError):
         raise ManifestError(f"{path}: unreadable or not a harvester manifest") from None
 
 
@@ -321,7 +323,8 @@ def read_status(out_dir: Path) -> dict[str, Any]:
             c["bytes"] += int(rec.get("bytes") or 0)
         else:
             c["failed"] += 1
-            failures.append({"SeriesInstanceUID": rec.get("SeriesInstanceUID"), "error": rec.get("error")})
+            failures.append({"SeriesInstanceUID": rec.get("SeriesInstanceUID"),
+                             "error": redact(rec["error"]) if rec.get("error") else rec.get("error")})
     disk = 0
     for root, _dirs, files in os.walk(out_dir):
         for name in files:
@@ -367,7 +370,7 @@ def export_csv(out_dir: Path, target: Path) -> int:
                          r.get("StudyInstanceUID"), r.get("Modality"), r.get("status"), r.get("path"),
                          len(r.get("files", [])), r.get("bytes"), meta.get("SeriesDescription", ""),
                          meta.get("SeriesNumber", ""), meta.get("StudyDate", ""), meta.get("BodyPartExamined", ""),
-                         meta.get("Manufacturer", ""), meta.get("DateReleased", ""), r.get("error") or ""])
+                         meta.get("Manufacturer", ""), meta.get("DateReleased", ""), redact(r.get("error") or "")])
     atomic_write(target, buf.getvalue().encode("utf-8"))
     return len(doc["series"])
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
+
+from harvester.redact import redact
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,8 @@ class Hub:
         self._subs.append(fn)
 
     def emit(self, ev: Event) -> None:
+        if ev.message:  # the one redaction point, for messages built from something else than a HarvesterError
+            ev = replace(ev, message=redact(ev.message))
         for fn in self._subs:
             fn(ev)
 
@@ -183,8 +187,11 @@ class RichDisplay:
     def __call__(self, ev: Event) -> None:
         t = self.tally
         if ev.kind == "failed":
-            self.progress.console.print(f"[red]failed[/red] series {ev.series_uid}: {ev.message}", markup=True,
-                                        highlight=False)
+            from rich.markup import escape
+
+            # UIDs and messages hold server text: "[red]" or "[/]" in it is text, not markup
+            self.progress.console.print(f"[red]failed[/red] series {escape(ev.series_uid)}: {escape(ev.message)}",
+                                        markup=True, highlight=False)
         self.progress.update(
             self.task_id,
             total=max(1, t.total_bytes),

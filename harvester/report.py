@@ -33,7 +33,8 @@ from typing import Any
 from harvester.containment import open_nofollow, read_bytes
 from harvester.errors import ManifestError, UsageError
 from harvester.progress import human_bytes
-from harvester.state import atomic_write, now_iso
+from harvester.redact import redact
+from harvester.state import atomic_write, now_iso, usable_records
 
 REPORT_NAME = "report.html"
 #: Time charts aim for at most this many buckets; the bucket is the smallest "nice" duration that fits.
@@ -54,7 +55,7 @@ def render_report(out_dir: Path) -> str:
     """
     out_dir = Path(out_dir)
     doc = _load_manifest(out_dir)
-    records = [r for r in doc.get("series", []) if isinstance(r, dict)]
+    records = usable_records(doc.get("series", []), str(out_dir / "harvest.json"))
     skipped_records = len(doc.get("series", [])) - len(records)
     journal = _read_journal(out_dir / ".harvester" / "journal.jsonl")
     if journal.status != "ok":  # no journal (or an unreadable one): the manifest's completion times
@@ -87,6 +88,9 @@ def _load_manifest(out_dir: Path) -> dict[str, Any]:
                          hint="give the directory you harvested into (the -o DIR of harvester run)")
     try:
         doc = json.loads(read_bytes(path))   # never through a link, never blocked on a FIFO
+    except RecursionError:
+        raise ManifestError(f"cannot read {path}: JSON nested too deep",
+                            hint="run the harvest again to rewrite it from the journal") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ManifestError(f"cannot read {path}: {exc}",
                             hint="run the harvest again to rewrite it from the journal") from None
@@ -144,7 +148,7 @@ def _read_journal(path: Path) -> _Journal:
             j.lines += 1
             try:
                 event = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):
                 j.torn += 1
                 continue
             if not isinstance(event, dict):
@@ -639,7 +643,8 @@ class _Page:
                    f'<td>{_text(meta.get("SeriesDescription"))}</td>'
                    f'<td class="uid">{_text(r.get("SeriesInstanceUID"))}</td>'
                    f'<td class="num">{_int(r.get("attempts"))}</td>'
-                   f'<td class="reason">{_text(r.get("error") or "failed (no reason recorded)")}</td></tr>')
+                   f'<td class="reason">{_text(redact(str(r.get("error") or "failed (no reason recorded)")))}'
+                   "</td></tr>")
         yield "</tbody></table>"
 
 

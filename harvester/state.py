@@ -54,8 +54,10 @@ from harvester.errors import (
     classify_os_error,
 )
 from harvester.layout import METADATA_IN_SUBFOLDER, retriever_date, retriever_text
+from harvester.redact import redact
 
 log = logging.getLogger(__name__)
+_log = logging.getLogger("harvester")  # reports of damaged records, on stderr by default
 
 SCHEMA = "harvester/1"
 METADATA_COLUMNS = [
@@ -64,6 +66,62 @@ METADATA_COLUMNS = [
     "SOP Class UID", "Number of Images", "File Size", "File Location", "Download Timestamp",
 ]
 _ATOMIC_TMP = re.compile(r"^\..+\.[0-9]+\.tmp$")   # atomic_write's temp names: .<name>.<pid>.tmp
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def record_problem(rec: Any) -> str | None:
+    """Why a series record read from the journal or harvest.json (hostile until checked: the
+    directory may come from someone else) cannot be used, or None. Checks the types of every
+    field the readers compute with; other fields are only ever shown, through ``str``."""
+    if not isinstance(rec, dict):
+        return "a series record is not an object"
+    if not isinstance(rec.get("SeriesInstanceUID"), str) or not rec["SeriesInstanceUID"]:
+        return "SeriesInstanceUID is not a non-empty string"
+    for key in ("status", "path", "error", "error_kind", "completed", "sop_class_uid"):
+        if rec.get(key) is not None and not isinstance(rec[key], str):
+            return f"{key} is not a string"
+    for key in ("bytes", "attempts"):
+        if rec.get(key) is not None and not _whole(rec[key]):
+            return f"{key} is not a whole number"
+    for key in ("metadata", "patient", "study"):
+        if rec.get(key) is not None and not isinstance(rec[key], dict):
+            return f"{key} is not an object"
+    files = rec.get("files", [])
+    if not isinstance(files, list):
+        return "files is not a list"
+    for i, f in enumerate(files):
+        if not isinstance(f, dict) or not isinstance(f.get("path"), str) or not _whole(f.get("size")):
+            return f"files[{i}] is not an object with a path and a size"
+        if not isinstance(f.get("md5"), str):
+            return f"files[{i}].md5 is not a string"
+    if rec.get("status") == "complete" and not isinstance(rec.get("path"), str):
+        return "a complete series without a path"
+    return None
+
+
+def numbered_usable_records(series: Any, where: str) -> list[tuple[int, dict[str, Any]]]:
+    """(position from 1, record) for the records of a harvest.json ``series`` list that pass
+    ``record_problem``; each one that does not is reported (``logging``, on stderr by default)
+    with its position and skipped."""
+    if not isinstance(series, list):
+        _log.warning("%s: the series list is not a list; ignored", where)
+        return []
+    good = []
+    for n, rec in enumerate(series, 1):
+        problem = record_problem(rec)
+        if problem is None:
+            good.append((n, rec))
+        else:
+            _log.warning("%s: series record %d: %s; skipped", where, n, redact(problem))
+    return good
+
+
+def usable_records(series: Any, where: str) -> list[dict[str, Any]]:
+    """The records of ``numbered_usable_records``, without their positions."""
+    return [rec for _, rec in numbered_usable_records(series, where)]
 
 
 def now_iso() -> str:
@@ -225,12 +283,15 @@ class HarvestState:
         if self.manifest_path.exists():
             try:
                 data = json.loads(read_bytes(self.manifest_path))   # a link or a FIFO: rebuilt as damaged
-                for index, rec in enumerate(data.get("series", []), start=1):
-                    if isinstance(rec, dict) and rec.get("SeriesInstanceUID"):
-                        self.records[str(rec["SeriesInstanceUID"])] = rec
-                        self._origin[str(rec["SeriesInstanceUID"])] = f"{self.manifest_path.name} series #{index}"
+                for index, rec in numbered_usable_records(data.get("series", []), str(self.manifest_path)):
+                    self.records[rec["SeriesInstanceUID"]] = rec
+                    self._origin[rec["SeriesInstanceUID"]] = f"{self.manifest_path.name} series #{index}"
                 self.header = {k: v for k, v in data.items() if k not in ("series", "totals")}
-            except (ValueError, OSError, AttributeError, TypeError):
+                for key in ("started", "finished", "last_sync"):  # times the next run computes with
+                    if self.header.get(key) is not None and not isinstance(self.header[key], str):
+                        _log.warning("%s: %s is not a string; ignored", self.manifest_path, key)
+                        del self.header[key]
+            except (ValueError, OSError, AttributeError, TypeError, RecursionError):
                 # A damaged harvest.json is rebuilt from the journal, which is the source of truth.
                 self.records.clear()
         if not self.journal_path.exists():
@@ -241,30 +302,43 @@ class HarvestState:
             raise UnsafePathError(f"{self.journal_path} cannot be read as a regular file ({exc.strerror or exc}); "
                                   f"refusing to use it", path=str(self.journal_path)) from None
         with fh:
-            for number, line in enumerate(fh, start=1):
+            for lineno, line in enumerate(fh, start=1):
                 try:
                     event = json.loads(line)
+                except RecursionError:
+                    _log.warning("%s line %d: JSON nested too deep; line skipped", self.journal_path, lineno)
+                    continue
                 except ValueError:
                     continue  # a torn last line from a kill -9
                 if not isinstance(event, dict):
                     continue
                 kind, rec = event.get("event"), event.get("series")
-                if kind in ("commit", "failed") and isinstance(rec, dict) and rec.get("SeriesInstanceUID"):
-                    uid = str(rec["SeriesInstanceUID"])
+                if kind in ("commit", "failed"):
+                    problem = record_problem(rec)
+                    if problem is not None:
+                        _log.warning("%s line %d: %s; line skipped", self.journal_path, lineno, redact(problem))
+                        continue
+                    uid = rec["SeriesInstanceUID"]
                     if kind == "failed" and self.records.get(uid, {}).get("status") == "complete":
                         continue  # a later failure to refresh never hides a verified copy
                     self.records[uid] = rec
-                    self._origin[uid] = f"{self.journal_path.name} line {number}"
+                    self._origin[uid] = f"{self.journal_path.name} line {lineno}"
                     self._pending_trash.pop(uid, None)  # fetched again after a prune: keep it
                 elif kind == "unavailable" and isinstance(rec, list):
                     for one in rec:
                         if (isinstance(one, dict) and one.get("SeriesInstanceUID")
                                 and self.records.get(str(one["SeriesInstanceUID"]), {}).get("status") != "complete"):
                             self.records[str(one["SeriesInstanceUID"])] = one
-                elif kind == "forget" and event.get("uid"):
-                    self.records.pop(str(event["uid"]), None)
-                    if event.get("path") and event.get("trash"):
-                        self._pending_trash[str(event["uid"])] = (str(event["path"]), str(event["trash"]))
+                elif kind == "forget":
+                    uid, path, trash = event.get("uid"), event.get("path"), event.get("trash")
+                    if not isinstance(uid, str) or not uid or not all(isinstance(v, (str, type(None)))
+                                                                      for v in (path, trash)):
+                        _log.warning("%s line %d: a forget event without a usable uid, path or trash; line "
+                                     "skipped", self.journal_path, lineno)
+                        continue
+                    self.records.pop(uid, None)
+                    if path and trash:
+                        self._pending_trash[uid] = (path, trash)
 
     def _refuse_unsafe(self) -> None:
         """Leave out every record whose folder or files are not plain relative paths inside DIR

@@ -368,9 +368,16 @@ def verify_and_unpack(zip_path: Path, staging: Path, *, series_uid: str, image_c
         infos = [i for i in zf.infolist() if not i.is_dir()]
         dicom_infos, md5_info, license_info = _classify_entries(infos, series_uid, limits, file_size)
         announced = sum(i.file_size for i in dicom_infos)
+        # more files or bytes than announced is not a truncated download but another answer
+        if image_count is not None and len(dicom_infos) > image_count:
+            raise IntegrityError(_not_announced(f"{len(dicom_infos)} files", f"{image_count}"),
+                                 series_uid=series_uid, hint=_MORE_THAN_ANNOUNCED)
         if image_count is not None and len(dicom_infos) != image_count:
             raise IncompleteSeriesError(
                 f"ZIP holds {len(dicom_infos)} of {image_count} files", series_uid=series_uid)
+        if file_size is not None and announced > file_size:
+            raise IntegrityError(_not_announced(f"{announced} bytes", f"{file_size}"), series_uid=series_uid,
+                                 hint=_MORE_THAN_ANNOUNCED)
         if file_size is not None and announced != file_size:
             raise IncompleteSeriesError(
                 f"ZIP holds {announced} of {file_size} bytes", series_uid=series_uid)
@@ -417,6 +424,13 @@ def verify_and_unpack(zip_path: Path, staging: Path, *, series_uid: str, image_c
             files.append(VerifiedFile(name=name, size=info.file_size, md5=digest, sop_uid=sop,
                                       sop_class_uid=sop_class, md5_checked=md5_checked))
     return UnpackedSeries(files=files, license_text=license_text, repairs=repairs)
+
+
+_MORE_THAN_ANNOUNCED = "the archive sent more than it announced; the series is fetched again, then failed"
+
+
+def _not_announced(held: str, announced: str) -> str:
+    return f"ZIP holds {held}, more than the {announced} the archive announced: not the announced series"
 
 
 def _classify_entries(infos: list[zipfile.ZipInfo], series_uid: str, limits: Limits, file_size: int | None

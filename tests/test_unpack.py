@@ -207,9 +207,11 @@ def test_truncated_instance_with_right_count(work: Path) -> None:
 
 
 def test_more_entries_than_announced(work: Path) -> None:
+    """More files than announced is not a truncated series (issue 14): it is another answer."""
     zip_path = build_zip(work / "s.zip", INSTANCES)
-    with pytest.raises(IncompleteSeriesError):
+    with pytest.raises(IntegrityError, match="more than the 2 the archive announced: not the announced series") as err:
         unpack(zip_path, staging_of(work), image_count=2, file_size=None)
+    assert not isinstance(err.value, IncompleteSeriesError) and "truncated" not in err.value.one_line()
 
 
 # ---------------------------------------------------------------- MD5, DICOM and series checks

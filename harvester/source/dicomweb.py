@@ -47,9 +47,9 @@ import base64
 import contextlib
 import email.message
 import hashlib
-import json
 import os
 import shutil
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,14 +81,21 @@ from harvester.planner import (
 )
 from harvester.query import Query, Selector, fold
 from harvester.source.base import ClientBackedSource
+from harvester.redact import SECRETS
 from harvester.source.http import (
+    CLIENT_ERRORS,
+    BodyGuard,
     RetryingClient,
     HostGate,
     as_int,
+    classify_client_error,
+    get_following,
+    json_too_big,
     one_line,
+    parse_json,
     raise_for_status,
+    read_guarded,
     redact_url,
-    transport_error,
 )
 from harvester.unpack import UnpackedSeries, VerifiedFile, read_dicom_ids
 
@@ -304,8 +311,10 @@ class DICOMwebClient(RetryingClient):
         self.retries = 0
         self._auth_header: dict[str, str] = {}
         if config.bearer_token:
+            SECRETS.add(config.bearer_token)
             self._auth_header = {"Authorization": f"Bearer {config.bearer_token}"}
         elif config.auth is not None:
+            SECRETS.add(config.auth.password, user=config.auth.username)
             pair = f"{config.auth.username}:{config.auth.password}".encode()
             self._auth_header = {"Authorization": "Basic " + base64.b64encode(pair).decode("ascii")}
         if self._auth_header and urlsplit(self.root).username is not None:
@@ -318,20 +327,20 @@ class DICOMwebClient(RetryingClient):
     @contextlib.asynccontextmanager
     async def _request(self, url: str, *, accept: str, ok: Sequence[int] = (200,)
                        ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """One GET with auth and the host gate; failures classified, transport errors inside the
-        ``async with`` body included (no retry here)."""
+        """One GET with auth, the host gate and the redirect policy (``get_following``: the
+        credentials never go to another origin); failures classified, those inside the
+        ``async with`` body included (no retry here): no aiohttp exception leaves unclassified."""
         await self.gate.wait()
         headers = {"Accept": accept, **self._auth_header}
         shown = redact_url(url)
         self.requests += 1
         try:
-            async with self.session.get(url, headers=headers) as resp:
+            async with get_following(self.session, url, headers=headers, config=self.config, shown=shown) as resp:
                 if resp.status not in ok:
-                    await raise_for_status(resp, shown)
+                    await raise_for_status(resp, shown, max_retry_after=self.config.max_retry_after)
                 yield resp
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, aiohttp.ServerTimeoutError,
-                TimeoutError, ConnectionError) as exc:
-            raise transport_error(exc, shown) from None
+        except CLIENT_ERRORS as exc:
+            raise classify_client_error(exc, shown) from None
 
     # ------------------------------------------------------------ QIDO-RS
     def url(self, path: str, params: Iterable[tuple[str, str]] = ()) -> str:
@@ -373,17 +382,13 @@ class DICOMwebClient(RetryingClient):
         async with self._request(url, accept=QIDO_ACCEPT, ok=(200, 204)) as resp:
             if resp.status == 204:  # the standard's answer to "no matches"
                 return [], False
-            body = await resp.read()
+            cap = self.config.max_json_bytes
+            body = await read_guarded(resp, BodyGuard(self.config, shown, max_bytes=cap,
+                                                      too_big=json_too_big(shown, cap)))
             warning = " ".join(resp.headers.getall("Warning", []))
         if not body.strip():
             return [], False
-        try:
-            data = json.loads(body)
-        except ValueError:
-            # An outage page with HTTP 200 is a transient failure, not data.
-            raise RetryableRequestError(
-                f"{shown} answered something that is not JSON: {one_line(body[:300].decode('utf-8', 'replace'))}",
-                url=shown) from None
+        data = parse_json(body, shown)  # an outage page with HTTP 200 is a transient failure, not data
         if isinstance(data, dict):
             data = [data]
         if not isinstance(data, list):
@@ -657,10 +662,13 @@ class DICOMwebSource(ClientBackedSource):
         announced = task.image_count if task.image_count is not None else limits.max_entries
         checker = _SeriesChecker(task, staging, limits.max_entry_bytes, min(limits.max_entries, announced))
         shown = redact_url(self.client.series_url(task.study_uid, task.series_uid))
+        guard = BodyGuard(self.config, shown)  # deadline and stall rule (QIDO announces no size)
         async with self.client.open_series(task.study_uid, task.series_uid) as (resp, boundary):
             try:
                 parser = MultipartParser(boundary)
                 async for chunk in resp.content.iter_chunked(self.config.chunk_size):
+                    guard.feed(len(chunk))
+                    ours = time.monotonic()  # the bandwidth cap and the disk: not the server's time
                     if rate is not None:
                         await rate.consume(len(chunk))
                     on_bytes(len(chunk))
@@ -671,6 +679,7 @@ class DICOMwebSource(ClientBackedSource):
                             await anyio.to_thread.run_sync(checker.write, payload)
                         else:
                             await anyio.to_thread.run_sync(checker.end_part)
+                    guard.credit(time.monotonic() - ours)
                 parser.close()
             except MultipartError as exc:
                 raise RetryableRequestError(f"{exc} ({shown})", url=shown) from None

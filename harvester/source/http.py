@@ -1,33 +1,57 @@
 """HTTP plumbing shared by every source: one session, retry timing, classification of failures.
 
-``raise_for_status`` and ``transport_error`` turn responses and aiohttp exceptions
-into the classes of ``harvester.errors`` (retry the request or not); ``BackoffWait`` is the
-tenacity wait (Retry-After first, else exponential backoff with full jitter); ``HostGate``
-makes one Retry-After pause every request to the host. ``redact_url`` is applied to every URL
-that reaches a message.
+``raise_for_status`` and ``classify_client_error`` turn responses and aiohttp exceptions into
+the classes of ``harvester.errors`` (retry the request, retry the series, fail it, stop): no
+exception of aiohttp escapes a request unclassified. ``BackoffWait`` is the tenacity wait
+(Retry-After first, else exponential backoff with full jitter); ``HostGate`` makes one
+Retry-After pause every request to the host, up to ``config.max_retry_after`` seconds (a longer
+wait, ``inf``, ``nan`` or a date in 9999 is not honoured: the request fails with the reason and
+the series is tried again later). ``get_following`` follows redirects itself: same origin only
+(unless ``config.cross_origin_redirects``, and then https only; http to https on the same host
+is the same server), never to another scheme, never from https to http. ``BodyGuard`` bounds
+every body as it arrives: a size cap (counted after decompression), a per-request deadline and
+a minimum throughput, on top of aiohttp's idle read timeout. ``parse_json`` never raises
+``RecursionError``. Messages name the URL through ``redact_url`` and quote server text only
+through ``harvester.redact.excerpt``.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
+import json
+import math
 import random
 import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import anyio
+from aiohttp import http_exceptions
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+from yarl import URL
 
 from harvester.config import Config
-from harvester.errors import AuthError, PermanentRequestError, RetryableRequestError, should_retry_request
+from harvester.errors import (
+    AuthError,
+    HarvesterError,
+    PermanentRequestError,
+    RetryableRequestError,
+    ServerBusyError,
+    should_retry_request,
+)
+from harvester.redact import SECRET_PARAMS, SECRETS, excerpt
 
 #: transport failures worth another attempt (resets, broken bodies, stalls)
 TRANSPORT_ERRORS = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, aiohttp.ServerTimeoutError,
                     asyncio.TimeoutError, ConnectionError)
 
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
-_SECRET_PARAMS = {"password", "token", "access_token", "refresh_token", "client_secret"}
+REDIRECT_STATUS = {301, 302, 303, 307, 308}
+MAX_REDIRECTS = 10
+_SECRET_PARAMS = set(SECRET_PARAMS)
 
 
 def redact_url(url: str) -> str:
@@ -60,26 +84,28 @@ def as_int(value: Any) -> int | None:
 
 
 def parse_retry_after(value: str | None) -> float | None:
-    """Retry-After as seconds (delta-seconds or an HTTP date); None when absent or invalid."""
+    """Retry-After as seconds (delta-seconds or an HTTP date); None when absent or not a number
+    or date; ``math.inf`` when it cannot be honoured (``inf``, ``nan``, negative, absurd), which
+    is past any cap. An HTTP date in the past is 0."""
     if not value:
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return seconds if 0 <= seconds < 1e12 else math.inf  # nan fails both comparisons
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError, OverflowError, OSError):
         return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def one_line(text: str, limit: int = 200) -> str:
-    text = " ".join(text.split())
-    if "<html" in text.lower() or "<!doctype" in text.lower():
-        return "(HTML error page)"
-    return text[:limit] + ("..." if len(text) > limit else "")
+    """Server text for a message: one line, bounded, redacted (``harvester.redact.excerpt``)."""
+    return excerpt(text, limit)
 
 
 class BackoffWait:
@@ -114,15 +140,32 @@ class HostGate:
 
 
 def make_session(config: Config) -> aiohttp.ClientSession:
-    """One session for the whole run: connection limit, separate connect/read timeouts,
-    proxies from the environment (trust_env), TLS verified (aiohttp's default)."""
+    """One session for the whole run: connection limit, separate connect/read timeouts, a total
+    deadline per request (``config.request_deadline``: it also bounds a server that dribbles its
+    headers), proxies from the environment (trust_env), TLS verified (aiohttp's default).
+    Registers the secrets of the configuration with the redactor."""
+    register_config_secrets(config)
     connector = aiohttp.TCPConnector(limit=config.connections, limit_per_host=config.connections,
                                      enable_cleanup_closed=True)
-    timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout,
+    timeout = aiohttp.ClientTimeout(total=config.request_deadline, connect=config.connect_timeout,
                                     sock_connect=config.connect_timeout, sock_read=config.read_timeout)
     return aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=True,
                                  headers={"User-Agent": config.user_agent}, raise_for_status=False,
                                  auto_decompress=True)
+
+
+def register_config_secrets(config: Config) -> None:
+    """Tell the redactor every secret ``config`` holds: the password, a fixed bearer token, and
+    the password of a ``user:password@`` API or token URL."""
+    if config.auth is not None:
+        SECRETS.add(config.auth.password, user=config.auth.username)
+    SECRETS.add(config.bearer_token)
+    for url in (config.api_url, config.auth.token_url if config.auth else ""):
+        try:
+            parts = urlsplit(url)
+            SECRETS.add(parts.password, user=parts.username)
+        except ValueError:
+            pass
 
 
 def transport_error(exc: BaseException, shown: str) -> RetryableRequestError:
@@ -130,7 +173,9 @@ def transport_error(exc: BaseException, shown: str) -> RetryableRequestError:
     a timeout is marked ``overload`` for the engine's adaptive concurrency."""
     timed_out = isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError))
     if timed_out:
-        what = f"timed out (no data) waiting for {shown}"
+        what = f"timed out (no data, or past the deadline per request) waiting for {shown}"
+    elif isinstance(exc, aiohttp.ClientPayloadError) and "encoding" in str(exc).lower():
+        what = f"{shown} sent a body whose Content-Encoding cannot be decoded"
     elif isinstance(exc, aiohttp.ClientPayloadError):
         what = f"connection broke mid-response from {shown}"
     elif isinstance(exc, aiohttp.ClientConnectorError):
@@ -142,7 +187,106 @@ def transport_error(exc: BaseException, shown: str) -> RetryableRequestError:
     return RetryableRequestError(what, url=shown, timed_out=timed_out)
 
 
-async def raise_for_status(resp: aiohttp.ClientResponse, shown: str) -> None:
+#: every exception a request can raise outside the classified set (``classify_client_error``)
+CLIENT_ERRORS = (aiohttp.ClientError, http_exceptions.HttpProcessingError, asyncio.TimeoutError,
+                 ConnectionError, UnicodeError)
+
+
+def classify_client_error(exc: BaseException, shown: str) -> HarvesterError:
+    """The classified error for any exception of ``CLIENT_ERRORS`` met by a request to ``shown``.
+
+    Redirect trouble and URLs aiohttp refuses fail the request for good
+    (``PermanentRequestError``); a response that breaks HTTP (headers past aiohttp's line limit,
+    a malformed status line) is retried like a reset; transport failures go to
+    ``transport_error``.
+    """
+    if isinstance(exc, aiohttp.TooManyRedirects):
+        return PermanentRequestError(f"{shown} redirects in a loop (more than {MAX_REDIRECTS} redirects)",
+                                     url=shown, hint="check the URL; the server's redirects go round in circles")
+    if isinstance(exc, (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError, aiohttp.RedirectClientError)):
+        return PermanentRequestError(f"{shown}: the server sent an unusable URL ({type(exc).__name__})", url=shown,
+                                     hint="check the URL; only http and https are followed")
+    if isinstance(exc, (http_exceptions.HttpProcessingError, aiohttp.ClientResponseError)) and not isinstance(
+            exc, aiohttp.ClientConnectionError):
+        status = getattr(exc, "status", None) or getattr(exc, "code", None)
+        if "encoding" in str(exc).lower():
+            return RetryableRequestError(f"{shown} sent a body whose Content-Encoding cannot be decoded", url=shown,
+                                         hint="the server or a proxy is broken; run again later")
+        kind = "headers too long" if "too long" in str(exc).lower() or "more than" in str(exc).lower() else (
+            "a malformed response")
+        return RetryableRequestError(f"{shown} sent {kind} (HTTP {status or '?'}: not a valid HTTP answer)",
+                                     url=shown, hint="the server or a proxy is broken; run again later")
+    if isinstance(exc, UnicodeError):
+        return RetryableRequestError(f"{shown} sent text that is not valid UTF-8", url=shown)
+    return transport_error(exc, shown)
+
+
+def _origin(url: URL) -> tuple[str, str, int | None]:
+    return (url.scheme.lower(), (url.host or "").lower(), url.port)
+
+
+def _same_server(current: URL, target: URL) -> bool:
+    """The same origin, or the step up from http to https on the same host (the server moving
+    its own URL to TLS): credentials may follow."""
+    if _origin(current) == _origin(target):
+        return True
+    return (current.scheme.lower() == "http" and target.scheme.lower() == "https"
+            and (current.host or "").lower() == (target.host or "").lower())
+
+
+def check_redirect(current: URL, location: str, *, cross_origin: bool, shown: str) -> URL:
+    """The URL a redirect from ``current`` to ``location`` leads to, if the policy allows it.
+
+    Raises ``PermanentRequestError`` for an invalid target, a scheme other than http(s), a step
+    down from https to http, and (unless ``cross_origin``, which still demands https) another
+    origin; the step up from http to https on the same host is the same server, and allowed."""
+    try:
+        target = current.join(URL(location.strip()))
+        scheme = target.scheme.lower()
+        host = target.host
+    except (ValueError, TypeError):
+        raise PermanentRequestError(f"{shown} redirects to an invalid URL", url=shown,
+                                    hint="the server's redirect is broken; report it") from None
+    if scheme not in ("http", "https") or not host:
+        raise PermanentRequestError(f"{shown} redirects to a {scheme or 'scheme-less'}: URL, which is never followed",
+                                    url=shown, hint="only http and https redirects are followed")
+    if current.scheme.lower() == "https" and scheme != "https":
+        raise PermanentRequestError(f"{shown} redirects from https to http, which is never followed", url=shown,
+                                    hint="use the server's https URL; a downgrade would expose the data")
+    if not _same_server(current, target) and not (cross_origin and scheme == "https"):
+        raise PermanentRequestError(
+            f"{shown} redirects to another host ({redact_url(str(target.origin()))}), which is not followed by default",
+            url=shown, hint="give that URL directly, or allow https redirects to other hosts with "
+                            "--allow-cross-origin-redirects")
+    return target
+
+
+@contextlib.asynccontextmanager
+async def get_following(session: aiohttp.ClientSession, url: str, *, headers: Mapping[str, str], config: Config,
+                        shown: str) -> AsyncIterator[aiohttp.ClientResponse]:
+    """GET ``url``, following redirects under ``check_redirect``'s policy (at most
+    ``MAX_REDIRECTS``); credentials are never sent to another origin. Yields the final response.
+    Raises ``PermanentRequestError`` for a refused redirect or a loop; aiohttp errors propagate."""
+    current: URL | str = url
+    sent = dict(headers)
+    for _ in range(MAX_REDIRECTS + 1):
+        async with session.get(current, headers=sent, allow_redirects=False) as resp:
+            location = resp.headers.get("Location")
+            if resp.status not in REDIRECT_STATUS or location is None:
+                yield resp
+                return
+            target = check_redirect(resp.url, location, cross_origin=config.cross_origin_redirects, shown=shown)
+            if not _same_server(resp.url, target):
+                sent = {k: v for k, v in sent.items() if k.lower() != "authorization"}
+        current = target
+    raise PermanentRequestError(f"{shown} redirects in a loop (more than {MAX_REDIRECTS} redirects)", url=shown,
+                                hint="check the URL; the server's redirects go round in circles")
+
+
+async def raise_for_status(resp: aiohttp.ClientResponse, shown: str, *, max_retry_after: float = 300.0) -> None:
+    """Nothing for HTTP 200; else the classified error, with a bounded, redacted excerpt of the
+    server's text. A Retry-After past ``max_retry_after`` (or unusable) raises
+    ``ServerBusyError``: not retried on that wait, the series is tried again later."""
     if resp.status == 200:
         return
     try:
@@ -150,12 +294,99 @@ async def raise_for_status(resp: aiohttp.ClientResponse, shown: str) -> None:
     except (aiohttp.ClientError, asyncio.TimeoutError):
         text = ""
     if resp.status in RETRYABLE_STATUS:
+        retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+        if retry_after is not None and retry_after > max_retry_after:
+            wait = f"{retry_after:.0f} s" if math.isfinite(retry_after) else "an unusable time"
+            raise ServerBusyError(
+                f"HTTP {resp.status} from {shown} asks to wait {wait}, past the {max_retry_after:g} s cap on "
+                "Retry-After (--max-retry-after)", status=resp.status, url=shown)
         raise RetryableRequestError(f"HTTP {resp.status} from {shown}", status=resp.status, url=shown,
-                                    retry_after=parse_retry_after(resp.headers.get("Retry-After")))
+                                    retry_after=retry_after)
     if resp.status == 401:
         raise AuthError(f"HTTP 401 from {shown}: the server wants credentials")
     raise PermanentRequestError(f"HTTP {resp.status} from {shown}: {one_line(text) or 'no message'}",
                                 status=resp.status, url=shown)
+
+
+class BodyGuard:
+    """Bounds one response body as its (decompressed) bytes arrive; ``feed(n)`` after each chunk.
+
+    * more than ``max_bytes`` in total: raises what ``too_big(total)`` returns;
+    * past ``config.request_deadline`` seconds since ``started``: ``RetryableRequestError``;
+    * fewer than ``config.stall_min_bytes`` in a window of ``config.stall_window`` seconds: a
+      stall (``RetryableRequestError``, marked ``timed_out``), so a server dribbling a byte a
+      second, which the idle read timeout never catches, is cut off.
+    Time the reader spends on its own side is ``credit``ed back, so that ``--max-rate`` or a
+    slow disk never makes a healthy server look stalled. ``clock`` is injectable for unit tests.
+    """
+
+    def __init__(self, config: Config, shown: str, *, max_bytes: int | None = None,
+                 too_big: Callable[[int], HarvesterError] | None = None, started: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.shown, self.max_bytes, self.clock = shown, max_bytes, clock
+        self.too_big = too_big or (lambda total: PermanentRequestError(
+            f"{shown} sent more than {max_bytes} bytes, the cap on one answer", url=shown))
+        self.deadline, self.window = config.request_deadline, config.stall_window
+        self.min_bytes = config.stall_min_bytes
+        self.started = clock() if started is None else started
+        self.total = 0
+        self._window_start, self._window_total = self.started, 0
+
+    def credit(self, seconds: float) -> None:
+        """Time spent on our side (the bandwidth cap, a slow disk) that is not the server's: the
+        window and the deadline are pushed back by it."""
+        self.started += seconds
+        self._window_start += seconds
+
+    def feed(self, n: int) -> None:
+        self.total += n
+        if self.max_bytes is not None and self.total > self.max_bytes:
+            raise self.too_big(self.total)
+        now = self.clock()
+        if self.deadline is not None and now - self.started > self.deadline:
+            raise RetryableRequestError(
+                f"{self.shown} did not finish within the deadline of {self.deadline:g} s per request",
+                url=self.shown, timed_out=True, hint="the server is too slow; raise --deadline, or run again later")
+        if self.min_bytes and self.window and now - self._window_start >= self.window:
+            got = self.total - self._window_total
+            if got < self.min_bytes:
+                raise RetryableRequestError(
+                    f"{self.shown} stalled: {got} bytes in {now - self._window_start:.0f} s (the minimum is "
+                    f"{self.min_bytes} bytes per {self.window:g} s)", url=self.shown, timed_out=True,
+                    hint="the server is dribbling; run again later, or lower --min-rate for a very slow link")
+            self._window_start, self._window_total = now, self.total
+
+
+async def read_guarded(resp: aiohttp.ClientResponse, guard: BodyGuard) -> bytes:
+    """The whole body of ``resp`` under ``guard`` (size cap, deadline, stall rule)."""
+    parts: list[bytes] = []
+    async for chunk in resp.content.iter_any():
+        guard.feed(len(chunk))
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def json_too_big(shown: str, cap: int) -> Callable[[int], HarvesterError]:
+    return lambda total: PermanentRequestError(
+        f"{shown} answered more than {cap} bytes of JSON, the cap on one answer", url=shown,
+        hint="narrow the query, or raise the cap with --max-json-bytes")
+
+
+def parse_json(body: bytes, shown: str) -> Any:
+    """``body`` as JSON. Raises ``RetryableRequestError`` for text that is not JSON or not UTF-8
+    (an outage page sent with HTTP 200 is transient) and ``PermanentRequestError`` for JSON
+    nested deeper than the parser can go (never ``RecursionError``)."""
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise PermanentRequestError(f"{shown} answered JSON nested too deep to read", url=shown,
+                                    hint="the server's answer is hostile or broken; report it") from None
+    except UnicodeDecodeError:
+        raise RetryableRequestError(f"{shown} answered JSON that is not valid UTF-8", url=shown) from None
+    except ValueError:
+        raise RetryableRequestError(f"{shown} answered something that is not JSON: "
+                                    f"{one_line(body[:300].decode('utf-8', 'replace'))}",
+                                    url=shown) from None
 
 
 class RetryingClient:
@@ -183,6 +414,6 @@ class RetryingClient:
         self.retries += 1
         exc = state.outcome.exception() if state.outcome else None
         if isinstance(exc, RetryableRequestError) and exc.retry_after:
-            self.gate.push(exc.retry_after)
+            self.gate.push(min(exc.retry_after, self.config.max_retry_after))
         if self.on_retry is not None and exc is not None:
             self.on_retry(exc)

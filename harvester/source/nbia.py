@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import re
 import time
@@ -37,18 +38,24 @@ from harvester.errors import (
     RetryableRequestError,
     UsageError,
 )
+from harvester.redact import SECRETS
 from harvester.source.base import ClientBackedSource
 from harvester.source.http import (
+    CLIENT_ERRORS,
+    BodyGuard,
     RetryingClient,
-    TRANSPORT_ERRORS,
     HostGate,
     as_int,
+    classify_client_error,
+    get_following,
+    json_too_big,
     make_session,
     one_line,
+    parse_json,
     parse_retry_after,
     raise_for_status,
+    read_guarded,
     redact_url,
-    transport_error,
 )
 
 QUERY_ENDPOINTS: dict[str, tuple[str, ...]] = {
@@ -68,6 +75,9 @@ QUERY_ENDPOINTS: dict[str, tuple[str, ...]] = {
     "getSOPInstanceUIDs": ("SeriesInstanceUID",),
     "getMD5HashForImage": ("SOPInstanceUID",),
 }
+TOKEN_ANSWER_BYTES = 1 << 20  # a token answer is a few hundred bytes; a bigger one is not read on
+
+
 @dataclass
 class _Token:
     access: str
@@ -126,9 +136,15 @@ class TokenAuth:
                 if resp.status != 200:
                     raise RetryableRequestError(f"token request to {url} failed: HTTP {resp.status}",
                                                 status=resp.status, url=url)
+                body = b""
+                async for chunk in resp.content.iter_any():
+                    body += chunk
+                    if len(body) > TOKEN_ANSWER_BYTES:
+                        raise AuthError(f"token endpoint {url} answered more than {TOKEN_ANSWER_BYTES} bytes",
+                                        hint="check --token-url (default: <host>/nbia-api/oauth/token)")
                 try:
-                    data = await resp.json(content_type=None)
-                except ValueError:  # a login page or a proxy's answer: never show its text (it may echo secrets)
+                    data = json.loads(body)
+                except (ValueError, RecursionError):  # a login page or a proxy's answer: never show its text
                     raise AuthError(f"token endpoint {url} answered something that is not JSON",
                                     hint="check --token-url (default: <host>/nbia-api/oauth/token)") from None
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -137,6 +153,8 @@ class TokenAuth:
             raise AuthError(f"token endpoint {url} answered without an access_token")
         expires = as_int(data.get("expires_in")) or 3600
         refresh = data.get("refresh_token") if isinstance(data.get("refresh_token"), str) else None
+        SECRETS.add(data["access_token"])  # a server that echoes them back is redacted too
+        SECRETS.add(refresh)
         self._token = _Token(data["access_token"], refresh, time.monotonic() + expires)
 
 
@@ -177,29 +195,36 @@ class NBIAClient(RetryingClient):
 
     @contextlib.asynccontextmanager
     async def _request(self, url: str, *, accept: str) -> AsyncIterator[aiohttp.ClientResponse]:
-        """One GET with auth, the host gate and classification of failures (no retry here)."""
+        """One GET with auth, the host gate, the redirect policy (``get_following``) and
+        classification of failures, those raised inside the ``async with`` body included (no
+        retry here): every aiohttp exception leaves as a ``HarvesterError``."""
         await self.gate.wait()
         headers = await self._headers()
         headers["Accept"] = accept
         shown = redact_url(url)
+        cap = self.config.max_retry_after
         self.requests += 1
         try:
-            async with self.session.get(url, headers=headers) as resp:
+            async with get_following(self.session, url, headers=headers, config=self.config, shown=shown) as resp:
                 if resp.status == 401 and self.auth is not None:
                     await self.auth.force_refresh(self.session, {"Authorization": headers["Authorization"]})
                     raise _AuthRetry()
-                await raise_for_status(resp, shown)
+                await raise_for_status(resp, shown, max_retry_after=cap)
                 yield resp
         except _AuthRetry:
             headers = await self._headers()
             headers["Accept"] = accept
-            async with self.session.get(url, headers=headers) as resp:
-                if resp.status == 401:
-                    raise AuthError(f"the server rejected the credentials for {shown} (HTTP 401)") from None
-                await raise_for_status(resp, shown)
-                yield resp
-        except TRANSPORT_ERRORS as exc:
-            raise transport_error(exc, shown) from None
+            try:
+                async with get_following(self.session, url, headers=headers, config=self.config,
+                                         shown=shown) as resp:
+                    if resp.status == 401:
+                        raise AuthError(f"the server rejected the credentials for {shown} (HTTP 401)") from None
+                    await raise_for_status(resp, shown, max_retry_after=cap)
+                    yield resp
+            except CLIENT_ERRORS as exc:
+                raise classify_client_error(exc, shown) from None
+        except CLIENT_ERRORS as exc:
+            raise classify_client_error(exc, shown) from None
 
     # ------------------------------------------------------------ queries
     async def query(self, endpoint: str, params: Mapping[str, Any] | None = None, *,
@@ -226,19 +251,16 @@ class NBIAClient(RetryingClient):
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _get_json(self, url: str, endpoint: str) -> list[dict[str, Any]]:
-        async with self._request(url, accept="application/json") as resp:
-            body = await resp.read()
         shown = redact_url(url)
+        cap = self.config.max_json_bytes
+        async with self._request(url, accept="application/json") as resp:
+            body = await read_guarded(resp, BodyGuard(self.config, shown, max_bytes=cap,
+                                                      too_big=json_too_big(shown, cap)))
         if endpoint == "getMD5HashForImage":
             return [{"MD5Hash": body.decode("ascii", "replace").strip()}]
         if not body.strip():
             return []  # NBIA answers an empty body (not "[]") when nothing matches
-        try:
-            import json
-            data = json.loads(body)
-        except ValueError:
-            # An outage page with HTTP 200 is a transient failure, not data.
-            raise RetryableRequestError(f"{shown} answered something that is not JSON", url=shown) from None
+        data = parse_json(body, shown)  # an outage page with HTTP 200 is a transient failure, not data
         if data is None:
             return []  # a JSON null: no rows, as the empty body
         if isinstance(data, dict):
@@ -321,7 +343,8 @@ class NBIAClient(RetryingClient):
             if ctype.startswith("text/") or ctype in ("application/json", "application/xhtml+xml"):
                 text = (await resp.content.read(2048)).decode("utf-8", "replace")
                 raise RetryableRequestError(
-                    f"{redact_url(url)} sent {ctype} instead of a ZIP: {one_line(text)}", url=redact_url(url))
+                    f"{redact_url(url)} sent {ctype} instead of a ZIP: {one_line(text) or 'no body'}",
+                    url=redact_url(url))
             yield resp
 
     async def single_image(self, series_uid: str, sop_uid: str, collection: str | None) -> bytes:
@@ -331,7 +354,8 @@ class NBIAClient(RetryingClient):
         async for attempt in self.retrying():
             with attempt:
                 async with self._request(url, accept="application/dicom") as resp:
-                    return await resp.read()
+                    return await read_guarded(resp, BodyGuard(self.config, redact_url(url),
+                                                              max_bytes=self.config.limits.max_entry_bytes))
         raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -378,13 +402,14 @@ class NBIASource(ClientBackedSource):
 
         from harvester.annotations import has_annotations
         from harvester.errors import IntegrityError
-        from harvester.fetch import fetch_series_zip
+        from harvester.fetch import download_bound, fetch_series_zip
         from harvester.unpack import read_dicom_ids, verify_and_unpack
 
         config = self.client.config
         async with self.download_limiter or contextlib.nullcontext():
             await fetch_series_zip(self.client, task.series_uid, task.collection, partial,
-                                   chunk_size=config.chunk_size, rate=rate, on_bytes=on_bytes)
+                                   chunk_size=config.chunk_size, rate=rate, on_bytes=on_bytes,
+                                   max_bytes=download_bound(task.file_size, task.image_count, config.limits))
         max_repairs = max(1, (task.image_count or 0) // 10)
         unpacked = await anyio.to_thread.run_sync(
             lambda: verify_and_unpack(partial, staging, series_uid=task.series_uid, image_count=task.image_count,

@@ -68,6 +68,20 @@ FOUND = [
     ("test_serve_hardening.py", "`harvester serve` kept a stalled or dribbling half-request open for aiohttp's "
      "default hour (and, on older aiohttp, forever)", "d70fc4a: connections idle for 30 s are closed; explicit "
      "request-line and header limits"),
+    ("test_exceptions.py", "a redirect loop, a redirect to `file:`, 2 MB response headers and getSeries JSON nested "
+     "200,000 deep each ended `harvester run` with a traceback (TooManyRedirects, NonHttpUrlRedirectClientError, "
+     "ClientResponseError, RecursionError), on every rerun", "2363f4e: every aiohttp exception is classified "
+     "(one line, exit 3); redirects are followed by the harvester's own policy"),
+    ("test_exceptions.py", "`[/]` in a collection name crashed `harvester query` with rich's MarkupError; a "
+     "harvest.json record with `bytes: \"many\"` or a list for `files` crashed `status` and `verify`; "
+     "`last_sync: 5` crashed `sync`", "2363f4e, bf4026f: server text is escaped for rich; records and header "
+     "times are type-checked, reported with their line or record number and skipped"),
+    ("test_time_bounds.py", "a 503 with `Retry-After: inf` (or 10^9 s, or a date in 9999) made `harvester run` wait "
+     "without a word (killed after 40 s in the check)", "2363f4e: past the 300 s cap the request fails with the "
+     "reason and the series is tried again later"),
+    ("test_secrets_echo.py", "a server echoing the bearer token and the password (literal and base64) in a 400, a "
+     "text/plain or a non-ZIP body put them into the journal, harvest.json, stdout and stderr", "2363f4e: one redaction point in every "
+     "HarvesterError, for every form of every secret the client knows"),
 ]
 
 
@@ -222,7 +236,26 @@ def render(rows: list[dict[str, Any]], results: dict[str, Counter[str]], *, soak
       "stdout, stderr, journal, harvest.json, metadata.csv, report.html or status/verify/query output, with "
       "refreshes under faults, a rejected refresh, a password rejected mid-run, and six broken token endpoints | "
       f"{res('test_secrets')} |")
+    w("| secrets echoed | `test_secrets_echo.py` | a server echoing the bearer token, refresh token and password "
+      "(literal, URL-encoded, base64, the basic-auth pair) in 400, 500, text/plain and non-ZIP bodies and a "
+      "getSeries answer: no form of them in any byte under DIR or printed by run/status/verify/report/export | "
+      f"{res('test_secrets_echo')} |")
+    w("| time bounds | `test_time_bounds.py` | Retry-After past the cap (1e9, inf, nan, -1, 9999) is not waited for; "
+      "a dribbling server is cut off by the stall rule and a never-ending one by the deadline, with the URL named | "
+      f"{res('test_time_bounds')} |")
+    w("| size bounds | `test_size_bounds.py` | getImage past the announced size (plain, gzip, deflate) stops and its "
+      "temp file goes; getSeries past the JSON cap (plain, gzip bomb) or nested 200,000 deep: one line, exit 3 | "
+      f"{res('test_size_bounds')} |")
+    w("| exceptions classified | `test_exceptions.py` | redirect loops, file:/ftp:/invalid/cross-origin redirects, 2 MB "
+      "headers, invalid UTF-8, undecodable Content-Encoding, rich markup, malformed journal and harvest.json lines: "
+      "one line from every CLI command (`-X faulthandler`), never a traceback; reruns complete | "
+      f"{res('test_exceptions')} |")
+    w("| DICOMweb requests | `test_exceptions_dicomweb.py` | the DICOMweb client's QIDO-RS requests under redirect loops, "
+      "ftp: redirects, JSON nested 200,000 deep or past the cap, 2 MB headers and an echoed bearer token or basic "
+      "password: one classified error each, no secret in it (in process, no Orthanc needed) | "
+      f"{res('test_exceptions_dicomweb')} |")
     w("")
+    out.extend(render_issue14(kinds["issue14"]))
     w("## Chaos soak, per seed")
     w("")
     w("| seed | series | requests | downloads | retries | " + " | ".join(FAULTS) + " | bytes verified | lost |")
@@ -315,6 +348,29 @@ def render(rows: list[dict[str, Any]], results: dict[str, Counter[str]], *, soak
     w(f"This page: `{command}`.")
     w("")
     return "\n".join(out)
+
+
+def render_issue14(rows: list[dict[str, Any]]) -> list[str]:
+    """The section on the families of issue 14 (secrets echoed, time and size bounds, classified
+    exceptions): per family, the attacks tried and the outcome every one of them had."""
+    out = ["## Secrets echoed, time and size bounds, classified exceptions", "",
+           "Each attack runs real `python -X faulthandler -m harvester` processes against a hostile loopback server "
+           "(`tests/reliability/hostile.py`), scans every byte under DIR and printed for the token, the password and "
+           "their encodings and for `Traceback`, and ends with a rerun against the healthy server that completes.", "",
+           "| family | attacks | outcome (all of them) | a message |", "|---|---|---|---|"]
+    grouped: dict[str, list[Any]] = {}
+    for r in rows:
+        g = grouped.setdefault(r["family"], [0, r.get("outcome", ""), ""])
+        g[0] += r.get("attacks", 0)
+        if not g[2]:
+            msgs = r.get("messages")
+            msg = r.get("message") or (next(iter(msgs.values() if isinstance(msgs, dict) else msgs), "") if msgs else "")
+            g[2] = str(msg).replace("|", "\\|")[:160]
+    for family, (n, outcome, msg) in grouped.items():
+        out.append(f"| {family} | {n} | {outcome} | {'`' + msg + '`' if msg else ''} |")
+    out.append(f"| **total** | {sum(g[0] for g in grouped.values())} | | |")
+    out.append("")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
