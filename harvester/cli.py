@@ -22,6 +22,7 @@ import anyio
 from harvester import __version__
 from harvester.config import DEFAULT_API_URL, AuthConfig, Config
 from harvester.errors import FatalError, HarvesterError, RequestError, UsageError
+from harvester.units import SIZE_HELP, parse_size
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -40,12 +41,24 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?(/s)?\s*", text, re.I)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 50MB)")
-    base = 1024 if m.group(3) else 1000
-    power = " KMGT".index(m.group(2).upper() or " ")
-    return int(float(m.group(1)) * base**power)
+    """A size or rate option, parsed by :func:`harvester.units.parse_size` (MB decimal, MiB binary)."""
+    try:
+        value = parse_size(text, rate=True)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be more than 0 bytes: {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {value}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -56,6 +69,20 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
     return value
+
+
+def _checked_spec(kind: str) -> Any:
+    """An argparse type for a ``key=value,...`` spec (``synthetic`` or ``faults``): checked
+    before anything starts, and passed on as written."""
+    def check(text: str) -> str:
+        from harvester.server.faults import FaultSpec
+        from harvester.server.synthetic import SyntheticSpec
+        try:
+            (SyntheticSpec if kind == "synthetic" else FaultSpec).parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+    return check
 
 
 def _seconds(text: str) -> float:
@@ -98,8 +125,9 @@ def _add_harvest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", metavar="LAYOUT",
                    help="classic, descriptive (default; the NBIA Data Retriever's), flat, or a template like "
                         "'{Collection}/{PatientID}/{StudyDate}-{StudyDescription}/{Modality}-{SeriesNumber}-{SeriesInstanceUID}'")
-    p.add_argument("--series-retries", type=int, metavar="N", help=f"extra attempts per series (default {Config.series_retries})")
-    p.add_argument("--max-rate", type=_size, metavar="RATE", help="cap total bandwidth, e.g. 50MB")
+    p.add_argument("--series-retries", type=_count, metavar="N", help=f"extra attempts per series (default {Config.series_retries})")
+    p.add_argument("--max-rate", type=_size, metavar="RATE",
+                   help=f"cap total bandwidth in bytes/s, e.g. 50MB or 20MiB/s ({SIZE_HELP})")
     p.add_argument("--no-progress", action="store_true", help="plain periodic lines instead of a progress bar")
     p.add_argument("--quiet", "-q", action="store_true", help="only errors and the final summary line")
 
@@ -171,10 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="serve a small synthetic archive on loopback and harvest it for real")
     demo.add_argument("dir", metavar="DIR", type=Path, nargs="?", default=Path("harvest-demo"))
-    demo.add_argument("--synthetic", metavar="SPEC",
-                      default="collections=2,patients=3,studies=2,series=2,instances=8,size=32KB,samples=1,seed=1",
+    demo.add_argument("--synthetic", metavar="SPEC", type=_checked_spec("synthetic"),
+                      default="collections=2,patients=3,studies=2,series=2,instances=8,size=32KiB,samples=1,seed=1",
                       help="synthetic archive spec (see harvester serve --help)")
-    demo.add_argument("--faults", metavar="SPEC", default="error=0.05,truncate=0.05,reset=0.03,seed=3",
+    demo.add_argument("--faults", metavar="SPEC", type=_checked_spec("faults"), default="error=0.05,truncate=0.05,reset=0.03,seed=3",
                       help="faults the demo server injects, to show retries (use '' for none)")
     demo.add_argument("--cache-dir", metavar="DIR", type=Path, default=None)
     demo.add_argument("--no-progress", action="store_true")

@@ -15,7 +15,7 @@ Files on disk are a database (rclone's rule): nothing half-written ever sits und
 * ``DIR/.harvester/lock`` holds an flock while a run uses DIR, so two runs cannot interleave.
 
 Raises ``OutputNotWritableError``/``DiskFullError`` (fatal) when DIR cannot be written, and
-``UsageError`` when another run holds the lock.
+``FatalError`` when another run holds the lock.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from harvester.errors import FatalError, HarvesterError, OutputNotWritableError, UsageError, classify_os_error
+from harvester.errors import DiskFullError, FatalError, HarvesterError, OutputNotWritableError, classify_os_error
 
 SCHEMA = "harvester/1"
 METADATA_COLUMNS = [
@@ -178,8 +178,10 @@ class HarvestState:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise UsageError(f"another harvester run is using {self.out_dir}",
-                             hint="wait for it to finish, or use another output directory") from None
+            # Fatal, not a usage error (exit 3): the command was right, only the moment was not.
+            raise FatalError(f"another harvester is running in {self.out_dir}",
+                             hint="wait for it to finish (or stop it), then run the same command again; "
+                                  "or use another output directory") from None
         self._lockfile = fd
 
     def _load(self) -> None:

@@ -219,7 +219,7 @@ def test_failed_series_exit_1_with_reasons(server, small_archive, tmp_path):
 @pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume(server, small_archive, tmp_path):
     """kill -9 several times during a harvest; each rerun resumes; no completed series is fetched twice."""
-    server.set_faults("latency=20ms,rate=48KB,seed=9")  # slow enough that kills land mid-harvest
+    server.set_faults("latency=20ms,rate=48KiB,seed=9")  # slow enough that kills land mid-harvest
     q = write_query(tmp_path, small_archive)
     out = tmp_path / "out"
     args = [sys.executable, "-m", "harvester", "run", str(q), "-o", str(out), "--api-url", server.base_url,
@@ -253,7 +253,7 @@ def _complete_on_disk(out: Path) -> set[str]:
 
 
 def test_ctrl_c_leaves_only_verified_series(server, small_archive, tmp_path):
-    server.set_faults("latency=20ms,rate=48KB,seed=2")
+    server.set_faults("latency=20ms,rate=48KiB,seed=2")
     q = write_query(tmp_path, small_archive)
     out = tmp_path / "out"
     # two workers: the 8 series come in waves, so the interrupt after the first commit lands mid-harvest

@@ -54,7 +54,8 @@ from harvester.server.dicomgen import (
     store,
     write_series,
 )
-from harvester.server.faults import parse_key_values, parse_size
+from harvester.server.faults import parse_key_values
+from harvester.units import parse_size
 
 GENERATOR_VERSION = 2
 INDEX_NAME = "index.json"
