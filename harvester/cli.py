@@ -190,12 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write a self-contained HTML report of what DIR holds")
     report.add_argument("dir", metavar="DIR", type=Path)
     report.add_argument("-o", "--out", metavar="FILE", type=Path, default=None,
-                        help="where to write it (default DIR/report.html)")
+                        help="where to write it ('-' for stdout; default DIR/report.html)")
 
     export = sub.add_parser("export", help="write a TCIA cart (.tcia) or a CSV of the series in DIR")
     export.add_argument("dir", metavar="DIR", type=Path)
-    export.add_argument("--tcia", metavar="FILE", type=Path, help="a cart the TCIA portal and Data Retriever accept")
-    export.add_argument("--csv", metavar="FILE", type=Path, help="one row per series with metadata and path")
+    export.add_argument("--tcia", metavar="FILE", type=Path,
+                        help="a cart the TCIA portal and Data Retriever accept ('-' for stdout)")
+    export.add_argument("--csv", metavar="FILE", type=Path, help="one row per series with metadata and path ('-' for stdout)")
 
     demo = sub.add_parser("demo", help="serve a small synthetic archive on loopback and harvest it for real")
     demo.add_argument("dir", metavar="DIR", type=Path, nargs="?", default=Path("harvest-demo"))
@@ -473,7 +474,8 @@ def cmd_status(args: argparse.Namespace, env: dict[str, str]) -> int:
 def cmd_report(args: argparse.Namespace, env: dict[str, str]) -> int:
     from harvester.report import write_report
 
-    print(f"wrote {write_report(args.dir, args.out)}")
+    # What was written goes to stderr: stdout may be the report itself (-o -, -o /dev/stdout).
+    print(f"wrote {write_report(args.dir, args.out)}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -482,10 +484,13 @@ def cmd_export(args: argparse.Namespace, env: dict[str, str]) -> int:
 
     if not args.tcia and not args.csv:
         raise UsageError("export needs --tcia FILE and/or --csv FILE")
+    if str(args.tcia) == str(args.csv) == "-":
+        raise UsageError("--tcia - and --csv - would both write to stdout", hint="send one of them to a file")
+    # What was written goes to stderr: stdout may be the export itself (-, /dev/stdout).
     if args.tcia:
-        print(f"wrote {args.tcia}: {export_tcia(args.dir, args.tcia)} series")
+        print(f"wrote {args.tcia}: {export_tcia(args.dir, args.tcia)} series", file=sys.stderr)
     if args.csv:
-        print(f"wrote {args.csv}: {export_csv(args.dir, args.csv)} series")
+        print(f"wrote {args.csv}: {export_csv(args.dir, args.csv)} series", file=sys.stderr)
     return EXIT_OK
 
 

@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -71,6 +72,45 @@ def atomic_write(path: Path, data: bytes) -> None:
         except OSError:
             pass
         raise classify_os_error(exc, path.name) from None
+
+
+def write_output(target: Path | str, data: bytes, *, option: str) -> None:
+    """Write a file the user named (an export, a report given with ``option``): ``-`` is stdout;
+    a symlink or a non-regular file (``/dev/stdout``, a FIFO) is written through, as the shell's
+    ``>`` does, and never replaced; a regular file or a new name is written by ``atomic_write``.
+
+    Raises ``DiskFullError``, or ``OutputNotWritableError`` whose hint names ``option``.
+    """
+    hint = f"choose a file you can write to with {option} FILE, or {option} - for stdout"
+    if str(target) == "-":
+        try:
+            sys.stdout.flush()
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        except BrokenPipeError:
+            raise  # the reader left (| head): the CLI ends quietly
+        except OSError as exc:
+            raise OutputNotWritableError(f"cannot write to stdout: {exc.strerror or exc}", hint=hint) from None
+        return
+    path = Path(target)
+    try:
+        through = path.is_symlink() or (path.exists() and not path.is_file())
+        if through:
+            with open(path, "wb") as fh:  # follows the link / opens the device or FIFO: never replaced
+                fh.write(data)
+            return
+        if not path.parent.is_dir():
+            raise OutputNotWritableError(f"cannot write {path}: {path.parent} is not a directory", hint=hint)
+        atomic_write(path, data)
+    except DiskFullError:
+        raise
+    except HarvesterError as exc:  # atomic_write's, classified; or the parent check's
+        raise OutputNotWritableError(str(exc), hint=hint) from None
+    except OSError as exc:
+        err = classify_os_error(exc, str(path))
+        if isinstance(err, DiskFullError):
+            raise err from None
+        raise OutputNotWritableError(f"cannot write {path}: {exc.strerror or exc}", hint=hint) from None
 
 
 def _fsync_dir(path: Path) -> None:

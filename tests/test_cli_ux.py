@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
-from harvest_helpers import manifest, select_all
+from harvest_helpers import harvest, manifest, select_all
 from harvester.server.faults import FaultSpec
 from harvester.server.synthetic import SyntheticSpec
+from harvester.server.testing import serve_in_thread
 from harvester.state import HarvestState
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
@@ -37,6 +42,30 @@ def one_line_error(proc: subprocess.CompletedProcess[str], code: int) -> str:
 
 def tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def harvested(small_archive: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real harvest of every collection plus HOSTILE, whose series all fail."""
+    out = tmp_path_factory.mktemp("ux") / "harvest"
+    q = select_all(small_archive)
+    q["select"].append({"collection": "HOSTILE"})
+    with serve_in_thread(small_archive) as server:
+        result = harvest(server.base_url, out, q, series_retries=0)
+    assert result.failed and result.totals["complete"] > 0
+    return out
+
+
+@pytest.fixture
+def copy_of(harvested: Path, tmp_path: Path) -> Path:
+    """A private copy of the harvest, for tests that change it."""
+    dst = tmp_path / "harvest"
+    shutil.copytree(harvested, dst, symlinks=True)
+    return dst
+
+
+def complete_uids(out: Path) -> list[str]:
+    return [r["SeriesInstanceUID"] for r in manifest(out)["series"] if r["status"] == "complete"]
 
 
 @pytest.fixture
@@ -114,3 +143,110 @@ def test_lock_error_exits_3_not_the_usage_code_and_says_what_to_do(tmp_path: Pat
         assert tree(out) == before
     finally:
         holder.close()
+
+
+# ------------------------------------------------ Why: output files (Deliver 2)
+
+def test_export_csv_to_dev_stdout_writes_through_and_never_replaces_it(harvested: Path) -> None:
+    """`export --csv /dev/stdout` (as root) replaced /dev/stdout with a regular file."""
+    assert os.path.islink("/dev/stdout") or not os.path.isfile("/dev/stdout")
+    proc = cli("export", str(harvested), "--csv", "/dev/stdout")
+    assert proc.returncode == 0, proc.stderr
+    assert os.path.islink("/dev/stdout") or not os.path.isfile("/dev/stdout")
+    rows = proc.stdout.splitlines()
+    assert rows[0].startswith("SeriesInstanceUID,") and len(rows) == 1 + len(manifest(harvested)["series"])
+    assert "wrote /dev/stdout" in proc.stderr  # the summary never mixes with the export
+
+
+def test_export_tcia_dash_is_stdout_not_a_file_named_dash(harvested: Path, tmp_path: Path) -> None:
+    """`export --tcia -` wrote a file named `-`."""
+    proc = cli("export", str(harvested), "--tcia", "-", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "ListOfSeriesToDownload=" in lines
+    assert lines[lines.index("ListOfSeriesToDownload=") + 1:] == complete_uids(harvested)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_csv_and_tcia_both_to_stdout_is_a_usage_error(harvested: Path, tmp_path: Path) -> None:
+    line = one_line_error(cli("export", str(harvested), "--tcia", "-", "--csv", "-", cwd=tmp_path), 2)
+    assert "both write to stdout" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_through_a_symlink_writes_its_target_and_keeps_the_link(harvested: Path, tmp_path: Path) -> None:
+    """Exports replaced a symlinked target instead of writing through it."""
+    real = tmp_path / "shared" / "cohort.tcia"
+    real.parent.mkdir()
+    real.write_text("old\n")
+    link = tmp_path / "cohort.tcia"
+    link.symlink_to(real)
+    proc = cli("export", str(harvested), "--tcia", str(link))
+    assert proc.returncode == 0, proc.stderr
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert real.read_text().splitlines()[-len(complete_uids(harvested)):] == complete_uids(harvested)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cohort.tcia", "shared"]
+    assert [p.name for p in real.parent.iterdir()] == ["cohort.tcia"]
+
+
+def test_export_to_a_fifo_writes_through(harvested: Path, tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    proc = cli("export", str(harvested), "--csv", str(fifo))
+    reader.join(timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert got and got[0].startswith(b"SeriesInstanceUID,")
+
+
+def test_export_to_a_regular_file_is_still_atomic(harvested: Path, tmp_path: Path) -> None:
+    """A regular file is replaced by a rename (a new inode), never rewritten in place: a hard
+    link to the old file keeps the old bytes, and no temp file is left."""
+    target = tmp_path / "series.csv"
+    target.write_text("old\n")
+    os.link(target, tmp_path / "old.csv")
+    proc = cli("export", str(harvested), "--csv", str(target))
+    assert proc.returncode == 0, proc.stderr
+    assert target.read_text().startswith("SeriesInstanceUID,")
+    assert (tmp_path / "old.csv").read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.csv", "series.csv"]
+
+
+@pytest.mark.parametrize("command,option", [
+    (["export", "--csv"], "--csv"), (["export", "--tcia"], "--tcia"), (["report", "-o"], "-o")])
+@pytest.mark.parametrize("where", ["missing-folder/out", "a-directory"])
+def test_unwritable_output_hint_names_the_commands_own_option(harvested: Path, tmp_path: Path,
+                                                              command: list[str], option: str, where: str) -> None:
+    """As a normal user the hint said `(-o DIR)`, an option export lacks."""
+    (tmp_path / "a-directory").mkdir()
+    before = tree(harvested)
+    target = tmp_path / where
+    line = one_line_error(cli(command[0], str(harvested), command[1], str(target)), 3)
+    assert f"cannot write {target}" in line
+    assert f"{option} FILE" in line and "-o DIR" not in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-directory"] and not any((tmp_path / "a-directory").iterdir())
+    assert tree(harvested) == before
+
+
+def test_report_dash_is_stdout(harvested: Path, tmp_path: Path) -> None:
+    proc = cli("report", str(harvested), "-o", "-", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("<!DOCTYPE html>") and proc.stdout.rstrip().endswith("</html>")
+    assert "wrote -" in proc.stderr and list(tmp_path.iterdir()) == []
+    assert not (harvested / "report.html").exists()
+
+
+def test_report_default_target_in_a_harvest_never_follows_a_link_out_of_it(copy_of: Path, tmp_path: Path) -> None:
+    """DIR may come from someone else: a report.html link there pointing outside is replaced,
+    and what it pointed to is left alone (only a target the user names is written through)."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (copy_of / "report.html").symlink_to(victim)
+    proc = cli("report", str(copy_of))
+    assert proc.returncode == 0, proc.stderr
+    assert victim.read_text() == "precious\n"
+    assert not (copy_of / "report.html").is_symlink()
+    assert (copy_of / "report.html").read_text().startswith("<!DOCTYPE html>")
