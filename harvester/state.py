@@ -224,6 +224,11 @@ class HarvestState:
                                   "or use another output directory") from None
         self._lockfile = fd
 
+    def read(self) -> None:
+        """Fill ``records`` and ``header`` from harvest.json and the journal, as ``open()`` would
+        before recovery, without the lock and without writing anything (verify reads this way)."""
+        self._load()
+
     def _load(self) -> None:
         if self.manifest_path.exists():
             try:

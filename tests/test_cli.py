@@ -194,14 +194,16 @@ def test_run_then_verify(server, small_archive, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "0 failed" in proc.stdout and "harvest.json" in proc.stdout
     assert_identical(out, small_archive, normal_series(small_archive))
+    n = len(manifest(out)["series"])
     proc = cli("verify", str(out))
-    assert proc.returncode == 0 and "all match" in proc.stdout
+    assert proc.returncode == 0
+    assert f"{n} series checked: {n} intact, 0 failed, 0 missing, 0 damaged files, 0 extra files" in proc.stdout
     f = out / manifest(out)["series"][0]["files"][0]["path"]
     data = bytearray(f.read_bytes())
     data[len(data) // 2] ^= 1
     f.write_bytes(bytes(data))
     proc = cli("verify", str(out))
-    assert proc.returncode == 1 and "damaged" in proc.stdout
+    assert proc.returncode == 1 and "damaged" in proc.stdout and ", 1 damaged file, " in proc.stdout
 
 
 def test_failed_series_exit_1_with_reasons(server, small_archive, tmp_path):

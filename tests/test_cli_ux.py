@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from harvest_helpers import harvest, manifest, select_all
+from harvest_helpers import harvest, journal_commits, kill_after_progress, manifest, select_all
 from harvester.server.faults import FaultSpec
 from harvester.server.synthetic import SyntheticSpec
 from harvester.server.testing import serve_in_thread
@@ -56,11 +57,28 @@ def harvested(small_archive: Any, tmp_path_factory: pytest.TempPathFactory) -> P
     return out
 
 
+@pytest.fixture(scope="module")
+def complete(small_archive: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real harvest in which every series is complete."""
+    out = tmp_path_factory.mktemp("ux") / "complete"
+    with serve_in_thread(small_archive) as server:
+        result = harvest(server.base_url, out, select_all(small_archive))
+    assert result.ok
+    return out
+
+
 @pytest.fixture
 def copy_of(harvested: Path, tmp_path: Path) -> Path:
     """A private copy of the harvest, for tests that change it."""
     dst = tmp_path / "harvest"
     shutil.copytree(harvested, dst, symlinks=True)
+    return dst
+
+
+@pytest.fixture
+def complete_copy(complete: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "complete"
+    shutil.copytree(complete, dst, symlinks=True)
     return dst
 
 
@@ -250,3 +268,108 @@ def test_report_default_target_in_a_harvest_never_follows_a_link_out_of_it(copy_
     assert victim.read_text() == "precious\n"
     assert not (copy_of / "report.html").is_symlink()
     assert (copy_of / "report.html").read_text().startswith("<!DOCTYPE html>")
+
+
+# ------------------------------------------------ Why: verify says "all match" on an incomplete cohort (Deliver 1)
+
+def summary_line(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = [line for line in proc.stdout.splitlines() if " series checked: " in line]
+    assert len(lines) == 1, proc.stdout
+    return lines[0].split("; ", 1)[1]
+
+
+def test_verify_of_a_complete_harvest_exits_0_with_the_counts(complete: Path) -> None:
+    n = len(manifest(complete)["series"])
+    proc = cli("verify", str(complete))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert summary_line(proc) == f"{n} series checked: {n} intact, 0 failed, 0 missing, 0 damaged files, 0 extra files"
+
+
+def test_verify_exits_1_when_series_failed_and_names_them(harvested: Path) -> None:
+    """`verify` printed "all match" and exited 0 on a harvest with failed series, so
+    `verify DIR && train.py` passed on an incomplete cohort."""
+    records = manifest(harvested)["series"]
+    failed = [r for r in records if r["status"] != "complete"]
+    before = tree(harvested)
+    proc = cli("verify", str(harvested))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    n, ok = len(records), len(records) - len(failed)
+    assert summary_line(proc) == (f"{n} series checked: {ok} intact, {len(failed)} failed, 0 missing, "
+                                  "0 damaged files, 0 extra files")
+    named = [line for line in proc.stdout.splitlines() if line.startswith("failed: ")]
+    assert len(named) == len(failed)
+    for rec, line in zip(failed, named):
+        assert line.startswith(f"failed: {rec['Collection']} {rec['PatientID']}") and rec["SeriesInstanceUID"] in line
+    assert f"to fetch the {len(failed)} failed or missing series, run the same harvester run" in proc.stdout
+    assert "all match" not in proc.stdout
+    assert tree(harvested) == before  # verify only reads
+
+
+def test_verify_reports_a_stray_file_in_a_series_folder(complete_copy: Path) -> None:
+    """A stray file in a series folder was not reported."""
+    rec = manifest(complete_copy)["series"][0]
+    stray = complete_copy / rec["path"] / "notes.txt"
+    stray.write_text("not DICOM")
+    (complete_copy / rec["path"] / "sub").mkdir()
+    (complete_copy / rec["path"] / "sub" / "x.dcm").write_bytes(b"x")
+    n = len(manifest(complete_copy)["series"])
+    proc = cli("verify", str(complete_copy))
+    assert proc.returncode == 1
+    assert summary_line(proc) == (f"{n} series checked: {n - 1} intact, 0 failed, 0 missing, 0 damaged files, "
+                                  "2 extra files")
+    assert f"extra: {rec['path']}/notes.txt" in proc.stdout and f"extra: {rec['path']}/sub/x.dcm" in proc.stdout
+    assert stray.read_text() == "not DICOM"  # reported, never deleted
+
+
+def test_verify_does_not_follow_a_symlink_in_a_series_folder(complete_copy: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.dcm").write_bytes(b"x")
+    rec = manifest(complete_copy)["series"][0]
+    (complete_copy / rec["path"] / "link").symlink_to(outside)
+    proc = cli("verify", str(complete_copy))
+    assert proc.returncode == 1
+    assert f"extra: {rec['path']}/link" in proc.stdout and "secret.dcm" not in proc.stdout
+    assert ", 1 extra file" in summary_line(proc)
+
+
+def test_verify_counts_a_deleted_series_folder_as_missing_and_a_damaged_file(complete_copy: Path) -> None:
+    records = manifest(complete_copy)["series"]
+    shutil.rmtree(complete_copy / records[0]["path"])
+    (complete_copy / records[1]["files"][0]["path"]).write_bytes(b"truncated")
+    n = len(records)
+    proc = cli("verify", str(complete_copy))
+    assert proc.returncode == 1
+    assert summary_line(proc) == (f"{n} series checked: {n - 2} intact, 0 failed, 1 missing, 1 damaged file, "
+                                  "0 extra files")
+    assert f"damaged: {records[1]['files'][0]['path']}: size 9" in proc.stdout
+    assert "harvester verify" in proc.stdout and "--repair" in proc.stdout
+
+
+def test_verify_after_kill_9_counts_what_the_run_never_finished_as_missing(server: Any, small_archive: Any,
+                                                                          tmp_path: Path) -> None:
+    """kill -9 mid-harvest: verify exits 1 and its counts add up to every planned series."""
+    server.set_faults("latency=20ms,rate=48KiB,seed=4")  # slow enough for the kill to land mid-harvest
+    q = tmp_path / "q.yaml"
+    q.write_text(yaml.safe_dump(select_all(small_archive)))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "harvester", "run", str(q), "-o", str(out), "--api-url",
+                             server.base_url, "--workers", "2", *FAST_FLAGS, "--quiet"], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    assert kill_after_progress(proc, out, 0.0), "the harvest ended before it could be killed"
+    planned = json.loads(cli("plan", str(q), "--api-url", server.base_url, "--json").stdout)["series"]
+    committed = len(set(journal_commits(out)))
+    assert 0 < committed < planned
+    proc = cli("verify", str(out))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    # A commit whose folder had not been renamed into place when the kill landed is missing too
+    # (the next run finishes it from staging): intact <= committed, and every other series is missing.
+    m = re.fullmatch(rf"{planned} series checked: (\d+) intact, 0 failed, (\d+) missing, 0 damaged files, "
+                     r"0 extra files", summary_line(proc))
+    assert m, summary_line(proc)
+    intact, missing = int(m.group(1)), int(m.group(2))
+    assert intact <= committed and intact + missing == planned
+    server.set_faults(None)
+    assert cli("run", str(q), "-o", str(out), "--api-url", server.base_url, *FAST_FLAGS).returncode == 0
+    proc = cli("verify", str(out))
+    assert proc.returncode == 0 and summary_line(proc).startswith(f"{planned} series checked: {planned} intact, ")
