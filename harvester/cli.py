@@ -41,9 +41,14 @@ failed, is unavailable or missing, or any file is damaged or extra (the summary 
 counts each: '58 series checked: 53 intact, 5 failed, 0 missing, 0 damaged files,
 1 extra file'); 2 bad usage (no harvest.json); 3 fatal stop (during --repair).
 
-example:
+examples:
   harvester verify harvest-demo && python train.py harvest-demo   # train only on a complete cohort
   harvester verify harvest-demo --repair                          # refetch what is damaged"""
+
+
+def _examples(*lines: str, epilog: str = EPILOG) -> str:
+    """A command's epilog: its examples (each 'command  # what it does'), then ``epilog``."""
+    return "examples:\n" + "".join(f"  {line}\n" for line in lines) + ("\n" + epilog if epilog else "")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -140,7 +145,7 @@ def _add_harvest_args(p: argparse.ArgumentParser) -> None:
                         "'{Collection}/{PatientID}/{StudyDate}-{StudyDescription}/{Modality}-{SeriesNumber}-{SeriesInstanceUID}'")
     p.add_argument("--series-retries", type=_count, metavar="N", help=f"extra attempts per series (default {Config.series_retries})")
     p.add_argument("--max-rate", type=_size, metavar="RATE",
-                   help=f"cap total bandwidth in bytes/s, e.g. 50MB or 20MiB/s ({SIZE_HELP})")
+                   help=f"cap total bandwidth in bytes/s, e.g. 50MB or 20MiB/s: {SIZE_HELP}")
     p.add_argument("--no-progress", action="store_true", help="plain periodic lines instead of a progress bar")
     p.add_argument("--quiet", "-q", action="store_true", help="only errors and the final summary line")
 
@@ -150,7 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="harvester",
         description="Harvest DICOM series from TCIA's NBIA API (or any NBIA-compatible archive): plan a query, "
                     "download concurrently with retries, verify every file, resume after any interruption.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=_examples("harvester demo                                  # try it: a local archive, harvested for real",
+                         "harvester run my-cart.tcia -o cart              # harvest a TCIA portal cart; rerun to resume",
+                         "harvester verify cart && python train.py cart   # train only on a complete, intact cohort",
+                         "harvester COMMAND --help                        # each command's options and examples"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"harvester {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
@@ -158,19 +167,28 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Plan QUERY and harvest every series into DIR: streamed to disk, verified "
                                      "(count, size, MD5, DICOM), unpacked safely, recorded in DIR/harvest.json. "
                                      "Rerun the same command to resume.",
-                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                         epilog=_examples("harvester run config/lidc-ct.yaml -o ~/tcia/lidc   # a query manifest",
+                                          "harvester run my-cart.tcia -o cart --workers 8 --max-rate 20MB",
+                                          "harvester run series.csv -o list --layout classic   # a SeriesInstanceUID column",
+                                          "harvester run q.yaml -o out --api-url http://127.0.0.1:8080/nbia-api/services/v4"),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("query", metavar="QUERY", help="query manifest (.yaml/.json), TCIA cart (.tcia) or UID list (.csv/.txt)")
     _add_harvest_args(run)
     _add_api_args(run)
 
     plan = sub.add_parser("plan", help="show what a query selects (series, images, bytes) without downloading",
-                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    plan.add_argument("query", metavar="QUERY")
+                          epilog=_examples("harvester plan my-cart.tcia                # series, images and bytes per collection",
+                                           "harvester plan q.yaml --json               # the totals for a script"),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    plan.add_argument("query", metavar="QUERY", help="query manifest (.yaml/.json), TCIA cart (.tcia) or UID list (.csv/.txt)")
     plan.add_argument("--json", action="store_true", help="print totals as JSON")
     _add_api_args(plan)
 
     query = sub.add_parser("query", help="ad-hoc metadata query, e.g. harvester query getSeries Collection=X",
-                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                           epilog=_examples("harvester query getCollectionValues",
+                                            "harvester query getSeries Collection=LIDC-IDRI Modality=CT --format csv > series.csv",
+                                            "harvester query getPatient Collection=LIDC-IDRI --format table"),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     query.add_argument("endpoint", metavar="ENDPOINT", help="getCollectionValues, getSeries, getPatient, ...")
     query.add_argument("params", nargs="*", metavar="Key=Value", help="parameters (names are case-sensitive)")
     query.add_argument("--format", choices=["json", "csv", "table"], default=None,
@@ -181,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Mirror QUERY into DIR: fetch series that are new, changed on the server "
                                       "(image count, size, or re-released since the last sync), missing or failed. "
                                       "A changed series keeps its old copy until the new one verifies.",
-                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                          epilog=_examples("harvester sync q.yaml -o mirror --dry-run   # what would change",
+                                           "harvester sync q.yaml -o mirror --prune --max-rate 20MB   # nightly"),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     sync.add_argument("query", metavar="QUERY", help="the mirror's query manifest, cart or UID list")
     sync.add_argument("--prune", action="store_true",
                       help="move series no longer selected to DIR/.harvester/trash/ (never deleted)")
@@ -198,33 +218,53 @@ def build_parser() -> argparse.ArgumentParser:
                         help="refetch what fails: single instances with getSingleImage, whole series only if needed")
     _add_api_args(verify)
 
-    status = sub.add_parser("status", help="what DIR holds per collection, last sync, failures, disk use")
-    status.add_argument("dir", metavar="DIR", type=Path)
-    status.add_argument("--json", action="store_true")
+    status = sub.add_parser("status", help="what DIR holds per collection, last sync, failures, disk use",
+                            epilog=_examples("harvester status mirror", "harvester status mirror --json   # for a script",
+                                             epilog=""),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    status.add_argument("dir", metavar="DIR", type=Path, help="the output directory of a harvest")
+    status.add_argument("--json", action="store_true", help="print it as JSON")
 
-    report = sub.add_parser("report", help="write a self-contained HTML report of what DIR holds")
-    report.add_argument("dir", metavar="DIR", type=Path)
+    report = sub.add_parser("report", help="write a self-contained HTML report of what DIR holds",
+                            epilog=_examples("harvester report mirror                # writes mirror/report.html",
+                                             "harvester report mirror -o - > /srv/www/mirror.html", epilog=""),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    report.add_argument("dir", metavar="DIR", type=Path, help="the output directory of a harvest")
     report.add_argument("-o", "--out", metavar="FILE", type=Path, default=None,
                         help="where to write it ('-' for stdout; default DIR/report.html)")
 
-    export = sub.add_parser("export", help="write a TCIA cart (.tcia) or a CSV of the series in DIR")
-    export.add_argument("dir", metavar="DIR", type=Path)
+    export = sub.add_parser("export", help="write a TCIA cart (.tcia) or a CSV of the series in DIR",
+                            epilog=_examples("harvester export mirror --tcia cohort.tcia   # for the TCIA portal or Data Retriever",
+                                             "harvester export mirror --csv - | grep CT     # one row per series, to stdout",
+                                             epilog=""),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    export.add_argument("dir", metavar="DIR", type=Path, help="the output directory of a harvest")
     export.add_argument("--tcia", metavar="FILE", type=Path,
                         help="a cart the TCIA portal and Data Retriever accept ('-' for stdout)")
     export.add_argument("--csv", metavar="FILE", type=Path, help="one row per series with metadata and path ('-' for stdout)")
 
-    demo = sub.add_parser("demo", help="serve a small synthetic archive on loopback and harvest it for real")
-    demo.add_argument("dir", metavar="DIR", type=Path, nargs="?", default=Path("harvest-demo"))
+    demo = sub.add_parser("demo", help="serve a small synthetic archive on loopback and harvest it for real",
+                          epilog=_examples("harvester demo                      # into ./harvest-demo, with a few faults",
+                                           "harvester demo /tmp/demo --faults ''   # no injected faults",
+                                           "harvester demo --synthetic collections=1,patients=2,series=2,instances=4,size=64KiB"),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo.add_argument("dir", metavar="DIR", type=Path, nargs="?", default=Path("harvest-demo"),
+                      help="where to harvest it (default harvest-demo)")
     demo.add_argument("--synthetic", metavar="SPEC", type=_checked_spec("synthetic"),
                       default="collections=2,patients=3,studies=2,series=2,instances=8,size=32KiB,samples=1,seed=1",
                       help="synthetic archive spec (see harvester serve --help)")
     demo.add_argument("--faults", metavar="SPEC", type=_checked_spec("faults"), default="error=0.05,truncate=0.05,reset=0.03,seed=3",
                       help="faults the demo server injects, to show retries (use '' for none)")
-    demo.add_argument("--cache-dir", metavar="DIR", type=Path, default=None)
-    demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("--cache-dir", metavar="DIR", type=Path, default=None,
+                      help="where the synthetic archive is built (default $HARVESTER_CACHE or ~/.cache/harvester)")
+    demo.add_argument("--no-progress", action="store_true", help="plain periodic lines instead of a progress bar")
 
     from harvester.server.serve import add_serve_arguments
     serve = sub.add_parser("serve", help="serve a harvested DIR or a synthetic archive with the NBIA API",
+                           epilog=_examples("harvester serve harvest-demo --port 8080   # re-publish a harvest",
+                                            "harvester serve --synthetic collections=2,patients=3,series=2,instances=5,size=16KiB "
+                                            "--faults error=0.1,latency=50ms,seed=7",
+                                            epilog=f"sizes and rates: {SIZE_HELP}"),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     add_serve_arguments(serve)
     return parser

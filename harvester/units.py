@@ -15,7 +15,7 @@ DECIMAL = {"kB": 1000, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4}
 BINARY = {"KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4}
 UNITS = {"": 1, "B": 1, **DECIMAL, **BINARY}
 #: What --help says about sizes.
-SIZE_HELP = "bytes, or kB/KB, MB, GB (decimal: 1 MB = 1,000,000 B) or KiB, MiB, GiB (binary)"
+SIZE_HELP = "kB/KB, MB, GB are decimal (1 MB = 1,000,000 B), KiB, MiB, GiB binary; no unit is bytes"
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?|\.\d+)\s*([A-Za-z]*)\s*")
 
