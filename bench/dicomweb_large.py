@@ -12,7 +12,7 @@ series, then ``--repeat`` times (default 3):
 
 Prints MiB/s per run and the medians, harvester / curl as a ratio, and the peak RSS.
 
-    .venv/bin/python bench/dicomweb_large.py [--spec collections=1,...,instances=100,size=4MB]
+    .venv/bin/python bench/dicomweb_large.py [--spec collections=1,...,instances=100,size=4MiB]
 
 Needs Debian's orthanc and orthanc-dicomweb. Timings are informative; the figure that must not
 grow with the series size is the peak RSS (the multipart body is parsed as a stream).
@@ -41,7 +41,7 @@ from harvester.server.synthetic import SyntheticSpec, build_synthetic  # noqa: E
 from server_rss import RssSampler  # noqa: E402  (bench/ is on sys.path as the script's folder)
 from test_dicomweb import USER, OrthancProcess, find_orthanc  # noqa: E402
 
-SPEC = "collections=1,patients=1,studies=1,series=1,instances=100,size=4MB,seed=0"
+SPEC = "collections=1,patients=1,studies=1,series=1,instances=100,size=4MiB,seed=0"
 MB = 1024 * 1024
 WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 

@@ -35,6 +35,8 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 PYTHON = sys.executable
+#: The peer clients' interpreter: their own venv (``make peers``), since nbiatoolkit pins pydicom<3.
+PEERS_PYTHON = os.environ.get("HARVESTER_PEERS_PYTHON") or str(REPO / ".venv-peers" / "bin" / "python")
 CACHE_DIR = Path(os.environ.get("HARVESTER_BENCH_CACHE", REPO / ".cache" / "synthetic"))
 OUT_DIR = Path(os.environ.get("HARVESTER_BENCH_OUT", BENCH / "out"))
 MIB = 1024 * 1024

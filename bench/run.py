@@ -5,9 +5,10 @@
               d (link-bound with faults), e (planning 20,000 series), all
 
 Every tool runs in its own process against a fresh ``harvester serve --synthetic ...``
-subprocess (same archive, same injected faults), and is measured the same way: wall time of
-its process, MiB/s over that wall time and over the server's first-to-last byte, peak RSS of
-its process tree, requests counted by the server, retries, and what its output is worth
+subprocess (same archive, same injected faults; the peers run from their own venv, which
+``make peers`` builds in ``.venv-peers``, or ``$HARVESTER_PEERS_PYTHON``), and is measured the
+same way: wall time of its process, MiB/s over that wall time and over the server's
+first-to-last byte, peak RSS of its process tree, requests counted by the server, retries, and what its output is worth
 (series complete byte for byte, instances missing or corrupt). ``--small`` runs a tiny
 version of each scenario (for CI). Synthetic archives are generated once into
 ``.cache/synthetic`` (git-ignored); tool output goes to ``bench/out`` and is deleted after
@@ -32,6 +33,7 @@ from harness import (  # noqa: E402
     BENCH,
     MIB,
     OUT_DIR,
+    PEERS_PYTHON,
     PYTHON,
     LinkMeter,
     Measurement,
@@ -59,30 +61,30 @@ class Setup:
 
 SETUPS: dict[str, dict[bool, Setup]] = {
     "a": {
-        False: Setup("collections=4,patients=100,studies=1,series=1,instances=50,size=64KB,seed=0", "latency=50ms"),
-        True: Setup("collections=2,patients=4,studies=1,series=1,instances=5,size=16KB,seed=0", "latency=10ms"),
+        False: Setup("collections=4,patients=100,studies=1,series=1,instances=50,size=64KiB,seed=0", "latency=50ms"),
+        True: Setup("collections=2,patients=4,studies=1,series=1,instances=5,size=16KiB,seed=0", "latency=10ms"),
     },
     "b": {
-        False: Setup("collections=2,patients=25,studies=1,series=2,instances=20,size=1MB,seed=0",
-                     "latency=50ms,rate=4MB,total_rate=64MB", nbiatoolkit_limit=10),
-        True: Setup("collections=1,patients=4,studies=1,series=1,instances=4,size=256KB,seed=0",
-                    "latency=5ms,rate=1MB,total_rate=4MB", nbiatoolkit_limit=2),
+        False: Setup("collections=2,patients=25,studies=1,series=2,instances=20,size=1MiB,seed=0",
+                     "latency=50ms,rate=4MiB,total_rate=64MiB", nbiatoolkit_limit=10),
+        True: Setup("collections=1,patients=4,studies=1,series=1,instances=4,size=256KiB,seed=0",
+                    "latency=5ms,rate=1MiB,total_rate=4MiB", nbiatoolkit_limit=2),
     },
     "c": {
-        False: Setup("collections=1,patients=1,studies=1,series=1,instances=200,size=5MB,seed=0", ""),
-        True: Setup("collections=1,patients=1,studies=1,series=1,instances=10,size=1MB,seed=0", ""),
+        False: Setup("collections=1,patients=1,studies=1,series=1,instances=200,size=5MiB,seed=0", ""),
+        True: Setup("collections=1,patients=1,studies=1,series=1,instances=10,size=1MiB,seed=0", ""),
     },
     "d": {
-        False: Setup("collections=2,patients=25,studies=1,series=2,instances=20,size=1MB,seed=0",
-                     "latency=50ms,rate=4MB,total_rate=64MB,error=0.05,reset=0.02,truncate=0.02,seed=5",
+        False: Setup("collections=2,patients=25,studies=1,series=2,instances=20,size=1MiB,seed=0",
+                     "latency=50ms,rate=4MiB,total_rate=64MiB,error=0.05,reset=0.02,truncate=0.02,seed=5",
                      nbiatoolkit_limit=10),
-        True: Setup("collections=1,patients=4,studies=1,series=1,instances=4,size=256KB,seed=0",
-                    "latency=5ms,rate=1MB,total_rate=4MB,error=0.05,reset=0.02,truncate=0.02,seed=5",
+        True: Setup("collections=1,patients=4,studies=1,series=1,instances=4,size=256KiB,seed=0",
+                    "latency=5ms,rate=1MiB,total_rate=4MiB,error=0.05,reset=0.02,truncate=0.02,seed=5",
                     nbiatoolkit_limit=2),
     },
     "e": {
-        False: Setup("collections=20,patients=1000,studies=1,series=1,instances=1,size=1KB,seed=0", "latency=20ms"),
-        True: Setup("collections=2,patients=50,studies=1,series=1,instances=1,size=1KB,seed=0", "latency=20ms"),
+        False: Setup("collections=20,patients=1000,studies=1,series=1,instances=1,size=1KiB,seed=0", "latency=20ms"),
+        True: Setup("collections=2,patients=50,studies=1,series=1,instances=1,size=1KiB,seed=0", "latency=20ms"),
     },
 }
 TITLES = {
@@ -169,7 +171,7 @@ class Bench:
     def tcia_utils(self, setting: str = "defaults", threads: int | None = None, plan_only: bool = False,
                    **kw: Any) -> Measurement:
         def command(base_url: str, work: Path) -> list[str]:
-            cmd = [PYTHON, str(BENCH / "peer_tcia_utils.py"), "--api", base_url, "--out", str(work / "out"),
+            cmd = [PEERS_PYTHON, str(BENCH / "peer_tcia_utils.py"), "--api", base_url, "--out", str(work / "out"),
                    "--collections", ",".join(self.collections)]
             cmd += ["--threads", str(threads)] if threads else []
             return cmd + (["--plan-only"] if plan_only else [])
@@ -178,7 +180,7 @@ class Bench:
     def nbiatoolkit(self, setting: str = "defaults", processes: int | None = None, limit: int | None = None,
                     **kw: Any) -> Measurement:
         def command(base_url: str, work: Path) -> list[str]:
-            cmd = [PYTHON, str(BENCH / "peer_nbiatoolkit.py"), "--api", base_url, "--out", str(work / "out"),
+            cmd = [PEERS_PYTHON, str(BENCH / "peer_nbiatoolkit.py"), "--api", base_url, "--out", str(work / "out"),
                    "--collections", ",".join(self.collections)]
             cmd += ["--processes", str(processes)] if processes else []
             return cmd + (["--limit", str(limit)] if limit else [])
@@ -321,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep each tool's output under bench/out")
     parser.add_argument("--json", type=Path, help="also write the measurements as JSON")
     args = parser.parse_args(argv)
+    if not os.access(PEERS_PYTHON, os.X_OK):
+        print(f"bench: no peer venv at {PEERS_PYTHON}: run 'make peers' (or set HARVESTER_PEERS_PYTHON)",
+              file=sys.stderr)
+        return 2
 
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "small": args.small, "scenarios": {}}

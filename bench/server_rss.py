@@ -30,7 +30,7 @@ from harness import TreeRss  # noqa: E402
 
 from harvester.server.synthetic import SyntheticSpec, build_synthetic  # noqa: E402
 
-SPEC = "collections=1,patients=1,studies=1,series=1,instances=200,size=5MB,seed=0"
+SPEC = "collections=1,patients=1,studies=1,series=1,instances=200,size=5MiB,seed=0"
 MB = 1024 * 1024
 
 

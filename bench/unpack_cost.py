@@ -30,7 +30,7 @@ from harvester.unpack import Limits, verify_and_unpack  # noqa: E402
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--spec", default="collections=1,patients=1,studies=1,series=1,instances=50,size=64KB,seed=0")
+    parser.add_argument("--spec", default="collections=1,patients=1,studies=1,series=1,instances=50,size=64KiB,seed=0")
     parser.add_argument("--repeat", type=int, default=40)
     parser.add_argument("--cache-dir", type=Path, default=REPO / ".cache" / "synthetic")
     parser.add_argument("--profile", action="store_true")

@@ -3,9 +3,11 @@
 Exit codes (documented in --help and the README):
   0  everything asked for is complete (or the command succeeded)
   1  some series failed, or a cart or list named series the archive does not have (each listed
-     with its reason; the rest is harvested) / verify found damaged files
+     with its reason; the rest is harvested) / verify: a planned series failed, unavailable or
+     missing, or a file damaged or extra
   2  bad usage or input: nothing was started
-  3  a fatal stop: disk full, output not writable, credentials rejected, archive unreachable
+  3  a fatal stop: disk full, output not writable, credentials rejected, archive unreachable,
+     another harvester running in DIR
 130  interrupted (Ctrl-C); verified series are kept, rerun the same command to resume
 """
 from __future__ import annotations
@@ -24,15 +26,33 @@ import anyio
 from harvester import __version__
 from harvester.config import DEFAULT_API_URL, AuthConfig, Config
 from harvester.errors import FatalError, HarvesterError, RequestError, UsageError
+from harvester.units import SIZE_HELP, parse_size
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 EPILOG = """\
 exit codes: 0 complete, 1 some series failed or unavailable (the rest is harvested;
 --strict makes unavailable ones exit 2 instead), 2 bad usage or input, 3 fatal stop
-(disk full, credentials, archive unreachable), 130 interrupted (rerun to resume).
+(disk full, credentials, archive unreachable, DIR in use, a link inside DIR),
+130 interrupted (rerun to resume).
 API URL: --api-url, else $HARVESTER_API_URL, else the manifest's 'api:', else
 the public TCIA v4 API."""
+
+
+VERIFY_EPILOG = """\
+exit codes: 0 only when every planned series is there and intact; 1 when any series
+failed, is unavailable or missing, or any file is damaged or extra (the summary line
+counts each: '58 series checked: 53 intact, 5 failed, 0 missing, 0 damaged files,
+1 extra file'); 2 bad usage (no harvest.json); 3 fatal stop (during --repair).
+
+examples:
+  harvester verify harvest-demo && python train.py harvest-demo   # train only on a complete cohort
+  harvester verify harvest-demo --repair                          # refetch what is damaged"""
+
+
+def _examples(*lines: str, epilog: str = EPILOG) -> str:
+    """A command's epilog: its examples (each 'command  # what it does'), then ``epilog``."""
+    return "examples:\n" + "".join(f"  {line}\n" for line in lines) + ("\n" + epilog if epilog else "")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,12 +63,24 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?(/s)?\s*", text, re.I)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 50MB)")
-    base = 1024 if m.group(3) else 1000
-    power = " KMGT".index(m.group(2).upper() or " ")
-    return int(float(m.group(1)) * base**power)
+    """A size or rate option, parsed by :func:`harvester.units.parse_size` (MB decimal, MiB binary)."""
+    try:
+        value = parse_size(text, rate=True)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be more than 0 bytes: {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {value}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -59,6 +91,20 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
     return value
+
+
+def _checked_spec(kind: str) -> Any:
+    """An argparse type for a ``key=value,...`` spec (``synthetic`` or ``faults``): checked
+    before anything starts, and passed on as written."""
+    def check(text: str) -> str:
+        from harvester.server.faults import FaultSpec
+        from harvester.server.synthetic import SyntheticSpec
+        try:
+            (SyntheticSpec if kind == "synthetic" else FaultSpec).parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+    return check
 
 
 def _seconds(text: str) -> float:
@@ -124,8 +170,9 @@ def _add_harvest_args(p: argparse.ArgumentParser) -> None:
                    help="descriptive (default; the Java NBIA Data Retriever's), classic, tcia2026 (TCIA's 2026 "
                         "Data Retriever's; metadata/metadata.csv), flat, or a template like "
                         "'{Collection}/{PatientID}/{StudyDate}-{StudyDescription}/{Modality}-{SeriesNumber}-{SeriesInstanceUID}'")
-    p.add_argument("--series-retries", type=int, metavar="N", help=f"extra attempts per series (default {Config.series_retries})")
-    p.add_argument("--max-rate", type=_size, metavar="RATE", help="cap total bandwidth, e.g. 50MB")
+    p.add_argument("--series-retries", type=_count, metavar="N", help=f"extra attempts per series (default {Config.series_retries})")
+    p.add_argument("--max-rate", type=_size, metavar="RATE",
+                   help=f"cap total bandwidth in bytes/s, e.g. 50MB or 20MiB/s: {SIZE_HELP}")
     p.add_argument("--no-progress", action="store_true", help="plain periodic lines instead of a progress bar")
     p.add_argument("--quiet", "-q", action="store_true", help="only errors and the final summary line")
 
@@ -135,7 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="harvester",
         description="Harvest DICOM series from TCIA's NBIA API (or any NBIA-compatible archive): plan a query, "
                     "download concurrently with retries, verify every file, resume after any interruption.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=_examples("harvester demo                                  # try it: a local archive, harvested for real",
+                         "harvester run my-cart.tcia -o cart              # harvest a TCIA portal cart; rerun to resume",
+                         "harvester verify cart && python train.py cart   # train only on a complete, intact cohort",
+                         "harvester COMMAND --help                        # each command's options and examples"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"harvester {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
@@ -143,21 +194,30 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Plan QUERY and harvest every series into DIR: streamed to disk, verified "
                                      "(count, size, MD5, DICOM), unpacked safely, recorded in DIR/harvest.json. "
                                      "Rerun the same command to resume.",
-                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                         epilog=_examples("harvester run config/lidc-ct.yaml -o ~/tcia/lidc   # a query manifest",
+                                          "harvester run my-cart.tcia -o cart --workers 8 --max-rate 20MB",
+                                          "harvester run series.csv -o list --layout classic   # a SeriesInstanceUID column",
+                                          "harvester run q.yaml -o out --api-url http://127.0.0.1:8080/nbia-api/services/v4"),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("query", metavar="QUERY", help="query manifest (.yaml/.json), TCIA cart (.tcia) or UID list (.csv/.txt)")
     _add_harvest_args(run)
     _add_strict_arg(run)
     _add_api_args(run)
 
     plan = sub.add_parser("plan", help="show what a query selects (series, images, bytes) without downloading",
-                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    plan.add_argument("query", metavar="QUERY")
+                          epilog=_examples("harvester plan my-cart.tcia                # series, images and bytes per collection",
+                                           "harvester plan q.yaml --json               # the totals for a script"),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    plan.add_argument("query", metavar="QUERY", help="query manifest (.yaml/.json), TCIA cart (.tcia) or UID list (.csv/.txt)")
     plan.add_argument("--json", action="store_true", help="print totals as JSON")
     _add_strict_arg(plan)
     _add_api_args(plan)
 
     query = sub.add_parser("query", help="ad-hoc metadata query, e.g. harvester query getSeries Collection=X",
-                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                           epilog=_examples("harvester query getCollectionValues",
+                                            "harvester query getSeries Collection=LIDC-IDRI Modality=CT --format csv > series.csv",
+                                            "harvester query getPatient Collection=LIDC-IDRI --format table"),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     query.add_argument("endpoint", metavar="ENDPOINT", help="getCollectionValues, getSeries, getPatient, ...")
     query.add_argument("params", nargs="*", metavar="Key=Value", help="parameters (names are case-sensitive)")
     query.add_argument("--format", choices=["json", "csv", "table"], default=None,
@@ -168,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Mirror QUERY into DIR: fetch series that are new, changed on the server "
                                       "(image count, size, or re-released since the last sync), missing or failed. "
                                       "A changed series keeps its old copy until the new one verifies.",
-                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                          epilog=_examples("harvester sync q.yaml -o mirror --dry-run   # what would change",
+                                           "harvester sync q.yaml -o mirror --prune --max-rate 20MB   # nightly"),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     sync.add_argument("query", metavar="QUERY", help="the mirror's query manifest, cart or UID list")
     sync.add_argument("--prune", action="store_true",
                       help="move series no longer selected to DIR/.harvester/trash/ (never deleted)")
@@ -178,38 +240,61 @@ def build_parser() -> argparse.ArgumentParser:
     _add_api_args(sync)
 
     verify = sub.add_parser("verify", help="re-hash every harvested file against DIR/harvest.json",
-                            epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    verify.add_argument("dir", metavar="DIR", type=Path)
+                            description="Re-hash every file DIR/harvest.json records, report files that no record\n"
+                                        "lists (extra), and count the series that failed, are unavailable or missing.",
+                            epilog=VERIFY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    verify.add_argument("dir", metavar="DIR", type=Path, help="the output directory of a harvest")
     verify.add_argument("--repair", action="store_true",
                         help="refetch what fails: single instances with getSingleImage, whole series only if needed")
     _add_api_args(verify)
 
-    status = sub.add_parser("status", help="what DIR holds per collection, last sync, failures, disk use")
-    status.add_argument("dir", metavar="DIR", type=Path)
-    status.add_argument("--json", action="store_true")
+    status = sub.add_parser("status", help="what DIR holds per collection, last sync, failures, disk use",
+                            epilog=_examples("harvester status mirror", "harvester status mirror --json   # for a script",
+                                             epilog=""),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    status.add_argument("dir", metavar="DIR", type=Path, help="the output directory of a harvest")
+    status.add_argument("--json", action="store_true", help="print it as JSON")
 
-    report = sub.add_parser("report", help="write a self-contained HTML report of what DIR holds")
-    report.add_argument("dir", metavar="DIR", type=Path)
+    report = sub.add_parser("report", help="write a self-contained HTML report of what DIR holds",
+                            epilog=_examples("harvester report mirror                # writes mirror/report.html",
+                                             "harvester report mirror -o - > /srv/www/mirror.html", epilog=""),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    report.add_argument("dir", metavar="DIR", type=Path, help="the output directory of a harvest")
     report.add_argument("-o", "--out", metavar="FILE", type=Path, default=None,
-                        help="where to write it (default DIR/report.html)")
+                        help="where to write it ('-' for stdout; default DIR/report.html)")
 
-    export = sub.add_parser("export", help="write a TCIA cart (.tcia) or a CSV of the series in DIR")
-    export.add_argument("dir", metavar="DIR", type=Path)
-    export.add_argument("--tcia", metavar="FILE", type=Path, help="a cart the TCIA portal and Data Retriever accept")
-    export.add_argument("--csv", metavar="FILE", type=Path, help="one row per series with metadata and path")
+    export = sub.add_parser("export", help="write a TCIA cart (.tcia) or a CSV of the series in DIR",
+                            epilog=_examples("harvester export mirror --tcia cohort.tcia   # for the TCIA portal or Data Retriever",
+                                             "harvester export mirror --csv - | grep CT     # one row per series, to stdout",
+                                             epilog=""),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    export.add_argument("dir", metavar="DIR", type=Path, help="the output directory of a harvest")
+    export.add_argument("--tcia", metavar="FILE", type=Path,
+                        help="a cart the TCIA portal and Data Retriever accept ('-' for stdout)")
+    export.add_argument("--csv", metavar="FILE", type=Path, help="one row per series with metadata and path ('-' for stdout)")
 
-    demo = sub.add_parser("demo", help="serve a small synthetic archive on loopback and harvest it for real")
-    demo.add_argument("dir", metavar="DIR", type=Path, nargs="?", default=Path("harvest-demo"))
-    demo.add_argument("--synthetic", metavar="SPEC",
-                      default="collections=2,patients=3,studies=2,series=2,instances=8,size=32KB,samples=1,seed=1",
+    demo = sub.add_parser("demo", help="serve a small synthetic archive on loopback and harvest it for real",
+                          epilog=_examples("harvester demo                      # into ./harvest-demo, with a few faults",
+                                           "harvester demo /tmp/demo --faults ''   # no injected faults",
+                                           "harvester demo --synthetic collections=1,patients=2,series=2,instances=4,size=64KiB"),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo.add_argument("dir", metavar="DIR", type=Path, nargs="?", default=Path("harvest-demo"),
+                      help="where to harvest it (default harvest-demo)")
+    demo.add_argument("--synthetic", metavar="SPEC", type=_checked_spec("synthetic"),
+                      default="collections=2,patients=3,studies=2,series=2,instances=8,size=32KiB,samples=1,seed=1",
                       help="synthetic archive spec (see harvester serve --help)")
-    demo.add_argument("--faults", metavar="SPEC", default="error=0.05,truncate=0.05,reset=0.03,seed=3",
+    demo.add_argument("--faults", metavar="SPEC", type=_checked_spec("faults"), default="error=0.05,truncate=0.05,reset=0.03,seed=3",
                       help="faults the demo server injects, to show retries (use '' for none)")
-    demo.add_argument("--cache-dir", metavar="DIR", type=Path, default=None)
-    demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("--cache-dir", metavar="DIR", type=Path, default=None,
+                      help="where the synthetic archive is built (default $HARVESTER_CACHE or ~/.cache/harvester)")
+    demo.add_argument("--no-progress", action="store_true", help="plain periodic lines instead of a progress bar")
 
     from harvester.server.serve import add_serve_arguments
     serve = sub.add_parser("serve", help="serve a harvested DIR or a synthetic archive with the NBIA API",
+                           epilog=_examples("harvester serve harvest-demo --port 8080   # re-publish a harvest",
+                                            "harvester serve --synthetic collections=2,patients=3,series=2,instances=5,size=16KiB "
+                                            "--faults error=0.1,latency=50ms,seed=7",
+                                            epilog=f"sizes and rates: {SIZE_HELP}"),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     add_serve_arguments(serve)
     return parser
@@ -520,7 +605,8 @@ def cmd_status(args: argparse.Namespace, env: dict[str, str]) -> int:
 def cmd_report(args: argparse.Namespace, env: dict[str, str]) -> int:
     from harvester.report import write_report
 
-    print(f"wrote {write_report(args.dir, args.out)}")
+    # What was written goes to stderr: stdout may be the report itself (-o -, -o /dev/stdout).
+    print(f"wrote {write_report(args.dir, args.out)}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -529,10 +615,13 @@ def cmd_export(args: argparse.Namespace, env: dict[str, str]) -> int:
 
     if not args.tcia and not args.csv:
         raise UsageError("export needs --tcia FILE and/or --csv FILE")
+    if str(args.tcia) == str(args.csv) == "-":
+        raise UsageError("--tcia - and --csv - would both write to stdout", hint="send one of them to a file")
+    # What was written goes to stderr: stdout may be the export itself (-, /dev/stdout).
     if args.tcia:
-        print(f"wrote {args.tcia}: {export_tcia(args.dir, args.tcia)} series")
+        print(f"wrote {args.tcia}: {export_tcia(args.dir, args.tcia)} series", file=sys.stderr)
     if args.csv:
-        print(f"wrote {args.csv}: {export_csv(args.dir, args.csv)} series")
+        print(f"wrote {args.csv}: {export_csv(args.dir, args.csv)} series", file=sys.stderr)
     return EXIT_OK
 
 
@@ -554,10 +643,24 @@ def cmd_verify(args: argparse.Namespace, env: dict[str, str]) -> int:
         for line in rep.refused:
             print(f"refused: {line}")
     result = verify_tree(args.dir)
+    for rec in result.failed + result.unavailable:
+        meta = rec.get("metadata") if isinstance(rec.get("metadata"), dict) else {}
+        name = " ".join(str(v) for v in (rec.get("Collection"), rec.get("PatientID"),
+                                         f'"{meta["SeriesDescription"]}"' if meta.get("SeriesDescription") else None)
+                        if v)
+        print(f"{rec.get('status') or 'failed'}: {name} {rec.get('SeriesInstanceUID')}: {rec.get('error') or 'no reason recorded'}")
     for problem in result.problems:
         print(f"damaged: {problem}")
-    print(f"verified {result.files} files ({human_bytes(result.bytes)}) in {result.series} series: "
-          f"{'all match' if result.ok else f'{len(result.problems)} problem(s)'}")
+    for path in result.extra:
+        print(f"extra: {path} (no record lists it)")
+    print(f"verified {result.files} files ({human_bytes(result.bytes)}); {result.summary()}")
+    if result.failed or result.missing:
+        print(f"to fetch the {len(result.failed) + result.missing} failed or missing series, run the same "
+              "harvester run (or sync) command again")
+    if result.problems:
+        print(f"to refetch the damaged files: harvester verify {args.dir} --repair")
+    if result.extra:
+        print("extra files are left alone: move them out of the series folders if they are not part of the harvest")
     return EXIT_OK if result.ok and not (args.repair and rep.refused) else EXIT_FAILED
 
 

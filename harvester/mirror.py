@@ -37,7 +37,7 @@ from harvester.progress import Hub
 from harvester.query import Query
 from harvester.source.nbia import NBIAClient, as_int, make_session
 from harvester.redact import redact
-from harvester.state import HarvestState, atomic_write, now_iso, usable_records
+from harvester.state import HarvestState, atomic_write, now_iso, usable_records, write_output
 
 SYNC_OVERLAP = dt.timedelta(days=2)
 
@@ -340,7 +340,8 @@ def read_status(out_dir: Path) -> dict[str, Any]:
 
 
 def export_tcia(out_dir: Path, target: Path) -> int:
-    """Write a TCIA portal cart of the complete series; returns how many series it lists."""
+    """Write a TCIA portal cart of the complete series to ``target`` (``-`` for stdout; see
+    ``write_output``); returns how many series it lists."""
     doc = _load_manifest(out_dir)
     uids = [r["SeriesInstanceUID"] for r in doc["series"] if r.get("status") == "complete"]
     stamp = int(dt.datetime.now(dt.timezone.utc).timestamp() * 1000)
@@ -349,7 +350,7 @@ def export_tcia(out_dir: Path, target: Path) -> int:
         "includeAnnotation=true", "noOfrRetry=4", f"databasketId=manifest-{stamp}.tcia", "manifestVersion=3.0",
         "ListOfSeriesToDownload=", *uids,
     ]
-    atomic_write(target, ("\n".join(lines) + "\n").encode("utf-8"))
+    write_output(target, ("\n".join(lines) + "\n").encode("utf-8"), option="--tcia")
     return len(uids)
 
 
@@ -359,7 +360,8 @@ EXPORT_COLUMNS = ["SeriesInstanceUID", "Collection", "PatientID", "StudyInstance
 
 
 def export_csv(out_dir: Path, target: Path) -> int:
-    """One row per series with its metadata and path; returns the number of rows."""
+    """One row per series with its metadata and path, to ``target`` (``-`` for stdout; see
+    ``write_output``); returns the number of rows."""
     doc = _load_manifest(out_dir)
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -371,7 +373,7 @@ def export_csv(out_dir: Path, target: Path) -> int:
                          len(r.get("files", [])), r.get("bytes"), meta.get("SeriesDescription", ""),
                          meta.get("SeriesNumber", ""), meta.get("StudyDate", ""), meta.get("BodyPartExamined", ""),
                          meta.get("Manufacturer", ""), meta.get("DateReleased", ""), redact(r.get("error") or "")])
-    atomic_write(target, buf.getvalue().encode("utf-8"))
+    write_output(target, buf.getvalue().encode("utf-8"), option="--csv")
     return len(doc["series"])
 
 

@@ -34,7 +34,7 @@ from harvester.containment import open_nofollow, read_bytes
 from harvester.errors import ManifestError, UsageError
 from harvester.progress import human_bytes
 from harvester.redact import redact
-from harvester.state import atomic_write, now_iso, usable_records
+from harvester.state import atomic_write, now_iso, usable_records, write_output
 
 REPORT_NAME = "report.html"
 #: Time charts aim for at most this many buckets; the bucket is the smallest "nice" duration that fits.
@@ -67,15 +67,20 @@ def render_report(out_dir: Path) -> str:
 
 
 def write_report(out_dir: Path, target: Path | None = None) -> Path:
-    """Render the report of ``out_dir`` and write it atomically to ``target`` (default
-    ``out_dir/report.html``); returns the path written.
+    """Render the report of ``out_dir`` and write it to ``target`` (``-`` for stdout, a symlink
+    or device written through: see ``write_output``), or atomically to ``out_dir/report.html``,
+    replacing whatever is there (a harvest directory is not trusted to hold a safe link);
+    returns the path written.
 
     Raises what ``render_report`` raises, and ``OutputNotWritableError``/``DiskFullError``
     when the target cannot be written.
     """
     out_dir = Path(out_dir)
     page = render_report(out_dir)
-    path = Path(target) if target is not None else out_dir / REPORT_NAME
+    if target is not None:
+        write_output(target, page.encode("utf-8"), option="-o")
+        return Path(target)
+    path = out_dir / REPORT_NAME
     atomic_write(path, page.encode("utf-8"))
     return path
 

@@ -25,7 +25,7 @@ Files on disk are a database (rclone's rule): nothing half-written ever sits und
   of the parent folder opened without following links.
 
 Raises ``OutputNotWritableError``/``DiskFullError`` (fatal) when DIR cannot be written, and
-``UsageError`` when another run holds the lock.
+``FatalError`` when another run holds the lock.
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -46,6 +47,7 @@ from typing import Any
 
 from harvester.containment import check_not_link, inside, open_dir, open_nofollow, parts_of, read_bytes
 from harvester.errors import (
+    DiskFullError,
     FatalError,
     HarvesterError,
     OutputNotWritableError,
@@ -157,6 +159,45 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 def _new_file(path: str, flags: int) -> int:
     return os.open(path, flags | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+
+
+def write_output(target: Path | str, data: bytes, *, option: str) -> None:
+    """Write a file the user named (an export, a report given with ``option``): ``-`` is stdout;
+    a symlink or a non-regular file (``/dev/stdout``, a FIFO) is written through, as the shell's
+    ``>`` does, and never replaced; a regular file or a new name is written by ``atomic_write``.
+
+    Raises ``DiskFullError``, or ``OutputNotWritableError`` whose hint names ``option``.
+    """
+    hint = f"choose a file you can write to with {option} FILE, or {option} - for stdout"
+    if str(target) == "-":
+        try:
+            sys.stdout.flush()
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        except BrokenPipeError:
+            raise  # the reader left (| head): the CLI ends quietly
+        except OSError as exc:
+            raise OutputNotWritableError(f"cannot write to stdout: {exc.strerror or exc}", hint=hint) from None
+        return
+    path = Path(target)
+    try:
+        through = path.is_symlink() or (path.exists() and not path.is_file())
+        if through:
+            with open(path, "wb") as fh:  # follows the link / opens the device or FIFO: never replaced
+                fh.write(data)
+            return
+        if not path.parent.is_dir():
+            raise OutputNotWritableError(f"cannot write {path}: {path.parent} is not a directory", hint=hint)
+        atomic_write(path, data)
+    except DiskFullError:
+        raise
+    except HarvesterError as exc:  # atomic_write's, classified; or the parent check's
+        raise OutputNotWritableError(str(exc), hint=hint) from None
+    except OSError as exc:
+        err = classify_os_error(exc, str(path))
+        if isinstance(err, DiskFullError):
+            raise err from None
+        raise OutputNotWritableError(f"cannot write {path}: {exc.strerror or exc}", hint=hint) from None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -275,9 +316,20 @@ class HarvestState:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise UsageError(f"another harvester run is using {self.out_dir}",
-                             hint="wait for it to finish, or use another output directory") from None
+            # Fatal, not a usage error (exit 3): the command was right, only the moment was not.
+            raise FatalError(f"another harvester is running in {self.out_dir}",
+                             hint="wait for it to finish (or stop it), then run the same command again; "
+                                  "or use another output directory") from None
         self._lockfile = fd
+
+    def origin(self, uid: str) -> str:
+        """Where the record of ``uid`` was read (``harvest.json series #3``, ``journal.jsonl line 25``)."""
+        return self._origin.get(uid, self.manifest_path.name)
+
+    def read(self) -> None:
+        """Fill ``records`` and ``header`` from harvest.json and the journal, as ``open()`` would
+        before recovery, without the lock and without writing anything (verify reads this way)."""
+        self._load()
 
     def _load(self) -> None:
         if self.manifest_path.exists():

@@ -13,7 +13,7 @@ from harvester.server.synthetic import SyntheticSpec, build_synthetic
 from harvester.server.testing import ServerHandle, serve_in_thread
 
 #: Small but complete: two SYN collections (CT+MR), pydicom's samples, the HOSTILE collection.
-SMALL_SPEC = "collections=2,patients=2,studies=1,series=2,instances=4,size=8KB,modalities=CT+MR,samples=1,hostile=1,seed=1"
+SMALL_SPEC = "collections=2,patients=2,studies=1,series=2,instances=4,size=8KiB,modalities=CT+MR,samples=1,hostile=1,seed=1"
 
 
 @pytest.fixture

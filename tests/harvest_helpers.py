@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 
 from harvester.api import aharvest
 from harvester.config import Config
@@ -19,6 +20,17 @@ from harvester.query import query_from_dict
 # Short backoffs and timeouts: the server is on loopback and its faults are injected on purpose.
 FAST = dict(workers=4, connections=8, retries=6, series_retries=5, backoff_base=0.01, backoff_max=0.05,
             read_timeout=2.0, connect_timeout=5.0, progress=False, quiet=True)
+REPO = Path(__file__).resolve().parent.parent
+
+
+def peers_python() -> str:
+    """The peers' interpreter: $HARVESTER_PEERS_PYTHON, else the repository's .venv-peers."""
+    path = os.environ.get("HARVESTER_PEERS_PYTHON") or str(REPO / ".venv-peers" / "bin" / "python")
+    if not os.access(path, os.X_OK):
+        if os.environ.get("HARVESTER_REQUIRE_PEERS"):
+            pytest.fail(f"no peer venv at {path}: run 'make peers'")
+        pytest.skip("the peer clients' venv is missing: 'make peers' builds .venv-peers")
+    return path
 
 
 def test_config(base_url: str, out: Path, **overrides: Any) -> Config:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from harvest_helpers import peers_python
+
 pytestmark = [pytest.mark.slow, pytest.mark.peers]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -19,12 +21,12 @@ SCENARIOS = ("a", "b", "c", "d", "e")
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    pytest.importorskip("tcia_utils.nbia")
-    pytest.importorskip("nbiatoolkit")
+    peers = peers_python()  # skips (or fails under make test) without the peers' venv
     pytest.importorskip("psutil")
     work = tmp_path_factory.mktemp("bench")
     cache = os.environ.get("HARVESTER_TEST_CACHE") or str(work / "cache")
-    env = dict(os.environ, HARVESTER_BENCH_OUT=str(work / "out"), HARVESTER_BENCH_CACHE=cache)
+    env = dict(os.environ, HARVESTER_BENCH_OUT=str(work / "out"), HARVESTER_BENCH_CACHE=cache,
+               HARVESTER_PEERS_PYTHON=peers)
     out = work / "report.json"
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "all", "--small", "--json", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -77,9 +79,9 @@ def test_planning_lists_the_same_series(report: dict) -> None:
 
 
 @pytest.mark.parametrize("script, args, expect", [
-    ("server_rss.py", ["--spec", "collections=1,patients=1,studies=1,series=1,instances=4,size=64KB,seed=0"],
+    ("server_rss.py", ["--spec", "collections=1,patients=1,studies=1,series=1,instances=4,size=64KiB,seed=0"],
      "peak_rss_mib="),
-    ("unpack_cost.py", ["--spec", "collections=1,patients=1,studies=1,series=1,instances=4,size=16KB,seed=0",
+    ("unpack_cost.py", ["--spec", "collections=1,patients=1,studies=1,series=1,instances=4,size=16KiB,seed=0",
                         "--repeat", "2"], "verify_and_unpack:"),
 ])
 def test_side_benchmarks_run(tmp_path: Path, script: str, args: list[str], expect: str) -> None:

@@ -216,14 +216,16 @@ def test_run_then_verify(server, small_archive, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "0 failed" in proc.stdout and "harvest.json" in proc.stdout
     assert_identical(out, small_archive, normal_series(small_archive))
+    n = len(manifest(out)["series"])
     proc = cli("verify", str(out))
-    assert proc.returncode == 0 and "all match" in proc.stdout
+    assert proc.returncode == 0
+    assert f"{n} series checked: {n} intact, 0 failed, 0 missing, 0 damaged files, 0 extra files" in proc.stdout
     f = out / manifest(out)["series"][0]["files"][0]["path"]
     data = bytearray(f.read_bytes())
     data[len(data) // 2] ^= 1
     f.write_bytes(bytes(data))
     proc = cli("verify", str(out))
-    assert proc.returncode == 1 and "damaged" in proc.stdout
+    assert proc.returncode == 1 and "damaged" in proc.stdout and ", 1 damaged file, " in proc.stdout
 
 
 def test_failed_series_exit_1_with_reasons(server, small_archive, tmp_path):
@@ -413,7 +415,7 @@ def test_patients_alone_through_the_cli(server, small_archive, tmp_path):
 @pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume(server, small_archive, tmp_path):
     """kill -9 several times during a harvest; each rerun resumes; no completed series is fetched twice."""
-    server.set_faults("latency=20ms,rate=48KB,seed=9")  # slow enough that kills land mid-harvest
+    server.set_faults("latency=20ms,rate=48KiB,seed=9")  # slow enough that kills land mid-harvest
     q = write_query(tmp_path, small_archive)
     out = tmp_path / "out"
     args = [sys.executable, "-m", "harvester", "run", str(q), "-o", str(out), "--api-url", server.base_url,
@@ -447,7 +449,7 @@ def _complete_on_disk(out: Path) -> set[str]:
 
 
 def test_ctrl_c_leaves_only_verified_series(server, small_archive, tmp_path):
-    server.set_faults("latency=20ms,rate=48KB,seed=2")
+    server.set_faults("latency=20ms,rate=48KiB,seed=2")
     q = write_query(tmp_path, small_archive)
     out = tmp_path / "out"
     # two workers: the 8 series come in waves, so the interrupt after the first commit lands mid-harvest

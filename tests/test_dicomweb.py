@@ -176,7 +176,10 @@ def with_collection(path: Path, collection: str) -> bytes:
     ds = pydicom.dcmread(str(path))
     ds.ClinicalTrialProtocolID = collection
     buf = io.BytesIO()
-    ds.save_as(buf, write_like_original=True)
+    if int(pydicom.__version__.split(".")[0]) >= 3:  # write_like_original is deprecated in pydicom 3
+        ds.save_as(buf, enforce_file_format=False)
+    else:
+        ds.save_as(buf, write_like_original=True)
     return buf.getvalue()
 
 

@@ -241,7 +241,7 @@ def test_max_rate_caps_a_real_harvest(server, small_archive, tmp_path) -> None: 
 
 # ---------------------------------------------------------------- memory does not grow with series size
 
-BIG_SPEC = "collections=1,patients=1,studies=1,series=1,instances=12,size=4MB,seed=4"
+BIG_SPEC = "collections=1,patients=1,studies=1,series=1,instances=12,size=4MiB,seed=4"
 
 
 @pytest.fixture(scope="module")

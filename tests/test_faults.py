@@ -34,7 +34,7 @@ async def get(handle: ServerHandle, endpoint: str, params: dict[str, str]) -> tu
 
 def test_parse_the_documented_example() -> None:
     spec = FaultSpec.parse("error=0.1,throttle=0.05,reset=0.05,truncate=0.05,corrupt=0.02,stall=0.01,latency=50ms,"
-                           "rate=4MB,total_rate=64MB,seed=7,stall_for=30s,retry_after=1")
+                           "rate=4MiB,total_rate=64MiB,seed=7,stall_for=30s,retry_after=1")
     assert (spec.error, spec.throttle, spec.reset, spec.truncate, spec.corrupt, spec.stall) == (
         0.1, 0.05, 0.05, 0.05, 0.02, 0.01)
     assert spec.latency == pytest.approx(0.05) and spec.stall_for == 30.0
@@ -58,7 +58,9 @@ def test_parse_errors_name_the_key(text: str, needle: str) -> None:
 
 def test_units() -> None:
     assert parse_duration("250ms") == pytest.approx(0.25) and parse_duration("2") == 2.0
-    assert parse_size("512KB") == 512 * 1024 and parse_size("1GB") == 1024**3
+    # one parser for every size option (harvester.units): KB/MB/GB decimal, KiB/MiB/GiB binary
+    assert parse_size("512KiB") == 512 * 1024 and parse_size("1GiB") == 1024**3
+    assert parse_size("512KB") == 512_000 and parse_size("2MB/s") == 2_000_000
     with pytest.raises(ValueError):
         parse_size("4 parsecs")
 
@@ -215,7 +217,7 @@ async def test_latency_delays_every_response(server: ServerHandle) -> None:
 
 async def test_per_download_rate(server: ServerHandle, small_archive: Archive) -> None:
     rec = a_series(small_archive)
-    server.set_faults("rate=96KB")
+    server.set_faults("rate=96KiB")
     start = time.monotonic()
     status, _, body = await get(server, "getImage", {"SeriesInstanceUID": rec.uid})
     elapsed = time.monotonic() - start
@@ -226,7 +228,7 @@ async def test_per_download_rate(server: ServerHandle, small_archive: Archive) -
 
 async def test_total_rate_is_shared(server: ServerHandle, small_archive: Archive) -> None:
     recs = [a_series(small_archive, i) for i in range(3)]
-    server.set_faults("total_rate=192KB")
+    server.set_faults("total_rate=192KiB")
     start = time.monotonic()
     results = await asyncio.gather(*(get(server, "getImage", {"SeriesInstanceUID": r.uid}) for r in recs))
     elapsed = time.monotonic() - start

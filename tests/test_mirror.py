@@ -22,8 +22,8 @@ from harvester.server.archive import Archive
 from harvester.server.synthetic import SyntheticSpec, build_synthetic
 from harvester.server.testing import serve_in_thread
 
-BEFORE = "collections=1,patients=2,studies=1,series=2,instances=3,size=4KB,seed=21"
-AFTER = "collections=1,patients=3,studies=2,series=2,instances=3,size=4KB,seed=21"  # a superset of BEFORE
+BEFORE = "collections=1,patients=2,studies=1,series=2,instances=3,size=4KiB,seed=21"
+AFTER = "collections=1,patients=3,studies=2,series=2,instances=3,size=4KiB,seed=21"  # a superset of BEFORE
 
 
 @pytest.fixture(scope="module")

@@ -1,23 +1,66 @@
 """The peer clients users would pick instead work against our server unchanged.
 
-tcia_utils builds URLs from ``setApiUrl`` (monkeypatched to our v4 base); nbiatoolkit takes
-its base from an Enum member, which we replace with any object that has ``.value``, and asks
-for an OAuth token at ``<base>oauth/token`` before every call.
+The peers run in their own venv (``make peers`` builds ``.venv-peers``; nbiatoolkit pins
+pydicom<3 while the test venv runs pydicom 3, as users get it), so each test runs the peer's
+code as a subprocess of that interpreter, against the in-process server on loopback, and checks
+what it returned and the files it wrote here. Without the venv the tests skip, unless
+``HARVESTER_REQUIRE_PEERS`` is set (``make test`` sets it), where they fail.
+
+tcia_utils builds URLs from ``setApiUrl`` (replaced by one returning our v4 base); nbiatoolkit
+takes its base from an Enum member, which we replace with any object that has ``.value``, and
+asks for an OAuth token at ``<base>oauth/token`` before every call.
 """
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import types
+import json
+import subprocess
+import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from harvester.dates import parse_archive_date
 from harvester.server.archive import Archive, SeriesRecord
 from harvester.server.testing import ServerHandle
+from harvest_helpers import peers_python
 
 pytestmark = pytest.mark.peers
+
+RESULT = "PEER-RESULT "  # the peers print progress of their own: the result is the line with this prefix
+
+
+def run_peer(prelude: str, code: str, **inputs: Any) -> Any:
+    """Run ``prelude`` then ``code`` in the peers' venv with ``inputs`` as the dict ``IN``;
+    ``code`` sets ``OUT``, which comes back decoded from JSON."""
+    script = "\n".join(["import json, sys", "IN = json.loads(sys.argv[1])", textwrap.dedent(prelude),
+                        textwrap.dedent(code), f"print({RESULT!r} + json.dumps(OUT))"])
+    proc = subprocess.run([peers_python(), "-c", script, json.dumps(inputs)], capture_output=True, text=True,
+                          timeout=300, stdin=subprocess.DEVNULL, cwd=inputs.get("cwd"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
+    assert lines, proc.stdout[-3000:]
+    return json.loads(lines[-1][len(RESULT):])
+
+
+TCIA = """
+    import logging
+    from tcia_utils import nbia
+    logging.getLogger("tcia_utils").setLevel(logging.ERROR)
+    nbia.setApiUrl = lambda endpoint, api_url="": IN["base"] + "/"
+"""
+
+NBIATOOLKIT = """
+    import types
+    import nbiatoolkit
+    from nbiatoolkit.utils import NBIA_ENDPOINTS
+    client = nbiatoolkit.NBIAClient(log_level="ERROR")
+    client._base_url = types.SimpleNamespace(value=IN["services"])  # picklable for its process pool
+    client._oauth2_client.base_url = IN["services"]
+    # never used as a context manager: its __exit__ logs out at the real host
+"""
 
 
 def normal(archive: Archive) -> list[SeriesRecord]:
@@ -28,33 +71,39 @@ def md5s_under(root: Path) -> set[str]:
     return {hashlib.md5(p.read_bytes()).hexdigest() for p in root.rglob("*.dcm")}
 
 
-@pytest.fixture
-def tcia(server: ServerHandle, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    nbia = pytest.importorskip("tcia_utils.nbia")
-    monkeypatch.setattr(nbia, "setApiUrl", lambda endpoint, api_url="": server.base_url + "/")
-    return nbia
-
-
-def test_tcia_utils_queries(tcia, server: ServerHandle, small_archive: Archive) -> None:  # type: ignore[no-untyped-def]
-    assert {c["Collection"] for c in tcia.getCollections()} == set(small_archive.collections())
+def test_tcia_utils_queries(server: ServerHandle, small_archive: Archive) -> None:
     rec = normal(small_archive)[0]
-    rows = tcia.getSeries(collection=rec.row["Collection"], modality=rec.row["Modality"])
-    assert rec.uid in [r["SeriesInstanceUID"] for r in rows]
-    assert tcia.getSeriesSize(rec.uid) == [{"TotalSizeInBytes": rec.total_bytes, "ObjectCount": 4}]
-    assert [s["SOPInstanceUID"] for s in tcia.getSopInstanceUids(rec.uid)] == [i.sop_uid for i in rec.instances]
-    assert tcia.getPatient(collection=rec.row["Collection"])
-    assert tcia.getStudy(rec.row["Collection"], patientId=rec.row["PatientID"])
-    cutoff = dt.date(2022, 1, 1)
-    updated = tcia.getUpdatedSeries("2022/01/01")  # tcia_utils sends MM-DD-YYYY to v4
-    assert {r["SeriesInstanceUID"] for r in updated} == {
+    got = run_peer(TCIA, """
+        uid, collection = IN["uid"], IN["collection"]
+        OUT = {
+            "collections": [c["Collection"] for c in nbia.getCollections()],
+            "series": [r["SeriesInstanceUID"] for r in nbia.getSeries(collection=collection, modality=IN["modality"])],
+            "size": nbia.getSeriesSize(uid),
+            "sops": [s["SOPInstanceUID"] for s in nbia.getSopInstanceUids(uid)],
+            "patients": bool(nbia.getPatient(collection=collection)),
+            "studies": bool(nbia.getStudy(collection, patientId=IN["patient"])),
+            "updated": [r["SeriesInstanceUID"] for r in nbia.getUpdatedSeries("2022/01/01")],
+        }
+    """, base=server.base_url, uid=rec.uid, collection=rec.row["Collection"], modality=rec.row["Modality"],
+        patient=rec.row["PatientID"])
+    assert set(got["collections"]) == set(small_archive.collections())
+    assert rec.uid in got["series"]
+    assert got["size"] == [{"TotalSizeInBytes": rec.total_bytes, "ObjectCount": 4}]
+    assert got["sops"] == [i.sop_uid for i in rec.instances]
+    assert got["patients"] and got["studies"]
+    cutoff = dt.date(2022, 1, 1)  # tcia_utils sends MM-DD-YYYY to v4
+    assert set(got["updated"]) == {
         r.uid for r in small_archive.records() if parse_archive_date(r.row["DateReleased"]) > cutoff}
-    assert all(r["DateReleased"].count("-") == 2 and len(r["DateReleased"]) == 10 for r in updated)  # v4 MM-DD-YYYY
 
 
 @pytest.mark.parametrize("hash_", ["", "y"])
-def test_tcia_utils_download_is_byte_identical(tcia, small_archive: Archive, tmp_path: Path, hash_: str) -> None:  # type: ignore[no-untyped-def]
+def test_tcia_utils_download_is_byte_identical(server: ServerHandle, small_archive: Archive, tmp_path: Path,
+                                               hash_: str) -> None:
     recs = normal(small_archive)[:3]
-    tcia.downloadSeries([r.uid for r in recs], input_type="list", path=str(tmp_path), hash=hash_)
+    run_peer(TCIA, """
+        nbia.downloadSeries(IN["uids"], input_type="list", path=IN["path"], hash=IN["hash"])
+        OUT = True
+    """, base=server.base_url, uids=[r.uid for r in recs], path=str(tmp_path), hash=hash_)
     for rec in recs:
         folder = tmp_path / rec.uid
         files = sorted(folder.glob("*.dcm"))
@@ -64,39 +113,43 @@ def test_tcia_utils_download_is_byte_identical(tcia, small_archive: Archive, tmp
         assert ((folder / "md5hashes.csv").is_file()) == (hash_ == "y")
 
 
-def test_tcia_utils_single_image(tcia, small_archive: Archive, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_tcia_utils_single_image(server: ServerHandle, small_archive: Archive, tmp_path: Path) -> None:
     rec = normal(small_archive)[1]
     inst = rec.instances[0]
-    tcia.downloadImage(rec.uid, inst.sop_uid, path=str(tmp_path))
+    run_peer(TCIA, """
+        nbia.downloadImage(IN["uid"], IN["sop"], path=IN["path"])
+        OUT = True
+    """, base=server.base_url, uid=rec.uid, sop=inst.sop_uid, path=str(tmp_path))
     assert (tmp_path / rec.uid / f"{inst.sop_uid}.dcm").read_bytes() == inst.path.read_bytes()
 
 
-@pytest.fixture
-def nbia_client(server: ServerHandle):  # type: ignore[no-untyped-def]
-    nbiatoolkit = pytest.importorskip("nbiatoolkit")
-    client = nbiatoolkit.NBIAClient(log_level="ERROR")
-    services = server.root_url + "/nbia-api/services/"
-    client._base_url = types.SimpleNamespace(value=services)  # picklable for its process pool
-    client._oauth2_client.base_url = services
-    return client  # never used as a context manager: its __exit__ logs out at the real host
+def services(server: ServerHandle) -> str:
+    return server.root_url + "/nbia-api/services/"
 
 
-def test_nbiatoolkit_queries(nbia_client, server: ServerHandle, small_archive: Archive) -> None:  # type: ignore[no-untyped-def]
-    endpoints = pytest.importorskip("nbiatoolkit.utils").NBIA_ENDPOINTS
-    collections = nbia_client.query_api(endpoints.GET_COLLECTIONS)  # v2/getCollectionValues
-    assert {c["Collection"] for c in collections} == set(small_archive.collections())
+def test_nbiatoolkit_queries(server: ServerHandle, small_archive: Archive) -> None:
     rec = normal(small_archive)[2]
-    rows = nbia_client.getSeries(Collection=rec.row["Collection"], PatientID=rec.row["PatientID"])
-    assert rec.uid in {r["SeriesInstanceUID"] for r in rows}
-    patients = nbia_client.getPatients(Collection=rec.row["Collection"])
-    assert rec.row["PatientID"] in {p["PatientId"] for p in patients}
-    new = nbia_client.getNewSeries("2022-01-01")  # nbiatoolkit sends DD/MM/YYYY to v2
-    assert {r["SeriesInstanceUID"] for r in new} == {
+    got = run_peer(NBIATOOLKIT, """
+        OUT = {
+            "collections": [c["Collection"] for c in client.query_api(NBIA_ENDPOINTS.GET_COLLECTIONS)],
+            "series": [r["SeriesInstanceUID"] for r in client.getSeries(Collection=IN["collection"],
+                                                                          PatientID=IN["patient"])],
+            "patients": [p["PatientId"] for p in client.getPatients(Collection=IN["collection"])],
+            "new": [r["SeriesInstanceUID"] for r in client.getNewSeries("2022-01-01")],
+        }
+    """, services=services(server), collection=rec.row["Collection"], patient=rec.row["PatientID"])
+    assert set(got["collections"]) == set(small_archive.collections())  # v2/getCollectionValues
+    assert rec.uid in got["series"]
+    assert rec.row["PatientID"] in got["patients"]
+    assert set(got["new"]) == {  # nbiatoolkit sends DD/MM/YYYY to v2
         r.uid for r in small_archive.records() if r.row["DateReleased"][:10] > "2022-01-01"}
     assert server.stats.requests["oauth/token"] >= 1
 
 
-def test_nbiatoolkit_download_is_byte_identical(nbia_client, small_archive: Archive, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_nbiatoolkit_download_is_byte_identical(server: ServerHandle, small_archive: Archive, tmp_path: Path) -> None:
     recs = normal(small_archive)[:2]
-    assert nbia_client.downloadSeries([r.uid for r in recs], downloadDir=str(tmp_path / "dl"))
+    ok = run_peer(NBIATOOLKIT, """
+        OUT = bool(client.downloadSeries(IN["uids"], downloadDir=IN["path"]))
+    """, services=services(server), uids=[r.uid for r in recs], path=str(tmp_path / "dl"), cwd=str(tmp_path))
+    assert ok
     assert md5s_under(tmp_path / "dl") == {i.md5 for r in recs for i in r.instances}

@@ -359,7 +359,7 @@ def test_totals_only_plan_skips_study_details(server, small_archive, tmp_path):
 
 # ---------------------------------------------------------------- long lists of series UIDs (carts)
 
-CART_SPEC = "collections=3,patients=12,studies=1,series=2,instances=1,size=1KB,seed=11"  # 72 series
+CART_SPEC = "collections=3,patients=12,studies=1,series=2,instances=1,size=1KiB,seed=11"  # 72 series
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from harvest_helpers import harvest, manifest, normal_series, select_all
 ARTIFACTS = Path(__file__).parent / "artifacts"
 # A download cap that spreads the harvest over a few seconds (several time buckets) and a few
 # HTTP 500s so the retries chart has real data.
-FAULTS = "total_rate=300KB,error=0.05,seed=3"
+FAULTS = "total_rate=300KiB,error=0.05,seed=3"
 
 
 # ------------------------------------------------------------------ fixtures and helpers

@@ -17,7 +17,7 @@ import pytest
 
 from harvester.server.serve import add_serve_arguments, build_archive, start_server
 
-SPEC = "collections=1,patients=1,series=2,instances=2,size=2KB,seed=5"
+SPEC = "collections=1,patients=1,series=2,instances=2,size=2KiB,seed=5"
 
 
 @contextmanager

@@ -23,7 +23,6 @@ from harvester.errors import (
     FatalError,
     HarvesterError,
     OutputNotWritableError,
-    UsageError,
 )
 from harvester.layout import series_path
 from harvester.state import (
@@ -127,15 +126,15 @@ def test_open_creates_its_folders_and_a_lock(out: Path) -> None:
         st.close()
 
 
-def test_second_open_while_locked_is_a_usage_error_and_touches_nothing(state: HarvestState) -> None:
+def test_second_open_while_locked_is_fatal_and_touches_nothing(state: HarvestState) -> None:
     uid = "1.2.840.1"
     staging = stage(state, uid, files_of(uid))            # the first run's work in progress
     partial = state.partial_path(uid)
     partial.write_bytes(b"PK\x03\x04 half a zip")
     second = HarvestState(state.out_dir)
-    with pytest.raises(UsageError) as info:
+    with pytest.raises(FatalError) as info:              # exit 3, not the usage code: the command was right
         second.open()
-    assert str(state.out_dir) in str(info.value)
+    assert f"another harvester is running in {state.out_dir}" in info.value.one_line()
     assert staging.is_dir() and partial.exists()         # the second run must not clean the first's tmp/
     second.close()
     state.close()

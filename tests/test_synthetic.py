@@ -20,7 +20,7 @@ from harvester.server.synthetic import SyntheticSpec, build_synthetic, collectio
 
 
 def test_parse_full_spec() -> None:
-    spec = SyntheticSpec.parse("collections=2,patients=3,studies=2,series=2,instances=5,size=16KB,"
+    spec = SyntheticSpec.parse("collections=2,patients=3,studies=2,series=2,instances=5,size=16KiB,"
                                "modalities=CT+MR+PT,seed=7,samples=1,hostile=1,released=2019-01-01..2024-12-31")
     assert (spec.collections, spec.patients, spec.studies, spec.series, spec.instances) == (2, 3, 2, 2, 5)
     assert spec.size == 16 * 1024 and spec.modalities == ("CT", "MR", "PT") and spec.seed == 7
@@ -29,14 +29,15 @@ def test_parse_full_spec() -> None:
     assert SyntheticSpec.parse("") == SyntheticSpec()
 
 
-@pytest.mark.parametrize("text,size", [("size=100B", 100), ("size=64KB", 65536), ("size=5MB", 5 * 1024**2),
-                                       ("size=2kb", 2048), ("size=4096", 4096)])
+@pytest.mark.parametrize("text,size", [("size=100B", 100), ("size=64KiB", 65536), ("size=5MiB", 5 * 1024**2),
+                                       ("size=64KB", 64_000), ("size=2kB", 2000), ("size=4096", 4096)])
 def test_parse_sizes(text: str, size: int) -> None:
     assert SyntheticSpec.parse(text).size == size
 
 
 @pytest.mark.parametrize("text,needle", [
     ("colections=2", "colections"), ("patients=0", "patients"), ("size=3B", "size"), ("size=12XB", "size"),
+    ("size=2kb", "2KiB"), ("size=2M", "2MiB"),
     ("modalities=CT+XX", "XX"), ("samples=maybe", "samples"), ("released=2024-01-01..2019-01-01", "released"),
     ("seed", "seed"), ("size=1GB", "rows"),
 ])
@@ -117,7 +118,7 @@ def test_release_dates_spread_over_the_range(small_archive: Archive) -> None:
 
 
 def test_builds_are_byte_identical_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = SyntheticSpec.parse("collections=1,patients=2,series=2,instances=3,size=2KB,modalities=PT+MR,seed=42")
+    spec = SyntheticSpec.parse("collections=1,patients=2,series=2,instances=3,size=2KiB,modalities=PT+MR,seed=42")
     first = build_synthetic(spec, tmp_path / "a")
     second = build_synthetic(spec, tmp_path / "b")
     assert list(first.series) == list(second.series)
@@ -125,7 +126,7 @@ def test_builds_are_byte_identical_and_cached(tmp_path: Path, monkeypatch: pytes
         other = second.series[uid]
         assert rec.row == other.row
         assert [i.path.read_bytes() for i in rec.instances] == [i.path.read_bytes() for i in other.instances]
-    reseeded = build_synthetic(SyntheticSpec.parse("collections=1,patients=2,series=2,instances=3,size=2KB,"
+    reseeded = build_synthetic(SyntheticSpec.parse("collections=1,patients=2,series=2,instances=3,size=2KiB,"
                                                    "modalities=PT+MR,seed=43"), tmp_path / "a")
     assert not set(reseeded.series) & set(first.series)
 
@@ -170,7 +171,7 @@ PARALLEL_CHECK = """
 import os, sys, threading
 from harvester.server import synthetic
 from harvester.server.synthetic import SyntheticSpec, build_synthetic
-spec = SyntheticSpec.parse("collections=3,patients=4,studies=2,series=2,instances=2,size=2KB,modalities=CT+MR+PT,seed=21")
+spec = SyntheticSpec.parse("collections=3,patients=4,studies=2,series=2,instances=2,size=2KiB,modalities=CT+MR+PT,seed=21")
 sequential = build_synthetic(spec, sys.argv[1])
 synthetic.PARALLEL_MIN_FILES = 0
 assert threading.active_count() == 1 and (os.cpu_count() or 1) >= 2  # so the forked workers really run

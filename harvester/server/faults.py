@@ -21,25 +21,19 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 
+from harvester import units
+
 #: The fault kinds counted in the server's statistics.
 FAULT_KINDS = ("error", "throttle", "reset", "truncate", "corrupt", "stall")
 
 _PROBABILITIES = ("error", "throttle", "reset", "truncate", "corrupt", "stall")
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2,
-               "mib": 1024**2, "g": 1024**3, "gb": 1024**3, "gib": 1024**3}
 _TIME_UNITS = {"": 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "min": 60.0}
 
 
 def parse_size(text: str) -> int:
-    """``"4MB"`` -> 4194304 (B/KB/MB/GB, binary multiples; a bare number is bytes).
-
-    Raises ``ValueError`` for anything else.
-    """
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _SIZE_UNITS:
-        raise ValueError(f"not a size: {text!r} (use e.g. 512KB, 4MB, 1GB)")
-    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+    """``"4MiB"`` -> 4194304, ``"4MB"`` -> 4000000: :func:`harvester.units.parse_size`, the
+    parser every size option shares (a rate may end in ``/s``). Raises ``ValueError``."""
+    return units.parse_size(text, rate=True)
 
 
 def parse_duration(text: str) -> float:

@@ -63,7 +63,8 @@ from harvester.server.dicomgen import (
     write_mask_series,
     write_series,
 )
-from harvester.server.faults import parse_key_values, parse_size
+from harvester.server.faults import parse_key_values
+from harvester.units import parse_size
 
 GENERATOR_VERSION = 3  # 3: HOSTILE ZIPs are DEFLATED, as the real service sends every entry
 INDEX_NAME = "index.json"

@@ -61,12 +61,12 @@ class Target:
 
 TARGETS: dict[str, Target] = {
     "planning": Target("latency=150ms"),
-    "download": Target("rate=16KB"),
+    "download": Target("rate=16KiB"),
     "verify": Target("corrupt=1.0,latency=200ms"),
     "unpack": Target(None),
     "commit": Target(None, slow_disk=True),
     "manifest": Target(None, slow_disk=True),
-    "random": Target("rate=96KB,latency=20ms"),
+    "random": Target("rate=96KiB,latency=20ms"),
 }
 
 

@@ -265,8 +265,8 @@ def render(rows: list[dict[str, Any]], results: dict[str, Counter[str]], *, soak
           + " | ".join(str(s["faults"].get(k, 0)) for k in FAULTS) + f" | {mib(s['bytes_verified'])} | {s['lost']} |")
     w("")
     w("Faults (`tests/reliability/test_chaos_soak.py`): `error=0.1, throttle=0.1, reset=0.1, truncate=0.1, "
-      "corrupt=0.1, stall=0.1` (stalls of 3 s against a 1 s read timeout), `latency=2ms, rate=256KB, "
-      "total_rate=8MB`. A download is hit by more than one kind at once (e.g. corrupt and stall).")
+      "corrupt=0.1, stall=0.1` (stalls of 3 s against a 1 s read timeout), `latency=2ms, rate=256KiB, "
+      "total_rate=8MiB`. A download is hit by more than one kind at once (e.g. corrupt and stall).")
     w("")
     w("## kill -9 campaign, per seed")
     w("")

@@ -20,11 +20,11 @@ from harvester.server.testing import serve_in_thread
 from .seeds import CI_SOAK_SEEDS, SOAK_SEEDS_ENV, seeds_from_env
 
 #: 3 collections x 10 patients x 2 studies x 5 series = 300 series of 3 small instances.
-SOAK_SPEC = "collections=3,patients=10,studies=2,series=5,instances=3,size=2KB,seed=61"
+SOAK_SPEC = "collections=3,patients=10,studies=2,series=5,instances=3,size=2KiB,seed=61"
 #: Every fault kind at >= 10% per request, plus latency and both bandwidth caps. Stalls outlast
 #: the client's read timeout below, so each one is a real timeout and retry.
 SOAK_FAULTS = ("error=0.1,throttle=0.1,retry_after=0,reset=0.1,truncate=0.1,corrupt=0.1,stall=0.1,"
-               "stall_for=3s,latency=2ms,rate=256KB,total_rate=8MB,seed={seed}")
+               "stall_for=3s,latency=2ms,rate=256KiB,total_rate=8MiB,seed={seed}")
 SOAK_CLIENT = dict(workers=16, connections=32, read_timeout=1.0, retries=10, series_retries=10)
 
 

@@ -25,7 +25,7 @@ from harvester.server.testing import ServerHandle, serve_in_thread
 
 from .handserver import serve_app
 
-SPEC = "collections=1,patients=2,studies=1,series=3,instances=2,size=2KB,seed=67"
+SPEC = "collections=1,patients=2,studies=1,series=3,instances=2,size=2KiB,seed=67"
 PASSWORD = "Tr0ub4dor&3-secret-pw-51c2"
 URL_PASSWORD = "url-userinfo-secret-9d41"
 

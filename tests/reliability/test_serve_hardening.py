@@ -22,7 +22,7 @@ from harvester.server.archive import Archive, load_harvest_dir
 from harvester.server.serve import start_server
 from harvester.server.testing import serve_in_thread
 
-SPEC = "collections=1,patients=2,series=2,instances=3,size=4KB,seed=66"
+SPEC = "collections=1,patients=2,series=2,instances=3,size=4KiB,seed=66"
 V4 = "/nbia-api/services/v4"
 SECRET = "harvester-serve-secret-7f3a9c"   # in a file next to the served DIR, never to be served
 
