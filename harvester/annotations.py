@@ -64,14 +64,19 @@ def has_annotations(row: Mapping[str, Any]) -> bool:
 
 
 class AnnotationOpener:
-    """What ``fetch_series_zip`` needs of a client (``retrying``, ``open_series``), opening the
+    """What ``fetch_series_zip`` needs of a client (``config``, ``retrying``, ``series_url``,
+    ``open_series``), opening the
     annotated download instead of getImage, so the same retrying streamer writes it."""
 
     def __init__(self, client: Any) -> None:
         self.client = client
+        self.config = client.config
 
     def retrying(self) -> Any:
         return self.client.retrying()
+
+    def series_url(self, series_uid: str, collection: str | None) -> str:
+        return self.client.annotated_series_url(series_uid, collection)
 
     @contextlib.asynccontextmanager
     async def open_series(self, series_uid: str, collection: str | None) -> AsyncIterator[Any]:

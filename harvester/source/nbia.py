@@ -337,14 +337,7 @@ class NBIAClient(RetryingClient):
                                     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """Open the getDCMImage ZIP of a series with its annotation files (one attempt; the
         caller retries). Raises as ``open_series`` does."""
-        url = self.annotated_series_url(series_uid, collection)
-        async with self._request(url, accept="application/zip, application/octet-stream") as resp:
-            ctype = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
-            if ctype.startswith("text/") or ctype in ("application/json", "application/xhtml+xml"):
-                text = (await resp.content.read(2048)).decode("utf-8", "replace")
-                raise RetryableRequestError(
-                    f"{redact_url(url)} sent {ctype} instead of a ZIP: {one_line(text) or 'no body'}",
-                    url=redact_url(url))
+        async with self._open_zip(self.annotated_series_url(series_uid, collection)) as resp:
             yield resp
 
     async def single_image(self, series_uid: str, sop_uid: str, collection: str | None) -> bytes:
@@ -443,15 +436,19 @@ class NBIASource(ClientBackedSource):
         DICOM files in ``staging``; raises what ``unpack_annotations`` and the download raise."""
         import dataclasses
 
-        from harvester.annotations import AnnotatedSeries, AnnotationOpener, unpack_annotations
-        from harvester.fetch import fetch_series_zip
+        from harvester.annotations import MAX_ANNOTATION_BYTES, AnnotatedSeries, AnnotationOpener, unpack_annotations
+        from harvester.fetch import download_bound, fetch_series_zip
 
         zip_path = partial.with_name(partial.name + ".annotations")
+        # getDCMImage sends the series' images again, then its annotations: the series' own
+        # bound plus room for one annotation file of the largest size accepted
+        bound = download_bound(task.file_size, task.image_count, self.client.config.limits)
+        bound = None if bound is None else bound + MAX_ANNOTATION_BYTES
         try:
             async with self.download_limiter or contextlib.nullcontext():
                 await fetch_series_zip(AnnotationOpener(self.client), task.series_uid,  # type: ignore[arg-type]
                                        task.collection, zip_path, chunk_size=self.client.config.chunk_size,
-                                       rate=rate, on_bytes=on_bytes)
+                                       rate=rate, on_bytes=on_bytes, max_bytes=bound)
             names = [f.name for f in unpacked.files]
             found = await anyio.to_thread.run_sync(
                 lambda: unpack_annotations(zip_path, staging, series_uid=task.series_uid, taken=names))
