@@ -274,7 +274,8 @@ def verify_tree(out_dir: Path, *, on_file: Callable[[int], None] | None = None) 
     manifest = out_dir / "harvest.json"
     try:
         doc = json.loads(read_bytes(manifest))   # never through a link, never blocked on a FIFO
-        series = usable_records(doc["series"], str(manifest))  # the others are reported and skipped
+        if not isinstance(doc["series"], list):
+            raise TypeError
     except FileNotFoundError:
         raise UsageError(f"{manifest}: not found", hint="verify takes the output directory of a harvest") from None
     except (ValueError, KeyError, TypeError, OSError, RecursionError):
@@ -284,12 +285,12 @@ def verify_tree(out_dir: Path, *, on_file: Callable[[int], None] | None = None) 
     state = HarvestState(out_dir)
     journal_problem: str | None = None
     try:
-        state.read()
-        series = list(state.records.values())
+        state.read()   # harvest.json's usable records (the others are reported), then the journal's
     except UnsafePathError as exc:  # the journal is a link or not a regular file: never read
         journal_problem = str(exc)
     except OSError:
         pass  # an unreadable journal: what harvest.json lists is all there is to check
+    series = list(state.records.values())
     result = VerifyResult(out_dir=out_dir)
     if journal_problem:
         result.problems.append(journal_problem)
@@ -346,6 +347,16 @@ def verify_tree(out_dir: Path, *, on_file: Callable[[int], None] | None = None) 
             result.damaged_series += 1
         else:
             result.intact += 1
+    # What harvest.json itself lists is read by other tools too (and the journal may have replaced
+    # it for the next run): a path of it that leaves DIR is reported under its own origin as well.
+    for index, rec in state.listed:
+        if state.records.get(str(rec.get("SeriesInstanceUID"))) == rec:
+            continue  # the same record was checked above, under the origin the next run reads it from
+        for f in _files(rec):
+            try:
+                inside(out_dir, str(f.get("path", "")))
+            except UnsafePathError as exc:
+                result.problems.append(f"{manifest.name} series #{index} ({rec.get('SeriesInstanceUID')}): {exc}")
     # An interrupted run (kill -9, Ctrl-C, a fatal stop) leaves series it never finished.
     todo, finished = _last_run(state.journal_path)
     result.missing += max(0, todo - len(finished))
@@ -382,14 +393,14 @@ def _last_run(journal: Path) -> tuple[int, set[str]]:
     series it committed or recorded as failed after that line."""
     todo, finished = 0, set()
     try:
-        fh = open(journal, "rb")
+        fh = open(journal, "rb", opener=open_nofollow)
     except OSError:
         return 0, set()
     with fh:
         for line in fh:
             try:
                 event = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue  # a torn last line from a kill -9
             if not isinstance(event, dict):
                 continue

@@ -691,6 +691,8 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     if not logging.getLogger().handlers:  # the library's warnings (a malformed journal line...) on stderr
         logging.basicConfig(level=logging.WARNING, format="harvester: %(levelname)s: %(message)s")
+        for level in (logging.WARNING, logging.ERROR, logging.CRITICAL):  # harvester: warning: ...
+            logging.addLevelName(level, logging.getLevelName(level).lower())
     commands = {"run": cmd_run, "plan": cmd_plan, "query": cmd_query, "verify": cmd_verify, "demo": cmd_demo,
                 "sync": cmd_sync, "status": cmd_status, "export": cmd_export, "report": cmd_report}
     try:

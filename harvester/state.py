@@ -257,6 +257,8 @@ class HarvestState:
         self._group = _SyncGroup(0)                     # lines waiting for the next fsync
         self._pending_trash: dict[str, tuple[str, str]] = {}  # uid -> (path, trash) of prunes
         self._origin: dict[str, str] = {}   # uid -> where its record was read (for refusals)
+        #: (position, record) of each usable record harvest.json lists, as read (verify checks them)
+        self.listed: list[tuple[int, dict[str, Any]]] = []
         #: one line per record refused on open (a path that leaves DIR), naming the file and line
         self.refused: list[str] = []
         self._journal: io.RawIOBase | None = None
@@ -335,7 +337,8 @@ class HarvestState:
         if self.manifest_path.exists():
             try:
                 data = json.loads(read_bytes(self.manifest_path))   # a link or a FIFO: rebuilt as damaged
-                for index, rec in numbered_usable_records(data.get("series", []), str(self.manifest_path)):
+                self.listed = numbered_usable_records(data.get("series", []), str(self.manifest_path))
+                for index, rec in self.listed:
                     self.records[rec["SeriesInstanceUID"]] = rec
                     self._origin[rec["SeriesInstanceUID"]] = f"{self.manifest_path.name} series #{index}"
                 self.header = {k: v for k, v in data.items() if k not in ("series", "totals")}
@@ -420,7 +423,7 @@ class HarvestState:
                 self.refused.append(f"{self.journal_path.name}: {exc}; not moved")
         self._pending_trash.clear()
         for line in self.refused:
-            log.warning("harvester: warning: %s", line)
+            log.warning("%s", line)
         for uid, rec in list(self.records.items()):
             if rec.get("status") != "complete":
                 continue

@@ -287,7 +287,7 @@ def test_cart_with_a_withdrawn_series_harvests_the_rest_and_exits_1(server, smal
     status_json = cli("status", str(out), "--json")
     assert status_json.returncode == 0 and json.loads(status_json.stdout)["totals"]["unavailable"] == 1
     verify = cli("verify", str(out))
-    assert verify.returncode == 0 and "all match" in verify.stdout and "3 series" in verify.stdout
+    assert verify.returncode == 1 and "3 intact, 0 failed, 1 unavailable, 0 missing" in verify.stdout
     report = cli("report", str(out))
     assert report.returncode == 0, report.stderr
     assert ghost in (out / "report.html").read_text("utf-8")

@@ -154,6 +154,8 @@ def run_serve(args: argparse.Namespace) -> int:
     """Run ``harvester serve`` with parsed ``args``; returns the exit code (0, or 2 for bad usage)."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="harvester: %(levelname)s: %(message)s")
+        for level in (logging.WARNING, logging.ERROR, logging.CRITICAL):  # harvester: warning: ...
+            logging.addLevelName(level, logging.getLevelName(level).lower())
     try:
         faults = FaultSpec.parse(args.faults) if args.faults else None
     except ValueError as err:

@@ -205,7 +205,7 @@ def test_malformed_journal_and_manifest_lines_are_reported_and_skipped(tmp_path:
                    cli("report", str(out)), cli("export", str(out), "--csv", str(tmp_path / "e.csv"))]
         for proc in readers:
             assert proc.returncode == 0, (proc.args, proc.stdout[-1500:], proc.stderr[-1500:])
-            warned = [line for line in proc.stderr.splitlines() if "series record" in line]
+            warned = [line for line in proc.stderr.splitlines() if "harvest.json: series record" in line]
             assert len(warned) == len(BAD_MANIFEST_RECORDS), (proc.args, proc.stderr)
         resume = cli(*run_args(h, tmp_path, out))
         doc = json.loads((out / "harvest.json").read_text("utf-8"))
