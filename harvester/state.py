@@ -58,8 +58,7 @@ from harvester.errors import (
 from harvester.layout import METADATA_IN_SUBFOLDER, retriever_date, retriever_text
 from harvester.redact import redact
 
-log = logging.getLogger(__name__)
-_log = logging.getLogger("harvester")  # reports of damaged records, on stderr by default
+_log = logging.getLogger("harvester")  # reports of damaged records and refused paths, on stderr by default
 
 SCHEMA = "harvester/1"
 METADATA_COLUMNS = [
@@ -423,7 +422,7 @@ class HarvestState:
                 self.refused.append(f"{self.journal_path.name}: {exc}; not moved")
         self._pending_trash.clear()
         for line in self.refused:
-            log.warning("%s", line)
+            _log.warning("%s", line)
         for uid, rec in list(self.records.items()):
             if rec.get("status") != "complete":
                 continue

@@ -350,7 +350,7 @@ def test_tcia_include_annotation(header: str, expected: bool) -> None:
                                            ("pangyuteng__retry-2022-12-25-manifest.tcia", False)])
 def test_real_carts(name: str, expected: bool) -> None:
     # real portal carts (copies of the shared real-NBIA fixtures), CRLF included
-    query = load_query(Path(__file__).parent / "fixtures" / "real-nbia" / "manifests" / name)
+    query = load_query(Path(__file__).parent / "data" / "real-nbia" / "manifests" / name)
     assert query.annotations is expected and query.selectors[0].series
 
 
