@@ -44,7 +44,7 @@ from harvester.errors import (
     UsageError,
 )
 from harvester.mirror import RepairResult, SyncDiff, SyncResult, async_repair, async_sync, read_status
-from harvester.planner import Plan, SeriesTask
+from harvester.models import Plan, SeriesTask
 from harvester.progress import Event
 from harvester.query import Query, load_query, query_from_dict
 

@@ -29,29 +29,12 @@ from xml.parsers import expat
 
 from harvester.errors import IntegrityError, UnsafeArchiveError, classify_os_error
 from harvester.layout import safe_component
-from harvester.unpack import UnpackedSeries, check_entry_name
+from harvester.models import AnnotatedSeries, AnnotationFile, UnpackedSeries
+from harvester.unpack import check_entry_name
 
 ANNOTATION_SUFFIX = ".xml"
 MAX_ANNOTATION_BYTES = 64 * 1024 ** 2      # one file; LIDC's reads are tens of kilobytes
 MAX_ANNOTATIONS = 1000                     # per series
-
-
-@dataclass(frozen=True)
-class AnnotationFile:
-    name: str            # file name inside the series folder
-    size: int
-    md5: str
-
-    def to_json(self, folder: str) -> dict[str, Any]:
-        """The entry of harvest.json's ``annotations`` list (paths relative to DIR, like ``files``)."""
-        return {"path": f"{folder}/{self.name}", "size": self.size, "md5": self.md5}
-
-
-@dataclass(frozen=True)
-class AnnotatedSeries(UnpackedSeries):
-    """A series unpacked from getImage, plus the annotation files placed beside it."""
-
-    annotations: tuple[AnnotationFile, ...] = ()
 
 
 def has_annotations(row: Mapping[str, Any]) -> bool:

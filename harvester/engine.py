@@ -27,7 +27,6 @@ from typing import Any
 
 import anyio
 
-from harvester.annotations import AnnotatedSeries
 from harvester.config import Config
 from harvester.containment import inside
 from harvester.errors import (
@@ -39,10 +38,10 @@ from harvester.errors import (
     classify_os_error,
     should_retry_series,
 )
-from harvester.fetch import RateLimiter
 from harvester.layout import assign_paths, safe_component
-from harvester.planner import SeriesTask
+from harvester.models import AnnotatedSeries, SeriesTask
 from harvester.progress import Event, Hub
+from harvester.rate import RateLimiter
 from harvester.source.base import Source
 from harvester.state import HarvestState, atomic_write, now_iso, totals_of
 

@@ -32,7 +32,7 @@ from harvester.containment import inside, open_dir, open_nofollow, read_bytes
 from harvester.dates import parse_archive_date
 from harvester.engine import Engine, HarvestResult
 from harvester.errors import HarvesterError, ManifestError, RequestError, UnsafePathError, UsageError
-from harvester.planner import Plan, SeriesTask
+from harvester.models import Plan, SeriesTask
 from harvester.progress import Hub
 from harvester.query import Query
 from harvester.source.nbia import NBIAClient, as_int, make_session

@@ -41,6 +41,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from harvester.config import Limits
 from harvester.errors import IncompleteSeriesError, IntegrityError, UnsafeArchiveError, classify_os_error
 from harvester.layout import instance_filename, name_key
+from harvester.models import Repair, UnpackedSeries, VerifiedFile
 
 LICENSE_NAME = "LICENSE"
 MD5_NAME = "md5hashes.csv"
@@ -49,38 +50,6 @@ _INFLATE_CHUNK = 256 << 10
 # What reading a damaged or mislabelled entry raises besides BadZipFile (a broken deflate stream
 # raises zlib.error, an unknown compression method NotImplementedError).
 _CORRUPT_ENTRY = (zipfile.BadZipFile, EOFError, ValueError, zlib.error, lzma.LZMAError, NotImplementedError)
-
-
-@dataclass(frozen=True)
-class VerifiedFile:
-    name: str            # file name inside the series folder
-    size: int
-    md5: str
-    sop_uid: str
-    sop_class_uid: str = ""
-    md5_checked: bool = True  # False: the archive listed no MD5 for it; ``md5`` is what arrived
-
-
-@dataclass(frozen=True)
-class Repair:
-    """A file whose bytes failed their MD5 but whose header still names this series: it can be
-    fetched alone with getSingleImage instead of refetching the whole series."""
-
-    name: str
-    sop_uid: str
-    md5: str
-
-
-@dataclass(frozen=True)
-class UnpackedSeries:
-    files: list[VerifiedFile]
-    license_text: str | None
-    repairs: list[Repair]
-
-    @property
-    def without_md5(self) -> int:
-        """Files verified by count, size, CRC-32 and DICOM only (the archive had no MD5 for them)."""
-        return sum(not f.md5_checked for f in self.files)
 
 
 def check_entry_name(name: str) -> None:

@@ -17,7 +17,7 @@ from harvest_helpers import assert_identical, normal_series, select_all, test_co
 from harvester.api import aharvest
 from harvester.config import Limits
 from harvester.engine import AdaptiveLimit
-from harvester.fetch import RateLimiter
+from harvester.rate import RateLimiter
 from harvester.progress import Event, Hub
 from harvester.query import query_from_dict
 from harvester.server.synthetic import SyntheticSpec, build_synthetic

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from harvester.fetch import RateLimiter
-    from harvester.planner import Plan, SeriesTask
-    from harvester.query import Query
-    from harvester.unpack import UnpackedSeries
+from harvester.models import Plan, SeriesTask, UnpackedSeries
+from harvester.query import Query
+from harvester.rate import RateLimiter
 
 
 class Source(Protocol):
