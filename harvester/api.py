@@ -32,7 +32,7 @@ from harvester.containment import inside, open_nofollow, read_bytes
 from harvester.engine import Engine, HarvestResult
 from harvester.errors import ManifestError, UnsafePathError, UsageError
 from harvester.layout import check_layout
-from harvester.planner import Plan
+from harvester.models import Plan
 from harvester.progress import Event, Hub
 from harvester.query import Query, load_query, query_from_dict
 from harvester.source.base import Source

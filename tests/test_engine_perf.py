@@ -253,7 +253,7 @@ def test_fetch_and_unpack_hold_a_few_chunks_not_the_series(big_archive: Any, tmp
     """A 48 MiB series is streamed to disk and unpacked with Python allocations bounded by a
     few chunks (tracemalloc sees aiohttp's buffers too)."""
     from harvester.config import Config
-    from harvester.fetch import fetch_series_zip
+    from harvester.source.nbia.download import fetch_series_zip
     from harvester.source.nbia import NBIAClient, make_session
     from harvester.unpack import verify_and_unpack
 
@@ -292,7 +292,7 @@ def test_verifying_one_series_does_not_keep_a_download_slot(server, small_archiv
     the worker count."""
     import threading
 
-    import harvester.fetch as fetch_module
+    import harvester.source.nbia.download as fetch_module
     import harvester.unpack as unpack_module
 
     active = peak = 0

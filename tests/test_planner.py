@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 from harvest_helpers import manifest, normal_collections, normal_series, test_config
-from harvester import planner as planner_module
+from harvester.source.nbia import planner as planner_module
 from harvester.api import aharvest, aplan
 from harvester.dates import parse_archive_date
 from harvester.errors import UnknownSelectionError

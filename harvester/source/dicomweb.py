@@ -70,7 +70,7 @@ from harvester.errors import (
     classify_os_error,
 )
 from harvester.layout import name_key, safe_component
-from harvester.planner import (
+from harvester.source.nbia.planner import (
     Plan,
     SeriesTask,
     UnavailableSeries,

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from harvester.config import Limits
 from harvester.errors import HarvesterError, IncompleteSeriesError
-from harvester.fetch import download_bound
+from harvester.source.nbia.download import download_bound
 
 from .hostile import (
     AUTH,

@@ -29,7 +29,7 @@ from harvester.config import Limits
 from harvester.errors import OversizeDownloadError, RetryableRequestError, classify_os_error
 from harvester.source.http import BodyGuard, redact_url
 from harvester.rate import RateLimiter
-from harvester.source.nbia import NBIAClient
+from harvester.source.nbia.client import NBIAClient
 
 ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")
 #: ZIP bytes allowed per entry beyond its data (local header, data descriptor, central record,

@@ -384,7 +384,7 @@ class NBIASource(ClientBackedSource):
         self.download_limiter: anyio.CapacityLimiter | None = None
 
     async def plan(self, query: Any, *, details: bool = True) -> Any:
-        from harvester.planner import Planner
+        from harvester.source.nbia.planner import Planner
         return await Planner(self.client, concurrency=self.client.config.plan_concurrency).plan(
             query, details=details)
 
@@ -395,7 +395,7 @@ class NBIASource(ClientBackedSource):
 
         from harvester.annotations import has_annotations
         from harvester.errors import IntegrityError
-        from harvester.fetch import download_bound, fetch_series_zip
+        from harvester.source.nbia.download import download_bound, fetch_series_zip
         from harvester.unpack import read_dicom_ids, verify_and_unpack
 
         config = self.client.config
@@ -437,7 +437,7 @@ class NBIASource(ClientBackedSource):
         import dataclasses
 
         from harvester.annotations import MAX_ANNOTATION_BYTES, AnnotatedSeries, AnnotationOpener, unpack_annotations
-        from harvester.fetch import download_bound, fetch_series_zip
+        from harvester.source.nbia.download import download_bound, fetch_series_zip
 
         zip_path = partial.with_name(partial.name + ".annotations")
         # getDCMImage sends the series' images again, then its annotations: the series' own

@@ -33,7 +33,7 @@ from harvester.dates import parse_archive_date
 from harvester.errors import PermanentRequestError, UnknownSelectionError
 from harvester.query import Query, Selector, fold
 from harvester.models import CollectionTotals, Plan, SeriesTask, UnavailableSeries
-from harvester.source.nbia import NBIAClient, as_int
+from harvester.source.nbia.client import NBIAClient, as_int
 
 T = TypeVar("T")
 
