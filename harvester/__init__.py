@@ -43,7 +43,8 @@ from harvester.errors import (
     UnknownSelectionError,
     UsageError,
 )
-from harvester.mirror import RepairResult, SyncDiff, SyncResult, async_repair, async_sync, read_status
+from harvester.mirror import read_status
+from harvester.operations import RepairResult, SyncDiff, SyncResult, async_repair, async_sync
 from harvester.models import Plan, SeriesTask
 from harvester.progress import Event
 from harvester.query import Query, load_query, query_from_dict

@@ -22,14 +22,13 @@ import os
 import zipfile
 import zlib
 from collections.abc import AsyncIterator, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 from xml.parsers import expat
 
 from harvester.errors import IntegrityError, UnsafeArchiveError, classify_os_error
 from harvester.layout import safe_component
-from harvester.models import AnnotatedSeries, AnnotationFile, UnpackedSeries
+from harvester.models import AnnotationFile
 from harvester.unpack import check_entry_name
 
 ANNOTATION_SUFFIX = ".xml"

@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
-import dataclasses
 import hashlib
 import json
 import os
-import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,197 +25,27 @@ from typing import Any, TypeVar
 import anyio
 
 from harvester.config import Config
-from harvester.containment import inside, open_nofollow, read_bytes
-from harvester.engine import Engine, HarvestResult
-from harvester.errors import ManifestError, UnsafePathError, UsageError
-from harvester.layout import check_layout
+from harvester.containment import inside, open_nofollow
+from harvester.engine import HarvestResult
+from harvester.errors import UnsafePathError
 from harvester.models import Plan
+from harvester.operations import (
+    QueryLike,
+    RepairResult,
+    SyncDiff,
+    SyncResult,
+    aharvest,
+    aplan,
+    as_query,
+    async_repair,
+    async_sync,
+    make_config,
+    make_source,
+)
 from harvester.progress import Event, Hub
-from harvester.query import Query, load_query, query_from_dict
-from harvester.source.base import Source
-from harvester.source.nbia import NBIAClient, NBIASource, make_session, redact_url
-from harvester.state import HarvestState, usable_records
-
-
-def make_source(config: Config, session: Any) -> Source:
-    """The archive named by ``config.source``, on the given HTTP session."""
-    if config.source == "dicomweb":
-        from harvester.source.dicomweb import DICOMwebSource
-        return DICOMwebSource(config, session)
-    return NBIASource(NBIAClient(config, session))
-
-
-QueryLike = Query | dict[str, Any] | str | Path
-
-
-def as_query(query: QueryLike) -> Query:
-    """A ``Query`` from a Query, a manifest-shaped dict, or a path. Raises ``ManifestError``."""
-    if isinstance(query, Query):
-        return query
-    if isinstance(query, dict):
-        return query_from_dict(query, origin="<dict>", base_dir=Path.cwd())
-    if isinstance(query, (str, Path)):
-        return load_query(query)
-    raise TypeError(f"a query is a Query, a dict or a path, not {type(query).__name__}")
-
-
-def make_config(query: Query | None = None, config: Config | None = None, out: str | Path | None = None,
-                **options: Any) -> Config:
-    """``config`` (or defaults, taking ``api``/``layout``/``source``/``url`` from the query) with
-    ``out`` and ``options`` applied. Raises ``TypeError`` for an unknown option."""
-    fields = {f.name for f in dataclasses.fields(Config)}
-    unknown = sorted(set(options) - fields)
-    if unknown:
-        raise TypeError(f"unknown option {unknown[0]!r}; options are Config fields: {', '.join(sorted(fields))}")
-    changes: dict[str, Any] = {}
-    if config is None and query is not None:
-        if query.source:
-            changes["source"] = query.source
-        if query.url or query.api:
-            changes["api_url"] = (query.url or query.api or "").rstrip("/")
-        if query.layout:
-            changes["layout"] = query.layout
-    if out is not None:
-        changes["out_dir"] = Path(out)
-    changes.update({k: v for k, v in options.items() if v is not None})
-    if "api_url" in changes:
-        changes["api_url"] = str(changes["api_url"]).rstrip("/")
-    return dataclasses.replace(config or Config(), **changes)
-
-
-async def aplan(query: QueryLike, config: Config | None = None, *, details: bool = True,
-                **options: Any) -> Plan:
-    """Expand ``query`` into the exact list of series tasks (``Plan.tasks``; totals in ``Plan.to_json()``).
-
-    ``details=False`` skips the study and patient records of each task (two requests per
-    collection on NBIA) when only the series and totals are wanted. Series of a cart or list
-    that the archive does not give are in ``Plan.unavailable`` (with ``strict=True``: raises
-    ``UnknownSelectionError``); selectors matching nothing are named in ``Plan.warnings``.
-    """
-    q = as_query(query)
-    config = make_config(q, config, **options)
-    async with make_session(config) as session:
-        return await make_source(config, session).plan(q, details=details)
-
-
-async def aharvest(query: QueryLike, out: str | Path | Config | None = None, *, config: Config | None = None,
-                   hub: Hub | None = None, on_plan: Callable[[Plan], None] | None = None,
-                   on_event: Callable[[Event], None] | None = None, **options: Any) -> HarvestResult:
-    """Plan and harvest ``query`` into ``out`` (or ``config.out_dir``); resumable, see ``harvester.engine``.
-
-    Returns a ``HarvestResult`` (``ok``, ``totals``, ``failed`` and ``unavailable`` with reasons,
-    counters). Raises ``UsageError`` for bad input (with ``strict=True``, for a series of a cart or
-    list that the archive does not give) and ``FatalError`` only before the harvest starts; a
-    fatal stop during the harvest is reported in ``result.fatal`` with everything verified kept.
-    """
-    if isinstance(out, Config):  # aharvest(query, config) reads naturally too
-        config, out = out, None
-    query = as_query(query)
-    config = make_config(query, config, out, **options)
-    if query.annotations and not config.annotations:   # the cart or manifest asks for them
-        config = dataclasses.replace(config, annotations=True)
-    check_layout(config.layout)
-    hub = hub or Hub()
-    if on_event is not None:
-        hub.subscribe(on_event)
-    async with open_harvest(config) as (state, source):
-        plan = await source.plan(query)
-        if on_plan is not None:
-            on_plan(plan)
-        hub.emit(plan_event(plan))
-        emit_warnings(hub, plan)
-        return await harvest_plan(Engine(config, source, state, hub), plan, manifest_header(config, query, state))
-
-
-async def harvest_plan(engine: Engine, plan: Plan, header: dict[str, Any],
-                       refetch: frozenset[str] = frozenset()) -> HarvestResult:
-    """Run ``plan`` on ``engine`` (see ``Engine.run``) after recording its unavailable series in the
-    state (harvest.json lists them; the next run looks them up again); the result names them, and
-    is not ``ok`` while any is. Shared by ``aharvest`` and ``harvester.mirror.async_sync``."""
-    state = engine.state
-    await anyio.to_thread.run_sync(state.mark_unavailable,
-                                   [(u.series_uid, u.origin, u.reason) for u in plan.unavailable])
-    result = await engine.run(plan.tasks, header, refetch=refetch)
-    result.unavailable = [
-        (u.series_uid, u.reason + ("; the copy already on disk is kept" if state.complete(u.series_uid) else ""))
-        for u in plan.unavailable]
-    return result
-
-
-@contextlib.asynccontextmanager
-async def open_harvest(config: Config) -> AsyncIterator[tuple[HarvestState, Source]]:
-    """The output directory's state (opened and locked) and a source on one HTTP session; both
-    closed on the way out. Shared by ``aharvest`` and ``harvester.mirror.async_sync``.
-
-    The folders that this call created are removed again when no series was recorded and the
-    block either raised (a wrong URL, an unknown collection, Ctrl-C...) or wrote no harvest.json
-    (``sync --dry-run``), so that a first run that did nothing leaves no directory behind. Only
-    what this run created goes, deepest first, and a folder only while it is empty: a directory
-    that existed before is never touched, nor anything another run put beside DIR meanwhile.
-    """
-    created = _missing_folders(config.out_dir)
-    state = HarvestState(config.out_dir)
-    await anyio.to_thread.run_sync(state.open)
-    raised = False
-    try:
-        async with make_session(config) as session:
-            yield state, make_source(config, session)
-    except BaseException:
-        raised = True
-        raise
-    finally:
-        if created and not state.records and (raised or not state.manifest_path.exists()):
-            # Removed in place, not in a thread: this may run in a cancelled scope (Ctrl-C), where
-            # an await would be cancelled too; with nothing recorded, there is little to remove.
-            _remove_created(state, created)
-        state.close()
-
-
-def _missing_folders(path: Path) -> list[Path]:
-    """``path`` and those of its parents that do not exist yet, deepest first (empty if ``path``
-    exists): the folders a run into ``path`` creates."""
-    path = path.absolute()
-    missing = []
-    while not os.path.lexists(path) and path.parent != path:
-        missing.append(path)
-        path = path.parent
-    return missing
-
-
-def _remove_created(state: HarvestState, created: list[Path]) -> None:
-    """Undo a first run that recorded nothing: DIR's own files (``.harvester``, under the lock
-    this run holds, and the manifests it wrote), then each folder in ``created`` while it is
-    empty. Whatever else appeared inside them (another harvest next to DIR) stays."""
-    shutil.rmtree(state.meta_dir, ignore_errors=True)   # never follows a link (refused on open anyway)
-    for name in (state.manifest_path.name, "metadata.csv"):
-        with contextlib.suppress(OSError):
-            (state.out_dir / name).unlink()
-    for folder in created:
-        try:
-            folder.rmdir()
-        except OSError:
-            return   # not empty, or not ours to remove: nor are its parents
-
-
-def manifest_header(config: Config, query: Query, state: HarvestState) -> dict[str, Any]:
-    """What harvest.json records about the run: archive (without credentials), query, layout,
-    and the last sync, kept from the state so a plain ``run`` does not forget it."""
-    header = {"api_url": redact_url(config.api_url), "query": query.to_json(), "layout": config.layout}
-    if state.header.get("last_sync"):
-        header["last_sync"] = state.header["last_sync"]
-    return header
-
-
-def plan_event(plan: Plan) -> Event:
-    totals = plan.to_json()
-    return Event("plan", data={"series": totals["series"], "bytes": totals["bytes"],
-                               "unavailable": len(plan.unavailable)})
-
-
-def emit_warnings(hub: Hub, plan: Plan) -> None:
-    """One "warning" event per warning of the plan (each is said once per plan)."""
-    for warning in plan.warnings:
-        hub.emit(Event("warning", message=warning))
+from harvester.source.nbia import NBIAClient, make_session
+from harvester.state import HarvestState
+from harvester.store.manifest import read_manifest
 
 
 @dataclass
@@ -271,15 +98,7 @@ def verify_tree(out_dir: Path, *, on_file: Callable[[int], None] | None = None) 
     a problem naming the record; it is never opened. Raises ``UsageError`` when there is no
     harvest.json, ``ManifestError`` when it is unreadable.
     """
-    manifest = out_dir / "harvest.json"
-    try:
-        doc = json.loads(read_bytes(manifest))   # never through a link, never blocked on a FIFO
-        if not isinstance(doc["series"], list):
-            raise TypeError
-    except FileNotFoundError:
-        raise UsageError(f"{manifest}: not found", hint="verify takes the output directory of a harvest") from None
-    except (ValueError, KeyError, TypeError, OSError, RecursionError):
-        raise ManifestError(f"{manifest}: unreadable or not a harvester manifest") from None
+    read_manifest(out_dir)   # UsageError when absent, ManifestError when unreadable (the state rebuilds those)
     # The journal holds commits that harvest.json (rewritten at checkpoints) may not list yet
     # after a kill -9: the records are what the next run would start from.
     state = HarvestState(out_dir)
@@ -356,7 +175,7 @@ def verify_tree(out_dir: Path, *, on_file: Callable[[int], None] | None = None) 
             try:
                 inside(out_dir, str(f.get("path", "")))
             except UnsafePathError as exc:
-                result.problems.append(f"{manifest.name} series #{index} ({rec.get('SeriesInstanceUID')}): {exc}")
+                result.problems.append(f"harvest.json series #{index} ({rec.get('SeriesInstanceUID')}): {exc}")
     # An interrupted run (kill -9, Ctrl-C, a fatal stop) leaves series it never finished.
     todo, finished = _last_run(state.journal_path)
     result.missing += max(0, todo - len(finished))
@@ -448,9 +267,7 @@ def verify(out: str | Path) -> VerifyResult:
 
 def sync(query: QueryLike, out: str | Path, *, prune: bool = False, dry_run: bool = False,
          config: Config | None = None, on_event: Callable[[Event], None] | None = None, **options: Any) -> Any:
-    """Synchronous ``harvester.mirror.async_sync``: bring ``out`` up to date with ``query``."""
-    from harvester.mirror import async_sync
-
+    """Synchronous ``async_sync``: bring ``out`` up to date with ``query``."""
     q = as_query(query)
     cfg = make_config(q, config, out, **options)
     hub = Hub()
@@ -460,9 +277,7 @@ def sync(query: QueryLike, out: str | Path, *, prune: bool = False, dry_run: boo
 
 
 def repair(out: str | Path, *, config: Config | None = None, **options: Any) -> Any:
-    """Synchronous ``harvester.mirror.async_repair``: refetch what fails verification."""
-    from harvester.mirror import async_repair
-
+    """Synchronous ``async_repair``: refetch what fails verification."""
     cfg = make_config(None, config, out, **options)
     return run_sync(lambda: async_repair(cfg))
 
@@ -586,3 +401,9 @@ class MetadataClient:
 
     def sop_instance_uids(self, SeriesInstanceUID: str, *, dataframe: bool = False) -> Any:  # noqa: N803
         return self._call("sop_instance_uids", dataframe, SeriesInstanceUID)
+
+
+#: the facade: the composition of ``harvester.operations`` and the synchronous twins defined here
+__all__ = ["AsyncMetadataClient", "MetadataClient", "QueryLike", "RepairResult", "SyncDiff", "SyncResult",
+           "VerifyResult", "aharvest", "aplan", "as_query", "async_repair", "async_sync", "harvest", "make_config",
+           "make_source", "plan", "repair", "run_sync", "sync", "to_dataframe", "verify", "verify_tree"]

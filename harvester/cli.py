@@ -476,12 +476,14 @@ def cmd_query(args: argparse.Namespace, env: dict[str, str]) -> int:
     return EXIT_OK
 
 
-def _recorded_api(out_dir: Path) -> str | None:
+def _recorded_source(out_dir: Path) -> tuple[str | None, str | None]:
+    """(kind, URL) of the archive ``out_dir``'s harvest.json records; (None, None) when it
+    cannot be read (verify then says why)."""
+    from harvester.store.manifest import read_manifest, recorded_source
     try:
-        from harvester.containment import read_bytes
-        return json.loads(read_bytes(out_dir / "harvest.json")).get("api_url")
-    except (OSError, ValueError, AttributeError):
-        return None
+        return recorded_source(read_manifest(out_dir))
+    except HarvesterError:
+        return None, None
 
 
 def _run_harvest(query: Any, config: Config, *, out: Any = None, runner: Any = None) -> int:
@@ -542,7 +544,7 @@ def cmd_run(args: argparse.Namespace, env: dict[str, str]) -> int:
 
 
 def cmd_sync(args: argparse.Namespace, env: dict[str, str]) -> int:
-    from harvester.mirror import async_sync
+    from harvester.operations import async_sync
     from harvester.query import load_query
 
     query = load_query(args.query)
@@ -630,8 +632,9 @@ def cmd_verify(args: argparse.Namespace, env: dict[str, str]) -> int:
     from harvester.progress import human_bytes
 
     if args.repair:
-        from harvester.mirror import async_repair
-        config = build_config(args, env, _recorded_api(args.dir))
+        from harvester.operations import async_repair
+        kind, url = _recorded_source(args.dir)
+        config = build_config(args, env, url, manifest_source=kind)
         config = Config(**{**config.__dict__, "out_dir": args.dir, "progress": False})
         rep = anyio.run(lambda: async_repair(config))
         for path in rep.repaired_files:

@@ -42,7 +42,7 @@ from harvester.layout import assign_paths, safe_component
 from harvester.models import AnnotatedSeries, SeriesTask
 from harvester.progress import Event, Hub
 from harvester.rate import RateLimiter
-from harvester.source.base import Source
+from harvester.source.base import DownloadSlots, Source
 from harvester.state import HarvestState, atomic_write, now_iso, totals_of
 
 MANIFEST_EVERY = 30.0  # seconds between harvest.json rewrites during a run
@@ -126,9 +126,9 @@ class Engine:
         # ZIP); the engine then keeps up to twice as many series in flight, so verifying,
         # unpacking and committing one series overlaps the next one's download and `workers`
         # connections stay busy. Other sources hold a slot for the whole attempt.
-        self._slots_in_source = hasattr(source, "download_limiter")
-        if self._slots_in_source:
-            source.download_limiter = self.limit.limiter  # type: ignore[attr-defined]
+        self._slots_in_source = isinstance(source, DownloadSlots)
+        if isinstance(source, DownloadSlots):
+            source.download_limiter = self.limit.limiter
         self.rate = RateLimiter(config.max_rate) if config.max_rate else None
         self._licenses: set[str] = set()
         self._rng = random.Random()

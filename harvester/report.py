@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harvester.containment import open_nofollow, read_bytes
-from harvester.errors import ManifestError, UsageError
+from harvester.containment import open_nofollow
 from harvester.progress import human_bytes
 from harvester.redact import redact
 from harvester.state import atomic_write, now_iso, usable_records, write_output
+from harvester.store.manifest import read_manifest
 
 REPORT_NAME = "report.html"
 #: Time charts aim for at most this many buckets; the bucket is the smallest "nice" duration that fits.
@@ -87,22 +87,7 @@ def write_report(out_dir: Path, target: Path | None = None) -> Path:
 
 # ------------------------------------------------------------------ reading
 def _load_manifest(out_dir: Path) -> dict[str, Any]:
-    path = out_dir / "harvest.json"
-    if not path.is_file():
-        raise UsageError(f"{out_dir} holds no harvest.json: it is not a harvest output directory",
-                         hint="give the directory you harvested into (the -o DIR of harvester run)")
-    try:
-        doc = json.loads(read_bytes(path))   # never through a link, never blocked on a FIFO
-    except RecursionError:
-        raise ManifestError(f"cannot read {path}: JSON nested too deep",
-                            hint="run the harvest again to rewrite it from the journal") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ManifestError(f"cannot read {path}: {exc}",
-                            hint="run the harvest again to rewrite it from the journal") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("series", []), list):
-        raise ManifestError(f"{path} is not a harvest manifest (no list of series)",
-                            hint="run the harvest again to rewrite it from the journal")
-    return doc
+    return read_manifest(out_dir)   # UsageError when absent, ManifestError when unreadable
 
 
 #: (from, to, amount): a progress counter's increase between two journal events.

@@ -45,11 +45,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from harvester.containment import check_not_link, inside, open_dir, open_nofollow, parts_of, read_bytes
+from harvester.containment import check_not_link, inside, open_dir, open_nofollow, parts_of
 from harvester.errors import (
     DiskFullError,
     FatalError,
     HarvesterError,
+    ManifestError,
     OutputNotWritableError,
     UnsafePathError,
     UsageError,
@@ -57,6 +58,7 @@ from harvester.errors import (
 )
 from harvester.layout import METADATA_IN_SUBFOLDER, retriever_date, retriever_text
 from harvester.redact import redact
+from harvester.store.manifest import read_manifest
 
 _log = logging.getLogger("harvester")  # reports of damaged records and refused paths, on stderr by default
 
@@ -335,7 +337,7 @@ class HarvestState:
     def _load(self) -> None:
         if self.manifest_path.exists():
             try:
-                data = json.loads(read_bytes(self.manifest_path))   # a link or a FIFO: rebuilt as damaged
+                data = read_manifest(self.out_dir)   # a link or a FIFO: rebuilt as damaged
                 self.listed = numbered_usable_records(data.get("series", []), str(self.manifest_path))
                 for index, rec in self.listed:
                     self.records[rec["SeriesInstanceUID"]] = rec
@@ -345,7 +347,7 @@ class HarvestState:
                     if self.header.get(key) is not None and not isinstance(self.header[key], str):
                         _log.warning("%s: %s is not a string; ignored", self.manifest_path, key)
                         del self.header[key]
-            except (ValueError, OSError, AttributeError, TypeError, RecursionError):
+            except (ManifestError, UsageError, AttributeError, TypeError):
                 # A damaged harvest.json is rebuilt from the journal, which is the source of truth.
                 self.records.clear()
         if not self.journal_path.exists():

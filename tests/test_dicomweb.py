@@ -577,3 +577,25 @@ def test_multipart_boundary_parsing():
         ("multipart/related", "a b:c")
     assert multipart_boundary("multipart/related; boundary=xyz") == ("multipart/related", "xyz")
     assert multipart_boundary("text/html; charset=utf-8") == ("text/html", None)
+
+
+def test_verify_repair_of_a_dicomweb_harvest_refetches_the_series(orthanc, tmp_path):
+    """harvest.json records the source; ``verify --repair`` (no --source: the file says
+    dicomweb) builds a DICOMweb source, which cannot fetch one instance alone, so the damaged
+    series is refetched whole: no traceback, and the tree is Orthanc's bytes again."""
+    uid = orthanc.uids(Collection=orthanc.collections[0])[0]
+    out = tmp_path / "out"
+    assert dw_harvest(orthanc, out, {"select": [{"series": [uid]}]}).ok
+    doc = manifest(out)
+    assert doc["source"] == {"kind": "dicomweb", "url": orthanc.orthanc.root}
+    damaged = out / doc["series"][0]["files"][0]["path"]
+    damaged.write_bytes(b"not the instance Orthanc stores")
+    env = {**ENV, "ORTHANC_PASSWORD": orthanc.orthanc.password}
+    proc = subprocess.run([sys.executable, "-m", "harvester", "verify", str(out), "--repair", "--user", USER,
+                           "--password-env", "ORTHANC_PASSWORD", "--timeout", "5"],
+                          env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"refetched series: {uid}" in proc.stdout
+    assert orthanc.orthanc.password not in proc.stdout + proc.stderr
+    assert_identical_to_orthanc(out, orthanc, [uid])

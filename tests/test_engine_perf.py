@@ -292,11 +292,10 @@ def test_verifying_one_series_does_not_keep_a_download_slot(server, small_archiv
     the worker count."""
     import threading
 
-    import harvester.source.nbia.download as fetch_module
-    import harvester.unpack as unpack_module
+    import harvester.source.nbia.source as source_module  # the names NBIASource calls
 
     active = peak = 0
-    real_fetch = fetch_module.fetch_series_zip
+    real_fetch = source_module.fetch_series_zip
 
     async def counting_fetch(*args: Any, **kwargs: Any) -> int:
         nonlocal active, peak
@@ -309,7 +308,7 @@ def test_verifying_one_series_does_not_keep_a_download_slot(server, small_archiv
 
     overlapped = threading.Event()
     first = threading.Lock()
-    real_unpack = unpack_module.verify_and_unpack
+    real_unpack = source_module.verify_and_unpack
 
     def unpack_after_the_next_download_started(*args: Any, **kwargs: Any) -> Any:
         if first.acquire(blocking=False):  # only the first series waits (in its worker thread)
@@ -321,8 +320,8 @@ def test_verifying_one_series_does_not_keep_a_download_slot(server, small_archiv
                 threading.Event().wait(0.025)
         return real_unpack(*args, **kwargs)
 
-    monkeypatch.setattr(fetch_module, "fetch_series_zip", counting_fetch)
-    monkeypatch.setattr(unpack_module, "verify_and_unpack", unpack_after_the_next_download_started)
+    monkeypatch.setattr(source_module, "fetch_series_zip", counting_fetch)
+    monkeypatch.setattr(source_module, "verify_and_unpack", unpack_after_the_next_download_started)
     result = harvest(server.base_url, tmp_path / "out", select_all(small_archive), Hub(), workers=1, connections=4)
     assert result.ok, result.failed
     assert overlapped.is_set(), "the next download waited for the previous series to be verified"

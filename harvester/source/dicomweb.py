@@ -83,19 +83,17 @@ from harvester.query import Query, Selector, fold
 from harvester.source.base import ClientBackedSource
 from harvester.redact import SECRETS
 from harvester.source.http import (
-    CLIENT_ERRORS,
     BodyGuard,
-    RetryingClient,
     HostGate,
+    RetryingClient,
+    StaticAuth,
     as_int,
-    classify_client_error,
-    get_following,
     json_too_big,
     one_line,
     parse_json,
-    raise_for_status,
     read_guarded,
     redact_url,
+    request,
 )
 from harvester.unpack import UnpackedSeries, VerifiedFile, read_dicom_ids
 
@@ -324,23 +322,11 @@ class DICOMwebClient(RetryingClient):
     def __repr__(self) -> str:
         return f"DICOMwebClient(root={redact_url(self.root)!r})"
 
-    @contextlib.asynccontextmanager
-    async def _request(self, url: str, *, accept: str, ok: Sequence[int] = (200,)
-                       ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """One GET with auth, the host gate and the redirect policy (``get_following``: the
-        credentials never go to another origin); failures classified, those inside the
-        ``async with`` body included (no retry here): no aiohttp exception leaves unclassified."""
-        await self.gate.wait()
-        headers = {"Accept": accept, **self._auth_header}
-        shown = redact_url(url)
-        self.requests += 1
-        try:
-            async with get_following(self.session, url, headers=headers, config=self.config, shown=shown) as resp:
-                if resp.status not in ok:
-                    await raise_for_status(resp, shown, max_retry_after=self.config.max_retry_after)
-                yield resp
-        except CLIENT_ERRORS as exc:
-            raise classify_client_error(exc, shown) from None
+    def _request(self, url: str, *, accept: str, ok: Sequence[int] = (200,)
+                 ) -> contextlib.AbstractAsyncContextManager[aiohttp.ClientResponse]:
+        """One GET through ``harvester.source.http.request`` with the fixed credentials (a 401
+        stands); every failure classified, no retry here."""
+        return request(self, url, accept=accept, auth=StaticAuth(self._auth_header), ok=ok)
 
     # ------------------------------------------------------------ QIDO-RS
     def url(self, path: str, params: Iterable[tuple[str, str]] = ()) -> str:
@@ -428,6 +414,8 @@ class _SearchResult:
 
 class DICOMwebSource(ClientBackedSource):
     """A DICOMweb service as a ``Source`` (QIDO-RS plan, WADO-RS multipart fetch)."""
+
+    kind = "dicomweb"
 
     def __init__(self, config: Config, session: aiohttp.ClientSession) -> None:
         self.config = config

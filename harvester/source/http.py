@@ -23,8 +23,8 @@ import json
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -396,7 +396,9 @@ class RetryingClient:
     is one line without secrets)."""
 
     config: Config
+    session: aiohttp.ClientSession
     gate: HostGate
+    requests: int
     retries: int
     on_retry: Any
     _rng: random.Random | None = None
@@ -417,3 +419,67 @@ class RetryingClient:
             self.gate.push(min(exc.retry_after, self.config.max_retry_after))
         if self.on_retry is not None and exc is not None:
             self.on_retry(exc)
+
+
+class Auth(Protocol):
+    """How a client proves who it is (a strategy of ``request``): the headers of a request, and
+    what to do when the server answers 401."""
+
+    async def headers(self, session: aiohttp.ClientSession) -> dict[str, str]:
+        """The credential headers for the next request (may fetch or refresh a token). Raises
+        ``AuthError`` or a classified request error."""
+        ...
+
+    async def rejected(self, session: aiohttp.ClientSession, sent: Mapping[str, str]) -> bool:
+        """The server answered 401 to a request sent with ``sent``: True when new credentials
+        are ready and the request is worth sending once more (a token refreshed), False when
+        the answer stands (fixed credentials)."""
+        ...
+
+
+class StaticAuth:
+    """Fixed credential headers (HTTP basic, a bearer token given by the user): a 401 stands."""
+
+    def __init__(self, headers: Mapping[str, str] | None = None) -> None:
+        self._headers = dict(headers or {})
+
+    def __repr__(self) -> str:
+        return f"StaticAuth({sorted(self._headers)})"  # the names, never the values
+
+    async def headers(self, session: aiohttp.ClientSession) -> dict[str, str]:
+        return dict(self._headers)
+
+    async def rejected(self, session: aiohttp.ClientSession, sent: Mapping[str, str]) -> bool:
+        return False
+
+
+@contextlib.asynccontextmanager
+async def request(client: RetryingClient, url: str, *, accept: str, auth: Auth,
+                  ok: Sequence[int] = (200,)) -> AsyncIterator[aiohttp.ClientResponse]:
+    """One GET of ``client`` (its session, host gate, counters and config) with ``auth``'s
+    headers, the redirect policy of ``get_following`` (credentials never go to another origin)
+    and the status checks of ``raise_for_status`` for any status outside ``ok``. A 401 that
+    ``auth.rejected`` answers True is sent once more with the new credentials; a 401 to that is
+    ``AuthError``. No retry here (``RetryingClient.retrying`` is the policy around it).
+
+    Every failure leaves classified, those of the request sent again after a 401 and those
+    raised inside the caller's ``async with`` body included: no aiohttp exception escapes.
+    """
+    await client.gate.wait()
+    shown = redact_url(url)
+    client.requests += 1
+    session = client.session
+    try:
+        for again in (False, True):
+            headers = {**(await auth.headers(session)), "Accept": accept}
+            async with get_following(session, url, headers=headers, config=client.config, shown=shown) as resp:
+                if resp.status == 401 and not again and await auth.rejected(session, headers):
+                    continue   # new credentials: the same request once more
+                if resp.status == 401 and again:
+                    raise AuthError(f"the server rejected the credentials for {shown} (HTTP 401)")
+                if resp.status not in ok:
+                    await raise_for_status(resp, shown, max_retry_after=client.config.max_retry_after)
+                yield resp
+                return
+    except CLIENT_ERRORS as exc:
+        raise classify_client_error(exc, shown) from None

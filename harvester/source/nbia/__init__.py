@@ -8,7 +8,6 @@ from harvester.source.nbia.client import (
     QUERY_ENDPOINTS,
     HostGate,
     NBIAClient,
-    NBIASource,
     RequestError,
     TokenAuth,
     as_int,
@@ -16,6 +15,7 @@ from harvester.source.nbia.client import (
     parse_retry_after,
     redact_url,
 )
+from harvester.source.nbia.source import NBIASource
 
 __all__ = ["NBIAClient", "NBIASource", "TokenAuth", "HostGate", "make_session", "redact_url", "as_int",
            "parse_retry_after", "QUERY_ENDPOINTS", "RequestError"]

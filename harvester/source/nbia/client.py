@@ -10,13 +10,12 @@ Who raises what:
   timeouts, 5xx, 408 and 429; ``PermanentRequestError`` for other 4xx (the server's text is in
   the message); ``AuthError`` when credentials are rejected even after a token refresh.
 * ``open_series`` yields a response already checked for status and content type; the ZIP
-  signature is checked by the caller on the first bytes (see ``harvester.fetch``). A server
+  signature is checked by the caller on the first bytes (see ``harvester.source.nbia.download``). A server
   that refuses getImage's ``IncludeMD5`` with HTTP 400 (v4 builds of May to Nov 2025) is asked
   with ``getImageWithMD5Hash`` instead, at once and for every later series of this client.
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import random
@@ -39,23 +38,21 @@ from harvester.errors import (
     UsageError,
 )
 from harvester.redact import SECRETS
-from harvester.source.base import ClientBackedSource
 from harvester.source.http import (
     CLIENT_ERRORS,
     BodyGuard,
-    RetryingClient,
     HostGate,
+    RetryingClient,
+    StaticAuth,
     as_int,
-    classify_client_error,
-    get_following,
     json_too_big,
     make_session,
     one_line,
     parse_json,
     parse_retry_after,
-    raise_for_status,
     read_guarded,
     redact_url,
+    request,
 )
 
 QUERY_ENDPOINTS: dict[str, tuple[str, ...]] = {
@@ -99,6 +96,16 @@ class TokenAuth:
 
     def __repr__(self) -> str:
         return f"TokenAuth(user={self._auth.username!r})"
+
+    async def headers(self, session: aiohttp.ClientSession) -> dict[str, str]:
+        """``Auth.headers``: the bearer header of a valid token (obtained or refreshed first)."""
+        return await self.header(session)
+
+    async def rejected(self, session: aiohttp.ClientSession, sent: Mapping[str, str]) -> bool:
+        """``Auth.rejected``: the token sent was refused; refresh it (unless another request
+        already did) and send the request once more."""
+        await self.force_refresh(session, {"Authorization": sent.get("Authorization", "")})
+        return True
 
     async def header(self, session: aiohttp.ClientSession) -> dict[str, str]:
         async with self._lock:
@@ -147,7 +154,7 @@ class TokenAuth:
                 except (ValueError, RecursionError):  # a login page or a proxy's answer: never show its text
                     raise AuthError(f"token endpoint {url} answered something that is not JSON",
                                     hint="check --token-url (default: <host>/nbia-api/oauth/token)") from None
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except CLIENT_ERRORS as exc:   # every transport failure of the token request, resets included
             raise RetryableRequestError(f"token request to {url} failed: {type(exc).__name__}", url=url) from None
         if not isinstance(data, dict) or not isinstance(data.get("access_token"), str):
             raise AuthError(f"token endpoint {url} answered without an access_token")
@@ -190,41 +197,10 @@ class NBIAClient(RetryingClient):
         return f"{self.base_for(collection)}/{endpoint}" + (f"?{query}" if query else "")
 
     # ------------------------------------------------------------ retry plumbing
-    async def _headers(self) -> dict[str, str]:
-        return await self.auth.header(self.session) if self.auth else {}
-
-    @contextlib.asynccontextmanager
-    async def _request(self, url: str, *, accept: str) -> AsyncIterator[aiohttp.ClientResponse]:
-        """One GET with auth, the host gate, the redirect policy (``get_following``) and
-        classification of failures, those raised inside the ``async with`` body included (no
-        retry here): every aiohttp exception leaves as a ``HarvesterError``."""
-        await self.gate.wait()
-        headers = await self._headers()
-        headers["Accept"] = accept
-        shown = redact_url(url)
-        cap = self.config.max_retry_after
-        self.requests += 1
-        try:
-            async with get_following(self.session, url, headers=headers, config=self.config, shown=shown) as resp:
-                if resp.status == 401 and self.auth is not None:
-                    await self.auth.force_refresh(self.session, {"Authorization": headers["Authorization"]})
-                    raise _AuthRetry()
-                await raise_for_status(resp, shown, max_retry_after=cap)
-                yield resp
-        except _AuthRetry:
-            headers = await self._headers()
-            headers["Accept"] = accept
-            try:
-                async with get_following(self.session, url, headers=headers, config=self.config,
-                                         shown=shown) as resp:
-                    if resp.status == 401:
-                        raise AuthError(f"the server rejected the credentials for {shown} (HTTP 401)") from None
-                    await raise_for_status(resp, shown, max_retry_after=cap)
-                    yield resp
-            except CLIENT_ERRORS as exc:
-                raise classify_client_error(exc, shown) from None
-        except CLIENT_ERRORS as exc:
-            raise classify_client_error(exc, shown) from None
+    def _request(self, url: str, *, accept: str) -> contextlib.AbstractAsyncContextManager[aiohttp.ClientResponse]:
+        """One GET through ``harvester.source.http.request`` with this client's token (refreshed
+        once on 401) or no credentials; every failure classified, no retry here."""
+        return request(self, url, accept=accept, auth=self.auth or StaticAuth())
 
     # ------------------------------------------------------------ queries
     async def query(self, endpoint: str, params: Mapping[str, Any] | None = None, *,
@@ -364,100 +340,5 @@ def license_from_row(row: Mapping[str, Any] | None) -> str | None:
     return "".join(f"{part}\n" for part in parts if part) or None
 
 
-class _AuthRetry(Exception):
-    """Internal: the first 401 after which the token was refreshed once."""
-
-
-class NBIASource(ClientBackedSource):
-    """The NBIA archive as a ``Source``: the planner for queries, getImage ZIPs for series.
-
-    Per series: stream the ZIP (``fetch_series_zip``, holding a ``download_limiter`` slot when
-    the engine gave one), verify and unpack it in a thread
-    (``verify_and_unpack``), then repair up to one in ten instances that failed only their MD5
-    with getSingleImage instead of refetching the whole series.
-    """
-
-    def __init__(self, client: NBIAClient) -> None:
-        self.client = client
-        #: Set by the engine: held while the ZIP streams (retries included) and released before
-        #: verifying and unpacking, so that work never keeps a connection slot from a download.
-        self.download_limiter: anyio.CapacityLimiter | None = None
-
-    async def plan(self, query: Any, *, details: bool = True) -> Any:
-        from harvester.source.nbia.planner import Planner
-        return await Planner(self.client, concurrency=self.client.config.plan_concurrency).plan(
-            query, details=details)
-
-    async def fetch_series(self, task: Any, *, partial: Any, staging: Any, on_bytes: Callable[[int], None],
-                           rate: Any) -> Any:
-        import dataclasses
-        import hashlib
-
-        from harvester.annotations import has_annotations
-        from harvester.errors import IntegrityError
-        from harvester.source.nbia.download import download_bound, fetch_series_zip
-        from harvester.unpack import read_dicom_ids, verify_and_unpack
-
-        config = self.client.config
-        async with self.download_limiter or contextlib.nullcontext():
-            await fetch_series_zip(self.client, task.series_uid, task.collection, partial,
-                                   chunk_size=config.chunk_size, rate=rate, on_bytes=on_bytes,
-                                   max_bytes=download_bound(task.file_size, task.image_count, config.limits))
-        max_repairs = max(1, (task.image_count or 0) // 10)
-        unpacked = await anyio.to_thread.run_sync(
-            lambda: verify_and_unpack(partial, staging, series_uid=task.series_uid, image_count=task.image_count,
-                                      file_size=task.file_size, limits=config.limits, max_repairs=max_repairs))
-        if unpacked.license_text is None:  # getImageWithMD5Hash sends none: say what getSeries said
-            unpacked = dataclasses.replace(unpacked, license_text=license_from_row(task.row))
-        for repair in unpacked.repairs:
-            data = await self.client.single_image(task.series_uid, repair.sop_uid, task.collection)
-            if hashlib.md5(data).hexdigest() != repair.md5:
-                raise IntegrityError(f"{repair.name} still fails its MD5 after a single-image refetch",
-                                     series_uid=task.series_uid)
-            target = staging / repair.name
-
-            def write(target: Any = target, data: bytes = data, sop: str = repair.sop_uid) -> None:
-                tmp = target.with_name(target.name + ".repair")
-                tmp.write_bytes(data)
-                series, got_sop, _ = read_dicom_ids(tmp)
-                if series != task.series_uid or got_sop != sop:
-                    raise IntegrityError(f"{target.name}: the single-image refetch is another instance",
-                                         series_uid=task.series_uid)
-                tmp.replace(target)
-
-            await anyio.to_thread.run_sync(write)
-        if config.annotations and has_annotations(task.row):
-            return await self._add_annotations(task, unpacked, partial, staging, rate, on_bytes)
-        return unpacked
-
-    async def _add_annotations(self, task: Any, unpacked: Any, partial: Any, staging: Any, rate: Any,
-                               on_bytes: Callable[[int], None]) -> Any:
-        """Fetch the series' annotation files (getDCMImage) and place them beside its verified
-        DICOM files in ``staging``; raises what ``unpack_annotations`` and the download raise."""
-        import dataclasses
-
-        from harvester.annotations import MAX_ANNOTATION_BYTES, AnnotatedSeries, AnnotationOpener, unpack_annotations
-        from harvester.source.nbia.download import download_bound, fetch_series_zip
-
-        zip_path = partial.with_name(partial.name + ".annotations")
-        # getDCMImage sends the series' images again, then its annotations: the series' own
-        # bound plus room for one annotation file of the largest size accepted
-        bound = download_bound(task.file_size, task.image_count, self.client.config.limits)
-        bound = None if bound is None else bound + MAX_ANNOTATION_BYTES
-        try:
-            async with self.download_limiter or contextlib.nullcontext():
-                await fetch_series_zip(AnnotationOpener(self.client), task.series_uid,  # type: ignore[arg-type]
-                                       task.collection, zip_path, chunk_size=self.client.config.chunk_size,
-                                       rate=rate, on_bytes=on_bytes, max_bytes=bound)
-            names = [f.name for f in unpacked.files]
-            found = await anyio.to_thread.run_sync(
-                lambda: unpack_annotations(zip_path, staging, series_uid=task.series_uid, taken=names))
-        finally:
-            zip_path.unlink(missing_ok=True)
-        # every field of the unpacked series is carried over, whatever fields it has
-        carried = {f.name: getattr(unpacked, f.name) for f in dataclasses.fields(unpacked)}
-        return AnnotatedSeries(**carried, annotations=tuple(found))
-
-
-__all__ = ["NBIAClient", "NBIASource", "TokenAuth", "HostGate", "make_session", "redact_url", "as_int",
+__all__ = ["NBIAClient", "TokenAuth", "HostGate", "make_session", "redact_url", "as_int",
            "parse_retry_after", "QUERY_ENDPOINTS", "RequestError"]

@@ -23,7 +23,6 @@ import datetime as dt
 import difflib
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anyio
@@ -32,7 +31,7 @@ from harvester.config import NLST_COLLECTIONS
 from harvester.dates import parse_archive_date
 from harvester.errors import PermanentRequestError, UnknownSelectionError
 from harvester.query import Query, Selector, fold
-from harvester.models import CollectionTotals, Plan, SeriesTask, UnavailableSeries
+from harvester.models import Plan, SeriesTask, UnavailableSeries
 from harvester.source.nbia.client import NBIAClient, as_int
 
 T = TypeVar("T")

@@ -1,0 +1,472 @@
+"""Composition: open a harvest, plan and harvest a query, sync a tree with a query, repair it.
+
+Everything here joins the parts (a source from ``harvester.source``, the engine, the state of
+``harvester.state``) and adds no rule of its own; ``harvester.api`` is the facade over it.
+
+* ``aplan``/``aharvest``: plan a query; plan and harvest it into an output directory
+  (resumable, see ``harvester.engine``). ``open_harvest`` is the state and the source of one run.
+* ``make_source``: the archive harvest.json or the config names (``config.source``).
+* ``async_sync``: plan the query now, compare with ``harvest.json``, and fetch what is new,
+  what changed on the server (ImageCount or FileSize differ, or the source's update feed lists
+  it since the last successful sync) and what is missing or failed.
+  With ``prune``, series no longer selected move to ``DIR/.harvester/trash/``. ``dry_run``
+  only reports the difference. A changed series keeps its old copy until the new one is
+  verified (``HarvestState.commit`` swaps them atomically).
+* ``async_repair``: re-hash every file; refetch only the bad instances when the source can fetch
+  one instance alone (``SingleInstanceFetch``), and the whole series otherwise or when an
+  instance cannot be repaired alone. A file whose recorded path is not strictly inside DIR
+  (``../x``, absolute, through a link) is refused and reported (``RepairResult.refused``),
+  never created or replaced.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import hashlib
+import os
+import shutil
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from harvester.config import Config
+from harvester.containment import inside, open_dir, open_nofollow
+from harvester.dates import parse_archive_date
+from harvester.engine import Engine, HarvestResult
+from harvester.errors import HarvesterError, RequestError, UnsafePathError
+from harvester.layout import check_layout
+from harvester.models import Plan, SeriesTask
+from harvester.progress import Event, Hub
+from harvester.query import Query, load_query, query_from_dict
+from harvester.source.base import SingleInstanceFetch, Source, UpdateFeed
+from harvester.source.dicomweb import DICOMwebSource
+from harvester.source.http import as_int, make_session, redact_url
+from harvester.source.nbia import NBIAClient, NBIASource
+from harvester.state import HarvestState
+from harvester.store.manifest import recorded_source
+from harvester.unpack import read_dicom_ids
+
+
+def make_source(config: Config, session: Any) -> Source:
+    """The archive named by ``config.source``, on the given HTTP session."""
+    if config.source == "dicomweb":
+        return DICOMwebSource(config, session)
+    return NBIASource(NBIAClient(config, session))
+
+
+QueryLike = Query | dict[str, Any] | str | Path
+
+
+def as_query(query: QueryLike) -> Query:
+    """A ``Query`` from a Query, a manifest-shaped dict, or a path. Raises ``ManifestError``."""
+    if isinstance(query, Query):
+        return query
+    if isinstance(query, dict):
+        return query_from_dict(query, origin="<dict>", base_dir=Path.cwd())
+    if isinstance(query, (str, Path)):
+        return load_query(query)
+    raise TypeError(f"a query is a Query, a dict or a path, not {type(query).__name__}")
+
+
+def make_config(query: Query | None = None, config: Config | None = None, out: str | Path | None = None,
+                **options: Any) -> Config:
+    """``config`` (or defaults, taking ``api``/``layout``/``source``/``url`` from the query) with
+    ``out`` and ``options`` applied. Raises ``TypeError`` for an unknown option."""
+    fields = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise TypeError(f"unknown option {unknown[0]!r}; options are Config fields: {', '.join(sorted(fields))}")
+    changes: dict[str, Any] = {}
+    if config is None and query is not None:
+        if query.source:
+            changes["source"] = query.source
+        if query.url or query.api:
+            changes["api_url"] = (query.url or query.api or "").rstrip("/")
+        if query.layout:
+            changes["layout"] = query.layout
+    if out is not None:
+        changes["out_dir"] = Path(out)
+    changes.update({k: v for k, v in options.items() if v is not None})
+    if "api_url" in changes:
+        changes["api_url"] = str(changes["api_url"]).rstrip("/")
+    return dataclasses.replace(config or Config(), **changes)
+
+
+async def aplan(query: QueryLike, config: Config | None = None, *, details: bool = True,
+                **options: Any) -> Plan:
+    """Expand ``query`` into the exact list of series tasks (``Plan.tasks``; totals in ``Plan.to_json()``).
+
+    ``details=False`` skips the study and patient records of each task (two requests per
+    collection on NBIA) when only the series and totals are wanted. Series of a cart or list
+    that the archive does not give are in ``Plan.unavailable`` (with ``strict=True``: raises
+    ``UnknownSelectionError``); selectors matching nothing are named in ``Plan.warnings``.
+    """
+    q = as_query(query)
+    config = make_config(q, config, **options)
+    async with make_session(config) as session:
+        return await make_source(config, session).plan(q, details=details)
+
+
+async def aharvest(query: QueryLike, out: str | Path | Config | None = None, *, config: Config | None = None,
+                   hub: Hub | None = None, on_plan: Callable[[Plan], None] | None = None,
+                   on_event: Callable[[Event], None] | None = None, **options: Any) -> HarvestResult:
+    """Plan and harvest ``query`` into ``out`` (or ``config.out_dir``); resumable, see ``harvester.engine``.
+
+    Returns a ``HarvestResult`` (``ok``, ``totals``, ``failed`` and ``unavailable`` with reasons,
+    counters). Raises ``UsageError`` for bad input (with ``strict=True``, for a series of a cart or
+    list that the archive does not give) and ``FatalError`` only before the harvest starts; a
+    fatal stop during the harvest is reported in ``result.fatal`` with everything verified kept.
+    """
+    if isinstance(out, Config):  # aharvest(query, config) reads naturally too
+        config, out = out, None
+    query = as_query(query)
+    config = make_config(query, config, out, **options)
+    if query.annotations and not config.annotations:   # the cart or manifest asks for them
+        config = dataclasses.replace(config, annotations=True)
+    check_layout(config.layout)
+    hub = hub or Hub()
+    if on_event is not None:
+        hub.subscribe(on_event)
+    async with open_harvest(config) as (state, source):
+        plan = await source.plan(query)
+        if on_plan is not None:
+            on_plan(plan)
+        hub.emit(plan_event(plan))
+        emit_warnings(hub, plan)
+        return await harvest_plan(Engine(config, source, state, hub), plan, manifest_header(config, query, state))
+
+
+async def harvest_plan(engine: Engine, plan: Plan, header: dict[str, Any],
+                       refetch: frozenset[str] = frozenset()) -> HarvestResult:
+    """Run ``plan`` on ``engine`` (see ``Engine.run``) after recording its unavailable series in the
+    state (harvest.json lists them; the next run looks them up again); the result names them, and
+    is not ``ok`` while any is. Shared by ``aharvest`` and ``async_sync``."""
+    state = engine.state
+    await anyio.to_thread.run_sync(state.mark_unavailable,
+                                   [(u.series_uid, u.origin, u.reason) for u in plan.unavailable])
+    result = await engine.run(plan.tasks, header, refetch=refetch)
+    result.unavailable = [
+        (u.series_uid, u.reason + ("; the copy already on disk is kept" if state.complete(u.series_uid) else ""))
+        for u in plan.unavailable]
+    return result
+
+
+@contextlib.asynccontextmanager
+async def open_harvest(config: Config) -> AsyncIterator[tuple[HarvestState, Source]]:
+    """The output directory's state (opened and locked) and a source on one HTTP session; both
+    closed on the way out. Shared by ``aharvest`` and ``async_sync``.
+
+    The folders that this call created are removed again when no series was recorded and the
+    block either raised (a wrong URL, an unknown collection, Ctrl-C...) or wrote no harvest.json
+    (``sync --dry-run``), so that a first run that did nothing leaves no directory behind. Only
+    what this run created goes, deepest first, and a folder only while it is empty: a directory
+    that existed before is never touched, nor anything another run put beside DIR meanwhile.
+    """
+    created = _missing_folders(config.out_dir)
+    state = HarvestState(config.out_dir)
+    await anyio.to_thread.run_sync(state.open)
+    raised = False
+    try:
+        async with make_session(config) as session:
+            yield state, make_source(config, session)
+    except BaseException:
+        raised = True
+        raise
+    finally:
+        if created and not state.records and (raised or not state.manifest_path.exists()):
+            # Removed in place, not in a thread: this may run in a cancelled scope (Ctrl-C), where
+            # an await would be cancelled too; with nothing recorded, there is little to remove.
+            _remove_created(state, created)
+        state.close()
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first (empty if ``path``
+    exists): the folders a run into ``path`` creates."""
+    path = path.absolute()
+    missing = []
+    while not os.path.lexists(path) and path.parent != path:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_created(state: HarvestState, created: list[Path]) -> None:
+    """Undo a first run that recorded nothing: DIR's own files (``.harvester``, under the lock
+    this run holds, and the manifests it wrote), then each folder in ``created`` while it is
+    empty. Whatever else appeared inside them (another harvest next to DIR) stays."""
+    shutil.rmtree(state.meta_dir, ignore_errors=True)   # never follows a link (refused on open anyway)
+    for name in (state.manifest_path.name, "metadata.csv"):
+        with contextlib.suppress(OSError):
+            (state.out_dir / name).unlink()
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:
+            return   # not empty, or not ours to remove: nor are its parents
+
+
+def manifest_header(config: Config, query: Query, state: HarvestState) -> dict[str, Any]:
+    """What harvest.json records about the run: the archive (its kind and URL, without
+    credentials; ``api_url`` too, which older readers know), query, layout, and the last sync,
+    kept from the state so a plain ``run`` does not forget it."""
+    url = redact_url(config.api_url)
+    header = {"api_url": url, "source": {"kind": config.source, "url": url}, "query": query.to_json(),
+              "layout": config.layout}
+    if state.header.get("last_sync"):
+        header["last_sync"] = state.header["last_sync"]
+    return header
+
+
+def recorded_config(config: Config, header: dict[str, Any]) -> Config:
+    """``config`` for work on a harvest whose harvest.json header is ``header``: when the harvest
+    came from another kind of archive than ``config.source`` names, that kind at its recorded
+    URL (a source of one kind cannot read an archive of another); else ``config`` as it is, so
+    that a URL given with credentials keeps them. A header without a readable source
+    (``recorded_source``) is NBIA at ``api_url``."""
+    kind, url = recorded_source(header)
+    if kind == config.source or not url:
+        return config
+    return dataclasses.replace(config, source=kind, api_url=url.rstrip("/"))
+
+
+def plan_event(plan: Plan) -> Event:
+    totals = plan.to_json()
+    return Event("plan", data={"series": totals["series"], "bytes": totals["bytes"],
+                               "unavailable": len(plan.unavailable)})
+
+
+def emit_warnings(hub: Hub, plan: Plan) -> None:
+    """One "warning" event per warning of the plan (each is said once per plan)."""
+    for warning in plan.warnings:
+        hub.emit(Event("warning", message=warning))
+
+
+# ---------------------------------------------------------------- sync
+
+@dataclass
+class SyncDiff:
+    new: list[str] = field(default_factory=list)          # not harvested yet (or failed before)
+    changed: list[str] = field(default_factory=list)      # complete here, different on the server
+    unchanged: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)      # complete here, no longer selected
+
+    def to_json(self) -> dict[str, Any]:
+        return {"new": self.new, "changed": self.changed, "unchanged": len(self.unchanged), "removed": self.removed}
+
+
+@dataclass
+class SyncResult:
+    diff: SyncDiff
+    harvest: HarvestResult | None
+    pruned: list[str]
+    dry_run: bool
+    #: (uid, reason) of the series the query's lists name that the archive does not give
+    unavailable: list[tuple[str, str]] = field(default_factory=list)
+
+
+def same_release(now: Any, recorded: Any) -> bool:
+    """Whether two DateReleased values name the same day, whatever form each came in (a tree
+    harvested from a v2 server and synced from v4 holds ``2015-05-27 00:00:00.0`` for the v4
+    ``05-27-2015``); values that are not dates compare as text."""
+    day_now, day_recorded = parse_archive_date(now), parse_archive_date(recorded)
+    if day_now is not None and day_recorded is not None:
+        return day_now == day_recorded
+    return str(now or "") == str(recorded or "")
+
+
+def diff_plan(state: HarvestState, plan: Plan, updated: set[str]) -> SyncDiff:
+    """Compare what is on disk with what the query selects now."""
+    diff = SyncDiff()
+    selected = set()
+    for task in plan.tasks:
+        selected.add(task.series_uid)
+        rec = state.complete(task.series_uid)
+        if rec is None:
+            diff.new.append(task.series_uid)
+            continue
+        meta = rec.get("metadata") or {}
+        count_changed = task.image_count is not None and task.image_count != len(rec.get("files", []))
+        size_changed = task.file_size is not None and as_int(meta.get("FileSize")) not in (None, task.file_size)
+        released_changed = (not same_release(task.row.get("DateReleased"), meta.get("DateReleased"))
+                            and task.series_uid in updated)
+        if count_changed or size_changed or released_changed:
+            diff.changed.append(task.series_uid)
+        else:
+            diff.unchanged.append(task.series_uid)
+    diff.removed = sorted(uid for uid, rec in state.records.items()
+                          if rec.get("status") == "complete" and uid not in selected)
+    return diff
+
+
+async def async_sync(query: Query, config: Config, *, prune: bool = False, dry_run: bool = False,
+                     hub: Hub | None = None) -> SyncResult:
+    """Bring ``config.out_dir`` up to date with ``query`` (see the module docstring)."""
+    hub = hub or Hub()
+    if query.annotations and not config.annotations:   # the cart or manifest asks for them
+        config = dataclasses.replace(config, annotations=True)
+    async with open_harvest(config) as (state, source):
+        plan = await source.plan(query)
+        updated: set[str] = set()
+        if isinstance(source, UpdateFeed):
+            try:
+                updated = await source.updated_since(state.header.get("last_sync"))
+            except RequestError:
+                updated = set()  # counts and sizes still catch changed series
+        diff = diff_plan(state, plan, updated)
+        if dry_run:
+            return SyncResult(diff=diff, harvest=None, pruned=[], dry_run=True,
+                              unavailable=[(u.series_uid, u.reason) for u in plan.unavailable])
+        pruned = await anyio.to_thread.run_sync(_prune, state, diff.removed) if prune else []
+        hub.emit(plan_event(plan))
+        emit_warnings(hub, plan)
+        result = await harvest_plan(Engine(config, source, state, hub), plan, manifest_header(config, query, state),
+                                    refetch=frozenset(diff.changed))
+        return SyncResult(diff=diff, harvest=result, pruned=pruned, dry_run=False, unavailable=result.unavailable)
+
+
+def _prune(state: HarvestState, uids: list[str]) -> list[str]:
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    pruned = []
+    for uid in uids:
+        rec = state.complete(uid)
+        if rec is None:
+            continue
+        trash = Path(".harvester") / "trash" / stamp / rec["path"]
+        state.forget(uid, rec["path"], str(trash))
+        pruned.append(uid)
+    return pruned
+
+
+# ---------------------------------------------------------------- repair
+
+@dataclass
+class RepairResult:
+    damaged: list[str] = field(default_factory=list)        # file paths that failed verification
+    repaired_files: list[str] = field(default_factory=list)  # fixed with getSingleImage
+    refetched_series: list[str] = field(default_factory=list)
+    harvest: HarvestResult | None = None
+    still_bad: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)          # records or files whose paths leave DIR
+
+    @property
+    def ok(self) -> bool:
+        return not self.still_bad and not self.refused and (self.harvest is None or self.harvest.ok)
+
+
+def _file_md5(path: Path) -> str | None:
+    try:
+        md5 = hashlib.md5()
+        with open(path, "rb", opener=open_nofollow) as fh:
+            while chunk := fh.read(1 << 20):
+                md5.update(chunk)
+        return md5.hexdigest()
+    except OSError:
+        return None
+
+
+def task_from_record(rec: dict[str, Any]) -> SeriesTask:
+    meta = rec.get("metadata") or {}
+    return SeriesTask(
+        series_uid=rec["SeriesInstanceUID"], collection=rec.get("Collection", ""),
+        patient_id=rec.get("PatientID", ""), study_uid=rec.get("StudyInstanceUID", ""),
+        modality=rec.get("Modality", ""),
+        image_count=as_int(meta.get("ImageCount")) or len(rec.get("files", [])),
+        file_size=as_int(meta.get("FileSize")) or rec.get("bytes"),
+        row=dict(meta), study=rec.get("study"), patient=rec.get("patient"),
+    )
+
+
+async def async_repair(config: Config, *, hub: Hub | None = None) -> RepairResult:
+    """Verify every file of ``config.out_dir`` and repair what fails (see the module docstring)."""
+    hub = hub or Hub()
+    state = HarvestState(config.out_dir)
+    await anyio.to_thread.run_sync(state.open)
+    result = RepairResult()
+    try:
+        bad: dict[str, list[dict[str, Any]]] = {}
+
+        def scan() -> None:
+            # Complete series, and those whose files went missing (recovery marked them failed
+            # but kept the list of what they held): both can be mended file by file. Records
+            # whose paths leave DIR were refused by ``state.open``; a link on the way is refused here.
+            result.refused.extend(state.refused)
+            for uid, rec in state.records.items():
+                if not rec.get("files"):
+                    continue
+                for f in rec.get("files", []):
+                    try:
+                        path = inside(config.out_dir, f["path"])
+                    except UnsafePathError as exc:
+                        result.refused.append(f"series {uid}: {exc}; not repaired")
+                        continue
+                    if _file_md5(path) != f["md5"]:
+                        bad.setdefault(uid, []).append(f)
+                        result.damaged.append(f["path"])
+
+        await anyio.to_thread.run_sync(scan)
+        if not bad:
+            return result
+        config = recorded_config(config, state.header)
+        async with make_session(config) as session:
+            source = make_source(config, session)
+            refetch: list[str] = []
+            for uid, files in bad.items():
+                rec = state.records[uid]
+                # a source that cannot fetch one instance alone refetches the whole series
+                ok = isinstance(source, SingleInstanceFetch)
+                for f in files:
+                    if not ok or not isinstance(source, SingleInstanceFetch):
+                        break
+                    try:
+                        data = await source.fetch_instance(task_from_record(rec), f["SOPInstanceUID"])
+                    except (RequestError, HarvesterError):
+                        ok = False
+                        break
+                    if hashlib.md5(data).hexdigest() != f["md5"]:
+                        ok = False
+                        break
+
+                    def replace(rel: str = f["path"], data: bytes = data, sop: str = f["SOPInstanceUID"]) -> bool:
+                        target = inside(config.out_dir, rel)   # checked again just before the write
+                        tmp = state.tmp_dir / f"repair-{hashlib.sha1(str(target).encode()).hexdigest()[:16]}"
+                        tmp.write_bytes(data)
+                        series, got_sop, _ = read_dicom_ids(tmp)
+                        if series != uid or got_sop != sop:
+                            tmp.unlink()
+                            return False
+                        # Into a folder reached without following links, so a folder swapped for a
+                        # link since the check cannot take the file out of DIR.
+                        with open_dir(config.out_dir, target.parent.relative_to(config.out_dir), create=True) as parent:
+                            os.replace(tmp, target.name, dst_dir_fd=parent)  # atomic: old bad file or good one
+                        return True
+
+                    try:
+                        replaced = await anyio.to_thread.run_sync(replace)
+                    except UnsafePathError as exc:
+                        result.refused.append(f"series {uid}: {exc}; not repaired")
+                        replaced = False
+                    if not replaced:
+                        ok = False
+                        break
+                    result.repaired_files.append(f["path"])
+                if not ok:
+                    refetch.append(uid)
+                elif rec.get("status") != "complete":
+                    await anyio.to_thread.run_sync(state.restore, dict(rec, status="complete", error=None))
+            if refetch:
+                result.refetched_series = refetch
+                tasks = [task_from_record(state.records[u]) for u in refetch]
+                header = {k: v for k, v in state.header.items() if k not in ("started", "finished", "schema")}
+                result.harvest = await Engine(config, source, state, hub).run(tasks, header,
+                                                                               refetch=frozenset(refetch))
+            else:
+                header = {k: v for k, v in state.header.items() if k != "schema"}
+                await anyio.to_thread.run_sync(state.write_manifest, header)
+        return result
+    finally:
+        state.close()

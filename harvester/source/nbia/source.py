@@ -1,0 +1,138 @@
+"""The NBIA archive as a ``Source``: the planner for queries, getImage ZIPs for series,
+getSingleImage for one instance, getUpdatedSeries for what changed.
+
+Per series: stream the ZIP (``fetch_series_zip``, holding a ``download_limiter`` slot when the
+engine gave one), verify and unpack it in a thread (``verify_and_unpack``), then repair up to
+one in ten instances that failed only their MD5 with getSingleImage instead of refetching the
+whole series; with ``config.annotations``, the series' annotation files follow (getDCMImage).
+
+Raises what ``fetch_series_zip`` and ``verify_and_unpack`` raise, ``IntegrityError`` when a
+single-image refetch still fails its MD5 or is another instance, and the client's request errors.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+
+from harvester.annotations import (
+    MAX_ANNOTATION_BYTES,
+    AnnotationOpener,
+    has_annotations,
+    unpack_annotations,
+)
+from harvester.errors import IntegrityError
+from harvester.models import AnnotatedSeries, Plan, SeriesTask, UnpackedSeries
+from harvester.query import Query
+from harvester.rate import RateLimiter
+from harvester.source.base import ClientBackedSource
+from harvester.source.nbia.client import NBIAClient, license_from_row
+from harvester.source.nbia.download import download_bound, fetch_series_zip
+from harvester.source.nbia.planner import Planner
+from harvester.unpack import read_dicom_ids, verify_and_unpack
+
+#: getUpdatedSeries is asked from this long before the last sync (the archive's dates are days)
+SYNC_OVERLAP = dt.timedelta(days=2)
+
+
+def from_date_param(when: dt.date, api_url: str) -> str:
+    """fromDate as the API version wants it: v4 MM-DD-YYYY, v1/v2 DD/MM/YYYY."""
+    version = api_url.rstrip("/").rsplit("/", 1)[-1]
+    return when.strftime("%d/%m/%Y") if version in ("v1", "v2") else when.strftime("%m-%d-%Y")
+
+
+class NBIASource(ClientBackedSource):
+    """The NBIA archive; implements ``Source``, ``DownloadSlots``, ``SingleInstanceFetch`` and
+    ``UpdateFeed`` (``harvester.source.base``)."""
+
+    kind = "nbia"
+
+    def __init__(self, client: NBIAClient) -> None:
+        self.client = client
+        #: Set by the engine: held while the ZIP streams (retries included) and released before
+        #: verifying and unpacking, so that work never keeps a connection slot from a download.
+        self.download_limiter: anyio.CapacityLimiter | None = None
+
+    async def plan(self, query: Query, *, details: bool = True) -> Plan:
+        return await Planner(self.client, concurrency=self.client.config.plan_concurrency).plan(
+            query, details=details)
+
+    async def fetch_instance(self, task: SeriesTask, sop_uid: str) -> bytes:
+        """One instance's bytes via getSingleImage (request errors as the client raises them)."""
+        return await self.client.single_image(task.series_uid, sop_uid, task.collection)
+
+    async def updated_since(self, last_sync: str | None) -> set[str]:
+        """Series the archive says were released or updated since ``last_sync`` (an ISO time from
+        harvest.json), minus ``SYNC_OVERLAP``; empty without a readable last sync. Request
+        errors propagate."""
+        if not last_sync:
+            return set()
+        try:
+            since = dt.datetime.fromisoformat(last_sync.replace("Z", "+00:00")).date() - SYNC_OVERLAP
+        except ValueError:
+            return set()
+        rows = await self.client.query("getUpdatedSeries",
+                                       {"fromDate": from_date_param(since, self.client.config.api_url)})
+        return {str(r["SeriesInstanceUID"]) for r in rows if r.get("SeriesInstanceUID")}
+
+    async def fetch_series(self, task: SeriesTask, *, partial: Path, staging: Path,
+                           on_bytes: Callable[[int], None], rate: RateLimiter | None) -> UnpackedSeries:
+        config = self.client.config
+        async with self.download_limiter or contextlib.nullcontext():
+            await fetch_series_zip(self.client, task.series_uid, task.collection, partial,
+                                   chunk_size=config.chunk_size, rate=rate, on_bytes=on_bytes,
+                                   max_bytes=download_bound(task.file_size, task.image_count, config.limits))
+        max_repairs = max(1, (task.image_count or 0) // 10)
+        unpacked = await anyio.to_thread.run_sync(
+            lambda: verify_and_unpack(partial, staging, series_uid=task.series_uid, image_count=task.image_count,
+                                      file_size=task.file_size, limits=config.limits, max_repairs=max_repairs))
+        if unpacked.license_text is None:  # getImageWithMD5Hash sends none: say what getSeries said
+            unpacked = dataclasses.replace(unpacked, license_text=license_from_row(task.row))
+        for repair in unpacked.repairs:
+            data = await self.fetch_instance(task, repair.sop_uid)
+            if hashlib.md5(data).hexdigest() != repair.md5:
+                raise IntegrityError(f"{repair.name} still fails its MD5 after a single-image refetch",
+                                     series_uid=task.series_uid)
+            target = staging / repair.name
+
+            def write(target: Path = target, data: bytes = data, sop: str = repair.sop_uid) -> None:
+                tmp = target.with_name(target.name + ".repair")
+                tmp.write_bytes(data)
+                series, got_sop, _ = read_dicom_ids(tmp)
+                if series != task.series_uid or got_sop != sop:
+                    raise IntegrityError(f"{target.name}: the single-image refetch is another instance",
+                                         series_uid=task.series_uid)
+                tmp.replace(target)
+
+            await anyio.to_thread.run_sync(write)
+        if config.annotations and has_annotations(task.row):
+            return await self._add_annotations(task, unpacked, partial, staging, rate, on_bytes)
+        return unpacked
+
+    async def _add_annotations(self, task: SeriesTask, unpacked: UnpackedSeries, partial: Path, staging: Path,
+                               rate: RateLimiter | None, on_bytes: Callable[[int], None]) -> AnnotatedSeries:
+        """Fetch the series' annotation files (getDCMImage) and place them beside its verified
+        DICOM files in ``staging``; raises what ``unpack_annotations`` and the download raise."""
+        zip_path = partial.with_name(partial.name + ".annotations")
+        # getDCMImage sends the series' images again, then its annotations: the series' own
+        # bound plus room for one annotation file of the largest size accepted
+        bound = download_bound(task.file_size, task.image_count, self.client.config.limits)
+        bound = None if bound is None else bound + MAX_ANNOTATION_BYTES
+        try:
+            async with self.download_limiter or contextlib.nullcontext():
+                await fetch_series_zip(AnnotationOpener(self.client), task.series_uid,  # type: ignore[arg-type]
+                                       task.collection, zip_path, chunk_size=self.client.config.chunk_size,
+                                       rate=rate, on_bytes=on_bytes, max_bytes=bound)
+            names = [f.name for f in unpacked.files]
+            found = await anyio.to_thread.run_sync(
+                lambda: unpack_annotations(zip_path, staging, series_uid=task.series_uid, taken=names))
+        finally:
+            zip_path.unlink(missing_ok=True)
+        # every field of the unpacked series is carried over, whatever fields it has
+        carried = {f.name: getattr(unpacked, f.name) for f in dataclasses.fields(unpacked)}
+        return AnnotatedSeries(**carried, annotations=tuple(found))
