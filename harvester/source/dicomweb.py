@@ -70,16 +70,9 @@ from harvester.errors import (
     classify_os_error,
 )
 from harvester.layout import name_key, safe_component
-from harvester.source.nbia.planner import (
-    Plan,
-    SeriesTask,
-    UnavailableSeries,
-    empty_selector_warnings,
-    gather_limited,
-    refuse_unavailable,
-    rows_by_uid,
-)
+from harvester.models import Plan, SeriesTask, UnavailableSeries, UnpackedSeries, VerifiedFile
 from harvester.query import Query, Selector, fold
+from harvester.selection import empty_selector_warnings, gather_limited, matches, rows_by_uid, select_rows
 from harvester.source.base import ClientBackedSource
 from harvester.redact import SECRETS
 from harvester.source.http import (
@@ -95,7 +88,7 @@ from harvester.source.http import (
     redact_url,
     request,
 )
-from harvester.unpack import UnpackedSeries, VerifiedFile, read_dicom_ids
+from harvester.unpack import read_dicom_ids
 
 #: QIDO-RS page size (limit=); a shorter page ends the search unless the server warns of more.
 PAGE_SIZE = 500
@@ -436,30 +429,14 @@ class DICOMwebSource(ClientBackedSource):
                                  hint="a DICOMweb archive records no release date; remove the key")
         results = await gather_limited([self._selector_call(s) for s in query.selectors],
                                        self.config.plan_concurrency)
-        batches = [found for found, _ in results]
-        found = {row["SeriesInstanceUID"] for batch in batches for row in batch}
-        unavailable: dict[str, UnavailableSeries] = {}
-        for _, missing in results:
-            for u in missing:
-                if u.series_uid not in found:  # another selector found it
-                    unavailable.setdefault(u.series_uid, u)
-        if self.config.strict:
-            refuse_unavailable(list(unavailable.values()), archive="the DICOMweb service", hint=UNKNOWN_UID_HINT)
-        rows: dict[str, dict[str, Any]] = {}
-        for batch in batches:
-            for row in batch:
-                uid = row["SeriesInstanceUID"]
-                if uid not in rows and not query.exclude.excludes(row):
-                    rows[uid] = row
-        ordered = sorted(rows.values(), key=lambda r: (r["Collection"], r.get("PatientID", ""),
-                                                       r.get("StudyInstanceUID", ""), r["SeriesInstanceUID"]))
-        if query.limit is not None:
-            ordered = ordered[: query.limit]
+        selection = select_rows(query, results, strict=self.config.strict, archive="the DICOMweb service",
+                                hint=UNKNOWN_UID_HINT)
+        ordered = selection.rows
         await gather_limited([self._count_call(r) for r in ordered if r.get("ImageCount") is None],
                              self.config.plan_concurrency)
         return Plan(tasks=[self._task(r) for r in ordered], requests=self.requests - start_requests,
-                    retries=self.retries - start_retries, unavailable=list(unavailable.values()),
-                    warnings=empty_selector_warnings(query.selectors, batches))
+                    retries=self.retries - start_retries, unavailable=selection.unavailable,
+                    warnings=empty_selector_warnings(query.selectors, selection.batches))
 
     def _selector_call(self, sel: Selector) -> Callable[[], Any]:
         async def run() -> tuple[list[dict[str, Any]], list[UnavailableSeries]]:
@@ -502,7 +479,7 @@ class DICOMwebSource(ClientBackedSource):
         results = await gather_limited(
             [self._search_call(path, params, sel.collection) for path, params in searches],
             self.config.plan_concurrency)
-        rows = [r for res in results for r in res.rows if sel.matches(r)]
+        rows = [r for res in results for r in res.rows if matches(r, sel)]
         if sel.collection and not any(res.rows for res in results):
             await self._check_collection(sel, results)
         return rows

@@ -19,11 +19,10 @@ keeps failing after retries.
 """
 from __future__ import annotations
 
-import datetime as dt
 import difflib
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 
@@ -32,9 +31,9 @@ from harvester.dates import parse_archive_date
 from harvester.errors import PermanentRequestError, UnknownSelectionError
 from harvester.query import Query, Selector, fold
 from harvester.models import Plan, SeriesTask, UnavailableSeries
+from harvester.selection import empty_selector_warnings, first_error, gather_limited, matches, select_rows
 from harvester.source.nbia.client import NBIAClient, as_int
 
-T = TypeVar("T")
 
 # While this many UIDs of a list are unanswered, a collection that a lookup shows is listed whole
 # (one getSeries?Collection=) rather than looked up UID by UID; see Planner._series_by_uid.
@@ -45,84 +44,10 @@ UNAVAILABLE_HINT = ("the series may be restricted, withdrawn, or on another host
                     "or leave out --strict to harvest the rest")
 
 
-async def gather_limited(calls: Iterable[Callable[[], Awaitable[T]]], limit: int) -> list[T]:
-    """Run the calls concurrently, at most ``limit`` at a time; results in input order.
-
-    The first exception cancels the rest and propagates (anyio task-group semantics).
-    """
-    calls = list(calls)
-    results: list[Any] = [None] * len(calls)
-    limiter = anyio.CapacityLimiter(max(1, limit))
-
-    async def run(i: int, call: Callable[[], Awaitable[T]]) -> None:
-        async with limiter:
-            results[i] = await call()
-
-    try:
-        async with anyio.create_task_group() as tg:
-            for i, call in enumerate(calls):
-                tg.start_soon(run, i, call)
-    except BaseExceptionGroup as group:  # surface the first real error, not the group
-        raise _first_error(group) from None
-    return results
-
-
-async def rows_by_uid(uids: list[str], lookup: Callable[[str], Callable[[], Awaitable[list[dict[str, Any]]]]],
-                      limit: int) -> tuple[list[dict[str, Any]], list[str]]:
-    """The rows of every series UID, ``limit`` lookups at a time, and the UIDs that had none
-    (in the order given)."""
-    results = await gather_limited([lookup(uid) for uid in uids], limit)
-    missing = [uid for uid, rows in zip(uids, results) if not rows]
-    return [r for rows in results for r in rows], missing
-
-
-def unknown_series_message(missing: list[str], origin: str, archive: str) -> str:
-    more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-    return f"{origin}: {archive} has no series {', '.join(missing[:3])}{more}"
-
-
-def refuse_unavailable(unavailable: list[UnavailableSeries], *, archive: str, hint: str) -> None:
-    """``strict``: raise ``UnknownSelectionError`` naming up to three unavailable series of the first
-    selector that has any (and how many other selectors' there are), so that nothing is
-    downloaded. Returns when none is unavailable."""
-    if not unavailable:
-        return
-    origin = unavailable[0].origin
-    first = [u.series_uid for u in unavailable if u.origin == origin]
-    others = len(unavailable) - len(first)
-    message = unknown_series_message(first, origin, archive)
-    raise UnknownSelectionError(message + (f"; {others} more in other selectors" if others else ""), hint=hint)
-
-
-def empty_selector_warnings(selectors: tuple[Selector, ...], batches: list[list[dict[str, Any]]]) -> list[str]:
-    """One warning per selector that matched no series, numbered from 1 as the user counts."""
-    return [f"selector {i} ({sel.describe()}) matches no series"
-            for i, (sel, rows) in enumerate(zip(selectors, batches), start=1) if not rows]
-
-
-def _first_error(group: BaseExceptionGroup) -> BaseException:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            return _first_error(exc)
-        return exc
-    return group  # pragma: no cover
-
-
-def _released_after(row: dict[str, Any], when: dt.date) -> bool:
-    """Whether the row's DateReleased (any format the API has sent) is after ``when``. A row whose
-    date cannot be read is kept rather than silently lost; the planner counts and names them."""
-    released = parse_archive_date(row.get("DateReleased"))
-    return released is None or released > when
-
-
 def undated_warning(count: int) -> str:
     """The plan's one warning about series kept by ``released_after`` without a readable date."""
     return (f"released_after: {count} series have no readable DateReleased; they are kept "
             f"(check the archive's dates, or exclude them by UID)")
-
-
-def _matches(row: dict[str, Any], sel: Selector) -> bool:
-    return sel.matches(row) and not (sel.released_after and not _released_after(row, sel.released_after))
 
 
 class Planner:
@@ -144,34 +69,16 @@ class Planner:
         start_requests, start_retries = self.client.requests, self.client.retries
         await self._check_collections(query)
         results = await gather_limited([self._selector_calls(s) for s in query.selectors], self.concurrency)
-        batches = [found for found, _ in results]
-        # a series another selector found is not unavailable (a cart and a collection may overlap)
-        found = {str(row.get("SeriesInstanceUID") or "") for batch in batches for row in batch}
-        unavailable: dict[str, UnavailableSeries] = {}
-        for _, missing in results:
-            for u in missing:
-                if u.series_uid not in found:
-                    unavailable.setdefault(u.series_uid, u)
-        if self.client.config.strict:
-            refuse_unavailable(list(unavailable.values()), archive="the archive", hint=UNAVAILABLE_HINT)
-        rows: dict[str, dict[str, Any]] = {}
-        for batch in batches:
-            for row in batch:
-                uid = str(row.get("SeriesInstanceUID") or "")
-                if uid and uid not in rows and not query.exclude.excludes(row):
-                    rows[uid] = row
-        ordered = sorted(rows.values(), key=lambda r: (str(r.get("Collection", "")), str(r.get("PatientID", "")),
-                                                       str(r.get("StudyInstanceUID", "")),
-                                                       str(r.get("SeriesInstanceUID", ""))))
-        if query.limit is not None:
-            ordered = ordered[: query.limit]
+        selection = select_rows(query, results, strict=self.client.config.strict, archive="the archive",
+                                hint=UNAVAILABLE_HINT)
+        ordered = selection.rows
         await self._fill_sizes(ordered)
         studies, patients = await self._study_details(ordered) if details else ({}, {})
         tasks = [self._task(r, studies, patients) for r in ordered]
         undated = sum(1 for t in tasks if t.series_uid in self._undated)
         return Plan(tasks=tasks, requests=self.client.requests - start_requests,
-                    retries=self.client.retries - start_retries, unavailable=list(unavailable.values()),
-                    warnings=empty_selector_warnings(query.selectors, batches)
+                    retries=self.client.retries - start_retries, unavailable=selection.unavailable,
+                    warnings=empty_selector_warnings(query.selectors, selection.batches)
                     + ([undated_warning(undated)] if undated else []))
 
     # ------------------------------------------------------------ selectors
@@ -209,7 +116,7 @@ class Planner:
         if collection:
             for r in rows:
                 r.setdefault("Collection", collection)
-        return [r for r in rows if _matches(r, sel)]
+        return [r for r in rows if matches(r, sel)]
 
     async def _series_by_uid(self, sel: Selector) -> tuple[list[dict[str, Any]], list[UnavailableSeries]]:
         """The rows of the selector's series UIDs (a cart, a CSV, a ``series:`` list).
@@ -277,7 +184,7 @@ class Planner:
                 for _ in range(max(1, self.concurrency)):
                     tg.start_soon(worker)
         except BaseExceptionGroup as group:  # surface the first real error, as gather_limited does
-            raise _first_error(group) from None
+            raise first_error(group) from None
         # in the list's order, not in the order the lookups ended
         return ([found[uid] for uid in wanted if uid in found],
                 [UnavailableSeries(uid, sel.origin, missing[uid]) for uid in wanted if uid in missing])
