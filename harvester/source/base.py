@@ -28,6 +28,7 @@ from harvester.query import Query
 from harvester.rate import RateLimiter
 
 
+@runtime_checkable
 class Source(Protocol):
     """One archive. Implementations raise the classified errors of ``harvester.errors``."""
 
