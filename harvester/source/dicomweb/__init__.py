@@ -1,0 +1,15 @@
+"""A DICOMweb service (QIDO-RS to plan, WADO-RS to fetch): ``client`` (requests, the multipart
+parser, DICOM JSON), ``source`` (the ``Source`` the engine drives). The names that lived in
+``harvester.source.dicomweb`` before it became a package stay importable from here."""
+from harvester.source.dicomweb.client import (
+    DICOMwebClient,
+    DICOMwebSource,
+    MultipartError,
+    MultipartParser,
+    dicom_tag,
+    json_text,
+    multipart_boundary,
+)
+
+__all__ = ["DICOMwebSource", "DICOMwebClient", "MultipartParser", "MultipartError", "dicom_tag", "json_text",
+           "multipart_boundary"]
