@@ -44,7 +44,7 @@ from harvester.operations import (
 )
 from harvester.progress import Event, Hub
 from harvester.source.nbia import NBIAClient, make_session
-from harvester.state import HarvestState
+from harvester.store.state import HarvestState
 from harvester.store.manifest import read_manifest
 
 

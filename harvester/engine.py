@@ -43,7 +43,7 @@ from harvester.models import AnnotatedSeries, SeriesTask
 from harvester.progress import Event, Hub
 from harvester.rate import RateLimiter
 from harvester.source.base import DownloadSlots, Source
-from harvester.state import HarvestState, atomic_write, now_iso, totals_of
+from harvester.store.state import HarvestState, atomic_write, now_iso, totals_of
 
 MANIFEST_EVERY = 30.0  # seconds between harvest.json rewrites during a run
 

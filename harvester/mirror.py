@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from harvester.redact import redact
-from harvester.state import now_iso, usable_records, write_output
+from harvester.store.state import now_iso, usable_records, write_output
 from harvester.store.manifest import read_manifest
 
 # ---------------------------------------------------------------- status and exports

@@ -1,7 +1,7 @@
 """Composition: open a harvest, plan and harvest a query, sync a tree with a query, repair it.
 
 Everything here joins the parts (a source from ``harvester.source``, the engine, the state of
-``harvester.state``) and adds no rule of its own; ``harvester.api`` is the facade over it.
+``harvester.store.state``) and adds no rule of its own; ``harvester.api`` is the facade over it.
 
 * ``aplan``/``aharvest``: plan a query; plan and harvest it into an output directory
   (resumable, see ``harvester.engine``). ``open_harvest`` is the state and the source of one run.
@@ -46,7 +46,7 @@ from harvester.source.base import SingleInstanceFetch, Source, UpdateFeed
 from harvester.source.dicomweb import DICOMwebSource
 from harvester.source.http import as_int, make_session, redact_url
 from harvester.source.nbia import NBIAClient, NBIASource
-from harvester.state import HarvestState
+from harvester.store.state import HarvestState
 from harvester.store.manifest import recorded_source
 from harvester.unpack import read_dicom_ids
 

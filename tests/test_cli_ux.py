@@ -21,7 +21,7 @@ from harvest_helpers import harvest, journal_commits, kill_after_progress, manif
 from harvester.server.faults import FaultSpec
 from harvester.server.synthetic import SyntheticSpec
 from harvester.server.testing import serve_in_thread
-from harvester.state import HarvestState
+from harvester.store.state import HarvestState
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
 FAST_FLAGS = ["--timeout", "2", "--retries", "6", "--no-progress"]

@@ -181,7 +181,7 @@ from harvester.errors import DiskFullError, PermanentRequestError, RetryableRequ
 from harvester.models import SeriesTask, UnpackedSeries, VerifiedFile  # noqa: E402
 from harvester.progress import Hub  # noqa: E402
 from harvester.source.base import DownloadSlots, Source  # noqa: E402
-from harvester.state import HarvestState  # noqa: E402
+from harvester.store.state import HarvestState  # noqa: E402
 
 
 class FakeSource:

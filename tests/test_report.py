@@ -22,7 +22,7 @@ import harvester.engine
 from harvester.errors import ManifestError, UsageError
 from harvester.report import render_report, write_report
 from harvester.server.testing import serve_in_thread
-from harvester.state import HarvestState
+from harvester.store.state import HarvestState
 
 from harvest_helpers import harvest, manifest, normal_series, select_all
 

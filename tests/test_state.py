@@ -1,4 +1,4 @@
-"""harvester.state: the journal, the atomic manifests, the lock, and recovery after a kill -9
+"""harvester.store.state: the journal, the atomic manifests, the lock, and recovery after a kill -9
 at every step of a commit (simulated by an exception that nothing catches, then a fresh open())."""
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from harvester.errors import (
     OutputNotWritableError,
 )
 from harvester.layout import series_path
-from harvester.state import (
+from harvester.store.state import (
     METADATA_COLUMNS,
     SCHEMA,
     HarvestState,

@@ -3,7 +3,7 @@ repair, status and exports, the report, the CLI) reads it here, so the same brok
 the same way everywhere.
 
 ``read_manifest(out_dir)`` returns the document: a JSON object whose ``series`` is a list (its
-records are still hostile: ``harvester.state.usable_records`` checks them one by one). It
+records are still hostile: ``harvester.store.state.usable_records`` checks them one by one). It
 reads without following a link and without blocking on a FIFO (``containment.read_bytes``).
 
 * ``UsageError`` when ``out_dir`` holds no harvest.json (not a harvest output directory);

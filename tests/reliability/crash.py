@@ -40,7 +40,7 @@ import yaml
 
 from harvester.server.archive import Archive
 from harvester.server.testing import ServerHandle
-from harvester.state import series_key
+from harvester.store.state import series_key
 
 #: 60 series of 30 small instances: long enough downloads and unpacks to aim at.
 KILL_SPEC = "collections=1,patients=6,studies=1,series=10,instances=30,size=256B,seed=62"

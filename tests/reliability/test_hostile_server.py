@@ -22,7 +22,7 @@ import yaml
 
 from harvest_helpers import harvest, manifest
 from harvester.layout import safe_component
-from harvester.state import series_key
+from harvester.store.state import series_key
 
 from .handserver import HandArchive, RawEntry, deflated, dicom_series, honest_zip, md5_csv, raw_zip, serve_hand
 
