@@ -27,7 +27,7 @@ from typing import Any
 from xml.parsers import expat
 
 from harvester.errors import IntegrityError, UnsafeArchiveError, classify_os_error
-from harvester.layout import safe_component
+from harvester.store.layout import safe_component
 from harvester.models import AnnotationFile
 from harvester.unpack import check_entry_name
 

@@ -364,7 +364,7 @@ def build_config(args: argparse.Namespace, env: dict[str, str], manifest_api: st
         changes["connections"] = max(2 * args.workers, 4)
     layout = getattr(args, "layout", None) or manifest_layout
     if layout:
-        from harvester.layout import check_layout
+        from harvester.store.layout import check_layout
         changes["layout"] = check_layout(layout)
     if getattr(args, "out", None) is not None:
         changes["out_dir"] = args.out

@@ -38,7 +38,7 @@ from harvester.errors import (
     classify_os_error,
     should_retry_series,
 )
-from harvester.layout import assign_paths, safe_component
+from harvester.store.layout import assign_paths, safe_component
 from harvester.models import AnnotatedSeries, SeriesTask
 from harvester.progress import Event, Hub
 from harvester.rate import RateLimiter

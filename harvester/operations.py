@@ -38,7 +38,7 @@ from harvester.containment import inside, open_dir, open_nofollow
 from harvester.dates import parse_archive_date
 from harvester.engine import Engine, HarvestResult
 from harvester.errors import HarvesterError, RequestError, UnsafePathError
-from harvester.layout import check_layout
+from harvester.store.layout import check_layout
 from harvester.models import Plan, SeriesTask
 from harvester.progress import Event, Hub
 from harvester.query import Query, load_query, query_from_dict

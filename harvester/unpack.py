@@ -39,7 +39,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from harvester.config import Limits
 from harvester.errors import IncompleteSeriesError, IntegrityError, UnsafeArchiveError, classify_os_error
-from harvester.layout import instance_filename, name_key
+from harvester.store.layout import instance_filename, name_key
 from harvester.models import Repair, UnpackedSeries, VerifiedFile
 
 LICENSE_NAME = "LICENSE"

@@ -1,4 +1,4 @@
-"""harvester.layout: sanitised path components, the Data Retriever's layouts, templates, and
+"""harvester.store.layout: sanitised path components, the Data Retriever's layouts, templates, and
 series folders that are unique and never nested in one another."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from harvester.errors import UsageError
-from harvester.layout import (
+from harvester.store.layout import (
     MAX_COMPONENT_BYTES,
     assign_paths,
     check_layout,
@@ -512,7 +512,7 @@ def test_instance_filename(entry: str, expected: str) -> None:
 
 
 def test_folders_differing_only_in_case_do_not_share_a_folder():
-    from harvester.layout import assign_paths
+    from harvester.store.layout import assign_paths
 
     paths = assign_paths([("1.1", {"PatientID": "abc"}), ("1.2", {"PatientID": "ABC"})], "{PatientID}")
     assert paths["1.1"].casefold() != paths["1.2"].casefold()

@@ -13,7 +13,7 @@ from harvester.source.nbia import planner as planner_module
 from harvester.api import aharvest, aplan
 from harvester.dates import parse_archive_date
 from harvester.errors import UnknownSelectionError
-from harvester.layout import series_path
+from harvester.store.layout import series_path
 from harvester.query import load_query, query_from_dict
 from harvester.server.archive import Archive
 from harvester.server.synthetic import SyntheticSpec, build_synthetic

@@ -24,7 +24,7 @@ from harvester.errors import (
     HarvesterError,
     OutputNotWritableError,
 )
-from harvester.layout import series_path
+from harvester.store.layout import series_path
 from harvester.store.state import (
     METADATA_COLUMNS,
     SCHEMA,

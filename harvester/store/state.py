@@ -56,7 +56,7 @@ from harvester.errors import (
     UsageError,
     classify_os_error,
 )
-from harvester.layout import METADATA_IN_SUBFOLDER, retriever_date, retriever_text
+from harvester.store.layout import METADATA_IN_SUBFOLDER, retriever_date, retriever_text
 from harvester.redact import redact
 from harvester.store.manifest import read_manifest
 

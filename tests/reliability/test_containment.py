@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from harvest_helpers import harvest, manifest, select_all
 from harvester.containment import inside, open_dir, parts_of
 from harvester.errors import UnsafeArchiveError, UnsafePathError
-from harvester.layout import assign_paths, name_key
+from harvester.store.layout import assign_paths, name_key
 from harvester.server.archive import Archive, load_harvest_dir
 from harvester.server.testing import serve_in_thread
 

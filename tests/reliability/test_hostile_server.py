@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from harvest_helpers import harvest, manifest
-from harvester.layout import safe_component
+from harvester.store.layout import safe_component
 from harvester.store.state import series_key
 
 from .handserver import HandArchive, RawEntry, deflated, dicom_series, honest_zip, md5_csv, raw_zip, serve_hand

@@ -28,7 +28,7 @@ from harvester.errors import (
     UsageError,
     classify_os_error,
 )
-from harvester.layout import name_key, safe_component
+from harvester.store.layout import name_key, safe_component
 from harvester.models import Plan, SeriesTask, UnavailableSeries, UnpackedSeries, VerifiedFile
 from harvester.query import Query, Selector, fold
 from harvester.selection import empty_selector_warnings, gather_limited, matches, rows_by_uid, select_rows
