@@ -43,7 +43,7 @@ from harvester.errors import (
     UnknownSelectionError,
     UsageError,
 )
-from harvester.mirror import read_status
+from harvester.store.tree import read_status
 from harvester.operations import RepairResult, SyncDiff, SyncResult, async_repair, async_sync
 from harvester.models import Plan, SeriesTask
 from harvester.progress import Event

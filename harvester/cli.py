@@ -579,7 +579,7 @@ def cmd_sync(args: argparse.Namespace, env: dict[str, str]) -> int:
 
 
 def cmd_status(args: argparse.Namespace, env: dict[str, str]) -> int:
-    from harvester.mirror import read_status
+    from harvester.store.tree import read_status
     from harvester.progress import human_bytes
 
     st = read_status(args.dir)
@@ -613,7 +613,7 @@ def cmd_report(args: argparse.Namespace, env: dict[str, str]) -> int:
 
 
 def cmd_export(args: argparse.Namespace, env: dict[str, str]) -> int:
-    from harvester.mirror import export_csv, export_tcia
+    from harvester.store.tree import export_csv, export_tcia
 
     if not args.tcia and not args.csv:
         raise UsageError("export needs --tcia FILE and/or --csv FILE")

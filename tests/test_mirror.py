@@ -16,7 +16,7 @@ import yaml
 
 from harvest_helpers import assert_identical, journal_commits, kill_after_progress, manifest, test_config
 from harvester.api import verify_tree
-from harvester.mirror import export_csv, export_tcia, read_status
+from harvester.store.tree import export_csv, export_tcia, read_status
 from harvester.operations import async_repair, async_sync
 from harvester.source.nbia.source import from_date_param
 from harvester.query import load_query, query_from_dict

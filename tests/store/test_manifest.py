@@ -10,7 +10,7 @@ import pytest
 
 from harvester.api import verify_tree
 from harvester.errors import ManifestError, UsageError
-from harvester.mirror import read_status
+from harvester.store.tree import read_status
 from harvester.report import render_report
 from harvester.store.manifest import read_manifest, recorded_source
 
