@@ -168,7 +168,7 @@ class Engine:
         finally:
             header["finished"] = now_iso()
             if fatal is None and all(self.state.complete(u) for u in order):
-                # sync counts "what is new" from here (see harvester.store.tree)
+                # sync counts "what is new" from here (see harvester.operations)
                 header["last_sync"] = header["started"]
             with anyio.CancelScope(shield=True):
                 try:
