@@ -1,7 +1,7 @@
 """Secrets stay secret: the password, every token the server issued, and a password in the URL
 never appear in stdout, stderr, the journal, harvest.json, metadata.csv, the HTML report, the
 output of status/verify/query, or any error text, including when the token endpoint fails or
-echoes secrets back, and when the server rejects the refresh (tests/test_nbia_client.py covers
+echoes secrets back, and when the server rejects the refresh (tests/source/nbia/test_client.py covers
 the plain authenticated harvest)."""
 from __future__ import annotations
 

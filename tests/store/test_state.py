@@ -659,7 +659,7 @@ _REAL_HNSCC = {
 
 
 def test_metadata_csv_matches_the_real_retriever_rows(state: HarvestState, new_york: Any) -> None:
-    real = json.loads((Path(__file__).parent / "data/real-nbia/real_retriever.json").read_text("utf-8"))
+    real = json.loads((Path(__file__).parent.parent / "data/real-nbia/real_retriever.json").read_text("utf-8"))
     uri = "https://doi.org/10.7937/k9/tcia.2020.a8sh-7363"
     for uid, v in _REAL_HNSCC.items():
         row = {"SeriesInstanceUID": uid, "StudyInstanceUID": v["study"], "Collection": "HNSCC",

@@ -233,7 +233,7 @@ def test_descriptive_short_uids_and_missing_fields() -> None:
 
 # Folder names and metadata.csv rows written by the real Java Data Retriever (a copy of the shared
 # real-NBIA fixture; its "source" fields say where each was found).
-REAL = json.loads((Path(__file__).parent / "data/real-nbia/real_retriever.json").read_text("utf-8"))
+REAL = json.loads((Path(__file__).parent.parent / "data/real-nbia/real_retriever.json").read_text("utf-8"))
 
 
 def _uid_ending(last5: str) -> str:
