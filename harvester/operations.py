@@ -47,7 +47,7 @@ from harvester.source.dicomweb import DICOMwebSource
 from harvester.source.http import as_int, make_session, redact_url
 from harvester.source.nbia import NBIAClient, NBIASource
 from harvester.store.state import HarvestState
-from harvester.store.manifest import recorded_source
+from harvester.store.manifest import read_manifest, recorded_source
 from harvester.unpack import read_dicom_ids
 
 
@@ -223,15 +223,28 @@ def manifest_header(config: Config, query: Query, state: HarvestState) -> dict[s
 
 
 def recorded_config(config: Config, header: dict[str, Any]) -> Config:
-    """``config`` for work on a harvest whose harvest.json header is ``header``: when the harvest
-    came from another kind of archive than ``config.source`` names, that kind at its recorded
-    URL (a source of one kind cannot read an archive of another); else ``config`` as it is, so
-    that a URL given with credentials keeps them. A header without a readable source
-    (``recorded_source``) is NBIA at ``api_url``."""
+    """``config`` for work on a harvest whose harvest.json header is ``header`` (sync, repair):
+    when the header records another kind of archive than ``config.source`` names, that kind at
+    its recorded URL (a source of one kind cannot read an archive of another); else ``config``
+    as it is, so that a URL given with credentials keeps them. A file written before the source
+    was recorded changes nothing: the caller's config decides, NBIA unless it says otherwise
+    (those files came from NBIA, or from a DICOMweb harvest the caller names as such)."""
+    if not isinstance(header.get("source"), dict):
+        return config
     kind, url = recorded_source(header)
     if kind == config.source or not url:
         return config
     return dataclasses.replace(config, source=kind, api_url=url.rstrip("/"))
+
+
+def recorded_header(out_dir: Path) -> dict[str, Any]:
+    """The header of ``out_dir``'s harvest.json, or nothing when there is none or it cannot be
+    read (the state then rebuilds it from the journal)."""
+    try:
+        doc = read_manifest(out_dir)
+    except HarvesterError:
+        return {}
+    return {k: v for k, v in doc.items() if k not in ("series", "totals")}
 
 
 def plan_event(plan: Plan) -> Event:
@@ -309,6 +322,7 @@ async def async_sync(query: Query, config: Config, *, prune: bool = False, dry_r
     hub = hub or Hub()
     if query.annotations and not config.annotations:   # the cart or manifest asks for them
         config = dataclasses.replace(config, annotations=True)
+    config = recorded_config(config, await anyio.to_thread.run_sync(recorded_header, config.out_dir))
     async with open_harvest(config) as (state, source):
         plan = await source.plan(query)
         updated: set[str] = set()
