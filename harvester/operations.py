@@ -436,8 +436,12 @@ async def async_repair(config: Config, *, hub: Hub | None = None) -> RepairResul
                 for f in files:
                     if not ok or not isinstance(source, SingleInstanceFetch):
                         break
+                    sop = f.get("SOPInstanceUID")
+                    if not isinstance(sop, str) or not sop:   # a hostile or older record: no instance to ask for
+                        ok = False
+                        break
                     try:
-                        data = await source.fetch_instance(task_from_record(rec), f["SOPInstanceUID"])
+                        data = await source.fetch_instance(task_from_record(rec), sop)
                     except (RequestError, HarvesterError):
                         ok = False
                         break
@@ -445,7 +449,7 @@ async def async_repair(config: Config, *, hub: Hub | None = None) -> RepairResul
                         ok = False
                         break
 
-                    def replace(rel: str = f["path"], data: bytes = data, sop: str = f["SOPInstanceUID"]) -> bool:
+                    def replace(rel: str = f["path"], data: bytes = data, sop: str = sop) -> bool:
                         target = inside(config.out_dir, rel)   # checked again just before the write
                         tmp = state.tmp_dir / f"repair-{hashlib.sha1(str(target).encode()).hexdigest()[:16]}"
                         tmp.write_bytes(data)

@@ -224,3 +224,25 @@ def test_sync_killed_and_rerun_ends_like_an_uninterrupted_one(archives, tmp_path
     assert state(killed) == state(reference)
     assert verify_tree(killed).ok
     assert_identical(killed, after, sorted(r.uid for r in after.records()))
+
+
+def test_repair_refetches_the_series_when_a_record_names_no_instance(archives, tmp_path):
+    """A file record without a usable SOPInstanceUID (hand-edited, or hostile) cannot be asked
+    for alone: the series is refetched whole, never a KeyError."""
+    before, *_ = archives
+    out = tmp_path / "mirror"
+    with serve_in_thread(before) as srv:
+        assert sync(srv.base_url, out, query_all(before)).harvest.ok
+        doc = manifest(out)
+        rec = doc["series"][0]
+        victim = out / rec["files"][0]["path"]
+        victim.write_bytes(b"damaged")
+        del rec["files"][0]["SOPInstanceUID"]
+        rec["files"][1]["SOPInstanceUID"] = ["not", "a", "uid"]
+        (out / "harvest.json").write_text(json.dumps(doc))
+        (out / ".harvester" / "journal.jsonl").unlink()   # harvest.json is then what the state reads
+        rep = anyio.run(lambda: async_repair(test_config(srv.base_url, out)))
+        assert rep.refetched_series == [rec["SeriesInstanceUID"]] and rep.repaired_files == []
+        assert rep.harvest is not None and rep.harvest.ok
+        assert srv.stats.requests.get("getSingleImage", 0) == 0
+    assert verify_tree(out).ok
