@@ -43,11 +43,11 @@ from harvester.errors import (
     UnknownSelectionError,
     UsageError,
 )
-from harvester.store.tree import read_status
-from harvester.operations import RepairResult, SyncDiff, SyncResult, async_repair, async_sync
 from harvester.models import Plan, SeriesTask
+from harvester.operations import RepairResult, SyncDiff, SyncResult, async_repair, async_sync
 from harvester.progress import Event
 from harvester.query import Query, load_query, query_from_dict
+from harvester.store.tree import read_status
 
 __version__ = "0.1.0"
 
