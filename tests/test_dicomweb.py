@@ -579,10 +579,12 @@ def test_multipart_boundary_parsing():
     assert multipart_boundary("text/html; charset=utf-8") == ("text/html", None)
 
 
-def test_verify_repair_of_a_dicomweb_harvest_refetches_the_series(orthanc, tmp_path):
-    """harvest.json records the source; ``verify --repair`` (no --source: the file says
-    dicomweb) builds a DICOMweb source, which cannot fetch one instance alone, so the damaged
-    series is refetched whole: no traceback, and the tree is Orthanc's bytes again."""
+@pytest.mark.parametrize("named", [False, True], ids=["recorded-source", "source-named"])
+def test_verify_repair_of_a_dicomweb_harvest_refetches_the_series(orthanc, tmp_path, named):
+    """harvest.json records the source; ``verify --repair`` (without --source the file says
+    dicomweb; with it, an AttributeError before) builds a DICOMweb source, which cannot fetch
+    one instance alone, so the damaged series is refetched whole: no traceback, and the tree
+    is Orthanc's bytes again."""
     uid = orthanc.uids(Collection=orthanc.collections[0])[0]
     out = tmp_path / "out"
     assert dw_harvest(orthanc, out, {"select": [{"series": [uid]}]}).ok
@@ -591,8 +593,9 @@ def test_verify_repair_of_a_dicomweb_harvest_refetches_the_series(orthanc, tmp_p
     damaged = out / doc["series"][0]["files"][0]["path"]
     damaged.write_bytes(b"not the instance Orthanc stores")
     env = {**ENV, "ORTHANC_PASSWORD": orthanc.orthanc.password}
+    named_args = ["--source", "dicomweb", "--url", orthanc.orthanc.root] if named else []
     proc = subprocess.run([sys.executable, "-m", "harvester", "verify", str(out), "--repair", "--user", USER,
-                           "--password-env", "ORTHANC_PASSWORD", "--timeout", "5"],
+                           "--password-env", "ORTHANC_PASSWORD", "--timeout", "5", *named_args],
                           env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert "Traceback" not in proc.stderr + proc.stdout
     assert proc.returncode == 0, proc.stdout + proc.stderr
