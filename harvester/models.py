@@ -1,17 +1,20 @@
 """Leaf types every layer shares: what a plan is, what a source hands back, what one series
 left on disk. No behaviour beyond formatting and arithmetic on their own fields, and no import
-of another harvester module: sources, the store, the engine and the facade all meet here without
-importing each other (the dependency rule of ``tests/test_layers.py``).
+of a harvester module but leaves: sources, the store, the engine and the facade all meet here
+without importing each other (the dependency rule of ``tests/test_layers.py``).
 
 * ``SeriesTask``, ``Plan`` (with ``CollectionTotals``, ``UnavailableSeries``): a source's planner
   makes them, the engine, the layout and the manifest read them.
 * ``VerifiedFile``, ``Repair``, ``UnpackedSeries``, ``AnnotationFile``, ``AnnotatedSeries``: what a
   source leaves in staging after verifying a series; the engine records them.
+* ``SeriesRecord``: one series record of harvest.json, typed, read from files of every version.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from harvester.units import as_int
 
 
 @dataclass(frozen=True)
@@ -152,3 +155,85 @@ class AnnotatedSeries(UnpackedSeries):
     """A series unpacked from getImage, plus the annotation files placed beside it."""
 
     annotations: tuple[AnnotationFile, ...] = ()
+
+
+#: the record keys ``SeriesRecord`` types; every other key of a record is kept as it came
+_RECORD_KEYS = ("SeriesInstanceUID", "Collection", "PatientID", "StudyInstanceUID", "Modality", "status", "path",
+                "bytes", "attempts", "error", "error_kind", "completed", "sop_class_uid", "files", "metadata",
+                "patient", "study")
+
+
+@dataclass(frozen=True)
+class SeriesRecord:
+    """One series record of harvest.json (and of the journal), typed.
+
+    ``from_json`` takes a record that passed ``harvester.store.state.record_problem`` (the
+    checks of a hostile directory), from this version or an earlier one: every key but
+    SeriesInstanceUID may be missing (earlier versions wrote no ``attempts``, ``error_kind``,
+    ``sop_class_uid``, ``patient`` or ``study``). ``to_json`` gives the same record back, key
+    for key: keys it does not type (``annotations``, ``files_without_md5``, what a later
+    version adds) are kept in ``extra``, and a key the record did not have is not added.
+    (Collection, PatientID, StudyInstanceUID and Modality are read as text, as every version
+    wrote them; a record holding another type there comes back as text.)
+    """
+
+    series_uid: str
+    collection: str = ""
+    patient_id: str = ""
+    study_uid: str = ""
+    modality: str = ""
+    status: str | None = None
+    path: str | None = None
+    bytes: int | None = None
+    attempts: int | None = None
+    error: str | None = None
+    error_kind: str | None = None
+    completed: str | None = None
+    sop_class_uid: str | None = None
+    files: tuple[dict[str, Any], ...] = ()
+    metadata: dict[str, Any] = field(default_factory=dict)
+    patient: dict[str, Any] | None = None
+    study: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    #: the typed keys the record carried (so that ``to_json`` adds none)
+    present: frozenset[str] = frozenset()
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
+
+    @classmethod
+    def from_json(cls, rec: dict[str, Any]) -> SeriesRecord:
+        """The typed record. Raises ``ValueError`` when ``rec`` has no SeriesInstanceUID (the
+        one key every version wrote); types are the caller's check (``record_problem``)."""
+        uid = rec.get("SeriesInstanceUID") if isinstance(rec, dict) else None
+        if not isinstance(uid, str) or not uid:
+            raise ValueError("a series record without a SeriesInstanceUID")
+        return cls(
+            series_uid=uid, collection=str(rec.get("Collection") or ""), patient_id=str(rec.get("PatientID") or ""),
+            study_uid=str(rec.get("StudyInstanceUID") or ""), modality=str(rec.get("Modality") or ""),
+            status=rec.get("status"), path=rec.get("path"), bytes=rec.get("bytes"), attempts=rec.get("attempts"),
+            error=rec.get("error"), error_kind=rec.get("error_kind"), completed=rec.get("completed"),
+            sop_class_uid=rec.get("sop_class_uid"), files=tuple(rec.get("files") or ()),
+            metadata=dict(rec.get("metadata") or {}), patient=rec.get("patient"), study=rec.get("study"),
+            extra={k: v for k, v in rec.items() if k not in _RECORD_KEYS},
+            present=frozenset(k for k in _RECORD_KEYS if k in rec))
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as harvest.json holds it (see the class docstring)."""
+        typed = {"SeriesInstanceUID": self.series_uid, "Collection": self.collection, "PatientID": self.patient_id,
+                 "StudyInstanceUID": self.study_uid, "Modality": self.modality, "status": self.status,
+                 "path": self.path, "bytes": self.bytes, "attempts": self.attempts, "error": self.error,
+                 "error_kind": self.error_kind, "completed": self.completed, "sop_class_uid": self.sop_class_uid,
+                 "files": list(self.files), "metadata": self.metadata, "patient": self.patient, "study": self.study}
+        present = self.present or frozenset(_RECORD_KEYS)
+        return {**{k: v for k, v in typed.items() if k in present or k == "SeriesInstanceUID"}, **self.extra}
+
+    def task(self) -> SeriesTask:
+        """The task that fetches this series again (repair): the recorded getSeries row, its
+        count and size (the recorded files when the row has none), study and patient."""
+        image_count = as_int(self.metadata.get("ImageCount")) or len(self.files)
+        return SeriesTask(series_uid=self.series_uid, collection=self.collection, patient_id=self.patient_id,
+                          study_uid=self.study_uid, modality=self.modality, image_count=image_count,
+                          file_size=as_int(self.metadata.get("FileSize")) or self.bytes, row=dict(self.metadata),
+                          study=self.study, patient=self.patient)

@@ -39,7 +39,7 @@ from harvester.dates import parse_archive_date
 from harvester.engine import Engine, HarvestResult
 from harvester.errors import HarvesterError, RequestError, UnsafePathError
 from harvester.store.layout import check_layout
-from harvester.models import Plan, SeriesTask
+from harvester.models import Plan, SeriesRecord, SeriesTask
 from harvester.progress import Event, Hub
 from harvester.query import Query, load_query, query_from_dict
 from harvester.source.base import SingleInstanceFetch, Source, UpdateFeed
@@ -384,15 +384,8 @@ def _file_md5(path: Path) -> str | None:
 
 
 def task_from_record(rec: dict[str, Any]) -> SeriesTask:
-    meta = rec.get("metadata") or {}
-    return SeriesTask(
-        series_uid=rec["SeriesInstanceUID"], collection=rec.get("Collection", ""),
-        patient_id=rec.get("PatientID", ""), study_uid=rec.get("StudyInstanceUID", ""),
-        modality=rec.get("Modality", ""),
-        image_count=as_int(meta.get("ImageCount")) or len(rec.get("files", [])),
-        file_size=as_int(meta.get("FileSize")) or rec.get("bytes"),
-        row=dict(meta), study=rec.get("study"), patient=rec.get("patient"),
-    )
+    """The task that fetches a recorded series again (``SeriesRecord.task``)."""
+    return SeriesRecord.from_json(rec).task()
 
 
 async def async_repair(config: Config, *, hub: Hub | None = None) -> RepairResult:

@@ -1,5 +1,6 @@
 """Sizes and rates as users write them: the one parser behind every option that takes one
-(``--max-rate``, ``--faults rate=/total_rate=``, ``--synthetic size=``, ...).
+(``--max-rate``, ``--faults rate=/total_rate=``, ``--synthetic size=``, ...); and counts and
+sizes as archives and harvest.json send them (``as_int``).
 
 Units are case-sensitive and mean what the SI and IEC say, as in rclone's and the Linux
 kernel's docs: ``kB``/``KB``, ``MB``, ``GB``, ``TB`` are decimal (1000, 1000**2, ...);
@@ -10,6 +11,7 @@ bytes. A rate may end in ``/s``. Anything else is rejected rather than guessed: 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 DECIMAL = {"kB": 1000, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4}
 BINARY = {"KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4}
@@ -44,3 +46,16 @@ def _suggest(match: re.Match[str] | None, unit: str) -> str:
         return (f"write {match.group(1)}{decimal} for {int(n * DECIMAL[decimal]):,} bytes or {match.group(1)}{binary} "
                 f"for {int(n * BINARY[binary]):,}; units are case-sensitive")
     return "e.g. 512KiB, 50MB, 1GiB: MB is decimal (1,000,000 bytes), MiB binary (1,048,576)"
+
+
+def as_int(value: Any) -> int | None:
+    """Parse counts and sizes that may arrive as int, float, "1234" or "1234.0"."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    if number != number or number < 0 or number > 2**62:  # NaN, negative, absurd
+        return None
+    return int(number)

@@ -43,6 +43,7 @@ from harvester.errors import (
     should_retry_request,
 )
 from harvester.redact import SECRET_PARAMS, SECRETS, excerpt
+from harvester.units import as_int  # noqa: F401  (re-exported: every source parses counts with it)
 
 #: transport failures worth another attempt (resets, broken bodies, stalls)
 TRANSPORT_ERRORS = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, aiohttp.ServerTimeoutError,
@@ -68,19 +69,6 @@ def redact_url(url: str) -> str:
         for kv in parts.query.split("&") if kv
     )
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
-
-
-def as_int(value: Any) -> int | None:
-    """Parse counts and sizes that may arrive as int, float, "1234" or "1234.0"."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    if number != number or number < 0 or number > 2**62:  # NaN, negative, absurd
-        return None
-    return int(number)
 
 
 def parse_retry_after(value: str | None) -> float | None:
