@@ -424,17 +424,17 @@ async def async_repair(config: Config, *, hub: Hub | None = None) -> RepairResul
             refetch: list[str] = []
             for uid, files in bad.items():
                 rec = state.records[uid]
-                # a source that cannot fetch one instance alone refetches the whole series
-                ok = isinstance(source, SingleInstanceFetch)
+                single = source if isinstance(source, SingleInstanceFetch) else None
+                ok = single is not None   # a source that cannot fetch one instance alone refetches the series
                 for f in files:
-                    if not ok or not isinstance(source, SingleInstanceFetch):
+                    if single is None:
                         break
                     sop = f.get("SOPInstanceUID")
                     if not isinstance(sop, str) or not sop:   # a hostile or older record: no instance to ask for
                         ok = False
                         break
                     try:
-                        data = await source.fetch_instance(task_from_record(rec), sop)
+                        data = await single.fetch_instance(task_from_record(rec), sop)
                     except (RequestError, HarvesterError):
                         ok = False
                         break
@@ -469,14 +469,17 @@ async def async_repair(config: Config, *, hub: Hub | None = None) -> RepairResul
                     refetch.append(uid)
                 elif rec.get("status") != "complete":
                     await anyio.to_thread.run_sync(state.restore, dict(rec, status="complete", error=None))
+            # a file of an earlier version learns which archive it came from
+            recorded = {"source": {"kind": config.source, "url": redact_url(config.api_url)}}
             if refetch:
                 result.refetched_series = refetch
                 tasks = [task_from_record(state.records[u]) for u in refetch]
-                header = {k: v for k, v in state.header.items() if k not in ("started", "finished", "schema")}
+                header = {**recorded, **{k: v for k, v in state.header.items()
+                                         if k not in ("started", "finished", "schema")}}
                 result.harvest = await Engine(config, source, state, hub).run(tasks, header,
                                                                                refetch=frozenset(refetch))
             else:
-                header = {k: v for k, v in state.header.items() if k != "schema"}
+                header = {**recorded, **{k: v for k, v in state.header.items() if k != "schema"}}
                 await anyio.to_thread.run_sync(state.write_manifest, header)
         return result
     finally:
