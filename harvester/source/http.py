@@ -1,5 +1,10 @@
-"""HTTP plumbing shared by every source: one session, retry timing, classification of failures.
+"""HTTP plumbing shared by every source: one session, one request path, one retry policy,
+classification of failures.
 
+``request`` is the one GET every client sends (NBIA's and DICOMweb's): auth is a strategy
+(``Auth``: ``StaticAuth`` for fixed credentials, ``harvester.source.nbia.client.TokenAuth``
+refreshes its token once on 401), then the host gate, the redirect policy and the status
+checks; ``RetryingClient.retrying`` is the request-level retry policy around it.
 ``raise_for_status`` and ``classify_client_error`` turn responses and aiohttp exceptions into
 the classes of ``harvester.errors`` (retry the request, retry the series, fail it, stop): no
 exception of aiohttp escapes a request unclassified. ``BackoffWait`` is the tenacity wait
