@@ -4,9 +4,9 @@
 
 * no import circle, through any kind of import (top level, inside a function, under
   ``TYPE_CHECKING``), so none needs hiding;
-* the sources and the store never import each other; the engine imports the ``Source`` protocol,
-  never a concrete source; nothing imports the CLI (``__main__`` runs it); the server never
-  imports the harvester's client side;
+* the sources and the store never import each other, nor one archive's source another's; the
+  engine imports the ``Source`` protocol, never a concrete source; nothing imports the CLI
+  (``__main__`` runs it); the server never imports the harvester's client side;
 * the leaves import no other harvester module than the leaves;
 * no ``TYPE_CHECKING`` block, and function-local imports of the package only where the module
   says why (``LAZY``: start-up cost, not a circle).
@@ -196,6 +196,11 @@ def test_a_circle_would_be_found() -> None:
         GRAPH["harvester.models"].edges.discard("harvester.engine")
 
 
+def concrete_source(name: str) -> str:
+    """``harvester.source.nbia`` for ``harvester.source.nbia.planner``."""
+    return ".".join(name.split(".")[:3])
+
+
 def forbidden(importer: str, imported: str) -> str | None:
     """Why ``importer`` may not import ``imported``; None when it may."""
     if imported == "harvester.cli" and importer != "harvester.__main__":
@@ -206,6 +211,9 @@ def forbidden(importer: str, imported: str) -> str | None:
         return "a source never imports the store"
     if within(importer, STORE) and within(imported, SOURCES):
         return "the store never imports a source"
+    if (within(importer, SOURCES) and within(imported, SOURCES) and SOURCE_SHARED.isdisjoint({importer, imported})
+            and concrete_source(importer) != concrete_source(imported)):
+        return "one archive's source never imports another's (what they share is in selection or source.http)"
     if importer == "harvester.engine" and within(imported, SOURCES) and imported not in SOURCE_SHARED:
         return "the engine drives the Source protocol, never a concrete source"
     if within(importer, ("harvester.server",)) and not within(imported, ("harvester.server",)) and (
@@ -231,6 +239,8 @@ def test_the_rules_catch_what_they_name() -> None:
     assert forbidden("harvester.source.nbia.source", "harvester.store.manifest")
     assert forbidden("harvester.store.manifest", "harvester.source.http")
     assert forbidden("harvester.engine", "harvester.source.nbia")
+    assert forbidden("harvester.source.dicomweb.source", "harvester.source.nbia.planner")
+    assert forbidden("harvester.source.nbia.source", "harvester.source.nbia.client") is None
     assert forbidden("harvester.api", "harvester.cli")
     assert forbidden("harvester.server.app", "harvester.cli")
     assert forbidden("harvester.server.archive", "harvester.operations")
