@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from harvest_helpers import harvest, journal_commits, kill_after_progress, manifest, select_all
+from harvester.display import printable
 from harvester.server.faults import FaultSpec
 from harvester.server.synthetic import SyntheticSpec
 from harvester.server.testing import serve_in_thread
@@ -299,7 +300,9 @@ def test_verify_exits_1_when_series_failed_and_names_them(harvested: Path) -> No
     named = [line for line in proc.stdout.splitlines() if line.startswith("failed: ")]
     assert len(named) == len(failed)
     for rec, line in zip(failed, named):
-        assert line.startswith(f"failed: {rec['Collection']} {rec['PatientID']}") and rec["SeriesInstanceUID"] in line
+        # server text is shown with its control characters made visible (HOSTILE's IDs hold ESC sequences)
+        assert line.startswith(printable(f"failed: {rec['Collection']} {rec['PatientID']}"))
+        assert rec["SeriesInstanceUID"] in line and "\x1b" not in line
     assert f"to fetch the {len(failed)} failed or missing series, run the same harvester run" in proc.stdout
     assert "all match" not in proc.stdout
     assert tree(harvested) == before  # verify only reads
