@@ -340,12 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="plain periodic status lines instead of a live line")
     _add_log_args(demo)
 
-    from harvester.server.serve import add_serve_arguments
+    from harvester.server.serve import add_serve_arguments, synthetic_keys_help
     serve = sub.add_parser("serve", help="serve a harvested DIR or a synthetic archive with the NBIA API",
                            epilog=_examples("harvester serve harvest-demo --port 8080   # re-publish a harvest",
                                             "harvester serve --synthetic collections=2,patients=3,series=2,instances=5,size=16KiB "
                                             "--faults error=0.1,latency=50ms,seed=7",
-                                            epilog=f"sizes and rates: {SIZE_HELP}"),
+                                            epilog=f"{synthetic_keys_help()}\nsizes and rates: {SIZE_HELP}"),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     add_serve_arguments(serve)
     return parser
