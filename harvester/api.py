@@ -29,6 +29,7 @@ import anyio
 
 from harvester.config import Config
 from harvester.containment import inside, open_nofollow, read_bytes
+from harvester.display import api_hub
 from harvester.engine import Engine, HarvestResult
 from harvester.errors import ManifestError, UnsafePathError, UsageError
 from harvester.layout import check_layout
@@ -118,7 +119,7 @@ async def aharvest(query: QueryLike, out: str | Path | Config | None = None, *, 
     if query.annotations and not config.annotations:   # the cart or manifest asks for them
         config = dataclasses.replace(config, annotations=True)
     check_layout(config.layout)
-    hub = hub or Hub()
+    hub = hub or api_hub(config.progress, config.quiet)   # a live line in a notebook, nothing elsewhere
     if on_event is not None:
         hub.subscribe(on_event)
     async with open_harvest(config) as (state, source):

@@ -5,7 +5,8 @@ fits any width: at 80 columns nothing wraps, and a narrower terminal loses the o
 (the bar, in flight, retries) before the figures that matter (series, bytes, rate, ETA).
 
 - ``LiveDisplay``: a terminal that can move its cursor (and a Jupyter notebook, through rich's
-  own Jupyter support): one line redrawn four times a second by rich's refresh thread.
+  own Jupyter support; ``api_hub`` gives the API's calls one there): one line redrawn four
+  times a second by rich's refresh thread.
 - ``PlainDisplay``: a dumb terminal (``TERM=dumb``), a pipe or a log file: one status line every
   ``interval`` seconds from a ticker thread, whether or not any series finished meanwhile.
 
@@ -24,7 +25,7 @@ import threading
 import time
 from typing import Any, TextIO
 
-from harvester.events import Event, Failure, Tally, human_bytes, human_duration
+from harvester.events import Event, Failure, Hub, Tally, human_bytes, human_duration
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 BAR_MIN, BAR_MAX = 10, 30
@@ -132,9 +133,12 @@ class LiveDisplay:
     def __enter__(self) -> LiveDisplay:
         from rich.live import Live
 
+        # stdout and stderr are routed above the live line while it runs (rich's FileProxy): a
+        # warning or a log line printed meanwhile gets a line of its own instead of being glued
+        # to the live line.
         self._live = Live(self, console=self.console, refresh_per_second=4, transient=self.transient,
-                          redirect_stdout=False, redirect_stderr=False)
-        self._live.start()
+                          redirect_stdout=True, redirect_stderr=True)
+        self._live.start(refresh=True)   # the first frame at once: a short plan shows it is working too
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -243,3 +247,32 @@ def in_notebook() -> bool:
     except Exception:  # noqa: BLE001 - any IPython oddity means "not a notebook"
         return False
     return ip is not None and type(ip).__name__ == "ZMQInteractiveShell"
+
+
+class _AutoLive:
+    """A ``LiveDisplay`` started by the "plan" event and stopped by "finish": the API's progress in
+    a notebook, where no ``with`` block surrounds the harvest."""
+
+    def __init__(self, tally: Tally, console: Any = None) -> None:
+        self.display = LiveDisplay(tally, console)
+        self.running = False
+
+    def __call__(self, ev: Event) -> None:
+        if ev.kind == "plan" and not self.running:
+            self.display.__enter__()
+            self.running = True
+        if self.running:
+            self.display(ev)
+        if ev.kind == "finish" and self.running:
+            self.running = False
+            self.display.__exit__(None, None, None)
+
+
+def api_hub(progress: bool, quiet: bool = False, *, notebook: bool | None = None, console: Any = None) -> Hub:
+    """The hub of an API call that was given none: in a Jupyter notebook with ``progress`` (the
+    Config default) and not ``quiet``, it draws the live line through rich's Jupyter support
+    (ipywidgets); anywhere else it draws nothing, so scripts and pipelines stay silent."""
+    hub = Hub()
+    if progress and not quiet and (in_notebook() if notebook is None else notebook):
+        hub.subscribe(_AutoLive(hub.tally, console))
+    return hub

@@ -127,3 +127,47 @@ def test_a_dumb_terminal_gets_periodic_plain_status_lines(server: Any, query_fil
     assert all(len(line) <= 80 for line in raw.split("\r\n"))
     assert any(line.startswith("failed: ") for line in raw.split("\r\n"))
     assert "rerun the same command to retry the" in raw
+
+
+def test_api_progress_true_draws_the_live_line_in_a_notebook(server: Any, small_archive: Any, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """`progress=True` showed nothing in a notebook. In a Jupyter kernel (in_notebook) the API's
+    harvest draws the live line (rich renders it as a widget there); elsewhere it stays silent."""
+    import harvester
+    import harvester.display
+    from harvest_helpers import FAST
+
+    options = {**FAST, "progress": True, "quiet": False}
+    result = harvester.harvest(select_all(small_archive), tmp_path / "script", api_url=server.base_url, **options)
+    assert result.ok and capsys.readouterr().err == ""          # a script: nothing drawn
+    monkeypatch.setattr(harvester.display, "in_notebook", lambda: True)
+    result = harvester.harvest(select_all(small_archive), tmp_path / "nb", api_url=server.base_url, **options)
+    n = result.totals["series"]
+    assert result.ok and n > 0
+    assert f"{n}/{n} series" in capsys.readouterr().err        # the live line's last frame
+    result = harvester.harvest(select_all(small_archive), tmp_path / "nb", api_url=server.base_url,
+                               **{**options, "progress": False})
+    assert result.ok and capsys.readouterr().err == ""          # progress=False: nothing
+
+
+def test_plan_and_verify_show_they_are_working_on_a_terminal(server: Any, small_archive: Any,
+                                                             tmp_path: Path) -> None:
+    """`plan` printed nothing for 7 s and `verify` had no progress at all: on a terminal, plan
+    draws a labelled planning line (gone once the table is there) and verify counts the files and
+    bytes it has checked; neither line is wider than the terminal."""
+    q = tmp_path / "q.yaml"
+    q.write_text(yaml.safe_dump(select_all(small_archive)))
+    env = env_for("xterm-256color", 80)
+    code, raw = run_in_pty(["plan", q.name, "--api-url", server.base_url], tmp_path, env, 80)
+    assert code == 0 and "planning: asking the archive which series match" in ESCAPES.sub("", raw)
+    assert all(len(line) <= 80 for line in screen_lines(raw))
+    code, raw = run_in_pty(["run", q.name, "-o", "out", "--api-url", server.base_url, "--no-progress", "--quiet"],
+                           tmp_path, env, 80)
+    assert code == 0, raw[-2000:]
+    files = sum(len(r["files"]) for r in manifest(tmp_path / "out")["series"])
+    code, raw = run_in_pty(["verify", "out"], tmp_path, env, 80)
+    lines = screen_lines(raw)
+    frames = [line for line in lines if line.startswith("verify: ")]
+    assert code == 0 and frames and all(len(line) <= 80 for line in frames), frames[:3]
+    assert any(line.startswith(f"verify: {files} files  ") and " checked" in line for line in frames), lines[-10:]
