@@ -41,11 +41,25 @@ API URL: --api-url, else $HARVESTER_API_URL, else the manifest's 'api:', else
 the public TCIA v4 API."""
 
 
+RUN_JSON_HELP = """\
+--json prints, once the harvest ends, one object with the keys: ok, exit_code, planned,
+complete, complete_now, complete_before, failed, unavailable, not_fetched (left by a
+fatal stop), fatal (its reason or null), files, bytes (what DIR holds), received_bytes,
+seconds, rate (this run's), requests, retries, output, manifest, failures (each:
+SeriesInstanceUID, collection, patient, description, reason_class, detail),
+unavailable_series (SeriesInstanceUID, reason); sync adds sync (new, changed,
+unchanged, removed, pruned). --dry-run --json: dry_run, planned, complete_before,
+to_fetch, to_fetch_bytes, unavailable, unavailable_series, list (as plan --json).
+"""
+
 VERIFY_EPILOG = """\
 exit codes: 0 only when every planned series is there and intact; 1 when any series
 failed, is unavailable or missing, or any file is damaged or extra (the summary line
 counts each: '58 series checked: 53 intact, 5 failed, 0 missing, 0 damaged files,
 1 extra file'); 2 bad usage (no harvest.json); 3 fatal stop (during --repair).
+--json keys: ok, exit_code, checked, intact, failed, unavailable, missing,
+damaged_files, extra_files, files, bytes, problems, extra, failures (each:
+SeriesInstanceUID, collection, patient, description, status, error), refused.
 
 examples:
   harvester verify harvest-demo && python train.py harvest-demo   # train only on a complete cohort
@@ -224,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "harvester run q.yaml -o out --json > summary.json   # the summary for a script",
                                           "harvester run my-cart.tcia -o cart --workers 8 --max-rate 20MB",
                                           "harvester run series.csv -o list --layout classic   # a SeriesInstanceUID column",
-                                          "harvester run q.yaml -o out --api-url http://127.0.0.1:8080/nbia-api/services/v4"),
+                                          "harvester run q.yaml -o out --api-url http://127.0.0.1:8080/nbia-api/services/v4",
+                                          epilog=RUN_JSON_HELP + EPILOG),
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("query", metavar="QUERY", help="query manifest (.yaml/.json), TCIA cart (.tcia) or UID list (.csv/.txt)")
     run.add_argument("--dry-run", action="store_true",
@@ -270,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "A changed series keeps its old copy until the new one verifies.",
                           epilog=_examples("harvester sync q.yaml -o mirror --dry-run   # what would change",
                                            "harvester sync q.yaml -o mirror --json      # the summary as JSON",
-                                           "harvester sync q.yaml -o mirror --prune --max-rate 20MB   # nightly"),
+                                           "harvester sync q.yaml -o mirror --prune --max-rate 20MB   # nightly",
+                                           epilog=RUN_JSON_HELP + EPILOG),
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     sync.add_argument("query", metavar="QUERY", help="the mirror's query manifest, cart or UID list")
     sync.add_argument("--prune", action="store_true",
@@ -758,8 +774,8 @@ def _run_harvest(query: Any, config: Config, env: dict[str, str] | None = None, 
         print_harvest_summary(summary, sys.stdout)
     if result.fatal:
         left = summary["not_fetched"] + summary["failed"]
-        print(f"harvester: error: {result.fatal}" + (f"; verified series are kept, and the {left:,} series left are "
-                                                      "fetched when you rerun the same command" if left else ""),
+        # the error's hint says what to do (free space, fix credentials... and run again)
+        print(f"harvester: error: {result.fatal}" + (f"; {left:,} series left to fetch" if left else ""),
               file=sys.stderr)
     return code
 

@@ -450,6 +450,8 @@ def test_a_rerun_says_what_it_resumes_and_its_rate_counts_only_this_runs_bytes(s
     assert 0 < s["received_bytes"] < sum(before.values()) + planned_now
     assert s["received_bytes"] <= 2 * planned_now
     assert s["rate"] == pytest.approx(s["received_bytes"] / s["seconds"], rel=0.01, abs=2)
+    documented = " ".join(cli("run", "--help").stdout.split())
+    assert all(key in documented for key in s)   # every key of the JSON summary is in --help
 
 
 def test_the_summary_adds_up_names_each_failure_and_says_to_rerun(small_archive: Any, tmp_path: Path) -> None:
@@ -514,7 +516,8 @@ def test_a_fatal_stop_summary_names_the_reason_not_0_of_0_failed(small_archive: 
     text = proc.stderr
     assert f", {s['not_fetched']} not fetched (the run stopped)" in text and "0/0" not in text
     error = [line for line in text.splitlines() if line.startswith("harvester: error: ")]
-    assert len(error) == 1 and "disk full" in error[0] and "rerun the same command" in error[0]
+    assert len(error) == 1 and "disk full" in error[0] and "run the same command again" in error[0]
+    assert error[0].endswith(f"; {s['not_fetched'] + s['failed']} series left to fetch")
 
 
 # ------------------------------------------------ Why: missing conventions (Deliver 8)
@@ -576,6 +579,8 @@ def test_json_summaries_of_verify_and_sync_are_one_object_on_stdout(server: Any,
     v = json_summary(proc)
     assert proc.returncode == 1 and not v["ok"] and v["damaged_files"] == 1 and v["exit_code"] == 1
     assert v["problems"][0].startswith(rec["files"][0]["path"])
+    documented = " ".join(cli("verify", "--help").stdout.split())
+    assert all(key in documented for key in v)
     assert "1 damaged file" in proc.stderr   # the words go to stderr
     path = write_query(tmp_path, select_all(small_archive))
     proc = cli("sync", str(path), "-o", str(tmp_path / "mirror"), "--api-url", server.base_url, *FAST_FLAGS, "--json")
