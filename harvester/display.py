@@ -143,6 +143,8 @@ class LiveDisplay:
 
     def __exit__(self, *exc: object) -> None:
         if self._live is not None:
+            if _phase(self.tally) == "planning":
+                self._live.transient = True   # a plan that failed (or plan's own line): nothing to keep
             self._live.stop()   # draws the last frame: the final counts stay on screen
 
     def __rich__(self) -> Any:
