@@ -638,6 +638,8 @@ def _display(config: Config, env: dict[str, str], tally: Any, interval: float) -
 
 def _log_events(ev: Any) -> None:
     """The events as log records (for -v and --log-file): settled series at INFO, starts at DEBUG."""
+    if ev.kind == "bytes":
+        return  # once per network chunk: return at once
     log = logging.getLogger("harvester.run")
     if ev.kind in ("done", "skip"):
         log.info("%s: %s (%d files, %s bytes)", "complete" if ev.kind == "done" else "already complete",

@@ -696,3 +696,10 @@ def test_the_demo_example_selects_what_the_demo_archive_has(tmp_path: Path, synt
         proc = cli("plan", str(REPO / "config" / "demo.yaml"), "--api-url", srv.base_url, "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["series"] > 0
+
+
+def test_workers_help_explains_in_flight_reaching_twice_workers() -> None:
+    """"in flight 48" contradicted "--workers (default 24)": the help says why both are true."""
+    text = " ".join(cli("run", "--help").stdout.split())
+    workers = text.split("--workers N ", 1)[1].split(" --connections", 1)[0]
+    assert "'in flight' can reach 2 x N" in workers and "default 24" in workers
