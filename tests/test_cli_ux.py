@@ -703,3 +703,21 @@ def test_workers_help_explains_in_flight_reaching_twice_workers() -> None:
     text = " ".join(cli("run", "--help").stdout.split())
     workers = text.split("--workers N ", 1)[1].split(" --connections", 1)[0]
     assert "'in flight' can reach 2 x N" in workers and "default 24" in workers
+
+
+def test_stderr_that_is_not_a_terminal_gets_periodic_status_lines(server: Any, small_archive: Any,
+                                                                  tmp_path: Path) -> None:
+    """A pipe or a log file showed nothing until a series ended: it gets a plain status line
+    every --stats-interval seconds, and --quiet keeps only the summary."""
+    server.set_faults("total_rate=128KiB,seed=5")   # seconds of transfer: several 0.2 s intervals
+    path = write_query(tmp_path, select_all(small_archive))
+    proc = cli("run", str(path), "-o", str(tmp_path / "out"), "--api-url", server.base_url, "--timeout", "5",
+               "--stats-interval", "0.2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    status = [line for line in proc.stderr.splitlines() if re.match(r"[\d,]+/[\d,]+ series  ", line)]
+    assert len(status) >= 2 and all(" ETA " in line and "/s  " in line for line in status), proc.stderr[-2000:]
+    assert "\x1b" not in proc.stderr and all(len(line) <= 80 for line in status)
+    quiet = cli("run", str(path), "-o", str(tmp_path / "again"), "--api-url", server.base_url, "--timeout", "5",
+                "--stats-interval", "0.2", "--quiet")
+    assert quiet.returncode == 0 and quiet.stderr == ""
+    assert quiet.stdout.splitlines()[0].endswith("0 failed, 0 unavailable")
