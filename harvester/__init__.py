@@ -45,7 +45,7 @@ from harvester.errors import (
 )
 from harvester.models import Plan, SeriesTask
 from harvester.operations import RepairResult, SyncDiff, SyncResult, async_repair, async_sync
-from harvester.progress import Event
+from harvester.events import Event
 from harvester.query import Query, load_query, query_from_dict
 from harvester.store.tree import read_status
 

@@ -8,7 +8,7 @@ manifest, or the path of a manifest, ``.tcia`` cart or UID list. Options are ``C
 names (``api_url``, ``workers``, ``layout``, ``retries``, ...); an unknown option raises
 ``TypeError``. Nothing here reads argv or the environment.
 
-Progress: pass ``on_event=callable`` to receive every ``harvester.progress.Event``.
+Progress: pass ``on_event=callable`` to receive every ``harvester.events.Event``.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from harvester.operations import (
     make_config,
     make_source,
 )
-from harvester.progress import Event, Hub
+from harvester.events import Event, Hub
 from harvester.source.nbia import NBIAClient, make_session
 from harvester.store.tree import VerifyResult, verify_tree
 

@@ -35,19 +35,36 @@ exit codes: 0 complete, 1 some series failed or unavailable (the rest is harvest
 --strict makes unavailable ones exit 2 instead), 2 bad usage or input, 3 fatal stop
 (disk full, credentials, archive unreachable, DIR in use, a link inside DIR),
 130 interrupted (rerun to resume).
+--json (run, sync, verify, plan): one JSON object on stdout, its keys in the README
+("JSON summaries"); progress and messages stay on stderr.
 API URL: --api-url, else $HARVESTER_API_URL, else the manifest's 'api:', else
 the public TCIA v4 API."""
 
+
+RUN_JSON_HELP = """\
+--json prints, once the harvest ends, one object with the keys: ok, exit_code, planned,
+complete, complete_now, complete_before, failed, unavailable, not_fetched (left by a
+fatal stop), fatal (its reason or null), files, bytes (what DIR holds), received_bytes,
+seconds, rate (this run's), requests, retries, output, manifest, failures (each:
+SeriesInstanceUID, collection, patient, description, reason_class, detail),
+unavailable_series (SeriesInstanceUID, reason); sync adds sync (new, changed,
+unchanged, removed, pruned). --dry-run --json: dry_run, planned, complete_before,
+to_fetch, to_fetch_bytes, unavailable, unavailable_series, list (as plan --json).
+"""
 
 VERIFY_EPILOG = """\
 exit codes: 0 only when every planned series is there and intact; 1 when any series
 failed, is unavailable or missing, or any file is damaged or extra (the summary line
 counts each: '58 series checked: 53 intact, 5 failed, 0 missing, 0 damaged files,
 1 extra file'); 2 bad usage (no harvest.json); 3 fatal stop (during --repair).
+--json keys: ok, exit_code, checked, intact, failed, unavailable, missing,
+damaged_files, extra_files, files, bytes, problems, extra, failures (each:
+SeriesInstanceUID, collection, patient, description, status, error), refused.
 
 examples:
   harvester verify harvest-demo && python train.py harvest-demo   # train only on a complete cohort
-  harvester verify harvest-demo --repair                          # refetch what is damaged"""
+  harvester verify harvest-demo --repair                          # refetch what is damaged
+  harvester verify harvest-demo --json | jq .ok                   # the counts for a script"""
 
 
 def _examples(*lines: str, epilog: str = EPILOG) -> str:
@@ -159,12 +176,28 @@ def _add_strict_arg(p: argparse.ArgumentParser) -> None:
                         "harvested and the exit code is 1")
 
 
+def _add_log_args(p: argparse.ArgumentParser) -> None:
+    """-v and --log-file, on every command (``harvester run ... -v`` reads as users expect)."""
+    g = p.add_argument_group("logging")
+    g.add_argument("-v", "--verbose", action="count", default=0,
+                   help="say more on stderr: each series done, failed or retried (-vv: every start too)")
+    g.add_argument("--log-file", metavar="PATH", type=Path,
+                   help="append a timestamped log to PATH (what -v says, and -vv's detail with -vv); "
+                        "passwords and tokens are redacted")
+
+
+def _add_json_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--json", action="store_true",
+                   help=f"print {what} as one JSON object on stdout (keys in the README, 'JSON summaries')")
+
+
 def _add_harvest_args(p: argparse.ArgumentParser) -> None:
     """The options of the commands that download (run, sync)."""
     p.add_argument("-o", "--out", metavar="DIR", type=Path, required=True, help="output directory")
     p.add_argument("--workers", type=_positive, metavar="N",
-                   help=f"series downloaded at once (default {Config.workers}); backs off by itself on "
-                        "429/503/timeouts; use fewer, or --max-rate, on a shared link")
+                   help=f"series downloaded at once (default {Config.workers}); as many again may be verifying "
+                        "and unpacking meanwhile, so the progress line's 'in flight' can reach 2 x N; backs "
+                        "off by itself on 429/503/timeouts; use fewer, or --max-rate, on a shared link")
     p.add_argument("--connections", type=_positive, metavar="N", help="HTTP connections at most (default 2 x workers)")
     p.add_argument("--layout", metavar="LAYOUT",
                    help="descriptive (default; the Java NBIA Data Retriever's), classic, tcia2026 (TCIA's 2026 "
@@ -173,8 +206,14 @@ def _add_harvest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--series-retries", type=_count, metavar="N", help=f"extra attempts per series (default {Config.series_retries})")
     p.add_argument("--max-rate", type=_size, metavar="RATE",
                    help=f"cap total bandwidth in bytes/s, e.g. 50MB or 20MiB/s: {SIZE_HELP}")
-    p.add_argument("--no-progress", action="store_true", help="plain periodic lines instead of a progress bar")
-    p.add_argument("--quiet", "-q", action="store_true", help="only errors and the final summary line")
+    p.add_argument("--no-progress", action="store_true",
+                   help="plain periodic status lines instead of a live line (the default on a dumb terminal "
+                        "or when stderr is not a terminal)")
+    p.add_argument("--stats-interval", type=_seconds, metavar="S", default=10.0,
+                   help="seconds between plain status lines (default 10)")
+    p.add_argument("--quiet", "-q", action="store_true", help="only errors and the final summary")
+    _add_json_arg(p, "the final summary")
+    _add_log_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,33 +234,49 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(count, size, MD5, DICOM), unpacked safely, recorded in DIR/harvest.json. "
                                      "Rerun the same command to resume.",
                          epilog=_examples("harvester run config/lidc-ct.yaml -o ~/tcia/lidc   # a query manifest",
+                                          "harvester run my-cart.tcia -o cart --dry-run      # what would be fetched",
+                                          "harvester run q.yaml -o out --json > summary.json   # the summary for a script",
                                           "harvester run my-cart.tcia -o cart --workers 8 --max-rate 20MB",
                                           "harvester run series.csv -o list --layout classic   # a SeriesInstanceUID column",
-                                          "harvester run q.yaml -o out --api-url http://127.0.0.1:8080/nbia-api/services/v4"),
+                                          "harvester run q.yaml -o out --api-url http://127.0.0.1:8080/nbia-api/services/v4",
+                                          epilog=RUN_JSON_HELP + EPILOG),
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("query", metavar="QUERY", help="query manifest (.yaml/.json), TCIA cart (.tcia) or UID list (.csv/.txt)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="plan, and list what would be fetched (series already complete in DIR left out); "
+                          "writes nothing")
     _add_harvest_args(run)
     _add_strict_arg(run)
     _add_api_args(run)
 
     plan = sub.add_parser("plan", help="show what a query selects (series, images, bytes) without downloading",
                           epilog=_examples("harvester plan my-cart.tcia                # series, images and bytes per collection",
-                                           "harvester plan q.yaml --json               # the totals for a script"),
+                                           "harvester plan q.yaml --list               # one line per series",
+                                           "harvester plan q.yaml --json               # totals and every series, for a script"),
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     plan.add_argument("query", metavar="QUERY", help="query manifest (.yaml/.json), TCIA cart (.tcia) or UID list (.csv/.txt)")
-    plan.add_argument("--json", action="store_true", help="print totals as JSON")
+    plan.add_argument("--json", action="store_true",
+                      help="print the totals and every series (key 'list') as one JSON object")
+    plan.add_argument("--list", action="store_true",
+                      help="one line per series: collection, patient, modality, series UID, description, size")
+    _add_log_args(plan)
     _add_strict_arg(plan)
     _add_api_args(plan)
 
     query = sub.add_parser("query", help="ad-hoc metadata query, e.g. harvester query getSeries Collection=X",
                            epilog=_examples("harvester query getCollectionValues",
                                             "harvester query getSeries Collection=LIDC-IDRI Modality=CT --format csv > series.csv",
-                                            "harvester query getPatient Collection=LIDC-IDRI --format table"),
+                                            "harvester query getPatient Collection=LIDC-IDRI --format table",
+                                            "harvester query getSeries Collection=LIDC-IDRI --format table "
+                                            "--columns PatientID,Modality,SeriesDescription,ImageCount"),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     query.add_argument("endpoint", metavar="ENDPOINT", help="getCollectionValues, getSeries, getPatient, ...")
     query.add_argument("params", nargs="*", metavar="Key=Value", help="parameters (names are case-sensitive)")
     query.add_argument("--format", choices=["json", "csv", "table"], default=None,
                        help="output format (default: table on a terminal, json otherwise)")
+    query.add_argument("--columns", metavar="A,B,C",
+                       help="only these columns, in this order (a table of 26 columns does not fit 80)")
+    _add_log_args(query)
     _add_api_args(query)
 
     sync = sub.add_parser("sync", help="bring DIR up to date with a query: new, changed and missing series",
@@ -229,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(image count, size, or re-released since the last sync), missing or failed. "
                                       "A changed series keeps its old copy until the new one verifies.",
                           epilog=_examples("harvester sync q.yaml -o mirror --dry-run   # what would change",
-                                           "harvester sync q.yaml -o mirror --prune --max-rate 20MB   # nightly"),
+                                           "harvester sync q.yaml -o mirror --json      # the summary as JSON",
+                                           "harvester sync q.yaml -o mirror --prune --max-rate 20MB   # nightly",
+                                           epilog=RUN_JSON_HELP + EPILOG),
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     sync.add_argument("query", metavar="QUERY", help="the mirror's query manifest, cart or UID list")
     sync.add_argument("--prune", action="store_true",
@@ -246,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("dir", metavar="DIR", type=Path, help="the output directory of a harvest")
     verify.add_argument("--repair", action="store_true",
                         help="refetch what fails: single instances with getSingleImage, whole series only if needed")
+    verify.add_argument("--no-progress", action="store_true",
+                        help="plain periodic status lines instead of a live line")
+    verify.add_argument("--stats-interval", type=_seconds, metavar="S", default=10.0,
+                        help="seconds between plain status lines (default 10)")
+    _add_json_arg(verify, "the counts and what is wrong")
+    _add_log_args(verify)
     _add_api_args(verify)
 
     status = sub.add_parser("status", help="what DIR holds per collection, last sync, failures, disk use",
@@ -254,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     status.add_argument("dir", metavar="DIR", type=Path, help="the output directory of a harvest")
     status.add_argument("--json", action="store_true", help="print it as JSON")
+    _add_log_args(status)
 
     report = sub.add_parser("report", help="write a self-contained HTML report of what DIR holds",
                             epilog=_examples("harvester report mirror                # writes mirror/report.html",
@@ -262,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("dir", metavar="DIR", type=Path, help="the output directory of a harvest")
     report.add_argument("-o", "--out", metavar="FILE", type=Path, default=None,
                         help="where to write it ('-' for stdout; default DIR/report.html)")
+    _add_log_args(report)
 
     export = sub.add_parser("export", help="write a TCIA cart (.tcia) or a CSV of the series in DIR",
                             epilog=_examples("harvester export mirror --tcia cohort.tcia   # for the TCIA portal or Data Retriever",
@@ -272,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--tcia", metavar="FILE", type=Path,
                         help="a cart the TCIA portal and Data Retriever accept ('-' for stdout)")
     export.add_argument("--csv", metavar="FILE", type=Path, help="one row per series with metadata and path ('-' for stdout)")
+    _add_log_args(export)
 
     demo = sub.add_parser("demo", help="serve a small synthetic archive on loopback and harvest it for real",
                           epilog=_examples("harvester demo                      # into ./harvest-demo, with a few faults",
@@ -287,14 +353,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="faults the demo server injects, to show retries (use '' for none)")
     demo.add_argument("--cache-dir", metavar="DIR", type=Path, default=None,
                       help="where the synthetic archive is built (default $HARVESTER_CACHE or ~/.cache/harvester)")
-    demo.add_argument("--no-progress", action="store_true", help="plain periodic lines instead of a progress bar")
+    demo.add_argument("--no-progress", action="store_true", help="plain periodic status lines instead of a live line")
+    _add_log_args(demo)
 
-    from harvester.server.serve import add_serve_arguments
+    from harvester.server.serve import add_serve_arguments, synthetic_keys_help
     serve = sub.add_parser("serve", help="serve a harvested DIR or a synthetic archive with the NBIA API",
                            epilog=_examples("harvester serve harvest-demo --port 8080   # re-publish a harvest",
                                             "harvester serve --synthetic collections=2,patients=3,series=2,instances=5,size=16KiB "
                                             "--faults error=0.1,latency=50ms,seed=7",
-                                            epilog=f"sizes and rates: {SIZE_HELP}"),
+                                            epilog=f"{synthetic_keys_help()}\nsizes and rates: {SIZE_HELP}"),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     add_serve_arguments(serve)
     return parser
@@ -378,20 +445,21 @@ def build_config(args: argparse.Namespace, env: dict[str, str], manifest_api: st
 
 def _print_plan_table(plan: Any) -> None:
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
-    from harvester.progress import human_bytes
+    from harvester.display import printable
+    from harvester.events import human_bytes
 
     table = Table(title=f"{len(plan.tasks)} series selected")
     for col in ("collection", "series", "images", "size"):
         table.add_column(col, justify="left" if col == "collection" else "right")
-    totals = plan.to_json()
-    for name, c in plan.collections.items():
-        table.add_row(escape(name), str(c.series), str(c.images), human_bytes(c.bytes))  # server text: no markup
+    totals = _plan_totals(plan)
+    for name, c in plan.collections.items():  # server text: Text, never markup
+        table.add_row(Text(printable(name)), str(c.series), str(c.images), human_bytes(c.bytes))
     table.add_row("[bold]total", f"[bold]{totals['series']}", f"[bold]{totals['images']}",
                   f"[bold]{human_bytes(totals['bytes'])}")
-    Console().print(table)
+    Console(highlight=False).print(table)
     unknown = sum(1 for t in plan.tasks if t.file_size is None)
     if unknown:
         print(f"{unknown} series of unknown size (the archive does not say; e.g. DICOMweb): sizes above are a minimum")
@@ -422,16 +490,71 @@ def _print_plan_notes(plan: Any, *, listed: bool) -> None:
     sys.stderr.flush()
 
 
-def cmd_plan(args: argparse.Namespace, env: dict[str, str]) -> int:
+def _plan_totals(plan: Any) -> dict[str, Any]:
+    """The plan's totals as ``plan --json`` prints them (built here from the plan's collections,
+    whatever shape ``Plan.to_json`` has)."""
+    cols = plan.collections
+    out: dict[str, Any] = {
+        "series": len(plan.tasks), "images": sum(c.images for c in cols.values()),
+        "bytes": sum(c.bytes for c in cols.values()),
+        "collections": {k: {"series": v.series, "images": v.images, "bytes": v.bytes} for k, v in cols.items()},
+        "requests": plan.requests,
+    }
+    if plan.unavailable:
+        out["unavailable"] = [u.to_json() for u in plan.unavailable]
+    if plan.warnings:
+        out["warnings"] = list(plan.warnings)
+    return out
+
+
+def _series_json(task: Any) -> dict[str, Any]:
+    return {"SeriesInstanceUID": task.series_uid, "Collection": task.collection, "PatientID": task.patient_id,
+            "StudyInstanceUID": task.study_uid, "Modality": task.modality,
+            "SeriesDescription": str(task.row.get("SeriesDescription") or ""),
+            "ImageCount": task.image_count, "FileSize": task.file_size}
+
+
+def _series_line(task: Any) -> str:
+    """``collection  patient  modality  series UID  "description"  size``: one line per series."""
+    from harvester.display import printable
+    from harvester.events import human_bytes
+
+    description = json.dumps(str(task.row.get("SeriesDescription") or ""), ensure_ascii=False)
+    size = "?" if task.file_size is None else human_bytes(task.file_size)
+    return printable(f"{task.collection}  {task.patient_id}  {task.modality}  {task.series_uid}  {description}  {size}")
+
+
+def _planning(config: Config, env: dict[str, str]) -> Any:
+    """A live "planning ..." line on a terminal while a plan is made (nothing elsewhere)."""
+    import contextlib
+
+    from harvester.display import LiveDisplay, use_live
+    from harvester.events import Tally
+
+    if config.quiet or not use_live(sys.stderr, env):
+        return contextlib.nullcontext()
+    return LiveDisplay(Tally(), transient=True)
+
+
+def _plan_with_progress(query: Any, config: Config, env: dict[str, str]) -> Any:
     from harvester.api import aplan
+
+    with _planning(config, env):
+        return anyio.run(lambda: aplan(query, config, details=False))  # totals only
+
+
+def cmd_plan(args: argparse.Namespace, env: dict[str, str]) -> int:
     from harvester.query import load_query
 
     query = load_query(args.query)
     config = build_config(args, env, query.url or query.api, query.layout, query.source)
-    plan = anyio.run(lambda: aplan(query, config, details=False))  # totals only
+    plan = _plan_with_progress(query, config, env)
     _print_warnings(plan)
     if args.json:
-        print(json.dumps(plan.to_json()))
+        print(json.dumps({**_plan_totals(plan), "list": [_series_json(t) for t in plan.tasks]}))
+    elif args.list:
+        for task in plan.tasks:
+            print(_series_line(task))
     else:
         _print_plan_table(plan)
     _print_plan_notes(plan, listed=True)
@@ -447,6 +570,9 @@ def cmd_query(args: argparse.Namespace, env: dict[str, str]) -> int:
         if not sep or not key:
             raise UsageError(f"parameter {item!r} is not Key=Value")
         params[key] = value
+    wanted = [c.strip() for c in (args.columns or "").split(",") if c.strip()]
+    if args.columns is not None and not wanted:
+        raise UsageError(f"--columns {args.columns!r} names no column", hint="e.g. --columns PatientID,Modality")
     config = build_config(args, env)
 
     async def go() -> list[dict[str, Any]]:
@@ -456,6 +582,13 @@ def cmd_query(args: argparse.Namespace, env: dict[str, str]) -> int:
     rows = anyio.run(go)
     fmt = args.format or ("table" if sys.stdout.isatty() else "json")
     keys: list[str] = list(dict.fromkeys(k for r in rows for k in r))
+    if wanted:
+        unknown = [c for c in wanted if c not in keys]
+        if rows and unknown:
+            raise UsageError(f"--columns: {unknown[0]!r} is not a column of this answer",
+                             hint=f"its columns: {','.join(keys)}")
+        keys = wanted
+        rows = [{k: r[k] for k in keys if k in r} for r in rows]
     if fmt == "json":
         print(json.dumps(rows, indent=1))
     elif fmt == "csv":
@@ -465,14 +598,21 @@ def cmd_query(args: argparse.Namespace, env: dict[str, str]) -> int:
         writer.writerows(rows)
     else:
         from rich.console import Console
-        from rich.markup import escape
         from rich.table import Table
-        table = Table(title=f"{args.endpoint}: {len(rows)} rows")
+        from rich.text import Text
+
+        from harvester.display import printable
+        # Server text is Text, never markup: "[red]", "[/]", "[link=...]" or ":x:" is shown as sent.
+        table = Table(title=Text(printable(f"{args.endpoint}: {len(rows)} rows")))
         for k in keys:
-            table.add_column(escape(str(k)), overflow="fold")
-        for r in rows:  # server text: "[red]" or "[/]" in it is shown, not parsed as markup
-            table.add_row(*["" if r.get(k) is None else escape(str(r.get(k))) for k in keys])
-        Console().print(table)
+            table.add_column(Text(printable(str(k))), overflow="fold")
+        for r in rows:
+            table.add_row(*[Text("" if r.get(k) is None else printable(str(r.get(k)))) for k in keys])
+        console = Console(highlight=False)
+        console.print(table)
+        if len(keys) > 6 and not wanted and console.width < 12 * len(keys):
+            print(f"harvester: {len(keys)} columns do not fit {console.width}: pick some with --columns "
+                  f"{','.join(keys[:4])}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -486,53 +626,194 @@ def _recorded_source(out_dir: Path) -> tuple[str | None, str | None]:
         return None, None
 
 
-def _run_harvest(query: Any, config: Config, *, out: Any = None, runner: Any = None) -> int:
-    from harvester.api import aharvest
-    from harvester.progress import Hub, PlainDisplay, RichDisplay, human_bytes, human_duration
+def _display(config: Config, env: dict[str, str], tally: Any, interval: float) -> Any:
+    """The display for a harvest or a verify: a live line on a terminal that can redraw, plain
+    periodic lines on a dumb terminal, a pipe or with --no-progress; None with --quiet."""
+    from harvester.display import LiveDisplay, PlainDisplay, use_live
 
+    if config.quiet:
+        return None
+    if config.progress and use_live(sys.stderr, env):
+        return LiveDisplay(tally)
+    return PlainDisplay(tally, interval=interval)
+
+
+def _log_events(ev: Any) -> None:
+    """The events as log records (for -v and --log-file): settled series at INFO, starts at DEBUG."""
+    if ev.kind == "bytes":
+        return  # once per network chunk: return at once
+    log = logging.getLogger("harvester.run")
+    if ev.kind in ("done", "skip"):
+        log.info("%s: %s (%d files, %s bytes)", "complete" if ev.kind == "done" else "already complete",
+                 ev.series_uid, ev.files, f"{ev.bytes:,}")
+    elif ev.kind == "failed":
+        log.info("failed: %s: %s", ev.series_uid, ev.message)
+    elif ev.kind in ("retry", "series_retry"):
+        log.info("%s%s: %s", "retry" if ev.kind == "retry" else "series retry",
+                 f" {ev.series_uid}" if ev.series_uid else "", ev.message)
+    elif ev.kind == "start":
+        log.debug("start: %s", ev.series_uid)
+    elif ev.kind in ("plan", "fetching"):
+        log.info("%s: %s", ev.kind, json.dumps(ev.data))
+
+
+def harvest_summary(result: Any, tally: Any, config: Config) -> dict[str, Any]:
+    """The summary of a run as ``run --json`` prints it (keys documented in the README).
+
+    ``failed`` counts the series that failed in this run; ``not_fetched`` those a fatal stop
+    left untried (``fatal`` says why); ``complete_before`` those complete before the run."""
+    from harvester.events import Failure
+
+    known = {f.series_uid: f for f in tally.failures}
+    failures, left = [], []
+    for uid, reason in result.failed:
+        if uid in known:
+            f = known[uid]
+            failures.append(Failure(uid, reason, f.collection, f.patient, f.description, f.kind))
+        elif result.fatal is not None and reason == "failed":
+            left.append(uid)    # never settled: the fatal stop came first
+        else:
+            failures.append(Failure(uid, reason))
+    totals = result.totals
+    return {
+        "ok": result.ok,
+        "planned": tally.total_series,
+        "complete": totals.get("complete", 0),
+        "complete_now": result.downloaded,
+        "complete_before": result.skipped,
+        "failed": len(failures),
+        "unavailable": len(result.unavailable),
+        "not_fetched": len(left),
+        "files": totals.get("files", 0),
+        "bytes": totals.get("bytes", 0),
+        "received_bytes": tally.received_bytes,
+        "seconds": round(tally.transfer_seconds, 3),
+        "rate": round(tally.rate),
+        "requests": result.requests,
+        "retries": result.retries,
+        "output": str(config.out_dir),
+        "manifest": str(config.out_dir / "harvest.json"),
+        "fatal": result.fatal,
+        "failures": [{"SeriesInstanceUID": f.series_uid, "collection": f.collection, "patient": f.patient,
+                      "description": f.description, "reason_class": f.reason_class, "detail": f.detail}
+                     for f in failures],
+        "unavailable_series": [{"SeriesInstanceUID": uid, "reason": reason} for uid, reason in result.unavailable],
+    }
+
+
+def print_harvest_summary(summary: dict[str, Any], out: Any) -> None:
+    """The summary a user reads: counts that add up, the failures by name, and what to do."""
+    from harvester.display import printable, terminal_width, wrapped
+    from harvester.events import human_bytes, human_duration
+
+    s = summary
+    width = terminal_width(out)
+    left = f", {s['not_fetched']} not fetched (the run stopped)" if s["not_fetched"] else ""
+    print(f"{s['planned']:,} planned, {s['complete']:,} complete ({s['complete_now']:,} now, "
+          f"{s['complete_before']:,} before), {s['failed']:,} failed, {s['unavailable']:,} unavailable{left}",
+          file=out)
+    moved = (f"received {human_bytes(s['received_bytes'])} in {human_duration(s['seconds'])} "
+             f"({human_bytes(s['rate'])}/s)" if s["seconds"] else "nothing to download")
+    print(f"{moved}, {s['requests']:,} requests, {s['retries']:,} retries", file=out)
+    for f in s["failures"]:
+        print(wrapped("  " + _named_failure(f), width), file=out)
+    for u in s["unavailable_series"]:
+        print(wrapped(printable(f"  unavailable: {u['SeriesInstanceUID']}: {u['reason']}"), width), file=out)
+    print(f"output: {printable(s['output'])} ({s['files']:,} files, {human_bytes(s['bytes'])})", file=out)
+    print(f"manifest: {printable(s['manifest'])}", file=out)
+    if s["failed"]:
+        print(f"rerun the same command to retry the {s['failed']:,} failed series", file=out)
+    if s["unavailable"]:
+        print(f"a rerun looks the {s['unavailable']:,} unavailable series up again "
+              "(the archive did not give them: withdrawn, restricted or mistyped)", file=out)
+
+
+def _named_failure(f: dict[str, Any]) -> str:
+    from harvester.display import printable
+
+    name = " ".join(p for p in (f["collection"], f["patient"], json.dumps(f["description"], ensure_ascii=False)
+                                if f["description"] else "") if p)
+    return printable(f"failed: {f['SeriesInstanceUID']}: {name + ': ' if name else ''}{f['reason_class']}: "
+                     f"{f['detail']}")
+
+
+def _run_harvest(query: Any, config: Config, env: dict[str, str] | None = None, *, runner: Any = None,
+                 as_json: bool = False, interval: float = 10.0, extra: Any = None) -> int:
+    """Run a harvest (``runner``: aharvest by default, or sync's) with its display, then print the
+    summary: on stdout, or as one JSON object there with ``as_json`` (the text then on stderr).
+    ``extra(summary)`` adds keys to the summary (sync's difference)."""
+    from harvester.api import aharvest
+    from harvester.events import Hub, human_bytes
+
+    env = os.environ if env is None else env
     hub = Hub()
     hub.subscribe(_print_warning_event)  # warnings are said even with --quiet
-    use_rich = config.progress and not config.quiet and sys.stderr.isatty()
-    display: Any = None
-    if use_rich:
-        display = RichDisplay(hub.tally)
+    hub.subscribe(_log_events)
+    display = _display(config, env, hub.tally, interval)
+    if display is not None:
         hub.subscribe(display)
-    elif not config.quiet:
-        hub.subscribe(PlainDisplay(hub.tally, interval=10.0 if not config.progress else 5.0))
 
     def on_plan(plan: Any) -> None:
         if not config.quiet:
-            t = plan.to_json()
-            print(f"planned {t['series']} series, {t['images']} images, {human_bytes(t['bytes'])} "
-                  f"from {len(t['collections'])} collection(s) ({plan.requests} metadata requests)",
+            t = _plan_totals(plan)
+            print(f"planned {t['series']:,} series, {t['images']:,} images, {human_bytes(t['bytes'])} "
+                  f"from {len(t['collections'])} collection(s); {plan.requests:,} requests",
                   file=sys.stderr, flush=True)
             _print_plan_notes(plan, listed=False)  # the summary lists them, after the progress
 
     run = runner or (lambda q, c, hub, on_plan: aharvest(q, c, hub=hub, on_plan=on_plan))
-    if display is not None:
-        with display:
-            result = anyio.run(lambda: run(query, config, hub, on_plan))
-    else:
+    import contextlib
+    with display if display is not None else contextlib.nullcontext():
         result = anyio.run(lambda: run(query, config, hub, on_plan))
-    tally = hub.tally
-    rate = tally.received_bytes / result.elapsed if result.elapsed else 0
-    totals = result.totals
-    print(f"harvested {totals.get('complete', 0)}/{totals.get('series', 0)} series complete "
-          f"({result.downloaded} downloaded now, {result.skipped} already complete), "
-          f"{totals.get('files', 0)} files, {human_bytes(totals.get('bytes', 0))}; "
-          f"{human_bytes(tally.received_bytes)} received in {human_duration(result.elapsed)} "
-          f"({human_bytes(rate)}/s), {result.requests} requests, {result.retries} retries, "
-          f"{len(result.failed)} failed"
-          + (f", {len(result.unavailable)} unavailable" if result.unavailable else ""), file=out or sys.stdout)
-    for uid, reason in result.failed:
-        print(f"  failed: {uid}: {reason}", file=out or sys.stdout)
-    for uid, reason in result.unavailable:
-        print(f"  unavailable: {uid}: {reason}", file=out or sys.stdout)
-    print(f"output: {config.out_dir}  manifest: {config.out_dir / 'harvest.json'}", file=out or sys.stdout)
+    summary = harvest_summary(result, hub.tally, config)
+    if extra is not None:
+        extra(summary)
+    code = EXIT_FATAL if result.fatal else (EXIT_OK if result.ok else EXIT_FAILED)
+    summary["exit_code"] = code
+    if as_json:
+        print(json.dumps(summary))
+        if not config.quiet:
+            print_harvest_summary(summary, sys.stderr)
+    else:
+        print_harvest_summary(summary, sys.stdout)
     if result.fatal:
-        print(f"harvester: error: {result.fatal}", file=sys.stderr)
-        return EXIT_FATAL
-    return EXIT_OK if result.ok else EXIT_FAILED
+        left = summary["not_fetched"] + summary["failed"]
+        # the error's hint says what to do (free space, fix credentials... and run again)
+        print(f"harvester: error: {result.fatal}" + (f"; {left:,} series left to fetch" if left else ""),
+              file=sys.stderr)
+    return code
+
+
+def _dry_run(query: Any, config: Config, env: dict[str, str], as_json: bool) -> int:
+    """``run --dry-run``: plan, leave out what DIR already holds complete, list the rest. Reads DIR
+    (without its lock) and writes nothing anywhere."""
+    from harvester.events import human_bytes
+    from harvester.state import HarvestState
+
+    plan = _plan_with_progress(query, config, env)
+    _print_warnings(plan)
+    state = HarvestState(config.out_dir)
+    if (config.out_dir / "harvest.json").exists() or state.journal_path.exists():
+        try:
+            state.read()
+        except OSError:
+            pass  # unreadable: as if empty (run would say what is wrong with it)
+    done = {uid for uid, rec in state.records.items() if isinstance(rec, dict) and rec.get("status") == "complete"}
+    todo = [t for t in plan.tasks if t.series_uid not in done]
+    size = sum(t.file_size or 0 for t in todo)
+    if as_json:
+        print(json.dumps({"dry_run": True, "planned": len(plan.tasks), "complete_before": len(plan.tasks) - len(todo),
+                          "to_fetch": len(todo), "to_fetch_bytes": size,
+                          "unavailable": len(plan.unavailable),
+                          "unavailable_series": [u.to_json() for u in plan.unavailable],
+                          "list": [_series_json(t) for t in todo]}))
+    else:
+        for task in todo:
+            print(_series_line(task))
+        print(f"dry run: {len(plan.tasks):,} planned, {len(plan.tasks) - len(todo):,} already complete in "
+              f"{config.out_dir}, {len(todo):,} to fetch ({human_bytes(size)}); nothing was written")
+    _print_plan_notes(plan, listed=True)
+    return EXIT_FAILED if plan.unavailable else EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace, env: dict[str, str]) -> int:
@@ -540,7 +821,9 @@ def cmd_run(args: argparse.Namespace, env: dict[str, str]) -> int:
 
     query = load_query(args.query)
     config = build_config(args, env, query.url or query.api, query.layout, query.source)
-    return _run_harvest(query, config)
+    if args.dry_run:
+        return _dry_run(query, config, env, args.json)
+    return _run_harvest(query, config, env, as_json=args.json, interval=args.stats_interval)
 
 
 def cmd_sync(args: argparse.Namespace, env: dict[str, str]) -> int:
@@ -552,6 +835,12 @@ def cmd_sync(args: argparse.Namespace, env: dict[str, str]) -> int:
     if args.dry_run:
         result = anyio.run(lambda: async_sync(query, config, prune=args.prune, dry_run=True))
         d = result.diff
+        if args.json:
+            print(json.dumps({"dry_run": True, "new": list(d.new), "changed": list(d.changed),
+                              "unchanged": len(d.unchanged), "removed": list(d.removed), "prune": args.prune,
+                              "unavailable_series": [{"SeriesInstanceUID": u, "reason": r}
+                                                     for u, r in result.unavailable]}))
+            return EXIT_FAILED if result.unavailable else EXIT_OK
         print(f"dry run: {len(d.new)} new, {len(d.changed)} changed, {len(d.unchanged)} unchanged, "
               f"{len(d.removed)} no longer selected{' (would be pruned)' if args.prune else ''}")
         for label, uids in (("new", d.new), ("changed", d.changed), ("removed", d.removed)):
@@ -569,9 +858,17 @@ def cmd_sync(args: argparse.Namespace, env: dict[str, str]) -> int:
         holder["sync"] = result
         return result.harvest
 
-    code = _run_harvest(query, config, runner=go)
+    def add_diff(summary: dict[str, Any]) -> None:
+        sync = holder.get("sync")
+        if sync is not None:
+            d = sync.diff
+            summary["sync"] = {"new": len(d.new), "changed": len(d.changed), "unchanged": len(d.unchanged),
+                               "removed": len(d.removed), "pruned": len(sync.pruned)}
+
+    code = _run_harvest(query, config, env, runner=go, as_json=args.json, interval=args.stats_interval,
+                        extra=add_diff)
     sync = holder.get("sync")
-    if sync is not None:
+    if sync is not None and not args.json:
         d = sync.diff
         print(f"sync: {len(d.new)} new, {len(d.changed)} changed, {len(d.unchanged)} unchanged, "
               f"{len(d.removed)} no longer selected, {len(sync.pruned)} pruned")
@@ -580,27 +877,29 @@ def cmd_sync(args: argparse.Namespace, env: dict[str, str]) -> int:
 
 def cmd_status(args: argparse.Namespace, env: dict[str, str]) -> int:
     from harvester.store.tree import read_status
-    from harvester.progress import human_bytes
+    from harvester.events import human_bytes
 
     st = read_status(args.dir)
     if args.json:
         print(json.dumps(st, indent=1))
         return EXIT_OK
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=escape(f"{args.dir}: last sync {st['last_sync'] or 'never'}, disk use "
-                               f"{human_bytes(st['disk_bytes'])}"))
+    from harvester.display import printable
+
+    table = Table(title=Text(printable(f"{args.dir}: last sync {st['last_sync'] or 'never'}, disk use "
+                                       f"{human_bytes(st['disk_bytes'])}")))
     for col in ("collection", "series", "complete", "failed", "files", "size"):
         table.add_column(col, justify="left" if col == "collection" else "right")
-    for name, c in st["collections"].items():  # names come from harvest.json: text, not markup
-        table.add_row(escape(str(name)), str(c["series"]), str(c["complete"]), str(c["failed"]), str(c["files"]),
-                      human_bytes(c["bytes"]))
-    Console().print(table)
+    for name, c in st["collections"].items():  # names come from harvest.json: Text, never markup
+        table.add_row(Text(printable(str(name))), str(c["series"]), str(c["complete"]), str(c["failed"]),
+                      str(c["files"]), human_bytes(c["bytes"]))
+    Console(highlight=False).print(table)
     for f in st["failures"]:
-        print(f"{'unavailable' if f.get('status') == 'unavailable' else 'failed'}: "
-              f"{f['SeriesInstanceUID']}: {f['error']}")
+        print(printable(f"{'unavailable' if f.get('status') == 'unavailable' else 'failed'}: "
+                        f"{f['SeriesInstanceUID']}: {f['error']}"))
     return EXIT_OK
 
 
@@ -627,10 +926,29 @@ def cmd_export(args: argparse.Namespace, env: dict[str, str]) -> int:
     return EXIT_OK
 
 
-def cmd_verify(args: argparse.Namespace, env: dict[str, str]) -> int:
-    from harvester.api import verify_tree
-    from harvester.progress import human_bytes
+def verify_summary(result: Any, refused: list[str]) -> dict[str, Any]:
+    """What ``verify --json`` prints (keys documented in the README)."""
+    def named(rec: dict[str, Any]) -> dict[str, Any]:
+        meta = rec.get("metadata") if isinstance(rec.get("metadata"), dict) else {}
+        return {"SeriesInstanceUID": str(rec.get("SeriesInstanceUID")), "collection": str(rec.get("Collection") or ""),
+                "patient": str(rec.get("PatientID") or ""), "description": str(meta.get("SeriesDescription") or ""),
+                "status": str(rec.get("status") or "failed"), "error": str(rec.get("error") or "")}
+    return {"ok": result.ok and not refused, "checked": result.checked, "intact": result.intact,
+            "failed": len(result.failed), "unavailable": len(result.unavailable), "missing": result.missing,
+            "damaged_files": len(result.problems), "extra_files": len(result.extra), "files": result.files,
+            "bytes": result.bytes, "problems": list(result.problems), "extra": list(result.extra),
+            "failures": [named(r) for r in result.failed + result.unavailable], "refused": list(refused)}
 
+
+def cmd_verify(args: argparse.Namespace, env: dict[str, str]) -> int:
+    import contextlib
+
+    from harvester.api import verify_tree
+    from harvester.display import printable
+    from harvester.events import Event, Hub, human_bytes
+
+    out = sys.stderr if args.json else sys.stdout  # with --json, stdout holds the JSON object only
+    refused: list[str] = []
     if args.repair:
         from harvester.operations import async_repair
         kind, url = _recorded_source(args.dir)
@@ -638,33 +956,47 @@ def cmd_verify(args: argparse.Namespace, env: dict[str, str]) -> int:
         config = Config(**{**config.__dict__, "out_dir": args.dir, "progress": False})
         rep = anyio.run(lambda: async_repair(config))
         for path in rep.repaired_files:
-            print(f"repaired: {path}")
+            print(f"repaired: {path}", file=out)
         for uid in rep.refetched_series:
-            print(f"refetched series: {uid}")
+            print(f"refetched series: {uid}", file=out)
         print(f"{len(rep.damaged)} damaged file(s): {len(rep.repaired_files)} repaired alone, "
-              f"{len(rep.refetched_series)} series refetched")
-        for line in rep.refused:
-            print(f"refused: {line}")
-    result = verify_tree(args.dir)
+              f"{len(rep.refetched_series)} series refetched", file=out)
+        refused = list(rep.refused)
+        for line in refused:
+            print(printable(f"refused: {line}"), file=out)
+    hub = Hub()
+    progress = Config(progress=not args.no_progress, quiet=args.json and not args.verbose)
+    display = _display(progress, env, hub.tally, args.stats_interval)
+    if display is not None:
+        hub.subscribe(display)
+    hub.emit(Event("verify"))
+    with display if display is not None else contextlib.nullcontext():
+        result = verify_tree(args.dir, on_file=lambda size: hub.emit(Event("checked", bytes=size, files=1)))
     for rec in result.failed + result.unavailable:
         meta = rec.get("metadata") if isinstance(rec.get("metadata"), dict) else {}
         name = " ".join(str(v) for v in (rec.get("Collection"), rec.get("PatientID"),
                                          f'"{meta["SeriesDescription"]}"' if meta.get("SeriesDescription") else None)
                         if v)
-        print(f"{rec.get('status') or 'failed'}: {name} {rec.get('SeriesInstanceUID')}: {rec.get('error') or 'no reason recorded'}")
+        print(printable(f"{rec.get('status') or 'failed'}: {name} {rec.get('SeriesInstanceUID')}: "
+                        f"{rec.get('error') or 'no reason recorded'}"), file=out)
     for problem in result.problems:
-        print(f"damaged: {problem}")
+        print(printable(f"damaged: {problem}"), file=out)
     for path in result.extra:
-        print(f"extra: {path} (no record lists it)")
-    print(f"verified {result.files} files ({human_bytes(result.bytes)}); {result.summary()}")
+        print(printable(f"extra: {path} (no record lists it)"), file=out)
+    print(f"verified {result.files} files ({human_bytes(result.bytes)}); {result.summary()}", file=out)
     if result.failed or result.missing:
         print(f"to fetch the {len(result.failed) + result.missing} failed or missing series, run the same "
-              "harvester run (or sync) command again")
+              "harvester run (or sync) command again", file=out)
     if result.problems:
-        print(f"to refetch the damaged files: harvester verify {args.dir} --repair")
+        print(f"to refetch the damaged files: harvester verify {args.dir} --repair", file=out)
     if result.extra:
-        print("extra files are left alone: move them out of the series folders if they are not part of the harvest")
-    return EXIT_OK if result.ok and not (args.repair and rep.refused) else EXIT_FAILED
+        print("extra files are left alone: move them out of the series folders if they are not part of the harvest",
+              file=out)
+    summary = verify_summary(result, refused)
+    code = EXIT_OK if summary["ok"] else EXIT_FAILED
+    if args.json:
+        print(json.dumps({**summary, "exit_code": code}))
+    return code
 
 
 def cmd_demo(args: argparse.Namespace, env: dict[str, str]) -> int:
@@ -679,10 +1011,64 @@ def cmd_demo(args: argparse.Namespace, env: dict[str, str]) -> int:
         config = Config(api_url=base_url, out_dir=args.dir, workers=4, connections=8, backoff_base=0.1,
                         backoff_max=2.0, retries=6, series_retries=5, read_timeout=10.0,
                         progress=not args.no_progress)
-        code = _run_harvest(query, config)
+        code = _run_harvest(query, config, env)
     print(f"demo: look at {args.dir}/ (DICOM tree), {args.dir}/harvest.json and {args.dir}/metadata.csv; "
           f"'harvester verify {args.dir}' re-checks every file; rerunning 'make demo' resumes (nothing to fetch).")
     return code
+
+
+class _Stderr:
+    """sys.stderr looked up at each write: a live display may stand in for it meanwhile."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+class _Redacting(logging.Filter):
+    """Every log record passes ``harvester.redact.redact`` before any handler writes it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from harvester.redact import redact
+
+        record.msg, record.args = redact(record.getMessage()), None
+        return True
+
+
+def setup_logging(verbose: int, log_file: Path | None) -> logging.Handler | None:
+    """The library's log on stderr (warnings; ``-v`` info, ``-vv`` debug: ``harvester: info: ...``),
+    and with ``log_file`` a timestamped copy appended to it (info, or debug with -vv). Secrets are
+    redacted on the way to both. Does nothing when the caller configured logging already (only
+    when ``log_file`` is None). Returns the file's handler, for the caller to close. Raises
+    ``OSError`` when ``log_file`` cannot be opened (its folder is never created)."""
+    root = logging.getLogger()
+    if root.handlers and log_file is None:
+        return None
+    for level in (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL):
+        logging.addLevelName(level, logging.getLevelName(level).lower())  # harvester: warning: ...
+    stderr_level = logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.WARNING
+    handlers: list[logging.Handler] = []
+    if not root.handlers:
+        console = logging.StreamHandler(_Stderr())  # type: ignore[arg-type]
+        console.setLevel(stderr_level)
+        console.setFormatter(logging.Formatter("harvester: %(levelname)s: %(message)s"))
+        handlers.append(console)
+    file_level, file_handler = stderr_level, None
+    if log_file is not None:
+        handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+        file_level = min(stderr_level, logging.DEBUG if verbose >= 2 else logging.INFO)
+        handler.setLevel(file_level)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handlers.append(handler)
+        file_handler = handler
+    for handler in handlers:
+        handler.addFilter(_Redacting())
+        root.addHandler(handler)
+    root.setLevel(min(stderr_level, file_level))
+    logging.getLogger("aiohttp").setLevel(logging.WARNING)  # its access details are not ours to log
+    return file_handler
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -692,10 +1078,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     env = dict(os.environ)
-    if not logging.getLogger().handlers:  # the library's warnings (a malformed journal line...) on stderr
-        logging.basicConfig(level=logging.WARNING, format="harvester: %(levelname)s: %(message)s")
-        for level in (logging.WARNING, logging.ERROR, logging.CRITICAL):  # harvester: warning: ...
-            logging.addLevelName(level, logging.getLevelName(level).lower())
+    try:
+        log_handler = setup_logging(getattr(args, "verbose", 0), getattr(args, "log_file", None))
+    except OSError as exc:
+        print(f"harvester: error: cannot append to --log-file {args.log_file}: {exc.strerror} "
+              "(give a writable file in an existing folder)", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return _dispatch(args, env)
+    finally:
+        if log_handler is not None:
+            logging.getLogger().removeHandler(log_handler)
+            log_handler.close()
+
+
+def _dispatch(args: argparse.Namespace, env: dict[str, str]) -> int:
     commands = {"run": cmd_run, "plan": cmd_plan, "query": cmd_query, "verify": cmd_verify, "demo": cmd_demo,
                 "sync": cmd_sync, "status": cmd_status, "export": cmd_export, "report": cmd_report}
     try:

@@ -40,7 +40,7 @@ from harvester.errors import (
 )
 from harvester.store.layout import assign_paths, safe_component
 from harvester.models import AnnotatedSeries, SeriesTask
-from harvester.progress import Event, Hub
+from harvester.events import Event, Hub
 from harvester.rate import RateLimiter
 from harvester.source.base import DownloadSlots, Source
 from harvester.store.state import HarvestState, atomic_write, now_iso, totals_of
@@ -157,6 +157,7 @@ class Engine:
         paths = assign_paths(((t.series_uid, t.layout_fields()) for t in todo), self.config.layout,
                              taken=self.state.taken_paths())
         jobs = [_Job(t, paths[t.series_uid]) for t in todo]
+        self.hub.emit(Event("fetching", data={"series": len(jobs), "bytes": sum(t.file_size or 0 for t in todo)}))
         await anyio.to_thread.run_sync(self.state.log_event, {"event": "run", "series": len(tasks), "todo": len(jobs)})
         await anyio.to_thread.run_sync(self.state.write_manifest, header, order)
 
@@ -180,6 +181,7 @@ class Engine:
                     fatal = fatal or exc
                 except HarvesterError:
                     totals = self._totals(order)
+        self.hub.emit(Event("finish"))
         tally = self.hub.tally
         failed = [(u, self.state.records.get(u, {}).get("error") or "failed") for u in order
                   if (self.state.records.get(u) or {}).get("status") != "complete"]
@@ -312,7 +314,9 @@ class Engine:
         if self.state.complete(task.series_uid) is not None:
             self._refresh_failed[task.series_uid] = message
         await anyio.to_thread.run_sync(self.state.fail, record)
-        self.hub.emit(Event("failed", task.series_uid, message=message))
+        self.hub.emit(Event("failed", task.series_uid, message=message, data={
+            "collection": task.collection, "patient": task.patient_id, "kind": record["error_kind"],
+            "description": str(task.row.get("SeriesDescription") or "")}))
         return None
 
     def _record(self, job: _Job, files: list[Any], *, status: str = "complete", error: str | None = None

@@ -123,13 +123,13 @@ class SeriesError(HarvesterError):
 class IncompleteSeriesError(SeriesError):
     """The download held fewer files or bytes than the archive announced."""
 
-    hint = "the server sent a truncated series; it will be fetched again"
+    hint = "the server sent a truncated series"
 
 
 class IntegrityError(SeriesError):
     """A file did not match its MD5, was not DICOM, belonged to another series, or the ZIP was corrupt."""
 
-    hint = "the download was corrupt; it will be fetched again"
+    hint = "the download was corrupt"
 
 
 class OversizeDownloadError(IntegrityError):

@@ -40,7 +40,8 @@ from harvester.engine import Engine, HarvestResult
 from harvester.errors import HarvesterError, RequestError, UnsafePathError
 from harvester.store.layout import check_layout
 from harvester.models import Plan, SeriesRecord, SeriesTask
-from harvester.progress import Event, Hub
+from harvester.display import api_hub
+from harvester.events import Event, Hub
 from harvester.query import Query, load_query, query_from_dict
 from harvester.source.base import SingleInstanceFetch, Source, UpdateFeed
 from harvester.source.dicomweb import DICOMwebSource
@@ -128,7 +129,7 @@ async def aharvest(query: QueryLike, out: str | Path | Config | None = None, *, 
     if query.annotations and not config.annotations:   # the cart or manifest asks for them
         config = dataclasses.replace(config, annotations=True)
     check_layout(config.layout)
-    hub = hub or Hub()
+    hub = hub or api_hub(config.progress, config.quiet)   # a live line in a notebook, nothing elsewhere
     if on_event is not None:
         hub.subscribe(on_event)
     async with open_harvest(config) as (state, source):

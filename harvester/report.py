@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from harvester.containment import open_nofollow
-from harvester.progress import human_bytes
+from harvester.events import human_bytes
 from harvester.redact import redact
 from harvester.store.state import atomic_write, now_iso, usable_records, write_output
 from harvester.store.manifest import read_manifest

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from harvest_helpers import harvest, journal_commits, kill_after_progress, manifest, select_all
+from harvester.display import printable
 from harvester.server.faults import FaultSpec
 from harvester.server.synthetic import SyntheticSpec
 from harvester.server.testing import serve_in_thread
@@ -299,7 +300,9 @@ def test_verify_exits_1_when_series_failed_and_names_them(harvested: Path) -> No
     named = [line for line in proc.stdout.splitlines() if line.startswith("failed: ")]
     assert len(named) == len(failed)
     for rec, line in zip(failed, named):
-        assert line.startswith(f"failed: {rec['Collection']} {rec['PatientID']}") and rec["SeriesInstanceUID"] in line
+        # server text is shown with its control characters made visible (HOSTILE's IDs hold ESC sequences)
+        assert line.startswith(printable(f"failed: {rec['Collection']} {rec['PatientID']}"))
+        assert rec["SeriesInstanceUID"] in line and "\x1b" not in line
     assert f"to fetch the {len(failed)} failed or missing series, run the same harvester run" in proc.stdout
     assert "all match" not in proc.stdout
     assert tree(harvested) == before  # verify only reads
@@ -405,3 +408,316 @@ def test_every_command_help_exits_0_with_examples_that_parse(command: str) -> No
     if command:
         for action in subcommands()[command]._actions:
             assert action.help, f"harvester {command}: {action.dest} has no help"
+
+
+# ------------------------------------------------ Why: a rerun, the summary and what to do (Deliver 3)
+
+def write_query(tmp_path: Path, query: dict[str, Any], name: str = "q.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(query))
+    return path
+
+
+def json_summary(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    assert "Traceback" not in proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1, proc.stdout   # one JSON object on stdout, nothing else
+    return json.loads(lines[0])
+
+
+def test_a_rerun_says_what_it_resumes_and_its_rate_counts_only_this_runs_bytes(server: Any, small_archive: Any,
+                                                                              tmp_path: Path) -> None:
+    """A rerun said nothing about resuming, and its progress started with the bytes already on
+    disk. It now says what is complete and what is left, and its bytes and rate are this run's."""
+    every = select_all(small_archive)
+    first = write_query(tmp_path, {"select": every["select"][:1]}, "first.yaml")
+    both = write_query(tmp_path, every, "both.yaml")
+    out = tmp_path / "out"
+    assert cli("run", str(first), "-o", str(out), "--api-url", server.base_url, *FAST_FLAGS).returncode == 0
+    before = {r["SeriesInstanceUID"]: r["bytes"] for r in manifest(out)["series"]}
+    proc = cli("run", str(both), "-o", str(out), "--api-url", server.base_url, *FAST_FLAGS, "--json")
+    assert proc.returncode == 0, proc.stderr
+    s = json_summary(proc)
+    records = manifest(out)["series"]
+    now = [r for r in records if r["SeriesInstanceUID"] not in before]
+    assert s["planned"] == len(records) and s["complete"] == len(records) and s["ok"] and s["exit_code"] == 0
+    assert (s["complete_now"], s["complete_before"], s["failed"], s["unavailable"]) == (len(now), len(before), 0, 0)
+    from harvester.events import human_bytes
+    planned_now = sum(r["metadata"]["FileSize"] for r in now)
+    assert (f"resuming: {len(before)} of {len(records)} series already complete, {len(now)} to fetch, "
+            f"{human_bytes(planned_now)}") in proc.stderr
+    # this run's bytes: what the new series weigh on the wire, never the bytes already on disk
+    assert 0 < s["received_bytes"] < sum(before.values()) + planned_now
+    assert s["received_bytes"] <= 2 * planned_now
+    assert s["rate"] == pytest.approx(s["received_bytes"] / s["seconds"], rel=0.01, abs=2)
+    documented = " ".join(cli("run", "--help").stdout.split())
+    assert all(key in documented for key in s)   # every key of the JSON summary is in --help
+
+
+def test_the_summary_adds_up_names_each_failure_and_says_to_rerun(small_archive: Any, tmp_path: Path) -> None:
+    """Final messages were wrong about what happens next ("it will be fetched again" after the
+    last attempt), named series by UID only, carried the whole request URL, and never said
+    "rerun the same command to retry the 7 failed series"."""
+    q = select_all(small_archive)
+    q["select"].append({"collection": "HOSTILE"})
+    path = write_query(tmp_path, q)
+    out = tmp_path / "out"
+    with serve_in_thread(small_archive, faults="truncate=1.0,seed=2") as failing:   # every download is cut short
+        proc = cli("run", str(path), "-o", str(out), "--api-url", failing.base_url, "--series-retries", "0",
+                   "--retries", "1", "--timeout", "2", "--no-progress")
+    assert proc.returncode == 1, proc.stderr
+    records = manifest(out)["series"]
+    failed = [r for r in records if r["status"] == "failed"]
+    assert failed and len(failed) == len(records)
+    first = proc.stdout.splitlines()[0]
+    assert first == f"{len(records)} planned, 0 complete (0 now, 0 before), {len(failed)} failed, 0 unavailable"
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("  failed: ")]
+    assert len(lines) == len(failed)
+    by_uid = {line.split(": ", 2)[1]: line for line in lines}
+    for rec in failed:
+        line = by_uid[rec["SeriesInstanceUID"]]
+        assert printable(f"{rec['Collection']} {rec['PatientID']}") in line
+        description = rec["metadata"].get("SeriesDescription")
+        if description:
+            assert printable(json.dumps(description, ensure_ascii=False)) in line
+    normal = [by_uid[r["SeriesInstanceUID"]] for r in failed if r["Collection"] != "HOSTILE"]
+    assert normal and all(": truncated: " in line for line in normal), normal[:2]
+    assert "http://" not in proc.stdout and "fetched again" not in proc.stdout + proc.stderr
+    assert f"rerun the same command to retry the {len(failed)} failed series" in proc.stdout
+    again = cli("run", str(path), "-o", str(out), "--api-url", "http://127.0.0.1:9/v4", "--retries", "1",
+                "--no-progress")
+    assert again.returncode == 3   # (the advice holds: the same command is what retries them)
+
+
+def test_a_fatal_stop_summary_names_the_reason_not_0_of_0_failed(small_archive: Any, tmp_path: Path) -> None:
+    """Disk full: the summary after the fatal stop said "0/0 series complete, 18 failed" with the
+    reason "failed". Its counts now add up to the plan, the series the stop left are "not
+    fetched", and the error line names the reason and what to do."""
+    import resource
+    import signal
+
+    path = write_query(tmp_path, select_all(small_archive))
+    out = tmp_path / "out"
+
+    def limit() -> None:  # in the child: a write past 40 KiB fails with EFBIG (disk full)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40 * 1024, 40 * 1024))
+
+    with serve_in_thread(small_archive) as srv:
+        proc = subprocess.run([sys.executable, "-m", "harvester", "run", str(path), "-o", str(out), "--api-url",
+                               srv.base_url, "--workers", "2", *FAST_FLAGS, "--json"], capture_output=True,
+                              text=True, env=ENV, timeout=300, stdin=subprocess.DEVNULL, preexec_fn=limit)
+    assert proc.returncode == 3, (proc.stdout[-2000:], proc.stderr[-2000:])
+    s = json_summary(proc)
+    planned = len(select_all(small_archive)["select"]) and s["planned"]
+    assert planned > 0 and s["complete"] + s["failed"] + s["not_fetched"] == planned, s
+    assert s["not_fetched"] > 0 and "disk full" in s["fatal"]
+    assert all(f["detail"] != "failed" for f in s["failures"])
+    text = proc.stderr
+    assert f", {s['not_fetched']} not fetched (the run stopped)" in text and "0/0" not in text
+    error = [line for line in text.splitlines() if line.startswith("harvester: error: ")]
+    assert len(error) == 1 and "disk full" in error[0] and "run the same command again" in error[0]
+    assert error[0].endswith(f"; {s['not_fetched'] + s['failed']} series left to fetch")
+
+
+# ------------------------------------------------ Why: missing conventions (Deliver 8)
+
+def test_run_dry_run_lists_what_would_be_fetched_and_writes_nothing(server: Any, small_archive: Any,
+                                                                   tmp_path: Path) -> None:
+    """`run --dry-run` did not exist."""
+    every = select_all(small_archive)
+    path = write_query(tmp_path, every)
+    new = tmp_path / "new"
+    proc = cli("run", str(path), "-o", str(new), "--api-url", server.base_url, "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert not new.exists() and server.stats.requests.get("getImage", 0) == 0
+    rows = [line for line in proc.stdout.splitlines() if not line.startswith("dry run: ")]
+    planned = json.loads(cli("plan", str(path), "--api-url", server.base_url, "--json").stdout)
+    assert len(rows) == planned["series"] > 0
+    assert f"dry run: {planned['series']} planned, 0 already complete in {new}, {planned['series']} to fetch" \
+        in proc.stdout
+    # into a partly harvested DIR: what it holds is left out, and DIR is not touched
+    out = tmp_path / "out"
+    assert cli("run", str(write_query(tmp_path, {"select": every["select"][:1]}, "one.yaml")), "-o", str(out),
+               "--api-url", server.base_url, *FAST_FLAGS).returncode == 0
+    have = set(complete_uids(out))
+    before = tree(out)
+    proc = cli("run", str(path), "-o", str(out), "--api-url", server.base_url, "--dry-run", "--json")
+    s = json_summary(proc)
+    assert s["dry_run"] and s["complete_before"] == len(have) and s["to_fetch"] == planned["series"] - len(have)
+    assert {x["SeriesInstanceUID"] for x in s["list"]}.isdisjoint(have) and len(s["list"]) == s["to_fetch"]
+    assert tree(out) == before
+
+
+def test_plan_list_and_plan_json_name_every_series(server: Any, small_archive: Any, tmp_path: Path) -> None:
+    """`plan` did not list the series (`--list`, `--json` with series)."""
+    path = write_query(tmp_path, select_all(small_archive))
+    doc = json.loads(cli("plan", str(path), "--api-url", server.base_url, "--json").stdout)
+    assert len(doc["list"]) == doc["series"] > 0
+    assert sum(x["FileSize"] for x in doc["list"]) == doc["bytes"]
+    assert set(doc["list"][0]) == {"SeriesInstanceUID", "Collection", "PatientID", "StudyInstanceUID", "Modality",
+                                   "SeriesDescription", "ImageCount", "FileSize"}
+    proc = cli("plan", str(path), "--api-url", server.base_url, "--list")
+    assert proc.returncode == 0
+    lines = proc.stdout.splitlines()
+    assert len(lines) == doc["series"]
+    for line, x in zip(lines, doc["list"]):
+        assert line.startswith(printable(f"{x['Collection']}  {x['PatientID']}  {x['Modality']}  "
+                                         f"{x['SeriesInstanceUID']}  "))
+        assert printable(json.dumps(x["SeriesDescription"], ensure_ascii=False)) in line
+
+
+def test_json_summaries_of_verify_and_sync_are_one_object_on_stdout(server: Any, small_archive: Any,
+                                                                    complete_copy: Path, tmp_path: Path) -> None:
+    """No `--json` summary for `run`, `verify` and `sync`."""
+    n = len(manifest(complete_copy)["series"])
+    v = json_summary(cli("verify", str(complete_copy), "--json"))
+    assert (v["ok"], v["checked"], v["intact"], v["failed"], v["missing"], v["exit_code"]) == (True, n, n, 0, 0, 0)
+    rec = manifest(complete_copy)["series"][0]
+    (complete_copy / rec["files"][0]["path"]).write_bytes(b"damaged")
+    proc = cli("verify", str(complete_copy), "--json")
+    v = json_summary(proc)
+    assert proc.returncode == 1 and not v["ok"] and v["damaged_files"] == 1 and v["exit_code"] == 1
+    assert v["problems"][0].startswith(rec["files"][0]["path"])
+    documented = " ".join(cli("verify", "--help").stdout.split())
+    assert all(key in documented for key in v)
+    assert "1 damaged file" in proc.stderr   # the words go to stderr
+    path = write_query(tmp_path, select_all(small_archive))
+    proc = cli("sync", str(path), "-o", str(tmp_path / "mirror"), "--api-url", server.base_url, *FAST_FLAGS, "--json")
+    s = json_summary(proc)
+    assert proc.returncode == 0 and s["ok"] and s["sync"]["new"] == s["planned"] == s["complete_now"] > 0
+    dry = json_summary(cli("sync", str(path), "-o", str(tmp_path / "mirror"), "--api-url", server.base_url,
+                           "--dry-run", "--json"))
+    assert dry["dry_run"] and dry["new"] == [] and dry["unchanged"] == s["planned"]
+
+
+def test_log_file_is_appended_with_timestamps_and_never_holds_the_password(small_archive: Any,
+                                                                           tmp_path: Path) -> None:
+    """`-v/--verbose` and `--log-file` did not exist."""
+    from harvester.server.auth import ServerAuth
+    password = "correct-horse-battery-staple"
+    path = write_query(tmp_path, {"select": select_all(small_archive)["select"][:1]})
+    log = tmp_path / "harvest.log"
+    log.write_text("an earlier line\n")
+    env = {**ENV, "NBIA_PW": password}
+    with serve_in_thread(small_archive, faults="error=0.3,seed=11", auth=ServerAuth(users={"alice": password})) as srv:
+        proc = subprocess.run([sys.executable, "-m", "harvester", "run", str(path), "-o", str(tmp_path / "out"),
+                               "--api-url", srv.base_url, "--user", "alice", "--password-env", "NBIA_PW",
+                               *FAST_FLAGS, "-v", "--log-file", str(log)], capture_output=True, text=True, env=env,
+                              timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = log.read_text()
+    assert text.startswith("an earlier line\n")   # appended
+    lines = text.splitlines()[1:]
+    assert lines and all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", line) for line in lines), lines[:3]
+    complete = [line for line in lines if " complete: " in line]
+    assert len(complete) == len(manifest(tmp_path / "out")["series"])
+    assert any(" retry" in line for line in lines)   # error=0.3: the retries are logged
+    assert "harvester: info: complete: " in proc.stderr   # -v says it on stderr too
+    import base64
+    for secret in (password, base64.b64encode(f"alice:{password}".encode()).decode().rstrip("=")):
+        assert secret not in text and secret not in proc.stderr + proc.stdout
+
+
+def test_the_log_filter_redacts_what_any_module_logs(tmp_path: Path) -> None:
+    import logging
+
+    from harvester.cli import setup_logging
+    log = tmp_path / "x.log"
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        handler = setup_logging(0, log)
+        logging.getLogger("harvester.somewhere").warning("GET %s?token=%s failed", "http://h/x", "abcdef123456")
+        assert handler is not None
+        handler.close()
+    finally:
+        root.handlers[:], root.level = saved
+    assert "abcdef123456" not in log.read_text() and "token=***" in log.read_text()
+
+
+def test_an_unwritable_log_file_is_exit_2_and_creates_nothing(tmp_path: Path, query: Path) -> None:
+    line = one_line_error(cli("run", str(query), "-o", str(tmp_path / "out"), "--log-file",
+                              str(tmp_path / "no" / "such" / "x.log")), 2)
+    assert "--log-file" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.yaml"]
+
+
+def test_query_columns_fit_a_table_in_80_columns(server: Any) -> None:
+    """`query ... --format table` squeezed 26 columns into 80 (add `--columns`)."""
+    cols = "PatientID,Modality,SeriesDescription"
+    proc = subprocess.run([sys.executable, "-m", "harvester", "query", "getSeries", "--api-url", server.base_url,
+                           "--format", "table", "--columns", cols], capture_output=True, text=True,
+                          env={**ENV, "COLUMNS": "80"}, timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    header = next(line for line in proc.stdout.splitlines() if "PatientID" in line)
+    assert header.index("PatientID") < header.index("Modality") < header.index("SeriesDescription")
+    assert "SeriesInstanceUID" not in proc.stdout and all(len(line) <= 80 for line in proc.stdout.splitlines())
+    rows = json.loads(cli("query", "getSeries", "--api-url", server.base_url, "--format", "json", "--columns",
+                          "Modality,PatientID").stdout)
+    assert rows and all(list(r) == ["Modality", "PatientID"] for r in rows)
+    line = one_line_error(cli("query", "getSeries", "--api-url", server.base_url, "--columns", "Nope"), 2)
+    assert "'Nope' is not a column" in line and "SeriesInstanceUID" in line
+
+
+def test_markup_emoji_and_control_characters_in_archive_text_are_shown_as_sent(tmp_path: Path) -> None:
+    """rich markup built from untrusted text (issue 15); escaping still let ':thumbs_up:' become
+    an emoji and a server's ESC sequences reach the terminal."""
+    from reliability.hostile import build_hostile, serve_hostile
+    h = build_hostile(1)
+    h.archive.collections = ["[red]x[/bold]", "[link=https://evil.example/]y[/link]", ":thumbs_up:", "a\x1b[2Jb"]
+    with serve_hostile(h):
+        proc = cli("query", "getCollectionValues", "--api-url", h.base_url, "--format", "table")
+    assert proc.returncode == 0, proc.stderr
+    for name in ("[red]x[/bold]", "[link=https://evil.example/]y[/link]", ":thumbs_up:", "a\\x1b[2Jb"):
+        assert name in proc.stdout
+    assert "👍" not in proc.stdout and "\x1b" not in proc.stdout
+
+
+def test_serve_help_lists_the_synthetic_spec_keys_with_their_defaults() -> None:
+    """`serve --help` did not list the synthetic spec keys."""
+    from dataclasses import fields
+    proc = cli("serve", "--help")
+    assert proc.returncode == 0
+    keys = proc.stdout.split("synthetic spec keys (key=default):\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    shown = dict(line.split()[0].split("=", 1) for line in keys)
+    defaults = SyntheticSpec.parse(",".join(f"{k}={v}" for k, v in shown.items()))
+    assert list(shown) == [f.name for f in fields(SyntheticSpec)]   # every key, in the dataclass's order
+    assert defaults == SyntheticSpec()                              # and each default is the real one
+
+
+def test_the_demo_example_selects_what_the_demo_archive_has(tmp_path: Path, synthetic_cache: Path) -> None:
+    """The README's "Use" section was not runnable against a local `harvester serve`:
+    config/lidc-ct.yaml asks for a collection the demo archive lacks; config/demo.yaml does not."""
+    from harvester.server.synthetic import build_synthetic
+    from harvest_helpers import REPO
+    archive = build_synthetic(SyntheticSpec.parse("collections=2,patients=3,series=2,instances=8"), synthetic_cache)
+    with serve_in_thread(archive) as srv:
+        proc = cli("plan", str(REPO / "config" / "demo.yaml"), "--api-url", srv.base_url, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["series"] > 0
+
+
+def test_workers_help_explains_in_flight_reaching_twice_workers() -> None:
+    """"in flight 48" contradicted "--workers (default 24)": the help says why both are true."""
+    text = " ".join(cli("run", "--help").stdout.split())
+    workers = text.split("--workers N ", 1)[1].split(" --connections", 1)[0]
+    assert "'in flight' can reach 2 x N" in workers and "default 24" in workers
+
+
+def test_stderr_that_is_not_a_terminal_gets_periodic_status_lines(server: Any, small_archive: Any,
+                                                                  tmp_path: Path) -> None:
+    """A pipe or a log file showed nothing until a series ended: it gets a plain status line
+    every --stats-interval seconds, and --quiet keeps only the summary."""
+    server.set_faults("total_rate=128KiB,seed=5")   # seconds of transfer: several 0.2 s intervals
+    path = write_query(tmp_path, select_all(small_archive))
+    proc = cli("run", str(path), "-o", str(tmp_path / "out"), "--api-url", server.base_url, "--timeout", "5",
+               "--stats-interval", "0.2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    status = [line for line in proc.stderr.splitlines() if re.match(r"[\d,]+/[\d,]+ series  ", line)]
+    assert len(status) >= 2 and all(" ETA " in line and "/s  " in line for line in status), proc.stderr[-2000:]
+    assert "\x1b" not in proc.stderr and all(len(line) <= 80 for line in status)
+    quiet = cli("run", str(path), "-o", str(tmp_path / "again"), "--api-url", server.base_url, "--timeout", "5",
+                "--stats-interval", "0.2", "--quiet")
+    assert quiet.returncode == 0 and quiet.stderr == ""
+    assert quiet.stdout.splitlines()[0].endswith("0 failed, 0 unavailable")

@@ -179,7 +179,7 @@ from harvester.config import Config  # noqa: E402
 from harvester.engine import Engine  # noqa: E402
 from harvester.errors import DiskFullError, PermanentRequestError, RetryableRequestError  # noqa: E402
 from harvester.models import SeriesTask, UnpackedSeries, VerifiedFile  # noqa: E402
-from harvester.progress import Hub  # noqa: E402
+from harvester.events import Hub  # noqa: E402
 from harvester.source.base import DownloadSlots, Source  # noqa: E402
 from harvester.store.state import HarvestState  # noqa: E402
 

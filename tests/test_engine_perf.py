@@ -18,7 +18,7 @@ from harvester.api import aharvest
 from harvester.config import Limits
 from harvester.engine import AdaptiveLimit
 from harvester.rate import RateLimiter
-from harvester.progress import Event, Hub
+from harvester.events import Event, Hub
 from harvester.query import query_from_dict
 from harvester.server.synthetic import SyntheticSpec, build_synthetic
 from harvester.server.testing import serve_in_thread

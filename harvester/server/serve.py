@@ -65,11 +65,39 @@ async def start_server(archive: Archive, host: str = "127.0.0.1", port: int = 0,
     return runner, f"http://{shown}:{bound_port}/nbia-api/services/v4"
 
 
+#: ``--synthetic`` keys (``SyntheticSpec``'s fields), their defaults, and what each sets; kept here
+#: as text so that ``--help`` needs no pydicom (a test checks it against the dataclass).
+SYNTHETIC_KEYS = (
+    ("collections", "1", "collections: SYN-LUNG-CT, SYN-BRAIN-CT, ..."),
+    ("patients", "2", "patients per collection"),
+    ("studies", "1", "studies per patient"),
+    ("series", "2", "series per study"),
+    ("instances", "4", "DICOM files per series"),
+    ("size", "16KiB", "pixel data bytes per file (64KB, 1MiB, ...)"),
+    ("modalities", "CT", "modalities, one per collection in turn, joined by + (CT+MR)"),
+    ("seed", "0", "random seed: the same spec gives the same bytes"),
+    ("samples", "0", "1: add pydicom's real sample files"),
+    ("hostile", "0", "1: add the HOSTILE collection (hostile ZIPs, names and text)"),
+    ("released", "2019-01-01..2024-12-31", "release dates, spread over FROM..TO"),
+    ("seg", "0", "1: add a mostly-zero SEG-like series (about 890:1)"),
+    ("missing_md5", "0", "1: leave some md5hashes.csv rows empty, as the real archive does"),
+    ("annotations", "0", "1: LIDC-style annotation files in the first collection"),
+)
+
+
+def synthetic_keys_help() -> str:
+    """The ``--synthetic`` keys for an epilog: one line each, ``key=default  what it sets``."""
+    width = max(len(k) + len(d) for k, d, _ in SYNTHETIC_KEYS) + 1
+    return "synthetic spec keys (key=default):\n" + "".join(
+        f"  {f'{k}={d}':<{width}}  {what}\n" for k, d, what in SYNTHETIC_KEYS)
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``serve`` options to ``parser`` (the CLI's sub-command or :func:`main`)."""
     parser.add_argument("dir", nargs="?", metavar="DIR", help="a harvested output directory (with harvest.json)")
     parser.add_argument("--synthetic", metavar="SPEC",
-                        help="serve a generated archive, e.g. collections=2,patients=3,series=2,instances=5,size=16KB")
+                        help="serve a generated archive, e.g. collections=2,patients=3,series=2,instances=5,size=16KB "
+                             "(the keys and their defaults are listed below)")
     parser.add_argument("--cache-dir", metavar="DIR", type=Path, default=None,
                         help=f"where synthetic archives are generated (default {DEFAULT_CACHE_DIR})")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -181,7 +209,8 @@ def _usage_error(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m harvester.server.serve ...``"""
-    parser = argparse.ArgumentParser(prog="harvester serve", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="harvester serve", description=__doc__.split("\n\n")[0],
+                                     epilog=synthetic_keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_serve_arguments(parser)
     return run_serve(parser.parse_args(argv))
 

@@ -107,7 +107,12 @@ def test_slow_server_is_cut_off_with_a_message(tmp_path: Path, kind: str, figure
         assert run.returncode == 1, (run.stdout[-2000:], run.stderr[-2000:])
         failed = failed_lines(run)
         assert len(failed) == 1 and uid in failed[0] and expect in failed[0], failed
-        assert "getImage?SeriesInstanceUID=" in failed[0]  # names the URL
+        # the summary names the request by its endpoint and series (issue 19: no whole URL there);
+        # harvest.json's record keeps the whole URL
+        assert "getImage" in failed[0] and "http://" not in failed[0]
+        record = next(r for r in json.loads((out / "harvest.json").read_text("utf-8"))["series"]
+                      if r["SeriesInstanceUID"] == uid)
+        assert "getImage?SeriesInstanceUID=" in record["error"]
         assert h.hits[uid] == 2  # one attempt per series attempt (--retries 1, --series-retries 1)
         scan(out, run)
         assert_rerun_completes(h, tmp_path, out)
