@@ -45,6 +45,9 @@ def make_source(config: Config, session: Any) -> Source:
     if config.source == "dicomweb":
         from harvester.source.dicomweb import DICOMwebSource
         return DICOMwebSource(config, session)
+    if config.source == "idc":
+        from harvester.source.idc.source import IDCSource
+        return IDCSource(config, session)
     return NBIASource(NBIAClient(config, session))
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import anyio
 
 from harvester import __version__
-from harvester.config import DEFAULT_API_URL, AuthConfig, Config
+from harvester.config import DEFAULT_API_URL, IDC_ENDPOINT_URL, AuthConfig, Config
 from harvester.errors import FatalError, HarvesterError, RequestError, UsageError
 from harvester.units import SIZE_HELP, parse_size
 
@@ -122,8 +122,14 @@ def _add_api_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--api-url", "--url", metavar="URL", dest="api_url",
                    help=f"NBIA API base ending in the version (default {DEFAULT_API_URL}), "
                         "or the root of a DICOMweb service with --source dicomweb")
-    g.add_argument("--source", choices=["nbia", "dicomweb"], default=None,
-                   help="archive type (default nbia; or the manifest's 'source:')")
+    g.add_argument("--source", choices=["nbia", "dicomweb", "idc"], default=None,
+                   help="archive type (default nbia; or the manifest's 'source:'); idc: Imaging Data Commons' "
+                        "public buckets")
+    g.add_argument("--endpoint-url", metavar="URL",
+                   help=f"--source idc: the S3 endpoint (default {IDC_ENDPOINT_URL}, region us-east-1; the GCS "
+                        "mirror: https://storage.googleapis.com)")
+    g.add_argument("--idc-index", metavar="FILE", type=Path,
+                   help="--source idc: the index parquet (default: the idc-index-data package's, harvester[idc])")
     g.add_argument("--token-env", metavar="VAR", help="environment variable holding a bearer token (DICOMweb)")
     g.add_argument("--user", metavar="NAME",
                    help="user name: NBIA bearer-token login (private or v2-era installs), or HTTP basic for DICOMweb")
@@ -332,11 +338,17 @@ def build_config(args: argparse.Namespace, env: dict[str, str], manifest_api: st
     source = getattr(args, "source", None) or manifest_source or "nbia"
     default = DEFAULT_API_URL if source == "nbia" else None
     api = getattr(args, "api_url", None) or env.get("HARVESTER_API_URL") or manifest_api or default
+    idc: dict[str, Any] = {}
+    if source == "idc":  # the endpoint is the archive harvest.json names
+        api = getattr(args, "endpoint_url", None) or IDC_ENDPOINT_URL
+        idc = {"endpoint_url": api.rstrip("/"), "idc_index": getattr(args, "idc_index", None)}
+    elif getattr(args, "endpoint_url", None) or getattr(args, "idc_index", None):
+        raise UsageError("--endpoint-url and --idc-index are for --source idc")
     if not api:
         raise UsageError("a DICOMweb source needs its URL", hint="give --url URL or 'url:' in the manifest")
     if not re.match(r"^https?://[^/\s]+", api):
         raise UsageError(f"API URL {api!r} is not an http(s) URL")
-    changes: dict[str, Any] = {"api_url": api.rstrip("/"), "source": source}
+    changes: dict[str, Any] = {"api_url": api.rstrip("/"), "source": source, **idc}
     if getattr(args, "token_env", None):
         if args.token_env not in env:
             raise UsageError(f"--token-env names {args.token_env}, which is not set")
