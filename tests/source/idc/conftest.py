@@ -172,24 +172,31 @@ class S3Proxy:
     Faults come from a ``FaultSpec`` decided per request by ``FaultInjector`` (path and query):
     ``error`` is S3's 500 InternalError, ``throttle`` its 503 SlowDown, ``reset`` aborts the
     connection partway through the body, ``truncate`` sends a short body under the full
-    Content-Length. ``override(request)`` may answer a request itself (hostile answers)."""
+    Content-Length. ``override(request)`` may answer a request itself (hostile answers);
+    ``hold`` keeps the requests for one prefix waiting forever."""
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
         self.faults = FaultInjector(None)
         self.override: Callable[[web.Request], web.StreamResponse | None] | None = None
+        #: requests whose path contains this never get an answer (a run killed while it waits)
+        self.hold: str | None = None
         self.requests = 0
         self.faults_fired = 0
         self.url = ""
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._released: asyncio.Event | None = None
 
     def set_faults(self, spec: str | None) -> None:
         self.faults.replace(FaultSpec.parse(spec) if spec else None)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
+        if self.hold and self.hold in request.path_qs:
+            assert self._released is not None
+            await self._released.wait()   # set when the proxy stops
         if self.override is not None:
             answer = self.override(request)
             if answer is not None:
@@ -222,6 +229,7 @@ class S3Proxy:
 
         async def start() -> str:
             self._session = aiohttp.ClientSession(auto_decompress=False)
+            self._released = asyncio.Event()
             app = web.Application()
             app.router.add_route("*", "/{tail:.*}", self._handle)
             self._runner = web.AppRunner(app, access_log=None)
@@ -247,6 +255,8 @@ class S3Proxy:
 
     def __exit__(self, *exc: object) -> None:
         async def stop() -> None:
+            if self._released is not None:
+                self._released.set()
             if self._runner is not None:
                 await self._runner.cleanup()
             if self._session is not None:

@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import pytest
 
-from harvest_helpers import FAST, kill_after_progress
+from harvest_helpers import FAST, journal_commits, kill_after_progress
 from harvester.api import aharvest, aplan
 from harvester.config import Config
 from harvester.query import query_from_dict
@@ -127,15 +127,22 @@ def test_cli_run_source_idc_and_resume(cohort: Cohort, proxy: S3Proxy, tmp_path:
 
 
 def test_kill_9_then_resume(cohort: Cohort, proxy: S3Proxy, tmp_path: Path) -> None:
-    """kill -9 after the first commit, then the same command: the tree is whole and identical."""
+    """kill -9 while one series' objects are held unanswered (after other commits), then the
+    same command: the tree is whole and identical, and what was committed is not fetched again."""
     query = tmp_path / "q.yaml"
     query.write_text("select:\n  - collection: IDC-Alpha\n  - collection: IDC-Beta\n")
     out = tmp_path / "out"
     args = ["run", str(query), "-o", str(out), "--source", "idc", "--endpoint-url", proxy.url,
-            "--idc-index", str(cohort.index), "--no-progress", "--workers", "1"]
+            "--idc-index", str(cohort.index), "--no-progress", "--workers", "2"]
+    held = cohort.series[3]   # IDC-Beta sorts after IDC-Alpha: the alpha series commit first
+    proxy.hold = held.uuid
     proc = subprocess.Popen([sys.executable, "-m", "harvester", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
-    kill_after_progress(proc, out, 0.0)
+    assert kill_after_progress(proc, out, 0.2, wait=300)
+    committed = journal_commits(out)
+    assert committed and held.uid not in committed
+    proxy.hold = None
     resumed = run_cli(*args)
     assert resumed.returncode == 0, resumed.stderr
+    assert f"{len(committed)} already complete" in resumed.stdout
     assert_bucket_identical(out, cohort, [s.uid for s in cohort.series])
