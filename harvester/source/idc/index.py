@@ -98,15 +98,17 @@ def _open(path: Path) -> Any:
                          hint="give the idc_index parquet of idc-index-data, or a file with its columns") from None
 
 
-def _batches(pf: Any, path: Path, columns: list[str]) -> Iterator[dict[str, list[Any]]]:
+def _batches(pf: Any, path: Path, columns: list[str]) -> Iterator[Any]:
+    """The file's record batches (``BATCH_ROWS`` rows of ``columns``). Raises ``UsageError``."""
     try:
-        for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=columns):
-            yield {name: batch.column(name).to_pylist() for name in columns}
-    except UsageError:
-        raise
+        yield from pf.iter_batches(batch_size=BATCH_ROWS, columns=columns)
     except Exception as exc:  # noqa: BLE001 - a damaged page, a column of an unreadable type
         raise UsageError(f"IDC index {path}: unreadable ({type(exc).__name__}: {str(exc)[:200]})",
                          hint="give the idc_index parquet of idc-index-data, or a file with its columns") from None
+
+
+def _column(batch: Any, name: str) -> list[Any]:
+    return batch.column(name).to_pylist()  # type: ignore[no-any-return]
 
 
 def _collection_names(path: Path) -> dict[str, str]:
@@ -119,8 +121,8 @@ def _collection_names(path: Path) -> dict[str, str]:
     if not {"collection_id", "collection_name"} <= have:
         return {}
     names: dict[str, str] = {}
-    for cols in _batches(pf, beside, ["collection_id", "collection_name"]):
-        for cid, name in zip(cols["collection_id"], cols["collection_name"]):
+    for batch in _batches(pf, beside, ["collection_id", "collection_name"]):
+        for cid, name in zip(_column(batch, "collection_id"), _column(batch, "collection_name")):
             if isinstance(cid, str) and isinstance(name, str) and name.strip():
                 names.setdefault(cid, name.strip())
     return names
@@ -248,16 +250,19 @@ def select(path: Path, query: Query) -> IndexSelection:
     names = _collection_names(path)
     ids: set[str] = set()
     if any(sel.collection for sel in query.selectors):
-        for cols in _batches(pf, path, ["collection_id"]):
-            ids.update(c for c in cols["collection_id"] if isinstance(c, str))
+        for batch in _batches(pf, path, ["collection_id"]):
+            ids.update(c for c in _column(batch, "collection_id") if isinstance(c, str))
     wanted_ids = _resolve_collections(query, ids, names)
     series_wanted = {uid for sel in query.selectors for uid in sel.series}
     rows: dict[str, dict[str, Any]] = {}
     per_selector: list[list[dict[str, Any]]] = [[] for _ in query.selectors]
     unusable: dict[str, str] = {}
-    for cols in _batches(pf, path, columns):
-        for i in _candidates(cols, query, wanted_ids, series_wanted):
-            raw = {c: cols[c][i] for c in columns}
+    for batch in _batches(pf, path, columns):
+        picked = list(_candidates(batch, query, wanted_ids, series_wanted))
+        if not picked:
+            continue
+        # only the rows picked become Python objects: a batch of 16,384 rows usually gives none
+        for raw in batch.take(picked).to_pylist():
             uid = raw.get("SeriesInstanceUID")
             problem = row_problem(raw)
             if problem is not None:
@@ -277,18 +282,24 @@ def select(path: Path, query: Query) -> IndexSelection:
     return IndexSelection(rows=list(rows.values()), per_selector=per_selector, unusable=unusable)
 
 
-def _candidates(cols: dict[str, list[Any]], query: Query, wanted_ids: dict[str, str],
-                series_wanted: set[str]) -> Iterator[int]:
+def _candidates(batch: Any, query: Query, wanted_ids: dict[str, str], series_wanted: set[str]) -> Iterator[int]:
     """Row numbers of a batch that some selector may match: a cheap first cut on the exact
     columns (collection_id, UIDs) and the folded PatientID; ``_matches`` decides."""
     ids = set(wanted_ids.values())
-    patients = {fold(p) for sel in query.selectors if not sel.collection and not sel.series for p in sel.patients}
-    studies = {s for sel in query.selectors if not sel.collection and not sel.series for s in sel.studies}
-    collection, series = cols["collection_id"], cols["SeriesInstanceUID"]
-    patient, study = cols["PatientID"], cols["StudyInstanceUID"]
-    for i in range(len(series)):
-        if (collection[i] in ids or series[i] in series_wanted or study[i] in studies
-                or (patients and fold(patient[i] if patient[i] is not None else "") in patients)):
+    free = [sel for sel in query.selectors if not sel.collection and not sel.series]
+    patients = {fold(p) for sel in free for p in sel.patients}
+    studies = {s for sel in free for s in sel.studies}
+    cuts: list[tuple[list[Any], Any]] = []
+    if ids:
+        cuts.append((_column(batch, "collection_id"), lambda v: v in ids))
+    if series_wanted:
+        cuts.append((_column(batch, "SeriesInstanceUID"), lambda v: v in series_wanted))
+    if studies:
+        cuts.append((_column(batch, "StudyInstanceUID"), lambda v: v in studies))
+    if patients:
+        cuts.append((_column(batch, "PatientID"), lambda v: fold(v if v is not None else "") in patients))
+    for i in range(batch.num_rows):
+        if any(test(values[i]) for values, test in cuts):
             yield i
 
 
