@@ -18,9 +18,9 @@ How selectors map to columns (the NBIA rules of ``harvester.query``: ``Selector.
 * ``released_after``: the index has no release date: ``UsageError``.
 
 ``series_size_MB`` is ``SUM(instance_size) / 1e6`` (the package's SQL) stored as a double: the
-series' bytes are ``round(series_size_MB * 1e6)``, exact to the byte (15 significant digits
-cover 10^9 MB). Every value is hostile: a row whose UIDs, bucket, UUID, count or size are
-unusable is never planned (a listed series with such a row is unavailable, with the reason).
+series' bytes are ``round(series_size_MB * 1e6)``, exact to the byte for any series below
+100 TB (a double holds 15 significant digits; the largest series is 195 GB). Every value is
+hostile: a row whose UIDs, bucket, UUID, count or size are unusable is never planned (a listed series with such a row is unavailable, with the reason).
 
 Raises ``UsageError`` when pyarrow or the package is missing, or the file is not a readable
 parquet file with the columns; ``UnknownSelectionError`` for a collection the index lacks.
@@ -150,7 +150,7 @@ def row_problem(raw: dict[str, Any]) -> str | None:
         return "its instanceCount is not a positive number"
     size = raw.get("series_size_MB")
     if isinstance(size, bool) or not isinstance(size, (int, float)) or not math.isfinite(size) or size < 0 \
-            or size > 1e9:
+            or size > 1e8:
         return "its series_size_MB is not a usable size"
     try:
         bucket_of(raw)

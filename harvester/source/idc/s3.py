@@ -2,7 +2,8 @@
 
 IDC's buckets are public, so no request is signed. Addressing: the default AWS endpoint
 (``config.IDC_ENDPOINT_URL``) is asked virtual-hosted style (``https://BUCKET.s3.amazonaws.com/KEY``),
-any other endpoint (the GCS mirror, MinIO, moto in the tests) path style (``ENDPOINT/BUCKET/KEY``).
+any other endpoint (the GCS mirror, MinIO, moto in the tests) path style (``ENDPOINT/BUCKET/KEY``);
+on the GCS mirror (``GCS_ENDPOINT_URL``) the AWS bucket names of the index become GCS's.
 
 Who raises what (the request retry policy is ``RetryingClient``'s, as for NBIA and DICOMweb):
 
@@ -43,6 +44,11 @@ from harvester.source.http import (
     redact_url,
 )
 
+#: Google Cloud Storage mirrors IDC's buckets (its XML API answers the same requests), two of
+#: them under other names; same keys, same bytes.
+GCS_ENDPOINT_URL = "https://storage.googleapis.com"
+GCS_BUCKETS = {"idc-open-data": "idc-open-data", "idc-open-data-two": "idc-open-idc1",
+               "idc-open-data-cr": "idc-open-cr"}
 #: One ListObjectsV2 page (at most 1,000 keys of up to 1 KB each, plus the envelope).
 MAX_LISTING_BYTES = 4 << 20
 #: Pages of one listing at most (a server that hands out continuation tokens forever).
@@ -129,6 +135,9 @@ class S3Client(RetryingClient):
         return f"S3Client(endpoint={redact_url(self.endpoint)!r})"
 
     def url(self, bucket: str, key: str = "", params: dict[str, str] | None = None) -> str:
+        """The URL of ``key`` in ``bucket`` (the index's AWS name) on this endpoint."""
+        if self.endpoint == GCS_ENDPOINT_URL:
+            bucket = GCS_BUCKETS.get(bucket, bucket)
         query = f"?{urlencode(params)}" if params else ""
         path = quote(key, safe="/~")
         if self.virtual_hosted:
