@@ -20,7 +20,8 @@ How selectors map to columns (the NBIA rules of ``harvester.query``: ``Selector.
 ``series_size_MB`` is ``SUM(instance_size) / 1e6`` (the package's SQL) stored as a double: the
 series' bytes are ``round(series_size_MB * 1e6)``, exact to the byte for any series below
 100 TB (a double holds 15 significant digits; the largest series is 195 GB). Every value is
-hostile: a row whose UIDs, bucket, UUID, count or size are unusable is never planned (a listed series with such a row is unavailable, with the reason).
+hostile: a row whose UIDs, bucket, UUID, count or size are unusable is never planned (a listed
+series with such a row is unavailable, with the reason).
 
 Raises ``UsageError`` when pyarrow or the package is missing, or the file is not a readable
 parquet file with the columns; ``UnknownSelectionError`` for a collection the index lacks.
