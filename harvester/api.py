@@ -48,6 +48,9 @@ def make_source(config: Config, session: Any) -> Source:
     if config.source == "idc":
         from harvester.source.idc.source import IDCSource
         return IDCSource(config, session)
+    if config.source == "auto":
+        from harvester.source.auto import AutoSource
+        return AutoSource(config, session)
     return NBIASource(NBIAClient(config, session))
 
 

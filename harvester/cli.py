@@ -122,9 +122,10 @@ def _add_api_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--api-url", "--url", metavar="URL", dest="api_url",
                    help=f"NBIA API base ending in the version (default {DEFAULT_API_URL}), "
                         "or the root of a DICOMweb service with --source dicomweb")
-    g.add_argument("--source", choices=["nbia", "dicomweb", "idc"], default=None,
+    g.add_argument("--source", choices=["nbia", "dicomweb", "idc", "auto"], default=None,
                    help="archive type (default nbia; or the manifest's 'source:'); idc: Imaging Data Commons' "
-                        "public buckets")
+                        "public buckets; auto: NBIA's plan, each series from IDC when its index has it with "
+                        "the same instance count")
     g.add_argument("--endpoint-url", metavar="URL",
                    help=f"--source idc: the S3 endpoint (default {IDC_ENDPOINT_URL}, region us-east-1; the GCS "
                         "mirror: https://storage.googleapis.com)")
@@ -336,14 +337,16 @@ def _token_url(api_url: str) -> str:
 def build_config(args: argparse.Namespace, env: dict[str, str], manifest_api: str | None = None,
                  manifest_layout: str | None = None, manifest_source: str | None = None) -> Config:
     source = getattr(args, "source", None) or manifest_source or "nbia"
-    default = DEFAULT_API_URL if source == "nbia" else None
+    default = DEFAULT_API_URL if source in ("nbia", "auto") else None
     api = getattr(args, "api_url", None) or env.get("HARVESTER_API_URL") or manifest_api or default
     idc: dict[str, Any] = {}
-    if source == "idc":  # the endpoint is the archive harvest.json names
-        api = getattr(args, "endpoint_url", None) or IDC_ENDPOINT_URL
-        idc = {"endpoint_url": api.rstrip("/"), "idc_index": getattr(args, "idc_index", None)}
+    if source in ("idc", "auto"):
+        endpoint = getattr(args, "endpoint_url", None) or IDC_ENDPOINT_URL
+        idc = {"endpoint_url": endpoint.rstrip("/"), "idc_index": getattr(args, "idc_index", None)}
+        if source == "idc":  # the endpoint is the archive harvest.json names
+            api = endpoint
     elif getattr(args, "endpoint_url", None) or getattr(args, "idc_index", None):
-        raise UsageError("--endpoint-url and --idc-index are for --source idc")
+        raise UsageError("--endpoint-url and --idc-index are for --source idc or auto")
     if not api:
         raise UsageError("a DICOMweb source needs its URL", hint="give --url URL or 'url:' in the manifest")
     if not re.match(r"^https?://[^/\s]+", api):
@@ -442,10 +445,15 @@ def cmd_plan(args: argparse.Namespace, env: dict[str, str]) -> int:
     config = build_config(args, env, query.url or query.api, query.layout, query.source)
     plan = anyio.run(lambda: aplan(query, config, details=False))  # totals only
     _print_warnings(plan)
+    # source auto: how many series each archive gives (each task's row says which)
+    split = {s: sum(1 for t in plan.tasks if t.row.get("source") == s) for s in ("idc", "nbia")} \
+        if config.source == "auto" else None
     if args.json:
-        print(json.dumps(plan.to_json()))
+        print(json.dumps({**plan.to_json(), **({"sources": split} if split else {})}))
     else:
         _print_plan_table(plan)
+        if split:
+            print(f"{split['idc']} series from IDC, {split['nbia']} from NBIA")
     _print_plan_notes(plan, listed=True)
     return EXIT_FAILED if plan.unavailable else EXIT_OK
 

@@ -42,7 +42,7 @@ class Limits:
     max_entries: int = 200_000
 
 
-SOURCES = ("nbia", "dicomweb", "idc")
+SOURCES = ("nbia", "dicomweb", "idc", "auto")  # auto: NBIA's plan, each series from IDC when it has it
 #: IDC's public buckets (us-east-1; anonymous reads). The GCS mirror answers the same S3 calls at
 #: https://storage.googleapis.com (``--endpoint-url``).
 IDC_ENDPOINT_URL = "https://s3.amazonaws.com"

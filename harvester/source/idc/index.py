@@ -255,6 +255,7 @@ def select(path: Path, query: Query) -> IndexSelection:
             ids.update(c for c in _column(batch, "collection_id") if isinstance(c, str))
     wanted_ids = _resolve_collections(query, ids, names)
     series_wanted = {uid for sel in query.selectors for uid in sel.series}
+    series_sets = [frozenset(sel.series) for sel in query.selectors]   # a cart may list 10,000 UIDs
     rows: dict[str, dict[str, Any]] = {}
     per_selector: list[list[dict[str, Any]]] = [[] for _ in query.selectors]
     unusable: dict[str, str] = {}
@@ -275,7 +276,7 @@ def select(path: Path, query: Query) -> IndexSelection:
             row = as_row(raw, names)
             hit = False
             for n, sel in enumerate(query.selectors):
-                if _matches(sel, raw, row, wanted_ids):
+                if _matches(sel, series_sets[n], raw, row, wanted_ids):
                     per_selector[n].append(row)
                     hit = True
             if hit:
@@ -304,9 +305,10 @@ def _candidates(batch: Any, query: Query, wanted_ids: dict[str, str], series_wan
             yield i
 
 
-def _matches(sel: Selector, raw: dict[str, Any], row: dict[str, Any], wanted_ids: dict[str, str]) -> bool:
+def _matches(sel: Selector, series: frozenset[str], raw: dict[str, Any], row: dict[str, Any],
+             wanted_ids: dict[str, str]) -> bool:
     if sel.series:
-        return row["SeriesInstanceUID"] in sel.series
+        return row["SeriesInstanceUID"] in series
     if sel.collection and raw["collection_id"] != wanted_ids.get(sel.collection):
         return False
     # the collection is settled above (by id or TCIA name): a row without one passes that test
