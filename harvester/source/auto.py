@@ -40,9 +40,16 @@ class AutoSource:
         self.config = config
         self.nbia = NBIASource(NBIAClient(config, session))
         self.idc = IDCSource(config, session)
-        #: Set by the engine, as for NBIA: the NBIA source holds it while its ZIP streams, an IDC
-        #: series for its whole fetch (its GETs are its download).
-        self.download_limiter: anyio.CapacityLimiter | None = None
+
+    @property
+    def download_limiter(self) -> anyio.CapacityLimiter | None:
+        """Set by the engine, as for NBIA: the NBIA source holds it while its ZIP streams, an IDC
+        series for its whole fetch (its GETs are its download)."""
+        return self.nbia.download_limiter
+
+    @download_limiter.setter
+    def download_limiter(self, limiter: anyio.CapacityLimiter | None) -> None:
+        self.nbia.download_limiter = limiter
 
     @property
     def requests(self) -> int:
@@ -79,7 +86,6 @@ class AutoSource:
     async def fetch_series(self, task: SeriesTask, *, partial: Path, staging: Path,
                            on_bytes: Callable[[int], None], rate: Any) -> UnpackedSeries:
         if task.row.get("source") != "idc":
-            self.nbia.download_limiter = self.download_limiter
             return await self.nbia.fetch_series(task, partial=partial, staging=staging, on_bytes=on_bytes,
                                                 rate=rate)
         async with self.download_limiter or contextlib.nullcontext():

@@ -66,7 +66,8 @@ class S3Object:
 
     @property
     def md5(self) -> str | None:
-        """The object's MD5 when its ETag is one (a single-part upload, no ``-N`` suffix)."""
+        """The object's MD5 when its ETag is one: 32 hex digits, as S3 gives for a single-part
+        upload stored plain or with SSE-S3 (IDC's buckets); a multipart ETag (``-N``) is not."""
         m = _MD5_ETAG.match(self.etag)
         return m.group(1).lower() if m else None
 

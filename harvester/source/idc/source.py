@@ -172,8 +172,10 @@ class IDCSource(ClientBackedSource):
         its MD5 and its first ``HEAD_BYTES``. Raises ``IntegrityError`` for a body longer than
         listed, ``RetryableRequestError`` for a shorter one."""
         shown = redact_url(self.client.url(bucket, obj.key))
-        too_long = lambda total: IntegrityError(  # noqa: E731
-            f"{shown} sent more than the {obj.size} bytes listed", series_uid=task.series_uid)
+
+        def too_long(total: int) -> IntegrityError:
+            return IntegrityError(f"{shown} sent more than the {obj.size} bytes listed", series_uid=task.series_uid)
+
         guard = BodyGuard(self.config, shown, max_bytes=obj.size, too_big=too_long)
         md5 = hashlib.md5()
         head = bytearray()
@@ -186,10 +188,9 @@ class IDCSource(ClientBackedSource):
                     if rate is not None:
                         await rate.consume(len(chunk))
                     on_bytes(len(chunk))
-                    md5.update(chunk)
                     if len(head) < HEAD_BYTES:
                         head += chunk[: HEAD_BYTES - len(head)]
-                    await anyio.to_thread.run_sync(_write, fd, chunk, path)
+                    await anyio.to_thread.run_sync(_write, fd, chunk, path, md5)  # hashed off the loop
                     guard.credit(time.monotonic() - ours)
         finally:  # (errors of the body are classified by the client: ``S3Client._get``)
             os.close(fd)
@@ -261,7 +262,8 @@ def _create(path: Path) -> int:
         raise classify_os_error(exc, path.name) from None
 
 
-def _write(fd: int, data: bytes, path: Path) -> None:
+def _write(fd: int, data: bytes, path: Path, md5: Any) -> None:
+    md5.update(data)
     view = memoryview(data)
     try:
         while view:
