@@ -8,7 +8,10 @@ pages, never by its rows; only the rows a query selects are kept.
 
 How selectors map to columns (the NBIA rules of ``harvester.query``: ``Selector.matches``):
 
-* ``collection`` -> ``collection_id``; a TCIA name (``LIDC-IDRI``) is accepted too: folded, and
+* ``collection`` -> ``collection_id`` of the original data (``analysis_result_id`` empty), or an
+  ``analysis_result_id`` (IDC files analysis results, such as LIDC-IDRI's 13,718 nodule SEGs and
+  SRs, under the collection they analyse; TCIA publishes them as collections of their own, so
+  ``collection: LIDC-IDRI`` selects the 1,308 series it selects on NBIA); a TCIA name (``LIDC-IDRI``) is accepted too: folded, and
   with every character that is not a letter or a digit made ``_`` (IDC's ids are TCIA's names
   so spelled: ``lidc_idri``), or through ``collection_name`` of a ``collections_index.parquet``
   next to the index (the package ships one). Rows carry the TCIA name as ``Collection`` when that
@@ -42,7 +45,7 @@ from harvester.source.http import as_int
 from harvester.source.idc.s3 import check_bucket
 
 #: Read from the index (anything else it holds is never loaded).
-COLUMNS = ("collection_id", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "BodyPartExamined",
+COLUMNS = ("collection_id", "analysis_result_id", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "BodyPartExamined",
            "Manufacturer", "ManufacturerModelName", "SeriesDescription", "SeriesNumber", "SeriesDate", "StudyDate",
            "StudyDescription", "PatientSex", "instanceCount", "series_size_MB", "source_DOI", "crdc_series_uuid",
            "aws_bucket", "series_aws_url", "license_short_name")
@@ -112,6 +115,14 @@ def _column(batch: Any, name: str) -> list[Any]:
     return batch.column(name).to_pylist()  # type: ignore[no-any-return]
 
 
+def _collections(batch: Any) -> list[Any]:
+    """Each row's collection as NBIA counts it (``collection_of``)."""
+    ids = _column(batch, "collection_id")
+    if "analysis_result_id" not in batch.schema.names:
+        return ids
+    return [collection_of(c, a) for c, a in zip(ids, _column(batch, "analysis_result_id"))]
+
+
 def _collection_names(path: Path) -> dict[str, str]:
     """collection_id -> TCIA collection_name from a ``collections_index.parquet`` beside the index."""
     beside = path.with_name("collections_index.parquet")
@@ -178,10 +189,15 @@ def series_bytes(size_mb: float) -> int:
     return round(size_mb * 1_000_000)
 
 
+def collection_of(collection_id: Any, analysis_result_id: Any) -> Any:
+    """The collection a row belongs to as NBIA counts it: its analysis result, else its collection."""
+    return analysis_result_id or collection_id
+
+
 def as_row(raw: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
     """A getSeries-shaped row (the keys layouts, the manifest and ``Selector.matches`` use) from a
     usable index row, with where its objects are."""
-    cid = str(raw["collection_id"])
+    cid = str(collection_of(raw["collection_id"], raw.get("analysis_result_id")))
     number = as_int(raw.get("SeriesNumber"))
     row: dict[str, Any] = {
         "Collection": names.get(cid, cid),
@@ -201,7 +217,8 @@ def as_row(raw: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
         "FileSize": series_bytes(float(raw["series_size_MB"])),
         # where it came from: recorded with the series in harvest.json ("metadata")
         "source": "idc",
-        "collection_id": cid,
+        "collection_id": str(raw["collection_id"]),
+        "analysis_result_id": _text(raw.get("analysis_result_id")),
         "crdc_series_uuid": raw["crdc_series_uuid"],
         "aws_bucket": bucket_of(raw),
         "source_DOI": _text(raw.get("source_DOI")),
@@ -251,8 +268,8 @@ def select(path: Path, query: Query) -> IndexSelection:
     names = _collection_names(path)
     ids: set[str] = set()
     if any(sel.collection for sel in query.selectors):
-        for batch in _batches(pf, path, ["collection_id"]):
-            ids.update(c for c in _column(batch, "collection_id") if isinstance(c, str))
+        for batch in _batches(pf, path, [c for c in ("collection_id", "analysis_result_id") if c in have]):
+            ids.update(c for c in _collections(batch) if isinstance(c, str))
     wanted_ids = _resolve_collections(query, ids, names)
     series_wanted = {uid for sel in query.selectors for uid in sel.series}
     series_sets = [frozenset(sel.series) for sel in query.selectors]   # a cart may list 10,000 UIDs
@@ -293,7 +310,7 @@ def _candidates(batch: Any, query: Query, wanted_ids: dict[str, str], series_wan
     studies = {s for sel in free for s in sel.studies}
     cuts: list[tuple[list[Any], Any]] = []
     if ids:
-        cuts.append((_column(batch, "collection_id"), lambda v: v in ids))
+        cuts.append((_collections(batch), lambda v: v in ids))
     if series_wanted:
         cuts.append((_column(batch, "SeriesInstanceUID"), lambda v: v in series_wanted))
     if studies:
@@ -309,7 +326,8 @@ def _matches(sel: Selector, series: frozenset[str], raw: dict[str, Any], row: di
              wanted_ids: dict[str, str]) -> bool:
     if sel.series:
         return row["SeriesInstanceUID"] in series
-    if sel.collection and raw["collection_id"] != wanted_ids.get(sel.collection):
+    if sel.collection and collection_of(raw["collection_id"], raw.get("analysis_result_id")) \
+            != wanted_ids.get(sel.collection):
         return False
     # the collection is settled above (by id or TCIA name): a row without one passes that test
     return sel.matches({**row, "Collection": None})

@@ -17,7 +17,7 @@ from harvester.api import aharvest, aplan
 from harvester.config import Config
 from harvester.query import query_from_dict
 
-from .conftest import Cohort, S3Proxy
+from .conftest import Cohort, S3Proxy, write_index
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -146,3 +146,17 @@ def test_kill_9_then_resume(cohort: Cohort, proxy: S3Proxy, tmp_path: Path) -> N
     assert resumed.returncode == 0, resumed.stderr
     assert f"{len(committed)} already complete" in resumed.stdout
     assert_bucket_identical(out, cohort, [s.uid for s in cohort.series])
+
+
+def test_analysis_results_are_collections_of_their_own(cohort: Cohort, tmp_path: Path) -> None:
+    """IDC files analysis results under the collection they analyse; NBIA (TCIA) publishes them as
+    collections of their own: ``collection: IDC-Alpha`` selects only the original series."""
+    seg = {**cohort.series[0].row, "SeriesInstanceUID": "1.2.3.77", "analysis_result_id": "alpha_nodules",
+           "Modality": "SEG", "crdc_series_uuid": "00000000-0000-4000-8000-000000000077",
+           "series_aws_url": None}
+    index = write_index(tmp_path / "i" / "idc_index.parquet", [s.row for s in cohort.series] + [seg], cohort.names)
+    config = idc_config("http://127.0.0.1:9", tmp_path, index)
+    original = anyio.run(lambda: aplan(query_from_dict({"select": [{"collection": "IDC-Alpha"}]}), config))
+    assert "1.2.3.77" not in {t.series_uid for t in original.tasks} and len(original.tasks) == 3
+    results = anyio.run(lambda: aplan(query_from_dict({"select": [{"collection": "Alpha-Nodules"}]}), config))
+    assert [(t.series_uid, t.collection) for t in results.tasks] == [("1.2.3.77", "alpha_nodules")]
