@@ -49,7 +49,7 @@ def test_auto_takes_each_series_from_where_it_is(small_archive: Any, server: Ser
     proxy.set_faults("error=0.1,reset=0.1,seed=4")
     out = tmp_path / "out"
     config = Config(source="auto", api_url=server.base_url, endpoint_url=proxy.url, idc_index=index, out_dir=out,
-                    **FAST)
+                    **{**FAST, "read_timeout": 60.0})   # no stall injected; moto may be slow under load
     result = anyio.run(aharvest, query_from_dict(select_all(small_archive), origin="test"), config)
     assert result.ok, result.failed
     assert_identical(out, small_archive, uids)

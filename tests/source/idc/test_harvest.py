@@ -23,8 +23,10 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 def idc_config(endpoint: str, out: Path, index: Path, **overrides: Any) -> Config:
+    """FAST, but a long read timeout: no stall is injected here, and moto on a loaded machine may
+    take seconds to answer (a timeout would be retried, and would change a hostile test's reason)."""
     return Config(source="idc", endpoint_url=endpoint, idc_index=index, api_url=endpoint, out_dir=out,
-                  **{**FAST, **overrides})
+                  **{**FAST, "read_timeout": 60.0, **overrides})
 
 
 def assert_bucket_identical(out: Path, cohort: Cohort, uids: list[str]) -> None:
