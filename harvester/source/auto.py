@@ -69,7 +69,7 @@ class AutoSource:
 
     async def plan(self, query: Query, *, details: bool = True) -> Plan:
         plan = await self.nbia.plan(query, details=details)
-        path = self.config.idc_index or idc_index.default_index()
+        path = Path(self.config.idc_index) if self.config.idc_index else idc_index.default_index()
         wanted = Query(selectors=(Selector(origin="auto", series=tuple(t.series_uid for t in plan.tasks)),))
         found = await anyio.to_thread.run_sync(idc_index.select, path, wanted) if plan.tasks else None
         in_idc = {r["SeriesInstanceUID"]: r for r in found.rows} if found else {}

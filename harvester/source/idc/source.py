@@ -85,7 +85,7 @@ class IDCSource(ClientBackedSource):
         """The index's rows for ``query`` (``details`` changes nothing: the index has them all).
         Raises ``UsageError`` for an index that cannot be read, ``UnknownSelectionError`` for an
         unknown collection (and, with ``config.strict``, for listed series the index lacks)."""
-        path = self.config.idc_index or idc_index.default_index()
+        path = Path(self.config.idc_index) if self.config.idc_index else idc_index.default_index()
         found = await anyio.to_thread.run_sync(idc_index.select, path, query)
         rows = {r["SeriesInstanceUID"]: r for r in found.rows}
         unavailable: dict[str, UnavailableSeries] = {}

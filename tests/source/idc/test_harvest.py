@@ -65,7 +65,9 @@ def test_plan_maps_selectors_to_index_columns(cohort: Cohort, tmp_path: Path) ->
     assert task.collection == "IDC-Alpha"   # the TCIA name from collections_index, as NBIA names it
     assert task.image_count == len(alpha_ct[0].objects)
     assert task.file_size == sum(len(b) for b in alpha_ct[0].objects.values())
-    by_id = anyio.run(lambda: aplan(query_from_dict({"select": [{"collection": "idc_beta"}]}), config))
+    # the library's options, as a notebook passes them (a path as text)
+    by_id = anyio.run(lambda: aplan({"select": [{"collection": "idc_beta"}]}, source="idc",
+                                    idc_index=str(cohort.index)))
     assert len(by_id.tasks) == 2
     patients = anyio.run(lambda: aplan(query_from_dict({"select": [{"patients": ["a2"]}]}), config))
     assert [t.patient_id for t in patients.tasks] == ["A2"]
