@@ -89,7 +89,7 @@ class Config:
     progress: bool = True
     quiet: bool = False
     user_agent: str = "harvester/0.1"
-    # IDC (``source: idc``): the S3 endpoint of its buckets, and the index to plan from (None:
+    # IDC (``source: idc`` or ``auto``): the S3 endpoint of its buckets, and the index to plan from (None:
     # the ``idc-index-data`` package's parquet, the extra ``harvester[idc]``)
     endpoint_url: str = IDC_ENDPOINT_URL
     idc_index: Path | None = None
