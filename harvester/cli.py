@@ -24,7 +24,7 @@ from typing import Any
 import anyio
 
 from harvester import __version__
-from harvester.config import DEFAULT_API_URL, AuthConfig, Config
+from harvester.config import DEFAULT_API_URL, IDC_ENDPOINT_URL, AuthConfig, Config
 from harvester.errors import FatalError, HarvesterError, RequestError, UsageError
 from harvester.units import SIZE_HELP, parse_size
 
@@ -139,8 +139,15 @@ def _add_api_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--api-url", "--url", metavar="URL", dest="api_url",
                    help=f"NBIA API base ending in the version (default {DEFAULT_API_URL}), "
                         "or the root of a DICOMweb service with --source dicomweb")
-    g.add_argument("--source", choices=["nbia", "dicomweb"], default=None,
-                   help="archive type (default nbia; or the manifest's 'source:')")
+    g.add_argument("--source", choices=["nbia", "dicomweb", "idc", "auto"], default=None,
+                   help="archive type (default nbia; or the manifest's 'source:'); idc: Imaging Data Commons' "
+                        "public buckets; auto: NBIA's plan, each series from IDC when its index has it with "
+                        "the same instance count")
+    g.add_argument("--endpoint-url", metavar="URL",
+                   help=f"--source idc: the S3 endpoint (default {IDC_ENDPOINT_URL}, region us-east-1; the GCS "
+                        "mirror: https://storage.googleapis.com)")
+    g.add_argument("--idc-index", metavar="FILE", type=Path,
+                   help="--source idc: the index parquet (default: the idc-index-data package's, harvester[idc])")
     g.add_argument("--token-env", metavar="VAR", help="environment variable holding a bearer token (DICOMweb)")
     g.add_argument("--user", metavar="NAME",
                    help="user name: NBIA bearer-token login (private or v2-era installs), or HTTP basic for DICOMweb")
@@ -397,13 +404,21 @@ def _token_url(api_url: str) -> str:
 def build_config(args: argparse.Namespace, env: dict[str, str], manifest_api: str | None = None,
                  manifest_layout: str | None = None, manifest_source: str | None = None) -> Config:
     source = getattr(args, "source", None) or manifest_source or "nbia"
-    default = DEFAULT_API_URL if source == "nbia" else None
+    default = DEFAULT_API_URL if source in ("nbia", "auto") else None
     api = getattr(args, "api_url", None) or env.get("HARVESTER_API_URL") or manifest_api or default
+    idc: dict[str, Any] = {}
+    if source in ("idc", "auto"):
+        endpoint = getattr(args, "endpoint_url", None) or IDC_ENDPOINT_URL
+        idc = {"endpoint_url": endpoint.rstrip("/"), "idc_index": getattr(args, "idc_index", None)}
+        if source == "idc":  # the endpoint is the archive harvest.json names
+            api = endpoint
+    elif getattr(args, "endpoint_url", None) or getattr(args, "idc_index", None):
+        raise UsageError("--endpoint-url and --idc-index are for --source idc or auto")
     if not api:
         raise UsageError("a DICOMweb source needs its URL", hint="give --url URL or 'url:' in the manifest")
     if not re.match(r"^https?://[^/\s]+", api):
         raise UsageError(f"API URL {api!r} is not an http(s) URL")
-    changes: dict[str, Any] = {"api_url": api.rstrip("/"), "source": source}
+    changes: dict[str, Any] = {"api_url": api.rstrip("/"), "source": source, **idc}
     if getattr(args, "token_env", None):
         if args.token_env not in env:
             raise UsageError(f"--token-env names {args.token_env}, which is not set")
@@ -550,13 +565,19 @@ def cmd_plan(args: argparse.Namespace, env: dict[str, str]) -> int:
     config = build_config(args, env, query.url or query.api, query.layout, query.source)
     plan = _plan_with_progress(query, config, env)
     _print_warnings(plan)
+    # source auto: how many series each archive gives (each task's row says which)
+    split = {s: sum(1 for t in plan.tasks if t.row.get("source") == s) for s in ("idc", "nbia")} \
+        if config.source == "auto" else None
     if args.json:
-        print(json.dumps({**_plan_totals(plan), "list": [_series_json(t) for t in plan.tasks]}))
+        print(json.dumps({**_plan_totals(plan), **({"sources": split} if split else {}),
+                          "list": [_series_json(t) for t in plan.tasks]}))
     elif args.list:
         for task in plan.tasks:
             print(_series_line(task))
     else:
         _print_plan_table(plan)
+        if split:
+            print(f"{split['idc']} series from IDC, {split['nbia']} from NBIA")
     _print_plan_notes(plan, listed=True)
     return EXIT_FAILED if plan.unavailable else EXIT_OK
 
@@ -788,7 +809,7 @@ def _dry_run(query: Any, config: Config, env: dict[str, str], as_json: bool) -> 
     """``run --dry-run``: plan, leave out what DIR already holds complete, list the rest. Reads DIR
     (without its lock) and writes nothing anywhere."""
     from harvester.events import human_bytes
-    from harvester.state import HarvestState
+    from harvester.store.state import HarvestState
 
     plan = _plan_with_progress(query, config, env)
     _print_warnings(plan)

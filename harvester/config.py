@@ -42,7 +42,10 @@ class Limits:
     max_entries: int = 200_000
 
 
-SOURCES = ("nbia", "dicomweb")
+SOURCES = ("nbia", "dicomweb", "idc", "auto")  # auto: NBIA's plan, each series from IDC when it has it
+#: IDC's public buckets (us-east-1; anonymous reads). The GCS mirror answers the same S3 calls at
+#: https://storage.googleapis.com (``--endpoint-url``).
+IDC_ENDPOINT_URL = "https://s3.amazonaws.com"
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,10 @@ class Config:
     progress: bool = True
     quiet: bool = False
     user_agent: str = "harvester/0.1"
+    # IDC (``source: idc`` or ``auto``): the S3 endpoint of its buckets, and the index to plan from (None:
+    # the ``idc-index-data`` package's parquet, the extra ``harvester[idc]``)
+    endpoint_url: str = IDC_ENDPOINT_URL
+    idc_index: Path | None = None
 
     @property
     def uses_public_default(self) -> bool:

@@ -43,9 +43,11 @@ from harvester.models import Plan, SeriesRecord, SeriesTask
 from harvester.display import api_hub
 from harvester.events import Event, Hub
 from harvester.query import Query, load_query, query_from_dict
+from harvester.source.auto import AutoSource
 from harvester.source.base import SingleInstanceFetch, Source, UpdateFeed
 from harvester.source.dicomweb import DICOMwebSource
 from harvester.source.http import as_int, make_session, redact_url
+from harvester.source.idc.source import IDCSource
 from harvester.source.nbia import NBIAClient, NBIASource
 from harvester.store.state import HarvestState
 from harvester.store.manifest import read_manifest, recorded_source
@@ -56,6 +58,10 @@ def make_source(config: Config, session: Any) -> Source:
     """The archive named by ``config.source``, on the given HTTP session."""
     if config.source == "dicomweb":
         return DICOMwebSource(config, session)
+    if config.source == "idc":
+        return IDCSource(config, session)
+    if config.source == "auto":
+        return AutoSource(config, session)
     return NBIASource(NBIAClient(config, session))
 
 

@@ -168,7 +168,7 @@ class Query:
     api: str | None = None
     layout: str | None = None
     origin: str = "<query>"
-    source: str | None = None      # "nbia" (default) or "dicomweb"
+    source: str | None = None      # "nbia" (default), "dicomweb", "idc" or "auto"
     url: str | None = None         # a DICOMweb service root (``source: dicomweb``)
     annotations: bool = False      # fetch the series' annotation files too (docs/annotations.md)
 
@@ -236,8 +236,8 @@ def query_from_dict(data: Any, *, origin: str = "<dict>", base_dir: Path | None 
     if layout is not None and not isinstance(layout, str):
         raise ManifestError(f"{origin}: layout: expected a string")
     source = data.get("source")
-    if source is not None and source not in ("nbia", "dicomweb"):
-        raise ManifestError(f"{origin}: source: expected nbia or dicomweb, got {source!r}")
+    if source is not None and source not in ("nbia", "dicomweb", "idc", "auto"):
+        raise ManifestError(f"{origin}: source: expected nbia, dicomweb, idc or auto, got {source!r}")
     url = data.get("url")
     if url is not None and (not isinstance(url, str) or not re.match(r"^https?://", url)):
         raise ManifestError(f"{origin}: url: expected the http(s) root of a DICOMweb service")

@@ -43,6 +43,14 @@ EXEMPT = {
     ("harvester.source.dicomweb", "harvester.store.layout"):
         "the WADO-RS checker names the instance files it writes (safe_component, name_key) until the "
         "streaming sink of the store takes the bytes",
+    ("harvester.source.idc", "harvester.store.layout"):
+        "the S3 fetcher names the object files it writes (safe_component, name_key) until the streaming "
+        "sink of the store takes the bytes",
+    ("harvester.source.auto", "harvester.source.nbia"):
+        "source auto routes each series to NBIA or IDC (as rclone's union backend routes between remotes): "
+        "the one module that knows two archives",
+    ("harvester.source.auto", "harvester.source.idc"):
+        "source auto routes each series to NBIA or IDC: the one module that knows two archives",
 }
 
 

@@ -1,0 +1,91 @@
+"""Units of the IDC source without I/O: the listing parser, ETags, URLs, sizes, collection names."""
+from __future__ import annotations
+
+import aiohttp
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from harvester.config import Config
+from harvester.errors import PermanentRequestError, RequestError, RetryableRequestError, UsageError
+from harvester.source.idc.index import collection_key, row_problem, series_bytes
+from harvester.source.idc.s3 import S3Client, S3Object, parse_listing
+
+NS = 'xmlns="http://s3.amazonaws.com/doc/2006-03-01/"'
+
+
+def test_listing_with_and_without_namespace_and_tokens() -> None:
+    body = (f'<ListBucketResult {NS}><IsTruncated>true</IsTruncated><NextContinuationToken>tok+/=</NextContinuationToken>'
+            '<Contents><Key>u/a.dcm</Key><Size>12</Size><ETag>&quot;0123456789abcdef0123456789ABCDEF&quot;</ETag>'
+            "</Contents></ListBucketResult>").encode()
+    objects, token = parse_listing(body, "u")
+    assert objects == [S3Object("u/a.dcm", 12, "0123456789abcdef0123456789ABCDEF")] and token == "tok+/="
+    assert objects[0].md5 == "0123456789abcdef0123456789abcdef"
+    plain = b"<ListBucketResult><IsTruncated>false</IsTruncated><Contents><Key>k</Key><Size>1</Size></Contents></ListBucketResult>"
+    assert parse_listing(plain, "u") == ([S3Object("k", 1, "")], None)
+
+
+@pytest.mark.parametrize("body, error, text", [
+    (b"<ListBucketResult><IsTruncated>true</IsTruncated></ListBucketResult>", RetryableRequestError, "no continuation"),
+    (b"<html>outage</html>", RetryableRequestError, "not an S3 listing"),
+    (b"not xml at all", RetryableRequestError, "not XML"),
+    (b"<ListBucketResult><Contents><Key>k</Key><Size>-1</Size></Contents></ListBucketResult>", RetryableRequestError,
+     "usable size"),
+    (b'<!doctype x [<!ENTITY a "b">]><ListBucketResult/>', PermanentRequestError, "DOCTYPE"),
+])
+def test_bad_listings_are_classified(body: bytes, error: type, text: str) -> None:
+    with pytest.raises(error, match=text):
+        parse_listing(body, "http://x/b")
+
+
+@given(st.binary(max_size=400))
+def test_any_listing_bytes_give_objects_or_a_request_error(body: bytes) -> None:
+    try:
+        objects, _ = parse_listing(body, "u")
+    except RequestError:
+        return
+    assert all(o.size >= 0 for o in objects)
+
+
+def test_multipart_etag_is_not_an_md5() -> None:
+    assert S3Object("k", 1, "0123456789abcdef0123456789abcdef-3").md5 is None
+    assert S3Object("k", 1, "W/xyz").md5 is None
+
+
+@pytest.mark.anyio
+async def test_urls_by_endpoint() -> None:
+    async with aiohttp.ClientSession() as session:
+        aws = S3Client(Config(), session)
+        assert aws.url("idc-open-data", "u/a b.dcm") == "https://idc-open-data.s3.amazonaws.com/u/a%20b.dcm"
+        gcs = S3Client(Config(endpoint_url="https://storage.googleapis.com"), session)
+        assert gcs.url("idc-open-data-two", "", {"prefix": "u/"}) == \
+            "https://storage.googleapis.com/idc-open-idc1/?prefix=u%2F"
+        local = S3Client(Config(endpoint_url="http://127.0.0.1:9000/"), session)
+        assert local.url("b", "k") == "http://127.0.0.1:9000/b/k"
+        with pytest.raises(UsageError, match="without a path"):
+            S3Client(Config(endpoint_url="http://127.0.0.1:9000/some/path"), session)
+
+
+@given(st.integers(min_value=0, max_value=10**14))
+def test_series_size_mb_is_exact_to_the_byte(size: int) -> None:
+    """What the index stores (SUM(bytes) / 1e6 as a double) gives the bytes back exactly, up to 100 TB a series."""
+    assert series_bytes(size / 1_000_000.) == size
+
+
+def test_collection_keys_are_idc_ids() -> None:
+    # the rule holds for every collection of idc-index-data 25.0.5's collections_index (179 of 179)
+    assert collection_key("LIDC-IDRI") == "lidc_idri"
+    assert collection_key("4D-Lung") == "4d_lung"
+    assert collection_key("CPTAC-CCRCC") == "cptac_ccrcc"
+
+
+def test_row_problems() -> None:
+    good = {"SeriesInstanceUID": "1.2.3", "StudyInstanceUID": "1.2", "instanceCount": 2, "series_size_MB": 0.5,
+            "crdc_series_uuid": "085e85b3-3780-47f6-8538-585bcca95336", "aws_bucket": "idc-open-data"}
+    assert row_problem(good) is None
+    assert "UUID" in str(row_problem({**good, "crdc_series_uuid": "../x"}))
+    assert "bucket" in str(row_problem({**good, "aws_bucket": "Bad/Bucket"}))
+    assert "instanceCount" in str(row_problem({**good, "instanceCount": 0}))
+    assert "series_size_MB" in str(row_problem({**good, "series_size_MB": float("nan")}))
+    assert "series_aws_url" in str(row_problem({**good, "aws_bucket": None,
+                                                "series_aws_url": "s3://idc-open-data/other-uuid/*"}))
