@@ -371,10 +371,10 @@ class _AuthRetry(Exception):
 class NBIASource(ClientBackedSource):
     """The NBIA archive as a ``Source``: the planner for queries, getImage ZIPs for series.
 
-    Per series: stream the ZIP (``fetch_series_zip``, holding a ``download_limiter`` slot when
-    the engine gave one), verify and unpack it in a thread
-    (``verify_and_unpack``), then repair up to one in ten instances that failed only their MD5
-    with getSingleImage instead of refetching the whole series.
+    Per series: stream the ZIP into the sink (``stream_series_zip``, holding a
+    ``download_limiter`` slot when the engine gave one), which verifies and unpacks it as it
+    arrives (``harvester.store.sink``), then repair up to one in ten instances that failed only
+    their MD5 with getSingleImage instead of refetching the whole series.
     """
 
     def __init__(self, client: NBIAClient) -> None:
@@ -395,18 +395,22 @@ class NBIASource(ClientBackedSource):
 
         from harvester.annotations import has_annotations
         from harvester.errors import IntegrityError
-        from harvester.fetch import download_bound, fetch_series_zip
-        from harvester.unpack import read_dicom_ids, verify_and_unpack
+        from harvester.fetch import download_bound, stream_series_zip
+        from harvester.store.sink import ZipSeriesSink
+        from harvester.unpack import read_dicom_ids
 
         config = self.client.config
-        async with self.download_limiter or contextlib.nullcontext():
-            await fetch_series_zip(self.client, task.series_uid, task.collection, partial,
-                                   chunk_size=config.chunk_size, rate=rate, on_bytes=on_bytes,
-                                   max_bytes=download_bound(task.file_size, task.image_count, config.limits))
         max_repairs = max(1, (task.image_count or 0) // 10)
-        unpacked = await anyio.to_thread.run_sync(
-            lambda: verify_and_unpack(partial, staging, series_uid=task.series_uid, image_count=task.image_count,
-                                      file_size=task.file_size, limits=config.limits, max_repairs=max_repairs))
+
+        def open_sink() -> ZipSeriesSink:
+            return ZipSeriesSink(staging, series_uid=task.series_uid, image_count=task.image_count,
+                                 file_size=task.file_size, limits=config.limits, max_repairs=max_repairs,
+                                 batch_bytes=config.chunk_size)
+
+        async with self.download_limiter or contextlib.nullcontext():
+            unpacked = await stream_series_zip(
+                self.client, task.series_uid, task.collection, open_sink, chunk_size=config.chunk_size, rate=rate,
+                on_bytes=on_bytes, max_bytes=download_bound(task.file_size, task.image_count, config.limits))
         if unpacked.license_text is None:  # getImageWithMD5Hash sends none: say what getSeries said
             unpacked = dataclasses.replace(unpacked, license_text=license_from_row(task.row))
         for repair in unpacked.repairs:
