@@ -94,15 +94,19 @@ class _InstanceFile:
     """One new file in staging (``O_EXCL``, never through a link), hashed as it is written;
     keeps its first ``_HEAD_BYTES`` for the DICOM header check."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, folder: Path, name: str) -> None:
+        self.folder, self.name = folder, name
         self.size = 0
         self.head = bytearray()
         self._md5 = hashlib.md5()
         try:
-            self._fd: int | None = os.open(path, _OPEN_FLAGS, 0o644)
+            self._fd: int | None = os.open(os.path.join(folder, name), _OPEN_FLAGS, 0o644)
         except OSError as exc:
-            raise classify_os_error(exc, path.name) from None
+            raise classify_os_error(exc, name) from None
+
+    @property
+    def path(self) -> Path:
+        return self.folder / self.name
 
     def write(self, data: bytes | memoryview) -> None:
         assert self._fd is not None
@@ -115,7 +119,7 @@ class _InstanceFile:
             while view:
                 view = view[os.write(self._fd, view):]
         except OSError as exc:
-            raise classify_os_error(exc, self.path.name) from None
+            raise classify_os_error(exc, self.name) from None
 
     def close(self) -> str:
         """Close the file; returns its MD5."""
@@ -124,7 +128,7 @@ class _InstanceFile:
             try:
                 os.close(fd)
             except OSError as exc:
-                raise classify_os_error(exc, self.path.name) from None
+                raise classify_os_error(exc, self.name) from None
         return self._md5.hexdigest()
 
     def abandon(self) -> None:
@@ -146,6 +150,7 @@ class _Arrived:
     """A DICOM entry written to staging, with its verdict, checked against the rest at close."""
 
     entry: str                    # the name in the ZIP
+    bare: str                     # its last part (as md5hashes.csv names it)
     name: str                     # the file name in staging
     size: int
     md5: str
@@ -236,6 +241,7 @@ class ZipSeriesSink(_Batched):
         self._file: _InstanceFile | None = None
         self._small: bytearray | None = None   # LICENSE or md5hashes.csv being read
         self._small_kind = ""
+        self._bare = ""
         self._smalls: dict[str, bytes] = {}
         self._arrived: list[_Arrived] = []
         self._staged = False
@@ -298,13 +304,13 @@ class ZipSeriesSink(_Batched):
         self._names.add(name_key(base))
         if entry.declared_size is not None:
             self._check_size(entry.declared_size, entry.declared_size, declared=True)
-        bare = PurePosixPath(entry.name.replace("\\", "/")).name
+        self._bare = bare = PurePosixPath(entry.name.replace("\\", "/")).name
         if bare in _SMALL_CAPS:
             self._small, self._small_kind = bytearray(), bare
             return
         if not self._staged:
             self._make_staging()
-        self._file = _InstanceFile(self.staging / base)
+        self._file = _InstanceFile(self.staging, base)
 
     def _make_staging(self) -> None:
         try:
@@ -351,7 +357,7 @@ class ZipSeriesSink(_Batched):
             ids = file.dicom_ids()
         except IntegrityError as exc:
             not_dicom = exc
-        self._arrived.append(_Arrived(entry.name, file.path.name, file.size, digest, ids, not_dicom))
+        self._arrived.append(_Arrived(entry.name, self._bare, file.name, file.size, digest, ids, not_dicom))
 
     def _central(self, record: CentralRecord) -> None:
         check_entry_name(record.name)
@@ -392,7 +398,7 @@ class ZipSeriesSink(_Batched):
         repairs: list[Repair] = []
         sops: set[str] = set()
         for a in arrived:
-            base = PurePosixPath(a.entry.replace("\\", "/")).name
+            base = a.bare
             want = expected.get(base, expected.get(a.entry))
             if want is None:
                 raise self._error(IntegrityError, f"{base} is not listed in md5hashes.csv")
@@ -452,11 +458,16 @@ class InstanceSink:
     def _error(self, message: str) -> IntegrityError:
         return IntegrityError(message, series_uid=self.series_uid)
 
+    @property
+    def count(self) -> int:
+        """Instances started so far (the current one included)."""
+        return self._count
+
     def start(self) -> None:
         self._count += 1
         if self._count > self.max_instances:
             raise self._error(f"{self.sender} sent more than the {self.max_instances} instances announced")
-        self._file = _InstanceFile(self.staging / f"{self._count:08d}.part")
+        self._file = _InstanceFile(self.staging, f"{self._count:08d}.part")
 
     def write(self, data: bytes | memoryview) -> None:
         assert self._file is not None
