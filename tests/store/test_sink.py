@@ -826,3 +826,41 @@ def test_instance_sink_refusals(work: Path, problem: str) -> None:
 def test_crc32_is_what_zlib_says() -> None:  # the reader's CRC is the standard one
     data = java_zip([("a.dcm", b"abc")])
     assert struct.pack("<I", zlib.crc32(b"abc")) in data
+
+
+# ---------------------------------------------------------------- over HTTP: a failed attempt leaves nothing
+
+@pytest.mark.anyio
+async def test_an_attempt_reset_mid_stream_leaves_nothing_for_the_next(server, small_archive, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Our server resets the first getImage mid-stream: that attempt had written instances into
+    staging; the retry finds staging gone and ends with exactly the series' files."""
+    from harvester.config import Config
+    from harvester.fetch import stream_series_zip
+    from harvester.source.nbia import NBIAClient, make_session
+
+    rec = [r for r in small_archive.records() if r.row["Collection"].startswith("SYN-")][0]
+    await anyio.to_thread.run_sync(server.set_faults, "reset=1,seed=4")
+    config = Config(api_url=server.base_url, out_dir=tmp_path, retries=3, backoff_base=0.01, progress=False)
+    staging = tmp_path / "s.staging"
+    started: list[int] = []            # files started, per attempt
+    staging_at_open: list[bool] = []
+
+    class Counting(ZipSeriesSink):
+        def _start(self, entry):  # type: ignore[no-untyped-def]
+            started[-1] += 1
+            super()._start(entry)
+
+    def open_sink() -> ZipSeriesSink:
+        staging_at_open.append(staging.exists())
+        started.append(0)
+        if len(started) == 2:
+            server.set_faults(None)  # the retry gets the whole series
+        return Counting(staging, series_uid=rec.uid, image_count=len(rec.instances), file_size=rec.total_bytes,
+                        limits=Limits(), batch_bytes=1)
+
+    async with make_session(config) as session:
+        result = await stream_series_zip(NBIAClient(config, session), rec.uid, None, open_sink)
+    assert len(started) == 2 and started[0] >= 2, started    # LICENSE and at least one instance, then the reset
+    assert staging_at_open == [False, False]                  # the reset attempt's files went with its folder
+    assert sorted(p.name for p in staging.iterdir()) == sorted(f.name for f in result.files)
+    assert sorted(f.md5 for f in result.files) == sorted(i.md5 for i in rec.instances)
