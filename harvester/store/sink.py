@@ -176,9 +176,13 @@ class _Batched:
         self._batched = 0
         self._batch_bytes = batch_bytes
         self._dead = False
+        self._fed = False
 
     async def feed(self, chunk: bytes) -> None:
         """Take the next bytes of the series; raises as the sink's docstring says."""
+        if not self._fed:
+            self._fed = True
+            self._guarded(self._first_bytes)
         self._batch.append(chunk)
         self._batched += len(chunk)
         if self._batched >= self._batch_bytes:
@@ -201,6 +205,9 @@ class _Batched:
 
     def _write_batch(self, batch: Sequence[bytes]) -> None:
         raise NotImplementedError
+
+    def _first_bytes(self) -> None:
+        """Called (on the event loop) before the first chunk is batched."""
 
     def discard(self) -> None:
         """Give up: close what is open and remove the staging folder (blocking, quick)."""
@@ -264,6 +271,13 @@ class ZipSeriesSink(_Batched):
         return self._guarded(self._finish)  # type: ignore[return-value]
 
     # ------------------------------------------------------------ the stream
+
+    def _first_bytes(self) -> None:
+        # The staging folder exists from the first byte on (one mkdir, as quick as the
+        # .partial file's open was): a download in progress shows on disk, and a kill -9 leaves
+        # a folder the next run's open cleans, never a file under a final name.
+        if not self._staged:
+            self._make_staging()
 
     def _error(self, kind: type[HarvesterError], message: str, **extra: str) -> HarvesterError:
         return kind(message, series_uid=self.series_uid, **extra)  # type: ignore[call-arg]
