@@ -18,8 +18,9 @@ descriptor (its end cannot be found without guessing), a local header or data th
 with the central directory (name, CRC-32, sizes, offset, count), end records that disagree with
 the directory, anything after the end record's comment.
 
-Memory: the unparsed tail of the last chunk (a header's bytes: at most 30 + 2 x 65,535), zlib's
-window and one output step; per entry seen, one small record (for the directory check). The
+Memory: the unparsed tail of the last chunk (a record's bytes: at most 46 + 3 x 65,535), zlib's
+window and one output step; per entry, two small records (its local header's and its central
+one, for the directory check). The
 checks of names, sizes and counts against limits are the consumer's (``harvester.store.sink``),
 which sees each entry before any of its bytes.
 """
