@@ -36,6 +36,7 @@ from typing import Any
 OUTPUT_STEP = 1 << 20
 #: compressed bytes handed to zlib per call (zlib copies what it has not consumed each call)
 _INPUT_STEP = 256 << 10
+_FIRST_INPUT_STEP = 16 << 10
 _U32, _U16 = 0xFFFFFFFF, 0xFFFF
 _LOCAL, _CENTRAL, _DESCRIPTOR = b"PK\x03\x04", b"PK\x01\x02", b"PK\x07\x08"
 _END, _END64, _LOCATOR64 = b"PK\x05\x06", b"PK\x06\x06", b"PK\x06\x07"
@@ -307,7 +308,10 @@ class ZipStreamReader:
                 raise ZipStreamError(f"entry {self._entry.name!r} is corrupt (its deflate stream runs past its "
                                      "compressed size)")
             return 0, [], False
-        piece = buf[pos:min(end, pos + _INPUT_STEP)]
+        # At the end of the stream zlib copies what follows it into ``unused_data``: pieces that
+        # grow with the entry (16 KiB, then as much as it has consumed) keep that copy no larger
+        # than the entry itself, so a series of small entries is not copied over and over.
+        piece = buf[pos:min(end, pos + min(_INPUT_STEP, max(_FIRST_INPUT_STEP, self._csize)))]
         try:
             out = inflater.decompress(piece, OUTPUT_STEP)
         except zlib.error as exc:
