@@ -177,6 +177,7 @@ class _Batched:
         self._batch_bytes = batch_bytes
         self._dead = False
         self._fed = False
+        self._staged = False   # the staging folder was made by this sink (and is removed with it)
 
     async def feed(self, chunk: bytes) -> None:
         """Take the next bytes of the series; raises as the sink's docstring says."""
@@ -210,10 +211,12 @@ class _Batched:
         """Called (on the event loop) before the first chunk is batched."""
 
     def discard(self) -> None:
-        """Give up: close what is open and remove the staging folder (blocking, quick)."""
+        """Give up: close what is open and remove the staging folder if this sink made it
+        (blocking, quick)."""
         self._dead = True
         self._abandon()
-        _remove(self.staging)
+        if self._staged:
+            _remove(self.staging)
 
     def _abandon(self) -> None:
         pass
@@ -251,7 +254,6 @@ class ZipSeriesSink(_Batched):
         self._bare = ""
         self._smalls: dict[str, bytes] = {}
         self._arrived: list[_Arrived] = []
-        self._staged = False
 
     # ------------------------------------------------------------ async face
 

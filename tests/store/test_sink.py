@@ -864,3 +864,12 @@ async def test_an_attempt_reset_mid_stream_leaves_nothing_for_the_next(server, s
     assert staging_at_open == [False, False]                  # the reset attempt's files went with its folder
     assert sorted(p.name for p in staging.iterdir()) == sorted(f.name for f in result.files)
     assert sorted(f.md5 for f in result.files) == sorted(i.md5 for i in rec.instances)
+
+
+def test_a_sink_never_removes_a_staging_folder_it_did_not_make(work: Path) -> None:
+    staging = staging_of(work)
+    staging.mkdir()
+    (staging / "keep").write_bytes(b"not the sink's")
+    with pytest.raises(SeriesError, match="staging folder"):
+        sink_unpack(build_zip(INSTANCES), staging)
+    assert (staging / "keep").read_bytes() == b"not the sink's"
