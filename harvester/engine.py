@@ -1,7 +1,8 @@
 """The harvest engine: a bounded pool of workers that fetch, verify, unpack and commit series.
 
-Flow per series: ``Source.fetch_series`` (for NBIA: stream the ZIP with request-level retries,
-verify count, size, MD5 and DICOM and unpack safely in a thread, repair single instances) ->
+Flow per series: ``Source.fetch_series`` moves the bytes into a sink of the store that the
+engine hands it (``StoreSinks``: for NBIA the ZIP is verified (count, size, MD5, CRC, DICOM)
+and unpacked as it streams, with request-level retries; single instances repaired) ->
 ``HarvestState.commit`` (journal, then atomic rename). A series that fails with a
 retryable error is put back in the queue after a backoff (series-level retry, like rclone's
 two levels); a permanent failure is recorded and the others go on; a ``FatalError`` (disk
@@ -39,6 +40,7 @@ from harvester.errors import (
     should_retry_series,
 )
 from harvester.store.layout import assign_paths, safe_component
+from harvester.store.sink import StoreSinks
 from harvester.models import AnnotatedSeries, SeriesTask
 from harvester.events import Event, Hub
 from harvester.rate import RateLimiter
@@ -130,6 +132,8 @@ class Engine:
         if isinstance(source, DownloadSlots):
             source.download_limiter = self.limit.limiter
         self.rate = RateLimiter(config.max_rate) if config.max_rate else None
+        #: the store's sinks every source pours its bytes into (verified as they arrive)
+        self.sinks = StoreSinks(config.limits, config.chunk_size)
         self._licenses: set[str] = set()
         self._rng = random.Random()
         self._refresh_failed: dict[str, str] = {}  # uid -> why a refetch failed (its old copy is kept)
@@ -273,7 +277,7 @@ class Engine:
         staging = self.state.staging_dir(task.series_uid)
         try:
             unpacked = await self.source.fetch_series(
-                task, partial=partial, staging=staging, rate=self.rate,
+                task, partial=partial, staging=staging, rate=self.rate, sinks=self.sinks,
                 on_bytes=lambda n: self.hub.emit(Event("bytes", bytes=n)))
             record = self._record(job, unpacked.files)
             if isinstance(unpacked, AnnotatedSeries) and unpacked.annotations:   # beside the DICOM files

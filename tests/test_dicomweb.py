@@ -33,6 +33,8 @@ from typing import Any
 import anyio
 import pydicom
 import pytest
+
+from harvester.store.sink import StoreSinks
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -427,7 +429,7 @@ def test_count_mismatch_and_unknown_series_fail_the_series(orthanc, tmp_path):
             task = replace(task, image_count=image_count, series_uid=series_uid or task.series_uid)
             staging = tmp_path / f"staging-{image_count}-{bool(series_uid)}"
             return await source.fetch_series(task, partial=tmp_path / "p", staging=staging,
-                                             on_bytes=lambda n: None, rate=None)
+                                             on_bytes=lambda n: None, rate=None, sinks=StoreSinks(config.limits))
 
     uid = next(u for u in sorted(orthanc.series) if len(orthanc.series[u]) >= 3)
     count = len(orthanc.series[uid])

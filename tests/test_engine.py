@@ -203,7 +203,7 @@ class FakeSource:
         raise AssertionError("the engine never plans")
 
     async def fetch_series(self, task: SeriesTask, *, partial: Path, staging: Path, on_bytes: Any,
-                           rate: Any) -> UnpackedSeries:
+                           rate: Any, sinks: Any) -> UnpackedSeries:
         n = self.attempts[task.series_uid] = self.attempts.get(task.series_uid, 0) + 1
         outcomes = self.script.get(task.series_uid, ["ok"])
         outcome = outcomes[min(n, len(outcomes)) - 1]

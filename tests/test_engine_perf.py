@@ -286,18 +286,20 @@ def test_fetch_and_unpack_hold_a_few_chunks_not_the_series(big_archive: Any, tmp
 
 # ---------------------------------------------------------------- downloads overlap verification
 
-def test_verifying_one_series_does_not_keep_a_download_slot(server, small_archive, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """With one worker, the first series' unpack waits for the next download to start: that can
-    only happen if the download slot was released before verifying. Downloads never exceed
-    the worker count."""
+def test_committing_one_series_does_not_keep_a_download_slot(server, small_archive, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """With one worker, the first series' commit waits for the next download to start: that can
+    only happen if the download slot was released once the bytes were in (the sink verifies as
+    they arrive, so what is left after the download, repairs and the commit, holds no slot).
+    Downloads never exceed the worker count."""
     import threading
 
+    import harvester.engine as engine_module
     import harvester.source.nbia.source as source_module  # the names NBIASource calls
 
     active = peak = 0
-    real_fetch = source_module.fetch_series_zip
+    real_fetch = source_module.stream_series_zip
 
-    async def counting_fetch(*args: Any, **kwargs: Any) -> int:
+    async def counting_fetch(*args: Any, **kwargs: Any) -> Any:
         nonlocal active, peak
         active += 1
         peak = max(peak, active)
@@ -308,9 +310,9 @@ def test_verifying_one_series_does_not_keep_a_download_slot(server, small_archiv
 
     overlapped = threading.Event()
     first = threading.Lock()
-    real_unpack = source_module.verify_and_unpack
+    real_commit = engine_module._unlink_and_commit
 
-    def unpack_after_the_next_download_started(*args: Any, **kwargs: Any) -> Any:
+    def commit_after_the_next_download_started(*args: Any, **kwargs: Any) -> Any:
         if first.acquire(blocking=False):  # only the first series waits (in its worker thread)
             started = sum(server.stats.downloads.values())
             for _ in range(400):
@@ -318,12 +320,12 @@ def test_verifying_one_series_does_not_keep_a_download_slot(server, small_archiv
                     overlapped.set()
                     break
                 threading.Event().wait(0.025)
-        return real_unpack(*args, **kwargs)
+        return real_commit(*args, **kwargs)
 
-    monkeypatch.setattr(source_module, "fetch_series_zip", counting_fetch)
-    monkeypatch.setattr(source_module, "verify_and_unpack", unpack_after_the_next_download_started)
+    monkeypatch.setattr(source_module, "stream_series_zip", counting_fetch)
+    monkeypatch.setattr(engine_module, "_unlink_and_commit", commit_after_the_next_download_started)
     result = harvest(server.base_url, tmp_path / "out", select_all(small_archive), Hub(), workers=1, connections=4)
     assert result.ok, result.failed
-    assert overlapped.is_set(), "the next download waited for the previous series to be verified"
+    assert overlapped.is_set(), "the next download waited for the previous series to be committed"
     assert peak == 1
     assert_identical(tmp_path / "out", small_archive, normal_series(small_archive))

@@ -24,7 +24,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "harvester"
 
 LEAVES = {"harvester.errors", "harvester.redact", "harvester.units", "harvester.dates", "harvester.config",
           "harvester.containment", "harvester.models", "harvester.rate"}
-#: the store: layout, state, the manifest reader (the streaming sink joins them)
+#: the store: layout, the streaming sink, state, the manifest reader, the tree operations
 STORE = ("harvester.store",)
 SOURCES = ("harvester.source",)
 #: the modules a concrete source is not: the seam itself and the HTTP plumbing every source shares
@@ -40,9 +40,6 @@ LAZY = {
 }
 #: (importer prefix, imported prefix): why the edge is allowed for now
 EXEMPT = {
-    ("harvester.source.dicomweb", "harvester.store.layout"):
-        "the WADO-RS checker names the instance files it writes (safe_component, name_key) until the "
-        "streaming sink of the store takes the bytes",
     ("harvester.source.idc", "harvester.store.layout"):
         "the S3 fetcher names the object files it writes (safe_component, name_key) until the streaming "
         "sink of the store takes the bytes",

@@ -24,6 +24,7 @@ import anyio
 from harvester.config import Config
 from harvester.models import Plan, SeriesTask
 from harvester.query import Query, Selector
+from harvester.source.base import Sinks
 from harvester.source.idc import index as idc_index
 from harvester.source.idc.source import IDCSource
 from harvester.source.nbia import NBIAClient, NBIASource
@@ -84,9 +85,10 @@ class AutoSource:
         return dataclasses.replace(task, row=row, file_size=idc_row["FileSize"])
 
     async def fetch_series(self, task: SeriesTask, *, partial: Path, staging: Path,
-                           on_bytes: Callable[[int], None], rate: Any) -> UnpackedSeries:
+                           on_bytes: Callable[[int], None], rate: Any, sinks: Sinks) -> UnpackedSeries:
         if task.row.get("source") != "idc":
             return await self.nbia.fetch_series(task, partial=partial, staging=staging, on_bytes=on_bytes,
-                                                rate=rate)
+                                                rate=rate, sinks=sinks)
         async with self.download_limiter or contextlib.nullcontext():
-            return await self.idc.fetch_series(task, partial=partial, staging=staging, on_bytes=on_bytes, rate=rate)
+            return await self.idc.fetch_series(task, partial=partial, staging=staging, on_bytes=on_bytes, rate=rate,
+                                               sinks=sinks)

@@ -14,6 +14,12 @@ checked with ``isinstance`` against these ``runtime_checkable`` classes, never w
 * ``DownloadSlots``: the source holds the engine's download limiter only while bytes move, so
   that verifying never keeps a connection slot (the engine holds it for the whole series
   otherwise).
+
+A source moves bytes; the store checks them. The engine hands ``fetch_series`` a ``Sinks``
+(``harvester.store.sink.StoreSinks``), and the source pours what arrives into the sink it opens
+there: a series ZIP as a stream (``SeriesZipSink``), or instances one by one
+(``InstanceWriter``). So no source imports the store, and every archive's bytes pass the same
+checks (count, sizes, MD5, CRC, DICOM header, series UID) as they arrive.
 """
 from __future__ import annotations
 
@@ -23,9 +29,60 @@ from typing import Any, Protocol, runtime_checkable
 
 import anyio
 
-from harvester.models import Plan, SeriesTask, UnpackedSeries
+from harvester.models import Plan, SeriesTask, UnpackedSeries, VerifiedFile
 from harvester.query import Query
 from harvester.rate import RateLimiter
+
+
+class SeriesZipSink(Protocol):
+    """One series ZIP, verified and unpacked into its staging folder as its bytes arrive.
+
+    ``feed``/``flush``/``close`` raise the series' classified errors (``IntegrityError``,
+    ``UnsafeArchiveError``, ``IncompleteSeriesError``, ``OversizeDownloadError``, the disk's
+    ``DiskFullError``/``OutputNotWritableError``); a sink that raised, or was ``discard``-ed (for
+    an attempt that failed elsewhere), has removed the staging folder it made."""
+
+    async def feed(self, chunk: bytes) -> None: ...
+
+    async def flush(self) -> None: ...
+
+    async def close(self) -> UnpackedSeries: ...
+
+    def discard(self) -> None: ...
+
+
+class InstanceWriter(Protocol):
+    """Instances of one series that arrive one after another (blocking: call it from a worker
+    thread): ``start``, ``write`` its bytes, ``end`` checks it and names it after its
+    SOPInstanceUID. Raises ``IntegrityError`` for an instance that is not what was announced and
+    the disk's errors; ``abort`` closes an instance left open by an error."""
+
+    series_uid: str
+    files: list[VerifiedFile]
+
+    @property
+    def count(self) -> int: ...
+
+    def start(self) -> None: ...
+
+    def write(self, data: bytes | memoryview) -> None: ...
+
+    def end(self) -> VerifiedFile: ...
+
+    def abort(self) -> None: ...
+
+
+class Sinks(Protocol):
+    """Where a source puts the bytes it moves (the store's ``StoreSinks``), given by the engine."""
+
+    def series_zip(self, task: SeriesTask, staging: Path, *, max_repairs: int) -> SeriesZipSink:
+        """A fresh sink for one attempt at ``task``'s ZIP, unpacking into ``staging``."""
+        ...
+
+    def instances(self, task: SeriesTask, staging: Path, *, max_instances: int, what: str = "instance",
+                  sender: str = "the archive") -> InstanceWriter:
+        """A writer for ``task``'s instances into ``staging`` (created, or emptied, by the caller)."""
+        ...
 
 
 @runtime_checkable
@@ -51,10 +108,13 @@ class Source(Protocol):
         ...
 
     async def fetch_series(self, task: SeriesTask, *, partial: Path, staging: Path,
-                           on_bytes: Callable[[int], None], rate: RateLimiter | None) -> UnpackedSeries:
-        """Download one series and leave its verified files in ``staging`` (created).
+                           on_bytes: Callable[[int], None], rate: RateLimiter | None,
+                           sinks: Sinks) -> UnpackedSeries:
+        """Download one series and leave its verified files in ``staging`` (created), poured
+        through a sink of ``sinks`` as the bytes arrive.
 
-        ``partial`` is a scratch file the source may use for the raw download. Raises
+        ``partial`` is a scratch file the source may use for a download no sink takes (NBIA's
+        getDCMImage annotations). Raises
         ``SeriesError`` subclasses (retry the series later / give up), request errors, or
         ``FatalError``. The caller removes ``partial`` and ``staging`` on failure.
         """

@@ -1,2 +1,2 @@
-"""What a harvest leaves on disk and how it is read back: the manifest (harvest.json) now;
-layout, state and the tree operations follow it here."""
+"""The store: where verified bytes land and how they are read back: layout, the streaming sink,
+state, the manifest (harvest.json) and the tree operations."""

@@ -6,11 +6,11 @@ phase it hit is then *observed* from what it left on disk, never assumed):
 
 ``planning``  the server answers every request 150 ms late; kill 0-250 ms after the first
               planning request reached it (no ``run`` line in the journal yet).
-``download``  the server sends each series (~27 KB) at 16 KB/s; kill while a ``.zip.partial`` grows.
+``download``  the server sends each series (~27 KB) at 16 KB/s; kill while a staging folder fills
+              (the streaming sink writes each instance as its bytes arrive: there is no
+              ``.zip.partial`` any more, and downloading and unpacking are one phase).
 ``verify``    every series has one corrupt instance and requests are 200 ms late; kill while the
-              single-instance repair runs (ZIP complete, staging folder holds every file), or
-              while the ZIP is complete and its staging folder not yet created.
-``unpack``    kill while a staging folder holds fewer files than the ZIP (30 files per series).
+              single-instance repair runs (the staging folder holds every file).
 ``commit``    a slow disk (each fsync +50 ms, ``slow_disk.py``); kill as soon as a ``commit``
               line reaches the journal, before its staging folder is renamed into place.
 ``manifest``  the same slow disk; kill while ``.harvest.json.*.tmp``/``.metadata.csv.*.tmp``
@@ -31,7 +31,6 @@ import signal
 import subprocess
 import sys
 import time
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,11 +41,11 @@ from harvester.server.archive import Archive
 from harvester.server.testing import ServerHandle
 from harvester.store.state import series_key
 
-#: 60 series of 30 small instances: long enough downloads and unpacks to aim at.
+#: 60 series of 30 small instances: long enough downloads to aim at.
 KILL_SPEC = "collections=1,patients=6,studies=1,series=10,instances=30,size=256B,seed=62"
-PHASES = ("planning", "download", "verify", "unpack", "commit", "manifest")
+PHASES = ("planning", "download", "verify", "commit", "manifest")
 #: When several phases are in progress at the kill, the one reported (rarest first).
-_PRIORITY = ("commit", "manifest", "verify", "unpack", "download", "planning", "startup")
+_PRIORITY = ("commit", "manifest", "verify", "download", "planning", "startup")
 SLOW_DISK = Path(__file__).with_name("slow_disk.py")
 FSYNC_DELAY = "0.05"
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
@@ -63,7 +62,6 @@ TARGETS: dict[str, Target] = {
     "planning": Target("latency=150ms"),
     "download": Target("rate=16KiB"),
     "verify": Target("corrupt=1.0,latency=200ms"),
-    "unpack": Target(None),
     "commit": Target(None, slow_disk=True),
     "manifest": Target(None, slow_disk=True),
     "random": Target("rate=96KiB,latency=20ms"),
@@ -144,15 +142,6 @@ def journal_events(out: Path) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------------------ observing a kill
 
-def _zip_dicom_entries(path: Path) -> int | None:
-    """DICOM entries of a complete ZIP, or None while it is still arriving."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            return sum(1 for n in zf.namelist() if n not in ("LICENSE", "md5hashes.csv"))
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
-        return None
-
-
 def _dicom_files(folder: Path) -> int:
     try:
         return sum(1 for p in folder.iterdir() if not p.name.endswith(".repair"))
@@ -160,8 +149,9 @@ def _dicom_files(folder: Path) -> int:
         return 0
 
 
-def observe(out: Path, started: bool, run_started: bool, committed_keys: set[str]) -> set[str]:
-    """The phases in progress when the process died, read from what it left on disk.
+def observe(out: Path, started: bool, run_started: bool, committed_keys: set[str], instances: int) -> set[str]:
+    """The phases in progress when the process died, read from what it left on disk
+    (``instances``: the files of every series).
 
     ``started``: the process had reached the archive (its first planning request), so it had
     opened DIR and cleaned what earlier runs left in ``.harvester/tmp``; before that, the kill
@@ -175,21 +165,14 @@ def observe(out: Path, started: bool, run_started: bool, committed_keys: set[str
     tmp = out / ".harvester" / "tmp"
     names = {p.name for p in tmp.iterdir()} if tmp.is_dir() else set()
     for name in names:
-        if name.endswith(".zip.partial"):
-            key = name.removesuffix(".zip.partial")
-            entries = _zip_dicom_entries(tmp / name)
-            if entries is None:
-                phases.add("download")
-            elif f"{key}.staging" not in names:
-                phases.add("verify")       # ZIP complete: count, size and md5hashes.csv checks
-            elif _dicom_files(tmp / f"{key}.staging") < entries:
-                phases.add("unpack")
-            else:
-                phases.add("verify")       # every file unpacked: single-instance repair
-        elif name.endswith(".staging"):
+        if name.endswith(".staging"):
             key = name.removesuffix(".staging")
-            if key in committed_keys or f"{key}.zip.partial" not in names:
-                phases.add("commit")       # journalled (or about to be), not yet renamed
+            if key in committed_keys:
+                phases.add("commit")       # journalled, not yet renamed
+            elif _dicom_files(tmp / name) < instances:
+                phases.add("download")     # the sink writes each instance as its bytes arrive
+            else:
+                phases.add("verify")       # every file arrived: the checks at the end, a repair, the commit
         elif name.startswith("replaced-"):
             phases.add("commit")
     if any(out.glob(".*.tmp")) or any((out / "licenses").glob(".*.tmp")):
@@ -287,7 +270,7 @@ class Campaign:
     """One seeded sequence of kills into one output directory, then a final complete run."""
 
     def __init__(self, archive: Archive, server: ServerHandle, work: Path, seed: int, *,
-                 kills_per_phase: int = 3, random_kills: int = 3, max_attempts: int = 60) -> None:
+                 kills_per_phase: int = 3, random_kills: int = 6, max_attempts: int = 60) -> None:
         self.archive, self.server, self.seed = archive, server, seed
         self.out = work / "out"
         self.logs = work / "logs"
@@ -359,11 +342,8 @@ class Campaign:
                 elif not run_started:
                     pass
                 elif target == "download":
-                    if any(p.stat().st_size > 0 for p in _glob(tmp, "*.zip.partial")):
+                    if any(0 < _dicom_files(s) < self._instances_per_series for s in _glob(tmp, "*.staging")):
                         kill_at = now + self.rng.uniform(0.0, 0.5)
-                elif target == "unpack":
-                    if _glob(tmp, "*.staging"):
-                        kill_at = now
                 elif target == "verify":
                     if any(_dicom_files(s) >= self._instances_per_series for s in _glob(tmp, "*.staging")):
                         kill_at = now
@@ -407,7 +387,7 @@ class Campaign:
             assert proc.returncode == 0, f"run {n} ({target}) exited {proc.returncode}: {log.read_text()[-2000:]}"
             self.result.finished_early += 1
         else:
-            phases = observe(self.out, started, run_started, committed)
+            phases = observe(self.out, started, run_started, committed, self._instances_per_series)
             self.result.kills.append(Kill(target, primary(phases, target), sorted(phases), round(elapsed, 3)))
         self._no_refetch(must_skip, downloads_before)
         now_complete = check_tree(self.out, self.archive)  # the invariants at the instant of the kill

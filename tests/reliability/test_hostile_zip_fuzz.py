@@ -1,5 +1,5 @@
 """Hypothesis mutates a valid series ZIP (flipped bits, cut or inserted bytes, spliced headers):
-``verify_and_unpack`` either accepts it with every file matching md5hashes.csv and the right
+``verify_and_unpack`` and the streaming sink (``ZipSeriesSink``, fed in chunks) each either accept it with every file matching md5hashes.csv and the right
 series, or raises a ``SeriesError`` (integrity, incomplete, unsafe); it never raises anything
 else and never writes outside its staging folder."""
 from __future__ import annotations
@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from harvester.config import Limits
 from harvester.errors import SeriesError
 from harvester.server.zipstream import bytes_entry, zip_stream
-from harvester.unpack import verify_and_unpack
+from harvester.store.sink import ZipSeriesSink
+from harvester.unpack import UnpackedSeries, verify_and_unpack
 
 from .handserver import dicom_series, honest_zip, md5_csv
 
@@ -64,9 +65,27 @@ async def _java_zip(files: list[tuple[str, bytes]]) -> bytes:
 JAVA_ZIP = anyio.run(_java_zip, FILES)
 
 
+def _through_the_sink(data: bytes, staging: Path, **figures: object) -> UnpackedSeries:
+    sink = ZipSeriesSink(staging, **figures)  # type: ignore[arg-type]
+    for at in range(0, len(data), 4096):
+        sink.write(data[at:at + 4096])
+    return sink.finish()
+
+
+def _through_the_partial(data: bytes, staging: Path, **figures: object) -> UnpackedSeries:
+    zip_path = staging.parent.parent / "s.zip.partial"
+    zip_path.write_bytes(data)
+    return verify_and_unpack(zip_path, staging, **figures)  # type: ignore[arg-type]
+
+
+UNPACKERS = {"verify_and_unpack": _through_the_partial, "sink": _through_the_sink}
+
+
+@pytest.mark.parametrize("unpacker", sorted(UNPACKERS))
 @pytest.mark.parametrize("original,kind", [(ZIP, "hand-made"), (JAVA_ZIP, "deflated, data descriptors")],
                          ids=["hand-made", "java-deflated"])
-def test_mutated_zips_are_accepted_whole_or_refused_as_series_errors(tmp_path_factory, figures, original, kind):
+def test_mutated_zips_are_accepted_whole_or_refused_as_series_errors(tmp_path_factory, figures, original, kind,
+                                                                      unpacker):
     root = tmp_path_factory.mktemp("zipfuzz")
     tried = {"examples": 0, "accepted": 0, "refused": 0}
 
@@ -76,13 +95,13 @@ def test_mutated_zips_are_accepted_whole_or_refused_as_series_errors(tmp_path_fa
         tried["examples"] += 1
         work = root / f"w{tried['examples']}"
         work.mkdir()
-        zip_path, staging = work / "s.zip.partial", work / "tmp" / "s.staging"
-        zip_path.write_bytes(data)
+        staging = work / "tmp" / "s.staging"
         try:
-            result = verify_and_unpack(zip_path, staging, series_uid=SERIES, image_count=3,
-                                       file_size=sum(len(d) for _, d in FILES), limits=Limits(), max_repairs=0)
+            result = UNPACKERS[unpacker](data, staging, series_uid=SERIES, image_count=3,
+                                         file_size=sum(len(d) for _, d in FILES), limits=Limits(), max_repairs=0)
         except SeriesError as exc:
             assert str(exc).strip()
+            assert unpacker != "sink" or not staging.exists()  # a refusing sink removed what it wrote
             tried["refused"] += 1
         else:
             tried["accepted"] += 1
@@ -96,7 +115,7 @@ def test_mutated_zips_are_accepted_whole_or_refused_as_series_errors(tmp_path_fa
 
     check()
     assert tried["refused"] > 0 and tried["examples"] == tried["accepted"] + tried["refused"]
-    figures.record("hostile", family=f"mutated ZIPs ({kind}), hypothesis (verify_and_unpack)", inputs=tried["examples"],
+    figures.record("hostile", family=f"mutated ZIPs ({kind}), hypothesis ({unpacker})", inputs=tried["examples"],
                    hypothesis_examples=tried["examples"], accepted=tried["accepted"], refused=tried["refused"])
 
 

@@ -6,6 +6,7 @@ exhausted memory or a RecursionError. The cap is set small on the command line."
 from __future__ import annotations
 
 import asyncio
+import struct
 import zlib
 from pathlib import Path
 
@@ -43,10 +44,23 @@ def compress(data_chunks, encoding: str):
     yield comp.flush()
 
 
-def flood(h, key: str, head: bytes, *, encoding: str | None = None, total: int = FLOOD):
-    """``head`` then zeros, up to ``total`` bytes (before encoding)."""
+def empty_entries():
+    """Local headers of empty STORED entries, each with a 64,000-byte extra field: a ZIP stream
+    that the streaming sink accepts entry by entry (an empty file proves nothing wrong until the
+    end), so only the download bound can stop it."""
+    for i in range(FLOOD // 64_000):
+        name = f"1-{i:07d}.dcm".encode()
+        yield struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 0, 0, 0, 0, 0, 0, len(name), 64_000) + name + \
+            struct.pack("<HH", 0xCAFE, 63_996) + b"\0" * 63_996
+
+
+def flood(h, key: str, head: bytes, *, encoding: str | None = None, total: int = FLOOD, filler=None):
+    """``head`` then what ``filler()`` yields (zeros by default), up to ``total`` bytes (before encoding)."""
     def plain():
         yield head
+        if filler is not None:
+            yield from filler()
+            return
         for _ in range(total // (64 << 10)):
             yield b"\0" * (64 << 10)
 
@@ -68,7 +82,8 @@ def test_download_past_the_announced_size_stops_and_leaves_nothing(tmp_path: Pat
     uid = h.uids[0]
     row = h.archive.series[0]
     bound = download_bound(row["FileSize"], row["ImageCount"], Limits())
-    h.attacks[uid] = flood(h, uid, h.archive.zips[uid][:2000], encoding=encoding)
+    # The ZIP stream stays well-formed as it grows: the sink would refuse a corrupt one at once
+    h.attacks[uid] = flood(h, uid, b"", encoding=encoding, filler=empty_entries)
     out = tmp_path / "out"
     with serve_hostile(h):
         run = cli(*run_args(h, tmp_path, out, "--retries", "1"))

@@ -4,9 +4,6 @@ for the mapping of a query onto QIDO-RS and for who raises what).
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -28,11 +25,10 @@ from harvester.errors import (
     UsageError,
     classify_os_error,
 )
-from harvester.store.layout import name_key, safe_component
 from harvester.models import Plan, SeriesTask, UnavailableSeries, UnpackedSeries, VerifiedFile
 from harvester.query import Query, Selector, fold
 from harvester.selection import empty_selector_warnings, gather_limited, matches, rows_by_uid, select_rows
-from harvester.source.base import ClientBackedSource
+from harvester.source.base import ClientBackedSource, InstanceWriter, Sinks
 from harvester.source.dicomweb.client import (
     NO_COLLECTION,
     NO_SERIES,
@@ -48,7 +44,6 @@ from harvester.source.dicomweb.client import (
     json_text,
 )
 from harvester.source.http import BodyGuard, as_int, redact_url
-from harvester.unpack import read_dicom_ids
 
 @dataclass
 class _SearchResult:
@@ -256,12 +251,13 @@ class DICOMwebSource(ClientBackedSource):
 
     # ------------------------------------------------------------ fetch
     async def fetch_series(self, task: SeriesTask, *, partial: Path, staging: Path,
-                           on_bytes: Callable[[int], None], rate: Any) -> UnpackedSeries:
-        """Stream the series' WADO-RS multipart body straight into ``staging`` (``partial`` is
-        not used), with request-level retries; each attempt starts from an empty ``staging``."""
+                           on_bytes: Callable[[int], None], rate: Any, sinks: Sinks) -> UnpackedSeries:
+        """Stream the series' WADO-RS multipart body into an instance writer of ``sinks`` in
+        ``staging`` (``partial`` is not used), with request-level retries; each attempt starts
+        from an empty ``staging``."""
         async for attempt in self.client.retrying():
             with attempt:
-                files = await self._fetch_once(task, staging, on_bytes, rate)
+                files = await self._fetch_once(task, staging, on_bytes, rate, sinks)
         if task.image_count is not None and len(files) != task.image_count:
             raise IncompleteSeriesError(f"WADO-RS sent {len(files)} of {task.image_count} instances",
                                         series_uid=task.series_uid)
@@ -270,14 +266,15 @@ class DICOMwebSource(ClientBackedSource):
         return UnpackedSeries(files=files, license_text=None, repairs=[])
 
     async def _fetch_once(self, task: SeriesTask, staging: Path, on_bytes: Callable[[int], None],
-                          rate: Any) -> list[VerifiedFile]:
+                          rate: Any, sinks: Sinks) -> list[VerifiedFile]:
         """One attempt: parse the body chunk by chunk; each part is hashed, written and checked
         in a worker thread. (Overlapping the two in separate tasks measured no faster: the
         kernel's socket buffer keeps receiving while a chunk is written.)"""
         await anyio.to_thread.run_sync(_fresh_dir, staging)
         limits = self.config.limits
         announced = task.image_count if task.image_count is not None else limits.max_entries
-        checker = _SeriesChecker(task, staging, limits.max_entry_bytes, min(limits.max_entries, announced))
+        sink = sinks.instances(task, staging, max_instances=min(limits.max_entries, announced),
+                               what="WADO-RS part", sender="WADO-RS")
         shown = redact_url(self.client.series_url(task.study_uid, task.series_uid))
         guard = BodyGuard(self.config, shown)  # deadline and stall rule (QIDO announces no size)
         async with self.client.open_series(task.study_uid, task.series_uid) as (resp, boundary):
@@ -291,18 +288,18 @@ class DICOMwebSource(ClientBackedSource):
                     on_bytes(len(chunk))
                     for kind, payload in parser.feed(chunk):
                         if kind == "headers":
-                            await anyio.to_thread.run_sync(checker.start_part, payload)
+                            await anyio.to_thread.run_sync(_start_part, sink, payload)
                         elif kind == "data":
-                            await anyio.to_thread.run_sync(checker.write, payload)
+                            await anyio.to_thread.run_sync(sink.write, payload)
                         else:
-                            await anyio.to_thread.run_sync(checker.end_part)
+                            await anyio.to_thread.run_sync(sink.end)
                     guard.credit(time.monotonic() - ours)
                 parser.close()
             except MultipartError as exc:
                 raise RetryableRequestError(f"{exc} ({shown})", url=shown) from None
             finally:
-                checker.abort()  # synchronous: it must run even when cancelled
-        return checker.files
+                sink.abort()  # synchronous: it must run even when cancelled
+        return sink.files
 
 
 def _fresh_dir(path: Path) -> None:
@@ -314,92 +311,13 @@ def _fresh_dir(path: Path) -> None:
         raise classify_os_error(exc, f"staging folder {path.name}") from None
 
 
-class _SeriesChecker:
-    """Blocking per-part work, run in a worker thread: write and hash each part to a new file,
-    then check its DICOM header and name it after its SOPInstanceUID. Parts arrive one after
-    another, so no lock is needed."""
-
-    def __init__(self, task: SeriesTask, staging: Path, max_part_bytes: int, max_parts: int) -> None:
-        self.task = task
-        self.staging = staging
-        self.max_part_bytes = max_part_bytes
-        self.max_parts = max_parts
-        self.files: list[VerifiedFile] = []
-        self._sops: set[str] = set()
-        self._names: set[str] = set()
-        self._count = 0
-        self._fd: int | None = None
-        self._path: Path | None = None
-        self._md5 = hashlib.md5()
-        self._size = 0
-
-    def _error(self, message: str) -> IntegrityError:
-        return IntegrityError(message, series_uid=self.task.series_uid)
-
-    def start_part(self, headers: dict[str, str]) -> None:
-        self._count += 1
-        if self._count > self.max_parts:
-            raise self._error(f"WADO-RS sent more than the {self.max_parts} instances announced")
-        ctype = headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
-        if ctype != "application/dicom":
-            raise self._error(f"WADO-RS part {self._count} is {ctype}, not application/dicom")
-        self._path = self.staging / f"{self._count:08d}.part"
-        try:
-            self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        except OSError as exc:
-            raise classify_os_error(exc, self._path.name) from None
-        self._md5 = hashlib.md5()
-        self._size = 0
-
-    def write(self, data: bytes) -> None:
-        assert self._fd is not None
-        self._size += len(data)
-        if self._size > self.max_part_bytes:
-            raise self._error(f"WADO-RS part {self._count} is larger than {self.max_part_bytes} bytes")
-        self._md5.update(data)
-        view = memoryview(data)
-        try:
-            while view:
-                view = view[os.write(self._fd, view):]
-        except OSError as exc:
-            raise classify_os_error(exc, f"{self._path.name if self._path else 'part'}") from None
-
-    def end_part(self) -> None:
-        assert self._fd is not None and self._path is not None
-        fd, self._fd = self._fd, None
-        try:
-            os.close(fd)
-        except OSError as exc:
-            raise classify_os_error(exc, self._path.name) from None
-        try:
-            series, sop, sop_class = read_dicom_ids(self._path)
-        except IntegrityError as exc:
-            raise self._error(f"WADO-RS part {self._count}: {exc}") from None
-        if series != self.task.series_uid:
-            raise self._error(f"WADO-RS part {self._count} belongs to series {series or '(none)'}, not this one")
-        if not sop:
-            raise self._error(f"WADO-RS part {self._count} has no SOPInstanceUID")
-        if sop in self._sops:
-            raise self._error(f"WADO-RS part {self._count} repeats SOPInstanceUID {sop}")
-        name = safe_component(sop, max_bytes=100) + ".dcm"
-        if name_key(name) in self._names:  # two UIDs sanitised (or case-folded) alike: never overwrite a verified file
-            raise self._error(f"WADO-RS part {self._count}: SOPInstanceUID {sop!r} clashes with another's file name")
-        self._sops.add(sop)
-        self._names.add(name_key(name))
-        try:
-            os.replace(self._path, self.staging / name)
-        except OSError as exc:
-            raise classify_os_error(exc, name) from None
-        self.files.append(VerifiedFile(name=name, size=self._size, md5=self._md5.hexdigest(), sop_uid=sop,
-                                       sop_class_uid=sop_class))
-        self._path = None
-
-    def abort(self) -> None:
-        """Close a part left open by an error (its file goes with ``staging``)."""
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = None
+def _start_part(sink: InstanceWriter, headers: dict[str, str]) -> None:
+    """A part begins: a new instance in the sink, if the part says it is DICOM."""
+    sink.start()
+    ctype = headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
+    if ctype != "application/dicom":
+        raise IntegrityError(f"WADO-RS part {sink.count} is {ctype}, not application/dicom",
+                             series_uid=sink.series_uid)
 
 
 __all__ = ["DICOMwebSource"]

@@ -52,7 +52,7 @@ from harvester.models import Plan, SeriesTask, UnavailableSeries
 from harvester.selection import empty_selector_warnings, gather_limited, refuse_unavailable
 from harvester.store.layout import name_key, safe_component
 from harvester.query import Query
-from harvester.source.base import ClientBackedSource
+from harvester.source.base import ClientBackedSource, Sinks
 from harvester.source.http import BodyGuard, as_int, redact_url
 from harvester.source.idc import index as idc_index
 from harvester.source.idc.s3 import S3Client, S3Object
@@ -111,9 +111,11 @@ class IDCSource(ClientBackedSource):
 
     # ------------------------------------------------------------ fetch
     async def fetch_series(self, task: SeriesTask, *, partial: Path, staging: Path,
-                           on_bytes: Callable[[int], None], rate: Any) -> UnpackedSeries:
+                           on_bytes: Callable[[int], None], rate: Any, sinks: Sinks | None = None) -> UnpackedSeries:
         """List the series' prefix, check the listing, GET every object into ``staging``
-        (``partial`` is not used) and verify each file; see the module docstring for what is
+        (``partial`` and ``sinks`` are not used: several objects of a series arrive at once, and
+        each is written and verified by this source's own per-object check until the store's
+        instance writer takes parallel instances) and verify each file; see the module docstring for what is
         raised when."""
         bucket, prefix = str(task.row["aws_bucket"]), f"{task.row['crdc_series_uuid']}/"
         objects = await self.client.list_objects(bucket, prefix, max_keys=self.config.limits.max_entries)

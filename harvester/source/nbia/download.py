@@ -1,4 +1,6 @@
-"""Stream one series ZIP to a ``.partial`` file, with request-level retries.
+"""Stream one series ZIP, with request-level retries: into the streaming sink
+(``stream_series_zip``: the series is verified and unpacked as it arrives, see
+``harvester.store.sink``), or to a ``.partial`` file (``fetch_series_zip``).
 
 Memory is at most about two write batches (``chunk_size``) per series in flight, whatever the
 series size. Received chunks are gathered into batches of ``chunk_size`` and each batch is
@@ -28,7 +30,9 @@ import anyio
 from harvester.config import Limits
 from harvester.errors import OversizeDownloadError, RetryableRequestError, classify_os_error
 from harvester.source.http import BodyGuard, redact_url
+from harvester.models import UnpackedSeries
 from harvester.rate import RateLimiter
+from harvester.source.base import SeriesZipSink
 from harvester.source.nbia.client import NBIAClient
 
 ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")
@@ -56,14 +60,39 @@ async def fetch_series_zip(client: NBIAClient, series_uid: str, collection: str 
     ``max_bytes``: see ``download_bound``."""
     async for attempt in client.retrying():
         with attempt:
-            return await _fetch_once(client, series_uid, collection, dest, chunk_size, rate, on_bytes, max_bytes)
+            target = _PartialFile(dest, chunk_size)
+            try:
+                return await _fetch_once(client, series_uid, collection, target, chunk_size, rate, on_bytes,
+                                         max_bytes)
+            finally:
+                target.close()
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-async def _fetch_once(client: NBIAClient, series_uid: str, collection: str | None, dest: Path,
-                      chunk_size: int, rate: RateLimiter | None, on_bytes: Callable[[int], None] | None,
-                      max_bytes: int | None) -> int:
-    written = 0
+async def stream_series_zip(client: NBIAClient, series_uid: str, collection: str | None,
+                            open_sink: Callable[[], SeriesZipSink], *, chunk_size: int = 1 << 20,
+                            rate: RateLimiter | None = None, on_bytes: Callable[[int], None] | None = None,
+                            max_bytes: int | None = None) -> UnpackedSeries:
+    """Stream the series ZIP into a sink (``open_sink()``, a fresh one per attempt) and return
+    what it verified: no ``.partial`` file. A failed attempt discards its sink, so the staging
+    folder holds nothing of it. Raises what ``fetch_series_zip`` and the sink raise."""
+    async for attempt in client.retrying():
+        with attempt:
+            sink = open_sink()
+            try:
+                await _fetch_once(client, series_uid, collection, sink, chunk_size, rate, on_bytes, max_bytes)
+                return await sink.close()
+            except BaseException:
+                sink.discard()  # blocking but quick; it must run even when cancelled
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _fetch_once(client: NBIAClient, series_uid: str, collection: str | None,
+                      target: _PartialFile | SeriesZipSink, chunk_size: int, rate: RateLimiter | None,
+                      on_bytes: Callable[[int], None] | None, max_bytes: int | None) -> int:
+    """One attempt: the checked body, chunk by chunk, into ``target``; returns its size."""
+    received = 0
     shown = redact_url(client.series_url(series_uid, collection))
 
     def too_big(total: int) -> OversizeDownloadError:
@@ -73,46 +102,64 @@ async def _fetch_once(client: NBIAClient, series_uid: str, collection: str | Non
 
     guard = BodyGuard(client.config, shown, max_bytes=max_bytes, too_big=too_big)
     async with client.open_series(series_uid, collection) as resp:
+        head = b""  # the first bytes, until the ZIP signature could be checked
+        async for chunk in resp.content.iter_chunked(chunk_size):
+            guard.feed(len(chunk))
+            ours = time.monotonic()  # from here to the next read: our side's time, not the server's
+            if rate is not None:
+                await rate.consume(len(chunk))
+            received += len(chunk)
+            if on_bytes is not None:
+                on_bytes(len(chunk))
+            if head is not None:
+                head += chunk
+                if len(head) < 4:
+                    continue
+                if not head.startswith(ZIP_SIGNATURES):
+                    preview = head[:60].decode("utf-8", "replace")
+                    raise RetryableRequestError(
+                        f"download of series {series_uid} is not a ZIP (starts with {preview!r})")
+                chunk, head = head, None
+            await target.feed(chunk)
+            guard.credit(time.monotonic() - ours)
+        if head is not None:
+            raise RetryableRequestError(f"download of series {series_uid} was empty or not a ZIP")
+        await target.flush()
+    return received
+
+
+class _PartialFile:
+    """The ``.partial`` file of ``fetch_series_zip``: chunks are gathered into batches of
+    ``batch_bytes`` and each is written with one ``os.writev`` in a worker thread."""
+
+    def __init__(self, dest: Path, batch_bytes: int) -> None:
+        self.dest = dest
+        self._batch_bytes = batch_bytes
+        self._batch: list[bytes] = []
+        self._batched = 0
         try:
-            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fd: int | None = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as exc:
             raise classify_os_error(exc, dest.name) from None
-        try:
-            batch: list[bytes] = []
-            batched = 0
-            checked = False
-            async for chunk in resp.content.iter_chunked(chunk_size):
-                guard.feed(len(chunk))
-                ours = time.monotonic()  # from here to the next read: our side's time, not the server's
-                if rate is not None:
-                    await rate.consume(len(chunk))
-                batch.append(chunk)
-                batched += len(chunk)
-                if on_bytes is not None:
-                    on_bytes(len(chunk))
-                if not checked:
-                    if batched < 4:
-                        continue
-                    head = batch[0] if len(batch[0]) >= 4 else b"".join(batch)
-                    if not head.startswith(ZIP_SIGNATURES):
-                        preview = head[:60].decode("utf-8", "replace")
-                        raise RetryableRequestError(
-                            f"download of series {series_uid} is not a ZIP (starts with {preview!r})")
-                    checked = True
-                if batched >= chunk_size:
-                    written += await _write_batch(fd, batch, dest)
-                    batch, batched = [], 0
-                guard.credit(time.monotonic() - ours)
-            if not checked:
-                raise RetryableRequestError(f"download of series {series_uid} was empty or not a ZIP")
-            if batch:
-                written += await _write_batch(fd, batch, dest)
-        finally:
+
+    async def feed(self, chunk: bytes) -> None:
+        self._batch.append(chunk)
+        self._batched += len(chunk)
+        if self._batched >= self._batch_bytes:
+            await self.flush()
+
+    async def flush(self) -> None:
+        batch, self._batch, self._batched = self._batch, [], 0
+        if batch and self._fd is not None:
+            await _write_batch(self._fd, batch, self.dest)
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
             try:
                 os.close(fd)
             except OSError as exc:
-                raise classify_os_error(exc, dest.name) from None
-    return written
+                raise classify_os_error(exc, self.dest.name) from None
 
 
 async def _write_batch(fd: int, batch: list[bytes], dest: Path) -> int:

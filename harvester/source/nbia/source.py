@@ -1,12 +1,12 @@
 """The NBIA archive as a ``Source``: the planner for queries, getImage ZIPs for series,
 getSingleImage for one instance, getUpdatedSeries for what changed.
 
-Per series: stream the ZIP (``fetch_series_zip``, holding a ``download_limiter`` slot when the
-engine gave one), verify and unpack it in a thread (``verify_and_unpack``), then repair up to
-one in ten instances that failed only their MD5 with getSingleImage instead of refetching the
+Per series: stream the ZIP into a sink the engine gave (``stream_series_zip``, holding a
+``download_limiter`` slot when the engine gave one), which verifies and unpacks it as it arrives
+(the store's ``ZipSeriesSink``: no ``.partial``), then repair up to one in ten instances that failed only their MD5 with getSingleImage instead of refetching the
 whole series; with ``config.annotations``, the series' annotation files follow (getDCMImage).
 
-Raises what ``fetch_series_zip`` and ``verify_and_unpack`` raise, ``IntegrityError`` when a
+Raises what ``stream_series_zip`` and the sink raise, ``IntegrityError`` when a
 single-image refetch still fails its MD5 or is another instance, and the client's request errors.
 """
 from __future__ import annotations
@@ -30,11 +30,11 @@ from harvester.errors import IntegrityError
 from harvester.models import AnnotatedSeries, Plan, SeriesTask, UnpackedSeries
 from harvester.query import Query
 from harvester.rate import RateLimiter
-from harvester.source.base import ClientBackedSource
+from harvester.source.base import ClientBackedSource, Sinks
 from harvester.source.nbia.client import NBIAClient, license_from_row
-from harvester.source.nbia.download import download_bound, fetch_series_zip
+from harvester.source.nbia.download import download_bound, fetch_series_zip, stream_series_zip
 from harvester.source.nbia.planner import Planner
-from harvester.unpack import read_dicom_ids, verify_and_unpack
+from harvester.unpack import read_dicom_ids
 
 #: getUpdatedSeries is asked from this long before the last sync (the archive's dates are days)
 SYNC_OVERLAP = dt.timedelta(days=2)
@@ -81,16 +81,16 @@ class NBIASource(ClientBackedSource):
         return {str(r["SeriesInstanceUID"]) for r in rows if r.get("SeriesInstanceUID")}
 
     async def fetch_series(self, task: SeriesTask, *, partial: Path, staging: Path,
-                           on_bytes: Callable[[int], None], rate: RateLimiter | None) -> UnpackedSeries:
+                           on_bytes: Callable[[int], None], rate: RateLimiter | None,
+                           sinks: Sinks) -> UnpackedSeries:
         config = self.client.config
-        async with self.download_limiter or contextlib.nullcontext():
-            await fetch_series_zip(self.client, task.series_uid, task.collection, partial,
-                                   chunk_size=config.chunk_size, rate=rate, on_bytes=on_bytes,
-                                   max_bytes=download_bound(task.file_size, task.image_count, config.limits))
         max_repairs = max(1, (task.image_count or 0) // 10)
-        unpacked = await anyio.to_thread.run_sync(
-            lambda: verify_and_unpack(partial, staging, series_uid=task.series_uid, image_count=task.image_count,
-                                      file_size=task.file_size, limits=config.limits, max_repairs=max_repairs))
+        async with self.download_limiter or contextlib.nullcontext():
+            unpacked = await stream_series_zip(
+                self.client, task.series_uid, task.collection,
+                lambda: sinks.series_zip(task, staging, max_repairs=max_repairs), chunk_size=config.chunk_size,
+                rate=rate, on_bytes=on_bytes,
+                max_bytes=download_bound(task.file_size, task.image_count, config.limits))
         if unpacked.license_text is None:  # getImageWithMD5Hash sends none: say what getSeries said
             unpacked = dataclasses.replace(unpacked, license_text=license_from_row(task.row))
         for repair in unpacked.repairs:

@@ -1,0 +1,542 @@
+"""The one streaming sink: the bytes of a series go in as they arrive, verified files come out.
+
+Each instance is written straight into the staging folder while its MD5 is computed and the
+first bytes are kept for the DICOM header check; nothing of the whole series is held in memory
+or written twice. Two ways in:
+
+* ``ZipSeriesSink`` takes an NBIA series ZIP as a byte stream (``feed(chunk)``, ``close()``),
+  parsed by ``harvester.store.zipread``: DEFLATED with data descriptors as the real service
+  sends it, STORED, ZIP64. It applies the checks of ``harvester.unpack.verify_and_unpack``, with
+  the same error classes and, where the stream allows it, in the same order.
+* ``InstanceSink`` takes one instance at a time (``start()``, ``write(data)``, ``end()``), as
+  DICOMweb's multipart parts arrive, and names each file after its SOPInstanceUID.
+
+Who raises what (``ZipSeriesSink``):
+
+* as soon as an entry's local header or bytes show it: a name that is absolute or climbs out
+  (``check_entry_name``), an encrypted entry, a repeated name, more than ``limits.max_entries``
+  entries, an entry past ``limits.max_entry_bytes``, all entries together past the announced
+  size plus the margin (as ``verify_and_unpack``), LICENSE or md5hashes.csv implausibly large
+  -> ``UnsafeArchiveError``; bytes that are not a ZIP this reader can vouch for (a bad CRC-32 or
+  deflate stream, a data descriptor or central directory that disagrees with the entries,
+  anything after the end record) -> ``IntegrityError``;
+* at the central directory: a symbolic link, or a name there that is unsafe -> ``UnsafeArchiveError``;
+* at ``close()``, in ``verify_and_unpack``'s order: a ZIP cut short -> ``IntegrityError``; more
+  files or bytes than announced -> ``IntegrityError``; fewer -> ``IncompleteSeriesError``; no
+  md5hashes.csv, a file not listed there, an MD5 mismatch past ``max_repairs``, a file that is
+  not DICOM, of another series, or repeating a SOPInstanceUID -> ``IntegrityError``. The DICOM
+  verdict of each file is reached when it ends but reported here, so that a symlink or a
+  truncation found later is what the caller hears, as before.
+* writing: ``DiskFullError``/``OutputNotWritableError`` (``classify_os_error``).
+
+Once a sink has raised it is dead, and it has removed its staging folder: nothing it wrote is
+left anywhere. ``discard()`` does the same for a caller that gives up (a network error).
+
+Memory per series: the batch being handed to the worker thread (``batch_bytes``), one output
+step of the ZIP reader (``zipread.OUTPUT_STEP``) plus zlib's window, the first 256 KiB of the
+current file, LICENSE and md5hashes.csv (capped), and one small record per file.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import anyio
+
+from harvester.config import Limits
+from harvester.errors import HarvesterError, IncompleteSeriesError, IntegrityError, UnsafeArchiveError, \
+    classify_os_error
+from harvester.models import Repair, SeriesTask, UnpackedSeries, VerifiedFile
+from harvester.store.layout import instance_filename, name_key, safe_component
+from harvester.store.zipread import CentralRecord, LocalEntry, ZipStreamError, ZipStreamReader
+from harvester.unpack import (
+    _HEAD_BYTES,
+    _MORE_THAN_ANNOUNCED,
+    LICENSE_NAME,
+    MD5_NAME,
+    _not_announced,
+    check_entry_name,
+    parse_md5_csv,
+    read_dicom_ids,
+)
+
+#: bytes gathered from the network before one hop to the worker thread
+BATCH_BYTES = 1 << 20
+#: LICENSE and md5hashes.csv are read into memory up to these sizes (as ``verify_and_unpack``)
+_SMALL_CAPS = {LICENSE_NAME: 1 << 20, MD5_NAME: 64 << 20}
+_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+
+
+_PYDICOM_LOCK = threading.Lock()
+_pydicom_imported = False
+
+
+def _import_pydicom() -> None:
+    """Import pydicom once, under a lock: the header check imports it lazily, and two worker
+    threads importing it at the same moment meet its circular imports half done (ImportError)."""
+    global _pydicom_imported
+    if not _pydicom_imported:
+        with _PYDICOM_LOCK:
+            import pydicom.charset  # noqa: F401
+
+            _pydicom_imported = True
+
+
+class _InstanceFile:
+    """One new file in staging (``O_EXCL``, never through a link), hashed as it is written;
+    keeps its first ``_HEAD_BYTES`` for the DICOM header check."""
+
+    def __init__(self, folder: Path, name: str) -> None:
+        self.folder, self.name = folder, name
+        self.size = 0
+        self.head = bytearray()
+        self._md5 = hashlib.md5()
+        try:
+            self._fd: int | None = os.open(os.path.join(folder, name), _OPEN_FLAGS, 0o644)
+        except OSError as exc:
+            raise classify_os_error(exc, name) from None
+
+    @property
+    def path(self) -> Path:
+        return self.folder / self.name
+
+    def write(self, data: bytes | memoryview) -> None:
+        assert self._fd is not None
+        self.size += len(data)
+        if len(self.head) < _HEAD_BYTES:
+            self.head += data[:_HEAD_BYTES - len(self.head)]
+        self._md5.update(data)
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as exc:
+            raise classify_os_error(exc, self.name) from None
+
+    def close(self) -> str:
+        """Close the file; returns its MD5."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError as exc:
+                raise classify_os_error(exc, self.name) from None
+        return self._md5.hexdigest()
+
+    def abandon(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
+
+    def dicom_ids(self) -> tuple[str, str, str]:
+        """(series, SOP instance, SOP class) UIDs; ``IntegrityError`` if it is not DICOM."""
+        _import_pydicom()
+        return read_dicom_ids(self.path, bytes(self.head), whole=len(self.head) == self.size)
+
+
+@dataclass
+class _Arrived:
+    """A DICOM entry written to staging, with its verdict, checked against the rest at close."""
+
+    entry: str                    # the name in the ZIP
+    bare: str                     # its last part (as md5hashes.csv names it)
+    name: str                     # the file name in staging
+    size: int
+    md5: str
+    ids: tuple[str, str, str] | None
+    not_dicom: IntegrityError | None
+
+
+def _remove(staging: Path) -> None:
+    if staging.is_symlink():
+        return  # never ours: we create staging as a real folder
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+class _Batched:
+    """The async face shared by the sinks: chunks are gathered into batches of ``batch_bytes``
+    and each batch is handled by ``_write_batch`` in a worker thread, so file I/O, inflating
+    and hashing stay off the event loop and the loop pays one thread hop per batch."""
+
+    staging: Path
+
+    def __init__(self, batch_bytes: int) -> None:
+        self._batch: list[bytes] = []
+        self._batched = 0
+        self._batch_bytes = batch_bytes
+        self._dead = False
+        self._fed = False
+        self._staged = False   # the staging folder was made by this sink (and is removed with it)
+
+    async def feed(self, chunk: bytes) -> None:
+        """Take the next bytes of the series; raises as the sink's docstring says."""
+        if not self._fed:
+            self._fed = True
+            self._guarded(self._first_bytes)
+        self._batch.append(chunk)
+        self._batched += len(chunk)
+        if self._batched >= self._batch_bytes:
+            await self.flush()
+
+    async def flush(self) -> None:
+        batch, self._batch, self._batched = self._batch, [], 0
+        if batch:
+            await anyio.to_thread.run_sync(self._guarded, self._write_batch, batch)
+
+    def _guarded(self, step: object, *args: object) -> object:
+        """Run ``step``; on any exception the sink dies and removes its staging folder."""
+        if self._dead:
+            raise RuntimeError("the sink already failed or was closed")
+        try:
+            return step(*args)  # type: ignore[operator]
+        except BaseException:
+            self.discard()
+            raise
+
+    def _write_batch(self, batch: Sequence[bytes]) -> None:
+        raise NotImplementedError
+
+    def _first_bytes(self) -> None:
+        """Called (on the event loop) before the first chunk is batched."""
+
+    def discard(self) -> None:
+        """Give up: close what is open and remove the staging folder if this sink made it
+        (blocking, quick)."""
+        self._dead = True
+        self._abandon()
+        if self._staged:
+            _remove(self.staging)
+
+    def _abandon(self) -> None:
+        pass
+
+
+class ZipSeriesSink(_Batched):
+    """An NBIA series ZIP, streamed into ``staging`` (created on the first file; its parent must
+    exist). See the module docstring for what it checks and raises.
+
+    Use: ``await sink.feed(chunk)`` for each chunk received, then ``await sink.close()`` for the
+    ``UnpackedSeries`` (up to ``max_repairs`` files that failed only their MD5 come back as
+    ``repairs``, as from ``verify_and_unpack``). The blocking ``write``/``finish`` do the same
+    from a thread of one's own.
+    """
+
+    def __init__(self, staging: Path, *, series_uid: str, image_count: int | None, file_size: int | None,
+                 limits: Limits, max_repairs: int = 0, batch_bytes: int = BATCH_BYTES) -> None:
+        super().__init__(batch_bytes)
+        self.staging = staging
+        self.series_uid = series_uid
+        self.image_count, self.file_size = image_count, file_size
+        self.limits = limits
+        self.max_repairs = max_repairs
+        self._budget = None if file_size is None else \
+            int(file_size * (1 + limits.max_series_overhead)) + limits.series_slack_bytes
+        self._reader = ZipStreamReader()
+        self._entries = 0
+        self._names: set[str] = set()
+        self._total = 0               # uncompressed bytes of every entry so far
+        self._entry: LocalEntry | None = None
+        self._entry_size = 0
+        self._file: _InstanceFile | None = None
+        self._small: bytearray | None = None   # LICENSE or md5hashes.csv being read
+        self._small_kind = ""
+        self._bare = ""
+        self._smalls: dict[str, bytes] = {}
+        self._arrived: list[_Arrived] = []
+
+    # ------------------------------------------------------------ async face
+
+    async def close(self) -> UnpackedSeries:
+        """The verified series, once the whole ZIP was fed; raises as the module docstring says."""
+        await self.flush()
+        return await anyio.to_thread.run_sync(self._guarded, self._finish)  # type: ignore[return-value]
+
+    # ------------------------------------------------------------ blocking face
+
+    def write(self, chunk: bytes) -> None:
+        """Blocking ``feed`` (no batching)."""
+        self._guarded(self._write_batch, [chunk])
+
+    def finish(self) -> UnpackedSeries:
+        """Blocking ``close``."""
+        return self._guarded(self._finish)  # type: ignore[return-value]
+
+    # ------------------------------------------------------------ the stream
+
+    def _first_bytes(self) -> None:
+        # The staging folder exists from the first byte on (one mkdir, as quick as the
+        # .partial file's open was): a download in progress shows on disk, and a kill -9 leaves
+        # a folder the next run's open cleans, never a file under a final name.
+        if not self._staged:
+            self._make_staging()
+
+    def _error(self, kind: type[HarvesterError], message: str, **extra: str) -> HarvesterError:
+        return kind(message, series_uid=self.series_uid, **extra)  # type: ignore[call-arg]
+
+    def _write_batch(self, batch: Sequence[bytes]) -> None:
+        for chunk in batch:
+            try:
+                for kind, payload in self._reader.feed(chunk):
+                    if kind == "data":
+                        self._data(payload)
+                    elif kind == "entry":
+                        self._start(payload)
+                    elif kind == "end":
+                        self._end()
+                    elif kind == "central":
+                        self._central(payload)
+            except ZipStreamError as exc:
+                raise self._error(IntegrityError, f"download is not a readable ZIP: {exc}") from None
+
+    def _start(self, entry: LocalEntry) -> None:
+        self._entries += 1
+        if self._entries > self.limits.max_entries:
+            raise self._error(UnsafeArchiveError, f"ZIP has more than {self.limits.max_entries} entries "
+                                                  f"(limit {self.limits.max_entries})")
+        self._entry, self._entry_size = entry, 0
+        if not entry.name or "\x00" in entry.name:
+            # nothing that could be written: refused by name at the central directory
+            # (check_entry_name), or as a broken ZIP if the stream breaks first, as zipfile does
+            return
+        check_entry_name(entry.name)
+        if entry.name.endswith("/"):  # a folder: nothing to write (zipfile's is_dir)
+            return
+        if entry.encrypted:
+            raise self._error(UnsafeArchiveError, f"ZIP entry {entry.name!r} is encrypted")
+        base = instance_filename(entry.name)
+        if name_key(base) in self._names:  # the same rule as for folders: one file on macOS or Windows
+            raise self._error(UnsafeArchiveError, f"ZIP repeats the entry name {base!r}")
+        self._names.add(name_key(base))
+        if entry.declared_size is not None:
+            self._check_size(entry.declared_size, entry.declared_size, declared=True)
+        self._bare = bare = PurePosixPath(entry.name.replace("\\", "/")).name
+        if bare in _SMALL_CAPS:
+            self._small, self._small_kind = bytearray(), bare
+            return
+        if not self._staged:
+            self._make_staging()
+        self._file = _InstanceFile(self.staging, base)
+
+    def _make_staging(self) -> None:
+        try:
+            self.staging.mkdir(parents=True, exist_ok=False)
+        except OSError as exc:
+            raise classify_os_error(exc, f"staging folder {self.staging.name}") from None
+        self._staged = True
+
+    def _check_size(self, entry_size: int, total: int, *, declared: bool = False) -> None:
+        assert self._entry is not None
+        if entry_size > self.limits.max_entry_bytes:
+            size = f"{entry_size} bytes" if declared else f"more than {self.limits.max_entry_bytes} bytes"
+            raise self._error(UnsafeArchiveError, f"ZIP entry {self._entry.name!r} expands to {size} "
+                                                  f"(limit {self.limits.max_entry_bytes} per entry; zip bomb?)")
+        if self._budget is not None and total > self._budget:
+            raise self._error(UnsafeArchiveError, f"ZIP expands beyond the series' announced size ({self.file_size} "
+                                                  "bytes): a zip bomb, or the archive's figures are wrong")
+
+    def _data(self, data: bytes | memoryview) -> None:
+        assert self._entry is not None
+        self._entry_size += len(data)
+        self._total += len(data)
+        self._check_size(self._entry_size, self._total)
+        if self._file is not None:
+            self._file.write(data)
+        elif self._small is not None:
+            if self._entry_size > _SMALL_CAPS[self._small_kind]:
+                raise self._error(UnsafeArchiveError, f"ZIP entry {self._entry.name!r} is implausibly large "
+                                                      f"(more than {_SMALL_CAPS[self._small_kind]} bytes)")
+            self._small += data
+
+    def _end(self) -> None:
+        assert self._entry is not None
+        entry, self._entry = self._entry, None
+        if self._small is not None:
+            self._smalls[self._small_kind], self._small = bytes(self._small), None
+            return
+        file, self._file = self._file, None
+        if file is None:
+            return  # a folder
+        digest = file.close()
+        ids, not_dicom = None, None
+        try:
+            ids = file.dicom_ids()
+        except IntegrityError as exc:
+            not_dicom = exc
+        self._arrived.append(_Arrived(entry.name, self._bare, file.name, file.size, digest, ids, not_dicom))
+
+    def _central(self, record: CentralRecord) -> None:
+        check_entry_name(record.name)
+        if stat.S_ISLNK((record.external_attr >> 16) & 0xFFFF):
+            raise self._error(UnsafeArchiveError, f"ZIP entry {record.name!r} is a symbolic link")
+
+    def _abandon(self) -> None:
+        if self._file is not None:
+            self._file.abandon()
+            self._file = None
+
+    # ------------------------------------------------------------ the verdict
+
+    def _finish(self) -> UnpackedSeries:
+        try:
+            self._reader.close()
+        except ZipStreamError as exc:
+            raise self._error(IntegrityError, f"download is not a readable ZIP: {exc}") from None
+        self._dead = True  # whatever follows, nothing more is fed
+        arrived = self._arrived
+        count, announced = len(arrived), sum(a.size for a in arrived)
+        # more files or bytes than announced is not a truncated download but another answer
+        if self.image_count is not None and count > self.image_count:
+            raise self._error(IntegrityError, _not_announced(f"{count} files", f"{self.image_count}"),
+                              hint=_MORE_THAN_ANNOUNCED)
+        if self.image_count is not None and count != self.image_count:
+            raise self._error(IncompleteSeriesError, f"ZIP holds {count} of {self.image_count} files")
+        if self.file_size is not None and announced > self.file_size:
+            raise self._error(IntegrityError, _not_announced(f"{announced} bytes", f"{self.file_size}"),
+                              hint=_MORE_THAN_ANNOUNCED)
+        if self.file_size is not None and announced != self.file_size:
+            raise self._error(IncompleteSeriesError, f"ZIP holds {announced} of {self.file_size} bytes")
+        if MD5_NAME not in self._smalls:
+            raise self._error(IntegrityError, "ZIP has no md5hashes.csv, so its files cannot be verified")
+        expected = parse_md5_csv(self._smalls[MD5_NAME])
+        license_raw = self._smalls.get(LICENSE_NAME)
+        files: list[VerifiedFile] = []
+        repairs: list[Repair] = []
+        sops: set[str] = set()
+        for a in arrived:
+            base = a.bare
+            want = expected.get(base, expected.get(a.entry))
+            if want is None:
+                raise self._error(IntegrityError, f"{base} is not listed in md5hashes.csv")
+            md5_checked = want != ""  # empty: no MD5 recorded; the reader checked the CRC-32
+            mismatch = md5_checked and a.md5 != want
+            if mismatch and len(repairs) >= self.max_repairs:
+                raise self._error(IntegrityError, f"{base} does not match its MD5 (got {a.md5}, expected {want})")
+            if a.not_dicom is not None or a.ids is None:
+                raise a.not_dicom or self._error(IntegrityError, f"{base} is not DICOM")
+            series, sop, sop_class = a.ids
+            digest = a.md5
+            if mismatch:
+                if series != self.series_uid or not sop:
+                    raise self._error(IntegrityError, f"{base} does not match its MD5 and cannot be repaired alone")
+                repairs.append(Repair(name=a.name, sop_uid=sop, md5=want))
+                digest = want
+            if series != self.series_uid:
+                raise self._error(IntegrityError, f"{base} belongs to series {series or '(none)'}, not this one")
+            if sop in sops:
+                raise self._error(IntegrityError, f"{base} repeats SOPInstanceUID {sop}")
+            sops.add(sop)
+            files.append(VerifiedFile(name=a.name, size=a.size, md5=digest, sop_uid=sop, sop_class_uid=sop_class,
+                                      md5_checked=md5_checked))
+        license_text = None if license_raw is None else license_raw.decode("utf-8", "replace")
+        if not self._staged:  # a series of no files (none announced): its folder, empty
+            self._make_staging()
+        return UnpackedSeries(files=files, license_text=license_text, repairs=repairs)
+
+
+class InstanceSink:
+    """Instances that arrive one by one (DICOMweb multipart parts), each written to a new file
+    in ``staging`` (created, or emptied, by the caller) while hashed, then checked as DICOM of
+    ``series_uid`` and renamed to ``<SOPInstanceUID>.dcm``. Blocking: call it from a worker
+    thread; instances come one after another, so no lock is needed.
+
+    Raises ``IntegrityError`` for more than ``max_instances``, an instance past
+    ``max_instance_bytes``, one that is not DICOM, of another series, without or repeating a
+    SOPInstanceUID (or whose file name clashes with another's), and the disk's errors
+    (``classify_os_error``). ``what`` names an instance in messages (``WADO-RS part``),
+    ``sender`` what sent it (``WADO-RS``).
+    """
+
+    def __init__(self, staging: Path, *, series_uid: str, max_instance_bytes: int, max_instances: int,
+                 what: str = "instance", sender: str = "the archive") -> None:
+        self.staging = staging
+        self.sender = sender
+        self.series_uid = series_uid
+        self.max_instance_bytes = max_instance_bytes
+        self.max_instances = max_instances
+        self.what = what
+        self.files: list[VerifiedFile] = []
+        self._sops: set[str] = set()
+        self._names: set[str] = set()
+        self._count = 0
+        self._file: _InstanceFile | None = None
+
+    def _error(self, message: str) -> IntegrityError:
+        return IntegrityError(message, series_uid=self.series_uid)
+
+    @property
+    def count(self) -> int:
+        """Instances started so far (the current one included)."""
+        return self._count
+
+    def start(self) -> None:
+        self._count += 1
+        if self._count > self.max_instances:
+            raise self._error(f"{self.sender} sent more than the {self.max_instances} instances announced")
+        self._file = _InstanceFile(self.staging, f"{self._count:08d}.part")
+
+    def write(self, data: bytes | memoryview) -> None:
+        assert self._file is not None
+        if self._file.size + len(data) > self.max_instance_bytes:
+            raise self._error(f"{self.what} {self._count} is larger than {self.max_instance_bytes} bytes")
+        self._file.write(data)
+
+    def end(self) -> VerifiedFile:
+        assert self._file is not None
+        file, self._file = self._file, None
+        digest = file.close()
+        try:
+            series, sop, sop_class = file.dicom_ids()
+        except IntegrityError as exc:
+            raise self._error(f"{self.what} {self._count}: {exc}") from None
+        if series != self.series_uid:
+            raise self._error(f"{self.what} {self._count} belongs to series {series or '(none)'}, not this one")
+        if not sop:
+            raise self._error(f"{self.what} {self._count} has no SOPInstanceUID")
+        if sop in self._sops:
+            raise self._error(f"{self.what} {self._count} repeats SOPInstanceUID {sop}")
+        name = safe_component(sop, max_bytes=100) + ".dcm"
+        if name_key(name) in self._names:  # two UIDs sanitised (or case-folded) alike: never overwrite a verified file
+            raise self._error(f"{self.what} {self._count}: SOPInstanceUID {sop!r} clashes with another's file name")
+        self._sops.add(sop)
+        self._names.add(name_key(name))
+        try:
+            os.replace(file.path, self.staging / name)
+        except OSError as exc:
+            raise classify_os_error(exc, name) from None
+        verified = VerifiedFile(name=name, size=file.size, md5=digest, sop_uid=sop, sop_class_uid=sop_class)
+        self.files.append(verified)
+        return verified
+
+    def abort(self) -> None:
+        """Close an instance left open by an error (its file goes with ``staging``)."""
+        if self._file is not None:
+            self._file.abandon()
+            self._file = None
+
+
+class StoreSinks:
+    """The sinks the engine hands a source (``harvester.source.base.Sinks``): one per attempt at a
+    series, each bounded by ``limits`` and writing in batches of ``batch_bytes``."""
+
+    def __init__(self, limits: Limits, batch_bytes: int = BATCH_BYTES) -> None:
+        self.limits = limits
+        self.batch_bytes = batch_bytes
+
+    def series_zip(self, task: SeriesTask, staging: Path, *, max_repairs: int) -> ZipSeriesSink:
+        return ZipSeriesSink(staging, series_uid=task.series_uid, image_count=task.image_count,
+                             file_size=task.file_size, limits=self.limits, max_repairs=max_repairs,
+                             batch_bytes=self.batch_bytes)
+
+    def instances(self, task: SeriesTask, staging: Path, *, max_instances: int, what: str = "instance",
+                  sender: str = "the archive") -> InstanceSink:
+        return InstanceSink(staging, series_uid=task.series_uid, max_instance_bytes=self.limits.max_entry_bytes,
+                            max_instances=max_instances, what=what, sender=sender)
