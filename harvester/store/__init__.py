@@ -1,0 +1,1 @@
+"""The store: where verified bytes land (layout, sink, state, manifest)."""
