@@ -16,6 +16,7 @@ otherwise a slot covers the whole attempt. The connection limit lives in the HTT
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 import shutil
@@ -228,7 +229,7 @@ class Engine:
         async def manifest_writer() -> None:
             while True:
                 await anyio.sleep(MANIFEST_EVERY)
-                await anyio.to_thread.run_sync(self._checkpoint, header, order)
+                await anyio.to_thread.run_sync(functools.partial(self._checkpoint, header, order, final=False))
 
         try:
             async with anyio.create_task_group() as tg:
@@ -253,9 +254,10 @@ class Engine:
     def _totals(self, order: list[str]) -> dict[str, int]:
         return totals_of([self.state.records[u] for u in order if u in self.state.records])
 
-    def _checkpoint(self, header: dict[str, Any], order: list[str]) -> dict[str, int]:
-        """Rewrite harvest.json and journal the counters (the report plots them); returns the totals."""
-        totals = self.state.write_manifest(header, order)
+    def _checkpoint(self, header: dict[str, Any], order: list[str], *, final: bool = True) -> dict[str, int]:
+        """Rewrite harvest.json (during the run only while it is small: ``HarvestState.write_manifest``)
+        and journal the counters (the report plots them); returns the totals."""
+        totals = self.state.write_manifest(header, order, final=final)
         t = self.hub.tally
         self.state.log_event({"event": "progress", "received_bytes": t.received_bytes, "retries": t.retries
                               + t.series_retries, "done": t.done_series, "failed": t.failed_series,

@@ -408,3 +408,23 @@ def test_reading_a_database_with_hostile_rows_skips_them(tmp_path: Path) -> None
         assert "9.4" not in state.records and "9.7" not in state.records
     finally:
         state.close()
+
+
+def test_a_checkpoint_beyond_the_limit_leaves_harvest_json_for_the_end_of_the_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import harvester.state
+    out = tmp_path / "h"
+    harvest_of(out, 2)
+    written = (out / "harvest.json").read_bytes()
+    monkeypatch.setattr(harvester.state, "CHECKPOINT_EXPORT_MAX_SERIES", 1)
+    state = HarvestState(out)
+    state.open()
+    try:
+        totals = state.write_manifest({"layout": "classic", "run": 2}, final=False)
+        assert totals["complete"] == 2
+        assert (out / "harvest.json").read_bytes() == written        # not rewritten at 2 > 1 series
+        assert state.db is not None and state.db.get_meta("header")["run"] == 2   # the database has it
+        state.write_manifest({"layout": "classic", "run": 2})          # the end of the run: written
+        assert json.loads((out / "harvest.json").read_text())["run"] == 2
+    finally:
+        state.close()
