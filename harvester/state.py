@@ -176,11 +176,17 @@ def write_output(target: Path | str, data: bytes, *, option: str) -> None:
 
     Raises ``DiskFullError``, or ``OutputNotWritableError`` whose hint names ``option``.
     """
+    write_output_chunks(target, (data,), option=option)
+
+
+def write_output_chunks(target: Path | str, chunks: Iterable[bytes], *, option: str) -> None:
+    """``write_output`` of the concatenation of ``chunks``, consumed as they come."""
     hint = f"choose a file you can write to with {option} FILE, or {option} - for stdout"
     if str(target) == "-":
         try:
             sys.stdout.flush()
-            sys.stdout.buffer.write(data)
+            for chunk in chunks:
+                sys.stdout.buffer.write(chunk)
             sys.stdout.buffer.flush()
         except BrokenPipeError:
             raise  # the reader left (| head): the CLI ends quietly
@@ -192,11 +198,12 @@ def write_output(target: Path | str, data: bytes, *, option: str) -> None:
         through = path.is_symlink() or (path.exists() and not path.is_file())
         if through:
             with open(path, "wb") as fh:  # follows the link / opens the device or FIFO: never replaced
-                fh.write(data)
+                for chunk in chunks:
+                    fh.write(chunk)
             return
         if not path.parent.is_dir():
             raise OutputNotWritableError(f"cannot write {path}: {path.parent} is not a directory", hint=hint)
-        atomic_write(path, data)
+        atomic_write_chunks(path, chunks)
     except DiskFullError:
         raise
     except HarvesterError as exc:  # atomic_write's, classified; or the parent check's
@@ -1005,6 +1012,49 @@ class HarvestState:
 #: A checkpoint during a run rewrites harvest.json only up to this many series (about 34 MB at 50
 #: files a series); beyond it harvest.json is written at the end of the run and by ``export``.
 CHECKPOINT_EXPORT_MAX_SERIES = 2000
+
+
+def _is_harvest(out_dir: Path) -> None:
+    """Raises ``UsageError`` unless ``out_dir`` holds a harvest (its state or its harvest.json)."""
+    if not ((out_dir / ".harvester").is_dir() or (out_dir / "harvest.json").exists()):
+        raise UsageError(f"{out_dir} holds no harvest (no .harvester/ and no harvest.json)",
+                         hint="export takes the output directory of a harvest")
+
+
+def export_jsonl(out_dir: Path, target: Path | str) -> int:
+    """Every series record of ``out_dir``, one JSON object a line, streamed from the state
+    database (reading only: no lock, nothing written in DIR) to ``target`` (``-`` for stdout; see
+    ``write_output``). The form beyond harvest.json's size (see docs): memory holds one record.
+    Returns how many records were written. Raises ``UsageError`` when DIR holds no harvest."""
+    _is_harvest(out_dir)
+    state = HarvestState(out_dir)
+    state.read()
+    count = 0
+
+    def lines() -> Iterator[bytes]:
+        nonlocal count
+        for rec in state.records.values():
+            count += 1
+            yield (json.dumps(rec, separators=(",", ":"), ensure_ascii=False) + "\n").encode("utf-8")
+    try:
+        write_output_chunks(target, lines(), option="--jsonl")
+    finally:
+        state.close()
+    return count
+
+
+def rewrite_exports(out_dir: Path) -> dict[str, int]:
+    """Write ``out_dir``'s harvest.json and metadata.csv again from the state database (opened,
+    locked and recovered as a run does); returns the totals. Raises ``UsageError`` when DIR holds
+    no harvest, and what ``HarvestState.open`` raises."""
+    _is_harvest(out_dir)
+    state = HarvestState(out_dir)
+    state.open()
+    try:
+        header = {k: v for k, v in state.header.items() if k != "schema"}
+        return state.write_manifest(header)
+    finally:
+        state.close()
 
 
 def _event_of(rec: dict[str, Any]) -> dict[str, Any]:

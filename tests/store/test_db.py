@@ -428,3 +428,57 @@ def test_a_checkpoint_beyond_the_limit_leaves_harvest_json_for_the_end_of_the_ru
         assert json.loads((out / "harvest.json").read_text())["run"] == 2
     finally:
         state.close()
+
+
+# ---------------------------------------------------------------- exports on demand
+
+def harvester_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "harvester", *map(str, args)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "NO_COLOR": "1"})
+
+
+def test_export_jsonl_streams_every_record_and_writes_nothing_in_dir(tmp_path: Path) -> None:
+    out = tmp_path / "h"
+    recs = harvest_of(out, 3)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    proc = harvester_cli("export", out, "--jsonl", "-")
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line) for line in proc.stdout.splitlines()] == recs
+    assert proc.stderr.strip() == "wrote -: 3 series"
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    target = tmp_path / "all.jsonl"
+    assert harvester_cli("export", out, "--jsonl", target).returncode == 0
+    assert target.read_text().splitlines() == proc.stdout.splitlines()
+
+
+def test_export_manifest_writes_harvest_json_again_from_the_database(tmp_path: Path) -> None:
+    out = tmp_path / "h"
+    recs = harvest_of(out, 2)
+    written = (out / "harvest.json").read_bytes()
+    (out / "harvest.json").unlink()
+    (out / "metadata.csv").unlink()
+    proc = harvester_cli("export", out, "--manifest")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads((out / "harvest.json").read_text())
+    assert doc["series"] == recs and doc["layout"] == "classic" and doc["totals"]["complete"] == 2
+    assert (out / "harvest.json").read_bytes() == written
+    assert len((out / "metadata.csv").read_text().splitlines()) == 3
+
+
+def test_export_of_a_folder_that_is_no_harvest_is_a_usage_error(tmp_path: Path) -> None:
+    proc = harvester_cli("export", tmp_path, "--manifest")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "holds no harvest" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_scale_benchmark_runs_at_a_tiny_size(tmp_path: Path) -> None:
+    """``bench/scale_state.py`` (issue 16's figures) at 10 series: every figure is there, every
+    series recorded is found complete by the no-op resume, nothing lost."""
+    bench = Path(__file__).resolve().parents[2] / "bench" / "scale_state.py"
+    proc = subprocess.run([sys.executable, str(bench), "state", "500", "--dir", str(tmp_path), "--json",
+                           str(tmp_path / "r.json")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "r.json").read_text())
+    assert row["files"] == 500 and row["series"] == 10 and row["complete"] == 10 and row["lost"] == 0
+    assert row["harvest_json"] > row["db"] > 0 and row["series_per_s"] > 0 and row["peak_rss_mb_resume"] > 0
