@@ -149,7 +149,7 @@ def prefill(out: Path, files: int) -> dict[str, Any]:
             "complete_lookups_s": lookups, "peak_rss_mb": rss, "peak_rss_mb_with_export": _rss_mb(), **_sizes(out)}
 
 
-def resume(out: Path) -> dict[str, Any]:
+def resume(out: Path, series: int) -> dict[str, Any]:
     """Child process: a no-op resume: open DIR, ask ``complete`` of every series, close."""
     from harvester.state import HarvestState
     started = time.perf_counter()
@@ -157,7 +157,8 @@ def resume(out: Path) -> dict[str, Any]:
     state.open()
     opened = time.perf_counter() - started
     try:
-        uids = [uid for uid, _ in state.records.items()]
+        # the engine asks complete(uid) of each series of its plan: here, the series recorded
+        uids = [f"1.3.6.1.4.1.9328.50.{i}" for i in range(series)]
         done = sum(1 for uid in uids if state.complete(uid) is not None)
     finally:
         state.close()
@@ -178,7 +179,7 @@ def run_state(sizes: list[int], root: Path, keep: bool) -> list[dict[str, Any]]:
         out = root / f"state-{files}"
         shutil.rmtree(out, ignore_errors=True)
         row = _child("record", str(out), str(files))
-        row.update(_child("resume", str(out)))
+        row.update(_child("resume", str(out), str(files // FILES_PER_SERIES)))
         results.append(row)
         print(json.dumps(row), flush=True)
         if not keep:
@@ -236,7 +237,7 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "_child":
         kind, out = sys.argv[2], Path(sys.argv[3])
         row = (record_files(out, int(sys.argv[4])) if kind == "record" else
-               prefill(out, int(sys.argv[4])) if kind == "prefill" else resume(out))
+               prefill(out, int(sys.argv[4])) if kind == "prefill" else resume(out, int(sys.argv[4])))
         print(json.dumps(row))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
