@@ -1,23 +1,33 @@
-"""What is done: an append-only journal plus ``harvest.json`` and ``metadata.csv``.
+"""What is done: the state database, an append-only journal, and ``harvest.json`` and
+``metadata.csv`` exported from them.
 
 Files on disk are a database (rclone's rule): nothing half-written ever sits under a final name.
 
+* ``DIR/.harvester/state.db`` (``harvester.store.db``) is the source of truth: every question
+  (``complete``, ``taken_paths``, ``records``) is an index lookup or a streamed read, so memory
+  does not grow with the number of files recorded.
 * ``DIR/.harvester/journal.jsonl`` is append-only and fsynced, with group commit: concurrent
   appends each write their line under a lock, then one fsync covers every line written before it
   started, and no append returns before its line is durable. A series is committed by
   (1) writing and verifying it in ``DIR/.harvester/tmp/<key>.staging``, (2) appending a
-  ``commit`` line that holds its full record, (3) renaming the staging folder to its final
-  path (atomic on one filesystem). After kill -9 at any point, ``open()`` replays the journal:
-  a commit whose final folder is intact is complete; one whose staging folder survived is
-  finished (step 3 redone); anything else is simply fetched again. Then ``tmp/`` is emptied.
-* ``DIR/harvest.json`` is rewritten atomically (temp file, fsync, rename) from the records, so
-  it only ever lists verified series. ``metadata.csv`` (the Data Retriever's, value for value:
-  CRLF, unquoted, its 17 columns) likewise; ``metadata/metadata.csv`` for the ``tcia2026`` layout.
+  ``commit`` line that holds its full record, then writing its row (one durable transaction),
+  (3) renaming the staging folder to its final path (atomic on one filesystem). The database
+  marks how far it reflects the journal (``_mark_journal_read``, never while a change is between
+  its line and its row); ``open()`` reads the lines after the mark into it, with the checks below
+  (a kill -9 between a line and its row, a hand edit, the whole journal of a harvest made before
+  the database: the migration). Then one streamed pass over every series: a complete one whose
+  folder is intact stays complete; one whose staging folder survived is finished (step 3
+  redone); anything else is recorded failed and fetched again. Then ``tmp/`` is emptied.
+* ``DIR/harvest.json`` is written atomically (temp file, fsync, rename) by streaming the
+  database's records, so it only ever lists verified series (during a run only while it is
+  small: ``CHECKPOINT_EXPORT_MAX_SERIES``). ``metadata.csv`` (the Data Retriever's, value for
+  value: CRLF, unquoted, its 17 columns) likewise; ``metadata/metadata.csv`` for ``tcia2026``.
+  On a new database harvest.json's records are read in once (a DIR sent without ``.harvester``).
 * ``DIR/.harvester/lock`` holds an flock while a run uses DIR, so two runs cannot interleave.
 * A series a cart or list asked for that the archive did not give is recorded with status
   ``unavailable`` and the archive's reason in ``error`` (no path, no files); it never replaces a
   complete record, and the next run looks it up again.
-* Every path read from harvest.json or the journal goes through ``harvester.containment``:
+* Every path read from harvest.json, the journal or the database goes through ``harvester.containment``:
   a record whose folder or files would leave DIR is refused (left out of ``records``, so it is
   fetched again into a safe folder, and listed in ``refused`` with where it came from); a link
   at ``.harvester``, ``.harvester/tmp``, ``licenses`` or on the way to a series folder stops the
@@ -25,7 +35,7 @@ Files on disk are a database (rclone's rule): nothing half-written ever sits und
   of the parent folder opened without following links.
 
 Raises ``OutputNotWritableError``/``DiskFullError`` (fatal) when DIR cannot be written, and
-``FatalError`` when another run holds the lock.
+``FatalError`` when another run holds the lock or the state database is damaged.
 """
 from __future__ import annotations
 
