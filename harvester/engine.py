@@ -151,9 +151,9 @@ class Engine:
         order = [t.series_uid for t in tasks]
         todo: list[SeriesTask] = []
         for t in tasks:
-            done = self.state.complete(t.series_uid)
+            done = self.state.completed_bytes(t.series_uid)
             if done is not None and t.series_uid not in refetch:
-                self.hub.emit(Event("skip", t.series_uid, bytes=int(done.get("bytes") or 0)))
+                self.hub.emit(Event("skip", t.series_uid, bytes=done))
             else:
                 todo.append(t)
         paths = assign_paths(((t.series_uid, t.layout_fields()) for t in todo), self.config.layout,
@@ -169,7 +169,7 @@ class Engine:
             fatal = exc
         finally:
             header["finished"] = now_iso()
-            if fatal is None and all(self.state.complete(u) for u in order):
+            if fatal is None and all(self.state.completed_bytes(u) is not None for u in order):
                 # sync counts "what is new" from here (see harvester.mirror)
                 header["last_sync"] = header["started"]
             with anyio.CancelScope(shield=True):
@@ -183,8 +183,8 @@ class Engine:
                 except HarvesterError:
                     totals = self._totals(order)
         tally = self.hub.tally
-        failed = [(u, self.state.records.get(u, {}).get("error") or "failed") for u in order
-                  if (self.state.records.get(u) or {}).get("status") != "complete"]
+        failed = [(u, (self.state.records.get(u) or {}).get("error") or "failed") for u in order
+                  if self.state.completed_bytes(u) is None]
         # A refetch (sync of a changed series, repair) that failed leaves the copy already on disk
         # in place, but the user asked for a new one: a failure to report, not a success.
         failed += [(u, f"{why}; the copy already on disk is kept") for u, why in self._refresh_failed.items()

@@ -683,7 +683,7 @@ class HarvestState:
             self.db.trash_done(uid)
         self._pending_trash.clear()
         checked: list[tuple[str, dict[str, Any]]] = []
-        for uid, raw, origin in self.db.rows():
+        for uid, raw, origin, columns in self.db.rows_with_columns():
             rec = _parsed(raw)
             why = self._unsafe(rec) if rec is not None else "the record is not a JSON object"
             if why is None and rec is not None and rec.get("SeriesInstanceUID") != uid:
@@ -693,6 +693,8 @@ class HarvestState:
                 target.delete(uid)
                 continue
             assert rec is not None
+            if columns != StateDB.columns_of(rec):   # a hand-edited row: its columns follow its record
+                target.put(uid, rec, origin)
             if rec.get("status") == "complete":
                 checked.append((uid, rec))
             if len(checked) >= 256:
@@ -776,6 +778,14 @@ class HarvestState:
     def complete(self, uid: str) -> dict[str, Any] | None:
         rec = self.records.get(uid)
         return rec if rec is not None and rec.get("status") == "complete" else None
+
+    def completed_bytes(self, uid: str) -> int | None:
+        """The bytes of ``uid`` when it is complete, else None: ``complete`` without parsing the
+        record (the engine asks it of every series of a plan)."""
+        if self.db is None or self.records.overlay or self.records.hidden:
+            rec = self.complete(uid)
+            return int(rec.get("bytes") or 0) if rec is not None else None
+        return self.db.completed_bytes(uid)
 
     def taken_paths(self) -> dict[str, str]:
         """uid -> folder of every complete series (one pair per series, never per file)."""

@@ -359,18 +359,36 @@ class StateDB:
     def rows(self, *, batch: int = 256) -> Iterator[tuple[str, str, str]]:
         """(uid, record JSON, origin) of every series in order, read in batches by key (memory
         holds one batch; a write between batches is seen or not, never half)."""
+        for uid, record, origin, _ in self.rows_with_columns(batch=batch):
+            yield uid, record, origin
+
+    def rows_with_columns(self, *, batch: int = 256) -> Iterator[tuple[str, str, str, tuple[Any, Any]]]:
+        """``rows`` with the (status, bytes) columns, which ``HarvestState`` checks against the
+        record on open (the columns answer ``completed_bytes`` without parsing it)."""
         after = 0
         while True:
             with self._read() as conn:
-                got = conn.execute("SELECT seq, uid, record, origin FROM series WHERE seq>? ORDER BY seq LIMIT ?",
-                                   (after, batch)).fetchall()
+                got = conn.execute("SELECT seq, uid, record, origin, status, bytes FROM series WHERE seq>? "
+                                   "ORDER BY seq LIMIT ?", (after, batch)).fetchall()
             if not got:
                 return
-            for seq, uid, blob, origin in got:
+            for seq, uid, blob, origin, status, size in got:
                 record = _inflate(blob)
                 if isinstance(uid, str):
-                    yield uid, record if record is not None else "", str(origin)
+                    yield uid, record if record is not None else "", str(origin), (status, size)
             after = got[-1][0]
+
+    def completed_bytes(self, uid: str) -> int | None:
+        """The bytes of ``uid`` when it is complete, else None: from the columns, no record parsed."""
+        with self._read() as conn:
+            row = conn.execute("SELECT bytes FROM series WHERE uid=? AND status='complete'", (uid,)).fetchone()
+        return int(row[0]) if row is not None and isinstance(row[0], int) else None
+
+    @staticmethod
+    def columns_of(rec: dict[str, Any]) -> tuple[str, int]:
+        """The (status, bytes) columns ``put`` writes for ``rec``."""
+        complete = rec.get("status") == "complete"
+        return rec.get("status") or "", min(int(rec.get("bytes") or 0), 2 ** 62) if complete else 0
 
     def totals(self) -> dict[str, int]:
         """harvest.json's ``totals`` block, counted by the database (``totals_of`` for records)."""

@@ -482,3 +482,25 @@ def test_the_scale_benchmark_runs_at_a_tiny_size(tmp_path: Path) -> None:
     (row,) = json.loads((tmp_path / "r.json").read_text())
     assert row["files"] == 500 and row["series"] == 10 and row["complete"] == 10 and row["lost"] == 0
     assert row["harvest_json"] > row["db"] > 0 and row["series_per_s"] > 0 and row["peak_rss_mb_resume"] > 0
+
+
+def test_a_row_whose_columns_disagree_with_its_record_follows_the_record(tmp_path: Path) -> None:
+    """``completed_bytes`` answers from the columns: a hand-edited row that says complete while its
+    record says failed is put right on open (and the other way round)."""
+    out = tmp_path / "h"
+    recs = harvest_of(out, 2)
+    conn = sqlite3.connect(out / ".harvester" / "state.db")
+    conn.execute("UPDATE series SET status='failed', bytes=0 WHERE uid=?", (recs[0]["SeriesInstanceUID"],))
+    conn.execute("INSERT INTO series (uid, status, path, files, bytes, origin, record) VALUES (?,?,?,?,?,?,?)",
+                 ("9.9", "complete", "Z", 1, 5, "planted",
+                  deflated({"SeriesInstanceUID": "9.9", "status": "failed", "path": None, "files": []})))
+    conn.commit()
+    conn.close()
+    state = HarvestState(out)
+    state.open()
+    try:
+        assert state.completed_bytes(recs[0]["SeriesInstanceUID"]) == recs[0]["bytes"]
+        assert state.completed_bytes("9.9") is None and state.complete("9.9") is None
+        assert state.completed_bytes(recs[1]["SeriesInstanceUID"]) == recs[1]["bytes"]
+    finally:
+        state.close()
