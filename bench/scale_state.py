@@ -10,7 +10,8 @@ not the state's cost). Then:
 * commit rate: series and files a second over the first and the last ``WINDOW`` commits, and
   over all of them (only the ``commit`` calls are timed, not making the staging folders);
 * no-op resume: a new process opens DIR (``open``: the journal past the mark, then recovery,
-  which stats every recorded file) and asks ``complete(uid)`` of every series;
+  which stats every recorded file) and asks ``completed_bytes(uid)`` of every series, as the
+  engine does of its plan;
 * export: ``write_manifest`` (harvest.json and metadata.csv streamed from the database);
 * sizes: state.db, journal.jsonl, harvest.json; peak RSS of the recording process and of the
   resuming one (``ru_maxrss``).
@@ -157,9 +158,9 @@ def resume(out: Path, series: int) -> dict[str, Any]:
     state.open()
     opened = time.perf_counter() - started
     try:
-        # the engine asks complete(uid) of each series of its plan: here, the series recorded
+        # the engine asks completed_bytes(uid) of each series of its plan: here, those recorded
         uids = [f"1.3.6.1.4.1.9328.50.{i}" for i in range(series)]
-        done = sum(1 for uid in uids if state.complete(uid) is not None)
+        done = sum(1 for uid in uids if state.completed_bytes(uid) is not None)
     finally:
         state.close()
     return {"resume_s": time.perf_counter() - started, "open_s": opened, "complete": done, "lost": state.lost,

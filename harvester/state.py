@@ -385,6 +385,7 @@ class HarvestState:
         self._inflight = 0                      # changes between their journal line and their rows
         self._marking = False                   # _mark_journal_read waits for _inflight == 0
         self._db_behind = False                 # a database write failed: the journal is ahead
+        self._marked: int | None = None         # the journal offset last marked in the database
 
     # ------------------------------------------------------------ open / recover
     def open(self) -> None:
@@ -591,10 +592,11 @@ class HarvestState:
                     if path and trash:
                         self._pending_trash[uid] = (path, trash)
 
-    def _mark_journal_read(self) -> None:
-        """Record in the database how far the journal is reflected in it, so the next open
-        replays only what comes after. Waits until no change is between its journal line and its
-        rows (new ones wait meanwhile); after a failed database write it marks nothing."""
+    def _mark_journal_read(self, header: dict[str, Any] | None = None) -> None:
+        """Record in the database how far the journal is reflected in it (and ``header``, in the
+        same transaction), so the next open replays only what comes after. Waits until no change
+        is between its journal line and its rows (new ones wait meanwhile); after a failed
+        database write it marks nothing. Writes nothing when nothing changed (a no-op resume)."""
         with self._quiet:
             self._marking = True
             try:
@@ -602,13 +604,21 @@ class HarvestState:
                     self._quiet.wait()
                 journal, db = self._journal, self.db
                 if journal is None or db is None or db.readonly or self._db_behind:
+                    if header is not None:
+                        self._db_write(StateDB.set_meta, "header", header)
                     return
                 offset = journal.tell()
+                if header is None and self._marked == offset:
+                    return
                 if self._journal_lines is None:
                     with open(self.journal_path, "rb", opener=open_nofollow) as fh:
                         self._journal_lines = fh.read(offset).count(b"\n") if offset < (64 << 20) else sum(
                             chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
-                db.set_meta("journal", {"offset": offset, "line": self._journal_lines})
+                with db.transaction():
+                    if header is not None:
+                        db.set_meta("header", header)
+                    db.set_meta("journal", {"offset": offset, "line": self._journal_lines})
+                self._marked = offset
             finally:
                 self._marking = False
                 self._quiet.notify_all()
@@ -1001,7 +1011,8 @@ class HarvestState:
         with self._mutation():
             self._append(event)
             body = {k: v for k, v in event.items() if k not in ("event", "t")}
-            self._db_write(StateDB.add_event, str(event.get("event") or ""), event["t"], body)
+            # not fsynced on its own (the journal line is): the next commit's fsync covers it
+            self._db_write(StateDB.add_event, str(event.get("event") or ""), event["t"], body, durable=False)
 
     # ------------------------------------------------------------ manifests (exports)
     def write_manifest(self, header: dict[str, Any], order: Iterable[str] | None = None, *,
@@ -1019,8 +1030,7 @@ class HarvestState:
         if final or totals["series"] <= CHECKPOINT_EXPORT_MAX_SERIES:
             export_manifest(self.manifest_path, header, totals, self._ordered(order))
             self._write_metadata_csv(self._ordered(order), header.get("layout"))
-        self._db_write(StateDB.set_meta, "header", {"schema": SCHEMA, **header})
-        self._mark_journal_read()
+        self._mark_journal_read(header={"schema": SCHEMA, **header})
         return totals
 
     def _ordered(self, order: list[str]) -> Iterator[dict[str, Any]]:
@@ -1185,6 +1195,8 @@ class _IntoDB(_Target):
         self.db.clear_series()
 
     def mark_imported(self) -> None:
+        if self.db.get_meta("imported") is True and self._txn is None:
+            return                          # nothing read in: a no-op open writes nothing
         self._begin()
         self.db.set_meta("imported", True)   # harvest.json is never read into the database again
 

@@ -306,10 +306,23 @@ class StateDB:
         with self.transaction() as conn:
             conn.execute("DELETE FROM series")
 
-    def add_event(self, kind: str, t: str, body: dict[str, Any]) -> None:
-        with self.transaction() as conn:
-            conn.execute("INSERT INTO events (t, kind, body) VALUES (?,?,?)",
-                         (t, kind, json.dumps(body, separators=(",", ":"), ensure_ascii=False)))
+    def add_event(self, kind: str, t: str, body: dict[str, Any], *, durable: bool = True) -> None:
+        """Record a run event. ``durable=False`` (not inside another transaction): committed
+        without an fsync of its own (WAL with synchronous=NORMAL for this one commit); the next
+        durable commit's fsync covers it, a power cut before that may lose it, a kill -9 does not."""
+        with self._write_lock:
+            lazy = not durable and self._writer is not None and not self._writer.in_transaction
+            if lazy:
+                with self._guard():
+                    self._writer.execute("PRAGMA synchronous=NORMAL")
+            try:
+                with self.transaction() as conn:
+                    conn.execute("INSERT INTO events (t, kind, body) VALUES (?,?,?)",
+                                 (t, kind, json.dumps(body, separators=(",", ":"), ensure_ascii=False)))
+            finally:
+                if lazy:
+                    with self._guard():
+                        self._writer.execute("PRAGMA synchronous=FULL")
 
     def set_meta(self, key: str, value: Any) -> None:
         with self.transaction() as conn:
