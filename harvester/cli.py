@@ -344,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--tcia", metavar="FILE", type=Path,
                         help="a cart the TCIA portal and Data Retriever accept ('-' for stdout)")
     export.add_argument("--csv", metavar="FILE", type=Path, help="one row per series with metadata and path ('-' for stdout)")
+    export.add_argument("--jsonl", metavar="FILE", type=Path,
+                        help="every series record, one JSON object a line, streamed ('-' for stdout; any size)")
+    export.add_argument("--manifest", action="store_true",
+                        help="write DIR/harvest.json and metadata.csv again from the state database")
     _add_log_args(export)
 
     demo = sub.add_parser("demo", help="serve a small synthetic archive on loopback and harvest it for real",
@@ -933,12 +937,19 @@ def cmd_report(args: argparse.Namespace, env: dict[str, str]) -> int:
 
 
 def cmd_export(args: argparse.Namespace, env: dict[str, str]) -> int:
+    from harvester.store.state import export_jsonl, rewrite_exports
     from harvester.store.tree import export_csv, export_tcia
 
-    if not args.tcia and not args.csv:
-        raise UsageError("export needs --tcia FILE and/or --csv FILE")
-    if str(args.tcia) == str(args.csv) == "-":
-        raise UsageError("--tcia - and --csv - would both write to stdout", hint="send one of them to a file")
+    if not args.tcia and not args.csv and not args.jsonl and not args.manifest:
+        raise UsageError("export needs --tcia FILE, --csv FILE, --jsonl FILE and/or --manifest")
+    if [str(args.tcia), str(args.csv), str(args.jsonl)].count("-") > 1:
+        raise UsageError("two of --tcia -, --csv - and --jsonl - would both write to stdout",
+                         hint="send all but one of them to a file")
+    if args.manifest:
+        totals = rewrite_exports(args.dir)
+        print(f"wrote {args.dir / 'harvest.json'} and metadata.csv: {totals['series']} series", file=sys.stderr)
+    if args.jsonl:
+        print(f"wrote {args.jsonl}: {export_jsonl(args.dir, args.jsonl)} series", file=sys.stderr)
     # What was written goes to stderr: stdout may be the export itself (-, /dev/stdout).
     if args.tcia:
         print(f"wrote {args.tcia}: {export_tcia(args.dir, args.tcia)} series", file=sys.stderr)

@@ -17,6 +17,7 @@ otherwise a slot covers the whole attempt. The connection limit lives in the HTT
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 import shutil
@@ -153,9 +154,9 @@ class Engine:
         order = [t.series_uid for t in tasks]
         todo: list[SeriesTask] = []
         for t in tasks:
-            done = self.state.complete(t.series_uid)
+            done = self.state.completed_bytes(t.series_uid)
             if done is not None and t.series_uid not in refetch:
-                self.hub.emit(Event("skip", t.series_uid, bytes=int(done.get("bytes") or 0)))
+                self.hub.emit(Event("skip", t.series_uid, bytes=done))
             else:
                 todo.append(t)
         paths = assign_paths(((t.series_uid, t.layout_fields()) for t in todo), self.config.layout,
@@ -172,7 +173,7 @@ class Engine:
             fatal = exc
         finally:
             header["finished"] = now_iso()
-            if fatal is None and all(self.state.complete(u) for u in order):
+            if fatal is None and all(self.state.completed_bytes(u) is not None for u in order):
                 # sync counts "what is new" from here (see harvester.operations)
                 header["last_sync"] = header["started"]
             with anyio.CancelScope(shield=True):
@@ -187,8 +188,8 @@ class Engine:
                     totals = self._totals(order)
         self.hub.emit(Event("finish"))
         tally = self.hub.tally
-        failed = [(u, self.state.records.get(u, {}).get("error") or "failed") for u in order
-                  if (self.state.records.get(u) or {}).get("status") != "complete"]
+        failed = [(u, (self.state.records.get(u) or {}).get("error") or "failed") for u in order
+                  if self.state.completed_bytes(u) is None]
         # A refetch (sync of a changed series, repair) that failed leaves the copy already on disk
         # in place, but the user asked for a new one: a failure to report, not a success.
         failed += [(u, f"{why}; the copy already on disk is kept") for u, why in self._refresh_failed.items()
@@ -233,7 +234,7 @@ class Engine:
         async def manifest_writer() -> None:
             while True:
                 await anyio.sleep(MANIFEST_EVERY)
-                await anyio.to_thread.run_sync(self._checkpoint, header, order)
+                await anyio.to_thread.run_sync(functools.partial(self._checkpoint, header, order, final=False))
 
         try:
             async with anyio.create_task_group() as tg:
@@ -258,9 +259,10 @@ class Engine:
     def _totals(self, order: list[str]) -> dict[str, int]:
         return totals_of([self.state.records[u] for u in order if u in self.state.records])
 
-    def _checkpoint(self, header: dict[str, Any], order: list[str]) -> dict[str, int]:
-        """Rewrite harvest.json and journal the counters (the report plots them); returns the totals."""
-        totals = self.state.write_manifest(header, order)
+    def _checkpoint(self, header: dict[str, Any], order: list[str], *, final: bool = True) -> dict[str, int]:
+        """Rewrite harvest.json (during the run only while it is small: ``HarvestState.write_manifest``)
+        and journal the counters (the report plots them); returns the totals."""
+        totals = self.state.write_manifest(header, order, final=final)
         t = self.hub.tally
         self.state.log_event({"event": "progress", "received_bytes": t.received_bytes, "retries": t.retries
                               + t.series_retries, "done": t.done_series, "failed": t.failed_series,

@@ -175,16 +175,20 @@ async def open_harvest(config: Config) -> AsyncIterator[tuple[HarvestState, Sour
     """
     created = _missing_folders(config.out_dir)
     state = HarvestState(config.out_dir)
-    await anyio.to_thread.run_sync(state.open)
     raised = False
     try:
+        # Inside the try: a Ctrl-C while the state opens in its thread is delivered when that
+        # thread is done (it is not abandoned), i.e. by this await, and the folders this call
+        # created must still go. Only under our own lock: a run that found DIR locked by another
+        # (two first runs at once) removes nothing of the other's.
+        await anyio.to_thread.run_sync(state.open)
         async with make_session(config) as session:
             yield state, make_source(config, session)
     except BaseException:
         raised = True
         raise
     finally:
-        if created and not state.records and (raised or not state.manifest_path.exists()):
+        if created and state.locked and not state.records and (raised or not state.manifest_path.exists()):
             # Removed in place, not in a thread: this may run in a cancelled scope (Ctrl-C), where
             # an await would be cancelled too; with nothing recorded, there is little to remove.
             _remove_created(state, created)

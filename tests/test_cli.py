@@ -132,8 +132,10 @@ def test_ctrl_c_while_planning_a_first_run_leaves_no_directory(server, small_arc
                              server.base_url, *FAST_FLAGS], env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
-    while not (out / ".harvester" / "lock").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)  # the run has opened DIR: now it is planning
+    # the first planning request has reached the server: DIR is open (the state is opened before
+    # planning starts), and with 400 ms a request, planning goes on for seconds
+    while not server.stats.requests and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert proc.poll() is None and server.stats.downloads == {}
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)

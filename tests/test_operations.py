@@ -51,3 +51,64 @@ def test_the_header_records_kind_and_url_without_credentials(tmp_path: Path) -> 
     assert header["source"]["url"] == header["api_url"]
     assert "s3cret" not in str(header) and "t0k" not in str(header) and "bob" not in str(header)
     assert header["source"]["url"].startswith("https://pacs.example/dicom-web")
+
+
+# ---------------------------------------------------------------- a first run interrupted while DIR opens
+
+def _open_then(raise_after: BaseException):  # type: ignore[no-untyped-def]
+    """HarvestState.open as it is, then the interruption a Ctrl-C delivers when the thread the
+    state opened in is done (anyio does not abandon it, so the await raises after the lock)."""
+    real = HarvestState.open
+
+    def open_and_interrupt(self: HarvestState) -> None:
+        real(self)
+        raise raise_after
+
+    return open_and_interrupt
+
+
+def test_ctrl_c_while_the_state_opens_leaves_no_directory(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import anyio
+    import pytest
+
+    from harvester.operations import open_harvest
+
+    monkeypatch.setattr(HarvestState, "open", _open_then(KeyboardInterrupt()))
+    out = tmp_path / "a" / "b" / "out"
+
+    async def run() -> None:
+        async with open_harvest(Config(out_dir=out, progress=False)):
+            raise AssertionError("never reached: the open was interrupted")
+
+    with pytest.raises(KeyboardInterrupt):
+        anyio.run(run)
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_first_run_that_finds_dir_locked_removes_nothing_of_the_other_run(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Two first runs into one new DIR: the second cannot take the lock and must not remove what
+    the first (which holds it) has made."""
+    import anyio
+    import pytest
+
+    from harvester.errors import FatalError
+    from harvester.operations import open_harvest
+
+    out = tmp_path / "new" / "out"
+
+    async def run() -> None:
+        async with open_harvest(Config(out_dir=out, progress=False)):
+            raise AssertionError("never reached: DIR is locked")
+
+    first = HarvestState(out)
+    out.mkdir(parents=True)
+    first.open()
+    try:
+        # the second run began before the first made DIR: it thinks it creates tmp_path/new
+        import harvester.operations as operations
+        monkeypatch.setattr(operations, "_missing_folders", lambda path: [out, out.parent])
+        with pytest.raises(FatalError, match="another harvester is running"):
+            anyio.run(run)
+        assert (out / ".harvester" / "lock").exists() and first.locked
+    finally:
+        first.close()

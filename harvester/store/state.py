@@ -1,23 +1,33 @@
-"""What is done: an append-only journal plus ``harvest.json`` and ``metadata.csv``.
+"""What is done: the state database, an append-only journal, and ``harvest.json`` and
+``metadata.csv`` exported from them.
 
 Files on disk are a database (rclone's rule): nothing half-written ever sits under a final name.
 
+* ``DIR/.harvester/state.db`` (``harvester.store.db``) is the source of truth: every question
+  (``complete``, ``taken_paths``, ``records``) is an index lookup or a streamed read, so memory
+  does not grow with the number of files recorded.
 * ``DIR/.harvester/journal.jsonl`` is append-only and fsynced, with group commit: concurrent
   appends each write their line under a lock, then one fsync covers every line written before it
   started, and no append returns before its line is durable. A series is committed by
   (1) writing and verifying it in ``DIR/.harvester/tmp/<key>.staging``, (2) appending a
-  ``commit`` line that holds its full record, (3) renaming the staging folder to its final
-  path (atomic on one filesystem). After kill -9 at any point, ``open()`` replays the journal:
-  a commit whose final folder is intact is complete; one whose staging folder survived is
-  finished (step 3 redone); anything else is simply fetched again. Then ``tmp/`` is emptied.
-* ``DIR/harvest.json`` is rewritten atomically (temp file, fsync, rename) from the records, so
-  it only ever lists verified series. ``metadata.csv`` (the Data Retriever's, value for value:
-  CRLF, unquoted, its 17 columns) likewise; ``metadata/metadata.csv`` for the ``tcia2026`` layout.
+  ``commit`` line that holds its full record, then writing its row (one durable transaction),
+  (3) renaming the staging folder to its final path (atomic on one filesystem). The database
+  marks how far it reflects the journal (``_mark_journal_read``, never while a change is between
+  its line and its row); ``open()`` reads the lines after the mark into it, with the checks below
+  (a kill -9 between a line and its row, a hand edit, the whole journal of a harvest made before
+  the database: the migration). Then one streamed pass over every series: a complete one whose
+  folder is intact stays complete; one whose staging folder survived is finished (step 3
+  redone); anything else is recorded failed and fetched again. Then ``tmp/`` is emptied.
+* ``DIR/harvest.json`` is written atomically (temp file, fsync, rename) by streaming the
+  database's records, so it only ever lists verified series (during a run only while it is
+  small: ``CHECKPOINT_EXPORT_MAX_SERIES``). ``metadata.csv`` (the Data Retriever's, value for
+  value: CRLF, unquoted, its 17 columns) likewise; ``metadata/metadata.csv`` for ``tcia2026``.
+  On a new database harvest.json's records are read in once (a DIR sent without ``.harvester``).
 * ``DIR/.harvester/lock`` holds an flock while a run uses DIR, so two runs cannot interleave.
 * A series a cart or list asked for that the archive did not give is recorded with status
   ``unavailable`` and the archive's reason in ``error`` (no path, no files); it never replaces a
   complete record, and the next run looks it up again.
-* Every path read from harvest.json or the journal goes through ``harvester.containment``:
+* Every path read from harvest.json, the journal or the database goes through ``harvester.containment``:
   a record whose folder or files would leave DIR is refused (left out of ``records``, so it is
   fetched again into a safe folder, and listed in ``refused`` with where it came from); a link
   at ``.harvester``, ``.harvester/tmp``, ``licenses`` or on the way to a series folder stops the
@@ -25,10 +35,11 @@ Files on disk are a database (rclone's rule): nothing half-written ever sits und
   of the parent folder opened without following links.
 
 Raises ``OutputNotWritableError``/``DiskFullError`` (fatal) when DIR cannot be written, and
-``FatalError`` when another run holds the lock.
+``FatalError`` when another run holds the lock or the state database is damaged.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import fcntl
@@ -41,11 +52,11 @@ import re
 import shutil
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from harvester.containment import check_not_link, inside, open_dir, open_nofollow, parts_of
+from harvester.containment import check_not_link, inside, link_error, open_dir, open_nofollow, parts_of
 from harvester.errors import (
     DiskFullError,
     FatalError,
@@ -58,6 +69,7 @@ from harvester.errors import (
 )
 from harvester.store.layout import METADATA_IN_SUBFOLDER, retriever_date, retriever_text
 from harvester.redact import redact
+from harvester.store.db import DB_NAME, FolderTaken, StateDB
 from harvester.store.manifest import read_manifest
 
 _log = logging.getLogger("harvester")  # reports of damaged records and refused paths, on stderr by default
@@ -139,13 +151,20 @@ def series_key(uid: str) -> str:
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a fsynced temp file and rename; readers see old or new, never half."""
+    atomic_write_chunks(path, (data,))
+
+
+def atomic_write_chunks(path: Path, chunks: Iterable[bytes]) -> None:
+    """``atomic_write`` of the concatenation of ``chunks``, consumed as they come (an export
+    streamed from the database never sits in memory whole)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         # A file (or a planted link) left under the temp name goes first; the temp is then made
         # new, never through a link.
         tmp.unlink(missing_ok=True)
         with open(tmp, "wb", opener=_new_file) as fh:
-            fh.write(data)
+            for chunk in chunks:
+                fh.write(chunk)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -169,11 +188,17 @@ def write_output(target: Path | str, data: bytes, *, option: str) -> None:
 
     Raises ``DiskFullError``, or ``OutputNotWritableError`` whose hint names ``option``.
     """
+    write_output_chunks(target, (data,), option=option)
+
+
+def write_output_chunks(target: Path | str, chunks: Iterable[bytes], *, option: str) -> None:
+    """``write_output`` of the concatenation of ``chunks``, consumed as they come."""
     hint = f"choose a file you can write to with {option} FILE, or {option} - for stdout"
     if str(target) == "-":
         try:
             sys.stdout.flush()
-            sys.stdout.buffer.write(data)
+            for chunk in chunks:
+                sys.stdout.buffer.write(chunk)
             sys.stdout.buffer.flush()
         except BrokenPipeError:
             raise  # the reader left (| head): the CLI ends quietly
@@ -185,11 +210,12 @@ def write_output(target: Path | str, data: bytes, *, option: str) -> None:
         through = path.is_symlink() or (path.exists() and not path.is_file())
         if through:
             with open(path, "wb") as fh:  # follows the link / opens the device or FIFO: never replaced
-                fh.write(data)
+                for chunk in chunks:
+                    fh.write(chunk)
             return
         if not path.parent.is_dir():
             raise OutputNotWritableError(f"cannot write {path}: {path.parent} is not a directory", hint=hint)
-        atomic_write(path, data)
+        atomic_write_chunks(path, chunks)
     except DiskFullError:
         raise
     except HarvesterError as exc:  # atomic_write's, classified; or the parent check's
@@ -239,6 +265,95 @@ class _SyncGroup:
         self.error: OSError | None = None   # set when the group's lines are not durable
 
 
+class _Records(Mapping[str, dict[str, Any]]):
+    """The series records, read from the state database by index: nothing is held in memory but
+    what ``read()`` found in the journal past the database (``overlay``: a record, or None for a
+    series forgotten there). ``items()`` and ``values()`` stream in batches."""
+
+    def __init__(self, state: HarvestState) -> None:
+        self._state = state
+        self.overlay: dict[str, dict[str, Any] | None] = {}
+        self.hidden: set[str] = set()      # rows refused by ``read()`` (it cannot delete them)
+        self.first: list[str] = []         # ``read()``: harvest.json's order goes first, as it did
+
+    def _from_db(self, uid: str) -> dict[str, Any] | None:
+        db = self._state.db
+        if db is None or uid in self.hidden:
+            return None
+        got = db.get(uid)
+        return _parsed(got[0]) if got is not None else None
+
+    def get(self, uid: str, default: Any = None) -> Any:  # type: ignore[override]
+        if uid in self.overlay:
+            rec = self.overlay[uid]
+        else:
+            rec = self._from_db(uid)
+        return default if rec is None else rec
+
+    def __getitem__(self, uid: str) -> dict[str, Any]:
+        rec = self.get(uid)
+        if rec is None:
+            raise KeyError(uid)
+        return rec
+
+    def __contains__(self, uid: object) -> bool:
+        return isinstance(uid, str) and self.get(uid) is not None
+
+    def items(self) -> Iterator[tuple[str, dict[str, Any]]]:  # type: ignore[override]
+        seen: set[str] = set()
+        for uid in self.first:
+            rec = self.get(uid)
+            if rec is not None and uid not in seen:
+                seen.add(uid)
+                yield uid, rec
+        db = self._state.db
+        if db is not None:
+            for uid, raw, _ in db.rows():
+                if uid in self.hidden or uid in seen:
+                    continue
+                if uid in self.overlay:
+                    seen.add(uid)
+                    rec = self.overlay[uid]
+                else:
+                    rec = _parsed(raw)
+                if rec is not None:
+                    yield uid, rec
+        for uid, rec in list(self.overlay.items()):
+            if uid not in seen and rec is not None:
+                yield uid, rec
+
+    def values(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
+        return (rec for _, rec in self.items())
+
+    def __iter__(self) -> Iterator[str]:
+        return (uid for uid, _ in self.items())
+
+    def __len__(self) -> int:
+        if not self.overlay and not self.hidden and not self.first and self._state.db is not None:
+            return self._state.db.count()
+        return sum(1 for _ in self.items())
+
+
+def _plain_child(folder: str, path: str) -> bool:
+    """``path`` is ``folder/NAME`` with NAME one plain file name (what the layout writes): no
+    separator, no ``..``, nothing Windows reads otherwise. False means "check it in full"."""
+    if not path.startswith(folder) or path[len(folder):len(folder) + 1] != "/":
+        return False
+    name = path[len(folder) + 1:]
+    return name not in ("", ".", "..") and _NOT_IN_A_NAME.isdisjoint(name)
+
+
+_NOT_IN_A_NAME = frozenset("/\\:\x00")
+
+
+def _parsed(raw: str) -> dict[str, Any] | None:
+    try:
+        rec = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
 class HarvestState:
     """The on-disk state of one output directory. Thread-safe for the calls the engine makes."""
 
@@ -247,8 +362,11 @@ class HarvestState:
         self.meta_dir = out_dir / ".harvester"
         self.tmp_dir = self.meta_dir / "tmp"
         self.journal_path = self.meta_dir / "journal.jsonl"
+        self.db_path = self.meta_dir / DB_NAME
         self.manifest_path = out_dir / "harvest.json"
-        self.records: dict[str, dict[str, Any]] = {}
+        self.db: StateDB | None = None
+        #: the series records (a read-only view of the database; see ``_Records``)
+        self.records = _Records(self)
         self.header: dict[str, Any] = {}
         self.recovered = 0      # commits finished during recovery
         self.lost = 0           # commits whose files were gone (will be fetched again)
@@ -257,19 +375,26 @@ class HarvestState:
         self._syncing = False                           # an fsync is running (outside the lock)
         self._group = _SyncGroup(0)                     # lines waiting for the next fsync
         self._pending_trash: dict[str, tuple[str, str]] = {}  # uid -> (path, trash) of prunes
-        self._origin: dict[str, str] = {}   # uid -> where its record was read (for refusals)
         #: (position, record) of each usable record harvest.json lists, as read (verify checks them)
         self.listed: list[tuple[int, dict[str, Any]]] = []
         #: one line per record refused on open (a path that leaves DIR), naming the file and line
         self.refused: list[str] = []
         self._journal: io.RawIOBase | None = None
+        self._journal_lines: int | None = 0     # lines in the journal (None: count them when needed)
         self._lockfile: int | None = None
+        self._overlay_origin: dict[str, str] = {}   # uid -> where read() found its overlay record
+        self._quiet = threading.Condition()     # guards the next three
+        self._inflight = 0                      # changes between their journal line and their rows
+        self._marking = False                   # _mark_journal_read waits for _inflight == 0
+        self._db_behind = False                 # a database write failed: the journal is ahead
+        self._marked: int | None = None         # the journal offset last marked in the database
 
     # ------------------------------------------------------------ open / recover
     def open(self) -> None:
         """Create, lock, load and recover DIR. Raises ``UnsafePathError`` when ``.harvester``,
-        ``.harvester/tmp``, ``licenses``, the journal or the lock is a symbolic link, or the
-        journal is not a regular file (nothing is written then)."""
+        ``.harvester/tmp``, ``licenses``, the journal, the database or the lock is a symbolic
+        link, or the journal is not a regular file (nothing is written then); ``FatalError``
+        when the database is damaged (see ``harvester.store.db``)."""
         for fixed in (self.meta_dir, self.tmp_dir, self.out_dir / "licenses", self.journal_path,
                       self.meta_dir / "lock"):
             check_not_link(self.out_dir, fixed)
@@ -284,8 +409,18 @@ class HarvestState:
                 err = OutputNotWritableError(f"cannot use output directory {self.out_dir}: {exc.strerror or exc}")
             raise err from None
         self._take_lock()
-        self._load()
-        self._recover()
+        self._check_journal()
+        try:
+            db = StateDB(self.db_path)
+            db.open()
+            self.db = db
+            with _IntoDB(self) as target:
+                self._import(target)
+                target.mark_imported()
+            self._recover()
+        except BaseException:
+            self.close()
+            raise
         try:
             # Unbuffered: an append that fails leaves nothing behind in a buffer for close() to
             # flush (and fail on) later; _append cuts off whatever part of it reached the file.
@@ -299,19 +434,31 @@ class HarvestState:
                     if fh.read(1) != b"\n":
                         self._journal.write(b"\n")
                         self._journal.flush()
+            self._mark_journal_read()
         except OSError as exc:
+            self.close()
             raise classify_os_error(exc, str(self.journal_path)) from None
 
     def close(self) -> None:
+        with contextlib.suppress(HarvesterError, OSError):
+            self._mark_journal_read()
         with self._lock:
             while self._syncing:  # never close the descriptor under a running fsync
                 self._synced.wait()
             if self._journal is not None:
                 self._journal.close()
                 self._journal = None
+        if self.db is not None:
+            self.db.close()
+            self.db = None
         if self._lockfile is not None:
             os.close(self._lockfile)
             self._lockfile = None
+
+    @property
+    def locked(self) -> bool:
+        """Whether this state holds DIR's lock (``open`` took it and ``close`` has not yet let go)."""
+        return self._lockfile is not None
 
     def _take_lock(self) -> None:
         fd = os.open(self.meta_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
@@ -327,29 +474,83 @@ class HarvestState:
 
     def origin(self, uid: str) -> str:
         """Where the record of ``uid`` was read (``harvest.json series #3``, ``journal.jsonl line 25``)."""
-        return self._origin.get(uid, self.manifest_path.name)
+        where = self._overlay_origin.get(uid)
+        if where is None and self.db is not None and uid not in self.records.overlay:
+            got = self.db.get(uid)
+            where = got[1] if got is not None else None
+        return where or self.manifest_path.name
 
     def read(self) -> None:
-        """Fill ``records`` and ``header`` from harvest.json and the journal, as ``open()`` would
-        before recovery, without the lock and without writing anything (verify reads this way)."""
-        self._load()
+        """Fill ``records`` and ``header`` as ``open()`` would before recovery, without the lock
+        and without writing anything (verify reads this way): the database read-only, then the
+        journal past what the database holds; a harvest made before the database, from
+        harvest.json and its journal (in memory, as those versions did)."""
+        self._check_journal()
+        if self.db_path.exists() or self.db_path.is_symlink():
+            db = StateDB(self.db_path, readonly=True)
+            db.open()
+            self.db = db
+        target = _IntoOverlay(self)
+        self._import(target, load_listed=True)
+        self._hide_unusable(target)
+        self.records.first = [rec["SeriesInstanceUID"] for _, rec in self.listed]
 
-    def _load(self) -> None:
-        if self.manifest_path.exists():
+    def _check_journal(self) -> None:
+        if self.journal_path.is_symlink():
+            raise link_error(self.out_dir, self.journal_path)
+
+    # ------------------------------------------------------------ import (migration and journal tail)
+    def _import(self, target: _Target, *, load_listed: bool = False) -> None:
+        """Bring ``target`` up to date: harvest.json's records when the database has never been
+        filled (a harvest made by an earlier version, or a DIR someone sent without its
+        ``.harvester``), then every journal line past the one the database last read. Both are
+        hostile: each record passes ``record_problem`` first."""
+        db = self.db
+        header = db.get_meta("header") if db is not None else None
+        imported = db is not None and db.get_meta("imported") is True
+        if isinstance(header, dict):
+            self.header = header
+        if (not imported or load_listed) and self.manifest_path.exists():
             try:
                 data = read_manifest(self.out_dir)   # a link or a FIFO: rebuilt as damaged
                 self.listed = numbered_usable_records(data.get("series", []), str(self.manifest_path))
-                for index, rec in self.listed:
-                    self.records[rec["SeriesInstanceUID"]] = rec
-                    self._origin[rec["SeriesInstanceUID"]] = f"{self.manifest_path.name} series #{index}"
-                self.header = {k: v for k, v in data.items() if k not in ("series", "totals")}
-                for key in ("started", "finished", "last_sync"):  # times the next run computes with
-                    if self.header.get(key) is not None and not isinstance(self.header[key], str):
-                        _log.warning("%s: %s is not a string; ignored", self.manifest_path, key)
-                        del self.header[key]
+                if not imported:
+                    for index, rec in self.listed:
+                        target.put(rec["SeriesInstanceUID"], rec, f"{self.manifest_path.name} series #{index}")
+                    if not isinstance(header, dict):
+                        self.header = {k: v for k, v in data.items() if k not in ("series", "totals")}
             except (ManifestError, UsageError, AttributeError, TypeError):
-                # A damaged harvest.json is rebuilt from the journal, which is the source of truth.
-                self.records.clear()
+                # A damaged harvest.json is rebuilt from the journal and the database.
+                self.listed = []
+                if not imported:
+                    target.clear()
+        for key in ("started", "finished", "last_sync"):  # times the next run computes with
+            if self.header.get(key) is not None and not isinstance(self.header[key], str):
+                _log.warning("%s: %s is not a string; ignored", self.manifest_path, key)
+                del self.header[key]
+        self._replay_journal(target, *self._journal_start(db))
+
+    def _journal_start(self, db: StateDB | None) -> tuple[int, int]:
+        """(byte offset, line number) of the first journal line the database has not read: where
+        it stopped, unless the journal is no longer the file it read (shorter, or that offset is
+        not the start of a line): then from the start (replaying a line twice changes nothing)."""
+        mark = db.get_meta("journal") if db is not None else None
+        if not (isinstance(mark, dict) and _whole(mark.get("offset")) and _whole(mark.get("line"))):
+            return 0, 0
+        offset, line = mark["offset"], mark["line"]
+        if offset == 0:
+            return 0, 0
+        try:
+            with open(self.journal_path, "rb", opener=open_nofollow) as fh:
+                fh.seek(offset - 1)
+                if fh.read(1) == b"\n":
+                    return offset, line
+        except OSError:
+            pass
+        return 0, 0
+
+    def _replay_journal(self, target: _Target, offset: int, first_line: int) -> None:
+        self._journal_lines = first_line
         if not self.journal_path.exists():
             return
         try:
@@ -358,7 +559,9 @@ class HarvestState:
             raise UnsafePathError(f"{self.journal_path} cannot be read as a regular file ({exc.strerror or exc}); "
                                   f"refusing to use it", path=str(self.journal_path)) from None
         with fh:
-            for lineno, line in enumerate(fh, start=1):
+            fh.seek(offset)
+            for lineno, line in enumerate(fh, start=first_line + 1):
+                self._journal_lines = lineno
                 try:
                     event = json.loads(line)
                 except RecursionError:
@@ -375,16 +578,16 @@ class HarvestState:
                         _log.warning("%s line %d: %s; line skipped", self.journal_path, lineno, redact(problem))
                         continue
                     uid = rec["SeriesInstanceUID"]
-                    if kind == "failed" and self.records.get(uid, {}).get("status") == "complete":
+                    if kind == "failed" and target.status(uid) == "complete":
                         continue  # a later failure to refresh never hides a verified copy
-                    self.records[uid] = rec
-                    self._origin[uid] = f"{self.journal_path.name} line {lineno}"
+                    target.put(uid, rec, f"{self.journal_path.name} line {lineno}")
                     self._pending_trash.pop(uid, None)  # fetched again after a prune: keep it
                 elif kind == "unavailable" and isinstance(rec, list):
                     for one in rec:
                         if (isinstance(one, dict) and one.get("SeriesInstanceUID")
-                                and self.records.get(str(one["SeriesInstanceUID"]), {}).get("status") != "complete"):
-                            self.records[str(one["SeriesInstanceUID"])] = one
+                                and record_problem(one) is None
+                                and target.status(str(one["SeriesInstanceUID"])) != "complete"):
+                            target.put(str(one["SeriesInstanceUID"]), one, f"{self.journal_path.name} line {lineno}")
                 elif kind == "forget":
                     uid, path, trash = event.get("uid"), event.get("path"), event.get("trash")
                     if not isinstance(uid, str) or not uid or not all(isinstance(v, (str, type(None)))
@@ -392,53 +595,88 @@ class HarvestState:
                         _log.warning("%s line %d: a forget event without a usable uid, path or trash; line "
                                      "skipped", self.journal_path, lineno)
                         continue
-                    self.records.pop(uid, None)
+                    target.forget(uid, path, trash)
                     if path and trash:
                         self._pending_trash[uid] = (path, trash)
 
-    def _refuse_unsafe(self) -> None:
-        """Leave out every record whose folder or files are not plain relative paths inside DIR
-        (``..``, absolute, NUL, DIR itself, ``.harvester/``, not a string): it is fetched again
-        into a safe folder, and ``refused`` says which record it was."""
-        for uid, rec in list(self.records.items()):
+    def _mark_journal_read(self, header: dict[str, Any] | None = None) -> None:
+        """Record in the database how far the journal is reflected in it (and ``header``, in the
+        same transaction), so the next open replays only what comes after. Waits until no change
+        is between its journal line and its rows (new ones wait meanwhile); after a failed
+        database write it marks nothing. Writes nothing when nothing changed (a no-op resume)."""
+        with self._quiet:
+            self._marking = True
             try:
-                paths = [rec.get("path")] if rec.get("status") == "complete" or rec.get("path") else []
-                paths += [f.get("path") if isinstance(f, dict) else f for f in rec.get("files") or []]
-                for path in paths:
-                    if not isinstance(path, str):
-                        raise UnsafePathError(f"refusing a path that is a {type(path).__name__}, not a string", path="")
-                    if parts_of(path)[0] == self.meta_dir.name:
-                        raise UnsafePathError(f"refusing path {path!r}: it lies in {self.meta_dir.name}/", path=path)
-            except (UnsafePathError, AttributeError, TypeError) as exc:
-                why = str(exc) if isinstance(exc, UnsafePathError) else "malformed file list"
-                where = self._origin.get(uid, "a record")
-                self.refused.append(f"{where}: series {uid}: {why}; not used (it will be fetched again)")
-                del self.records[uid]
+                while self._inflight:
+                    self._quiet.wait()
+                journal, db = self._journal, self.db
+                if journal is None or db is None or db.readonly or self._db_behind:
+                    if header is not None:
+                        self._db_write(StateDB.set_meta, "header", header)
+                    return
+                offset = journal.tell()
+                if header is None and self._marked == offset:
+                    return
+                if self._journal_lines is None:
+                    with open(self.journal_path, "rb", opener=open_nofollow) as fh:
+                        self._journal_lines = fh.read(offset).count(b"\n") if offset < (64 << 20) else sum(
+                            chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
+                with db.transaction():
+                    if header is not None:
+                        db.set_meta("header", header)
+                    db.set_meta("journal", {"offset": offset, "line": self._journal_lines})
+                self._marked = offset
+            finally:
+                self._marking = False
+                self._quiet.notify_all()
+
+    def _hide_unusable(self, target: _IntoOverlay) -> None:
+        """Leave out of ``records`` every database row that is not a usable record (a hostile
+        database's: wrong types, another series' UID), each reported once. Paths are left for
+        the reader to check (verify names each refused path with its record)."""
+        db = self.db
+        if db is None:
+            return
+        for uid, raw, origin in db.rows():
+            if uid in self.records.overlay:
+                continue
+            rec = _parsed(raw)
+            why = record_problem(rec) if rec is not None else "the record is not a JSON object"
+            if why is None and rec is not None and rec.get("SeriesInstanceUID") != uid:
+                why = "the record names another series"
+            if why is not None:
+                _log.warning("%s: series %s: %s; not used", origin, uid, redact(why))
+                target.hide(uid)
+
+    def _unsafe(self, rec: Any) -> str | None:
+        problem = record_problem(rec)
+        if problem is not None:
+            return redact(problem)
+        try:
+            paths = [rec.get("path")] if rec.get("status") == "complete" or rec.get("path") else []
+            folder = paths[0] if paths and isinstance(paths[0], str) else None
+            paths += [f.get("path") if isinstance(f, dict) else f for f in rec.get("files") or []]
+            for n, path in enumerate(paths):
+                if not isinstance(path, str):
+                    raise UnsafePathError(f"refusing a path that is a {type(path).__name__}, not a string", path="")
+                if n and folder is not None and _plain_child(folder, path):
+                    continue    # one plain name inside the folder checked first: as safe as it
+                if parts_of(path)[0] == self.meta_dir.name:
+                    raise UnsafePathError(f"refusing path {path!r}: it lies in {self.meta_dir.name}/", path=path)
+        except UnsafePathError as exc:
+            return str(exc)
+        except (AttributeError, TypeError):
+            return "malformed file list"
+        return None
 
     def _recover(self) -> None:
-        self._refuse_unsafe()
-        for path, trash in self._pending_trash.values():  # prunes interrupted between journal and move
-            try:
-                self._to_trash(path, trash)
-            except UnsafePathError as exc:
-                self.refused.append(f"{self.journal_path.name}: {exc}; not moved")
-        self._pending_trash.clear()
+        """One pass over every series (streamed from the database): refuse unsafe records, finish
+        the renames a kill -9 cut off, and record as failed the series whose files are gone."""
+        assert self.db is not None
+        with _IntoDB(self) as target:
+            self._recover_rows(target)
         for line in self.refused:
             _log.warning("%s", line)
-        for uid, rec in list(self.records.items()):
-            if rec.get("status") != "complete":
-                continue
-            self.final_dir(rec)  # a link on the way to a recorded series stops here, before any write
-            if self._intact(rec):
-                continue
-            staging = self.staging_dir(uid)
-            if staging.is_dir() and self._intact(rec, root=staging):
-                self._move_into_place(staging, self.final_dir(rec))  # an old copy: removed with tmp/ below
-                self.recovered += 1
-            else:
-                self.lost += 1
-                rec = dict(rec, status="failed", error="files missing after an interrupted run; will be fetched again")
-                self.records[uid] = rec
         for child in self.tmp_dir.iterdir():
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child, ignore_errors=True)
@@ -449,6 +687,52 @@ class HarvestState:
             for child in folder.glob(".*.tmp"):
                 if _ATOMIC_TMP.match(child.name) and child.is_file():
                     child.unlink(missing_ok=True)
+
+    def _recover_rows(self, target: _IntoDB) -> None:
+        assert self.db is not None
+        # prunes interrupted between their record and the move (the journal's lines replayed now
+        # are in the database's list too)
+        for uid, path, trash in self.db.pending_trash():
+            try:
+                self._to_trash(path, trash)
+            except UnsafePathError as exc:
+                self.refused.append(f"{self.journal_path.name}: {exc}; not moved")
+            self.db.trash_done(uid)
+        self._pending_trash.clear()
+        checked: list[tuple[str, dict[str, Any]]] = []
+        for uid, raw, origin, columns in self.db.rows_with_columns():
+            rec = _parsed(raw)
+            why = self._unsafe(rec) if rec is not None else "the record is not a JSON object"
+            if why is None and rec is not None and rec.get("SeriesInstanceUID") != uid:
+                why = "the record names another series"
+            if why is not None:
+                self.refused.append(f"{origin}: series {uid}: {why}; not used (it will be fetched again)")
+                target.delete(uid)
+                continue
+            assert rec is not None
+            if columns != StateDB.columns_of(rec):   # a hand-edited row: its columns follow its record
+                target.put(uid, rec, origin)
+            if rec.get("status") == "complete":
+                checked.append((uid, rec))
+            if len(checked) >= 256:
+                self._recover_batch(checked, target)
+                checked = []
+        self._recover_batch(checked, target)
+
+    def _recover_batch(self, batch: list[tuple[str, dict[str, Any]]], target: _IntoDB) -> None:
+        for uid, rec in batch:
+            self.final_dir(rec)  # a link on the way to a recorded series stops here, before any write
+            if self._intact(rec):
+                continue
+            staging = self.staging_dir(uid)
+            if staging.is_dir() and self._intact(rec, root=staging):
+                self._move_into_place(staging, self.final_dir(rec))  # an old copy: removed with tmp/ below
+                self.recovered += 1
+            else:
+                self.lost += 1
+                target.put(uid, dict(rec, status="failed",
+                                     error="files missing after an interrupted run; will be fetched again"),
+                           self.origin(uid))
 
     # ------------------------------------------------------------ paths
     def final_dir(self, rec: dict[str, Any]) -> Path:
@@ -482,16 +766,24 @@ class HarvestState:
         base = self.out_dir / rec.get("path", "\x00") if root is None else root
         prefix = rec.get("path", "") + "/"
         try:
+            # Relative to a descriptor of the folder: one path walk for the folder, not one per
+            # file (a no-op resume stats every file recorded).
+            folder = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+        except (OSError, TypeError, ValueError):
+            return False
+        try:
             for f in [*rec.get("files", []), *(rec.get("annotations") or [])]:
                 rel = f["path"][len(prefix):] if f["path"].startswith(prefix) else f["path"]
-                if (base / rel).stat().st_size != f["size"]:
+                if os.stat(rel, dir_fd=folder).st_size != f["size"]:
                     return False
-        except (OSError, KeyError, TypeError):
+        except (OSError, KeyError, TypeError, ValueError):
             return False
+        finally:
+            os.close(folder)
         return bool(rec.get("files"))
 
     def _move_aside(self, final: Path) -> Path | None:
-        """A folder under a final name that the journal does not vouch for goes to tmp/ (deleted
+        """A folder under a final name that the state does not vouch for goes to tmp/ (deleted
         after the new one is in place, or by the next run's clean-up)."""
         if final.exists() or final.is_symlink():
             aside = self.tmp_dir / f"replaced-{series_key(str(final))}-{os.getpid()}"
@@ -499,15 +791,59 @@ class HarvestState:
             return aside
         return None
 
-    # ------------------------------------------------------------ queries
+    # ------------------------------------------------------------ queries (index lookups)
     def complete(self, uid: str) -> dict[str, Any] | None:
         rec = self.records.get(uid)
         return rec if rec is not None and rec.get("status") == "complete" else None
 
+    def completed_bytes(self, uid: str) -> int | None:
+        """The bytes of ``uid`` when it is complete, else None: ``complete`` without parsing the
+        record (the engine asks it of every series of a plan)."""
+        if self.db is None or self.records.overlay or self.records.hidden:
+            rec = self.complete(uid)
+            return int(rec.get("bytes") or 0) if rec is not None else None
+        return self.db.completed_bytes(uid)
+
     def taken_paths(self) -> dict[str, str]:
-        return {uid: r["path"] for uid, r in self.records.items() if r.get("status") == "complete" and r.get("path")}
+        """uid -> folder of every complete series (one pair per series, never per file)."""
+        if self.db is None or self.records.overlay:
+            return {uid: r["path"] for uid, r in self.records.items() if r.get("status") == "complete" and r.get("path")}
+        return self.db.complete_paths()
+
+    def events(self) -> Iterator[dict[str, Any]]:
+        """The run events recorded in the database, oldest first (``run``, ``progress``, ``finish``,
+        and one per series committed or failed: uid, bytes, attempts)."""
+        return self.db.events() if self.db is not None else iter(())
 
     # ------------------------------------------------------------ writes (call from a worker thread)
+    @contextlib.contextmanager
+    def _mutation(self) -> Iterator[None]:
+        """One change of state: its journal line and its database rows. ``_mark_journal_read``
+        waits until no change is half done, so the mark never covers a line whose rows are not
+        written (the next open replays everything past the mark)."""
+        with self._quiet:
+            while self._marking:
+                self._quiet.wait()
+            self._inflight += 1
+        try:
+            yield
+        finally:
+            with self._quiet:
+                self._inflight -= 1
+                self._quiet.notify_all()
+
+    def _db_write(self, fn: Any, *args: Any, **kwargs: Any) -> None:
+        """A database write after its journal line: on failure the journal is ahead of the
+        database for the rest of this process (never marked read), so the next open replays it."""
+        db = self.db
+        if db is None:
+            raise HarvesterError("state is closed")
+        try:
+            fn(db, *args, **kwargs)
+        except BaseException:
+            self._db_behind = True
+            raise
+
     def _append(self, event: dict[str, Any]) -> None:
         """Append one line to the journal; returns once it is durable (fsynced).
 
@@ -534,6 +870,8 @@ class HarvestState:
                 # sequence of whole lines and the next append (this run's or the next's) is readable.
                 self._cut(journal, start)
                 raise classify_os_error(exc, "the journal") from None
+            if self._journal_lines is not None:
+                self._journal_lines += 1
             group = self._group
             while not group.done:
                 if self._syncing:   # started before this write: it does not cover this line
@@ -572,8 +910,8 @@ class HarvestState:
             self._group.done, self._group.error = True, outcome
             self._group = _SyncGroup(group.start)
 
-    @staticmethod
-    def _cut(journal: io.RawIOBase, offset: int) -> None:
+    def _cut(self, journal: io.RawIOBase, offset: int) -> None:
+        self._journal_lines = None   # counted again when next needed
         try:
             os.ftruncate(journal.fileno(), offset)
             journal.seek(offset)  # appends still go to the end; tell() must not report the old one
@@ -581,56 +919,80 @@ class HarvestState:
             pass
 
     def commit(self, rec: dict[str, Any], staging: Path) -> None:
-        """Journal the verified series, then move its staging folder to its final path."""
+        """Journal the verified series and record it in the database (durable, fsynced, both),
+        then move its staging folder to its final path."""
         final = self.final_dir(rec)   # refused before anything is journalled
-        self._append({"event": "commit", "t": now_iso(), "series": rec})
+        uid = rec["SeriesInstanceUID"]
+        with self._mutation():
+            self._append({"event": "commit", "t": now_iso(), "series": rec})
+            before = self.records.get(uid)
+
+            def put(db: StateDB) -> None:
+                with db.transaction():   # the record and its event, or neither
+                    db.put(uid, rec, "the state database", replace_folder=True)
+                    db.add_event("commit", now_iso(), _event_of(rec))
+            self._db_write(put)
         try:
             aside = self._move_into_place(staging, final)
-        except OSError as exc:
+        except (OSError, UnsafePathError) as exc:
+            # Not in place: the database must not vouch for it in this run's exports. (Should
+            # this write fail too, the next open finds the staging folder and finishes the rename.)
+            with contextlib.suppress(HarvesterError):
+                self._db_write(StateDB.delete, uid) if before is None else self._db_write(
+                    StateDB.put, uid, before, "the state database", replace_folder=True)
+            if isinstance(exc, UnsafePathError):
+                raise
             raise classify_os_error(exc, rec["path"]) from None
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
-        with self._lock:
-            self.records[rec["SeriesInstanceUID"]] = rec
 
     def restore(self, rec: dict[str, Any]) -> None:
         """Record a series complete again after its files were mended in place (``verify --repair``)."""
-        self._append({"event": "commit", "t": now_iso(), "series": rec})
-        with self._lock:
-            self.records[rec["SeriesInstanceUID"]] = rec
+        with self._mutation():
+            self._append({"event": "commit", "t": now_iso(), "series": rec})
+            self._db_write(StateDB.put, rec["SeriesInstanceUID"], rec, "the state database", replace_folder=True)
 
     def fail(self, rec: dict[str, Any]) -> None:
-        self._append({"event": "failed", "t": now_iso(), "series": rec})
-        with self._lock:
-            uid = rec["SeriesInstanceUID"]
-            if self.records.get(uid, {}).get("status") != "complete":
-                self.records[uid] = rec
+        with self._mutation():
+            self._append({"event": "failed", "t": now_iso(), "series": rec})
+
+            def put(db: StateDB) -> None:
+                with db.transaction():
+                    if db.status(rec["SeriesInstanceUID"]) != "complete":  # never hides a verified copy
+                        db.put(rec["SeriesInstanceUID"], rec, "the state database")
+                    db.add_event("failed", now_iso(), _event_of(rec))
+            self._db_write(put)
 
     def mark_unavailable(self, missing: Iterable[tuple[str, str, str]]) -> None:
         """Record series the archive did not give, as ``(uid, origin, reason)``: one journal line
-        (one fsync) for all of them. A complete record is kept as it is (its files are verified;
-        the archive withdrawing the series later does not undo that)."""
+        (one fsync) and one database transaction for all of them. A complete record is kept as it
+        is (its files are verified; the archive withdrawing the series later does not undo that)."""
         recs = [{"SeriesInstanceUID": uid, "Collection": "", "PatientID": "", "StudyInstanceUID": "",
                  "Modality": "", "status": "unavailable", "path": None, "bytes": 0, "attempts": 0,
                  "error": reason, "origin": origin, "checked": now_iso(), "files": []}
                 for uid, origin, reason in missing]
         if not recs:
             return
-        self._append({"event": "unavailable", "t": now_iso(), "series": recs})
-        with self._lock:
-            for rec in recs:
-                if self.records.get(rec["SeriesInstanceUID"], {}).get("status") != "complete":
-                    self.records[rec["SeriesInstanceUID"]] = rec
+        with self._mutation():
+            self._append({"event": "unavailable", "t": now_iso(), "series": recs})
+
+            def put_all(db: StateDB) -> None:
+                with db.transaction():
+                    for rec in recs:
+                        if db.status(rec["SeriesInstanceUID"]) != "complete":
+                            db.put(rec["SeriesInstanceUID"], rec, "the state database")
+            self._db_write(put_all)
 
     def forget(self, uid: str, path: str, trash: str) -> None:
         """Drop a series from the manifest and move its folder to ``trash`` (relative to DIR).
 
         Journalled first, so a kill between the two steps is finished by the next ``open()``.
         """
-        self._append({"event": "forget", "t": now_iso(), "uid": uid, "path": path, "trash": trash})
+        with self._mutation():
+            self._append({"event": "forget", "t": now_iso(), "uid": uid, "path": path, "trash": trash})
+            self._db_write(StateDB.forget, uid, path, trash)
         self._to_trash(path, trash)
-        with self._lock:
-            self.records.pop(uid, None)
+        self._db_write(StateDB.trash_done, uid)
 
     def _to_trash(self, path: str, trash: str) -> None:
         """Raises ``UnsafePathError`` when either path is not strictly inside DIR, when ``path``
@@ -650,28 +1012,52 @@ class HarvestState:
                 raise classify_os_error(exc, path) from None
 
     def log_event(self, event: dict[str, Any]) -> None:
-        """Anything else worth keeping (run start/finish, retries): appended to the journal."""
-        self._append(dict(event, t=now_iso()))
+        """Anything else worth keeping (run start/finish, retries): appended to the journal and
+        recorded in the database."""
+        event = dict(event, t=now_iso())
+        with self._mutation():
+            self._append(event)
+            body = {k: v for k, v in event.items() if k not in ("event", "t")}
+            # not fsynced on its own (the journal line is): the next commit's fsync covers it
+            self._db_write(StateDB.add_event, str(event.get("event") or ""), event["t"], body, durable=False)
 
-    # ------------------------------------------------------------ manifests
-    def write_manifest(self, header: dict[str, Any], order: Iterable[str] | None = None) -> dict[str, Any]:
-        """Rewrite harvest.json atomically from the records; returns the totals."""
-        with self._lock:
-            uids = list(order) if order is not None else list(self.records)
-            wanted = set(uids)
-            extra = [u for u in self.records if u not in wanted]
-            recs = [self.records[u] for u in uids + extra if u in self.records]
-        totals = totals_of(recs)
-        doc = {"schema": SCHEMA, **header, "totals": totals, "series": recs}
-        atomic_write(self.manifest_path, json.dumps(doc, indent=1, ensure_ascii=False).encode("utf-8"))
-        self._write_metadata_csv(recs, header.get("layout"))
+    # ------------------------------------------------------------ manifests (exports)
+    def write_manifest(self, header: dict[str, Any], order: Iterable[str] | None = None, *,
+                       final: bool = True) -> dict[str, Any]:
+        """Write harvest.json and metadata.csv from the database, streamed (temp file, fsync,
+        rename; memory holds one record at a time); returns the totals. Series in ``order``
+        first, then every other one in the order first recorded.
+
+        ``final=False`` is a checkpoint during a run: beyond ``CHECKPOINT_EXPORT_MAX_SERIES``
+        series the exports are left for the end of the run (rewriting them whole every 30 s
+        would cost more than the harvest); the database holds every commit either way."""
+        order = list(order) if order is not None else []
+        totals = self.db.totals() if self.db is not None and not self.records.overlay else totals_of(
+            list(self.records.values()))
+        if final or totals["series"] <= CHECKPOINT_EXPORT_MAX_SERIES:
+            export_manifest(self.manifest_path, header, totals, self._ordered(order))
+            self._write_metadata_csv(self._ordered(order), header.get("layout"))
+        self._mark_journal_read(header={"schema": SCHEMA, **header})
         return totals
 
-    def _write_metadata_csv(self, recs: list[dict[str, Any]], layout: Any = None) -> None:
+    def _ordered(self, order: list[str]) -> Iterator[dict[str, Any]]:
+        wanted = set(order)
+        for uid in order:
+            rec = self.records.get(uid)
+            if rec is not None:
+                yield rec
+        for uid, rec in self.records.items():
+            if uid not in wanted:
+                yield rec
+
+    def _write_metadata_csv(self, recs: Iterable[dict[str, Any]], layout: Any = None) -> None:
         """metadata.csv as the Java Data Retriever writes it (see ``metadata_csv_row``), or
         ``metadata/metadata.csv`` for the layouts of TCIA's 2026 Retriever."""
-        lines = [",".join(METADATA_COLUMNS)]
-        lines += [",".join(metadata_csv_row(r)) for r in recs if r.get("status") == "complete"]
+        def lines() -> Iterator[bytes]:
+            yield (",".join(METADATA_COLUMNS) + "\r\n").encode("utf-8")
+            for r in recs:
+                if r.get("status") == "complete":
+                    yield (",".join(metadata_csv_row(r)) + "\r\n").encode("utf-8")
         if layout in METADATA_IN_SUBFOLDER:
             folder = self.out_dir / "metadata"
             try:
@@ -680,7 +1066,176 @@ class HarvestState:
                 raise classify_os_error(exc, "metadata/") from None
         else:
             folder = self.out_dir
-        atomic_write(folder / "metadata.csv", "".join(line + "\r\n" for line in lines).encode("utf-8"))
+        atomic_write_chunks(folder / "metadata.csv", lines())
+
+
+#: A checkpoint during a run rewrites harvest.json only up to this many series (about 34 MB at 50
+#: files a series); beyond it harvest.json is written at the end of the run and by ``export``.
+CHECKPOINT_EXPORT_MAX_SERIES = 2000
+
+
+def _is_harvest(out_dir: Path) -> None:
+    """Raises ``UsageError`` unless ``out_dir`` holds a harvest (its state or its harvest.json)."""
+    if not ((out_dir / ".harvester").is_dir() or (out_dir / "harvest.json").exists()):
+        raise UsageError(f"{out_dir} holds no harvest (no .harvester/ and no harvest.json)",
+                         hint="export takes the output directory of a harvest")
+
+
+def export_jsonl(out_dir: Path, target: Path | str) -> int:
+    """Every series record of ``out_dir``, one JSON object a line, streamed from the state
+    database (reading only: no lock, nothing written in DIR) to ``target`` (``-`` for stdout; see
+    ``write_output``). The form beyond harvest.json's size (see docs): memory holds one record.
+    Returns how many records were written. Raises ``UsageError`` when DIR holds no harvest."""
+    _is_harvest(out_dir)
+    state = HarvestState(out_dir)
+    state.read()
+    count = 0
+
+    def lines() -> Iterator[bytes]:
+        nonlocal count
+        for rec in state.records.values():
+            count += 1
+            yield (json.dumps(rec, separators=(",", ":"), ensure_ascii=False) + "\n").encode("utf-8")
+    try:
+        write_output_chunks(target, lines(), option="--jsonl")
+    finally:
+        state.close()
+    return count
+
+
+def rewrite_exports(out_dir: Path) -> dict[str, int]:
+    """Write ``out_dir``'s harvest.json and metadata.csv again from the state database (opened,
+    locked and recovered as a run does); returns the totals. Raises ``UsageError`` when DIR holds
+    no harvest, and what ``HarvestState.open`` raises."""
+    _is_harvest(out_dir)
+    state = HarvestState(out_dir)
+    state.open()
+    try:
+        header = {k: v for k, v in state.header.items() if k != "schema"}
+        return state.write_manifest(header)
+    finally:
+        state.close()
+
+
+def _event_of(rec: dict[str, Any]) -> dict[str, Any]:
+    """What a run event keeps of a series record (the report's time series need no more)."""
+    return {"uid": rec.get("SeriesInstanceUID"), "status": rec.get("status"), "bytes": rec.get("bytes"),
+            "attempts": rec.get("attempts")}
+
+
+def export_manifest(path: Path, header: dict[str, Any], totals: dict[str, int],
+                    recs: Iterable[dict[str, Any]]) -> None:
+    """Write harvest.json from ``recs`` streamed, byte for byte what
+    ``json.dumps({"schema": SCHEMA, **header, "totals": totals, "series": [...]}, indent=1,
+    ensure_ascii=False)`` gives (the format is documented and pinned by tests)."""
+    def chunks() -> Iterator[bytes]:
+        head = json.dumps({"schema": SCHEMA, **header, "totals": totals}, indent=1, ensure_ascii=False)
+        # head ends with "\n}"; the series list goes before that brace, at the top level's indent.
+        yield (head[:-2] + ',\n "series": [').encode("utf-8")
+        first = True
+        for rec in recs:
+            text = json.dumps(rec, indent=1, ensure_ascii=False).replace("\n", "\n  ")
+            yield (("\n  " if first else ",\n  ") + text).encode("utf-8")
+            first = False
+        yield ("]\n}" if first else "\n ]\n}").encode("utf-8")
+    atomic_write_chunks(path, chunks())
+
+
+class _Target:
+    """Where ``_import`` puts what it reads: the database (``open``) or an overlay in memory
+    (``read``, which writes nothing)."""
+
+    def status(self, uid: str) -> str | None:
+        raise NotImplementedError
+
+    def put(self, uid: str, rec: dict[str, Any], origin: str) -> None:
+        raise NotImplementedError
+
+    def delete(self, uid: str) -> None:
+        raise NotImplementedError
+
+    def forget(self, uid: str, path: str | None, trash: str | None) -> None:
+        self.delete(uid)
+
+    def clear(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        """Everything put so far is written, or (on an exception) none of it."""
+
+
+class _IntoDB(_Target):
+    def __init__(self, state: HarvestState) -> None:
+        assert state.db is not None
+        self.state, self.db = state, state.db
+        self._txn: contextlib.AbstractContextManager[Any] | None = None
+
+    def _begin(self) -> None:
+        if self._txn is None:
+            self._txn = self.db.transaction()
+            self._txn.__enter__()
+
+    def status(self, uid: str) -> str | None:
+        return self.db.status(uid)
+
+    def put(self, uid: str, rec: dict[str, Any], origin: str) -> None:
+        self._begin()
+        try:
+            self.db.put(uid, rec, origin)
+        except FolderTaken as taken:
+            self.state.refused.append(f"{origin}: series {uid}: its folder {str(rec.get('path'))[:200]!r} is "
+                                      f"series {taken.uid}'s; not used (it will be fetched again)")
+
+    def delete(self, uid: str) -> None:
+        self._begin()
+        self.db.delete(uid)
+
+    def forget(self, uid: str, path: str | None, trash: str | None) -> None:
+        self._begin()
+        self.db.forget(uid, path, trash)
+
+    def clear(self) -> None:
+        self._begin()
+        self.db.clear_series()
+
+    def mark_imported(self) -> None:
+        if self.db.get_meta("imported") is True and self._txn is None:
+            return                          # nothing read in: a no-op open writes nothing
+        self._begin()
+        self.db.set_meta("imported", True)   # harvest.json is never read into the database again
+
+    def __exit__(self, *exc: Any) -> None:
+        # one transaction for everything put: committed, or rolled back by the exception
+        if self._txn is not None:
+            txn, self._txn = self._txn, None
+            txn.__exit__(*exc)
+
+
+class _IntoOverlay(_Target):
+    def __init__(self, state: HarvestState) -> None:
+        self.state, self.records = state, state.records
+
+    def status(self, uid: str) -> str | None:
+        rec = self.records.get(uid)
+        return rec.get("status") if rec is not None else None
+
+    def put(self, uid: str, rec: dict[str, Any], origin: str) -> None:
+        self.records.overlay[uid] = rec
+        self.state._overlay_origin[uid] = origin
+
+    def delete(self, uid: str) -> None:
+        self.records.overlay[uid] = None
+
+    def clear(self) -> None:
+        self.records.overlay.clear()
+        self.state._overlay_origin.clear()
+
+    def hide(self, uid: str) -> None:
+        self.records.hidden.add(uid)
+        self.records.overlay.pop(uid, None)
 
 
 # A value that would end or split an unquoted CSV field (a hostile server's description, a name

@@ -30,6 +30,9 @@ from .crash import check_tree
 BIG_SPEC = "collections=1,patients=4,studies=1,series=5,instances=4,size=64KiB,seed=63"
 #: 24 series of ~10 KB: small files, a journal and a harvest.json that grow with every series.
 SMALL_SPEC = "collections=1,patients=4,studies=1,series=6,instances=2,size=4KiB,seed=64"
+#: 24 series of 60 small files: harvest.json (every file listed, indented) outgrows every state
+#: file (the journal, the compressed state database, its WAL bounded by checkpoints).
+MANY_FILES_SPEC = "collections=1,patients=4,studies=1,series=6,instances=60,size=1KiB,seed=65"
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
 
 
@@ -41,6 +44,11 @@ def big_archive(synthetic_cache: Path) -> Archive:
 @pytest.fixture(scope="module")
 def small_files_archive(synthetic_cache: Path) -> Archive:
     return build_synthetic(SyntheticSpec.parse(SMALL_SPEC), synthetic_cache)
+
+
+@pytest.fixture(scope="module")
+def many_files_archive(synthetic_cache: Path) -> Archive:
+    return build_synthetic(SyntheticSpec.parse(MANY_FILES_SPEC), synthetic_cache)
 
 
 @contextmanager
@@ -134,7 +142,7 @@ def test_file_size_limit_is_disk_full_then_resume(small_files_archive, tmp_path,
     query = write_query(tmp_path, small_files_archive)
     out = tmp_path / "out"
     with serve_in_thread(small_files_archive) as srv:
-        proc = run_cli(query, out, srv.base_url, fsize=24 * 1024)
+        proc = run_cli(query, out, srv.base_url, fsize=128 * 1024)
         line = one_error_line(proc)
         assert_disk_full_line(line)
         kept = kept_series(out, small_files_archive)
@@ -150,31 +158,34 @@ def test_file_size_limit_is_disk_full_then_resume(small_files_archive, tmp_path,
 
 
 @pytest.mark.slow
-def test_disk_full_while_writing_the_final_manifest_is_not_success(small_files_archive, tmp_path, figures):
+def test_disk_full_while_writing_the_final_manifest_is_not_success(many_files_archive, tmp_path, figures):
     """Every series verified and journalled, then harvest.json cannot be rewritten: that is a fatal
     stop (exit 3), not a success with a stale manifest; the rerun finishes it without downloading."""
-    query = write_query(tmp_path, small_files_archive)
+    query = write_query(tmp_path, many_files_archive)
     out = tmp_path / "out"
-    uids = normal_series(small_files_archive)
-    with serve_in_thread(small_files_archive) as srv:
+    uids = normal_series(many_files_archive)
+    with serve_in_thread(many_files_archive) as srv:
         # a first run, to learn the sizes of the journal and of the final harvest.json
         probe = tmp_path / "probe"
-        assert harvest(srv.base_url, probe, select_all(small_files_archive)).ok
-        journal = (probe / ".harvester" / "journal.jsonl").stat().st_size
+        assert harvest(srv.base_url, probe, select_all(many_files_archive)).ok
+        # the largest state file: the journal, the database, or its WAL (at most 64 pages between
+        # checkpoints, and one commit)
+        journal = max((probe / ".harvester" / "journal.jsonl").stat().st_size,
+                      (probe / ".harvester" / "state.db").stat().st_size, 80 * 4096)
         final_manifest = (probe / "harvest.json").stat().st_size
         assert journal < final_manifest, (journal, final_manifest)
-        limit = (journal + final_manifest) // 2  # the journal fits, the final harvest.json does not
+        limit = (journal + final_manifest) // 2  # the state fits, the final harvest.json does not
         before = srv.stats.downloads
         proc = run_cli(query, out, srv.base_url, fsize=limit)
         line = one_error_line(proc)
         assert_disk_full_line(line)
-        kept = kept_series(out, small_files_archive)
+        kept = kept_series(out, many_files_archive)
         assert kept == set(uids)
         again = run_cli(query, out, srv.base_url)
         assert again.returncode == 0, again.stderr
         after = srv.stats.downloads
         assert all(after[u] == before[u] + 1 for u in uids), "the rerun downloaded again"
-        assert_identical(out, small_files_archive, uids)
+        assert_identical(out, many_files_archive, uids)
     figures.record("disk", case="final harvest.json EFBIG", kept=len(kept), series=len(uids), message=line)
 
 

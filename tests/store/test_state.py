@@ -670,12 +670,12 @@ def test_metadata_csv_matches_the_real_retriever_rows(state: HarvestState, new_y
         study = {"StudyInstanceUID": v["study"], "StudyDate": v["date"], "StudyDescription": v["study_desc"],
                  "StudyID": "NA"}
         path = str(series_path({**row, **study}, "descriptive"))
-        state.records[uid] = {
+        state.db.put(uid, {   # the records live in the state database
             "SeriesInstanceUID": uid, "Collection": "HNSCC", "PatientID": "HNSCC-01-0001",
             "StudyInstanceUID": v["study"], "Modality": v["modality"], "status": "complete", "path": path,
             "bytes": v["size"], "completed": "2021-10-01T01:39:12.665Z", "sop_class_uid": v["sop_class"],
             "files": [{"path": f"{path}/1-{i:03d}.dcm", "size": 1} for i in range(v["images"])],
-            "metadata": row, "study": study}
+            "metadata": row, "study": study}, "test")
     state.write_manifest({"layout": "descriptive"}, order=list(_REAL_HNSCC))
     lines = (state.out_dir / "metadata.csv").read_bytes().decode("utf-8").split("\r\n")
     assert lines[0] == real["metadata_csv"]["header"] and lines[-1] == ""

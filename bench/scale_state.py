@@ -1,0 +1,269 @@
+"""The harvest state at archive scale (issue 16): the state alone, and a 100,000-file harvest.
+
+State alone, no network (``state N``, each size in a fresh process so its peak RSS is its own):
+N files are recorded as N / FILES_PER_SERIES synthetic series through ``HarvestState.commit``,
+one at a time (the slowest case: no two commits share an fsync). Each series is a real staging
+folder renamed into place; its files are hard links to one small file per series (a link is
+not a new inode: this machine's ext4 is slow at creating inodes after mass deletions, which is
+not the state's cost). Then:
+
+* commit rate: series and files a second over the first and the last ``WINDOW`` commits, and
+  over all of them (only the ``commit`` calls are timed, not making the staging folders);
+* no-op resume: a new process opens DIR (``open``: the journal past the mark, then recovery,
+  which stats every recorded file) and asks ``completed_bytes(uid)`` of every series, as the
+  engine does of its plan;
+* export: ``write_manifest`` (harvest.json and metadata.csv streamed from the database);
+* sizes: state.db, journal.jsonl, harvest.json; peak RSS of the recording process and of the
+  resuming one (``ru_maxrss``).
+
+``prefill N`` (for 10 million files, where a million commits would take hours here): the
+database is filled through ``StateDB.put`` in transactions of 1,000 series (no journal, no
+files), then ``WINDOW`` ordinary commits are timed on top: the commit rate at that size.
+
+End to end (``e2e``): ``harvester serve --synthetic`` of 2,000 series of 50 files of 1 KB, then
+``harvester run`` into an empty directory and again with nothing to do, once with the harvester
+of this tree and once with a baseline tree given by ``--baseline SRC`` (a checkout of the
+version to compare with, e.g. ``git archive <commit> | tar -x -C SRC``): wall, CPU-s, peak RSS.
+
+    .venv/bin/python bench/scale_state.py state 10000 1000000 [--json out.json]
+    .venv/bin/python bench/scale_state.py prefill 10000000
+    .venv/bin/python bench/scale_state.py e2e --baseline SRC
+
+Nothing here asserts a timing (``tests/store/test_db.py`` runs a tiny version).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+FILES_PER_SERIES = 50          # the median of TCIA's series
+WINDOW = 500                   # commits in the first and last windows
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024    # KiB on Linux
+
+
+def _record(i: int, path: str) -> dict[str, Any]:
+    uid = f"1.3.6.1.4.1.9328.50.{i}"
+    files = [{"path": f"{path}/1-{k:03d}.dcm", "size": 1, "md5": "c4ca4238a0b923820dcc509a6f75849b",
+              "SOPInstanceUID": f"{uid}.{k}"} for k in range(1, FILES_PER_SERIES + 1)]
+    return {"SeriesInstanceUID": uid, "Collection": "SCALE", "PatientID": f"SCALE-{i // 4:07d}",
+            "StudyInstanceUID": f"{uid}.0", "Modality": "CT", "status": "complete", "path": path,
+            "bytes": FILES_PER_SERIES, "attempts": 1, "error": None, "completed": "2026-01-01T00:00:00.000Z",
+            "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2", "files": files,
+            "metadata": {"SeriesInstanceUID": uid, "SeriesDescription": "scale", "Manufacturer": "SYN"},
+            "study": {"StudyDate": "2000-01-01", "StudyDescription": "scale"}}
+
+
+def _stage(state: Any, rec: dict[str, Any]) -> Path:
+    staging = state.staging_dir(rec["SeriesInstanceUID"])
+    staging.mkdir()
+    first = staging / "1-001.dcm"
+    first.write_bytes(b"1")
+    for k in range(2, FILES_PER_SERIES + 1):
+        os.link(first, staging / f"1-{k:03d}.dcm")
+    return staging
+
+
+def _sizes(out: Path) -> dict[str, int]:
+    names = {"db": ".harvester/state.db", "wal": ".harvester/state.db-wal", "journal": ".harvester/journal.jsonl",
+             "harvest_json": "harvest.json", "metadata_csv": "metadata.csv"}
+    return {k: (out / v).stat().st_size if (out / v).exists() else 0 for k, v in names.items()}
+
+
+def record_files(out: Path, files: int) -> dict[str, Any]:
+    """Child process: record ``files`` files by commit; time the commits."""
+    from harvester.store.state import HarvestState
+    series = files // FILES_PER_SERIES
+    state = HarvestState(out)
+    state.open()
+    durations: list[float] = []
+    try:
+        for i in range(series):
+            rec = _record(i, f"SCALE/{i // 1000:04d}/{i:07d}")
+            staging = _stage(state, rec)
+            started = time.perf_counter()
+            state.commit(rec, staging)
+            durations.append(time.perf_counter() - started)
+        rss_recorded = _rss_mb()
+        started = time.perf_counter()
+        state.write_manifest({"layout": "bench"})
+        export = time.perf_counter() - started
+    finally:
+        state.close()
+    window = min(WINDOW, len(durations))
+    return {"files": series * FILES_PER_SERIES, "series": series,
+            "commit_s": sum(durations),
+            "series_per_s": series / sum(durations),
+            "series_per_s_first": window / sum(durations[:window]),
+            "series_per_s_last": window / sum(durations[-window:]),
+            "export_s": export, "peak_rss_mb_recording": rss_recorded, "peak_rss_mb_with_export": _rss_mb(),
+            **_sizes(out)}
+
+
+def prefill(out: Path, files: int) -> dict[str, Any]:
+    """Child process: fill the database to ``files`` files by put, then time ``WINDOW`` commits."""
+    from harvester.store.state import HarvestState
+    series = files // FILES_PER_SERIES
+    state = HarvestState(out)
+    state.open()
+    try:
+        assert state.db is not None
+        started = time.perf_counter()
+        for start in range(0, series, 1000):
+            with state.db.transaction():
+                for i in range(start, min(series, start + 1000)):
+                    rec = _record(i, f"PREFILL/{i // 1000:04d}/{i:07d}")
+                    state.db.put(rec["SeriesInstanceUID"], rec, "prefill")
+        fill = time.perf_counter() - started
+        durations = []
+        for i in range(series, series + WINDOW):
+            rec = _record(i, f"SCALE/{i:07d}")
+            staging = _stage(state, rec)
+            started = time.perf_counter()
+            state.commit(rec, staging)
+            durations.append(time.perf_counter() - started)
+        rss = _rss_mb()
+        started = time.perf_counter()
+        state.write_manifest({"layout": "bench"})
+        export = time.perf_counter() - started
+        started = time.perf_counter()
+        complete = sum(1 for i in range(0, series + WINDOW, 1) if state.complete(f"1.3.6.1.4.1.9328.50.{i}"))
+        lookups = time.perf_counter() - started
+    finally:
+        state.close()
+    return {"files": (series + WINDOW) * FILES_PER_SERIES, "series": series + WINDOW, "prefill_s": fill,
+            "series_per_s_at_size": WINDOW / sum(durations), "export_s": export, "complete": complete,
+            "complete_lookups_s": lookups, "peak_rss_mb": rss, "peak_rss_mb_with_export": _rss_mb(), **_sizes(out)}
+
+
+def resume(out: Path, series: int) -> dict[str, Any]:
+    """Child process: a no-op resume: open DIR, ask ``complete`` of every series, close."""
+    from harvester.store.state import HarvestState
+    started = time.perf_counter()
+    state = HarvestState(out)
+    state.open()
+    opened = time.perf_counter() - started
+    try:
+        # the engine asks completed_bytes(uid) of each series of its plan: here, those recorded
+        uids = [f"1.3.6.1.4.1.9328.50.{i}" for i in range(series)]
+        done = sum(1 for uid in uids if state.completed_bytes(uid) is not None)
+    finally:
+        state.close()
+    return {"resume_s": time.perf_counter() - started, "open_s": opened, "complete": done, "lost": state.lost,
+            "peak_rss_mb_resume": _rss_mb()}
+
+
+def _child(*args: str) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, __file__, "_child", *args], capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{args}: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_state(sizes: list[int], root: Path, keep: bool) -> list[dict[str, Any]]:
+    results = []
+    for files in sizes:
+        out = root / f"state-{files}"
+        shutil.rmtree(out, ignore_errors=True)
+        row = _child("record", str(out), str(files))
+        row.update(_child("resume", str(out), str(files // FILES_PER_SERIES)))
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        if not keep:
+            shutil.rmtree(out, ignore_errors=True)
+    return results
+
+
+def run_prefill(sizes: list[int], root: Path, keep: bool) -> list[dict[str, Any]]:
+    results = []
+    for files in sizes:
+        out = root / f"prefill-{files}"
+        shutil.rmtree(out, ignore_errors=True)
+        row = _child("prefill", str(out), str(files))
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        if not keep:
+            shutil.rmtree(out, ignore_errors=True)
+    return results
+
+
+E2E_SPEC = "collections=1,patients=2000,studies=1,series=1,instances=50,size=1KB,seed=0"
+
+
+def run_e2e(root: Path, baseline: Path | None, spec: str) -> list[dict[str, Any]]:
+    sys.path.insert(0, str(REPO / "bench"))
+    from harness import ServedArchive, load_archive, run_tool
+
+    collections = sorted(load_archive(spec).collections())
+    trees = [("this tree", REPO)] + ([("baseline", baseline)] if baseline else [])
+    results = []
+    for name, src in trees:
+        work = root / f"e2e-{name.replace(' ', '-')}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        query = work / "query.json"
+        query.write_text(json.dumps({"select": [{"collection": c} for c in collections]}))
+        env_path = str(src)
+        with ServedArchive(spec) as server:
+            cmd = [sys.executable, "-c", f"import sys; sys.path.insert(0, {env_path!r}); "
+                   "from harvester.cli import main; sys.exit(main())",
+                   "run", str(query), "-o", str(work / "out"), "--api-url", server.base_url, "--no-progress"]
+            first = run_tool(cmd, work / "first")
+            again = run_tool(cmd, work / "again")
+        row = {"tree": name, "harvest_wall_s": first.wall, "harvest_cpu_s": first.cpu,
+               "harvest_peak_rss_mb": first.peak_rss / 2**20, "harvest_rc": first.returncode,
+               "rerun_wall_s": again.wall, "rerun_cpu_s": again.cpu, "rerun_peak_rss_mb": again.peak_rss / 2**20,
+               "rerun_rc": again.returncode, **_sizes(work / "out")}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "_child":
+        kind, out = sys.argv[2], Path(sys.argv[3])
+        row = (record_files(out, int(sys.argv[4])) if kind == "record" else
+               prefill(out, int(sys.argv[4])) if kind == "prefill" else resume(out, int(sys.argv[4])))
+        print(json.dumps(row))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("what", choices=["state", "prefill", "e2e"])
+    parser.add_argument("files", nargs="*", type=int, help="sizes in files (state, prefill)")
+    parser.add_argument("--dir", type=Path, help="where to work (default: a temp dir)")
+    parser.add_argument("--baseline", type=Path, help="e2e: the source tree of the version to compare with")
+    parser.add_argument("--spec", default=E2E_SPEC, help="e2e: the synthetic archive")
+    parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--json", type=Path, help="write every measurement here")
+    args = parser.parse_args()
+    root = args.dir or Path(tempfile.mkdtemp(prefix="scale-state-"))
+    root.mkdir(parents=True, exist_ok=True)
+    if args.what == "state":
+        results = run_state(args.files or [10_000, 1_000_000], root, args.keep)
+    elif args.what == "prefill":
+        results = run_prefill(args.files or [10_000_000], root, args.keep)
+    else:
+        results = run_e2e(root, args.baseline, args.spec)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    if not args.keep and args.dir is None:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
