@@ -236,6 +236,17 @@ async def test_cached_and_uncached_zips_are_byte_identical(tmp_path: Path, tiers
         assert len(list((tmp_path / "cache").rglob("*.deflate"))) == len(files)
 
 
+@pytest.mark.parametrize("chunk_size", [4096, 65_537, 1 << 20])
+async def test_the_cached_stream_does_not_depend_on_how_the_live_writer_reads(tmp_path: Path,
+                                                                             chunk_size: int) -> None:
+    """The cache computes with READ_CHUNK reads; a live writer reading other chunk sizes (above
+    and below THREAD_DEFLATE_MIN, so in a thread or not) writes the same bytes."""
+    files = instance_files(tmp_path / "series")
+    cache = DeflateCache(None, memory_bytes=64 << 20)
+    live = await collect([file_entry(n, p, s, c, chunk_size=chunk_size) for n, p, s, c in files])
+    assert await collect(cached_entries(files, cache)) == live
+
+
 async def test_a_new_cache_on_the_same_directory_computes_nothing(tmp_path: Path) -> None:
     files = instance_files(tmp_path / "series")
     live = await collect(cached_entries(files, None))
@@ -353,8 +364,11 @@ async def test_an_entry_too_big_for_memory_streams_live_without_a_directory(tmp_
 def test_precompute_fills_the_directory_a_server_then_reads(tmp_path: Path) -> None:
     files = instance_files(tmp_path / "series")
     cache = DeflateCache(tmp_path / "cache", memory_bytes=0)
-    assert cache.precompute([(p, c) for _, p, _, c in files]) == len(files)
+    (tmp_path / "cache" / "00").mkdir(parents=True)
+    (tmp_path / "cache" / "00" / ".left-by-a-kill.tmp").write_bytes(b"half")   # never read
+    assert cache.precompute([(p, c) for _, p, _, c in files], threads=4) == len(files) == cache.computed
     assert cache.precompute([(p, c) for _, p, _, c in files]) == 0
+    assert all(cache.disk_path(p, c).is_file() for _, p, _, c in files)
     served = DeflateCache(tmp_path / "cache")
 
     async def both() -> tuple[bytes, bytes]:

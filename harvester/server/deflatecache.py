@@ -18,7 +18,9 @@ Two tiers, each optional:
   ``--deflate-cache DIR``). A file is written under a temporary name and renamed, so a reader
   never sees half of one; its header repeats the size, CRC-32 and length of the stream, and a
   file whose header or length disagrees is a miss (recomputed and replaced). The directory
-  grows to about the size of the archive served; deleting it at any time is safe.
+  grows to about the size of the archive served; deleting it is safe (a download reading one
+  of its files at that moment may be cut short, as when a source file goes away), and so is
+  a ``.*.tmp`` file that a killed computation left (never read).
 
 The key is the indexed path plus what ``fstat`` says of the file opened *now* (device, inode,
 size, mtime in ns), the CRC-32 announced for it, the deflater's settings and zlib's version.
@@ -40,6 +42,7 @@ import hashlib
 import os
 import struct
 import tempfile
+import threading
 import zlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
@@ -100,6 +103,7 @@ class DeflateCache:
         self._memory: OrderedDict[_Key, DeflatedStream] = OrderedDict()
         self._held = 0
         self._inflight: dict[_Key, asyncio.Future[DeflatedStream | None]] = {}
+        self._count_lock = threading.Lock()   # computations run in several worker threads
         self.computed = 0   # streams compressed by this cache (not read back from disk)
 
     @property
@@ -142,9 +146,10 @@ class DeflateCache:
 
         def one(item: tuple[Path, int]) -> bool:
             key = _key_of(item[0], item[1])
-            before = self.computed
-            self._load_or_compute(item[0], key, keep=False)
-            return self.computed > before
+            if _read_disk(self._disk_path(key), key, read=False, whole=False) is not None:
+                return False
+            self._compute(item[0], key, small=False)
+            return True
 
         with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
             return sum(pool.map(one, entries))
@@ -176,12 +181,13 @@ class DeflateCache:
         digest = hashlib.sha256(repr(key).encode("utf-8")).hexdigest()
         return self.directory / digest[:2] / f"{digest}.deflate"
 
-    def _load_or_compute(self, path: Path, key: _Key, keep: bool = True) -> DeflatedStream | None:
+    def _load_or_compute(self, path: Path, key: _Key) -> DeflatedStream | None:
         """Blocking (a worker thread): the disk file of ``key`` if valid, else compress ``path``
-        (and store it on disk if there is a directory). ``keep``: hold small streams' bytes."""
-        small = keep and key[3] <= self.memory_bytes // 4
+        (and store it on disk if there is a directory); a stream small enough for the memory
+        tier comes back with its bytes."""
+        small = key[3] <= self.memory_bytes // 4
         if self.directory is not None:
-            found = _read_disk(self._disk_path(key), key, read=keep, whole=small)
+            found = _read_disk(self._disk_path(key), key, read=True, whole=small)
             if found is not None:
                 return found
         return self._compute(path, key, small)
@@ -228,7 +234,8 @@ class DeflateCache:
             if out is not None:
                 out.close()
                 os.unlink(temp)
-        self.computed += 1
+        with self._count_lock:
+            self.computed += 1
         if parts is not None:
             return DeflatedStream(size, crc32, csize, data=b"".join(parts))
         return DeflatedStream(size, crc32, csize, path=target)
