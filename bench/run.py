@@ -362,7 +362,6 @@ def ratio_lines(h: Measurement, peers: list[Measurement], *, by: str, cap: int |
         if by == "rss":
             lines.append(f"- peak RSS harvester / {p.tool}: {h.peak_rss / max(1, p.peak_rss):.2f}x "
                          f"({h.peak_rss / MIB:.0f} vs {p.peak_rss / MIB:.0f} MiB)")
-            continue
         rate = h.mib_s / p.mib_s if p.mib_s else float("inf")
         text = f"- harvester vs {p.tool} ({p.setting}): throughput {rate:.2f}x"
         if same:

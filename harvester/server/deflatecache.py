@@ -55,7 +55,7 @@ from harvester.containment import open_indexed, open_nofollow
 from harvester.server.zipstream import DEFLATE_LEVEL, READ_CHUNK, ZipSourceError, new_deflater
 
 #: Memory tier of ``harvester serve`` unless ``--deflate-cache-memory`` says otherwise.
-DEFAULT_MEMORY_BYTES = 64 * 1024 * 1024
+DEFAULT_MEMORY_BYTES = 16 * 1024 * 1024
 #: Bumped whenever the file format or the deflater's settings change.
 FORMAT_VERSION = 1
 _MAGIC = b"HVDEFL%02d" % FORMAT_VERSION   # 8 bytes

@@ -10,7 +10,7 @@ can read it and start talking; the server then runs until SIGINT or SIGTERM (exi
 Bad usage prints one ``harvester: error: ...`` line on stderr and exits 2.
 
 DEFLATED entries come from a :class:`~harvester.server.deflatecache.DeflateCache` (the same
-bytes, computed once per file): in memory (``--deflate-cache-memory``, default 64 MiB) and, for a
+bytes, computed once per file): in memory (``--deflate-cache-memory``, default 16 MiB) and, for a
 synthetic archive, on disk under ``<cache-dir>/deflate`` (``--deflate-cache DIR`` elsewhere,
 ``none`` for memory only). A harvested DIR gets no disk cache unless asked: nothing is written
 beside it.
@@ -101,7 +101,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep each file's DEFLATED stream here once computed (default: <cache-dir>/deflate "
                              "for --synthetic, none for a harvested DIR); the bytes sent are the same")
     parser.add_argument("--deflate-cache-memory", metavar="SIZE", default=None,
-                        help=f"memory for cached DEFLATED streams (default 64MiB; 0: none; {SIZE_HELP})")
+                        help=f"memory for cached DEFLATED streams (default 16MiB; 0: none; {SIZE_HELP})")
 
 
 def _parse_auth(values: list[str] | None, expires_in: int) -> ServerAuth | None:
