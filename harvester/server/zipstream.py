@@ -22,7 +22,9 @@ them (or when ``force_zip64`` asks for them in tests).
 An entry may carry a precomputed raw deflate stream (``ZipEntry.deflated``, from
 :mod:`harvester.server.deflatecache`): the ``deflated`` writer then sends it instead of
 compressing, and the ZIP is byte for byte the same, since both come from :func:`new_deflater`
-and zlib's output does not depend on how the input is cut into chunks.
+and zlib's output does not depend on how the input is cut into chunks. Such a stream may be
+held whole in memory, within the cache's bound; its size and CRC-32 were checked against the
+file's bytes when it was computed, and its length is checked as it is sent.
 """
 from __future__ import annotations
 
