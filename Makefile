@@ -66,10 +66,11 @@ soak: $(VENV)/.installed-test
 reliability-report: $(VENV)/.installed-test
 	$(BIN)/python -m tests.reliability.report
 
-## Benchmarks against tcia_utils and nbiatoolkit on loopback: make bench SCENARIO=a (a-e, all)
+## Benchmarks against tcia_utils and nbiatoolkit on loopback: make bench SCENARIO=a (a-f, all) [REPEAT=3]
 SCENARIO ?= all
+REPEAT ?= 3
 bench: $(VENV)/.installed-test $(PEERS_VENV)/.installed
-	$(BIN)/python bench/run.py $(SCENARIO) --json bench/out/results-$(SCENARIO).json
+	$(BIN)/python bench/run.py $(SCENARIO) --repeat $(REPEAT) --json bench/out/results-$(SCENARIO).json
 
 ## API reference from the docstrings (pdoc), into docs/api/
 docs: $(VENV)/.installed

@@ -4,7 +4,11 @@ process tree, and the checks applied to every tool's output in the same way.
 * ``ServedArchive`` starts ``python -m harvester serve --synthetic SPEC --faults SPEC`` on
   loopback as a subprocess (a fresh one per tool, so every tool sees the same injected
   faults: decisions depend only on the seed and the per-URL request count) and reads its
-  ``/_harvester/stats``; ``LinkMeter`` polls those stats to time the first and last byte.
+  ``/_harvester/stats``; ``LinkMeter`` polls those stats to time the first and last byte. The
+  server speaks the real wire format at its defaults (DEFLATED entries with data descriptors;
+  ``wire_format`` reads it back from a real answer) and sends each file's deflate stream from
+  its deflate cache (``DEFLATE_DIR``, filled by ``warm_cache``), so that compressing is not what
+  every tool waits for.
 * ``run_tool`` runs a command, samples the peak RSS of its whole process tree with psutil
   (nbiatoolkit forks workers) and returns wall time and output.
 * ``check_output`` compares the files a tool left against the archive's instances by MD5:
@@ -23,8 +27,10 @@ import resource
 import shutil
 import subprocess
 import sys
+import struct
 import threading
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +45,10 @@ PYTHON = sys.executable
 PEERS_PYTHON = os.environ.get("HARVESTER_PEERS_PYTHON") or str(REPO / ".venv-peers" / "bin" / "python")
 CACHE_DIR = Path(os.environ.get("HARVESTER_BENCH_CACHE", REPO / ".cache" / "synthetic"))
 OUT_DIR = Path(os.environ.get("HARVESTER_BENCH_OUT", BENCH / "out"))
+#: Where ``harvester serve --cache-dir CACHE_DIR`` keeps its deflate streams (its default).
+DEFLATE_DIR = CACHE_DIR / "deflate"
 MIB = 1024 * 1024
+GB = 1000 ** 3
 #: Files a tool writes beside the DICOM files; not instances.
 NOT_INSTANCES = {"LICENSE", "md5hashes.csv", "harvest.json", "metadata.csv"}
 SKIP_DIRS = {".harvester", "licenses"}
@@ -53,15 +62,26 @@ def load_archive(spec: str) -> Any:
     return build_synthetic(SyntheticSpec.parse(spec), CACHE_DIR)
 
 
-def warm_cache(archive: Any) -> None:
-    """Read every file the server will send, so that no tool pays for a cold page cache (the first
-    tool of a scenario otherwise does: a run in which harvester went first measured the disk)."""
+def warm_cache(archive: Any) -> int:
+    """Compute the deflate stream of every file the server will send (once: they persist in
+    ``DEFLATE_DIR``), then read every file it will send or read, so that no tool pays for a cold
+    page cache (the first tool of a scenario otherwise does: a run in which harvester went first
+    measured the disk) nor for compression. Returns the number of streams computed now."""
+    sys.path.insert(0, str(REPO))
+    from harvester.server.deflatecache import DeflateCache
+
+    cache = DeflateCache(DEFLATE_DIR, memory_bytes=0)
+    entries = [(inst.path, inst.crc32) for rec in archive.records() if rec.prebuilt_zip is None
+               for inst in rec.instances if inst.crc32 is not None]
+    computed = cache.precompute(entries, threads=os.cpu_count() or 1)
     for rec in archive.records():
         paths = [inst.path for inst in rec.instances] + ([rec.prebuilt_zip] if rec.prebuilt_zip else [])
+        paths += [cache.disk_path(inst.path, inst.crc32) for inst in rec.instances if inst.crc32 is not None]
         for path in paths:
             with open(path, "rb") as fh:
                 while fh.read(MIB):
                     pass
+    return computed
 
 
 class ServedArchive:
@@ -111,6 +131,20 @@ class ServedArchive:
     def stats(self) -> dict[str, Any]:
         with urllib.request.urlopen(self.root_url + "/_harvester/stats", timeout=30) as resp:
             return json.loads(resp.read())
+
+    def wire_format(self, series_uid: str) -> dict[str, int]:
+        """Method and flags of the first local header of a real getImage answer (the real wire:
+        method 8, DEFLATED; flags 0x0808, data descriptor and UTF-8 names). Counted by the
+        server like any request: call it before a tool's ``before`` snapshot."""
+        url = f"{self.base_url}/getImage?SeriesInstanceUID={urllib.parse.quote(series_uid)}"
+        with urllib.request.urlopen(url, timeout=60) as resp:
+            head = resp.read(30)
+            while resp.read(MIB):
+                pass
+        signature, _, flags, method = struct.unpack_from("<IHHH", head)
+        if signature != 0x04034B50:
+            raise RuntimeError(f"getImage did not answer a ZIP (starts {head[:4]!r})")
+        return {"method": method, "flags": flags}
 
 
 class LinkMeter(threading.Thread):
@@ -339,9 +373,16 @@ class Measurement:
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
+    runs: list[float] = field(default_factory=list)   # wall times of every repeat (this is the median one)
+
     @property
     def mib_s(self) -> float:
         return self.bytes_sent / MIB / self.wall if self.wall else 0.0
+
+    @property
+    def cpu_per_gb(self) -> float | None:
+        """Client CPU-s per GB (10^9 bytes) the server sent it."""
+        return self.cpu / (self.bytes_sent / GB) if self.bytes_sent else None
 
     @property
     def link_mib_s(self) -> float | None:
@@ -349,7 +390,7 @@ class Measurement:
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
-        doc["mib_s"], doc["link_mib_s"] = self.mib_s, self.link_mib_s
+        doc["mib_s"], doc["link_mib_s"], doc["cpu_per_gb"] = self.mib_s, self.link_mib_s, self.cpu_per_gb
         return doc
 
 

@@ -1,16 +1,20 @@
 """Benchmarks: harvester against the peer clients (tcia_utils, nbiatoolkit) on loopback.
 
-    python bench/run.py SCENARIO [--small] [--keep] [--json FILE]
+    python bench/run.py SCENARIO [--small] [--repeat N] [--keep] [--json FILE]
     SCENARIO: a (many small series), b (link-bound), c (one 1 GB series),
-              d (link-bound with faults), e (planning 20,000 series), all
+              d (link-bound with faults), e (planning 20,000 series),
+              f (link-bound, many connections: issue 17's 40 x 1.3 MB), all
 
 Every tool runs in its own process against a fresh ``harvester serve --synthetic ...``
-subprocess (same archive, same injected faults; the peers run from their own venv, which
+subprocess (same archive, same injected faults, the real wire format at the server's defaults:
+DEFLATED entries with data descriptors; the peers run from their own venv, which
 ``make peers`` builds in ``.venv-peers``, or ``$HARVESTER_PEERS_PYTHON``), and is measured the
-same way: wall time of its process, MiB/s over that wall time and over the server's
-first-to-last byte, peak RSS of its process tree, requests counted by the server, retries, and what its output is worth
+same way, ``--repeat`` times (the run of median wall time is reported, with the range): wall
+time of its process, MiB/s over that wall time and over the server's first-to-last byte, client
+CPU-s and CPU-s per GB received, peak RSS of its process tree, the share of the total link cap
+where one is set, requests counted by the server, retries, and what its output is worth
 (series complete byte for byte, instances missing or corrupt). ``--small`` runs a tiny
-version of each scenario (for CI). Synthetic archives are generated once into
+version of each scenario once (for CI). Synthetic archives are generated once into
 ``.cache/synthetic`` (git-ignored); tool output goes to ``bench/out`` and is deleted after
 checking (at the end of the run: see ``harness.set_aside``) unless ``--keep``.
 """
@@ -31,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (  # noqa: E402
     BENCH,
+    DEFLATE_DIR,
     MIB,
     OUT_DIR,
     PEERS_PYTHON,
@@ -86,6 +91,12 @@ SETUPS: dict[str, dict[bool, Setup]] = {
         False: Setup("collections=20,patients=1000,studies=1,series=1,instances=1,size=1KiB,seed=0", "latency=20ms"),
         True: Setup("collections=2,patients=50,studies=1,series=1,instances=1,size=1KiB,seed=0", "latency=20ms"),
     },
+    "f": {  # issue 17: 40 series of 1.3 MB, 1 MB/s per connection, 24 MB/s in total, 30 ms
+        False: Setup("collections=1,patients=40,studies=1,series=1,instances=20,size=64KiB,seed=0",
+                     "latency=30ms,rate=1MB,total_rate=24MB", nbiatoolkit_limit=10),
+        True: Setup("collections=1,patients=6,studies=1,series=1,instances=4,size=16KiB,seed=0",
+                    "latency=5ms,rate=1MB,total_rate=4MB", nbiatoolkit_limit=2),
+    },
 }
 TITLES = {
     "a": "many small series (latency 50 ms)",
@@ -93,24 +104,48 @@ TITLES = {
     "c": "one 1 GB series (peak RSS)",
     "d": "link-bound with faults (error 5%, reset 2%, truncate 2%)",
     "e": "planning 20,000 series (latency 20 ms)",
+    "f": "link-bound, many connections (1 MB/s per connection, 24 MB/s in total, latency 30 ms)",
 }
+#: Scenarios that download (all but planning): their server's wire format is read back first.
+DOWNLOADS = ("a", "b", "c", "d", "f")
 
 
 class Bench:
     """Runs tools for one scenario and collects their measurements."""
 
-    def __init__(self, name: str, small: bool, keep: bool) -> None:
-        self.name, self.small, self.keep = name, small, keep
+    def __init__(self, name: str, small: bool, keep: bool, repeat: int = 1) -> None:
+        self.name, self.small, self.keep, self.repeat = name, small, keep, max(1, repeat)
         self.setup = SETUPS[name][small]
         self.archive = load_archive(self.setup.spec)
         self.collections = sorted(self.archive.collections())
         self.uids = [rec.uid for rec in self.archive.records()]
         self.root = OUT_DIR / (name + ("-small" if small else ""))
         self.results: list[Measurement] = []
+        self.computed = warm_cache(self.archive)   # the deflate streams, once for every tool
+        self.wire: dict[str, int] | None = None
+        if name in DOWNLOADS:  # read back from a real answer of a server started as every tool's is
+            with ServedArchive(self.setup.spec, None) as server:
+                self.wire = server.wire_format(self.uids[0])
 
     # ------------------------------------------------------------ one tool, one run
     def measure(self, tool: str, setting: str, command: Callable[[str, Path], list[str]], *,
                 download: bool = True, note: str = "", faults: str | None = None) -> Measurement:
+        """Run the tool ``repeat`` times; the run of median wall time stands for all of them."""
+        runs = [self.measure_once(tool, setting, command, download=download, note=note, faults=faults)
+                for _ in range(self.repeat)]
+        ordered = sorted(runs, key=lambda m: m.wall)
+        result = ordered[(len(ordered) - 1) // 2]
+        result.runs = [m.wall for m in runs]
+        result.extra["runs"] = [{"wall": m.wall, "cpu": m.cpu, "peak_rss": m.peak_rss, "load": m.load,
+                                 "complete": m.check.complete if m.check else None} for m in runs]
+        self.results.append(result)
+        if len(runs) > 1:
+            print(f"[{self.name}]   median {result.wall:.1f} s of {', '.join(f'{w:.1f}' for w in result.runs)}",
+                  file=sys.stderr, flush=True)
+        return result
+
+    def measure_once(self, tool: str, setting: str, command: Callable[[str, Path], list[str]], *,
+                     download: bool = True, note: str = "", faults: str | None = None) -> Measurement:
         work = self.root / f"{tool}-{setting}".replace(" ", "_")
         set_aside(work)
         work.mkdir(parents=True)
@@ -148,7 +183,6 @@ class Bench:
             result.note = (result.note + f"; exit {run.returncode}: " + run.stderr.strip()[-300:]).strip("; ")
         if not self.keep:
             set_aside(work / "out")
-        self.results.append(result)
         print(f"[{self.name}]   {_brief(result)}", file=sys.stderr, flush=True)
         return result
 
@@ -217,6 +251,15 @@ def scenario_a(b: Bench) -> list[str]:
     return [download_table(b, [h, t, n]), ratio_lines(h, [t, n], by="time")]
 
 
+def scenario_f(b: Bench) -> list[str]:
+    """Issue 17's link-bound case: what matters is the share of the total cap each tool reaches."""
+    h = b.harvester()
+    t = b.tcia_utils("defaults (10 threads)")
+    n = b.nbiatoolkit("defaults (1 process)", limit=b.setup.nbiatoolkit_limit)
+    cap = _total_cap(b.setup.faults)
+    return [download_table(b, [h, t, n], cap=cap), ratio_lines(h, [t, n], by="rate", cap=cap)]
+
+
 def scenario_b(b: Bench) -> list[str]:
     limit = b.setup.nbiatoolkit_limit
     h = b.harvester("defaults")
@@ -225,9 +268,10 @@ def scenario_b(b: Bench) -> list[str]:
     h10 = b.harvester("10 workers", workers=10)
     n10 = b.nbiatoolkit("10 processes", processes=10)
     cap = _total_cap(b.setup.faults)
-    out = ["**At each tool's defaults**", download_table(b, [h, t, n]), ratio_lines(h, [t, n], by="rate", cap=cap),
+    out = ["**At each tool's defaults**", download_table(b, [h, t, n], cap=cap),
+           ratio_lines(h, [t, n], by="rate", cap=cap),
            "**At equal concurrency (10 series in flight; tcia_utils' default is 10 threads, same run as above)**",
-           download_table(b, [h10, t, n10]), ratio_lines(h10, [t, n10], by="rate", cap=cap)]
+           download_table(b, [h10, t, n10], cap=cap), ratio_lines(h10, [t, n10], by="rate", cap=cap)]
     return out
 
 
@@ -242,17 +286,19 @@ def scenario_d(b: Bench) -> list[str]:
     h = b.harvester()
     t = b.tcia_utils("defaults (10 threads)")
     n = b.nbiatoolkit("defaults (1 process)", limit=b.setup.nbiatoolkit_limit)
-    return [download_table(b, [h, t, n]), ratio_lines(h, [t, n], by="rate")]
+    cap = _total_cap(b.setup.faults)
+    return [download_table(b, [h, t, n], cap=cap), ratio_lines(h, [t, n], by="rate", cap=cap)]
 
 
 def scenario_e(b: Bench) -> list[str]:
     h = b.harvester_plan()
     t = b.tcia_utils("getSeries per collection", plan_only=True)
     planned = {"harvester": _last_json_series(h), "tcia_utils": t.extra.get("listed")}
-    rows = ["| tool | setting | series listed | wall s | requests | peak RSS MiB | CPU s | server CPU s | load |",
-            "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
+    rows = ["| tool | setting | series listed | wall s | wall range s | requests | peak RSS MiB | CPU s "
+            "| server CPU s | load |",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for m, key in ((h, "harvester"), (t, "tcia_utils")):
-        rows.append(f"| {m.tool} | {m.setting} | {planned[key]} | {m.wall:.2f} | {m.requests} | "
+        rows.append(f"| {m.tool} | {m.setting} | {planned[key]} | {m.wall:.2f} | {_range(m, 2)} | {m.requests} | "
                     f"{m.peak_rss / MIB:.0f} | {m.cpu:.1f} | {m.server_cpu:.1f} | {m.load:.1f} |")
     lines = "\n".join(rows)
     ratio = (f"- harvester / tcia_utils: time {h.wall / t.wall:.2f}x, requests {h.requests / max(1, t.requests):.2f}x "
@@ -270,25 +316,40 @@ def _total_cap(faults: str) -> int | None:
 
 
 SCENARIOS: dict[str, Callable[[Bench], list[str]]] = {
-    "a": scenario_a, "b": scenario_b, "c": scenario_c, "d": scenario_d, "e": scenario_e,
+    "a": scenario_a, "b": scenario_b, "c": scenario_c, "d": scenario_d, "e": scenario_e, "f": scenario_f,
 }
 
 
 # ---------------------------------------------------------------------------------- tables
 
-def download_table(b: Bench, results: list[Measurement]) -> str:
-    rows = ["| tool | setting | series done | wall s | MiB/s (wall) | MiB/s (link) | peak RSS MiB | CPU s "
-            "| server CPU s | requests | req/series | retries | incomplete series | missing inst. | corrupt inst. | load "
-            "| note |",
-            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
+def _range(m: Measurement, digits: int = 1) -> str:
+    """The spread of the repeats' wall times, ``min-max`` (``-`` for a single run)."""
+    if len(m.runs) < 2:
+        return "-"
+    return f"{min(m.runs):.{digits}f}-{max(m.runs):.{digits}f}"
+
+
+def _per_gb(m: Measurement) -> str:
+    return f"{m.cpu_per_gb:.2f}" if m.cpu_per_gb is not None else "-"
+
+
+def download_table(b: Bench, results: list[Measurement], cap: int | None = None) -> str:
+    """One row per tool; with a total link ``cap`` (bytes/s), the share of it over wall time."""
+    share = " of cap |" if cap else ""
+    rows = ["| tool | setting | series done | wall s | wall range s | MiB/s (wall) | MiB/s (link) |" + share +
+            " CPU s | CPU s/GB | peak RSS MiB | server CPU s | requests | req/series | retries | incomplete series "
+            "| missing inst. | corrupt inst. | load | note |",
+            "|---|---|--:|--:|--:|--:|--:|" + ("--:|" if cap else "") + "--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
     for m in results:
         c = m.check
         asked = m.extra.get("asked") or len(b.uids)
         link = f"{m.link_mib_s:.1f}" if m.link_mib_s else "-"
         retries = str(m.retries) if m.retries is not None else "0 (none)"
+        of_cap = f" {m.bytes_sent / m.wall / cap:.0%} |" if cap and m.wall else (" - |" if cap else "")
         rows.append(
-            f"| {m.tool} | {m.setting} | {c.complete if c else '-'}/{asked} | {m.wall:.1f} | {m.mib_s:.1f} | {link} | "
-            f"{m.peak_rss / MIB:.0f} | {m.cpu:.1f} | {m.server_cpu:.1f} | {m.requests} | {m.requests / max(1, asked):.2f} | {retries} | "
+            f"| {m.tool} | {m.setting} | {c.complete if c else '-'}/{asked} | {m.wall:.1f} | {_range(m)} | "
+            f"{m.mib_s:.1f} | {link} |{of_cap} {m.cpu:.1f} | {_per_gb(m)} | {m.peak_rss / MIB:.0f} | "
+            f"{m.server_cpu:.1f} | {m.requests} | {m.requests / max(1, asked):.2f} | {retries} | "
             f"{c.incomplete if c else '-'} | {c.missing if c else '-'} | {c.corrupt if c else '-'} | {m.load:.1f} | "
             f"{m.note} |")
     return "\n".join(rows)
@@ -301,19 +362,36 @@ def ratio_lines(h: Measurement, peers: list[Measurement], *, by: str, cap: int |
         if by == "rss":
             lines.append(f"- peak RSS harvester / {p.tool}: {h.peak_rss / max(1, p.peak_rss):.2f}x "
                          f"({h.peak_rss / MIB:.0f} vs {p.peak_rss / MIB:.0f} MiB)")
-            continue
         rate = h.mib_s / p.mib_s if p.mib_s else float("inf")
         text = f"- harvester vs {p.tool} ({p.setting}): throughput {rate:.2f}x"
         if same:
             text += f", time {h.wall / p.wall:.2f}x (harvester {h.wall:.1f} s, {p.tool} {p.wall:.1f} s)"
         else:
             text += " (different subsets: compare MiB/s only)"
+        if h.cpu_per_gb is not None and p.cpu_per_gb:
+            text += (f", client CPU per GB {h.cpu_per_gb / p.cpu_per_gb:.2f}x "
+                     f"({h.cpu_per_gb:.2f} vs {p.cpu_per_gb:.2f} CPU-s/GB)")
         lines.append(text)
     if cap:
-        link = h.link_mib_s or 0.0
-        lines.append(f"- harvester vs the total cap ({cap / MIB:.0f} MiB/s): {h.mib_s / (cap / MIB):.0%} over wall time, "
-                     f"{link / (cap / MIB):.0%} from first to last byte")
+        for m in [h, *peers]:
+            link = m.link_mib_s or 0.0
+            lines.append(f"- {m.tool} ({m.setting}) vs the total cap ({_cap_text(cap)}): "
+                         f"{m.bytes_sent / m.wall / cap:.0%} over wall time, "
+                         f"{link * MIB / cap:.0%} from first to last byte")
     return "\n".join(lines)
+
+
+def _cap_text(cap: int) -> str:
+    """A cap as it was written: ``64 MiB/s`` or ``24 MB/s``."""
+    return f"{cap / MIB:.0f} MiB/s" if cap % MIB == 0 else f"{cap / 1e6:.0f} MB/s"
+
+
+def _wire_text(wire: dict[str, int] | None) -> str:
+    if wire is None:
+        return "no downloads"
+    kind = {8: "DEFLATED", 0: "STORED"}.get(wire["method"], f"method {wire['method']}")
+    descriptors = " with data descriptors" if wire["flags"] & 0x0008 else ""
+    return f"wire: {kind}{descriptors} (flags 0x{wire['flags']:04x})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,25 +400,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="a tiny version of each scenario (CI)")
     parser.add_argument("--keep", action="store_true", help="keep each tool's output under bench/out")
     parser.add_argument("--json", type=Path, help="also write the measurements as JSON")
+    parser.add_argument("--repeat", type=int, default=None, metavar="N",
+                        help="run every tool N times and report the median run (default 3; 1 with --small)")
     args = parser.parse_args(argv)
+    repeat = args.repeat if args.repeat is not None else (1 if args.small else 3)
+    if repeat < 1:
+        print("bench: --repeat wants a whole number of at least 1", file=sys.stderr)
+        return 2
     if not os.access(PEERS_PYTHON, os.X_OK):
         print(f"bench: no peer venv at {PEERS_PYTHON}: run 'make peers' (or set HARVESTER_PEERS_PYTHON)",
               file=sys.stderr)
         return 2
 
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
-    report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "small": args.small, "scenarios": {}}
+    report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "small": args.small, "repeat": repeat,
+                              "scenarios": {}}
     for name in names:
-        bench = Bench(name, args.small, args.keep)
+        bench = Bench(name, args.small, args.keep, repeat)
         setup = bench.setup
         blocks = SCENARIOS[name](bench)
         print(f"\n### {name}. {TITLES[name]}{' (small)' if args.small else ''}\n")
         print(f"archive `{setup.spec}` ({len(bench.uids)} series, "
-              f"{sum(r.total_bytes for r in bench.archive.records()) / MIB:.0f} MiB), faults `{setup.faults or 'none'}`\n")
+              f"{sum(r.total_bytes for r in bench.archive.records()) / MIB:.0f} MiB), faults `{setup.faults or 'none'}`, "
+              f"{_wire_text(bench.wire)}, median of {repeat} run{'s' if repeat > 1 else ''} per tool\n")
         for block in blocks:
             print(block + "\n")
         sys.stdout.flush()
-        report["scenarios"][name] = {"spec": setup.spec, "faults": setup.faults,
+        report["scenarios"][name] = {"spec": setup.spec, "faults": setup.faults, "wire": bench.wire,
+                                     "deflate_cache": str(DEFLATE_DIR), "deflate_streams_computed": bench.computed,
                                      "results": [m.to_json() for m in bench.results], "tables": blocks}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

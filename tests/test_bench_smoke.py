@@ -16,7 +16,8 @@ from harvest_helpers import peers_python
 pytestmark = [pytest.mark.slow, pytest.mark.peers]
 
 REPO = Path(__file__).resolve().parent.parent
-SCENARIOS = ("a", "b", "c", "d", "e")
+SCENARIOS = ("a", "b", "c", "d", "e", "f")
+DOWNLOADS = ("a", "b", "c", "d", "f")
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def test_every_scenario_prints_its_tables(report: dict) -> None:
         assert any("harvester" in t and ("x" in t) for t in tables if t.startswith("- ")), name
 
 
-@pytest.mark.parametrize("name", ["a", "b", "c", "d"])
+@pytest.mark.parametrize("name", DOWNLOADS)
 def test_harvester_completes_every_series_byte_for_byte(report: dict, name: str) -> None:
     results = [r for r in report["scenarios"][name]["results"] if r["tool"] == "harvester"]
     assert results
@@ -67,7 +68,9 @@ def test_figures_are_measured(report: dict, name: str) -> None:
         assert r["requests"] > 0
         if name != "e":
             assert r["bytes_sent"] > 0 and r["downloads"] > 0 and r["mib_s"] > 0
+            assert r["cpu_per_gb"] == pytest.approx(r["cpu"] / (r["bytes_sent"] / 1e9))
             assert r["check"]["ok"] > 0, r  # every peer got something right, or the wiring is broken
+        assert len(r["extra"]["runs"]) == report["repeat"] == 1  # --small runs each tool once
     assert "harvester" in tools and "tcia_utils" in tools
     if name != "e":
         assert "nbiatoolkit" in tools
@@ -92,3 +95,18 @@ def test_side_benchmarks_run(tmp_path: Path, script: str, args: list[str], expec
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert expect in proc.stdout
+
+
+@pytest.mark.parametrize("name", DOWNLOADS)
+def test_every_tool_is_measured_on_the_real_wire_format(report: dict, name: str) -> None:
+    """The server every tool talked to answered DEFLATED entries with data descriptors (read
+    back from a real getImage), and the tables carry CPU per GB and, on a capped link, the share
+    of the cap."""
+    scenario = report["scenarios"][name]
+    assert scenario["wire"] == {"method": 8, "flags": 0x0808}
+    assert "wire: DEFLATED with data descriptors" in report["stdout"]
+    table = next(t for t in scenario["tables"] if t.startswith("| tool |"))
+    assert "CPU s/GB" in table
+    if "total_rate" in scenario["faults"]:
+        assert "of cap" in table
+        assert sum("vs the total cap" in t for t in scenario["tables"]) >= 1

@@ -7,6 +7,7 @@ One concept per module, data flowing downwards::
       dicomgen.py   deterministic DICOM files with pydicom 2.4 / 3.x
       hostile.py    the HOSTILE collection (path attacks, symlink, zip bomb, ...)
     zipstream.py  streaming STORED ZIP writer (constant memory, CRC/sizes in local headers)
+    deflatecache.py  each file's DEFLATED stream computed once (memory LRU by bytes, disk files)
     faults.py     FaultSpec, reproducible FaultInjector, TokenBucket bandwidth caps
     auth.py       ServerAuth and the OAuth2 token issuer
     stats.py      request statistics

@@ -40,7 +40,7 @@ import logging
 import random
 import zlib
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ from harvester.server.archive import (
     wire_row,
 )
 from harvester.server.auth import ServerAuth, TokenGrantError, TokenIssuer
+from harvester.server.deflatecache import DeflateCache
 from harvester.server.faults import (
     NO_FAULTS,
     FaultDecision,
@@ -102,10 +103,21 @@ NUMBERS_AS_STRINGS_KEY = web.AppKey("harvester_numbers_as_strings", bool)
 class DownloadWire:
     """How the download endpoints speak. ``zip_format``: one of ``ZIP_FORMATS`` (``deflated``
     as the real service writes, or the older ``stored``). ``include_md5=False`` answers
-    ``IncludeMD5`` with HTTP 400, as v4 builds of May to Nov 2025 do."""
+    ``IncludeMD5`` with HTTP 400, as v4 builds of May to Nov 2025 do. ``deflate_cache``
+    sends each DEFLATED file entry's stream computed once (:mod:`harvester.server.deflatecache`)
+    instead of compressing it per download: not a byte on the wire changes; ``None`` compresses
+    every time."""
 
     zip_format: str = DEFAULT_ZIP_FORMAT
     include_md5: bool = True
+    deflate_cache: DeflateCache | None = field(default=None, compare=False)
+
+    def file_entry(self, name: str, path: Path, size: int, crc32: int) -> ZipEntry:
+        """A file's ZIP entry, from the deflate cache when there is one (and it is used)."""
+        cache = self.deflate_cache if self.zip_format == "deflated" else None
+        if cache is None:
+            return file_entry(name, path, size, crc32)
+        return file_entry(name, path, size, crc32, deflated=lambda: cache.lookup(path, size, crc32))
 
     def __post_init__(self) -> None:
         if self.zip_format not in ZIP_FORMATS:
@@ -373,7 +385,8 @@ def md5_csv(rec: SeriesRecord, names: Sequence[str]) -> bytes:
 
 
 async def _series_entries(archive: Archive, rec: SeriesRecord, decision: FaultDecision, stats: Stats,
-                          *, with_license: bool, new_file_names: bool, include_md5: bool) -> AsyncIterator[ZipEntry]:
+                          *, with_license: bool, new_file_names: bool, include_md5: bool,
+                          wire: DownloadWire) -> AsyncIterator[ZipEntry]:
     """LICENSE (getImage only), the DICOM files, then md5hashes.csv for all of them.
 
     ``truncate`` stops after a proper subset of the files, as an error mid-stream does on the
@@ -395,7 +408,7 @@ async def _series_entries(archive: Archive, rec: SeriesRecord, decision: FaultDe
             yield file_entry(name, inst.path, inst.size, crc, flip_last_byte=True)
         else:
             crc = inst.crc32 if inst.crc32 is not None else await asyncio.to_thread(archive.crc32_of, inst)
-            yield file_entry(name, inst.path, inst.size, crc)
+            yield wire.file_entry(name, inst.path, inst.size, crc)
     if include_md5 and not decision.truncate:
         yield bytes_entry("md5hashes.csv", md5_csv(rec, names))
 
@@ -478,7 +491,8 @@ async def _download(request: web.Request, endpoint: str, params: Params, decisio
     with_md5_hash = endpoint == "getImageWithMD5Hash"
     entries = _series_entries(archive, rec, decision, stats, with_license=not with_md5_hash,
                               new_file_names=not with_md5_hash and _yes(params.get("NewFileNames")),
-                              include_md5=with_md5_hash or _yes(params.get("IncludeMD5")))
+                              include_md5=with_md5_hash or _yes(params.get("IncludeMD5")),
+                              wire=request.app[WIRE_KEY])
     body = zip_stream(entries, zip_format=request.app[WIRE_KEY].zip_format)
     return await _stream_body(request, resp, decision, body, rec.total_bytes)
 
@@ -590,17 +604,18 @@ async def dcm_image_handler(request: web.Request) -> web.StreamResponse:
         return _text(400, f"Image with given SeriesInstanceUID,{uid}, is not in public domain.")
     md5 = (request.query.get("MD5Verification") or "").lower() == "true"
     annotations = rec.annotations if (request.query.get("IncludeAnnotation") or "").lower() == "true" else ()
+    wire = request.app[WIRE_KEY]
 
     async def entries() -> AsyncIterator[ZipEntry]:
         names = entry_names(len(rec.instances), True)
         for name, inst in zip(names, rec.instances, strict=True):
             crc = inst.crc32 if inst.crc32 is not None else await asyncio.to_thread(archive.crc32_of, inst)
-            yield file_entry(name, inst.path, inst.size, crc)
+            yield wire.file_entry(name, inst.path, inst.size, crc)
         if md5:
             lines = ["Filename,MD5Hash"] + [f"{n},{i.md5}" for n, i in zip(names, rec.instances, strict=True)]
             yield bytes_entry("md5hashes.csv", ("\n".join(lines) + "\n").encode("utf-8"))
         for ann in annotations:
-            yield file_entry(ann.name, ann.path, ann.size, ann.crc32)
+            yield wire.file_entry(ann.name, ann.path, ann.size, ann.crc32)
 
     resp = web.StreamResponse(status=200, headers={
         "Content-Type": "application/octet-stream",

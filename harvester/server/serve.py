@@ -3,10 +3,17 @@
     harvester serve [DIR] [--synthetic SPEC] [--cache-dir DIR] [--host 127.0.0.1] [--port 0]
                     [--faults SPEC] [--auth USER:PASSWORD_FILE] [--token-expires SECONDS]
                     [--numbers-as-strings] [--zip deflated|stored] [--refuse-include-md5]
+                    [--deflate-cache DIR|none] [--deflate-cache-memory SIZE]
 
 The first line of stdout is the base URL (ending in ``/v4``), flushed, so a parent process
 can read it and start talking; the server then runs until SIGINT or SIGTERM (exit 0).
 Bad usage prints one ``harvester: error: ...`` line on stderr and exits 2.
+
+DEFLATED entries come from a :class:`~harvester.server.deflatecache.DeflateCache` (the same
+bytes, computed once per file): in memory (``--deflate-cache-memory``, default 16 MiB) and, for a
+synthetic archive, on disk under ``<cache-dir>/deflate`` (``--deflate-cache DIR`` elsewhere,
+``none`` for memory only). A harvested DIR gets no disk cache unless asked: nothing is written
+beside it.
 """
 from __future__ import annotations
 
@@ -23,8 +30,10 @@ from harvester.errors import UsageError
 from harvester.server.app import DownloadWire, make_app
 from harvester.server.archive import Archive, load_harvest_dir
 from harvester.server.auth import ServerAuth
+from harvester.server.deflatecache import DEFAULT_MEMORY_BYTES, DeflateCache
 from harvester.server.faults import FaultInjector, FaultSpec
 from harvester.server.zipstream import DEFAULT_ZIP_FORMAT, ZIP_FORMATS
+from harvester.units import SIZE_HELP, parse_size
 
 DEFAULT_CACHE_DIR = Path("~/.cache/harvester")
 SHUTDOWN_TIMEOUT = 2.0
@@ -116,6 +125,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              f"(default: {DEFAULT_ZIP_FORMAT}), or STORED")
     parser.add_argument("--refuse-include-md5", action="store_true",
                         help="answer getImage's IncludeMD5 with HTTP 400, as v4 builds of May-Nov 2025 do")
+    parser.add_argument("--deflate-cache", metavar="DIR|none", default=None,
+                        help="keep each file's DEFLATED stream here once computed (default: <cache-dir>/deflate "
+                             "for --synthetic, none for a harvested DIR); the bytes sent are the same")
+    parser.add_argument("--deflate-cache-memory", metavar="SIZE", default=None,
+                        help=f"memory for cached DEFLATED streams (default 16MiB; 0: none; {SIZE_HELP})")
 
 
 def _parse_auth(values: list[str] | None, expires_in: int) -> ServerAuth | None:
@@ -161,9 +175,34 @@ def build_archive(args: argparse.Namespace) -> Archive:
         raise UsageError(f"cannot generate the synthetic archive in {cache_dir}: {err}") from None
 
 
+def build_deflate_cache(args: argparse.Namespace) -> DeflateCache:
+    """The deflate cache the command line asks for (see the module docstring). Raises
+    ``UsageError`` for a bad size or an unusable directory."""
+    memory = DEFAULT_MEMORY_BYTES
+    if args.deflate_cache_memory is not None:
+        try:
+            memory = parse_size(args.deflate_cache_memory)
+        except ValueError as err:
+            raise UsageError(f"--deflate-cache-memory: {err}") from None
+    directory: Path | None = None
+    if args.deflate_cache is not None:
+        directory = None if args.deflate_cache.strip().lower() == "none" else Path(args.deflate_cache)
+    elif args.synthetic:
+        directory = (args.cache_dir or DEFAULT_CACHE_DIR) / "deflate"
+    if directory is not None:
+        try:
+            directory.expanduser().mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"--deflate-cache: cannot use {directory}: {err.strerror or err}") from None
+        if not directory.expanduser().is_dir():
+            raise UsageError(f"--deflate-cache: {directory} is not a directory")
+    return DeflateCache(directory, memory)
+
+
 async def _serve_until_signalled(archive: Archive, args: argparse.Namespace, faults: FaultSpec | None,
-                                 auth: ServerAuth | None) -> None:
-    wire = DownloadWire(zip_format=args.zip_format, include_md5=not args.refuse_include_md5)
+                                 auth: ServerAuth | None, deflate_cache: DeflateCache) -> None:
+    wire = DownloadWire(zip_format=args.zip_format, include_md5=not args.refuse_include_md5,
+                        deflate_cache=deflate_cache)
     runner, base_url = await start_server(archive, args.host, args.port, faults, auth,
                                           numbers_as_strings=args.numbers_as_strings, wire=wire)
     stop = asyncio.Event()
@@ -192,11 +231,12 @@ def run_serve(args: argparse.Namespace) -> int:
         return _usage_error(f"--zip wants one of {', '.join(ZIP_FORMATS)}, not {args.zip_format!r}")
     try:
         auth = _parse_auth(args.auth, args.token_expires)
+        deflate_cache = build_deflate_cache(args)
         archive = build_archive(args)
     except UsageError as err:
         return _usage_error(str(err))
     try:
-        asyncio.run(_serve_until_signalled(archive, args, faults, auth))
+        asyncio.run(_serve_until_signalled(archive, args, faults, auth, deflate_cache))
     except OSError as err:
         return _usage_error(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}")
     return 0

@@ -18,6 +18,13 @@ once and compressed as they stream (never a whole entry in memory); the central 
 written only after every entry was streamed and checked, so a ZIP that ends cleanly always has
 correct sizes and CRCs. ZIP64 records are used only when a size, offset or entry count needs
 them (or when ``force_zip64`` asks for them in tests).
+
+An entry may carry a precomputed raw deflate stream (``ZipEntry.deflated``, from
+:mod:`harvester.server.deflatecache`): the ``deflated`` writer then sends it instead of
+compressing, and the ZIP is byte for byte the same, since both come from :func:`new_deflater`
+and zlib's output does not depend on how the input is cut into chunks. Such a stream may be
+held whole in memory, within the cache's bound; its size and CRC-32 were checked against the
+file's bytes when it was computed, and its length is checked as it is sent.
 """
 from __future__ import annotations
 
@@ -25,9 +32,10 @@ import asyncio
 import datetime as dt
 import struct
 import zlib
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import aiofiles
 
@@ -54,6 +62,12 @@ FIXED_MTIME = dt.datetime(2020, 1, 1, 0, 0, 0)
 READ_CHUNK = 256 * 1024
 
 
+def new_deflater() -> zlib._Compress:
+    """The deflater of every DEFLATED entry (live or cached): raw deflate, level 6, zlib's
+    default memory level and strategy, as ``java.util.zip.Deflater`` with default settings."""
+    return zlib.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
+
+
 class ZipSourceError(Exception):
     """An entry's bytes did not match the size or CRC-32 announced for it (file changed on disk).
 
@@ -62,14 +76,30 @@ class ZipSourceError(Exception):
     """
 
 
+class Precompressed(Protocol):
+    """An entry's raw deflate stream computed beforehand by :func:`new_deflater`: the size and
+    CRC-32 of the bytes it holds, its own length ``csize``, and its bytes in chunks."""
+
+    size: int
+    crc32: int
+    csize: int
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+
 @dataclass(frozen=True)
 class ZipEntry:
-    """One entry to stream: its name, exact size and CRC-32, and a factory for its bytes."""
+    """One entry to stream: its name, exact size and CRC-32, and a factory for its bytes.
+
+    ``deflated``, when set, is awaited by the ``deflated`` writer for the entry's precomputed
+    stream; ``None`` from it (or no ``deflated``) means: compress ``chunks()`` as they stream.
+    """
 
     name: str
     size: int
     crc32: int
     chunks: Callable[[], AsyncIterator[bytes]]
+    deflated: Callable[[], Awaitable[Precompressed | None]] | None = None
 
 
 def bytes_entry(name: str, data: bytes) -> ZipEntry:
@@ -82,11 +112,13 @@ def bytes_entry(name: str, data: bytes) -> ZipEntry:
 
 
 def file_entry(name: str, path: Path, size: int, crc32: int, *, flip_last_byte: bool = False,
-               chunk_size: int = READ_CHUNK) -> ZipEntry:
+               chunk_size: int = READ_CHUNK,
+               deflated: Callable[[], Awaitable[Precompressed | None]] | None = None) -> ZipEntry:
     """An entry read from ``path`` in chunks without blocking the event loop.
 
     With ``flip_last_byte`` the last byte is inverted on the way out (the corrupt fault);
     ``crc32`` must then be the CRC of the altered bytes. Reading raises ``OSError``.
+    ``deflated``: see :class:`ZipEntry`.
     """
 
     async def chunks() -> AsyncIterator[bytes]:
@@ -104,7 +136,7 @@ def file_entry(name: str, path: Path, size: int, crc32: int, *, flip_last_byte: 
                 position = end
                 yield chunk
 
-    return ZipEntry(name, size, crc32, chunks)
+    return ZipEntry(name, size, crc32, chunks, deflated)
 
 
 def _dos_datetime(moment: dt.datetime) -> tuple[int, int]:
@@ -268,25 +300,38 @@ async def _deflated_stream(entries: AsyncIterable[ZipEntry] | Iterable[ZipEntry]
                              _METHOD_DEFLATED, time, date, 0, 0, 0, len(name), 0) + name
         yield header
         entry_offset, offset = offset, offset + len(header)
-        deflater = zlib.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
-        sent = csize = crc = 0
-        async for chunk in entry.chunks():
-            sent += len(chunk)
-            if sent > entry.size:
-                raise ZipSourceError(f"{entry.name}: more than the announced {entry.size} bytes")
-            crc = zlib.crc32(chunk, crc)
-            if len(chunk) >= THREAD_DEFLATE_MIN:
-                packed = await asyncio.to_thread(deflater.compress, chunk)
-            else:
-                packed = deflater.compress(chunk)
-            if packed:
+        ready = await entry.deflated() if entry.deflated is not None else None
+        tail = b""
+        if ready is not None:
+            if ready.size != entry.size or ready.crc32 != entry.crc32:
+                raise ZipSourceError(f"{entry.name}: precomputed for {ready.size} bytes with CRC {ready.crc32:08x}, "
+                                     f"announced {entry.size} bytes with CRC {entry.crc32:08x}")
+            sent, crc, csize = ready.size, ready.crc32, 0
+            async for packed in ready.chunks():
                 csize += len(packed)
                 yield packed
-        if sent != entry.size or crc != entry.crc32:
-            raise ZipSourceError(f"{entry.name}: sent {sent} bytes with CRC {crc:08x}, "
-                                 f"announced {entry.size} bytes with CRC {entry.crc32:08x}")
-        tail = deflater.flush()
-        csize += len(tail)
+            if csize != ready.csize:
+                raise ZipSourceError(f"{entry.name}: precomputed stream of {csize} bytes, announced {ready.csize}")
+        else:
+            deflater = new_deflater()
+            sent = csize = crc = 0
+            async for chunk in entry.chunks():
+                sent += len(chunk)
+                if sent > entry.size:
+                    raise ZipSourceError(f"{entry.name}: more than the announced {entry.size} bytes")
+                crc = zlib.crc32(chunk, crc)
+                if len(chunk) >= THREAD_DEFLATE_MIN:
+                    packed = await asyncio.to_thread(deflater.compress, chunk)
+                else:
+                    packed = deflater.compress(chunk)
+                if packed:
+                    csize += len(packed)
+                    yield packed
+            if sent != entry.size or crc != entry.crc32:
+                raise ZipSourceError(f"{entry.name}: sent {sent} bytes with CRC {crc:08x}, "
+                                     f"announced {entry.size} bytes with CRC {entry.crc32:08x}")
+            tail = deflater.flush()
+            csize += len(tail)
         wide = sent >= _U32 or csize >= _U32
         descriptor = struct.pack("<IIQQ" if wide else "<IIII", _DESCRIPTOR_SIG, crc, csize, sent)
         yield tail + descriptor
