@@ -333,7 +333,9 @@ def verify_and_unpack(zip_path: Path, staging: Path, *, series_uid: str, image_c
         # NotImplementedError: a central header asks for a "zip file version" zipfile lacks
         raise IntegrityError(f"download is not a readable ZIP ({exc})", series_uid=series_uid) from None
     with zf:
-        infos = [i for i in zf.infolist() if not i.is_dir()]
+        # not ZipInfo.is_dir(): it indexes the name, and an empty name (a hostile ZIP) would raise
+        # IndexError; such a name is refused by the entry checks below
+        infos = [i for i in zf.infolist() if not i.filename.endswith("/")]
         dicom_infos, md5_info, license_info = _classify_entries(infos, series_uid, limits, file_size)
         announced = sum(i.file_size for i in dicom_infos)
         # more files or bytes than announced is not a truncated download but another answer

@@ -512,6 +512,14 @@ def test_path_traversal_and_absolute_names(work: Path, name: str) -> None:
     assert not (work / "evil.dcm").exists() and not (work / "out" / "evil.dcm").exists()
 
 
+def test_an_entry_with_an_empty_name_is_refused_not_a_traceback(work: Path) -> None:
+    """zipfile's ZipInfo.is_dir() indexes the name: an empty one raised IndexError (found by the
+    ZIP fuzz test); it is refused as any unsafe name is."""
+    entries = list(INSTANCES.items()) + [(zipfile.ZipInfo(""), CT_BYTES)]
+    zip_path = build_zip(work / "s.zip", entries)
+    assert_rejected_without_writing(work, zip_path, file_size=None, image_count=None)
+
+
 @pytest.mark.parametrize("name", ["../evil.dcm", "/abs/evil.dcm", "C:\\evil.dcm", "", "a\x00b", "x/../../y"])
 def test_check_entry_name_rejects(name: str) -> None:
     with pytest.raises(UnsafeArchiveError):
