@@ -499,9 +499,9 @@ def test_a_fatal_stop_summary_names_the_reason_not_0_of_0_failed(small_archive: 
     path = write_query(tmp_path, select_all(small_archive))
     out = tmp_path / "out"
 
-    def limit() -> None:  # in the child: a write past 40 KiB fails with EFBIG (disk full)
+    def limit() -> None:  # in the child: a write past 128 KiB fails with EFBIG (disk full)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (40 * 1024, 40 * 1024))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (128 * 1024, 128 * 1024))
 
     with serve_in_thread(small_archive) as srv:
         proc = subprocess.run([sys.executable, "-m", "harvester", "run", str(path), "-o", str(out), "--api-url",
