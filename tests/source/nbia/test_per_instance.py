@@ -187,3 +187,14 @@ def test_auto_fetches_only_large_series_instance_by_instance() -> None:
     assert not per_instance(task(None, None), "auto")
     assert per_instance(task(None, None), "always")
     assert not per_instance(task(500, 1 << 30), "never")
+
+
+def test_per_instance_is_an_option_of_run_and_sync() -> None:
+    from harvester.cli import build_config, build_parser
+    from tests.test_cli import assert_one_line_error, cli
+
+    for command in ("run", "sync"):
+        args = build_parser().parse_args([command, "q.yaml", "-o", "out", "--per-instance", "never"])
+        assert build_config(args, {}).per_instance == "never"
+        assert build_config(build_parser().parse_args([command, "q.yaml", "-o", "out"]), {}).per_instance == "auto"
+    assert "--per-instance" in assert_one_line_error(cli("run", "q.yaml", "-o", "out", "--per-instance", "sometimes"))
