@@ -164,6 +164,9 @@ class NBIASource(ClientBackedSource):
         if task.image_count is not None and len(sops) > task.image_count:
             raise IntegrityError(f"getSOPInstanceUIDs lists {len(sops)} instances, more than the "
                                  f"{task.image_count} announced", series_uid=task.series_uid)
+        if not sops:  # never an empty series: NBIA answers an unknown one with an empty body
+            raise IncompleteSeriesError("getSOPInstanceUIDs lists no instance of the series",
+                                        series_uid=task.series_uid)
         if task.image_count is not None and len(sops) < task.image_count:
             raise IncompleteSeriesError(f"getSOPInstanceUIDs lists {len(sops)} of {task.image_count} instances",
                                         series_uid=task.series_uid)

@@ -198,3 +198,30 @@ def test_per_instance_is_an_option_of_run_and_sync() -> None:
         assert build_config(args, {}).per_instance == "never"
         assert build_config(build_parser().parse_args([command, "q.yaml", "-o", "out"]), {}).per_instance == "auto"
     assert "--per-instance" in assert_one_line_error(cli("run", "q.yaml", "-o", "out", "--per-instance", "sometimes"))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("announced", ["more", "unknown series"])
+async def test_an_instance_list_short_of_the_plan_fails_before_any_instance_is_fetched(
+        server: ServerHandle, small_archive: Archive, tmp_path: Path, announced: str) -> None:
+    from harvester.errors import IncompleteSeriesError
+    from harvester.models import SeriesTask
+    from harvester.source.nbia import NBIAClient, make_session
+    from harvester.source.nbia.source import NBIASource
+    from harvester.store.sink import StoreSinks
+    from tests.harvest_helpers import test_config
+
+    rec = small_archive.get(normal_series(small_archive)[0])
+    uid = rec.uid if announced == "more" else "1.2.826.0.1.999"
+    task = SeriesTask(series_uid=uid, collection=rec.row["Collection"], patient_id="P", study_uid="S",
+                      modality="CT", image_count=len(rec.instances) + 1 if announced == "more" else None,
+                      file_size=None, row={})
+    config = test_config(server.base_url, tmp_path / "out", per_instance="always")
+    async with make_session(config) as session:
+        source = NBIASource(NBIAClient(config, session))
+        with pytest.raises(IncompleteSeriesError, match="getSOPInstanceUIDs lists"):
+            await source.fetch_series(task, partial=tmp_path / "p", staging=tmp_path / "staging",
+                                      on_bytes=lambda n: None, rate=None,
+                                      sinks=StoreSinks(config.limits, resume_root=tmp_path / "instances"))
+    assert server.stats.instances == {}
+    assert not (tmp_path / "staging").exists()
