@@ -324,7 +324,12 @@ class NBIAClient(RetryingClient):
 
     async def instance_md5(self, sop_uid: str, collection: str | None) -> str:
         """The archive's MD5 of one instance (getMD5HashForImage), lower-case hex, or ``""`` when
-        it has none recorded. Raises ``RetryableRequestError`` for an answer that is neither."""
+        it has none recorded. Raises ``RetryableRequestError`` for an answer that is neither.
+
+        The v4 handler of NBIA-TCIA (``V4_getMD5HashForImage``) accepts only ``SOPInstanceUID``
+        but reads ``@QueryParam("SOPInstanceUid")``, so as its source reads it answers an empty
+        body to every request: such instances are checked by count, sizes, DICOM, series and SOP
+        UID, and recorded ``md5_source: computed``, as a ZIP's rows without an MD5 are."""
         rows = await self.query("getMD5HashForImage", {"SOPInstanceUID": sop_uid}, collection=collection)
         md5 = str(rows[0].get("MD5Hash", "")).strip().lower() if rows else ""
         if md5 and not re.fullmatch(r"[0-9a-f]{32}", md5):
