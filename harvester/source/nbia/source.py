@@ -175,13 +175,18 @@ class NBIASource(ClientBackedSource):
         writer = await anyio.to_thread.run_sync(functools.partial(sinks.parallel_instances, task, staging,
                                                                   names=names))
         queue = iter(sops)
+        # Twice as many workers as streams, a stream held only while an instance's bytes move:
+        # checking and fsyncing one instance overlaps the next one's download, so the streams
+        # stay busy (at most 2 x instance_streams instances are in memory).
+        streams = anyio.CapacityLimiter(max(1, client.config.instance_streams))
 
         async def fetch_some() -> None:
-            for sop in queue:  # one iterator shared by the streams: each instance is taken once
+            for sop in queue:  # one iterator shared by the workers: each instance is taken once
                 md5 = await client.instance_md5(sop, task.collection)
                 if await anyio.to_thread.run_sync(writer.staged, sop, md5) is not None:
                     continue
-                data = await client.single_image(task.series_uid, sop, task.collection)
+                async with streams:
+                    data = await client.single_image(task.series_uid, sop, task.collection)
                 if rate is not None:
                     await rate.consume(len(data))
                 on_bytes(len(data))
@@ -189,9 +194,9 @@ class NBIASource(ClientBackedSource):
 
         try:
             async with self.download_limiter or contextlib.nullcontext():
-                async with anyio.create_task_group() as streams:
-                    for _ in range(max(1, min(client.config.instance_streams, len(sops)))):
-                        streams.start_soon(fetch_some)
+                async with anyio.create_task_group() as workers:
+                    for _ in range(max(1, min(2 * client.config.instance_streams, len(sops)))):
+                        workers.start_soon(fetch_some)
         except BaseExceptionGroup as group:
             raise _first_error(group) from None
         return await anyio.to_thread.run_sync(writer.finish)
