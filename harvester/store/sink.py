@@ -604,9 +604,10 @@ class ParallelInstanceSink:
     def _read_journal(self) -> dict[str, tuple[str, int, str]]:
         """SOP -> (name, size, md5) of each instance a previous attempt recorded; lines that are
         torn (a kill mid-append), malformed or name another file than the SOP's are ignored."""
-        if self.resume.is_symlink():
-            raise OutputNotWritableError(f"the resume folder {self.resume.name} is a symbolic link",
-                                         hint="remove it and rerun")
+        for folder in (self.resume.parent, self.resume):  # its root too: nothing written through a link
+            if folder.is_symlink():
+                raise OutputNotWritableError(f"the resume folder {folder.name} is a symbolic link",
+                                             hint="remove it (or put a real folder there) and rerun")
         try:
             self.resume.mkdir(parents=True, exist_ok=True)
             for child in self.resume.iterdir():   # instances a kill -9 cut off while written

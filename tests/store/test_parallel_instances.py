@@ -104,3 +104,22 @@ def test_a_rerun_trusts_a_kept_instance_only_after_checking_it(series: SeriesRec
     assert len(unpacked.files) == len(series.instances)
     for i, inst in enumerate(series.instances, 1):
         assert (tmp_path / "staging" / f"1-{i}.dcm").read_bytes() == inst.path.read_bytes()
+
+
+@pytest.mark.parametrize("where", ["root", "series"])
+def test_a_resume_folder_through_a_symbolic_link_is_refused(series: SeriesRecord, tmp_path: Path, where: str) -> None:
+    from harvester.errors import OutputNotWritableError
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    root = tmp_path / "instances"
+    names = {inst.sop_uid: f"1-{i}.dcm" for i, inst in enumerate(series.instances, 1)}
+    if where == "root":
+        root.symlink_to(elsewhere)
+    else:
+        root.mkdir()
+        (root / "s").symlink_to(elsewhere)
+    with pytest.raises(OutputNotWritableError, match="symbolic link"):
+        ParallelInstanceSink(tmp_path / "staging", root / "s", series_uid=series.uid, names=names,
+                             image_count=None, file_size=None, max_instance_bytes=1 << 30)
+    assert list(elsewhere.iterdir()) == []
