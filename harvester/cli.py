@@ -24,7 +24,7 @@ from typing import Any
 import anyio
 
 from harvester import __version__
-from harvester.config import DEFAULT_API_URL, IDC_ENDPOINT_URL, AuthConfig, Config
+from harvester.config import DEFAULT_API_URL, IDC_ENDPOINT_URL, PER_INSTANCE_MODES, AuthConfig, Config
 from harvester.errors import FatalError, HarvesterError, RequestError, UsageError
 from harvester.units import SIZE_HELP, parse_size
 
@@ -213,6 +213,10 @@ def _add_harvest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--series-retries", type=_count, metavar="N", help=f"extra attempts per series (default {Config.series_retries})")
     p.add_argument("--max-rate", type=_size, metavar="RATE",
                    help=f"cap total bandwidth in bytes/s, e.g. 50MB or 20MiB/s: {SIZE_HELP}")
+    p.add_argument("--per-instance", choices=PER_INSTANCE_MODES, metavar="WHEN",
+                   help="NBIA: fetch a series instance by instance (getSingleImage), several at once, keeping "
+                        "each verified instance for a resume: auto (default: series of 256 MiB or more), "
+                        "always, never (one getImage ZIP per series)")
     p.add_argument("--no-progress", action="store_true",
                    help="plain periodic status lines instead of a live line (the default on a dumb terminal "
                         "or when stderr is not a terminal)")
@@ -440,7 +444,8 @@ def build_config(args: argparse.Namespace, env: dict[str, str], manifest_api: st
                        ("connections", "connections"), ("series_retries", "series_retries"),
                        ("max_rate", "max_rate"), ("request_deadline", "request_deadline"),
                        ("stall_window", "stall_window"), ("max_retry_after", "max_retry_after"),
-                       ("max_json_bytes", "max_json_bytes"), ("cross_origin_redirects", "cross_origin_redirects")):
+                       ("max_json_bytes", "max_json_bytes"), ("cross_origin_redirects", "cross_origin_redirects"),
+                       ("per_instance", "per_instance")):
         value = getattr(args, name, None)
         if value is not None:
             changes[attr] = value

@@ -42,6 +42,14 @@ class Limits:
     max_entries: int = 200_000
 
 
+PER_INSTANCE_MODES = ("auto", "always", "never")
+#: ``per_instance="auto"``: a series this large goes instance by instance (one connection's cap
+#: would make it take its size over one stream's speed, and a failure would cost all of it)
+PER_INSTANCE_MIN_BYTES = 256 << 20
+#: ... unless its instances are this large on average (each instance is held in memory once)
+PER_INSTANCE_MAX_AVERAGE = 64 << 20
+
+
 SOURCES = ("nbia", "dicomweb", "idc", "auto")  # auto: NBIA's plan, each series from IDC when it has it
 #: IDC's public buckets (us-east-1; anonymous reads). The GCS mirror answers the same S3 calls at
 #: https://storage.googleapis.com (``--endpoint-url``).
@@ -61,6 +69,11 @@ class Config:
     # adaptive limit lowers it when the archive pushes back.
     workers: int = 24
     connections: int = 48             # global HTTP connection limit (2 x workers, as --workers sets it)
+    # NBIA: fetch a series instance by instance (getSingleImage, several at once, each kept
+    # for a resume) instead of as one ZIP: "auto" for series of at least PER_INSTANCE_MIN_BYTES,
+    # "always", or "never"; instance_streams of one series in flight (16 x 4 MB/s fills 64 MB/s)
+    per_instance: str = "auto"
+    instance_streams: int = 16
     plan_concurrency: int = 8         # metadata requests in flight while planning
     retries: int = 5                  # attempts per HTTP request
     series_retries: int = 3           # extra attempts per series after request-level retries

@@ -134,7 +134,7 @@ class Engine:
             source.download_limiter = self.limit.limiter
         self.rate = RateLimiter(config.max_rate) if config.max_rate else None
         #: the store's sinks every source pours its bytes into (verified as they arrive)
-        self.sinks = StoreSinks(config.limits, config.chunk_size)
+        self.sinks = StoreSinks(config.limits, config.chunk_size, resume_root=state.meta_dir / "instances")
         self._licenses: set[str] = set()
         self._rng = random.Random()
         self._refresh_failed: dict[str, str] = {}  # uid -> why a refetch failed (its old copy is kept)

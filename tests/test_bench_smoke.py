@@ -16,8 +16,8 @@ from harvest_helpers import peers_python
 pytestmark = [pytest.mark.slow, pytest.mark.peers]
 
 REPO = Path(__file__).resolve().parent.parent
-SCENARIOS = ("a", "b", "c", "d", "e", "f")
-DOWNLOADS = ("a", "b", "c", "d", "f")
+SCENARIOS = ("a", "b", "c", "d", "e", "f", "g")
+DOWNLOADS = ("a", "b", "c", "d", "f", "g")
 
 
 @pytest.fixture(scope="module")

@@ -474,6 +474,7 @@ async def _download(request: web.Request, endpoint: str, params: Params, decisio
         if found is None or found[0] is not rec:
             raise InternalError(f"SOPInstanceUID {params['SOPInstanceUID']} was not found in series {uid}")
         inst: InstanceRecord = found[1]
+        stats.count_instance(inst.sop_uid)
         resp = web.StreamResponse(status=200, headers={"Content-Type": "application/dicom"})
         resp.content_length = inst.size
         return await _stream_body(request, resp, decision, _file_chunks(inst.path), inst.size)

@@ -12,13 +12,15 @@ from typing import Any
 
 class Stats:
     """Counters: requests per endpoint name (all versions together), downloads per
-    SeriesInstanceUID (getImage and getImageWithMD5Hash only), body bytes sent by the download
+    SeriesInstanceUID (getImage and getImageWithMD5Hash only), getSingleImage answers begun per
+SOPInstanceUID (``instances``), body bytes sent by the download
     endpoints (ZIPs and getSingleImage; query answers are not counted), injected faults per kind."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._requests: Counter[str] = Counter()
         self._downloads: Counter[str] = Counter()
+        self._instances: Counter[str] = Counter()
         self._faults: Counter[str] = Counter()
         self._bytes_sent = 0
 
@@ -29,6 +31,10 @@ class Stats:
     def count_download(self, series_uid: str) -> None:
         with self._lock:
             self._downloads[series_uid] += 1
+
+    def count_instance(self, sop_uid: str) -> None:
+        with self._lock:
+            self._instances[sop_uid] += 1
 
     def count_fault(self, kind: str) -> None:
         with self._lock:
@@ -49,6 +55,11 @@ class Stats:
             return dict(self._downloads)
 
     @property
+    def instances(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._instances)
+
+    @property
     def faults(self) -> dict[str, int]:
         with self._lock:
             return dict(self._faults)
@@ -63,15 +74,17 @@ class Stats:
         with self._lock:
             self._requests.clear()
             self._downloads.clear()
+            self._instances.clear()
             self._faults.clear()
             self._bytes_sent = 0
 
     def snapshot(self) -> dict[str, Any]:
-        """A JSON-ready copy: ``{"requests", "downloads", "bytes_sent", "faults"}``."""
+        """A JSON-ready copy: ``{"requests", "downloads", "instances", "bytes_sent", "faults"}``."""
         with self._lock:
             return {
                 "requests": dict(self._requests),
                 "downloads": dict(self._downloads),
+                "instances": dict(self._instances),
                 "bytes_sent": self._bytes_sent,
                 "faults": dict(self._faults),
             }

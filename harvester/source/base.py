@@ -18,7 +18,8 @@ checked with ``isinstance`` against these ``runtime_checkable`` classes, never w
 A source moves bytes; the store checks them. The engine hands ``fetch_series`` a ``Sinks``
 (``harvester.store.sink.StoreSinks``), and the source pours what arrives into the sink it opens
 there: a series ZIP as a stream (``SeriesZipSink``), or instances one by one
-(``InstanceWriter``). So no source imports the store, and every archive's bytes pass the same
+(``InstanceWriter``), or whole instances several at once, kept across attempts
+(``ParallelInstanceWriter``). So no source imports the store, and every archive's bytes pass the same
 checks (count, sizes, MD5, CRC, DICOM header, series UID) as they arrive.
 """
 from __future__ import annotations
@@ -72,6 +73,20 @@ class InstanceWriter(Protocol):
     def abort(self) -> None: ...
 
 
+class ParallelInstanceWriter(Protocol):
+    """Whole instances of one series, several at once, from any thread (blocking: call it from
+    worker threads): ``staged`` gives an instance a previous attempt kept (checked again), or
+    None; ``write`` checks and keeps one; ``finish`` checks the series (count, sizes) and leaves
+    its files in staging. Raises ``IntegrityError``/``IncompleteSeriesError`` and the disk's
+    errors; the instances verified so far outlive a failure, for the next attempt."""
+
+    def staged(self, sop_uid: str, archive_md5: str) -> VerifiedFile | None: ...
+
+    def write(self, sop_uid: str, data: bytes, archive_md5: str) -> VerifiedFile: ...
+
+    def finish(self) -> UnpackedSeries: ...
+
+
 class Sinks(Protocol):
     """Where a source puts the bytes it moves (the store's ``StoreSinks``), given by the engine."""
 
@@ -82,6 +97,11 @@ class Sinks(Protocol):
     def instances(self, task: SeriesTask, staging: Path, *, max_instances: int, what: str = "instance",
                   sender: str = "the archive") -> InstanceWriter:
         """A writer for ``task``'s instances into ``staging`` (created, or emptied, by the caller)."""
+        ...
+
+    def parallel_instances(self, task: SeriesTask, staging: Path, *, names: dict[str, str]) -> ParallelInstanceWriter:
+        """A writer for ``task``'s instances fetched one by one (``names``: SOPInstanceUID -> the
+        name its ZIP entry would have), ``staging`` made by its ``finish``."""
         ...
 
 

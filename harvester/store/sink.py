@@ -39,7 +39,9 @@ current file, LICENSE and md5hashes.csv (capped), and one small record per file.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import shutil
 import stat
 import threading
@@ -50,8 +52,8 @@ from pathlib import Path, PurePosixPath
 import anyio
 
 from harvester.config import Limits
-from harvester.errors import HarvesterError, IncompleteSeriesError, IntegrityError, UnsafeArchiveError, \
-    classify_os_error
+from harvester.errors import HarvesterError, IncompleteSeriesError, IntegrityError, OutputNotWritableError, \
+    UnsafeArchiveError, classify_os_error
 from harvester.models import Repair, SeriesTask, UnpackedSeries, VerifiedFile
 from harvester.store.layout import instance_filename, name_key, safe_component
 from harvester.store.zipread import CentralRecord, LocalEntry, ZipStreamError, ZipStreamReader
@@ -527,9 +529,12 @@ class StoreSinks:
     """The sinks the engine hands a source (``harvester.source.base.Sinks``): one per attempt at a
     series, each bounded by ``limits`` and writing in batches of ``batch_bytes``."""
 
-    def __init__(self, limits: Limits, batch_bytes: int = BATCH_BYTES) -> None:
+    def __init__(self, limits: Limits, batch_bytes: int = BATCH_BYTES, *, resume_root: Path | None = None) -> None:
         self.limits = limits
         self.batch_bytes = batch_bytes
+        #: where ``parallel_instances`` keeps the verified instances of a series not yet committed
+        #: (``DIR/.harvester/instances``: outside ``tmp/``, which every run empties)
+        self.resume_root = resume_root
 
     def series_zip(self, task: SeriesTask, staging: Path, *, max_repairs: int) -> ZipSeriesSink:
         return ZipSeriesSink(staging, series_uid=task.series_uid, image_count=task.image_count,
@@ -540,3 +545,205 @@ class StoreSinks:
                   sender: str = "the archive") -> InstanceSink:
         return InstanceSink(staging, series_uid=task.series_uid, max_instance_bytes=self.limits.max_entry_bytes,
                             max_instances=max_instances, what=what, sender=sender)
+
+    def parallel_instances(self, task: SeriesTask, staging: Path, *, names: dict[str, str]) -> ParallelInstanceSink:
+        """A thread-safe writer of ``task``'s instances fetched one by one, several at once, that
+        keeps the verified ones for the next attempt (see ``ParallelInstanceSink``); without a
+        ``resume_root`` they are kept beside ``staging`` for this attempt only."""
+        resume = (resume_folder(self.resume_root, task.series_uid) if self.resume_root is not None
+                  else staging.with_name(staging.name + ".instances"))
+        return ParallelInstanceSink(staging, resume, series_uid=task.series_uid, names=names,
+                                    image_count=task.image_count, file_size=task.file_size,
+                                    max_instance_bytes=self.limits.max_entry_bytes)
+
+
+#: the record of the verified instances of a series fetched one by one (one JSON line each)
+RESUME_JOURNAL = "verified.jsonl"
+_MD5_HEX = re.compile(r"^[0-9a-f]{32}$")
+
+
+class ParallelInstanceSink:
+    """Instances of one series that arrive whole and several at once (NBIA's getSingleImage),
+    each checked and kept in a resume folder that outlives a failed attempt, a Ctrl-C or a
+    kill -9; ``finish`` checks the series as the ZIP path does and moves its files into
+    ``staging`` for the engine to commit. Blocking and thread-safe: call it from worker threads.
+
+    ``names`` maps each SOPInstanceUID the archive listed to the ZIP entry name the series ZIP
+    would give it, so a tree is the same whichever path fetched it.
+
+    Invariant of the resume folder: a file is named there only once its bytes were fsynced and
+    checked, and a line of ``verified.jsonl`` (appended and fsynced after the rename) records
+    (SOP, name, size, MD5). ``staged`` trusts a recorded file only after checking it again
+    (size, MD5 against the archive's or the recorded one, DICOM series and SOP).
+
+    Who raises what: ``write`` raises ``IntegrityError`` for an instance that was not listed,
+    is larger than ``max_instance_bytes``, does not match the archive's MD5, is not DICOM, is
+    of another series or is another instance; ``finish`` raises ``IntegrityError`` for more
+    files or bytes than announced and ``IncompleteSeriesError`` for fewer; both raise the disk's
+    errors (``classify_os_error``).
+    """
+
+    def __init__(self, staging: Path, resume: Path, *, series_uid: str, names: dict[str, str],
+                 image_count: int | None, file_size: int | None, max_instance_bytes: int) -> None:
+        self.staging, self.resume = staging, resume
+        self.series_uid = series_uid
+        self.image_count, self.file_size = image_count, file_size
+        self.max_instance_bytes = max_instance_bytes
+        self._names = {sop: instance_filename(entry) for sop, entry in names.items()}
+        if len({name_key(n) for n in self._names.values()}) != len(self._names):
+            raise IntegrityError("two instances of the series would get the same file name", series_uid=series_uid)
+        self._lock = threading.Lock()
+        self._verified: dict[str, VerifiedFile] = {}
+        self._recorded = self._read_journal()
+
+    def _error(self, message: str) -> IntegrityError:
+        return IntegrityError(message, series_uid=self.series_uid)
+
+    # ------------------------------------------------------------ the resume folder
+
+    def _read_journal(self) -> dict[str, tuple[str, int, str]]:
+        """SOP -> (name, size, md5) of each instance a previous attempt recorded; lines that are
+        torn (a kill mid-append), malformed or name another file than the SOP's are ignored."""
+        for folder in (self.resume.parent, self.resume):  # its root too: nothing written through a link
+            if folder.is_symlink():
+                raise OutputNotWritableError(f"the resume folder {folder.name} is a symbolic link",
+                                             hint="remove it (or put a real folder there) and rerun")
+        try:
+            self.resume.mkdir(parents=True, exist_ok=True)
+            for child in self.resume.iterdir():   # instances a kill -9 cut off while written
+                if child.name.startswith(".") and child.name.endswith(".part"):
+                    child.unlink(missing_ok=True)
+            raw = (self.resume / RESUME_JOURNAL).read_bytes()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise classify_os_error(exc, f"resume folder {self.resume.name}") from None
+        recorded: dict[str, tuple[str, int, str]] = {}
+        for line in raw.splitlines():
+            try:
+                item = json.loads(line)
+                sop, name, size, md5 = item["sop"], item["name"], item["size"], item["md5"]
+            except (ValueError, TypeError, KeyError):
+                continue
+            if (isinstance(sop, str) and self._names.get(sop) == name and type(size) is int
+                    and isinstance(md5, str) and _MD5_HEX.match(md5)):
+                recorded[sop] = (name, size, md5)
+        return recorded
+
+    def staged(self, sop_uid: str, archive_md5: str) -> VerifiedFile | None:
+        """The instance a previous attempt verified, checked again; None (its file removed)
+        when there is none or it fails a check. ``archive_md5``: the archive's, or ``""``."""
+        found = self._recorded.get(sop_uid)
+        if found is None:
+            return None
+        name, size, md5 = found
+        path = self.resume / name
+        try:
+            with open(path, "rb", opener=_no_follow) as fh:
+                digest = hashlib.md5()
+                head = fh.read(_HEAD_BYTES)
+                total = len(head)
+                digest.update(head)
+                while chunk := fh.read(1 << 20):
+                    total += len(chunk)
+                    digest.update(chunk)
+            ids = read_dicom_ids(path, head, whole=total == len(head))
+        except (OSError, IntegrityError):
+            ids, total, digest = None, -1, hashlib.md5()
+        if (ids is None or total != size or digest.hexdigest() != (archive_md5 or md5)
+                or ids[0] != self.series_uid or ids[1] != sop_uid):
+            path.unlink(missing_ok=True)
+            return None
+        verified = VerifiedFile(name=name, size=size, md5=md5, sop_uid=sop_uid, sop_class_uid=ids[2],
+                                md5_checked=bool(archive_md5))
+        with self._lock:
+            self._verified[sop_uid] = verified
+        return verified
+
+    def write(self, sop_uid: str, data: bytes, archive_md5: str) -> VerifiedFile:
+        """Check instance ``sop_uid``'s bytes and keep them; ``archive_md5``: the archive's MD5 of
+        it, or ``""`` when it has none (then count, size and DICOM only, as the ZIP path)."""
+        name = self._names.get(sop_uid)
+        if name is None:
+            raise self._error(f"instance {sop_uid} is not one the archive listed for the series")
+        if len(data) > self.max_instance_bytes:
+            raise self._error(f"instance {sop_uid} is larger than {self.max_instance_bytes} bytes")
+        digest = hashlib.md5(data).hexdigest()
+        if archive_md5 and digest != archive_md5:
+            raise self._error(f"instance {sop_uid} does not match its MD5 (got {digest}, expected {archive_md5})")
+        _import_pydicom()
+        file = _InstanceFile(self.resume, f".{name}.part")
+        try:
+            file.write(data)
+            try:
+                os.fsync(file._fd)  # type: ignore[arg-type]
+            except OSError as exc:
+                raise classify_os_error(exc, name) from None
+            file.close()
+            try:
+                series, sop, sop_class = file.dicom_ids()
+            except IntegrityError as exc:
+                raise self._error(f"instance {sop_uid}: {exc}") from None
+            if series != self.series_uid:
+                raise self._error(f"instance {sop_uid} belongs to series {series or '(none)'}, not this one")
+            if sop != sop_uid:
+                raise self._error(f"the archive sent instance {sop or '(none)'} for {sop_uid}")
+            try:
+                os.replace(file.path, self.resume / name)
+            except OSError as exc:
+                raise classify_os_error(exc, name) from None
+        except BaseException:
+            file.abandon()
+            file.path.unlink(missing_ok=True)
+            raise
+        verified = VerifiedFile(name=name, size=len(data), md5=digest, sop_uid=sop_uid, sop_class_uid=sop_class,
+                                md5_checked=bool(archive_md5))
+        line = json.dumps({"sop": sop_uid, "name": name, "size": len(data), "md5": digest}) + "\n"
+        with self._lock:
+            self._verified[sop_uid] = verified
+            try:
+                with open(self.resume / RESUME_JOURNAL, "ab", opener=_no_follow_append) as fh:
+                    fh.write(line.encode("utf-8"))
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            except OSError as exc:
+                raise classify_os_error(exc, RESUME_JOURNAL) from None
+        return verified
+
+    def finish(self) -> UnpackedSeries:
+        """The verified series, its files moved into ``staging`` (created here), once every
+        listed instance was written or staged; raises as the class docstring says. The resume
+        folder goes once its files are in ``staging``."""
+        files = sorted(self._verified.values(), key=lambda f: f.name)
+        count, total = len(files), sum(f.size for f in files)
+        if self.image_count is not None and count > self.image_count:
+            raise self._error(_not_announced(f"{count} files", f"{self.image_count}"))
+        if count != len(self._names) or (self.image_count is not None and count != self.image_count):
+            raise IncompleteSeriesError(f"{count} of {self.image_count or len(self._names)} instances arrived",
+                                        series_uid=self.series_uid)
+        if self.file_size is not None and total > self.file_size:
+            raise self._error(_not_announced(f"{total} bytes", f"{self.file_size}"))
+        if self.file_size is not None and total != self.file_size:
+            raise IncompleteSeriesError(f"the instances hold {total} of {self.file_size} bytes",
+                                        series_uid=self.series_uid)
+        try:
+            self.staging.mkdir(parents=True, exist_ok=False)
+            for f in files:
+                os.replace(self.resume / f.name, self.staging / f.name)
+        except OSError as exc:
+            raise classify_os_error(exc, f"staging folder {self.staging.name}") from None
+        _remove(self.resume)
+        return UnpackedSeries(files=files, license_text=None, repairs=[])
+
+
+def _no_follow(path: str, flags: int) -> int:
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0))
+
+
+def _no_follow_append(path: str, flags: int) -> int:
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o644)
+
+
+def resume_folder(root: Path, series_uid: str) -> Path:
+    """The resume folder of one series under ``root`` (UIDs from a server are never path parts)."""
+    return root / hashlib.sha1(series_uid.encode("utf-8", "replace")).hexdigest()[:20]

@@ -316,6 +316,27 @@ class NBIAClient(RetryingClient):
         async with self._open_zip(self.annotated_series_url(series_uid, collection)) as resp:
             yield resp
 
+    async def sop_uids(self, series_uid: str, collection: str | None) -> list[str]:
+        """The series' SOPInstanceUIDs (getSOPInstanceUIDs), in the archive's order, as strings;
+        rows without one are dropped (the caller checks the count against the plan's)."""
+        rows = await self.query("getSOPInstanceUIDs", {"SeriesInstanceUID": series_uid}, collection=collection)
+        return [str(r["SOPInstanceUID"]) for r in rows if r.get("SOPInstanceUID")]
+
+    async def instance_md5(self, sop_uid: str, collection: str | None) -> str:
+        """The archive's MD5 of one instance (getMD5HashForImage), lower-case hex, or ``""`` when
+        it has none recorded. Raises ``RetryableRequestError`` for an answer that is neither.
+
+        The v4 handler of NBIA-TCIA (``V4_getMD5HashForImage``) accepts only ``SOPInstanceUID``
+        but reads ``@QueryParam("SOPInstanceUid")``, so as its source reads it answers an empty
+        body to every request: such instances are checked by count, sizes, DICOM, series and SOP
+        UID, and recorded ``md5_source: computed``, as a ZIP's rows without an MD5 are."""
+        rows = await self.query("getMD5HashForImage", {"SOPInstanceUID": sop_uid}, collection=collection)
+        md5 = str(rows[0].get("MD5Hash", "")).strip().lower() if rows else ""
+        if md5 and not re.fullmatch(r"[0-9a-f]{32}", md5):
+            raise RetryableRequestError(f"getMD5HashForImage of {sop_uid} answered something that is not an MD5: "
+                                        f"{one_line(md5[:60])}")
+        return md5
+
     async def single_image(self, series_uid: str, sop_uid: str, collection: str | None) -> bytes:
         """One instance via getSingleImage (to repair a single bad file)."""
         url = self.url("getSingleImage", {"SeriesInstanceUID": series_uid, "SOPInstanceUID": sop_uid},

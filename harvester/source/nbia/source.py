@@ -3,7 +3,9 @@ getSingleImage for one instance, getUpdatedSeries for what changed.
 
 Per series: stream the ZIP into a sink the engine gave (``stream_series_zip``, holding a
 ``download_limiter`` slot when the engine gave one), which verifies and unpacks it as it arrives
-(the store's ``ZipSeriesSink``: no ``.partial``), then repair up to one in ten instances that failed only their MD5 with getSingleImage instead of refetching the
+(the store's ``ZipSeriesSink``: no ``.partial``), or, for a large series (``per_instance``),
+fetch its instances several at once into a sink that keeps each verified one for a resume
+(getSingleImage); then repair up to one in ten instances that failed only their MD5 with getSingleImage instead of refetching the
 whole series; with ``config.annotations``, the series' annotation files follow (getDCMImage).
 
 Raises what ``stream_series_zip`` and the sink raise, ``IntegrityError`` when a
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +29,8 @@ from harvester.annotations import (
     has_annotations,
     unpack_annotations,
 )
-from harvester.errors import IntegrityError
+from harvester.config import PER_INSTANCE_MAX_AVERAGE, PER_INSTANCE_MIN_BYTES
+from harvester.errors import IncompleteSeriesError, IntegrityError
 from harvester.models import AnnotatedSeries, Plan, SeriesTask, UnpackedSeries
 from harvester.query import Query
 from harvester.rate import RateLimiter
@@ -38,6 +42,32 @@ from harvester.unpack import read_dicom_ids
 
 #: getUpdatedSeries is asked from this long before the last sync (the archive's dates are days)
 SYNC_OVERLAP = dt.timedelta(days=2)
+
+
+def per_instance(task: SeriesTask, mode: str) -> bool:
+    """Whether ``task`` is fetched instance by instance under ``config.per_instance`` ``mode``:
+    "always", "never", or "auto": a series of at least ``PER_INSTANCE_MIN_BYTES`` in at least two
+    instances of at most ``PER_INSTANCE_MAX_AVERAGE`` on average (each is held in memory once)."""
+    if mode != "auto":
+        return mode == "always"
+    count, size = task.image_count or 0, task.file_size or 0
+    return count >= 2 and size >= PER_INSTANCE_MIN_BYTES and size // count <= PER_INSTANCE_MAX_AVERAGE
+
+
+def zip_entry_names(count: int, *, tcia_names: bool) -> list[str]:
+    """The names of a series' DICOM entries in getImage's ZIP, in getSOPInstanceUIDs' order:
+    ``NewFileNames=Yes`` ``1-01.dcm``... zero-padded to the digits of ``count``, else (as
+    getImageWithMD5Hash names them) ``00000001.dcm``... (``shared/nbia-api.md``)."""
+    if tcia_names:
+        width = len(str(count))
+        return [f"1-{i:0{width}d}.dcm" for i in range(1, count + 1)]
+    return [f"{i:08d}.dcm" for i in range(1, count + 1)]
+
+
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    """The first exception of a task group's, nested groups opened."""
+    first = group.exceptions[0]
+    return _first_error(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def from_date_param(when: dt.date, api_url: str) -> str:
@@ -85,12 +115,15 @@ class NBIASource(ClientBackedSource):
                            sinks: Sinks) -> UnpackedSeries:
         config = self.client.config
         max_repairs = max(1, (task.image_count or 0) // 10)
-        async with self.download_limiter or contextlib.nullcontext():
-            unpacked = await stream_series_zip(
-                self.client, task.series_uid, task.collection,
-                lambda: sinks.series_zip(task, staging, max_repairs=max_repairs), chunk_size=config.chunk_size,
-                rate=rate, on_bytes=on_bytes,
-                max_bytes=download_bound(task.file_size, task.image_count, config.limits))
+        if per_instance(task, config.per_instance):
+            unpacked = await self._fetch_instances(task, staging, on_bytes, rate, sinks)
+        else:
+            async with self.download_limiter or contextlib.nullcontext():
+                unpacked = await stream_series_zip(
+                    self.client, task.series_uid, task.collection,
+                    lambda: sinks.series_zip(task, staging, max_repairs=max_repairs), chunk_size=config.chunk_size,
+                    rate=rate, on_bytes=on_bytes,
+                    max_bytes=download_bound(task.file_size, task.image_count, config.limits))
         if unpacked.license_text is None:  # getImageWithMD5Hash sends none: say what getSeries said
             unpacked = dataclasses.replace(unpacked, license_text=license_from_row(task.row))
         for repair in unpacked.repairs:
@@ -113,6 +146,60 @@ class NBIASource(ClientBackedSource):
         if config.annotations and has_annotations(task.row):
             return await self._add_annotations(task, unpacked, partial, staging, rate, on_bytes)
         return unpacked
+
+    async def _fetch_instances(self, task: SeriesTask, staging: Path, on_bytes: Callable[[int], None],
+                               rate: RateLimiter | None, sinks: Sinks) -> UnpackedSeries:
+        """The series instance by instance: getSOPInstanceUIDs, then for each instance its MD5
+        (getMD5HashForImage) and, unless a previous attempt kept it and it checks again, its
+        bytes (getSingleImage), ``config.instance_streams`` at once, each checked and kept by
+        the sink as it arrives; the files get the names the series ZIP would give them.
+
+        Raises ``IncompleteSeriesError``/``IntegrityError`` when the archive lists fewer, more or
+        repeated instances than the plan announced, what the sink raises, and request errors (the
+        first one, once the instances in flight were cancelled)."""
+        client = self.client
+        sops = await client.sop_uids(task.series_uid, task.collection)
+        if len(set(sops)) != len(sops):
+            raise IntegrityError("getSOPInstanceUIDs lists an instance twice", series_uid=task.series_uid)
+        if task.image_count is not None and len(sops) > task.image_count:
+            raise IntegrityError(f"getSOPInstanceUIDs lists {len(sops)} instances, more than the "
+                                 f"{task.image_count} announced", series_uid=task.series_uid)
+        if not sops:  # never an empty series: NBIA answers an unknown one with an empty body
+            raise IncompleteSeriesError("getSOPInstanceUIDs lists no instance of the series",
+                                        series_uid=task.series_uid)
+        if task.image_count is not None and len(sops) < task.image_count:
+            raise IncompleteSeriesError(f"getSOPInstanceUIDs lists {len(sops)} of {task.image_count} instances",
+                                        series_uid=task.series_uid)
+        # the names getImage gives (NewFileNames=Yes), or getImageWithMD5Hash's once IncludeMD5 was refused
+        names = dict(zip(sops, zip_entry_names(len(sops), tcia_names=not client.include_md5_refused), strict=True))
+        writer = await anyio.to_thread.run_sync(functools.partial(sinks.parallel_instances, task, staging,
+                                                                  names=names))
+        queue = iter(sops)
+        # Twice as many workers as streams, a stream held only while an instance's bytes move:
+        # checking and fsyncing one instance overlaps the next one's download, so the streams
+        # stay busy (at most 2 x instance_streams instances are in memory).
+        streams = anyio.CapacityLimiter(max(1, client.config.instance_streams))
+
+        async def fetch_some() -> None:
+            for sop in queue:  # one iterator shared by the workers: each instance is taken once
+                md5 = await client.instance_md5(sop, task.collection)
+                if await anyio.to_thread.run_sync(writer.staged, sop, md5) is not None:
+                    continue
+                async with streams:
+                    data = await client.single_image(task.series_uid, sop, task.collection)
+                if rate is not None:
+                    await rate.consume(len(data))
+                on_bytes(len(data))
+                await anyio.to_thread.run_sync(writer.write, sop, data, md5)
+
+        try:
+            async with self.download_limiter or contextlib.nullcontext():
+                async with anyio.create_task_group() as workers:
+                    for _ in range(max(1, min(2 * client.config.instance_streams, len(sops)))):
+                        workers.start_soon(fetch_some)
+        except BaseExceptionGroup as group:
+            raise _first_error(group) from None
+        return await anyio.to_thread.run_sync(writer.finish)
 
     async def _add_annotations(self, task: SeriesTask, unpacked: UnpackedSeries, partial: Path, staging: Path,
                                rate: RateLimiter | None, on_bytes: Callable[[int], None]) -> AnnotatedSeries:
