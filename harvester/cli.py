@@ -609,7 +609,16 @@ def cmd_query(args: argparse.Namespace, env: dict[str, str]) -> int:
         async with make_session(config) as session:
             return await NBIAClient(config, session).query(args.endpoint, params)
 
-    rows = anyio.run(go)
+    if config.source == "idc":  # the index answers getSeries; nothing else of NBIA's API has an equivalent
+        from harvester.source.idc import index as idc_index
+
+        if args.endpoint != "getSeries":
+            raise UsageError(f"--source idc answers getSeries only (from the IDC index), not {args.endpoint!r}",
+                             hint="e.g. harvester query getSeries Collection=LIDC-IDRI --source idc")
+        path = Path(config.idc_index) if config.idc_index else idc_index.default_index()
+        rows = idc_index.query_series(path, params)
+    else:
+        rows = anyio.run(go)
     fmt = args.format or ("table" if sys.stdout.isatty() else "json")
     keys: list[str] = list(dict.fromkeys(k for r in rows for k in r))
     if wanted:

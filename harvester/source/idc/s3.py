@@ -20,6 +20,7 @@ parsed defensively; messages carry URLs through ``redact_url`` (an endpoint may 
 from __future__ import annotations
 
 import contextlib
+import random
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Callable
@@ -128,6 +129,9 @@ class S3Client(RetryingClient):
                              hint="give the S3 service's root, e.g. https://s3.amazonaws.com")
         self.virtual_hosted = self.endpoint == IDC_ENDPOINT_URL
         self.on_retry = on_retry
+        # one generator for every object's backoff: a new random.Random() seeds itself from
+        # os.urandom, ~1 ms each, and a series has hundreds of objects (RetryingClient's default)
+        self._rng = random.Random()
         self.gate = HostGate()
         self.requests = 0
         self.retries = 0

@@ -176,6 +176,10 @@ class IDCSource(ClientBackedSource):
         guard = BodyGuard(self.config, shown, max_bytes=obj.size, too_big=too_long)
         md5 = hashlib.md5()
         head = bytearray()
+        # the body's pieces as they arrive, written in one worker-thread call per chunk_size
+        # (a thread hop per piece cost more than the write): at most chunk_size + one piece held
+        pending: list[bytes] = []
+        held = 0
         fd = await anyio.to_thread.run_sync(_create, path)
         try:
             async with self.client.open_object(bucket, obj.key) as resp:
@@ -187,8 +191,15 @@ class IDCSource(ClientBackedSource):
                     on_bytes(len(chunk))
                     if len(head) < HEAD_BYTES:
                         head += chunk[: HEAD_BYTES - len(head)]
-                    await anyio.to_thread.run_sync(_write, fd, chunk, path, md5)  # hashed off the loop
+                    pending.append(chunk)
+                    held += len(chunk)
+                    if held >= self.config.chunk_size:
+                        await anyio.to_thread.run_sync(_write, fd, b"".join(pending), path, md5)  # hashed off the loop
+                        pending.clear()
+                        held = 0
                     guard.credit(time.monotonic() - ours)
+            if pending:
+                await anyio.to_thread.run_sync(_write, fd, b"".join(pending), path, md5)
         finally:  # (errors of the body are classified by the client: ``S3Client._get``)
             os.close(fd)
         if guard.total != obj.size:

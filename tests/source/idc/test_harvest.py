@@ -164,3 +164,21 @@ def test_analysis_results_are_collections_of_their_own(cohort: Cohort, tmp_path:
     assert "1.2.3.77" not in {t.series_uid for t in original.tasks} and len(original.tasks) == 3
     results = anyio.run(lambda: aplan(query_from_dict({"select": [{"collection": "Alpha-Nodules"}]}), config))
     assert [(t.series_uid, t.collection) for t in results.tasks] == [("1.2.3.77", "alpha_nodules")]
+
+
+def test_cli_query_get_series_from_the_index(cohort: Cohort, tmp_path: Path) -> None:
+    """``harvester query getSeries ... --source idc`` answers from the index with the planner's
+    selection rules (TCIA name, folded modality); another endpoint or parameter is one clear
+    usage line, exit 2, and no request is made (the endpoint is a closed port)."""
+    base = ("--source", "idc", "--idc-index", str(cohort.index), "--endpoint-url", "http://127.0.0.1:9")
+    found = run_cli("query", "getSeries", "Collection=IDC-Alpha", "Modality=ct", "--format", "json", *base)
+    assert found.returncode == 0, found.stderr
+    rows = json.loads(found.stdout)
+    want = {s.uid for s in cohort.series if s.collection_id == "idc_alpha" and s.row["Modality"] == "CT"}
+    assert {r["SeriesInstanceUID"] for r in rows} == want
+    assert {r["ImageCount"] for r in rows} == {len(cohort.get(u).objects) for u in want}
+    for args in (("getPatient", "Collection=IDC-Alpha"), ("getSeries", "ProtocolName=X"), ("getSeries",)):
+        refused = run_cli("query", *args, *base)
+        assert refused.returncode == 2, refused.stderr
+        assert "Traceback" not in refused.stderr and "getSeries" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) <= 2, refused.stderr

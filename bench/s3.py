@@ -1,0 +1,268 @@
+"""Scenario g's S3 side: a synthetic archive laid out as an IDC bucket, its index, and two
+S3-compatible servers on loopback, each in its own process (so its CPU is not the client's).
+
+* ``bucket_objects`` maps the archive to ``s3://idc-open-data/<crdc_series_uuid>/<uuid>.dcm``
+  (one object per instance, the files' exact bytes), ``write_index`` writes the ``idc_index``
+  parquet harvester plans from (the real column names and types).
+* ``MotoS3``: moto's S3 in server mode (``python -m moto.server``), seeded over HTTP with
+  boto3; what the tests run against. moto is pure Python: its GETs bound what a client can reach.
+* ``StaticS3``: this file run as a script, an aiohttp server that answers ListObjectsV2 and GET
+  (sendfile from the archive's files, the MD5 as ETag) and nothing else: close to the ceiling of
+  a loopback S3, so the clients' figures are theirs, not the server's. It counts requests and
+  bytes sent (``/_stats``).
+
+    python bench/s3.py OBJECTS.json     # serve: prints the base URL, then serves until killed
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape
+
+BUCKET = "idc-open-data"
+
+
+@dataclass(frozen=True)
+class BucketObject:
+    key: str
+    path: str
+    size: int
+    md5: str
+
+
+def _uuid(text: str) -> str:
+    return str(uuid.UUID(bytes=hashlib.md5(text.encode()).digest(), version=4))
+
+
+def series_prefix(series_uid: str) -> str:
+    """The series' ``crdc_series_uuid`` (derived from its UID, so every run names it alike)."""
+    return _uuid("series/" + series_uid)
+
+
+def bucket_objects(archive: Any) -> list[BucketObject]:
+    """One object per instance of every series of ``archive``, keys sorted (as S3 lists them)."""
+    out = [BucketObject(f"{series_prefix(rec.uid)}/{_uuid(rec.uid + '/' + inst.sop_uid)}.dcm", str(inst.path),
+                        inst.size, inst.md5)
+           for rec in archive.records() for inst in rec.instances]
+    return sorted(out, key=lambda o: o.key)
+
+
+def write_index(path: Path, archive: Any) -> Path:
+    """The ``idc_index`` parquet of ``archive`` laid out by ``bucket_objects``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = []
+    for rec in archive.records():
+        prefix = series_prefix(rec.uid)
+        rows.append({
+            "collection_id": re.sub(r"[^0-9a-z]", "_", rec.row["Collection"].lower()), "analysis_result_id": None,
+            "PatientID": rec.row["PatientID"], "StudyInstanceUID": rec.row["StudyInstanceUID"],
+            "SeriesInstanceUID": rec.uid, "Modality": rec.row.get("Modality"), "aws_bucket": BUCKET,
+            "crdc_series_uuid": prefix, "series_aws_url": f"s3://{BUCKET}/{prefix}/*",
+            "instanceCount": len(rec.instances), "series_size_MB": rec.total_bytes / 1_000_000.,
+        })
+    schema = pa.schema([(c, pa.large_string()) for c in ("collection_id", "analysis_result_id", "PatientID",
+                                                         "StudyInstanceUID", "SeriesInstanceUID", "Modality",
+                                                         "aws_bucket", "crdc_series_uuid", "series_aws_url")]
+                       + [("instanceCount", pa.int64()), ("series_size_MB", pa.float64())])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _Served:
+    """A server subprocess; use as a context manager."""
+
+    proc: subprocess.Popen[bytes] | None = None
+    url = ""
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def cpu_seconds(self) -> float:
+        import psutil
+
+        times = psutil.Process(self.pid).cpu_times()
+        return float(times.user + times.system)
+
+    def stats(self) -> dict[str, int] | None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class MotoS3(_Served):
+    """moto's S3 server in its own process, the bucket created and seeded with ``objects``."""
+
+    name = "moto"
+
+    def __init__(self, objects: Iterable[BucketObject], log: Path | None = None) -> None:
+        self.objects, self.log = list(objects), log
+
+    def __enter__(self) -> MotoS3:
+        port = _free_port()
+        env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                   AWS_DEFAULT_REGION="us-east-1")
+        err = open(self.log, "wb") if self.log else subprocess.DEVNULL  # noqa: SIM115 - the child holds it
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                     stdout=subprocess.DEVNULL, stderr=err, env=env)
+        self.url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(self.url + "/moto-api/", timeout=5).close()
+                break
+            except OSError:
+                time.sleep(0.1)   # waiting for the server to listen, not timing anything
+        else:
+            self.__exit__()
+            raise RuntimeError("moto's server did not start")
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=self.url, region_name="us-east-1",
+                              aws_access_key_id="testing", aws_secret_access_key="testing")
+        client.create_bucket(Bucket=BUCKET)
+
+        def put(obj: BucketObject) -> None:
+            client.put_object(Bucket=BUCKET, Key=obj.key, Body=Path(obj.path).read_bytes(), ACL="public-read")
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(put, self.objects))
+        return self
+
+
+class StaticS3(_Served):
+    """``python bench/s3.py OBJECTS.json`` in its own process (see the module docstring)."""
+
+    name = "static aiohttp S3"
+
+    def __init__(self, objects: Iterable[BucketObject], work: Path, log: Path | None = None) -> None:
+        self.objects, self.work, self.log = list(objects), work, log
+
+    def __enter__(self) -> StaticS3:
+        self.work.mkdir(parents=True, exist_ok=True)
+        listing = self.work / "objects.json"
+        listing.write_text(json.dumps([o.__dict__ for o in self.objects]))
+        err = open(self.log, "wb") if self.log else subprocess.DEVNULL  # noqa: SIM115 - the child holds it
+        self.proc = subprocess.Popen([sys.executable, __file__, str(listing)], stdout=subprocess.PIPE, stderr=err)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode().strip()
+        if not line.startswith("http://127.0.0.1:"):
+            self.__exit__()
+            raise RuntimeError(f"the static S3 server did not print its URL (got {line!r})")
+        self.url = line
+        return self
+
+    def stats(self) -> dict[str, int] | None:
+        with urllib.request.urlopen(self.url + "/_stats", timeout=30) as resp:
+            return dict(json.loads(resp.read()))
+
+
+# ---------------------------------------------------------------------------------- the static server
+
+def _listing_xml(objects: list[BucketObject], prefix: str, delimiter: str, start_after: str,
+                 max_keys: int) -> bytes:
+    keys: list[BucketObject] = []
+    common: list[str] = []
+    next_token = ""
+    for obj in objects:
+        if not obj.key.startswith(prefix) or obj.key <= start_after:
+            continue
+        rest = obj.key[len(prefix):]
+        if delimiter and delimiter in rest:
+            folder = prefix + rest.split(delimiter, 1)[0] + delimiter
+            if not common or common[-1] != folder:
+                common.append(folder)
+            continue
+        if len(keys) == max_keys:
+            next_token = keys[-1].key
+            break
+        keys.append(obj)
+    parts = ['<?xml version="1.0" encoding="UTF-8"?>'
+             '<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">',
+             f"<Name>{BUCKET}</Name><Prefix>{escape(prefix)}</Prefix><KeyCount>{len(keys)}</KeyCount>"
+             f"<MaxKeys>{max_keys}</MaxKeys><IsTruncated>{'true' if next_token else 'false'}</IsTruncated>"]
+    if next_token:
+        parts.append(f"<NextContinuationToken>{escape(next_token)}</NextContinuationToken>")
+    for obj in keys:
+        parts.append(f"<Contents><Key>{escape(obj.key)}</Key><LastModified>2024-01-01T00:00:00.000Z</LastModified>"
+                     f"<ETag>&quot;{obj.md5}&quot;</ETag><Size>{obj.size}</Size>"
+                     "<StorageClass>STANDARD</StorageClass></Contents>")
+    parts += [f"<CommonPrefixes><Prefix>{escape(c)}</Prefix></CommonPrefixes>" for c in common]
+    parts.append("</ListBucketResult>")
+    return "".join(parts).encode()
+
+
+def serve(listing: Path) -> None:
+    from aiohttp import web
+
+    objects = sorted((BucketObject(**o) for o in json.loads(listing.read_text())), key=lambda o: o.key)
+    by_key = {o.key: o for o in objects}
+    stats = {"requests": 0, "bytes_sent": 0, "gets": 0}
+
+    async def bucket(request: web.Request) -> web.StreamResponse:
+        stats["requests"] += 1
+        if request.match_info["bucket"] != BUCKET:
+            return web.Response(status=404, text="<Error><Code>NoSuchBucket</Code></Error>")
+        q = request.query
+        body = _listing_xml(objects, q.get("prefix", ""), q.get("delimiter", ""),
+                            q.get("continuation-token") or q.get("start-after", ""),
+                            min(1000, int(q.get("max-keys", "1000"))))
+        stats["bytes_sent"] += len(body)
+        return web.Response(body=body, content_type="application/xml")
+
+    async def get(request: web.Request) -> web.StreamResponse:
+        stats["requests"] += 1
+        obj = by_key.get(request.match_info["key"]) if request.match_info["bucket"] == BUCKET else None
+        if obj is None:
+            return web.Response(status=404, text="<Error><Code>NoSuchKey</Code></Error>")
+        stats["gets"] += 1
+        if request.method == "GET":
+            stats["bytes_sent"] += obj.size
+        return web.FileResponse(obj.path, headers={"ETag": f'"{obj.md5}"', "Content-Type": "application/dicom"})
+
+    async def report(request: web.Request) -> web.Response:
+        return web.json_response(stats)
+
+    app = web.Application()
+    app.router.add_get("/_stats", report)
+    app.router.add_route("*", "/{bucket}", bucket)
+    app.router.add_route("*", "/{bucket}/", bucket)
+    app.router.add_route("*", "/{bucket}/{key:.+}", get)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)   # listening before the URL is printed: no client can come too early
+    print(f"http://127.0.0.1:{sock.getsockname()[1]}", flush=True)
+    web.run_app(app, sock=sock, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    serve(Path(sys.argv[1]))
