@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sqlite3
 import stat
 import threading
@@ -531,15 +532,18 @@ def _unpack_checks(packed: Any) -> list[tuple[str, int]] | None:
         text = inflater.decompress(packed, MAX_RECORD_BYTES).decode("utf-8")
         if inflater.unconsumed_tail:
             return None
-        checks = []
-        for line in text.split("\n"):
-            size, _, name = line.partition("/")
-            if not size.isdigit() or not size.isascii() or not plain_name(name):
-                return None
-            checks.append((name, int(size)))
-        return checks or None
+        # one pass in C over the whole list (a no-op open reads one per series): every line a
+        # size and a plain name (``plain_name``'s rules, as a pattern), or nothing is used
+        if _CHECKS.fullmatch(text) is None:
+            return None
+        return [(name, int(size)) for size, name in _CHECK_LINE.findall(text)]
     except (zlib.error, UnicodeDecodeError, ValueError):
         return None
+
+
+_CHECK = r"[0-9]+/(?!\.\.?(?:\n|\Z))[^/\\:\x00\n]+"
+_CHECKS = re.compile(f"(?:{_CHECK}\n)*{_CHECK}")
+_CHECK_LINE = re.compile(r"([0-9]+)/([^\n]*)")
 
 
 def _inflate(blob: Any) -> str | None:

@@ -17,7 +17,10 @@ Files on disk are a database (rclone's rule): nothing half-written ever sits und
   (a kill -9 between a line and its row, a hand edit, the whole journal of a harvest made before
   the database: the migration). Then one streamed pass over every series: a complete one whose
   folder is intact stays complete; one whose staging folder survived is finished (step 3
-  redone); anything else is recorded failed and fetched again. Then ``tmp/`` is emptied.
+  redone); anything else is recorded failed and fetched again. Then ``tmp/`` is emptied. A row
+  the database vouches for (``vouched``: written with the row at commit, or after the first full
+  check of an older row, and sealed by a CRC of the row) is not parsed or path-checked again:
+  only its files are stat'ed, and it is checked in full when one is not there.
 * ``DIR/harvest.json`` is written atomically (temp file, fsync, rename) by streaming the
   database's records, so it only ever lists verified series (during a run only while it is
   small: ``CHECKPOINT_EXPORT_MAX_SERIES``). ``metadata.csv`` (the Data Retriever's, value for

@@ -601,3 +601,16 @@ def test_a_hostile_vouched_row_only_means_a_full_check(tmp_path: Path, packed: b
         assert state.complete(recs[0]["SeriesInstanceUID"]) == recs[0] and state.lost == 0
     finally:
         state.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.text(min_size=0, max_size=8), st.integers(min_value=0, max_value=2 ** 40)),
+                min_size=1, max_size=5))
+def test_a_vouched_list_reads_back_exactly_when_every_name_is_plain(checks: list[tuple[str, int]]) -> None:
+    from harvester.store.db import _unpack_checks, plain_name
+    text = "\n".join(f"{size}/{name}" for name, size in checks)
+    got = _unpack_checks(zlib.compress(text.encode("utf-8", "surrogatepass")))
+    if all(plain_name(n) and "\n" not in n for n, _ in checks):
+        assert got == checks
+    else:
+        assert got is None or all(plain_name(n) for n, _ in got) and got != checks
