@@ -614,3 +614,20 @@ def test_a_vouched_list_reads_back_exactly_when_every_name_is_plain(checks: list
         assert got == checks
     else:
         assert got is None or all(plain_name(n) for n, _ in got) and got != checks
+
+
+def test_a_vouched_series_whose_rename_did_not_happen_is_finished_from_its_staging_folder(tmp_path: Path) -> None:
+    """A kill -9 after the commit's transaction and before the rename leaves a vouched row, no
+    final folder and the staging folder: open moves it into place (nothing fetched again)."""
+    out = tmp_path / "h"
+    recs = harvest_of(out, 2)
+    state = HarvestState(out)
+    staging = state.staging_dir(recs[0]["SeriesInstanceUID"])
+    os.rename(out / recs[0]["path"], staging)
+    state.open()
+    try:
+        assert state.recovered == 1 and state.lost == 0
+        assert all(state.complete(r["SeriesInstanceUID"]) == r for r in recs)
+        assert all((out / f["path"]).is_file() for f in recs[0]["files"]) and not staging.exists()
+    finally:
+        state.close()
