@@ -733,19 +733,13 @@ class HarvestState:
         """``_intact`` of a vouched series in ``path``, from its plain file names: each is stat'ed
         relative to a descriptor of the folder, reached as ``final_dir`` does (a link on the way
         raises ``UnsafePathError``, before any write)."""
-        base = inside(self.out_dir, path)
         try:
-            folder = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+            with open_dir(self.out_dir, path) as folder:   # one open per component, no link followed
+                for name, size in checks:
+                    if os.stat(name, dir_fd=folder).st_size != size:
+                        return False
         except OSError:
             return False
-        try:
-            for name, size in checks:
-                if os.stat(name, dir_fd=folder).st_size != size:
-                    return False
-        except OSError:
-            return False
-        finally:
-            os.close(folder)
         return True
 
     def _checks_of(self, rec: dict[str, Any]) -> list[tuple[str, int]] | None:

@@ -631,3 +631,17 @@ def test_a_vouched_series_whose_rename_did_not_happen_is_finished_from_its_stagi
         assert all((out / f["path"]).is_file() for f in recs[0]["files"]) and not staging.exists()
     finally:
         state.close()
+
+
+def test_a_link_on_the_way_to_a_vouched_series_stops_the_open_and_nothing_outside_is_touched(tmp_path: Path) -> None:
+    out = tmp_path / "h"
+    recs = harvest_of(out, 1)
+    outside = tmp_path / "outside"
+    os.rename(out / "C" / "P", outside)        # the same files, now outside DIR, reached by a link
+    (out / "C" / "P").symlink_to(outside)
+    before = tree(outside)
+    state = HarvestState(out)
+    with pytest.raises(UnsafePathError, match="symbolic link"):
+        state.open()
+    state.close()
+    assert tree(outside) == before and recs
