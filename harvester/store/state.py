@@ -732,7 +732,12 @@ class HarvestState:
     def _vouched_intact(self, path: str, checks: list[tuple[str, int]]) -> bool:
         """``_intact`` of a vouched series in ``path``, from its plain file names: each is stat'ed
         relative to a descriptor of the folder, reached as ``final_dir`` does (a link on the way
-        raises ``UnsafePathError``, before any write)."""
+        raises ``UnsafePathError``, before any write). A path that leaves DIR (a forged row) is
+        left to the full check, which refuses the record."""
+        try:
+            parts_of(path)
+        except UnsafePathError:
+            return False
         try:
             with open_dir(self.out_dir, path) as folder:   # one open per component, no link followed
                 for name, size in checks:

@@ -645,3 +645,33 @@ def test_a_link_on_the_way_to_a_vouched_series_stops_the_open_and_nothing_outsid
         state.open()
     state.close()
     assert tree(outside) == before and recs
+
+
+def test_a_forged_vouched_row_whose_folder_leaves_dir_is_refused_and_nothing_outside_is_touched(
+        tmp_path: Path) -> None:
+    """The seal is no defence against forgery (anyone can compute it): a row forged to look
+    vouched with a folder outside DIR still meets the full check, which refuses it."""
+    from harvester.store.db import _seal
+    out = tmp_path / "h"
+    recs = harvest_of(out, 2)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "1-001.dcm").write_bytes(b"not yours")
+    uid = recs[0]["SeriesInstanceUID"]
+    forged = dict(recs[0], path="../outside", files=[{"path": "../outside/1-001.dcm", "size": 9, "md5": "0" * 32}])
+    blob = deflated(forged)
+    conn = sqlite3.connect(out / ".harvester" / "state.db")
+    conn.execute("UPDATE series SET path='../outside', files=1, bytes=9, record=? WHERE uid=?", (blob, uid))
+    conn.execute("UPDATE vouched SET seal=?, checks=? WHERE uid=?",
+                 (_seal("complete", "../outside", 1, 9, blob), zlib.compress(b"9/1-001.dcm"), uid))
+    conn.commit()
+    conn.close()
+    state = HarvestState(out)
+    state.open()
+    try:
+        assert state.records.get(uid) is None
+        assert any(f"series {uid}:" in line for line in state.refused), state.refused
+        assert state.complete(recs[1]["SeriesInstanceUID"]) == recs[1]
+    finally:
+        state.close()
+    assert tree(outside) == {"1-001.dcm": b"not yours"}
