@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sqlite3
 import stat
 import threading
@@ -60,6 +61,12 @@ CREATE UNIQUE INDEX IF NOT EXISTS series_folder ON series(path) WHERE status = '
 -- Series dropped from the state whose folder is still to be moved to the trash (sync's prune):
 -- the next open finishes a move that a crash or an error cut off.
 CREATE TABLE IF NOT EXISTS trash (uid TEXT PRIMARY KEY, path TEXT NOT NULL, dest TEXT NOT NULL);
+-- What open may take on trust: the files of a complete series whose record passed every check
+-- (``HarvestState._unsafe``: types, containment) when it was written. ``seal`` is a CRC of the
+-- series row as it was then (status, path, counts, record), so a row changed since (by ``put``,
+-- by an older harvester that knows nothing of this table, by hand) is checked in full again.
+-- ``checks`` is zlib of "size/name" lines, each name one plain file name inside the folder.
+CREATE TABLE IF NOT EXISTS vouched (uid TEXT PRIMARY KEY, seal INTEGER NOT NULL, checks BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
     t TEXT NOT NULL,
@@ -68,6 +75,7 @@ CREATE TABLE IF NOT EXISTS events (
 );
 """
 
+_VOUCHED_TABLE = next(s for s in _SCHEMA.split(";") if "TABLE IF NOT EXISTS vouched" in s)
 _HEADER = b"SQLite format 3\x00"
 _SQLITE_PERM, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_FULL, _SQLITE_CANTOPEN = 3, 8, 10, 13, 14
 _DAMAGED_HINT = ("move {db} aside (keep it for a bug report) and run the same command again: the state is "
@@ -196,6 +204,11 @@ class StateDB:
                         self._writer.execute(statement)
                     self._writer.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
                     self.created = True
+                elif "vouched" not in tables:
+                    # Added within version 1: optional (a missing or stale row only means a full
+                    # check), so a database made before it, or opened by a harvester without it,
+                    # stays readable both ways.
+                    self._writer.execute(_VOUCHED_TABLE)
                 self._writer.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
@@ -279,16 +292,32 @@ class StateDB:
                          "files=excluded.files, bytes=excluded.bytes, origin=excluded.origin, record=excluded.record",
                          (uid, *row))
             conn.execute("DELETE FROM trash WHERE uid=?", (uid,))   # fetched again: its folder stays
+            conn.execute("DELETE FROM vouched WHERE uid=?", (uid,))
+
+    def vouch(self, uid: str, checks: list[tuple[str, int]]) -> None:
+        """Record that the current row of ``uid`` passed every check and that its files are
+        ``checks`` ((plain name inside its folder, size); nothing is vouched otherwise): a later
+        open stats them without parsing the record, as long as the row stays as it is now."""
+        with self.transaction() as conn:
+            row = conn.execute("SELECT status, path, files, bytes, record FROM series WHERE uid=?",
+                               (uid,)).fetchone()
+            if row is None or not checks or any(not plain_name(n) or "\n" in n for n, _ in checks):
+                return
+            text = "\n".join(f"{int(size)}/{name}" for name, size in checks)
+            conn.execute("INSERT OR REPLACE INTO vouched VALUES (?,?,?)",
+                         (uid, _seal(*row), zlib.compress(text.encode("utf-8"), 1)))
 
     def delete(self, uid: str) -> None:
         with self.transaction() as conn:
             conn.execute("DELETE FROM series WHERE uid=?", (uid,))
+            conn.execute("DELETE FROM vouched WHERE uid=?", (uid,))
 
     def forget(self, uid: str, path: str | None, dest: str | None) -> None:
         """Drop ``uid``; when ``path`` and ``dest`` are given, remember that its folder is to be
         moved there (``trash_done`` once it is)."""
         with self.transaction() as conn:
             conn.execute("DELETE FROM series WHERE uid=?", (uid,))
+            conn.execute("DELETE FROM vouched WHERE uid=?", (uid,))
             if path and dest:
                 conn.execute("INSERT OR REPLACE INTO trash VALUES (?,?,?)", (uid, path, dest))
 
@@ -305,6 +334,7 @@ class StateDB:
     def clear_series(self) -> None:
         with self.transaction() as conn:
             conn.execute("DELETE FROM series")
+            conn.execute("DELETE FROM vouched")
 
     def add_event(self, kind: str, t: str, body: dict[str, Any], *, durable: bool = True) -> None:
         """Record a run event. ``durable=False`` (not inside another transaction): committed
@@ -391,6 +421,33 @@ class StateDB:
                     yield uid, record if record is not None else "", str(origin), (status, size)
             after = got[-1][0]
 
+    def rows_for_recovery(self, *, batch: int = 256
+                          ) -> Iterator[tuple[str, str, tuple[Any, Any], tuple[str, list[tuple[str, int]]] | None,
+                                              Any]]:
+        """(uid, origin, (status, bytes) columns, vouched, record) of every series in order, in
+        batches by key. ``vouched`` is (folder, the ``vouch``ed (name, size) list) when the row
+        is complete and still sealed as vouched, else None; ``record()`` inflates the record's
+        JSON ("" for a hostile blob) only when asked (a vouched row never needs it)."""
+        after = 0
+        while True:
+            with self._read() as conn:
+                got = conn.execute("SELECT s.seq, s.uid, s.origin, s.status, s.path, s.files, s.bytes, s.record, "
+                                   "v.seal, v.checks FROM series s LEFT JOIN vouched v ON v.uid = s.uid "
+                                   "WHERE s.seq>? ORDER BY s.seq LIMIT ?", (after, batch)).fetchall()
+            if not got:
+                return
+            for _, uid, origin, status, path, files, size, blob, seal, packed in got:
+                if not isinstance(uid, str):
+                    continue
+                vouched = None
+                if (seal is not None and status == "complete" and isinstance(path, str)
+                        and seal == _seal(status, path, files, size, blob)):
+                    checks = _unpack_checks(packed)
+                    vouched = (path, checks) if checks is not None else None
+                yield (uid, str(origin), (status, size), vouched,
+                       lambda blob=blob: _inflate(blob) or "")
+            after = got[-1][0]
+
     def completed_bytes(self, uid: str) -> int | None:
         """The bytes of ``uid`` when it is complete, else None: from the columns, no record parsed."""
         with self._read() as conn:
@@ -446,6 +503,47 @@ def _deflate(rec: dict[str, Any]) -> bytes:
     # JSON of a series compresses about 8:1 (every file's path repeats the folder's): the
     # database stays near a tenth of harvest.json, and each commit writes fewer pages.
     return zlib.compress(json.dumps(rec, separators=(",", ":"), ensure_ascii=False).encode("utf-8"), 1)
+
+
+_NOT_IN_A_NAME = frozenset("/\\:\x00")
+
+
+def plain_name(name: str) -> bool:
+    """``name`` is one plain file name (what the layout writes): no separator, not ``.`` or
+    ``..``, nothing Windows reads otherwise."""
+    return name not in ("", ".", "..") and _NOT_IN_A_NAME.isdisjoint(name)
+
+
+def _seal(status: Any, path: Any, files: Any, size: Any, blob: Any) -> int:
+    """A CRC of a series row (``vouched``): not against forgery (a forged row is no worse on the
+    fast path: it only stats plain names inside a folder reached without links), against a row
+    changed since it was vouched."""
+    head = json.dumps([status, path, files, size]).encode("utf-8")
+    return zlib.crc32(blob if isinstance(blob, bytes) else b"\x00", zlib.crc32(head))
+
+
+def _unpack_checks(packed: Any) -> list[tuple[str, int]] | None:
+    """The (name, size) list of a ``vouched`` row, or None for anything that is not one (hostile:
+    a name that is not plain, a size that is not a whole number)."""
+    if not isinstance(packed, bytes):
+        return None
+    try:
+        inflater = zlib.decompressobj()
+        text = inflater.decompress(packed, MAX_RECORD_BYTES).decode("utf-8")
+        if inflater.unconsumed_tail:
+            return None
+        # one pass in C over the whole list (a no-op open reads one per series): every line a
+        # size and a plain name (``plain_name``'s rules, as a pattern), or nothing is used
+        if _CHECKS.fullmatch(text) is None:
+            return None
+        return [(name, int(size)) for size, name in _CHECK_LINE.findall(text)]
+    except (zlib.error, UnicodeDecodeError, ValueError):
+        return None
+
+
+_CHECK = r"[0-9]+/(?!\.\.?(?:\n|\Z))[^/\\:\x00\n]+"
+_CHECKS = re.compile(f"(?:{_CHECK}\n)*{_CHECK}")
+_CHECK_LINE = re.compile(r"([0-9]+)/([^\n]*)")
 
 
 def _inflate(blob: Any) -> str | None:

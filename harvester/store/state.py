@@ -17,7 +17,10 @@ Files on disk are a database (rclone's rule): nothing half-written ever sits und
   (a kill -9 between a line and its row, a hand edit, the whole journal of a harvest made before
   the database: the migration). Then one streamed pass over every series: a complete one whose
   folder is intact stays complete; one whose staging folder survived is finished (step 3
-  redone); anything else is recorded failed and fetched again. Then ``tmp/`` is emptied.
+  redone); anything else is recorded failed and fetched again. Then ``tmp/`` is emptied. A row
+  the database vouches for (``vouched``: written with the row at commit, or after the first full
+  check of an older row, and sealed by a CRC of the row) is not parsed or path-checked again:
+  only its files are stat'ed, and it is checked in full when one is not there.
 * ``DIR/harvest.json`` is written atomically (temp file, fsync, rename) by streaming the
   database's records, so it only ever lists verified series (during a run only while it is
   small: ``CHECKPOINT_EXPORT_MAX_SERIES``). ``metadata.csv`` (the Data Retriever's, value for
@@ -700,8 +703,13 @@ class HarvestState:
             self.db.trash_done(uid)
         self._pending_trash.clear()
         checked: list[tuple[str, dict[str, Any]]] = []
-        for uid, raw, origin, columns in self.db.rows_with_columns():
-            rec = _parsed(raw)
+        for uid, origin, columns, vouched, record in self.db.rows_for_recovery():
+            # A row vouched for when it was written (and unchanged since) passed every check
+            # below then: only its files are looked at again (a kill -9 or a hand may have taken
+            # them); it is checked in full only when they are not all there.
+            if vouched is not None and self._vouched_intact(*vouched):
+                continue
+            rec = _parsed(record())
             why = self._unsafe(rec) if rec is not None else "the record is not a JSON object"
             if why is None and rec is not None and rec.get("SeriesInstanceUID") != uid:
                 why = "the record names another series"
@@ -714,10 +722,45 @@ class HarvestState:
                 target.put(uid, rec, origin)
             if rec.get("status") == "complete":
                 checked.append((uid, rec))
+                if vouched is None and (plain := self._checks_of(rec)) is not None:
+                    target.vouch(uid, plain)   # undone by put() should its files be gone
             if len(checked) >= 256:
                 self._recover_batch(checked, target)
                 checked = []
         self._recover_batch(checked, target)
+
+    def _vouched_intact(self, path: str, checks: list[tuple[str, int]]) -> bool:
+        """``_intact`` of a vouched series in ``path``, from its plain file names: each is stat'ed
+        relative to a descriptor of the folder, reached as ``final_dir`` does (a link on the way
+        raises ``UnsafePathError``, before any write). A path that leaves DIR (a forged row) is
+        left to the full check, which refuses the record."""
+        try:
+            parts_of(path)
+        except UnsafePathError:
+            return False
+        try:
+            with open_dir(self.out_dir, path) as folder:   # one open per component, no link followed
+                for name, size in checks:
+                    if os.stat(name, dir_fd=folder).st_size != size:
+                        return False
+        except OSError:
+            return False
+        return True
+
+    def _checks_of(self, rec: dict[str, Any]) -> list[tuple[str, int]] | None:
+        """The (name, size) of every file ``_intact`` checks of ``rec`` when each is one plain
+        name inside its folder and ``rec`` passes ``_unsafe`` (what the database may vouch for),
+        else None."""
+        folder = rec.get("path")
+        if not isinstance(folder, str) or self._unsafe(rec) is not None:
+            return None
+        checks = []
+        for f in [*rec.get("files", []), *(rec.get("annotations") or [])]:
+            path, size = f.get("path") if isinstance(f, dict) else None, f.get("size") if isinstance(f, dict) else None
+            if not isinstance(path, str) or not _whole(size) or not _plain_child(folder, path) or "\n" in path:
+                return None
+            checks.append((path[len(folder) + 1:], size))
+        return checks if rec.get("files") else None
 
     def _recover_batch(self, batch: list[tuple[str, dict[str, Any]]], target: _IntoDB) -> None:
         for uid, rec in batch:
@@ -927,9 +970,13 @@ class HarvestState:
             self._append({"event": "commit", "t": now_iso(), "series": rec})
             before = self.records.get(uid)
 
+            checks = self._checks_of(rec)
+
             def put(db: StateDB) -> None:
                 with db.transaction():   # the record and its event, or neither
                     db.put(uid, rec, "the state database", replace_folder=True)
+                    if checks is not None:   # the next open stats its files, nothing more
+                        db.vouch(uid, checks)
                     db.add_event("commit", now_iso(), _event_of(rec))
             self._db_write(put)
         try:
@@ -1196,6 +1243,10 @@ class _IntoDB(_Target):
     def forget(self, uid: str, path: str | None, trash: str | None) -> None:
         self._begin()
         self.db.forget(uid, path, trash)
+
+    def vouch(self, uid: str, checks: list[tuple[str, int]]) -> None:
+        self._begin()
+        self.db.vouch(uid, checks)
 
     def clear(self) -> None:
         self._begin()

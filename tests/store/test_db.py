@@ -504,3 +504,174 @@ def test_a_row_whose_columns_disagree_with_its_record_follows_the_record(tmp_pat
         assert state.completed_bytes(recs[1]["SeriesInstanceUID"]) == recs[1]["bytes"]
     finally:
         state.close()
+
+
+# ---------------------------------------------------------------- vouched rows (a no-op open at archive scale)
+
+def test_an_open_over_vouched_rows_stats_their_files_without_parsing_a_record(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each commit vouches for its row: the next open stats the series' files and parses no
+    record, yet a file a hand took is still found (the series fetched again)."""
+    import harvester.store.state as state_module
+    out = tmp_path / "h"
+    recs = harvest_of(out, 3)
+    conn = sqlite3.connect(out / ".harvester" / "state.db")
+    assert conn.execute("SELECT count(*) FROM vouched").fetchone()[0] == 3
+    conn.close()
+    parsed: list[str] = []
+    real = state_module._parsed
+    monkeypatch.setattr(state_module, "_parsed", lambda raw: parsed.append(raw) or real(raw))
+    (out / recs[1]["files"][0]["path"]).unlink()
+    state = HarvestState(out)
+    state.open()
+    try:
+        assert len(parsed) == 1      # the one whose file is gone, checked in full
+        assert state.lost == 1 and state.complete(recs[1]["SeriesInstanceUID"]) is None
+        assert state.complete(recs[0]["SeriesInstanceUID"]) == recs[0]
+    finally:
+        state.close()
+
+
+def test_a_vouched_row_changed_since_is_checked_in_full(tmp_path: Path) -> None:
+    """The seal covers the whole row: a record edited after it was vouched (here to leave DIR)
+    is refused on open, as an unvouched one is, and nothing outside DIR is touched."""
+    out = tmp_path / "h"
+    recs = harvest_of(out, 2)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "1-001.dcm").write_bytes(b"not yours")
+    uid = recs[0]["SeriesInstanceUID"]
+    hostile = dict(recs[0], path="../outside",
+                   files=[{"path": "../outside/1-001.dcm", "size": 9, "md5": "0" * 32}])
+    conn = sqlite3.connect(out / ".harvester" / "state.db")
+    conn.execute("UPDATE series SET record=? WHERE uid=?", (deflated(hostile), uid))
+    conn.commit()
+    conn.close()
+    state = HarvestState(out)
+    state.open()
+    try:
+        assert state.records.get(uid) is None
+        assert any(f"series {uid}:" in line for line in state.refused), state.refused
+        assert state.complete(recs[1]["SeriesInstanceUID"]) == recs[1]
+    finally:
+        state.close()
+    assert (outside / "1-001.dcm").read_bytes() == b"not yours"
+
+
+def test_a_database_made_before_vouching_is_vouched_on_its_first_open_and_a_no_op_open_writes_nothing(
+        tmp_path: Path) -> None:
+    out = tmp_path / "h"
+    recs = harvest_of(out, 3)
+    db = out / ".harvester" / "state.db"
+    conn = sqlite3.connect(db)
+    conn.execute("DROP TABLE vouched")
+    conn.commit()
+    conn.close()
+    for _ in range(2):
+        state = HarvestState(out)
+        state.open()
+        try:
+            assert all(state.complete(r["SeriesInstanceUID"]) == r for r in recs) and state.lost == 0
+        finally:
+            state.close()
+        conn = sqlite3.connect(db)
+        assert conn.execute("SELECT count(*) FROM vouched").fetchone()[0] == 3
+        conn.close()
+    before = db.read_bytes()
+    state = HarvestState(out)
+    state.open()
+    state.close()
+    assert db.read_bytes() == before
+
+
+@pytest.mark.parametrize("packed", [zlib.compress(b"3/../x"), zlib.compress(b"3/a/b"), zlib.compress(b"x/a"),
+                                    b"not zlib", zlib.compress(b" " * (80 << 20))])
+def test_a_hostile_vouched_row_only_means_a_full_check(tmp_path: Path, packed: bytes) -> None:
+    """A vouched row whose list is not plain names and sizes is ignored (the record is checked in
+    full and kept); nothing is stat'ed outside the series folder."""
+    out = tmp_path / "h"
+    recs = harvest_of(out, 1)
+    conn = sqlite3.connect(out / ".harvester" / "state.db")
+    conn.execute("UPDATE vouched SET checks=?", (packed,))
+    conn.commit()
+    conn.close()
+    state = HarvestState(out)
+    state.open()
+    try:
+        assert state.complete(recs[0]["SeriesInstanceUID"]) == recs[0] and state.lost == 0
+    finally:
+        state.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.text(min_size=0, max_size=8), st.integers(min_value=0, max_value=2 ** 40)),
+                min_size=1, max_size=5))
+def test_a_vouched_list_reads_back_exactly_when_every_name_is_plain(checks: list[tuple[str, int]]) -> None:
+    from harvester.store.db import _unpack_checks, plain_name
+    text = "\n".join(f"{size}/{name}" for name, size in checks)
+    got = _unpack_checks(zlib.compress(text.encode("utf-8", "surrogatepass")))
+    if all(plain_name(n) and "\n" not in n for n, _ in checks):
+        assert got == checks
+    else:
+        assert got is None or all(plain_name(n) for n, _ in got) and got != checks
+
+
+def test_a_vouched_series_whose_rename_did_not_happen_is_finished_from_its_staging_folder(tmp_path: Path) -> None:
+    """A kill -9 after the commit's transaction and before the rename leaves a vouched row, no
+    final folder and the staging folder: open moves it into place (nothing fetched again)."""
+    out = tmp_path / "h"
+    recs = harvest_of(out, 2)
+    state = HarvestState(out)
+    staging = state.staging_dir(recs[0]["SeriesInstanceUID"])
+    os.rename(out / recs[0]["path"], staging)
+    state.open()
+    try:
+        assert state.recovered == 1 and state.lost == 0
+        assert all(state.complete(r["SeriesInstanceUID"]) == r for r in recs)
+        assert all((out / f["path"]).is_file() for f in recs[0]["files"]) and not staging.exists()
+    finally:
+        state.close()
+
+
+def test_a_link_on_the_way_to_a_vouched_series_stops_the_open_and_nothing_outside_is_touched(tmp_path: Path) -> None:
+    out = tmp_path / "h"
+    recs = harvest_of(out, 1)
+    outside = tmp_path / "outside"
+    os.rename(out / "C" / "P", outside)        # the same files, now outside DIR, reached by a link
+    (out / "C" / "P").symlink_to(outside)
+    before = tree(outside)
+    state = HarvestState(out)
+    with pytest.raises(UnsafePathError, match="symbolic link"):
+        state.open()
+    state.close()
+    assert tree(outside) == before and recs
+
+
+def test_a_forged_vouched_row_whose_folder_leaves_dir_is_refused_and_nothing_outside_is_touched(
+        tmp_path: Path) -> None:
+    """The seal is no defence against forgery (anyone can compute it): a row forged to look
+    vouched with a folder outside DIR still meets the full check, which refuses it."""
+    from harvester.store.db import _seal
+    out = tmp_path / "h"
+    recs = harvest_of(out, 2)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "1-001.dcm").write_bytes(b"not yours")
+    uid = recs[0]["SeriesInstanceUID"]
+    forged = dict(recs[0], path="../outside", files=[{"path": "../outside/1-001.dcm", "size": 9, "md5": "0" * 32}])
+    blob = deflated(forged)
+    conn = sqlite3.connect(out / ".harvester" / "state.db")
+    conn.execute("UPDATE series SET path='../outside', files=1, bytes=9, record=? WHERE uid=?", (blob, uid))
+    conn.execute("UPDATE vouched SET seal=?, checks=? WHERE uid=?",
+                 (_seal("complete", "../outside", 1, 9, blob), zlib.compress(b"9/1-001.dcm"), uid))
+    conn.commit()
+    conn.close()
+    state = HarvestState(out)
+    state.open()
+    try:
+        assert state.records.get(uid) is None
+        assert any(f"series {uid}:" in line for line in state.refused), state.refused
+        assert state.complete(recs[1]["SeriesInstanceUID"]) == recs[1]
+    finally:
+        state.close()
+    assert tree(outside) == {"1-001.dcm": b"not yours"}
