@@ -183,7 +183,10 @@ class _Batched:
         """Take the next bytes of the series; raises as the sink's docstring says."""
         if not self._fed:
             self._fed = True
-            self._guarded(self._first_bytes)
+            # in a worker thread: a mkdir on a busy disk takes milliseconds, which the event
+            # loop (every other download) must not wait for; not abandoned on cancel, so
+            # ``_staged`` is set before a caller's ``discard`` looks at it
+            await anyio.to_thread.run_sync(self._guarded, self._first_bytes)
         self._batch.append(chunk)
         self._batched += len(chunk)
         if self._batched >= self._batch_bytes:
@@ -208,7 +211,7 @@ class _Batched:
         raise NotImplementedError
 
     def _first_bytes(self) -> None:
-        """Called (on the event loop) before the first chunk is batched."""
+        """Called (in a worker thread) before the first chunk is batched."""
 
     def discard(self) -> None:
         """Give up: close what is open and remove the staging folder if this sink made it
