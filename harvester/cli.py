@@ -63,7 +63,7 @@ SeriesInstanceUID, collection, patient, description, status, error), refused.
 
 examples:
   harvester verify harvest-demo && python train.py harvest-demo   # train only on a complete cohort
-  harvester verify harvest-demo --repair                          # refetch what is damaged
+  harvester verify harvest-demo --repair                          # refetch what is damaged, failed or missing
   harvester verify harvest-demo --json | jq .ok                   # the counts for a script"""
 
 
@@ -309,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
                             epilog=VERIFY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     verify.add_argument("dir", metavar="DIR", type=Path, help="the output directory of a harvest")
     verify.add_argument("--repair", action="store_true",
-                        help="refetch what fails: single instances with getSingleImage, whole series only if needed")
+                        help="refetch what fails, from the archive DIR/harvest.json records: damaged files with "
+                             "getSingleImage (the whole series only if needed), failed and missing series whole")
     verify.add_argument("--no-progress", action="store_true",
                         help="plain periodic status lines instead of a live line")
     verify.add_argument("--stats-interval", type=_seconds, metavar="S", default=10.0,
@@ -991,8 +992,12 @@ def cmd_verify(args: argparse.Namespace, env: dict[str, str]) -> int:
             print(f"repaired: {path}", file=out)
         for uid in rep.refetched_series:
             print(f"refetched series: {uid}", file=out)
-        print(f"{len(rep.damaged)} damaged file(s): {len(rep.repaired_files)} repaired alone, "
-              f"{len(rep.refetched_series)} series refetched", file=out)
+        print(f"{len(rep.damaged)} damaged file(s), {len(rep.failed_series)} failed and {len(rep.missing_series)} "
+              f"missing series: {len(rep.repaired_files)} files repaired alone, {len(rep.refetched_series)} series "
+              "refetched", file=out)
+        if rep.harvest is not None and rep.harvest.fatal:
+            print(f"harvester: error: {rep.harvest.fatal}", file=sys.stderr)
+            return EXIT_FATAL
         refused = list(rep.refused)
         for line in refused:
             print(printable(f"refused: {line}"), file=out)
@@ -1018,7 +1023,7 @@ def cmd_verify(args: argparse.Namespace, env: dict[str, str]) -> int:
     print(f"verified {result.files} files ({human_bytes(result.bytes)}); {result.summary()}", file=out)
     if result.failed or result.missing:
         print(f"to fetch the {len(result.failed) + result.missing} failed or missing series, run the same "
-              "harvester run (or sync) command again", file=out)
+              f"harvester run (or sync) command again, or harvester verify {args.dir} --repair", file=out)
     if result.problems:
         print(f"to refetch the damaged files: harvester verify {args.dir} --repair", file=out)
     if result.extra:

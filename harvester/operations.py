@@ -14,7 +14,9 @@ Everything here joins the parts (a source from ``harvester.source``, the engine,
   verified (``HarvestState.commit`` swaps them atomically).
 * ``async_repair``: re-hash every file; refetch only the bad instances when the source can fetch
   one instance alone (``SingleInstanceFetch``), and the whole series otherwise or when an
-  instance cannot be repaired alone. A file whose recorded path is not strictly inside DIR
+  instance cannot be repaired alone. A series recorded failed, or whose files are all gone (its
+  folder deleted), is refetched whole; all of it from the archive harvest.json records
+  (``recorded_config``). A file whose recorded path is not strictly inside DIR
   (``../x``, absolute, through a link) is refused and reported (``RepairResult.refused``),
   never created or replaced.
 """
@@ -372,6 +374,8 @@ def _prune(state: HarvestState, uids: list[str]) -> list[str]:
 @dataclass
 class RepairResult:
     damaged: list[str] = field(default_factory=list)        # file paths that failed verification
+    failed_series: list[str] = field(default_factory=list)   # recorded failed: refetched whole
+    missing_series: list[str] = field(default_factory=list)  # every file gone (folder deleted): refetched whole
     repaired_files: list[str] = field(default_factory=list)  # fixed with getSingleImage
     refetched_series: list[str] = field(default_factory=list)
     harvest: HarvestResult | None = None
@@ -407,15 +411,23 @@ async def async_repair(config: Config, *, hub: Hub | None = None) -> RepairResul
     result = RepairResult()
     try:
         bad: dict[str, list[dict[str, Any]]] = {}
+        #: series fetched again whole: failed with nothing recorded to mend, or every file gone
+        whole: list[str] = []
 
         def scan() -> None:
             # Complete series, and those whose files went missing (recovery marked them failed
             # but kept the list of what they held): both can be mended file by file. Records
             # whose paths leave DIR were refused by ``state.open``; a link on the way is refused here.
+            # A failed series without files is refetched whole; an unavailable one is left alone
+            # (the archive does not give it: the next run or sync looks it up again).
             result.refused.extend(state.refused)
             for uid, rec in state.records.items():
                 if not rec.get("files"):
+                    if rec.get("status") == "failed":
+                        whole.append(uid)
+                        result.failed_series.append(uid)
                     continue
+                gone = 0
                 for f in rec.get("files", []):
                     try:
                         path = inside(config.out_dir, f["path"])
@@ -425,14 +437,20 @@ async def async_repair(config: Config, *, hub: Hub | None = None) -> RepairResul
                     if _file_md5(path) != f["md5"]:
                         bad.setdefault(uid, []).append(f)
                         result.damaged.append(f["path"])
+                        gone += not os.path.lexists(path)
+                if gone and gone == len(rec["files"]):   # the folder deleted: one request, not one per file
+                    del bad[uid]
+                    del result.damaged[len(result.damaged) - gone:]
+                    whole.append(uid)
+                    result.missing_series.append(uid)
 
         await anyio.to_thread.run_sync(scan)
-        if not bad:
+        if not bad and not whole:
             return result
         config = recorded_config(config, state.header)
         async with make_session(config) as session:
             source = make_source(config, session)
-            refetch: list[str] = []
+            refetch: list[str] = list(whole)
             for uid, files in bad.items():
                 rec = state.records[uid]
                 single = source if isinstance(source, SingleInstanceFetch) else None

@@ -721,3 +721,43 @@ def test_stderr_that_is_not_a_terminal_gets_periodic_status_lines(server: Any, s
                 "--stats-interval", "0.2", "--quiet")
     assert quiet.returncode == 0 and quiet.stderr == ""
     assert quiet.stdout.splitlines()[0].endswith("0 failed, 0 unavailable")
+
+
+# ------------------------------------------------ Why: verify --repair fetched only damaged files (Deliver 1)
+
+def test_verify_repair_refetches_failed_and_missing_series_from_the_recorded_archive(server: Any, small_archive: Any,
+                                                                                    tmp_path: Path) -> None:
+    """`verify --repair` did not fetch failed or missing series. It now refetches both whole, from
+    the archive harvest.json records (no --api-url given), and a second verify says all intact."""
+    path = write_query(tmp_path, select_all(small_archive))
+    out = tmp_path / "out"
+    server.set_faults("truncate=0.5,seed=1")   # some downloads cut short: those series fail
+    first = cli("run", str(path), "-o", str(out), "--api-url", server.base_url, "--series-retries", "0",
+                "--retries", "1", "--timeout", "2", "--no-progress")
+    assert first.returncode == 1, first.stdout + first.stderr
+    records = manifest(out)["series"]
+    failed = sorted(r["SeriesInstanceUID"] for r in records if r["status"] == "failed")
+    complete = [r for r in records if r["status"] == "complete"]
+    assert failed and len(complete) >= 2, (len(failed), len(complete))
+    deleted = complete[0]
+    shutil.rmtree(out / deleted["path"])
+    kept = complete[1]
+    kept_bytes = {f["path"]: (out / f["path"]).read_bytes() for f in kept["files"]}
+    server.set_faults(None)
+    repair = cli("verify", str(out), "--repair", "--no-progress")
+    assert repair.returncode == 0, repair.stdout + repair.stderr
+    assert "Traceback" not in repair.stdout + repair.stderr
+    refetched = sorted(line.split(": ", 1)[1] for line in repair.stdout.splitlines()
+                       if line.startswith("refetched series: "))
+    assert refetched == sorted([*failed, deleted["SeriesInstanceUID"]])
+    assert (f"0 damaged file(s), {len(failed)} failed and 1 missing series: 0 files repaired alone, "
+            f"{len(failed) + 1} series refetched") in repair.stdout
+    after = manifest(out)
+    assert all(r["status"] == "complete" for r in after["series"]) and len(after["series"]) == len(records)
+    assert after["source"]["url"] == server.base_url   # the archive it came from, still recorded
+    assert all((out / f["path"]).is_file() for f in deleted["files"])
+    assert {p: (out / p).read_bytes() for p in kept_bytes} == kept_bytes   # what was intact is untouched
+    again = cli("verify", str(out))
+    n = len(records)
+    assert again.returncode == 0, again.stdout
+    assert summary_line(again) == f"{n} series checked: {n} intact, 0 failed, 0 missing, 0 damaged files, 0 extra files"

@@ -240,7 +240,9 @@ def test_repair_refetches_the_series_when_a_record_names_no_instance(archives, t
         del rec["files"][0]["SOPInstanceUID"]
         rec["files"][1]["SOPInstanceUID"] = ["not", "a", "uid"]
         (out / "harvest.json").write_text(json.dumps(doc))
-        (out / ".harvester" / "journal.jsonl").unlink()   # harvest.json is then what the state reads
+        # harvest.json is then what the state reads (the database, then the journal, come first)
+        for name in ("journal.jsonl", "state.db", "state.db-wal", "state.db-shm"):
+            (out / ".harvester" / name).unlink(missing_ok=True)
         rep = anyio.run(lambda: async_repair(test_config(srv.base_url, out)))
         assert rep.refetched_series == [rec["SeriesInstanceUID"]] and rep.repaired_files == []
         assert rep.harvest is not None and rep.harvest.ok
