@@ -218,6 +218,15 @@ def _add_harvest_args(p: argparse.ArgumentParser) -> None:
                         "or when stderr is not a terminal)")
     p.add_argument("--stats-interval", type=_seconds, metavar="S", default=10.0,
                    help="seconds between plain status lines (default 10)")
+    p.add_argument("--force", action="store_true",
+                   help="add to DIR even though it holds a harvest of another archive (kind and URL) or "
+                        "layout, which is refused by default (exit 2): the records already there are kept as "
+                        "they are (complete series are not fetched again and stay in their folders), new "
+                        "series go where this run's layout puts them, and harvest.json then names this run's "
+                        "archive and layout")
+    p.add_argument("--no-space-check", action="store_false", dest="space_check",
+                   help="start even when DIR's free space is less than the series still to fetch need (plus "
+                        "5%% and 64 MiB), which is refused by default (exit 3, nothing fetched)")
     p.add_argument("--quiet", "-q", action="store_true", help="only errors and the final summary")
     _add_json_arg(p, "the final summary")
     _add_log_args(p)
@@ -453,9 +462,13 @@ def build_config(args: argparse.Namespace, env: dict[str, str], manifest_api: st
     if layout:
         from harvester.store.layout import check_layout
         changes["layout"] = check_layout(layout)
+    elif getattr(args, "out", None) is not None:
+        changes["layout"] = None   # a run or sync: DIR's recorded layout, else descriptive
     if getattr(args, "out", None) is not None:
         changes["out_dir"] = args.out
     changes["strict"] = bool(getattr(args, "strict", False))
+    changes["force"] = bool(getattr(args, "force", False))
+    changes["space_check"] = bool(getattr(args, "space_check", True))
     changes["progress"] = not getattr(args, "no_progress", False)
     changes["quiet"] = bool(getattr(args, "quiet", False))
     return Config(**changes)

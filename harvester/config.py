@@ -54,7 +54,9 @@ class Config:
     source: str = "nbia"              # one of SOURCES
     collection_attribute: str = "ClinicalTrialProtocolID"  # DICOMweb: the attribute holding the collection
     out_dir: Path = Path("harvest")
-    layout: str = "descriptive"
+    # None: the layout DIR's harvest.json records, else descriptive (``operations.resume_layout``
+    # decides it when the run opens DIR; the engine always sees a layout)
+    layout: str | None = "descriptive"
     annotations: bool = False         # also fetch annotation files (a cart's includeAnnotation=true)
     # Series in flight: one connection each. Enough to fill a link of per-connection-capped
     # streams (24 x 4 MB/s covers 64 MB/s with headroom for the slots busy unpacking); the
@@ -86,6 +88,11 @@ class Config:
     # A cart or UID list naming series the archive does not have (or refuses): False harvests the
     # rest and lists them as unavailable (exit 1); True refuses before downloading (exit 2).
     strict: bool = False
+    # Add to a DIR harvested from another archive or with another layout (see
+    # ``harvester.operations.check_same_harvest``); refused by default.
+    force: bool = False
+    # Refuse to start when DIR's free space is less than the plan still needs (``check_free_space``).
+    space_check: bool = True
     progress: bool = True
     quiet: bool = False
     user_agent: str = "harvester/0.1"

@@ -27,6 +27,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import os
+import re
 import shutil
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -39,11 +40,11 @@ from harvester.config import Config
 from harvester.containment import inside, open_dir, open_nofollow
 from harvester.dates import parse_archive_date
 from harvester.engine import Engine, HarvestResult
-from harvester.errors import HarvesterError, RequestError, UnsafePathError
+from harvester.errors import DiskFullError, HarvesterError, RequestError, UnsafePathError, UsageError
 from harvester.store.layout import check_layout
 from harvester.models import Plan, SeriesRecord, SeriesTask
 from harvester.display import api_hub
-from harvester.events import Event, Hub
+from harvester.events import Event, Hub, human_bytes
 from harvester.query import Query, load_query, query_from_dict
 from harvester.source.auto import AutoSource
 from harvester.source.base import SingleInstanceFetch, Source, UpdateFeed
@@ -133,14 +134,20 @@ async def aharvest(query: QueryLike, out: str | Path | Config | None = None, *, 
     if isinstance(out, Config):  # aharvest(query, config) reads naturally too
         config, out = out, None
     query = as_query(query)
+    layout_given = config is not None or options.get("layout") is not None or bool(query.layout)
     config = make_config(query, config, out, **options)
+    if not layout_given:
+        config = dataclasses.replace(config, layout=None)   # the directory's, see ``resume_layout``
     if query.annotations and not config.annotations:   # the cart or manifest asks for them
         config = dataclasses.replace(config, annotations=True)
-    check_layout(config.layout)
+    if config.layout is not None:
+        check_layout(config.layout)
     hub = hub or api_hub(config.progress, config.quiet)   # a live line in a notebook, nothing elsewhere
     if on_event is not None:
         hub.subscribe(on_event)
     async with open_harvest(config) as (state, source):
+        config = resume_layout(config, state.header)
+        check_same_harvest(config, state.header)
         plan = await source.plan(query)
         if on_plan is not None:
             on_plan(plan)
@@ -155,6 +162,8 @@ async def harvest_plan(engine: Engine, plan: Plan, header: dict[str, Any],
     state (harvest.json lists them; the next run looks them up again); the result names them, and
     is not ``ok`` while any is. Shared by ``aharvest`` and ``async_sync``."""
     state = engine.state
+    if engine.config.space_check:
+        await anyio.to_thread.run_sync(check_free_space, engine.config, state, plan, refetch)
     await anyio.to_thread.run_sync(state.mark_unavailable,
                                    [(u.series_uid, u.origin, u.reason) for u in plan.unavailable])
     result = await engine.run(plan.tasks, header, refetch=refetch)
@@ -233,6 +242,83 @@ def manifest_header(config: Config, query: Query, state: HarvestState) -> dict[s
     if state.header.get("last_sync"):
         header["last_sync"] = state.header["last_sync"]
     return header
+
+
+def _archive(kind: str, url: str | None) -> str:
+    return f"{kind} {redact_url(url).rstrip('/') if url else '(no URL recorded)'}"
+
+
+def _same_archive(kind: str, url: str | None, config: Config) -> bool:
+    """Whether ``kind`` at ``url`` is ``config``'s archive: the same kind and URL, credentials
+    aside, and for NBIA whatever API version the URL ends in (``.../services/v2`` and ``/v4``
+    are one archive)."""
+    def key(kind: str, url: str | None) -> str:
+        shown = _archive(kind, url)
+        return re.sub(r"/services/v\d+$", "/services", shown) if kind in ("nbia", "auto") else shown
+    return key(kind, url) == key(config.source, config.api_url)
+
+
+def resume_layout(config: Config, header: dict[str, Any]) -> Config:
+    """``config`` with a layout: when it names none (``layout=None``: no ``--layout``, none in the
+    query), the one the directory's ``header`` records, so that a rerun resumes as it was;
+    ``descriptive`` for a new directory. Raises ``UsageError`` for a recorded layout that is not one."""
+    if config.layout is not None:
+        return config
+    recorded = header.get("layout")
+    return dataclasses.replace(config, layout=check_layout(recorded) if isinstance(recorded, str) else "descriptive")
+
+
+def check_same_harvest(config: Config, header: dict[str, Any]) -> None:
+    """Refuse to add to a harvest of another archive (kind and URL, credentials aside) or layout
+    than ``config``'s: the tree would mix two archives' series, or two layouts, under one
+    harvest.json naming only the last. ``header`` is the directory's (``HarvestState.header``;
+    empty for a new directory: nothing to compare). ``config.force`` skips the check: the
+    records already there are kept as they are, complete series are not fetched again and stay
+    in their folders, new ones go where this run's layout puts them, and harvest.json then names
+    this run's archive and layout. Raises ``UsageError`` naming both."""
+    if config.force or not (isinstance(header.get("source"), dict) or "api_url" in header):
+        return
+    kind, url = recorded_source(header)
+    here = _archive(kind, url)
+    asked = _archive(config.source, config.api_url)
+    layout = header.get("layout")
+    other_layout = isinstance(layout, str) and layout != config.layout
+    same = _same_archive(kind, url, config)
+    if same and not other_layout:
+        return
+    if not same:
+        what, was, now = "archive", here, asked
+        todo = "give the same --api-url (and --source)"
+    else:
+        what, was, now = "layout", str(layout), config.layout
+        todo = "give the same --layout, or none"
+    raise UsageError(f"{config.out_dir} holds a harvest of {what} {was}, not {now}",
+                     hint=f"{todo} to resume it, another -o DIR for a new harvest, or --force to add to it "
+                          "anyway (what is there is kept as it is)")
+
+
+#: what a harvest writes beside the series' bytes, at least (the state database, the exports)
+SPACE_RESERVE = 64 << 20
+
+
+def check_free_space(config: Config, state: HarvestState, plan: Plan, refetch: frozenset[str] = frozenset()) -> None:
+    """Refuse to start when DIR's file system has less free space than the series still to fetch
+    (their announced sizes) plus 5% and ``SPACE_RESERVE`` (blocking). A series fetched again
+    (``refetch``) counts whole: its old copy stays until the new one is verified. Raises
+    ``DiskFullError`` (nothing was fetched; ``--no-space-check`` or ``space_check=False``
+    starts anyway and stops at the first full write, keeping what is verified)."""
+    todo = [t for t in plan.tasks if t.series_uid in refetch or state.completed_bytes(t.series_uid) is None]
+    wanted = sum(t.file_size or 0 for t in todo)
+    if not wanted:
+        return
+    needed = wanted + wanted // 20 + SPACE_RESERVE
+    free = shutil.disk_usage(config.out_dir).free
+    if free < needed:
+        raise DiskFullError(
+            f"{config.out_dir} has {human_bytes(free)} free, the {len(todo):,} series to fetch need "
+            f"{human_bytes(wanted)} (and a margin: {human_bytes(needed)} in all)",
+            hint="free some space or choose another -o DIR, then run the same command again "
+                 "(--no-space-check starts anyway)")
 
 
 def recorded_config(config: Config, header: dict[str, Any]) -> Config:
@@ -337,6 +423,8 @@ async def async_sync(query: Query, config: Config, *, prune: bool = False, dry_r
         config = dataclasses.replace(config, annotations=True)
     config = recorded_config(config, await anyio.to_thread.run_sync(recorded_header, config.out_dir))
     async with open_harvest(config) as (state, source):
+        config = resume_layout(config, state.header)
+        check_same_harvest(config, state.header)
         plan = await source.plan(query)
         updated: set[str] = set()
         if isinstance(source, UpdateFeed):
@@ -447,7 +535,8 @@ async def async_repair(config: Config, *, hub: Hub | None = None) -> RepairResul
         await anyio.to_thread.run_sync(scan)
         if not bad and not whole:
             return result
-        config = recorded_config(config, state.header)
+        # the archive and the layout the harvest records: a refetched series goes where it was
+        config = resume_layout(dataclasses.replace(recorded_config(config, state.header), layout=None), state.header)
         async with make_session(config) as session:
             source = make_source(config, session)
             refetch: list[str] = list(whole)
