@@ -48,6 +48,19 @@ SOURCES = ("nbia", "dicomweb", "idc", "auto")  # auto: NBIA's plan, each series 
 IDC_ENDPOINT_URL = "https://s3.amazonaws.com"
 
 
+def too_many_entries(count: int | None, limit: int) -> str:
+    """What a ZIP past ``Limits.max_entries`` is told: too many entries for the limit (neither cut
+    short nor damaged), shared by the streaming sink (which stops at the first entry past the
+    limit: ``count`` None) and ``verify_and_unpack``."""
+    has = "more entries than" if count is None else f"{count:,} entries, more than"
+    return f"ZIP has {has} the limit of {limit:,} per series (Limits.max_entries): too many to accept"
+
+
+#: the hint that goes with ``too_many_entries``
+TOO_MANY_ENTRIES_HINT = ("nothing of it was kept; a series really this large needs a larger limit "
+                         "(Config(limits=Limits(max_entries=N)) in the Python API), else report it to the archive")
+
+
 @dataclass(frozen=True)
 class Config:
     api_url: str = DEFAULT_API_URL    # NBIA: base ending in the version; DICOMweb: the service root

@@ -833,3 +833,31 @@ def test_a_plan_larger_than_the_free_space_is_refused_before_anything_is_fetched
                    "--series-retries", "0")
     assert srv.stats.requests.get("getImage", 0) > 0   # it went ahead (and the series is not the one announced)
     assert proc.returncode == 1 and manifest(out)["series"][0]["status"] == "failed", proc.stderr
+
+
+# ------------------------------------------------ Why: a 200,000-entry ZIP was called "truncated" (Deliver 3)
+
+def test_a_zip_past_the_entry_limit_is_said_to_have_too_many_entries_not_truncated(tmp_path: Path,
+                                                                                   synthetic_cache: Path) -> None:
+    """A 200,000-entry ZIP was called "truncated". A ZIP past the entry limit (lowered here to 5
+    for a series of 12, through the API as a user raising or lowering it would) now fails with
+    what happened, too many entries for the limit, and nothing of it is kept."""
+    from harvester import Config, harvest as harvest_api
+    from harvester.config import Limits
+    from harvester.events import reason_class
+    from harvester.server.synthetic import build_synthetic
+
+    archive = build_synthetic(SyntheticSpec.parse("collections=1,patients=1,studies=1,series=1,instances=12,"
+                                                  "size=4KiB,seed=5"), synthetic_cache)
+    out = tmp_path / "out"
+    with serve_in_thread(archive) as srv:
+        result = harvest_api(select_all(archive), out, config=Config(api_url=srv.base_url, series_retries=0,
+                                                                        limits=Limits(max_entries=5)))
+    assert not result.ok and len(result.failed) == 1
+    uid, reason = result.failed[0]
+    assert reason.startswith("ZIP has more entries than the limit of 5 per series (Limits.max_entries)"), reason
+    assert "truncated" not in reason and "max_entries=N" in reason
+    rec = manifest(out)["series"][0]
+    assert rec["status"] == "failed" and reason_class(rec["error_kind"], rec["error"]) != "truncated"
+    assert srv.stats.downloads == {uid: 1}   # not retried: more attempts would not make it fit
+    assert [p for p in out.rglob("*.dcm")] == [] and list((out / ".harvester" / "tmp").iterdir()) == []
