@@ -24,7 +24,7 @@ from typing import Any
 import anyio
 
 from harvester import __version__
-from harvester.config import DEFAULT_API_URL, IDC_ENDPOINT_URL, AuthConfig, Config
+from harvester.config import DEFAULT_API_URL, ENV_API_URL, IDC_ENDPOINT_URL, AuthConfig, Config
 from harvester.errors import FatalError, HarvesterError, RequestError, UsageError
 from harvester.units import SIZE_HELP, parse_size
 
@@ -419,7 +419,7 @@ def build_config(args: argparse.Namespace, env: dict[str, str], manifest_api: st
                  manifest_layout: str | None = None, manifest_source: str | None = None) -> Config:
     source = getattr(args, "source", None) or manifest_source or "nbia"
     default = DEFAULT_API_URL if source in ("nbia", "auto") else None
-    api = getattr(args, "api_url", None) or env.get("HARVESTER_API_URL") or manifest_api or default
+    api = getattr(args, "api_url", None) or env.get(ENV_API_URL) or manifest_api or default
     idc: dict[str, Any] = {}
     if source in ("idc", "auto"):
         endpoint = getattr(args, "endpoint_url", None) or IDC_ENDPOINT_URL
@@ -525,7 +525,7 @@ def _print_plan_notes(plan: Any, *, listed: bool) -> None:
 
 def _plan_totals(plan: Any) -> dict[str, Any]:
     """The plan's totals as ``plan --json`` prints them (built here from the plan's collections,
-    whatever shape ``Plan.to_json`` has)."""
+    whatever shape ``Plan.to_dict`` has)."""
     cols = plan.collections
     out: dict[str, Any] = {
         "series": len(plan.tasks), "images": sum(c.images for c in cols.values()),

@@ -2,8 +2,11 @@
 and passed down. Nothing below reads argv or the environment."""
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 DEFAULT_API_URL = "https://nbia.cancerimagingarchive.net/nbia-api/services/v4"
 NLST_API_URL = "https://nlst.cancerimagingarchive.net/nbia-api/services/v4"
@@ -46,6 +49,10 @@ SOURCES = ("nbia", "dicomweb", "idc", "auto")  # auto: NBIA's plan, each series 
 #: IDC's public buckets (us-east-1; anonymous reads). The GCS mirror answers the same S3 calls at
 #: https://storage.googleapis.com (``--endpoint-url``).
 IDC_ENDPOINT_URL = "https://s3.amazonaws.com"
+
+
+#: the environment variable naming the archive (``--api-url``'s default; ``Config.from_env``)
+ENV_API_URL = "HARVESTER_API_URL"
 
 
 def too_many_entries(count: int | None, limit: int) -> str:
@@ -113,6 +120,20 @@ class Config:
     # the ``idc-index-data`` package's parquet, the extra ``harvester[idc]``)
     endpoint_url: str = IDC_ENDPOINT_URL
     idc_index: Path | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **changes: Any) -> Config:
+        """A config for the archive the environment names, as the CLI reads it: ``$HARVESTER_API_URL``
+        (``ENV_API_URL``) for ``api_url`` unless ``changes`` give one; ``env`` defaults to
+        ``os.environ``. The one place the API reads the environment, and only when asked: a plain
+        ``Config()`` is the public TCIA archive whatever the environment says. Credentials are
+        never read from a fixed variable: give ``auth=AuthConfig(...)`` or ``bearer_token=`` (the
+        CLI reads them from the variable ``--password-env``/``--token-env`` names)."""
+        env = os.environ if env is None else env
+        url = env.get(ENV_API_URL)
+        if url and "api_url" not in changes:
+            changes["api_url"] = url.rstrip("/")
+        return cls(**changes)
 
     @property
     def uses_public_default(self) -> bool:

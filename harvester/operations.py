@@ -103,12 +103,34 @@ def make_config(query: Query | None = None, config: Config | None = None, out: s
     changes.update({k: v for k, v in options.items() if v is not None})
     if "api_url" in changes:
         changes["api_url"] = str(changes["api_url"]).rstrip("/")
-    return dataclasses.replace(config or Config(), **changes)
+    return check_config(dataclasses.replace(config or Config(), **changes))
+
+
+#: Config fields that are counts, and the least each may be (the CLI's --workers, --retries... limits)
+_COUNTS = {"workers": 1, "connections": 1, "plan_concurrency": 1, "retries": 1, "series_retries": 0,
+           "chunk_size": 1}
+
+
+def check_config(config: Config) -> Config:
+    """``config`` when its counts, rate and timeouts are ones the CLI accepts too. Raises
+    ``UsageError`` naming the option (``workers=0``: at least 1), as the CLI refuses it (exit 2)."""
+    for name, least in _COUNTS.items():
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise UsageError(f"{name}={value!r}: must be a whole number of at least {least}")
+    if config.max_rate is not None and (isinstance(config.max_rate, bool) or not isinstance(config.max_rate, int)
+                                        or config.max_rate < 1):
+        raise UsageError(f"max_rate={config.max_rate!r}: must be a number of bytes/s of at least 1, or None")
+    for name in ("read_timeout", "connect_timeout"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise UsageError(f"{name}={value!r}: must be a number of seconds above 0")
+    return config
 
 
 async def aplan(query: QueryLike, config: Config | None = None, *, details: bool = True,
                 **options: Any) -> Plan:
-    """Expand ``query`` into the exact list of series tasks (``Plan.tasks``; totals in ``Plan.to_json()``).
+    """Expand ``query`` into the exact list of series tasks (``Plan.tasks``; totals in ``Plan.to_dict()``, as JSON text ``Plan.to_json()``).
 
     ``details=False`` skips the study and patient records of each task (two requests per
     collection on NBIA) when only the series and totals are wanted. Series of a cart or list
@@ -124,15 +146,20 @@ async def aplan(query: QueryLike, config: Config | None = None, *, details: bool
 async def aharvest(query: QueryLike, out: str | Path | Config | None = None, *, config: Config | None = None,
                    hub: Hub | None = None, on_plan: Callable[[Plan], None] | None = None,
                    on_event: Callable[[Event], None] | None = None, **options: Any) -> HarvestResult:
-    """Plan and harvest ``query`` into ``out`` (or ``config.out_dir``); resumable, see ``harvester.engine``.
+    """Plan and harvest ``query`` into ``out`` (or ``config.out_dir``; one of them must be given);
+    resumable, see ``harvester.engine``.
 
     Returns a ``HarvestResult`` (``ok``, ``totals``, ``failed`` and ``unavailable`` with reasons,
-    counters). Raises ``UsageError`` for bad input (with ``strict=True``, for a series of a cart or
+    counters). Raises ``UsageError`` for bad input (no directory, ``workers=0`` and the other
+    arguments the CLI refuses, see ``check_config``; with ``strict=True``, for a series of a cart or
     list that the archive does not give) and ``FatalError`` only before the harvest starts; a
     fatal stop during the harvest is reported in ``result.fatal`` with everything verified kept.
     """
     if isinstance(out, Config):  # aharvest(query, config) reads naturally too
         config, out = out, None
+    if out is None and config is None:
+        # never a directory the caller did not name (the default ./harvest, in whatever the cwd is)
+        raise UsageError("harvest needs an output directory", hint="give it: harvest(query, 'out/')")
     query = as_query(query)
     layout_given = config is not None or options.get("layout") is not None or bool(query.layout)
     config = make_config(query, config, out, **options)
@@ -347,7 +374,7 @@ def recorded_header(out_dir: Path) -> dict[str, Any]:
 
 
 def plan_event(plan: Plan) -> Event:
-    totals = plan.to_json()
+    totals = plan.to_dict()
     return Event("plan", data={"series": totals["series"], "bytes": totals["bytes"],
                                "unavailable": len(plan.unavailable)})
 
