@@ -277,10 +277,11 @@ def _archive(kind: str, url: str | None) -> str:
 
 def _same_archive(kind: str, url: str | None, config: Config) -> bool:
     """Whether ``kind`` at ``url`` is ``config``'s archive: the same kind and URL, credentials
-    aside, and for NBIA whatever API version the URL ends in (``.../services/v2`` and ``/v4``
-    are one archive)."""
+    and the port aside (a server restarted on another port, as ``harvester serve`` is, is the
+    same archive), and for NBIA whatever API version the URL ends in (``.../services/v2`` and
+    ``/v4`` are one archive)."""
     def key(kind: str, url: str | None) -> str:
-        shown = _archive(kind, url)
+        shown = re.sub(r"^(\w+ https?://[^/:]+):\d+", r"\1", _archive(kind, url))
         return re.sub(r"/services/v\d+$", "/services", shown) if kind in ("nbia", "auto") else shown
     return key(kind, url) == key(config.source, config.api_url)
 

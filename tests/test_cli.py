@@ -117,7 +117,7 @@ def test_failed_first_run_leaves_no_directories_but_a_harvest_is_never_touched(s
     assert first.returncode == 0, first.stderr
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "lock"}
     assert manifest(out)["totals"]["complete"] > 0
-    gone = cli("run", str(q), "-o", str(out), "--api-url", "http://127.0.0.1:9/nbia-api/services/v4", "--force",
+    gone = cli("run", str(q), "-o", str(out), "--api-url", "http://127.0.0.1:9/nbia-api/services/v4",
                "--retries", "1")
     assert_one_line_error(gone, code=3)
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "lock"}
@@ -370,8 +370,7 @@ def test_a_series_unavailable_once_is_harvested_when_it_appears(small_archive, t
     assert "1 unavailable" in first.stdout and f"  unavailable: {late}: " in first.stdout
     assert {r["SeriesInstanceUID"]: r["status"] for r in manifest(out)["series"]}[late] == "unavailable"
     with serve_in_thread(small_archive) as after:
-        # the same archive, its server restarted on another port: --force to add to the harvest
-        second = cli("run", str(cart), "-o", str(out), "--api-url", after.base_url, "--force", *FAST_FLAGS)
+        second = cli("run", str(cart), "-o", str(out), "--api-url", after.base_url, *FAST_FLAGS)
         assert after.stats.downloads == {late: 1}
     assert second.returncode == 0, (second.stdout, second.stderr)
     assert "0 failed" in second.stdout and "unavailable:" not in second.stdout + second.stderr

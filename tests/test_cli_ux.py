@@ -779,7 +779,7 @@ def test_a_run_into_a_harvest_of_another_archive_or_layout_is_refused_naming_bot
     assert cli("run", str(first), "-o", str(out), "--api-url", server.base_url, "--layout", "flat",
                *FAST_FLAGS).returncode == 0
     before = tree(out)
-    with serve_in_thread(small_archive) as other:
+    with serve_in_thread(small_archive, host="127.0.0.2") as other:   # another host (a port alone is not)
         line = one_line_error(cli("run", str(both), "-o", str(out), "--api-url", other.base_url, "--layout", "flat",
                                   *FAST_FLAGS), 2)
         assert f"holds a harvest of archive nbia {server.base_url}, not nbia {other.base_url}" in line

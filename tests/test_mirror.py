@@ -54,9 +54,7 @@ def query_all(archive) -> dict:
 
 
 def sync(base_url, out, query, **kw):
-    # force: the archive "before" and "after" are one archive whose server restarted on another
-    # port, which the harvest would otherwise refuse as another archive (``check_same_harvest``)
-    config = test_config(base_url, out, force=True)
+    config = test_config(base_url, out)
     return anyio.run(lambda: async_sync(query_from_dict(query, origin="test"), config, **kw))
 
 
@@ -205,7 +203,7 @@ def test_sync_killed_and_rerun_ends_like_an_uninterrupted_one(archives, tmp_path
         # each at a random moment after the run's first commit, land mid-run. (The server's per-download
         # rate would not slow series this small: they fit in its burst.)
         args = [sys.executable, "-m", "harvester", "sync", str(q), "--api-url", srv.base_url, "--timeout", "5",
-                "--workers", "2", "--max-rate", "24KB", "--no-progress", "--quiet", "--force"]  # another port
+                "--workers", "2", "--max-rate", "24KB", "--no-progress", "--quiet"]
         assert subprocess.run([*args, "-o", str(reference)], env=env, capture_output=True, timeout=300).returncode == 0
         rng = random.Random(7)
         kills, start = 0, len(journal_commits(killed))
