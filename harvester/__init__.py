@@ -5,7 +5,7 @@ The public API (everything a notebook or pipeline needs; the CLI is a thin layer
     import harvester
 
     plan = harvester.plan({"select": [{"collection": "LIDC-IDRI", "modality": "CT"}]})
-    print(plan.to_json())                                   # series, images, bytes per collection
+    print(plan.to_dict())                                   # series, images, bytes per collection
     result = harvester.harvest("query.yaml", "out/", workers=8, on_event=print)
     print(result.ok, result.totals, result.failed)
     harvester.verify("out/").problems                       # re-hash every file

@@ -24,7 +24,7 @@ from typing import Any
 import anyio
 
 from harvester import __version__
-from harvester.config import DEFAULT_API_URL, IDC_ENDPOINT_URL, PER_INSTANCE_MODES, AuthConfig, Config
+from harvester.config import DEFAULT_API_URL, ENV_API_URL, IDC_ENDPOINT_URL, PER_INSTANCE_MODES, AuthConfig, Config
 from harvester.errors import FatalError, HarvesterError, RequestError, UsageError
 from harvester.units import SIZE_HELP, parse_size
 
@@ -63,7 +63,7 @@ SeriesInstanceUID, collection, patient, description, status, error), refused.
 
 examples:
   harvester verify harvest-demo && python train.py harvest-demo   # train only on a complete cohort
-  harvester verify harvest-demo --repair                          # refetch what is damaged
+  harvester verify harvest-demo --repair                          # refetch what is damaged, failed or missing
   harvester verify harvest-demo --json | jq .ok                   # the counts for a script"""
 
 
@@ -222,6 +222,15 @@ def _add_harvest_args(p: argparse.ArgumentParser) -> None:
                         "or when stderr is not a terminal)")
     p.add_argument("--stats-interval", type=_seconds, metavar="S", default=10.0,
                    help="seconds between plain status lines (default 10)")
+    p.add_argument("--force", action="store_true",
+                   help="add to DIR even though it holds a harvest of another archive (kind and URL) or "
+                        "layout, which is refused by default (exit 2): the records already there are kept as "
+                        "they are (complete series are not fetched again and stay in their folders), new "
+                        "series go where this run's layout puts them, and harvest.json then names this run's "
+                        "archive and layout")
+    p.add_argument("--no-space-check", action="store_false", dest="space_check",
+                   help="start even when DIR's free space is less than the series still to fetch need (plus "
+                        "5%% and 64 MiB), which is refused by default (exit 3, nothing fetched)")
     p.add_argument("--quiet", "-q", action="store_true", help="only errors and the final summary")
     _add_json_arg(p, "the final summary")
     _add_log_args(p)
@@ -313,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
                             epilog=VERIFY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     verify.add_argument("dir", metavar="DIR", type=Path, help="the output directory of a harvest")
     verify.add_argument("--repair", action="store_true",
-                        help="refetch what fails: single instances with getSingleImage, whole series only if needed")
+                        help="refetch what fails, from the archive DIR/harvest.json records: damaged files with "
+                             "getSingleImage (the whole series only if needed), failed and missing series whole")
     verify.add_argument("--no-progress", action="store_true",
                         help="plain periodic status lines instead of a live line")
     verify.add_argument("--stats-interval", type=_seconds, metavar="S", default=10.0,
@@ -413,7 +423,7 @@ def build_config(args: argparse.Namespace, env: dict[str, str], manifest_api: st
                  manifest_layout: str | None = None, manifest_source: str | None = None) -> Config:
     source = getattr(args, "source", None) or manifest_source or "nbia"
     default = DEFAULT_API_URL if source in ("nbia", "auto") else None
-    api = getattr(args, "api_url", None) or env.get("HARVESTER_API_URL") or manifest_api or default
+    api = getattr(args, "api_url", None) or env.get(ENV_API_URL) or manifest_api or default
     idc: dict[str, Any] = {}
     if source in ("idc", "auto"):
         endpoint = getattr(args, "endpoint_url", None) or IDC_ENDPOINT_URL
@@ -457,9 +467,13 @@ def build_config(args: argparse.Namespace, env: dict[str, str], manifest_api: st
     if layout:
         from harvester.store.layout import check_layout
         changes["layout"] = check_layout(layout)
+    elif getattr(args, "out", None) is not None:
+        changes["layout"] = None   # a run or sync: DIR's recorded layout, else descriptive
     if getattr(args, "out", None) is not None:
         changes["out_dir"] = args.out
     changes["strict"] = bool(getattr(args, "strict", False))
+    changes["force"] = bool(getattr(args, "force", False))
+    changes["space_check"] = bool(getattr(args, "space_check", True))
     changes["progress"] = not getattr(args, "no_progress", False)
     changes["quiet"] = bool(getattr(args, "quiet", False))
     return Config(**changes)
@@ -516,7 +530,7 @@ def _print_plan_notes(plan: Any, *, listed: bool) -> None:
 
 def _plan_totals(plan: Any) -> dict[str, Any]:
     """The plan's totals as ``plan --json`` prints them (built here from the plan's collections,
-    whatever shape ``Plan.to_json`` has)."""
+    whatever shape ``Plan.to_dict`` has)."""
     cols = plan.collections
     out: dict[str, Any] = {
         "series": len(plan.tasks), "images": sum(c.images for c in cols.values()),
@@ -1005,8 +1019,12 @@ def cmd_verify(args: argparse.Namespace, env: dict[str, str]) -> int:
             print(f"repaired: {path}", file=out)
         for uid in rep.refetched_series:
             print(f"refetched series: {uid}", file=out)
-        print(f"{len(rep.damaged)} damaged file(s): {len(rep.repaired_files)} repaired alone, "
-              f"{len(rep.refetched_series)} series refetched", file=out)
+        print(f"{len(rep.damaged)} damaged file(s), {len(rep.failed_series)} failed and {len(rep.missing_series)} "
+              f"missing series: {len(rep.repaired_files)} files repaired alone, {len(rep.refetched_series)} series "
+              "refetched", file=out)
+        if rep.harvest is not None and rep.harvest.fatal:
+            print(f"harvester: error: {rep.harvest.fatal}", file=sys.stderr)
+            return EXIT_FATAL
         refused = list(rep.refused)
         for line in refused:
             print(printable(f"refused: {line}"), file=out)
@@ -1032,7 +1050,7 @@ def cmd_verify(args: argparse.Namespace, env: dict[str, str]) -> int:
     print(f"verified {result.files} files ({human_bytes(result.bytes)}); {result.summary()}", file=out)
     if result.failed or result.missing:
         print(f"to fetch the {len(result.failed) + result.missing} failed or missing series, run the same "
-              "harvester run (or sync) command again", file=out)
+              f"harvester run (or sync) command again, or harvester verify {args.dir} --repair", file=out)
     if result.problems:
         print(f"to refetch the damaged files: harvester verify {args.dir} --repair", file=out)
     if result.extra:

@@ -2,8 +2,11 @@
 and passed down. Nothing below reads argv or the environment."""
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 DEFAULT_API_URL = "https://nbia.cancerimagingarchive.net/nbia-api/services/v4"
 NLST_API_URL = "https://nlst.cancerimagingarchive.net/nbia-api/services/v4"
@@ -56,13 +59,32 @@ SOURCES = ("nbia", "dicomweb", "idc", "auto")  # auto: NBIA's plan, each series 
 IDC_ENDPOINT_URL = "https://s3.amazonaws.com"
 
 
+#: the environment variable naming the archive (``--api-url``'s default; ``Config.from_env``)
+ENV_API_URL = "HARVESTER_API_URL"
+
+
+def too_many_entries(count: int | None, limit: int) -> str:
+    """What a ZIP past ``Limits.max_entries`` is told: too many entries for the limit (neither cut
+    short nor damaged), shared by the streaming sink (which stops at the first entry past the
+    limit: ``count`` None) and ``verify_and_unpack``."""
+    has = "more entries than" if count is None else f"{count:,} entries, more than"
+    return f"ZIP has {has} the limit of {limit:,} per series (Limits.max_entries): too many to accept"
+
+
+#: the hint that goes with ``too_many_entries``
+TOO_MANY_ENTRIES_HINT = ("nothing of it was kept; a series really this large needs a larger limit "
+                         "(Config(limits=Limits(max_entries=N)) in the Python API), else report it to the archive")
+
+
 @dataclass(frozen=True)
 class Config:
     api_url: str = DEFAULT_API_URL    # NBIA: base ending in the version; DICOMweb: the service root
     source: str = "nbia"              # one of SOURCES
     collection_attribute: str = "ClinicalTrialProtocolID"  # DICOMweb: the attribute holding the collection
     out_dir: Path = Path("harvest")
-    layout: str = "descriptive"
+    # None: the layout DIR's harvest.json records, else descriptive (``operations.resume_layout``
+    # decides it when the run opens DIR; the engine always sees a layout)
+    layout: str | None = "descriptive"
     annotations: bool = False         # also fetch annotation files (a cart's includeAnnotation=true)
     # Series in flight: one connection each. Enough to fill a link of per-connection-capped
     # streams (24 x 4 MB/s covers 64 MB/s with headroom for the slots busy unpacking); the
@@ -99,6 +121,11 @@ class Config:
     # A cart or UID list naming series the archive does not have (or refuses): False harvests the
     # rest and lists them as unavailable (exit 1); True refuses before downloading (exit 2).
     strict: bool = False
+    # Add to a DIR harvested from another archive or with another layout (see
+    # ``harvester.operations.check_same_harvest``); refused by default.
+    force: bool = False
+    # Refuse to start when DIR's free space is less than the plan still needs (``check_free_space``).
+    space_check: bool = True
     progress: bool = True
     quiet: bool = False
     user_agent: str = "harvester/0.1"
@@ -106,6 +133,20 @@ class Config:
     # the ``idc-index-data`` package's parquet, the extra ``harvester[idc]``)
     endpoint_url: str = IDC_ENDPOINT_URL
     idc_index: Path | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **changes: Any) -> Config:
+        """A config for the archive the environment names, as the CLI reads it: ``$HARVESTER_API_URL``
+        (``ENV_API_URL``) for ``api_url`` unless ``changes`` give one; ``env`` defaults to
+        ``os.environ``. The one place the API reads the environment, and only when asked: a plain
+        ``Config()`` is the public TCIA archive whatever the environment says. Credentials are
+        never read from a fixed variable: give ``auth=AuthConfig(...)`` or ``bearer_token=`` (the
+        CLI reads them from the variable ``--password-env``/``--token-env`` names)."""
+        env = os.environ if env is None else env
+        url = env.get(ENV_API_URL)
+        if url and "api_url" not in changes:
+            changes["api_url"] = url.rstrip("/")
+        return cls(**changes)
 
     @property
     def uses_public_default(self) -> bool:

@@ -11,6 +11,7 @@ without importing each other (the dependency rule of ``tests/test_layers.py``).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,7 +91,13 @@ class Plan:
             c.bytes += t.file_size or 0
         return dict(sorted(out.items()))
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, **dumps: Any) -> str:
+        """``to_dict()`` as a JSON string (``dumps``: ``json.dumps`` options, e.g. ``indent=1``)."""
+        return json.dumps(self.to_dict(), **dumps)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The totals: series, images and bytes in all and per collection, and the unavailable
+        series and the warnings when there are any."""
         cols = self.collections
         out: dict[str, Any] = {
             "series": len(self.tasks),

@@ -14,7 +14,9 @@ Everything here joins the parts (a source from ``harvester.source``, the engine,
   verified (``HarvestState.commit`` swaps them atomically).
 * ``async_repair``: re-hash every file; refetch only the bad instances when the source can fetch
   one instance alone (``SingleInstanceFetch``), and the whole series otherwise or when an
-  instance cannot be repaired alone. A file whose recorded path is not strictly inside DIR
+  instance cannot be repaired alone. A series recorded failed, or whose files are all gone (its
+  folder deleted), is refetched whole; all of it from the archive harvest.json records
+  (``recorded_config``). A file whose recorded path is not strictly inside DIR
   (``../x``, absolute, through a link) is refused and reported (``RepairResult.refused``),
   never created or replaced.
 """
@@ -25,6 +27,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import os
+import re
 import shutil
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -37,11 +40,11 @@ from harvester.config import Config
 from harvester.containment import inside, open_dir, open_nofollow
 from harvester.dates import parse_archive_date
 from harvester.engine import Engine, HarvestResult
-from harvester.errors import HarvesterError, RequestError, UnsafePathError
+from harvester.errors import DiskFullError, HarvesterError, RequestError, UnsafePathError, UsageError
 from harvester.store.layout import check_layout
 from harvester.models import Plan, SeriesRecord, SeriesTask
 from harvester.display import api_hub
-from harvester.events import Event, Hub
+from harvester.events import Event, Hub, human_bytes
 from harvester.query import Query, load_query, query_from_dict
 from harvester.source.auto import AutoSource
 from harvester.source.base import SingleInstanceFetch, Source, UpdateFeed
@@ -100,12 +103,34 @@ def make_config(query: Query | None = None, config: Config | None = None, out: s
     changes.update({k: v for k, v in options.items() if v is not None})
     if "api_url" in changes:
         changes["api_url"] = str(changes["api_url"]).rstrip("/")
-    return dataclasses.replace(config or Config(), **changes)
+    return check_config(dataclasses.replace(config or Config(), **changes))
+
+
+#: Config fields that are counts, and the least each may be (the CLI's --workers, --retries... limits)
+_COUNTS = {"workers": 1, "connections": 1, "plan_concurrency": 1, "retries": 1, "series_retries": 0,
+           "chunk_size": 1}
+
+
+def check_config(config: Config) -> Config:
+    """``config`` when its counts, rate and timeouts are ones the CLI accepts too. Raises
+    ``UsageError`` naming the option (``workers=0``: at least 1), as the CLI refuses it (exit 2)."""
+    for name, least in _COUNTS.items():
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise UsageError(f"{name}={value!r}: must be a whole number of at least {least}")
+    if config.max_rate is not None and (isinstance(config.max_rate, bool) or not isinstance(config.max_rate, int)
+                                        or config.max_rate < 1):
+        raise UsageError(f"max_rate={config.max_rate!r}: must be a number of bytes/s of at least 1, or None")
+    for name in ("read_timeout", "connect_timeout"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise UsageError(f"{name}={value!r}: must be a number of seconds above 0")
+    return config
 
 
 async def aplan(query: QueryLike, config: Config | None = None, *, details: bool = True,
                 **options: Any) -> Plan:
-    """Expand ``query`` into the exact list of series tasks (``Plan.tasks``; totals in ``Plan.to_json()``).
+    """Expand ``query`` into the exact list of series tasks (``Plan.tasks``; totals in ``Plan.to_dict()``, as JSON text ``Plan.to_json()``).
 
     ``details=False`` skips the study and patient records of each task (two requests per
     collection on NBIA) when only the series and totals are wanted. Series of a cart or list
@@ -121,24 +146,35 @@ async def aplan(query: QueryLike, config: Config | None = None, *, details: bool
 async def aharvest(query: QueryLike, out: str | Path | Config | None = None, *, config: Config | None = None,
                    hub: Hub | None = None, on_plan: Callable[[Plan], None] | None = None,
                    on_event: Callable[[Event], None] | None = None, **options: Any) -> HarvestResult:
-    """Plan and harvest ``query`` into ``out`` (or ``config.out_dir``); resumable, see ``harvester.engine``.
+    """Plan and harvest ``query`` into ``out`` (or ``config.out_dir``; one of them must be given);
+    resumable, see ``harvester.engine``.
 
     Returns a ``HarvestResult`` (``ok``, ``totals``, ``failed`` and ``unavailable`` with reasons,
-    counters). Raises ``UsageError`` for bad input (with ``strict=True``, for a series of a cart or
+    counters). Raises ``UsageError`` for bad input (no directory, ``workers=0`` and the other
+    arguments the CLI refuses, see ``check_config``; with ``strict=True``, for a series of a cart or
     list that the archive does not give) and ``FatalError`` only before the harvest starts; a
     fatal stop during the harvest is reported in ``result.fatal`` with everything verified kept.
     """
     if isinstance(out, Config):  # aharvest(query, config) reads naturally too
         config, out = out, None
+    if out is None and config is None:
+        # never a directory the caller did not name (the default ./harvest, in whatever the cwd is)
+        raise UsageError("harvest needs an output directory", hint="give it: harvest(query, 'out/')")
     query = as_query(query)
+    layout_given = config is not None or options.get("layout") is not None or bool(query.layout)
     config = make_config(query, config, out, **options)
+    if not layout_given:
+        config = dataclasses.replace(config, layout=None)   # the directory's, see ``resume_layout``
     if query.annotations and not config.annotations:   # the cart or manifest asks for them
         config = dataclasses.replace(config, annotations=True)
-    check_layout(config.layout)
+    if config.layout is not None:
+        check_layout(config.layout)
     hub = hub or api_hub(config.progress, config.quiet)   # a live line in a notebook, nothing elsewhere
     if on_event is not None:
         hub.subscribe(on_event)
     async with open_harvest(config) as (state, source):
+        config = resume_layout(config, state.header)
+        check_same_harvest(config, state.header)
         plan = await source.plan(query)
         if on_plan is not None:
             on_plan(plan)
@@ -153,6 +189,8 @@ async def harvest_plan(engine: Engine, plan: Plan, header: dict[str, Any],
     state (harvest.json lists them; the next run looks them up again); the result names them, and
     is not ``ok`` while any is. Shared by ``aharvest`` and ``async_sync``."""
     state = engine.state
+    if engine.config.space_check:
+        await anyio.to_thread.run_sync(check_free_space, engine.config, state, plan, refetch)
     await anyio.to_thread.run_sync(state.mark_unavailable,
                                    [(u.series_uid, u.origin, u.reason) for u in plan.unavailable])
     result = await engine.run(plan.tasks, header, refetch=refetch)
@@ -233,6 +271,84 @@ def manifest_header(config: Config, query: Query, state: HarvestState) -> dict[s
     return header
 
 
+def _archive(kind: str, url: str | None) -> str:
+    return f"{kind} {redact_url(url).rstrip('/') if url else '(no URL recorded)'}"
+
+
+def _same_archive(kind: str, url: str | None, config: Config) -> bool:
+    """Whether ``kind`` at ``url`` is ``config``'s archive: the same kind and URL, credentials
+    and the port aside (a server restarted on another port, as ``harvester serve`` is, is the
+    same archive), and for NBIA whatever API version the URL ends in (``.../services/v2`` and
+    ``/v4`` are one archive)."""
+    def key(kind: str, url: str | None) -> str:
+        shown = re.sub(r"^(\w+ https?://[^/:]+):\d+", r"\1", _archive(kind, url))
+        return re.sub(r"/services/v\d+$", "/services", shown) if kind in ("nbia", "auto") else shown
+    return key(kind, url) == key(config.source, config.api_url)
+
+
+def resume_layout(config: Config, header: dict[str, Any]) -> Config:
+    """``config`` with a layout: when it names none (``layout=None``: no ``--layout``, none in the
+    query), the one the directory's ``header`` records, so that a rerun resumes as it was;
+    ``descriptive`` for a new directory. Raises ``UsageError`` for a recorded layout that is not one."""
+    if config.layout is not None:
+        return config
+    recorded = header.get("layout")
+    return dataclasses.replace(config, layout=check_layout(recorded) if isinstance(recorded, str) else "descriptive")
+
+
+def check_same_harvest(config: Config, header: dict[str, Any]) -> None:
+    """Refuse to add to a harvest of another archive (kind and URL, credentials aside) or layout
+    than ``config``'s: the tree would mix two archives' series, or two layouts, under one
+    harvest.json naming only the last. ``header`` is the directory's (``HarvestState.header``;
+    empty for a new directory: nothing to compare). ``config.force`` skips the check: the
+    records already there are kept as they are, complete series are not fetched again and stay
+    in their folders, new ones go where this run's layout puts them, and harvest.json then names
+    this run's archive and layout. Raises ``UsageError`` naming both."""
+    if config.force or not (isinstance(header.get("source"), dict) or "api_url" in header):
+        return
+    kind, url = recorded_source(header)
+    here = _archive(kind, url)
+    asked = _archive(config.source, config.api_url)
+    layout = header.get("layout")
+    other_layout = isinstance(layout, str) and layout != config.layout
+    same = _same_archive(kind, url, config)
+    if same and not other_layout:
+        return
+    if not same:
+        what, was, now = "archive", here, asked
+        todo = "give the same --api-url (and --source)"
+    else:
+        what, was, now = "layout", str(layout), config.layout
+        todo = "give the same --layout, or none"
+    raise UsageError(f"{config.out_dir} holds a harvest of {what} {was}, not {now}",
+                     hint=f"{todo} to resume it, another -o DIR for a new harvest, or --force to add to it "
+                          "anyway (what is there is kept as it is)")
+
+
+#: what a harvest writes beside the series' bytes, at least (the state database, the exports)
+SPACE_RESERVE = 64 << 20
+
+
+def check_free_space(config: Config, state: HarvestState, plan: Plan, refetch: frozenset[str] = frozenset()) -> None:
+    """Refuse to start when DIR's file system has less free space than the series still to fetch
+    (their announced sizes) plus 5% and ``SPACE_RESERVE`` (blocking). A series fetched again
+    (``refetch``) counts whole: its old copy stays until the new one is verified. Raises
+    ``DiskFullError`` (nothing was fetched; ``--no-space-check`` or ``space_check=False``
+    starts anyway and stops at the first full write, keeping what is verified)."""
+    todo = [t for t in plan.tasks if t.series_uid in refetch or state.completed_bytes(t.series_uid) is None]
+    wanted = sum(t.file_size or 0 for t in todo)
+    if not wanted:
+        return
+    needed = wanted + wanted // 20 + SPACE_RESERVE
+    free = shutil.disk_usage(config.out_dir).free
+    if free < needed:
+        raise DiskFullError(
+            f"{config.out_dir} has {human_bytes(free)} free, the {len(todo):,} series to fetch need "
+            f"{human_bytes(wanted)} (and a margin: {human_bytes(needed)} in all)",
+            hint="free some space or choose another -o DIR, then run the same command again "
+                 "(--no-space-check starts anyway)")
+
+
 def recorded_config(config: Config, header: dict[str, Any]) -> Config:
     """``config`` for work on a harvest whose harvest.json header is ``header`` (sync, repair):
     when the header records another kind of archive than ``config.source`` names, that kind at
@@ -259,7 +375,7 @@ def recorded_header(out_dir: Path) -> dict[str, Any]:
 
 
 def plan_event(plan: Plan) -> Event:
-    totals = plan.to_json()
+    totals = plan.to_dict()
     return Event("plan", data={"series": totals["series"], "bytes": totals["bytes"],
                                "unavailable": len(plan.unavailable)})
 
@@ -335,6 +451,8 @@ async def async_sync(query: Query, config: Config, *, prune: bool = False, dry_r
         config = dataclasses.replace(config, annotations=True)
     config = recorded_config(config, await anyio.to_thread.run_sync(recorded_header, config.out_dir))
     async with open_harvest(config) as (state, source):
+        config = resume_layout(config, state.header)
+        check_same_harvest(config, state.header)
         plan = await source.plan(query)
         updated: set[str] = set()
         if isinstance(source, UpdateFeed):
@@ -372,6 +490,8 @@ def _prune(state: HarvestState, uids: list[str]) -> list[str]:
 @dataclass
 class RepairResult:
     damaged: list[str] = field(default_factory=list)        # file paths that failed verification
+    failed_series: list[str] = field(default_factory=list)   # recorded failed: refetched whole
+    missing_series: list[str] = field(default_factory=list)  # every file gone (folder deleted): refetched whole
     repaired_files: list[str] = field(default_factory=list)  # fixed with getSingleImage
     refetched_series: list[str] = field(default_factory=list)
     harvest: HarvestResult | None = None
@@ -407,15 +527,23 @@ async def async_repair(config: Config, *, hub: Hub | None = None) -> RepairResul
     result = RepairResult()
     try:
         bad: dict[str, list[dict[str, Any]]] = {}
+        #: series fetched again whole: failed with nothing recorded to mend, or every file gone
+        whole: list[str] = []
 
         def scan() -> None:
             # Complete series, and those whose files went missing (recovery marked them failed
             # but kept the list of what they held): both can be mended file by file. Records
             # whose paths leave DIR were refused by ``state.open``; a link on the way is refused here.
+            # A failed series without files is refetched whole; an unavailable one is left alone
+            # (the archive does not give it: the next run or sync looks it up again).
             result.refused.extend(state.refused)
             for uid, rec in state.records.items():
                 if not rec.get("files"):
+                    if rec.get("status") == "failed":
+                        whole.append(uid)
+                        result.failed_series.append(uid)
                     continue
+                gone = 0
                 for f in rec.get("files", []):
                     try:
                         path = inside(config.out_dir, f["path"])
@@ -425,14 +553,21 @@ async def async_repair(config: Config, *, hub: Hub | None = None) -> RepairResul
                     if _file_md5(path) != f["md5"]:
                         bad.setdefault(uid, []).append(f)
                         result.damaged.append(f["path"])
+                        gone += not os.path.lexists(path)
+                if gone and gone == len(rec["files"]):   # the folder deleted: one request, not one per file
+                    del bad[uid]
+                    del result.damaged[len(result.damaged) - gone:]
+                    whole.append(uid)
+                    result.missing_series.append(uid)
 
         await anyio.to_thread.run_sync(scan)
-        if not bad:
+        if not bad and not whole:
             return result
-        config = recorded_config(config, state.header)
+        # the archive and the layout the harvest records: a refetched series goes where it was
+        config = resume_layout(dataclasses.replace(recorded_config(config, state.header), layout=None), state.header)
         async with make_session(config) as session:
             source = make_source(config, session)
-            refetch: list[str] = []
+            refetch: list[str] = list(whole)
             for uid, files in bad.items():
                 rec = state.records[uid]
                 single = source if isinstance(source, SingleInstanceFetch) else None

@@ -37,7 +37,7 @@ import zipfile
 import zlib
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from harvester.config import Limits
+from harvester.config import TOO_MANY_ENTRIES_HINT, Limits, too_many_entries
 from harvester.errors import IncompleteSeriesError, IntegrityError, UnsafeArchiveError, classify_os_error
 from harvester.store.layout import instance_filename, name_key
 from harvester.models import Repair, UnpackedSeries, VerifiedFile
@@ -406,7 +406,8 @@ def _not_announced(held: str, announced: str) -> str:
 def _classify_entries(infos: list[zipfile.ZipInfo], series_uid: str, limits: Limits, file_size: int | None
                       ) -> tuple[list[zipfile.ZipInfo], zipfile.ZipInfo | None, zipfile.ZipInfo | None]:
     if len(infos) > limits.max_entries:
-        raise UnsafeArchiveError(f"ZIP has {len(infos)} entries (limit {limits.max_entries})", series_uid=series_uid)
+        raise UnsafeArchiveError(too_many_entries(len(infos), limits.max_entries), series_uid=series_uid,
+                                 hint=TOO_MANY_ENTRIES_HINT)
     names: set[str] = set()
     dicom: list[zipfile.ZipInfo] = []
     md5_info = license_info = None

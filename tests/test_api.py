@@ -25,7 +25,7 @@ def test_exported_names_change_only_on_purpose():
 def test_plan_and_harvest_from_plain_code(server, small_archive, tmp_path):
     query = select_all(small_archive)
     p = harvester.plan(query, api_url=server.base_url)
-    assert p.to_json()["series"] == len(normal_series(small_archive))
+    assert p.to_dict()["series"] == len(normal_series(small_archive))
     events = []
     result = harvester.harvest(query, tmp_path / "out", api_url=server.base_url, on_event=events.append, **FAST)
     assert result.ok and result.downloaded == len(normal_series(small_archive))
@@ -81,3 +81,42 @@ def test_bad_options_and_queries(tmp_path):
                             "select": [{"collection": "X"}]})
     cfg = harvester.make_config(q, None, tmp_path, workers=3)
     assert cfg.api_url.endswith("/v4") and cfg.layout == "flat" and cfg.workers == 3 and cfg.out_dir == tmp_path
+
+
+# ---------------------------------------------------------------- issue 19: the Python API as users expect
+
+def test_readme_example_points_at_another_archive_with_api_url_or_the_environment(server, small_archive, tmp_path):
+    """The README example could not be pointed at another archive (the API ignored
+    HARVESTER_API_URL and the example never showed `api_url=`). `api_url=` works, and
+    `Config.from_env` reads the environment as the CLI does, only when asked."""
+    import json
+
+    query = select_all(small_archive)
+    plan = harvester.plan(query, api_url=server.base_url)
+    totals = json.loads(plan.to_json())   # `Plan.to_json()` returned a dict: it is JSON text now
+    assert totals == plan.to_dict() and totals["series"] == len(normal_series(small_archive))
+    result = harvester.harvest(query, tmp_path / "lidc", api_url=server.base_url, **FAST)
+    assert result.ok and harvester.verify(tmp_path / "lidc").ok
+    config = harvester.Config.from_env({"HARVESTER_API_URL": server.base_url + "/"}, **FAST)
+    assert config.api_url == server.base_url
+    assert harvester.Config.from_env({}).api_url == harvester.Config().api_url
+    assert harvester.plan(query, config).to_dict()["series"] == totals["series"]
+
+
+@pytest.mark.parametrize("option", [{"workers": 0}, {"connections": 0}, {"retries": 0}, {"series_retries": -1},
+                                    {"max_rate": 0}, {"workers": "8"}, {"read_timeout": 0}])
+def test_invalid_arguments_raise_usage_error_as_the_cli_refuses_them(server, small_archive, tmp_path, option):
+    """`workers=0` returned ok=False instead of an error."""
+    out = tmp_path / "out"
+    with pytest.raises(harvester.UsageError, match=f"^{next(iter(option))}="):
+        harvester.harvest(select_all(small_archive), out, api_url=server.base_url, **option)
+    assert not out.exists() and sum(server.stats.requests.values()) == 0   # refused before any request
+
+
+def test_harvest_without_a_directory_raises_instead_of_writing_to_harvest(server, small_archive, tmp_path,
+                                                                         monkeypatch):
+    """`harvest(q)` with no directory wrote to ./harvest."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(harvester.UsageError, match="needs an output directory"):
+        harvester.harvest(select_all(small_archive), api_url=server.base_url)
+    assert list(tmp_path.iterdir()) == []

@@ -484,9 +484,10 @@ def test_the_summary_adds_up_names_each_failure_and_says_to_rerun(small_archive:
     assert normal and all(": truncated: " in line for line in normal), normal[:2]
     assert "http://" not in proc.stdout and "fetched again" not in proc.stdout + proc.stderr
     assert f"rerun the same command to retry the {len(failed)} failed series" in proc.stdout
+    # (the advice holds: the same command is what retries them; another archive needs --force)
     again = cli("run", str(path), "-o", str(out), "--api-url", "http://127.0.0.1:9/v4", "--retries", "1",
-                "--no-progress")
-    assert again.returncode == 3   # (the advice holds: the same command is what retries them)
+                "--no-progress", "--force")
+    assert again.returncode == 3
 
 
 def test_a_fatal_stop_summary_names_the_reason_not_0_of_0_failed(small_archive: Any, tmp_path: Path) -> None:
@@ -721,3 +722,142 @@ def test_stderr_that_is_not_a_terminal_gets_periodic_status_lines(server: Any, s
                 "--stats-interval", "0.2", "--quiet")
     assert quiet.returncode == 0 and quiet.stderr == ""
     assert quiet.stdout.splitlines()[0].endswith("0 failed, 0 unavailable")
+
+
+# ------------------------------------------------ Why: verify --repair fetched only damaged files (Deliver 1)
+
+def test_verify_repair_refetches_failed_and_missing_series_from_the_recorded_archive(server: Any, small_archive: Any,
+                                                                                    tmp_path: Path) -> None:
+    """`verify --repair` did not fetch failed or missing series. It now refetches both whole, from
+    the archive harvest.json records (no --api-url given), and a second verify says all intact."""
+    path = write_query(tmp_path, select_all(small_archive))
+    out = tmp_path / "out"
+    server.set_faults("truncate=0.5,seed=1")   # some downloads cut short: those series fail
+    first = cli("run", str(path), "-o", str(out), "--api-url", server.base_url, "--series-retries", "0",
+                "--retries", "1", "--timeout", "2", "--no-progress")
+    assert first.returncode == 1, first.stdout + first.stderr
+    records = manifest(out)["series"]
+    failed = sorted(r["SeriesInstanceUID"] for r in records if r["status"] == "failed")
+    complete = [r for r in records if r["status"] == "complete"]
+    assert failed and len(complete) >= 2, (len(failed), len(complete))
+    deleted = complete[0]
+    shutil.rmtree(out / deleted["path"])
+    kept = complete[1]
+    kept_bytes = {f["path"]: (out / f["path"]).read_bytes() for f in kept["files"]}
+    server.set_faults(None)
+    repair = cli("verify", str(out), "--repair", "--no-progress")
+    assert repair.returncode == 0, repair.stdout + repair.stderr
+    assert "Traceback" not in repair.stdout + repair.stderr
+    refetched = sorted(line.split(": ", 1)[1] for line in repair.stdout.splitlines()
+                       if line.startswith("refetched series: "))
+    assert refetched == sorted([*failed, deleted["SeriesInstanceUID"]])
+    assert (f"0 damaged file(s), {len(failed)} failed and 1 missing series: 0 files repaired alone, "
+            f"{len(failed) + 1} series refetched") in repair.stdout
+    after = manifest(out)
+    assert all(r["status"] == "complete" for r in after["series"]) and len(after["series"]) == len(records)
+    assert after["source"]["url"] == server.base_url   # the archive it came from, still recorded
+    assert all((out / f["path"]).is_file() for f in deleted["files"])
+    assert {p: (out / p).read_bytes() for p in kept_bytes} == kept_bytes   # what was intact is untouched
+    again = cli("verify", str(out))
+    n = len(records)
+    assert again.returncode == 0, again.stdout
+    assert summary_line(again) == f"{n} series checked: {n} intact, 0 failed, 0 missing, 0 damaged files, 0 extra files"
+
+
+# ------------------------------------------------ Why: another archive or layout merged silently (Deliver 4)
+
+def test_a_run_into_a_harvest_of_another_archive_or_layout_is_refused_naming_both(server: Any, small_archive: Any,
+                                                                                  tmp_path: Path) -> None:
+    """A run into a directory harvested from another archive, or with another `--layout`,
+    silently merged, rewrote `api_url` in harvest.json, or ignored the flag. It is now refused
+    (exit 2, nothing changed) naming both, a rerun without --layout resumes with the recorded
+    one, and --force adds to it as documented."""
+    every = select_all(small_archive)
+    first = write_query(tmp_path, {"select": every["select"][:1]}, "first.yaml")
+    both = write_query(tmp_path, every, "both.yaml")
+    out = tmp_path / "out"
+    assert cli("run", str(first), "-o", str(out), "--api-url", server.base_url, "--layout", "flat",
+               *FAST_FLAGS).returncode == 0
+    before = tree(out)
+    with serve_in_thread(small_archive, host="127.0.0.2") as other:   # another host (a port alone is not)
+        line = one_line_error(cli("run", str(both), "-o", str(out), "--api-url", other.base_url, "--layout", "flat",
+                                  *FAST_FLAGS), 2)
+        assert f"holds a harvest of archive nbia {server.base_url}, not nbia {other.base_url}" in line
+        assert "--force" in line
+        assert tree(out) == before and other.stats.requests.get("getSeries", 0) == 0   # refused before planning
+        line = one_line_error(cli("run", str(both), "-o", str(out), "--api-url", server.base_url, "--layout",
+                                  "descriptive", *FAST_FLAGS), 2)
+        assert "holds a harvest of layout flat, not descriptive" in line
+        assert tree(out) == before
+        # a credential in the URL is not another archive (and is never shown)
+        with_user = server.base_url.replace("http://", "http://someone:s3cret@")
+        proc = cli("run", str(first), "-o", str(out), "--api-url", with_user, *FAST_FLAGS)
+        assert proc.returncode == 0, proc.stderr
+        assert "s3cret" not in proc.stdout + proc.stderr + (out / "harvest.json").read_text()
+        # no --layout: the rerun resumes with the recorded one
+        proc = cli("run", str(both), "-o", str(out), "--api-url", server.base_url, *FAST_FLAGS)
+        assert proc.returncode == 0, proc.stderr
+        doc = manifest(out)
+        assert doc["layout"] == "flat" and all("/" not in r["path"] for r in doc["series"])
+        # --force: what is there is kept, harvest.json names the archive of this run
+        kept = tree(out)
+        proc = cli("run", str(both), "-o", str(out), "--api-url", other.base_url, "--force", *FAST_FLAGS)
+        assert proc.returncode == 0, proc.stderr
+        doc = manifest(out)
+        assert doc["source"] == {"kind": "nbia", "url": other.base_url} and doc["layout"] == "flat"
+        def series_files(t: dict[str, bytes]) -> dict[str, bytes]:
+            return {p: b for p, b in t.items() if not p.startswith(".harvester") and p != "harvest.json"}
+        assert series_files(tree(out)) == series_files(kept)
+
+
+def test_a_plan_larger_than_the_free_space_is_refused_before_anything_is_fetched(small_archive: Any,
+                                                                                 tmp_path: Path) -> None:
+    """Disk full: there was no check of free space against the plan (60 MB planned, 19 MB free went
+    ahead). An archive announcing more bytes than DIR's disk holds is now refused with one line,
+    exit 3, nothing fetched and no directory left; --no-space-check starts anyway."""
+    import dataclasses
+
+    from harvester.server.archive import Archive
+
+    free = shutil.disk_usage(tmp_path).free
+    first = small_archive.records()[0]
+    huge = Archive([dataclasses.replace(first, row={**first.row, "FileSize": 2 * free})])   # what the plan announces
+    path = write_query(tmp_path, {"select": [{"series": first.uid}]})
+    out = tmp_path / "out"
+    with serve_in_thread(huge) as srv:
+        line = one_line_error(cli("run", str(path), "-o", str(out), "--api-url", srv.base_url, *FAST_FLAGS,
+                                  "--quiet"), 3)
+        assert f"{out} has " in line and " free, the 1 series to fetch need " in line and "--no-space-check" in line
+        assert not out.exists() and srv.stats.requests.get("getImage", 0) == 0
+        proc = cli("run", str(path), "-o", str(out), "--api-url", srv.base_url, *FAST_FLAGS, "--no-space-check",
+                   "--series-retries", "0")
+    assert srv.stats.requests.get("getImage", 0) > 0   # it went ahead (and the series is not the one announced)
+    assert proc.returncode == 1 and manifest(out)["series"][0]["status"] == "failed", proc.stderr
+
+
+# ------------------------------------------------ Why: a 200,000-entry ZIP was called "truncated" (Deliver 3)
+
+def test_a_zip_past_the_entry_limit_is_said_to_have_too_many_entries_not_truncated(tmp_path: Path,
+                                                                                   synthetic_cache: Path) -> None:
+    """A 200,000-entry ZIP was called "truncated". A ZIP past the entry limit (lowered here to 5
+    for a series of 12, through the API as a user raising or lowering it would) now fails with
+    what happened, too many entries for the limit, and nothing of it is kept."""
+    from harvester import Config, harvest as harvest_api
+    from harvester.config import Limits
+    from harvester.events import reason_class
+    from harvester.server.synthetic import build_synthetic
+
+    archive = build_synthetic(SyntheticSpec.parse("collections=1,patients=1,studies=1,series=1,instances=12,"
+                                                  "size=4KiB,seed=5"), synthetic_cache)
+    out = tmp_path / "out"
+    with serve_in_thread(archive) as srv:
+        result = harvest_api(select_all(archive), out, config=Config(api_url=srv.base_url, series_retries=0,
+                                                                        limits=Limits(max_entries=5)))
+    assert not result.ok and len(result.failed) == 1
+    uid, reason = result.failed[0]
+    assert reason.startswith("ZIP has more entries than the limit of 5 per series (Limits.max_entries)"), reason
+    assert "truncated" not in reason and "max_entries=N" in reason
+    rec = manifest(out)["series"][0]
+    assert rec["status"] == "failed" and reason_class(rec["error_kind"], rec["error"]) != "truncated"
+    assert srv.stats.downloads == {uid: 1}   # not retried: more attempts would not make it fit
+    assert [p for p in out.rglob("*.dcm")] == [] and list((out / ".harvester" / "tmp").iterdir()) == []

@@ -51,7 +51,7 @@ from pathlib import Path, PurePosixPath
 
 import anyio
 
-from harvester.config import Limits
+from harvester.config import TOO_MANY_ENTRIES_HINT, Limits, too_many_entries
 from harvester.errors import HarvesterError, IncompleteSeriesError, IntegrityError, OutputNotWritableError, \
     UnsafeArchiveError, classify_os_error
 from harvester.models import Repair, SeriesTask, UnpackedSeries, VerifiedFile
@@ -305,8 +305,8 @@ class ZipSeriesSink(_Batched):
     def _start(self, entry: LocalEntry) -> None:
         self._entries += 1
         if self._entries > self.limits.max_entries:
-            raise self._error(UnsafeArchiveError, f"ZIP has more than {self.limits.max_entries} entries "
-                                                  f"(limit {self.limits.max_entries})")
+            raise self._error(UnsafeArchiveError, too_many_entries(None, self.limits.max_entries),
+                              hint=TOO_MANY_ENTRIES_HINT)
         self._entry, self._entry_size = entry, 0
         if not entry.name or "\x00" in entry.name:
             # nothing that could be written: refused by name at the central directory

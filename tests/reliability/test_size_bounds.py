@@ -201,7 +201,7 @@ def test_zip_of_200000_entries_is_not_the_announced_series_not_truncated(tmp_pat
     # the unpacker's verdict, past the download bound (which would stop these ZIPs first, see below):
     # too many entries for any series at the entry limit, not the announced series below it
     for n, verdict in ((199_990, "more than the 3 the archive announced: not the announced series"),
-                       (200_000, "ZIP has 200002 entries (limit 200000)")):
+                       (200_000, "ZIP has 200,002 entries, more than the limit of 200,000 per series")):
         data = many_entries_zip(n)
         path = tmp_path / f"many-{n}.zip"
         path.write_bytes(data)

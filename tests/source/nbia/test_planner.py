@@ -34,7 +34,7 @@ def test_collection_selects_all_its_series(server, small_archive, tmp_path):
     name = normal_collections(small_archive)[0]
     p = plan(server, tmp_path, {"select": [{"collection": name}]})
     assert sorted(t.series_uid for t in p.tasks) == rows(small_archive, Collection=name)
-    totals = p.to_json()
+    totals = p.to_dict()
     want = [small_archive.get(u) for u in rows(small_archive, Collection=name)]
     assert totals["images"] == sum(len(r.instances) for r in want)
     assert totals["bytes"] == sum(sum(i.size for i in r.instances) for r in want)
@@ -130,7 +130,7 @@ def test_plan_is_the_same_when_numbers_arrive_as_strings(small_archive, tmp_path
     numbers, strings = plans
     assert all(isinstance(t.row["FileSize"], str) for t in strings.tasks)  # they did arrive as strings
     assert all(isinstance(t.row["FileSize"], int) for t in numbers.tasks)
-    assert strings.to_json() == numbers.to_json() and numbers.to_json()["bytes"] > 0
+    assert strings.to_dict() == numbers.to_dict() and numbers.to_dict()["bytes"] > 0
     assert [(t.series_uid, t.image_count, t.file_size) for t in strings.tasks] == [
         (t.series_uid, t.image_count, t.file_size) for t in numbers.tasks]
     for layout in ("descriptive", "classic"):
@@ -184,7 +184,7 @@ def test_unknown_series_is_unavailable_and_strict_refuses_it(server, small_archi
     assert [(u.series_uid, u.origin) for u in p.unavailable] == [(ghost, "test: select[0]")]
     assert "no row" in p.unavailable[0].reason
     assert p.warnings == [f"selector 1 (series: {ghost}) matches no series"]
-    assert p.to_json()["unavailable"] == [{"SeriesInstanceUID": ghost, "origin": "test: select[0]",
+    assert p.to_dict()["unavailable"] == [{"SeriesInstanceUID": ghost, "origin": "test: select[0]",
                                            "reason": p.unavailable[0].reason}]
     with pytest.raises(UnknownSelectionError) as err:
         plan(server, tmp_path, {"select": [{"series": [ghost]}]}, strict=True)
@@ -299,7 +299,7 @@ def test_a_selector_matching_nothing_is_named_in_a_warning(server, small_archive
     p = plan(server, tmp_path, {"select": [{"collection": name}, {"collection": name, "modality": "NOSUCH"}]})
     assert p.tasks
     assert p.warnings == [f"selector 2 (collection: {name}, modality: NOSUCH) matches no series"]
-    assert p.to_json()["warnings"] == p.warnings
+    assert p.to_dict()["warnings"] == p.warnings
 
 
 def test_patients_alone_and_studies_alone(server, small_archive, tmp_path):
