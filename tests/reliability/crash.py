@@ -272,6 +272,8 @@ class Campaign:
     def __init__(self, archive: Archive, server: ServerHandle, work: Path, seed: int, *,
                  kills_per_phase: int = 3, random_kills: int = 6, max_attempts: int = 60) -> None:
         self.archive, self.server, self.seed = archive, server, seed
+        self.work = work
+        self.harvests = 1          # output folders used: a new one once a harvest is whole
         self.out = work / "out"
         self.logs = work / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -373,6 +375,14 @@ class Campaign:
         spec = TARGETS[target]
         self.server.set_faults(f"{spec.faults},seed={self.seed * 1000 + n}" if spec.faults else None)
         must_skip = check_tree(self.out, self.archive) if self.out.exists() else set()
+        if len(must_skip) >= len(self.archive):
+            # The harvest is whole: no moment of it is left to aim at (a faster harvester commits
+            # more series before each kill lands). Aim at a new harvest in a new folder; the one
+            # left is complete, so nothing it ever held was lost.
+            self.harvests += 1
+            self.out = self.work / f"out{self.harvests}"
+            self.ever_complete = set()
+            must_skip = set()
         downloads_before = self.server.stats.downloads
         tail = JournalTail(self.out / ".harvester" / "journal.jsonl")
         log = self.logs / f"{n:02d}-{target}.log"
