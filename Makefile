@@ -53,7 +53,7 @@ demo: $(VENV)/.installed
 
 ## The whole test suite (what CI runs)
 test: $(VENV)/.installed-test $(PEERS_VENV)/.installed
-	HARVESTER_REQUIRE_PEERS=1 $(BIN)/python -m pytest -q
+	HARVESTER_REQUIRE_PEERS=1 $(BIN)/python -m pytest -q --durations=15
 
 ## Long chaos soak and kill -9 campaign (20 + 5 seeds); make soak SOAK_SEEDS=50 for more
 SOAK_SEEDS ?= 20

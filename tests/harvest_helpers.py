@@ -23,9 +23,14 @@ FAST = dict(workers=4, connections=8, retries=6, series_retries=5, backoff_base=
 REPO = Path(__file__).resolve().parent.parent
 
 
+def peers_path() -> str:
+    """Where the peers' interpreter is looked for: $HARVESTER_PEERS_PYTHON, else the repository's .venv-peers."""
+    return os.environ.get("HARVESTER_PEERS_PYTHON") or str(REPO / ".venv-peers" / "bin" / "python")
+
+
 def peers_python() -> str:
-    """The peers' interpreter: $HARVESTER_PEERS_PYTHON, else the repository's .venv-peers."""
-    path = os.environ.get("HARVESTER_PEERS_PYTHON") or str(REPO / ".venv-peers" / "bin" / "python")
+    """The peers' interpreter (see ``peers_path``); skips, or fails under make test, when it is missing."""
+    path = peers_path()
     if not os.access(path, os.X_OK):
         if os.environ.get("HARVESTER_REQUIRE_PEERS"):
             pytest.fail(f"no peer venv at {path}: run 'make peers'")
