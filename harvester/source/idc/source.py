@@ -166,9 +166,10 @@ class IDCSource(ClientBackedSource):
                     del batch, first   # not held while the next object is awaited
 
         try:  # the first error cancels the other GETs of the series and propagates
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(get_all)
-                tg.start_soon(write_all)
+            with send, receive:   # closed even when the group is cancelled before a task starts
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(get_all)
+                    tg.start_soon(write_all)
         except BaseExceptionGroup as group:
             raise first_error(group) from None
         return UnpackedSeries(files=sorted(series.files, key=lambda f: f.name), license_text=None, repairs=[])
