@@ -180,11 +180,12 @@ class S3Client(RetryingClient):
         return f"{self.endpoint}/{bucket}/{path}{query}"
 
     @contextlib.asynccontextmanager
-    async def _get(self, url: str) -> AsyncIterator[aiohttp.ClientResponse]:
+    async def _get(self, url: str, shown: str | None = None) -> AsyncIterator[aiohttp.ClientResponse]:
         """One GET (no retry here) with the host gate and the redirect policy; failures
-        classified, those inside the ``async with`` body included."""
+        classified, those inside the ``async with`` body included. ``shown``: ``url`` redacted,
+        when the caller has it already."""
         await self.gate.wait()
-        shown = redact_url(url)
+        shown = redact_url(url) if shown is None else shown
         self.requests += 1
         try:
             async with get_following(self.session, url, headers={}, config=self.config, shown=shown) as resp:
@@ -224,7 +225,9 @@ class S3Client(RetryingClient):
         raise AssertionError("unreachable")  # pragma: no cover
 
     @contextlib.asynccontextmanager
-    async def open_object(self, bucket: str, key: str) -> AsyncIterator[aiohttp.ClientResponse]:
-        """GET one object (one attempt; the caller retries and bounds the body)."""
-        async with self._get(self.url(bucket, key)) as resp:
+    async def open_object(self, bucket: str, key: str, shown: str | None = None
+                          ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """GET one object (one attempt; the caller retries and bounds the body); ``shown``: its
+        URL redacted (``redact_url(self.url(bucket, key))``), when the caller has it already."""
+        async with self._get(self.url(bucket, key), shown) as resp:
             yield resp

@@ -207,12 +207,13 @@ class IDCSource(ClientBackedSource):
         than listed, ``RetryableRequestError`` for a shorter one."""
         shown, guard = self._guard(task, bucket, obj)
         pieces: list[bytes] = []
-        async with self.client.open_object(bucket, obj.key) as resp:
+        async with self.client.open_object(bucket, obj.key, shown) as resp:
             async for chunk in resp.content.iter_chunked(self.config.chunk_size):
-                await self._took(guard, chunk, on_bytes, rate)
+                await self._took(guard, chunk, None, rate)
                 pieces.append(chunk)
         if guard.total != obj.size:
             raise RetryableRequestError(f"{shown} sent {guard.total} of the {obj.size} bytes listed", url=shown)
+        on_bytes(guard.total)   # once an object (one progress event, not one a piece)
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     async def _stream_object(self, task: SeriesTask, bucket: str, obj: S3Object, series: _SeriesObjects,
@@ -225,7 +226,7 @@ class IDCSource(ClientBackedSource):
         async for attempt in self.client.retrying():
             with attempt:
                 shown, guard = self._guard(task, bucket, obj)
-                async with self.client.open_object(bucket, obj.key) as resp:
+                async with self.client.open_object(bucket, obj.key, shown) as resp:
                     await self._pour(task, obj, resp, series, shown, guard, on_bytes, rate)
 
     async def _pour(self, task: SeriesTask, obj: S3Object, resp: aiohttp.ClientResponse, series: _SeriesObjects,
@@ -267,14 +268,16 @@ class IDCSource(ClientBackedSource):
         return shown, BodyGuard(self.config, shown, max_bytes=obj.size, too_big=too_long)
 
     @staticmethod
-    async def _took(guard: BodyGuard, chunk: bytes, on_bytes: Callable[[int], None], rate: Any) -> None:
-        """Account for one piece of a body: its bounds, the bandwidth cap, the progress."""
+    async def _took(guard: BodyGuard, chunk: bytes, on_bytes: Callable[[int], None] | None, rate: Any) -> None:
+        """Account for one piece of a body: its bounds, the bandwidth cap, the progress (None:
+        the caller reports it)."""
         guard.feed(len(chunk))
         if rate is not None:
             ours = time.monotonic()
             await rate.consume(len(chunk))
             guard.credit(time.monotonic() - ours)
-        on_bytes(len(chunk))
+        if on_bytes is not None:
+            on_bytes(len(chunk))
 
 
 class _SeriesObjects:
