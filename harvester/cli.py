@@ -618,6 +618,12 @@ def cmd_query(args: argparse.Namespace, env: dict[str, str]) -> int:
     if args.columns is not None and not wanted:
         raise UsageError(f"--columns {args.columns!r} names no column", hint="e.g. --columns PatientID,Modality")
     config = build_config(args, env)
+    if config.source == "dicomweb":
+        # the endpoints and rows of ``query`` are NBIA's; a DICOMweb server answers none of them,
+        # and sending them to its URL would only turn up a 404 (or another archive's answer)
+        raise UsageError("harvester query speaks NBIA's API (getSeries, getPatient, ...), which a DICOMweb "
+                         "server does not answer", hint="list what a DICOMweb server holds with harvester plan "
+                         "QUERY --source dicomweb --list, or query NBIA without --source dicomweb")
 
     async def go() -> list[dict[str, Any]]:
         async with make_session(config) as session:

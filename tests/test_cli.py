@@ -204,6 +204,16 @@ def test_query_command(server, small_archive):
     assert "collection" in line
 
 
+def test_query_with_source_dicomweb_is_refused_in_one_line_before_any_request(server):
+    """``query`` speaks NBIA's API; with --source dicomweb it must not send NBIA's endpoints to the
+    DICOMweb URL (it did: getSeries went to the server as if it were NBIA)."""
+    before = sum(server.stats.requests.values())
+    line = assert_one_line_error(cli("query", "getSeries", "Collection=X", "--source", "dicomweb",
+                                     "--api-url", server.base_url))
+    assert "NBIA" in line and "--source dicomweb --list" in line
+    assert sum(server.stats.requests.values()) == before
+
+
 def test_unknown_collection_exit_2(server, small_archive, tmp_path):
     q = tmp_path / "q.yaml"
     q.write_text("select:\n  - collection: NO-SUCH-THING\n")

@@ -40,9 +40,6 @@ LAZY = {
 }
 #: (importer prefix, imported prefix): why the edge is allowed for now
 EXEMPT = {
-    ("harvester.source.idc", "harvester.store.layout"):
-        "the S3 fetcher names the object files it writes (safe_component, name_key) until the streaming "
-        "sink of the store takes the bytes",
     ("harvester.source.auto", "harvester.source.nbia"):
         "source auto routes each series to NBIA or IDC (as rclone's union backend routes between remotes): "
         "the one module that knows two archives",

@@ -22,12 +22,15 @@ from __future__ import annotations
 import contextlib
 import random
 import re
+import weakref
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from urllib.parse import quote, urlencode, urlsplit
 
 import aiohttp
+from aiohttp.helpers import get_env_proxy_for_url
+from yarl import URL
 
 from harvester.config import IDC_ENDPOINT_URL, Config
 from harvester.errors import PermanentRequestError, RetryableRequestError, UsageError
@@ -116,17 +119,43 @@ def parse_listing(body: bytes, shown: str) -> tuple[list[S3Object], str | None]:
     return objects, token if truncated else None
 
 
+def unproxied_session(shared: aiohttp.ClientSession, endpoint: str) -> aiohttp.ClientSession:
+    """``shared`` itself, or, when it trusts the environment but the environment names no proxy
+    for ``endpoint``, a session on ``shared``'s connection pool (its keep-alive connections,
+    limits, timeouts and headers) that does not read the environment again: aiohttp's
+    ``trust_env`` reads ~/.netrc and the proxy variables in two worker-thread calls per request,
+    which for one GET per instance cost more CPU than the GET. It never sends netrc
+    credentials (the buckets are anonymous). One per ``shared`` session, living as long as it:
+    closed with ``shared``'s connector, so it is never collected open."""
+    if not shared.trust_env:
+        return shared
+    try:
+        get_env_proxy_for_url(URL(endpoint))
+        return shared   # a proxy to go through: the shared session knows how
+    except LookupError:
+        pass
+    own = _UNPROXIED.get(shared)
+    if own is None:
+        own = _UNPROXIED[shared] = aiohttp.ClientSession(
+            connector=shared.connector, connector_owner=False, timeout=shared.timeout, headers=shared.headers,
+            trust_env=False, raise_for_status=False, auto_decompress=shared.auto_decompress)
+    return own
+
+
+_UNPROXIED: weakref.WeakKeyDictionary[aiohttp.ClientSession, aiohttp.ClientSession] = weakref.WeakKeyDictionary()
+
+
 class S3Client(RetryingClient):
     """Anonymous ListObjectsV2 and GET object on one aiohttp session (see the module docstring)."""
 
     def __init__(self, config: Config, session: aiohttp.ClientSession, *,
                  on_retry: Callable[[BaseException], None] | None = None) -> None:
         self.config = config
-        self.session = session
         self.endpoint = config.endpoint_url.rstrip("/")
         if not re.match(r"^https?://[^/\s]+$", self.endpoint):
             raise UsageError(f"--endpoint-url {redact_url(self.endpoint)!r} is not an http(s) URL without a path",
                              hint="give the S3 service's root, e.g. https://s3.amazonaws.com")
+        self.session = unproxied_session(session, self.endpoint)
         self.virtual_hosted = self.endpoint == IDC_ENDPOINT_URL
         self.on_retry = on_retry
         # one generator for every object's backoff: a new random.Random() seeds itself from
@@ -151,11 +180,12 @@ class S3Client(RetryingClient):
         return f"{self.endpoint}/{bucket}/{path}{query}"
 
     @contextlib.asynccontextmanager
-    async def _get(self, url: str) -> AsyncIterator[aiohttp.ClientResponse]:
+    async def _get(self, url: str, shown: str | None = None) -> AsyncIterator[aiohttp.ClientResponse]:
         """One GET (no retry here) with the host gate and the redirect policy; failures
-        classified, those inside the ``async with`` body included."""
+        classified, those inside the ``async with`` body included. ``shown``: ``url`` redacted,
+        when the caller has it already."""
         await self.gate.wait()
-        shown = redact_url(url)
+        shown = redact_url(url) if shown is None else shown
         self.requests += 1
         try:
             async with get_following(self.session, url, headers={}, config=self.config, shown=shown) as resp:
@@ -195,7 +225,9 @@ class S3Client(RetryingClient):
         raise AssertionError("unreachable")  # pragma: no cover
 
     @contextlib.asynccontextmanager
-    async def open_object(self, bucket: str, key: str) -> AsyncIterator[aiohttp.ClientResponse]:
-        """GET one object (one attempt; the caller retries and bounds the body)."""
-        async with self._get(self.url(bucket, key)) as resp:
+    async def open_object(self, bucket: str, key: str, shown: str | None = None
+                          ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """GET one object (one attempt; the caller retries and bounds the body); ``shown``: its
+        URL redacted (``redact_url(self.url(bucket, key))``), when the caller has it already."""
+        async with self._get(self.url(bucket, key), shown) as resp:
             yield resp

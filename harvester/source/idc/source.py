@@ -14,24 +14,26 @@ Fetch, per series (``fetch_series``):
    ``UnsafeArchiveError`` (nothing is fetched). The listing must hold exactly ``instanceCount``
    objects and ``round(series_size_MB * 1e6)`` bytes: more is ``IntegrityError`` (not the
    announced series), fewer ``IncompleteSeriesError``; both before any GET.
-2. Up to ``OBJECTS_IN_FLIGHT`` GETs at once, each with request-level retries, streamed into a
-   new file in ``staging`` while its MD5 is computed, bounded by the size listed (a longer body
-   is ``IntegrityError``, a shorter one is retried).
-3. Each file: its MD5 against the ETag where the ETag is one (a multipart ETag, ``...-N``, is
-   not: the file is then recorded with ``md5_source: computed``), its DICOM header read
-   (``read_dicom_ids``) and its SeriesInstanceUID the task's, its SOPInstanceUID new in the
-   series; it is then named ``<SOPInstanceUID>.dcm``. Any failure is ``IntegrityError``.
+2. Up to ``OBJECTS_IN_FLIGHT`` GETs at once, each with request-level retries and bounded by the
+   size listed (a longer body is ``IntegrityError``, a shorter one is retried). An object up to
+   ``WHOLE_OBJECT_BYTES`` is read whole and handed, with whatever else has arrived (up to
+   ``BATCH_BYTES``), to the store's instance sink in one worker-thread call; a larger one is
+   streamed into the sink as it arrives, its request retried until the answer is there and a
+   failure of its body failing the attempt at the series (``IncompleteSeriesError``).
+3. The sink (``Sinks.instances``, the one DICOMweb's parts go through) writes each object to a new
+   file in ``staging`` while hashing it, reads its DICOM header and holds its SeriesInstanceUID to
+   the task's and its SOPInstanceUID new in the series, and names it ``<SOPInstanceUID>.dcm``;
+   then its MD5 is held to the ETag where the ETag is one (a multipart ETag, ``...-N``, is not:
+   the file is then recorded with ``md5_source: computed``). Any failure is ``IntegrityError``
+   naming the object's key.
 
 The source's figures (count, bytes, bucket, UUID, DOI) are kept in the series' row, so
 harvest.json records where each series came from (``metadata.source: idc``).
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import os
+import dataclasses
 import shutil
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -49,20 +51,23 @@ from harvester.errors import (
     classify_os_error,
 )
 from harvester.models import Plan, SeriesTask, UnavailableSeries
-from harvester.selection import empty_selector_warnings, gather_limited, refuse_unavailable
-from harvester.store.layout import name_key, safe_component
+from harvester.selection import empty_selector_warnings, first_error, gather_limited, refuse_unavailable
 from harvester.query import Query
-from harvester.source.base import ClientBackedSource, Sinks
-from harvester.source.http import BodyGuard, as_int, redact_url
+from harvester.source.base import ClientBackedSource, InstanceWriter, Sinks
+from harvester.source.http import CLIENT_ERRORS, BodyGuard, as_int, classify_client_error, redact_url
 from harvester.source.idc import index as idc_index
 from harvester.source.idc.s3 import S3Client, S3Object
 from harvester.models import UnpackedSeries, VerifiedFile
-from harvester.unpack import read_dicom_ids
 
 #: Objects of one series fetched at once (each is its own S3 object: no per-connection cap).
 OBJECTS_IN_FLIGHT = 8
-#: The head of a file kept for the DICOM header walk (``read_dicom_ids``).
-HEAD_BYTES = 256 * 1024
+#: Whole objects of one series that have arrived and wait for the writer, at most.
+OBJECTS_WAITING = 4
+#: An object up to this size is read whole (its GET retried alone) and written in a batch with
+#: others; a larger one is streamed into the sink.
+WHOLE_OBJECT_BYTES = 8 << 20
+#: Bytes handed to the sink in one worker-thread call, at most (plus one object).
+BATCH_BYTES = 4 << 20
 NO_SERIES = "the IDC index has no such series"
 UNKNOWN_UID_HINT = ("the series may not be in IDC (restricted, NLST, or newer than the index); check the UIDs, "
                     "or leave out --strict to harvest the rest")
@@ -111,30 +116,63 @@ class IDCSource(ClientBackedSource):
 
     # ------------------------------------------------------------ fetch
     async def fetch_series(self, task: SeriesTask, *, partial: Path, staging: Path,
-                           on_bytes: Callable[[int], None], rate: Any, sinks: Sinks | None = None) -> UnpackedSeries:
-        """List the series' prefix, check the listing, GET every object into ``staging``
-        (``partial`` and ``sinks`` are not used: several objects of a series arrive at once, and
-        each is written and verified by this source's own per-object check until the store's
-        instance writer takes parallel instances) and verify each file; see the module docstring for what is
-        raised when."""
+                           on_bytes: Callable[[int], None], rate: Any, sinks: Sinks) -> UnpackedSeries:
+        """List the series' prefix, check the listing, GET every object (``OBJECTS_IN_FLIGHT`` at
+        once) and pour each into the store's instance sink (``sinks.instances``), which checks it
+        as DICOM of the series and names it; ``partial`` is not used. See the module docstring
+        for what is raised when."""
         bucket, prefix = str(task.row["aws_bucket"]), f"{task.row['crdc_series_uuid']}/"
         objects = await self.client.list_objects(bucket, prefix, max_keys=self.config.limits.max_entries)
         self._check_listing(task, prefix, objects)
         await anyio.to_thread.run_sync(_fresh_dir, staging)
-        checker = _SeriesFiles(task)
+        series = _SeriesObjects(task, sinks.instances(task, staging, max_instances=len(objects), what="object",
+                                                      sender=f"s3 prefix {prefix}"))
+        # whole objects travel from their GETs to the one writer below: held in memory are at most
+        # OBJECTS_IN_FLIGHT arriving, OBJECTS_WAITING waiting and one batch being written
+        send, receive = anyio.create_memory_object_stream[tuple[S3Object, bytes]](OBJECTS_WAITING)
+        # the sink takes one instance at a time: the writer's batches and a streamed object take turns
+        turn = anyio.Lock()
 
-        def fetch(n: int, obj: S3Object) -> Callable[[], Awaitable[None]]:
+        def fetch(obj: S3Object) -> Callable[[], Awaitable[None]]:
             async def run() -> None:
-                path = staging / f"{n:08d}.part"
+                if obj.size > WHOLE_OBJECT_BYTES:
+                    async with turn:
+                        await self._stream_object(task, bucket, obj, series, on_bytes, rate)
+                    return
                 async for attempt in self.client.retrying():
                     with attempt:
-                        md5, head = await self._get_object(task, bucket, obj, path, on_bytes, rate)
-                await anyio.to_thread.run_sync(checker.accept, path, obj, md5, head)
+                        body = await self._read_object(task, bucket, obj, on_bytes, rate)
+                await send.send((obj, body))
             return run
 
-        # the first error cancels the other GETs of the series and propagates
-        await gather_limited([fetch(n, obj) for n, obj in enumerate(objects)], OBJECTS_IN_FLIGHT)
-        return UnpackedSeries(files=checker.files, license_text=None, repairs=[])
+        async def get_all() -> None:
+            async with send:
+                await gather_limited([fetch(obj) for obj in objects], OBJECTS_IN_FLIGHT)
+
+        async def write_all() -> None:
+            # one worker-thread call per batch: whatever has arrived, up to BATCH_BYTES
+            async with receive:
+                async for first in receive:
+                    batch, held = [first], len(first[1])
+                    while held < BATCH_BYTES:
+                        try:
+                            item = receive.receive_nowait()
+                        except (anyio.WouldBlock, anyio.EndOfStream):
+                            break
+                        batch.append(item)
+                        held += len(item[1])
+                    async with turn:
+                        await anyio.to_thread.run_sync(series.write_batch, batch)
+                    del batch, first   # not held while the next object is awaited
+
+        try:  # the first error cancels the other GETs of the series and propagates
+            with send, receive:   # closed even when the group is cancelled before a task starts
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(get_all)
+                    tg.start_soon(write_all)
+        except BaseExceptionGroup as group:
+            raise first_error(group) from None
+        return UnpackedSeries(files=sorted(series.files, key=lambda f: f.name), license_text=None, repairs=[])
 
     def _check_listing(self, task: SeriesTask, prefix: str, objects: list[S3Object]) -> None:
         uid = task.series_uid
@@ -163,92 +201,127 @@ class IDCSource(ClientBackedSource):
         if not objects:
             raise IncompleteSeriesError(f"s3 prefix {prefix} holds no object", series_uid=uid)
 
-    async def _get_object(self, task: SeriesTask, bucket: str, obj: S3Object, path: Path,
-                          on_bytes: Callable[[int], None], rate: Any) -> tuple[str, bytes]:
-        """One attempt at one object: a new file at ``path`` (an earlier attempt's is replaced),
-        its MD5 and its first ``HEAD_BYTES``. Raises ``IntegrityError`` for a body longer than
-        listed, ``RetryableRequestError`` for a shorter one."""
+    async def _read_object(self, task: SeriesTask, bucket: str, obj: S3Object,
+                           on_bytes: Callable[[int], None], rate: Any) -> bytes:
+        """One attempt at one object: its whole body. Raises ``IntegrityError`` for a body longer
+        than listed, ``RetryableRequestError`` for a shorter one."""
+        shown, guard = self._guard(task, bucket, obj)
+        pieces: list[bytes] = []
+        async with self.client.open_object(bucket, obj.key, shown) as resp:
+            async for chunk in resp.content.iter_chunked(self.config.chunk_size):
+                await self._took(guard, chunk, None, rate)
+                pieces.append(chunk)
+        if guard.total != obj.size:
+            raise RetryableRequestError(f"{shown} sent {guard.total} of the {obj.size} bytes listed", url=shown)
+        on_bytes(guard.total)   # once an object (one progress event, not one a piece)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    async def _stream_object(self, task: SeriesTask, bucket: str, obj: S3Object, series: _SeriesObjects,
+                             on_bytes: Callable[[int], None], rate: Any) -> None:
+        """An object past ``WHOLE_OBJECT_BYTES``, poured into the sink as it arrives (the caller
+        holds the sink's turn), in worker-thread calls of ``BATCH_BYTES``. The request is retried
+        until its answer (HTTP 200) is there; a failure of the body after that is the series'
+        (``IncompleteSeriesError``: the sink cannot take an instance back), and so is a body
+        shorter than listed; a longer one is ``IntegrityError``."""
+        async for attempt in self.client.retrying():
+            with attempt:
+                shown, guard = self._guard(task, bucket, obj)
+                async with self.client.open_object(bucket, obj.key, shown) as resp:
+                    await self._pour(task, obj, resp, series, shown, guard, on_bytes, rate)
+
+    async def _pour(self, task: SeriesTask, obj: S3Object, resp: aiohttp.ClientResponse, series: _SeriesObjects,
+                    shown: str, guard: BodyGuard, on_bytes: Callable[[int], None], rate: Any) -> None:
+        def broke_off(reason: str) -> IncompleteSeriesError:
+            return IncompleteSeriesError(f"{reason} (after {guard.total} of the {obj.size} bytes of the object)",
+                                         series_uid=task.series_uid)
+
+        pending: list[bytes] = []
+        held = 0
+        await anyio.to_thread.run_sync(series.start)
+        try:
+            async for chunk in resp.content.iter_chunked(self.config.chunk_size):
+                await self._took(guard, chunk, on_bytes, rate)
+                pending.append(chunk)
+                held += len(chunk)
+                if held >= BATCH_BYTES:
+                    await anyio.to_thread.run_sync(series.write, pending)
+                    pending, held = [], 0
+            if guard.total != obj.size:
+                raise broke_off(f"{shown} sent {guard.total} of the {obj.size} bytes listed")
+            await anyio.to_thread.run_sync(series.end, obj, pending)
+        except CLIENT_ERRORS as exc:
+            series.abort()
+            raise broke_off(str(classify_client_error(exc, shown))) from None
+        except RetryableRequestError as exc:   # the guard's deadline or stall rule
+            series.abort()
+            raise broke_off(str(exc)) from None
+        except BaseException:
+            series.abort()
+            raise
+
+    def _guard(self, task: SeriesTask, bucket: str, obj: S3Object) -> tuple[str, BodyGuard]:
         shown = redact_url(self.client.url(bucket, obj.key))
 
         def too_long(total: int) -> IntegrityError:
             return IntegrityError(f"{shown} sent more than the {obj.size} bytes listed", series_uid=task.series_uid)
 
-        guard = BodyGuard(self.config, shown, max_bytes=obj.size, too_big=too_long)
-        md5 = hashlib.md5()
-        head = bytearray()
-        # the body's pieces as they arrive, written in one worker-thread call per chunk_size
-        # (a thread hop per piece cost more than the write): at most chunk_size + one piece held
-        pending: list[bytes] = []
-        held = 0
-        fd = await anyio.to_thread.run_sync(_create, path)
-        try:
-            async with self.client.open_object(bucket, obj.key) as resp:
-                async for chunk in resp.content.iter_chunked(self.config.chunk_size):
-                    guard.feed(len(chunk))
-                    ours = time.monotonic()
-                    if rate is not None:
-                        await rate.consume(len(chunk))
-                    on_bytes(len(chunk))
-                    if len(head) < HEAD_BYTES:
-                        head += chunk[: HEAD_BYTES - len(head)]
-                    pending.append(chunk)
-                    held += len(chunk)
-                    if held >= self.config.chunk_size:
-                        await anyio.to_thread.run_sync(_write, fd, b"".join(pending), path, md5)  # hashed off the loop
-                        pending.clear()
-                        held = 0
-                    guard.credit(time.monotonic() - ours)
-            if pending:
-                await anyio.to_thread.run_sync(_write, fd, b"".join(pending), path, md5)
-        finally:  # (errors of the body are classified by the client: ``S3Client._get``)
-            os.close(fd)
-        if guard.total != obj.size:
-            raise RetryableRequestError(f"{shown} sent {guard.total} of the {obj.size} bytes listed", url=shown)
-        return md5.hexdigest(), bytes(head)
+        return shown, BodyGuard(self.config, shown, max_bytes=obj.size, too_big=too_long)
+
+    @staticmethod
+    async def _took(guard: BodyGuard, chunk: bytes, on_bytes: Callable[[int], None] | None, rate: Any) -> None:
+        """Account for one piece of a body: its bounds, the bandwidth cap, the progress (None:
+        the caller reports it)."""
+        guard.feed(len(chunk))
+        if rate is not None:
+            ours = time.monotonic()
+            await rate.consume(len(chunk))
+            guard.credit(time.monotonic() - ours)
+        if on_bytes is not None:
+            on_bytes(len(chunk))
 
 
-class _SeriesFiles:
-    """The per-file checks of one series (``accept``), run in worker threads, several at once:
-    the SOPInstanceUIDs, names and files seen are only touched under ``_lock``."""
+class _SeriesObjects:
+    """A series' objects poured into the store's ``InstanceSink`` (which checks each as DICOM of
+    the series, new in it, and names it after its SOPInstanceUID), each then held to its ETag
+    where that is an MD5. Blocking: called from worker threads, one at a time (the caller's
+    turn), so the sink sees one instance after another."""
 
-    def __init__(self, task: SeriesTask) -> None:
-        self.task = task
+    def __init__(self, task: SeriesTask, sink: InstanceWriter) -> None:
+        self.task, self.sink = task, sink
         self.files: list[VerifiedFile] = []
-        self._sops: set[str] = set()
-        self._names: set[str] = set()
-        self._lock = threading.Lock()
 
-    def _error(self, message: str) -> IntegrityError:
-        return IntegrityError(message, series_uid=self.task.series_uid)
+    def write_batch(self, batch: list[tuple[S3Object, bytes]]) -> None:
+        for obj, body in batch:
+            self.start()
+            self.end(obj, [body])
 
-    def accept(self, path: Path, obj: S3Object, md5: str, head: bytes) -> None:
+    def start(self) -> None:
+        self.sink.start()
+
+    def write(self, pieces: list[bytes]) -> None:
+        try:
+            for piece in pieces:
+                self.sink.write(piece)
+        except BaseException:
+            self.sink.abort()
+            raise
+
+    def end(self, obj: S3Object, pieces: list[bytes]) -> None:
+        """The object's last bytes, then its checks; raises ``IntegrityError`` naming its key."""
+        self.write(pieces)
         key = obj.key[-120:]
-        expected = obj.md5
-        if expected is not None and md5 != expected:
-            raise self._error(f"{key} does not match its ETag (MD5 {md5}, expected {expected})")
         try:
-            series, sop, sop_class = read_dicom_ids(path, head, whole=len(head) == obj.size)
+            verified = self.sink.end()
         except IntegrityError as exc:
-            raise self._error(f"{key}: {exc}") from None
-        if series != self.task.series_uid:
-            raise self._error(f"{key} belongs to series {series or '(none)'}, not this one")
-        if not sop:
-            raise self._error(f"{key} has no SOPInstanceUID")
-        name = safe_component(sop, max_bytes=100) + ".dcm"
-        with self._lock:
-            if sop in self._sops:
-                raise self._error(f"{key} repeats SOPInstanceUID {sop}")
-            if name_key(name) in self._names:  # two UIDs sanitised alike: never overwrite a verified file
-                raise self._error(f"{key}: SOPInstanceUID {sop!r} clashes with another's file name")
-            self._sops.add(sop)
-            self._names.add(name_key(name))
-        try:
-            os.replace(path, path.with_name(name))
-        except OSError as exc:
-            raise classify_os_error(exc, name) from None
-        with self._lock:
-            self.files.append(VerifiedFile(name=name, size=obj.size, md5=md5, sop_uid=sop, sop_class_uid=sop_class,
-                                           md5_checked=expected is not None))
+            raise IntegrityError(f"{key}: {exc}", series_uid=self.task.series_uid) from None
+        expected = obj.md5
+        if expected is not None and verified.md5 != expected:
+            raise IntegrityError(f"{key} does not match its ETag (MD5 {verified.md5}, expected {expected})",
+                                 series_uid=self.task.series_uid)
+        self.files.append(dataclasses.replace(verified, md5_checked=expected is not None))
+
+    def abort(self) -> None:
+        self.sink.abort()
 
 
 def _fresh_dir(path: Path) -> None:
@@ -258,24 +331,3 @@ def _fresh_dir(path: Path) -> None:
         path.mkdir(parents=True)
     except OSError as exc:
         raise classify_os_error(exc, f"staging folder {path.name}") from None
-
-
-def _create(path: Path) -> int:
-    """A new file at ``path`` (an earlier attempt's is removed first), never through a link."""
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    try:
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-    except OSError as exc:
-        raise classify_os_error(exc, path.name) from None
-
-
-def _write(fd: int, data: bytes, path: Path, md5: Any) -> None:
-    md5.update(data)
-    view = memoryview(data)
-    try:
-        while view:
-            view = view[os.write(fd, view):]
-    except OSError as exc:
-        raise classify_os_error(exc, path.name) from None
-

@@ -200,3 +200,32 @@ def test_endpoint_userinfo_never_reaches_the_record(moto: Moto, proxy: S3Proxy, 
     assert "s3cr3t-pw" not in done.stdout + done.stderr
     assert json.loads((out / "harvest.json").read_text())["api_url"] == proxy.url
     assert os.path.exists(out / "harvest.json")
+
+
+def test_a_streamed_object_cut_short_fails_the_attempt_not_the_request(moto: Moto, proxy: S3Proxy, tmp_path: Path,
+                                                                       monkeypatch: Any) -> None:
+    """An object past WHOLE_OBJECT_BYTES goes into the sink as it arrives, so once its bytes are
+    there the sink cannot take it back: a body cut short fails the series attempt (no request
+    retry into a sink holding half an object), the next attempt fetches the series whole, and no
+    half file is left anywhere."""
+    from harvester.source.idc import source as idc_source
+
+    monkeypatch.setattr(idc_source, "WHOLE_OBJECT_BYTES", 0)   # every object is streamed
+    series, index = one_series(moto, tmp_path, 12)
+    key = next(iter(series.objects))
+    hits = []
+
+    def short_once(request: web.Request) -> web.StreamResponse | None:
+        if request.path.endswith(key):
+            hits.append(1)
+            if len(hits) == 1:
+                return web.Response(body=series.objects[key][:100])
+        return None
+
+    proxy.override = short_once
+    result = harvest_one(proxy.url, tmp_path, index, series.uid)
+    assert result.ok, result.failed
+    assert len(hits) == 2   # the cut body was not retried as a request: the series was
+    out = tmp_path / "out"
+    assert_bucket_identical(out, type("C", (), {"get": lambda self, uid: series})(), [series.uid])  # type: ignore[arg-type]
+    assert not [p for p in tmp_path.rglob("*.part")]

@@ -1,14 +1,19 @@
 """Units of the IDC source without I/O: the listing parser, ETags, URLs, sizes, collection names."""
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import aiohttp
+import pyarrow as pa
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from harvester.config import Config
 from harvester.errors import PermanentRequestError, RequestError, RetryableRequestError, UsageError
-from harvester.source.idc.index import collection_key, row_problem, series_bytes
+from harvester.source.idc.index import _rows_at, collection_key, row_problem, series_bytes
 from harvester.source.idc.s3 import S3Client, S3Object, parse_listing
 
 NS = 'xmlns="http://s3.amazonaws.com/doc/2006-03-01/"'
@@ -89,3 +94,48 @@ def test_row_problems() -> None:
     assert "series_size_MB" in str(row_problem({**good, "series_size_MB": float("nan")}))
     assert "series_aws_url" in str(row_problem({**good, "aws_bucket": None,
                                                 "series_aws_url": "s3://idc-open-data/other-uuid/*"}))
+
+
+@pytest.mark.anyio
+async def test_requests_to_s3_skip_the_environment_unless_it_names_a_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """aiohttp's trust_env reads ~/.netrc and the proxy variables in two thread hops per request;
+    the S3 client asks once: on the shared pool without it, one session per shared session, or
+    the shared session itself where a proxy must be used."""
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
+                 "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    async with aiohttp.ClientSession(trust_env=True) as shared:
+        client = S3Client(Config(endpoint_url="http://127.0.0.1:9000"), shared)
+        assert client.session is not shared and not client.session.trust_env
+        assert client.session.connector is shared.connector
+        assert S3Client(Config(endpoint_url="http://127.0.0.1:9001"), shared).session is client.session
+        monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+        assert S3Client(Config(endpoint_url="https://s3.example.org"), shared).session is shared
+    assert client.session.closed   # closed with the shared session's pool
+    async with aiohttp.ClientSession(trust_env=False) as plain:
+        assert S3Client(Config(endpoint_url="http://127.0.0.1:9000"), plain).session is plain
+
+
+@settings(deadline=None)   # a loaded machine; the first call meets pyarrow cold
+@given(st.lists(st.booleans(), min_size=1, max_size=40))
+def test_rows_at_gives_exactly_the_picked_rows_in_order(mask: list[bool]) -> None:
+    batch = pa.RecordBatch.from_pylist([{"n": i, "s": f"r{i}"} for i in range(len(mask))])
+    picked = [i for i, keep in enumerate(mask) if keep]
+    if picked:
+        assert list(_rows_at(batch, picked)) == [{"n": i, "s": f"r{i}"} for i in picked]
+
+
+def test_planning_from_the_index_does_not_import_pandas(tmp_path: Path) -> None:
+    """pyarrow imports pandas (about 70 MB) for the first array it builds from a Python list;
+    planning picks rows without one, so an IDC run's memory is not pandas'."""
+    from .conftest import make_series, write_index
+
+    rows = [make_series("idc_units", f"P{n}", f"1.2.826.0.9.{n}", "CT", 1, seed=n).row for n in range(3)]
+    index = write_index(tmp_path / "idc_index.parquet", rows)
+    code = ("import sys\nfrom pathlib import Path\nfrom harvester.source.idc import index\n"
+            "from harvester.query import query_from_dict\n"
+            f"found = index.select(Path({str(index)!r}), query_from_dict("
+            "{'select': [{'collection': 'idc_units', 'patients': ['P0', 'P2']}]}))\n"
+            "print(len(found.rows), 'pandas' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "False"], done.stderr
