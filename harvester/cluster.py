@@ -364,14 +364,19 @@ class SharedGate:
         await self.wait_shared()
 
     async def wait_shared(self) -> None:
+        delay = await self.delay()
+        if delay > 0:
+            await anyio.sleep(delay)
+
+    async def delay(self) -> float:
+        """Seconds to wait before the next request: until the latest "not before" this worker
+        published or read (at most ``cap``); 0 when none holds."""
         now = time.monotonic()
         if now - self._read_at > BACKOFF_FRESH:
             self._read_at = now
             got = await anyio.to_thread.run_sync(_get_quietly, self.variable)
             self._until = max(self._until, got)
-        delay = min(self._until - time.time(), self.cap)
-        if delay > 0:
-            await anyio.sleep(delay)
+        return max(0.0, min(self._until - time.time(), self.cap))
 
 
 def _set_quietly(variable: Any, value: float) -> None:

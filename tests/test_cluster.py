@@ -246,3 +246,48 @@ def test_shards_are_balanced_by_bytes_and_series_and_keep_the_plan_order() -> No
         order = [int(t.series_uid.split(".")[1]) for t in s]
         assert order == sorted(order)
     assert len(cluster.cut_shards(tasks[:2], 5)) == 2
+
+
+class FakeVariable:
+    """A ``distributed.Variable`` without a scheduler (a unit: no I/O)."""
+
+    def __init__(self) -> None:
+        self.value: Any = None
+        self.set_once = threading.Event()
+
+    def set(self, value: Any) -> None:
+        self.value = value
+        self.set_once.set()
+
+    def get(self, timeout: Any = None) -> Any:
+        if self.value is None:
+            raise TimeoutError
+        return self.value
+
+
+class FakeLocalGate:
+    def __init__(self) -> None:
+        self.pushed: list[float] = []
+
+    def push(self, seconds: float) -> None:
+        self.pushed.append(seconds)
+
+    async def wait(self) -> None:
+        pass
+
+
+def test_a_retry_after_seen_by_one_worker_holds_back_the_others() -> None:
+    """The shared back-off: worker A's 429 (Retry-After 30 s) pauses A and, through the variable,
+    B, which never saw it; capped by max_retry_after; nothing published: no wait."""
+    variable = FakeVariable()
+    local_a = FakeLocalGate()
+    a = cluster.SharedGate(local_a, variable, cap=20.0)
+    b = cluster.SharedGate(FakeLocalGate(), variable, cap=20.0)
+    assert anyio.run(b.delay) == 0.0
+    a.push(30.0)
+    assert local_a.pushed == [30.0]
+    assert variable.set_once.wait(10)
+    b._read_at = float("-inf")   # B's cached read is stale (BACKOFF_FRESH later)
+    assert 19.0 < anyio.run(b.delay) <= 20.0
+    variable.value = "hostile"   # a value that is not a time is no back-off
+    assert anyio.run(cluster.SharedGate(FakeLocalGate(), variable, cap=20.0).delay) == 0.0
