@@ -132,10 +132,10 @@ async def connect(spec: str, on_info: Callable[[str], None] | None = None) -> As
     async with contextlib.AsyncExitStack() as stack:
         try:
             if kind == "local":
-                dashboard = ":0" if importlib.util.find_spec("bokeh") else None
+                # a free port (8787 may be another cluster's); its pages need bokeh
                 cluster = await stack.enter_async_context(distributed.LocalCluster(
                     n_workers=int(value), threads_per_worker=1, processes=True, asynchronous=True,
-                    dashboard_address=dashboard))
+                    dashboard_address=":0"))
                 client = await stack.enter_async_context(distributed.Client(cluster, asynchronous=True))
             else:
                 client = await stack.enter_async_context(
@@ -145,7 +145,9 @@ async def connect(spec: str, on_info: Callable[[str], None] | None = None) -> As
                              hint="start it (dask scheduler), or check the address, then run again") from None
         if on_info is not None:
             workers = await client.nthreads() if hasattr(client, "nthreads") else {}
-            link = client.dashboard_link if client.scheduler_info().get("services", {}).get("dashboard") else None
+            served = client.scheduler_info().get("services", {}).get("dashboard")
+            usable = kind == "scheduler" or importlib.util.find_spec("bokeh") is not None
+            link = client.dashboard_link if served and usable else None
             on_info(f"Dask cluster {spec}: {len(workers)} worker(s), {sum(workers.values())} thread(s)"
                     + (f"; dashboard {link}" if link else ""))
         yield client
@@ -297,6 +299,9 @@ class ShardSpec:
     host_limit: int = 1
     backoff: str = ""
     queue: str = ""
+
+    def __repr__(self) -> str:   # what Dask logs of a failed task: never the config's URL or credentials
+        return f"ShardSpec({self.shard_dir.name}, {len(self.tasks)} series)"
 
 
 class ClusterSlots:

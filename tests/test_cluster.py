@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import anyio
 import pytest
 
 from harvester import cluster
+from harvester.api import sync
 from harvester.cli import main
 from harvester.models import SeriesTask
 from harvester.query import query_from_dict
@@ -135,6 +137,17 @@ def test_a_cluster_harvest_is_the_single_process_tree_with_faults_and_one_harves
     server.stats.reset()
     again = harvest(server.base_url, out, query)
     assert again.ok and again.skipped == len(uids) and server.stats.downloads == {}
+
+    # sync on the cluster fetches a series whose folder was deleted, and only it
+    folder = out / json.loads((out / "harvest.json").read_text())["series"][0]["path"]
+    gone = next(r["SeriesInstanceUID"] for r in json.loads((out / "harvest.json").read_text())["series"]
+                if out / r["path"] == folder)
+    shutil.rmtree(folder)
+    local, _ = dask_cluster
+    synced = sync(select_all(archive), out, cluster=local.scheduler_address,
+                  config=test_config(server.base_url, out, **CLUSTER))
+    assert synced.harvest.ok and server.stats.downloads == {gone: 1}
+    assert tree(out) == tree(tmp_path / "alone")
 
 
 def test_a_worker_killed_mid_harvest_ends_complete_without_a_second_commit(
