@@ -59,8 +59,9 @@ def server(nbia: ServerHandle) -> ServerHandle:
 
 @pytest.fixture(scope="module")
 def dask_cluster() -> Iterator[Any]:
-    """Two worker processes, one thread each; leases of a dead worker lapse in 2 s (not 30)."""
-    with dask.config.set({"distributed.scheduler.locks.lease-timeout": "2s",
+    """Two worker processes, one thread each; leases of a dead worker lapse in 5 s (not 30; a live
+    worker renews its own every 0.5 s, so even a loaded machine does not lose them)."""
+    with dask.config.set({"distributed.scheduler.locks.lease-timeout": "5s",
                           "distributed.scheduler.locks.lease-validation-interval": "0.5s"}):
         with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                       dashboard_address=":0") as local, distributed.Client(local) as client:
