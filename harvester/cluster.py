@@ -545,8 +545,8 @@ class ClusterEngine(Engine):
         self.hub.emit(Event("finish"))
         failed = [(u, (state.records.get(u) or {}).get("error") or "failed") for u in order
                   if state.completed_bytes(u) is None]
-        failed += [(u, f"{why}; the copy already on disk is kept") for u, why in refresh_failed.items()
-                   if state.complete(u) is not None]
+        # a refetch that failed (its shard said why, and that the copy on disk is kept)
+        failed += [(u, why) for u, why in refresh_failed.items() if state.complete(u) is not None]
         return HarvestResult(
             out_dir=state.out_dir, totals=totals, failed=failed, downloaded=counts["downloaded"],
             skipped=self.hub.tally.skipped_series, bytes_received=counts["bytes"],
