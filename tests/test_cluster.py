@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import dask
+import distributed   # in the test extra: CI runs these, never skips them
 import pytest
 
 from harvester import cluster
@@ -29,8 +31,6 @@ from harvester.store.state import HarvestState
 
 from harvest_helpers import FAST, harvest, normal_series, select_all, test_config
 
-distributed = pytest.importorskip("distributed")   # in the test extra: CI runs these
-dask = pytest.importorskip("dask")
 
 SPEC = "collections=2,patients=4,studies=1,series=2,instances=4,size=8KiB,modalities=CT+MR,seed=18"
 #: the cluster's limit on downloads in flight (--connections); each worker would run 3 alone
