@@ -305,3 +305,47 @@ def test_a_retry_after_seen_by_one_worker_holds_back_the_others() -> None:
     assert 19.0 < anyio.run(b.delay) <= 20.0
     variable.value = "hostile"   # a value that is not a time is no back-off
     assert anyio.run(cluster.SharedGate(FakeLocalGate(), variable, cap=20.0).delay) == 0.0
+
+
+def record(uid: str, path: str, data: bytes) -> dict[str, Any]:
+    import hashlib
+
+    return {"SeriesInstanceUID": uid, "Collection": "C", "PatientID": "P", "StudyInstanceUID": "S",
+            "Modality": "CT", "status": "complete", "path": path, "bytes": len(data), "attempts": 1,
+            "error": None, "files": [{"path": f"{path}/1-1.dcm", "size": len(data),
+                                      "md5": hashlib.md5(data).hexdigest()}]}
+
+
+def test_merging_takes_a_finished_shard_leaves_a_busy_one_and_refuses_a_hostile_record(tmp_path: Path) -> None:
+    """A finished shard's commit joins the harvest's database and its folder goes; a shard whose
+    lock is held (its task still runs) is left for later; a shard record whose folder lies in
+    .harvester/ (a forged journal line) is never merged."""
+    out = tmp_path / "out"
+    main_state = HarvestState(out)
+    main_state.open()
+    try:
+        root = cluster.shards_dir(main_state)
+        done = cluster.ShardState(out, root / "r-0000", {"1.1": "C/P/one"})
+        done.open()
+        staging = done.staging_dir("1.1")
+        staging.mkdir(parents=True)
+        (staging / "1-1.dcm").write_bytes(b"DICM one")
+        done.commit(record("1.1", "C/P/one", b"DICM one"), staging)
+        done.close()
+        (root / "r-0001").mkdir()
+        forged = record("1.2", ".harvester/evil", b"x")
+        (root / "r-0001" / "journal.jsonl").write_text(json.dumps({"event": "commit", "series": forged}) + "\n")
+        busy = cluster.ShardState(out, root / "r-0002")
+        busy.open()   # holds its lock, as a running task does
+        try:
+            merged, left = cluster.merge_leftovers(main_state)
+        finally:
+            busy.close()
+        assert merged == ["1.1"] and main_state.complete("1.1") is not None
+        assert (out / "C/P/one/1-1.dcm").read_bytes() == b"DICM one"
+        assert main_state.records.get("1.2") is None
+        assert len(left) == 1 and "r-0002" in left[0] and "another harvester is running" in left[0]
+        assert sorted(p.name for p in root.iterdir()) == ["r-0002"]
+        assert cluster.merge_leftovers(main_state) == ([], []) and not any(root.iterdir())
+    finally:
+        main_state.close()
