@@ -108,10 +108,13 @@ def test_a_cluster_harvest_is_the_single_process_tree_with_faults_and_one_harves
     single-process run see one harvest."""
     query = select_all(archive)
     uids = set(normal_series(archive))
-    # (rate: each ZIP takes long enough that downloads overlap, and the host limit is put to the test)
-    server.set_faults("error=0.1,throttle=0.1,reset=0.05,truncate=0.05,corrupt=0.05,rate=512KiB,seed=18")
+    faults = "error=0.1,throttle=0.1,reset=0.05,truncate=0.05,corrupt=0.05,seed=18"
+    server.set_faults(faults)
     alone = harvest(server.base_url, tmp_path / "alone", query)
     assert alone.ok, alone.failed
+    # the same faults, and a rate: each ZIP takes long enough that downloads overlap, and the host
+    # limit is put to the test
+    server.set_faults(faults + ",rate=512KiB")
     server.stats.reset()
     result = on_cluster(dask_cluster, tmp_path / "cluster", server.base_url, query)
     assert result.ok, result.failed
