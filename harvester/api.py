@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import anyio
 
+from harvester import cluster as cluster_harvest
 from harvester.config import Config
 from harvester.engine import HarvestResult
 from harvester.models import Plan
@@ -65,8 +66,14 @@ def plan(query: QueryLike, config: Config | None = None, **options: Any) -> Plan
 
 
 def harvest(query: QueryLike, out: str | Path | None = None, *, config: Config | None = None,
-            on_event: Callable[[Event], None] | None = None, **options: Any) -> HarvestResult:
-    """Synchronous ``aharvest``: plan and harvest ``query`` into ``out``."""
+            on_event: Callable[[Event], None] | None = None, cluster: str | None = None,
+            **options: Any) -> HarvestResult:
+    """Synchronous ``aharvest``: plan and harvest ``query`` into ``out``; with ``cluster``
+    (``local:N`` or ``tcp://host:8786``) on Dask distributed (``harvester.cluster``)."""
+    if cluster is not None:
+        cluster_harvest.require_dask()
+        return run_sync(lambda: cluster_harvest.aharvest(query, out, config=config, on_event=on_event,
+                                                         cluster=cluster, **options))
     return run_sync(lambda: aharvest(query, out, config=config, on_event=on_event, **options))
 
 
@@ -76,13 +83,18 @@ def verify(out: str | Path) -> VerifyResult:
 
 
 def sync(query: QueryLike, out: str | Path, *, prune: bool = False, dry_run: bool = False,
-         config: Config | None = None, on_event: Callable[[Event], None] | None = None, **options: Any) -> Any:
-    """Synchronous ``async_sync``: bring ``out`` up to date with ``query``."""
+         config: Config | None = None, on_event: Callable[[Event], None] | None = None, cluster: str | None = None,
+         **options: Any) -> Any:
+    """Synchronous ``async_sync``: bring ``out`` up to date with ``query``; ``cluster`` as for ``harvest``."""
     q = as_query(query)
     cfg = make_config(q, config, out, **options)
     hub = Hub()
     if on_event is not None:
         hub.subscribe(on_event)
+    if cluster is not None:
+        cluster_harvest.require_dask()
+        return run_sync(lambda: cluster_harvest.async_sync(q, cfg, prune=prune, dry_run=dry_run, hub=hub,
+                                                           cluster=cluster))
     return run_sync(lambda: async_sync(q, cfg, prune=prune, dry_run=dry_run, hub=hub))
 
 

@@ -13,6 +13,7 @@ Exit codes (documented in --help and the README):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -231,6 +232,10 @@ def _add_harvest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-space-check", action="store_false", dest="space_check",
                    help="start even when DIR's free space is less than the series still to fetch need (plus "
                         "5%% and 64 MiB), which is refused by default (exit 3, nothing fetched)")
+    p.add_argument("--cluster", metavar="ADDRESS",
+                   help="run on Dask distributed: local:N (N worker processes on this machine) or a scheduler, "
+                        "tcp://host:8786, whose workers all mount DIR; --workers is then per worker, "
+                        "--connections and --max-rate the cluster's total (pip install 'harvester[dask]')")
     p.add_argument("--quiet", "-q", action="store_true", help="only errors and the final summary")
     _add_json_arg(p, "the final summary")
     _add_log_args(p)
@@ -882,7 +887,25 @@ def cmd_run(args: argparse.Namespace, env: dict[str, str]) -> int:
     config = build_config(args, env, query.url or query.api, query.layout, query.source)
     if args.dry_run:
         return _dry_run(query, config, env, args.json)
-    return _run_harvest(query, config, env, as_json=args.json, interval=args.stats_interval)
+    runner = None
+    if args.cluster:
+        from harvester import cluster
+
+        cluster.require_dask()
+        cluster.parse_cluster(args.cluster)
+
+        def runner(q: Any, c: Config, hub: Any, on_plan: Any) -> Any:
+            return cluster.aharvest(q, c, hub=hub, on_plan=on_plan, cluster=args.cluster,
+                                    on_cluster=_cluster_info(c))
+    return _run_harvest(query, config, env, runner=runner, as_json=args.json, interval=args.stats_interval)
+
+
+def _cluster_info(config: Config) -> Any:
+    """What ``--cluster`` says once the cluster is up (its workers, the dashboard link), on stderr."""
+    def say(line: str) -> None:
+        if not config.quiet:
+            print(line, file=sys.stderr, flush=True)
+    return say
 
 
 def cmd_sync(args: argparse.Namespace, env: dict[str, str]) -> int:
@@ -911,9 +934,16 @@ def cmd_sync(args: argparse.Namespace, env: dict[str, str]) -> int:
                 print(f"  unavailable: {uid}: {reason}")
         return EXIT_FAILED if result.unavailable else EXIT_OK
     holder: dict[str, Any] = {}
+    sync_run: Any = async_sync
+    if args.cluster:
+        from harvester import cluster
+
+        cluster.require_dask()
+        cluster.parse_cluster(args.cluster)
+        sync_run = functools.partial(cluster.async_sync, cluster=args.cluster, on_cluster=_cluster_info(config))
 
     async def go(query: Any, config: Config, hub: Any, on_plan: Any) -> Any:
-        result = await async_sync(query, config, prune=args.prune, hub=hub)
+        result = await sync_run(query, config, prune=args.prune, hub=hub)
         holder["sync"] = result
         return result.harvest
 

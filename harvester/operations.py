@@ -69,6 +69,8 @@ def make_source(config: Config, session: Any) -> Source:
 
 
 QueryLike = Query | dict[str, Any] | str | Path
+#: what makes the engine of a run from its config, source, state and hub (``Engine`` itself by default)
+EngineFactory = Callable[[Config, Source, HarvestState, Hub], Engine]
 
 
 def as_query(query: QueryLike) -> Query:
@@ -145,7 +147,8 @@ async def aplan(query: QueryLike, config: Config | None = None, *, details: bool
 
 async def aharvest(query: QueryLike, out: str | Path | Config | None = None, *, config: Config | None = None,
                    hub: Hub | None = None, on_plan: Callable[[Plan], None] | None = None,
-                   on_event: Callable[[Event], None] | None = None, **options: Any) -> HarvestResult:
+                   on_event: Callable[[Event], None] | None = None, engine: EngineFactory = Engine,
+                   **options: Any) -> HarvestResult:
     """Plan and harvest ``query`` into ``out`` (or ``config.out_dir``; one of them must be given);
     resumable, see ``harvester.engine``.
 
@@ -154,6 +157,8 @@ async def aharvest(query: QueryLike, out: str | Path | Config | None = None, *, 
     arguments the CLI refuses, see ``check_config``; with ``strict=True``, for a series of a cart or
     list that the archive does not give) and ``FatalError`` only before the harvest starts; a
     fatal stop during the harvest is reported in ``result.fatal`` with everything verified kept.
+    ``engine`` makes the engine that runs the plan (``harvester.cluster`` passes one that runs it
+    on a Dask cluster).
     """
     if isinstance(out, Config):  # aharvest(query, config) reads naturally too
         config, out = out, None
@@ -180,7 +185,7 @@ async def aharvest(query: QueryLike, out: str | Path | Config | None = None, *, 
             on_plan(plan)
         hub.emit(plan_event(plan))
         emit_warnings(hub, plan)
-        return await harvest_plan(Engine(config, source, state, hub), plan, manifest_header(config, query, state))
+        return await harvest_plan(engine(config, source, state, hub), plan, manifest_header(config, query, state))
 
 
 async def harvest_plan(engine: Engine, plan: Plan, header: dict[str, Any],
@@ -447,8 +452,9 @@ def diff_plan(state: HarvestState, plan: Plan, updated: set[str]) -> SyncDiff:
 
 
 async def async_sync(query: Query, config: Config, *, prune: bool = False, dry_run: bool = False,
-                     hub: Hub | None = None) -> SyncResult:
-    """Bring ``config.out_dir`` up to date with ``query`` (see the module docstring)."""
+                     hub: Hub | None = None, engine: EngineFactory = Engine) -> SyncResult:
+    """Bring ``config.out_dir`` up to date with ``query`` (see the module docstring); ``engine``
+    as for ``aharvest``."""
     hub = hub or Hub()
     if query.annotations and not config.annotations:   # the cart or manifest asks for them
         config = dataclasses.replace(config, annotations=True)
@@ -470,7 +476,7 @@ async def async_sync(query: Query, config: Config, *, prune: bool = False, dry_r
         pruned = await anyio.to_thread.run_sync(_prune, state, diff.removed) if prune else []
         hub.emit(plan_event(plan))
         emit_warnings(hub, plan)
-        result = await harvest_plan(Engine(config, source, state, hub), plan, manifest_header(config, query, state),
+        result = await harvest_plan(engine(config, source, state, hub), plan, manifest_header(config, query, state),
                                     refetch=frozenset(diff.changed))
         return SyncResult(diff=diff, harvest=result, pruned=pruned, dry_run=False, unavailable=result.unavailable)
 

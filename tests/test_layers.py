@@ -30,7 +30,7 @@ SOURCES = ("harvester.source",)
 #: the modules a concrete source is not: the seam itself and the HTTP plumbing every source shares
 SOURCE_SHARED = {"harvester.source", "harvester.source.base", "harvester.source.http"}
 #: above the engine, in order; a module imports only those after it (and the engine none of them)
-UPPER = ["harvester.cli", "harvester.api", "harvester.operations"]
+UPPER = ["harvester.cli", "harvester.api", "harvester.cluster", "harvester.operations"]
 
 #: modules whose function-local imports of the package are deliberate (not a circle's)
 LAZY = {

@@ -479,6 +479,19 @@ async def _download(request: web.Request, endpoint: str, params: Params, decisio
         resp.content_length = inst.size
         return await _stream_body(request, resp, decision, _file_chunks(inst.path), inst.size)
     stats.count_download(uid)
+    stats.download_began()
+    try:
+        return await _send_series(request, rec, endpoint, params, decision)
+    finally:
+        stats.download_ended()
+
+
+async def _send_series(request: web.Request, rec: SeriesRecord, endpoint: str, params: Params,
+                       decision: FaultDecision) -> web.StreamResponse:
+    """The getImage/getImageWithMD5Hash answer of ``rec``: its ZIP, streamed."""
+    archive = request.app[ARCHIVE_KEY]
+    stats = request.app[STATS_KEY]
+    uid = rec.uid
     resp = web.StreamResponse(status=200, headers={
         "Content-Type": "application/octet-stream",
         "Content-Disposition": f'attachment; filename="{uid}.zip"',

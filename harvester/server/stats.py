@@ -14,7 +14,9 @@ class Stats:
     """Counters: requests per endpoint name (all versions together), downloads per
     SeriesInstanceUID (getImage and getImageWithMD5Hash only), getSingleImage answers begun per
 SOPInstanceUID (``instances``), body bytes sent by the download
-    endpoints (ZIPs and getSingleImage; query answers are not counted), injected faults per kind."""
+    endpoints (ZIPs and getSingleImage; query answers are not counted), injected faults per kind,
+    and the series ZIPs being sent now and at most at once (``downloads_in_flight``,
+    ``downloads_in_flight_peak``: what a client's limit on connections in flight is checked by)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -23,6 +25,27 @@ SOPInstanceUID (``instances``), body bytes sent by the download
         self._instances: Counter[str] = Counter()
         self._faults: Counter[str] = Counter()
         self._bytes_sent = 0
+        self._in_flight = 0
+        self._in_flight_peak = 0
+
+    def download_began(self) -> None:
+        with self._lock:
+            self._in_flight += 1
+            self._in_flight_peak = max(self._in_flight_peak, self._in_flight)
+
+    def download_ended(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+    @property
+    def downloads_in_flight(self) -> int:
+        with self._lock:
+            return self._in_flight
+
+    @property
+    def downloads_in_flight_peak(self) -> int:
+        with self._lock:
+            return self._in_flight_peak
 
     def count_request(self, endpoint: str) -> None:
         with self._lock:
@@ -77,6 +100,7 @@ SOPInstanceUID (``instances``), body bytes sent by the download
             self._instances.clear()
             self._faults.clear()
             self._bytes_sent = 0
+            self._in_flight_peak = self._in_flight
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready copy: ``{"requests", "downloads", "instances", "bytes_sent", "faults"}``."""
