@@ -9,11 +9,11 @@ not the state's cost). Then:
 
 * commit rate: series and files a second over the first and the last ``WINDOW`` commits, and
   over all of them (only the ``commit`` calls are timed, not making the staging folders);
-* no-op resume: a new process opens DIR (``open``: the journal past the mark, then recovery,
-  which stats every recorded file) and asks ``completed_bytes(uid)`` of every series, as the
+* no-op resume: a new process opens DIR (``open``: an old journal past the mark, none here,
+  then recovery, which stats every recorded file) and asks ``completed_bytes(uid)`` of every series, as the
   engine does of its plan;
 * export: ``write_manifest`` (harvest.json and metadata.csv streamed from the database);
-* sizes: state.db, journal.jsonl, harvest.json; peak RSS of the recording process and of the
+* sizes: state.db, journal.jsonl (0 since the journal is no longer written), harvest.json; peak RSS of the recording process and of the
   resuming one (``ru_maxrss``).
 
 ``prefill N`` (for 10 million files, where a million commits would take hours here): the

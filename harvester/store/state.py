@@ -438,18 +438,19 @@ class HarvestState:
             where = got[1] if got is not None else None
         return where or self.manifest_path.name
 
-    def read(self) -> None:
+    def read(self, *, listed: bool = True) -> None:
         """Fill ``records`` and ``header`` as ``open()`` would before recovery, without the lock
         and without writing anything (verify reads this way): the database read-only, then the
         journal past what the database holds; a harvest made before the database, from
-        harvest.json and its journal (in memory, as those versions did)."""
+        harvest.json and its journal (in memory, as those versions did). ``listed=False`` leaves
+        ``listed`` empty: harvest.json is then read only when the database lacks its records."""
         self._check_journal()
         if self.db_path.exists() or self.db_path.is_symlink():
             db = StateDB(self.db_path, readonly=True)
             db.open()
             self.db = db
         target = _IntoOverlay(self)
-        self._import(target, load_listed=True)
+        self._import(target, load_listed=listed)
         self._hide_unusable(target)
         self.records.first = [rec["SeriesInstanceUID"] for _, rec in self.listed]
 
