@@ -857,7 +857,7 @@ def _dry_run(query: Any, config: Config, env: dict[str, str], as_json: bool) -> 
     plan = _plan_with_progress(query, config, env)
     _print_warnings(plan)
     state = HarvestState(config.out_dir)
-    if (config.out_dir / "harvest.json").exists() or state.journal_path.exists():
+    if (config.out_dir / "harvest.json").exists() or state.db_path.exists() or state.journal_path.exists():
         try:
             state.read()
         except OSError:

@@ -3,7 +3,7 @@
 Flow per series: ``Source.fetch_series`` moves the bytes into a sink of the store that the
 engine hands it (``StoreSinks``: for NBIA the ZIP is verified (count, size, MD5, CRC, DICOM)
 and unpacked as it streams, with request-level retries; single instances repaired) ->
-``HarvestState.commit`` (journal, then atomic rename). A series that fails with a
+``HarvestState.commit`` (database row, then atomic rename). A series that fails with a
 retryable error is put back in the queue after a backoff (series-level retry, like rclone's
 two levels); a permanent failure is recorded and the others go on; a ``FatalError`` (disk
 full, bad credentials) cancels every worker and propagates, leaving only verified series
@@ -180,7 +180,7 @@ class Engine:
                 try:
                     totals = await anyio.to_thread.run_sync(self._checkpoint, header, order)
                 except FatalError as exc:
-                    # harvest.json could not be rewritten (disk full...): the journal keeps every
+                    # harvest.json could not be rewritten (disk full...): the database keeps every
                     # commit for the next run, but this run must not report success.
                     totals = self._totals(order)
                     fatal = fatal or exc
@@ -261,7 +261,7 @@ class Engine:
 
     def _checkpoint(self, header: dict[str, Any], order: list[str], *, final: bool = True) -> dict[str, int]:
         """Rewrite harvest.json (during the run only while it is small: ``HarvestState.write_manifest``)
-        and journal the counters (the report plots them); returns the totals."""
+        and record the counters (the report plots them); returns the totals."""
         totals = self.state.write_manifest(header, order, final=final)
         t = self.hub.tally
         self.state.log_event({"event": "progress", "received_bytes": t.received_bytes, "retries": t.retries

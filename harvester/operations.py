@@ -374,7 +374,7 @@ def recorded_config(config: Config, header: dict[str, Any]) -> Config:
 
 def recorded_header(out_dir: Path) -> dict[str, Any]:
     """The header of ``out_dir``'s harvest.json, or nothing when there is none or it cannot be
-    read (the state then rebuilds it from the journal)."""
+    read (the state then rebuilds it from the database)."""
     try:
         doc = read_manifest(out_dir)
     except HarvesterError:

@@ -1,20 +1,21 @@
 """A visual harvest report: one self-contained HTML page about what an output directory holds.
 
 ``render_report(DIR)`` reads ``DIR/harvest.json`` (what is there: totals, per collection and
-per modality, failures and their reasons) and ``DIR/.harvester/journal.jsonl`` (when it came:
-bytes committed per time bucket from ``commit`` events, bytes received and retries from
-``progress`` events, series re-attempts from the ``attempts`` of ``commit``/``failed`` records).
+per modality, failures and their reasons) and the run events of ``DIR/.harvester/state.db``
+(``HarvestState.events``: those of an old journal for a harvest made before the database; when
+it came: bytes committed per time bucket from ``commit`` events, bytes received and retries from
+``progress`` events, series re-attempts from the ``attempts`` of ``commit``/``failed`` events).
 ``write_report`` writes the page atomically to ``DIR/report.html`` or a chosen file.
 
 The page works offline and forever: inline CSS, inline SVG charts drawn here (no plotting
 library), no script, no font or image from anywhere, and a Content-Security-Policy that
 forbids all of them should a browser ever be tricked into trying. Everything read from the
-manifest or the journal is untrusted (it came from an archive's metadata): every string goes
+manifest or the run events is untrusted (it came from an archive's metadata): every string goes
 through ``_text``, which HTML-escapes it and makes control characters visible.
 
-A missing journal (a DIR copied without ``.harvester/``) or a torn one (kill -9 mid-line) is
-not an error: the report says what it could not read and falls back to the completion times in
-``harvest.json`` for throughput. ``render_report`` raises ``UsageError`` when DIR holds no
+Missing run events (a DIR copied without ``.harvester/``), an unreadable state or a torn old
+journal (kill -9 mid-line) is not an error: the report says what it could not read and falls
+back to the completion times in ``harvest.json`` for throughput. ``render_report`` raises ``UsageError`` when DIR holds no
 ``harvest.json`` and ``ManifestError`` when it cannot be read or is not a harvest manifest.
 """
 from __future__ import annotations
@@ -30,10 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harvester.containment import open_nofollow
 from harvester.events import human_bytes
 from harvester.redact import redact
-from harvester.store.state import atomic_write, now_iso, usable_records, write_output
+from harvester.errors import HarvesterError
+from harvester.store.db import DB_NAME
+from harvester.store.state import HarvestState, atomic_write, now_iso, usable_records, write_output
 from harvester.store.manifest import read_manifest
 
 REPORT_NAME = "report.html"
@@ -50,14 +52,14 @@ def render_report(out_dir: Path) -> str:
     """The HTML report of ``out_dir`` as one string.
 
     Raises ``UsageError`` when ``out_dir/harvest.json`` does not exist and ``ManifestError``
-    when it cannot be read or is not a harvest manifest. A missing or damaged journal is
+    when it cannot be read or is not a harvest manifest. Missing or damaged run events are
     reported on the page, not raised.
     """
     out_dir = Path(out_dir)
     doc = _load_manifest(out_dir)
     records = usable_records(doc.get("series", []), str(out_dir / "harvest.json"))
     skipped_records = len(doc.get("series", [])) - len(records)
-    journal = _read_journal(out_dir / ".harvester" / "journal.jsonl")
+    journal = _read_events(out_dir)
     if journal.status != "ok":  # no journal (or an unreadable one): the manifest's completion times
         journal.commits = [(t, _int(r.get("bytes"))) for r in records
                            if r.get("status") == "complete" and (t := _parse_time(r.get("completed")))]
@@ -96,11 +98,11 @@ _Interval = tuple[dt.datetime, dt.datetime, int]
 
 @dataclass
 class _Journal:
-    """What the report takes from the journal: (time, amount) points per time series."""
+    """What the report takes from the run events: (time, amount) points per time series."""
 
     status: str = "missing"            # "missing", "unreadable: ..." or "ok"
-    lines: int = 0
-    torn: int = 0                      # lines that are not a JSON object (kill -9 mid-write)
+    lines: int = 0                     # events read
+    torn: int = 0                      # old journal lines that are not a JSON object (kill -9 mid-write)
     runs: list[dt.datetime] = field(default_factory=list)
     commits: list[tuple[dt.datetime, int]] = field(default_factory=list)        # bytes committed
     commits_from_manifest: bool = False
@@ -112,62 +114,59 @@ class _Journal:
     last: dt.datetime | None = None
 
 
-def _read_journal(path: Path) -> _Journal:
-    """Stream the journal (it can be large: every commit holds its record) into time series.
+def _read_events(out_dir: Path) -> _Journal:
+    """Stream the run events (``HarvestState.events``, read only: no lock, nothing written) into
+    time series.
 
     ``progress`` counters are cumulative within a run and restart at each ``run`` event, so a
     point is the increase since the previous event of the same run (a drop means a run whose
-    ``run`` line was lost, and counts from zero), kept with the interval it accrued over so the
+    ``run`` event was lost, and counts from zero), kept with the interval it accrued over so the
     chart spreads it instead of piling 30 s of bytes into one bucket.
     """
     j = _Journal()
+    meta = out_dir / ".harvester"
+    if not any(p.exists() or p.is_symlink() for p in (meta / DB_NAME, meta / "journal.jsonl")):
+        return j
+    state = HarvestState(out_dir)
     try:
-        fh = open(path, "rb", opener=open_nofollow)   # a FIFO would block the report for ever
-    except FileNotFoundError:
-        return j
-    except OSError as exc:
-        j.status = f"unreadable: {exc.strerror or exc}"
-        return j
+        _add_events(state, j)
+    except (HarvesterError, OSError) as exc:
+        return _Journal(status="unreadable: " + redact(
+            exc.one_line() if isinstance(exc, HarvesterError) else exc.strerror or str(exc)))
+    finally:
+        state.close()
     j.status = "ok"
+    return j
+
+
+def _add_events(state: HarvestState, j: _Journal) -> None:
     prev_received = prev_retries = 0
     since: dt.datetime | None = None
-    with fh:
-        for raw in fh:
-            if not raw.strip():
-                continue
-            j.lines += 1
-            try:
-                event = json.loads(raw)
-            except (ValueError, RecursionError):
-                j.torn += 1
-                continue
-            if not isinstance(event, dict):
-                j.torn += 1
-                continue
-            t = _parse_time(event.get("t"))
-            if t is None:
-                continue
-            j.first = t if j.first is None else min(j.first, t)
-            j.last = t if j.last is None else max(j.last, t)
-            kind = event.get("event")
-            if kind == "run":
-                j.runs.append(t)
-                prev_received = prev_retries = 0
-                since = t
-            elif kind in ("commit", "failed") and isinstance(event.get("series"), dict):
-                rec = event["series"]
-                if kind == "commit":
-                    j.commits.append((t, _int(rec.get("bytes"))))
-                if _int(rec.get("attempts")) > 1:
-                    j.reattempts.append((t, _int(rec.get("attempts")) - 1))
-            elif kind == "progress":
-                j.progress_events += 1
-                received, retries = _int(event.get("received_bytes")), _int(event.get("retries"))
-                start = since if since is not None and since <= t else t
-                j.received.append((start, t, received - prev_received if received >= prev_received else received))
-                j.retries.append((start, t, retries - prev_retries if retries >= prev_retries else retries))
-                prev_received, prev_retries, since = received, retries, t
-    return j
+    for event in state.read_events():
+        j.lines += 1
+        t = _parse_time(event.get("t"))
+        if t is None:
+            continue
+        j.first = t if j.first is None else min(j.first, t)
+        j.last = t if j.last is None else max(j.last, t)
+        kind = event.get("event")
+        if kind == "run":
+            j.runs.append(t)
+            prev_received = prev_retries = 0
+            since = t
+        elif kind in ("commit", "failed"):
+            if kind == "commit":
+                j.commits.append((t, _int(event.get("bytes"))))
+            if _int(event.get("attempts")) > 1:
+                j.reattempts.append((t, _int(event.get("attempts")) - 1))
+        elif kind == "progress":
+            j.progress_events += 1
+            received, retries = _int(event.get("received_bytes")), _int(event.get("retries"))
+            start = since if since is not None and since <= t else t
+            j.received.append((start, t, received - prev_received if received >= prev_received else received))
+            j.retries.append((start, t, retries - prev_retries if retries >= prev_retries else retries))
+            prev_received, prev_retries, since = received, retries, t
+    j.torn = state.torn_lines
 
 
 def _disk_use(out_dir: Path) -> tuple[int, int]:
@@ -486,7 +485,7 @@ class _Page:
             *self._groups("by-collection", "Per collection", "Collection"),
             *self._groups("by-modality", "Per modality", "Modality"),
             *self._timeline(), *self._failures(),
-            f"<footer>Generated {_when(now_iso())} by harvester from harvest.json and the journal "
+            f"<footer>Generated {_when(now_iso())} by harvester from harvest.json and the run events "
             f"in {_text(str(self.out_dir))}.</footer>",
             "</main></body></html>\n",
         ]
@@ -501,7 +500,7 @@ class _Page:
                  else "not finished (running, or interrupted)", "finished"),
                 ("Last sync", _when(doc.get("last_sync")) if doc.get("last_sync")
                  else "never (no run has completed everything asked for)", "last-sync"),
-                ("Runs in the journal", _count(len(self.journal.runs)), "runs"),
+                ("Runs recorded", _count(len(self.journal.runs)), "runs"),
                 ("Archive", _text(doc.get("api_url")) or "—", "api-url"),
                 ("Layout", _text(doc.get("layout")) or "—", "layout")]
         yield '<dl class="meta">'
@@ -568,17 +567,17 @@ class _Page:
         j = self.journal
         yield '<h2 id="sec-timeline">Throughput and retries over time</h2>'
         if j.status == "missing":
-            yield '<p class="note warn" id="journal-status">No journal (.harvester/journal.jsonl): ' \
+            yield '<p class="note warn" id="journal-status">No run events (no .harvester/state.db): ' \
                   "the time series below come from the completion times in harvest.json only.</p>"
         elif j.status != "ok":
-            yield (f'<p class="note warn" id="journal-status">The journal could not be read ({_text(j.status)}): '
+            yield (f'<p class="note warn" id="journal-status">The run events could not be read ({_text(j.status)}): '
                    "the time series below come from the completion times in harvest.json only.</p>")
         else:
-            torn = (f"; {j.torn} unreadable line{'s' if j.torn != 1 else ''} skipped (a torn write from an "
-                    "interrupted run)" if j.torn else "")
+            torn = (f"; {j.torn} unreadable journal line{'s' if j.torn != 1 else ''} skipped (a torn write "
+                    "from an interrupted run)" if j.torn else "")
             span = f", {_when(j.first)} to {_when(j.last)}" if j.first and j.last else ""
-            yield (f'<p class="note{" warn" if j.torn else ""}" id="journal-status">Journal: {_count(j.lines)} '
-                   f"lines{span}{torn}.</p>")
+            yield (f'<p class="note{" warn" if j.torn else ""}" id="journal-status">Run events: {_count(j.lines)}'
+                   f"{span}{torn}.</p>")
         grid = _Grid.spanning([t for t, _ in j.commits + j.reattempts]
                               + [t for a, b, _ in j.received + j.retries for t in (a, b)])
         if grid is None:
@@ -590,7 +589,7 @@ class _Page:
         yield _time_chart("throughput wide", f"Bytes per {step} bucket", grid, ("committed", committed),
                           ("received", received) if received else None, human_bytes)
         legend = [("committed", "committed (verified series, at their commit"
-                   + (" time in harvest.json)" if j.commits_from_manifest else " in the journal)"))]
+                   + (" time in harvest.json)" if j.commits_from_manifest else " in the run events)"))]
         if received:
             legend.append(("received", "received from the network (progress events)"))
         yield _legend(legend)
@@ -600,7 +599,7 @@ class _Page:
                f"{_duration(window)} charted ({human_bytes(total_committed / window)}/s on average)"
                + (f"; {human_bytes(sum(received))} received." if received else ".") + "</p>")
         if not j.received:
-            yield ('<p class="note">No progress events in the journal (they are written every 30 s of a run), '
+            yield ('<p class="note">No progress events recorded (they are written every 30 s of a run), '
                    "so received bytes and request retries are not shown.</p>")
         retries = grid.spread(j.retries) if any(v for _, _, v in j.retries) else None
         reattempts = grid.sum(j.reattempts)

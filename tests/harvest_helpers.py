@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -97,37 +99,55 @@ def assert_identical(out: Path, archive: Any, uids: list[str]) -> None:
     assert not tmp.exists() or not any(tmp.iterdir()), list(tmp.iterdir())
 
 
-def journal_commit_records(out: Path) -> list[dict[str, Any]]:
-    """The series records of the journal's commit events, in order (lines cut by kill -9 are skipped)."""
-    journal = out / ".harvester" / "journal.jsonl"
-    if not journal.exists():
+def run_events(out: Path) -> list[dict[str, Any]]:
+    """The run events of ``out``'s state database, in order, read with ``sqlite3`` itself (read
+    only; a run may be writing, or have been killed: WAL readers see the last commit)."""
+    db = out / ".harvester" / "state.db"
+    if not db.exists():
         return []
-    records = []
-    for line in journal.read_text().splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:  # a line cut by kill -9
-            continue
-        if event.get("event") == "commit":
-            records.append(event["series"])
-    return records
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = conn.execute("SELECT t, kind, body FROM events ORDER BY id").fetchall()
+    except sqlite3.OperationalError:  # created a moment ago: no tables yet
+        return []
+    finally:
+        conn.close()
+    return [{**json.loads(body), "event": kind, "t": t} for t, kind, body in rows]
 
 
-def journal_commits(out: Path) -> list[str]:
-    """Series UIDs of the journal's commit events, in order."""
-    return [rec["SeriesInstanceUID"] for rec in journal_commit_records(out)]
+def commit_records(out: Path) -> list[dict[str, Any]]:
+    """The series record (as the database holds it now) of each commit event, in order."""
+    db = out / ".harvester" / "state.db"
+    if not db.exists():
+        return []
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = conn.execute("SELECT json_extract(e.body, '$.uid'), s.record FROM events e "
+                            "LEFT JOIN series s ON s.uid = json_extract(e.body, '$.uid') "
+                            "WHERE e.kind = 'commit' ORDER BY e.id").fetchall()
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        conn.close()
+    return [json.loads(zlib.decompress(record)) if record is not None else {"SeriesInstanceUID": uid, "files": []}
+            for uid, record in rows]
+
+
+def commits(out: Path) -> list[str]:
+    """Series UIDs of the database's commit events, in order (a series committed twice is there twice)."""
+    return [event["uid"] for event in run_events(out) if event["event"] == "commit"]
 
 
 def kill_after_progress(proc: subprocess.Popen, out: Path, seconds: float, wait: float = 60) -> bool:
     """kill -9 ``proc`` ``seconds`` after it has committed a series beyond those already in ``out``'s
-    journal, unless it exits first; True when it was killed.
+    state database, unless it exits first; True when it was killed.
 
     Waiting for a commit, rather than a fixed time from start, puts the kill mid-run whatever the
     machine's speed: a slow interpreter start-up cannot push it past the end of a short harvest.
     """
-    before = len(journal_commits(out))
+    before = len(commits(out))
     deadline = time.monotonic() + wait
-    while len(journal_commits(out)) == before and proc.poll() is None and time.monotonic() < deadline:
+    while len(commits(out)) == before and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     return kill_after(proc, seconds)
 

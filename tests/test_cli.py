@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harvest_helpers import assert_identical, journal_commit_records, kill_after_progress, manifest, normal_collections, normal_series, select_all
+from harvest_helpers import assert_identical, commit_records, kill_after_progress, manifest, normal_collections, normal_series, select_all
 from harvester.server.archive import Archive
 from harvester.server.testing import serve_in_thread
 
@@ -456,7 +456,7 @@ def test_kill_9_at_random_moments_then_resume(server, small_archive, tmp_path):
 
 def _complete_on_disk(out: Path) -> set[str]:
     """Series the journal vouches for and whose files are all present (what a rerun must skip)."""
-    return {rec["SeriesInstanceUID"] for rec in journal_commit_records(out)
+    return {rec["SeriesInstanceUID"] for rec in commit_records(out)
             if all((out / f["path"]).exists() for f in rec["files"])}
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from harvest_helpers import harvest, journal_commits, kill_after_progress, manifest, select_all
+from harvest_helpers import harvest, commits, kill_after_progress, manifest, select_all
 from harvester.display import printable
 from harvester.server.faults import FaultSpec
 from harvester.server.synthetic import SyntheticSpec
@@ -361,7 +361,7 @@ def test_verify_after_kill_9_counts_what_the_run_never_finished_as_missing(serve
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     assert kill_after_progress(proc, out, 0.0), "the harvest ended before it could be killed"
     planned = json.loads(cli("plan", str(q), "--api-url", server.base_url, "--json").stdout)["series"]
-    committed = len(set(journal_commits(out)))
+    committed = len(set(commits(out)))
     assert 0 < committed < planned
     proc = cli("verify", str(out))
     assert proc.returncode == 1, proc.stdout + proc.stderr

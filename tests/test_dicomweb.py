@@ -39,7 +39,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harvest_helpers import journal_commits, kill_after_progress, manifest
+from harvest_helpers import commits, kill_after_progress, manifest
 from harvester.api import aharvest, aplan
 from harvester.config import AuthConfig, Config
 from harvester.errors import (
@@ -466,12 +466,12 @@ def test_kill_9_then_rerun_completes(orthanc, tmp_path):
                                 stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         kills += kill_after_progress(proc, out, rng.uniform(0, 0.4), wait=30)
     assert kills == 3
-    partial = set(journal_commits(out))
+    partial = set(commits(out))
     assert 0 < len(partial) < len(orthanc.series), "the kills should land mid-harvest"
     final = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
     assert final.returncode == 0, final.stdout + final.stderr
-    commits = journal_commits(out)
-    assert sorted(commits) == sorted(set(commits)), "a series was committed twice"
+    committed = commits(out)
+    assert sorted(committed) == sorted(set(committed)), "a series was committed twice"
     assert_identical_to_orthanc(out, orthanc, sorted(orthanc.series))
 
 
@@ -496,11 +496,11 @@ def test_orthanc_restart_mid_harvest_still_completes(orthanc, tmp_path):
     worker = threading.Thread(target=run, daemon=True)
     worker.start()
     deadline = time.monotonic() + 20
-    while not journal_commits(out) and time.monotonic() < deadline and worker.is_alive():
+    while not commits(out) and time.monotonic() < deadline and worker.is_alive():
         time.sleep(0.02)
-    assert worker.is_alive() and 0 < len(journal_commits(out)) < len(orthanc.series), "restart must land mid-harvest"
+    assert worker.is_alive() and 0 < len(commits(out)) < len(orthanc.series), "restart must land mid-harvest"
     orthanc.orthanc.stop(kill=True)
-    committed_while_down = len(journal_commits(out))
+    committed_while_down = len(commits(out))
     orthanc.orthanc.start()
     worker.join(120)
     assert not worker.is_alive()

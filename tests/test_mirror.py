@@ -14,7 +14,7 @@ import anyio
 import pytest
 import yaml
 
-from harvest_helpers import assert_identical, journal_commits, kill_after_progress, manifest, test_config
+from harvest_helpers import assert_identical, commits, kill_after_progress, manifest, test_config
 from harvester.api import verify_tree
 from harvester.store.tree import export_csv, export_tcia, read_status
 from harvester.operations import async_repair, async_sync
@@ -206,14 +206,14 @@ def test_sync_killed_and_rerun_ends_like_an_uninterrupted_one(archives, tmp_path
                 "--workers", "2", "--max-rate", "24KB", "--no-progress", "--quiet"]
         assert subprocess.run([*args, "-o", str(reference)], env=env, capture_output=True, timeout=300).returncode == 0
         rng = random.Random(7)
-        kills, start = 0, len(journal_commits(killed))
+        kills, start = 0, len(commits(killed))
         for _ in range(3):
             proc = subprocess.Popen([*args, "-o", str(killed)], env=env, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)
             kills += kill_after_progress(proc, killed, rng.uniform(0, 0.3))
         assert kills == 3
         to_fetch = len(after.records()) - len(before.records()) + 2  # new, plus shrunk and rereleased
-        assert len(journal_commits(killed)) - start < to_fetch, "the kills should land mid-sync"
+        assert len(commits(killed)) - start < to_fetch, "the kills should land mid-sync"
         final = subprocess.run([*args, "-o", str(killed)], env=env, capture_output=True, text=True, timeout=300)
         assert final.returncode == 0, final.stderr
 

@@ -1,6 +1,6 @@
 """The HTML report of a real harvest (with the HOSTILE collection's failures): its numbers match
 harvest.json, failures are listed with their reasons, untrusted text stays text, the page is
-self-contained, missing/torn journals and empty harvests are handled, and Chromium renders it."""
+self-contained, missing run events, a torn old journal and empty harvests are handled, and Chromium renders it."""
 from __future__ import annotations
 
 import html
@@ -24,7 +24,7 @@ from harvester.report import render_report, write_report
 from harvester.server.testing import serve_in_thread
 from harvester.store.state import HarvestState
 
-from harvest_helpers import harvest, manifest, normal_series, select_all
+from harvest_helpers import harvest, manifest, normal_series, run_events, select_all
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 # A download cap that spreads the harvest over a few seconds (several time buckets) and a few
@@ -36,7 +36,7 @@ FAULTS = "total_rate=300KiB,error=0.05,seed=3"
 @pytest.fixture(scope="module")
 def harvested(small_archive: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real harvest of every collection plus HOSTILE (whose series all fail), with a progress
-    checkpoint journalled every 0.3 s instead of every 30 s."""
+    checkpoint recorded every 0.3 s instead of every 30 s."""
     out = tmp_path_factory.mktemp("report") / "harvest"
     query = select_all(small_archive)
     query["select"].append({"collection": "HOSTILE"})
@@ -123,8 +123,12 @@ def expected_groups(doc: dict[str, Any], key: str) -> dict[str, dict[str, int]]:
     return out
 
 
-def journal_events(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out / ".harvester" / "journal.jsonl").read_text("utf-8").splitlines()]
+def as_before_the_database(out: Path, events: list[dict[str, Any]], torn: str = "") -> None:
+    """Make ``out`` a harvest as versions before the state database left it: harvest.json and a
+    journal of ``events`` (then ``torn``, the start of a line a kill -9 cut), no state.db."""
+    for name in ("state.db", "state.db-wal", "state.db-shm"):
+        (out / ".harvester" / name).unlink(missing_ok=True)
+    (out / ".harvester" / "journal.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events) + torn, "utf-8")
 
 
 # ------------------------------------------------------------------ content
@@ -196,9 +200,9 @@ def test_page_is_self_contained(harvested: Path) -> None:
     assert page_html.count("<svg") == 8  # 3 bar charts x (collection, modality) + throughput + retries
 
 
-def test_time_series_come_from_the_journal(harvested: Path) -> None:
-    events = journal_events(harvested)
-    committed = sum(e["series"]["bytes"] for e in events if e["event"] == "commit")
+def test_time_series_come_from_the_run_events(harvested: Path) -> None:
+    events = run_events(harvested)
+    committed = sum(e["bytes"] for e in events if e["event"] == "commit")
     progress = [e for e in events if e["event"] == "progress"]
     assert len(progress) >= 2, "the capped harvest should last several checkpoints"
     marks = parse(render_report(harvested)).marks
@@ -215,9 +219,9 @@ def test_time_series_come_from_the_journal(harvested: Path) -> None:
 
 
 def test_progress_counters_restart_with_each_run_and_a_torn_line_is_skipped(copy_of: Path) -> None:
-    """Two runs an hour apart: each run's counters start from zero, the deltas are spread over
-    their interval, and a line torn by kill -9 is reported, not fatal."""
-    journal = copy_of / ".harvester" / "journal.jsonl"
+    """Two runs an hour apart (of a harvest made before the database: its journal is read): each
+    run's counters start from zero, the deltas are spread over their interval, and a line torn by
+    kill -9 is reported, not fatal."""
     base = "2030-01-01T00:00:00Z"
     lines = [
         {"event": "run", "t": base, "series": 1, "todo": 1},
@@ -226,7 +230,7 @@ def test_progress_counters_restart_with_each_run_and_a_torn_line_is_skipped(copy
         {"event": "run", "t": "2030-01-01T01:00:00Z", "series": 1, "todo": 0},
         {"event": "progress", "t": "2030-01-01T01:00:29Z", "received_bytes": 12000, "retries": 6, "done": 0, "failed": 0},
     ]
-    journal.write_text("".join(json.dumps(e) + "\n" for e in lines) + '{"event": "commit", "t": "2030-01-01T01:', "utf-8")
+    as_before_the_database(copy_of, lines, torn='{"event": "commit", "t": "2030-01-01T01:')
     page_html = render_report(copy_of)
     marks = parse(page_html).marks
     # The second run's 12000 counts from its own start (not as 12000 - 9000).
@@ -235,18 +239,19 @@ def test_progress_counters_restart_with_each_run_and_a_torn_line_is_skipped(copy
     # An hour and half a minute: 2-minute buckets, one per run.
     assert "Bytes per 2 min bucket" in page_html
     assert sorted(marks["dot received"]) == pytest.approx([9000, 12000])
-    assert "1 unreadable line skipped" in page_html
+    assert "1 unreadable journal line skipped" in page_html
     assert "bar committed" not in marks  # the only commit line is the torn one
 
 
 @pytest.mark.parametrize("damage", ["missing", "unreadable"])
-def test_missing_or_unreadable_journal(copy_of: Path, damage: str) -> None:
+def test_missing_or_unreadable_run_events(copy_of: Path, damage: str) -> None:
     shutil.rmtree(copy_of / ".harvester")
     if damage == "unreadable":
-        (copy_of / ".harvester" / "journal.jsonl").mkdir(parents=True)  # open() fails: a directory
+        (copy_of / ".harvester" / "state.db").mkdir(parents=True)  # not a regular file: refused
     page_html = render_report(copy_of)
     page = parse(page_html)
-    assert page.text["journal-status"].startswith("No journal" if damage == "missing" else "The journal could not be read")
+    assert page.text["journal-status"].startswith(
+        "No run events" if damage == "missing" else "The run events could not be read")
     assert "completion times in harvest.json" in page.text["journal-status"]
     assert sum(page.marks["bar committed"]) == pytest.approx(manifest(copy_of)["totals"]["bytes"])
     assert "dot received" not in page.marks and "bar retries" not in page.marks

@@ -2,6 +2,8 @@
 with ``load_harvest_dir``, and harvest that again. Rows and bytes must survive both trips."""
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import anyio
@@ -42,3 +44,12 @@ def test_harvest_republish_harvest(small_archive: Archive, tmp_path: Path) -> No
     second = load_harvest_dir(tmp_path / "second")
     assert {uid: sorted(i.md5 for i in r.instances) for uid, r in second.series.items()} == {
         r.uid: sorted(i.md5 for i in r.instances) for r in honest}
+    # serve reads the records through the state database: a harvest.json that lists fewer
+    # series (a kill -9 before its export) hides nothing; without .harvester, harvest.json it is
+    manifest = tmp_path / "first" / "harvest.json"
+    doc = json.loads(manifest.read_text("utf-8"))
+    doc["series"] = doc["series"][:1]
+    manifest.write_text(json.dumps(doc), "utf-8")
+    assert sorted(load_harvest_dir(tmp_path / "first").series) == sorted(r.uid for r in honest)
+    shutil.rmtree(tmp_path / "first" / ".harvester")
+    assert list(load_harvest_dir(tmp_path / "first").series) == [doc["series"][0]["SeriesInstanceUID"]]

@@ -36,7 +36,9 @@ from typing import Any
 
 from harvester.containment import open_indexed, read_bytes
 from harvester.dates import nbia_date, parse_archive_date
-from harvester.errors import UsageError
+from harvester.errors import HarvesterError, UsageError
+from harvester.store.db import DB_NAME
+from harvester.store.state import HarvestState
 
 log = logging.getLogger(__name__)
 
@@ -529,13 +531,19 @@ def _harvest_series(root: Path, entry: Mapping[str, Any]) -> SeriesRecord | None
 def load_harvest_dir(path: str | os.PathLike[str]) -> Archive:
     """Re-publish a harvested output directory: serve every ``status == "complete"`` series.
 
-    Series whose paths would leave the directory (``..``, absolute paths, symlinks pointing
-    outside), whose files are missing, or whose sizes changed are skipped with a warning.
+    The records come from the state database when DIR has one (``HarvestState.read``: read
+    only, streamed one record at a time, commits harvest.json does not list yet included),
+    else from ``harvest.json`` (a harvest made before the database, or sent without its
+    ``.harvester``). Series whose paths would leave the directory (``..``, absolute paths,
+    symlinks pointing outside), whose files are missing, or whose sizes changed are skipped
+    with a warning.
 
-    Raises :class:`harvester.errors.UsageError` when ``DIR/harvest.json`` is missing, is not
-    JSON, or has another schema.
+    Raises :class:`harvester.errors.UsageError` when the state cannot be read, or (without a
+    state database) when ``DIR/harvest.json`` is missing, is not JSON, or has another schema.
     """
     root = Path(path).resolve()
+    if (root / ".harvester" / DB_NAME).exists() or (root / ".harvester" / DB_NAME).is_symlink():
+        return _load_from_state(root)
     manifest = root / "harvest.json"
     try:
         text = read_bytes(manifest).decode("utf-8")   # never blocked on a FIFO
@@ -564,6 +572,19 @@ def load_harvest_dir(path: str | os.PathLike[str]) -> Archive:
             continue
         seen.add(rec.uid)
         records.append(rec)
+    return Archive(records)
+
+
+def _load_from_state(root: Path) -> Archive:
+    state = HarvestState(root)
+    try:
+        state.read(listed=False)
+        records = [rec for entry in state.records.values() if isinstance(entry, Mapping)
+                   and entry.get("status") == "complete" and (rec := _harvest_series(root, entry)) is not None]
+    except HarvesterError as exc:
+        raise UsageError(f"cannot read the harvest in {root}: {exc}", hint=exc.hint) from None
+    finally:
+        state.close()
     return Archive(records)
 
 

@@ -1,7 +1,7 @@
 """The state database: ``DIR/.harvester/state.db``, SQLite in WAL mode.
 
 One row per series (its whole record as JSON, plus the columns the queries need), the run
-events, and a few named values (the manifest header, how far the journal has been read). It is
+events, and a few named values (the manifest header, how far an old journal has been read). It is
 what every question about DIR asks (is this series complete? which folders are taken? what goes
 into harvest.json?), by index, so memory does not grow with the number of files recorded.
 
@@ -19,7 +19,7 @@ into harvest.json?), by index, so memory does not grow with the number of files 
   (``UnsafePathError``), so SQLite never writes through a planted link.
 
 Every value read back is hostile until checked: ``HarvestState`` runs each record through
-``record_problem`` and the containment rules, as it does for the journal's lines.
+``record_problem`` and the containment rules, as it does for an old journal's lines.
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ _VOUCHED_TABLE = next(s for s in _SCHEMA.split(";") if "TABLE IF NOT EXISTS vouc
 _HEADER = b"SQLite format 3\x00"
 _SQLITE_PERM, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_FULL, _SQLITE_CANTOPEN = 3, 8, 10, 13, 14
 _DAMAGED_HINT = ("move {db} aside (keep it for a bug report) and run the same command again: the state is "
-                 "rebuilt from the journal and harvest.json, and verified series are kept")
+                 "rebuilt from harvest.json, and the verified series it lists are kept")
 
 
 class FolderTaken(Exception):

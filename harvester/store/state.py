@@ -1,26 +1,26 @@
-"""What is done: the state database, an append-only journal, and ``harvest.json`` and
-``metadata.csv`` exported from them.
+"""What is done: the state database, and ``harvest.json`` and ``metadata.csv`` exported from it.
 
 Files on disk are a database (rclone's rule): nothing half-written ever sits under a final name.
 
 * ``DIR/.harvester/state.db`` (``harvester.store.db``) is the source of truth: every question
-  (``complete``, ``taken_paths``, ``records``) is an index lookup or a streamed read, so memory
-  does not grow with the number of files recorded.
-* ``DIR/.harvester/journal.jsonl`` is append-only and fsynced, with group commit: concurrent
-  appends each write their line under a lock, then one fsync covers every line written before it
-  started, and no append returns before its line is durable. A series is committed by
-  (1) writing and verifying it in ``DIR/.harvester/tmp/<key>.staging``, (2) appending a
-  ``commit`` line that holds its full record, then writing its row (one durable transaction),
-  (3) renaming the staging folder to its final path (atomic on one filesystem). The database
-  marks how far it reflects the journal (``_mark_journal_read``, never while a change is between
-  its line and its row); ``open()`` reads the lines after the mark into it, with the checks below
-  (a kill -9 between a line and its row, a hand edit, the whole journal of a harvest made before
-  the database: the migration). Then one streamed pass over every series: a complete one whose
-  folder is intact stays complete; one whose staging folder survived is finished (step 3
-  redone); anything else is recorded failed and fetched again. Then ``tmp/`` is emptied. A row
-  the database vouches for (``vouched``: written with the row at commit, or after the first full
-  check of an older row, and sealed by a CRC of the row) is not parsed or path-checked again:
-  only its files are stat'ed, and it is checked in full when one is not there.
+  (``complete``, ``taken_paths``, ``records``, ``events``) is an index lookup or a streamed read,
+  so memory does not grow with the number of files recorded. A series is committed by
+  (1) writing and verifying it in ``DIR/.harvester/tmp/<key>.staging``, (2) writing its row and
+  its run event (one durable transaction, fsynced: SQLite's WAL is the write-ahead log),
+  (3) renaming the staging folder to its final path (atomic on one filesystem). Then one
+  streamed pass over every series on ``open()``: a complete one whose folder is intact stays
+  complete; one whose staging folder survived is finished (step 3 redone); anything else is
+  recorded failed and fetched again. Then ``tmp/`` is emptied. A row the database vouches for
+  (``vouched``: written with the row at commit, or after the first full check of an older row,
+  and sealed by a CRC of the row) is not parsed or path-checked again: only its files are
+  stat'ed, and it is checked in full when one is not there.
+* ``DIR/.harvester/journal.jsonl`` is no longer written. Earlier versions appended every change
+  to it; ``open()`` reads the lines past the mark the database keeps of it (``meta.journal``:
+  the offset of the first line not read), with the checks below, and moves the mark in the same
+  transaction: the migration of a harvest made before the database (its whole journal, its run
+  events copied into the database's), and the tail an earlier version left behind (a kill -9
+  between a line and its row, a run of that version on a DIR this one made). The file is kept
+  as it was.
 * ``DIR/harvest.json`` is written atomically (temp file, fsync, rename) by streaming the
   database's records, so it only ever lists verified series (during a run only while it is
   small: ``CHECKPOINT_EXPORT_MAX_SERIES``). ``metadata.csv`` (the Data Retriever's, value for
@@ -30,7 +30,7 @@ Files on disk are a database (rclone's rule): nothing half-written ever sits und
 * A series a cart or list asked for that the archive did not give is recorded with status
   ``unavailable`` and the archive's reason in ``error`` (no path, no files); it never replaces a
   complete record, and the next run looks it up again.
-* Every path read from harvest.json, the journal or the database goes through ``harvester.containment``:
+* Every path read from harvest.json, an old journal or the database goes through ``harvester.containment``:
   a record whose folder or files would leave DIR is refused (left out of ``records``, so it is
   fetched again into a safe folder, and listed in ``refused`` with where it came from); a link
   at ``.harvester``, ``.harvester/tmp``, ``licenses`` or on the way to a series folder stops the
@@ -44,17 +44,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import errno
 import fcntl
 import hashlib
-import io
 import json
 import logging
 import os
 import re
 import shutil
 import sys
-import threading
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -257,20 +254,9 @@ def totals_of(recs: list[dict[str, Any]]) -> dict[str, int]:
     }
 
 
-class _SyncGroup:
-    """The journal lines written since the last fsync started: one fsync makes all of them durable."""
-
-    __slots__ = ("done", "error", "start")
-
-    def __init__(self, start: int) -> None:
-        self.start = start                  # journal offset of the group's first line
-        self.done = False
-        self.error: OSError | None = None   # set when the group's lines are not durable
-
-
 class _Records(Mapping[str, dict[str, Any]]):
     """The series records, read from the state database by index: nothing is held in memory but
-    what ``read()`` found in the journal past the database (``overlay``: a record, or None for a
+    what ``read()`` found in an old journal past the database (``overlay``: a record, or None for a
     series forgotten there). ``items()`` and ``values()`` stream in batches."""
 
     def __init__(self, state: HarvestState) -> None:
@@ -373,30 +359,24 @@ class HarvestState:
         self.header: dict[str, Any] = {}
         self.recovered = 0      # commits finished during recovery
         self.lost = 0           # commits whose files were gone (will be fetched again)
-        self._lock = threading.Lock()
-        self._synced = threading.Condition(self._lock)  # notified whenever an fsync ends
-        self._syncing = False                           # an fsync is running (outside the lock)
-        self._group = _SyncGroup(0)                     # lines waiting for the next fsync
         self._pending_trash: dict[str, tuple[str, str]] = {}  # uid -> (path, trash) of prunes
         #: (position, record) of each usable record harvest.json lists, as read (verify checks them)
         self.listed: list[tuple[int, dict[str, Any]]] = []
         #: one line per record refused on open (a path that leaves DIR), naming the file and line
         self.refused: list[str] = []
-        self._journal: io.RawIOBase | None = None
-        self._journal_lines: int | None = 0     # lines in the journal (None: count them when needed)
         self._lockfile: int | None = None
         self._overlay_origin: dict[str, str] = {}   # uid -> where read() found its overlay record
-        self._quiet = threading.Condition()     # guards the next three
-        self._inflight = 0                      # changes between their journal line and their rows
-        self._marking = False                   # _mark_journal_read waits for _inflight == 0
-        self._db_behind = False                 # a database write failed: the journal is ahead
-        self._marked: int | None = None         # the journal offset last marked in the database
+        #: (byte offset, line number) of the first old journal line not read (past the last whole one)
+        self._journal_end: tuple[int, int] = (0, 0)
+        self._journal_from: tuple[int, int] = (0, 0)  # where read() started on it (events() reads on)
+        #: old journal lines ``events()`` could not read (a kill -9 mid-append tears the last one)
+        self.torn_lines = 0
 
     # ------------------------------------------------------------ open / recover
     def open(self) -> None:
         """Create, lock, load and recover DIR. Raises ``UnsafePathError`` when ``.harvester``,
-        ``.harvester/tmp``, ``licenses``, the journal, the database or the lock is a symbolic
-        link, or the journal is not a regular file (nothing is written then); ``FatalError``
+        ``.harvester/tmp``, ``licenses``, an old journal, the database or the lock is a symbolic
+        link, or an old journal is not a regular file (nothing is written then); ``FatalError``
         when the database is damaged (see ``harvester.store.db``)."""
         for fixed in (self.meta_dir, self.tmp_dir, self.out_dir / "licenses", self.journal_path,
                       self.meta_dir / "lock"):
@@ -424,33 +404,8 @@ class HarvestState:
         except BaseException:
             self.close()
             raise
-        try:
-            # Unbuffered: an append that fails leaves nothing behind in a buffer for close() to
-            # flush (and fail on) later; _append cuts off whatever part of it reached the file.
-            self._journal = open(self.journal_path, "ab", buffering=0, opener=open_nofollow)
-            self._group = _SyncGroup(self._journal.tell())
-            # A kill -9 mid-append leaves a line without its newline; end it, or the next event
-            # would be glued to the fragment and lost on the next replay.
-            if self._journal.tell() > 0:
-                with open(self.journal_path, "rb", opener=open_nofollow) as fh:
-                    fh.seek(-1, os.SEEK_END)
-                    if fh.read(1) != b"\n":
-                        self._journal.write(b"\n")
-                        self._journal.flush()
-            self._mark_journal_read()
-        except OSError as exc:
-            self.close()
-            raise classify_os_error(exc, str(self.journal_path)) from None
 
     def close(self) -> None:
-        with contextlib.suppress(HarvesterError, OSError):
-            self._mark_journal_read()
-        with self._lock:
-            while self._syncing:  # never close the descriptor under a running fsync
-                self._synced.wait()
-            if self._journal is not None:
-                self._journal.close()
-                self._journal = None
         if self.db is not None:
             self.db.close()
             self.db = None
@@ -483,20 +438,32 @@ class HarvestState:
             where = got[1] if got is not None else None
         return where or self.manifest_path.name
 
-    def read(self) -> None:
+    def read(self, *, listed: bool = True) -> None:
         """Fill ``records`` and ``header`` as ``open()`` would before recovery, without the lock
         and without writing anything (verify reads this way): the database read-only, then the
         journal past what the database holds; a harvest made before the database, from
-        harvest.json and its journal (in memory, as those versions did)."""
+        harvest.json and its journal (in memory, as those versions did). ``listed=False`` leaves
+        ``listed`` empty: harvest.json is then read only when the database lacks its records."""
         self._check_journal()
         if self.db_path.exists() or self.db_path.is_symlink():
             db = StateDB(self.db_path, readonly=True)
             db.open()
             self.db = db
         target = _IntoOverlay(self)
-        self._import(target, load_listed=True)
+        self._import(target, load_listed=listed)
         self._hide_unusable(target)
         self.records.first = [rec["SeriesInstanceUID"] for _, rec in self.listed]
+
+    def read_events(self) -> Iterator[dict[str, Any]]:
+        """``events()`` without the lock, without writing and without reading any record (the
+        report asks only this): the database read-only, then an old journal past its mark."""
+        self._check_journal()
+        if self.db is None and (self.db_path.exists() or self.db_path.is_symlink()):
+            db = StateDB(self.db_path, readonly=True)
+            db.open()
+            self.db = db
+        self._journal_from = self._journal_start(self.db)
+        return self.events()
 
     def _check_journal(self) -> None:
         if self.journal_path.is_symlink():
@@ -506,8 +473,9 @@ class HarvestState:
     def _import(self, target: _Target, *, load_listed: bool = False) -> None:
         """Bring ``target`` up to date: harvest.json's records when the database has never been
         filled (a harvest made by an earlier version, or a DIR someone sent without its
-        ``.harvester``), then every journal line past the one the database last read. Both are
-        hostile: each record passes ``record_problem`` first."""
+        ``.harvester``), then every line of an old journal past the one the database last read
+        (the run events too when the database never read it: the migration). Both are hostile:
+        each record passes ``record_problem`` first."""
         db = self.db
         header = db.get_meta("header") if db is not None else None
         imported = db is not None and db.get_meta("imported") is True
@@ -523,7 +491,7 @@ class HarvestState:
                     if not isinstance(header, dict):
                         self.header = {k: v for k, v in data.items() if k not in ("series", "totals")}
             except (ManifestError, UsageError, AttributeError, TypeError):
-                # A damaged harvest.json is rebuilt from the journal and the database.
+                # A damaged harvest.json is rebuilt from the database (and an old journal).
                 self.listed = []
                 if not imported:
                     target.clear()
@@ -531,7 +499,11 @@ class HarvestState:
             if self.header.get(key) is not None and not isinstance(self.header[key], str):
                 _log.warning("%s: %s is not a string; ignored", self.manifest_path, key)
                 del self.header[key]
-        self._replay_journal(target, *self._journal_start(db))
+        start = self._journal_start(db)
+        self._journal_from = start
+        self._replay_journal(target, *start, events=db is not None and db.get_meta("journal") is None)
+        if start != self._journal_end:
+            target.mark_journal(*self._journal_end)
 
     def _journal_start(self, db: StateDB | None) -> tuple[int, int]:
         """(byte offset, line number) of the first journal line the database has not read: where
@@ -552,8 +524,11 @@ class HarvestState:
             pass
         return 0, 0
 
-    def _replay_journal(self, target: _Target, offset: int, first_line: int) -> None:
-        self._journal_lines = first_line
+    def _replay_journal(self, target: _Target, offset: int, first_line: int, *, events: bool = False) -> None:
+        """Read an old journal's lines from ``offset`` into ``target`` (and their run events,
+        when ``events``); ``_journal_end`` is then past its last whole line (a torn one after it,
+        a kill -9's, is read again should an older version end it)."""
+        self._journal_end = (offset, first_line)
         if not self.journal_path.exists():
             return
         try:
@@ -564,7 +539,9 @@ class HarvestState:
         with fh:
             fh.seek(offset)
             for lineno, line in enumerate(fh, start=first_line + 1):
-                self._journal_lines = lineno
+                offset += len(line)
+                if line.endswith(b"\n"):
+                    self._journal_end = (offset, lineno)
                 try:
                     event = json.loads(line)
                 except RecursionError:
@@ -575,6 +552,8 @@ class HarvestState:
                 if not isinstance(event, dict):
                     continue
                 kind, rec = event.get("event"), event.get("series")
+                if events and (ev := _event_of_line(event)) is not None:
+                    target.event(ev)
                 if kind in ("commit", "failed"):
                     problem = record_problem(rec)
                     if problem is not None:
@@ -601,37 +580,6 @@ class HarvestState:
                     target.forget(uid, path, trash)
                     if path and trash:
                         self._pending_trash[uid] = (path, trash)
-
-    def _mark_journal_read(self, header: dict[str, Any] | None = None) -> None:
-        """Record in the database how far the journal is reflected in it (and ``header``, in the
-        same transaction), so the next open replays only what comes after. Waits until no change
-        is between its journal line and its rows (new ones wait meanwhile); after a failed
-        database write it marks nothing. Writes nothing when nothing changed (a no-op resume)."""
-        with self._quiet:
-            self._marking = True
-            try:
-                while self._inflight:
-                    self._quiet.wait()
-                journal, db = self._journal, self.db
-                if journal is None or db is None or db.readonly or self._db_behind:
-                    if header is not None:
-                        self._db_write(StateDB.set_meta, "header", header)
-                    return
-                offset = journal.tell()
-                if header is None and self._marked == offset:
-                    return
-                if self._journal_lines is None:
-                    with open(self.journal_path, "rb", opener=open_nofollow) as fh:
-                        self._journal_lines = fh.read(offset).count(b"\n") if offset < (64 << 20) else sum(
-                            chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
-                with db.transaction():
-                    if header is not None:
-                        db.set_meta("header", header)
-                    db.set_meta("journal", {"offset": offset, "line": self._journal_lines})
-                self._marked = offset
-            finally:
-                self._marking = False
-                self._quiet.notify_all()
 
     def _hide_unusable(self, target: _IntoOverlay) -> None:
         """Leave out of ``records`` every database row that is not a usable record (a hostile
@@ -854,139 +802,57 @@ class HarvestState:
         return self.db.complete_paths()
 
     def events(self) -> Iterator[dict[str, Any]]:
-        """The run events recorded in the database, oldest first (``run``, ``progress``, ``finish``,
-        and one per series committed or failed: uid, bytes, attempts)."""
-        return self.db.events() if self.db is not None else iter(())
+        """The run events, oldest first (``run``, ``progress``, ``finish``, and one per series
+        committed or failed: uid, status, bytes, attempts): the database's, then (``read()`` of a
+        harvest an earlier version left) those of an old journal's lines past what the database
+        holds, streamed. Only the last of those may be torn; it is left out."""
+        if self.db is not None:
+            yield from self.db.events()
+        if self.db is not None and not self.db.readonly:
+            return      # open() read the journal's tail into the database
+        try:
+            fh = open(self.journal_path, "rb", opener=open_nofollow)
+        except OSError:
+            return
+        with fh:
+            fh.seek(self._journal_from[0])
+            for line in fh:
+                try:
+                    event = json.loads(line)
+                except (ValueError, RecursionError):
+                    self.torn_lines += line.strip() != b""
+                    continue
+                if not isinstance(event, dict):
+                    self.torn_lines += 1
+                elif (ev := _event_of_line(event)) is not None:
+                    yield ev
 
     # ------------------------------------------------------------ writes (call from a worker thread)
-    @contextlib.contextmanager
-    def _mutation(self) -> Iterator[None]:
-        """One change of state: its journal line and its database rows. ``_mark_journal_read``
-        waits until no change is half done, so the mark never covers a line whose rows are not
-        written (the next open replays everything past the mark)."""
-        with self._quiet:
-            while self._marking:
-                self._quiet.wait()
-            self._inflight += 1
-        try:
-            yield
-        finally:
-            with self._quiet:
-                self._inflight -= 1
-                self._quiet.notify_all()
-
-    def _db_write(self, fn: Any, *args: Any, **kwargs: Any) -> None:
-        """A database write after its journal line: on failure the journal is ahead of the
-        database for the rest of this process (never marked read), so the next open replays it."""
-        db = self.db
-        if db is None:
+    def _db(self) -> StateDB:
+        if self.db is None:
             raise HarvesterError("state is closed")
-        try:
-            fn(db, *args, **kwargs)
-        except BaseException:
-            self._db_behind = True
-            raise
-
-    def _append(self, event: dict[str, Any]) -> None:
-        """Append one line to the journal; returns once it is durable (fsynced).
-
-        Group commit: the line is written under the lock, then the appender waits for an fsync
-        that starts after its write. If none is running, it runs one itself (outside the lock), for
-        every line written so far; lines written meanwhile wait for the next one. Raises what
-        ``classify_os_error`` makes of a failed write or fsync; the lines that fsync did not make
-        durable are cut off, so the journal only holds lines whose append returned (or that a
-        kill -9 interrupted).
-        """
-        line = (json.dumps(event, separators=(",", ":"), ensure_ascii=False) + "\n").encode("utf-8")
-        with self._lock:
-            journal = self._open_journal()
-            start = journal.tell()
-            try:
-                view = memoryview(line)
-                while view:
-                    written = journal.write(view)
-                    if not written:
-                        raise OSError(errno.EIO, "the journal accepts no more bytes")
-                    view = view[written:]
-            except OSError as exc:
-                # Disk full or a size limit mid-line: cut the fragment off, so the journal stays a
-                # sequence of whole lines and the next append (this run's or the next's) is readable.
-                self._cut(journal, start)
-                raise classify_os_error(exc, "the journal") from None
-            if self._journal_lines is not None:
-                self._journal_lines += 1
-            group = self._group
-            while not group.done:
-                if self._syncing:   # started before this write: it does not cover this line
-                    self._synced.wait()
-                else:       # none running, so this line's group is still the current one
-                    self._sync_group()
-            if group.error is not None:
-                raise classify_os_error(group.error, "the journal") from None
-
-    def _open_journal(self) -> io.RawIOBase:
-        if self._journal is None:
-            raise HarvesterError("state is closed")
-        return self._journal
-
-    def _sync_group(self) -> None:
-        """fsync the current group's lines; called with the lock held, drops it during the fsync."""
-        journal, group = self._open_journal(), self._group
-        self._group = _SyncGroup(journal.tell())
-        self._syncing = True
-        outcome: OSError | None = OSError(errno.EIO, "the journal's fsync was interrupted")
-        self._lock.release()
-        try:
-            os.fsync(journal.fileno())
-            outcome = None
-        except OSError as exc:
-            outcome = exc
-        finally:
-            self._lock.acquire()
-            self._syncing = False
-            group.done, group.error = True, outcome
-            self._synced.notify_all()
-        if outcome is not None:
-            # Nothing since group.start is known durable: cut it all off, the lines written during
-            # the fsync included, and fail their appends too.
-            self._cut(journal, group.start)
-            self._group.done, self._group.error = True, outcome
-            self._group = _SyncGroup(group.start)
-
-    def _cut(self, journal: io.RawIOBase, offset: int) -> None:
-        self._journal_lines = None   # counted again when next needed
-        try:
-            os.ftruncate(journal.fileno(), offset)
-            journal.seek(offset)  # appends still go to the end; tell() must not report the old one
-        except OSError:
-            pass
+        return self.db
 
     def commit(self, rec: dict[str, Any], staging: Path) -> None:
-        """Journal the verified series and record it in the database (durable, fsynced, both),
-        then move its staging folder to its final path."""
-        final = self.final_dir(rec)   # refused before anything is journalled
+        """Record the verified series and its run event in the database (one durable
+        transaction), then move its staging folder to its final path."""
+        final = self.final_dir(rec)   # refused before anything is recorded
         uid = rec["SeriesInstanceUID"]
-        with self._mutation():
-            self._append({"event": "commit", "t": now_iso(), "series": rec})
-            before = self.records.get(uid)
-
-            checks = self._checks_of(rec)
-
-            def put(db: StateDB) -> None:
-                with db.transaction():   # the record and its event, or neither
-                    db.put(uid, rec, "the state database", replace_folder=True)
-                    if checks is not None:   # the next open stats its files, nothing more
-                        db.vouch(uid, checks)
-                    db.add_event("commit", now_iso(), _event_of(rec))
-            self._db_write(put)
+        db = self._db()
+        before = self.records.get(uid)
+        checks = self._checks_of(rec)
+        with db.transaction():   # the record and its event, or neither
+            db.put(uid, rec, "the state database", replace_folder=True)
+            if checks is not None:   # the next open stats its files, nothing more
+                db.vouch(uid, checks)
+            db.add_event("commit", now_iso(), _event_of(rec))
         try:
             aside = self._move_into_place(staging, final)
         except (OSError, UnsafePathError) as exc:
             # Not in place: the database must not vouch for it in this run's exports. (Should
             # this write fail too, the next open finds the staging folder and finishes the rename.)
             with contextlib.suppress(HarvesterError):
-                self._db_write(StateDB.delete, uid) if before is None else self._db_write(
-                    StateDB.put, uid, before, "the state database", replace_folder=True)
+                db.delete(uid) if before is None else db.put(uid, before, "the state database", replace_folder=True)
             if isinstance(exc, UnsafePathError):
                 raise
             raise classify_os_error(exc, rec["path"]) from None
@@ -995,51 +861,41 @@ class HarvestState:
 
     def restore(self, rec: dict[str, Any]) -> None:
         """Record a series complete again after its files were mended in place (``verify --repair``)."""
-        with self._mutation():
-            self._append({"event": "commit", "t": now_iso(), "series": rec})
-            self._db_write(StateDB.put, rec["SeriesInstanceUID"], rec, "the state database", replace_folder=True)
+        self._db().put(rec["SeriesInstanceUID"], rec, "the state database", replace_folder=True)
 
     def fail(self, rec: dict[str, Any]) -> None:
-        with self._mutation():
-            self._append({"event": "failed", "t": now_iso(), "series": rec})
-
-            def put(db: StateDB) -> None:
-                with db.transaction():
-                    if db.status(rec["SeriesInstanceUID"]) != "complete":  # never hides a verified copy
-                        db.put(rec["SeriesInstanceUID"], rec, "the state database")
-                    db.add_event("failed", now_iso(), _event_of(rec))
-            self._db_write(put)
+        db = self._db()
+        with db.transaction():
+            if db.status(rec["SeriesInstanceUID"]) != "complete":  # never hides a verified copy
+                db.put(rec["SeriesInstanceUID"], rec, "the state database")
+            db.add_event("failed", now_iso(), _event_of(rec))
 
     def mark_unavailable(self, missing: Iterable[tuple[str, str, str]]) -> None:
-        """Record series the archive did not give, as ``(uid, origin, reason)``: one journal line
-        (one fsync) and one database transaction for all of them. A complete record is kept as it
-        is (its files are verified; the archive withdrawing the series later does not undo that)."""
+        """Record series the archive did not give, as ``(uid, origin, reason)``: one database
+        transaction for all of them. A complete record is kept as it is (its files are verified;
+        the archive withdrawing the series later does not undo that)."""
         recs = [{"SeriesInstanceUID": uid, "Collection": "", "PatientID": "", "StudyInstanceUID": "",
                  "Modality": "", "status": "unavailable", "path": None, "bytes": 0, "attempts": 0,
                  "error": reason, "origin": origin, "checked": now_iso(), "files": []}
                 for uid, origin, reason in missing]
         if not recs:
             return
-        with self._mutation():
-            self._append({"event": "unavailable", "t": now_iso(), "series": recs})
-
-            def put_all(db: StateDB) -> None:
-                with db.transaction():
-                    for rec in recs:
-                        if db.status(rec["SeriesInstanceUID"]) != "complete":
-                            db.put(rec["SeriesInstanceUID"], rec, "the state database")
-            self._db_write(put_all)
+        db = self._db()
+        with db.transaction():
+            for rec in recs:
+                if db.status(rec["SeriesInstanceUID"]) != "complete":
+                    db.put(rec["SeriesInstanceUID"], rec, "the state database")
 
     def forget(self, uid: str, path: str, trash: str) -> None:
         """Drop a series from the manifest and move its folder to ``trash`` (relative to DIR).
 
-        Journalled first, so a kill between the two steps is finished by the next ``open()``.
+        Recorded first (with the move still to make), so a kill between the two steps is
+        finished by the next ``open()``.
         """
-        with self._mutation():
-            self._append({"event": "forget", "t": now_iso(), "uid": uid, "path": path, "trash": trash})
-            self._db_write(StateDB.forget, uid, path, trash)
+        db = self._db()
+        db.forget(uid, path, trash)
         self._to_trash(path, trash)
-        self._db_write(StateDB.trash_done, uid)
+        db.trash_done(uid)
 
     def _to_trash(self, path: str, trash: str) -> None:
         """Raises ``UnsafePathError`` when either path is not strictly inside DIR, when ``path``
@@ -1059,14 +915,11 @@ class HarvestState:
                 raise classify_os_error(exc, path) from None
 
     def log_event(self, event: dict[str, Any]) -> None:
-        """Anything else worth keeping (run start/finish, retries): appended to the journal and
-        recorded in the database."""
-        event = dict(event, t=now_iso())
-        with self._mutation():
-            self._append(event)
-            body = {k: v for k, v in event.items() if k not in ("event", "t")}
-            # not fsynced on its own (the journal line is): the next commit's fsync covers it
-            self._db_write(StateDB.add_event, str(event.get("event") or ""), event["t"], body, durable=False)
+        """Anything else worth keeping (run start/finish, progress, retries): recorded in the
+        database, without an fsync of its own (the next commit's covers it; a kill -9 loses none)."""
+        t = now_iso()
+        body = {k: v for k, v in event.items() if k not in ("event", "t")}
+        self._db().add_event(str(event.get("event") or ""), t, body, durable=False)
 
     # ------------------------------------------------------------ manifests (exports)
     def write_manifest(self, header: dict[str, Any], order: Iterable[str] | None = None, *,
@@ -1084,7 +937,8 @@ class HarvestState:
         if final or totals["series"] <= CHECKPOINT_EXPORT_MAX_SERIES:
             export_manifest(self.manifest_path, header, totals, self._ordered(order))
             self._write_metadata_csv(self._ordered(order), header.get("layout"))
-        self._mark_journal_read(header={"schema": SCHEMA, **header})
+        if self.db is not None and not self.db.readonly:
+            self.db.set_meta("header", {"schema": SCHEMA, **header})
         return totals
 
     def _ordered(self, order: list[str]) -> Iterator[dict[str, Any]]:
@@ -1170,6 +1024,19 @@ def _event_of(rec: dict[str, Any]) -> dict[str, Any]:
             "attempts": rec.get("attempts")}
 
 
+def _event_of_line(line: dict[str, Any]) -> dict[str, Any] | None:
+    """An old journal line as the database records its run event (``StateDB.events``' form), or
+    None for a line that is no run event (``unavailable``, ``forget``) or has no time. Hostile:
+    only a commit's or failure's series fields the readers use are kept, as they are."""
+    kind, t = line.get("event"), line.get("t")
+    if not isinstance(kind, str) or not isinstance(t, str) or kind in ("unavailable", "forget"):
+        return None
+    if kind in ("commit", "failed"):
+        rec = line.get("series")
+        return {"event": kind, "t": t, **_event_of(rec)} if isinstance(rec, dict) else None
+    return dict(line)
+
+
 def export_manifest(path: Path, header: dict[str, Any], totals: dict[str, int],
                     recs: Iterable[dict[str, Any]]) -> None:
     """Write harvest.json from ``recs`` streamed, byte for byte what
@@ -1206,6 +1073,12 @@ class _Target:
 
     def clear(self) -> None:
         raise NotImplementedError
+
+    def event(self, event: dict[str, Any]) -> None:
+        """A run event of an old journal (``StateDB.events``' form), migrated."""
+
+    def mark_journal(self, offset: int, line: int) -> None:
+        """The old journal is read up to ``offset`` (``line`` lines)."""
 
     def __enter__(self) -> Any:
         return self
@@ -1251,6 +1124,15 @@ class _IntoDB(_Target):
     def clear(self) -> None:
         self._begin()
         self.db.clear_series()
+
+    def event(self, event: dict[str, Any]) -> None:
+        self._begin()
+        body = {k: v for k, v in event.items() if k not in ("event", "t")}
+        self.db.add_event(str(event["event"]), str(event["t"]), body)
+
+    def mark_journal(self, offset: int, line: int) -> None:
+        self._begin()    # with what was read, in one transaction: never read twice, never skipped
+        self.db.set_meta("journal", {"offset": offset, "line": line})
 
     def mark_imported(self) -> None:
         if self.db.get_meta("imported") is True and self._txn is None:

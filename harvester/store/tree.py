@@ -12,7 +12,6 @@ import csv
 import datetime as dt
 import hashlib
 import io
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,7 +67,7 @@ class VerifyResult:
 
 
 def verify_tree(out_dir: Path, *, on_file: Callable[[int], None] | None = None) -> VerifyResult:
-    """Re-hash every file listed in ``out_dir/harvest.json`` (and in journal commits it does not
+    """Re-hash every file listed in ``out_dir/harvest.json`` (and in the state's commits it does not
     list yet), look for files no record lists in the series folders, and count the series that
     are failed, unavailable or missing (blocking; run it in a thread). Reads only: nothing in
     ``out_dir`` is changed.
@@ -78,16 +77,16 @@ def verify_tree(out_dir: Path, *, on_file: Callable[[int], None] | None = None) 
     harvest.json, ``ManifestError`` when it is unreadable.
     """
     read_manifest(out_dir)   # UsageError when absent, ManifestError when unreadable (the state rebuilds those)
-    # The journal holds commits that harvest.json (rewritten at checkpoints) may not list yet
+    # The state database holds commits that harvest.json (rewritten at checkpoints) may not list yet
     # after a kill -9: the records are what the next run would start from.
     state = HarvestState(out_dir)
     journal_problem: str | None = None
     try:
-        state.read()   # harvest.json's usable records (the others are reported), then the journal's
-    except UnsafePathError as exc:  # the journal is a link or not a regular file: never read
+        state.read()   # the database's records (or harvest.json's and an old journal's)
+    except UnsafePathError as exc:  # the database or an old journal is a link or not a regular file: never read
         journal_problem = str(exc)
     except OSError:
-        pass  # an unreadable journal: what harvest.json lists is all there is to check
+        pass  # an unreadable old journal: what harvest.json lists is all there is to check
     series = list(state.records.values())
     result = VerifyResult(out_dir=out_dir)
     if journal_problem:
@@ -156,8 +155,9 @@ def verify_tree(out_dir: Path, *, on_file: Callable[[int], None] | None = None) 
             except UnsafePathError as exc:
                 result.problems.append(f"harvest.json series #{index} ({rec.get('SeriesInstanceUID')}): {exc}")
     # An interrupted run (kill -9, Ctrl-C, a fatal stop) leaves series it never finished.
-    todo, finished = _last_run(state.journal_path)
+    todo, finished = _last_run(state)
     result.missing += max(0, todo - len(finished))
+    state.close()
     return result
 
 
@@ -186,27 +186,16 @@ def _extra_files(out_dir: Path, root: Path, folder: str, listed: set[str], folde
     return extra
 
 
-def _last_run(journal: Path) -> tuple[int, set[str]]:
-    """How many series the last run set out to fetch (its ``run`` line's ``todo``), and the
-    series it committed or recorded as failed after that line."""
+def _last_run(state: HarvestState) -> tuple[int, set[str]]:
+    """How many series the last run set out to fetch (its ``run`` event's ``todo``), and the
+    series it committed or recorded as failed after that event (``HarvestState.events``, streamed)."""
     todo, finished = 0, set()
-    try:
-        fh = open(journal, "rb", opener=open_nofollow)
-    except OSError:
-        return 0, set()
-    with fh:
-        for line in fh:
-            try:
-                event = json.loads(line)
-            except (ValueError, RecursionError):
-                continue  # a torn last line from a kill -9
-            if not isinstance(event, dict):
-                continue
-            if event.get("event") == "run":
-                todo = event["todo"] if isinstance(event.get("todo"), int) else 0
-                finished = set()
-            elif event.get("event") in ("commit", "failed") and isinstance(event.get("series"), dict):
-                finished.add(str(event["series"].get("SeriesInstanceUID")))
+    for event in state.events():
+        if event.get("event") == "run":
+            todo = event["todo"] if isinstance(event.get("todo"), int) else 0
+            finished = set()
+        elif event.get("event") in ("commit", "failed"):
+            finished.add(str(event.get("uid")))
     return todo, finished
 
 

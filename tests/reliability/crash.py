@@ -5,14 +5,15 @@ Phases, and how a kill is aimed at each (every kill is a real SIGKILL of a real 
 phase it hit is then *observed* from what it left on disk, never assumed):
 
 ``planning``  the server answers every request 150 ms late; kill 0-250 ms after the first
-              planning request reached it (no ``run`` line in the journal yet).
+              planning request reached it (no ``run`` event in the state database yet).
 ``download``  the server sends each series (~27 KB) at 16 KB/s; kill while a staging folder fills
               (the streaming sink writes each instance as its bytes arrive: there is no
               ``.zip.partial`` any more, and downloading and unpacking are one phase).
 ``verify``    every series has one corrupt instance and requests are 200 ms late; kill while the
               single-instance repair runs (the staging folder holds every file).
-``commit``    a slow disk (each fsync +50 ms, ``slow_disk.py``); kill as soon as a ``commit``
-              line reaches the journal, before its staging folder is renamed into place.
+``commit``    a slow disk (each fsync and rename +50 ms, ``slow_disk.py``); kill as soon as a
+              ``commit`` event is in the state database, before its staging folder is renamed
+              into place.
 ``manifest``  the same slow disk; kill while ``.harvest.json.*.tmp``/``.metadata.csv.*.tmp``
               exists (harvest.json or metadata.csv being rewritten).
 ``random``    a slow link; kill at a uniformly random moment 0.3-3 s after the start (which may
@@ -28,9 +29,11 @@ import json
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,50 +97,62 @@ class CampaignResult:
         return counts
 
 
-# ------------------------------------------------------------------------------ the journal
+# ------------------------------------------------------------------------------ the run events
 
-class JournalTail:
-    """Reads the journal's new complete lines since the last call (the file only grows)."""
+def _events_after(conn: sqlite3.Connection, after: int) -> list[tuple[int, str, dict[str, Any]]]:
+    try:
+        rows = conn.execute("SELECT id, kind, body FROM events WHERE id > ? ORDER BY id", (after,)).fetchall()
+    except sqlite3.OperationalError:   # the database is being created: no tables yet
+        return []
+    return [(i, kind, json.loads(body)) for i, kind, body in rows]
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offset = path.stat().st_size if path.exists() else 0
-        self._rest = b""
+
+class EventTail:
+    """Reads the state database's new run events since the last call (the table only grows),
+    through a read-only connection of its own (what a kill leaves committed)."""
+
+    def __init__(self, out: Path) -> None:
+        self.db = out / ".harvester" / "state.db"
+        self._conn: sqlite3.Connection | None = None
+        self.after = 0
+        if self.db.exists():
+            self.after = max((i for i, _, _ in self._events()), default=0)
+
+    def _events(self) -> list[tuple[int, str, dict[str, Any]]]:
+        if self._conn is None:
+            if not self.db.exists():
+                return []
+            self._conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=30)
+        return _events_after(self._conn, self.after)
 
     def new_events(self) -> list[dict[str, Any]]:
-        try:
-            with open(self.path, "rb") as fh:
-                fh.seek(self.offset)
-                data = fh.read()
-        except FileNotFoundError:
-            return []
-        self.offset += len(data)
-        data = self._rest + data
-        *lines, self._rest = data.split(b"\n")
-        events = []
-        for line in lines:
-            try:
-                events.append(json.loads(line))
-            except ValueError:
-                pass
-        return events
+        got = self._events()
+        if got:
+            self.after = got[-1][0]
+        return [{**body, "event": kind} for _, kind, body in got]
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
-def journal_events(out: Path) -> list[dict[str, Any]]:
-    """Every event in the journal; only the last line may be torn (a kill mid-append)."""
-    path = out / ".harvester" / "journal.jsonl"
-    if not path.exists():
-        return []
-    lines = path.read_bytes().split(b"\n")
-    events = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            events.append(json.loads(line))
-        except ValueError:
-            assert i == len(lines) - 1, f"journal line {i + 1} of {len(lines)} is torn but not the last"
-    return events
+def committed_records(out: Path) -> dict[str, dict[str, Any] | None]:
+    """uid -> the series record the database holds now, for every series a ``commit`` event
+    names (None: no record any more)."""
+    db = out / ".harvester" / "state.db"
+    if not db.exists():
+        return {}
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        uids = {body.get("uid") for _, kind, body in _events_after(conn, 0) if kind == "commit"}
+        latest: dict[str, dict[str, Any] | None] = {}
+        for uid in sorted(u for u in uids if isinstance(u, str)):
+            row = conn.execute("SELECT record FROM series WHERE uid=?", (uid,)).fetchone()
+            latest[uid] = json.loads(zlib.decompress(row[0])) if row is not None else None
+        return latest
+    finally:
+        conn.close()
 
 
 # ------------------------------------------------------------------------------ observing a kill
@@ -168,7 +183,7 @@ def observe(out: Path, started: bool, run_started: bool, committed_keys: set[str
         if name.endswith(".staging"):
             key = name.removesuffix(".staging")
             if key in committed_keys:
-                phases.add("commit")       # journalled, not yet renamed
+                phases.add("commit")       # recorded, not yet renamed
             elif _dicom_files(tmp / name) < instances:
                 phases.add("download")     # the sink writes each instance as its bytes arrive
             else:
@@ -207,10 +222,10 @@ def check_tree(out: Path, archive: Archive) -> set[str]:
 
     * harvest.json parses (it is only ever replaced atomically) and every file it lists as part
       of a complete series exists with its MD5, which is the archive's MD5 for that instance;
-    * every series the journal committed is whole under its final name, or whole in its staging
-      folder (killed between journal and rename: the next run finishes the rename);
-    * every file under DIR outside ``.harvester/`` is listed by harvest.json or by a journal
-      commit with that MD5, a complete license, or a temp file (``.NAME.PID.tmp``) of a rewrite
+    * every series the database recorded as committed is whole under its final name, or whole in
+      its staging folder (killed between its row and the rename: the next run finishes the rename);
+    * every file under DIR outside ``.harvester/`` is listed by harvest.json or by a committed
+      record with that MD5, a complete license, or a temp file (``.NAME.PID.tmp``) of a rewrite
       in progress: nothing partial ever sits under a final name.
 
     Returns the series a rerun must not download again.
@@ -228,13 +243,10 @@ def check_tree(out: Path, archive: Archive) -> set[str]:
                 assert path.is_file(), f"harvest.json lists {f['path']}, which does not exist"
                 assert _md5(path) == f["md5"] == md5_of_sop[f["SOPInstanceUID"]], f"{f['path']}: wrong bytes"
                 listed[path.resolve()] = f["md5"]
-    latest: dict[str, dict[str, Any]] = {}
-    for ev in journal_events(out):
-        if ev.get("event") == "commit":
-            latest[ev["series"]["SeriesInstanceUID"]] = ev["series"]
     must_skip: set[str] = set()
     tmp = out / ".harvester" / "tmp"
-    for uid, rec in latest.items():
+    for uid, rec in committed_records(out).items():
+        assert rec is not None and rec["status"] == "complete", f"{uid} was committed, and its record is now {rec}"
         final = out / rec["path"]
         staging = tmp / f"{series_key(uid)}.staging"
         if final.exists():
@@ -244,7 +256,7 @@ def check_tree(out: Path, archive: Archive) -> set[str]:
                 listed[(out / f["path"]).resolve()] = f["md5"]
         else:
             assert staging.is_dir() and _whole(staging, rec), \
-                f"journal committed {uid} but neither its folder nor its staging folder is whole"
+                f"the database committed {uid} but neither its folder nor its staging folder is whole"
         must_skip.add(uid)
     licenses = {r.license_text for r in archive.records()}
     for path in out.rglob("*"):
@@ -275,6 +287,7 @@ class Campaign:
         self.work = work
         self.harvests = 1          # output folders used: a new one once a harvest is whole
         self.out = work / "out"
+        self.whole: list[Path] = []   # earlier output folders, left whole (the final run resumes each)
         self.logs = work / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.query = work / "q.yaml"
@@ -306,13 +319,13 @@ class Campaign:
         self._final_run()
         return self.result
 
-    def _trigger(self, target: str, proc: subprocess.Popen[bytes], tail: JournalTail,
+    def _trigger(self, target: str, proc: subprocess.Popen[bytes], tail: EventTail,
                  launched: float) -> tuple[bool, bool, bool, set[str]]:
-        """Wait for the moment to kill. Returns (killed, reached the archive, ``run`` line written,
+        """Wait for the moment to kill. Returns (killed, reached the archive, ``run`` event recorded,
         keys of series committed since launch).
 
         Every trigger but ``random`` fires only once this run reached the archive (planning) or
-        wrote its ``run`` line (the rest), so nothing an earlier run left behind can fire it.
+        recorded its ``run`` event (the rest), so nothing an earlier run left behind can fire it.
         """
         run_started = False
         committed: set[str] = set()
@@ -323,19 +336,19 @@ class Campaign:
         if target == "random":
             kill_at = launched + self.rng.uniform(0.3, 3.0)
 
-        def read_journal() -> None:
+        def read_events() -> None:
             nonlocal run_started
             for ev in tail.new_events():
                 if ev.get("event") == "run":
                     run_started = True
                 elif ev.get("event") == "commit":
-                    committed.add(series_key(ev["series"]["SeriesInstanceUID"]))
+                    committed.add(series_key(str(ev["uid"])))
 
         def started() -> bool:
             return self.server.stats.requests.get("getCollectionValues", 0) > planning_before
 
         while time.monotonic() < deadline and proc.poll() is None:
-            read_journal()
+            read_events()
             now = time.monotonic()
             if kill_at is None:
                 if target == "planning":
@@ -358,7 +371,7 @@ class Campaign:
             if kill_at is not None and now >= kill_at:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
-                read_journal()  # lines that landed between the last poll and the kill
+                read_events()  # events committed between the last poll and the kill
                 return True, started(), run_started, committed
             time.sleep(0.001)
         if proc.poll() is None:
@@ -380,17 +393,21 @@ class Campaign:
             # more series before each kill lands). Aim at a new harvest in a new folder; the one
             # left is complete, so nothing it ever held was lost.
             self.harvests += 1
+            self.whole.append(self.out)
             self.out = self.work / f"out{self.harvests}"
             self.ever_complete = set()
             must_skip = set()
         downloads_before = self.server.stats.downloads
-        tail = JournalTail(self.out / ".harvester" / "journal.jsonl")
+        tail = EventTail(self.out)
         log = self.logs / f"{n:02d}-{target}.log"
         with open(log, "wb") as fh:
             launched = time.monotonic()
             proc = subprocess.Popen(self.args(spec.slow_disk), env=ENV, stdout=fh, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL)
-            killed, started, run_started, committed = self._trigger(target, proc, tail, launched)
+            try:
+                killed, started, run_started, committed = self._trigger(target, proc, tail, launched)
+            finally:
+                tail.close()
         elapsed = time.monotonic() - launched
         if not killed:
             # The run ended on its own before the moment came: fine (exit 0), but not a kill.
@@ -414,6 +431,16 @@ class Campaign:
         assert not again, f"completed series downloaded again after a kill: {again[:3]}"
 
     def _final_run(self) -> None:
+        """A run without faults in the current folder, which completes it, then one in every
+        earlier folder (whole, but its last run may have been killed before its exports): none
+        downloads a series that was complete."""
+        current = self.out
+        for out in (*self.whole, current):
+            self.out = out
+            self._run_to_the_end(set() if out != current else self.ever_complete)
+        self.result.final_series = len(self.archive)
+
+    def _run_to_the_end(self, ever_complete: set[str]) -> None:
         self.server.set_faults(None)
         must_skip = check_tree(self.out, self.archive)
         downloads_before = self.server.stats.downloads
@@ -422,10 +449,10 @@ class Campaign:
         assert proc.returncode == 0, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr
         self._no_refetch(must_skip, downloads_before)
-        gone = sorted(self.ever_complete - check_tree(self.out, self.archive))
+        after = check_tree(self.out, self.archive)
+        gone = sorted((ever_complete | must_skip) - after)
         self.result.lost += len(gone)
         assert not gone, f"series complete at some kill are no longer complete: {gone[:3]}"
-        self.result.final_series = len(self.archive)
 
 
 def _glob(folder: Path, pattern: str) -> list[Path]:

@@ -203,10 +203,10 @@ def render(rows: list[dict[str, Any]], results: dict[str, Counter[str]], *, soak
       "the harvest ends complete and byte-identical, and the server's counters prove each fault kind hit | "
       f"{res('test_chaos_soak')} |")
     w("| crash consistency | `test_crash_consistency.py` | kill -9 of `harvester run` aimed at each phase (the phase "
-      "hit is read from what the process left on disk); after every kill harvest.json and the journal agree with "
+      "hit is read from what the process left on disk); after every kill harvest.json and the state database agree with "
       "the tree, nothing partial sits under a final name, and the next run downloads no completed series again | "
       f"{res('test_crash_consistency')} |")
-    w("| disk full, unwritable output | `test_disk_full.py` | a 3 MB tmpfs (ENOSPC), RLIMIT_FSIZE (EFBIG) mid-journal and "
+    w("| disk full, unwritable output | `test_disk_full.py` | a 3 MB tmpfs (ENOSPC), RLIMIT_FSIZE (EFBIG) mid-state and "
       "at the final harvest.json, output under a regular file, read-only tmpfs and bind mount: exit 3 with one "
       "line, verified series kept, the rerun after freeing space completes without refetching them | "
       f"{res('test_disk_full')} |")
@@ -233,7 +233,7 @@ def render(rows: list[dict[str, Any]], results: dict[str, Counter[str]], *, soak
       "byte for byte, the rerun completes; every CLI command on a hostile DIR under `-X faulthandler` without a "
       f"traceback | {res('test_containment')} |")
     w("| secrets | `test_secrets.py` | the password, every issued token and a password in the URL never appear in "
-      "stdout, stderr, journal, harvest.json, metadata.csv, report.html or status/verify/query output, with "
+      "stdout, stderr, state.db (rows inflated), harvest.json, metadata.csv, report.html or status/verify/query output, with "
       "refreshes under faults, a rejected refresh, a password rejected mid-run, and six broken token endpoints | "
       f"{res('test_secrets')} |")
     w("| secrets echoed | `test_secrets_echo.py` | a server echoing the bearer token, refresh token and password "

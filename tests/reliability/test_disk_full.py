@@ -28,7 +28,7 @@ from .crash import check_tree
 
 #: 20 series of ~260 KB: about 5 MB in all, so a 3 MB filesystem fills part-way.
 BIG_SPEC = "collections=1,patients=4,studies=1,series=5,instances=4,size=64KiB,seed=63"
-#: 24 series of ~10 KB: small files, a journal and a harvest.json that grow with every series.
+#: 24 series of ~10 KB: small files, a state database and a harvest.json that grow with every series.
 SMALL_SPEC = "collections=1,patients=4,studies=1,series=6,instances=2,size=4KiB,seed=64"
 #: 24 series of 60 small files: harvest.json (every file listed, indented) outgrows every state
 #: file (the journal, the compressed state database, its WAL bounded by checkpoints).
@@ -103,7 +103,7 @@ def assert_disk_full_line(line: str) -> None:
 
 
 def kept_series(out: Path, archive: Archive) -> set[str]:
-    """What survived the fatal stop: harvest.json and the journal agree with the tree; returns the
+    """What survived the fatal stop: harvest.json and the state database agree with the tree; returns the
     series complete on disk (or recoverable), which a rerun must not fetch again."""
     must_skip = check_tree(out, archive)
     result = verify_tree(out)
@@ -140,7 +140,7 @@ def test_disk_full_on_a_small_filesystem_then_resume(big_archive, tmp_path, figu
 
 @pytest.mark.slow
 def test_file_size_limit_is_disk_full_then_resume(small_files_archive, tmp_path, figures):
-    """EFBIG (a quota or file-size limit): the journal and harvest.json outgrow the limit mid-run."""
+    """EFBIG (a quota or file-size limit): the state database and harvest.json outgrow the limit mid-run."""
     query = write_query(tmp_path, small_files_archive)
     out = tmp_path / "out"
     with serve_in_thread(small_files_archive) as srv:
@@ -161,22 +161,21 @@ def test_file_size_limit_is_disk_full_then_resume(small_files_archive, tmp_path,
 
 @pytest.mark.slow
 def test_disk_full_while_writing_the_final_manifest_is_not_success(many_files_archive, tmp_path, figures):
-    """Every series verified and journalled, then harvest.json cannot be rewritten: that is a fatal
+    """Every series verified and recorded, then harvest.json cannot be rewritten: that is a fatal
     stop (exit 3), not a success with a stale manifest; the rerun finishes it without downloading."""
     query = write_query(tmp_path, many_files_archive)
     out = tmp_path / "out"
     uids = normal_series(many_files_archive)
     with serve_in_thread(many_files_archive) as srv:
-        # a first run, to learn the sizes of the journal and of the final harvest.json
+        # a first run, to learn the sizes of the state and of the final harvest.json
         probe = tmp_path / "probe"
         assert harvest(srv.base_url, probe, select_all(many_files_archive)).ok
-        # the largest state file: the journal, the database, or its WAL (at most 64 pages between
-        # checkpoints, and one commit)
-        journal = max((probe / ".harvester" / "journal.jsonl").stat().st_size,
-                      (probe / ".harvester" / "state.db").stat().st_size, 80 * 4096)
+        # the largest state file: the database, or its WAL (at most 64 pages between checkpoints,
+        # and one commit)
+        state = max((probe / ".harvester" / "state.db").stat().st_size, 80 * 4096)
         final_manifest = (probe / "harvest.json").stat().st_size
-        assert journal < final_manifest, (journal, final_manifest)
-        limit = (journal + final_manifest) // 2  # the state fits, the final harvest.json does not
+        assert state < final_manifest, (state, final_manifest)
+        limit = (state + final_manifest) // 2  # the state fits, the final harvest.json does not
         before = srv.stats.downloads
         proc = run_cli(query, out, srv.base_url, fsize=limit)
         line = one_error_line(proc)

@@ -6,8 +6,10 @@ the plain authenticated harvest)."""
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -76,15 +78,38 @@ def auth_flags(*extra: str) -> list[str]:
 
 
 def texts_of(out: Path, *procs: subprocess.CompletedProcess[str]) -> dict[str, str]:
-    """Everything a secret could leak into: every file under DIR (journal, harvest.json,
-    metadata.csv, licenses, report.html...) and every process output."""
+    """Everything a secret could leak into: every file under DIR (the state database's rows
+    inflated, harvest.json, metadata.csv, licenses, report.html...) and every process output."""
     texts = {f"{p.args[3] if len(p.args) > 3 else p.args}:{name}": getattr(p, name)
              for p in procs for name in ("stdout", "stderr")}
     if out.exists():
         for path in out.rglob("*"):
             if path.is_file():
                 texts[str(path.relative_to(out))] = path.read_bytes().decode("utf-8", "replace")
+        db = out / ".harvester" / "state.db"
+        if db.is_file():   # its records are stored compressed: read every value as the harvester would
+            texts["state.db rows"] = state_db_text(db)
     return texts
+
+
+def state_db_text(db: Path) -> str:
+    """Every value of every table of a state database, zlib-compressed ones inflated."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        values = []
+        for (table,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall():
+            for row in conn.execute(f'SELECT * FROM "{table}"'):
+                for value in row:
+                    if isinstance(value, bytes):
+                        try:
+                            value = zlib.decompress(value)
+                        except zlib.error:
+                            pass
+                        value = value.decode("utf-8", "replace")
+                    values.append(str(value))
+        return "\n".join(values)
+    finally:
+        conn.close()
 
 
 def assert_no_secret(texts: dict[str, str], secrets: list[str]) -> int:
@@ -132,7 +157,7 @@ def test_refreshing_harvest_with_faults_leaks_nothing(archive, tmp_path, query, 
         faults = srv.app[STATS_KEY].faults
     assert rec.grants["refresh_token"] >= 3 and rec.grants["password"] >= 1, rec.grants
     assert sum(faults.values()) > 0
-    assert (out / ".harvester" / "journal.jsonl").exists() and (out / "report.html").exists()
+    assert (out / ".harvester" / "state.db").exists() and (out / "report.html").exists()
     scanned = assert_no_secret(texts_of(out, *procs), [PASSWORD, *rec.secrets])
     figures.record("secrets", case="refresh before every request, with faults", texts=scanned,
                    secrets=1 + len(rec.secrets), grants=dict(rec.grants), series=len(normal_series(archive)))

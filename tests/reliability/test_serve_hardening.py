@@ -19,6 +19,7 @@ import pytest
 
 from harvest_helpers import harvest, manifest, normal_series, select_all
 from harvester.server.archive import Archive, load_harvest_dir
+from harvester.store.db import StateDB
 from harvester.server.serve import start_server
 from harvester.server.testing import serve_in_thread
 
@@ -65,8 +66,12 @@ def harvested(tmp_path_factory, small_archive) -> Iterator[tuple[Path, Archive]]
     victim = out / doc["series"][0]["files"][0]["path"]
     victim.unlink()
     victim.symlink_to(root / "secret.txt")
-    doc["series"][1]["files"][0]["path"] = "../secret.txt"   # a hostile harvest.json entry
+    doc["series"][1]["files"][0]["path"] = "../secret.txt"   # a hostile entry of the state database
     (out / "harvest.json").write_text(json.dumps(doc))
+    db = StateDB(out / ".harvester" / "state.db")           # what serve reads the records from
+    db.open()
+    db.put(doc["series"][1]["SeriesInstanceUID"], doc["series"][1], "a hand edit")
+    db.close()
     yield out, load_harvest_dir(out)
 
 

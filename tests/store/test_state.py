@@ -1,7 +1,8 @@
-"""harvester.store.state: the journal, the atomic manifests, the lock, and recovery after a kill -9
+"""harvester.store.state: the database as the record (an old journal read once), the atomic manifests, the lock, and recovery after a kill -9
 at every step of a commit (simulated by an exception that nothing catches, then a fresh open())."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import hashlib
@@ -24,6 +25,7 @@ from harvester.errors import (
     HarvesterError,
     OutputNotWritableError,
 )
+from harvester.store.db import StateDB
 from harvester.store.layout import series_path
 from harvester.store.state import (
     METADATA_COLUMNS,
@@ -82,8 +84,31 @@ def stage(state: HarvestState, uid: str, files: dict[str, bytes]) -> Path:
     return staging
 
 
-def journal_events(state: HarvestState) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in state.journal_path.read_bytes().splitlines() if line.strip()]
+def run_events(state: HarvestState) -> list[dict[str, Any]]:
+    """The run events of the state's database, read back through a connection of their own
+    (what another process sees: only committed rows)."""
+    reader = StateDB(state.db_path, readonly=True)
+    reader.open()
+    try:
+        return list(reader.events())
+    finally:
+        reader.close()
+
+
+def count_transactions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one for every outermost database transaction (one fsync each)."""
+    counted: list[int] = []
+    real = StateDB.transaction
+
+    @contextlib.contextmanager
+    def transaction(self: StateDB) -> Any:
+        outermost = self._writer is not None and not self._writer.in_transaction
+        with real(self) as conn:
+            yield conn
+        if outermost:
+            counted.append(1)
+    monkeypatch.setattr(StateDB, "transaction", transaction)
+    return counted
 
 
 def assert_files(folder: Path, files: dict[str, bytes]) -> None:
@@ -120,7 +145,8 @@ def test_open_creates_its_folders_and_a_lock(out: Path) -> None:
     try:
         assert (out / ".harvester" / "tmp").is_dir()
         assert (out / ".harvester" / "lock").exists()
-        assert st.journal_path.exists()
+        assert st.db_path.is_file()
+        assert not st.journal_path.exists()      # the database is the record: no journal is written
         assert st.records == {} and st.recovered == 0 and st.lost == 0
     finally:
         st.close()
@@ -168,149 +194,81 @@ def test_read_only_output_dir_is_fatal(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- commit
 
-def test_commit_journals_then_moves_staging_into_place(state: HarvestState) -> None:
+def test_commit_records_then_moves_staging_into_place(state: HarvestState) -> None:
     uid, files = "1.2.840.1", files_of("1.2.840.1")
     staging = stage(state, uid, files)
     rec = record(uid, "LIDC-IDRI/LIDC-IDRI-0001/s/1", files)
     state.commit(rec, staging)
     assert not staging.exists()
     assert_files(state.out_dir / rec["path"], files)
-    (event,) = [e for e in journal_events(state) if e.get("event") == "commit"]
-    assert event["series"] == rec and event["t"].endswith("Z")
+    (event,) = [e for e in run_events(state) if e.get("event") == "commit"]
+    assert (event["uid"], event["bytes"], event["attempts"]) == (uid, rec["bytes"], 1) and event["t"].endswith("Z")
     assert state.complete(uid) == rec
     assert state.taken_paths() == {uid: rec["path"]}
 
 
-def test_journal_line_is_on_disk_before_the_rename(state: HarvestState, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_row_is_committed_before_the_rename(state: HarvestState, monkeypatch: pytest.MonkeyPatch) -> None:
     uid, files = "1.2.840.1", files_of("1.2.840.1")
     staging = stage(state, uid, files)
     rec = record(uid, "C/P/S/1", files)
-    seen: list[list[dict[str, Any]]] = []
+    seen: list[Any] = []
 
     def rename(src: Any, dst: Any, **kwargs: Any) -> None:  # dst_dir_fd: the rename is made relative to the parent
-        seen.append(journal_events(state))               # read back from the file, not from memory
+        reader = HarvestState(state.out_dir)             # another connection: committed rows only
+        reader.read()
+        seen.append((reader.complete(uid), [e["event"] for e in reader.events()]))
+        reader.close()
         raise Crash
 
     monkeypatch.setattr(os, "rename", rename)
     with pytest.raises(Crash):
         state.commit(rec, staging)
-    assert seen and seen[0][-1]["event"] == "commit" and seen[0][-1]["series"] == rec
+    assert seen == [(rec, ["commit"])]
 
 
-def test_journal_failure_leaves_staging_alone(state: HarvestState, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_database_write_leaves_staging_alone_and_records_nothing(
+        state: HarvestState, monkeypatch: pytest.MonkeyPatch) -> None:
     uid, files = "1.2.840.1", files_of("1.2.840.1")
     staging = stage(state, uid, files)
     rec = record(uid, "C/P/S/1", files)
 
-    def fsync(fd: int) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def add_event(*args: Any, **kwargs: Any) -> None:   # the last write of the commit's transaction
+        raise DiskFullError("cannot write state.db: disk full")
 
-    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(StateDB, "add_event", add_event)
     with pytest.raises(DiskFullError):
         state.commit(rec, staging)
     monkeypatch.undo()
     assert staging.is_dir() and not (state.out_dir / "C").exists()
-    assert state.complete(uid) is None
+    assert state.complete(uid) is None and run_events(state) == []   # the row went with the event
+    fresh = reopen(state)
+    try:
+        assert fresh.complete(uid) is None and not staging.exists()   # fetched again
+    finally:
+        fresh.close()
 
 
-def hold_first_fsync(state: HarvestState, monkeypatch: pytest.MonkeyPatch, lines: int,
-                     error: OSError | None = None) -> tuple[list[tuple[str, Any]], threading.Lock]:
-    """Log the journal's writes and fsyncs in order, and hold its first fsync until ``lines`` lines
-    are written, so the other committers pile up behind it (then fail that fsync with ``error``).
-    Without group commit nobody can write during an fsync, and the hold ends by its timeout."""
-    log: list[tuple[str, Any]] = []
-    log_lock, all_written = threading.Lock(), threading.Event()
-    raw, real_fsync = state._journal, os.fsync
-    assert raw is not None
-    syncs: list[int] = []
-
-    class LoggedJournal:
-        def write(self, data: Any) -> int:
-            count = raw.write(data)
-            with log_lock:
-                log.append(("write", json.loads(bytes(data))["series"]["SeriesInstanceUID"]))
-                if sum(kind == "write" for kind, _ in log) == lines:
-                    all_written.set()
-            return count
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(raw, name)
-
-    def fsync(fd: int) -> None:
-        if fd != raw.fileno():      # the final folder's parent
-            return real_fsync(fd)
-        with log_lock:
-            k = len(syncs)
-            syncs.append(k)
-            log.append(("sync start", k))
-        if k == 0:
-            all_written.wait(timeout=5)
-            if error is not None:
-                raise error
-        real_fsync(fd)
-        with log_lock:
-            log.append(("sync end", k))
-
-    monkeypatch.setattr(state, "_journal", LoggedJournal())
-    monkeypatch.setattr(os, "fsync", fsync)
-    return log, log_lock
-
-
-def commit_concurrently(state: HarvestState, uids: list[str], log: list[tuple[str, Any]],
-                        log_lock: threading.Lock) -> dict[str, BaseException]:
-    """Commit one series per uid, each from its own thread; logs each return, returns the errors."""
+def test_concurrent_commits_are_each_recorded_once(state: HarvestState) -> None:
+    uids = [f"1.2.840.{i}" for i in range(16)]
     staged = {uid: (record(uid, f"C/P/{uid}/1", files_of(uid)), stage(state, uid, files_of(uid))) for uid in uids}
-    errors: dict[str, BaseException] = {}
+    errors: list[BaseException] = []
 
     def run(uid: str) -> None:
         try:
             state.commit(*staged[uid])
-        except HarvesterError as exc:
-            errors[uid] = exc
-            return
-        with log_lock:
-            log.append(("return", uid))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
 
     threads = [threading.Thread(target=run, args=(uid,)) for uid in uids]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return errors
-
-
-def test_concurrent_commits_share_an_fsync_and_return_only_once_durable(
-        state: HarvestState, monkeypatch: pytest.MonkeyPatch) -> None:
-    uids = [f"1.2.840.{i}" for i in range(16)]
-    log, log_lock = hold_first_fsync(state, monkeypatch, len(uids))
-    assert commit_concurrently(state, uids, log, log_lock) == {}
-    assert sorted(e["series"]["SeriesInstanceUID"] for e in journal_events(state)) == sorted(uids)
-    syncs = [k for kind, k in log if kind == "sync start"]
-    # Group commit: one fsync for the line(s) written before the first one started, and one for
-    # every line written while it ran.
-    assert 1 <= len(syncs) <= 2
-    for uid in uids:
-        written, returned = log.index(("write", uid)), log.index(("return", uid))
-        assert any(written < log.index(("sync start", k)) and log.index(("sync end", k)) < returned
-                   for k in syncs), f"{uid} returned before an fsync that started after its write ended"
-
-
-def test_a_failed_group_fsync_fails_and_cuts_off_every_line_it_did_not_make_durable(
-        state: HarvestState, monkeypatch: pytest.MonkeyPatch) -> None:
-    uids = [f"1.2.840.{i}" for i in range(8)]
-    log, log_lock = hold_first_fsync(state, monkeypatch, len(uids), OSError(errno.ENOSPC, "No space left"))
-    errors = commit_concurrently(state, uids, log, log_lock)
-    monkeypatch.undo()
-    assert sorted(errors) == sorted(uids) and all(isinstance(e, DiskFullError) for e in errors.values())
-    assert journal_events(state) == []
-    assert all(state.staging_dir(uid).is_dir() and state.complete(uid) is None for uid in uids)
-    files = files_of("1.2.840.99")
-    rec = record("1.2.840.99", "C/P/S/99", files)
-    state.commit(rec, stage(state, "1.2.840.99", files))
+    assert errors == []
+    assert sorted(e["uid"] for e in run_events(state) if e["event"] == "commit") == sorted(uids)
     fresh = reopen(state)
     try:
-        assert list(fresh.records) == ["1.2.840.99"]
-        assert [e["series"] for e in journal_events(fresh)] == [rec]
+        assert all(fresh.complete(uid) == staged[uid][0] for uid in uids) and fresh.lost == 0
     finally:
         fresh.close()
 
@@ -318,10 +276,9 @@ def test_a_failed_group_fsync_fails_and_cuts_off_every_line_it_did_not_make_dura
 def test_commit_refuses_a_path_outside_the_output_dir(state: HarvestState) -> None:
     uid, files = "1.2.840.1", files_of("1.2.840.1")
     staging = stage(state, uid, files)
-    size_before = state.journal_path.stat().st_size
     with pytest.raises(HarvesterError):
         state.commit(record(uid, "../escaped", files), staging)
-    assert state.journal_path.stat().st_size == size_before
+    assert run_events(state) == [] and len(state.records) == 0
     assert staging.is_dir() and not (state.out_dir.parent / "escaped").exists()
 
 
@@ -351,23 +308,25 @@ def test_fail_never_hides_a_complete_series(state: HarvestState) -> None:
         fresh.close()
 
 
-def test_unavailable_series_are_one_journal_line_and_never_hide_a_complete_one(state: HarvestState) -> None:
-    """A cart's missing series are recorded in one line (one fsync), kept across a reopen, counted
-    apart in the totals, and never replace a verified series; a later commit replaces them."""
+def test_unavailable_series_are_one_transaction_and_never_hide_a_complete_one(
+        state: HarvestState, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cart's missing series are recorded in one transaction (one fsync), kept across a reopen,
+    counted apart in the totals, and never replace a verified series; a later commit replaces them."""
     uid, files = "1.2.840.1", files_of("1.2.840.1")
     rec = record(uid, "C/P/S/1", files)
     state.commit(rec, stage(state, uid, files))
-    lines = len(journal_events(state))
+    transactions = count_transactions(monkeypatch)
     state.mark_unavailable([(uid, "cart.tcia", "withdrawn"), ("1.2.840.8", "cart.tcia", "HTTP 400: denied"),
                             ("1.2.840.9", "list.csv", "no row")])
-    assert len(journal_events(state)) == lines + 1
+    assert len(transactions) == 1
     assert state.complete(uid) == rec
     assert state.records["1.2.840.8"]["status"] == "unavailable"
     assert state.records["1.2.840.8"]["error"] == "HTTP 400: denied" and state.records["1.2.840.8"]["files"] == []
     totals = state.write_manifest({})
     assert (totals["series"], totals["complete"], totals["failed"], totals["unavailable"]) == (3, 1, 0, 2)
     state.mark_unavailable([])
-    assert len(journal_events(state)) == lines + 1  # nothing to record, nothing written
+    assert len(transactions) == 2  # the export's header; nothing to record, nothing written
+    monkeypatch.undo()
     fresh = reopen(state)
     try:
         assert fresh.complete(uid) == rec
@@ -471,7 +430,7 @@ def test_crash_after_the_rename_is_simply_complete(state: HarvestState) -> None:
     uid, files = "1.2.840.1", files_of("1.2.840.1")
     rec = record(uid, "C/P/S/1", files)
     state.commit(rec, stage(state, uid, files))
-    fresh = reopen(state)                          # no write_manifest: only the journal knows
+    fresh = reopen(state)                          # no write_manifest: only the database knows
     try:
         assert fresh.complete(uid) == rec and fresh.recovered == 0 and fresh.lost == 0
     finally:
@@ -520,6 +479,38 @@ def test_commit_after_a_torn_line_survives_the_next_open(state: HarvestState) ->
         assert second.complete(uid) == rec       # not glued to the torn fragment and lost
     finally:
         second.close()
+
+
+def test_lines_an_older_version_adds_after_a_torn_one_are_read(state: HarvestState) -> None:
+    """The database's mark of an old journal stops before a torn last line (a kill -9 of an
+    earlier version mid-append): when that version later ends the line and appends more, the
+    next open reads what it appended, once."""
+    state.close()
+    with open(state.journal_path, "ab") as fh:
+        fh.write(b'{"event":"commit","series":{"Series')
+    first = HarvestState(state.out_dir)
+    first.open()
+    first.close()
+    uid, files = "1.2.840.3", files_of("1.2.840.3")
+    rec = record(uid, "C/P/S/3", files)
+    stage(first, uid, files).rename(state.out_dir / "C-P-S-3")
+    (state.out_dir / "C/P/S").mkdir(parents=True)
+    (state.out_dir / "C-P-S-3").rename(state.out_dir / rec["path"])
+    with open(state.journal_path, "ab") as fh:         # the older version ends the line, then commits
+        fh.write(b"\n" + json.dumps({"event": "commit", "t": "2024-05-01T10:00:00Z", "series": rec}).encode() + b"\n")
+    second = HarvestState(state.out_dir)
+    second.open()
+    try:
+        assert second.complete(uid) == rec and second.lost == 0
+        # the database had read none of it: its run events are copied in, once
+        assert [e["uid"] for e in second.events() if e["event"] == "commit"] == [uid]
+    finally:
+        second.close()
+    third = reopen(second)
+    try:
+        assert third.complete(uid) == rec and [e["event"] for e in third.events()] == ["commit"]
+    finally:
+        third.close()
 
 
 def test_journal_lines_that_are_not_events_are_ignored(state: HarvestState) -> None:
@@ -779,7 +770,7 @@ def test_tcia2026_layout_writes_metadata_in_its_folder(state: HarvestState) -> N
     assert row["Series UID"] == uid and row["File Location"] == "./C/P/S/1"
 
 
-def test_manifest_and_journal_agree_after_reopen(state: HarvestState) -> None:
+def test_manifest_and_database_agree_after_reopen(state: HarvestState) -> None:
     uid, files = "1.2.840.1", files_of("1.2.840.1")
     rec = record(uid, "C/P/S/1", files)
     state.commit(rec, stage(state, uid, files))
@@ -793,7 +784,7 @@ def test_manifest_and_journal_agree_after_reopen(state: HarvestState) -> None:
 
 @pytest.mark.parametrize("damage", [b"", b"{not json", b"[1, 2]", b'{"series": 5}', b'{"series": [1, null, "x"]}',
                                     b"\xff\xfe"])
-def test_damaged_harvest_json_is_rebuilt_from_the_journal(state: HarvestState, damage: bytes) -> None:
+def test_damaged_harvest_json_is_rebuilt_from_the_database(state: HarvestState, damage: bytes) -> None:
     uid, files = "1.2.840.1", files_of("1.2.840.1")
     rec = record(uid, "C/P/S/1", files)
     state.commit(rec, stage(state, uid, files))

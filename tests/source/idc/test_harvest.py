@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import pytest
 
-from harvest_helpers import FAST, journal_commits, kill_after_progress
+from harvest_helpers import FAST, commits, kill_after_progress
 from harvester.api import aharvest, aplan
 from harvester.config import Config
 from harvester.query import query_from_dict
@@ -143,7 +143,7 @@ def test_kill_9_then_resume(cohort: Cohort, proxy: S3Proxy, tmp_path: Path) -> N
     proc = subprocess.Popen([sys.executable, "-m", "harvester", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
     assert kill_after_progress(proc, out, 0.2, wait=300)
-    committed = journal_commits(out)
+    committed = commits(out)
     assert committed and held.uid not in committed
     proxy.hold = None
     resumed = run_cli(*args)
