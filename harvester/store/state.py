@@ -860,8 +860,12 @@ class HarvestState:
             shutil.rmtree(aside, ignore_errors=True)
 
     def restore(self, rec: dict[str, Any]) -> None:
-        """Record a series complete again after its files were mended in place (``verify --repair``)."""
-        self._db().put(rec["SeriesInstanceUID"], rec, "the state database", replace_folder=True)
+        """Record a series complete whose files are already in place (mended by ``verify --repair``,
+        or committed by a cluster's shard): its record and a commit run event, in one transaction."""
+        db = self._db()
+        with db.transaction():
+            db.put(rec["SeriesInstanceUID"], rec, "the state database", replace_folder=True)
+            db.add_event("commit", now_iso(), _event_of(rec))
 
     def fail(self, rec: dict[str, Any]) -> None:
         db = self._db()
