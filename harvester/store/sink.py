@@ -97,7 +97,7 @@ class _InstanceFile:
     def __init__(self, folder: Path, name: str) -> None:
         self.folder, self.name = folder, name
         self.size = 0
-        self.head = bytearray()
+        self._head: list[bytes] = []   # the first _HEAD_BYTES, as written (joined once, at the check)
         self._md5 = hashlib.md5()
         try:
             self._fd: int | None = os.open(os.path.join(folder, name), _OPEN_FLAGS, 0o644)
@@ -110,9 +110,10 @@ class _InstanceFile:
 
     def write(self, data: bytes | memoryview) -> None:
         assert self._fd is not None
+        if self.size < _HEAD_BYTES:  # bytes are kept as they are (no copy); a view is copied
+            piece = data[:_HEAD_BYTES - self.size]
+            self._head.append(piece if isinstance(piece, bytes) else bytes(piece))
         self.size += len(data)
-        if len(self.head) < _HEAD_BYTES:
-            self.head += data[:_HEAD_BYTES - len(self.head)]
         self._md5.update(data)
         view = memoryview(data)
         try:
@@ -142,7 +143,8 @@ class _InstanceFile:
     def dicom_ids(self) -> tuple[str, str, str]:
         """(series, SOP instance, SOP class) UIDs; ``IntegrityError`` if it is not DICOM."""
         _import_pydicom()
-        return read_dicom_ids(self.path, bytes(self.head), whole=len(self.head) == self.size)
+        head = b"".join(self._head)
+        return read_dicom_ids(self.path, head, whole=len(head) == self.size)
 
 
 @dataclass
@@ -181,12 +183,6 @@ class _Batched:
 
     async def feed(self, chunk: bytes) -> None:
         """Take the next bytes of the series; raises as the sink's docstring says."""
-        if not self._fed:
-            self._fed = True
-            # in a worker thread: a mkdir on a busy disk takes milliseconds, which the event
-            # loop (every other download) must not wait for; not abandoned on cancel, so
-            # ``_staged`` is set before a caller's ``discard`` looks at it
-            await anyio.to_thread.run_sync(self._guarded, self._first_bytes)
         self._batch.append(chunk)
         self._batched += len(chunk)
         if self._batched >= self._batch_bytes:
@@ -195,7 +191,16 @@ class _Batched:
     async def flush(self) -> None:
         batch, self._batch, self._batched = self._batch, [], 0
         if batch:
-            await anyio.to_thread.run_sync(self._guarded, self._write_batch, batch)
+            await anyio.to_thread.run_sync(self._guarded, self._write, batch)
+
+    def _write(self, batch: Sequence[bytes]) -> None:
+        """One hop's work (in a worker thread: a mkdir on a busy disk takes milliseconds, which
+        the event loop, every other download, must not wait for; not abandoned on cancel, so
+        ``_staged`` is set before a caller's ``discard`` looks at it)."""
+        if not self._fed:
+            self._fed = True
+            self._first_bytes()
+        self._write_batch(batch)
 
     def _guarded(self, step: object, *args: object) -> object:
         """Run ``step``; on any exception the sink dies and removes its staging folder."""
@@ -211,7 +216,7 @@ class _Batched:
         raise NotImplementedError
 
     def _first_bytes(self) -> None:
-        """Called (in a worker thread) before the first chunk is batched."""
+        """Called (in a worker thread) before the first batch is written."""
 
     def discard(self) -> None:
         """Give up: close what is open and remove the staging folder if this sink made it
@@ -261,9 +266,15 @@ class ZipSeriesSink(_Batched):
     # ------------------------------------------------------------ async face
 
     async def close(self) -> UnpackedSeries:
-        """The verified series, once the whole ZIP was fed; raises as the module docstring says."""
-        await self.flush()
-        return await anyio.to_thread.run_sync(self._guarded, self._finish)  # type: ignore[return-value]
+        """The verified series, once the whole ZIP was fed; raises as the module docstring says.
+        The last batch and the verdict take one thread hop together."""
+        batch, self._batch, self._batched = self._batch, [], 0
+        return await anyio.to_thread.run_sync(self._guarded, self._write_and_finish, batch)  # type: ignore[return-value]
+
+    def _write_and_finish(self, batch: Sequence[bytes]) -> UnpackedSeries:
+        if batch:
+            self._write(batch)
+        return self._finish()
 
     # ------------------------------------------------------------ blocking face
 
@@ -278,9 +289,9 @@ class ZipSeriesSink(_Batched):
     # ------------------------------------------------------------ the stream
 
     def _first_bytes(self) -> None:
-        # The staging folder exists from the first byte on (one mkdir, as quick as the
-        # .partial file's open was): a download in progress shows on disk, and a kill -9 leaves
-        # a folder the next run's open cleans, never a file under a final name.
+        # The staging folder exists from the first batch on (one mkdir, in the same thread hop):
+        # a download in progress shows on disk, and a kill -9 leaves a folder the next run's
+        # open cleans, never a file under a final name.
         if not self._staged:
             self._make_staging()
 
