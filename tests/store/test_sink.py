@@ -700,6 +700,35 @@ async def test_the_staging_folder_is_made_off_the_event_loop(work: Path) -> None
     assert not staging_of(work).exists()
 
 
+
+@pytest.mark.anyio
+async def test_a_series_costs_one_thread_hop_per_batch_and_its_close_none_more(work: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The event loop pays a thread hop per batch, and the last batch goes with the verdict:
+    a series smaller than a batch is one hop (it was three: staging, the last batch, the
+    verdict), one of three batches is three."""
+    import harvester.store.sink as sink_module
+
+    hops: list[object] = []
+    real = anyio.to_thread.run_sync
+
+    async def counted(func, *args, **kwargs):  # type: ignore[no-untyped-def]
+        hops.append(func)
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(sink_module.anyio.to_thread, "run_sync", counted)
+    data = await _java(nbia_files())
+    for batch_bytes, expected in ((1 << 20, 1), (len(data) // 3 + 1, 3)):
+        hops.clear()
+        staging = work / f"staging-{batch_bytes}"
+        sink = ZipSeriesSink(staging, series_uid=SERIES_UID, image_count=3, file_size=SERIES_BYTES,
+                             limits=Limits(), batch_bytes=batch_bytes)
+        for at in range(0, len(data), 100):
+            await sink.feed(data[at:at + 100])
+        result = await sink.close()
+        assert [f.name for f in result.files] == list(INSTANCES)
+        assert len(hops) == expected, (batch_bytes, len(hops))
+
 # ---------------------------------------------------------------- hypothesis
 
 HYPO_FILES = nbia_files()
