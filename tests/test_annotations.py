@@ -340,6 +340,24 @@ def test_a_refused_annotation_takes_the_ones_written_before_it_along(tmp_path: P
                                                series_uid="1.2.3", taken=["1-1.dcm"])] == ["069.xml"]
 
 
+def test_an_attempt_given_up_midway_leaves_no_annotation_file(tmp_path: Path) -> None:
+    """A network error after the first annotation arrived: the caller discards the sink (as
+    stream_series_zip does before its next attempt), and what it wrote goes with it."""
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    data = make_zip(tmp_path / "a.zip", [("069.xml", GOOD), ("070.xml", GOOD)]).read_bytes()
+
+    async def attempt() -> None:
+        sink = AnnotationZipSink(staging, series_uid="1.2.3", taken=[], file_size=None, limits=Limits(),
+                                 batch_bytes=1)
+        await sink.feed(data[:data.index(b"PK\x03\x04", 4) + 50])   # 069.xml whole, then into 070.xml
+        assert [p.name for p in staging.iterdir()] == ["069.xml"]
+        sink.discard()
+
+    anyio.run(attempt)
+    assert not list(staging.iterdir())
+
+
 def test_the_series_entries_of_the_annotated_zip_are_bounded_too(tmp_path: Path) -> None:
     """The DICOM entries are read through, not kept, but a zip bomb among them is refused, not
     inflated to its end."""
