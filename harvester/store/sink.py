@@ -2,12 +2,14 @@
 
 Each instance is written straight into the staging folder while its MD5 is computed and the
 first bytes are kept for the DICOM header check; nothing of the whole series is held in memory
-or written twice. Two ways in:
+or written twice. Three ways in:
 
 * ``ZipSeriesSink`` takes an NBIA series ZIP as a byte stream (``feed(chunk)``, ``close()``),
   parsed by ``harvester.store.zipread``: DEFLATED with data descriptors as the real service
   sends it, STORED, ZIP64. It applies the checks of ``harvester.unpack.verify_and_unpack``, with
   the same error classes and, where the stream allows it, in the same order.
+* ``AnnotationZipSink`` takes getDCMImage's ZIP the same way and keeps only its annotation
+  files (``.xml``), checked by ``harvester.annotations``, beside the series' verified files.
 * ``InstanceSink`` takes one instance at a time (``start()``, ``write(data)``, ``end()``), as
   DICOMweb's multipart parts arrive, and names each file after its SOPInstanceUID.
 
