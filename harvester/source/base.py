@@ -24,13 +24,13 @@ checks (count, sizes, MD5, CRC, DICOM header, series UID) as they arrive.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import anyio
 
-from harvester.models import Plan, SeriesTask, UnpackedSeries, VerifiedFile
+from harvester.models import AnnotationFile, Plan, SeriesTask, UnpackedSeries, VerifiedFile
 from harvester.query import Query
 from harvester.rate import RateLimiter
 
@@ -48,6 +48,20 @@ class SeriesZipSink(Protocol):
     async def flush(self) -> None: ...
 
     async def close(self) -> UnpackedSeries: ...
+
+    def discard(self) -> None: ...
+
+
+class AnnotationSink(Protocol):
+    """The annotation files of a getDCMImage ZIP, streamed beside the series' verified files:
+    as ``SeriesZipSink``, but ``close`` gives the ``AnnotationFile``s; one that raised or was
+    discarded has removed the files it wrote."""
+
+    async def feed(self, chunk: bytes) -> None: ...
+
+    async def flush(self) -> None: ...
+
+    async def close(self) -> list[AnnotationFile]: ...
 
     def discard(self) -> None: ...
 
@@ -92,6 +106,11 @@ class Sinks(Protocol):
 
     def series_zip(self, task: SeriesTask, staging: Path, *, max_repairs: int) -> SeriesZipSink:
         """A fresh sink for one attempt at ``task``'s ZIP, unpacking into ``staging``."""
+        ...
+
+    def annotations_zip(self, task: SeriesTask, staging: Path, *, taken: Sequence[str]) -> AnnotationSink:
+        """A fresh sink for one attempt at ``task``'s annotated ZIP, writing its annotation files
+        into ``staging`` beside the series' files (``taken``: their names)."""
         ...
 
     def instances(self, task: SeriesTask, staging: Path, *, max_instances: int, what: str = "instance",

@@ -2,12 +2,14 @@
 
 Each instance is written straight into the staging folder while its MD5 is computed and the
 first bytes are kept for the DICOM header check; nothing of the whole series is held in memory
-or written twice. Two ways in:
+or written twice. Three ways in:
 
 * ``ZipSeriesSink`` takes an NBIA series ZIP as a byte stream (``feed(chunk)``, ``close()``),
   parsed by ``harvester.store.zipread``: DEFLATED with data descriptors as the real service
   sends it, STORED, ZIP64. It applies the checks of ``harvester.unpack.verify_and_unpack``, with
   the same error classes and, where the stream allows it, in the same order.
+* ``AnnotationZipSink`` takes getDCMImage's ZIP the same way and keeps only its annotation
+  files (``.xml``), checked by ``harvester.annotations``, beside the series' verified files.
 * ``InstanceSink`` takes one instance at a time (``start()``, ``write(data)``, ``end()``), as
   DICOMweb's multipart parts arrive, and names each file after its SOPInstanceUID.
 
@@ -51,10 +53,11 @@ from pathlib import Path, PurePosixPath
 
 import anyio
 
+from harvester.annotations import ANNOTATION_SUFFIX, MAX_ANNOTATION_BYTES, MAX_ANNOTATIONS, annotation_name, check_xml
 from harvester.config import TOO_MANY_ENTRIES_HINT, Limits, too_many_entries
 from harvester.errors import HarvesterError, IncompleteSeriesError, IntegrityError, OutputNotWritableError, \
     UnsafeArchiveError, classify_os_error
-from harvester.models import Repair, SeriesTask, UnpackedSeries, VerifiedFile
+from harvester.models import AnnotationFile, Repair, SeriesTask, UnpackedSeries, VerifiedFile
 from harvester.store.layout import instance_filename, name_key, safe_component
 from harvester.store.zipread import CentralRecord, LocalEntry, ZipStreamError, ZipStreamReader
 from harvester.unpack import (
@@ -97,7 +100,7 @@ class _InstanceFile:
     def __init__(self, folder: Path, name: str) -> None:
         self.folder, self.name = folder, name
         self.size = 0
-        self.head = bytearray()
+        self._head: list[bytes] = []   # the first _HEAD_BYTES, as written (joined once, at the check)
         self._md5 = hashlib.md5()
         try:
             self._fd: int | None = os.open(os.path.join(folder, name), _OPEN_FLAGS, 0o644)
@@ -110,9 +113,10 @@ class _InstanceFile:
 
     def write(self, data: bytes | memoryview) -> None:
         assert self._fd is not None
+        if self.size < _HEAD_BYTES:  # bytes are kept as they are (no copy); a view is copied
+            piece = data[:_HEAD_BYTES - self.size]
+            self._head.append(piece if isinstance(piece, bytes) else bytes(piece))
         self.size += len(data)
-        if len(self.head) < _HEAD_BYTES:
-            self.head += data[:_HEAD_BYTES - len(self.head)]
         self._md5.update(data)
         view = memoryview(data)
         try:
@@ -142,7 +146,8 @@ class _InstanceFile:
     def dicom_ids(self) -> tuple[str, str, str]:
         """(series, SOP instance, SOP class) UIDs; ``IntegrityError`` if it is not DICOM."""
         _import_pydicom()
-        return read_dicom_ids(self.path, bytes(self.head), whole=len(self.head) == self.size)
+        head = b"".join(self._head)
+        return read_dicom_ids(self.path, head, whole=len(head) == self.size)
 
 
 @dataclass
@@ -181,12 +186,6 @@ class _Batched:
 
     async def feed(self, chunk: bytes) -> None:
         """Take the next bytes of the series; raises as the sink's docstring says."""
-        if not self._fed:
-            self._fed = True
-            # in a worker thread: a mkdir on a busy disk takes milliseconds, which the event
-            # loop (every other download) must not wait for; not abandoned on cancel, so
-            # ``_staged`` is set before a caller's ``discard`` looks at it
-            await anyio.to_thread.run_sync(self._guarded, self._first_bytes)
         self._batch.append(chunk)
         self._batched += len(chunk)
         if self._batched >= self._batch_bytes:
@@ -195,7 +194,16 @@ class _Batched:
     async def flush(self) -> None:
         batch, self._batch, self._batched = self._batch, [], 0
         if batch:
-            await anyio.to_thread.run_sync(self._guarded, self._write_batch, batch)
+            await anyio.to_thread.run_sync(self._guarded, self._write, batch)
+
+    def _write(self, batch: Sequence[bytes]) -> None:
+        """One hop's work (in a worker thread: a mkdir on a busy disk takes milliseconds, which
+        the event loop, every other download, must not wait for; not abandoned on cancel, so
+        ``_staged`` is set before a caller's ``discard`` looks at it)."""
+        if not self._fed:
+            self._fed = True
+            self._first_bytes()
+        self._write_batch(batch)
 
     def _guarded(self, step: object, *args: object) -> object:
         """Run ``step``; on any exception the sink dies and removes its staging folder."""
@@ -207,11 +215,33 @@ class _Batched:
             self.discard()
             raise
 
+    async def close(self) -> object:
+        """The verdict, once the whole stream was fed; raises as the sink's docstring says.
+        The last batch and the verdict take one thread hop together."""
+        batch, self._batch, self._batched = self._batch, [], 0
+        return await anyio.to_thread.run_sync(self._guarded, self._write_and_finish, batch)
+
+    def _write_and_finish(self, batch: Sequence[bytes]) -> object:
+        if batch:
+            self._write(batch)
+        return self._finish()
+
+    def write(self, chunk: bytes) -> None:
+        """Blocking ``feed`` (no batching), from a thread of one's own."""
+        self._guarded(self._write_batch, [chunk])
+
+    def finish(self) -> object:
+        """Blocking ``close``."""
+        return self._guarded(self._finish)
+
     def _write_batch(self, batch: Sequence[bytes]) -> None:
         raise NotImplementedError
 
+    def _finish(self) -> object:
+        raise NotImplementedError
+
     def _first_bytes(self) -> None:
-        """Called (in a worker thread) before the first chunk is batched."""
+        """Called (in a worker thread) before the first batch is written."""
 
     def discard(self) -> None:
         """Give up: close what is open and remove the staging folder if this sink made it
@@ -258,29 +288,20 @@ class ZipSeriesSink(_Batched):
         self._smalls: dict[str, bytes] = {}
         self._arrived: list[_Arrived] = []
 
-    # ------------------------------------------------------------ async face
-
     async def close(self) -> UnpackedSeries:
         """The verified series, once the whole ZIP was fed; raises as the module docstring says."""
-        await self.flush()
-        return await anyio.to_thread.run_sync(self._guarded, self._finish)  # type: ignore[return-value]
-
-    # ------------------------------------------------------------ blocking face
-
-    def write(self, chunk: bytes) -> None:
-        """Blocking ``feed`` (no batching)."""
-        self._guarded(self._write_batch, [chunk])
+        return await super().close()  # type: ignore[return-value]
 
     def finish(self) -> UnpackedSeries:
         """Blocking ``close``."""
-        return self._guarded(self._finish)  # type: ignore[return-value]
+        return super().finish()  # type: ignore[return-value]
 
     # ------------------------------------------------------------ the stream
 
     def _first_bytes(self) -> None:
-        # The staging folder exists from the first byte on (one mkdir, as quick as the
-        # .partial file's open was): a download in progress shows on disk, and a kill -9 leaves
-        # a folder the next run's open cleans, never a file under a final name.
+        # The staging folder exists from the first batch on (one mkdir, in the same thread hop):
+        # a download in progress shows on disk, and a kill -9 leaves a folder the next run's
+        # open cleans, never a file under a final name.
         if not self._staged:
             self._make_staging()
 
@@ -447,6 +468,146 @@ class ZipSeriesSink(_Batched):
         return UnpackedSeries(files=files, license_text=license_text, repairs=repairs)
 
 
+class AnnotationZipSink(_Batched):
+    """The annotation files of a getDCMImage ZIP (``harvester.annotations``), streamed into
+    ``staging``, the folder of the series' verified DICOM files (``taken``: their names). The
+    series' own entries are read through (inflated, CRC-32 and the directory checked, as every
+    ZIP this reader takes) and dropped: getImage gave them. Each ``.xml`` entry is held in memory
+    (at most ``MAX_ANNOTATION_BYTES``), checked as one XML document without a DTD and written
+    (``O_EXCL``, never through a link). ``close()`` returns the ``AnnotationFile``s in ZIP order.
+
+    Raises ``UnsafeArchiveError`` for an entry name that is absolute or climbs out (any entry,
+    local header or central directory), an annotation name that is not a bare safe file name or
+    repeats one (``taken`` included, case-folded), more than ``MAX_ANNOTATIONS`` annotations, an
+    encrypted or too large one, more entries than ``limits.max_entries`` allows beside them, an
+    entry past ``limits.max_entry_bytes`` or the series' own entries past its announced size
+    plus the margin (a zip bomb); ``IntegrityError`` for bytes that are not a ZIP this reader can
+    vouch for (``zipread``) and an annotation that is not well-formed XML; the disk's errors.
+    ``staging`` is the caller's (it removes it on failure); a sink that raised or was discarded
+    has removed the annotation files it wrote, so the next attempt starts clean.
+    """
+
+    def __init__(self, staging: Path, *, series_uid: str, taken: Sequence[str], file_size: int | None,
+                 limits: Limits, batch_bytes: int = BATCH_BYTES) -> None:
+        super().__init__(batch_bytes)
+        self.staging = staging
+        self.series_uid = series_uid
+        self.limits = limits
+        self._budget = None if file_size is None else \
+            int(file_size * (1 + limits.max_series_overhead)) + limits.series_slack_bytes
+        self._reader = ZipStreamReader()
+        self._used = {name.casefold() for name in taken}
+        self._entries = 0
+        self._total = 0                       # bytes of the entries that are not annotations
+        self._entry: LocalEntry | None = None
+        self._entry_size = 0
+        self._xml: bytearray | None = None    # the annotation being read
+        self._name = ""
+        self._written: list[Path] = []
+        self.files: list[AnnotationFile] = []
+
+    def _error(self, kind: type[HarvesterError], message: str) -> HarvesterError:
+        return kind(message, series_uid=self.series_uid)  # type: ignore[call-arg]
+
+    def _write_batch(self, batch: Sequence[bytes]) -> None:
+        for chunk in batch:
+            try:
+                for kind, payload in self._reader.feed(chunk):
+                    if kind == "data":
+                        self._data(payload)
+                    elif kind == "entry":
+                        self._start(payload)
+                    elif kind == "end":
+                        self._end()
+                    elif kind == "central":
+                        check_entry_name(payload.name)
+            except ZipStreamError as exc:
+                raise self._error(IntegrityError, f"the annotated download is not a readable ZIP: {exc}") from None
+
+    def _start(self, entry: LocalEntry) -> None:
+        self._entry, self._entry_size, self._xml = entry, 0, None
+        check_entry_name(entry.name)
+        if not entry.name.lower().endswith(ANNOTATION_SUFFIX):
+            self._entries += 1   # a DICOM file, LICENSE or md5hashes.csv: bounded as the series' ZIP
+            if self._entries > self.limits.max_entries:
+                raise self._error(UnsafeArchiveError, too_many_entries(None, self.limits.max_entries))
+            return
+        name = annotation_name(entry.name, self.series_uid)
+        if name.casefold() in self._used:
+            raise self._error(UnsafeArchiveError, f"annotation {name!r} repeats a file name of the series")
+        if len(self.files) >= MAX_ANNOTATIONS:
+            raise self._error(UnsafeArchiveError, f"more than {MAX_ANNOTATIONS} annotation files")
+        if entry.encrypted:
+            raise self._error(UnsafeArchiveError, f"annotation {name!r} is encrypted")
+        if entry.declared_size is not None and entry.declared_size > MAX_ANNOTATION_BYTES:
+            raise self._error(UnsafeArchiveError, f"annotation {name!r} is larger than {MAX_ANNOTATION_BYTES} bytes")
+        self._used.add(name.casefold())
+        self._xml, self._name = bytearray(), name
+
+    def _data(self, data: bytes | memoryview) -> None:
+        assert self._entry is not None
+        self._entry_size += len(data)
+        if self._xml is not None:
+            if self._entry_size > MAX_ANNOTATION_BYTES:
+                raise self._error(UnsafeArchiveError,
+                                  f"annotation {self._name!r} expands past {MAX_ANNOTATION_BYTES} bytes")
+            self._xml += data
+            return
+        self._total += len(data)
+        if self._entry_size > self.limits.max_entry_bytes:
+            raise self._error(UnsafeArchiveError, f"ZIP entry {self._entry.name!r} expands to more than "
+                                                  f"{self.limits.max_entry_bytes} bytes (zip bomb?)")
+        if self._budget is not None and self._total > self._budget:
+            raise self._error(UnsafeArchiveError, "the annotated download expands beyond the series' announced "
+                                                  "size: a zip bomb, or the archive's figures are wrong")
+
+    def _end(self) -> None:
+        xml, self._xml, self._entry = self._xml, None, None
+        if xml is None:
+            return
+        data, name = bytes(xml), self._name
+        check_xml(data, name, self.series_uid)
+        target = self.staging / name
+        try:
+            fd = os.open(target, _OPEN_FLAGS, 0o644)
+        except OSError as exc:
+            raise classify_os_error(exc, name) from None
+        self._written.append(target)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError as exc:
+            raise classify_os_error(exc, name) from None
+        finally:
+            os.close(fd)
+        self.files.append(AnnotationFile(name=name, size=len(data), md5=hashlib.md5(data).hexdigest()))
+
+    def _finish(self) -> list[AnnotationFile]:
+        try:
+            self._reader.close()
+        except ZipStreamError as exc:
+            raise self._error(IntegrityError, f"the annotated download is not a readable ZIP: {exc}") from None
+        self._dead = True
+        return list(self.files)
+
+    async def close(self) -> list[AnnotationFile]:
+        """The annotation files, once the whole ZIP was fed; raises as the class docstring says."""
+        return await super().close()  # type: ignore[return-value]
+
+    def finish(self) -> list[AnnotationFile]:
+        """Blocking ``close``."""
+        return super().finish()  # type: ignore[return-value]
+
+    def _abandon(self) -> None:
+        for path in self._written:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass
+        self._written.clear()
+
+
 class InstanceSink:
     """Instances that arrive one by one (DICOMweb multipart parts), each written to a new file
     in ``staging`` (created, or emptied, by the caller) while hashed, then checked as DICOM of
@@ -543,6 +704,10 @@ class StoreSinks:
         return ZipSeriesSink(staging, series_uid=task.series_uid, image_count=task.image_count,
                              file_size=task.file_size, limits=self.limits, max_repairs=max_repairs,
                              batch_bytes=self.batch_bytes)
+
+    def annotations_zip(self, task: SeriesTask, staging: Path, *, taken: Sequence[str]) -> AnnotationZipSink:
+        return AnnotationZipSink(staging, series_uid=task.series_uid, taken=taken, file_size=task.file_size,
+                                 limits=self.limits, batch_bytes=self.batch_bytes)
 
     def instances(self, task: SeriesTask, staging: Path, *, max_instances: int, what: str = "instance",
                   sender: str = "the archive") -> InstanceSink:

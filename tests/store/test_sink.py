@@ -676,9 +676,10 @@ async def test_discard_removes_what_was_written(work: Path) -> None:
 
 @pytest.mark.anyio
 async def test_the_staging_folder_is_made_off_the_event_loop(work: Path) -> None:
-    """The first feed makes the staging folder in a worker thread (a mkdir on a busy disk took
-    milliseconds of the loop's time per series), and it exists once that feed returns, so a
-    download in progress shows on disk and ``discard`` removes it."""
+    """The first batch makes the staging folder in a worker thread, in the same hop as its
+    bytes (a mkdir on a busy disk took milliseconds of the loop's time per series), and it
+    exists once that feed returns, so a download in progress shows on disk and ``discard``
+    removes it; bytes short of a batch cost no hop."""
     import threading
 
     made_in: list[threading.Thread] = []
@@ -690,12 +691,43 @@ async def test_the_staging_folder_is_made_off_the_event_loop(work: Path) -> None
 
     data = await _java(nbia_files())
     sink = Watched(staging_of(work), series_uid=SERIES_UID, image_count=3, file_size=SERIES_BYTES,
-                   limits=Limits())   # one batch of 1 MiB: nothing is written before close
-    await sink.feed(data[:100])
+                   limits=Limits(), batch_bytes=100)
+    await sink.feed(data[:60])
+    assert not staging_of(work).exists() and not made_in
+    await sink.feed(data[60:100])
     assert staging_of(work).is_dir() and made_in and made_in[0] is not threading.current_thread()
     sink.discard()
     assert not staging_of(work).exists()
 
+
+
+@pytest.mark.anyio
+async def test_a_series_costs_one_thread_hop_per_batch_and_its_close_none_more(work: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The event loop pays a thread hop per batch, and the last batch goes with the verdict:
+    a series smaller than a batch is one hop (it was three: staging, the last batch, the
+    verdict), one of three batches is three."""
+    import harvester.store.sink as sink_module
+
+    hops: list[object] = []
+    real = anyio.to_thread.run_sync
+
+    async def counted(func, *args, **kwargs):  # type: ignore[no-untyped-def]
+        hops.append(func)
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(sink_module.anyio.to_thread, "run_sync", counted)
+    data = await _java(nbia_files())
+    for batch_bytes, expected in ((1 << 20, 1), (len(data) // 3 + 1, 3)):
+        hops.clear()
+        staging = work / f"staging-{batch_bytes}"
+        sink = ZipSeriesSink(staging, series_uid=SERIES_UID, image_count=3, file_size=SERIES_BYTES,
+                             limits=Limits(), batch_bytes=batch_bytes)
+        for at in range(0, len(data), 100):
+            await sink.feed(data[at:at + 100])
+        result = await sink.close()
+        assert [f.name for f in result.files] == list(INSTANCES)
+        assert len(hops) == expected, (batch_bytes, len(hops))
 
 # ---------------------------------------------------------------- hypothesis
 

@@ -1,39 +1,36 @@
-"""Stream one series ZIP, with request-level retries: into the streaming sink
-(``stream_series_zip``: the series is verified and unpacked as it arrives, see
-``harvester.store.sink``), or to a ``.partial`` file (``fetch_series_zip``).
+"""Stream one series ZIP, with request-level retries, into a streaming sink
+(``stream_series_zip``): the series is verified and unpacked as it arrives (see
+``harvester.store.sink``); no ``.partial`` file, for getImage as for getDCMImage's annotations.
 
 Memory is at most about two write batches (``chunk_size``) per series in flight, whatever the
-series size. Received chunks are gathered into batches of ``chunk_size`` and each batch is
-written with one ``os.writev`` in a worker thread: file I/O stays off the event loop, and the
-loop pays one thread hop per batch instead of one per network read. Before a byte is kept,
-the status and content type are checked (``NBIAClient.open_series``) and the first bytes must
-carry the ZIP signature: an outage page sent with HTTP 200 is retried, not unzipped.
+series size: received chunks are gathered by the sink into batches and each batch is handled
+in a worker thread, so file I/O stays off the event loop and the loop pays one thread hop per
+batch instead of one per network read. Before a byte is kept, the status and content type are
+checked (``NBIAClient.open_series``) and the first bytes must carry the ZIP signature: an
+outage page sent with HTTP 200 is retried, not unzipped.
 
 Every attempt is bounded (``BodyGuard``): the per-request deadline and the stall rule of the
 config, and ``max_bytes``, the size the archive announced for the series plus a margin
 (``download_bound``; counted after any Content-Encoding is decoded), past which the download
-stops with ``OversizeDownloadError`` and the caller removes the ``.partial`` file.
+stops with ``OversizeDownloadError`` and the sink is discarded.
 
 Raises ``RetryableRequestError`` once the request-level retries are spent, the client's
 permanent errors at once, ``OversizeDownloadError`` (the series is retried later, then failed),
-and ``DiskFullError``/``OutputNotWritableError`` when the disk fails.
+and what the sink raises (``DiskFullError``/``OutputNotWritableError`` when the disk fails).
 """
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
-from pathlib import Path
-
-import anyio
+from typing import Any, Protocol, TypeVar
 
 from harvester.config import Limits
-from harvester.errors import OversizeDownloadError, RetryableRequestError, classify_os_error
+from harvester.errors import OversizeDownloadError, RetryableRequestError
 from harvester.source.http import BodyGuard, redact_url
-from harvester.models import UnpackedSeries
 from harvester.rate import RateLimiter
-from harvester.source.base import SeriesZipSink
 from harvester.source.nbia.client import NBIAClient
+
+T = TypeVar("T", covariant=True)
 
 ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")
 #: ZIP bytes allowed per entry beyond its data (local header, data descriptor, central record,
@@ -53,29 +50,26 @@ def download_bound(file_size: int | None, image_count: int | None, limits: Limit
     return int(file_size * (1 + limits.max_series_overhead)) + entries * ZIP_ENTRY_OVERHEAD + ZIP_FIXED_OVERHEAD
 
 
-async def fetch_series_zip(client: NBIAClient, series_uid: str, collection: str | None, dest: Path, *,
-                           chunk_size: int = 1 << 20, rate: RateLimiter | None = None,
-                           on_bytes: Callable[[int], None] | None = None, max_bytes: int | None = None) -> int:
-    """Download the series ZIP into ``dest`` (overwritten per attempt); returns its size in bytes.
-    ``max_bytes``: see ``download_bound``."""
-    async for attempt in client.retrying():
-        with attempt:
-            target = _PartialFile(dest, chunk_size)
-            try:
-                return await _fetch_once(client, series_uid, collection, target, chunk_size, rate, on_bytes,
-                                         max_bytes)
-            finally:
-                target.close()
-    raise AssertionError("unreachable")  # pragma: no cover
+class ZipTarget(Protocol[T]):
+    """What ``stream_series_zip`` pours a ZIP into: a ``SeriesZipSink`` (``close`` gives the
+    verified series) or an ``AnnotationSink`` (``close`` gives the annotation files)."""
+
+    async def feed(self, chunk: bytes) -> None: ...
+
+    async def close(self) -> T: ...
+
+    def discard(self) -> None: ...
 
 
 async def stream_series_zip(client: NBIAClient, series_uid: str, collection: str | None,
-                            open_sink: Callable[[], SeriesZipSink], *, chunk_size: int = 1 << 20,
+                            open_sink: Callable[[], ZipTarget[T]], *, chunk_size: int = 1 << 20,
                             rate: RateLimiter | None = None, on_bytes: Callable[[int], None] | None = None,
-                            max_bytes: int | None = None) -> UnpackedSeries:
+                            max_bytes: int | None = None) -> T:
     """Stream the series ZIP into a sink (``open_sink()``, a fresh one per attempt) and return
-    what it verified: no ``.partial`` file. A failed attempt discards its sink, so the staging
-    folder holds nothing of it. Raises what ``fetch_series_zip`` and the sink raise."""
+    what its ``close`` gives: no ``.partial`` file. A failed attempt discards its sink, so the
+    staging folder holds nothing of it. ``client`` may be any opener with ``config``,
+    ``retrying``, ``series_url`` and ``open_series`` (``AnnotationOpener``). Raises as the
+    module docstring says."""
     async for attempt in client.retrying():
         with attempt:
             sink = open_sink()
@@ -89,7 +83,7 @@ async def stream_series_zip(client: NBIAClient, series_uid: str, collection: str
 
 
 async def _fetch_once(client: NBIAClient, series_uid: str, collection: str | None,
-                      target: _PartialFile | SeriesZipSink, chunk_size: int, rate: RateLimiter | None,
+                      target: ZipTarget[Any], chunk_size: int, rate: RateLimiter | None,
                       on_bytes: Callable[[int], None] | None, max_bytes: int | None) -> int:
     """One attempt: the checked body, chunk by chunk, into ``target``; returns its size."""
     received = 0
@@ -124,63 +118,4 @@ async def _fetch_once(client: NBIAClient, series_uid: str, collection: str | Non
             guard.credit(time.monotonic() - ours)
         if head is not None:
             raise RetryableRequestError(f"download of series {series_uid} was empty or not a ZIP")
-        await target.flush()
-    return received
-
-
-class _PartialFile:
-    """The ``.partial`` file of ``fetch_series_zip``: chunks are gathered into batches of
-    ``batch_bytes`` and each is written with one ``os.writev`` in a worker thread."""
-
-    def __init__(self, dest: Path, batch_bytes: int) -> None:
-        self.dest = dest
-        self._batch_bytes = batch_bytes
-        self._batch: list[bytes] = []
-        self._batched = 0
-        try:
-            self._fd: int | None = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        except OSError as exc:
-            raise classify_os_error(exc, dest.name) from None
-
-    async def feed(self, chunk: bytes) -> None:
-        self._batch.append(chunk)
-        self._batched += len(chunk)
-        if self._batched >= self._batch_bytes:
-            await self.flush()
-
-    async def flush(self) -> None:
-        batch, self._batch, self._batched = self._batch, [], 0
-        if batch and self._fd is not None:
-            await _write_batch(self._fd, batch, self.dest)
-
-    def close(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError as exc:
-                raise classify_os_error(exc, self.dest.name) from None
-
-
-async def _write_batch(fd: int, batch: list[bytes], dest: Path) -> int:
-    """Write ``batch`` at the end of ``fd`` in a worker thread; returns the byte count."""
-    try:
-        return await anyio.to_thread.run_sync(_writev_all, fd, batch)
-    except OSError as exc:
-        raise classify_os_error(exc, dest.name) from None
-
-
-_IOV_MAX = 512  # buffers per writev call, below every platform's IOV_MAX
-
-
-def _writev_all(fd: int, parts: list[bytes]) -> int:
-    total = sum(len(p) for p in parts)
-    views = [memoryview(p) for p in parts]
-    while views:
-        n = os.writev(fd, views[:_IOV_MAX])
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if views and n:
-            views[0] = views[0][n:]
-    return total
+    return received  # the last batch goes with the sink's close: one thread hop for both

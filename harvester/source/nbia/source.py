@@ -23,12 +23,7 @@ from pathlib import Path
 
 import anyio
 
-from harvester.annotations import (
-    MAX_ANNOTATION_BYTES,
-    AnnotationOpener,
-    has_annotations,
-    unpack_annotations,
-)
+from harvester.annotations import MAX_ANNOTATION_BYTES, AnnotationOpener, has_annotations
 from harvester.config import PER_INSTANCE_MAX_AVERAGE, PER_INSTANCE_MIN_BYTES
 from harvester.errors import IncompleteSeriesError, IntegrityError
 from harvester.models import AnnotatedSeries, Plan, SeriesTask, UnpackedSeries
@@ -36,7 +31,7 @@ from harvester.query import Query
 from harvester.rate import RateLimiter
 from harvester.source.base import ClientBackedSource, Sinks
 from harvester.source.nbia.client import NBIAClient, license_from_row
-from harvester.source.nbia.download import download_bound, fetch_series_zip, stream_series_zip
+from harvester.source.nbia.download import download_bound, stream_series_zip
 from harvester.source.nbia.planner import Planner
 from harvester.unpack import read_dicom_ids
 
@@ -144,7 +139,7 @@ class NBIASource(ClientBackedSource):
 
             await anyio.to_thread.run_sync(write)
         if config.annotations and has_annotations(task.row):
-            return await self._add_annotations(task, unpacked, partial, staging, rate, on_bytes)
+            return await self._add_annotations(task, unpacked, staging, rate, on_bytes, sinks)
         return unpacked
 
     async def _fetch_instances(self, task: SeriesTask, staging: Path, on_bytes: Callable[[int], None],
@@ -201,25 +196,22 @@ class NBIASource(ClientBackedSource):
             raise _first_error(group) from None
         return await anyio.to_thread.run_sync(writer.finish)
 
-    async def _add_annotations(self, task: SeriesTask, unpacked: UnpackedSeries, partial: Path, staging: Path,
-                               rate: RateLimiter | None, on_bytes: Callable[[int], None]) -> AnnotatedSeries:
-        """Fetch the series' annotation files (getDCMImage) and place them beside its verified
-        DICOM files in ``staging``; raises what ``unpack_annotations`` and the download raise."""
-        zip_path = partial.with_name(partial.name + ".annotations")
+    async def _add_annotations(self, task: SeriesTask, unpacked: UnpackedSeries, staging: Path,
+                               rate: RateLimiter | None, on_bytes: Callable[[int], None],
+                               sinks: Sinks) -> AnnotatedSeries:
+        """Fetch the series' annotation files (getDCMImage), streamed into the store's annotation
+        sink, which places them beside its verified DICOM files in ``staging``; raises what the
+        sink and the download raise."""
         # getDCMImage sends the series' images again, then its annotations: the series' own
         # bound plus room for one annotation file of the largest size accepted
         bound = download_bound(task.file_size, task.image_count, self.client.config.limits)
         bound = None if bound is None else bound + MAX_ANNOTATION_BYTES
-        try:
-            async with self.download_limiter or contextlib.nullcontext():
-                await fetch_series_zip(AnnotationOpener(self.client), task.series_uid,  # type: ignore[arg-type]
-                                       task.collection, zip_path, chunk_size=self.client.config.chunk_size,
-                                       rate=rate, on_bytes=on_bytes, max_bytes=bound)
-            names = [f.name for f in unpacked.files]
-            found = await anyio.to_thread.run_sync(
-                lambda: unpack_annotations(zip_path, staging, series_uid=task.series_uid, taken=names))
-        finally:
-            zip_path.unlink(missing_ok=True)
+        names = [f.name for f in unpacked.files]
+        async with self.download_limiter or contextlib.nullcontext():
+            found = await stream_series_zip(AnnotationOpener(self.client), task.series_uid,  # type: ignore[arg-type]
+                                            task.collection, lambda: sinks.annotations_zip(task, staging, taken=names),
+                                            chunk_size=self.client.config.chunk_size, rate=rate, on_bytes=on_bytes,
+                                            max_bytes=bound)
         # every field of the unpacked series is carried over, whatever fields it has
         carried = {f.name: getattr(unpacked, f.name) for f in dataclasses.fields(unpacked)}
         return AnnotatedSeries(**carried, annotations=tuple(found))
