@@ -51,6 +51,9 @@ PER_INSTANCE_MODES = ("auto", "always", "never")
 PER_INSTANCE_MIN_BYTES = 256 << 20
 #: ... unless its instances are this large on average (each instance is held in memory once)
 PER_INSTANCE_MAX_AVERAGE = 64 << 20
+#: ... and a series of at least this size when connections are spare (the few series left would
+#: leave connections idle as one ZIP each); below it a series takes a few round trips either way
+PER_INSTANCE_SPARE_MIN_BYTES = 1 << 20
 
 
 SOURCES = ("nbia", "dicomweb", "idc", "auto")  # auto: NBIA's plan, each series from IDC when it has it
@@ -96,6 +99,11 @@ class Config:
     # "always", or "never"; instance_streams of one series in flight (16 x 4 MB/s fills 64 MB/s)
     per_instance: str = "auto"
     instance_streams: int = 16
+    # Connections moving bytes at once (ZIPs and instances), found by the connection controller
+    # (``harvester.concurrency``): it starts at ``workers``, adds connections while the total
+    # throughput grows, holds when it stops growing and halves on 429/503/timeouts; never more
+    # than this (a polite ceiling per host for the public archive) nor than ``connections``.
+    max_connections: int = 32
     plan_concurrency: int = 8         # metadata requests in flight while planning
     retries: int = 5                  # attempts per HTTP request
     series_retries: int = 3           # extra attempts per series after request-level retries
