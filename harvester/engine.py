@@ -45,7 +45,7 @@ from harvester.errors import (
     should_retry_series,
 )
 from harvester.store.layout import assign_paths, safe_component
-from harvester.store.sink import StoreSinks
+from harvester.store.sink import StoreSinks, prune_resume_folders
 from harvester.models import AnnotatedSeries, SeriesTask
 from harvester.events import Event, Hub
 from harvester.rate import RateLimiter
@@ -194,6 +194,12 @@ class Engine:
                     fatal = fatal or exc
                 except HarvesterError:
                     totals = self._totals(order)
+                # instances kept for a series that is complete now (whichever way it came) or no
+                # longer planned are of no use; those of the series still to do wait for a rerun
+                kept = self.state.meta_dir / "instances"
+                if kept.is_dir():
+                    todo_uids = [u for u in order if self.state.completed_bytes(u) is None]
+                    await anyio.to_thread.run_sync(prune_resume_folders, kept, todo_uids)
         self.hub.emit(Event("finish"))
         tally = self.hub.tally
         failed = [(u, (self.state.records.get(u) or {}).get("error") or "failed") for u in order

@@ -21,7 +21,7 @@ import pytest
 from harvester.server.archive import Archive
 from harvester.server.synthetic import SyntheticSpec, build_synthetic
 from harvester.server.testing import ServerHandle, serve_in_thread
-from harvester.store.sink import RESUME_JOURNAL, resume_folder
+from harvester.store.sink import RESUME_JOURNAL, prune_resume_folders, resume_folder
 from tests.harvest_helpers import REPO, assert_identical, harvest, manifest, normal_series, select_all
 
 
@@ -225,3 +225,29 @@ async def test_an_instance_list_short_of_the_plan_fails_before_any_instance_is_f
                                       sinks=StoreSinks(config.limits, resume_root=tmp_path / "instances"))
     assert server.stats.instances == {}
     assert not (tmp_path / "staging").exists()
+
+
+def test_kept_instances_of_a_series_committed_since_or_dropped_from_the_plan_are_removed(
+        server: ServerHandle, small_archive: Archive, tmp_path: Path) -> None:
+    uids = normal_series(small_archive)
+    out = tmp_path / "out"
+    root = out / ".harvester" / "instances"
+    # what interrupted runs left: instances of a series the ZIP path now commits, and of one no
+    # longer planned; and a link that is no resume folder
+    committed, dropped = resume_folder(root, uids[0]), resume_folder(root, uids[1])
+    for folder in (committed, dropped):
+        folder.mkdir(parents=True)
+        (folder / RESUME_JOURNAL).write_text("")
+    outside = tmp_path / "outside"
+    (outside / "keep.txt").parent.mkdir()
+    (outside / "keep.txt").write_text("not ours")
+    (root / "a-link").symlink_to(outside, target_is_directory=True)
+    result = harvest(server.base_url, out, {"select": [{"series": [uids[0]]}]}, per_instance="never")
+    assert result.ok, result.failed
+    assert not root.exists() or list(root.iterdir()) == []
+    assert (outside / "keep.txt").read_text() == "not ours"  # a link goes as a link
+    # the folder of a series still to do stays for the next run
+    todo = resume_folder(root, uids[2])
+    todo.mkdir(parents=True)
+    assert prune_resume_folders(root, [uids[2]]) == 0 and todo.is_dir()
+    assert prune_resume_folders(root, []) == 1 and not todo.exists()
