@@ -1,17 +1,26 @@
-"""The connection controller's decisions, with a fake clock and fake throughput (no I/O).
+"""The connection controller: its decisions with a fake clock and fake throughput (no I/O),
+then a harvest against our server's rate caps, whose counters (the most bodies sent at once)
+and the run's journal say what the controller did.
 
-The link is a function from connections to bytes per second; each step feeds one window's worth
-of bytes at the current limit, with requests waiting for a connection (the demand is above the
-limit) unless said otherwise.
+In the unit tests the link is a function from connections to bytes per second; each step feeds
+one window's worth of bytes at the current limit, with requests waiting for a connection (the
+demand is above the limit) unless said otherwise.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
+from harvest_helpers import assert_identical, harvest, normal_series, select_all
 from harvester.concurrency import GAIN, HOLD, ConnectionController
+from harvester.server.archive import Archive
+from harvester.server.synthetic import SyntheticSpec, build_synthetic
+from harvester.server.testing import serve_in_thread
 
 
 class Clock:
@@ -151,3 +160,44 @@ async def test_connection_waits_at_the_limit_and_marks_the_window_starved() -> N
         assert len(entered) == 3 and c.high_water == 3
         release.set()
     assert c.busy == 0
+
+
+# ---------------------------------------------------------------- against our server's caps
+
+@pytest.fixture(scope="module")
+def series_of_40(tmp_path_factory: pytest.TempPathFactory) -> Archive:
+    spec = SyntheticSpec.parse("collections=1,patients=1,studies=1,series=1,instances=40,size=32KiB,seed=7")
+    return build_synthetic(spec, tmp_path_factory.mktemp("forty"))
+
+
+def last_progress(out: Path) -> dict[str, Any]:
+    lines = (out / ".harvester" / "journal.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e.get("event") == "progress"][-1]
+
+
+def test_the_controller_adds_connections_while_the_link_has_room(series_of_40: Archive, tmp_path: Path) -> None:
+    """A per-connection cap and no total one: every connection added brings throughput, so the
+    controller grows from --workers' 2 towards its ceiling, and never past it."""
+    out = tmp_path / "out"
+    with serve_in_thread(series_of_40, faults="rate=128KiB") as server:
+        result = harvest(server.base_url, out, select_all(series_of_40), per_instance="always", workers=2,
+                         connections=16, max_connections=10)
+        peak = server.stats.bodies_peak
+    assert result.ok, result.failed
+    assert 2 < peak <= 10                       # more than it started with, never past the ceiling
+    assert 2 < last_progress(out)["connections"] <= 10
+    assert_identical(out, series_of_40, normal_series(series_of_40))
+
+
+def test_the_controller_halves_on_push_back(series_of_40: Archive, tmp_path: Path) -> None:
+    """429s (with Retry-After: 0) on a fifth of the requests: the connections are halved and held,
+    so the run ends below the 8 it started with, and still complete."""
+    out = tmp_path / "out"
+    with serve_in_thread(series_of_40, faults="rate=128KiB,throttle=0.2,retry_after=0,seed=3") as server:
+        result = harvest(server.base_url, out, select_all(series_of_40), per_instance="always", workers=8,
+                         connections=16, max_connections=8, retries=10)
+        throttled = server.stats.faults.get("throttle", 0)
+    assert result.ok, result.failed
+    assert throttled >= 3
+    assert last_progress(out)["connections"] < 8
+    assert_identical(out, series_of_40, normal_series(series_of_40))

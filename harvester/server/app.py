@@ -462,6 +462,16 @@ def _abort(request: web.Request) -> None:
 
 
 async def _download(request: web.Request, endpoint: str, params: Params, decision: FaultDecision) -> web.StreamResponse:
+    stats = request.app[STATS_KEY]
+    stats.body_started()  # the in-flight high-water mark (``Stats.bodies_peak``)
+    try:
+        return await _send_download(request, endpoint, params, decision)
+    finally:
+        stats.body_ended()
+
+
+async def _send_download(request: web.Request, endpoint: str, params: Params,
+                         decision: FaultDecision) -> web.StreamResponse:
     archive = request.app[ARCHIVE_KEY]
     stats = request.app[STATS_KEY]
     uid = params["SeriesInstanceUID"]

@@ -23,6 +23,24 @@ SOPInstanceUID (``instances``), body bytes sent by the download
         self._instances: Counter[str] = Counter()
         self._faults: Counter[str] = Counter()
         self._bytes_sent = 0
+        self._bodies = 0          # download bodies being sent now
+        self._bodies_peak = 0     # ... and the most at once since the last reset
+
+    def body_started(self) -> None:
+        with self._lock:
+            self._bodies += 1
+            self._bodies_peak = max(self._bodies_peak, self._bodies)
+
+    def body_ended(self) -> None:
+        with self._lock:
+            self._bodies -= 1
+
+    @property
+    def bodies_peak(self) -> int:
+        """The most download bodies (ZIPs, getSingleImage answers) sent at once since the last
+        reset: the client's connections moving bytes, as the server saw them."""
+        with self._lock:
+            return self._bodies_peak
 
     def count_request(self, endpoint: str) -> None:
         with self._lock:
@@ -77,6 +95,7 @@ SOPInstanceUID (``instances``), body bytes sent by the download
             self._instances.clear()
             self._faults.clear()
             self._bytes_sent = 0
+            self._bodies_peak = self._bodies
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready copy: ``{"requests", "downloads", "instances", "bytes_sent", "faults"}``."""

@@ -189,6 +189,8 @@ class NBIAClient(RetryingClient):
         #: Set once getMD5HashForImage answered an empty body: the archive gives no MD5 per
         #: instance (v4 as deployed never does), so it is not asked again this run.
         self.instance_md5_absent = False
+        self._md5_answered = False
+        self._md5_first = anyio.Lock()  # until the first answer, one request at a time
 
     # ------------------------------------------------------------ routing
     def base_for(self, collection: str | None = None) -> str:
@@ -338,8 +340,15 @@ class NBIAClient(RetryingClient):
         after the first empty answer no instance of this run is asked again (one request, not one
         per instance): such instances are checked by count, sizes, DICOM, series and SOP UID, and
         recorded ``md5_source: computed``, as a ZIP's rows without an MD5 are."""
-        if self.instance_md5_absent:
-            return ""
+        if not self._md5_answered:
+            async with self._md5_first:  # the instances of every series in flight would all ask at once
+                if not self._md5_answered:
+                    md5 = await self._instance_md5(sop_uid, collection)
+                    self._md5_answered = True
+                    return md5
+        return "" if self.instance_md5_absent else await self._instance_md5(sop_uid, collection)
+
+    async def _instance_md5(self, sop_uid: str, collection: str | None) -> str:
         version = self.config.api_url.rstrip("/").rsplit("/", 1)[-1]
         name = "SOPInstanceUID" if version == "v4" else "SOPInstanceUid"
         rows = await self.query("getMD5HashForImage", {name: sop_uid}, collection=collection)
