@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import anyio
 
@@ -58,6 +58,7 @@ class ConnectionController:
         self._last_push: float | None = None
         #: series of the run not settled yet (the engine keeps it): with ``spare_for``
         self.unsettled = 0
+        self._downloading = 0          # series inside ``series_download``
         #: the most connections that moved bytes at once, and decisions taken (for the journal, tests)
         self.high_water = 0
         self.grown = self.shrunk = 0
@@ -78,6 +79,17 @@ class ConnectionController:
         async with self.limiter:
             self.high_water = max(self.high_water, self.busy)
             yield
+
+    @contextlib.contextmanager
+    def series_download(self) -> Iterator[bool]:
+        """Around one series' download (its slot taken): counts it among the series downloading,
+        in the order they began (a slot limiter's count is of no use: every waiter takes its slot
+        before the first one runs on), and gives ``spare_for`` of that count."""
+        self._downloading += 1
+        try:
+            yield self.spare_for(self._downloading)
+        finally:
+            self._downloading -= 1
 
     def spare_for(self, downloading: int) -> bool:
         """Whether a series about to download should be spread over several connections: the

@@ -8,6 +8,7 @@ demand is above the limit) unless said otherwise.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -201,3 +202,15 @@ def test_the_controller_halves_on_push_back(series_of_40: Archive, tmp_path: Pat
     assert throttled >= 3
     assert last_progress(out)["connections"] < 8
     assert_identical(out, series_of_40, normal_series(series_of_40))
+
+
+def test_series_download_counts_the_series_in_the_order_they_began() -> None:
+    """Of 40 series and 24 connections, the first 16 to begin fill connections with their ZIPs;
+    the 24 after them are spread (with one ZIP each, connections would idle as the first end)."""
+    c = ConnectionController(24, 32)
+    c.unsettled = 40
+    with contextlib.ExitStack() as stack:
+        decisions = [stack.enter_context(c.series_download()) for _ in range(24)]
+    assert decisions == [False] * 16 + [True] * 8
+    with c.series_download() as spare:      # the ones that ended no longer count
+        assert not spare

@@ -124,19 +124,18 @@ class NBIASource(ClientBackedSource):
                            sinks: Sinks) -> UnpackedSeries:
         config = self.client.config
         max_repairs = max(1, (task.image_count or 0) // 10)
+        # decided once the series may download: the series still waiting are known then
         async with self.download_limiter or contextlib.nullcontext():
-            # decided once the series may download: the series still waiting are known then
-            downloading = self.download_limiter.borrowed_tokens if self.download_limiter is not None else 1
-            spare = self.connections is not None and self.connections.spare_for(int(downloading))
-            if per_instance(task, config.per_instance, spare=spare):
-                unpacked = await self._fetch_instances(task, staging, on_bytes, rate, sinks)
-            else:
-                async with self._connection():
-                    unpacked = await stream_series_zip(
-                        self.client, task.series_uid, task.collection,
-                        lambda: sinks.series_zip(task, staging, max_repairs=max_repairs),
-                        chunk_size=config.chunk_size, rate=rate, on_bytes=on_bytes,
-                        max_bytes=download_bound(task.file_size, task.image_count, config.limits))
+            with self._series_download() as spare:
+                if per_instance(task, config.per_instance, spare=spare):
+                    unpacked = await self._fetch_instances(task, staging, on_bytes, rate, sinks)
+                else:
+                    async with self._connection():
+                        unpacked = await stream_series_zip(
+                            self.client, task.series_uid, task.collection,
+                            lambda: sinks.series_zip(task, staging, max_repairs=max_repairs),
+                            chunk_size=config.chunk_size, rate=rate, on_bytes=on_bytes,
+                            max_bytes=download_bound(task.file_size, task.image_count, config.limits))
         if unpacked.license_text is None:  # getImageWithMD5Hash sends none: say what getSeries said
             unpacked = dataclasses.replace(unpacked, license_text=license_from_row(task.row))
         for repair in unpacked.repairs:
@@ -211,6 +210,10 @@ class NBIASource(ClientBackedSource):
         except BaseExceptionGroup as group:
             raise _first_error(group) from None
         return await anyio.to_thread.run_sync(writer.finish)
+
+    def _series_download(self) -> contextlib.AbstractContextManager[bool]:
+        """The controller's count of series downloading, giving whether connections are spare."""
+        return self.connections.series_download() if self.connections is not None else contextlib.nullcontext(False)
 
     def _connection(self) -> contextlib.AbstractAsyncContextManager[None]:
         """One of the engine's connections for a body, or none without a controller."""
