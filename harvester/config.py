@@ -95,8 +95,10 @@ class Config:
     workers: int = 24
     connections: int = 48             # global HTTP connection limit (2 x workers, as --workers sets it)
     # NBIA: fetch a series instance by instance (getSingleImage, several at once, each kept
-    # for a resume) instead of as one ZIP: "auto" for series of at least PER_INSTANCE_MIN_BYTES,
-    # "always", or "never"; instance_streams of one series in flight (16 x 4 MB/s fills 64 MB/s)
+    # for a resume) instead of as one ZIP: "auto" for series of at least PER_INSTANCE_MIN_BYTES
+    # (or PER_INSTANCE_SPARE_MIN_BYTES when connections are spare), "always", or "never"; 2 x
+    # instance_streams instances of one series in flight at most (each held in memory once),
+    # each on a connection of the controller's (``max_connections``)
     per_instance: str = "auto"
     instance_streams: int = 16
     # Connections moving bytes at once (ZIPs and instances), found by the connection controller
