@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -137,8 +138,10 @@ def test_a_failed_attempt_keeps_its_verified_instances_and_a_corrupted_one_is_re
     assert_identical(out, archive, [uid])
 
 
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
 def test_kill_9_in_the_middle_of_a_series_then_rerun_refetches_no_verified_instance(
-        one_series_archive: Archive, tmp_path: Path) -> None:
+        one_series_archive: Archive, tmp_path: Path, how: signal.Signals) -> None:
+    """kill -9, or Ctrl-C (which must not undo a first run whose only work is kept instances)."""
     archive = one_series_archive
     (uid,) = normal_series(archive)
     out = tmp_path / "out"
@@ -155,8 +158,8 @@ def test_kill_9_in_the_middle_of_a_series_then_rerun_refetches_no_verified_insta
         while len(journal_sops(out, uid)) < total // 3 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        proc.kill()
-        proc.wait()
+        proc.send_signal(how)
+        assert proc.wait(60) == (130 if how == signal.SIGINT else -signal.SIGKILL)
         proc.stderr.close()  # type: ignore[union-attr]
         kept = journal_sops(out, uid)
         assert total // 3 <= len(kept) < total
