@@ -200,7 +200,9 @@ class Bench:
         if m:
             retries = int(m.group(2))
         check = check_output(work / "out", self.archive, asked) if download else None
-        downloads = sum(after["downloads"].values()) - sum(before["downloads"].values())
+        # ZIPs and single instances (a series fetched instance by instance is getSingleImage answers)
+        downloads = sum(after["downloads"].values()) - sum(before["downloads"].values()) + \
+            sum(after["instances"].values()) - sum(before["instances"].values())
         result = Measurement(
             tool=tool, setting=setting, wall=run.wall, peak_rss=run.peak_rss, cpu=run.cpu, server_cpu=server_cpu,
             load=load,

@@ -207,6 +207,11 @@ def _add_harvest_args(p: argparse.ArgumentParser) -> None:
                         "and unpacking meanwhile, so the progress line's 'in flight' can reach 2 x N; backs "
                         "off by itself on 429/503/timeouts; use fewer, or --max-rate, on a shared link")
     p.add_argument("--connections", type=_positive, metavar="N", help="HTTP connections at most (default 2 x workers)")
+    p.add_argument("--max-connections", type=_positive, metavar="N",
+                   help=f"connections moving bytes at once, at most (default {Config.max_connections}, and no more "
+                        "than --connections): starting at --workers, more are opened while the total throughput "
+                        "grows, none while it holds, half are closed on 429/503/timeouts; spare ones fetch the "
+                        "last series instance by instance")
     p.add_argument("--layout", metavar="LAYOUT",
                    help="descriptive (default; the Java NBIA Data Retriever's), classic, tcia2026 (TCIA's 2026 "
                         "Data Retriever's; metadata/metadata.csv), flat, or a template like "
@@ -460,7 +465,7 @@ def build_config(args: argparse.Namespace, env: dict[str, str], manifest_api: st
                        ("max_rate", "max_rate"), ("request_deadline", "request_deadline"),
                        ("stall_window", "stall_window"), ("max_retry_after", "max_retry_after"),
                        ("max_json_bytes", "max_json_bytes"), ("cross_origin_redirects", "cross_origin_redirects"),
-                       ("per_instance", "per_instance")):
+                       ("per_instance", "per_instance"), ("max_connections", "max_connections")):
         value = getattr(args, name, None)
         if value is not None:
             changes[attr] = value

@@ -51,6 +51,9 @@ PER_INSTANCE_MODES = ("auto", "always", "never")
 PER_INSTANCE_MIN_BYTES = 256 << 20
 #: ... unless its instances are this large on average (each instance is held in memory once)
 PER_INSTANCE_MAX_AVERAGE = 64 << 20
+#: ... and a series of at least this size when connections are spare (the few series left would
+#: leave connections idle as one ZIP each); below it a series takes a few round trips either way
+PER_INSTANCE_SPARE_MIN_BYTES = 1 << 20
 
 
 SOURCES = ("nbia", "dicomweb", "idc", "auto")  # auto: NBIA's plan, each series from IDC when it has it
@@ -92,10 +95,17 @@ class Config:
     workers: int = 24
     connections: int = 48             # global HTTP connection limit (2 x workers, as --workers sets it)
     # NBIA: fetch a series instance by instance (getSingleImage, several at once, each kept
-    # for a resume) instead of as one ZIP: "auto" for series of at least PER_INSTANCE_MIN_BYTES,
-    # "always", or "never"; instance_streams of one series in flight (16 x 4 MB/s fills 64 MB/s)
+    # for a resume) instead of as one ZIP: "auto" for series of at least PER_INSTANCE_MIN_BYTES
+    # (or PER_INSTANCE_SPARE_MIN_BYTES when connections are spare), "always", or "never"; 2 x
+    # instance_streams instances of one series in flight at most (each held in memory once),
+    # each on a connection of the controller's (``max_connections``)
     per_instance: str = "auto"
     instance_streams: int = 16
+    # Connections moving bytes at once (ZIPs and instances), found by the connection controller
+    # (``harvester.concurrency``): it starts at ``workers``, adds connections while the total
+    # throughput grows, holds when it stops growing and halves on 429/503/timeouts; never more
+    # than this (a polite ceiling per host for the public archive) nor than ``connections``.
+    max_connections: int = 32
     plan_concurrency: int = 8         # metadata requests in flight while planning
     retries: int = 5                  # attempts per HTTP request
     series_retries: int = 3           # extra attempts per series after request-level retries

@@ -13,7 +13,10 @@ Concurrency: ``config.workers`` downloads at most; an ``AdaptiveLimit`` lowers t
 multiplicatively when the server pushes back (429/503/timeouts) and raises it additively while
 healthy. A source that takes the download slot itself (``download_limiter``, as NBIA does)
 lets up to twice as many series be in flight, the others verifying, unpacking or committing;
-otherwise a slot covers the whole attempt. The connection limit lives in the HTTP session.
+otherwise a slot covers the whole attempt. Such a source also holds one connection of a
+``ConnectionController`` (``harvester.concurrency``) per body it streams: the controller finds
+how many connections the link takes (up to ``config.max_connections``), and the ones a series'
+ZIP leaves free go to instance-level fetching. The HTTP session's pool caps every request.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from typing import Any
 
 import anyio
 
+from harvester.concurrency import ConnectionController
 from harvester.config import Config
 from harvester.containment import inside
 from harvester.errors import (
@@ -41,7 +45,7 @@ from harvester.errors import (
     should_retry_series,
 )
 from harvester.store.layout import assign_paths, safe_component
-from harvester.store.sink import StoreSinks
+from harvester.store.sink import StoreSinks, prune_resume_folders
 from harvester.models import AnnotatedSeries, SeriesTask
 from harvester.events import Event, Hub
 from harvester.rate import RateLimiter
@@ -130,8 +134,11 @@ class Engine:
         # unpacking and committing one series overlaps the next one's download and `workers`
         # connections stay busy. Other sources hold a slot for the whole attempt.
         self._slots_in_source = isinstance(source, DownloadSlots)
+        ceiling = min(config.max_connections, config.connections)
+        self.connections = ConnectionController(min(config.workers, ceiling), ceiling, cooldown=config.backoff_base)
         if isinstance(source, DownloadSlots):
             source.download_limiter = self.limit.limiter
+            source.connections = self.connections
         self.rate = RateLimiter(config.max_rate) if config.max_rate else None
         #: the store's sinks every source pours its bytes into (verified as they arrive)
         self.sinks = StoreSinks(config.limits, config.chunk_size, resume_root=state.meta_dir / "instances")
@@ -143,6 +150,7 @@ class Engine:
     def _on_request_retry(self, exc: BaseException) -> None:
         if getattr(exc, "overload", False):  # 429, 503 or a timeout: the server is struggling
             self.limit.push_back()
+            self.connections.push_back()
         self.hub.emit(Event("retry", message=str(exc)))
 
     async def run(self, tasks: list[SeriesTask], header: dict[str, Any],
@@ -186,6 +194,12 @@ class Engine:
                     fatal = fatal or exc
                 except HarvesterError:
                     totals = self._totals(order)
+                # instances kept for a series that is complete now (whichever way it came) or no
+                # longer planned are of no use; those of the series still to do wait for a rerun
+                kept = self.state.meta_dir / "instances"
+                if kept.is_dir():
+                    todo_uids = [u for u in order if self.state.completed_bytes(u) is None]
+                    await anyio.to_thread.run_sync(prune_resume_folders, kept, todo_uids)
         self.hub.emit(Event("finish"))
         tally = self.hub.tally
         failed = [(u, (self.state.records.get(u) or {}).get("error") or "failed") for u in order
@@ -205,13 +219,14 @@ class Engine:
         if not jobs:
             return
         send, receive = anyio.create_memory_object_stream[_Job](math.inf)
-        pending = len(jobs)
+        pending = self.connections.unsettled = len(jobs)
         for job in jobs:
             send.send_nowait(job)
 
         async def finished_one() -> None:
             nonlocal pending
             pending -= 1
+            self.connections.unsettled = pending
             if pending == 0:
                 send.close()
 
@@ -266,8 +281,13 @@ class Engine:
         t = self.hub.tally
         self.state.log_event({"event": "progress", "received_bytes": t.received_bytes, "retries": t.retries
                               + t.series_retries, "done": t.done_series, "failed": t.failed_series,
-                              "in_flight": t.in_flight, "limit": self.limit.current})
+                              "in_flight": t.in_flight, "limit": self.limit.current,
+                              "connections": self.connections.limit})
         return totals
+
+    def _on_bytes(self, n: int) -> None:
+        self.connections.add_bytes(n)
+        self.hub.emit(Event("bytes", bytes=n))
 
     async def _attempt(self, job: _Job) -> float | None:
         """One try at a series. Returns None when it is settled (complete or failed for good),
@@ -280,7 +300,7 @@ class Engine:
         try:
             unpacked = await self.source.fetch_series(
                 task, partial=partial, staging=staging, rate=self.rate, sinks=self.sinks,
-                on_bytes=lambda n: self.hub.emit(Event("bytes", bytes=n)))
+                on_bytes=self._on_bytes)
             record = self._record(job, unpacked.files)
             if isinstance(unpacked, AnnotatedSeries) and unpacked.annotations:   # beside the DICOM files
                 record["annotations"] = [a.to_json(job.path) for a in unpacked.annotations]
@@ -310,6 +330,7 @@ class Engine:
         job.errors.append(message)
         if isinstance(exc, RetryableRequestError) and exc.status in (429, 503):
             self.limit.push_back()
+            self.connections.push_back()
         if should_retry_series(exc) and job.attempts <= self.config.series_retries:
             delay = min(self.config.backoff_max, self.config.backoff_base * 2 ** job.attempts)
             delay = self._rng.uniform(delay / 2, delay)

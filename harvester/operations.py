@@ -231,7 +231,8 @@ async def open_harvest(config: Config) -> AsyncIterator[tuple[HarvestState, Sour
         raised = True
         raise
     finally:
-        if created and state.locked and not state.records and (raised or not state.manifest_path.exists()):
+        if (created and state.locked and not state.records and (raised or not state.manifest_path.exists())
+                and not _kept_instances(state)):
             # Removed in place, not in a thread: this may run in a cancelled scope (Ctrl-C), where
             # an await would be cancelled too; with nothing recorded, there is little to remove.
             _remove_created(state, created)
@@ -247,6 +248,22 @@ def _missing_folders(path: Path) -> list[Path]:
         missing.append(path)
         path = path.parent
     return missing
+
+
+def _kept_instances(state: HarvestState) -> bool:
+    """Whether a series' verified instances are kept for a resume (``.harvester/instances/``): a
+    first run interrupted in its first large series recorded no series, but its rerun continues
+    from them, so the folder is not undone."""
+    try:
+        with os.scandir(state.meta_dir / "instances") as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    with os.scandir(entry.path) as files:
+                        if any(True for _ in files):
+                            return True
+    except OSError:
+        pass
+    return False
 
 
 def _remove_created(state: HarvestState, created: list[Path]) -> None:

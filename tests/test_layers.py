@@ -23,7 +23,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "harvester"
 
 LEAVES = {"harvester.errors", "harvester.redact", "harvester.units", "harvester.dates", "harvester.config",
-          "harvester.containment", "harvester.models", "harvester.rate"}
+          "harvester.containment", "harvester.models", "harvester.rate",
+          "harvester.concurrency"}
 #: the store: layout, the streaming sink, state, the manifest reader, the tree operations
 STORE = ("harvester.store",)
 SOURCES = ("harvester.source",)

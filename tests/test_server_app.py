@@ -274,10 +274,12 @@ async def test_old_versions_ignore_unknown_parameters(server: ServerHandle) -> N
 
 
 async def test_missing_required_parameter(server: ServerHandle) -> None:
-    for endpoint in ("getSeriesSize", "getSOPInstanceUIDs", "getImage", "getUpdatedSeries", "getMD5HashForImage"):
+    for endpoint in ("getSeriesSize", "getSOPInstanceUIDs", "getImage", "getUpdatedSeries"):
         status, _, body = await fetch(server, endpoint)
         assert status == 400, endpoint
         assert b"Missing required query parameter" in body
+    # NBIA-TCIA's V4_getMD5HashForImage requires nothing (it reads a parameter it does not allow)
+    assert (await fetch(server, "getMD5HashForImage"))[::2] == (200, b"")
 
 
 async def test_format_csv_matches_json(server: ServerHandle) -> None:
@@ -345,11 +347,16 @@ async def test_series_size_sop_uids_and_md5(server: ServerHandle, small_archive:
     sops = await fetch_json(server, "getSOPInstanceUIDs", {"SeriesInstanceUID": rec.uid})
     assert [s["SOPInstanceUID"] for s in sops] == [i.sop_uid for i in rec.instances]
     inst = rec.instances[2]
+    # as NBIA-TCIA's V4_getMD5HashForImage: only SOPInstanceUID is allowed, but the handler reads
+    # SOPInstanceUid, so every v4 answer is empty; v1/v2 read SOPInstanceUid
     status, headers, body = await fetch(server, "getMD5HashForImage", {"SOPInstanceUID": inst.sop_uid})
-    assert status == 200 and headers["Content-Type"].startswith("text/plain")
-    assert body.decode() == hashlib.md5(inst.path.read_bytes()).hexdigest()
-    status, _, _ = await fetch(server, "getMD5HashForImage", {"SOPInstanceUID": "1.2.3.404"})
+    assert status == 200 and headers["Content-Type"].startswith("text/plain") and body == b""
+    status, _, _ = await fetch(server, "getMD5HashForImage", {"SOPInstanceUid": inst.sop_uid})
     assert status == 400
+    status, _, body = await fetch(server, "getMD5HashForImage", {"SOPInstanceUid": inst.sop_uid}, version="v2")
+    assert status == 200 and body.decode() == hashlib.md5(inst.path.read_bytes()).hexdigest()
+    status, _, body = await fetch(server, "getMD5HashForImage", {"SOPInstanceUid": "1.2.3.404"}, version="v2")
+    assert status == 200 and body == b""
 
 
 async def test_single_image(server: ServerHandle, small_archive: Archive) -> None:

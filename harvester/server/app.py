@@ -259,7 +259,8 @@ ENDPOINTS: dict[str, Endpoint] = {
     "getUpdatedSeries": Endpoint(_F({"fromDate"}), _F({"fromDate"}), query=_updated_series),
     "getSeriesSize": Endpoint(_F({"SeriesInstanceUID"}), _F({"SeriesInstanceUID"}), query=_series_size),
     "getSOPInstanceUIDs": Endpoint(_F({"SeriesInstanceUID"}), _F({"SeriesInstanceUID"}), query=_sop_uids),
-    "getMD5HashForImage": Endpoint(_F({"SOPInstanceUID"}), _F({"SOPInstanceUID"})),
+    # allows SOPInstanceUID only, and reads SOPInstanceUid (``md5_for_image``)
+    "getMD5HashForImage": Endpoint(_F({"SOPInstanceUID"})),
     "getImage": Endpoint(_F({"SeriesInstanceUID", "NewFileNames", "IncludeMD5"}), _F({"SeriesInstanceUID"}),
                          download=True),
     "getImageWithMD5Hash": Endpoint(_F({"SeriesInstanceUID", "NewFileNames"}), _F({"SeriesInstanceUID"}),
@@ -461,6 +462,16 @@ def _abort(request: web.Request) -> None:
 
 
 async def _download(request: web.Request, endpoint: str, params: Params, decision: FaultDecision) -> web.StreamResponse:
+    stats = request.app[STATS_KEY]
+    stats.body_started()  # the in-flight high-water mark (``Stats.bodies_peak``)
+    try:
+        return await _send_download(request, endpoint, params, decision)
+    finally:
+        stats.body_ended()
+
+
+async def _send_download(request: web.Request, endpoint: str, params: Params,
+                         decision: FaultDecision) -> web.StreamResponse:
     archive = request.app[ARCHIVE_KEY]
     stats = request.app[STATS_KEY]
     uid = params["SeriesInstanceUID"]
@@ -543,6 +554,15 @@ def _validate(version: str, spec: Endpoint, query: Mapping[str, str]) -> dict[st
     return params
 
 
+def md5_for_image(archive: Archive, sop_uid: str | None) -> web.Response:
+    """getMD5HashForImage as NBIA-TCIA's handlers answer it: the MD5 of instance ``sop_uid`` (the
+    parameter ``SOPInstanceUid``, which is what ``V4_getMD5HashForImage`` reads while it allows
+    only ``SOPInstanceUID``: on v4 it is never there), as text; an empty body for no instance or
+    an unknown one (the handler answers what its DAO found, "" when nothing)."""
+    found = archive.find_instance(sop_uid) if sop_uid else None
+    return web.Response(text=found[1].md5 if found is not None else "", content_type="text/plain")
+
+
 def _error_page(status: int) -> web.Response:
     reason = {500: "Internal Server Error", 503: "Service Unavailable"}.get(status, "Error")
     html = (f"<!doctype html><html><head><title>HTTP Status {status} - {reason}</title></head>"
@@ -585,10 +605,7 @@ async def api_handler(request: web.Request) -> web.StreamResponse:
         if spec.download:
             return await _download(request, name, params, decision)
         if name == "getMD5HashForImage":
-            found = archive.find_instance(params["SOPInstanceUID"])
-            if found is None:
-                raise BadRequest(f"SOPInstanceUID {params['SOPInstanceUID']} was not found")
-            return web.Response(text=found[1].md5, content_type="text/plain")
+            return md5_for_image(archive, request.query.get("SOPInstanceUid"))
         assert spec.query is not None
         return render_rows(archive, spec.query(archive, params, version), params["format"], version,
                            numbers_as_strings=request.app[NUMBERS_AS_STRINGS_KEY])

@@ -25,8 +25,10 @@ SOPInstanceUID (``instances``), body bytes sent by the download
         self._instances: Counter[str] = Counter()
         self._faults: Counter[str] = Counter()
         self._bytes_sent = 0
-        self._in_flight = 0
-        self._in_flight_peak = 0
+        self._in_flight = 0       # series ZIPs being sent now
+        self._in_flight_peak = 0  # ... and the most at once since the last reset
+        self._bodies = 0          # download bodies being sent now
+        self._bodies_peak = 0     # ... and the most at once since the last reset
 
     def download_began(self) -> None:
         with self._lock:
@@ -46,6 +48,22 @@ SOPInstanceUID (``instances``), body bytes sent by the download
     def downloads_in_flight_peak(self) -> int:
         with self._lock:
             return self._in_flight_peak
+
+    def body_started(self) -> None:
+        with self._lock:
+            self._bodies += 1
+            self._bodies_peak = max(self._bodies_peak, self._bodies)
+
+    def body_ended(self) -> None:
+        with self._lock:
+            self._bodies -= 1
+
+    @property
+    def bodies_peak(self) -> int:
+        """The most download bodies (ZIPs, getSingleImage answers) sent at once since the last
+        reset: the client's connections moving bytes, as the server saw them."""
+        with self._lock:
+            return self._bodies_peak
 
     def count_request(self, endpoint: str) -> None:
         with self._lock:
@@ -101,6 +119,7 @@ SOPInstanceUID (``instances``), body bytes sent by the download
             self._faults.clear()
             self._bytes_sent = 0
             self._in_flight_peak = self._in_flight
+            self._bodies_peak = self._bodies
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready copy: ``{"requests", "downloads", "instances", "bytes_sent", "faults"}``."""

@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import anyio
 
+from harvester.concurrency import ConnectionController
 from harvester.config import Config
 from harvester.models import Plan, SeriesTask
 from harvester.query import Query, Selector
@@ -51,6 +52,15 @@ class AutoSource:
     @download_limiter.setter
     def download_limiter(self, limiter: anyio.CapacityLimiter | None) -> None:
         self.nbia.download_limiter = limiter
+
+    @property
+    def connections(self) -> ConnectionController | None:
+        """Set by the engine, as for NBIA (an IDC series does not use it)."""
+        return self.nbia.connections
+
+    @connections.setter
+    def connections(self, controller: ConnectionController | None) -> None:
+        self.nbia.connections = controller
 
     @property
     def requests(self) -> int:

@@ -13,7 +13,8 @@ checked with ``isinstance`` against these ``runtime_checkable`` classes, never w
   then relies on counts and sizes alone.
 * ``DownloadSlots``: the source holds the engine's download limiter only while bytes move, so
   that verifying never keeps a connection slot (the engine holds it for the whole series
-  otherwise).
+  otherwise), and one of the engine's ``ConnectionController`` connections for each body it
+  streams.
 
 A source moves bytes; the store checks them. The engine hands ``fetch_series`` a ``Sinks``
 (``harvester.store.sink.StoreSinks``), and the source pours what arrives into the sink it opens
@@ -30,6 +31,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import anyio
 
+from harvester.concurrency import ConnectionController
 from harvester.models import AnnotationFile, Plan, SeriesTask, UnpackedSeries, VerifiedFile
 from harvester.query import Query
 from harvester.rate import RateLimiter
@@ -182,9 +184,11 @@ class UpdateFeed(Protocol):
 
 @runtime_checkable
 class DownloadSlots(Protocol):
-    """A source that holds the engine's download limiter only while bytes move."""
+    """A source that holds the engine's download limiter only while bytes move, and a connection
+    of ``connections`` (``harvester.concurrency``) for each body it streams."""
 
     download_limiter: anyio.CapacityLimiter | None
+    connections: ConnectionController | None
 
 
 class ClientBackedSource:

@@ -47,7 +47,7 @@ import re
 import shutil
 import stat
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -915,3 +915,29 @@ def _no_follow_append(path: str, flags: int) -> int:
 def resume_folder(root: Path, series_uid: str) -> Path:
     """The resume folder of one series under ``root`` (UIDs from a server are never path parts)."""
     return root / hashlib.sha1(series_uid.encode("utf-8", "replace")).hexdigest()[:20]
+
+
+def prune_resume_folders(root: Path, keep: Iterable[str]) -> int:
+    """Remove every resume folder under ``root`` but those of the series ``keep`` names (the
+    ones a next attempt may continue): a series committed since (by its ZIP, or by another run)
+    or no longer in the plan has no use for its kept instances. Only ``root``'s own entries are
+    removed, a link as a link (never what it points to). Returns how many; OS errors are ignored
+    (the next run tries again)."""
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return 0
+    wanted = {resume_folder(root, uid).name for uid in keep}
+    removed = 0
+    for entry in entries:
+        if entry.name in wanted:
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed += 1
+        except OSError:
+            continue
+    return removed

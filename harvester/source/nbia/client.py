@@ -70,7 +70,9 @@ QUERY_ENDPOINTS: dict[str, tuple[str, ...]] = {
     "getUpdatedSeries": ("fromDate",),
     "getSeriesSize": ("SeriesInstanceUID",),
     "getSOPInstanceUIDs": ("SeriesInstanceUID",),
-    "getMD5HashForImage": ("SOPInstanceUID",),
+    # v4 allows only SOPInstanceUID (and reads SOPInstanceUid: ``NBIAClient.instance_md5``);
+    # v1/v2 ignore unknown names and read SOPInstanceUid
+    "getMD5HashForImage": ("SOPInstanceUID", "SOPInstanceUid"),
 }
 TOKEN_ANSWER_BYTES = 1 << 20  # a token answer is a few hundred bytes; a bigger one is not read on
 
@@ -184,6 +186,11 @@ class NBIAClient(RetryingClient):
         self._rng = random.Random()  # one per client: seeding a Random per request is not free
         #: Set once the server answered IncludeMD5 with 400; from then on getImageWithMD5Hash.
         self.include_md5_refused = False
+        #: Set once getMD5HashForImage answered an empty body: the archive gives no MD5 per
+        #: instance (v4 as deployed never does), so it is not asked again this run.
+        self.instance_md5_absent = False
+        self._md5_answered = False
+        self._md5_first = anyio.Lock()  # until the first answer, one request at a time
 
     # ------------------------------------------------------------ routing
     def base_for(self, collection: str | None = None) -> str:
@@ -324,15 +331,31 @@ class NBIAClient(RetryingClient):
 
     async def instance_md5(self, sop_uid: str, collection: str | None) -> str:
         """The archive's MD5 of one instance (getMD5HashForImage), lower-case hex, or ``""`` when
-        it has none recorded. Raises ``RetryableRequestError`` for an answer that is neither.
+        it has none. Raises ``RetryableRequestError`` for an answer that is neither.
 
-        The v4 handler of NBIA-TCIA (``V4_getMD5HashForImage``) accepts only ``SOPInstanceUID``
-        but reads ``@QueryParam("SOPInstanceUid")``, so as its source reads it answers an empty
-        body to every request: such instances are checked by count, sizes, DICOM, series and SOP
-        UID, and recorded ``md5_source: computed``, as a ZIP's rows without an MD5 are."""
-        rows = await self.query("getMD5HashForImage", {"SOPInstanceUID": sop_uid}, collection=collection)
+        The v4 handler of NBIA-TCIA (``V4_getMD5HashForImage``) allows only the parameter
+        ``SOPInstanceUID`` (any other is HTTP 400) but reads ``@QueryParam("SOPInstanceUid")``,
+        so it answers an empty body to every request; v1/v2 ignore unknown parameters and read
+        ``SOPInstanceUid``. So v4 is sent ``SOPInstanceUID``, the others ``SOPInstanceUid``, and
+        after the first empty answer no instance of this run is asked again (one request, not one
+        per instance): such instances are checked by count, sizes, DICOM, series and SOP UID, and
+        recorded ``md5_source: computed``, as a ZIP's rows without an MD5 are."""
+        if not self._md5_answered:
+            async with self._md5_first:  # the instances of every series in flight would all ask at once
+                if not self._md5_answered:
+                    md5 = await self._instance_md5(sop_uid, collection)
+                    self._md5_answered = True
+                    return md5
+        return "" if self.instance_md5_absent else await self._instance_md5(sop_uid, collection)
+
+    async def _instance_md5(self, sop_uid: str, collection: str | None) -> str:
+        version = self.config.api_url.rstrip("/").rsplit("/", 1)[-1]
+        name = "SOPInstanceUID" if version == "v4" else "SOPInstanceUid"
+        rows = await self.query("getMD5HashForImage", {name: sop_uid}, collection=collection)
         md5 = str(rows[0].get("MD5Hash", "")).strip().lower() if rows else ""
-        if md5 and not re.fullmatch(r"[0-9a-f]{32}", md5):
+        if not md5:
+            self.instance_md5_absent = True
+        elif not re.fullmatch(r"[0-9a-f]{32}", md5):
             raise RetryableRequestError(f"getMD5HashForImage of {sop_uid} answered something that is not an MD5: "
                                         f"{one_line(md5[:60])}")
         return md5

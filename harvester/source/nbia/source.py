@@ -24,7 +24,8 @@ from pathlib import Path
 import anyio
 
 from harvester.annotations import MAX_ANNOTATION_BYTES, AnnotationOpener, has_annotations
-from harvester.config import PER_INSTANCE_MAX_AVERAGE, PER_INSTANCE_MIN_BYTES
+from harvester.concurrency import ConnectionController
+from harvester.config import PER_INSTANCE_MAX_AVERAGE, PER_INSTANCE_MIN_BYTES, PER_INSTANCE_SPARE_MIN_BYTES
 from harvester.errors import IncompleteSeriesError, IntegrityError
 from harvester.models import AnnotatedSeries, Plan, SeriesTask, UnpackedSeries
 from harvester.query import Query
@@ -39,14 +40,19 @@ from harvester.unpack import read_dicom_ids
 SYNC_OVERLAP = dt.timedelta(days=2)
 
 
-def per_instance(task: SeriesTask, mode: str) -> bool:
+def per_instance(task: SeriesTask, mode: str, *, spare: bool = False) -> bool:
     """Whether ``task`` is fetched instance by instance under ``config.per_instance`` ``mode``:
-    "always", "never", or "auto": a series of at least ``PER_INSTANCE_MIN_BYTES`` in at least two
-    instances of at most ``PER_INSTANCE_MAX_AVERAGE`` on average (each is held in memory once)."""
+    "always", "never", or "auto": a series in at least two instances of at most
+    ``PER_INSTANCE_MAX_AVERAGE`` on average (each is held in memory once) that is large (at least
+    ``PER_INSTANCE_MIN_BYTES``), or of at least ``PER_INSTANCE_SPARE_MIN_BYTES`` when connections
+    are ``spare`` (the connection controller's view: the series left are fewer than the
+    connections, so one ZIP each would leave some idle)."""
     if mode != "auto":
         return mode == "always"
     count, size = task.image_count or 0, task.file_size or 0
-    return count >= 2 and size >= PER_INSTANCE_MIN_BYTES and size // count <= PER_INSTANCE_MAX_AVERAGE
+    if count < 2 or size // count > PER_INSTANCE_MAX_AVERAGE:
+        return False
+    return size >= PER_INSTANCE_MIN_BYTES or (spare and size >= PER_INSTANCE_SPARE_MIN_BYTES)
 
 
 def zip_entry_names(count: int, *, tcia_names: bool) -> list[str]:
@@ -82,6 +88,9 @@ class NBIASource(ClientBackedSource):
         #: Set by the engine: held while the ZIP streams (retries included) and released before
         #: verifying and unpacking, so that work never keeps a connection slot from a download.
         self.download_limiter: anyio.CapacityLimiter | None = None
+        #: Set by the engine: one of its connections is held while a body streams (a ZIP, an
+        #: instance), and its view of spare connections decides ``per_instance``'s "auto".
+        self.connections: ConnectionController | None = None
 
     async def plan(self, query: Query, *, details: bool = True) -> Plan:
         return await Planner(self.client, concurrency=self.client.config.plan_concurrency).plan(
@@ -110,15 +119,18 @@ class NBIASource(ClientBackedSource):
                            sinks: Sinks) -> UnpackedSeries:
         config = self.client.config
         max_repairs = max(1, (task.image_count or 0) // 10)
-        if per_instance(task, config.per_instance):
-            unpacked = await self._fetch_instances(task, staging, on_bytes, rate, sinks)
-        else:
-            async with self.download_limiter or contextlib.nullcontext():
-                unpacked = await stream_series_zip(
-                    self.client, task.series_uid, task.collection,
-                    lambda: sinks.series_zip(task, staging, max_repairs=max_repairs), chunk_size=config.chunk_size,
-                    rate=rate, on_bytes=on_bytes,
-                    max_bytes=download_bound(task.file_size, task.image_count, config.limits))
+        # decided once the series may download: the series still waiting are known then
+        async with self.download_limiter or contextlib.nullcontext():
+            with self._series_download() as spare:
+                if per_instance(task, config.per_instance, spare=spare):
+                    unpacked = await self._fetch_instances(task, staging, on_bytes, rate, sinks)
+                else:
+                    async with self._connection():
+                        unpacked = await stream_series_zip(
+                            self.client, task.series_uid, task.collection,
+                            lambda: sinks.series_zip(task, staging, max_repairs=max_repairs),
+                            chunk_size=config.chunk_size, rate=rate, on_bytes=on_bytes,
+                            max_bytes=download_bound(task.file_size, task.image_count, config.limits))
         if unpacked.license_text is None:  # getImageWithMD5Hash sends none: say what getSeries said
             unpacked = dataclasses.replace(unpacked, license_text=license_from_row(task.row))
         for repair in unpacked.repairs:
@@ -170,17 +182,16 @@ class NBIASource(ClientBackedSource):
         writer = await anyio.to_thread.run_sync(functools.partial(sinks.parallel_instances, task, staging,
                                                                   names=names))
         queue = iter(sops)
-        # Twice as many workers as streams, a stream held only while an instance's bytes move:
-        # checking and fsyncing one instance overlaps the next one's download, so the streams
-        # stay busy (at most 2 x instance_streams instances are in memory).
-        streams = anyio.CapacityLimiter(max(1, client.config.instance_streams))
+        # 2 x instance_streams workers, each holding one of the engine's connections only while an
+        # instance's bytes move: checking and fsyncing one instance overlaps the next one's
+        # download, so the connections stay busy; the controller decides how many there are.
 
         async def fetch_some() -> None:
             for sop in queue:  # one iterator shared by the workers: each instance is taken once
                 md5 = await client.instance_md5(sop, task.collection)
                 if await anyio.to_thread.run_sync(writer.staged, sop, md5) is not None:
                     continue
-                async with streams:
+                async with self._connection():
                     data = await client.single_image(task.series_uid, sop, task.collection)
                 if rate is not None:
                     await rate.consume(len(data))
@@ -188,13 +199,20 @@ class NBIASource(ClientBackedSource):
                 await anyio.to_thread.run_sync(writer.write, sop, data, md5)
 
         try:
-            async with self.download_limiter or contextlib.nullcontext():
-                async with anyio.create_task_group() as workers:
-                    for _ in range(max(1, min(2 * client.config.instance_streams, len(sops)))):
-                        workers.start_soon(fetch_some)
+            async with anyio.create_task_group() as workers:  # the caller holds the download slot
+                for _ in range(max(1, min(2 * client.config.instance_streams, len(sops)))):
+                    workers.start_soon(fetch_some)
         except BaseExceptionGroup as group:
             raise _first_error(group) from None
         return await anyio.to_thread.run_sync(writer.finish)
+
+    def _series_download(self) -> contextlib.AbstractContextManager[bool]:
+        """The controller's count of series downloading, giving whether connections are spare."""
+        return self.connections.series_download() if self.connections is not None else contextlib.nullcontext(False)
+
+    def _connection(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """One of the engine's connections for a body, or none without a controller."""
+        return self.connections.connection() if self.connections is not None else contextlib.nullcontext()
 
     async def _add_annotations(self, task: SeriesTask, unpacked: UnpackedSeries, staging: Path,
                                rate: RateLimiter | None, on_bytes: Callable[[int], None],

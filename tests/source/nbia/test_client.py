@@ -240,3 +240,19 @@ def test_nlst_is_routed_to_its_host_only_with_the_public_default():
     assert "SeriesInstanceUID=1.2.3" in public.series_url("1.2.3", "NLST")
     private = NBIAClient(Config(api_url="http://127.0.0.1:1/nbia-api/services/v4"), session=None)
     assert private.base_for("NLST") == "http://127.0.0.1:1/nbia-api/services/v4"
+
+
+def test_instance_md5_speaks_each_version_as_nbia_tcia_reads_it(server, small_archive, tmp_path):
+    """v4 allows only SOPInstanceUID and answers empty (its handler reads SOPInstanceUid): asked
+    once, then never again this run; v2 reads SOPInstanceUid and gives the MD5."""
+    rec = small_archive.get(normal_series(small_archive)[0])
+    sops = [i.sop_uid for i in rec.instances]
+
+    async def ask_all(client):
+        return [await client.instance_md5(sop, None) for sop in sops]
+
+    server.stats.reset()
+    assert run_client(server.base_url, tmp_path, ask_all) == [""] * len(sops)
+    assert server.stats.requests.get("getMD5HashForImage") == 1
+    v2 = server.base_url.rsplit("/", 1)[0] + "/v2"
+    assert run_client(v2, tmp_path, ask_all) == [i.md5 for i in rec.instances]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -21,7 +22,7 @@ import pytest
 from harvester.server.archive import Archive
 from harvester.server.synthetic import SyntheticSpec, build_synthetic
 from harvester.server.testing import ServerHandle, serve_in_thread
-from harvester.store.sink import RESUME_JOURNAL, resume_folder
+from harvester.store.sink import RESUME_JOURNAL, prune_resume_folders, resume_folder
 from tests.harvest_helpers import REPO, assert_identical, harvest, manifest, normal_series, select_all
 
 
@@ -137,8 +138,10 @@ def test_a_failed_attempt_keeps_its_verified_instances_and_a_corrupted_one_is_re
     assert_identical(out, archive, [uid])
 
 
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
 def test_kill_9_in_the_middle_of_a_series_then_rerun_refetches_no_verified_instance(
-        one_series_archive: Archive, tmp_path: Path) -> None:
+        one_series_archive: Archive, tmp_path: Path, how: signal.Signals) -> None:
+    """kill -9, or Ctrl-C (which must not undo a first run whose only work is kept instances)."""
     archive = one_series_archive
     (uid,) = normal_series(archive)
     out = tmp_path / "out"
@@ -155,8 +158,8 @@ def test_kill_9_in_the_middle_of_a_series_then_rerun_refetches_no_verified_insta
         while len(journal_sops(out, uid)) < total // 3 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        proc.kill()
-        proc.wait()
+        proc.send_signal(how)
+        assert proc.wait(60) == (130 if how == signal.SIGINT else -signal.SIGKILL)
         proc.stderr.close()  # type: ignore[union-attr]
         kept = journal_sops(out, uid)
         assert total // 3 <= len(kept) < total
@@ -225,3 +228,29 @@ async def test_an_instance_list_short_of_the_plan_fails_before_any_instance_is_f
                                       sinks=StoreSinks(config.limits, resume_root=tmp_path / "instances"))
     assert server.stats.instances == {}
     assert not (tmp_path / "staging").exists()
+
+
+def test_kept_instances_of_a_series_committed_since_or_dropped_from_the_plan_are_removed(
+        server: ServerHandle, small_archive: Archive, tmp_path: Path) -> None:
+    uids = normal_series(small_archive)
+    out = tmp_path / "out"
+    root = out / ".harvester" / "instances"
+    # what interrupted runs left: instances of a series the ZIP path now commits, and of one no
+    # longer planned; and a link that is no resume folder
+    committed, dropped = resume_folder(root, uids[0]), resume_folder(root, uids[1])
+    for folder in (committed, dropped):
+        folder.mkdir(parents=True)
+        (folder / RESUME_JOURNAL).write_text("")
+    outside = tmp_path / "outside"
+    (outside / "keep.txt").parent.mkdir()
+    (outside / "keep.txt").write_text("not ours")
+    (root / "a-link").symlink_to(outside, target_is_directory=True)
+    result = harvest(server.base_url, out, {"select": [{"series": [uids[0]]}]}, per_instance="never")
+    assert result.ok, result.failed
+    assert not root.exists() or list(root.iterdir()) == []
+    assert (outside / "keep.txt").read_text() == "not ours"  # a link goes as a link
+    # the folder of a series still to do stays for the next run
+    todo = resume_folder(root, uids[2])
+    todo.mkdir(parents=True)
+    assert prune_resume_folders(root, [uids[2]]) == 0 and todo.is_dir()
+    assert prune_resume_folders(root, []) == 1 and not todo.exists()

@@ -1,0 +1,216 @@
+"""The connection controller: its decisions with a fake clock and fake throughput (no I/O),
+then a harvest against our server's rate caps, whose counters (the most bodies sent at once)
+and the run's journal say what the controller did.
+
+In the unit tests the link is a function from connections to bytes per second; each step feeds
+one window's worth of bytes at the current limit, with requests waiting for a connection (the
+demand is above the limit) unless said otherwise.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from harvest_helpers import assert_identical, harvest, normal_series, select_all
+from harvester.concurrency import GAIN, HOLD, ConnectionController
+from harvester.server.archive import Archive
+from harvester.server.synthetic import SyntheticSpec, build_synthetic
+from harvester.server.testing import serve_in_thread
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def window(c: ConnectionController, clock: Clock, link: Callable[[int], float], *, starved: bool = True) -> None:
+    """One window of ``c.window`` seconds at the throughput ``link`` gives ``c.limit`` connections."""
+    if starved:
+        c._starved = True  # a request found no connection free (what ``connection`` records)
+    clock.now += c.window
+    c.add_bytes(int(link(c.limit) * c.window))
+
+
+def per_connection_cap(cap: float, total: float) -> Callable[[int], float]:
+    """A link like the server's rate faults: ``cap`` per connection, ``total`` in all."""
+    return lambda n: min(n * cap, total)
+
+
+def test_grows_while_throughput_grows_then_holds_at_the_link() -> None:
+    clock = Clock()
+    c = ConnectionController(4, 64, clock=clock)
+    link = per_connection_cap(1e6, 24e6)   # full at 24 connections
+    limits = [c.limit]
+    for _ in range(11):
+        window(c, clock, link)
+        limits.append(c.limit)
+    # a quarter more each window (at least one) while it pays; the step past the link (22 -> 27
+    # brought 24 MB/s, under 10% more) is taken back, and that count held
+    assert limits == [4, 5, 6, 7, 8, 10, 12, 15, 18, 22, 27, 22]
+    for _ in range(HOLD):
+        window(c, clock, link)
+        assert c.limit == 22
+    window(c, clock, link)                 # then a probe
+    assert c.limit == 27
+    window(c, clock, link)                 # which does not pay either
+    assert c.limit == 22
+
+
+def test_probes_again_after_the_hold_and_grows_when_the_link_widened() -> None:
+    clock = Clock()
+    c = ConnectionController(8, 64, clock=clock)
+    narrow = per_connection_cap(1e6, 10e6)
+    for _ in range(3):
+        window(c, clock, narrow)
+    assert c.limit == 10                   # 8 -> 10 -> 12, which did not pay: back to 10
+    wide = per_connection_cap(1e6, 40e6)
+    for _ in range(HOLD + 12):
+        window(c, clock, wide)
+    assert c.limit >= 32                   # the probe after the hold found the wider link
+
+
+def test_never_past_the_ceiling() -> None:
+    clock = Clock()
+    c = ConnectionController(4, 10, clock=clock)
+    for _ in range(30):
+        window(c, clock, per_connection_cap(1e6, 1e9))
+    assert c.limit == 10
+
+
+def test_a_window_without_demand_changes_nothing() -> None:
+    """Connections no request waited for say nothing about the link: no growth (ZIPs bounded by
+    --workers leave the limit alone)."""
+    clock = Clock()
+    c = ConnectionController(24, 64, clock=clock)
+    for _ in range(20):
+        window(c, clock, per_connection_cap(1e6, 1e9), starved=False)
+    assert c.limit == 24 and c.grown == 0
+
+
+def test_a_small_gain_is_not_growth() -> None:
+    clock = Clock()
+    c = ConnectionController(10, 64, clock=clock)
+    def flat(n: int) -> float:
+        return 20e6 if n <= 10 else 20e6 * (1 + GAIN / 2)   # the step past 10 gains half of GAIN
+
+    window(c, clock, flat)                  # the first window has nothing to compare with: grows
+    assert c.limit == 12
+    window(c, clock, flat)
+    assert c.limit == 10 and c.grown == 1   # not worth it: taken back
+
+
+def test_push_back_halves_once_per_cooldown_and_holds() -> None:
+    clock = Clock()
+    c = ConnectionController(32, 64, cooldown=1.0, clock=clock)
+    c.push_back()
+    assert c.limit == 16
+    c.push_back()                           # the same wave of 429s: one signal
+    assert c.limit == 16
+    clock.now += 1.0
+    c.push_back()
+    assert c.limit == 8 and c.shrunk == 2
+    link = per_connection_cap(1e6, 1e9)
+    for _ in range(HOLD):
+        window(c, clock, link)
+        assert c.limit == 8                 # held after push-back
+    window(c, clock, link)
+    assert c.limit > 8                      # then growing again while the link has room
+    for _ in range(10):
+        clock.now += 1.0
+        c.push_back()
+    assert c.limit == 1                     # never below one
+
+
+def test_spare_for_counts_the_series_left_against_the_connections() -> None:
+    c = ConnectionController(24, 32)
+    assert not c.spare_for(1)               # the engine has not counted the run's series yet
+    c.unsettled = 40
+    assert not c.spare_for(16)              # 24 left to start: one ZIP each fills 24 connections
+    assert c.spare_for(17)
+    c.unsettled = 3
+    assert c.spare_for(1)
+
+
+@pytest.mark.anyio
+async def test_connection_waits_at_the_limit_and_marks_the_window_starved() -> None:
+    c = ConnectionController(2, 8)
+    entered: list[int] = []
+    release = anyio.Event()
+
+    async def body(i: int) -> None:
+        async with c.connection():
+            entered.append(i)
+            await release.wait()
+
+    async with anyio.create_task_group() as tg:
+        for i in range(3):
+            tg.start_soon(body, i)
+        await anyio.wait_all_tasks_blocked()
+        assert len(entered) == 2 and c.busy == 2 and c._starved
+        c._set(3)                           # a grown limit lets the waiter in at once
+        await anyio.wait_all_tasks_blocked()
+        assert len(entered) == 3 and c.high_water == 3
+        release.set()
+    assert c.busy == 0
+
+
+# ---------------------------------------------------------------- against our server's caps
+
+@pytest.fixture(scope="module")
+def series_of_40(tmp_path_factory: pytest.TempPathFactory) -> Archive:
+    spec = SyntheticSpec.parse("collections=1,patients=1,studies=1,series=1,instances=40,size=32KiB,seed=7")
+    return build_synthetic(spec, tmp_path_factory.mktemp("forty"))
+
+
+def last_progress(out: Path) -> dict[str, Any]:
+    lines = (out / ".harvester" / "journal.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e.get("event") == "progress"][-1]
+
+
+def test_the_controller_adds_connections_while_the_link_has_room(series_of_40: Archive, tmp_path: Path) -> None:
+    """A per-connection cap and no total one: every connection added brings throughput, so the
+    controller grows from --workers' 2 towards its ceiling, and never past it."""
+    out = tmp_path / "out"
+    with serve_in_thread(series_of_40, faults="rate=128KiB") as server:
+        result = harvest(server.base_url, out, select_all(series_of_40), per_instance="always", workers=2,
+                         connections=16, max_connections=10)
+        peak = server.stats.bodies_peak
+    assert result.ok, result.failed
+    assert 2 < peak <= 10                       # more than it started with, never past the ceiling
+    assert 2 < last_progress(out)["connections"] <= 10
+    assert_identical(out, series_of_40, normal_series(series_of_40))
+
+
+def test_the_controller_halves_on_push_back(series_of_40: Archive, tmp_path: Path) -> None:
+    """429s (with Retry-After: 0) on a fifth of the requests: the connections are halved and held,
+    so the run ends below the 8 it started with, and still complete."""
+    out = tmp_path / "out"
+    with serve_in_thread(series_of_40, faults="rate=128KiB,throttle=0.2,retry_after=0,seed=3") as server:
+        result = harvest(server.base_url, out, select_all(series_of_40), per_instance="always", workers=8,
+                         connections=16, max_connections=8, retries=10)
+        throttled = server.stats.faults.get("throttle", 0)
+    assert result.ok, result.failed
+    assert throttled >= 3
+    assert last_progress(out)["connections"] < 8
+    assert_identical(out, series_of_40, normal_series(series_of_40))
+
+
+def test_series_download_counts_the_series_in_the_order_they_began() -> None:
+    """Of 40 series and 24 connections, the first 16 to begin fill connections with their ZIPs;
+    the 24 after them are spread (with one ZIP each, connections would idle as the first end)."""
+    c = ConnectionController(24, 32)
+    c.unsettled = 40
+    with contextlib.ExitStack() as stack:
+        decisions = [stack.enter_context(c.series_download()) for _ in range(24)]
+    assert decisions == [False] * 16 + [True] * 8
+    with c.series_download() as spare:      # the ones that ended no longer count
+        assert not spare
