@@ -1,6 +1,6 @@
 """The connection controller: its decisions with a fake clock and fake throughput (no I/O),
 then a harvest against our server's rate caps, whose counters (the most bodies sent at once)
-and the run's journal say what the controller did.
+and the run's events say what the controller did.
 
 In the unit tests the link is a function from connections to bytes per second; each step feeds
 one window's worth of bytes at the current limit, with requests waiting for a connection (the
@@ -9,7 +9,6 @@ demand is above the limit) unless said otherwise.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import anyio
 import pytest
 
-from harvest_helpers import assert_identical, harvest, normal_series, select_all
+from harvest_helpers import assert_identical, harvest, normal_series, run_events, select_all
 from harvester.concurrency import GAIN, HOLD, ConnectionController
 from harvester.server.archive import Archive
 from harvester.server.synthetic import SyntheticSpec, build_synthetic
@@ -172,8 +171,7 @@ def series_of_40(tmp_path_factory: pytest.TempPathFactory) -> Archive:
 
 
 def last_progress(out: Path) -> dict[str, Any]:
-    lines = (out / ".harvester" / "journal.jsonl").read_text().splitlines()
-    return [e for e in map(json.loads, lines) if e.get("event") == "progress"][-1]
+    return [e for e in run_events(out) if e["event"] == "progress"][-1]
 
 
 def test_the_controller_adds_connections_while_the_link_has_room(series_of_40: Archive, tmp_path: Path) -> None:
