@@ -6,8 +6,9 @@ phase it hit is then *observed* from what it left on disk, never assumed):
 
 ``planning``  the server answers every request 150 ms late; kill 0-250 ms after the first
               planning request reached it (no ``run`` event in the state database yet).
-``download``  the server sends each series (~27 KB) at 16 KB/s; kill while a staging folder fills
-              (the streaming sink writes each instance as its bytes arrive: there is no
+``download``  the server sends each series (~27 KB) at 16 KB/s; kill while it sends one (its
+              in-flight count) or a staging folder fills (the streaming sink writes instances
+              in batches as bytes arrive, a series' first MiB from memory: there is no
               ``.zip.partial`` any more, and downloading and unpacking are one phase).
 ``verify``    every series has one corrupt instance and requests are 200 ms late; kill while the
               single-instance repair runs (the staging folder holds every file).
@@ -164,9 +165,12 @@ def _dicom_files(folder: Path) -> int:
         return 0
 
 
-def observe(out: Path, started: bool, run_started: bool, committed_keys: set[str], instances: int) -> set[str]:
+def observe(out: Path, started: bool, run_started: bool, committed_keys: set[str], instances: int,
+            streaming: bool = False) -> set[str]:
     """The phases in progress when the process died, read from what it left on disk
-    (``instances``: the files of every series).
+    (``instances``: the files of every series) and from the server (``streaming``: a series ZIP
+    was being sent to it at the kill; the sink holds a series' first MiB in memory before its
+    staging folder appears, so a small series downloading leaves nothing on disk).
 
     ``started``: the process had reached the archive (its first planning request), so it had
     opened DIR and cleaned what earlier runs left in ``.harvester/tmp``; before that, the kill
@@ -177,6 +181,8 @@ def observe(out: Path, started: bool, run_started: bool, committed_keys: set[str
     phases: set[str] = set()
     if not run_started:
         phases.add("planning")
+    if streaming and run_started:
+        phases.add("download")
     tmp = out / ".harvester" / "tmp"
     names = {p.name for p in tmp.iterdir()} if tmp.is_dir() else set()
     for name in names:
@@ -294,6 +300,7 @@ class Campaign:
         collections = sorted({r.row["Collection"] for r in archive.records()})
         self.query.write_text(yaml.safe_dump({"select": [{"collection": c} for c in collections]}))
         self.rng = random.Random(seed)
+        self.streaming_at_kill = False   # the server was sending a series ZIP at the last kill
         self.schedule = [p for p in PHASES for _ in range(kills_per_phase)] + ["random"] * random_kills
         self.rng.shuffle(self.schedule)
         self.max_attempts = max_attempts
@@ -357,7 +364,8 @@ class Campaign:
                 elif not run_started:
                     pass
                 elif target == "download":
-                    if any(0 < _dicom_files(s) < self._instances_per_series for s in _glob(tmp, "*.staging")):
+                    if self.server.stats.downloads_in_flight > 0 or any(
+                            0 < _dicom_files(s) < self._instances_per_series for s in _glob(tmp, "*.staging")):
                         kill_at = now + self.rng.uniform(0.0, 0.5)
                 elif target == "verify":
                     if any(_dicom_files(s) >= self._instances_per_series for s in _glob(tmp, "*.staging")):
@@ -369,6 +377,7 @@ class Campaign:
                     if _glob(self.out, ".*.tmp"):
                         kill_at = now
             if kill_at is not None and now >= kill_at:
+                self.streaming_at_kill = self.server.stats.downloads_in_flight > 0
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
                 read_events()  # events committed between the last poll and the kill
@@ -414,7 +423,8 @@ class Campaign:
             assert proc.returncode == 0, f"run {n} ({target}) exited {proc.returncode}: {log.read_text()[-2000:]}"
             self.result.finished_early += 1
         else:
-            phases = observe(self.out, started, run_started, committed, self._instances_per_series)
+            phases = observe(self.out, started, run_started, committed, self._instances_per_series,
+                             self.streaming_at_kill)
             self.result.kills.append(Kill(target, primary(phases, target), sorted(phases), round(elapsed, 3)))
         self._no_refetch(must_skip, downloads_before)
         now_complete = check_tree(self.out, self.archive)  # the invariants at the instant of the kill
