@@ -19,8 +19,9 @@ guarantees (verified staging folder, durable record, atomic rename), with a stat
   re-run from working on one shard at once.
 * The client merges each finished shard into the harvest's database (``merge_shard``: the
   records are read through the shard state's checks, as every state file is), then removes it;
-  shards a killed client left are merged at the start of the next cluster run
-  (``merge_leftovers``), so ``status``, ``verify``, ``export`` and a later run see one harvest.
+  shards a killed client left are merged at the start of the next run, on a cluster or not
+  (``harvester.store.shards.merge_leftovers``), so ``status``, ``verify``, ``export`` and a
+  later run see one harvest.
 * The shard databases are in WAL mode, as every state database is (``harvester.store.db``):
   WAL's index lives in shared memory, which works only between processes of one host; a shard
   file is only ever opened by one process at a time (the lock above: the task, then the client
@@ -52,7 +53,6 @@ import importlib
 import importlib.util
 import math
 import re
-import shutil
 import threading
 import time
 import uuid
@@ -67,16 +67,15 @@ import anyio
 
 from harvester import operations
 from harvester.config import Config
-from harvester.containment import check_not_link
 from harvester.engine import Engine, HarvestResult
 from harvester.errors import FatalError, HarvesterError, RetryableRequestError, UsageError
 from harvester.events import Event, Hub
 from harvester.models import SeriesTask
 from harvester.source.base import DownloadSlots, Source
 from harvester.source.http import make_session
-from harvester.store.db import DB_NAME
 from harvester.store.layout import assign_paths
-from harvester.store.state import HarvestState, now_iso, totals_of
+from harvester.store.shards import ShardState, merge_shard, shards_dir
+from harvester.store.state import HarvestState, now_iso
 
 DASK_HINT = "pip install 'harvester[dask]'"
 #: shards per worker thread: a lost worker re-runs a small part of the harvest
@@ -176,86 +175,6 @@ def _factory(client: Any) -> Callable[[Config, Source, HarvestState, Hub], Engin
     def make(config: Config, source: Source, state: HarvestState, hub: Hub) -> Engine:
         return ClusterEngine(config, source, state, hub, client=client)
     return make
-
-
-# ---------------------------------------------------------------- the shards' state
-
-class ShardState(HarvestState):
-    """The state of one shard: a ``HarvestState`` of DIR whose database, journal, lock and
-    staging folder are in ``shard_dir`` (under ``DIR/.harvester/shards/``) instead of
-    ``DIR/.harvester``. It writes no export (harvest.json is the client's), and reads nothing of
-    the harvest's: its ``taken_paths`` are the folders the client assigned (``paths``)."""
-
-    def __init__(self, out_dir: Path, shard_dir: Path, paths: dict[str, str] | None = None) -> None:
-        super().__init__(out_dir)
-        self.meta_dir = shard_dir
-        self.tmp_dir = shard_dir / "tmp"
-        self.journal_path = shard_dir / "journal.jsonl"
-        self.db_path = shard_dir / DB_NAME
-        self.manifest_path = shard_dir / "harvest.json"   # never written: nothing to read in on open
-        self._paths = dict(paths or {})
-
-    def taken_paths(self) -> dict[str, str]:
-        return {**super().taken_paths(), **self._paths}
-
-    def write_manifest(self, header: dict[str, Any], order: Any = None, *, final: bool = True) -> dict[str, Any]:
-        """The totals of ``order`` only: the harvest's exports are the client's to write."""
-        return totals_of([r for u in (order or []) if (r := self.records.get(u)) is not None])
-
-    def _unsafe(self, rec: Any) -> str | None:
-        problem = super()._unsafe(rec)
-        if problem is None and rec.get("path") and str(rec["path"]).split("/")[0] == ".harvester":
-            return f"refusing path {rec['path']!r}: it lies in .harvester/"
-        return problem
-
-
-def shards_dir(state: HarvestState) -> Path:
-    return state.meta_dir / "shards"
-
-
-def merge_shard(state: HarvestState, shard_dir: Path) -> tuple[list[str], str | None]:
-    """Record in ``state`` (the harvest's, locked) what the shard in ``shard_dir`` committed or
-    failed, then remove the shard's folder. Returns the series now complete, and why the shard
-    was left for later (None when merged): its lock is held (its task still runs) or its state
-    cannot be read. Merging twice records the same thing twice, so a kill between the records
-    and the removal costs nothing."""
-    if not shard_dir.is_dir():   # its task never began
-        return [], None
-    shard = ShardState(state.out_dir, shard_dir)
-    try:
-        shard.open()
-    except HarvesterError as exc:
-        return [], exc.one_line()
-    done: list[str] = []
-    try:
-        for uid, rec in shard.records.items():
-            status = rec.get("status")
-            if status == "complete":
-                state.restore(rec)
-                done.append(uid)
-            elif status == "failed":
-                state.fail(rec)
-    finally:
-        shard.close()
-    shutil.rmtree(shard_dir, ignore_errors=True)
-    return done, None
-
-
-def merge_leftovers(state: HarvestState) -> tuple[list[str], list[str]]:
-    """``merge_shard`` of every shard folder a killed client left; returns the series now
-    complete and one line per shard left for later."""
-    root = shards_dir(state)
-    check_not_link(state.out_dir, root)
-    if not root.is_dir():
-        return [], []
-    done: list[str] = []
-    left: list[str] = []
-    for shard_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink()):
-        got, why = merge_shard(state, shard_dir)
-        done += got
-        if why is not None:
-            left.append(f"shard {shard_dir.name} left for a later run: {why}")
-    return done, left
 
 
 def cut_shards(tasks: list[SeriesTask], count: int) -> list[list[SeriesTask]]:
@@ -505,10 +424,7 @@ class ClusterEngine(Engine):
     async def run(self, tasks: list[SeriesTask], header: dict[str, Any],
                   refetch: frozenset[str] = frozenset()) -> HarvestResult:
         started = time.monotonic()
-        state = self.state
-        _, left = await anyio.to_thread.run_sync(merge_leftovers, state)
-        for line in left:
-            self.hub.emit(Event("warning", message=line))
+        state = self.state   # shards a killed client left: merged by operations.harvest_plan
         header = dict(header, started=now_iso(), finished=None)
         order = [t.series_uid for t in tasks]
         todo: list[SeriesTask] = []

@@ -52,6 +52,7 @@ from harvester.source.dicomweb import DICOMwebSource
 from harvester.source.http import as_int, make_session, redact_url
 from harvester.source.idc.source import IDCSource
 from harvester.source.nbia import NBIAClient, NBIASource
+from harvester.store.shards import merge_leftovers
 from harvester.store.state import HarvestState
 from harvester.store.manifest import read_manifest, recorded_source
 from harvester.unpack import read_dicom_ids
@@ -192,8 +193,14 @@ async def harvest_plan(engine: Engine, plan: Plan, header: dict[str, Any],
                        refetch: frozenset[str] = frozenset()) -> HarvestResult:
     """Run ``plan`` on ``engine`` (see ``Engine.run``) after recording its unavailable series in the
     state (harvest.json lists them; the next run looks them up again); the result names them, and
-    is not ``ok`` while any is. Shared by ``aharvest`` and ``async_sync``."""
+    is not ``ok`` while any is. Shared by ``aharvest`` and ``async_sync``.
+
+    First the shards a killed cluster client left in DIR are merged (``merge_leftovers``), so a
+    run of either kind skips what they committed."""
     state = engine.state
+    _, left = await anyio.to_thread.run_sync(merge_leftovers, state)
+    for line in left:
+        engine.hub.emit(Event("warning", message=line))
     if engine.config.space_check:
         await anyio.to_thread.run_sync(check_free_space, engine.config, state, plan, refetch)
     await anyio.to_thread.run_sync(state.mark_unavailable,

@@ -27,6 +27,7 @@ from harvester.query import query_from_dict
 from harvester.server.archive import Archive
 from harvester.server.synthetic import SyntheticSpec, build_synthetic
 from harvester.server.testing import ServerHandle, serve_in_thread
+from harvester.store import shards
 from harvester.store.state import HarvestState
 
 from harvest_helpers import FAST, harvest, normal_series, select_all, test_config
@@ -188,10 +189,12 @@ def test_a_worker_killed_mid_harvest_ends_complete_without_a_second_commit(
     client.wait_for_workers(2, timeout=60)   # the nanny restarts it, for the next test
 
 
+@pytest.mark.parametrize("rerun_on", ["cluster", "one process"])
 def test_the_client_killed_and_rerun_ends_complete_without_a_second_commit(
-        dask_cluster: Any, server: ServerHandle, archive: Archive, tmp_path: Path) -> None:
-    """The client (and with it its local:2 cluster) SIGKILLed mid-harvest: the rerun merges the
-    shards it left, fetches only the rest, and every series is committed once."""
+        dask_cluster: Any, server: ServerHandle, archive: Archive, tmp_path: Path, rerun_on: str) -> None:
+    """The client (and with it its local:2 cluster) SIGKILLed mid-harvest: the rerun, on the
+    cluster or in one process, merges the shards it left, fetches only the rest, and every series
+    is committed once."""
     local, _ = dask_cluster
     uids = set(normal_series(archive))
     manifest = tmp_path / "q.json"
@@ -213,7 +216,8 @@ def test_the_client_killed_and_rerun_ends_complete_without_a_second_commit(
     assert any(shards.iterdir())       # left for the rerun to merge
     server.set_faults(None)
     before = sum(server.stats.downloads.values())
-    rerun = subprocess.run([*args, "--cluster", local.scheduler_address], env=ENV, stdin=subprocess.DEVNULL,
+    again = [*args, "--cluster", local.scheduler_address] if rerun_on == "cluster" else args
+    rerun = subprocess.run(again, env=ENV, stdin=subprocess.DEVNULL,
                            capture_output=True, text=True, timeout=180)
     assert rerun.returncode == 0, rerun.stderr
     assert complete(out) == uids and set(commits(out).values()) == {1}
@@ -323,8 +327,8 @@ def test_merging_takes_a_finished_shard_leaves_a_busy_one_and_refuses_a_hostile_
     main_state = HarvestState(out)
     main_state.open()
     try:
-        root = cluster.shards_dir(main_state)
-        done = cluster.ShardState(out, root / "r-0000", {"1.1": "C/P/one"})
+        root = shards.shards_dir(main_state)
+        done = shards.ShardState(out, root / "r-0000", {"1.1": "C/P/one"})
         done.open()
         staging = done.staging_dir("1.1")
         staging.mkdir(parents=True)
@@ -334,10 +338,10 @@ def test_merging_takes_a_finished_shard_leaves_a_busy_one_and_refuses_a_hostile_
         (root / "r-0001").mkdir()
         forged = record("1.2", ".harvester/evil", b"x")
         (root / "r-0001" / "journal.jsonl").write_text(json.dumps({"event": "commit", "series": forged}) + "\n")
-        busy = cluster.ShardState(out, root / "r-0002")
+        busy = shards.ShardState(out, root / "r-0002")
         busy.open()   # holds its lock, as a running task does
         try:
-            merged, left = cluster.merge_leftovers(main_state)
+            merged, left = shards.merge_leftovers(main_state)
         finally:
             busy.close()
         assert merged == ["1.1"] and main_state.complete("1.1") is not None
@@ -345,6 +349,6 @@ def test_merging_takes_a_finished_shard_leaves_a_busy_one_and_refuses_a_hostile_
         assert main_state.records.get("1.2") is None
         assert len(left) == 1 and "r-0002" in left[0] and "another harvester is running" in left[0]
         assert sorted(p.name for p in root.iterdir()) == ["r-0002"]
-        assert cluster.merge_leftovers(main_state) == ([], []) and not any(root.iterdir())
+        assert shards.merge_leftovers(main_state) == ([], []) and not any(root.iterdir())
     finally:
         main_state.close()
