@@ -47,9 +47,10 @@ import re
 import shutil
 import stat
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import anyio
 
@@ -255,6 +256,25 @@ class _Batched:
         pass
 
 
+def _feed_zip(sink: Any, batch: Sequence[bytes], central: Callable[[Any], None], what: str) -> None:
+    """Feed ``batch`` through ``sink._reader`` (a streaming ZIP reader) and hand each of its events
+    to the sink (``_data``, ``_start``, ``_end``; a central-directory record to ``central``);
+    raises the sink's IntegrityError, naming ``what``, for bytes that are not a readable ZIP."""
+    for chunk in batch:
+        try:
+            for kind, payload in sink._reader.feed(chunk):
+                if kind == "data":
+                    sink._data(payload)
+                elif kind == "entry":
+                    sink._start(payload)
+                elif kind == "end":
+                    sink._end()
+                elif kind == "central":
+                    central(payload)
+        except ZipStreamError as exc:
+            raise sink._error(IntegrityError, f"{what} is not a readable ZIP: {exc}") from None
+
+
 class ZipSeriesSink(_Batched):
     """An NBIA series ZIP, streamed into ``staging`` (created on the first file; its parent must
     exist). See the module docstring for what it checks and raises.
@@ -309,19 +329,7 @@ class ZipSeriesSink(_Batched):
         return kind(message, series_uid=self.series_uid, **extra)  # type: ignore[call-arg]
 
     def _write_batch(self, batch: Sequence[bytes]) -> None:
-        for chunk in batch:
-            try:
-                for kind, payload in self._reader.feed(chunk):
-                    if kind == "data":
-                        self._data(payload)
-                    elif kind == "entry":
-                        self._start(payload)
-                    elif kind == "end":
-                        self._end()
-                    elif kind == "central":
-                        self._central(payload)
-            except ZipStreamError as exc:
-                raise self._error(IntegrityError, f"download is not a readable ZIP: {exc}") from None
+        _feed_zip(self, batch, self._central, "download")
 
     def _start(self, entry: LocalEntry) -> None:
         self._entries += 1
@@ -510,19 +518,7 @@ class AnnotationZipSink(_Batched):
         return kind(message, series_uid=self.series_uid)  # type: ignore[call-arg]
 
     def _write_batch(self, batch: Sequence[bytes]) -> None:
-        for chunk in batch:
-            try:
-                for kind, payload in self._reader.feed(chunk):
-                    if kind == "data":
-                        self._data(payload)
-                    elif kind == "entry":
-                        self._start(payload)
-                    elif kind == "end":
-                        self._end()
-                    elif kind == "central":
-                        check_entry_name(payload.name)
-            except ZipStreamError as exc:
-                raise self._error(IntegrityError, f"the annotated download is not a readable ZIP: {exc}") from None
+        _feed_zip(self, batch, lambda entry: check_entry_name(entry.name), "the annotated download")
 
     def _start(self, entry: LocalEntry) -> None:
         self._entry, self._entry_size, self._xml = entry, 0, None
