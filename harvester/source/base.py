@@ -25,6 +25,7 @@ checks (count, sizes, MD5, CRC, DICOM header, series UID) as they arrive.
 """
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -32,6 +33,7 @@ from typing import Any, Protocol, runtime_checkable
 import anyio
 
 from harvester.concurrency import ConnectionController
+from harvester.errors import classify_os_error
 from harvester.models import AnnotationFile, Plan, SeriesTask, UnpackedSeries, VerifiedFile
 from harvester.query import Query
 from harvester.rate import RateLimiter
@@ -211,3 +213,14 @@ class ClientBackedSource:
     @on_retry.setter
     def on_retry(self, fn: Callable[[BaseException], None] | None) -> None:
         self.client.on_retry = fn
+
+
+def fresh_staging(path: Path) -> None:
+    """An empty staging folder at ``path`` (what an earlier attempt left there removed), for a
+    source that hands its files to the sink one by one; raises classify_os_error's error."""
+    if path.exists():
+        shutil.rmtree(path)
+    try:
+        path.mkdir(parents=True)
+    except OSError as exc:
+        raise classify_os_error(exc, f"staging folder {path.name}") from None

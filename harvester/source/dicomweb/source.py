@@ -4,7 +4,6 @@ for the mapping of a query onto QIDO-RS and for who raises what).
 """
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,12 +22,11 @@ from harvester.errors import (
     RetryableRequestError,
     UnknownSelectionError,
     UsageError,
-    classify_os_error,
 )
 from harvester.models import Plan, SeriesTask, UnavailableSeries, UnpackedSeries, VerifiedFile
 from harvester.query import Query, Selector, fold
 from harvester.selection import empty_selector_warnings, gather_limited, matches, rows_by_uid, select_rows
-from harvester.source.base import ClientBackedSource, InstanceWriter, Sinks
+from harvester.source.base import ClientBackedSource, InstanceWriter, Sinks, fresh_staging
 from harvester.source.dicomweb.client import (
     NO_COLLECTION,
     NO_SERIES,
@@ -270,7 +268,7 @@ class DICOMwebSource(ClientBackedSource):
         """One attempt: parse the body chunk by chunk; each part is hashed, written and checked
         in a worker thread. (Overlapping the two in separate tasks measured no faster: the
         kernel's socket buffer keeps receiving while a chunk is written.)"""
-        await anyio.to_thread.run_sync(_fresh_dir, staging)
+        await anyio.to_thread.run_sync(fresh_staging, staging)
         limits = self.config.limits
         announced = task.image_count if task.image_count is not None else limits.max_entries
         sink = sinks.instances(task, staging, max_instances=min(limits.max_entries, announced),
@@ -300,15 +298,6 @@ class DICOMwebSource(ClientBackedSource):
             finally:
                 sink.abort()  # synchronous: it must run even when cancelled
         return sink.files
-
-
-def _fresh_dir(path: Path) -> None:
-    if path.exists():
-        shutil.rmtree(path)
-    try:
-        path.mkdir(parents=True)
-    except OSError as exc:
-        raise classify_os_error(exc, f"staging folder {path.name}") from None
 
 
 def _start_part(sink: InstanceWriter, headers: dict[str, str]) -> None:

@@ -33,7 +33,6 @@ harvest.json records where each series came from (``metadata.source: idc``).
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -48,12 +47,11 @@ from harvester.errors import (
     IntegrityError,
     RetryableRequestError,
     UnsafeArchiveError,
-    classify_os_error,
 )
 from harvester.models import Plan, SeriesTask, UnavailableSeries
 from harvester.selection import empty_selector_warnings, first_error, gather_limited, refuse_unavailable
 from harvester.query import Query
-from harvester.source.base import ClientBackedSource, InstanceWriter, Sinks
+from harvester.source.base import ClientBackedSource, InstanceWriter, Sinks, fresh_staging
 from harvester.source.http import CLIENT_ERRORS, BodyGuard, as_int, classify_client_error, redact_url
 from harvester.source.idc import index as idc_index
 from harvester.source.idc.s3 import S3Client, S3Object
@@ -124,7 +122,7 @@ class IDCSource(ClientBackedSource):
         bucket, prefix = str(task.row["aws_bucket"]), f"{task.row['crdc_series_uuid']}/"
         objects = await self.client.list_objects(bucket, prefix, max_keys=self.config.limits.max_entries)
         self._check_listing(task, prefix, objects)
-        await anyio.to_thread.run_sync(_fresh_dir, staging)
+        await anyio.to_thread.run_sync(fresh_staging, staging)
         series = _SeriesObjects(task, sinks.instances(task, staging, max_instances=len(objects), what="object",
                                                       sender=f"s3 prefix {prefix}"))
         # whole objects travel from their GETs to the one writer below: held in memory are at most
@@ -323,11 +321,3 @@ class _SeriesObjects:
     def abort(self) -> None:
         self.sink.abort()
 
-
-def _fresh_dir(path: Path) -> None:
-    if path.exists():
-        shutil.rmtree(path)
-    try:
-        path.mkdir(parents=True)
-    except OSError as exc:
-        raise classify_os_error(exc, f"staging folder {path.name}") from None
