@@ -84,6 +84,16 @@ def warm_cache(archive: Any) -> int:
     return computed
 
 
+def stop_process(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM, and SIGKILL if it has not ended within 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class ServedArchive:
     """``harvester serve`` in a subprocess on 127.0.0.1; use as a context manager."""
 
@@ -111,12 +121,7 @@ class ServedArchive:
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc)
 
     @property
     def pid(self) -> int:
