@@ -28,6 +28,7 @@ import json
 import math
 import random
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -35,6 +36,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import anyio
 from aiohttp import http_exceptions
+from aiohttp.helpers import get_env_proxy_for_url
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 from yarl import URL
 
@@ -135,16 +137,56 @@ class HostGate:
 def make_session(config: Config) -> aiohttp.ClientSession:
     """One session for the whole run: connection limit, separate connect/read timeouts, a total
     deadline per request (``config.request_deadline``: it also bounds a server that dribbles its
-    headers), proxies from the environment (trust_env), TLS verified (aiohttp's default).
-    Registers the secrets of the configuration with the redactor."""
+    headers), proxies from the environment (``HTTP_PROXY``/``HTTPS_PROXY``/``NO_PROXY``, see
+    ``env_proxy``), TLS verified (aiohttp's default). Registers the secrets of the configuration
+    with the redactor.
+
+    The session does not trust the environment itself (``trust_env=False``): aiohttp would then
+    read ~/.netrc and the proxy variables in two worker-thread calls per request, which for a
+    series of small files cost more CPU than the request. Proxies are looked up once per host
+    and session instead (``env_proxy``), and ~/.netrc is not read for the archive's credentials
+    (they come from the harvester's own options; a netrc entry for the API host made aiohttp
+    refuse every request that carried a token)."""
     register_config_secrets(config)
     connector = aiohttp.TCPConnector(limit=config.connections, limit_per_host=config.connections,
                                      enable_cleanup_closed=True)
     timeout = aiohttp.ClientTimeout(total=config.request_deadline, connect=config.connect_timeout,
                                     sock_connect=config.connect_timeout, sock_read=config.read_timeout)
-    return aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=True,
-                                 headers={"User-Agent": config.user_agent}, raise_for_status=False,
-                                 auto_decompress=True)
+    session = aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False,
+                                    headers={"User-Agent": config.user_agent}, raise_for_status=False,
+                                    auto_decompress=True)
+    _ENV_PROXIES[session] = {}
+    return session
+
+
+#: the sessions of ``make_session``, each with its proxies found so far: (scheme, host) -> the
+#: keyword arguments of a request (``{}`` when the environment names no proxy for it)
+_ENV_PROXIES: weakref.WeakKeyDictionary[aiohttp.ClientSession, dict[tuple[str, str], dict[str, Any]]] = \
+    weakref.WeakKeyDictionary()
+
+
+def env_proxy(session: aiohttp.ClientSession, url: URL | str) -> dict[str, Any]:
+    """The proxy keyword arguments (``proxy``, ``proxy_auth``) for a request of ``session`` to
+    ``url``, as aiohttp's ``trust_env`` would find them (the proxy variables, ``NO_PROXY``, the
+    proxy's credentials from ~/.netrc), looked up once per scheme and host and kept with the
+    session; ``{}`` for a session not made by ``make_session`` (it has its own settings)."""
+    found = _ENV_PROXIES.get(session)
+    if found is None:
+        return {}
+    try:
+        url = URL(url) if isinstance(url, str) else url
+        key = (url.scheme, url.host or "")
+    except (ValueError, TypeError):
+        return {}   # aiohttp refuses the URL itself, classified where the request is sent
+    kwargs = found.get(key)
+    if kwargs is None:
+        try:
+            proxy, proxy_auth = get_env_proxy_for_url(url)
+            kwargs = {"proxy": proxy, "proxy_auth": proxy_auth}   # as aiohttp's trust_env passes them
+        except LookupError:
+            kwargs = {}
+        found[key] = kwargs
+    return kwargs
 
 
 def register_config_secrets(config: Config) -> None:
@@ -263,7 +305,8 @@ async def get_following(session: aiohttp.ClientSession, url: str, *, headers: Ma
     current: URL | str = url
     sent = dict(headers)
     for _ in range(MAX_REDIRECTS + 1):
-        async with session.get(current, headers=sent, allow_redirects=False) as resp:
+        async with session.get(current, headers=sent, allow_redirects=False,
+                               **env_proxy(session, current)) as resp:
             location = resp.headers.get("Location")
             if resp.status not in REDIRECT_STATUS or location is None:
                 yield resp

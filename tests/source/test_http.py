@@ -115,3 +115,76 @@ def test_dicomweb_basic_auth_refused_is_an_auth_error_at_once() -> None:
             anyio.run(go)
     assert len(seen) == 1
     assert PASSWORD not in str(info.value)
+
+
+def app_proxy(seen: list[tuple[str, str, str]]) -> web.Application:
+    """An HTTP proxy that answers for any archive itself: records (method, absolute target,
+    Proxy-Authorization) of each request it is sent."""
+
+    async def any_request(request: web.Request) -> web.Response:
+        seen.append((request.method, str(request.url), request.headers.get("Proxy-Authorization", "")))
+        if request.path.endswith("/oauth/token"):
+            return web.json_response({"access_token": TOKENS[0], "expires_in": 3600})
+        return web.json_response([{"SeriesInstanceUID": "1.2.3"}])
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", any_request)
+    return app
+
+
+def _clear_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
+                 "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_proxies_from_the_environment_are_honoured_and_looked_up_once_per_host(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """The session no longer trusts the environment per request (two thread hops each): the
+    proxy variables are read once per host, and every request, the token's POST included, still
+    goes through the proxy they name (with its credentials from ~/.netrc, as aiohttp's own)."""
+    import harvester.source.http as http
+
+    _clear_proxy_env(monkeypatch)
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login pat password proxy-pw-31\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    lookups: list[str] = []
+    real = http.get_env_proxy_for_url
+    monkeypatch.setattr(http, "get_env_proxy_for_url", lambda url: (lookups.append(str(url)), real(url))[1])
+    seen: list[tuple[str, str, str]] = []
+    with serve_app(app_proxy(seen)) as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy)
+
+        async def go() -> list[Any]:
+            cfg = Config(api_url="http://archive.invalid/v4", retries=1, read_timeout=5,
+                         auth=AuthConfig(token_url="http://login.invalid/oauth/token", username="ann",
+                                         password=PASSWORD))
+            async with make_session(cfg) as session:
+                assert not session.trust_env
+                client = NBIAClient(cfg, session)
+                return [await client.query("getSeries", {"Collection": c}) for c in ("X", "Y", "Z")]
+        assert anyio.run(go) == [[{"SeriesInstanceUID": "1.2.3"}]] * 3
+    assert [(m, url.split("?")[0]) for m, url, _ in seen] == [
+        ("POST", "http://login.invalid/oauth/token")] + [("GET", "http://archive.invalid/v4/getSeries")] * 3
+    assert all(auth.startswith("Basic ") for _, _, auth in seen), "the proxy's netrc credentials were sent"
+    assert len(lookups) == 2, lookups   # one per host (the token's and the archive's), not one per request
+
+
+def test_no_proxy_and_a_netrc_entry_for_the_archive_do_not_get_in_the_way(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """NO_PROXY still sends a host's requests directly. ~/.netrc is not read for the archive's
+    own credentials: with aiohttp's trust_env, a netrc entry for the API host made every request
+    that carried a token fail (aiohttp refuses an Authorization header beside netrc's)."""
+    _clear_proxy_env(monkeypatch)
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login ann password netrc-pw-58\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    seen: list[str] = []
+    with serve_app(app_401_then("ok", seen)) as root:
+        assert nbia_query(root) == [{"SeriesInstanceUID": "1.2.3"}]
+    assert seen == [f"Bearer {TOKENS[0]}", f"Bearer {TOKENS[1]}"]

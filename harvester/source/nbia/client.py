@@ -45,6 +45,7 @@ from harvester.source.http import (
     RetryingClient,
     StaticAuth,
     as_int,
+    env_proxy,
     json_too_big,
     make_session,
     one_line,
@@ -133,7 +134,8 @@ class TokenAuth:
         url = redact_url(self._auth.token_url)
         try:
             # No redirects: a 307/308 would re-post the password to wherever it points.
-            async with session.post(self._auth.token_url, data=form, allow_redirects=False) as resp:
+            async with session.post(self._auth.token_url, data=form, allow_redirects=False,
+                                    **env_proxy(session, self._auth.token_url)) as resp:
                 if resp.status in (400, 401, 403) and form["grant_type"] == "refresh_token":
                     self._token = None
                     return await self._obtain(session, use_refresh=False)
