@@ -37,6 +37,10 @@ ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")
 #: a name of up to 255 bytes twice), plus the LICENSE and md5hashes.csv of a getImage answer
 ZIP_ENTRY_OVERHEAD = 30 + 16 + 46 + 2 * 255
 ZIP_FIXED_OVERHEAD = 1 << 20
+#: ``on_bytes`` hears of the bytes received in steps of at least this much (and at the end of an
+#: attempt): one event per network read (about 20 KB) cost the event loop more than the progress
+#: and the connection controller gain from it
+REPORT_BYTES = 256 << 10
 
 
 def download_bound(file_size: int | None, image_count: int | None, limits: Limits) -> int | None:
@@ -95,27 +99,34 @@ async def _fetch_once(client: NBIAClient, series_uid: str, collection: str | Non
             "announced size allows: not the announced series", series_uid=series_uid)
 
     guard = BodyGuard(client.config, shown, max_bytes=max_bytes, too_big=too_big)
-    async with client.open_series(series_uid, collection) as resp:
-        head = b""  # the first bytes, until the ZIP signature could be checked
-        async for chunk in resp.content.iter_chunked(chunk_size):
-            guard.feed(len(chunk))
-            ours = time.monotonic()  # from here to the next read: our side's time, not the server's
-            if rate is not None:
-                await rate.consume(len(chunk))
-            received += len(chunk)
-            if on_bytes is not None:
-                on_bytes(len(chunk))
+    unreported = 0   # bytes received but not yet told to ``on_bytes`` (told at least every REPORT_BYTES)
+    try:
+        async with client.open_series(series_uid, collection) as resp:
+            head = b""  # the first bytes, until the ZIP signature could be checked
+            async for chunk in resp.content.iter_chunked(chunk_size):
+                guard.feed(len(chunk))
+                ours = time.monotonic()  # from here to the next read: our side's time, not the server's
+                if rate is not None:
+                    await rate.consume(len(chunk))
+                received += len(chunk)
+                unreported += len(chunk)
+                if on_bytes is not None and unreported >= REPORT_BYTES:
+                    on_bytes(unreported)
+                    unreported = 0
+                if head is not None:
+                    head += chunk
+                    if len(head) < 4:
+                        continue
+                    if not head.startswith(ZIP_SIGNATURES):
+                        preview = head[:60].decode("utf-8", "replace")
+                        raise RetryableRequestError(
+                            f"download of series {series_uid} is not a ZIP (starts with {preview!r})")
+                    chunk, head = head, None
+                await target.feed(chunk)
+                guard.credit(time.monotonic() - ours)
             if head is not None:
-                head += chunk
-                if len(head) < 4:
-                    continue
-                if not head.startswith(ZIP_SIGNATURES):
-                    preview = head[:60].decode("utf-8", "replace")
-                    raise RetryableRequestError(
-                        f"download of series {series_uid} is not a ZIP (starts with {preview!r})")
-                chunk, head = head, None
-            await target.feed(chunk)
-            guard.credit(time.monotonic() - ours)
-        if head is not None:
-            raise RetryableRequestError(f"download of series {series_uid} was empty or not a ZIP")
+                raise RetryableRequestError(f"download of series {series_uid} was empty or not a ZIP")
+    finally:
+        if on_bytes is not None and unreported:
+            on_bytes(unreported)   # every byte received is counted, a failed attempt's too
     return received  # the last batch goes with the sink's close: one thread hop for both
