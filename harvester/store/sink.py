@@ -53,6 +53,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import anyio
+from anyio.lowlevel import RunVar
 
 from harvester.annotations import ANNOTATION_SUFFIX, MAX_ANNOTATION_BYTES, MAX_ANNOTATIONS, annotation_name, check_xml
 from harvester.config import TOO_MANY_ENTRIES_HINT, Limits, too_many_entries
@@ -74,6 +75,12 @@ from harvester.unpack import (
 
 #: bytes gathered from the network before one hop to the worker thread
 BATCH_BYTES = 1 << 20
+#: worker threads that handle the sinks' batches at once, per event loop (``sink_threads``): the
+#: work is inflating, hashing and writing, in C that releases the GIL on every call, so threads
+#: past the cores only take turns at the GIL (scenario a: over two million futex calls with one
+#: thread per series in flight, the anyio default of up to 40)
+SINK_THREADS = max(2, os.cpu_count() or 2)
+_SINK_LIMITER: RunVar[anyio.CapacityLimiter] = RunVar("harvester_sink_threads")
 #: LICENSE and md5hashes.csv are read into memory up to these sizes (as ``verify_and_unpack``)
 _SMALL_CAPS = {LICENSE_NAME: 1 << 20, MD5_NAME: 64 << 20}
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
@@ -164,6 +171,18 @@ class _Arrived:
     not_dicom: IntegrityError | None
 
 
+def sink_threads() -> anyio.CapacityLimiter:
+    """The limiter of the sinks' worker threads in the running event loop (one per loop, as
+    anyio's own default limiter), of ``SINK_THREADS`` tokens. A token is held only while a batch
+    is handled in its thread, which never waits on the loop: no sink waits for another."""
+    try:
+        return _SINK_LIMITER.get()
+    except LookupError:
+        limiter = anyio.CapacityLimiter(SINK_THREADS)
+        _SINK_LIMITER.set(limiter)
+        return limiter
+
+
 def _remove(staging: Path) -> None:
     if staging.is_symlink():
         return  # never ours: we create staging as a real folder
@@ -195,7 +214,7 @@ class _Batched:
     async def flush(self) -> None:
         batch, self._batch, self._batched = self._batch, [], 0
         if batch:
-            await anyio.to_thread.run_sync(self._guarded, self._write, batch)
+            await anyio.to_thread.run_sync(self._guarded, self._write, batch, limiter=sink_threads())
 
     def _write(self, batch: Sequence[bytes]) -> None:
         """One hop's work (in a worker thread: a mkdir on a busy disk takes milliseconds, which
@@ -220,7 +239,7 @@ class _Batched:
         """The verdict, once the whole stream was fed; raises as the sink's docstring says.
         The last batch and the verdict take one thread hop together."""
         batch, self._batch, self._batched = self._batch, [], 0
-        return await anyio.to_thread.run_sync(self._guarded, self._write_and_finish, batch)
+        return await anyio.to_thread.run_sync(self._guarded, self._write_and_finish, batch, limiter=sink_threads())
 
     def _write_and_finish(self, batch: Sequence[bytes]) -> object:
         if batch:

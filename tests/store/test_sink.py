@@ -928,3 +928,50 @@ def test_a_sink_never_removes_a_staging_folder_it_did_not_make(work: Path) -> No
     with pytest.raises(SeriesError, match="staging folder"):
         sink_unpack(build_zip(INSTANCES), staging)
     assert (staging / "keep").read_bytes() == b"not the sink's"
+
+
+def test_the_sinks_batches_take_at_most_sink_threads_worker_threads_at_once() -> None:
+    """Many sinks flushing at once queue for ``SINK_THREADS`` worker threads (more would only take
+    turns at the GIL); every batch is still handled."""
+    import threading
+
+    from harvester.store import sink as sink_mod
+
+    release = threading.Event()
+    lock = threading.Lock()
+    active = [0, 0]  # now, most at once
+
+    class Blocking(sink_mod._Batched):
+        def __init__(self) -> None:
+            super().__init__(batch_bytes=1)
+            self.handled: list[bytes] = []
+
+        def _write_batch(self, batch: list[bytes]) -> None:
+            with lock:
+                active[0] += 1
+                active[1] = max(active[1], active[0])
+            assert release.wait(30), "the test never let the batches go"
+            with lock:
+                active[0] -= 1
+            self.handled.extend(batch)
+
+    count = sink_mod.SINK_THREADS + 3
+    sinks = [Blocking() for _ in range(count)]
+
+    async def go() -> tuple[int, int]:
+        limiter = sink_mod.sink_threads()
+        assert sink_mod.sink_threads() is limiter
+        async with anyio.create_task_group() as tg:
+            for i, s in enumerate(sinks):
+                tg.start_soon(s.feed, bytes([i]))
+            with anyio.fail_after(30):   # until every flush is either in a thread or waiting for one
+                while limiter.statistics().tasks_waiting < count - sink_mod.SINK_THREADS:
+                    await anyio.sleep(0.01)
+            stats = limiter.statistics()
+            release.set()
+        return stats.borrowed_tokens, stats.tasks_waiting
+
+    borrowed, waiting = anyio.run(go)
+    assert (borrowed, waiting) == (sink_mod.SINK_THREADS, count - sink_mod.SINK_THREADS)
+    assert active[1] == sink_mod.SINK_THREADS
+    assert [s.handled for s in sinks] == [[bytes([i])] for i in range(count)]
