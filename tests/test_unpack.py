@@ -531,6 +531,22 @@ def test_check_entry_name_accepts(name: str) -> None:
     check_entry_name(name)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from("Az09._-/\\:\x00 C"), max_size=12))
+def test_check_entry_name_fast_path_agrees_with_the_full_check(name: str) -> None:
+    """Plain names skip pathlib: every name gets the verdict of the full POSIX and Windows check."""
+    from harvester.unpack import _check_any_entry_name
+
+    def verdict(check: object) -> bool:
+        try:
+            check(name)  # type: ignore[operator]
+        except UnsafeArchiveError:
+            return False
+        return True
+
+    assert verdict(check_entry_name) == verdict(_check_any_entry_name)
+
+
 def test_symlink_entry(work: Path) -> None:
     link = zipfile.ZipInfo("1-4.dcm")
     link.external_attr = (stat.S_IFLNK | 0o777) << 16
