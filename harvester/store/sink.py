@@ -40,6 +40,7 @@ current file, LICENSE and md5hashes.csv (capped), and one small record per file.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -69,6 +70,7 @@ from harvester.unpack import (
     MD5_NAME,
     _not_announced,
     check_entry_name,
+    header_ids,
     parse_md5_csv,
     read_dicom_ids,
 )
@@ -83,6 +85,14 @@ SINK_THREADS = max(2, os.cpu_count() or 2)
 _SINK_LIMITER: RunVar[anyio.CapacityLimiter] = RunVar("harvester_sink_threads")
 #: LICENSE and md5hashes.csv are read into memory up to these sizes (as ``verify_and_unpack``)
 _SMALL_CAPS = {LICENSE_NAME: 1 << 20, MD5_NAME: 64 << 20}
+_cached_filename = functools.lru_cache(maxsize=1 << 12)(instance_filename)
+
+
+def _entry_filename(name: str) -> str:
+    """The staging file name of a ZIP entry name (``layout.instance_filename``, a pure function):
+    the same few names recur in every series of a harvest (``1-01.dcm``...) and are sanitised once
+    each; a long name (a hostile ZIP's, up to 64 KiB) is never kept."""
+    return _cached_filename(name) if len(name) <= 255 else instance_filename(name)
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
 
 
@@ -155,7 +165,9 @@ class _InstanceFile:
         """(series, SOP instance, SOP class) UIDs; ``IntegrityError`` if it is not DICOM."""
         _import_pydicom()
         head = b"".join(self._head)
-        return read_dicom_ids(self.path, head, whole=len(head) == self.size)
+        whole = len(head) == self.size
+        found = header_ids(head, complete=whole) if head else None  # the fast walk, without a Path
+        return found if found is not None else read_dicom_ids(self.path, head, whole=whole)
 
 
 @dataclass
@@ -365,13 +377,14 @@ class ZipSeriesSink(_Batched):
             return
         if entry.encrypted:
             raise self._error(UnsafeArchiveError, f"ZIP entry {entry.name!r} is encrypted")
-        base = instance_filename(entry.name)
+        base = _entry_filename(entry.name)
         if name_key(base) in self._names:  # the same rule as for folders: one file on macOS or Windows
             raise self._error(UnsafeArchiveError, f"ZIP repeats the entry name {base!r}")
         self._names.add(name_key(base))
         if entry.declared_size is not None:
             self._check_size(entry.declared_size, entry.declared_size, declared=True)
-        self._bare = bare = PurePosixPath(entry.name.replace("\\", "/")).name
+        self._bare = bare = entry.name if "/" not in entry.name and "\\" not in entry.name else \
+            PurePosixPath(entry.name.replace("\\", "/")).name
         if bare in _SMALL_CAPS:
             self._small, self._small_kind = bytearray(), bare
             return
