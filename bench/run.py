@@ -189,6 +189,7 @@ class Bench:
             load = os.getloadavg()[0]
             meter = LinkMeter(server)
             meter.start()
+            launched = time.monotonic()
             run = run_tool(command(server.base_url, work), work)
             meter.stop()
             after = server.stats()
@@ -209,7 +210,7 @@ class Bench:
             bytes_sent=after["bytes_sent"] - before["bytes_sent"], link_seconds=meter.seconds,
             requests=request_count(before, after), downloads=downloads, retries=retries, check=check,
             returncode=run.returncode, note=note,
-            extra={k: v for k, v in summary.items() if k != "uids"} | {"asked": len(asked)},
+            extra={k: v for k, v in summary.items() if k != "uids"} | {"asked": len(asked)} | _phases(meter, launched, run.wall),
         )
         if run.returncode not in (0, 1):
             result.note = (result.note + f"; exit {run.returncode}: " + run.stderr.strip()[-300:]).strip("; ")
@@ -444,6 +445,16 @@ def scenario_h(b: Bench) -> list[str]:
             f"when its CPU-s approach the wall time, {h_moto.wall:.1f} s)"]
 
 
+def _phases(meter: LinkMeter, launched: float, wall: float) -> dict[str, float]:
+    """Where the wall time went around the bytes (the server's counter, polled every 0.2 s, so
+    within about 0.2 s): ``before_first_byte`` (interpreter, imports, planning, the first
+    requests) and ``after_last_byte`` (the last checks, commits, exports, exit)."""
+    if meter.first is None or meter.last is None:
+        return {}
+    return {"before_first_byte": round(meter.first - launched, 2),
+            "after_last_byte": round(max(0.0, launched + wall - meter.last), 2)}
+
+
 def _last_json_series(m: Measurement) -> Any:
     return m.extra.get("series")
 
@@ -529,9 +540,14 @@ def ratio_lines(h: Measurement, peers: list[Measurement], *, by: str, cap: int |
     if cap:
         for m in [h, *peers]:
             link = m.link_mib_s or 0.0
+            phases = ""
+            if "before_first_byte" in m.extra:
+                phases = (f" (first byte {m.extra['before_first_byte']:.2f} s after the start, exit "
+                          f"{m.extra['after_last_byte']:.2f} s after the last byte; the cap allows "
+                          f"{m.bytes_sent / cap:.2f} s for the bytes)")
             lines.append(f"- {m.tool} ({m.setting}) vs the total cap ({_cap_text(cap)}): "
                          f"{m.bytes_sent / m.wall / cap:.0%} over wall time, "
-                         f"{link * MIB / cap:.0%} from first to last byte")
+                         f"{link * MIB / cap:.0%} from first to last byte{phases}")
     return "\n".join(lines)
 
 

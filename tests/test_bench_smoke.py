@@ -144,7 +144,7 @@ def test_side_benchmarks_run(tmp_path: Path, script: str, args: list[str], expec
 def test_every_tool_is_measured_on_the_real_wire_format(report: dict, name: str) -> None:
     """The server every tool talked to answered DEFLATED entries with data descriptors (read
     back from a real getImage), and the tables carry CPU per GB and, on a capped link, the share
-    of the cap."""
+    of the cap and the seconds before the first byte and after the last."""
     scenario = report["scenarios"][name]
     assert scenario["wire"] == {"method": 8, "flags": 0x0808}
     assert "wire: DEFLATED with data descriptors" in report["stdout"]
@@ -153,3 +153,8 @@ def test_every_tool_is_measured_on_the_real_wire_format(report: dict, name: str)
     if "total_rate" in scenario["faults"]:
         assert "of cap" in table
         assert sum("vs the total cap" in t for t in scenario["tables"]) >= 1
+        # where the wall time around the bytes went: measured for every tool that received any
+        for r in scenario["results"]:
+            if r["bytes_sent"]:
+                assert 0 <= r["extra"]["before_first_byte"] <= r["wall"], r["tool"]
+                assert 0 <= r["extra"]["after_last_byte"] <= r["wall"], r["tool"]
