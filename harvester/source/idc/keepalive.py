@@ -40,6 +40,36 @@ MAX_HEAD_BYTES = 64 << 10
 ERROR_BODY_BYTES = 4096
 #: Idle connections kept per origin (beyond them a finished connection is closed).
 MAX_IDLE = 256
+#: Bytes of object buffers kept for the next objects (``Buffers``), at most.
+MAX_SPARE_BYTES = 32 << 20
+_GRAIN = 64 << 10
+
+
+class Buffers:
+    """Buffers for objects' bodies, used again once the sink has written them (``give_back``):
+    a fresh buffer of a few hundred KiB costs its zeroing and a page fault per 4 KiB, on the
+    loop thread, for every object. Capacities are rounded up to 64 KiB; a body is a view of its
+    length. Not thread-safe: the event loop's thread only."""
+
+    def __init__(self, max_bytes: int = MAX_SPARE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._spare: dict[int, list[bytearray]] = {}
+        self._held = 0
+
+    def take(self, length: int) -> memoryview:
+        capacity = -(-length // _GRAIN) * _GRAIN
+        spare = self._spare.get(capacity)
+        if spare:
+            self._held -= capacity
+            return memoryview(spare.pop())[:length]
+        return memoryview(bytearray(capacity))[:length]
+
+    def give_back(self, body: memoryview) -> None:
+        """``body`` (a view ``take`` gave) is read no more: its buffer may carry another object."""
+        buffer = body.obj
+        if isinstance(buffer, bytearray) and self._held + len(buffer) <= self.max_bytes:
+            self._spare.setdefault(len(buffer), []).append(buffer)
+            self._held += len(buffer)
 
 
 class NeedsGeneralClient(Exception):
@@ -54,7 +84,7 @@ class Answer:
 
     status: int
     headers: CIMultiDict[str]
-    body: bytearray
+    body: bytearray | memoryview
 
     @property
     def content(self) -> Answer:
@@ -67,8 +97,8 @@ class Answer:
 class _Connection(asyncio.BufferedProtocol):
     """One keep-alive connection; one request at a time (``begin``, then await ``done``)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+    def __init__(self, loop: asyncio.AbstractEventLoop, buffers: Buffers) -> None:
+        self.loop, self.buffers = loop, buffers
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.served = 0   # answers read whole on this connection
@@ -154,9 +184,9 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _read_head(self) -> None:
         end = self._head.find(b"\r\n\r\n")
+        if end > MAX_HEAD_BYTES or (end < 0 and len(self._head) > MAX_HEAD_BYTES):
+            raise _BrokenAnswer("headers too long")
         if end < 0:
-            if len(self._head) > MAX_HEAD_BYTES:
-                raise _BrokenAnswer("headers too long")
             return
         lines = bytes(self._head[:end]).decode("latin-1").split("\r\n")
         rest = self._head[end + 4:]
@@ -181,7 +211,7 @@ class _Connection(asyncio.BufferedProtocol):
         if status == 200:
             if length > self._limit and self._guard is not None:
                 raise self._guard.too_big(length)
-            body = bytearray(length)
+            body: bytearray | memoryview = self.buffers.take(length)
         else:   # an error's text, for its message: kept only if short, else the connection goes
             if length > ERROR_BODY_BYTES:
                 self._keep = False
@@ -212,6 +242,7 @@ class KeepAlivePool:
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._ssl: ssl.SSLContext | None = None
         self._users = 0
+        self.buffers = Buffers()
 
     async def get(self, url: str, guard: BodyGuard, limit: int, shown: str) -> Answer:
         """One GET of ``url`` (a URL this module's caller built: quoted, no userinfo). See the
@@ -249,7 +280,7 @@ class KeepAlivePool:
             self._ssl = ssl.create_default_context()
         try:
             async with asyncio.timeout(self.config.connect_timeout):
-                _, conn = await loop.create_connection(lambda: _Connection(loop), host, port,
+                _, conn = await loop.create_connection(lambda: _Connection(loop, self.buffers), host, port,
                                                        ssl=self._ssl if https else None)
         except (OSError, TimeoutError) as exc:
             raise RetryableRequestError(f"cannot connect to {shown} ({type(exc).__name__})", url=shown,

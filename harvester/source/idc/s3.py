@@ -299,7 +299,12 @@ class S3Client(RetryingClient):
             return None
         if answer.status != 200:
             await raise_for_status(answer, shown, max_retry_after=self.config.max_retry_after)  # type: ignore[arg-type]
-        return memoryview(answer.body)
+        return answer.body if isinstance(answer.body, memoryview) else memoryview(answer.body)
+
+    def give_back(self, body: bytes | memoryview) -> None:
+        """``body`` (of ``read_object``) has been written and is read no more."""
+        if self.keepalive is not None and isinstance(body, memoryview):
+            self.keepalive.buffers.give_back(body)
 
     @contextlib.asynccontextmanager
     async def open_object(self, bucket: str, key: str, shown: str | None = None

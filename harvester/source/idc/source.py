@@ -163,7 +163,9 @@ class IDCSource(ClientBackedSource):
                         held += len(item[1])
                     async with turn:
                         await anyio.to_thread.run_sync(series.write_batch, batch)
-                    del batch, first   # not held while the next object is awaited
+                    for _, body in batch:   # written and checked: their buffers may carry others
+                        self.client.give_back(body)
+                    del batch, first, body   # not held while the next object is awaited
 
         try:  # the first error cancels the other GETs of the series and propagates
             with send, receive:   # closed even when the group is cancelled before a task starts
