@@ -233,6 +233,9 @@ class Bench:
                    server: Callable[[Path], Any]) -> Measurement:
         """``measure`` against an S3 server: ``server(work)`` is a fresh ``StaticS3`` per run, or
         the one seeded ``MotoS3`` (seeding 2,000 objects takes longer than a run)."""
+        if tool == "harvester" and BEFORE:   # the same runs of the earlier checkout, first (as ``measure``)
+            self.measure_s3("harvester (before)", setting,
+                            lambda url, work: ["env", f"PYTHONPATH={BEFORE}", *command(url, work)], server)
         runs = []
         for _ in range(self.repeat):
             work = self.root / f"{tool}-{setting}".replace(" ", "_")

@@ -20,20 +20,25 @@ parsed defensively; messages carry URLs through ``redact_url`` (an endpoint may 
 from __future__ import annotations
 
 import contextlib
+import copy
 import random
 import re
 import weakref
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import quote, urlencode, urlsplit
 
 import aiohttp
+import anyio
 from aiohttp.helpers import get_env_proxy_for_url
+from tenacity import RetryCallState, stop_after_attempt
 from yarl import URL
 
 from harvester.config import IDC_ENDPOINT_URL, Config
-from harvester.errors import PermanentRequestError, RetryableRequestError, UsageError
+from harvester.errors import PermanentRequestError, RetryableRequestError, UsageError, should_retry_request
+from harvester.source.idc.keepalive import KeepAlivePool, NeedsGeneralClient
 from harvester.source.http import (
     CLIENT_ERRORS,
     BodyGuard,
@@ -60,6 +65,7 @@ MAX_PAGES = 1000
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _MD5_ETAG = re.compile(r'^"?([0-9a-fA-F]{32})"?$')
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -145,6 +151,19 @@ def unproxied_session(shared: aiohttp.ClientSession, endpoint: str) -> aiohttp.C
 _UNPROXIED: weakref.WeakKeyDictionary[aiohttp.ClientSession, aiohttp.ClientSession] = weakref.WeakKeyDictionary()
 
 
+class _AfterFirst:
+    """A tenacity wait for the attempts that follow one made outside tenacity: its attempt n is
+    the policy's attempt n + 1 (the backoff goes on growing from where the first failure left it)."""
+
+    def __init__(self, wait: Callable[[RetryCallState], float]) -> None:
+        self.wait = wait
+
+    def __call__(self, state: RetryCallState) -> float:
+        shifted = copy.copy(state)
+        shifted.attempt_number += 1
+        return self.wait(shifted)
+
+
 class S3Client(RetryingClient):
     """Anonymous ListObjectsV2 and GET object on one aiohttp session (see the module docstring)."""
 
@@ -156,6 +175,11 @@ class S3Client(RetryingClient):
             raise UsageError(f"--endpoint-url {redact_url(self.endpoint)!r} is not an http(s) URL without a path",
                              hint="give the S3 service's root, e.g. https://s3.amazonaws.com")
         self.session = unproxied_session(session, self.endpoint)
+        # whole objects go over connections of our own (keepalive.py) unless a proxy is to be
+        # used (the session trusts the environment only then) or the endpoint carries userinfo
+        # (aiohttp sends it as credentials)
+        self.keepalive = KeepAlivePool(config, str(session.headers.get("User-Agent", "harvester"))) if (
+            not self.session.trust_env and urlsplit(self.endpoint).username is None) else None
         self.virtual_hosted = self.endpoint == IDC_ENDPOINT_URL
         self.on_retry = on_retry
         # one generator for every object's backoff: a new random.Random() seeds itself from
@@ -178,6 +202,38 @@ class S3Client(RetryingClient):
             parts = urlsplit(self.endpoint)
             return f"{parts.scheme}://{bucket}.{parts.netloc}/{path}{query}"
         return f"{self.endpoint}/{bucket}/{path}{query}"
+
+    def shown_url(self, bucket: str, key: str, prefix: str | None = None) -> str:
+        """``redact_url(self.url(bucket, key))``, from ``prefix`` (``shown_url(bucket, "")``) when
+        given: redaction touches only the user info and the query, and a key goes into the path
+        only, quoted, so the redacted bucket URL plus the quoted key is the same text."""
+        if prefix is None:
+            return redact_url(self.url(bucket, key))
+        return prefix + quote(key, safe="/~")
+
+    async def call_retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()`` under the request retry policy (``retrying``); its first attempt runs
+        without building tenacity's machinery, which for one GET per object cost more loop CPU
+        than the GET. A failure that should not be retried raises at once; one that should is
+        counted, heard and waited for exactly as ``retrying`` does it (``first_failure``), and
+        the remaining attempts run under ``retrying``."""
+        try:
+            return await call()
+        except Exception as exc:   # noqa: BLE001 - classified by the policy just below
+            if max(1, self.config.retries) <= 1 or not should_retry_request(exc):
+                raise
+            first = exc
+        policy = self.retrying()
+        state = RetryCallState(policy, fn=None, args=(), kwargs={})
+        state.set_exception((type(first), first, first.__traceback__))
+        del first
+        self._before_sleep(state)
+        await anyio.sleep(policy.wait(state))
+        rest = policy.copy(stop=stop_after_attempt(max(1, self.config.retries) - 1), wait=_AfterFirst(policy.wait))
+        async for attempt in rest:
+            with attempt:
+                return await call()
+        raise AssertionError("unreachable")  # pragma: no cover
 
     @contextlib.asynccontextmanager
     async def _get(self, url: str, shown: str | None = None) -> AsyncIterator[aiohttp.ClientResponse]:
@@ -223,6 +279,32 @@ class S3Client(RetryingClient):
                     body = await read_guarded(resp, BodyGuard(self.config, shown, max_bytes=MAX_LISTING_BYTES))
                 return parse_listing(body, shown)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def in_use(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Around the GETs of one series (the keep-alive connections are closed after the last)."""
+        return self.keepalive.in_use() if self.keepalive is not None else contextlib.nullcontext()
+
+    async def read_object(self, bucket: str, key: str, guard: BodyGuard, shown: str) -> memoryview | None:
+        """GET one object whole over a keep-alive connection of our own (one attempt; the caller
+        retries), its body bounded by ``guard``; None when there is no such connection for this
+        endpoint or the answer is one only ``open_object`` reads (a redirect, a chunked or encoded
+        body): the caller asks there. Raises as ``_get`` does, and ``guard``'s errors."""
+        if self.keepalive is None:
+            return None
+        await self.gate.wait()
+        self.requests += 1
+        try:
+            answer = await self.keepalive.get(self.url(bucket, key), guard, guard.max_bytes or 0, shown)
+        except NeedsGeneralClient:
+            return None
+        if answer.status != 200:
+            await raise_for_status(answer, shown, max_retry_after=self.config.max_retry_after)  # type: ignore[arg-type]
+        return answer.body if isinstance(answer.body, memoryview) else memoryview(answer.body)
+
+    def give_back(self, body: bytes | memoryview) -> None:
+        """``body`` (of ``read_object``) has been written and is read no more."""
+        if self.keepalive is not None and isinstance(body, memoryview):
+            self.keepalive.buffers.give_back(body)
 
     @contextlib.asynccontextmanager
     async def open_object(self, bucket: str, key: str, shown: str | None = None

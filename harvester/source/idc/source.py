@@ -33,13 +33,15 @@ harvest.json records where each series came from (``metadata.source: idc``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import anyio
+from anyio.abc import ObjectSendStream
 
 from harvester.config import Config
 from harvester.errors import (
@@ -49,10 +51,10 @@ from harvester.errors import (
     UnsafeArchiveError,
 )
 from harvester.models import Plan, SeriesTask, UnavailableSeries
-from harvester.selection import empty_selector_warnings, first_error, gather_limited, refuse_unavailable
+from harvester.selection import empty_selector_warnings, first_error, refuse_unavailable
 from harvester.query import Query
 from harvester.source.base import ClientBackedSource, InstanceWriter, Sinks, fresh_staging
-from harvester.source.http import CLIENT_ERRORS, BodyGuard, as_int, classify_client_error, redact_url
+from harvester.source.http import CLIENT_ERRORS, BodyGuard, as_int, classify_client_error
 from harvester.source.idc import index as idc_index
 from harvester.source.idc.s3 import S3Client, S3Object
 from harvester.models import UnpackedSeries, VerifiedFile
@@ -127,25 +129,25 @@ class IDCSource(ClientBackedSource):
                                                       sender=f"s3 prefix {prefix}"))
         # whole objects travel from their GETs to the one writer below: held in memory are at most
         # OBJECTS_IN_FLIGHT arriving, OBJECTS_WAITING waiting and one batch being written
-        send, receive = anyio.create_memory_object_stream[tuple[S3Object, bytes]](OBJECTS_WAITING)
+        send, receive = anyio.create_memory_object_stream[tuple[S3Object, bytes | memoryview]](OBJECTS_WAITING)
         # the sink takes one instance at a time: the writer's batches and a streamed object take turns
         turn = anyio.Lock()
 
-        def fetch(obj: S3Object) -> Callable[[], Awaitable[None]]:
-            async def run() -> None:
-                if obj.size > WHOLE_OBJECT_BYTES:
-                    async with turn:
-                        await self._stream_object(task, bucket, obj, series, on_bytes, rate)
-                    return
-                async for attempt in self.client.retrying():
-                    with attempt:
-                        body = await self._read_object(task, bucket, obj, on_bytes, rate)
-                await send.send((obj, body))
-            return run
+        pending = iter(objects)
+        shown_prefix = self.client.shown_url(bucket, "")   # redacted once; keys are only quoted after it
 
-        async def get_all() -> None:
-            async with send:
-                await gather_limited([fetch(obj) for obj in objects], OBJECTS_IN_FLIGHT)
+        async def lane(out: ObjectSendStream[tuple[S3Object, bytes | memoryview]]) -> None:
+            # OBJECTS_IN_FLIGHT lanes share one iterator (no await between taking and starting an
+            # object): one task per lane, not one per object
+            async with out:
+                for obj in pending:
+                    if obj.size > WHOLE_OBJECT_BYTES:
+                        async with turn:
+                            await self._stream_object(task, bucket, obj, series, on_bytes, rate)
+                        continue
+                    body = await self.client.call_retrying(
+                        functools.partial(self._read_object, task, bucket, obj, on_bytes, rate, shown_prefix))
+                    await out.send((obj, body))
 
         async def write_all() -> None:
             # one worker-thread call per batch: whatever has arrived, up to BATCH_BYTES
@@ -161,12 +163,16 @@ class IDCSource(ClientBackedSource):
                         held += len(item[1])
                     async with turn:
                         await anyio.to_thread.run_sync(series.write_batch, batch)
-                    del batch, first   # not held while the next object is awaited
+                    for _, body in batch:   # written and checked: their buffers may carry others
+                        self.client.give_back(body)
+                    del batch, first, body   # not held while the next object is awaited
 
         try:  # the first error cancels the other GETs of the series and propagates
             with send, receive:   # closed even when the group is cancelled before a task starts
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(get_all)
+                async with self.client.in_use(), anyio.create_task_group() as tg:
+                    with send:
+                        for _ in range(min(OBJECTS_IN_FLIGHT, len(objects))):
+                            tg.start_soon(lane, send.clone())
                     tg.start_soon(write_all)
         except BaseExceptionGroup as group:
             raise first_error(group) from None
@@ -199,11 +205,21 @@ class IDCSource(ClientBackedSource):
         if not objects:
             raise IncompleteSeriesError(f"s3 prefix {prefix} holds no object", series_uid=uid)
 
-    async def _read_object(self, task: SeriesTask, bucket: str, obj: S3Object,
-                           on_bytes: Callable[[int], None], rate: Any) -> bytes:
-        """One attempt at one object: its whole body. Raises ``IntegrityError`` for a body longer
-        than listed, ``RetryableRequestError`` for a shorter one."""
-        shown, guard = self._guard(task, bucket, obj)
+    async def _read_object(self, task: SeriesTask, bucket: str, obj: S3Object, on_bytes: Callable[[int], None],
+                           rate: Any, shown_prefix: str | None = None) -> bytes | memoryview:
+        """One attempt at one object: its whole body (over ``S3Client.read_object`` when it can).
+        Raises ``IntegrityError`` for a body longer than listed, ``RetryableRequestError`` for a
+        shorter one. ``shown_prefix``: ``S3Client.shown_url(bucket, "")``, when the caller has it."""
+        shown, guard = self._guard(task, bucket, obj, shown_prefix)
+        if rate is None:   # the bandwidth cap meters pieces as they arrive: only open_object does
+            whole = await self.client.read_object(bucket, obj.key, guard, shown)
+            if whole is not None:
+                if guard.total != obj.size:
+                    raise RetryableRequestError(f"{shown} sent {guard.total} of the {obj.size} bytes listed",
+                                                url=shown)
+                on_bytes(guard.total)
+                return whole
+            shown, guard = self._guard(task, bucket, obj, shown_prefix)   # asked again through aiohttp
         pieces: list[bytes] = []
         async with self.client.open_object(bucket, obj.key, shown) as resp:
             async for chunk in resp.content.iter_chunked(self.config.chunk_size):
@@ -257,8 +273,9 @@ class IDCSource(ClientBackedSource):
             series.abort()
             raise
 
-    def _guard(self, task: SeriesTask, bucket: str, obj: S3Object) -> tuple[str, BodyGuard]:
-        shown = redact_url(self.client.url(bucket, obj.key))
+    def _guard(self, task: SeriesTask, bucket: str, obj: S3Object,
+               shown_prefix: str | None = None) -> tuple[str, BodyGuard]:
+        shown = self.client.shown_url(bucket, obj.key, shown_prefix)
 
         def too_long(total: int) -> IntegrityError:
             return IntegrityError(f"{shown} sent more than the {obj.size} bytes listed", series_uid=task.series_uid)
@@ -288,7 +305,7 @@ class _SeriesObjects:
         self.task, self.sink = task, sink
         self.files: list[VerifiedFile] = []
 
-    def write_batch(self, batch: list[tuple[S3Object, bytes]]) -> None:
+    def write_batch(self, batch: list[tuple[S3Object, bytes | memoryview]]) -> None:
         for obj, body in batch:
             self.start()
             self.end(obj, [body])
@@ -296,7 +313,7 @@ class _SeriesObjects:
     def start(self) -> None:
         self.sink.start()
 
-    def write(self, pieces: list[bytes]) -> None:
+    def write(self, pieces: list[bytes] | list[bytes | memoryview]) -> None:
         try:
             for piece in pieces:
                 self.sink.write(piece)
@@ -304,7 +321,7 @@ class _SeriesObjects:
             self.sink.abort()
             raise
 
-    def end(self, obj: S3Object, pieces: list[bytes]) -> None:
+    def end(self, obj: S3Object, pieces: list[bytes] | list[bytes | memoryview]) -> None:
         """The object's last bytes, then its checks; raises ``IntegrityError`` naming its key."""
         self.write(pieces)
         key = obj.key[-120:]
