@@ -602,8 +602,15 @@ def cmd_plan(args: argparse.Namespace, env: dict[str, str]) -> int:
     split = {s: sum(1 for t in plan.tasks if t.row.get("source") == s) for s in ("idc", "nbia")} \
         if config.source == "auto" else None
     if args.json:
-        print(json.dumps({**_plan_totals(plan), **({"sources": split} if split else {}),
-                          "list": [_series_json(t) for t in plan.tasks]}))
+        # the text json.dumps({..., "list": [...]}) gives, written series by series: the list of
+        # a plan of all of TCIA would be about 300 MB more at once
+        head = json.dumps({**_plan_totals(plan), **({"sources": split} if split else {}), "list": []})
+        assert head.endswith("[]}")
+        sys.stdout.write(head[:-2])
+        for n, task in enumerate(plan.tasks):
+            sys.stdout.write((", " if n else "") + json.dumps(_series_json(task)))
+        sys.stdout.write("]}\n")
+        sys.stdout.flush()
     elif args.list:
         for task in plan.tasks:
             print(_series_line(task))

@@ -44,7 +44,7 @@ from harvester.errors import (
     classify_os_error,
     should_retry_series,
 )
-from harvester.store.layout import assign_paths, safe_component
+from harvester.store.layout import safe_component
 from harvester.store.sink import StoreSinks, prune_resume_folders
 from harvester.models import AnnotatedSeries, SeriesTask
 from harvester.events import Event, Hub
@@ -167,8 +167,7 @@ class Engine:
                 self.hub.emit(Event("skip", t.series_uid, bytes=done))
             else:
                 todo.append(t)
-        paths = assign_paths(((t.series_uid, t.layout_fields()) for t in todo), self.config.layout,
-                             taken=self.state.taken_paths())
+        paths = self.state.assign_paths(((t.series_uid, t.layout_fields()) for t in todo), self.config.layout)
         jobs = [_Job(t, paths[t.series_uid]) for t in todo]
         self.hub.emit(Event("fetching", data={"series": len(jobs), "bytes": sum(t.file_size or 0 for t in todo)}))
         await anyio.to_thread.run_sync(self.state.log_event, {"event": "run", "series": len(tasks), "todo": len(jobs)})

@@ -18,9 +18,12 @@ from typing import Any
 from harvester.units import as_int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SeriesTask:
-    """Everything the engine, the layout and the manifest need about one series."""
+    """Everything the engine, the layout and the manifest need about one series.
+
+    Slotted: a plan of all of TCIA holds about 500,000 of them, and a ``__dict__`` each was
+    about 300 bytes of them."""
 
     series_uid: str
     collection: str

@@ -187,8 +187,8 @@ def _filters(params: Params, names: Sequence[str]) -> dict[str, str]:
 
 def _values(field: str, filter_names: Sequence[str]) -> QueryFn:
     def query(archive: Archive, params: Params, version: str) -> QueryResult:
-        records = archive.select(_filters(params, filter_names))
-        return QueryResult([field], rows=[{field: v} for v in Archive.distinct(field, records)])
+        values = archive.distinct_of(field, _filters(params, filter_names))
+        return QueryResult([field], rows=[{field: v} for v in values])
     return query
 
 
@@ -477,6 +477,8 @@ async def _send_download(request: web.Request, endpoint: str, params: Params,
     uid = params["SeriesInstanceUID"]
     if endpoint == "getImage" and "IncludeMD5" in params and not request.app[WIRE_KEY].include_md5:
         raise BadRequest(INCLUDE_MD5_REFUSED)
+    if archive.download_refusal:
+        raise BadRequest(archive.download_refusal)
     rec = archive.get(uid)
     if rec is None:
         raise AccessDenied(f"SeriesInstanceUID {uid} was not found or you are not authorized to access it")
@@ -630,6 +632,8 @@ async def dcm_image_handler(request: web.Request) -> web.StreamResponse:
     uid = request.query.get("SeriesInstanceUID")
     if not uid:
         return _text(400, "A parameter, SeriesInstanceUID, is required for this API call.")
+    if archive.download_refusal:
+        return _text(400, archive.download_refusal)
     rec = archive.get(uid)
     if rec is None or rec.prebuilt_zip is not None:
         return _text(400, f"Image with given SeriesInstanceUID,{uid}, is not in public domain.")

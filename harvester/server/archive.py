@@ -251,6 +251,9 @@ class Archive:
     Raises ``ValueError`` when two records share a SeriesInstanceUID.
     """
 
+    #: Why the download endpoints are refused (HTTP 400), for a backend with no files; None serves them.
+    download_refusal: str | None = None
+
     def __init__(self, records: Iterable[SeriesRecord]) -> None:
         self.series: dict[str, SeriesRecord] = {}
         for rec in records:
@@ -333,6 +336,10 @@ class Archive:
 
     def collections(self) -> list[str]:
         return self.distinct("Collection", self._records)
+
+    def distinct_of(self, field_name: str, filters: Mapping[str, str]) -> list[str]:
+        """``distinct`` of the series matching ``filters`` (the getXValues endpoints)."""
+        return self.distinct(field_name, self.select(filters))
 
     @staticmethod
     def patients_of(records: Iterable[SeriesRecord]) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ import unicodedata
 from collections.abc import Iterable, Mapping
 from decimal import Decimal, InvalidOperation
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, Protocol
 
 from harvester.dates import nbia_date, parse_archive_date
 from harvester.errors import UsageError
@@ -232,16 +232,28 @@ def series_path(fields: Mapping[str, Any], layout: str) -> PurePosixPath:
     return PurePosixPath(*parts)
 
 
+class Folders(Protocol):
+    """The series folders in use and their ancestors, compared by ``name_key`` (``_FolderSet`` in
+    memory; ``store.db.FolderIndex`` in a scratch database, for plans of archive size)."""
+
+    def add(self, folder: str) -> None: ...
+    def is_folder(self, folder: str) -> bool: ...
+    def clashes(self, candidate: str) -> bool: ...
+
+
 def assign_paths(items: Iterable[tuple[str, Mapping[str, Any]]], layout: str,
-                 taken: Mapping[str, str] | None = None) -> dict[str, str]:
+                 taken: Mapping[str, str] | None = None, *, folders: Folders | None = None) -> dict[str, str]:
     """Map SeriesInstanceUID -> relative folder, unique per series and never nested in another.
 
     ``taken`` holds folders already recorded for series (from an earlier run): they are kept,
     so a resumed run never moves a finished series. A collision gets a suffix from the UID.
+    ``folders`` (empty) keeps the folders in use instead of a set in memory.
     """
-    taken = dict(taken or {})
+    taken = taken or {}
     result: dict[str, str] = {}
-    used = _FolderSet(taken.values())
+    used = folders if folders is not None else _FolderSet()
+    for folder in taken.values():
+        used.add(folder)
     for uid, fields in items:
         if uid in taken:
             result[uid] = taken[uid]

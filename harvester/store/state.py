@@ -67,9 +67,9 @@ from harvester.errors import (
     UsageError,
     classify_os_error,
 )
-from harvester.store.layout import METADATA_IN_SUBFOLDER, retriever_date, retriever_text
+from harvester.store.layout import METADATA_IN_SUBFOLDER, assign_paths, retriever_date, retriever_text
 from harvester.redact import redact
-from harvester.store.db import DB_NAME, FolderTaken, StateDB
+from harvester.store.db import DB_NAME, FolderIndex, FolderTaken, StateDB
 from harvester.store.manifest import read_manifest
 
 _log = logging.getLogger("harvester")  # reports of damaged records and refused paths, on stderr by default
@@ -800,6 +800,13 @@ class HarvestState:
         if self.db is None or self.records.overlay:
             return {uid: r["path"] for uid, r in self.records.items() if r.get("status") == "complete" and r.get("path")}
         return self.db.complete_paths()
+
+    def assign_paths(self, items: Iterable[tuple[str, Mapping[str, Any]]], layout: str) -> dict[str, str]:
+        """``layout.assign_paths`` with the folders of every complete series kept
+        (``taken_paths``), the folders in use held in a scratch database in ``.harvester/``
+        (``FolderIndex``), not in memory. Raises ``DiskFullError``/``OutputNotWritableError``."""
+        with FolderIndex(self.meta_dir / "folders.db") as folders:
+            return assign_paths(items, layout, taken=self.taken_paths(), folders=folders)
 
     def events(self) -> Iterator[dict[str, Any]]:
         """The run events, oldest first (``run``, ``progress``, ``finish``, and one per series

@@ -16,6 +16,7 @@ Who raises what:
 """
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 import random
@@ -239,20 +240,15 @@ class NBIAClient(RetryingClient):
         shown = redact_url(url)
         cap = self.config.max_json_bytes
         async with self._request(url, accept="application/json") as resp:
-            body = await read_guarded(resp, BodyGuard(self.config, shown, max_bytes=cap,
-                                                      too_big=json_too_big(shown, cap)))
-        if endpoint == "getMD5HashForImage":
-            return [{"MD5Hash": body.decode("ascii", "replace").strip()}]
-        if not body.strip():
-            return []  # NBIA answers an empty body (not "[]") when nothing matches
-        data = parse_json(body, shown)  # an outage page with HTTP 200 is a transient failure, not data
-        if data is None:
-            return []  # a JSON null: no rows, as the empty body
-        if isinstance(data, dict):
-            data = [data]
-        if not isinstance(data, list):
-            raise RetryableRequestError(f"{shown} answered JSON that is not a list", url=shown)
-        return [row for row in data if isinstance(row, dict)]
+            guard = BodyGuard(self.config, shown, max_bytes=cap, too_big=json_too_big(shown, cap))
+            if endpoint == "getMD5HashForImage":
+                body = await read_guarded(resp, guard)
+                return [{"MD5Hash": body.decode("ascii", "replace").strip()}]
+            rows = RowStream(shown)
+            async for chunk in resp.content.iter_any():
+                guard.feed(len(chunk))
+                rows.feed(chunk)
+        return rows.finish()
 
     async def collections(self) -> list[str]:
         rows = await self.query("getCollectionValues")
@@ -373,6 +369,142 @@ class NBIAClient(RetryingClient):
                                                               max_bytes=self.config.limits.max_entry_bytes))
         raise AssertionError("unreachable")  # pragma: no cover
 
+
+def json_rows(body: bytes, shown: str) -> list[dict[str, Any]]:
+    """The rows of a whole JSON answer: an empty body or ``null`` is none, an object is one, a list
+    keeps its objects. Raises ``RetryableRequestError`` for an answer that is not JSON, not UTF-8 or
+    not a list, ``PermanentRequestError`` for JSON nested too deep (``parse_json``)."""
+    if not body.strip():
+        return []  # NBIA answers an empty body (not "[]") when nothing matches
+    data = parse_json(body, shown)  # an outage page with HTTP 200 is a transient failure, not data
+    if data is None:
+        return []  # a JSON null: no rows, as the empty body
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise RetryableRequestError(f"{shown} answered JSON that is not a list", url=shown)
+    return [row for row in data if isinstance(row, dict)]
+
+
+#: Row values that are unique to their row (never shared with another, so never memoised).
+_UNIQUE_FIELDS = frozenset({"SeriesInstanceUID", "SOPInstanceUID"})
+_SPACE = frozenset(" \t\r\n")
+_UTF8_BOM = b"\xef\xbb\xbf"
+_NUMBER_CHARS = "0123456789+-.eE"
+
+
+class RowStream:
+    """The rows of a JSON answer, parsed as its bytes arrive (``feed``, then ``finish``).
+
+    An answer that is a JSON array (every NBIA query answer with rows) is decoded element by
+    element, so the whole text and the whole parsed list are never held at once (NLST's getSeries
+    is one array of about 205,000 rows, some 130 MB of text); each object becomes a row whose keys
+    and repeated values (Collection, Modality, dates, StudyInstanceUID, ...) are one string
+    object per answer instead of one per row. Anything else (an empty body, ``null``, one
+    object, UTF-16, a BOM) is gathered and read whole by ``json_rows``, as before.
+
+    Invariant: the rows and errors are those of ``json_rows`` on the whole body. A cut element is
+    decoded again only once the text after its start has doubled, so a hostile giant element
+    costs linear time, not quadratic. ``feed`` and ``finish`` raise as ``json_rows`` does.
+    """
+
+    def __init__(self, shown: str) -> None:
+        self.shown = shown
+        self.rows: list[dict[str, Any]] = []
+        self._raw: list[bytes] | None = []   # the body while not yet known to be an array, or not one
+        self._streaming = False
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogatepass")
+        self._text = ""
+        self._expect = "first"   # first (an element or ']'), item, next (',' or ']'), end
+        self._retry_at = 0
+        self._head = b""         # the first bytes, for the message of an answer that is not JSON
+        self._memo: dict[str, str] = {}
+        self._scan = json.JSONDecoder().raw_decode
+
+    def feed(self, chunk: bytes) -> None:
+        if len(self._head) < 300:
+            self._head += chunk[:300 - len(self._head)]
+        if not self._streaming:
+            assert self._raw is not None
+            self._raw.append(chunk)
+            start = self._head.lstrip(b" \t\r\n")
+            if not start or len(self._head) < 4:
+                return  # (undecided: only white space so far, or too few bytes to tell UTF-16)
+            if start[:1] != b"[" or self._head.startswith(_UTF8_BOM) or b"\x00" in self._head[:4]:
+                return  # not an array of UTF-8 text: read whole at the end
+            chunk, self._raw, self._streaming = b"".join(self._raw), None, True
+            self._text = self._decode(chunk).lstrip()[1:]
+        else:
+            self._text += self._decode(chunk)
+        self._parse(final=False)
+
+    def finish(self) -> list[dict[str, Any]]:
+        if not self._streaming:
+            return json_rows(b"".join(self._raw or ()), self.shown)
+        self._text += self._decode(b"", final=True)
+        self._parse(final=True)
+        if self._expect != "end":
+            raise self._not_json()
+        return self.rows
+
+    def _decode(self, data: bytes, final: bool = False) -> str:
+        try:
+            return self._decoder.decode(data, final)
+        except UnicodeDecodeError:
+            raise RetryableRequestError(f"{self.shown} answered JSON that is not valid UTF-8", url=self.shown) from None
+
+    def _not_json(self) -> RetryableRequestError:
+        return RetryableRequestError(f"{self.shown} answered something that is not JSON: "
+                                     f"{one_line(self._head.decode('utf-8', 'replace'))}", url=self.shown)
+
+    def _parse(self, *, final: bool) -> None:
+        text, pos = self._text, 0
+        while True:
+            while pos < len(text) and text[pos] in _SPACE:
+                pos += 1
+            if pos == len(text):
+                break
+            if self._expect == "end":
+                raise self._not_json()   # (text after the array)
+            if self._expect == "next" or (self._expect == "first" and text[pos] == "]"):
+                if text[pos] == "]":
+                    self._expect = "end"
+                elif text[pos] == "," and self._expect == "next":
+                    self._expect = "item"
+                else:
+                    raise self._not_json()
+                pos += 1
+                continue
+            if not final and len(text) < self._retry_at:
+                break
+            try:
+                value, end = self._scan(text, pos)
+            except RecursionError:
+                raise PermanentRequestError(f"{self.shown} answered JSON nested too deep to read", url=self.shown,
+                                            hint="the server's answer is hostile or broken; report it") from None
+            except ValueError:
+                if final:
+                    raise self._not_json() from None
+                self._retry_at = pos + 2 * (len(text) - pos) + 1
+                break
+            if not final and text[pos] not in '{["' and not text[end:].strip(_NUMBER_CHARS):
+                self._retry_at = len(text) + 1   # a number cut at the chunk's end ("1.5e" + "+16")
+                break
+            if isinstance(value, dict):
+                self.rows.append(self._compact(value))
+            pos, self._expect = end, "next"
+        # consumed text is dropped at once: what is left is at most one element, cut
+        self._text, self._retry_at = text[pos:], max(0, self._retry_at - pos)
+
+    def _compact(self, row: dict[str, Any]) -> dict[str, Any]:
+        memo = self._memo
+        out: dict[str, Any] = {}
+        for key, value in row.items():
+            key = memo.setdefault(key, key)
+            if isinstance(value, str) and key not in _UNIQUE_FIELDS:
+                value = memo.setdefault(value, value)
+            out[key] = value
+        return out
 
 
 LICENSE_FIELD_MAX = 2000  # characters of each license column kept (rows are untrusted)
