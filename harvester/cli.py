@@ -1076,7 +1076,10 @@ def cmd_verify(args: argparse.Namespace, env: dict[str, str]) -> int:
         hub.subscribe(display)
     hub.emit(Event("verify"))
     with display if display is not None else contextlib.nullcontext():
-        result = verify_tree(args.dir, on_file=lambda size: hub.emit(Event("checked", bytes=size, files=1)))
+        result = verify_tree(args.dir, on_file=lambda size: hub.emit(Event("checked", bytes=size, files=1)),
+                             on_total=lambda files, size: hub.emit(Event("verify", data={"files": files,
+                                                                                         "bytes": size})))
+        hub.emit(Event("finish"))   # the last frame: the rate stops counting, no ETA left
     for rec in result.failed + result.unavailable:
         meta = rec.get("metadata") if isinstance(rec.get("metadata"), dict) else {}
         name = " ".join(str(v) for v in (rec.get("Collection"), rec.get("PatientID"),

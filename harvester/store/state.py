@@ -795,6 +795,16 @@ class HarvestState:
             return int(rec.get("bytes") or 0) if rec is not None else None
         return self.db.completed_bytes(uid)
 
+    def complete_uids(self) -> Iterator[str]:
+        """The uid of every complete series, in the order first recorded, streamed (from the
+        database's columns: no record parsed, none held)."""
+        if self.db is None or self.records.overlay or self.records.hidden:
+            yield from (uid for uid, r in self.records.items() if r.get("status") == "complete")
+            return
+        for uid, status, *_ in self.db.verify_rows():
+            if status == "complete":
+                yield uid
+
     def taken_paths(self) -> dict[str, str]:
         """uid -> folder of every complete series (one pair per series, never per file)."""
         if self.db is None or self.records.overlay:
