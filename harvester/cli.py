@@ -326,8 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_strict_arg(sync)
     _add_api_args(sync)
 
-    verify = sub.add_parser("verify", help="re-hash every harvested file against DIR/harvest.json",
-                            description="Re-hash every file DIR/harvest.json records, report files that no record\n"
+    verify = sub.add_parser("verify", help="re-hash every harvested file against the harvest's records",
+                            description="Re-hash every file the harvest records (DIR/.harvester/state.db, or\n"
+                                        "DIR/harvest.json for a harvest made before it), report files that no record\n"
                                         "lists (extra), and count the series that failed, are unavailable or missing.",
                             epilog=VERIFY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     verify.add_argument("dir", metavar="DIR", type=Path, help="the output directory of a harvest")

@@ -1,7 +1,9 @@
 """Operations on a harvest tree, for people and tools: ``verify_tree`` (re-hash every file),
-``read_status``, ``export_tcia``, ``export_csv``. Each reads harvest.json through
-``harvester.store.manifest.read_manifest`` (``UsageError`` when absent, ``ManifestError`` when
-unreadable) and skips unusable records. Nothing here writes into the tree but the exports'
+``read_status``, ``export_tcia``, ``export_csv``. Each reads the records through
+``read_records``: streamed from the state database one at a time, so memory does not grow with
+the number of files recorded (a harvest made before the database: harvest.json, through
+``harvester.store.manifest.read_manifest``: ``UsageError`` when absent, ``ManifestError`` when
+unreadable), and skips unusable records. Nothing here writes into the tree but the exports'
 own targets.
 
 Sync and repair live in ``harvester.operations``.
