@@ -72,7 +72,7 @@ def render_report(out_dir: Path) -> str:
     commits = journal.commits if from_manifest else None
     try:
         with read_records(out_dir) as (state, doc):
-            summary = _Summary.of(state.records.values(), commits=commits)
+            summary = _Summary.of((rec for _, rec in state.checked_items()), commits=commits)
             if doc is None:
                 doc = dict(state.header)
                 summary.skipped = len(state.records.hidden)

@@ -93,7 +93,7 @@ def verify_tree(out_dir: Path, *, on_file: Callable[[int], None] | None = None,
     try:
         # the database's records (read only), or harvest.json's and an old journal's; harvest.json
         # is read whole only when the database does not hold its records
-        state.read(listed=not has_db)
+        state.read(listed=not has_db, streamed=True)
     except UnsafePathError as exc:  # the database or an old journal is a link or not a regular file: never read
         journal_problem = str(exc)
     except OSError:
@@ -114,7 +114,7 @@ def _verify_records(state: HarvestState, on_file: Callable[[int], None] | None,
     others = _OtherSeries.scan(state)
     if on_total is not None:
         on_total(others.files, others.bytes)
-    for uid, rec in state.records.items():
+    for uid, rec in state.checked_items():
         if not isinstance(rec, dict):
             continue
         if rec.get("status") != "complete":
@@ -301,16 +301,17 @@ def _check_manifest(state: HarvestState) -> dict[str, Any] | None:
 
 
 @contextlib.contextmanager
-def read_records(out_dir: Path) -> Iterator[tuple[HarvestState, dict[str, Any] | None]]:
+def read_records(out_dir: Path, *, streamed: bool = True) -> Iterator[tuple[HarvestState, dict[str, Any] | None]]:
     """``out_dir``'s state read only (``HarvestState.read``: no lock, nothing written), its
     records streamed from the database one at a time (a harvest made before the database: from
     harvest.json and its journal, in memory as those versions did), and harvest.json as read
     when there is no database (else None); closed on exit. Raises what ``_check_manifest`` and
-    ``HarvestState.read`` raise."""
+    ``HarvestState.read`` raise. ``streamed`` (a reader that goes through the records once, by
+    ``state.checked_items()``): each row is parsed and checked once, as it is read."""
     state = HarvestState(out_dir)
     doc = _check_manifest(state)
     try:
-        state.read(listed=False)
+        state.read(listed=False, streamed=streamed)
         yield state, doc
     finally:
         state.close()
@@ -324,10 +325,8 @@ def read_status(out_dir: Path) -> dict[str, Any]:
     failures = []
     with read_records(out_dir) as (state, doc):
         header = dict(state.header) if doc is None else doc
-        totals = doc.get("totals", {}) if doc is not None else state.db.totals() \
-            if state.db is not None and not state.records.overlay and not state.records.hidden else None
         count = 0
-        for rec in state.records.values():
+        for _uid, rec in state.checked_items():
             count += 1
             if rec.get("status") == "unavailable":  # asked for, never in the archive: no collection to count under
                 failures.append({"SeriesInstanceUID": rec.get("SeriesInstanceUID"), "error": rec.get("error"),
@@ -344,8 +343,11 @@ def read_status(out_dir: Path) -> dict[str, Any]:
                 c["failed"] += 1
                 failures.append({"SeriesInstanceUID": rec.get("SeriesInstanceUID"),
                                  "error": redact(rec["error"]) if rec.get("error") else rec.get("error")})
-        if totals is None:   # records in memory (a harvest made before the database): counted from them
-            totals = _totals_of_groups(collections, failures, count)
+        # harvest.json's own block without a database; the database's count when it holds every
+        # record (rows left out as unusable: counted from the records)
+        totals = doc.get("totals", {}) if doc is not None else state.db.totals() \
+            if state.db is not None and not state.records.overlay and not state.records.hidden \
+            else _totals_of_groups(collections, failures, count)
     disk = 0
     for root, _dirs, files in os.walk(out_dir):
         for name in files:
@@ -374,7 +376,7 @@ def export_tcia(out_dir: Path, target: Path) -> int:
     """Write a TCIA portal cart of the complete series to ``target`` (``-`` for stdout; see
     ``write_output``), streamed from the state database; returns how many series it lists."""
     count = 0
-    with read_records(out_dir) as (state, _doc):
+    with read_records(out_dir, streamed=False) as (state, _doc):   # the columns alone: nothing parsed
         stamp = int(dt.datetime.now(dt.timezone.utc).timestamp() * 1000)
         head = [
             "downloadServerUrl=https://nbia.cancerimagingarchive.net/nbia-download/servlet/DownloadServlet",
@@ -419,7 +421,7 @@ def export_csv(out_dir: Path, target: Path) -> int:
             buf = io.StringIO()
             writer = csv.writer(buf)
             writer.writerow(EXPORT_COLUMNS)
-            for r in state.records.values():
+            for _uid, r in state.checked_items():
                 count += 1
                 meta = r.get("metadata") or {}
                 writer.writerow([r.get("SeriesInstanceUID"), r.get("Collection"), r.get("PatientID"),
