@@ -171,3 +171,35 @@ def test_the_verify_line_counts_against_the_totals_with_an_eta() -> None:
     assert tally.verify_eta() == pytest.approx(10.0 * (74 / 26))
     tally(Event("finish"))
     assert tally.verify_eta() == 0.0
+
+
+def test_an_unusable_row_is_reported_once_and_left_out_by_every_streamed_reader(
+        harvests: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Rows are checked as they are streamed (not by a pass of their own): a hostile database's
+    row (another series' record, not JSON, a wrong type) is named once per reader and counted
+    nowhere."""
+    import contextlib
+    import json
+    import sqlite3
+    import zlib
+
+    small, _ = harvests
+    out = tmp_path / "hostile"
+    shutil.copytree(small, out)
+    bad = {_record(i)["SeriesInstanceUID"]: blob for i, blob in (
+        (0, zlib.compress(json.dumps(_record(1)).encode())),                    # names another series
+        (2, b"not zlib"),                                                         # not a record at all
+        (3, zlib.compress(json.dumps({**_record(3), "bytes": "many"}).encode())))}  # a wrong type
+    with contextlib.closing(sqlite3.connect(out / ".harvester" / "state.db")) as db, db:
+        for uid, blob in bad.items():
+            db.execute("UPDATE series SET record=? WHERE uid=?", (blob, uid))
+    for name, read in {"status": read_status, "verify": verify_tree, "report": render_report,
+                       "export --csv": READERS["export --csv"]}.items():
+        caplog.clear()
+        got = read(out)
+        named = [r.getMessage() for r in caplog.records if "; not used" in r.getMessage()]
+        assert sorted(uid for uid in bad for line in named if f"series {uid}:" in line) == sorted(bad), (name, named)
+        if name == "status":
+            assert got["totals"]["series"] == 297 and got["totals"]["files"] == 582, got["totals"]
+        if name == "verify":
+            assert got.checked == 297 and got.files == 582 and got.ok is False   # 6 failed, as before
