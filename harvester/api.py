@@ -78,7 +78,7 @@ def harvest(query: QueryLike, out: str | Path | None = None, *, config: Config |
 
 
 def verify(out: str | Path) -> VerifyResult:
-    """Re-hash every file of a harvest against its harvest.json (``VerifyResult.problems``)."""
+    """Re-hash every file of a harvest against its records (``VerifyResult.problems``)."""
     return verify_tree(Path(out))
 
 

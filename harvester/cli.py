@@ -326,8 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_strict_arg(sync)
     _add_api_args(sync)
 
-    verify = sub.add_parser("verify", help="re-hash every harvested file against DIR/harvest.json",
-                            description="Re-hash every file DIR/harvest.json records, report files that no record\n"
+    verify = sub.add_parser("verify", help="re-hash every harvested file against the harvest's records",
+                            description="Re-hash every file the harvest records (DIR/.harvester/state.db, or\n"
+                                        "DIR/harvest.json for a harvest made before it), report files that no record\n"
                                         "lists (extra), and count the series that failed, are unavailable or missing.",
                             epilog=VERIFY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     verify.add_argument("dir", metavar="DIR", type=Path, help="the output directory of a harvest")
@@ -1083,7 +1084,10 @@ def cmd_verify(args: argparse.Namespace, env: dict[str, str]) -> int:
         hub.subscribe(display)
     hub.emit(Event("verify"))
     with display if display is not None else contextlib.nullcontext():
-        result = verify_tree(args.dir, on_file=lambda size: hub.emit(Event("checked", bytes=size, files=1)))
+        result = verify_tree(args.dir, on_file=lambda size: hub.emit(Event("checked", bytes=size, files=1)),
+                             on_total=lambda files, size: hub.emit(Event("verify", data={"files": files,
+                                                                                         "bytes": size})))
+        hub.emit(Event("finish"))   # the last frame: the rate stops counting, no ETA left
     for rec in result.failed + result.unavailable:
         meta = rec.get("metadata") if isinstance(rec.get("metadata"), dict) else {}
         name = " ".join(str(v) for v in (rec.get("Collection"), rec.get("PatientID"),

@@ -81,8 +81,13 @@ def status_parts(t: Tally) -> list[tuple[int, str]]:
         return [(0, f"planning: asking the archive which series match ... {human_duration(t.elapsed)}")]
     if phase == "verify":
         rate = t.checked_bytes / t.elapsed
-        return [(0, f"verify: {t.checked_files:,} files"), (0, f"{human_bytes(t.checked_bytes)} checked"),
-                (1, f"{human_bytes(rate)}/s"), (2, human_duration(t.elapsed))]
+        if t.verify_files is None:    # the totals are not known yet
+            return [(0, f"verify: {t.checked_files:,} files"), (0, f"{human_bytes(t.checked_bytes)} checked"),
+                    (1, f"{human_bytes(rate)}/s"), (2, human_duration(t.elapsed))]
+        return [(0, f"verify: {t.checked_files:,}/{t.verify_files:,} files"),
+                (0, f"{human_bytes(t.checked_bytes)}/{human_bytes(t.verify_bytes)} checked"),
+                (1, f"{human_bytes(rate)}/s"), (1, f"ETA {human_duration(t.verify_eta())}"),
+                (2, human_duration(t.elapsed))]
     parts = [(0, f"{t.finished_series:,}/{t.total_series:,} series"),
              (0, f"{human_bytes(t.fetched_bytes)}/{human_bytes(t.to_fetch_bytes)}"),
              (1, f"{human_bytes(t.rate)}/s"), (1, f"ETA {human_duration(t.eta())}")]
@@ -102,7 +107,7 @@ def status_line(t: Tally, width: int, *, bar: bool = True) -> tuple[int, str]:
     parts go by priority: in flight, retries, unavailable, then the bar, then failures, rate and
     ETA; what is left is cut, so the line is never wider than ``width``."""
     parts = status_parts(t)
-    with_bar = bar and _phase(t) == "harvest"
+    with_bar = bar and (_phase(t) == "harvest" or (_phase(t) == "verify" and t.verify_files is not None))
     sep = "  "
     text, bar_on = "", False
     for level in range(8, 0, -1):   # keep the parts whose priority is below level
@@ -115,6 +120,21 @@ def status_line(t: Tally, width: int, *, bar: bool = True) -> tuple[int, str]:
     if bar_on and len(text) + BAR_MIN + 1 <= width:
         return min(BAR_MAX, width - len(text) - 1), text
     return 0, text
+
+
+def _bar_filled(t: Tally, width: int) -> int:
+    """The filled cells of a bar ``width`` wide: a harvest by bytes; a verify by files and by
+    bytes, whichever is further behind (what its ETA counts by too)."""
+    if _phase(t) == "verify":
+        if t.finished:
+            return width
+        done = [t.checked_files / max(1, t.verify_files or 0)]
+        if t.verify_bytes:
+            done.append(t.checked_bytes / t.verify_bytes)
+        return min(width, int(width * min(done)))
+    if t.finished and not t.failed_series:
+        return width
+    return width * t.fetched_bytes // max(1, t.to_fetch_bytes)
 
 
 class LiveDisplay:
@@ -154,8 +174,7 @@ class LiveDisplay:
         bar_width, text = status_line(t, max(1, self.console.width))
         line = Text(no_wrap=True, overflow="crop")
         if bar_width:
-            total = max(1, t.to_fetch_bytes)
-            filled = bar_width if t.finished and not t.failed_series else bar_width * t.fetched_bytes // total
+            filled = _bar_filled(t, bar_width)
             line.append("━" * filled, style="green")
             line.append("━" * (bar_width - filled), style="grey37")
             line.append(" ")

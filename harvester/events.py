@@ -34,7 +34,8 @@ class Event:
     - ``failed`` (message; data: collection, patient, description, kind): a series failed for
       this run, after its last attempt;
     - ``finish``: the run is over (the rate stops counting time);
-    - ``verify`` (verify begins), ``checked`` (bytes, files: one file re-hashed).
+    - ``verify`` (verify begins; again with files and bytes once it knows how many it will
+      re-hash), ``checked`` (bytes, files: one file re-hashed).
     """
 
     kind: str
@@ -97,6 +98,8 @@ class Tally:
     verifying: bool = False
     checked_files: int = 0
     checked_bytes: int = 0
+    verify_files: int | None = None      # what verify will re-hash, once it knows ("verify" with counts)
+    verify_bytes: int = 0
     started: float = -1.0                # when the tally began (its clock's time); set on creation
     fetch_started: float | None = None   # the first "start": from here on the rate counts
     ended: float | None = None           # "finish": the rate stops counting
@@ -144,6 +147,8 @@ class Tally:
                                          str(d.get("kind") or "")))
         elif k == "verify":
             self.verifying = True
+            if "files" in ev.data:
+                self.verify_files, self.verify_bytes = int(ev.data["files"]), int(ev.data.get("bytes") or 0)
         elif k == "checked":
             self.checked_files += ev.files
             self.checked_bytes += ev.bytes
@@ -185,6 +190,19 @@ class Tally:
         """This run's progress in bytes, for the bar: what arrived (or, when more, the verified size of
         the series done: a ZIP is smaller than its files), never past what it set out to fetch."""
         return min(self.to_fetch_bytes, max(self.received_bytes, self.done_bytes))
+
+    def verify_eta(self) -> float | None:
+        """Seconds verify has left: of the files and the bytes still to re-hash, whichever is
+        further behind, at the rate so far (a tree of small files is bound by opening them, one of
+        large ones by hashing them); None until a second has passed and something was checked."""
+        if self.finished:
+            return 0.0
+        if self.verify_files is None or self.elapsed < 1.0 or not (self.checked_files or self.checked_bytes):
+            return None
+        left = max(0.0, 1.0 - self.checked_files / max(1, self.verify_files),
+                   1.0 - self.checked_bytes / max(1, self.verify_bytes) if self.verify_bytes else 0.0)
+        done = 1.0 - left
+        return self.elapsed * left / done if done > 0 else None
 
     def eta(self) -> float | None:
         """Seconds left at this run's rate; None until a second of transfer and some bytes are in."""

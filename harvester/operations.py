@@ -457,7 +457,8 @@ def diff_plan(state: HarvestState, plan: Plan, updated: set[str]) -> SyncDiff:
     selected = set()
     for task in plan.tasks:
         selected.add(task.series_uid)
-        rec = state.complete(task.series_uid)
+        # an index lookup of the columns first: only a complete series' record is parsed
+        rec = state.complete(task.series_uid) if state.completed_bytes(task.series_uid) is not None else None
         if rec is None:
             diff.new.append(task.series_uid)
             continue
@@ -470,8 +471,8 @@ def diff_plan(state: HarvestState, plan: Plan, updated: set[str]) -> SyncDiff:
             diff.changed.append(task.series_uid)
         else:
             diff.unchanged.append(task.series_uid)
-    diff.removed = sorted(uid for uid, rec in state.records.items()
-                          if rec.get("status") == "complete" and uid not in selected)
+    # by the database's columns, streamed: the plan's UIDs are the only set held
+    diff.removed = sorted(uid for uid in state.complete_uids() if uid not in selected)
     return diff
 
 

@@ -1,11 +1,14 @@
 """A visual harvest report: one self-contained HTML page about what an output directory holds.
 
-``render_report(DIR)`` reads ``DIR/harvest.json`` (what is there: totals, per collection and
-per modality, failures and their reasons) and the run events of ``DIR/.harvester/state.db``
-(``HarvestState.events``: those of an old journal for a harvest made before the database; when
-it came: bytes committed per time bucket from ``commit`` events, bytes received and retries from
-``progress`` events, series re-attempts from the ``attempts`` of ``commit``/``failed`` events).
-``write_report`` writes the page atomically to ``DIR/report.html`` or a chosen file.
+``render_report(DIR)`` reads the series records (what is there: totals, per collection and per
+modality, failures and their reasons), streamed once from ``DIR/.harvester/state.db``
+(``harvester.store.tree.read_records``; harvest.json for a harvest made before the database),
+and the run events of the database (``HarvestState.events``: those of an old journal for a
+harvest made before the database; when it came: bytes committed per time bucket from ``commit``
+events, summed by a second pass over the events, bytes received and retries from ``progress``
+events, series re-attempts from the ``attempts`` of ``commit``/``failed`` events). Memory holds
+counts per group and per time bucket, and one short entry per failed series, whatever the number
+of files. ``write_report`` writes the page atomically to ``DIR/report.html`` or a chosen file.
 
 The page works offline and forever: inline CSS, inline SVG charts drawn here (no plotting
 library), no script, no font or image from anywhere, and a Content-Security-Policy that
@@ -15,8 +18,9 @@ through ``_text``, which HTML-escapes it and makes control characters visible.
 
 Missing run events (a DIR copied without ``.harvester/``), an unreadable state or a torn old
 journal (kill -9 mid-line) is not an error: the report says what it could not read and falls
-back to the completion times in ``harvest.json`` for throughput. ``render_report`` raises ``UsageError`` when DIR holds no
-``harvest.json`` and ``ManifestError`` when it cannot be read or is not a harvest manifest.
+back to the records' completion times for throughput. ``render_report`` raises ``UsageError``
+when DIR holds neither a state database nor a ``harvest.json``, and ``ManifestError`` when,
+without a database, harvest.json cannot be read or is not a harvest manifest.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import json
 import math
 import os
 import re
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +38,12 @@ from typing import Any
 
 from harvester.events import human_bytes
 from harvester.redact import redact
-from harvester.errors import HarvesterError
+from harvester.errors import FatalError, HarvesterError, UnsafePathError
 from harvester.store.db import DB_NAME
-from harvester.store.state import HarvestState, atomic_write, now_iso, usable_records, write_output
 from harvester.store.manifest import read_manifest
+from harvester.store.state import (HarvestState, atomic_write, now_iso, record_problem, usable_records,
+                                    write_output)
+from harvester.store.tree import read_records
 
 REPORT_NAME = "report.html"
 #: Time charts aim for at most this many buckets; the bucket is the smallest "nice" duration that fits.
@@ -51,21 +58,39 @@ _UTC = dt.timezone.utc
 def render_report(out_dir: Path) -> str:
     """The HTML report of ``out_dir`` as one string.
 
-    Raises ``UsageError`` when ``out_dir/harvest.json`` does not exist and ``ManifestError``
-    when it cannot be read or is not a harvest manifest. Missing or damaged run events are
-    reported on the page, not raised.
+    The records are streamed from the state database once (``read_records``; harvest.json for a
+    harvest made before the database): memory holds the counts per collection and modality and
+    one short entry per failed series, whatever the number of files.
+
+    Raises ``UsageError`` when ``out_dir`` holds neither a state database nor a harvest.json,
+    and ``ManifestError`` when, without a database, harvest.json cannot be read or is not a
+    harvest manifest. Missing or damaged run events are reported on the page, not raised.
     """
     out_dir = Path(out_dir)
-    doc = _load_manifest(out_dir)
-    records = usable_records(doc.get("series", []), str(out_dir / "harvest.json"))
-    skipped_records = len(doc.get("series", [])) - len(records)
     journal = _read_events(out_dir)
-    if journal.status != "ok":  # no journal (or an unreadable one): the manifest's completion times
-        journal.commits = [(t, _int(r.get("bytes"))) for r in records
-                           if r.get("status") == "complete" and (t := _parse_time(r.get("completed")))]
+    from_manifest = journal.status != "ok"  # no run events (or unreadable): the records' completion times
+    commits = journal.commits if from_manifest else None
+    try:
+        with read_records(out_dir) as (state, doc):
+            summary = _Summary.of((rec for _, rec in state.checked_items()), commits=commits)
+            if doc is None:
+                doc = dict(state.header)
+                summary.skipped = len(state.records.hidden)
+            else:
+                series = doc.get("series", [])   # read_records reported each unusable one already
+                summary.skipped = sum(record_problem(r) is not None for r in series) \
+                    if isinstance(series, list) else 0
+    except (UnsafePathError, FatalError):
+        # The state cannot be read (a link, not a file, damaged): the page says so under the run
+        # events and shows what harvest.json lists, as it can (UsageError, ManifestError otherwise).
+        doc = read_manifest(out_dir)
+        records = usable_records(doc.get("series", []), str(out_dir / "harvest.json"))
+        summary = _Summary.of(records, commits=commits)
+        summary.skipped = len(doc.get("series", [])) - len(records)
+    if from_manifest:
         journal.commits_from_manifest = bool(journal.commits)
     disk = _disk_use(out_dir)
-    return _Page(out_dir, doc, records, skipped_records, journal, disk).render()
+    return _Page(out_dir, doc, summary, journal, disk).render()
 
 
 def write_report(out_dir: Path, target: Path | None = None) -> Path:
@@ -88,10 +113,6 @@ def write_report(out_dir: Path, target: Path | None = None) -> Path:
 
 
 # ------------------------------------------------------------------ reading
-def _load_manifest(out_dir: Path) -> dict[str, Any]:
-    return read_manifest(out_dir)   # UsageError when absent, ManifestError when unreadable
-
-
 #: (from, to, amount): a progress counter's increase between two journal events.
 _Interval = tuple[dt.datetime, dt.datetime, int]
 
@@ -104,8 +125,13 @@ class _Journal:
     lines: int = 0                     # events read
     torn: int = 0                      # old journal lines that are not a JSON object (kill -9 mid-write)
     runs: list[dt.datetime] = field(default_factory=list)
-    commits: list[tuple[dt.datetime, int]] = field(default_factory=list)        # bytes committed
+    #: bytes committed, as (time, bytes) points: only those of the records' completion times (a
+    #: harvest without run events); the run events' commits are summed into the chart's buckets
+    #: by a second pass over the events (``commit_sums``), so none is held per series
+    commits: list[tuple[dt.datetime, int]] = field(default_factory=list)
     commits_from_manifest: bool = False
+    commit_span: tuple[dt.datetime, dt.datetime] | None = None    # first and last commit event
+    commit_sums: Any = None            # _Grid -> bytes committed per bucket (the run events' commits)
     received: list[_Interval] = field(default_factory=list)    # progress deltas over their interval
     retries: list[_Interval] = field(default_factory=list)
     reattempts: list[tuple[dt.datetime, int]] = field(default_factory=list)     # attempts - 1
@@ -136,7 +162,27 @@ def _read_events(out_dir: Path) -> _Journal:
     finally:
         state.close()
     j.status = "ok"
+    j.commit_sums = lambda grid: _commit_sums(out_dir, grid)
     return j
+
+
+def _commit_events(state: HarvestState) -> Iterator[tuple[dt.datetime, int]]:
+    """(time, bytes) of every ``commit`` event with a readable time, streamed."""
+    for event in state.read_events():
+        if event.get("event") == "commit" and (t := _parse_time(event.get("t"))) is not None:
+            yield t, _int(event.get("bytes"))
+
+
+def _commit_sums(out_dir: Path, grid: _Grid) -> list[float]:
+    """The bytes of the commit events per bucket of ``grid``: the events streamed again (the
+    first pass kept only their span). Should they no longer be readable, nothing is charted."""
+    state = HarvestState(out_dir)
+    try:
+        return grid.sum(_commit_events(state))
+    except (HarvesterError, OSError):
+        return [0.0] * grid.count
+    finally:
+        state.close()
 
 
 def _add_events(state: HarvestState, j: _Journal) -> None:
@@ -156,7 +202,8 @@ def _add_events(state: HarvestState, j: _Journal) -> None:
             since = t
         elif kind in ("commit", "failed"):
             if kind == "commit":
-                j.commits.append((t, _int(event.get("bytes"))))
+                first, last = j.commit_span or (t, t)
+                j.commit_span = (min(first, t), max(last, t))
             if _int(event.get("attempts")) > 1:
                 j.reattempts.append((t, _int(event.get("attempts")) - 1))
         elif kind == "progress":
@@ -171,7 +218,7 @@ def _add_events(state: HarvestState, j: _Journal) -> None:
 
 def _disk_use(out_dir: Path) -> tuple[int, int]:
     """(bytes allocated on disk under ``out_dir``, entries that could not be read), like ``du``:
-    symlinks are not followed and hard-linked files count once."""
+    symlinks are not followed and hard-linked files count once (only those are remembered)."""
     seen: set[tuple[int, int]] = set()
     total = unreadable = 0
     errors: list[OSError] = []
@@ -182,9 +229,10 @@ def _disk_use(out_dir: Path) -> tuple[int, int]:
             except OSError:
                 unreadable += 1
                 continue
-            if (st.st_dev, st.st_ino) in seen:
-                continue
-            seen.add((st.st_dev, st.st_ino))
+            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):   # only a linked file can be met twice
+                if (st.st_dev, st.st_ino) in seen:
+                    continue
+                seen.add((st.st_dev, st.st_ino))
             total += getattr(st, "st_blocks", 0) * 512 or st.st_size
     return total, unreadable + len(errors)
 
@@ -217,21 +265,59 @@ class _Group:
     bytes: int = 0
 
 
-def _group_by(records: Iterable[dict[str, Any]], key: str) -> dict[str, _Group]:
-    """Counts per value of ``key``; files and bytes count complete series only (as harvest.json's totals)."""
-    groups: dict[str, _Group] = {}
-    for rec in records:
-        meta = rec.get("metadata") if isinstance(rec.get("metadata"), dict) else {}
-        name = rec.get(key) or meta.get(key) or "(none)"
-        g = groups.setdefault(str(name), _Group())
-        g.series += 1
-        if rec.get("status") == "complete":
-            g.complete += 1
-            g.files += len(rec["files"]) if isinstance(rec.get("files"), list) else 0
-            g.bytes += _int(rec.get("bytes"))
-        else:
-            g.failed += 1
-    return dict(sorted(groups.items()))
+#: What the failures table shows of a failed series (all of a record it keeps).
+_FAILURE_FIELDS = ("SeriesInstanceUID", "Collection", "Modality", "PatientID", "attempts", "error")
+
+
+@dataclass
+class _Summary:
+    """What the page shows of the records, counted in one streamed pass: totals, a group per
+    collection and per modality (files and bytes count complete series only, as harvest.json's
+    totals), and a short entry per failed series."""
+
+    records: int = 0
+    complete: int = 0
+    files: int = 0
+    bytes: int = 0
+    skipped: int = 0                  # entries that are not usable series records
+    groups: dict[str, dict[str, _Group]] = field(default_factory=lambda: {"Collection": {}, "Modality": {}})
+    failed: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, records: Iterable[dict[str, Any]],
+           commits: list[tuple[dt.datetime, int]] | None = None) -> _Summary:
+        """Count ``records``; with ``commits``, each complete record's completion time is added
+        to it (the timeline of a harvest without run events)."""
+        s = cls()
+        for rec in records:
+            s.records += 1
+            meta = rec.get("metadata") if isinstance(rec.get("metadata"), dict) else {}
+            complete = rec.get("status") == "complete"
+            files = len(rec["files"]) if complete and isinstance(rec.get("files"), list) else 0
+            size = _int(rec.get("bytes")) if complete else 0
+            for key, groups in s.groups.items():
+                g = groups.setdefault(str(rec.get(key) or meta.get(key) or "(none)"), _Group())
+                g.series += 1
+                if complete:
+                    g.complete += 1
+                    g.files += files
+                    g.bytes += size
+                else:
+                    g.failed += 1
+            if complete:
+                s.complete += 1
+                s.files += files
+                s.bytes += size
+                if commits is not None and (t := _parse_time(rec.get("completed"))):
+                    commits.append((t, size))
+            else:
+                entry = {k: rec.get(k) for k in _FAILURE_FIELDS}
+                entry["metadata"] = {k: meta.get(k) for k in ("Modality", "PatientID", "SeriesDescription")}
+                s.failed.append(entry)
+        return s
+
+    def by(self, key: str) -> dict[str, _Group]:
+        return dict(sorted(self.groups[key].items()))
 
 
 def _bucket_step(first: dt.datetime, last: dt.datetime) -> int:
@@ -264,7 +350,7 @@ class _Grid:
     def _index(self, seconds: float) -> int:
         return min(self.count - 1, max(0, int((seconds - self.start.timestamp()) // self.step)))
 
-    def sum(self, points: list[tuple[dt.datetime, int]]) -> list[float]:
+    def sum(self, points: Iterable[tuple[dt.datetime, int]]) -> list[float]:
         values = [0.0] * self.count
         for t, v in points:
             values[self._index(t.timestamp())] += v
@@ -464,12 +550,11 @@ footer{color:#718096;margin-top:30px;font-size:12px}
 
 
 class _Page:
-    def __init__(self, out_dir: Path, doc: dict[str, Any], records: list[dict[str, Any]], skipped: int,
-                 journal: _Journal, disk: tuple[int, int]) -> None:
-        self.out_dir, self.doc, self.records, self.skipped = out_dir, doc, records, skipped
+    def __init__(self, out_dir: Path, doc: dict[str, Any], summary: _Summary, journal: _Journal,
+                 disk: tuple[int, int]) -> None:
+        self.out_dir, self.doc, self.summary = out_dir, doc, summary
         self.journal, self.disk = journal, disk
-        self.complete = [r for r in records if r.get("status") == "complete"]
-        self.failed = [r for r in records if r.get("status") != "complete"]
+        self.failed = summary.failed
 
     def render(self) -> str:
         parts = [
@@ -512,11 +597,11 @@ class _Page:
         yield "</dl>"
 
     def _totals(self) -> Iterator[str]:
-        files = sum(len(r["files"]) for r in self.complete if isinstance(r.get("files"), list))
-        size = sum(_int(r.get("bytes")) for r in self.complete)
+        summary = self.summary
+        files, size = summary.files, summary.bytes
         disk, unreadable = self.disk
-        cards = [("series-complete", "Series complete", _count(len(self.complete)),
-                  f"of {_count(len(self.records))} in harvest.json", "good" if self.complete else ""),
+        cards = [("series-complete", "Series complete", _count(summary.complete),
+                  f"of {_count(summary.records)} in harvest.json", "good" if summary.complete else ""),
                  ("series-failed", "Series failed", _count(len(self.failed)),
                   "listed below with reasons" if self.failed else "none", "bad" if self.failed else ""),
                  ("files", "Files", _count(files), "verified DICOM files", ""),
@@ -528,13 +613,14 @@ class _Page:
             yield (f'<div class="card {cls}" id="total-{ident}"><div class="k">{name}</div>'
                    f'<div class="v">{value}</div><div class="n">{note}</div></div>')
         yield "</div>"
-        if self.skipped:
-            yield f'<p class="note warn">{self.skipped} entries of harvest.json are not series records and were ignored.</p>'
-        if not self.records:
+        if summary.skipped:
+            yield (f'<p class="note warn">{summary.skipped} entries of harvest.json are not series records and were '
+                   'ignored.</p>')
+        if not summary.records:
             yield '<p class="note" id="empty">This harvest holds no series yet.</p>'
 
     def _groups(self, ident: str, title: str, key: str) -> Iterator[str]:
-        groups = _group_by(self.records, key)
+        groups = self.summary.by(key)
         yield f'<h2 id="sec-{ident}">{title}</h2>'
         yield (f'<table id="{ident}"><thead><tr><th>{key}</th><th class="num">Series</th><th class="num">Complete</th>'
                '<th class="num">Failed</th><th class="num">Files</th><th class="num">Bytes</th></tr></thead><tbody>')
@@ -578,12 +664,12 @@ class _Page:
             span = f", {_when(j.first)} to {_when(j.last)}" if j.first and j.last else ""
             yield (f'<p class="note{" warn" if j.torn else ""}" id="journal-status">Run events: {_count(j.lines)}'
                    f"{span}{torn}.</p>")
-        grid = _Grid.spanning([t for t, _ in j.commits + j.reattempts]
+        grid = _Grid.spanning([t for t, _ in j.commits + j.reattempts] + list(j.commit_span or ())
                               + [t for a, b, _ in j.received + j.retries for t in (a, b)])
         if grid is None:
             yield '<p class="note" id="no-timeline">Nothing was committed yet: no time series to draw.</p>'
             return
-        committed = grid.sum(j.commits)
+        committed = grid.sum(j.commits) if j.commit_sums is None else j.commit_sums(grid)
         received = grid.spread(j.received) if j.received else None
         step = _step_name(grid.step)
         yield _time_chart("throughput wide", f"Bytes per {step} bucket", grid, ("committed", committed),

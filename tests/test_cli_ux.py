@@ -3,10 +3,12 @@ it covers, and runs the command line as a user would (a subprocess), asserting t
 the exit code and the files left behind."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -83,8 +85,18 @@ def complete_copy(complete: Path, tmp_path: Path) -> Path:
     return dst
 
 
+def recorded(out: Path) -> list[dict[str, Any]]:
+    """harvest.json's records in the order the readers (verify, status, exports) stream them from
+    the state database: first recorded first (harvest.json puts the last run's plan order first)."""
+    with contextlib.closing(sqlite3.connect(out / ".harvester" / "state.db")) as db:
+        seq = {uid: n for n, (uid,) in enumerate(db.execute("SELECT uid FROM series ORDER BY seq"))}
+    records = manifest(out)["series"]
+    assert sorted(seq) == sorted(r["SeriesInstanceUID"] for r in records)
+    return sorted(records, key=lambda r: seq[r["SeriesInstanceUID"]])
+
+
 def complete_uids(out: Path) -> list[str]:
-    return [r["SeriesInstanceUID"] for r in manifest(out)["series"] if r["status"] == "complete"]
+    return [r["SeriesInstanceUID"] for r in recorded(out) if r["status"] == "complete"]
 
 
 @pytest.fixture
@@ -289,7 +301,7 @@ def test_verify_of_a_complete_harvest_exits_0_with_the_counts(complete: Path) ->
 def test_verify_exits_1_when_series_failed_and_names_them(harvested: Path) -> None:
     """`verify` printed "all match" and exited 0 on a harvest with failed series, so
     `verify DIR && train.py` passed on an incomplete cohort."""
-    records = manifest(harvested)["series"]
+    records = recorded(harvested)
     failed = [r for r in records if r["status"] != "complete"]
     before = tree(harvested)
     proc = cli("verify", str(harvested))

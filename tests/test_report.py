@@ -22,6 +22,7 @@ import harvester.engine
 from harvester.errors import ManifestError, UsageError
 from harvester.report import render_report, write_report
 from harvester.server.testing import serve_in_thread
+from harvester.store.db import DB_NAME, StateDB
 from harvester.store.state import HarvestState
 
 from harvest_helpers import harvest, manifest, normal_series, run_events, select_all
@@ -175,6 +176,14 @@ def test_untrusted_text_is_escaped(copy_of: Path) -> None:
     failed["error"] = 'bad "quote" <img src=x onerror=alert(2)> & more'
     complete["Modality"] = '"><svg onload=alert(3)>'
     (copy_of / "harvest.json").write_text(json.dumps(doc), "utf-8")
+    # the report reads the records from the state database (harvest.json is its export): there too
+    db = StateDB(copy_of / ".harvester" / DB_NAME)
+    db.open()
+    try:
+        for rec in (failed, complete):
+            db.put(rec["SeriesInstanceUID"], rec, "test")
+    finally:
+        db.close()
 
     page_html = render_report(copy_of)
     assert "<script" not in page_html.lower()

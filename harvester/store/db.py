@@ -449,6 +449,37 @@ class StateDB:
                        lambda blob=blob: _inflate(blob) or "")
             after = got[-1][0]
 
+    def verify_rows(self, *, batch: int = 256) -> Iterator[tuple[str, Any, str, int, int, bool, Any]]:
+        """(uid, status, folder, files, bytes, vouched, record) of every series in order, in
+        batches by key: the columns, whether the row is complete and still sealed as ``vouch``ed
+        (each of its files one plain name inside ``folder``), and ``record()``, which inflates
+        the record's JSON ("" for a hostile blob) only when asked. Hostile columns (a folder or a
+        count of the wrong type) are given as "" and 0."""
+        after = 0
+        while True:
+            with self._read() as conn:
+                got = conn.execute("SELECT s.seq, s.uid, s.status, s.path, s.files, s.bytes, s.record, v.seal, "
+                                   "v.checks FROM series s LEFT JOIN vouched v ON v.uid = s.uid "
+                                   "WHERE s.seq>? ORDER BY s.seq LIMIT ?", (after, batch)).fetchall()
+            if not got:
+                return
+            for _, uid, status, path, files, size, blob, seal, packed in got:
+                if not isinstance(uid, str):
+                    continue
+                sealed = (seal is not None and status == "complete" and isinstance(path, str)
+                          and seal == _seal(status, path, files, size, blob) and _unpack_checks(packed) is not None)
+                yield (uid, status, path if isinstance(path, str) else "",
+                       files if isinstance(files, int) and files >= 0 else 0,
+                       size if isinstance(size, int) and size >= 0 else 0, sealed,
+                       lambda blob=blob: _inflate(blob) or "")
+            after = got[-1][0]
+
+    def complete_at(self, path: str) -> str | None:
+        """The uid of the complete series whose folder is ``path`` (by index), or None."""
+        with self._read() as conn:
+            row = conn.execute("SELECT uid FROM series WHERE status='complete' AND path=?", (path,)).fetchone()
+        return row[0] if row is not None and isinstance(row[0], str) else None
+
     def completed_bytes(self, uid: str) -> int | None:
         """The bytes of ``uid`` when it is complete, else None: from the columns, no record parsed."""
         with self._read() as conn:

@@ -343,6 +343,14 @@ def _parsed(raw: str) -> dict[str, Any] | None:
     return rec if isinstance(rec, dict) else None
 
 
+def _row_problem(uid: str, rec: dict[str, Any] | None) -> str | None:
+    """Why a database row of ``uid`` (its record parsed, or None) is not a usable record, or None."""
+    why = record_problem(rec) if rec is not None else "the record is not a JSON object"
+    if why is None and rec is not None and rec.get("SeriesInstanceUID") != uid:
+        why = "the record names another series"
+    return why
+
+
 class HarvestState:
     """The on-disk state of one output directory. Thread-safe for the calls the engine makes."""
 
@@ -371,6 +379,7 @@ class HarvestState:
         self._journal_from: tuple[int, int] = (0, 0)  # where read() started on it (events() reads on)
         #: old journal lines ``events()`` could not read (a kill -9 mid-append tears the last one)
         self.torn_lines = 0
+        self._unchecked = False     # read(streamed=True): rows are checked by checked_items
 
     # ------------------------------------------------------------ open / recover
     def open(self) -> None:
@@ -438,12 +447,14 @@ class HarvestState:
             where = got[1] if got is not None else None
         return where or self.manifest_path.name
 
-    def read(self, *, listed: bool = True) -> None:
+    def read(self, *, listed: bool = True, streamed: bool = False) -> None:
         """Fill ``records`` and ``header`` as ``open()`` would before recovery, without the lock
         and without writing anything (verify reads this way): the database read-only, then the
         journal past what the database holds; a harvest made before the database, from
         harvest.json and its journal (in memory, as those versions did). ``listed=False`` leaves
-        ``listed`` empty: harvest.json is then read only when the database lacks its records."""
+        ``listed`` empty: harvest.json is then read only when the database lacks its records.
+        ``streamed=True`` (a reader that goes through the records once, by ``checked_items``):
+        the database's rows are checked as that reads them, not by a pass of their own here."""
         self._check_journal()
         if self.db_path.exists() or self.db_path.is_symlink():
             db = StateDB(self.db_path, readonly=True)
@@ -451,8 +462,28 @@ class HarvestState:
             self.db = db
         target = _IntoOverlay(self)
         self._import(target, load_listed=listed)
-        self._hide_unusable(target)
+        self._unchecked = streamed and not self.records.overlay and not self.listed
+        if not self._unchecked:
+            self._hide_unusable(target)
         self.records.first = [rec["SeriesInstanceUID"] for _, rec in self.listed]
+
+    def checked_items(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """``records.items()``; after ``read(streamed=True)``, every database row is checked as it
+        is read (as ``_hide_unusable`` does: each unusable one reported and left out, and hidden
+        from then on), so each record is parsed once."""
+        if not self._unchecked or self.db is None:
+            yield from self.records.items()
+            return
+        for uid, raw, origin in self.db.rows():
+            rec = _parsed(raw)
+            why = _row_problem(uid, rec)
+            if why is not None:
+                if uid not in self.records.hidden:
+                    _log.warning("%s: series %s: %s; not used", origin, uid, redact(why))
+                    self.records.hidden.add(uid)
+                continue
+            assert rec is not None
+            yield uid, rec
 
     def read_events(self) -> Iterator[dict[str, Any]]:
         """``events()`` without the lock, without writing and without reading any record (the
@@ -591,10 +622,7 @@ class HarvestState:
         for uid, raw, origin in db.rows():
             if uid in self.records.overlay:
                 continue
-            rec = _parsed(raw)
-            why = record_problem(rec) if rec is not None else "the record is not a JSON object"
-            if why is None and rec is not None and rec.get("SeriesInstanceUID") != uid:
-                why = "the record names another series"
+            why = _row_problem(uid, _parsed(raw))
             if why is not None:
                 _log.warning("%s: series %s: %s; not used", origin, uid, redact(why))
                 target.hide(uid)
@@ -794,6 +822,16 @@ class HarvestState:
             rec = self.complete(uid)
             return int(rec.get("bytes") or 0) if rec is not None else None
         return self.db.completed_bytes(uid)
+
+    def complete_uids(self) -> Iterator[str]:
+        """The uid of every complete series, in the order first recorded, streamed (from the
+        database's columns: no record parsed, none held)."""
+        if self.db is None or self.records.overlay or self.records.hidden:
+            yield from (uid for uid, r in self.records.items() if r.get("status") == "complete")
+            return
+        for uid, status, *_ in self.db.verify_rows():
+            if status == "complete":
+                yield uid
 
     def taken_paths(self) -> dict[str, str]:
         """uid -> folder of every complete series (one pair per series, never per file)."""
