@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import MIB, PEERS_PYTHON, PYTHON, REPO, request_count, run_tool, stop_process  # noqa: E402
+from harness import MIB, PEERS_PYTHON, PYTHON, REPO, compile_trees, request_count, run_tool, stop_process  # noqa: E402
 
 BEFORE = os.environ.get("HARVESTER_BENCH_BEFORE", "")
 LONG_PATH = 240
@@ -129,6 +129,7 @@ def main() -> int:
     parser.add_argument("--no-layout", action="store_true", help="skip the layout figures")
     args = parser.parse_args()
     index = find_index(args.index)
+    compile_trees(*([BEFORE] if BEFORE else []))
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="plan-tcia-") as tmp, IndexServer(index, f"latency={args.latency}") as server:
         work = Path(tmp)

@@ -48,6 +48,7 @@ from harness import (  # noqa: E402
     Measurement,
     ServedArchive,
     check_output,
+    compile_trees,
     empty_trash,
     load_archive,
     request_count,
@@ -590,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
 
+    compile_trees(*([BEFORE] if BEFORE else []))
     report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "small": args.small, "repeat": repeat,
                               "scenarios": {}}
     for name in names:

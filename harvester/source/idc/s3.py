@@ -23,7 +23,6 @@ import contextlib
 import copy
 import random
 import re
-import weakref
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -32,9 +31,7 @@ from urllib.parse import quote, urlencode, urlsplit
 
 import aiohttp
 import anyio
-from aiohttp.helpers import get_env_proxy_for_url
 from tenacity import RetryCallState, stop_after_attempt
-from yarl import URL
 
 from harvester.config import IDC_ENDPOINT_URL, Config
 from harvester.errors import PermanentRequestError, RetryableRequestError, UsageError, should_retry_request
@@ -46,6 +43,7 @@ from harvester.source.http import (
     RetryingClient,
     as_int,
     classify_client_error,
+    env_proxy,
     get_following,
     one_line,
     raise_for_status,
@@ -125,32 +123,6 @@ def parse_listing(body: bytes, shown: str) -> tuple[list[S3Object], str | None]:
     return objects, token if truncated else None
 
 
-def unproxied_session(shared: aiohttp.ClientSession, endpoint: str) -> aiohttp.ClientSession:
-    """``shared`` itself, or, when it trusts the environment but the environment names no proxy
-    for ``endpoint``, a session on ``shared``'s connection pool (its keep-alive connections,
-    limits, timeouts and headers) that does not read the environment again: aiohttp's
-    ``trust_env`` reads ~/.netrc and the proxy variables in two worker-thread calls per request,
-    which for one GET per instance cost more CPU than the GET. It never sends netrc
-    credentials (the buckets are anonymous). One per ``shared`` session, living as long as it:
-    closed with ``shared``'s connector, so it is never collected open."""
-    if not shared.trust_env:
-        return shared
-    try:
-        get_env_proxy_for_url(URL(endpoint))
-        return shared   # a proxy to go through: the shared session knows how
-    except LookupError:
-        pass
-    own = _UNPROXIED.get(shared)
-    if own is None:
-        own = _UNPROXIED[shared] = aiohttp.ClientSession(
-            connector=shared.connector, connector_owner=False, timeout=shared.timeout, headers=shared.headers,
-            trust_env=False, raise_for_status=False, auto_decompress=shared.auto_decompress)
-    return own
-
-
-_UNPROXIED: weakref.WeakKeyDictionary[aiohttp.ClientSession, aiohttp.ClientSession] = weakref.WeakKeyDictionary()
-
-
 class _AfterFirst:
     """A tenacity wait for the attempts that follow one made outside tenacity: its attempt n is
     the policy's attempt n + 1 (the backoff goes on growing from where the first failure left it)."""
@@ -174,12 +146,12 @@ class S3Client(RetryingClient):
         if not re.match(r"^https?://[^/\s]+$", self.endpoint):
             raise UsageError(f"--endpoint-url {redact_url(self.endpoint)!r} is not an http(s) URL without a path",
                              hint="give the S3 service's root, e.g. https://s3.amazonaws.com")
-        self.session = unproxied_session(session, self.endpoint)
-        # whole objects go over connections of our own (keepalive.py) unless a proxy is to be
-        # used (the session trusts the environment only then) or the endpoint carries userinfo
-        # (aiohttp sends it as credentials)
+        self.session = session
+        # whole objects go over connections of our own (keepalive.py) unless the environment names
+        # a proxy for the endpoint (aiohttp goes through it: ``env_proxy``) or the endpoint carries
+        # userinfo (aiohttp sends it as credentials)
         self.keepalive = KeepAlivePool(config, str(session.headers.get("User-Agent", "harvester"))) if (
-            not self.session.trust_env and urlsplit(self.endpoint).username is None) else None
+            not env_proxy(session, self.endpoint) and urlsplit(self.endpoint).username is None) else None
         self.virtual_hosted = self.endpoint == IDC_ENDPOINT_URL
         self.on_retry = on_retry
         # one generator for every object's backoff: a new random.Random() seeds itself from

@@ -11,7 +11,7 @@ import pytest
 
 from harvester.config import Config
 from harvester.errors import IntegrityError, PermanentRequestError, RetryableRequestError
-from harvester.source.http import BodyGuard
+from harvester.source.http import BodyGuard, make_session
 from harvester.source.idc.keepalive import Buffers, KeepAlivePool, NeedsGeneralClient
 from harvester.source.idc.s3 import S3Client
 
@@ -203,6 +203,18 @@ async def test_an_endpoint_with_user_info_stays_on_aiohttp() -> None:
         assert S3Client(Config(endpoint_url="http://u:pw@127.0.0.1:9"), session).keepalive is None
         assert S3Client(Config(endpoint_url="http://127.0.0.1:9"), session).keepalive is not None
 
+
+
+async def test_a_proxy_from_the_environment_keeps_the_objects_on_aiohttp(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shared session does not trust the environment (``make_session``), so the proxy
+    variables are asked here: with a proxy named for the endpoint, GETs go through aiohttp
+    (which sends them to the proxy); NO_PROXY for it keeps the connections of our own."""
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    async with make_session(Config()) as session:
+        assert S3Client(Config(endpoint_url="http://10.0.0.1:9"), session).keepalive is None
+    monkeypatch.setenv("NO_PROXY", "10.0.0.1")
+    async with make_session(Config()) as session:
+        assert S3Client(Config(endpoint_url="http://10.0.0.1:9"), session).keepalive is not None
 
 def test_buffers_are_used_again_within_their_bound() -> None:
     buffers = Buffers(max_bytes=128 << 10)
