@@ -96,26 +96,6 @@ def test_row_problems() -> None:
                                                 "series_aws_url": "s3://idc-open-data/other-uuid/*"}))
 
 
-@pytest.mark.anyio
-async def test_requests_to_s3_skip_the_environment_unless_it_names_a_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    """aiohttp's trust_env reads ~/.netrc and the proxy variables in two thread hops per request;
-    the S3 client asks once: on the shared pool without it, one session per shared session, or
-    the shared session itself where a proxy must be used."""
-    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
-                 "NO_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-    async with aiohttp.ClientSession(trust_env=True) as shared:
-        client = S3Client(Config(endpoint_url="http://127.0.0.1:9000"), shared)
-        assert client.session is not shared and not client.session.trust_env
-        assert client.session.connector is shared.connector
-        assert S3Client(Config(endpoint_url="http://127.0.0.1:9001"), shared).session is client.session
-        monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
-        assert S3Client(Config(endpoint_url="https://s3.example.org"), shared).session is shared
-    assert client.session.closed   # closed with the shared session's pool
-    async with aiohttp.ClientSession(trust_env=False) as plain:
-        assert S3Client(Config(endpoint_url="http://127.0.0.1:9000"), plain).session is plain
-
-
 @settings(deadline=None)   # a loaded machine; the first call meets pyarrow cold
 @given(st.lists(st.booleans(), min_size=1, max_size=40))
 def test_rows_at_gives_exactly_the_picked_rows_in_order(mask: list[bool]) -> None:
