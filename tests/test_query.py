@@ -659,7 +659,7 @@ def check_query(text: str, origin: str, base_dir: Path) -> None:
     else:
         assert isinstance(query, Query) and query.selectors
         for sel in query.selectors:
-            assert sel.collection or sel.series
+            assert sel.collection or sel.series or sel.patients or sel.studies   # patients or studies alone: a selector (query.py)
             for uid in sel.series + sel.studies:
                 assert is_valid_uid(uid)
 
