@@ -507,7 +507,7 @@ class StateDB:
             return {u: p for u, p in conn.execute("SELECT uid, path FROM series WHERE status='complete'")
                     if isinstance(u, str) and isinstance(p, str)}
 
-    def events(self, *, batch: int = 1024) -> Iterator[dict[str, Any]]:
+    def events(self, *, batch: int = 256) -> Iterator[dict[str, Any]]:
         """The run events in order, as ``{"event": kind, "t": t, **body}``; unreadable ones skipped."""
         after = 0
         while True:
