@@ -114,10 +114,10 @@ def read_dicom_ids(path: Path, head: bytes | None = None, *, whole: bool = False
     found = header_ids(head, complete=whole) if head else None
     if found is not None:
         return found
-    return _read_dicom_ids_pydicom(path)
+    return dicom_ids_by_pydicom(path)
 
 
-def _read_dicom_ids_pydicom(path: Path) -> tuple[str, str, str]:
+def dicom_ids_by_pydicom(path: Path) -> tuple[str, str, str]:
     import pydicom
 
     try:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from pydicom.data import get_testdata_file, get_testdata_files
 
 from harvester.errors import IntegrityError
-from harvester.unpack import _read_dicom_ids_pydicom, header_ids, read_dicom_ids
+from harvester.unpack import dicom_ids_by_pydicom, header_ids, read_dicom_ids
 
 SAMPLES = sorted({Path(p) for p in get_testdata_files("**/*") if Path(p).is_file()})
 CT_SMALL = Path(get_testdata_file("CT_small.dcm"))
@@ -23,7 +23,7 @@ def pydicom_ids(path: Path) -> tuple[str, str, str] | None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return _read_dicom_ids_pydicom(path)
+            return dicom_ids_by_pydicom(path)
         except IntegrityError:
             return None
 
@@ -47,7 +47,7 @@ def test_what_the_walk_cannot_vouch_for_is_left_to_pydicom(name: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            expected = _read_dicom_ids_pydicom(path)
+            expected = dicom_ids_by_pydicom(path)
         except IntegrityError:
             with pytest.raises(IntegrityError):
                 read_dicom_ids(path)

@@ -70,6 +70,7 @@ from harvester.unpack import (
     MD5_NAME,
     _not_announced,
     check_entry_name,
+    dicom_ids_by_pydicom,
     header_ids,
     parse_md5_csv,
     read_dicom_ids,
@@ -165,9 +166,8 @@ class _InstanceFile:
         """(series, SOP instance, SOP class) UIDs; ``IntegrityError`` if it is not DICOM."""
         _import_pydicom()
         head = b"".join(self._head)
-        whole = len(head) == self.size
-        found = header_ids(head, complete=whole) if head else None  # the fast walk, without a Path
-        return found if found is not None else read_dicom_ids(self.path, head, whole=whole)
+        found = header_ids(head, complete=len(head) == self.size) if head else None  # the fast walk, without a Path
+        return found if found is not None else dicom_ids_by_pydicom(self.path)   # pydicom's verdict stands
 
 
 @dataclass
