@@ -205,13 +205,19 @@ async def _serve_until_signalled(archive: Archive, args: argparse.Namespace, fau
                         deflate_cache=deflate_cache)
     runner, base_url = await start_server(archive, args.host, args.port, faults, auth,
                                           numbers_as_strings=args.numbers_as_strings, wire=wire)
+    await run_until_signalled(runner, base_url, f"serving {len(archive)} series at {base_url} (Ctrl-C to stop)")
+
+
+async def run_until_signalled(runner: web.AppRunner, base_url: str, banner: str) -> None:
+    """Print ``base_url`` (stdout, for scripts) and ``banner`` (stderr), then serve until SIGINT or
+    SIGTERM; the runner is cleaned up however this ends."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     try:
         print(base_url, flush=True)
-        print(f"harvester: serving {len(archive)} series at {base_url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        print(f"harvester: {banner}", file=sys.stderr, flush=True)
         await stop.wait()
     finally:
         await runner.cleanup()

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import signal
 import sys
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping
@@ -41,7 +40,7 @@ from harvester.server.archive import (
     wire_row,
 )
 from harvester.server.faults import FaultSpec
-from harvester.server.serve import start_server
+from harvester.server.serve import run_until_signalled, start_server
 
 #: Read from the index (anything else it holds is never loaded).
 COLUMNS = ("collection_id", "analysis_result_id", "source_DOI", "PatientID", "SeriesInstanceUID",
@@ -275,17 +274,7 @@ def _matches(row: Mapping[str, Any], wanted: Mapping[str, str]) -> bool:
 async def _serve(archive: Archive, args: argparse.Namespace) -> None:
     faults = FaultSpec.parse(args.faults) if args.faults else None
     runner, base_url = await start_server(archive, args.host, args.port, faults)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        print(base_url, flush=True)
-        print(f"harvester: serving {len(archive)} indexed series (metadata only) at {base_url}",
-              file=sys.stderr, flush=True)
-        await stop.wait()
-    finally:
-        await runner.cleanup()
+    await run_until_signalled(runner, base_url, f"serving {len(archive)} indexed series (metadata only) at {base_url}")
 
 
 def main(argv: list[str] | None = None) -> int:
