@@ -15,17 +15,12 @@ pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
 from harvest_helpers import test_config  # noqa: E402
+from index_helpers import write_index  # noqa: E402
 from harvester.api import aplan  # noqa: E402
 from harvester.query import query_from_dict  # noqa: E402
 from harvester.server.tciaindex import REFUSAL, TciaIndexArchive, main  # noqa: E402
 from harvester.server.testing import serve_in_thread  # noqa: E402
 
-STRING_COLUMNS = ("collection_id", "analysis_result_id", "PatientID", "SeriesInstanceUID", "StudyInstanceUID",
-                  "source_DOI", "PatientAge", "PatientSex", "StudyDate", "StudyDescription", "BodyPartExamined",
-                  "Modality", "SOPClassUID", "Manufacturer", "ManufacturerModelName", "SeriesDate",
-                  "SeriesDescription", "SeriesNumber", "license_short_name", "aws_bucket", "crdc_series_uuid",
-                  "series_aws_url")
-INT_COLUMNS = ("instanceCount", "series_init_idc_version", "series_revised_idc_version")
 #: collection_id -> (TCIA's name, series of original TCIA rows)
 COLLECTIONS = {"nlst": ("NLST", 180), "lidc_idri": ("LIDC-IDRI", 60), "tcga_brca": ("TCGA-BRCA", 20)}
 
@@ -53,15 +48,9 @@ def index(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str
     extra = [_row("nlst", 900, analysis_result_id="nlst_seg", source_DOI="10.7937/tcia.nlst"),
              _row("cptac_x", 1, source_DOI="10.5281/zenodo.1"),
              _row("lidc_idri", 901, analysis_result_id="")]   # empty, not null: an original
-    schema = pa.schema([(c, pa.large_string()) for c in STRING_COLUMNS] + [(c, pa.int64()) for c in INT_COLUMNS]
-                       + [("series_size_MB", pa.float64())])
-    path = tmp_path_factory.mktemp("tcia-index") / "idc_index.parquet"
     every = extra + rows   # not in collection order: the backend sorts
-    pq.write_table(pa.Table.from_pylist([{c: r.get(c) for c in schema.names} for r in every], schema=schema), path)
     names = {cid: name for cid, (name, _) in COLLECTIONS.items()}
-    pq.write_table(pa.table({"collection_name": pa.array(list(names.values()), pa.large_string()),
-                             "collection_id": pa.array(list(names), pa.large_string())}),
-                   path.with_name("collections_index.parquet"))
+    path = write_index(tmp_path_factory.mktemp("tcia-index") / "idc_index.parquet", every, names)
     return path, rows + [extra[2]]
 
 

@@ -17,8 +17,7 @@ from typing import Any
 import pytest
 
 pytest.importorskip("moto.server")
-pa = pytest.importorskip("pyarrow")
-pq = pytest.importorskip("pyarrow.parquet")
+pytest.importorskip("pyarrow")
 
 import aiohttp  # noqa: E402
 import boto3  # noqa: E402
@@ -27,16 +26,9 @@ from moto.server import ThreadedMotoServer  # noqa: E402
 
 from harvester.server.dicomgen import PixelGeometry, encode_instance, make_uid, seeded_rng, series_template  # noqa: E402
 from harvester.server.faults import FaultInjector, FaultSpec  # noqa: E402
+from index_helpers import write_index  # noqa: E402,F401  (the tests import it from here)
 
 BUCKET = "idc-open-data"
-#: The real idc_index columns this index carries, with the real types (large_string, int64, double).
-STRING_COLUMNS = ("collection_id", "analysis_result_id", "PatientID", "SeriesInstanceUID", "StudyInstanceUID",
-                  "source_DOI", "PatientAge", "PatientSex", "StudyDate", "StudyDescription", "BodyPartExamined",
-                  "Modality", "SOPClassUID", "Manufacturer", "ManufacturerModelName", "SeriesDate",
-                  "SeriesDescription", "SeriesNumber", "license_short_name", "aws_bucket", "crdc_series_uuid",
-                  "series_aws_url")
-INT_COLUMNS = ("instanceCount", "series_init_idc_version", "series_revised_idc_version")
-FLOAT_COLUMNS = ("series_size_MB",)
 
 
 @dataclass
@@ -86,18 +78,6 @@ def make_series(collection_id: str, patient: str, study_uid: str, modality: str,
     return IDCSeries(uid=uid, uuid=prefix, collection_id=collection_id, row=row, objects=objects)
 
 
-def write_index(path: Path, rows: list[dict[str, Any]], names: dict[str, str] | None = None) -> Path:
-    """A parquet file in the real idc_index schema (and a collections_index.parquet beside it)."""
-    schema = pa.schema([(c, pa.large_string()) for c in STRING_COLUMNS] + [(c, pa.int64()) for c in INT_COLUMNS]
-                       + [(c, pa.float64()) for c in FLOAT_COLUMNS])
-    table = pa.Table.from_pylist([{c: r.get(c) for c in schema.names} for r in rows], schema=schema)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
-    if names:
-        pq.write_table(pa.table({"collection_name": pa.array(list(names.values()), pa.large_string()),
-                                 "collection_id": pa.array(list(names), pa.large_string())}),
-                       path.with_name("collections_index.parquet"))
-    return path
 
 
 @dataclass
