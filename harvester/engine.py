@@ -167,7 +167,9 @@ class Engine:
                 self.hub.emit(Event("skip", t.series_uid, bytes=done))
             else:
                 todo.append(t)
-        paths = self.state.assign_paths(((t.series_uid, t.layout_fields()) for t in todo), self.config.layout)
+        # through the state's folder database (SQLite): off the event loop, as every database call
+        paths = await anyio.to_thread.run_sync(
+            self.state.assign_paths, ((t.series_uid, t.layout_fields()) for t in todo), self.config.layout)
         jobs = [_Job(t, paths[t.series_uid]) for t in todo]
         self.hub.emit(Event("fetching", data={"series": len(jobs), "bytes": sum(t.file_size or 0 for t in todo)}))
         await anyio.to_thread.run_sync(self.state.log_event, {"event": "run", "series": len(tasks), "todo": len(jobs)})
