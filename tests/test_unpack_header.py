@@ -3,8 +3,10 @@ pydicom wherever it answers, and leaves to pydicom everything it cannot vouch fo
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -12,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_file, get_testdata_files
 
+from harvester import unpack
 from harvester.errors import IntegrityError
 from harvester.unpack import dicom_ids_by_pydicom, header_ids, read_dicom_ids
 
@@ -102,3 +105,50 @@ def test_damaged_headers_agree_with_pydicom_or_go_to_it(flips: list[tuple[int, i
         ds = pydicom.dcmread(io.BytesIO(bytes(data)), stop_before_pixels=True)
         sop = str(ds.get("SOPInstanceUID", "") or "") or str(ds.file_meta.get("MediaStorageSOPInstanceUID", "") or "")
         assert found == (str(ds.get("SeriesInstanceUID", "") or ""), sop, str(ds.get("SOPClassUID", "") or ""))
+
+
+def _verdict(walk: Any, data: bytes) -> Any:
+    found: dict[int, bytes] = {}
+    try:
+        return walk(data, found), found
+    except (unpack._Unsure, struct.error, IndexError, ValueError) as exc:
+        return type(exc)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(132, 1400), st.integers(0, 255)), max_size=6), st.integers(140, 1500))
+def test_the_inlined_top_level_walk_gives_the_general_walks_verdict(flips: list[tuple[int, int]], cut: int) -> None:
+    """``_walk_top_explicit`` is ``_walk_dataset(..., top=True)`` for explicit VR with the element
+    step inlined: the same end, the same elements found, the same refusal, on damaged and cut bytes."""
+    data = bytearray(CT_SMALL.read_bytes()[:cut])
+    for where, value in flips:
+        if where < len(data):
+            data[where] = value
+    pos = 132
+    while pos + 8 <= len(data) and struct.unpack_from("<H", data, pos)[0] == 0x0002:
+        try:
+            pos = unpack._element(bytes(data), pos, True, {}, unpack._META_WANTED, 0)
+        except (unpack._Unsure, struct.error):
+            return
+    general = _verdict(lambda b, f: unpack._walk_dataset(b, pos, True, f, 0, top=True), bytes(data))
+    assert _verdict(lambda b, f: unpack._walk_top_explicit(b, pos, f), bytes(data)) == general
+
+
+def test_the_inlined_top_level_walk_agrees_on_every_sample_file() -> None:
+    """The same, over pydicom's sample files (sequences of both kinds, private tags, odd VRs)."""
+    compared = 0
+    for path in SAMPLES:
+        data = path.read_bytes()
+        if len(data) < 132 or data[128:132] != b"DICM":
+            continue
+        pos = 132
+        try:
+            while pos + 8 <= len(data) and struct.unpack_from("<H", data, pos)[0] == 0x0002:
+                pos = unpack._element(data, pos, True, {}, unpack._META_WANTED, 0)
+        except (unpack._Unsure, struct.error):
+            continue
+        for cut in (len(data), min(len(data), 4096)):
+            general = _verdict(lambda b, f: unpack._walk_dataset(b, pos, True, f, 0, top=True), data[:cut])
+            assert _verdict(lambda b, f: unpack._walk_top_explicit(b, pos, f), data[:cut]) == general, path.name
+            compared += 1
+    assert compared > 50
