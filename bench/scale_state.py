@@ -27,6 +27,8 @@ version to compare with, e.g. ``git archive <commit> | tar -x -C SRC``): wall, C
 
     .venv/bin/python bench/scale_state.py state 10000 1000000 [--json out.json]
     .venv/bin/python bench/scale_state.py prefill 10000000
+    .venv/bin/python bench/scale_state.py prefill 10000000 --dir D --keep --budget 240 --no-commits --no-export
+        (again until full, then --no-export for the commits, then --no-commits for the export)
     .venv/bin/python bench/scale_state.py e2e --baseline SRC
 
 Nothing here asserts a timing (``tests/store/test_db.py`` runs a tiny version).
@@ -110,44 +112,57 @@ def record_files(out: Path, files: int) -> dict[str, Any]:
             "series_per_s": series / sum(durations),
             "series_per_s_first": window / sum(durations[:window]),
             "series_per_s_last": window / sum(durations[-window:]),
+            # the rate over each tenth of the commits, in order: flat or not as the state grows
+            "series_per_s_by_tenth": [len(part) / sum(part) for k in range(10)
+                                      if (part := durations[k * len(durations) // 10:(k + 1) * len(durations) // 10])],
             "export_s": export, "peak_rss_mb_recording": rss_recorded, "peak_rss_mb_with_export": _rss_mb(),
             **_sizes(out)}
 
 
-def prefill(out: Path, files: int) -> dict[str, Any]:
-    """Child process: fill the database to ``files`` files by put, then time ``WINDOW`` commits."""
+def prefill(out: Path, files: int, budget: float | None = None, commits: bool = True,
+            export: bool = True, batch: int = 1000) -> dict[str, Any]:
+    """Child process: fill the database to ``files`` files by put (continuing a fill that a
+    ``budget`` of seconds cut short before: the database's count is where it goes on), then, once
+    full, time ``WINDOW`` commits on top (``commits``) and the export (``export``)."""
     from harvester.store.state import HarvestState
     series = files // FILES_PER_SERIES
     state = HarvestState(out)
     state.open()
+    row: dict[str, Any] = {}
     try:
         assert state.db is not None
+        have = state.db.count()
         started = time.perf_counter()
-        for start in range(0, series, 1000):
+        start = have
+        while start < series and (budget is None or start == have or time.perf_counter() - started < budget):
             with state.db.transaction():
-                for i in range(start, min(series, start + 1000)):
+                for i in range(start, min(series, start + batch)):
                     rec = _record(i, f"PREFILL/{i // 1000:04d}/{i:07d}")
                     state.db.put(rec["SeriesInstanceUID"], rec, "prefill")
-        fill = time.perf_counter() - started
-        durations = []
-        for i in range(series, series + WINDOW):
-            rec = _record(i, f"SCALE/{i:07d}")
-            staging = _stage(state, rec)
+            start = min(series, start + batch)
+        row.update(prefill_from=have, prefill_to=state.db.count(), prefill_s=time.perf_counter() - started)
+        if state.db.count() >= series and commits:
+            base = state.db.count()
+            durations = []
+            for i in range(base, base + WINDOW):
+                rec = _record(i, f"SCALE/{i:08d}")
+                staging = _stage(state, rec)
+                started = time.perf_counter()
+                state.commit(rec, staging)
+                durations.append(time.perf_counter() - started)
+            row.update(commits_at_series=base, series_per_s_at_size=WINDOW / sum(durations))
             started = time.perf_counter()
-            state.commit(rec, staging)
-            durations.append(time.perf_counter() - started)
-        rss = _rss_mb()
-        started = time.perf_counter()
-        state.write_manifest({"layout": "bench"})
-        export = time.perf_counter() - started
-        started = time.perf_counter()
-        complete = sum(1 for i in range(0, series + WINDOW, 1) if state.complete(f"1.3.6.1.4.1.9328.50.{i}"))
-        lookups = time.perf_counter() - started
+            complete = sum(1 for i in range(0, base + WINDOW) if state.completed_bytes(f"1.3.6.1.4.1.9328.50.{i}"))
+            row.update(complete=complete, completed_bytes_lookups_s=time.perf_counter() - started)
+        row["peak_rss_mb"] = _rss_mb()
+        if state.db.count() >= series and export:
+            started = time.perf_counter()
+            state.write_manifest({"layout": "bench"})
+            row.update(export_s=time.perf_counter() - started, peak_rss_mb_with_export=_rss_mb())
     finally:
         state.close()
-    return {"files": (series + WINDOW) * FILES_PER_SERIES, "series": series + WINDOW, "prefill_s": fill,
-            "series_per_s_at_size": WINDOW / sum(durations), "export_s": export, "complete": complete,
-            "complete_lookups_s": lookups, "peak_rss_mb": rss, "peak_rss_mb_with_export": _rss_mb(), **_sizes(out)}
+    count = row["prefill_to"] + (WINDOW if "series_per_s_at_size" in row else 0)
+    return {"files": count * FILES_PER_SERIES, "series": count, **row, **_sizes(out)}
 
 
 def resume(out: Path, series: int) -> dict[str, Any]:
@@ -188,12 +203,13 @@ def run_state(sizes: list[int], root: Path, keep: bool) -> list[dict[str, Any]]:
     return results
 
 
-def run_prefill(sizes: list[int], root: Path, keep: bool) -> list[dict[str, Any]]:
+def run_prefill(sizes: list[int], root: Path, keep: bool, options: dict[str, Any]) -> list[dict[str, Any]]:
     results = []
     for files in sizes:
         out = root / f"prefill-{files}"
-        shutil.rmtree(out, ignore_errors=True)
-        row = _child("prefill", str(out), str(files))
+        if not keep:
+            shutil.rmtree(out, ignore_errors=True)
+        row = _child("prefill", str(out), str(files), json.dumps(options))
         results.append(row)
         print(json.dumps(row), flush=True)
         if not keep:
@@ -243,7 +259,8 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "_child":
         kind, out = sys.argv[2], Path(sys.argv[3])
         row = (record_files(out, int(sys.argv[4])) if kind == "record" else
-               prefill(out, int(sys.argv[4])) if kind == "prefill" else resume(out, int(sys.argv[4])))
+               prefill(out, int(sys.argv[4]), **json.loads(sys.argv[5] if len(sys.argv) > 5 else "{}"))
+               if kind == "prefill" else resume(out, int(sys.argv[4])))
         print(json.dumps(row))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -252,7 +269,12 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, help="where to work (default: a temp dir)")
     parser.add_argument("--baseline", type=Path, help="e2e: the source tree of the version to compare with")
     parser.add_argument("--spec", default=E2E_SPEC, help="e2e: the synthetic archive")
-    parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep DIR (prefill: and go on with the one kept)")
+    parser.add_argument("--budget", type=float, help="prefill: stop filling after this many seconds "
+                        "(run again with --keep to go on: each run fits a hold of the bench lock)")
+    parser.add_argument("--no-commits", action="store_true", help="prefill: fill only, no timed commits")
+    parser.add_argument("--no-export", action="store_true", help="prefill: no export")
+    parser.add_argument("--batch", type=int, default=1000, help="prefill: series per transaction")
     parser.add_argument("--json", type=Path, help="write every measurement here")
     args = parser.parse_args()
     root = args.dir or Path(tempfile.mkdtemp(prefix="scale-state-"))
@@ -260,7 +282,9 @@ def main() -> int:
     if args.what == "state":
         results = run_state(args.files or [10_000, 1_000_000], root, args.keep)
     elif args.what == "prefill":
-        results = run_prefill(args.files or [10_000_000], root, args.keep)
+        results = run_prefill(args.files or [10_000_000], root, args.keep,
+                              {"budget": args.budget, "commits": not args.no_commits, "export": not args.no_export,
+                               "batch": args.batch})
     else:
         results = run_e2e(root, args.baseline, args.spec)
     if args.json:

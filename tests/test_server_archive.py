@@ -22,12 +22,14 @@ from harvester.server.archive import (
     Archive,
     InstanceRecord,
     SeriesRecord,
+    StateArchive,
     load_harvest_dir,
     resolve_inside,
     wire_json,
     wire_row,
 )
 from harvester.server.testing import serve_in_thread
+from harvester.store.db import StateDB
 
 pytestmark = pytest.mark.anyio
 
@@ -52,9 +54,12 @@ def _entry(uid: str, rel: str, files: list[dict[str, Any]], status: str = "compl
     return entry
 
 
-@pytest.fixture
-def harvested(tmp_path: Path, small_archive: Archive) -> tuple[Path, dict[str, SeriesRecord]]:
-    """A hand-written harvest directory: two good series, a failed one, and four escape attempts."""
+@pytest.fixture(params=["harvest.json", "state.db"])
+def harvested(request: pytest.FixtureRequest, tmp_path: Path,
+              small_archive: Archive) -> tuple[Path, dict[str, SeriesRecord]]:
+    """A hand-written harvest directory: two good series, a failed one, and four escape attempts;
+    recorded in harvest.json only (a harvest made before the database: the in-memory archive),
+    or in the state database too (``StateArchive``, which reads through it)."""
     root = tmp_path / "harvest"
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -86,14 +91,35 @@ def harvested(tmp_path: Path, small_archive: Archive) -> tuple[Path, dict[str, S
     doc = {"schema": "harvester/1", "api_url": "http://127.0.0.1:1/nbia-api/services/v4", "query": {},
            "started": "2024-01-01T00:00:00Z", "finished": "2024-01-01T00:01:00Z", "totals": {}, "series": series}
     (root / "harvest.json").write_text(json.dumps(doc), encoding="utf-8")
-    return root, {"good": good, "plain": plain}
+    if request.param == "state.db":
+        _record_in_db(root, series)
+    return root, {"good": good, "plain": plain, "backend": request.param}
+
+
+def _record_in_db(root: Path, series: list[dict[str, Any]]) -> None:
+    """The records in ``root/.harvester/state.db``, as a harvest made by this version holds them."""
+    (root / ".harvester").mkdir(exist_ok=True)
+    db = StateDB(root / ".harvester" / "state.db")
+    db.open()
+    try:
+        for n, entry in enumerate(series, 1):
+            db.put(entry["SeriesInstanceUID"], entry, f"test #{n}")
+        db.set_meta("imported", True)
+    finally:
+        db.close()
+
+
+def _load(root: Path, backend: str) -> Archive:
+    archive = load_harvest_dir(root)
+    assert isinstance(archive, StateArchive) == (backend == "state.db")
+    return archive
 
 
 def test_only_complete_series_inside_the_directory_are_served(harvested: tuple[Path, dict[str, SeriesRecord]],
                                                              caplog: pytest.LogCaptureFixture) -> None:
     root, src = harvested
     with caplog.at_level(logging.WARNING):
-        archive = load_harvest_dir(root)
+        archive = _load(root, src["backend"])
     assert list(archive.series) == [src["good"].uid, "9.9.1"]
     for uid in ("9.9.3", "9.9.4", "9.9.5", "9.9.6"):
         assert uid in caplog.text
@@ -105,7 +131,7 @@ def test_only_complete_series_inside_the_directory_are_served(harvested: tuple[P
 
 def test_rows_come_from_metadata_or_are_derived(harvested: tuple[Path, dict[str, SeriesRecord]]) -> None:
     root, src = harvested
-    archive = load_harvest_dir(root)
+    archive = _load(root, src["backend"])
     good = archive.series[src["good"].uid]
     assert "Unexpected" not in good.row and "AnnotationsFlag" not in good.row
     assert good.row["SeriesDescription"] == src["good"].row["SeriesDescription"]
@@ -121,7 +147,7 @@ def test_rows_come_from_metadata_or_are_derived(harvested: tuple[Path, dict[str,
 
 async def test_round_trip_over_http(harvested: tuple[Path, dict[str, SeriesRecord]]) -> None:
     root, src = harvested
-    archive = load_harvest_dir(root)
+    archive = _load(root, src["backend"])
     with serve_in_thread(archive) as handle:
         async with aiohttp.ClientSession() as session:
             async with session.get(handle.url("getSeries"), params={"Collection": "COLL"}) as resp:
@@ -147,7 +173,7 @@ async def test_round_trip_over_http(harvested: tuple[Path, dict[str, SeriesRecor
 async def test_a_file_changed_after_loading_breaks_the_download_not_the_zip(
         harvested: tuple[Path, dict[str, SeriesRecord]]) -> None:
     root, src = harvested
-    archive = load_harvest_dir(root)
+    archive = _load(root, src["backend"])
     victim = archive.series["9.9.1"].instances[2].path
     with victim.open("ab") as fh:
         fh.write(b"grown on disk")

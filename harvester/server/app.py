@@ -483,10 +483,10 @@ async def _send_download(request: web.Request, endpoint: str, params: Params,
     if rec is None:
         raise AccessDenied(f"SeriesInstanceUID {uid} was not found or you are not authorized to access it")
     if endpoint == "getSingleImage":
-        found = archive.find_instance(params["SOPInstanceUID"])
-        if found is None or found[0] is not rec:
+        found = archive.instance_in(rec, params["SOPInstanceUID"])
+        if found is None:
             raise InternalError(f"SOPInstanceUID {params['SOPInstanceUID']} was not found in series {uid}")
-        inst: InstanceRecord = found[1]
+        inst: InstanceRecord = found
         stats.count_instance(inst.sop_uid)
         resp = web.StreamResponse(status=200, headers={"Content-Type": "application/dicom"})
         resp.content_length = inst.size

@@ -1,7 +1,9 @@
 """The archive model served by ``harvester serve``: series, their instances, and fast queries.
 
 Both backends produce an :class:`Archive`: :func:`load_harvest_dir` re-publishes a harvested
-output directory (``harvest.json``), and :mod:`harvester.server.synthetic` generates one.
+output directory (through its state database, :class:`StateArchive`, in bounded memory; from
+``harvest.json`` in memory for a harvest made before the database), and
+:mod:`harvester.server.synthetic` generates one.
 The HTTP layer (:mod:`harvester.server.app`) only ever asks an ``Archive``; it never walks
 the file system, so it cannot serve a path the backend did not vouch for.
 
@@ -19,6 +21,7 @@ Invariants held by every ``Archive``:
 from __future__ import annotations
 
 import bisect
+import contextlib
 import datetime as dt
 import functools
 import hashlib
@@ -26,9 +29,12 @@ import json
 import logging
 import os
 import re
+import sqlite3
+import stat
+import threading
 import zlib
-from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -37,8 +43,9 @@ from typing import Any
 from harvester.containment import open_indexed, read_bytes
 from harvester.dates import nbia_date, parse_archive_date
 from harvester.errors import HarvesterError, UsageError
-from harvester.store.db import DB_NAME
-from harvester.store.state import HarvestState
+from harvester.redact import redact
+from harvester.store.db import DB_NAME, plain_name
+from harvester.store.state import HarvestState, json_record, record_problem
 
 log = logging.getLogger(__name__)
 
@@ -364,6 +371,12 @@ class Archive:
     def find_instance(self, sop_uid: str) -> tuple[SeriesRecord, InstanceRecord] | None:
         return self._sop.get(sop_uid)
 
+    def instance_in(self, rec: SeriesRecord, sop_uid: str) -> InstanceRecord | None:
+        """Instance ``sop_uid`` of series ``rec`` (getSingleImage), or None: the instance
+        ``find_instance`` finds, when it belongs to ``rec``."""
+        found = self.find_instance(sop_uid)
+        return found[1] if found is not None and found[0] is rec else None
+
     def row_json(self, rec: SeriesRecord, *, style: str = "v4", numbers_as_strings: bool = False) -> str:
         """The series' getSeries row as wire JSON (:func:`wire_row`), serialised once per form and cached."""
         key = (rec.uid, style, numbers_as_strings)
@@ -477,42 +490,73 @@ def _harvest_license(root: Path, series_dir: Path | None, row: Mapping[str, Any]
     return license_text_for(row)
 
 
-def _harvest_series(root: Path, entry: Mapping[str, Any]) -> SeriesRecord | None:
-    """One complete series of harvest.json, or None (with a warning) if it cannot be served safely."""
+def _harvest_series(root: Path, entry: Mapping[str, Any], *, full: bool = True) -> SeriesRecord | None:
+    """One complete series of harvest.json, or None (with a warning) if it cannot be served safely.
+
+    ``full=False`` checks the same (every path, every file's type and size) but reads no file
+    and builds no instance (the record has none, and no LICENSE text): what ``StateArchive``'s
+    index needs of a series; its ``get`` builds the full record when asked.
+    """
     uid = entry.get("SeriesInstanceUID") or (entry.get("metadata") or {}).get("SeriesInstanceUID")
     if not isinstance(uid, str) or not uid:
         log.warning("harvest.json: skipping a series entry without SeriesInstanceUID")
         return None
     series_dir: Path | None = None
-    if isinstance(entry.get("path"), str) and entry["path"]:
-        series_dir = resolve_inside(root, entry["path"])
+    folder = entry.get("path")
+    if isinstance(folder, str) and folder:
+        series_dir = resolve_inside(root, folder)
         if series_dir is None:
-            log.warning("series %s: path %r escapes the harvest directory; not served", uid, entry["path"])
+            log.warning("series %s: path %r escapes the harvest directory; not served", uid, folder)
             return None
     files = entry.get("files")
     if not isinstance(files, list) or not files:
         log.warning("series %s: no files listed; not served", uid)
         return None
     instances: list[InstanceRecord] = []
+    count = total = 0
+    # one plain name inside the folder resolved above is resolved as it is, unless it is a link
+    # (then resolved in full, as any other path); a string until a record needs a Path (1 M files)
+    prefix = f"{folder}/" if series_dir is not None else None
+    inside = f"{series_dir}{os.sep}" if series_dir is not None else ""
     for number, item in enumerate(files, start=1):
         rel = item.get("path") if isinstance(item, Mapping) else None
-        path = resolve_inside(root, rel) if isinstance(rel, str) else None
-        if path is None:
-            log.warning("series %s: file path %r escapes the harvest directory; series not served", uid, rel)
-            return None
-        try:
-            st = path.stat()
-        except OSError as err:
-            log.warning("series %s: %s: %s; series not served", uid, rel, err.strerror)
-            return None
-        if not path.is_file():
-            log.warning("series %s: %s is not a regular file; series not served", uid, rel)
-            return None
+        found: str | Path | None = None
+        st: os.stat_result | None = None
+        if prefix is not None and isinstance(rel, str) and rel.startswith(prefix) \
+                and plain_name(name := rel[len(prefix):]):
+            try:
+                st = os.lstat(inside + name)
+            except OSError as err:
+                log.warning("series %s: %s: %s; series not served", uid, rel, err.strerror)
+                return None
+            if stat.S_ISREG(st.st_mode):
+                found = inside + name
+            else:
+                st = None
+        if found is None:
+            found = resolve_inside(root, rel) if isinstance(rel, str) else None
+            if found is None:
+                log.warning("series %s: file path %r escapes the harvest directory; series not served", uid, rel)
+                return None
+            try:
+                st = found.stat()
+            except OSError as err:
+                log.warning("series %s: %s: %s; series not served", uid, rel, err.strerror)
+                return None
+            if not found.is_file():
+                log.warning("series %s: %s is not a regular file; series not served", uid, rel)
+                return None
+        assert st is not None
         size = item.get("size")
         if isinstance(size, int) and size != st.st_size:
             log.warning("series %s: %s is %d bytes, harvest.json says %d; series not served",
                         uid, rel, st.st_size, size)
             return None
+        count += 1
+        total += st.st_size
+        if not full:
+            continue
+        path = Path(found)
         md5 = item.get("md5")
         if not isinstance(md5, str) or len(md5) != 32:
             md5 = file_md5(path)
@@ -523,15 +567,15 @@ def _harvest_series(root: Path, entry: Mapping[str, Any]) -> SeriesRecord | None
         ))
     row = _derive_row(entry)
     row["SeriesInstanceUID"] = uid
-    row["ImageCount"] = len(instances)
-    row["FileSize"] = sum(inst.size for inst in instances)
+    row["ImageCount"] = count
+    row["FileSize"] = total
     row = compact_row(row, SERIES_FIELDS)
     return SeriesRecord(
         row=row,
         patient=_derive_patient(entry, row),
         study=_derive_study(entry, row),
         instances=instances,
-        license_text=_harvest_license(root, series_dir, row),
+        license_text=_harvest_license(root, series_dir, row) if full else "",
     )
 
 
@@ -583,20 +627,299 @@ def load_harvest_dir(path: str | os.PathLike[str]) -> Archive:
 
 
 def _load_from_state(root: Path) -> Archive:
+    """The archive of a harvest with a state database: a :class:`StateArchive` reading through
+    it, or (an old journal holds records past the database, or harvest.json was never imported:
+    versions before the database) the in-memory ``Archive`` of every record, as before."""
     state = HarvestState(root)
     try:
-        state.read(listed=False)
+        state.read(listed=False, streamed=True)
+        if state.db is not None and not state.records.overlay and not state.listed:
+            archive = StateArchive(root, state)
+            state = None   # the archive's now: it reads through it while it serves
+            return archive
         records = [rec for entry in state.records.values() if isinstance(entry, Mapping)
                    and entry.get("status") == "complete" and (rec := _harvest_series(root, entry)) is not None]
     except HarvesterError as exc:
         raise UsageError(f"cannot read the harvest in {root}: {exc}", hint=exc.hint) from None
+    except sqlite3.Error as exc:   # the index, in the temporary directory (full?)
+        raise UsageError(f"cannot index the harvest in {root} in the temporary directory: {exc}",
+                         hint="free space there, or point TMPDIR at a roomier place") from None
     finally:
-        state.close()
+        if state is not None:
+            state.close()
     return Archive(records)
 
 
+#: getSeries filter -> its column in ``StateArchive``'s index (``k_``: as compared; ``v_``: as sent).
+_COLUMNS = {name: name.lower() for name in SERIES_FILTERS}
+
+
+class _SeriesView(Mapping[str, SeriesRecord]):
+    """``StateArchive.series``: uid -> record, each built when asked (``StateArchive.get``)."""
+
+    def __init__(self, archive: StateArchive) -> None:
+        self._archive = archive
+
+    def __getitem__(self, uid: str) -> SeriesRecord:
+        rec = self._archive.get(uid)
+        if rec is None:
+            raise KeyError(uid)
+        return rec
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._archive.uids())
+
+    def __len__(self) -> int:
+        return len(self._archive)
+
+
+class StateArchive(Archive):
+    """A harvested DIR served through its state database, in memory bounded whatever its size.
+
+    Opening makes one pass over the database's records (streamed: one batch in memory) and
+    checks each complete series as ``load_harvest_dir`` always has (every path resolved inside
+    DIR, every file a regular file of the recorded size; hostile records skipped with a
+    warning), without reading any file. What the queries need of each served series (its
+    getSeries, getPatient and getPatientStudy rows, and its filter values, folded as NBIA
+    compares them) goes into an index: SQLite's private temporary database (on disk in the
+    temporary directory once it outgrows its page cache, deleted when closed), never into DIR,
+    which is only read (the state database read-only). Queries are SQL over that index, in the
+    state's order. ``get`` reads the series' record again by its UID and builds its instances
+    (files checked again, missing MD5s computed, LICENSE read); the last ``KEPT`` are kept.
+
+    Records returned by ``select`` and ``released_after`` carry their rows but no instances:
+    the download endpoints go through ``get``. ``find_instance`` (getMD5HashForImage by SOP UID
+    alone, v1/v2 only) scans the records, reading only those whose text holds the UID.
+
+    Raises ``UsageError`` (from ``load_harvest_dir``) when the database cannot be read.
+    """
+
+    #: Full records (instances built) kept for the next request of the same series.
+    KEPT = 64
+    #: CRC-32s of files kept (an entry per file: bounded, unlike the in-memory archive's).
+    KEPT_CRCS = 1 << 16
+
+    def __init__(self, root: Path, state: HarvestState) -> None:
+        assert state.db is not None
+        self._root = root
+        self._state = state
+        self._db = state.db
+        self._lock = threading.Lock()      # the index connection, the caches
+        self._kept: OrderedDict[str, SeriesRecord] = OrderedDict()
+        self._crcs: OrderedDict[Path, int] = OrderedDict()
+        # "": a private temporary database, removed when the connection closes
+        self._index = sqlite3.connect("", isolation_level=None, check_same_thread=False)
+        for pragma in ("journal_mode=OFF", "synchronous=OFF", "temp_store=FILE", "cache_size=-4096"):
+            self._index.execute(f"PRAGMA {pragma}")
+        columns = ", ".join(f"k_{c} TEXT, v_{c} TEXT" for c in _COLUMNS.values())
+        self._index.execute(f"CREATE TABLE series (pos INTEGER PRIMARY KEY, uid TEXT NOT NULL UNIQUE, {columns}, "
+                            "released INTEGER, parts TEXT NOT NULL, wire TEXT NOT NULL)")
+        try:
+            self._fill()
+        except BaseException:
+            self.close()
+            raise
+        self._count = int(self._index.execute("SELECT count(*) FROM series").fetchone()[0])
+
+    def _fill(self) -> None:
+        """The index, from one streamed pass over the state's checked records."""
+        insert = (f"INSERT OR IGNORE INTO series (uid, {', '.join(f'k_{c}, v_{c}' for c in _COLUMNS.values())}, "
+                  f"released, parts, wire) VALUES ({', '.join('?' * (2 * len(_COLUMNS) + 4))})")
+        batch: list[tuple[Any, ...]] = []
+        self._index.execute("BEGIN")
+        for _, entry in self._state.checked_items():
+            if entry.get("status") != "complete":
+                continue
+            rec = _harvest_series(self._root, entry, full=False)
+            if rec is None:
+                continue
+            batch.append(self._index_row(rec))
+            if len(batch) >= 512:
+                self._index.executemany(insert, batch)
+                batch.clear()
+        self._index.executemany(insert, batch)
+        for column in _COLUMNS.values():
+            if column != "seriesinstanceuid":   # (the UID's UNIQUE index answers it)
+                self._index.execute(f"CREATE INDEX by_{column} ON series(k_{column})")
+        self._index.execute("CREATE INDEX by_released ON series(released) WHERE released IS NOT NULL")
+        self._index.execute("COMMIT")
+
+    @staticmethod
+    def _index_row(rec: SeriesRecord) -> tuple[Any, ...]:
+        values: list[Any] = [rec.uid]
+        for name, fold in SERIES_FILTERS.items():
+            value = rec.row.get(name)
+            values += [None, None] if value is None else [fold_case(value) if fold else str(value), str(value)]
+        day = parse_release_date(rec.row.get("DateReleased"))
+        return (*values, day.toordinal() if day is not None else None,
+                json.dumps([rec.row, rec.patient, rec.study], ensure_ascii=False), wire_json(wire_row(rec.row)))
+
+    def close(self) -> None:
+        """Close the index (its temporary file goes with it) and the state database."""
+        with self._lock:
+            with contextlib.suppress(sqlite3.Error):
+                self._index.close()
+            self._state.close()
+
+    # ------------------------------------------------------------ the Archive interface
+    @property
+    def series(self) -> Mapping[str, SeriesRecord]:  # type: ignore[override]
+        return _SeriesView(self)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def uids(self) -> list[str]:
+        """The served series' UIDs, in the state's order."""
+        return [uid for (uid,) in self._query("SELECT uid FROM series ORDER BY pos")]
+
+    def records(self) -> list[SeriesRecord]:
+        """Every series with its instances (all in memory: for tests and small harvests)."""
+        return [rec for uid in self.uids() if (rec := self.get(uid)) is not None]
+
+    def get(self, series_uid: str) -> SeriesRecord | None:
+        """The served series ``series_uid`` with its instances, or None (not served, or its
+        record or files no longer pass the checks: then with a warning)."""
+        with self._lock:
+            kept = self._kept.get(series_uid)
+            if kept is not None:
+                self._kept.move_to_end(series_uid)
+                return kept
+        if not self._query("SELECT 1 FROM series WHERE uid=?", (series_uid,)):
+            return None
+        try:
+            got = self._db.get(series_uid)
+        except HarvesterError as exc:
+            log.warning("series %s: %s; not served", series_uid, exc)
+            return None
+        entry = json_record(got[0]) if got is not None else None
+        why = record_problem(entry) if entry is not None else "the record is not a JSON object"
+        if why is None and entry is not None and entry.get("SeriesInstanceUID") != series_uid:
+            why = "the record names another series"
+        if why is not None or entry is None or entry.get("status") != "complete":
+            log.warning("series %s: %s; not served", series_uid, redact(why or "no longer complete"))
+            return None
+        rec = _harvest_series(self._root, entry)
+        if rec is not None:
+            with self._lock:
+                self._kept[series_uid] = rec
+                while len(self._kept) > self.KEPT:
+                    self._kept.popitem(last=False)
+        return rec
+
+    def select(self, filters: Mapping[str, str]) -> list[SeriesRecord]:
+        """As ``Archive.select``. Raises ``KeyError`` for a filter that is not a getSeries parameter."""
+        return self._records_where(*self._where(filters))
+
+    def released_after(self, day: dt.date, within: list[SeriesRecord] | None = None) -> list[SeriesRecord]:
+        hits = self._records_where("released > ?", [day.toordinal()])
+        if within is None:
+            return hits
+        wanted = {rec.uid for rec in within}
+        return [rec for rec in hits if rec.uid in wanted]
+
+    def collections(self) -> list[str]:
+        return self.distinct_of("Collection", {})
+
+    def distinct_of(self, field_name: str, filters: Mapping[str, str]) -> list[str]:
+        column = _COLUMNS.get(field_name)
+        if column is None:
+            return super().distinct_of(field_name, filters)
+        where, args = self._where(filters)
+        values = {v for (v,) in self._query(f"SELECT DISTINCT v_{column} FROM series WHERE ({where}) "
+                                            f"AND v_{column} IS NOT NULL AND v_{column} <> ''", args)}
+        return sorted(values, key=lambda v: (fold_case(v), v))
+
+    def studies_of(self, records: Iterable[SeriesRecord]) -> list[dict[str, Any]]:
+        """getPatientStudy rows for the studies of ``records``; SeriesCount counts the whole archive."""
+        seen: dict[tuple[str, str], dict[str, Any]] = {}
+        for rec in records:
+            key = (str(rec.row.get("Collection", "")), str(rec.row.get("StudyInstanceUID", "")))
+            if key not in seen:
+                # (a missing value is NULL in the index and "" in the key, as Archive counts it)
+                study = "k_studyinstanceuid=?" if key[1] else "k_studyinstanceuid IS NULL"
+                (count,), = self._query(f"SELECT count(*) FROM series WHERE {study} AND coalesce(v_collection, '')=?",
+                                        (key[1], key[0]) if key[1] else (key[0],))
+                seen[key] = compact_row({**rec.study, "SeriesCount": count}, STUDY_FIELDS)
+        return list(seen.values())
+
+    def find_instance(self, sop_uid: str) -> tuple[SeriesRecord, InstanceRecord] | None:
+        """The first served series (in order) holding instance ``sop_uid``, by a scan of the
+        records that reads only those whose text holds the UID (or whose UID it extends: an
+        instance without a recorded SOP UID is ``<series>.<n>``)."""
+        needle = json.dumps(sop_uid, ensure_ascii=False)[1:-1]
+        parent = sop_uid.rpartition(".")[0]
+        try:
+            for uid, raw, _ in self._db.rows():
+                if (needle in raw or uid == parent) and (rec := self.get(uid)) is not None:
+                    for inst in rec.instances:
+                        if inst.sop_uid == sop_uid:
+                            return rec, inst
+        except HarvesterError as exc:
+            log.warning("cannot read the state database: %s", exc)
+        return None
+
+    def instance_in(self, rec: SeriesRecord, sop_uid: str) -> InstanceRecord | None:
+        return next((inst for inst in rec.instances if inst.sop_uid == sop_uid), None)
+
+    def row_json(self, rec: SeriesRecord, *, style: str = "v4", numbers_as_strings: bool = False) -> str:
+        if isinstance(rec, _IndexedSeries) and style == "v4" and not numbers_as_strings:
+            return rec.wire    # the default form, made when the index was
+        return wire_json(wire_row(rec.row, style=style, numbers_as_strings=numbers_as_strings))
+
+    def crc32_of(self, inst: InstanceRecord) -> int:
+        """As ``Archive.crc32_of``, with the last ``KEPT_CRCS`` kept. Raises ``OSError``."""
+        if inst.crc32 is not None:
+            return inst.crc32
+        with self._lock:
+            cached = self._crcs.get(inst.path)
+        if cached is None:
+            cached = file_crc32(inst.path)
+            with self._lock:
+                self._crcs[inst.path] = cached
+                while len(self._crcs) > self.KEPT_CRCS:
+                    self._crcs.popitem(last=False)
+        return cached
+
+    # ------------------------------------------------------------ helpers
+    def _query(self, sql: str, args: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._index.execute(sql, tuple(args)).fetchall()
+
+    @staticmethod
+    def _where(filters: Mapping[str, str]) -> tuple[str, list[Any]]:
+        """The SQL condition of ``filters`` (``Archive.select``'s rules: empty values ignored).
+        Raises ``KeyError`` for a filter that is not a getSeries parameter."""
+        terms, args = ["1"], []
+        for name, value in filters.items():
+            fold = SERIES_FILTERS[name]
+            if value in (None, ""):
+                continue
+            column = _COLUMNS[name]
+            terms.append("uid=?" if column == "seriesinstanceuid" else f"k_{column}=?")
+            args.append(fold_case(value) if fold else str(value))
+        return " AND ".join(terms), args
+
+    def _records_where(self, where: str, args: list[Any]) -> list[SeriesRecord]:
+        rows = self._query(f"SELECT parts, wire FROM series WHERE {where} ORDER BY pos", args)
+        out: list[SeriesRecord] = []
+        for parts, wire in rows:
+            row, patient, study = json.loads(parts)
+            out.append(_IndexedSeries(row=row, patient=patient, study=study, instances=[], license_text="",
+                                      wire=wire))
+        return out
+
+
+@dataclass
+class _IndexedSeries(SeriesRecord):
+    """A series as ``StateArchive``'s queries return it: rows, no instances, and its getSeries
+    row in the default wire form (v4, JSON numbers), made once when the index was filled."""
+
+    wire: str = ""
+
+
 __all__ = [
-    "Archive", "InstanceRecord", "SeriesRecord", "load_harvest_dir", "SERIES_FIELDS",
+    "Archive", "InstanceRecord", "SeriesRecord", "StateArchive", "load_harvest_dir", "SERIES_FIELDS",
     "PATIENT_FIELDS", "STUDY_FIELDS", "SERIES_FILTERS", "compact_row", "license_text_for",
     "resolve_inside", "file_md5", "file_crc32", "parse_release_date", "fold_case", "wire_row", "wire_json",
     "DATE_FIELDS", "NUMBER_FIELDS",

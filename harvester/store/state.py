@@ -69,7 +69,7 @@ from harvester.errors import (
 )
 from harvester.store.layout import METADATA_IN_SUBFOLDER, assign_paths, retriever_date, retriever_text
 from harvester.redact import redact
-from harvester.store.db import DB_NAME, FolderIndex, FolderTaken, StateDB
+from harvester.store.db import DB_NAME, FolderIndex, FolderTaken, StateDB, plain_name
 from harvester.store.manifest import read_manifest
 
 _log = logging.getLogger("harvester")  # reports of damaged records and refused paths, on stderr by default
@@ -270,7 +270,7 @@ class _Records(Mapping[str, dict[str, Any]]):
         if db is None or uid in self.hidden:
             return None
         got = db.get(uid)
-        return _parsed(got[0]) if got is not None else None
+        return json_record(got[0]) if got is not None else None
 
     def get(self, uid: str, default: Any = None) -> Any:  # type: ignore[override]
         if uid in self.overlay:
@@ -304,7 +304,7 @@ class _Records(Mapping[str, dict[str, Any]]):
                     seen.add(uid)
                     rec = self.overlay[uid]
                 else:
-                    rec = _parsed(raw)
+                    rec = json_record(raw)
                 if rec is not None:
                     yield uid, rec
         for uid, rec in list(self.overlay.items()):
@@ -328,14 +328,11 @@ def _plain_child(folder: str, path: str) -> bool:
     separator, no ``..``, nothing Windows reads otherwise. False means "check it in full"."""
     if not path.startswith(folder) or path[len(folder):len(folder) + 1] != "/":
         return False
-    name = path[len(folder) + 1:]
-    return name not in ("", ".", "..") and _NOT_IN_A_NAME.isdisjoint(name)
+    return plain_name(path[len(folder) + 1:])
 
 
-_NOT_IN_A_NAME = frozenset("/\\:\x00")
-
-
-def _parsed(raw: str) -> dict[str, Any] | None:
+def json_record(raw: str) -> dict[str, Any] | None:
+    """The JSON object in ``raw``, or None when it is not JSON or not an object (a hostile record)."""
     try:
         rec = json.loads(raw)
     except (ValueError, RecursionError):
@@ -475,7 +472,7 @@ class HarvestState:
             yield from self.records.items()
             return
         for uid, raw, origin in self.db.rows():
-            rec = _parsed(raw)
+            rec = json_record(raw)
             why = _row_problem(uid, rec)
             if why is not None:
                 if uid not in self.records.hidden:
@@ -622,7 +619,7 @@ class HarvestState:
         for uid, raw, origin in db.rows():
             if uid in self.records.overlay:
                 continue
-            why = _row_problem(uid, _parsed(raw))
+            why = _row_problem(uid, json_record(raw))
             if why is not None:
                 _log.warning("%s: series %s: %s; not used", origin, uid, redact(why))
                 target.hide(uid)
@@ -685,7 +682,7 @@ class HarvestState:
             # them); it is checked in full only when they are not all there.
             if vouched is not None and self._vouched_intact(*vouched):
                 continue
-            rec = _parsed(record())
+            rec = json_record(record())
             why = self._unsafe(rec) if rec is not None else "the record is not a JSON object"
             if why is None and rec is not None and rec.get("SeriesInstanceUID") != uid:
                 why = "the record names another series"

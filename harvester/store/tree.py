@@ -26,7 +26,7 @@ from harvester.containment import inside, open_nofollow
 from harvester.errors import UnsafePathError
 from harvester.redact import redact
 from harvester.store.manifest import read_manifest
-from harvester.store.state import HarvestState, _parsed, _plain_child, _whole, now_iso, write_output_chunks
+from harvester.store.state import HarvestState, json_record, _plain_child, _whole, now_iso, write_output_chunks
 
 # ---------------------------------------------------------------- verify
 
@@ -208,7 +208,7 @@ class _OtherSeries:
                     self.files += files
                     self.bytes += size
                     continue
-                rec = _parsed(record())
+                rec = json_record(record())
                 if rec is not None and rec.get("status") == "complete":
                     self._add(rec, in_db=True)
         for rec in records.overlay.values():

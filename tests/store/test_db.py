@@ -491,6 +491,28 @@ def test_the_scale_benchmark_runs_at_a_tiny_size(tmp_path: Path) -> None:
     assert row["harvest_json"] > row["db"] > 0 and row["series_per_s"] > 0 and row["peak_rss_mb_resume"] > 0
 
 
+def test_the_10_million_prefill_goes_on_where_a_budget_stopped_it(tmp_path: Path) -> None:
+    """``scale_state.py prefill --budget`` (the 10 M fill, split across holds of the bench lock):
+    a run stops after its first batch when the budget is spent, the next run with ``--keep`` goes
+    on from the database's count, and the export lists every series once."""
+    bench = Path(__file__).resolve().parents[2] / "bench" / "scale_state.py"
+
+    def run(*args: str) -> dict[str, Any]:
+        proc = subprocess.run([sys.executable, str(bench), "prefill", "10000", "--dir", str(tmp_path), "--keep",
+                               "--no-commits", "--batch", "100", "--json", str(tmp_path / "r.json"), *args],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        (row,) = json.loads((tmp_path / "r.json").read_text())
+        return row
+
+    first = run("--budget", "0", "--no-export")
+    assert (first["prefill_from"], first["prefill_to"]) == (0, 100) and "export_s" not in first
+    second = run()
+    assert (second["prefill_from"], second["prefill_to"], second["series"]) == (100, 200, 200)
+    doc = json.loads((tmp_path / "prefill-10000" / "harvest.json").read_text("utf-8"))
+    assert len({rec["SeriesInstanceUID"] for rec in doc["series"]}) == len(doc["series"]) == 200
+
+
 def test_a_row_whose_columns_disagree_with_its_record_follows_the_record(tmp_path: Path) -> None:
     """``completed_bytes`` answers from the columns: a hand-edited row that says complete while its
     record says failed is put right on open (and the other way round)."""
@@ -526,8 +548,8 @@ def test_an_open_over_vouched_rows_stats_their_files_without_parsing_a_record(
     assert conn.execute("SELECT count(*) FROM vouched").fetchone()[0] == 3
     conn.close()
     parsed: list[str] = []
-    real = state_module._parsed
-    monkeypatch.setattr(state_module, "_parsed", lambda raw: parsed.append(raw) or real(raw))
+    real = state_module.json_record
+    monkeypatch.setattr(state_module, "json_record", lambda raw: parsed.append(raw) or real(raw))
     (out / recs[1]["files"][0]["path"]).unlink()
     state = HarvestState(out)
     state.open()
