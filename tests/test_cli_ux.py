@@ -159,6 +159,18 @@ def test_series_retries_0_is_a_valid_count() -> None:
     assert build_config(args, {}).series_retries == 0
 
 
+def test_commands_other_than_serve_do_not_import_the_server(tmp_path: Path) -> None:
+    """serve's options import the whole NBIA server (about 40 ms of every start-up); the parser
+    of any other command leaves them out, and serve still has them."""
+    code = ("import sys; from harvester.cli import main; rc = main(sys.argv[1:]); "
+            "print(rc, 'harvester.server.serve' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code, "run", str(tmp_path / "missing.json"), "-o", str(tmp_path / "o")],
+                         capture_output=True, text=True, env=ENV, timeout=60)
+    assert run.stdout.split() == ["2", "False"], run.stdout + run.stderr
+    from harvester.cli import build_parser
+    assert build_parser(serve="serve" in ["serve"]).parse_args(["serve", "--port", "8"]).port == 8
+
+
 def test_lock_error_exits_3_not_the_usage_code_and_says_what_to_do(tmp_path: Path, query: Path) -> None:
     """Another harvester holds DIR: a fatal stop (3) with what to do, not bad usage (2); the other
     run's work in progress is untouched."""

@@ -229,3 +229,25 @@ def test_a_streamed_object_cut_short_fails_the_attempt_not_the_request(moto: Mot
     out = tmp_path / "out"
     assert_bucket_identical(out, type("C", (), {"get": lambda self, uid: series})(), [series.uid])  # type: ignore[arg-type]
     assert not [p for p in tmp_path.rglob("*.part")]
+
+
+def test_a_series_of_whole_and_streamed_objects_comes_out_whole(moto: Moto, tmp_path: Path, monkeypatch: Any) -> None:
+    """Objects past WHOLE_OBJECT_BYTES are streamed into the sink, the others written in the
+    writer's batches; in a series of both kinds they take turns at the sink (a series without a
+    streamed object takes none), so every file comes out byte for byte."""
+    from harvester.source.idc import source as idc_source
+
+    small = make_series("idc_hostile", "H1", "1.2.826.0.1.40", "CT", 8, seed=1040)
+    large = make_series("idc_hostile", "H1", "1.2.826.0.1.40", "CT", 8, seed=1040, series_uid=small.uid,
+                        pixel_bytes=16384)
+    keys = list(small.objects)   # the same keys and SOPInstanceUIDs in both: half of each
+    objects = {k: (small if n % 2 else large).objects[k] for n, k in enumerate(keys)}
+    series = dataclasses.replace(small, objects=objects,
+                                 row=small.row | {"series_size_MB": sum(map(len, objects.values())) / 1e6})
+    monkeypatch.setattr(idc_source, "WHOLE_OBJECT_BYTES", 8192)   # between the two sizes
+    assert {len(b) > 8192 for b in objects.values()} == {True, False}
+    moto.put(series)
+    index = write_index(tmp_path / "index" / "idc_index.parquet", [series.row])
+    result = harvest_one(moto.endpoint, tmp_path, index, series.uid)
+    assert result.ok, result.failed
+    assert_bucket_identical(tmp_path / "out", type("C", (), {"get": lambda self, uid: series})(), [series.uid])  # type: ignore[arg-type]
