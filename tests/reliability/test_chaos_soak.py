@@ -22,10 +22,12 @@ from .seeds import CI_SOAK_SEEDS, SOAK_SEEDS_ENV, seeds_from_env
 #: 3 collections x 10 patients x 2 studies x 5 series = 300 series of 3 small instances.
 SOAK_SPEC = "collections=3,patients=10,studies=2,series=5,instances=3,size=2KiB,seed=61"
 #: Every fault kind at >= 10% per request, plus latency and both bandwidth caps. Stalls outlast
-#: the client's read timeout below, so each one is a real timeout and retry.
+#: the client's read timeout below (3 s against 0.5 s), so each one is a real timeout and retry;
+#: each costs the harvest its read timeout, and 429s and timeouts bring the worker limit down to
+#: about one, so the stalls are waited for one after another: the timeout is most of the soak's time.
 SOAK_FAULTS = ("error=0.1,throttle=0.1,retry_after=0,reset=0.1,truncate=0.1,corrupt=0.1,stall=0.1,"
                "stall_for=3s,latency=2ms,rate=256KiB,total_rate=8MiB,seed={seed}")
-SOAK_CLIENT = dict(workers=16, connections=32, read_timeout=1.0, retries=10, series_retries=10)
+SOAK_CLIENT = dict(workers=16, connections=32, read_timeout=0.5, retries=10, series_retries=10)
 
 
 @pytest.fixture(scope="module")
