@@ -25,11 +25,19 @@ End to end (``e2e``): ``harvester serve --synthetic`` of 2,000 series of 50 file
 of this tree and once with a baseline tree given by ``--baseline SRC`` (a checkout of the
 version to compare with, e.g. ``git archive <commit> | tar -x -C SRC``): wall, CPU-s, peak RSS.
 
+The no-op rerun as a user hits it (``rerun DIR``): DIR is a tree ``state N --keep`` left (one
+collection SCALE). ``harvester serve`` of a linked copy of DIR serves those very series; then, for
+this tree and the ``--baseline`` one, each on its own copy of DIR (files hard-linked, the state
+database and harvest.json copied: a run rewrites them), ``harvester run`` of the query
+``{collection: SCALE}`` into it, which has nothing to fetch: wall, CPU-s, peak RSS, and the
+summary's counts (``downloaded`` must be 0).
+
     .venv/bin/python bench/scale_state.py state 10000 1000000 [--json out.json]
     .venv/bin/python bench/scale_state.py prefill 10000000
     .venv/bin/python bench/scale_state.py prefill 10000000 --dir D --keep --budget 240 --no-commits --no-export
         (again until full, then --no-export for the commits, then --no-commits for the export)
     .venv/bin/python bench/scale_state.py e2e --baseline SRC
+    .venv/bin/python bench/scale_state.py rerun D/state-1000000 --baseline SRC [--repeat 2]
 
 Nothing here asserts a timing (``tests/store/test_db.py`` runs a tiny version).
 """
@@ -255,6 +263,73 @@ def run_e2e(root: Path, baseline: Path | None, spec: str) -> list[dict[str, Any]
     return results
 
 
+def _copy_tree(src: Path, dst: Path) -> None:
+    """``dst``: ``src`` with every file hard-linked, but the files a run writes in place, locks or
+    replaces (the state database and its companions, the exports) copied."""
+    shutil.rmtree(dst, ignore_errors=True)
+    subprocess.run(["cp", "-al", str(src), str(dst)], check=True)
+    for name in (".harvester/state.db", ".harvester/state.db-wal", ".harvester/state.db-shm", ".harvester/lock",
+                 "harvest.json", "metadata.csv"):
+        target = dst / name
+        if target.exists():
+            target.unlink()
+            shutil.copy2(src / name, target)
+
+
+def _serve_dir(tree: Path, out: Path) -> tuple[subprocess.Popen[str], str]:
+    code = f"import sys; sys.path.insert(0, {str(tree)!r}); from harvester.cli import main; sys.exit(main())"
+    proc = subprocess.Popen([sys.executable, "-c", code, "serve", str(out), "--port", "0"], cwd=tree,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if not line.startswith("http://127.0.0.1:"):
+        proc.kill()
+        raise RuntimeError(f"harvester serve {out} did not print its URL (got {line!r})")
+    return proc, line
+
+
+def run_rerun(tree_dir: Path, root: Path, baseline: Path | None, repeat: int) -> list[dict[str, Any]]:
+    sys.path.insert(0, str(REPO / "bench"))
+    from harness import run_tool, stop_process
+
+    served = root / "rerun-served"
+    _copy_tree(tree_dir, served)
+    started = time.perf_counter()
+    server, url = _serve_dir(REPO, served)
+    load = time.perf_counter() - started
+    trees = [("this tree", REPO)] + ([("baseline", baseline)] if baseline else [])
+    results = []
+    try:
+        for name, src in trees:
+            work = root / f"rerun-{name.replace(' ', '-')}"
+            out = work / "out"
+            work.mkdir(parents=True, exist_ok=True)
+            _copy_tree(tree_dir, out)
+            query = work / "query.json"
+            query.write_text(json.dumps({"select": [{"collection": "SCALE"}]}))
+            cmd = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(src)!r}); "
+                   "from harvester.cli import main; sys.exit(main())",
+                   "run", str(query), "-o", str(out), "--api-url", url, "--layout", "descriptive",
+                   "--no-progress", "--json"]
+            for n in range(repeat):
+                got = run_tool(cmd, work / f"run-{n}")
+                try:
+                    summary = json.loads(got.stdout.strip().splitlines()[-1])
+                except (ValueError, IndexError):
+                    summary = {"stderr": got.stderr[-2000:]}
+                row = {"tree": name, "run": n + 1, "wall_s": got.wall, "cpu_s": got.cpu,
+                       "peak_rss_mb": got.peak_rss / 2**20, "rc": got.returncode, "serve_load_s": load,
+                       **{k: summary.get(k) for k in ("planned", "complete_now", "complete_before", "failed", "received_bytes", "exit_code", "stderr")
+                          if k in summary}, **_sizes(out)}
+                results.append(row)
+                print(json.dumps(row), flush=True)
+            shutil.rmtree(work, ignore_errors=True)
+    finally:
+        stop_process(server)
+        shutil.rmtree(served, ignore_errors=True)
+    return results
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "_child":
         kind, out = sys.argv[2], Path(sys.argv[3])
@@ -264,8 +339,8 @@ def main() -> int:
         print(json.dumps(row))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["state", "prefill", "e2e"])
-    parser.add_argument("files", nargs="*", type=int, help="sizes in files (state, prefill)")
+    parser.add_argument("what", choices=["state", "prefill", "e2e", "rerun"])
+    parser.add_argument("files", nargs="*", help="sizes in files (state, prefill); rerun: the tree")
     parser.add_argument("--dir", type=Path, help="where to work (default: a temp dir)")
     parser.add_argument("--baseline", type=Path, help="e2e: the source tree of the version to compare with")
     parser.add_argument("--spec", default=E2E_SPEC, help="e2e: the synthetic archive")
@@ -275,14 +350,20 @@ def main() -> int:
     parser.add_argument("--no-commits", action="store_true", help="prefill: fill only, no timed commits")
     parser.add_argument("--no-export", action="store_true", help="prefill: no export")
     parser.add_argument("--batch", type=int, default=1000, help="prefill: series per transaction")
+    parser.add_argument("--repeat", type=int, default=1, help="rerun: runs of each tree, one after the other")
     parser.add_argument("--json", type=Path, help="write every measurement here")
     args = parser.parse_args()
     root = args.dir or Path(tempfile.mkdtemp(prefix="scale-state-"))
     root.mkdir(parents=True, exist_ok=True)
+    sizes = [int(f) for f in args.files] if args.what in ("state", "prefill") else []
     if args.what == "state":
-        results = run_state(args.files or [10_000, 1_000_000], root, args.keep)
+        results = run_state(sizes or [10_000, 1_000_000], root, args.keep)
+    elif args.what == "rerun":
+        if len(args.files) != 1:
+            parser.error("rerun takes one tree (what state N --keep left)")
+        results = run_rerun(Path(args.files[0]).resolve(), root, args.baseline, args.repeat)
     elif args.what == "prefill":
-        results = run_prefill(args.files or [10_000_000], root, args.keep,
+        results = run_prefill(sizes or [10_000_000], root, args.keep,
                               {"budget": args.budget, "commits": not args.no_commits, "export": not args.no_export,
                                "batch": args.batch})
     else:
