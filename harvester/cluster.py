@@ -48,6 +48,7 @@ cannot be reached.
 from __future__ import annotations
 
 import contextlib
+import functools
 import dataclasses
 import importlib
 import importlib.util
@@ -439,7 +440,8 @@ class ClusterEngine(Engine):
         self.hub.emit(Event("fetching", data={"series": len(todo), "bytes": sum(t.file_size or 0 for t in todo)}))
         await anyio.to_thread.run_sync(state.log_event, {"event": "run", "series": len(tasks), "todo": len(todo),
                                                          "cluster": True})
-        await anyio.to_thread.run_sync(state.write_manifest, header, order)
+        # a checkpoint: beyond CHECKPOINT_EXPORT_MAX_SERIES harvest.json waits for the end of the run
+        await anyio.to_thread.run_sync(functools.partial(state.write_manifest, header, order, final=False))
         counts = {"downloaded": 0, "bytes": 0, "requests": 0, "retries": 0}
         refresh_failed: dict[str, str] = {}
         fatal: str | None = None

@@ -173,7 +173,8 @@ class Engine:
         jobs = [_Job(t, paths[t.series_uid]) for t in todo]
         self.hub.emit(Event("fetching", data={"series": len(jobs), "bytes": sum(t.file_size or 0 for t in todo)}))
         await anyio.to_thread.run_sync(self.state.log_event, {"event": "run", "series": len(tasks), "todo": len(jobs)})
-        await anyio.to_thread.run_sync(self.state.write_manifest, header, order)
+        # a checkpoint: beyond CHECKPOINT_EXPORT_MAX_SERIES harvest.json waits for the end of the run
+        await anyio.to_thread.run_sync(functools.partial(self.state.write_manifest, header, order, final=False))
 
         fatal: FatalError | None = None
         try:

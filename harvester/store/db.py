@@ -77,6 +77,17 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 _VOUCHED_TABLE = next(s for s in _SCHEMA.split(";") if "TABLE IF NOT EXISTS vouched" in s)
+
+#: ``meta.generation`` counts the changes to ``series`` (every insert, update and delete, by any
+#: writer, this version or another: SQL triggers of the file itself). An export records the
+#: generation it was written from (``HarvestState.write_manifest``); while it is the same, the
+#: records are the ones it holds. Added within version 1: a file without the triggers gets them
+#: on open, and its generation moves then (an export recorded before cannot be trusted).
+GENERATION = "generation"
+_GENERATION_TRIGGERS = [
+    f"CREATE TRIGGER IF NOT EXISTS series_generation_{when.lower()} AFTER {when} ON series BEGIN "
+    f"UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = '{GENERATION}'; END"
+    for when in ("INSERT", "UPDATE", "DELETE")]
 _HEADER = b"SQLite format 3\x00"
 _SQLITE_PERM, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_FULL, _SQLITE_CANTOPEN = 3, 8, 10, 13, 14
 _DAMAGED_HINT = ("move {db} aside (keep it for a bug report) and run the same command again: the state is "
@@ -210,6 +221,15 @@ class StateDB:
                     # check), so a database made before it, or opened by a harvester without it,
                     # stays readable both ways.
                     self._writer.execute(_VOUCHED_TABLE)
+                triggers = {r[0] for r in self._writer.execute("SELECT name FROM sqlite_master WHERE type='trigger' "
+                                                                "AND name LIKE 'series_generation_%'")}
+                if len(triggers) < len(_GENERATION_TRIGGERS):
+                    # new, or a file made before them (or with one dropped): a generation of its
+                    # own, unlike any an export recorded
+                    for statement in _GENERATION_TRIGGERS:
+                        self._writer.execute(statement)
+                    self._writer.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET "
+                                         "value = CAST(value AS INTEGER) + 1000003", (GENERATION, "1"))
                 self._writer.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
@@ -394,6 +414,16 @@ class StateDB:
         try:
             return json.loads(row[0])
         except (ValueError, RecursionError):
+            return None
+
+    def generation(self) -> int | None:
+        """``meta.generation``: moves with every change to the series rows (see ``GENERATION``);
+        None when unreadable."""
+        with self._read() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key=?", (GENERATION,)).fetchone()
+        try:
+            return int(row[0]) if row is not None else None
+        except (TypeError, ValueError):
             return None
 
     def count(self) -> int:

@@ -704,3 +704,120 @@ def test_a_forged_vouched_row_whose_folder_leaves_dir_is_refused_and_nothing_out
     finally:
         state.close()
     assert tree(outside) == {"1-001.dcm": b"not yours"}
+
+
+# ---------------------------------------------------------------- exports reused when nothing changed
+
+def _full_manifest(out: Path) -> dict[str, Any]:
+    return json.loads((out / "harvest.json").read_text())
+
+
+def _expected_bytes(out: Path, header: dict[str, Any]) -> bytes:
+    """harvest.json as a full export of ``out``'s state writes it under ``header`` (another DIR:
+    the same records, encoded anew)."""
+    doc = _full_manifest(out)
+    return json.dumps({"schema": doc["schema"], **header, "totals": doc["totals"], "series": doc["series"]},
+                      indent=1, ensure_ascii=False).encode("utf-8")
+
+
+def test_an_export_with_no_series_changed_copies_the_series_list_after_a_new_header(tmp_path: Path) -> None:
+    out = tmp_path / "h"
+    harvest_of(out, 3)
+    csv_before = (out / "metadata.csv").read_bytes()
+    state = HarvestState(out)
+    state.open()
+    try:
+        state.write_manifest({"layout": "classic", "run": 2})        # recorded with its generation
+        # The series list as it stands is what a reuse copies: a byte changed in place (same inode,
+        # size and time, which only a hand restoring them could do) shows that it was copied.
+        path = out / "harvest.json"
+        st_ = os.stat(path)
+        data = path.read_bytes()
+        at = data.index(b'"Modality": "CT"')
+        with open(path, "r+b") as fh:
+            fh.seek(at + len(b'"Modality": "'))
+            fh.write(b"MR")
+        os.utime(path, ns=(st_.st_atime_ns, st_.st_mtime_ns))
+        state.write_manifest({"layout": "classic", "run": 3})
+        doc = _full_manifest(out)
+        assert doc["run"] == 3 and doc["totals"]["complete"] == 3
+        assert [s["Modality"] for s in doc["series"]].count("MR") == 1    # copied, not encoded again
+        assert (out / "metadata.csv").read_bytes() == csv_before         # kept as it was
+    finally:
+        state.close()
+
+
+def test_an_export_after_a_change_encodes_every_record_again(tmp_path: Path) -> None:
+    out = tmp_path / "h"
+    recs = harvest_of(out, 2)
+    state = HarvestState(out)
+    state.open()
+    try:
+        state.write_manifest({"layout": "classic"})
+        # a new series, a record failed, a record forgotten: each moves the generation
+        uid, files = "1.2.840.9", files_of("1.2.840.9")
+        staging = state.staging_dir(uid)
+        staging.mkdir(parents=True)
+        for name, data in files.items():
+            (staging / name).write_bytes(data)
+        state.commit(record(uid, "C/P/S/9", files), staging)
+        state.write_manifest({"layout": "classic"})
+        assert [s["SeriesInstanceUID"] for s in _full_manifest(out)["series"]] == [
+            recs[0]["SeriesInstanceUID"], recs[1]["SeriesInstanceUID"], uid]
+        assert (out / "harvest.json").read_bytes() == _expected_bytes(out, {"layout": "classic"})
+        assert "1.2.840.9" in (out / "metadata.csv").read_text()
+        state.fail(dict(record("1.2.840.10", "C/P/S/10", {}), status="failed", error="boom"))
+        state.write_manifest({"layout": "classic"})
+        assert _full_manifest(out)["totals"]["failed"] == 1
+        # another order asked for: encoded again, in that order
+        state.write_manifest({"layout": "classic"}, [uid])
+        assert _full_manifest(out)["series"][0]["SeriesInstanceUID"] == uid
+    finally:
+        state.close()
+
+
+def test_an_export_edited_by_hand_is_written_again_in_full(tmp_path: Path) -> None:
+    out = tmp_path / "h"
+    harvest_of(out, 2)
+    state = HarvestState(out)
+    state.open()
+    try:
+        state.write_manifest({"layout": "classic"})
+        path = out / "harvest.json"
+        path.write_bytes(path.read_bytes().replace(b'"Modality": "CT"', b'"Modality": "XX"'))  # a new time
+        (out / "metadata.csv").write_text("edited\n")
+        state.write_manifest({"layout": "classic"})
+        assert b'"XX"' not in path.read_bytes()
+        assert path.read_bytes() == _expected_bytes(out, {"layout": "classic"})
+        assert (out / "metadata.csv").read_text().startswith("Series UID,")
+    finally:
+        state.close()
+
+
+def test_a_database_without_the_generation_triggers_gets_them_and_a_new_generation(tmp_path: Path) -> None:
+    out = tmp_path / "h"
+    harvest_of(out, 2)
+    db_path = out / ".harvester" / "state.db"
+    state = HarvestState(out)
+    state.open()
+    state.write_manifest({"layout": "classic"})
+    state.close()
+    # as an earlier version of this schema left it: no triggers; its rows changed since the export
+    conn = sqlite3.connect(db_path)
+    before = conn.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0]
+    for name in ("insert", "update", "delete"):
+        conn.execute(f"DROP TRIGGER series_generation_{name}")
+    conn.execute("DELETE FROM series WHERE uid='1.2.840.2'")
+    conn.commit()
+    conn.close()
+    state = HarvestState(out)
+    state.open()
+    try:
+        assert state.db is not None and state.db.generation() != int(before)
+        state.write_manifest({"layout": "classic"})
+        assert [s["SeriesInstanceUID"] for s in _full_manifest(out)["series"]] == ["1.2.840.1"]
+        generation = state.db.generation()
+        state.db.delete("1.2.840.1")                                     # the triggers fire again
+        assert state.db.generation() == (generation or 0) + 1
+    finally:
+        state.close()
