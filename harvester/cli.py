@@ -551,7 +551,7 @@ def _plan_totals(plan: Any) -> dict[str, Any]:
     whatever shape ``Plan.to_dict`` has)."""
     cols = plan.collections
     out: dict[str, Any] = {
-        "series": len(plan.tasks), "images": sum(c.images for c in cols.values()),
+        "series": plan.series, "images": sum(c.images for c in cols.values()),
         "bytes": sum(c.bytes for c in cols.values()),
         "collections": {k: {"series": v.series, "images": v.images, "bytes": v.bytes} for k, v in cols.items()},
         "requests": plan.requests,

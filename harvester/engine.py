@@ -20,12 +20,13 @@ ZIP leaves free go to instance-level fetching. The HTTP session's pool caps ever
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,13 +47,14 @@ from harvester.errors import (
 )
 from harvester.store.layout import safe_component
 from harvester.store.sink import StoreSinks, prune_resume_folders
-from harvester.models import AnnotatedSeries, SeriesTask
+from harvester.models import AnnotatedSeries, SeriesTask, TaskStore
 from harvester.events import Event, Hub
 from harvester.rate import RateLimiter
 from harvester.source.base import DownloadSlots, Source
 from harvester.store.state import HarvestState, atomic_write, now_iso, totals_of
 
 MANIFEST_EVERY = 30.0  # seconds between harvest.json rewrites during a run
+PLAN_BATCH = 256       # tasks looked at a time (a stored plan is read in batches of this size)
 
 
 @dataclass
@@ -153,32 +155,60 @@ class Engine:
             self.connections.push_back()
         self.hub.emit(Event("retry", message=str(exc)))
 
-    async def run(self, tasks: list[SeriesTask], header: dict[str, Any],
+    async def run(self, tasks: Iterable[SeriesTask] | TaskStore, header: dict[str, Any],
                   refetch: frozenset[str] = frozenset()) -> HarvestResult:
-        """Harvest ``tasks``; complete series are skipped unless listed in ``refetch`` (their old
-        copy stays in place until the new one is verified and committed)."""
+        """Harvest ``tasks`` (a list, or a stored plan: ``harvester.store.plan``, read a batch at a
+        time); complete series are skipped unless listed in ``refetch`` (their old copy stays in
+        place until the new one is verified and committed)."""
         started = time.monotonic()
         header = dict(header, started=now_iso(), finished=None)
-        order = [t.series_uid for t in tasks]
-        todo: list[SeriesTask] = []
-        for t in tasks:
-            done = self.state.completed_bytes(t.series_uid)
-            if done is not None and t.series_uid not in refetch:
-                self.hub.emit(Event("skip", t.series_uid, bytes=done))
-            else:
-                todo.append(t)
-        # through the state's folder database (SQLite): off the event loop, as every database call
-        paths = await anyio.to_thread.run_sync(
-            self.state.assign_paths, ((t.series_uid, t.layout_fields()) for t in todo), self.config.layout)
-        jobs = [_Job(t, paths[t.series_uid]) for t in todo]
-        self.hub.emit(Event("fetching", data={"series": len(jobs), "bytes": sum(t.file_size or 0 for t in todo)}))
-        await anyio.to_thread.run_sync(self.state.log_event, {"event": "run", "series": len(tasks), "todo": len(jobs)})
+        planned = _Planned(tasks)
+        order = planned.order
+        # One pass over the plan, a batch at a time: each complete series is skipped; the others
+        # get their folders through the state's folder database (SQLite, off the event loop, as
+        # every database call), made on the first series to fetch (a run with nothing to do
+        # never reads the folders taken). Only their folders stay in memory (one string each).
+        paths: dict[str, str] = {}
+        todo_bytes = 0
+        skipped: list[tuple[str, int]] = []
+
+        def wanted(uid: str) -> bool:     # (in a worker thread: the lookups are database reads)
+            done = self.state.completed_bytes(uid)
+            if done is not None and uid not in refetch:
+                skipped.append((uid, done))
+                return False
+            return True
+
+        with contextlib.ExitStack() as stack:
+            assign: Callable[[list[tuple[str, dict[str, Any]]]], dict[str, str]] | None = None
+            async for todo in planned.select(wanted):
+                for uid, done in skipped:
+                    self.hub.emit(Event("skip", uid, bytes=done))
+                skipped.clear()
+                if not todo:
+                    continue
+                if assign is None:
+                    assign = await anyio.to_thread.run_sync(
+                        stack.enter_context, self.state.path_assigner(self.config.layout))
+                paths.update(await anyio.to_thread.run_sync(assign, [(t.series_uid, t.layout_fields()) for t in todo]))
+                todo_bytes += sum(t.file_size or 0 for t in todo)
+        self.hub.emit(Event("fetching", data={"series": len(paths), "bytes": todo_bytes}))
+        await anyio.to_thread.run_sync(self.state.log_event, {"event": "run", "series": len(planned),
+                                                              "todo": len(paths)})
         # a checkpoint: beyond CHECKPOINT_EXPORT_MAX_SERIES harvest.json waits for the end of the run
         await anyio.to_thread.run_sync(functools.partial(self.state.write_manifest, header, order, final=False))
 
+        async def jobs() -> AsyncIterator[_Job]:
+            async for batch in planned.select(paths.__contains__):
+                for t in batch:
+                    path = paths.pop(t.series_uid, None)   # once each, and let go
+                    if path is not None:
+                        yield _Job(t, path)
+
         fatal: FatalError | None = None
+        todo_count = len(paths)
         try:
-            await self._run_pool(jobs, header, order)
+            await self._run_pool(jobs(), todo_count, header, order)
         except FatalError as exc:
             fatal = exc
         finally:
@@ -217,13 +247,30 @@ class Engine:
             elapsed=time.monotonic() - started, fatal=fatal.one_line() if fatal else None,
         )
 
-    async def _run_pool(self, jobs: list[_Job], header: dict[str, Any], order: list[str]) -> None:
-        if not jobs:
+    async def _run_pool(self, jobs: AsyncIterator[_Job], count: int, header: dict[str, Any],
+                        order: Iterable[str]) -> None:
+        """Run the ``count`` jobs ``jobs`` yields: fed into the queue as the workers take them
+        (a plan's tasks are read a batch at a time, never all held), retries put back behind."""
+        if not count:
             return
         send, receive = anyio.create_memory_object_stream[_Job](math.inf)
-        pending = self.connections.unsettled = len(jobs)
-        for job in jobs:
-            send.send_nowait(job)
+        pending = self.connections.unsettled = count
+        in_flight = self.config.workers * (2 if self._slots_in_source else 1)
+        # fresh jobs waiting in the queue, at most one per worker: a token each, given back when
+        # a worker takes one (a retried job needs none: it was fed once)
+        fresh = anyio.Semaphore(in_flight)
+        # the first ones before any worker starts: each worker finds one waiting
+        for _ in range(min(in_flight, count)):
+            first = await anext(jobs, None)
+            if first is None:
+                break
+            fresh.acquire_nowait()
+            send.send_nowait(first)
+
+        async def feed() -> None:
+            async for job in jobs:
+                await fresh.acquire()
+                send.send_nowait(job)
 
         async def finished_one() -> None:
             nonlocal pending
@@ -238,6 +285,8 @@ class Engine:
 
         async def worker() -> None:
             async for job in receive:
+                if job.attempts == 0:
+                    fresh.release()
                 if self._slots_in_source:
                     delay = await self._attempt(job)
                 else:
@@ -262,9 +311,9 @@ class Engine:
                         await manifest_writer()
 
                 tg.start_soon(guarded_writer)
+                tg.start_soon(feed)
                 async with anyio.create_task_group() as workers:
-                    in_flight = self.config.workers * (2 if self._slots_in_source else 1)
-                    for _ in range(min(in_flight, len(jobs))):
+                    for _ in range(min(in_flight, count)):
                         workers.start_soon(worker)
                 writer_scope.cancel()
         except BaseExceptionGroup as group:
@@ -273,10 +322,10 @@ class Engine:
                 raise fatal from None
             raise
 
-    def _totals(self, order: list[str]) -> dict[str, int]:
+    def _totals(self, order: Iterable[str]) -> dict[str, int]:
         return totals_of([self.state.records[u] for u in order if u in self.state.records])
 
-    def _checkpoint(self, header: dict[str, Any], order: list[str], *, final: bool = True) -> dict[str, int]:
+    def _checkpoint(self, header: dict[str, Any], order: Iterable[str], *, final: bool = True) -> dict[str, int]:
         """Rewrite harvest.json (during the run only while it is small: ``HarvestState.write_manifest``)
         and record the counters (the report plots them); returns the totals."""
         totals = self.state.write_manifest(header, order, final=final)
@@ -390,6 +439,35 @@ class Engine:
                 atomic_write(target, text.encode("utf-8"))
 
         await anyio.to_thread.run_sync(write)
+
+
+class _Planned:
+    """The engine's view of a plan: a list, or a stored plan read a batch at a time."""
+
+    def __init__(self, tasks: Iterable[SeriesTask] | TaskStore) -> None:
+        self._stored = tasks if isinstance(tasks, TaskStore) else None
+        self._tasks = [] if self._stored is not None else list(tasks)
+        #: the series UIDs in order, as often as asked (streamed from a stored plan)
+        self.order: Iterable[str] = self if self._stored is not None else [t.series_uid for t in self._tasks]
+
+    def __iter__(self) -> Iterator[str]:   # ``order`` of a stored plan
+        assert self._stored is not None
+        return self._stored.uids()
+
+    def __len__(self) -> int:
+        return len(self._stored) if self._stored is not None else len(self._tasks)
+
+    async def select(self, wanted: Callable[[str], bool]) -> AsyncIterator[list[SeriesTask]]:
+        """The tasks ``wanted`` takes, ``PLAN_BATCH`` tasks looked at a time (``wanted`` is
+        called in a worker thread; a stored plan decodes only the tasks it takes)."""
+        if self._stored is None:
+            for start in range(0, len(self._tasks), PLAN_BATCH):
+                batch = self._tasks[start:start + PLAN_BATCH]
+                yield await anyio.to_thread.run_sync(lambda: [t for t in batch if wanted(t.series_uid)])
+            return
+        it = self._stored.select(wanted, PLAN_BATCH)
+        while (got := await anyio.to_thread.run_sync(next, it, None)) is not None:
+            yield got
 
 
 def _unlink(path: Path) -> None:

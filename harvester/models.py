@@ -12,8 +12,9 @@ without importing each other (the dependency rule of ``tests/test_layers.py``).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from harvester.units import as_int
 
@@ -69,8 +70,31 @@ class UnavailableSeries:
         return {"SeriesInstanceUID": self.series_uid, "origin": self.origin, "reason": self.reason}
 
 
+@runtime_checkable
+class TaskStore(Protocol):
+    """A plan's tasks kept outside memory, in order (``harvester.store.plan.PlanTable``): the
+    planner ``add``s them as it makes them; readers go through them a batch at a time."""
+
+    def add(self, tasks: Iterable[SeriesTask]) -> None: ...
+
+    def __iter__(self) -> Iterator[SeriesTask]: ...
+
+    def __len__(self) -> int: ...
+
+    def batches(self, size: int = ...) -> Iterator[list[SeriesTask]]: ...
+
+    def select(self, wanted: Callable[[str], bool], size: int = ...) -> Iterator[list[SeriesTask]]: ...
+
+    def sizes(self) -> Iterator[tuple[str, int | None, int | None]]: ...
+
+    def uids(self) -> Iterator[str]: ...
+
+    def totals(self) -> dict[str, CollectionTotals]: ...
+
+
 @dataclass(repr=False)
 class Plan:
+    #: the tasks in memory; empty when they went to ``stored`` (a harvest's plan)
     tasks: list[SeriesTask]
     requests: int = 0
     retries: int = 0
@@ -78,14 +102,33 @@ class Plan:
     #: One line each, said once per plan: selectors matching nothing, rows kept without a readable
     #: release date (the CLI prints them; ``aharvest`` emits "warning" events).
     warnings: list[str] = field(default_factory=list)
+    #: where the tasks went instead of ``tasks`` when the plan was made into a store
+    stored: TaskStore | None = None
 
     def __repr__(self) -> str:
         # Short on purpose: asyncio formats a task's result on some paths, and the default
         # dataclass repr of 20,000 tasks (each with its row) cost 0.7 s of a 2 s plan.
-        return f"Plan({len(self.tasks)} series, {self.requests} requests, {self.retries} retries)"
+        return f"Plan({self.series} series, {self.requests} requests, {self.retries} retries)"
+
+    @property
+    def series(self) -> int:
+        """How many series the plan holds (in memory or stored)."""
+        return len(self.stored) if self.stored is not None else len(self.tasks)
+
+    def sizes(self) -> Iterable[tuple[str, int | None, int | None]]:
+        """(uid, image count, bytes) of every task in order (from a store, without its rows)."""
+        if self.stored is not None:
+            return self.stored.sizes()
+        return ((t.series_uid, t.image_count, t.file_size) for t in self.tasks)
+
+    def all_tasks(self) -> Iterable[SeriesTask]:
+        """Every task in order: ``tasks``, or the store's, streamed a batch at a time."""
+        return self.stored if self.stored is not None else self.tasks
 
     @property
     def collections(self) -> dict[str, CollectionTotals]:
+        if self.stored is not None:
+            return dict(sorted(self.stored.totals().items()))
         out: dict[str, CollectionTotals] = {}
         for t in self.tasks:
             c = out.setdefault(t.collection, CollectionTotals())
@@ -103,7 +146,7 @@ class Plan:
         series and the warnings when there are any."""
         cols = self.collections
         out: dict[str, Any] = {
-            "series": len(self.tasks),
+            "series": self.series,
             "images": sum(c.images for c in cols.values()),
             "bytes": sum(c.bytes for c in cols.values()),
             "collections": {k: {"series": v.series, "images": v.images, "bytes": v.bytes} for k, v in cols.items()},

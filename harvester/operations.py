@@ -25,10 +25,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import os
 import re
 import shutil
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,16 +44,17 @@ from harvester.dates import parse_archive_date
 from harvester.engine import Engine, HarvestResult
 from harvester.errors import DiskFullError, HarvesterError, RequestError, UnsafePathError, UsageError
 from harvester.store.layout import check_layout
-from harvester.models import Plan, SeriesRecord, SeriesTask
+from harvester.models import Plan, SeriesRecord, SeriesTask, TaskStore
 from harvester.display import api_hub
 from harvester.events import Event, Hub, human_bytes
 from harvester.query import Query, load_query, query_from_dict
 from harvester.source.auto import AutoSource
-from harvester.source.base import SingleInstanceFetch, Source, UpdateFeed
+from harvester.source.base import PlanInto, SingleInstanceFetch, Source, UpdateFeed
 from harvester.source.dicomweb import DICOMwebSource
 from harvester.source.http import as_int, make_session, redact_url
 from harvester.source.idc.source import IDCSource
 from harvester.source.nbia import NBIAClient, NBIASource
+from harvester.store.plan import PlanTable, plan_path
 from harvester.store.shards import merge_leftovers
 from harvester.store.state import HarvestState
 from harvester.store.manifest import read_manifest, recorded_source
@@ -178,15 +181,59 @@ async def aharvest(query: QueryLike, out: str | Path | Config | None = None, *, 
     hub = hub or api_hub(config.progress, config.quiet)   # a live line in a notebook, nothing elsewhere
     if on_event is not None:
         hub.subscribe(on_event)
-    async with open_harvest(config) as (state, source):
-        config = resume_layout(config, state.header)
-        check_same_harvest(config, state.header)
-        plan = await source.plan(query)
-        if on_plan is not None:
-            on_plan(plan)
-        hub.emit(plan_event(plan))
-        emit_warnings(hub, plan)
-        return await harvest_plan(engine(config, source, state, hub), plan, manifest_header(config, query, state))
+    async with open_harvest(config, recover=False) as (state, source):
+        with PlanTable(plan_path(state.meta_dir)) as table:
+            try:
+                config = resume_layout(config, state.header)
+                check_same_harvest(config, state.header)
+            except BaseException:
+                await anyio.to_thread.run_sync(state.recover)   # as open would have, before anything else
+                raise
+            plan = await plan_while_recovering(state, source, query, table)
+            if on_plan is not None:
+                on_plan(plan)
+            hub.emit(plan_event(plan))
+            emit_warnings(hub, plan)
+            return await harvest_plan(engine(config, source, state, hub), plan,
+                                      manifest_header(config, query, state))
+
+
+async def plan_while_recovering(state: HarvestState, source: Source, query: Query, table: TaskStore) -> Plan:
+    """``plan_into`` while ``state`` makes its pass over every series (``HarvestState.recover``,
+    a stat of every recorded file: seconds at a million files) in a thread of its own: the two
+    wait on different things (the archive, the disk). Returns when both are done; raises what
+    the plan raised, else what the recovery raised."""
+    failed: list[BaseException] = []
+
+    def recover() -> None:
+        try:
+            state.recover()
+        except BaseException as exc:   # noqa: BLE001 - re-raised below, in the caller's task
+            failed.append(exc)
+
+    thread = threading.Thread(target=recover, name="harvester-recover", daemon=True)
+    thread.start()
+    try:
+        plan = await plan_into(source, query, table)
+    finally:
+        with anyio.CancelScope(shield=True):   # the state is used by no one else until it is done
+            await anyio.to_thread.run_sync(thread.join)
+    if failed:
+        raise failed[0]
+    return plan
+
+
+async def plan_into(source: Source, query: Query, table: TaskStore) -> Plan:
+    """``source``'s plan of ``query`` with its tasks in ``table`` (``Plan.stored``): written as
+    the planner makes them by a source that can (``PlanInto``), else planned into a list, then
+    stored and the list let go. Raises as ``Source.plan``."""
+    if isinstance(source, PlanInto):
+        return await source.plan_into(query, table)
+    plan = await source.plan(query)
+    tasks, plan.tasks = plan.tasks, []
+    await anyio.to_thread.run_sync(table.add, tasks)
+    plan.stored = table
+    return plan
 
 
 async def harvest_plan(engine: Engine, plan: Plan, header: dict[str, Any],
@@ -205,7 +252,7 @@ async def harvest_plan(engine: Engine, plan: Plan, header: dict[str, Any],
         await anyio.to_thread.run_sync(check_free_space, engine.config, state, plan, refetch)
     await anyio.to_thread.run_sync(state.mark_unavailable,
                                    [(u.series_uid, u.origin, u.reason) for u in plan.unavailable])
-    result = await engine.run(plan.tasks, header, refetch=refetch)
+    result = await engine.run(plan.stored if plan.stored is not None else plan.tasks, header, refetch=refetch)
     result.unavailable = [
         (u.series_uid, u.reason + ("; the copy already on disk is kept" if state.complete(u.series_uid) else ""))
         for u in plan.unavailable]
@@ -213,9 +260,10 @@ async def harvest_plan(engine: Engine, plan: Plan, header: dict[str, Any],
 
 
 @contextlib.asynccontextmanager
-async def open_harvest(config: Config) -> AsyncIterator[tuple[HarvestState, Source]]:
+async def open_harvest(config: Config, *, recover: bool = True) -> AsyncIterator[tuple[HarvestState, Source]]:
     """The output directory's state (opened and locked) and a source on one HTTP session; both
-    closed on the way out. Shared by ``aharvest`` and ``async_sync``.
+    closed on the way out. Shared by ``aharvest`` and ``async_sync``. ``recover=False``: the
+    state's pass over every series is the caller's (``plan_while_recovering``).
 
     The folders that this call created are removed again when no series was recorded and the
     block either raised (a wrong URL, an unknown collection, Ctrl-C...) or wrote no harvest.json
@@ -231,7 +279,7 @@ async def open_harvest(config: Config) -> AsyncIterator[tuple[HarvestState, Sour
         # thread is done (it is not abandoned), i.e. by this await, and the folders this call
         # created must still go. Only under our own lock: a run that found DIR locked by another
         # (two first runs at once) removes nothing of the other's.
-        await anyio.to_thread.run_sync(state.open)
+        await anyio.to_thread.run_sync(functools.partial(state.open, recover=recover))
         async with make_session(config) as session:
             yield state, make_source(config, session)
     except BaseException:
@@ -367,15 +415,17 @@ def check_free_space(config: Config, state: HarvestState, plan: Plan, refetch: f
     (``refetch``) counts whole: its old copy stays until the new one is verified. Raises
     ``DiskFullError`` (nothing was fetched; ``--no-space-check`` or ``space_check=False``
     starts anyway and stops at the first full write, keeping what is verified)."""
-    todo = [t for t in plan.tasks if t.series_uid in refetch or state.completed_bytes(t.series_uid) is None]
-    wanted = sum(t.file_size or 0 for t in todo)
+    series = wanted = files = 0
+    for uid, count, size in plan.sizes():   # streamed from a stored plan
+        if uid in refetch or state.completed_bytes(uid) is None:
+            series, wanted, files = series + 1, wanted + (size or 0), files + (count or 0)
     if not wanted:
         return
-    needed = wanted + wanted // 20 + SPACE_RESERVE + SPACE_PER_FILE * sum(t.image_count or 0 for t in todo)
+    needed = wanted + wanted // 20 + SPACE_RESERVE + SPACE_PER_FILE * files
     free = shutil.disk_usage(config.out_dir).free
     if free < needed:
         raise DiskFullError(
-            f"{config.out_dir} has {human_bytes(free)} free, the {len(todo):,} series to fetch need "
+            f"{config.out_dir} has {human_bytes(free)} free, the {series:,} series to fetch need "
             f"{human_bytes(wanted)} (and a margin: {human_bytes(needed)} in all)",
             hint="free some space or choose another -o DIR, then run the same command again "
                  "(--no-space-check starts anyway)")
@@ -455,7 +505,7 @@ def diff_plan(state: HarvestState, plan: Plan, updated: set[str]) -> SyncDiff:
     """Compare what is on disk with what the query selects now."""
     diff = SyncDiff()
     selected = set()
-    for task in plan.tasks:
+    for task in plan.all_tasks():   # streamed from a stored plan
         selected.add(task.series_uid)
         # an index lookup of the columns first: only a complete series' record is parsed
         rec = state.complete(task.series_uid) if state.completed_bytes(task.series_uid) is not None else None
@@ -487,23 +537,25 @@ async def async_sync(query: Query, config: Config, *, prune: bool = False, dry_r
     async with open_harvest(config) as (state, source):
         config = resume_layout(config, state.header)
         check_same_harvest(config, state.header)
-        plan = await source.plan(query)
-        updated: set[str] = set()
-        if isinstance(source, UpdateFeed):
-            try:
-                updated = await source.updated_since(state.header.get("last_sync"))
-            except RequestError:
-                updated = set()  # counts and sizes still catch changed series
-        diff = diff_plan(state, plan, updated)
-        if dry_run:
-            return SyncResult(diff=diff, harvest=None, pruned=[], dry_run=True,
-                              unavailable=[(u.series_uid, u.reason) for u in plan.unavailable])
-        pruned = await anyio.to_thread.run_sync(_prune, state, diff.removed) if prune else []
-        hub.emit(plan_event(plan))
-        emit_warnings(hub, plan)
-        result = await harvest_plan(engine(config, source, state, hub), plan, manifest_header(config, query, state),
-                                    refetch=frozenset(diff.changed))
-        return SyncResult(diff=diff, harvest=result, pruned=pruned, dry_run=False, unavailable=result.unavailable)
+        with PlanTable(plan_path(state.meta_dir)) as table:
+            plan = await plan_into(source, query, table)
+            updated: set[str] = set()
+            if isinstance(source, UpdateFeed):
+                try:
+                    updated = await source.updated_since(state.header.get("last_sync"))
+                except RequestError:
+                    updated = set()  # counts and sizes still catch changed series
+            diff = diff_plan(state, plan, updated)
+            if dry_run:
+                return SyncResult(diff=diff, harvest=None, pruned=[], dry_run=True,
+                                  unavailable=[(u.series_uid, u.reason) for u in plan.unavailable])
+            pruned = await anyio.to_thread.run_sync(_prune, state, diff.removed) if prune else []
+            hub.emit(plan_event(plan))
+            emit_warnings(hub, plan)
+            result = await harvest_plan(engine(config, source, state, hub), plan,
+                                        manifest_header(config, query, state), refetch=frozenset(diff.changed))
+            return SyncResult(diff=diff, harvest=result, pruned=pruned, dry_run=False,
+                              unavailable=result.unavailable)
 
 
 def _prune(state: HarvestState, uids: list[str]) -> list[str]:

@@ -60,8 +60,8 @@ def _open_then(raise_after: BaseException):  # type: ignore[no-untyped-def]
     state opened in is done (anyio does not abandon it, so the await raises after the lock)."""
     real = HarvestState.open
 
-    def open_and_interrupt(self: HarvestState) -> None:
-        real(self)
+    def open_and_interrupt(self: HarvestState, **options: bool) -> None:   # (recover=False: a run's)
+        real(self, **options)
         raise raise_after
 
     return open_and_interrupt

@@ -11,6 +11,9 @@ checked with ``isinstance`` against these ``runtime_checkable`` classes, never w
   refetches the whole series from a source without it.
 * ``UpdateFeed``: the series released or updated since a time (NBIA's getUpdatedSeries); sync
   then relies on counts and sizes alone.
+* ``PlanInto``: the planner writes its tasks into a store as it makes them (a harvest's plan:
+  ``harvester.store.plan``), so the plan is never one list in memory; a source without it plans
+  into a list, which the caller then stores.
 * ``DownloadSlots``: the source holds the engine's download limiter only while bytes move, so
   that verifying never keeps a connection slot (the engine holds it for the whole series
   otherwise), and one of the engine's ``ConnectionController`` connections for each body it
@@ -34,7 +37,7 @@ import anyio
 
 from harvester.concurrency import ConnectionController
 from harvester.errors import classify_os_error
-from harvester.models import AnnotationFile, Plan, SeriesTask, UnpackedSeries, VerifiedFile
+from harvester.models import AnnotationFile, Plan, SeriesTask, TaskStore, UnpackedSeries, VerifiedFile
 from harvester.query import Query
 from harvester.rate import RateLimiter
 
@@ -181,6 +184,16 @@ class UpdateFeed(Protocol):
     async def updated_since(self, last_sync: str | None) -> set[str]:
         """SeriesInstanceUIDs released or updated since ``last_sync`` (harvest.json's ISO time;
         empty when None or unreadable). Raises request errors."""
+        ...
+
+
+@runtime_checkable
+class PlanInto(Protocol):
+    """A source whose planner hands its tasks to a ``TaskStore`` as it makes them."""
+
+    async def plan_into(self, query: Query, tasks: TaskStore, *, details: bool = True) -> Plan:
+        """``Source.plan``, with every task added to ``tasks`` in the plan's order instead of
+        kept: the Plan returned has no ``tasks`` and ``stored`` is ``tasks``. Raises as ``plan``."""
         ...
 
 

@@ -242,17 +242,20 @@ class Folders(Protocol):
 
 
 def assign_paths(items: Iterable[tuple[str, Mapping[str, Any]]], layout: str,
-                 taken: Mapping[str, str] | None = None, *, folders: Folders | None = None) -> dict[str, str]:
+                 taken: Mapping[str, str] | None = None, *, folders: Folders | None = None,
+                 seeded: bool = False) -> dict[str, str]:
     """Map SeriesInstanceUID -> relative folder, unique per series and never nested in another.
 
     ``taken`` holds folders already recorded for series (from an earlier run): they are kept,
     so a resumed run never moves a finished series. A collision gets a suffix from the UID.
-    ``folders`` (empty) keeps the folders in use instead of a set in memory.
+    ``folders`` (empty) keeps the folders in use instead of a set in memory; ``seeded``: it
+    holds ``taken``'s folders and those of earlier calls already (a plan assigned a batch at a
+    time, into one ``folders``).
     """
     taken = taken or {}
     result: dict[str, str] = {}
     used = folders if folders is not None else _FolderSet()
-    for folder in taken.values():
+    for folder in taken.values() if not seeded else ():
         used.add(folder)
     for uid, fields in items:
         if uid in taken:

@@ -52,7 +52,7 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -379,11 +379,13 @@ class HarvestState:
         self._unchecked = False     # read(streamed=True): rows are checked by checked_items
 
     # ------------------------------------------------------------ open / recover
-    def open(self) -> None:
+    def open(self, *, recover: bool = True) -> None:
         """Create, lock, load and recover DIR. Raises ``UnsafePathError`` when ``.harvester``,
         ``.harvester/tmp``, ``licenses``, an old journal, the database or the lock is a symbolic
         link, or an old journal is not a regular file (nothing is written then); ``FatalError``
-        when the database is damaged (see ``harvester.store.db``)."""
+        when the database is damaged (see ``harvester.store.db``). ``recover=False`` leaves the
+        pass over every series (``recover``) to the caller, who makes it before any other use
+        but the header (a run plans meanwhile)."""
         for fixed in (self.meta_dir, self.tmp_dir, self.out_dir / "licenses", self.journal_path,
                       self.meta_dir / "lock"):
             check_not_link(self.out_dir, fixed)
@@ -406,10 +408,15 @@ class HarvestState:
             with _IntoDB(self) as target:
                 self._import(target)
                 target.mark_imported()
-            self._recover()
+            if recover:
+                self._recover()
         except BaseException:
             self.close()
             raise
+
+    def recover(self) -> None:
+        """The pass ``open(recover=False)`` left out (see ``_recover``); raises as ``open``."""
+        self._recover()
 
     def close(self) -> None:
         if self.db is not None:
@@ -842,6 +849,21 @@ class HarvestState:
         (``FolderIndex``), not in memory. Raises ``DiskFullError``/``OutputNotWritableError``."""
         with FolderIndex(self.meta_dir / "folders.db") as folders:
             return assign_paths(items, layout, taken=self.taken_paths(), folders=folders)
+
+    @contextlib.contextmanager
+    def path_assigner(self, layout: str) -> Iterator[Callable[[Iterable[tuple[str, Mapping[str, Any]]]],
+                                                              dict[str, str]]]:
+        """``assign_paths`` a batch at a time: the folders of every complete series and of each
+        batch assigned so far held in one scratch database (``FolderIndex``) until the block
+        ends. Raises ``DiskFullError``/``OutputNotWritableError``."""
+        with FolderIndex(self.meta_dir / "folders.db") as folders:
+            taken = self.taken_paths()
+            for folder in taken.values():
+                folders.add(folder)
+
+            def assign(items: Iterable[tuple[str, Mapping[str, Any]]]) -> dict[str, str]:
+                return assign_paths(items, layout, taken=taken, folders=folders, seeded=True)
+            yield assign
 
     def events(self) -> Iterator[dict[str, Any]]:
         """The run events, oldest first (``run``, ``progress``, ``finish``, and one per series

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import difflib
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -30,7 +30,7 @@ from harvester.config import NLST_COLLECTIONS
 from harvester.dates import parse_archive_date
 from harvester.errors import PermanentRequestError, UnknownSelectionError
 from harvester.query import Query, Selector, fold
-from harvester.models import Plan, SeriesTask, UnavailableSeries
+from harvester.models import Plan, SeriesTask, TaskStore, UnavailableSeries
 from harvester.selection import empty_selector_warnings, first_error, gather_limited, matches, select_rows
 from harvester.source.nbia.client import NBIAClient, as_int
 
@@ -62,24 +62,40 @@ class Planner:
         # requests, NLST routing and the rows' Collection use the archive's)
         self._collection_names: dict[str, str] = {}
 
-    async def plan(self, query: Query, *, details: bool = True) -> Plan:
+    async def plan(self, query: Query, *, details: bool = True, into: TaskStore | None = None) -> Plan:
         """The exact plan; ``details=False`` leaves ``SeriesTask.study``/``patient`` empty and
-        saves two requests per collection. Raises ``UnknownSelectionError`` for an unknown
-        collection, and for unavailable series of a list when ``config.strict`` is set."""
+        saves two requests per collection. With ``into``, each task goes there as it is made
+        (in a worker thread; its row is then let go) and the Plan holds none (``Plan.stored``).
+        Raises ``UnknownSelectionError`` for an unknown collection, and for unavailable series of
+        a list when ``config.strict`` is set."""
         start_requests, start_retries = self.client.requests, self.client.retries
         await self._check_collections(query)
         results = await gather_limited([self._selector_calls(s) for s in query.selectors], self.concurrency)
         selection = select_rows(query, results, strict=self.client.config.strict, archive="the archive",
                                 hint=UNAVAILABLE_HINT)
-        ordered = selection.rows
+        ordered, unavailable = selection.rows, selection.unavailable
+        warnings = empty_selector_warnings(query.selectors, selection.batches)
+        del results, selection      # the rows are held by ``ordered`` alone from here
         await self._fill_sizes(ordered)
         studies, patients = await self._study_details(ordered) if details else ({}, {})
-        tasks = [self._task(r, studies, patients) for r in ordered]
-        undated = sum(1 for t in tasks if t.series_uid in self._undated)
+        undated = 0
+        if into is None:
+            tasks = [self._task(r, studies, patients) for r in ordered]
+            undated = sum(1 for t in tasks if t.series_uid in self._undated)
+        else:
+            tasks = []
+
+            def made() -> Iterator[SeriesTask]:
+                nonlocal undated
+                ordered.reverse()
+                while ordered:   # each row is let go once its task is stored
+                    task = self._task(ordered.pop(), studies, patients)
+                    undated += task.series_uid in self._undated
+                    yield task
+            await anyio.to_thread.run_sync(into.add, made())
         return Plan(tasks=tasks, requests=self.client.requests - start_requests,
-                    retries=self.client.retries - start_retries, unavailable=selection.unavailable,
-                    warnings=empty_selector_warnings(query.selectors, selection.batches)
-                    + ([undated_warning(undated)] if undated else []))
+                    retries=self.client.retries - start_retries, unavailable=unavailable,
+                    warnings=warnings + ([undated_warning(undated)] if undated else []), stored=into)
 
     # ------------------------------------------------------------ selectors
     def _selector_calls(self, sel: Selector

@@ -27,7 +27,7 @@ from harvester.annotations import MAX_ANNOTATION_BYTES, AnnotationOpener, has_an
 from harvester.concurrency import ConnectionController
 from harvester.config import PER_INSTANCE_MAX_AVERAGE, PER_INSTANCE_MIN_BYTES, PER_INSTANCE_SPARE_MIN_BYTES
 from harvester.errors import IncompleteSeriesError, IntegrityError
-from harvester.models import AnnotatedSeries, Plan, SeriesTask, UnpackedSeries
+from harvester.models import AnnotatedSeries, Plan, SeriesTask, TaskStore, UnpackedSeries
 from harvester.query import Query
 from harvester.rate import RateLimiter
 from harvester.source.base import ClientBackedSource, Sinks
@@ -95,6 +95,10 @@ class NBIASource(ClientBackedSource):
     async def plan(self, query: Query, *, details: bool = True) -> Plan:
         return await Planner(self.client, concurrency=self.client.config.plan_concurrency).plan(
             query, details=details)
+
+    async def plan_into(self, query: Query, tasks: TaskStore, *, details: bool = True) -> Plan:
+        return await Planner(self.client, concurrency=self.client.config.plan_concurrency).plan(
+            query, details=details, into=tasks)
 
     async def fetch_instance(self, task: SeriesTask, sop_uid: str) -> bytes:
         """One instance's bytes via getSingleImage (request errors as the client raises them)."""
