@@ -30,7 +30,8 @@ collection SCALE). ``harvester serve`` of a linked copy of DIR serves those very
 this tree and the ``--baseline`` one, each on its own copy of DIR (files hard-linked, the state
 database and harvest.json copied: a run rewrites them), ``harvester run`` of the query
 ``{collection: SCALE}`` into it, which has nothing to fetch: wall, CPU-s, peak RSS, and the
-summary's counts (``downloaded`` must be 0).
+summary's counts (``complete_now`` must be 0). ``--into SPEC`` serves a synthetic archive
+instead and harvests all of it into each copy: a harvest with every file of DIR recorded.
 
     .venv/bin/python bench/scale_state.py state 10000 1000000 [--json out.json]
     .venv/bin/python bench/scale_state.py prefill 10000000
@@ -288,14 +289,24 @@ def _serve_dir(tree: Path, out: Path) -> tuple[subprocess.Popen[str], str]:
     return proc, line
 
 
-def run_rerun(tree_dir: Path, root: Path, baseline: Path | None, repeat: int) -> list[dict[str, Any]]:
+def run_rerun(tree_dir: Path, root: Path, baseline: Path | None, repeat: int,
+              spec: str | None = None) -> list[dict[str, Any]]:
     sys.path.insert(0, str(REPO / "bench"))
-    from harness import run_tool, stop_process
+    from harness import ServedArchive, load_archive, run_tool, stop_process, warm_cache
 
     served = root / "rerun-served"
-    _copy_tree(tree_dir, served)
     started = time.perf_counter()
-    server, url = _serve_dir(REPO, served)
+    collections = ["SCALE"]
+    synthetic: Any = None
+    if spec:   # --into SPEC: a harvest of a synthetic archive into DIR, beside all it records
+        archive = load_archive(spec)
+        collections = sorted(archive.collections())
+        warm_cache(archive)
+        synthetic = ServedArchive(spec).__enter__()
+        server, url = synthetic.proc, synthetic.base_url
+    else:
+        _copy_tree(tree_dir, served)
+        server, url = _serve_dir(REPO, served)
     load = time.perf_counter() - started
     trees = [("this tree", REPO)] + ([("baseline", baseline)] if baseline else [])
     results = []
@@ -306,10 +317,10 @@ def run_rerun(tree_dir: Path, root: Path, baseline: Path | None, repeat: int) ->
             work.mkdir(parents=True, exist_ok=True)
             _copy_tree(tree_dir, out)
             query = work / "query.json"
-            query.write_text(json.dumps({"select": [{"collection": "SCALE"}]}))
+            query.write_text(json.dumps({"select": [{"collection": c} for c in collections]}))
             cmd = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(src)!r}); "
                    "from harvester.cli import main; sys.exit(main())",
-                   "run", str(query), "-o", str(out), "--api-url", url, "--layout", "descriptive",
+                   "run", str(query), "-o", str(out), "--api-url", url, "--layout", "descriptive", "--force",
                    "--no-progress", "--json"]
             for n in range(repeat):
                 got = run_tool(cmd, work / f"run-{n}")
@@ -325,7 +336,10 @@ def run_rerun(tree_dir: Path, root: Path, baseline: Path | None, repeat: int) ->
                 print(json.dumps(row), flush=True)
             shutil.rmtree(work, ignore_errors=True)
     finally:
-        stop_process(server)
+        if synthetic is not None:
+            synthetic.__exit__(None, None, None)
+        else:
+            stop_process(server)
         shutil.rmtree(served, ignore_errors=True)
     return results
 
@@ -351,6 +365,8 @@ def main() -> int:
     parser.add_argument("--no-export", action="store_true", help="prefill: no export")
     parser.add_argument("--batch", type=int, default=1000, help="prefill: series per transaction")
     parser.add_argument("--repeat", type=int, default=1, help="rerun: runs of each tree, one after the other")
+    parser.add_argument("--into", metavar="SPEC", help="rerun: harvest this synthetic archive into (a copy of) "
+                        "the tree instead: a harvest with every file of the tree recorded")
     parser.add_argument("--json", type=Path, help="write every measurement here")
     args = parser.parse_args()
     root = args.dir or Path(tempfile.mkdtemp(prefix="scale-state-"))
@@ -361,7 +377,7 @@ def main() -> int:
     elif args.what == "rerun":
         if len(args.files) != 1:
             parser.error("rerun takes one tree (what state N --keep left)")
-        results = run_rerun(Path(args.files[0]).resolve(), root, args.baseline, args.repeat)
+        results = run_rerun(Path(args.files[0]).resolve(), root, args.baseline, args.repeat, args.into)
     elif args.what == "prefill":
         results = run_prefill(sizes or [10_000_000], root, args.keep,
                               {"budget": args.budget, "commits": not args.no_commits, "export": not args.no_export,

@@ -491,6 +491,30 @@ def test_the_scale_benchmark_runs_at_a_tiny_size(tmp_path: Path) -> None:
     assert row["harvest_json"] > row["db"] > 0 and row["series_per_s"] > 0 and row["peak_rss_mb_resume"] > 0
 
 
+@pytest.mark.slow
+def test_the_rerun_benchmark_runs_at_a_tiny_size(tmp_path: Path) -> None:
+    """``scale_state.py rerun`` (the no-op ``harvester run`` over a kept tree, as a user hits it):
+    at 10 series, twice, nothing fetched, every series found complete; and ``--into`` harvests a
+    synthetic archive into a copy of the tree, beside all it records."""
+    bench = Path(__file__).resolve().parents[2] / "bench" / "scale_state.py"
+
+    def run(*args: str) -> list[dict[str, Any]]:
+        proc = subprocess.run([sys.executable, str(bench), *args, "--json", str(tmp_path / "r.json")],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads((tmp_path / "r.json").read_text())
+
+    run("state", "500", "--dir", str(tmp_path / "kept"), "--keep")
+    tree = tmp_path / "kept" / "state-500"
+    rows = run("rerun", str(tree), "--dir", str(tmp_path / "work"), "--repeat", "2")
+    assert [(r["run"], r["rc"], r["planned"], r["complete_now"], r["complete_before"]) for r in rows] == [
+        (1, 0, 10, 0, 10), (2, 0, 10, 0, 10)]
+    (into,) = run("rerun", str(tree), "--dir", str(tmp_path / "work"),
+                  "--into", "collections=1,patients=3,studies=1,series=1,instances=2,size=1KB,seed=0")
+    assert (into["rc"], into["planned"], into["complete_now"], into["failed"]) == (0, 3, 3, 0)
+    assert json.loads((tree / "harvest.json").read_text())["totals"]["complete"] == 10   # the kept tree untouched
+
+
 def test_the_10_million_prefill_goes_on_where_a_budget_stopped_it(tmp_path: Path) -> None:
     """``scale_state.py prefill --budget`` (the 10 M fill, split across holds of the bench lock):
     a run stops after its first batch when the budget is spent, the next run with ``--keep`` goes
