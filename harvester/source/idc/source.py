@@ -19,7 +19,7 @@ Fetch, per series (``fetch_series``):
    ``WHOLE_OBJECT_BYTES`` is read whole, its bytes held of the run's budget (``budget.py``: every
    series together, ``OBJECT_BYTES_IN_FLIGHT``) from before its GET until it is written, and
    handed, with whatever else has arrived (up to ``BATCH_BYTES``), to the store's instance sink
-   in one worker-thread call (``S3Client.writers``); a larger one is
+   in one worker-thread call (``S3Client.writers``), in pieces of ``WRITE_STEP``; a larger one is
    streamed into the sink as it arrives, its request retried until the answer is there and a
    failure of its body failing the attempt at the series (``IncompleteSeriesError``).
 3. The sink (``Sinks.instances``, the one DICOMweb's parts go through) writes each object to a new
@@ -72,6 +72,10 @@ OBJECTS_WAITING = 4
 WHOLE_OBJECT_BYTES = 8 << 20
 #: Bytes handed to the sink in one worker-thread call, at most (plus one object).
 BATCH_BYTES = 4 << 20
+#: An object is handed to the sink in pieces of this size: each is hashed and at once written
+#: while it is in the CPU's cache (hashing the whole object, then writing it, read it from memory
+#: twice: the kernel's copy into the page cache cost about a third more system time).
+WRITE_STEP = 128 << 10
 NO_SERIES = "the IDC index has no such series"
 UNKNOWN_UID_HINT = ("the series may not be in IDC (restricted, NLST, or newer than the index); check the UIDs, "
                     "or leave out --strict to harvest the rest")
@@ -329,7 +333,12 @@ class _SeriesObjects:
     def write(self, pieces: list[bytes] | list[bytes | memoryview]) -> None:
         try:
             for piece in pieces:
-                self.sink.write(piece)
+                if len(piece) <= WRITE_STEP:
+                    self.sink.write(piece)
+                    continue
+                view = memoryview(piece)
+                for at in range(0, len(view), WRITE_STEP):
+                    self.sink.write(view[at:at + WRITE_STEP])
         except BaseException:
             self.sink.abort()
             raise
