@@ -8,14 +8,18 @@ used again (``keepalive.Buffers`` keeps only so many spares), so every object pa
 cost a fresh buffer: zeroing and a page fault per 4 KiB, on the loop thread. One budget for the
 run bounds both: the memory held is the budget, and every buffer it admits is used again.
 
-Fair: waiters are served first come, first served (a large object is not starved by small
-ones); an object larger than the whole budget waits until it is alone, then goes. Not
+Who goes first: the series that started first (then, within a series, first come, first
+served), so series finish one after another, each committed while the next ones download,
+rather than all at once at the end of the run (and a kill -9 loses the fewest bytes of series
+not yet committed); no waiter is passed by one behind it in that order, so a large object is
+not starved by small ones. An object larger than the whole budget waits until it is alone, then goes. Not
 thread-safe: the event loop's thread only.
 """
 from __future__ import annotations
 
 import contextlib
-from collections import deque
+import heapq
+import itertools
 from collections.abc import Iterator
 
 import anyio
@@ -30,24 +34,34 @@ class ByteBudget:
     def __init__(self, total: int = OBJECT_BYTES_IN_FLIGHT) -> None:
         self.total = max(1, total)
         self.free = self.total
-        self._waiters: deque[tuple[int, anyio.Event]] = deque()
+        # (rank, arrival, bytes, event): the lowest rank first, then the earliest arrival
+        self._waiters: list[tuple[int, int, int, anyio.Event]] = []
+        self._arrivals = itertools.count()
+        self._ranks = itertools.count()
 
-    async def acquire(self, n: int) -> int:
-        """Wait until ``n`` bytes (at most ``total``) are free and take them; returns what was
-        taken, to be given to ``release``. A cancelled wait takes nothing."""
+    def rank(self) -> int:
+        """A rank for the next series to start: lower ranks are served first."""
+        return next(self._ranks)
+
+    async def acquire(self, n: int, rank: int = 0) -> int:
+        """Wait until ``n`` bytes (at most ``total``) are free and no waiter of a lower ``rank``,
+        or of the same rank and earlier, is left; take them. Returns what was taken, to be given
+        to ``release``. A cancelled wait takes nothing."""
         n = min(max(0, n), self.total)
         if not self._waiters and n <= self.free:
             self.free -= n
             return n
-        entry = (n, anyio.Event())
-        self._waiters.append(entry)
+        entry = (rank, next(self._arrivals), n, anyio.Event())
+        heapq.heappush(self._waiters, entry)
+        self._wake()                     # it may be first in the order now, and fit
         try:
-            await entry[1].wait()
+            await entry[3].wait()
         except BaseException:
-            if entry[1].is_set():        # granted as the wait was cancelled: give it back
+            if entry[3].is_set():        # granted as the wait was cancelled: give it back
                 self.release(n)
             else:
                 self._waiters.remove(entry)
+                heapq.heapify(self._waiters)
                 self._wake()             # those behind it may fit now
             raise
         return n
@@ -57,8 +71,8 @@ class ByteBudget:
         self._wake()
 
     def _wake(self) -> None:
-        while self._waiters and self._waiters[0][0] <= self.free:
-            n, event = self._waiters.popleft()
+        while self._waiters and self._waiters[0][2] <= self.free:
+            _, _, n, event = heapq.heappop(self._waiters)
             self.free -= n
             event.set()
 
@@ -71,10 +85,11 @@ class SeriesShare:
 
     def __init__(self, budget: ByteBudget) -> None:
         self.budget = budget
+        self.rank = budget.rank()   # its place in the order of series started
         self.held = 0
 
     async def take(self, n: int) -> int:
-        got = await self.budget.acquire(n)
+        got = await self.budget.acquire(n, self.rank)
         self.held += got
         return got
 

@@ -43,6 +43,32 @@ async def test_the_budget_is_never_exceeded_and_waiters_go_in_order() -> None:
 
 
 @pytest.mark.anyio
+async def test_the_series_that_started_first_is_served_first() -> None:
+    budget = ByteBudget(100)
+    first, second = SeriesShare(budget), SeriesShare(budget)
+    order: list[str] = []
+
+    async def take(name: str, share: SeriesShare, n: int) -> None:
+        await share.take(n)
+        order.append(name)
+
+    held = await second.take(100)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(take, "second again", second, 50)
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(take, "first", first, 60)   # later, but of the series started earlier
+        await anyio.wait_all_tasks_blocked()
+        assert order == []
+        second.give_back(held)
+        await anyio.wait_all_tasks_blocked()
+        assert order == ["first"] and budget.free == 40   # 50 do not fit: the second series waits
+        first.close()
+    assert order == ["first", "second again"] and budget.free == 50
+    second.close()
+    assert budget.free == 100
+
+
+@pytest.mark.anyio
 async def test_an_object_larger_than_the_budget_waits_to_go_alone() -> None:
     budget = ByteBudget(100)
     held = await budget.acquire(1)
