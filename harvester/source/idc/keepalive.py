@@ -40,9 +40,15 @@ MAX_HEAD_BYTES = 64 << 10
 ERROR_BODY_BYTES = 4096
 #: Idle connections kept per origin (beyond them a finished connection is closed).
 MAX_IDLE = 256
-#: Bytes of object buffers kept for the next objects (``Buffers``), at most.
+#: Bytes of object buffers kept for the next objects (``Buffers``), at most (the IDC source keeps
+#: as many as its budget of objects in memory, ``budget.OBJECT_BYTES_IN_FLIGHT``).
 MAX_SPARE_BYTES = 32 << 20
 _GRAIN = 64 << 10
+
+
+def buffer_capacity(length: int) -> int:
+    """The capacity of the buffer ``Buffers.take(length)`` gives: ``length`` rounded up to 64 KiB."""
+    return -(-length // _GRAIN) * _GRAIN
 
 
 class Buffers:
@@ -57,7 +63,7 @@ class Buffers:
         self._held = 0
 
     def take(self, length: int) -> memoryview:
-        capacity = -(-length // _GRAIN) * _GRAIN
+        capacity = buffer_capacity(length)
         spare = self._spare.get(capacity)
         if spare:
             self._held -= capacity
@@ -236,13 +242,13 @@ class KeepAlivePool:
     """Keep-alive connections per origin, shared by every request of a run (see the module
     docstring). Not thread-safe: the event loop's thread only."""
 
-    def __init__(self, config: Config, user_agent: str) -> None:
+    def __init__(self, config: Config, user_agent: str, *, spare_bytes: int = MAX_SPARE_BYTES) -> None:
         self.config = config
         self.user_agent = user_agent
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._ssl: ssl.SSLContext | None = None
         self._users = 0
-        self.buffers = Buffers()
+        self.buffers = Buffers(spare_bytes)
 
     async def get(self, url: str, guard: BodyGuard, limit: int, shown: str) -> Answer:
         """One GET of ``url`` (a URL this module's caller built: quoted, no userinfo). See the

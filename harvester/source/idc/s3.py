@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import random
 import re
 import xml.etree.ElementTree as ET
@@ -35,7 +36,8 @@ from tenacity import RetryCallState, stop_after_attempt
 
 from harvester.config import IDC_ENDPOINT_URL, Config
 from harvester.errors import PermanentRequestError, RetryableRequestError, UsageError, should_retry_request
-from harvester.source.idc.keepalive import KeepAlivePool, NeedsGeneralClient
+from harvester.source.idc.budget import OBJECT_BYTES_IN_FLIGHT, ByteBudget
+from harvester.source.idc.keepalive import KeepAlivePool, NeedsGeneralClient, buffer_capacity
 from harvester.source.http import (
     CLIENT_ERRORS,
     BodyGuard,
@@ -60,6 +62,8 @@ GCS_BUCKETS = {"idc-open-data": "idc-open-data", "idc-open-data-two": "idc-open-
 MAX_LISTING_BYTES = 4 << 20
 #: Pages of one listing at most (a server that hands out continuation tokens forever).
 MAX_PAGES = 1000
+#: Worker threads writing objects into the sinks at once (``S3Client.writers``).
+WRITER_THREADS = max(2, os.cpu_count() or 2)
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _MD5_ETAG = re.compile(r'^"?([0-9a-fA-F]{32})"?$')
@@ -150,8 +154,13 @@ class S3Client(RetryingClient):
         # whole objects go over connections of our own (keepalive.py) unless the environment names
         # a proxy for the endpoint (aiohttp goes through it: ``env_proxy``) or the endpoint carries
         # userinfo (aiohttp sends it as credentials)
-        self.keepalive = KeepAlivePool(config, str(session.headers.get("User-Agent", "harvester"))) if (
+        #: the bytes of whole objects every series holds at once (``budget.py``); the keep-alive
+        #: pool keeps as many spare buffers, so each buffer the budget admits is used again
+        self.budget = ByteBudget(OBJECT_BYTES_IN_FLIGHT)
+        self.keepalive = KeepAlivePool(config, str(session.headers.get("User-Agent", "harvester")),
+                                       spare_bytes=self.budget.total) if (
             not env_proxy(session, self.endpoint) and urlsplit(self.endpoint).username is None) else None
+        self._writers: anyio.CapacityLimiter | None = None
         self.virtual_hosted = self.endpoint == IDC_ENDPOINT_URL
         self.on_retry = on_retry
         # one generator for every object's backoff: a new random.Random() seeds itself from
@@ -272,6 +281,20 @@ class S3Client(RetryingClient):
         if answer.status != 200:
             await raise_for_status(answer, shown, max_retry_after=self.config.max_retry_after)  # type: ignore[arg-type]
         return answer.body if isinstance(answer.body, memoryview) else memoryview(answer.body)
+
+    @staticmethod
+    def held_bytes(size: int) -> int:
+        """The memory an object of ``size`` bytes holds while whole (its buffer's capacity)."""
+        return buffer_capacity(size)
+
+    @property
+    def writers(self) -> anyio.CapacityLimiter:
+        """The worker threads that write every series' objects, ``WRITER_THREADS`` at most (made in
+        the event loop on first use): hashing and writing release the GIL, so threads past the
+        cores only contend for it with the loop thread, which reads every object."""
+        if self._writers is None:
+            self._writers = anyio.CapacityLimiter(WRITER_THREADS)
+        return self._writers
 
     def give_back(self, body: bytes | memoryview) -> None:
         """``body`` (of ``read_object``) has been written and is read no more."""

@@ -16,8 +16,10 @@ Fetch, per series (``fetch_series``):
    announced series), fewer ``IncompleteSeriesError``; both before any GET.
 2. Up to ``OBJECTS_IN_FLIGHT`` GETs at once, each with request-level retries and bounded by the
    size listed (a longer body is ``IntegrityError``, a shorter one is retried). An object up to
-   ``WHOLE_OBJECT_BYTES`` is read whole and handed, with whatever else has arrived (up to
-   ``BATCH_BYTES``), to the store's instance sink in one worker-thread call; a larger one is
+   ``WHOLE_OBJECT_BYTES`` is read whole, its bytes held of the run's budget (``budget.py``: every
+   series together, ``OBJECT_BYTES_IN_FLIGHT``) from before its GET until it is written, and
+   handed, with whatever else has arrived (up to ``BATCH_BYTES``), to the store's instance sink
+   in one worker-thread call (``S3Client.writers``), in pieces of ``WRITE_STEP``; a larger one is
    streamed into the sink as it arrives, its request retried until the answer is there and a
    failure of its body failing the attempt at the series (``IncompleteSeriesError``).
 3. The sink (``Sinks.instances``, the one DICOMweb's parts go through) writes each object to a new
@@ -57,6 +59,7 @@ from harvester.query import Query
 from harvester.source.base import ClientBackedSource, InstanceWriter, Sinks, fresh_staging
 from harvester.source.http import CLIENT_ERRORS, BodyGuard, as_int, classify_client_error
 from harvester.source.idc import index as idc_index
+from harvester.source.idc.budget import SeriesShare
 from harvester.source.idc.s3 import S3Client, S3Object
 from harvester.models import UnpackedSeries, VerifiedFile
 
@@ -69,6 +72,10 @@ OBJECTS_WAITING = 4
 WHOLE_OBJECT_BYTES = 8 << 20
 #: Bytes handed to the sink in one worker-thread call, at most (plus one object).
 BATCH_BYTES = 4 << 20
+#: An object is handed to the sink in pieces of this size: each is hashed and at once written
+#: while it is in the CPU's cache (hashing the whole object, then writing it, read it from memory
+#: twice: the kernel's copy into the page cache cost about a third more system time).
+WRITE_STEP = 128 << 10
 NO_SERIES = "the IDC index has no such series"
 UNKNOWN_UID_HINT = ("the series may not be in IDC (restricted, NLST, or newer than the index); check the UIDs, "
                     "or leave out --strict to harvest the rest")
@@ -128,9 +135,11 @@ class IDCSource(ClientBackedSource):
         await anyio.to_thread.run_sync(fresh_staging, staging)
         series = _SeriesObjects(task, sinks.instances(task, staging, max_instances=len(objects), what="object",
                                                       sender=f"s3 prefix {prefix}"))
-        # whole objects travel from their GETs to the one writer below: held in memory are at most
-        # OBJECTS_IN_FLIGHT arriving, OBJECTS_WAITING waiting and one batch being written
-        send, receive = anyio.create_memory_object_stream[tuple[S3Object, bytes | memoryview]](OBJECTS_WAITING)
+        # whole objects travel from their GETs to the one writer below: each holds its bytes of the
+        # run's budget (``S3Client.budget``, every series together) from before its GET until it
+        # is written; per series at most OBJECTS_IN_FLIGHT arriving, OBJECTS_WAITING waiting and
+        # one batch being written
+        send, receive = anyio.create_memory_object_stream[tuple[S3Object, bytes | memoryview, int]](OBJECTS_WAITING)
         # the sink takes one instance at a time: the writer's batches and a streamed object take
         # turns; a series without such an object has no turns to take (an uncontended anyio Lock
         # still yields to the loop on every acquire: a tenth of the loop thread's time)
@@ -138,19 +147,21 @@ class IDCSource(ClientBackedSource):
 
         pending = iter(objects)
         shown_prefix = self.client.shown_url(bucket, "")   # redacted once; keys are only quoted after it
+        share = SeriesShare(self.client.budget)
 
-        async def lane(out: ObjectSendStream[tuple[S3Object, bytes | memoryview]]) -> None:
-            # OBJECTS_IN_FLIGHT lanes share one iterator (no await between taking and starting an
-            # object): one task per lane, not one per object
+        async def lane(out: ObjectSendStream[tuple[S3Object, bytes | memoryview, int]]) -> None:
+            # OBJECTS_IN_FLIGHT lanes share one iterator (taking the next object never awaits):
+            # one task per lane, not one per object
             async with out:
                 for obj in pending:
                     if obj.size > WHOLE_OBJECT_BYTES:
                         async with turn:
                             await self._stream_object(task, bucket, obj, series, on_bytes, rate)
                         continue
+                    taken = await share.take(self.client.held_bytes(obj.size))
                     body = await self.client.call_retrying(
                         functools.partial(self._read_object, task, bucket, obj, on_bytes, rate, shown_prefix))
-                    await out.send((obj, body))
+                    await out.send((obj, body, taken))
 
         async def write_all() -> None:
             # one worker-thread call per batch: whatever has arrived, up to BATCH_BYTES
@@ -165,13 +176,16 @@ class IDCSource(ClientBackedSource):
                         batch.append(item)
                         held += len(item[1])
                     async with turn:
-                        await anyio.to_thread.run_sync(series.write_batch, batch)
-                    for _, body in batch:   # written and checked: their buffers may carry others
+                        await anyio.to_thread.run_sync(series.write_batch, batch, limiter=self.client.writers)
+                    for _, body, taken in batch:   # written and checked: their buffers may carry others
                         self.client.give_back(body)
+                        share.give_back(taken)
                     del batch, first, body   # not held while the next object is awaited
 
         try:  # the first error cancels the other GETs of the series and propagates
-            with send, receive:   # closed even when the group is cancelled before a task starts
+            # closed even when the group is cancelled before a task starts; what the series still
+            # holds of the budget (objects that were waiting) goes back however it ends
+            with send, receive, share.open():
                 async with self.client.in_use(), anyio.create_task_group() as tg:
                     with send:
                         for _ in range(min(OBJECTS_IN_FLIGHT, len(objects))):
@@ -308,8 +322,8 @@ class _SeriesObjects:
         self.task, self.sink = task, sink
         self.files: list[VerifiedFile] = []
 
-    def write_batch(self, batch: list[tuple[S3Object, bytes | memoryview]]) -> None:
-        for obj, body in batch:
+    def write_batch(self, batch: list[tuple[S3Object, bytes | memoryview, int]]) -> None:
+        for obj, body, _ in batch:
             self.start()
             self.end(obj, [body])
 
@@ -319,7 +333,12 @@ class _SeriesObjects:
     def write(self, pieces: list[bytes] | list[bytes | memoryview]) -> None:
         try:
             for piece in pieces:
-                self.sink.write(piece)
+                if len(piece) <= WRITE_STEP:
+                    self.sink.write(piece)
+                    continue
+                view = memoryview(piece)
+                for at in range(0, len(view), WRITE_STEP):
+                    self.sink.write(view[at:at + WRITE_STEP])
         except BaseException:
             self.sink.abort()
             raise
