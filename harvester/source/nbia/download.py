@@ -68,17 +68,19 @@ class ZipTarget(Protocol[T]):
 async def stream_series_zip(client: NBIAClient, series_uid: str, collection: str | None,
                             open_sink: Callable[[], ZipTarget[T]], *, chunk_size: int = 1 << 20,
                             rate: RateLimiter | None = None, on_bytes: Callable[[int], None] | None = None,
-                            max_bytes: int | None = None) -> T:
+                            max_bytes: int | None = None, on_latency: Callable[[float], None] | None = None) -> T:
     """Stream the series ZIP into a sink (``open_sink()``, a fresh one per attempt) and return
     what its ``close`` gives: no ``.partial`` file. A failed attempt discards its sink, so the
-    staging folder holds nothing of it. ``client`` may be any opener with ``config``,
-    ``retrying``, ``series_url`` and ``open_series`` (``AnnotationOpener``). Raises as the
-    module docstring says."""
+    staging folder holds nothing of it. ``on_latency`` hears each attempt's seconds from
+    sending the request to its headers (one round trip, for the connection controller).
+    ``client`` may be any opener with ``config``, ``retrying``, ``series_url`` and
+    ``open_series`` (``AnnotationOpener``). Raises as the module docstring says."""
     async for attempt in client.retrying():
         with attempt:
             sink = open_sink()
             try:
-                await _fetch_once(client, series_uid, collection, sink, chunk_size, rate, on_bytes, max_bytes)
+                await _fetch_once(client, series_uid, collection, sink, chunk_size, rate, on_bytes, max_bytes,
+                                  on_latency)
                 return await sink.close()
             except BaseException:
                 sink.discard()  # blocking but quick; it must run even when cancelled
@@ -88,7 +90,8 @@ async def stream_series_zip(client: NBIAClient, series_uid: str, collection: str
 
 async def _fetch_once(client: NBIAClient, series_uid: str, collection: str | None,
                       target: ZipTarget[Any], chunk_size: int, rate: RateLimiter | None,
-                      on_bytes: Callable[[int], None] | None, max_bytes: int | None) -> int:
+                      on_bytes: Callable[[int], None] | None, max_bytes: int | None,
+                      on_latency: Callable[[float], None] | None = None) -> int:
     """One attempt: the checked body, chunk by chunk, into ``target``; returns its size."""
     received = 0
     shown = redact_url(client.series_url(series_uid, collection))
@@ -100,8 +103,11 @@ async def _fetch_once(client: NBIAClient, series_uid: str, collection: str | Non
 
     guard = BodyGuard(client.config, shown, max_bytes=max_bytes, too_big=too_big)
     unreported = 0   # bytes received but not yet told to ``on_bytes`` (told at least every REPORT_BYTES)
+    sent = time.monotonic()
     try:
         async with client.open_series(series_uid, collection) as resp:
+            if on_latency is not None:
+                on_latency(time.monotonic() - sent)
             head = b""  # the first bytes, until the ZIP signature could be checked
             async for chunk in resp.content.iter_chunked(chunk_size):
                 guard.feed(len(chunk))
