@@ -20,6 +20,17 @@ before the last increase:
 A window in which no request waited for a connection says nothing about the link (the demand
 was below the limit), so it changes nothing. ``Retry-After`` is the HTTP layer's
 (``harvester.source.http.HostGate`` pauses every request to the host).
+
+Spreading a series over connections pays only where one connection's link is slow against a
+round trip: each instance then costs a request (a round trip and the client's CPU for it)
+instead of a few ZIP bytes. The controller keeps what it needs to say so: the round trip
+(``observe_latency``, the time to a ZIP's headers) and the bytes per second of one busy
+connection (from each window: its throughput over the connections busy on average). A series
+is spread only when one of its instances takes at least ``SPREAD_MIN_ROUND_TRIPS`` round trips
+on one connection (a link capped per connection: issue 17's 1 MB/s, where a 64 KiB instance
+takes 1.7 round trips of 30 ms); where the connections are fast against the latency (many
+small series at 50 ms, 2.9 MB/s a connection: 0.4 round trips) one ZIP each is as fast and
+costs a fiftieth of the requests. Before anything was measured, spare connections are used.
 """
 from __future__ import annotations
 
@@ -36,6 +47,12 @@ WINDOW = 0.5
 GAIN = 0.10
 #: windows a plateau or a push-back is held before connections are added again
 HOLD = 6
+#: a series is spread over spare connections only when one of its instances takes at least this
+#: many round trips on one connection (see the module's docstring): 1.7 on issue 17's capped
+#: link, 0.2-0.6 (0.4 at the median) for scenario a's small series at 50 ms
+SPREAD_MIN_ROUND_TRIPS = 0.75
+#: weight of a new round trip in the running average (``observe_latency``)
+LATENCY_WEIGHT = 0.2
 
 
 class ConnectionController:
@@ -62,6 +79,12 @@ class ConnectionController:
         #: the most connections that moved bytes at once, and decisions taken (for the journal, tests)
         self.high_water = 0
         self.grown = self.shrunk = 0
+        #: the round trip (seconds to a ZIP's headers, a running average) and the bytes per
+        #: second of one busy connection (the last window's), once measured: ``round_trips``
+        self.latency: float | None = None
+        self.per_connection: float | None = None
+        self._busy_area = 0.0          # connection-seconds busy in this window
+        self._busy_mark = self._window_start
 
     @property
     def limit(self) -> int:
@@ -77,19 +100,51 @@ class ConnectionController:
         if self.limiter.available_tokens < 1:
             self._starved = True
         async with self.limiter:
+            self._account_busy(-1)
             self.high_water = max(self.high_water, self.busy)
-            yield
+            try:
+                yield
+            finally:
+                self._account_busy(0)
+
+    def _account_busy(self, change: int) -> None:
+        """Add the connection-seconds since the last change (``busy`` less ``change`` were busy
+        meanwhile: the limiter already counts a connection just taken)."""
+        now = self._clock()
+        self._busy_area += (self.busy + change) * (now - self._busy_mark)
+        self._busy_mark = now
 
     @contextlib.contextmanager
-    def series_download(self) -> Iterator[bool]:
+    def series_download(self, instance_bytes: float | None = None) -> Iterator[bool]:
         """Around one series' download (its slot taken): counts it among the series downloading,
         in the order they began (a slot limiter's count is of no use: every waiter takes its slot
-        before the first one runs on), and gives ``spare_for`` of that count."""
+        before the first one runs on), and gives whether to spread it: ``spare_for`` of that
+        count, and (for instances of ``instance_bytes`` on average, when given) ``worth_spreading``."""
         self._downloading += 1
         try:
-            yield self.spare_for(self._downloading)
+            yield self.spare_for(self._downloading) and (instance_bytes is None or self.worth_spreading(instance_bytes))
         finally:
             self._downloading -= 1
+
+    def observe_latency(self, seconds: float) -> None:
+        """A request's time to its headers: one round trip (a running average)."""
+        if seconds < 0 or seconds != seconds:
+            return
+        self.latency = seconds if self.latency is None else \
+            self.latency + LATENCY_WEIGHT * (seconds - self.latency)
+
+    def round_trips(self, instance_bytes: float) -> float | None:
+        """Round trips one instance of ``instance_bytes`` takes on one busy connection; None
+        until both the round trip and a connection's throughput were measured."""
+        if not self.latency or not self.per_connection:
+            return None
+        return instance_bytes / self.per_connection / self.latency
+
+    def worth_spreading(self, instance_bytes: float) -> bool:
+        """Whether instances of ``instance_bytes`` are worth a request each: they take at least
+        ``SPREAD_MIN_ROUND_TRIPS`` round trips on one connection, or that is not known yet."""
+        trips = self.round_trips(instance_bytes)
+        return trips is None or trips >= SPREAD_MIN_ROUND_TRIPS
 
     def spare_for(self, downloading: int) -> bool:
         """Whether a series about to download should be spread over several connections: the
@@ -106,6 +161,11 @@ class ConnectionController:
         if elapsed < self.window:
             return
         rate = self._window_bytes / elapsed
+        self._account_busy(0)
+        busy = self._busy_area / elapsed   # connections busy on average over the window
+        if busy >= 1 and self._window_bytes:
+            self.per_connection = rate / busy
+        self._busy_area = 0.0
         starved = self._starved or self.limiter.statistics().tasks_waiting > 0
         self._window_start, self._window_bytes, self._starved = now, 0, False
         if not starved:

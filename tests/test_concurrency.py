@@ -212,3 +212,77 @@ def test_series_download_counts_the_series_in_the_order_they_began() -> None:
     assert decisions == [False] * 16 + [True] * 8
     with c.series_download() as spare:      # the ones that ended no longer count
         assert not spare
+
+
+@contextlib.asynccontextmanager
+async def holding(c: ConnectionController, n: int) -> Any:
+    """``n`` connections of ``c`` held, each by a task of its own, until the block ends."""
+    release = anyio.Event()
+
+    async def hold() -> None:
+        async with c.connection():
+            await release.wait()
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(n):
+            tg.start_soon(hold)
+        await anyio.wait_all_tasks_blocked()
+        yield
+        release.set()
+
+
+@pytest.mark.anyio
+async def test_a_window_measures_the_bytes_per_second_of_one_busy_connection() -> None:
+    """Two connections busy for a whole window of 2 MB: 2 MB/s in all, 1 MB/s each."""
+    clock = Clock()
+    c = ConnectionController(4, 8, clock=clock)
+    assert c.per_connection is None
+    async with holding(c, 2):
+        clock.now += 1.0
+        c.add_bytes(2_000_000)
+    assert c.per_connection == pytest.approx(1e6)
+    # four connections for half of the next window: two on average, 1.5 MB/s each
+    async with holding(c, 4):
+        clock.now += 0.5
+    clock.now += 0.5
+    c.add_bytes(3_000_000)
+    assert c.per_connection == pytest.approx(1.5e6)
+    # a window with less than one connection busy on average leaves the last figure standing
+    clock.now += 1.0
+    c.add_bytes(10_000_000)
+    assert c.per_connection == pytest.approx(1.5e6)
+
+
+def test_series_are_spread_only_where_one_instance_takes_a_good_part_of_a_round_trip() -> None:
+    """Scenario a (2.9 MB/s a connection, 55 ms round trips, 64 KiB instances: 0.4 round trips)
+    takes one ZIP a series even with connections spare; issue 17's capped link (0.9 MB/s, 45 ms:
+    1.6 round trips) spreads; before both figures were measured, spare connections are used."""
+    c = ConnectionController(24, 32)
+    c.unsettled = 3
+    assert c.round_trips(65536) is None
+    with c.series_download(65536) as spread:
+        assert spread                           # nothing measured yet: as before
+    c.observe_latency(0.055)
+    c.per_connection = 2.9e6
+    assert c.round_trips(65536) == pytest.approx(0.41, abs=0.01)
+    with c.series_download(65536) as spread:
+        assert not spread
+    with c.series_download() as spread:         # no instance size known: spare is enough
+        assert spread
+    c.per_connection, c.latency = 0.9e6, 0.045
+    with c.series_download(65536) as spread:
+        assert spread
+    c.unsettled = 400                           # no connection spare: one ZIP each, whatever the link
+    with c.series_download(65536) as spread:
+        assert not spread
+
+
+def test_the_round_trip_is_a_running_average_of_the_times_to_headers() -> None:
+    c = ConnectionController(4, 8)
+    c.observe_latency(0.05)
+    assert c.latency == 0.05
+    c.observe_latency(0.10)
+    assert 0.05 < c.latency < 0.10
+    c.observe_latency(float("nan"))             # never a figure that is not one
+    c.observe_latency(-1.0)
+    assert 0.05 < c.latency < 0.10

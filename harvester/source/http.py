@@ -29,7 +29,7 @@ import math
 import random
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
@@ -298,15 +298,18 @@ def check_redirect(current: URL, location: str, *, cross_origin: bool, shown: st
 
 @contextlib.asynccontextmanager
 async def get_following(session: aiohttp.ClientSession, url: str, *, headers: Mapping[str, str], config: Config,
-                        shown: str) -> AsyncIterator[aiohttp.ClientResponse]:
+                        shown: str, timeout: aiohttp.ClientTimeout | None = None
+                        ) -> AsyncIterator[aiohttp.ClientResponse]:
     """GET ``url``, following redirects under ``check_redirect``'s policy (at most
     ``MAX_REDIRECTS``); credentials are never sent to another origin. Yields the final response.
-    Raises ``PermanentRequestError`` for a refused redirect or a loop; aiohttp errors propagate."""
+    Raises ``PermanentRequestError`` for a refused redirect or a loop; aiohttp errors propagate.
+    ``timeout`` replaces the session's for this request (``streaming_timeout``)."""
     current: URL | str = url
     sent = dict(headers)
+    extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
     for _ in range(MAX_REDIRECTS + 1):
         async with session.get(current, headers=sent, allow_redirects=False,
-                               **env_proxy(session, current)) as resp:
+                               **env_proxy(session, current), **extra) as resp:
             location = resp.headers.get("Location")
             if resp.status not in REDIRECT_STATUS or location is None:
                 yield resp
@@ -391,6 +394,83 @@ class BodyGuard:
                     f"{self.min_bytes} bytes per {self.window:g} s)", url=self.shown, timed_out=True,
                     hint="the server is dribbling; run again later, or lower --min-rate for a very slow link")
             self._window_start, self._window_total = now, self.total
+
+
+def streaming_timeout(config: Config) -> aiohttp.ClientTimeout:
+    """The session's timeouts (``make_session``) without aiohttp's idle read timeout, for a body
+    whose reader keeps an ``IdleWatch`` instead: aiohttp re-arms a timer on every socket read
+    (a cancel and a new heap entry each time: about 4% of the event loop's time when many
+    small series stream at once), the watch moves its deadline once per tenth of the timeout."""
+    return aiohttp.ClientTimeout(total=config.request_deadline, connect=config.connect_timeout,
+                                 sock_connect=config.connect_timeout, sock_read=None)
+
+
+class IdleWatch:
+    """The idle read timeout of one streamed request (``config.read_timeout``; None or 0: none),
+    kept by its reader instead of by aiohttp: ``with watch:`` around the request and its body;
+    ``watch.ready()`` whenever bytes arrived (the server has ``seconds`` from then for the next);
+    ``watch.ours()`` around the reader's own work between reads (the bandwidth cap, the sink's
+    thread hop, a slow disk: not the server's silence, never counted). Leaving the ``with``
+    after the timeout raises it as ``transport_error`` does (retryable, marked ``timed_out``),
+    as aiohttp's ``sock_read`` would have; a cancellation from outside passes through.
+
+    One timer per ``seconds`` of the request, whatever its reads: the timer looks at the time of
+    the last ``ready`` when it fires and sets itself again for the time due, where aiohttp
+    cancels and schedules one on every socket read (about 4% of the event loop's time when many
+    small series stream at once). Event-loop thread only."""
+
+    def __init__(self, seconds: float | None, shown: str) -> None:
+        self.seconds = seconds if seconds and seconds > 0 else None
+        self.shown = shown
+        self.scope = anyio.CancelScope()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._last = 0.0          # loop time of the last ``ready`` (or of the end of our own work)
+        self._ours = 0            # nesting of ``ours`` blocks: the server is not waited for meanwhile
+        self.timed_out = False
+
+    def __enter__(self) -> IdleWatch:
+        self.scope.__enter__()
+        if self.seconds is not None:
+            self._loop = asyncio.get_running_loop()
+            self._last = self._loop.time()
+            self._handle = self._loop.call_at(self._last + self.seconds, self._fire)
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        swallowed = self.scope.__exit__(*exc)
+        if self.timed_out and self.scope.cancelled_caught:
+            raise transport_error(asyncio.TimeoutError(), self.shown)
+        return bool(swallowed)
+
+    def ready(self) -> None:
+        """Bytes arrived: the wait for the next ones starts now."""
+        if self._loop is not None:
+            self._last = self._loop.time()
+
+    @contextlib.contextmanager
+    def ours(self) -> Iterator[None]:
+        """The reader's own work: not counted, and the wait starts again at its end."""
+        self._ours += 1
+        try:
+            yield
+        finally:
+            self._ours -= 1
+            self.ready()
+
+    def _fire(self) -> None:
+        assert self._loop is not None and self.seconds is not None
+        now = self._loop.time()
+        due = self._last + self.seconds
+        if self._ours or now < due:
+            self._handle = self._loop.call_at(max(due, now + self.seconds / 10) if self._ours else due, self._fire)
+            return
+        self._handle = None
+        self.timed_out = True
+        self.scope.cancel()
 
 
 async def read_guarded(resp: aiohttp.ClientResponse, guard: BodyGuard) -> bytes:
@@ -491,12 +571,14 @@ class StaticAuth:
 
 @contextlib.asynccontextmanager
 async def request(client: RetryingClient, url: str, *, accept: str, auth: Auth,
-                  ok: Sequence[int] = (200,)) -> AsyncIterator[aiohttp.ClientResponse]:
+                  ok: Sequence[int] = (200,), timeout: aiohttp.ClientTimeout | None = None
+                  ) -> AsyncIterator[aiohttp.ClientResponse]:
     """One GET of ``client`` (its session, host gate, counters and config) with ``auth``'s
     headers, the redirect policy of ``get_following`` (credentials never go to another origin)
     and the status checks of ``raise_for_status`` for any status outside ``ok``. A 401 that
     ``auth.rejected`` answers True is sent once more with the new credentials; a 401 to that is
     ``AuthError``. No retry here (``RetryingClient.retrying`` is the policy around it).
+    ``timeout`` replaces the session's timeouts for this request (``streaming_timeout``).
 
     Every failure leaves classified, those of the request sent again after a 401 and those
     raised inside the caller's ``async with`` body included: no aiohttp exception escapes.
@@ -508,7 +590,8 @@ async def request(client: RetryingClient, url: str, *, accept: str, auth: Auth,
     try:
         for again in (False, True):
             headers = {**(await auth.headers(session)), "Accept": accept}
-            async with get_following(session, url, headers=headers, config=client.config, shown=shown) as resp:
+            async with get_following(session, url, headers=headers, config=client.config, shown=shown,
+                                     timeout=timeout) as resp:
                 if resp.status == 401 and not again and await auth.rejected(session, headers):
                     continue   # new credentials: the same request once more
                 if resp.status == 401 and again:

@@ -37,6 +37,9 @@ OUTPUT_STEP = 1 << 20
 #: compressed bytes handed to zlib per call (zlib copies what it has not consumed each call)
 _INPUT_STEP = 256 << 10
 _FIRST_INPUT_STEP = 16 << 10
+#: bytes past the last entry's compressed size the first piece of the next one takes (its
+#: deflate stream may be a little longer: the instances of a series are alike, not equal)
+_HINT_SLACK = 4 << 10
 _U32, _U16 = 0xFFFFFFFF, 0xFFFF
 _LOCAL, _CENTRAL, _DESCRIPTOR = b"PK\x03\x04", b"PK\x01\x02", b"PK\x07\x08"
 _END, _END64, _LOCATOR64 = b"PK\x05\x06", b"PK\x06\x06", b"PK\x06\x07"
@@ -140,6 +143,7 @@ class ZipStreamReader:
         self._crc = self._size = self._csize = 0
         self._inflater: Any = None
         self._drain = False        # zlib may hold output beyond the last step, with no input left
+        self._hint = 0             # compressed size of the last DEFLATED entry (the next is likely alike)
         self._central: list[CentralRecord] = []
         self._central_start: int | None = None
         self._central_end: int | None = None
@@ -310,8 +314,13 @@ class ZipStreamReader:
             return 0, [], False
         # At the end of the stream zlib copies what follows it into ``unused_data``: pieces that
         # grow with the entry (16 KiB, then as much as it has consumed) keep that copy no larger
-        # than the entry itself, so a series of small entries is not copied over and over.
-        piece = buf[pos:min(end, pos + min(_INPUT_STEP, max(_FIRST_INPUT_STEP, self._csize)))]
+        # than the entry itself, so a series of small entries is not copied over and over. The
+        # first piece takes as much as the entry before took (and a little more): the instances
+        # of a series are alike, so an entry is mostly inflated, checked, hashed and written in
+        # one step each (four zlib calls and four writes an entry of 64 KiB before, each a GIL
+        # hand-over between the event loop and the sink's threads).
+        step = max(_FIRST_INPUT_STEP, self._csize, self._hint + _HINT_SLACK - self._csize)
+        piece = buf[pos:min(end, pos + min(_INPUT_STEP, step))]
         try:
             out = inflater.decompress(piece, OUTPUT_STEP)
         except zlib.error as exc:
@@ -326,6 +335,7 @@ class ZipStreamReader:
             events.append(("data", out))
         if inflater.eof:
             self._inflater = None
+            self._hint = self._csize
             if self._expected is not None:
                 events.append(("end", self._finish(self._expected)))
             else:

@@ -846,6 +846,32 @@ def test_reader_reads_descriptors_without_their_signature() -> None:
     assert out == b"x" * 1000
 
 
+def test_reader_inflates_an_entry_like_the_one_before_in_one_step() -> None:
+    """Entries of 64 KiB that do not compress, in the real service's format and fed whole: after
+    the first, each comes out as one ``data`` event (one zlib call, one CRC, one write for the
+    sink), not one per 16 KiB-and-growing piece; the bytes are the same either way."""
+    files = [(f"1-{i:02d}.dcm", os.urandom(64 << 10)) for i in range(1, 11)]
+    data = java_zip(files)
+    reader = ZipStreamReader()
+    pieces: dict[str, list[bytes]] = {}
+    name = ""
+    for kind, payload in reader.feed(data):
+        if kind == "entry":
+            name = payload.name
+            pieces[name] = []
+        elif kind == "data":
+            pieces[name].append(bytes(payload))
+    reader.close()
+    assert {n: b"".join(p) for n, p in pieces.items()} == dict(files)
+    assert [len(pieces[n]) for n, _ in files[1:]] == [1] * 9
+    # fed in small chunks it still reads the same bytes (pieces end where the chunks do)
+    reader = ZipStreamReader()
+    got = b"".join(bytes(p) for at in range(0, len(data), 5000)
+                   for kind, p in reader.feed(data[at:at + 5000]) if kind == "data")
+    reader.close()
+    assert got == b"".join(d for _, d in files)
+
+
 # ---------------------------------------------------------------- instances one by one (DICOMweb)
 
 def test_instance_sink_names_files_after_their_sop_uid(work: Path) -> None:

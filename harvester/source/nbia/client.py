@@ -55,6 +55,7 @@ from harvester.source.http import (
     read_guarded,
     redact_url,
     request,
+    streaming_timeout,
 )
 
 QUERY_ENDPOINTS: dict[str, tuple[str, ...]] = {
@@ -207,10 +208,11 @@ class NBIAClient(RetryingClient):
         return f"{self.base_for(collection)}/{endpoint}" + (f"?{query}" if query else "")
 
     # ------------------------------------------------------------ retry plumbing
-    def _request(self, url: str, *, accept: str) -> contextlib.AbstractAsyncContextManager[aiohttp.ClientResponse]:
+    def _request(self, url: str, *, accept: str, timeout: aiohttp.ClientTimeout | None = None
+                 ) -> contextlib.AbstractAsyncContextManager[aiohttp.ClientResponse]:
         """One GET through ``harvester.source.http.request`` with this client's token (refreshed
         once on 401) or no credentials; every failure classified, no retry here."""
-        return request(self, url, accept=accept, auth=self.auth or StaticAuth())
+        return request(self, url, accept=accept, auth=self.auth or StaticAuth(), timeout=timeout)
 
     # ------------------------------------------------------------ queries
     async def query(self, endpoint: str, params: Mapping[str, Any] | None = None, *,
@@ -277,7 +279,9 @@ class NBIAClient(RetryingClient):
 
     @contextlib.asynccontextmanager
     async def open_series(self, series_uid: str, collection: str | None) -> AsyncIterator[aiohttp.ClientResponse]:
-        """Open the ZIP stream for one series (one attempt; the caller retries).
+        """Open the ZIP stream for one series (one attempt; the caller retries). The request has
+        no idle read timeout of aiohttp's (``streaming_timeout``): the caller keeps one
+        (``harvester.source.http.IdleWatch``), as ``stream_series_zip`` does.
 
         Raises ``RetryableRequestError`` when the body is an error page (HTML or text)
         instead of a ZIP, and the classified errors of any request.
@@ -294,7 +298,9 @@ class NBIAClient(RetryingClient):
 
     @contextlib.asynccontextmanager
     async def _open_zip(self, url: str) -> AsyncIterator[aiohttp.ClientResponse]:
-        async with self._request(url, accept="application/zip, application/octet-stream") as resp:
+        # without aiohttp's idle read timeout: the reader keeps it (``stream_series_zip``'s IdleWatch)
+        async with self._request(url, accept="application/zip, application/octet-stream",
+                                 timeout=streaming_timeout(self.config)) as resp:
             ctype = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
             if ctype.startswith("text/") or ctype in ("application/json", "application/xhtml+xml"):
                 text = (await resp.content.read(2048)).decode("utf-8", "replace")

@@ -10,7 +10,8 @@ checked (``NBIAClient.open_series``) and the first bytes must carry the ZIP sign
 outage page sent with HTTP 200 is retried, not unzipped.
 
 Every attempt is bounded (``BodyGuard``): the per-request deadline and the stall rule of the
-config, and ``max_bytes``, the size the archive announced for the series plus a margin
+config, the idle read timeout (``IdleWatch``: no byte for ``config.read_timeout`` seconds while
+we wait for one), and ``max_bytes``, the size the archive announced for the series plus a margin
 (``download_bound``; counted after any Content-Encoding is decoded), past which the download
 stops with ``OversizeDownloadError`` and the sink is discarded.
 
@@ -26,7 +27,7 @@ from typing import Any, Protocol, TypeVar
 
 from harvester.config import Limits
 from harvester.errors import OversizeDownloadError, RetryableRequestError
-from harvester.source.http import BodyGuard, redact_url
+from harvester.source.http import BodyGuard, IdleWatch, redact_url
 from harvester.rate import RateLimiter
 from harvester.source.nbia.client import NBIAClient
 
@@ -68,17 +69,19 @@ class ZipTarget(Protocol[T]):
 async def stream_series_zip(client: NBIAClient, series_uid: str, collection: str | None,
                             open_sink: Callable[[], ZipTarget[T]], *, chunk_size: int = 1 << 20,
                             rate: RateLimiter | None = None, on_bytes: Callable[[int], None] | None = None,
-                            max_bytes: int | None = None) -> T:
+                            max_bytes: int | None = None, on_latency: Callable[[float], None] | None = None) -> T:
     """Stream the series ZIP into a sink (``open_sink()``, a fresh one per attempt) and return
     what its ``close`` gives: no ``.partial`` file. A failed attempt discards its sink, so the
-    staging folder holds nothing of it. ``client`` may be any opener with ``config``,
-    ``retrying``, ``series_url`` and ``open_series`` (``AnnotationOpener``). Raises as the
-    module docstring says."""
+    staging folder holds nothing of it. ``on_latency`` hears each attempt's seconds from
+    sending the request to its headers (one round trip, for the connection controller).
+    ``client`` may be any opener with ``config``, ``retrying``, ``series_url`` and
+    ``open_series`` (``AnnotationOpener``). Raises as the module docstring says."""
     async for attempt in client.retrying():
         with attempt:
             sink = open_sink()
             try:
-                await _fetch_once(client, series_uid, collection, sink, chunk_size, rate, on_bytes, max_bytes)
+                await _fetch_once(client, series_uid, collection, sink, chunk_size, rate, on_bytes, max_bytes,
+                                  on_latency)
                 return await sink.close()
             except BaseException:
                 sink.discard()  # blocking but quick; it must run even when cancelled
@@ -88,7 +91,8 @@ async def stream_series_zip(client: NBIAClient, series_uid: str, collection: str
 
 async def _fetch_once(client: NBIAClient, series_uid: str, collection: str | None,
                       target: ZipTarget[Any], chunk_size: int, rate: RateLimiter | None,
-                      on_bytes: Callable[[int], None] | None, max_bytes: int | None) -> int:
+                      on_bytes: Callable[[int], None] | None, max_bytes: int | None,
+                      on_latency: Callable[[float], None] | None = None) -> int:
     """One attempt: the checked body, chunk by chunk, into ``target``; returns its size."""
     received = 0
     shown = redact_url(client.series_url(series_uid, collection))
@@ -100,32 +104,39 @@ async def _fetch_once(client: NBIAClient, series_uid: str, collection: str | Non
 
     guard = BodyGuard(client.config, shown, max_bytes=max_bytes, too_big=too_big)
     unreported = 0   # bytes received but not yet told to ``on_bytes`` (told at least every REPORT_BYTES)
+    sent = time.monotonic()
+    # the idle read timeout, kept here (open_series' request has none of aiohttp's: a timer per read)
     try:
-        async with client.open_series(series_uid, collection) as resp:
-            head = b""  # the first bytes, until the ZIP signature could be checked
-            async for chunk in resp.content.iter_chunked(chunk_size):
-                guard.feed(len(chunk))
-                ours = time.monotonic()  # from here to the next read: our side's time, not the server's
-                if rate is not None:
-                    await rate.consume(len(chunk))
-                received += len(chunk)
-                unreported += len(chunk)
-                if on_bytes is not None and unreported >= REPORT_BYTES:
-                    on_bytes(unreported)
-                    unreported = 0
+        with IdleWatch(client.config.read_timeout, shown) as idle:
+            async with client.open_series(series_uid, collection) as resp:
+                if on_latency is not None:
+                    on_latency(time.monotonic() - sent)
+                idle.ready()
+                head = b""  # the first bytes, until the ZIP signature could be checked
+                async for chunk in resp.content.iter_chunked(chunk_size):
+                    guard.feed(len(chunk))
+                    ours = time.monotonic()  # from here to the next read: our side's time, not the server's
+                    with idle.ours():
+                        if rate is not None:
+                            await rate.consume(len(chunk))
+                        received += len(chunk)
+                        unreported += len(chunk)
+                        if on_bytes is not None and unreported >= REPORT_BYTES:
+                            on_bytes(unreported)
+                            unreported = 0
+                        if head is not None:
+                            head += chunk
+                            if len(head) < 4:
+                                continue
+                            if not head.startswith(ZIP_SIGNATURES):
+                                preview = head[:60].decode("utf-8", "replace")
+                                raise RetryableRequestError(
+                                    f"download of series {series_uid} is not a ZIP (starts with {preview!r})")
+                            chunk, head = head, None
+                        await target.feed(chunk)
+                    guard.credit(time.monotonic() - ours)
                 if head is not None:
-                    head += chunk
-                    if len(head) < 4:
-                        continue
-                    if not head.startswith(ZIP_SIGNATURES):
-                        preview = head[:60].decode("utf-8", "replace")
-                        raise RetryableRequestError(
-                            f"download of series {series_uid} is not a ZIP (starts with {preview!r})")
-                    chunk, head = head, None
-                await target.feed(chunk)
-                guard.credit(time.monotonic() - ours)
-            if head is not None:
-                raise RetryableRequestError(f"download of series {series_uid} was empty or not a ZIP")
+                    raise RetryableRequestError(f"download of series {series_uid} was empty or not a ZIP")
     finally:
         if on_bytes is not None and unreported:
             on_bytes(unreported)   # every byte received is counted, a failed attempt's too

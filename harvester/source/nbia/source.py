@@ -125,7 +125,7 @@ class NBIASource(ClientBackedSource):
         max_repairs = max(1, (task.image_count or 0) // 10)
         # decided once the series may download: the series still waiting are known then
         async with self.download_limiter or contextlib.nullcontext():
-            with self._series_download() as spare:
+            with self._series_download(task) as spare:
                 if per_instance(task, config.per_instance, spare=spare):
                     unpacked = await self._fetch_instances(task, staging, on_bytes, rate, sinks)
                 else:
@@ -134,7 +134,8 @@ class NBIASource(ClientBackedSource):
                             self.client, task.series_uid, task.collection,
                             lambda: sinks.series_zip(task, staging, max_repairs=max_repairs),
                             chunk_size=config.chunk_size, rate=rate, on_bytes=on_bytes,
-                            max_bytes=download_bound(task.file_size, task.image_count, config.limits))
+                            max_bytes=download_bound(task.file_size, task.image_count, config.limits),
+                            on_latency=self.connections.observe_latency if self.connections else None)
         if unpacked.license_text is None:  # getImageWithMD5Hash sends none: say what getSeries said
             unpacked = dataclasses.replace(unpacked, license_text=license_from_row(task.row))
         for repair in unpacked.repairs:
@@ -210,9 +211,13 @@ class NBIASource(ClientBackedSource):
             raise _first_error(group) from None
         return await anyio.to_thread.run_sync(writer.finish)
 
-    def _series_download(self) -> contextlib.AbstractContextManager[bool]:
-        """The controller's count of series downloading, giving whether connections are spare."""
-        return self.connections.series_download() if self.connections is not None else contextlib.nullcontext(False)
+    def _series_download(self, task: SeriesTask) -> contextlib.AbstractContextManager[bool]:
+        """The controller's count of series downloading, giving whether connections are spare
+        and ``task``'s instances worth a request each (``ConnectionController.series_download``)."""
+        if self.connections is None:
+            return contextlib.nullcontext(False)
+        count, size = task.image_count or 0, task.file_size or 0
+        return self.connections.series_download(size / count if count > 0 and size > 0 else None)
 
     def _connection(self) -> contextlib.AbstractAsyncContextManager[None]:
         """One of the engine's connections for a body, or none without a controller."""

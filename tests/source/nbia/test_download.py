@@ -3,6 +3,8 @@ byte received, in steps of ``REPORT_BYTES`` rather than once per network read), 
 that completes and for attempts cut off by a reset."""
 from __future__ import annotations
 
+import io
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -77,3 +79,51 @@ def test_on_bytes_counts_the_bytes_of_attempts_cut_off(archive: Archive) -> None
             fetch(handle, rec, 3, told)
         sent = handle.stats.bytes_sent
     assert told and 0 < sum(told) <= sent
+
+
+def test_a_body_that_goes_silent_times_out_and_is_retried(archive: Archive) -> None:
+    """getImage's request has no idle timeout of aiohttp's: the reader's ``IdleWatch`` keeps it. A
+    server that stops sending mid-body for 5 s is cut off after the 0.3 s read timeout, as a
+    retryable timeout naming the URL, and every attempt's bytes are still told."""
+    rec = next(iter(archive.records()))
+    told: list[int] = []
+
+    async def go(handle: ServerHandle) -> bytes:
+        cfg = Config(api_url=handle.base_url, retries=2, read_timeout=0.3, backoff_base=0.01, backoff_max=0.02)
+        async with make_session(cfg) as session:
+            return await stream_series_zip(NBIAClient(cfg, session), rec.uid, None, Collector, on_bytes=told.append)
+
+    with serve_in_thread(archive, faults="stall=1,stall_for=5,seed=2") as handle:
+        # without the watch nothing would time out: the stall ends after 5 s and the body completes
+        with pytest.raises(RetryableRequestError, match="timed out") as caught:
+            anyio.run(go, handle)
+        stalls = handle.stats.faults.get("stall", 0)
+    assert caught.value.overload and "getImage" in str(caught.value)   # a timeout: the engine backs off
+    assert stalls == 2                    # both attempts stalled, and both were cut off
+    assert told and sum(told) > 0
+
+
+class SlowSink(Collector):
+    """A sink whose every write takes longer than the read timeout (a slow disk): our own time."""
+
+    async def feed(self, chunk: bytes) -> None:
+        await anyio.sleep(0.4)
+        self.data += chunk
+
+
+def test_time_on_our_side_never_counts_as_the_server_idle(served: tuple[ServerHandle, SeriesRecord]) -> None:
+    """Each chunk's handling (0.4 s) outlasts the read timeout (0.3 s): the download still
+    completes, in one attempt, as under aiohttp's own sock_read."""
+    handle, rec = served
+    cfg_chunk = 256 << 10
+
+    async def go() -> bytes:
+        cfg = Config(api_url=handle.base_url, retries=1, read_timeout=0.3, chunk_size=cfg_chunk)
+        async with make_session(cfg) as session:
+            return await stream_series_zip(NBIAClient(cfg, session), rec.uid, None, SlowSink,
+                                           chunk_size=cfg.chunk_size)
+
+    body = anyio.run(go)
+    names = zipfile.ZipFile(io.BytesIO(body)).namelist()
+    assert len(names) == len(rec.instances) + 2          # LICENSE, every instance, md5hashes.csv
+    assert len(body) > 2 * cfg_chunk                      # several chunks, each slower than the timeout
