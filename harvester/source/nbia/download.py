@@ -113,7 +113,11 @@ async def _fetch_once(client: NBIAClient, series_uid: str, collection: str | Non
                     on_latency(time.monotonic() - sent)
                 idle.ready()
                 head = b""  # the first bytes, until the ZIP signature could be checked
-                async for chunk in resp.content.iter_chunked(chunk_size):
+                # half a chunk per read: aiohttp raises its buffer's high water to twice what
+                # iter_chunked asks for (StreamReader.set_read_chunk_size), and fills it while the
+                # sink's thread works on the last batch; so a series holds about one chunk there,
+                # one batch in the sink and one inflated piece, whatever the load
+                async for chunk in resp.content.iter_chunked(max(1, chunk_size // 2)):
                     guard.feed(len(chunk))
                     ours = time.monotonic()  # from here to the next read: our side's time, not the server's
                     with idle.ours():
