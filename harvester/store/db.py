@@ -34,7 +34,7 @@ import urllib.parse
 import zlib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Self
 
 from harvester.errors import DiskFullError, FatalError, OutputNotWritableError, UnsafePathError
 from harvester.store.layout import name_key
@@ -561,51 +561,24 @@ class StateDB:
 MAX_RECORD_BYTES = 64 << 20
 
 
-class FolderIndex:
-    """The series folders of one assignment (``layout.assign_paths``) and their ancestors, in a
-    scratch SQLite file: the key (``name_key`` of the folder) is the table's primary key, so the
-    folders of half a million series are never a set in memory. ``layout.Folders``.
+class ScratchDB:
+    """A scratch SQLite file inside the harvest's own folder, for one run or one assignment
+    (``FolderIndex``, ``store.plan.PlanTable``): created empty (one a kill left is removed first),
+    written without journal or fsync (nothing in it outlives its user: the state database holds
+    what is done), removed by ``close``. One statement at a time (its users read from several
+    threads). Raises ``DiskFullError``/``OutputNotWritableError`` when it cannot be written."""
 
-    The file is the caller's (inside the harvest's own folder): created empty (one a kill left is
-    removed first), written without journal or fsync (nothing in it outlives the assignment), and
-    removed by ``close``. Raises ``DiskFullError``/``OutputNotWritableError`` when it cannot be written.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, schema: str, what: str) -> None:
+        self.path, self._what = path, what
         self._remove()
         self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
         with self._guard():
-            self._conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+            conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+            self._conn = conn
             for pragma in ("journal_mode=OFF", "synchronous=OFF", "trusted_schema=OFF"):
-                self._conn.execute(f"PRAGMA {pragma}")
-            self._conn.execute("CREATE TABLE folders (key TEXT PRIMARY KEY, series INTEGER NOT NULL, "
-                               "inner INTEGER NOT NULL) WITHOUT ROWID")
-            self._conn.execute("BEGIN")
-
-    def add(self, folder: str) -> None:
-        key = name_key(folder)
-        marks = [(key, 1, 0)] + [(str(p), 0, 1) for p in PurePosixPath(key).parents if str(p) != "."]
-        with self._guard():
-            assert self._conn is not None
-            self._conn.executemany("INSERT INTO folders VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
-                                   "series=max(series, excluded.series), inner=max(inner, excluded.inner)", marks)
-
-    def is_folder(self, folder: str) -> bool:
-        with self._guard():
-            assert self._conn is not None
-            return self._conn.execute("SELECT 1 FROM folders WHERE key=? AND series=1",
-                                      (name_key(folder),)).fetchone() is not None
-
-    def clashes(self, candidate: str) -> bool:
-        """The same folder, one that holds a series, or one inside a series: files would mix."""
-        key = name_key(candidate)
-        parents = [str(p) for p in PurePosixPath(key).parents if str(p) != "."]
-        with self._guard():
-            assert self._conn is not None
-            return self._conn.execute(
-                f"SELECT 1 FROM folders WHERE key=? OR (series=1 AND key IN ({','.join('?' * len(parents))})) LIMIT 1",
-                [key, *parents]).fetchone() is not None
+                conn.execute(f"PRAGMA {pragma}")
+            conn.execute(schema)
 
     def close(self) -> None:
         if self._conn is not None:
@@ -614,11 +587,16 @@ class FolderIndex:
             self._conn = None
         self._remove()
 
-    def __enter__(self) -> FolderIndex:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise OutputNotWritableError(f"the {self._what} {self.path} is closed")
+        return self._conn
 
     def _remove(self) -> None:
         for path in (self.path, self.path.with_name(self.path.name + "-journal")):
@@ -628,13 +606,49 @@ class FolderIndex:
     @contextlib.contextmanager
     def _guard(self) -> Iterator[None]:
         try:
-            yield
+            with self._lock:
+                yield
         except sqlite3.Error as exc:
             code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
             if code in (_SQLITE_PERM, _SQLITE_READONLY, _SQLITE_CANTOPEN):
                 raise OutputNotWritableError(f"cannot write {self.path}: {exc}") from None
             raise DiskFullError(f"cannot write {self.path.name}: disk full, a file size limit or an I/O "
                                 f"error ({exc})") from None
+
+
+class FolderIndex(ScratchDB):
+    """The series folders of one assignment (``layout.assign_paths``) and their ancestors, in a
+    scratch SQLite file (``ScratchDB``): the key (``name_key`` of the folder) is the table's
+    primary key, so the folders of half a million series are never a set in memory.
+    ``layout.Folders``."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, "CREATE TABLE folders (key TEXT PRIMARY KEY, series INTEGER NOT NULL, "
+                               "inner INTEGER NOT NULL) WITHOUT ROWID", "folder index")
+        with self._guard():
+            self._connection().execute("BEGIN")
+
+    def add(self, folder: str) -> None:
+        key = name_key(folder)
+        marks = [(key, 1, 0)] + [(str(p), 0, 1) for p in PurePosixPath(key).parents if str(p) != "."]
+        with self._guard():
+            self._connection().executemany(
+                "INSERT INTO folders VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
+                "series=max(series, excluded.series), inner=max(inner, excluded.inner)", marks)
+
+    def is_folder(self, folder: str) -> bool:
+        with self._guard():
+            return self._connection().execute("SELECT 1 FROM folders WHERE key=? AND series=1",
+                                              (name_key(folder),)).fetchone() is not None
+
+    def clashes(self, candidate: str) -> bool:
+        """The same folder, one that holds a series, or one inside a series: files would mix."""
+        key = name_key(candidate)
+        parents = [str(p) for p in PurePosixPath(key).parents if str(p) != "."]
+        with self._guard():
+            return self._connection().execute(
+                f"SELECT 1 FROM folders WHERE key=? OR (series=1 AND key IN ({','.join('?' * len(parents))})) LIMIT 1",
+                [key, *parents]).fetchone() is not None
 
 
 def _deflate(rec: dict[str, Any]) -> bytes:

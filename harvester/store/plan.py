@@ -17,22 +17,18 @@ Raises ``DiskFullError``/``OutputNotWritableError`` when the file cannot be writ
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import sqlite3
-import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
-from harvester.errors import DiskFullError, OutputNotWritableError
 from harvester.models import CollectionTotals, SeriesTask
+from harvester.store.db import ScratchDB
 
 #: tasks read back at a time (the engine's and the readers' batch)
 BATCH = 256
 PLAN_NAME = "plan.db"
-_PERM, _READONLY, _CANTOPEN = 3, 8, 14
 
 
 def _pack(task: SeriesTask) -> bytes:
@@ -48,22 +44,15 @@ def _unpack(blob: bytes) -> SeriesTask:
                       modality=modality, image_count=count, file_size=size, row=row, study=study, patient=patient)
 
 
-class PlanTable:
-    """The tasks of one plan, in order (``models.TaskStore``). One writer (the planner, on the
-    event loop or a thread), then readers; not for concurrent writes."""
+class PlanTable(ScratchDB):
+    """The tasks of one plan, in order (``models.TaskStore``), in a scratch SQLite file
+    (``store.db.ScratchDB``). One writer (the planner, on the event loop or a thread), then
+    readers; not for concurrent writes."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self._remove()
-        self._conn: sqlite3.Connection | None = None
+        super().__init__(path, "CREATE TABLE tasks (seq INTEGER PRIMARY KEY, uid TEXT NOT NULL UNIQUE, "
+                               "collection TEXT NOT NULL, images INTEGER, bytes INTEGER, body BLOB NOT NULL)", "plan")
         self._count = 0
-        self._lock = threading.Lock()   # one statement at a time (readers in several threads)
-        with self._guard():
-            self._conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-            for pragma in ("journal_mode=OFF", "synchronous=OFF", "trusted_schema=OFF"):
-                self._conn.execute(f"PRAGMA {pragma}")
-            self._conn.execute("CREATE TABLE tasks (seq INTEGER PRIMARY KEY, uid TEXT NOT NULL UNIQUE, "
-                               "collection TEXT NOT NULL, images INTEGER, bytes INTEGER, body BLOB NOT NULL)")
 
     # ------------------------------------------------------------ write
     def add(self, tasks: Iterable[SeriesTask]) -> None:
@@ -97,53 +86,38 @@ class PlanTable:
 
     def batches(self, size: int = BATCH) -> Iterator[list[SeriesTask]]:
         """The tasks in the plan's order, ``size`` at a time (by key: memory holds one batch)."""
-        after = 0
-        while True:
-            with self._guard():
-                got = self._connection().execute("SELECT seq, body FROM tasks WHERE seq>? ORDER BY seq LIMIT ?",
-                                                 (after, size)).fetchall()
-            if not got:
-                return
+        for got in self._scan("body", size):
             yield [_unpack(body) for _, body in got]
-            after = got[-1][0]
 
     def select(self, wanted: Callable[[str], bool], size: int = BATCH) -> Iterator[list[SeriesTask]]:
         """The tasks whose UID ``wanted`` takes, in order, from ``size`` rows at a time (a batch
         may be empty): the others are never decoded (a run with little to do decodes little)."""
-        after = 0
-        while True:
-            with self._guard():
-                got = self._connection().execute("SELECT seq, uid, body FROM tasks WHERE seq>? ORDER BY seq LIMIT ?",
-                                                 (after, size)).fetchall()
-            if not got:
-                return
+        for got in self._scan("uid, body", size):
             yield [_unpack(body) for _, uid, body in got if wanted(uid)]
-            after = got[-1][0]
 
     def sizes(self) -> Iterator[tuple[str, int | None, int | None]]:
         """(uid, image count, bytes) of every task in order, streamed (no task decoded)."""
-        after = 0
-        while True:
-            with self._guard():
-                got = self._connection().execute("SELECT seq, uid, images, bytes FROM tasks WHERE seq>? "
-                                                 "ORDER BY seq LIMIT ?", (after, 4 * BATCH)).fetchall()
-            if not got:
-                return
+        for got in self._scan("uid, images, bytes", 4 * BATCH):
             for _, uid, images, size in got:
                 yield uid, images, size
-            after = got[-1][0]
 
     def uids(self) -> Iterator[str]:
         """The series UIDs in the plan's order, streamed (no task decoded)."""
+        for got in self._scan("uid", 4 * BATCH):
+            for _, uid in got:
+                yield uid
+
+    def _scan(self, columns: str, size: int) -> Iterator[list[Any]]:
+        """The rows' ``seq`` and ``columns``, in order, ``size`` rows at a time (by key, so each
+        read is one index range, and no statement stays open between batches)."""
         after = 0
         while True:
             with self._guard():
-                got = self._connection().execute("SELECT seq, uid FROM tasks WHERE seq>? ORDER BY seq LIMIT ?",
-                                                 (after, 4 * BATCH)).fetchall()
+                got = self._connection().execute(f"SELECT seq, {columns} FROM tasks WHERE seq>? ORDER BY seq LIMIT ?",
+                                                 (after, size)).fetchall()
             if not got:
                 return
-            for _, uid in got:
-                yield uid
+            yield got
             after = got[-1][0]
 
     def totals(self) -> dict[str, CollectionTotals]:
@@ -152,42 +126,6 @@ class PlanTable:
             rows = self._connection().execute(
                 "SELECT collection, count(*), total(images), total(bytes) FROM tasks GROUP BY collection").fetchall()
         return {c: CollectionTotals(series=n, images=int(images), bytes=int(size)) for c, n, images, size in rows}
-
-    # ------------------------------------------------------------ lifetime
-    def close(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(sqlite3.Error):
-                self._conn.close()
-            self._conn = None
-        self._remove()
-
-    def __enter__(self) -> PlanTable:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise OutputNotWritableError(f"the plan {self.path} is closed")
-        return self._conn
-
-    def _remove(self) -> None:
-        for path in (self.path, self.path.with_name(self.path.name + "-journal")):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)   # (a link planted there is removed, never followed)
-
-    @contextlib.contextmanager
-    def _guard(self) -> Iterator[None]:
-        try:
-            with self._lock:
-                yield
-        except sqlite3.Error as exc:
-            code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
-            if code in (_PERM, _READONLY, _CANTOPEN):
-                raise OutputNotWritableError(f"cannot write {self.path}: {exc}") from None
-            raise DiskFullError(f"cannot write {self.path.name}: disk full, a file size limit or an I/O "
-                                f"error ({exc})") from None
 
 
 def plan_path(meta_dir: Path) -> Path:
