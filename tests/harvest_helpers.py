@@ -1,13 +1,16 @@
 """Shared helpers for the integration tests that harvest from our loopback server."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -162,3 +165,26 @@ def kill_after(proc: subprocess.Popen, seconds: float) -> bool:
         os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     return killed
+
+
+@contextlib.contextmanager
+def serve_synthetic(spec: str, cache: Path, *extra: str) -> Iterator[str]:
+    """``harvester serve --synthetic spec`` in its own process (``cache``: its deflate cache);
+    yields its base URL, and stops it after."""
+    proc = subprocess.Popen([sys.executable, "-m", "harvester", "serve", "--synthetic", spec, "--cache-dir", str(cache),
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://"), proc.stderr.read() if proc.stderr else ""
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()

@@ -4,12 +4,8 @@ memory does not grow with the size of a series. Behaviour only: time is virtual 
 checked, and the one real-time check is a lower bound the limiter guarantees."""
 from __future__ import annotations
 
-import contextlib
-import subprocess
-import sys
 import time
 import tracemalloc
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +13,7 @@ import anyio
 import pytest
 
 import harvester.engine as engine_module
-from harvest_helpers import assert_identical, normal_series, select_all, test_config
+from harvest_helpers import assert_identical, normal_series, select_all, serve_synthetic, test_config
 from harvester.api import aharvest
 from harvester.config import Limits
 from harvester.engine import AdaptiveLimit
@@ -269,7 +265,7 @@ def test_fetch_and_unpack_hold_a_few_chunks_not_the_series(big_archive: Any, syn
 
     (rec,) = big_archive.records()
     assert rec.total_bytes > 40 * 2**20
-    with _serving(BIG_SPEC, synthetic_cache) as base_url:
+    with serve_synthetic(BIG_SPEC, synthetic_cache) as base_url:
         config = Config(api_url=base_url, out_dir=tmp_path, retries=2, progress=False)
 
         def sink() -> ZipSeriesSink:
@@ -290,28 +286,6 @@ def test_fetch_and_unpack_hold_a_few_chunks_not_the_series(big_archive: Any, syn
     assert len(unpacked.files) == len(rec.instances)
     assert sum(f.size for f in unpacked.files) == rec.total_bytes
     assert peak < 6 * config.chunk_size, peak
-
-
-@contextlib.contextmanager
-def _serving(spec: str, cache: Path) -> Iterator[str]:
-    """``harvester serve --synthetic spec`` in a subprocess; yields its base URL."""
-    proc = subprocess.Popen([sys.executable, "-m", "harvester", "serve", "--synthetic", spec, "--cache-dir", str(cache)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        url = proc.stdout.readline().strip()
-        assert url.startswith("http://"), proc.stderr.read() if proc.stderr else ""
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
 
 
 # ---------------------------------------------------------------- downloads overlap verification

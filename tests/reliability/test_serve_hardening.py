@@ -7,7 +7,6 @@ import http.client
 import json
 import socket
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -17,7 +16,7 @@ from urllib.parse import quote
 
 import pytest
 
-from harvest_helpers import harvest, manifest, normal_series, select_all
+from harvest_helpers import harvest, manifest, normal_series, select_all, serve_synthetic
 from harvester.server.archive import Archive, load_harvest_dir
 from harvester.store.db import StateDB
 from harvester.server.serve import start_server
@@ -153,23 +152,8 @@ def test_no_directory_listing(harvested, figures):
 
 @contextmanager
 def serve_process(cache: Path, *extra: str) -> Iterator[str]:
-    proc = subprocess.Popen([sys.executable, "-m", "harvester", "serve", "--synthetic", SPEC, "--cache-dir", str(cache),
-                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        url = proc.stdout.readline().strip()
-        assert url.startswith("http://"), proc.stderr.read() if proc.stderr else ""
+    with serve_synthetic(SPEC, cache, *extra) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
 
 
 def test_binds_to_loopback_by_default(synthetic_cache, figures):
