@@ -72,10 +72,16 @@ def parts_of(relative: str | os.PathLike[str]) -> tuple[str, ...]:
 def inside(root: Path, relative: str | os.PathLike[str]) -> Path:
     """``root / relative``, checked: see the module docstring. Raises ``UnsafePathError`` naming
     the first link met (or the bad path)."""
+    return Path(inside_text(root, relative))
+
+
+def inside_text(root: Path | str, relative: str | os.PathLike[str]) -> str:
+    """``inside`` as a string, with no ``Path`` made per component (a reader that checks every
+    file of a harvest: pathlib interns each part of each path it builds)."""
     parts = parts_of(relative)
-    path = root
+    path = os.fspath(root)
     for part in parts:
-        path = path / part
+        path = os.path.join(path, part)
         try:
             mode = os.lstat(path).st_mode
         except OSError:
@@ -83,8 +89,8 @@ def inside(root: Path, relative: str | os.PathLike[str]) -> Path:
             # be (ENOTDIR): the write itself fails
             break
         if stat.S_ISLNK(mode):
-            raise link_error(root, path)
-    return root.joinpath(*parts)
+            raise link_error(Path(root), Path(path))
+    return os.path.join(os.fspath(root), *parts)
 
 
 def link_error(root: Path, link: Path) -> UnsafePathError:

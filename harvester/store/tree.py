@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harvester.containment import inside, open_nofollow
+from harvester.containment import inside, inside_text, open_nofollow
 from harvester.errors import UnsafePathError
 from harvester.redact import redact
 from harvester.store.manifest import read_manifest
@@ -126,7 +126,7 @@ def _verify_records(state: HarvestState, on_file: Callable[[int], None] | None,
         for f in files:
             rel = str(f.get("path", ""))
             try:
-                path = inside(out_dir, rel)
+                path = inside_text(out_dir, rel)
             except UnsafePathError as exc:
                 result.problems.append(f"{state.origin(uid)} ({rec.get('SeriesInstanceUID')}): {exc}")
                 continue
