@@ -34,9 +34,11 @@ import os
 import re
 import stat
 import struct
+import threading
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
 
 from harvester.config import TOO_MANY_ENTRIES_HINT, Limits, too_many_entries
 from harvester.errors import IncompleteSeriesError, IntegrityError, UnsafeArchiveError, classify_os_error
@@ -117,9 +119,22 @@ def read_dicom_ids(path: Path, head: bytes | None = None, *, whole: bool = False
     return dicom_ids_by_pydicom(path)
 
 
-def dicom_ids_by_pydicom(path: Path) -> tuple[str, str, str]:
-    import pydicom
+_PYDICOM_LOCK = threading.Lock()
 
+
+def _pydicom() -> Any:
+    """pydicom, imported on first use (a third of a second of start-up that a harvest whose
+    headers the fast walk reads never needs), under a lock: two worker threads importing it at
+    the same moment meet its circular imports half done (ImportError)."""
+    with _PYDICOM_LOCK:
+        import pydicom
+        import pydicom.charset  # noqa: F401
+
+        return pydicom
+
+
+def dicom_ids_by_pydicom(path: Path) -> tuple[str, str, str]:
+    pydicom = _pydicom()
     try:
         ds = pydicom.dcmread(str(path), stop_before_pixels=True,
                              specific_tags=["SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"])
@@ -348,18 +363,25 @@ def _skip_items(buf: bytes, pos: int, end: int, explicit: bool, depth: int) -> N
             pos += length
 
 
+#: Specific Character Set terms that pydicom 3 decodes (a test holds this to be a subset of
+#: ``pydicom.charset.python_encoding``): the common ones, answered without importing pydicom
+_COMMON_CHARSETS = frozenset({b"ISO_IR 6", b"ISO_IR 100", b"ISO_IR 101", b"ISO_IR 109", b"ISO_IR 110",
+                              b"ISO_IR 126", b"ISO_IR 127", b"ISO_IR 138", b"ISO_IR 144", b"ISO_IR 148",
+                              b"ISO_IR 166", b"ISO_IR 192", b"GB18030", b"GBK", b"ISO 2022 IR 6",
+                              b"ISO 2022 IR 100", b"ISO 2022 IR 87", b"ISO 2022 IR 149"})
+
+
 def _check_charset(value: bytes) -> None:
     """pydicom decodes the Specific Character Set before it converts any element, and refuses the
     file when it cannot: answer only for one term it knows (or none)."""
     term = value.rstrip(b" ")
-    if term and term not in _known_charsets():
+    if term and term not in _COMMON_CHARSETS and term not in _known_charsets():
         raise _Unsure
 
 
 @functools.cache
 def _known_charsets() -> frozenset[bytes]:
-    from pydicom.charset import python_encoding
-
+    python_encoding = _pydicom().charset.python_encoding
     return frozenset(name.encode("ascii") for name in python_encoding if name.isascii())
 
 

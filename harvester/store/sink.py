@@ -69,6 +69,7 @@ from harvester.unpack import (
     LICENSE_NAME,
     MD5_NAME,
     _not_announced,
+    _pydicom,
     check_entry_name,
     dicom_ids_by_pydicom,
     header_ids,
@@ -97,19 +98,10 @@ def _entry_filename(name: str) -> str:
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
 
 
-_PYDICOM_LOCK = threading.Lock()
-_pydicom_imported = False
-
-
 def _import_pydicom() -> None:
-    """Import pydicom once, under a lock: the header check imports it lazily, and two worker
-    threads importing it at the same moment meet its circular imports half done (ImportError)."""
-    global _pydicom_imported
-    if not _pydicom_imported:
-        with _PYDICOM_LOCK:
-            import pydicom.charset  # noqa: F401
-
-            _pydicom_imported = True
+    """Import pydicom now (``unpack._pydicom``: once, under its lock) for a path that reads
+    headers through it anyway; the ZIP path imports it only if the fast walk is unsure."""
+    _pydicom()
 
 
 class _InstanceFile:
@@ -164,7 +156,6 @@ class _InstanceFile:
 
     def dicom_ids(self) -> tuple[str, str, str]:
         """(series, SOP instance, SOP class) UIDs; ``IntegrityError`` if it is not DICOM."""
-        _import_pydicom()
         head = b"".join(self._head)
         found = header_ids(head, complete=len(head) == self.size) if head else None  # the fast walk, without a Path
         return found if found is not None else dicom_ids_by_pydicom(self.path)   # pydicom's verdict stands

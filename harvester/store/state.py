@@ -45,7 +45,9 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
+import functools
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -1378,10 +1380,36 @@ def metadata_csv_row(rec: dict[str, Any]) -> list[str]:
 
 
 def _sop_class_name(uid: str) -> str:
+    """The name pydicom gives ``uid`` (``pydicom.uid.UID(uid).name``: its UID dictionary's, else
+    the UID itself)."""
     if not uid:
         return ""
     try:
-        from pydicom.uid import UID
-        return str(UID(uid).name)
+        entry = _uid_names().get(uid)
+        return str(entry[0]) if entry else uid
     except Exception:  # noqa: BLE001 - a name is a nicety, never a failure
         return uid
+
+
+@functools.cache
+def _uid_names() -> Mapping[str, Any]:
+    """pydicom's UID dictionary (``UID.name`` reads it): its module alone, a dict literal of a
+    millisecond, when this pydicom has it where pydicom 2.4 and 3 keep it; else through
+    ``pydicom.uid``. Not ``import pydicom.uid``: that runs all of pydicom's ``__init__`` (a third
+    of a CPU-second) once at the end of every run, only to name the SOP classes in metadata.csv."""
+    try:
+        spec = importlib.util.find_spec("pydicom")
+        folder = (spec.submodule_search_locations or [None])[0] if spec else None
+        loaded = importlib.util.spec_from_file_location("harvester._pydicom_uid_dict",
+                                                        os.path.join(folder, "_uid_dict.py")) if folder else None
+        if loaded is not None and loaded.loader is not None:
+            module = importlib.util.module_from_spec(loaded)
+            loaded.loader.exec_module(module)
+            names = module.UID_dictionary
+            if isinstance(names, dict):
+                return names
+    except Exception:  # noqa: BLE001 - pydicom moved or reshaped it: ask pydicom itself
+        pass
+    from pydicom.uid import UID_dictionary
+
+    return UID_dictionary
