@@ -17,7 +17,8 @@ import anyio
 import pytest
 
 from harvest_helpers import assert_identical, harvest, normal_series, run_events, select_all
-from harvester.concurrency import GAIN, HOLD, ConnectionController
+from harvester import engine as engine_module
+from harvester.concurrency import GAIN, HOLD, ConnectionController, PushBackFilter
 from harvester.server.archive import Archive
 from harvester.server.synthetic import SyntheticSpec, build_synthetic
 from harvester.server.testing import serve_in_thread
@@ -286,3 +287,52 @@ def test_the_round_trip_is_a_running_average_of_the_times_to_headers() -> None:
     c.observe_latency(float("nan"))             # never a figure that is not one
     c.observe_latency(-1.0)
     assert 0.05 < c.latency < 0.10
+
+
+# ---------------------------------------------------------------- push-back: a share of the requests, not one answer
+
+def test_push_back_filter_signals_a_share_of_the_requests_not_one_answer() -> None:
+    f = PushBackFilter(share=0.15, window=40)               # 6 of the last 40 requests
+    # one overload answer in every 20 requests (5%): never a push-back
+    assert not any(f.overloaded(sent) for sent in range(20, 2000, 20))
+    f = PushBackFilter(share=0.15, window=40)
+    # six within 40 requests: the sixth is a push-back, and the count starts again after it
+    assert [f.overloaded(sent) for sent in (100, 105, 110, 115, 120, 125)] == [False] * 5 + [True]
+    assert not any(f.overloaded(sent) for sent in (126, 127, 128, 129, 130))
+    assert f.overloaded(131) and f.signalled == 2 and f.heard == 12
+    # old answers fall out of the window: five long ago and one now are not six of 40
+    f = PushBackFilter(share=0.15, window=40)
+    for sent in (1, 2, 3, 4, 5):
+        f.overloaded(sent)
+    assert not f.overloaded(60)
+
+
+def capture_engines(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    engines: list[Any] = []
+    original = engine_module.Engine.__init__
+
+    def capture(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        engines.append(self)
+
+    monkeypatch.setattr(engine_module.Engine, "__init__", capture)
+    return engines
+
+
+def test_a_few_503s_among_many_answers_do_not_halve_the_connections(series_of_40: Archive, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """6% of the requests fail (half of them 503), instance by instance: the 503s are heard
+    but are not a push-back, so neither the connections nor the download slots are halved
+    (they were at each one, and a spread tail ran on one or two connections)."""
+    engines = capture_engines(monkeypatch)
+    out = tmp_path / "out"
+    with serve_in_thread(series_of_40, faults="rate=256KiB,error=0.06,seed=4") as server:
+        result = harvest(server.base_url, out, select_all(series_of_40), per_instance="always", workers=8,
+                         connections=16, max_connections=8, retries=10)
+        errors = server.stats.faults.get("error", 0)
+    assert result.ok, result.failed
+    engine = engines[0]
+    assert errors >= 2 and engine.overload.heard >= 1
+    assert engine.connections.shrunk == 0 and engine.overload.signalled == 0
+    assert engine.limit.current == 8 and last_progress(out)["connections"] == 8
+    assert_identical(out, series_of_40, normal_series(series_of_40))
