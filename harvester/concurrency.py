@@ -32,6 +32,14 @@ takes 1.7 round trips of 30 ms); where the connections are fast against the late
 small series at 50 ms, 2.9 MB/s a connection: 0.4 round trips) one ZIP each is as fast and
 costs a fiftieth of the requests. Before anything was measured, spare connections are used.
 
+A large series (``harvester.config.PER_INSTANCE_MIN_BYTES``) is spread only when one connection
+is slow against its size (``slow_for``): it would take more than ``SPREAD_MIN_SECONDS`` on one
+connection. That is a per-connection cap (issue 17's 4 MB/s: 262 s for 1 GiB), which only
+instances in parallel get past; where one connection fills the link (a 1 GB series on
+loopback: 4 s) the ZIP is as fast, costs one request instead of one per instance, and holds no
+instance in memory. Before a connection's throughput was measured, the source streams the ZIP
+and asks again once it has its own figure (``harvester.source.nbia.source``).
+
 Push-back is a share, not a single answer (``PushBackFilter``): an archive that fails one
 request in forty with a 503 (a fault, an instance restarting) is not asking for fewer
 connections; halving on each such answer, once a series is spread over a request per instance,
@@ -62,6 +70,10 @@ HOLD = 6
 SPREAD_MIN_ROUND_TRIPS = 0.75
 #: weight of a new round trip in the running average (``observe_latency``)
 LATENCY_WEIGHT = 0.2
+#: a large series is spread only when one connection would take longer than this for it
+#: (``slow_for``): spreading saves at most that time, and costs a request per instance and the
+#: instances held in memory; a failed ZIP of the series costs at most this much to refetch
+SPREAD_MIN_SECONDS = 20.0
 #: overload answers (429, 503, timeouts) are a push-back when they are at least this share of
 #: the last ``OVERLOAD_WINDOW`` requests sent (``PushBackFilter``): 6 of 40. An archive failing a
 #: few percent of its requests at random reaches it about never (2.5% of 503s: 6 of 40 in
@@ -160,6 +172,16 @@ class ConnectionController:
         ``SPREAD_MIN_ROUND_TRIPS`` round trips on one connection, or that is not known yet."""
         trips = self.round_trips(instance_bytes)
         return trips is None or trips >= SPREAD_MIN_ROUND_TRIPS
+
+    def slow_for(self, series_bytes: float, rate: float | None = None, *, margin: float = 1.0) -> bool | None:
+        """Whether one connection at ``rate`` bytes per second (default: the measured
+        ``per_connection``) takes more than ``SPREAD_MIN_SECONDS`` (times ``margin``) for
+        ``series_bytes``, so that a large series is worth spreading (see the module's
+        docstring); None while no throughput is known."""
+        rate = self.per_connection if rate is None else rate
+        if not rate or rate <= 0:
+            return None
+        return series_bytes / rate > SPREAD_MIN_SECONDS * margin
 
     def spare_for(self, downloading: int) -> bool:
         """Whether a series about to download should be spread over several connections: the

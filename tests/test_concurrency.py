@@ -17,8 +17,10 @@ import anyio
 import pytest
 
 from harvest_helpers import assert_identical, harvest, normal_series, run_events, select_all
+from harvester import concurrency
 from harvester import engine as engine_module
-from harvester.concurrency import GAIN, HOLD, ConnectionController, PushBackFilter
+from harvester.concurrency import GAIN, HOLD, SPREAD_MIN_SECONDS, ConnectionController, PushBackFilter
+from harvester.source.nbia import source as nbia_source
 from harvester.server.archive import Archive
 from harvester.server.synthetic import SyntheticSpec, build_synthetic
 from harvester.server.testing import serve_in_thread
@@ -287,6 +289,55 @@ def test_the_round_trip_is_a_running_average_of_the_times_to_headers() -> None:
     c.observe_latency(float("nan"))             # never a figure that is not one
     c.observe_latency(-1.0)
     assert 0.05 < c.latency < 0.10
+
+
+# ---------------------------------------------------------------- a large series: spread only when one connection is slow
+
+@pytest.fixture(scope="module")
+def series_of_16(tmp_path_factory: pytest.TempPathFactory) -> Archive:
+    """One series of 16 x 256 KiB (4 MiB), "large" for the tests below (they lower the bound)."""
+    spec = SyntheticSpec.parse("collections=1,patients=1,studies=1,series=1,instances=16,size=256KiB,seed=11")
+    return build_synthetic(spec, tmp_path_factory.mktemp("sixteen"))
+
+
+def test_slow_for_says_whether_one_connection_takes_too_long_for_a_series() -> None:
+    c = ConnectionController(4, 8)
+    assert c.slow_for(1 << 30) is None                     # nothing measured yet
+    assert c.slow_for(1 << 30, rate=4e6)                   # 1 GiB at 4 MB/s: 268 s
+    assert not c.slow_for(1 << 30, rate=250e6)             # ... at 250 MB/s: 4 s
+    c.per_connection = 4e6
+    assert c.slow_for(SPREAD_MIN_SECONDS * 4e6 + 1) and not c.slow_for(SPREAD_MIN_SECONDS * 4e6 - 1)
+
+
+def test_a_large_series_on_a_link_one_connection_fills_stays_one_zip(series_of_16: Archive, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """No per-connection cap: the probed ZIP brings the series well within SPREAD_MIN_SECONDS,
+    so it goes on; no instance is asked for, and the tree is the archive's."""
+    monkeypatch.setattr(nbia_source, "PER_INSTANCE_MIN_BYTES", 1 << 20)
+    monkeypatch.setattr(concurrency, "SPREAD_MIN_SECONDS", 5.0)
+    out = tmp_path / "out"
+    with serve_in_thread(series_of_16) as server:
+        result = harvest(server.base_url, out, select_all(series_of_16))
+        downloads, instances = dict(server.stats.downloads), dict(server.stats.instances)
+    assert result.ok, result.failed
+    assert sum(downloads.values()) == 1 and instances == {}
+    assert_identical(out, series_of_16, normal_series(series_of_16))
+
+
+def test_a_large_series_one_connection_is_slow_for_is_spread_after_its_probe(
+        series_of_16: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cap of 512 KiB/s per connection: the ZIP would take 8 s, more than SPREAD_MIN_SECONDS
+    (2 s here); it is given up after its probe and every instance is fetched on its own."""
+    monkeypatch.setattr(nbia_source, "PER_INSTANCE_MIN_BYTES", 1 << 20)
+    monkeypatch.setattr(concurrency, "SPREAD_MIN_SECONDS", 2.0)
+    out = tmp_path / "out"
+    with serve_in_thread(series_of_16, faults="rate=512KiB") as server:
+        result = harvest(server.base_url, out, select_all(series_of_16))
+        downloads, instances = dict(server.stats.downloads), dict(server.stats.instances)
+    assert result.ok, result.failed
+    assert sum(downloads.values()) == 1                     # the probe
+    assert len(instances) == 16 and set(instances.values()) == {1}
+    assert_identical(out, series_of_16, normal_series(series_of_16))
 
 
 # ---------------------------------------------------------------- push-back: a share of the requests, not one answer
