@@ -205,13 +205,13 @@ class NBIASource(ClientBackedSource):
             headers_at, received = anyio.current_time(), 0   # a retried attempt is timed afresh
 
         async def zip_once() -> UnpackedSeries:
-            async with self._connection():
-                return await stream_series_zip(
-                    self.client, task.series_uid, task.collection,
-                    lambda: sinks.series_zip(task, staging, max_repairs=max_repairs),
-                    chunk_size=config.chunk_size, rate=rate, on_bytes=counted if probe else on_bytes,
-                    max_bytes=download_bound(task.file_size, task.image_count, config.limits),
-                    on_latency=headers)
+            # a connection for each attempt's body, none through a back-off
+            return await stream_series_zip(
+                self.client, task.series_uid, task.collection,
+                lambda: sinks.series_zip(task, staging, max_repairs=max_repairs),
+                chunk_size=config.chunk_size, rate=rate, on_bytes=counted if probe else on_bytes,
+                max_bytes=download_bound(task.file_size, task.image_count, config.limits),
+                on_latency=headers, hold=self._connection)
 
         if not probe or connections is None:
             return await zip_once()
@@ -290,8 +290,8 @@ class NBIASource(ClientBackedSource):
                 md5 = await client.instance_md5(sop, task.collection)
                 if await anyio.to_thread.run_sync(writer.staged, sop, md5) is not None:
                     continue
-                async with self._connection():
-                    data = await client.single_image(task.series_uid, sop, task.collection)
+                # a connection for each attempt, none through a back-off
+                data = await client.single_image(task.series_uid, sop, task.collection, hold=self._connection)
                 if rate is not None:
                     await rate.consume(len(data))
                 on_bytes(len(data))
