@@ -221,7 +221,7 @@ def _add_harvest_args(p: argparse.ArgumentParser) -> None:
                    help=f"cap total bandwidth in bytes/s, e.g. 50MB or 20MiB/s: {SIZE_HELP}")
     p.add_argument("--per-instance", choices=PER_INSTANCE_MODES, metavar="WHEN",
                    help="NBIA: fetch a series instance by instance (getSingleImage), several at once, keeping "
-                        "each verified instance for a resume: auto (default: series of 256 MiB or more), "
+                        "each verified instance for a resume: auto (default: series of 256 MiB or more that one connection is slow for), "
                         "always, never (one getImage ZIP per series)")
     p.add_argument("--no-progress", action="store_true",
                    help="plain periodic status lines instead of a live line (the default on a dumb terminal "

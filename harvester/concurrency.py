@@ -31,12 +31,29 @@ on one connection (a link capped per connection: issue 17's 1 MB/s, where a 64 K
 takes 1.7 round trips of 30 ms); where the connections are fast against the latency (many
 small series at 50 ms, 2.9 MB/s a connection: 0.4 round trips) one ZIP each is as fast and
 costs a fiftieth of the requests. Before anything was measured, spare connections are used.
+
+A large series (``harvester.config.PER_INSTANCE_MIN_BYTES``) is spread only when one connection
+is slow against its size (``slow_for``): it would take more than ``SPREAD_MIN_SECONDS`` on one
+connection. That is a per-connection cap (issue 17's 4 MB/s: 262 s for 1 GiB), which only
+instances in parallel get past; where one connection fills the link (a 1 GB series on
+loopback: 4 s) the ZIP is as fast, costs one request instead of one per instance, and holds no
+instance in memory. Before a connection's throughput was measured, the source streams the ZIP
+and asks again once it has its own figure (``harvester.source.nbia.source``).
+
+Push-back is a share, not a single answer (``PushBackFilter``): an archive that fails one
+request in forty with a 503 (a fault, an instance restarting) is not asking for fewer
+connections; halving on each such answer, once a series is spread over a request per instance,
+left a run on one or two connections for its last third. Only when overload answers are at
+least ``OVERLOAD_SHARE`` of the last ``OVERLOAD_WINDOW`` requests is it a push-back (a wave of
+429s, every request timing out), as client-side throttling schemes read an archive's
+rejections (a ratio of rejected to sent requests).
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import anyio
@@ -53,6 +70,16 @@ HOLD = 6
 SPREAD_MIN_ROUND_TRIPS = 0.75
 #: weight of a new round trip in the running average (``observe_latency``)
 LATENCY_WEIGHT = 0.2
+#: a large series is spread only when one connection would take longer than this for it
+#: (``slow_for``): spreading saves at most that time, and costs a request per instance and the
+#: instances held in memory; a failed ZIP of the series costs at most this much to refetch
+SPREAD_MIN_SECONDS = 20.0
+#: overload answers (429, 503, timeouts) are a push-back when they are at least this share of
+#: the last ``OVERLOAD_WINDOW`` requests sent (``PushBackFilter``): 6 of 40. An archive failing a
+#: few percent of its requests at random reaches it about never (2.5% of 503s: 6 of 40 in
+#: 0.06% of windows); one that throttles, a wave of 429s or timeouts, at once
+OVERLOAD_SHARE = 0.15
+OVERLOAD_WINDOW = 40
 
 
 class ConnectionController:
@@ -146,6 +173,16 @@ class ConnectionController:
         trips = self.round_trips(instance_bytes)
         return trips is None or trips >= SPREAD_MIN_ROUND_TRIPS
 
+    def slow_for(self, series_bytes: float, rate: float | None = None, *, margin: float = 1.0) -> bool | None:
+        """Whether one connection at ``rate`` bytes per second (default: the measured
+        ``per_connection``) takes more than ``SPREAD_MIN_SECONDS`` (times ``margin``) for
+        ``series_bytes``, so that a large series is worth spreading (see the module's
+        docstring); None while no throughput is known."""
+        rate = self.per_connection if rate is None else rate
+        if not rate or rate <= 0:
+            return None
+        return series_bytes / rate > SPREAD_MIN_SECONDS * margin
+
     def spare_for(self, downloading: int) -> bool:
         """Whether a series about to download should be spread over several connections: the
         series left to start (``unsettled`` less the ``downloading`` ones, this one among them)
@@ -199,3 +236,31 @@ class ConnectionController:
     def _set(self, limit: int) -> None:
         # CapacityLimiter: raising wakes waiters at once; lowering lets the borrowed ones finish
         self.limiter.total_tokens = limit
+
+
+class PushBackFilter:
+    """Which overload answers (429, 503, a timeout) are a push-back: those that bring such
+    answers to at least ``share`` of the last ``window`` requests sent (see the module's
+    docstring). ``overloaded(sent)`` is told each one with the count of requests sent so far
+    (a counter that only grows); after a push-back the count starts again, so one wave is one
+    signal here too (the limits' cooldown still applies)."""
+
+    def __init__(self, share: float = OVERLOAD_SHARE, window: int = OVERLOAD_WINDOW) -> None:
+        self.window = max(1, window)
+        self.needed = max(1, math.ceil(share * self.window))
+        self._marks: deque[int] = deque()   # the request count at each recent overload answer
+        #: overload answers heard and push-backs given (for the journal, tests)
+        self.heard = self.signalled = 0
+
+    def overloaded(self, sent: int) -> bool:
+        """An overload answer arrived when ``sent`` requests had been sent: True when it is a
+        push-back."""
+        self.heard += 1
+        self._marks.append(sent)
+        while self._marks and self._marks[0] <= sent - self.window:
+            self._marks.popleft()
+        if len(self._marks) < self.needed:
+            return False
+        self._marks.clear()
+        self.signalled += 1
+        return True

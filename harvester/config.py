@@ -46,8 +46,9 @@ class Limits:
 
 
 PER_INSTANCE_MODES = ("auto", "always", "never")
-#: ``per_instance="auto"``: a series this large goes instance by instance (one connection's cap
-#: would make it take its size over one stream's speed, and a failure would cost all of it)
+#: ``per_instance="auto"``: a series this large goes instance by instance when one connection
+#: is slow for it (a per-connection cap would make it take its size over one stream's speed, and
+#: a failure would cost all of it): ``harvester.concurrency.SPREAD_MIN_SECONDS``
 PER_INSTANCE_MIN_BYTES = 256 << 20
 #: ... unless its instances are this large on average (each instance is held in memory once)
 PER_INSTANCE_MAX_AVERAGE = 64 << 20
@@ -96,7 +97,9 @@ class Config:
     connections: int = 48             # global HTTP connection limit (2 x workers, as --workers sets it)
     # NBIA: fetch a series instance by instance (getSingleImage, several at once, each kept
     # for a resume) instead of as one ZIP: "auto" for series of at least PER_INSTANCE_MIN_BYTES
-    # (or PER_INSTANCE_SPARE_MIN_BYTES when connections are spare), "always", or "never"; 2 x
+    # that one connection is slow for (``ConnectionController.slow_for``: a large series' ZIP is
+    # timed first when nothing was measured) or of PER_INSTANCE_SPARE_MIN_BYTES when connections
+    # are spare, "always", or "never"; 2 x
     # instance_streams instances of one series in flight at most (each held in memory once),
     # each on a connection of the controller's (``max_connections``)
     per_instance: str = "auto"

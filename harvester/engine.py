@@ -10,8 +10,9 @@ full, bad credentials) cancels every worker and propagates, leaving only verifie
 under final names.
 
 Concurrency: ``config.workers`` downloads at most; an ``AdaptiveLimit`` lowers that
-multiplicatively when the server pushes back (429/503/timeouts) and raises it additively while
-healthy. A source that takes the download slot itself (``download_limiter``, as NBIA does)
+multiplicatively when the server pushes back (429/503/timeouts that are a good share of the
+requests, ``harvester.concurrency.PushBackFilter``, or a series that failed on one) and raises
+it additively while healthy. A source that takes the download slot itself (``download_limiter``, as NBIA does)
 lets up to twice as many series be in flight, the others verifying, unpacking or committing;
 otherwise a slot covers the whole attempt. Such a source also holds one connection of a
 ``ConnectionController`` (``harvester.concurrency``) per body it streams: the controller finds
@@ -33,7 +34,7 @@ from typing import Any
 
 import anyio
 
-from harvester.concurrency import ConnectionController
+from harvester.concurrency import ConnectionController, PushBackFilter
 from harvester.config import Config
 from harvester.containment import inside
 from harvester.errors import (
@@ -147,10 +148,14 @@ class Engine:
         self._licenses: set[str] = set()
         self._rng = random.Random()
         self._refresh_failed: dict[str, str] = {}  # uid -> why a refetch failed (its old copy is kept)
+        #: which overload answers are a push-back: a share of the requests, not one answer
+        self.overload = PushBackFilter()
         source.on_retry = self._on_request_retry
 
     def _on_request_retry(self, exc: BaseException) -> None:
-        if getattr(exc, "overload", False):  # 429, 503 or a timeout: the server is struggling
+        # 429, 503 or a timeout: the server may be struggling; it is when such answers are a
+        # good share of the requests (``PushBackFilter``), not at one among many that succeed
+        if getattr(exc, "overload", False) and self.overload.overloaded(self.source.requests):
             self.limit.push_back()
             self.connections.push_back()
         self.hub.emit(Event("retry", message=str(exc)))

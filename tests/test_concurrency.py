@@ -17,7 +17,10 @@ import anyio
 import pytest
 
 from harvest_helpers import assert_identical, harvest, normal_series, run_events, select_all
-from harvester.concurrency import GAIN, HOLD, ConnectionController
+from harvester import concurrency
+from harvester import engine as engine_module
+from harvester.concurrency import GAIN, HOLD, SPREAD_MIN_SECONDS, ConnectionController, PushBackFilter
+from harvester.source.nbia import source as nbia_source
 from harvester.server.archive import Archive
 from harvester.server.synthetic import SyntheticSpec, build_synthetic
 from harvester.server.testing import serve_in_thread
@@ -286,3 +289,101 @@ def test_the_round_trip_is_a_running_average_of_the_times_to_headers() -> None:
     c.observe_latency(float("nan"))             # never a figure that is not one
     c.observe_latency(-1.0)
     assert 0.05 < c.latency < 0.10
+
+
+# ---------------------------------------------------------------- a large series: spread only when one connection is slow
+
+@pytest.fixture(scope="module")
+def series_of_16(tmp_path_factory: pytest.TempPathFactory) -> Archive:
+    """One series of 16 x 256 KiB (4 MiB), "large" for the tests below (they lower the bound)."""
+    spec = SyntheticSpec.parse("collections=1,patients=1,studies=1,series=1,instances=16,size=256KiB,seed=11")
+    return build_synthetic(spec, tmp_path_factory.mktemp("sixteen"))
+
+
+def test_slow_for_says_whether_one_connection_takes_too_long_for_a_series() -> None:
+    c = ConnectionController(4, 8)
+    assert c.slow_for(1 << 30) is None                     # nothing measured yet
+    assert c.slow_for(1 << 30, rate=4e6)                   # 1 GiB at 4 MB/s: 268 s
+    assert not c.slow_for(1 << 30, rate=250e6)             # ... at 250 MB/s: 4 s
+    c.per_connection = 4e6
+    assert c.slow_for(SPREAD_MIN_SECONDS * 4e6 + 1) and not c.slow_for(SPREAD_MIN_SECONDS * 4e6 - 1)
+
+
+def test_a_large_series_on_a_link_one_connection_fills_stays_one_zip(series_of_16: Archive, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """No per-connection cap: the probed ZIP brings the series well within SPREAD_MIN_SECONDS,
+    so it goes on; no instance is asked for, and the tree is the archive's."""
+    monkeypatch.setattr(nbia_source, "PER_INSTANCE_MIN_BYTES", 1 << 20)
+    monkeypatch.setattr(concurrency, "SPREAD_MIN_SECONDS", 5.0)
+    out = tmp_path / "out"
+    with serve_in_thread(series_of_16) as server:
+        result = harvest(server.base_url, out, select_all(series_of_16))
+        downloads, instances = dict(server.stats.downloads), dict(server.stats.instances)
+    assert result.ok, result.failed
+    assert sum(downloads.values()) == 1 and instances == {}
+    assert_identical(out, series_of_16, normal_series(series_of_16))
+
+
+def test_a_large_series_one_connection_is_slow_for_is_spread_after_its_probe(
+        series_of_16: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cap of 512 KiB/s per connection: the ZIP would take 8 s, more than SPREAD_MIN_SECONDS
+    (2 s here); it is given up after its probe and every instance is fetched on its own."""
+    monkeypatch.setattr(nbia_source, "PER_INSTANCE_MIN_BYTES", 1 << 20)
+    monkeypatch.setattr(concurrency, "SPREAD_MIN_SECONDS", 2.0)
+    out = tmp_path / "out"
+    with serve_in_thread(series_of_16, faults="rate=512KiB") as server:
+        result = harvest(server.base_url, out, select_all(series_of_16))
+        downloads, instances = dict(server.stats.downloads), dict(server.stats.instances)
+    assert result.ok, result.failed
+    assert sum(downloads.values()) == 1                     # the probe
+    assert len(instances) == 16 and set(instances.values()) == {1}
+    assert_identical(out, series_of_16, normal_series(series_of_16))
+
+
+# ---------------------------------------------------------------- push-back: a share of the requests, not one answer
+
+def test_push_back_filter_signals_a_share_of_the_requests_not_one_answer() -> None:
+    f = PushBackFilter(share=0.15, window=40)               # 6 of the last 40 requests
+    # one overload answer in every 20 requests (5%): never a push-back
+    assert not any(f.overloaded(sent) for sent in range(20, 2000, 20))
+    f = PushBackFilter(share=0.15, window=40)
+    # six within 40 requests: the sixth is a push-back, and the count starts again after it
+    assert [f.overloaded(sent) for sent in (100, 105, 110, 115, 120, 125)] == [False] * 5 + [True]
+    assert not any(f.overloaded(sent) for sent in (126, 127, 128, 129, 130))
+    assert f.overloaded(131) and f.signalled == 2 and f.heard == 12
+    # old answers fall out of the window: five long ago and one now are not six of 40
+    f = PushBackFilter(share=0.15, window=40)
+    for sent in (1, 2, 3, 4, 5):
+        f.overloaded(sent)
+    assert not f.overloaded(60)
+
+
+def capture_engines(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    engines: list[Any] = []
+    original = engine_module.Engine.__init__
+
+    def capture(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        engines.append(self)
+
+    monkeypatch.setattr(engine_module.Engine, "__init__", capture)
+    return engines
+
+
+def test_a_few_503s_among_many_answers_do_not_halve_the_connections(series_of_40: Archive, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """6% of the requests fail (half of them 503), instance by instance: the 503s are heard
+    but are not a push-back, so neither the connections nor the download slots are halved
+    (they were at each one, and a spread tail ran on one or two connections)."""
+    engines = capture_engines(monkeypatch)
+    out = tmp_path / "out"
+    with serve_in_thread(series_of_40, faults="rate=256KiB,error=0.06,seed=4") as server:
+        result = harvest(server.base_url, out, select_all(series_of_40), per_instance="always", workers=8,
+                         connections=16, max_connections=8, retries=10)
+        errors = server.stats.faults.get("error", 0)
+    assert result.ok, result.failed
+    engine = engines[0]
+    assert errors >= 2 and engine.overload.heard >= 1
+    assert engine.connections.shrunk == 0 and engine.overload.signalled == 0
+    assert engine.limit.current == 8 and last_progress(out)["connections"] == 8
+    assert_identical(out, series_of_40, normal_series(series_of_40))

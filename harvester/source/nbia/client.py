@@ -364,15 +364,19 @@ class NBIAClient(RetryingClient):
                                         f"{one_line(md5[:60])}")
         return md5
 
-    async def single_image(self, series_uid: str, sop_uid: str, collection: str | None) -> bytes:
-        """One instance via getSingleImage (to repair a single bad file)."""
+    async def single_image(self, series_uid: str, sop_uid: str, collection: str | None, *,
+                           hold: Callable[[], contextlib.AbstractAsyncContextManager[Any]] | None = None) -> bytes:
+        """One instance via getSingleImage (to repair a single bad file, or a series spread
+        over connections). ``hold()``, when given, is entered around each attempt only (a
+        connection of the engine's), so a back-off between attempts holds none."""
         url = self.url("getSingleImage", {"SeriesInstanceUID": series_uid, "SOPInstanceUID": sop_uid},
                        collection=collection)
         async for attempt in self.retrying():
             with attempt:
-                async with self._request(url, accept="application/dicom") as resp:
-                    return await read_guarded(resp, BodyGuard(self.config, redact_url(url),
-                                                              max_bytes=self.config.limits.max_entry_bytes))
+                async with hold() if hold is not None else contextlib.nullcontext():
+                    async with self._request(url, accept="application/dicom") as resp:
+                        return await read_guarded(resp, BodyGuard(self.config, redact_url(url),
+                                                                  max_bytes=self.config.limits.max_entry_bytes))
         raise AssertionError("unreachable")  # pragma: no cover
 
 

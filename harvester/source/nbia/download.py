@@ -21,6 +21,7 @@ and what the sink raises (``DiskFullError``/``OutputNotWritableError`` when the 
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
@@ -69,19 +70,23 @@ class ZipTarget(Protocol[T]):
 async def stream_series_zip(client: NBIAClient, series_uid: str, collection: str | None,
                             open_sink: Callable[[], ZipTarget[T]], *, chunk_size: int = 1 << 20,
                             rate: RateLimiter | None = None, on_bytes: Callable[[int], None] | None = None,
-                            max_bytes: int | None = None, on_latency: Callable[[float], None] | None = None) -> T:
+                            max_bytes: int | None = None, on_latency: Callable[[float], None] | None = None,
+                            hold: Callable[[], contextlib.AbstractAsyncContextManager[Any]] | None = None) -> T:
     """Stream the series ZIP into a sink (``open_sink()``, a fresh one per attempt) and return
     what its ``close`` gives: no ``.partial`` file. A failed attempt discards its sink, so the
     staging folder holds nothing of it. ``on_latency`` hears each attempt's seconds from
-    sending the request to its headers (one round trip, for the connection controller).
+    sending the request to its headers (one round trip, for the connection controller);
+    ``hold()``, when given, is entered around each attempt's body only (a connection of the
+    engine's): none is held through a back-off between attempts, nor by the sink's close.
     ``client`` may be any opener with ``config``, ``retrying``, ``series_url`` and
     ``open_series`` (``AnnotationOpener``). Raises as the module docstring says."""
     async for attempt in client.retrying():
         with attempt:
             sink = open_sink()
             try:
-                await _fetch_once(client, series_uid, collection, sink, chunk_size, rate, on_bytes, max_bytes,
-                                  on_latency)
+                async with hold() if hold is not None else contextlib.nullcontext():
+                    await _fetch_once(client, series_uid, collection, sink, chunk_size, rate, on_bytes, max_bytes,
+                                      on_latency)
                 return await sink.close()
             except BaseException:
                 sink.discard()  # blocking but quick; it must run even when cancelled

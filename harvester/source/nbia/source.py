@@ -3,10 +3,13 @@ getSingleImage for one instance, getUpdatedSeries for what changed.
 
 Per series: stream the ZIP into a sink the engine gave (``stream_series_zip``, holding a
 ``download_limiter`` slot when the engine gave one), which verifies and unpacks it as it arrives
-(the store's ``ZipSeriesSink``: no ``.partial``), or, for a large series (``per_instance``),
-fetch its instances several at once into a sink that keeps each verified one for a resume
-(getSingleImage); then repair up to one in ten instances that failed only their MD5 with getSingleImage instead of refetching the
-whole series; with ``config.annotations``, the series' annotation files follow (getDCMImage).
+(the store's ``ZipSeriesSink``: no ``.partial``), or, for a large series (``per_instance``) that
+one connection is slow for (``ConnectionController.slow_for``), fetch its instances several at
+once into a sink that keeps each verified one for a resume (getSingleImage). When no
+connection's throughput is known yet, a large series' ZIP is started and timed after its
+headers (``PROBE_SECONDS``): it goes on when one connection brings the series soon enough,
+else it is given up (its sink discarded) and the series is spread. Then repair up to one in ten
+instances that failed only their MD5 with getSingleImage instead of refetching the whole series; with ``config.annotations``, the series' annotation files follow (getDCMImage).
 
 Raises what ``stream_series_zip`` and the sink raise, ``IntegrityError`` when a
 single-image refetch still fails its MD5 or is another instance, and the client's request errors.
@@ -26,7 +29,7 @@ import anyio
 from harvester.annotations import MAX_ANNOTATION_BYTES, AnnotationOpener, has_annotations
 from harvester.concurrency import ConnectionController
 from harvester.config import PER_INSTANCE_MAX_AVERAGE, PER_INSTANCE_MIN_BYTES, PER_INSTANCE_SPARE_MIN_BYTES
-from harvester.errors import IncompleteSeriesError, IntegrityError
+from harvester.errors import IncompleteSeriesError, IntegrityError, RetryableRequestError
 from harvester.models import AnnotatedSeries, Plan, SeriesTask, TaskStore, UnpackedSeries
 from harvester.query import Query
 from harvester.rate import RateLimiter
@@ -38,6 +41,14 @@ from harvester.unpack import read_dicom_ids
 
 #: getUpdatedSeries is asked from this long before the last sync (the archive's dates are days)
 SYNC_OVERLAP = dt.timedelta(days=2)
+#: a large series' ZIP is timed from its headers (see the module's docstring): after
+#: ``PROBE_SECONDS`` it is given up when one connection at its pace is ``PROBE_CLEAR`` times
+#: slow for the series (a per-connection cap: 4 MB/s for 1 GiB is 13 times 20 s), kept when it is
+#: not slow at all; in between (a connection still opening its window, a loaded machine) it is
+#: timed on, and decided at ``PROBE_MAX_SECONDS`` by ``slow_for`` alone
+PROBE_SECONDS = 0.25
+PROBE_MAX_SECONDS = 1.0
+PROBE_CLEAR = 4.0
 
 
 def per_instance(task: SeriesTask, mode: str, *, spare: bool = False) -> bool:
@@ -126,16 +137,16 @@ class NBIASource(ClientBackedSource):
         # decided once the series may download: the series still waiting are known then
         async with self.download_limiter or contextlib.nullcontext():
             with self._series_download(task) as spare:
-                if per_instance(task, config.per_instance, spare=spare):
-                    unpacked = await self._fetch_instances(task, staging, on_bytes, rate, sinks)
-                else:
-                    async with self._connection():
-                        unpacked = await stream_series_zip(
-                            self.client, task.series_uid, task.collection,
-                            lambda: sinks.series_zip(task, staging, max_repairs=max_repairs),
-                            chunk_size=config.chunk_size, rate=rate, on_bytes=on_bytes,
-                            max_bytes=download_bound(task.file_size, task.image_count, config.limits),
-                            on_latency=self.connections.observe_latency if self.connections else None)
+                spread = per_instance(task, config.per_instance, spare=spare)
+                slow = self._slow_for(task) if spread and self._large(task) else True
+                found: UnpackedSeries | None = None
+                if not spread or slow is False:   # one connection brings it soon enough
+                    found = await self._stream_zip(task, staging, on_bytes, rate, sinks, max_repairs)
+                elif slow is None:           # not known yet: the ZIP, unless it proves slow
+                    found = await self._stream_zip(task, staging, on_bytes, rate, sinks, max_repairs,
+                                                   probe=task.file_size)
+                unpacked = found if found is not None else \
+                    await self._fetch_instances(task, staging, on_bytes, rate, sinks)
         if unpacked.license_text is None:  # getImageWithMD5Hash sends none: say what getSeries said
             unpacked = dataclasses.replace(unpacked, license_text=license_from_row(task.row))
         for repair in unpacked.repairs:
@@ -158,6 +169,89 @@ class NBIASource(ClientBackedSource):
         if config.annotations and has_annotations(task.row):
             return await self._add_annotations(task, unpacked, staging, rate, on_bytes, sinks)
         return unpacked
+
+    def _large(self, task: SeriesTask) -> bool:
+        """A series "auto" spreads for its size alone (``PER_INSTANCE_MIN_BYTES``), under a
+        controller that can say whether one connection is slow for it."""
+        return (self.connections is not None and self.client.config.per_instance == "auto"
+                and (task.file_size or 0) >= PER_INSTANCE_MIN_BYTES)
+
+    def _slow_for(self, task: SeriesTask) -> bool | None:
+        assert self.connections is not None
+        return self.connections.slow_for(task.file_size or 0)
+
+    async def _stream_zip(self, task: SeriesTask, staging: Path, on_bytes: Callable[[int], None],
+                          rate: RateLimiter | None, sinks: Sinks, max_repairs: int, *,
+                          probe: int | None = None) -> UnpackedSeries | None:
+        """The series as one ZIP on one connection. With ``probe`` (the series' bytes), the ZIP
+        is timed from its headers (``PROBE_SECONDS`` to ``PROBE_MAX_SECONDS``): when one
+        connection at that pace is slow for ``probe`` bytes (``ConnectionController.slow_for``)
+        it is given up, its sink discarded, and None returned (the caller spreads the series)."""
+        config = self.client.config
+        connections = self.connections
+        received = 0
+        headers_at: float | None = None
+        given_up = False
+
+        def counted(n: int) -> None:
+            nonlocal received
+            received += n
+            on_bytes(n)
+
+        def headers(seconds: float) -> None:
+            nonlocal headers_at, received
+            if connections is not None:
+                connections.observe_latency(seconds)
+            headers_at, received = anyio.current_time(), 0   # a retried attempt is timed afresh
+
+        async def zip_once() -> UnpackedSeries:
+            # a connection for each attempt's body, none through a back-off
+            return await stream_series_zip(
+                self.client, task.series_uid, task.collection,
+                lambda: sinks.series_zip(task, staging, max_repairs=max_repairs),
+                chunk_size=config.chunk_size, rate=rate, on_bytes=counted if probe else on_bytes,
+                max_bytes=download_bound(task.file_size, task.image_count, config.limits),
+                on_latency=headers, hold=self._connection)
+
+        if not probe or connections is None:
+            return await zip_once()
+        result: UnpackedSeries | None = None
+
+        async def download() -> None:
+            nonlocal result
+            result = await zip_once()
+            watcher.cancel()
+
+        async def watch() -> None:
+            nonlocal given_up
+            with watcher:
+                while True:
+                    await anyio.sleep(PROBE_SECONDS / 5)
+                    if headers_at is None or (elapsed := anyio.current_time() - headers_at) < PROBE_SECONDS:
+                        continue
+                    pace = received / elapsed if received else 1.0
+                    if elapsed >= PROBE_MAX_SECONDS:
+                        given_up = bool(connections.slow_for(probe, pace))
+                    elif connections.slow_for(probe, pace, margin=PROBE_CLEAR):
+                        given_up = True
+                    elif connections.slow_for(probe, pace):
+                        continue   # not clear yet: timed on
+                    break
+                if given_up:
+                    group.cancel_scope.cancel()
+
+        watcher = anyio.CancelScope()
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(watch)
+                group.start_soon(download)
+        except BaseExceptionGroup as errors:
+            raise _first_error(errors) from None
+        if given_up:
+            return None
+        if result is None:  # pragma: no cover - the download ends with a result or an error
+            raise RetryableRequestError(f"download of series {task.series_uid} ended without a result")
+        return result
 
     async def _fetch_instances(self, task: SeriesTask, staging: Path, on_bytes: Callable[[int], None],
                                rate: RateLimiter | None, sinks: Sinks) -> UnpackedSeries:
@@ -196,8 +290,8 @@ class NBIASource(ClientBackedSource):
                 md5 = await client.instance_md5(sop, task.collection)
                 if await anyio.to_thread.run_sync(writer.staged, sop, md5) is not None:
                     continue
-                async with self._connection():
-                    data = await client.single_image(task.series_uid, sop, task.collection)
+                # a connection for each attempt, none through a back-off
+                data = await client.single_image(task.series_uid, sop, task.collection, hold=self._connection)
                 if rate is not None:
                     await rate.consume(len(data))
                 on_bytes(len(data))

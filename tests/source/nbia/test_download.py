@@ -3,9 +3,10 @@ byte received, in steps of ``REPORT_BYTES`` rather than once per network read), 
 that completes and for attempts cut off by a reset."""
 from __future__ import annotations
 
+import contextlib
 import io
 import zipfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
@@ -127,3 +128,49 @@ def test_time_on_our_side_never_counts_as_the_server_idle(served: tuple[ServerHa
     names = zipfile.ZipFile(io.BytesIO(body)).namelist()
     assert len(names) == len(rec.instances) + 2          # LICENSE, every instance, md5hashes.csv
     assert len(body) > 2 * cfg_chunk                      # several chunks, each slower than the timeout
+
+
+class Hold:
+    """A ``hold`` that records how many attempts held it, and how many hold it now."""
+
+    def __init__(self) -> None:
+        self.entered = self.active = 0
+
+    @contextlib.asynccontextmanager
+    async def __call__(self) -> AsyncIterator[None]:
+        self.entered += 1
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+
+
+def test_a_connection_is_held_for_each_attempt_and_never_through_a_back_off(archive: Archive) -> None:
+    """Many requests fail (40% 500/503, 20% resets): the ZIP and a single instance are held (an
+    engine's connection) around each attempt's body only; at every retry's back-off none is
+    held, and the bytes are the archive's."""
+    rec = next(iter(archive.records()))
+    sop = rec.instances[0]
+    zip_hold, instance_hold = Hold(), Hold()
+    during_backoff: list[int] = []
+
+    async def go(handle: ServerHandle) -> tuple[bytes, bytes]:
+        cfg = Config(api_url=handle.base_url, retries=20, read_timeout=10, backoff_base=0.01, backoff_max=0.02)
+        async with make_session(cfg) as session:
+            client = NBIAClient(cfg, session)
+            client.on_retry = lambda exc: during_backoff.append(zip_hold.active + instance_hold.active)
+            body = await stream_series_zip(client, rec.uid, None, Collector, hold=zip_hold)
+            one = await client.single_image(rec.uid, sop.sop_uid, None, hold=instance_hold)
+            return body, one
+
+    with serve_in_thread(archive, faults="error=0.4,reset=0.2,seed=3") as handle:
+        body, one = anyio.run(go, handle)
+        requests = dict(handle.stats.requests)
+    assert requests["getImage"] >= 2 and requests["getSingleImage"] >= 2   # each was retried
+    assert set(during_backoff) == {0}                                       # ... never holding
+    assert zip_hold.entered == requests["getImage"] and instance_hold.entered == requests["getSingleImage"]
+    assert zip_hold.entered + instance_hold.entered == len(during_backoff) + 2
+    with zipfile.ZipFile(io.BytesIO(body)) as zf:
+        assert len([n for n in zf.namelist() if n.endswith(".dcm")]) == len(rec.instances)
+    assert one == sop.path.read_bytes()
