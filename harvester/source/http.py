@@ -166,7 +166,7 @@ _ENV_PROXIES: weakref.WeakKeyDictionary[aiohttp.ClientSession, dict[tuple[str, s
 
 
 def env_proxy(session: aiohttp.ClientSession, url: URL | str) -> dict[str, Any]:
-    """The proxy keyword arguments (``proxy``, ``proxy_auth``) for a request of ``session`` to
+    """The proxy keyword arguments (``proxy``, its credentials in its URL) for a request of ``session`` to
     ``url``, as aiohttp's ``trust_env`` would find them (the proxy variables, ``NO_PROXY``, the
     proxy's credentials from ~/.netrc), looked up once per scheme and host and kept with the
     session; ``{}`` for a session not made by ``make_session`` (it has its own settings)."""
@@ -182,7 +182,10 @@ def env_proxy(session: aiohttp.ClientSession, url: URL | str) -> dict[str, Any]:
     if kwargs is None:
         try:
             proxy, proxy_auth = get_env_proxy_for_url(url)
-            kwargs = {"proxy": proxy, "proxy_auth": proxy_auth}   # as aiohttp's trust_env passes them
+            if proxy_auth is not None:  # in the proxy's URL: ``proxy_auth`` is deprecated in aiohttp 3.14, gone in 4
+                proxy = proxy.with_user(proxy_auth.login).with_password(proxy_auth.password)
+                SECRETS.add(proxy_auth.password, user=proxy_auth.login)   # an error may show the proxy's URL
+            kwargs = {"proxy": proxy}   # as aiohttp's trust_env passes them
         except LookupError:
             kwargs = {}
         found[key] = kwargs

@@ -188,3 +188,28 @@ def test_no_proxy_and_a_netrc_entry_for_the_archive_do_not_get_in_the_way(
     with serve_app(app_401_then("ok", seen)) as root:
         assert nbia_query(root) == [{"SeriesInstanceUID": "1.2.3"}]
     assert seen == [f"Bearer {TOKENS[0]}", f"Bearer {TOKENS[1]}"]
+
+
+def test_the_proxys_netrc_password_is_a_secret_the_redactor_knows(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Any) -> None:
+    """The proxy's credentials now travel in its URL (aiohttp 3.14 deprecates ``proxy_auth``), so
+    any error that shows that URL must not show the password: it is registered with the redactor
+    as soon as it is looked up."""
+    import harvester.source.http as http
+    from harvester.redact import redact
+
+    _clear_proxy_env(monkeypatch)
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login pat password proxy-pw-77\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+
+    async def go() -> dict[str, Any]:
+        async with make_session(Config(api_url="http://archive.invalid/v4")) as session:
+            return http.env_proxy(session, "http://archive.invalid/v4/getSeries")
+    kwargs = anyio.run(go)
+    assert set(kwargs) == {"proxy"}
+    assert kwargs["proxy"].password == "proxy-pw-77"
+    assert "proxy-pw-77" not in redact(f"cannot connect to {kwargs['proxy']}")
+    assert "proxy-pw-77" not in redact("the proxy answered: bad password proxy-pw-77")   # alone, not in a URL
