@@ -138,6 +138,15 @@ def _clear_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
+def _netrc_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Any, entry: str) -> None:
+    """No proxy variables, and a ~/.netrc (``NETRC``) holding ``entry`` alone."""
+    _clear_proxy_env(monkeypatch)
+    netrc = tmp_path / "netrc"
+    netrc.write_text(entry + "\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+
+
 def test_proxies_from_the_environment_are_honoured_and_looked_up_once_per_host(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
     """The session no longer trusts the environment per request (two thread hops each): the
@@ -145,11 +154,7 @@ def test_proxies_from_the_environment_are_honoured_and_looked_up_once_per_host(
     goes through the proxy they name (with its credentials from ~/.netrc, as aiohttp's own)."""
     import harvester.source.http as http
 
-    _clear_proxy_env(monkeypatch)
-    netrc = tmp_path / "netrc"
-    netrc.write_text("machine 127.0.0.1 login pat password proxy-pw-31\n")
-    netrc.chmod(0o600)
-    monkeypatch.setenv("NETRC", str(netrc))
+    _netrc_only(monkeypatch, tmp_path, "machine 127.0.0.1 login pat password proxy-pw-31")
     lookups: list[str] = []
     real = http.get_env_proxy_for_url
     monkeypatch.setattr(http, "get_env_proxy_for_url", lambda url: (lookups.append(str(url)), real(url))[1])
@@ -177,11 +182,7 @@ def test_no_proxy_and_a_netrc_entry_for_the_archive_do_not_get_in_the_way(
     """NO_PROXY still sends a host's requests directly. ~/.netrc is not read for the archive's
     own credentials: with aiohttp's trust_env, a netrc entry for the API host made every request
     that carried a token fail (aiohttp refuses an Authorization header beside netrc's)."""
-    _clear_proxy_env(monkeypatch)
-    netrc = tmp_path / "netrc"
-    netrc.write_text("machine 127.0.0.1 login ann password netrc-pw-58\n")
-    netrc.chmod(0o600)
-    monkeypatch.setenv("NETRC", str(netrc))
+    _netrc_only(monkeypatch, tmp_path, "machine 127.0.0.1 login ann password netrc-pw-58")
     monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:3128")
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     seen: list[str] = []
@@ -198,11 +199,7 @@ def test_the_proxys_netrc_password_is_a_secret_the_redactor_knows(monkeypatch: p
     import harvester.source.http as http
     from harvester.redact import redact
 
-    _clear_proxy_env(monkeypatch)
-    netrc = tmp_path / "netrc"
-    netrc.write_text("machine 127.0.0.1 login pat password proxy-pw-77\n")
-    netrc.chmod(0o600)
-    monkeypatch.setenv("NETRC", str(netrc))
+    _netrc_only(monkeypatch, tmp_path, "machine 127.0.0.1 login pat password proxy-pw-77")
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
 
     async def go() -> dict[str, Any]:
