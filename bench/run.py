@@ -7,6 +7,13 @@
               g (one 1 GiB series on a per-connection-capped link: issue 17),
               h (IDC's S3 against s5cmd, and NBIA vs IDC for the same cohort: bench/s3.py),
               h-idc (h on a cohort of IDC's median series shape, 1 GB: see SETUPS), all
+    h, h-idc: [--parts static,moto,nbia] [--s3-faults latency=30ms,total_rate=100MiB
+              --s3-order harvester-first|s5cmd-first|alternate]
+
+``--s3-faults`` (with ``--parts static``) makes the static S3 a link like a user's to IDC: the
+latency before every response's headers and one total rate cap shared by every connection
+(``bench/s3.py``); its table adds each tool's share of the cap. Without it the static S3 is the
+uncapped loopback one, unchanged.
 
 Every tool runs in its own process against a fresh ``harvester serve --synthetic ...``
 subprocess (same archive, same injected faults, the real wire format at the server's defaults:
@@ -57,7 +64,7 @@ from harness import (  # noqa: E402
     set_aside,
     warm_cache,
 )
-from s3 import MotoS3, StaticS3, bucket_objects, series_prefix, write_index  # noqa: E402
+from s3 import MotoS3, StaticS3, bucket_objects, link_spec, series_prefix, write_index  # noqa: E402
 
 DOWNLOAD_ENDPOINTS = ("getImage", "getImageWithMD5Hash")
 #: the source tree of an earlier harvester (``git archive COMMIT | tar -x -C DIR``): with it, every
@@ -154,9 +161,10 @@ class Bench:
     """Runs tools for one scenario and collects their measurements."""
 
     def __init__(self, name: str, small: bool, keep: bool, repeat: int = 1,
-                 parts: tuple[str, ...] = H_PARTS) -> None:
+                 parts: tuple[str, ...] = H_PARTS, s3_faults: str = "", s3_order: str = "harvester-first") -> None:
         self.name, self.small, self.keep, self.repeat = name, small, keep, max(1, repeat)
         self.parts = parts   # scenario h's servers to run (the others are left out)
+        self.s3_faults, self.s3_order = s3_faults, s3_order   # the static S3's link (--s3-faults, --s3-order)
         self.setup = SETUPS[name][small]
         self.archive = load_archive(self.setup.spec)
         self.collections = sorted(self.archive.collections())
@@ -252,25 +260,41 @@ class Bench:
         if tool == "harvester" and BEFORE:   # the same runs of the earlier checkout, first (as ``measure``)
             self.measure_s3("harvester (before)", setting,
                             lambda url, work: ["env", f"PYTHONPATH={BEFORE}", *command(url, work)], server)
-        runs = []
-        for _ in range(self.repeat):
-            work = self.root / f"{tool}-{setting}".replace(" ", "_")
+        return self.measure_s3_jobs([(tool, setting, command, server)])[0]
+
+    def measure_s3_jobs(self, jobs: list[tuple[str, str, Callable[[str, Path], list[str]], Callable[[Path], Any]]],
+                        alternate: bool = False) -> list[Measurement]:
+        """Each job ``(tool, setting, command, server)`` ``repeat`` times: one job after the
+        other, or with ``alternate`` in turns (A, B, A, B, ...: a load that drifts along the hold
+        lands on both). One median Measurement per job, in the jobs' order."""
+        runs: list[list[Measurement]] = [[] for _ in jobs]
+        order = ([i for _ in range(self.repeat) for i in range(len(jobs))] if alternate
+                 else [i for i in range(len(jobs)) for _ in range(self.repeat)])
+        for i in order:
+            tool, setting, command, server = jobs[i]
+            work = self.root / f"{tool}-{setting}".replace(" ", "_").replace("/", "_")
             set_aside(work)
             work.mkdir(parents=True)
             print(f"[{self.name}] {tool} ({setting}) ...", file=sys.stderr, flush=True)
             warm_cache(self.archive)
             os.sync()
             with server(work) as srv:
-                runs.append(self._measure_s3_once(tool, setting, command, srv, work))
+                runs[i].append(self._measure_s3_once(tool, setting, command, srv, work))
             if not self.keep:
                 set_aside(work / "out")
-        ordered = sorted(runs, key=lambda m: m.wall)
-        result = ordered[(len(ordered) - 1) // 2]
-        result.runs = [m.wall for m in runs]
-        result.extra["runs"] = [{"wall": m.wall, "cpu": m.cpu, "peak_rss": m.peak_rss, "load": m.load,
-                                 "complete": m.check.complete if m.check else None} for m in runs]
-        self.results.append(result)
-        return result
+        results = []
+        for job_runs in runs:
+            ordered = sorted(job_runs, key=lambda m: m.wall)
+            result = ordered[(len(ordered) - 1) // 2]
+            result.runs = [m.wall for m in job_runs]
+            result.extra["runs"] = [{"wall": m.wall, "cpu": m.cpu, "peak_rss": m.peak_rss, "load": m.load,
+                                     "bytes_sent": m.bytes_sent,
+                                     "complete": m.check.complete if m.check else None} for m in job_runs]
+            if alternate:
+                result.note += "; runs alternated with the other tool's"
+            self.results.append(result)
+            results.append(result)
+        return results
 
     def _measure_s3_once(self, tool: str, setting: str, command: Callable[[str, Path], list[str]], srv: Any,
                          work: Path) -> Measurement:
@@ -296,15 +320,18 @@ class Bench:
         print(f"[{self.name}]   {_brief(result)}", file=sys.stderr, flush=True)
         return result
 
-    def harvester_idc(self, setting: str, index: Path, server: Callable[[Path], Any]) -> Measurement:
+    def idc_command(self, index: Path) -> Callable[[str, Path], list[str]]:
         def command(endpoint: str, work: Path) -> list[str]:
             query = work / "query.json"
             query.write_text(json.dumps({"select": [{"collection": c} for c in self.collections]}))
             return [PYTHON, "-m", "harvester", "run", str(query), "-o", str(work / "out"), "--source", "idc",
                     "--endpoint-url", endpoint, "--idc-index", str(index), "--no-progress"]
-        return self.measure_s3("harvester", setting, command, server)
+        return command
 
-    def s5cmd(self, setting: str, server: Callable[[Path], Any]) -> Measurement:
+    def harvester_idc(self, setting: str, index: Path, server: Callable[[Path], Any]) -> Measurement:
+        return self.measure_s3("harvester", setting, self.idc_command(index), server)
+
+    def s5cmd_command(self) -> Callable[[str, Path], list[str]]:
         """s5cmd as idc-index drives it: one ``cp 's3://BUCKET/<uuid>/*' DIR/<uuid>/`` per series
         in a ``run`` file, anonymous, at its defaults (256 workers)."""
         def command(endpoint: str, work: Path) -> list[str]:
@@ -312,7 +339,10 @@ class Bench:
             commands.write_text("".join(f"cp 's3://idc-open-data/{series_prefix(uid)}/*' "
                                         f"'{work / 'out' / series_prefix(uid)}/'\n" for uid in self.uids))
             return [S5CMD, "--no-sign-request", "--endpoint-url", endpoint, "run", str(commands)]
-        return self.measure_s3("s5cmd", setting, command, server)
+        return command
+
+    def s5cmd(self, setting: str, server: Callable[[Path], Any]) -> Measurement:
+        return self.measure_s3("s5cmd", setting, self.s5cmd_command(), server)
 
     def harvester_plan(self) -> Measurement:
         def command(base_url: str, work: Path) -> list[str]:
@@ -444,7 +474,26 @@ def scenario_h(b: Bench) -> list[str]:
     index = write_index(b.root / "idc_index.parquet", b.archive)
     blocks: list[str] = []
     pairs: list[tuple[Measurement, Measurement]] = []
-    if "static" in b.parts:
+    if "static" in b.parts and b.s3_faults:   # a link like a user's: latency per request, a total cap
+        link = link_spec(b.s3_faults)
+        setting = f"static S3, {b.s3_faults}"
+
+        def static(work: Path) -> StaticS3:
+            return StaticS3(objects, work / "server", faults=b.s3_faults)
+
+        jobs = [("harvester", "IDC, " + setting, b.idc_command(index), static),
+                ("s5cmd", setting, b.s5cmd_command(), static)]
+        if b.s3_order == "s5cmd-first":
+            jobs.reverse()
+        done = b.measure_s3_jobs(jobs, alternate=b.s3_order == "alternate")
+        h_link, s_link = sorted(done, key=lambda m: m.tool != "harvester")
+        cap = link.total_rate
+        blocks += [f"**harvester (verifying every file) against s5cmd (no check) on a link like a user's: the static "
+                   f"S3 with `{b.s3_faults}` (order: {b.s3_order})**",
+                   download_table(b, [h_link, s_link], cap=cap),
+                   ratio_lines(h_link, [s_link], by="rss"),
+                   *[link_line(m, link) for m in (h_link, s_link)]]
+    elif "static" in b.parts:
         h_static = b.harvester_idc("IDC, static S3", index, lambda work: StaticS3(objects, work / "server"))
         pairs.append((h_static, b.s5cmd("static S3", lambda work: StaticS3(objects, work / "server"))))
     if "moto" in b.parts:
@@ -472,6 +521,22 @@ def scenario_h(b: Bench) -> list[str]:
                       f"{h_moto.server_cpu:.1f} for the same harvester run (moto is pure Python: its one core is "
                       f"the ceiling when its CPU-s approach the wall time, {h_moto.wall:.1f} s)")
     return blocks
+
+
+def link_line(m: Measurement, link: Any) -> str:
+    """One tool's run against the capped static S3: its share of the total cap (over wall time,
+    since the S3 server has no first-to-last-byte meter), and every run's figures."""
+    runs = m.extra.get("runs", [])
+    walls = ", ".join(f"{r['wall']:.2f}" for r in runs)
+    text = f"- {m.tool}: {m.mib_s:.1f} MiB/s over wall time"
+    if link.total_rate:
+        text += f", {m.bytes_sent / m.wall / link.total_rate:.0%} of the cap ({_cap_text(link.total_rate)})"
+        shares = ", ".join(f"{r['bytes_sent'] / r['wall'] / link.total_rate:.0%}" for r in runs if r.get("wall"))
+        text += f"; runs' walls {walls} s, shares {shares}"
+        text += f"; the cap alone takes {m.bytes_sent / link.total_rate:.2f} s for these bytes"
+    else:
+        text += f"; runs' walls {walls} s"
+    return text + f"; CPU {_per_gb(m)} s/GB, peak RSS {m.peak_rss / MIB:.0f} MiB"
 
 
 def _phases(meter: LinkMeter, launched: float, wall: float) -> dict[str, float]:
@@ -605,10 +670,28 @@ def main(argv: list[str] | None = None) -> int:
                         help="run every tool N times and report the median run (default 3; 1 with --small)")
     parser.add_argument("--parts", default=",".join(H_PARTS), metavar="LIST",
                         help=f"scenario h's servers, comma-separated (default {','.join(H_PARTS)})")
+    parser.add_argument("--s3-faults", default="", metavar="SPEC",
+                        help="scenario h's static S3 as a link like a user's, e.g. latency=30ms,total_rate=100MiB "
+                             "(FaultSpec syntax; latency and total_rate only; with --parts static or static,nbia)")
+    parser.add_argument("--s3-order", default="harvester-first", choices=("harvester-first", "s5cmd-first", "alternate"),
+                        help="with --s3-faults: which tool's runs come first, or both in turns")
     args = parser.parse_args(argv)
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
     if not parts or set(parts) - set(H_PARTS):
         print(f"bench: --parts wants a comma-separated list of {', '.join(H_PARTS)}", file=sys.stderr)
+        return 2
+    if args.s3_faults:
+        try:
+            link_spec(args.s3_faults)
+        except ValueError as err:
+            print(f"bench: --s3-faults: {err}", file=sys.stderr)
+            return 2
+        if "moto" in parts or "static" not in parts or args.scenario not in ("h", "h-idc"):
+            print("bench: --s3-faults shapes the static S3 of scenario h/h-idc only: use --parts static (or "
+                  "static,nbia)", file=sys.stderr)
+            return 2
+    elif args.s3_order != "harvester-first":
+        print("bench: --s3-order goes with --s3-faults", file=sys.stderr)
         return 2
     repeat = args.repeat if args.repeat is not None else (1 if args.small else 3)
     if repeat < 1:
@@ -629,19 +712,21 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "small": args.small, "repeat": repeat,
                               "scenarios": {}}
     for name in names:
-        bench = Bench(name, args.small, args.keep, repeat, parts)
+        bench = Bench(name, args.small, args.keep, repeat, parts, args.s3_faults, args.s3_order)
         setup = bench.setup
         blocks = SCENARIOS[name](bench)
         if BEFORE:
             blocks += before_after(bench)
         print(f"\n### {name}. {TITLES[name]}{' (small)' if args.small else ''}\n")
         print(f"archive `{setup.spec}` ({len(bench.uids)} series, "
-              f"{sum(r.total_bytes for r in bench.archive.records()) / MIB:.0f} MiB), faults `{setup.faults or 'none'}`, "
+              f"{sum(r.total_bytes for r in bench.archive.records()) / MIB:.0f} MiB), faults `{setup.faults or 'none'}`"
+              f"{f' (NBIA), static S3 `{bench.s3_faults}`' if bench.s3_faults else ''}, "
               f"{_wire_text(bench.wire)}, median of {repeat} run{'s' if repeat > 1 else ''} per tool\n")
         for block in blocks:
             print(block + "\n")
         sys.stdout.flush()
-        report["scenarios"][name] = {"spec": setup.spec, "faults": setup.faults, "wire": bench.wire,
+        report["scenarios"][name] = {"spec": setup.spec, "faults": setup.faults, "s3_faults": bench.s3_faults,
+                                     "s3_order": bench.s3_order, "wire": bench.wire,
                                      "deflate_cache": str(DEFLATE_DIR), "deflate_streams_computed": bench.computed,
                                      "results": [m.to_json() for m in bench.results], "tables": blocks}
     if args.json:

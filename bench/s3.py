@@ -10,8 +10,14 @@ S3-compatible servers on loopback, each in its own process (so its CPU is not th
   (sendfile from the archive's files, the MD5 as ETag) and nothing else: close to the ceiling of
   a loopback S3, so the clients' figures are theirs, not the server's. It counts requests and
   bytes sent (``/_stats``).
+* ``StaticS3(..., faults="latency=30ms,total_rate=100MiB")``: a link like a user's to IDC's S3
+  (``harvester.server.faults.FaultSpec`` syntax; only ``latency`` and ``total_rate`` are taken):
+  ``latency`` is slept before the response headers of every request (listings and GETs), and
+  ``total_rate`` caps all response bodies together (one token bucket shared by every connection,
+  GET bodies sent in chunks of at most 64 KiB, each booked on the bucket before it is written).
+  Without faults the server takes the uncapped path above (sendfile), unchanged.
 
-    python bench/s3.py OBJECTS.json     # serve: prints the base URL, then serves until killed
+    python bench/s3.py OBJECTS.json [FAULTS]   # serve: prints the base URL, then serves until killed
 """
 from __future__ import annotations
 
@@ -161,15 +167,20 @@ class StaticS3(_Served):
 
     name = "static aiohttp S3"
 
-    def __init__(self, objects: Iterable[BucketObject], work: Path, log: Path | None = None) -> None:
-        self.objects, self.work, self.log = list(objects), work, log
+    def __init__(self, objects: Iterable[BucketObject], work: Path, log: Path | None = None,
+                 faults: str = "") -> None:
+        self.objects, self.work, self.log, self.faults = list(objects), work, log, faults
+        if faults:
+            link_spec(faults)   # a bad spec fails here, not in the child
+            self.name = f"static aiohttp S3, {faults}"
 
     def __enter__(self) -> StaticS3:
         self.work.mkdir(parents=True, exist_ok=True)
         listing = self.work / "objects.json"
         listing.write_text(json.dumps([o.__dict__ for o in self.objects]))
         err = open(self.log, "wb") if self.log else subprocess.DEVNULL  # noqa: SIM115 - the child holds it
-        self.proc = subprocess.Popen([sys.executable, __file__, str(listing)], stdout=subprocess.PIPE, stderr=err)
+        self.proc = subprocess.Popen([sys.executable, __file__, str(listing), *([self.faults] if self.faults else [])],
+                                     stdout=subprocess.PIPE, stderr=err)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().decode().strip()
         if not line.startswith("http://127.0.0.1:"):
@@ -184,6 +195,25 @@ class StaticS3(_Served):
 
 
 # ---------------------------------------------------------------------------------- the static server
+
+#: The largest body chunk booked on the total-rate bucket at once.
+CHUNK = 64 * 1024
+#: The FaultSpec keys the static server implements (the others would be silently ignored).
+LINK_KEYS = ("latency", "total_rate")
+
+
+def link_spec(text: str) -> Any:
+    """``latency=30ms,total_rate=100MiB`` as a ``FaultSpec``; ``ValueError`` for a bad spec or for
+    a key the static server does not implement."""
+    from harvester.server.faults import FaultSpec
+
+    spec = FaultSpec.parse(text)
+    default = FaultSpec()
+    other = [f for f in spec.__dataclass_fields__ if f not in (*LINK_KEYS, "seed")
+             and getattr(spec, f) != getattr(default, f)]
+    if other:
+        raise ValueError(f"the static S3 server implements only {', '.join(LINK_KEYS)} (not {', '.join(other)})")
+    return spec
 
 def _listing_xml(objects: list[BucketObject], prefix: str, delimiter: str, start_after: str,
                  max_keys: int) -> bytes:
@@ -218,15 +248,24 @@ def _listing_xml(objects: list[BucketObject], prefix: str, delimiter: str, start
     return "".join(parts).encode()
 
 
-def serve(listing: Path) -> None:
+def serve(listing: Path, faults: str = "") -> None:
+    import asyncio
+
     from aiohttp import web
 
+    from harvester.server.faults import TokenBucket
+
+    spec = link_spec(faults) if faults else None
+    latency = spec.latency if spec else 0.0
+    bucket_cap = TokenBucket(spec.total_rate) if spec and spec.total_rate else None
     objects = sorted((BucketObject(**o) for o in json.loads(listing.read_text())), key=lambda o: o.key)
     by_key = {o.key: o for o in objects}
     stats = {"requests": 0, "bytes_sent": 0, "gets": 0}
 
     async def bucket(request: web.Request) -> web.StreamResponse:
         stats["requests"] += 1
+        if latency:
+            await asyncio.sleep(latency)
         if request.match_info["bucket"] != BUCKET:
             return web.Response(status=404, text="<Error><Code>NoSuchBucket</Code></Error>")
         q = request.query
@@ -234,17 +273,39 @@ def serve(listing: Path) -> None:
                             q.get("continuation-token") or q.get("start-after", ""),
                             min(1000, int(q.get("max-keys", "1000"))))
         stats["bytes_sent"] += len(body)
+        if bucket_cap is not None:
+            await bucket_cap.take(len(body))
         return web.Response(body=body, content_type="application/xml")
 
     async def get(request: web.Request) -> web.StreamResponse:
         stats["requests"] += 1
+        if latency:
+            await asyncio.sleep(latency)
         obj = by_key.get(request.match_info["key"]) if request.match_info["bucket"] == BUCKET else None
         if obj is None:
             return web.Response(status=404, text="<Error><Code>NoSuchKey</Code></Error>")
         stats["gets"] += 1
         if request.method == "GET":
             stats["bytes_sent"] += obj.size
-        return web.FileResponse(obj.path, headers={"ETag": f'"{obj.md5}"', "Content-Type": "application/dicom"})
+        headers = {"ETag": f'"{obj.md5}"', "Content-Type": "application/dicom"}
+        if bucket_cap is None:
+            return web.FileResponse(obj.path, headers=headers)
+        return await capped(request, obj, headers)
+
+    async def capped(request: web.Request, obj: BucketObject, headers: dict[str, str]) -> web.StreamResponse:
+        """The object's bytes in chunks of at most ``CHUNK``, each booked on the shared bucket
+        first (the files are in the page cache: ``warm_cache`` runs before every run)."""
+        assert bucket_cap is not None
+        resp = web.StreamResponse(headers=headers)
+        resp.content_length = obj.size
+        await resp.prepare(request)
+        if request.method == "GET":
+            with open(obj.path, "rb") as fh:
+                while chunk := fh.read(CHUNK):
+                    await bucket_cap.take(len(chunk))
+                    await resp.write(chunk)
+        await resp.write_eof()
+        return resp
 
     async def report(request: web.Request) -> web.Response:
         return web.json_response(stats)
@@ -262,4 +323,4 @@ def serve(listing: Path) -> None:
 
 
 if __name__ == "__main__":
-    serve(Path(sys.argv[1]))
+    serve(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "")

@@ -119,6 +119,44 @@ def test_idc_scenario_compares_harvester_with_s5cmd_on_both_servers(report_h: di
     assert "harvester from IDC (static S3) vs from NBIA" in tables
 
 
+def test_idc_scenario_on_a_capped_link(tmp_path: Path) -> None:
+    """``--s3-faults``: the static S3 with a latency and a total cap serves both tools in turns;
+    both trees are complete byte for byte, the server counted a GET per instance, and the table
+    gives each tool's share of the cap."""
+    pytest.importorskip("psutil")
+    cache = os.environ.get("HARVESTER_TEST_CACHE") or str(tmp_path / "cache")
+    env = dict(os.environ, HARVESTER_BENCH_OUT=str(tmp_path / "out"), HARVESTER_BENCH_CACHE=cache)
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "h", "--small", "--parts", "static",
+                           "--s3-faults", "latency=5ms,total_rate=4MiB", "--s3-order", "alternate", "--repeat", "2",
+                           "--json", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())["scenarios"]["h"]
+    assert doc["s3_faults"] == "latency=5ms,total_rate=4MiB" and doc["s3_order"] == "alternate"
+    results = doc["results"]
+    assert sorted(r["tool"] for r in results) == ["harvester", "s5cmd"]
+    for r in results:
+        check = r["check"]
+        assert r["returncode"] == 0, r
+        assert check["complete"] == check["series"] > 0 and check["ok"] == check["instances"], (r["tool"], check)
+        assert r["extra"]["server"] == "static aiohttp S3, latency=5ms,total_rate=4MiB"
+        assert r["downloads"] == check["instances"] and r["bytes_sent"] >= check["bytes_ok"] > 0
+        assert len(r["extra"]["runs"]) == 2
+    tables = "\n".join(doc["tables"])
+    assert "| of cap |" in tables and "of the cap (4 MiB/s)" in tables
+    assert "harvester vs s5cmd (static S3, latency=5ms,total_rate=4MiB): throughput" in tables
+
+
+@pytest.mark.parametrize("args", [["--parts", "static", "--s3-faults", "error=0.1"],   # not implemented there
+                                  ["--parts", "static,moto", "--s3-faults", "latency=5ms"],   # moto is not shaped
+                                  ["--parts", "static", "--s3-faults", "total_rate=fast"],
+                                  ["--parts", "static", "--s3-order", "alternate"]])   # an order without a link
+def test_s3_faults_refuses_what_it_would_not_do(args: list[str]) -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "h", "--small", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "bench: --s3-" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_planning_lists_the_same_series(report: dict) -> None:
     results = {r["tool"]: r for r in report["scenarios"]["e"]["results"]}
     assert results["harvester"]["extra"]["series"] == results["tcia_utils"]["extra"]["listed"] > 0
