@@ -182,6 +182,7 @@ def test_a_verified_ct_file_and_its_metadata_row_need_no_pydicom(tmp_path: Path)
     assert " ".join(out[:-2]) == pydicom.uid.UID(out[-2]).name == "CT Image Storage"
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI:UserWarning")   # pydicom on "not a uid", meant
 def test_sop_class_names_are_pydicoms() -> None:
     from harvester.store.state import _sop_class_name
 
