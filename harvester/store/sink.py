@@ -69,7 +69,6 @@ from harvester.unpack import (
     LICENSE_NAME,
     MD5_NAME,
     _not_announced,
-    _pydicom,
     check_entry_name,
     dicom_ids_by_pydicom,
     header_ids,
@@ -96,12 +95,6 @@ def _entry_filename(name: str) -> str:
     each; a long name (a hostile ZIP's, up to 64 KiB) is never kept."""
     return _cached_filename(name) if len(name) <= 255 else instance_filename(name)
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-
-
-def _import_pydicom() -> None:
-    """Import pydicom now (``unpack._pydicom``: once, under its lock) for a path that reads
-    headers through it anyway; the ZIP path imports it only if the fast walk is unsure."""
-    _pydicom()
 
 
 class _InstanceFile:
@@ -858,7 +851,6 @@ class ParallelInstanceSink:
         digest = hashlib.md5(data).hexdigest()
         if archive_md5 and digest != archive_md5:
             raise self._error(f"instance {sop_uid} does not match its MD5 (got {digest}, expected {archive_md5})")
-        _import_pydicom()
         file = _InstanceFile(self.resume, f".{name}.part")
         try:
             file.write(data)
