@@ -20,6 +20,7 @@ Nothing here asserts a timing; ``bench/run.py`` prints the figures and ratios.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -424,6 +425,19 @@ def set_aside(path: Path) -> None:
         trash = OUT_DIR / ".trash"
         trash.mkdir(parents=True, exist_ok=True)
         path.rename(trash / f"{path.name}-{time.time_ns()}")
+
+
+def _fs_type(path: Path) -> str:
+    """The type of the file system ``path`` is on (the longest mount point above it, /proc/mounts)."""
+    best, kind = "", ""
+    resolved = str(path.resolve())
+    with contextlib.suppress(OSError), open("/proc/mounts") as mounts:
+        for line in mounts:
+            fields = line.split()
+            if len(fields) > 2 and (resolved == fields[1] or resolved.startswith(fields[1].rstrip("/") + "/")) \
+                    and len(fields[1]) > len(best):
+                best, kind = fields[1], fields[2]
+    return kind
 
 
 def empty_trash() -> None:

@@ -289,6 +289,8 @@ class Bench:
             result.runs = [m.wall for m in job_runs]
             result.extra["runs"] = [{"wall": m.wall, "cpu": m.cpu, "peak_rss": m.peak_rss, "load": m.load,
                                      "bytes_sent": m.bytes_sent,
+                                     **{k: m.extra[k] for k in ("before_first_request", "after_last_byte")
+                                        if k in m.extra},
                                      "complete": m.check.complete if m.check else None} for m in job_runs]
             if alternate:
                 result.note += "; runs alternated with the other tool's"
@@ -299,6 +301,7 @@ class Bench:
     def _measure_s3_once(self, tool: str, setting: str, command: Callable[[str, Path], list[str]], srv: Any,
                          work: Path) -> Measurement:
         before, server_cpu, load = srv.stats(), srv.cpu_seconds(), os.getloadavg()[0]
+        launched = time.monotonic()
         run = run_tool(command(srv.url, work), work)
         after, server_cpu = srv.stats(), srv.cpu_seconds() - server_cpu
         check = check_output(work / "out", self.archive, self.uids)
@@ -314,7 +317,7 @@ class Bench:
             tool=tool, setting=setting, wall=run.wall, peak_rss=run.peak_rss, cpu=run.cpu, server_cpu=server_cpu,
             load=load, bytes_sent=sent, link_seconds=None, requests=requests, downloads=downloads,
             retries=int(m.group(2)) if m else None, check=check, returncode=run.returncode, note=note,
-            extra={"asked": len(self.uids), "server": srv.name})
+            extra={"asked": len(self.uids), "server": srv.name} | _s3_phases(before, after, launched, run.wall))
         if run.returncode != 0:
             result.note += f"; exit {run.returncode}: " + run.stderr.strip()[-300:]
         print(f"[{self.name}]   {_brief(result)}", file=sys.stderr, flush=True)
@@ -524,8 +527,8 @@ def scenario_h(b: Bench) -> list[str]:
 
 
 def link_line(m: Measurement, link: Any) -> str:
-    """One tool's run against the capped static S3: its share of the total cap (over wall time,
-    since the S3 server has no first-to-last-byte meter), and every run's figures."""
+    """One tool's run against the capped static S3: its share of the total cap over wall time,
+    every run's figures, and where each run's time went around the bytes (``_s3_phases``)."""
     runs = m.extra.get("runs", [])
     walls = ", ".join(f"{r['wall']:.2f}" for r in runs)
     text = f"- {m.tool}: {m.mib_s:.1f} MiB/s over wall time"
@@ -536,6 +539,9 @@ def link_line(m: Measurement, link: Any) -> str:
         text += f"; the cap alone takes {m.bytes_sent / link.total_rate:.2f} s for these bytes"
     else:
         text += f"; runs' walls {walls} s"
+    if all("before_first_request" in r for r in runs):
+        text += ("; first request / after the last byte, s: "
+                 + ", ".join(f"{r['before_first_request']:.2f}/{r['after_last_byte']:.2f}" for r in runs))
     return text + f"; CPU {_per_gb(m)} s/GB, peak RSS {m.peak_rss / MIB:.0f} MiB"
 
 
@@ -547,6 +553,17 @@ def _phases(meter: LinkMeter, launched: float, wall: float) -> dict[str, float]:
         return {}
     return {"before_first_byte": round(meter.first - launched, 2),
             "after_last_byte": round(max(0.0, launched + wall - meter.last), 2)}
+
+
+def _s3_phases(before: dict[str, float] | None, after: dict[str, float] | None, launched: float,
+               wall: float) -> dict[str, float]:
+    """As ``_phases``, from the static S3's own marks (a fresh server per run, so its first
+    request is this run's): ``before_first_request`` (interpreter, imports, the index, planning)
+    and ``after_last_byte`` (the last checks, commits, exports, exit)."""
+    if not after or not after.get("first_request") or (before and before.get("first_request")):
+        return {}
+    return {"before_first_request": round(after["first_request"] - launched, 2),
+            "after_last_byte": round(max(0.0, launched + wall - after["last_byte"]), 2)}
 
 
 def _last_json_series(m: Measurement) -> Any:

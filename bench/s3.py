@@ -260,10 +260,17 @@ def serve(listing: Path, faults: str = "") -> None:
     bucket_cap = TokenBucket(spec.total_rate) if spec and spec.total_rate else None
     objects = sorted((BucketObject(**o) for o in json.loads(listing.read_text())), key=lambda o: o.key)
     by_key = {o.key: o for o in objects}
-    stats = {"requests": 0, "bytes_sent": 0, "gets": 0}
+    # first_request / last_byte: time.monotonic() (the system's one clock, the same in the bench's
+    # process), when the first request came in and when the last body byte was written
+    stats: dict[str, float] = {"requests": 0, "bytes_sent": 0, "gets": 0, "first_request": 0.0, "last_byte": 0.0}
+
+    def arrived() -> None:
+        stats["requests"] += 1
+        if not stats["first_request"]:
+            stats["first_request"] = time.monotonic()
 
     async def bucket(request: web.Request) -> web.StreamResponse:
-        stats["requests"] += 1
+        arrived()
         if latency:
             await asyncio.sleep(latency)
         if request.match_info["bucket"] != BUCKET:
@@ -275,10 +282,11 @@ def serve(listing: Path, faults: str = "") -> None:
         stats["bytes_sent"] += len(body)
         if bucket_cap is not None:
             await bucket_cap.take(len(body))
+        stats["last_byte"] = time.monotonic()
         return web.Response(body=body, content_type="application/xml")
 
     async def get(request: web.Request) -> web.StreamResponse:
-        stats["requests"] += 1
+        arrived()
         if latency:
             await asyncio.sleep(latency)
         obj = by_key.get(request.match_info["key"]) if request.match_info["bucket"] == BUCKET else None
@@ -289,8 +297,12 @@ def serve(listing: Path, faults: str = "") -> None:
             stats["bytes_sent"] += obj.size
         headers = {"ETag": f'"{obj.md5}"', "Content-Type": "application/dicom"}
         if bucket_cap is None:
-            return web.FileResponse(obj.path, headers=headers)
-        return await capped(request, obj, headers)
+            resp = web.FileResponse(obj.path, headers=headers)
+            await resp.prepare(request)   # sends the file (sendfile) before it returns
+        else:
+            resp = await capped(request, obj, headers)
+        stats["last_byte"] = time.monotonic()
+        return resp
 
     async def capped(request: web.Request, obj: BucketObject, headers: dict[str, str]) -> web.StreamResponse:
         """The object's bytes in chunks of at most ``CHUNK``, each booked on the shared bucket
