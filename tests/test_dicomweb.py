@@ -475,11 +475,29 @@ def test_kill_9_then_rerun_completes(orthanc, tmp_path):
     assert_identical_to_orthanc(out, orthanc, sorted(orthanc.series))
 
 
+def _reset_the_next_connection(port: int, timeout: float) -> None:
+    """Listen on ``port`` (Orthanc's, while it is down) and reset the first connection made to
+    it: the harvester's next request meets the crash whatever the timing. Without it the kill
+    could land while every answer in flight was already in the client's socket buffer and
+    Orthanc be back before the next request (aiohttp retries a dead keep-alive connection
+    itself): no retry at all, as one CI run saw."""
+    import struct
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen(8)
+        listener.settimeout(timeout)
+        conn, _ = listener.accept()
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST on close
+        conn.close()
+
+
 @pytest.mark.slow
 def test_orthanc_restart_mid_harvest_still_completes(orthanc, tmp_path):
-    """Orthanc crashes (SIGKILL) while a harvest runs, cutting downloads and refusing connections,
-    and comes back on the same port and storage; request and series retries carry the harvest
-    to the end."""
+    """Orthanc crashes (SIGKILL) while a harvest runs, cutting downloads and refusing connections
+    (the next connection made while it is down is reset), and comes back on the same port and
+    storage; request and series retries carry the harvest to the end."""
     out = tmp_path / "out"
     total = sum(len(d) for s in orthanc.series.values() for _, d in s.values())
     config = dw_config(orthanc, out, workers=2, read_timeout=1.0, retries=60, series_retries=10,
@@ -501,6 +519,7 @@ def test_orthanc_restart_mid_harvest_still_completes(orthanc, tmp_path):
     assert worker.is_alive() and 0 < len(commits(out)) < len(orthanc.series), "restart must land mid-harvest"
     orthanc.orthanc.stop(kill=True)
     committed_while_down = len(commits(out))
+    _reset_the_next_connection(orthanc.orthanc.port, timeout=30)
     orthanc.orthanc.start()
     worker.join(120)
     assert not worker.is_alive()
