@@ -20,7 +20,6 @@ Nothing here asserts a timing; ``bench/run.py`` prints the figures and ratios.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -428,16 +427,10 @@ def set_aside(path: Path) -> None:
 
 
 def _fs_type(path: Path) -> str:
-    """The type of the file system ``path`` is on (the longest mount point above it, /proc/mounts)."""
-    best, kind = "", ""
-    resolved = str(path.resolve())
-    with contextlib.suppress(OSError), open("/proc/mounts") as mounts:
-        for line in mounts:
-            fields = line.split()
-            if len(fields) > 2 and (resolved == fields[1] or resolved.startswith(fields[1].rstrip("/") + "/")) \
-                    and len(fields[1]) > len(best):
-                best, kind = fields[1], fields[2]
-    return kind
+    """The type of the file system ``path`` is on (its longest mount point, ``psutil``)."""
+    resolved = path.resolve()
+    mounts = [p for p in psutil.disk_partitions(all=True) if resolved.is_relative_to(p.mountpoint)]
+    return max(mounts, key=lambda p: len(p.mountpoint)).fstype if mounts else ""
 
 
 def empty_trash() -> None:

@@ -488,7 +488,10 @@ def _reset_the_next_connection(port: int, timeout: float) -> None:
         listener.bind(("127.0.0.1", port))
         listener.listen(8)
         listener.settimeout(timeout)
-        conn, _ = listener.accept()
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            pytest.fail(f"the harvester made no connection in the {timeout:.0f} s Orthanc was down")
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST on close
         conn.close()
 
