@@ -484,7 +484,9 @@ class ClusterEngine(Engine):
         host = host_key(self.config.api_url)
         per_thread_rate = max(1, self.config.max_rate // threads) if self.config.max_rate else None
         config = dataclasses.replace(self.config, max_rate=per_thread_rate)
-        queue = distributed.Queue(f"harvester-events-{run}", client=client)
+        # awaited: created on the scheduler before the first get (an asynchronous client only
+        # schedules the creation, and a get that overtakes it is a KeyError)
+        queue = await distributed.Queue(f"harvester-events-{run}", client=client)
         backoff = distributed.Variable(f"harvester-backoff-{host}", client=client)
         await backoff.set(0.0)   # set, so that a worker's read never waits for a first value
         root = shards_dir(self.state)
