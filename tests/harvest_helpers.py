@@ -102,10 +102,11 @@ def assert_identical(out: Path, archive: Any, uids: list[str]) -> None:
     assert not tmp.exists() or not any(tmp.iterdir()), list(tmp.iterdir())
 
 
-def run_events(out: Path) -> list[dict[str, Any]]:
-    """The run events of ``out``'s state database, in order, read with ``sqlite3`` itself (read
-    only; a run may be writing, or have been killed: WAL readers see the last commit)."""
-    db = out / ".harvester" / "state.db"
+def run_events(out: Path, db: Path | None = None) -> list[dict[str, Any]]:
+    """The run events of ``out``'s state database (or of the database ``db``, a cluster shard's),
+    in order, read with ``sqlite3`` itself (read only; a run may be writing, or have been killed:
+    WAL readers see the last commit)."""
+    db = db or out / ".harvester" / "state.db"
     if not db.exists():
         return []
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
