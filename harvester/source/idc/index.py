@@ -53,6 +53,10 @@ COLUMNS = ("collection_id", "analysis_result_id", "PatientID", "StudyInstanceUID
 REQUIRED = ("collection_id", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "instanceCount", "series_size_MB",
             "crdc_series_uuid")
 BATCH_ROWS = 16384
+#: From this many rows (IDC's index has a million) the first cut runs in pyarrow.compute (C), not
+#: a Python loop per row: ``harvester plan`` of LIDC-IDRI from the real index takes 1.3 s, not
+#: 2.1 (bench/RESULTS.md). Below it, pyarrow.compute is not imported (30-45 ms of start-up).
+VECTOR_ROWS = 65536
 _UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _AWS_URL_RE = re.compile(r"^s3://([^/]+)/([^/]+)/\*?$")
 INSTALL_HINT = "install the index with: pip install 'harvester[idc]', or give an index file with --idc-index PATH"
@@ -121,6 +125,62 @@ def _collections(batch: Any) -> list[Any]:
     if "analysis_result_id" not in batch.schema.names:
         return ids
     return [collection_of(c, a) for c, a in zip(ids, _column(batch, "analysis_result_id"))]
+
+
+def _compute() -> Any:
+    import pyarrow.compute as pc
+    return pc
+
+
+# pyarrow imports pandas (about 70 MB) for the first array or scalar it builds from Python
+# objects (a comparison with "", fill_null(False), pa.array(list)): the vectorised cut below builds
+# none. tests/source/idc/test_units.py checks it.
+
+def _is_result(pc: Any, batch: Any) -> Any:
+    """The rows whose ``analysis_result_id`` is a non-empty string (``collection_of`` takes it),
+    as a boolean array without nulls; None when the batch has no such column."""
+    if "analysis_result_id" not in batch.schema.names:
+        return None
+    return _true(pc, pc.cast(pc.binary_length(batch.column("analysis_result_id")), "bool"))
+
+
+def _true(pc: Any, mask: Any) -> Any:
+    """``mask`` with its nulls False (Kleene: false and null is false)."""
+    return pc.and_kleene(pc.is_valid(mask), mask)
+
+
+def _strings(values: Iterable[str], like: Any) -> Any:
+    """An array of ``values`` in the string type of the column ``like``, from two buffers (no
+    Python-object conversion). Raises ``TypeError`` for a column that is not of strings."""
+    import struct
+
+    import pyarrow as pa
+
+    if like.type not in (pa.string(), pa.large_string()):
+        raise TypeError(f"a column of {like.type}")
+    data = [v.encode("utf-8") for v in values]
+    offsets = [0]
+    for d in data:
+        offsets.append(offsets[-1] + len(d))
+    code = "q" if like.type == pa.large_string() else "i"
+    return pa.Array.from_buffers(like.type, len(data), [None, pa.py_buffer(struct.pack(f"<{len(offsets)}{code}", *offsets)),
+                                                        pa.py_buffer(b"".join(data))])
+
+
+def _distinct_collections(batch: Any, pc: Any | None) -> set[Any]:
+    """The set of ``_collections(batch)``, computed in pyarrow when ``pc`` is given (falls back to
+    Python for columns of an unexpected type)."""
+    if pc is not None:
+        try:
+            ids = batch.column("collection_id")
+            results = _is_result(pc, batch)
+            if results is None:
+                return set(pc.unique(ids).to_pylist())
+            return set(pc.unique(pc.filter(ids, pc.invert(results))).to_pylist()) \
+                | set(pc.unique(pc.filter(batch.column("analysis_result_id"), results)).to_pylist())
+        except Exception:  # noqa: BLE001 - a hostile file's column types: the Python way below
+            pass
+    return set(_collections(batch))
 
 
 def _collection_names(path: Path) -> dict[str, str]:
@@ -259,6 +319,7 @@ def select(path: Path, query: Query) -> IndexSelection:
             raise UsageError(f"{sel.origin}: released_after has no IDC equivalent",
                              hint="the IDC index records no release date; remove the key")
     pf = _open(path)
+    pc = _compute() if (pf.metadata.num_rows or 0) >= VECTOR_ROWS else None
     have = set(pf.schema_arrow.names)
     missing = [c for c in REQUIRED if c not in have]
     if missing:
@@ -269,7 +330,7 @@ def select(path: Path, query: Query) -> IndexSelection:
     ids: set[str] = set()
     if any(sel.collection for sel in query.selectors):
         for batch in _batches(pf, path, [c for c in ("collection_id", "analysis_result_id") if c in have]):
-            ids.update(c for c in _collections(batch) if isinstance(c, str))
+            ids.update(c for c in _distinct_collections(batch, pc) if isinstance(c, str))
     wanted_ids = _resolve_collections(query, ids, names)
     series_wanted = {uid for sel in query.selectors for uid in sel.series}
     series_sets = [frozenset(sel.series) for sel in query.selectors]   # a cart may list 10,000 UIDs
@@ -277,7 +338,7 @@ def select(path: Path, query: Query) -> IndexSelection:
     per_selector: list[list[dict[str, Any]]] = [[] for _ in query.selectors]
     unusable: dict[str, str] = {}
     for batch in _batches(pf, path, columns):
-        picked = list(_candidates(batch, query, wanted_ids, series_wanted))
+        picked = _picked(batch, query, wanted_ids, series_wanted, pc)
         if not picked:
             continue
         # only the rows picked become Python objects: a batch of 16,384 rows usually gives none
@@ -333,6 +394,45 @@ def _rows_at(batch: Any, picked: list[int]) -> Iterator[dict[str, Any]]:
             start = n
         end = n
     yield from batch.slice(start, end - start + 1).to_pylist()
+
+
+def _picked(batch: Any, query: Query, wanted_ids: dict[str, str], series_wanted: set[str],
+            pc: Any | None) -> list[int]:
+    """``_candidates`` as a list: computed in pyarrow when ``pc`` is given and no selector cuts
+    by patient alone (PatientID is folded in Python), else (and for columns of an unexpected
+    type) by ``_candidates``."""
+    if pc is not None and not any(sel.patients for sel in query.selectors if not sel.collection and not sel.series):
+        try:
+            return _vector_candidates(pc, batch, query, set(wanted_ids.values()), series_wanted)
+        except Exception:  # noqa: BLE001 - a hostile file's column types: the Python way below
+            pass
+    return list(_candidates(batch, query, wanted_ids, series_wanted))
+
+
+def _vector_candidates(pc: Any, batch: Any, query: Query, ids: set[str], series_wanted: set[str]) -> list[int]:
+    """The rows ``_candidates`` yields (without a patient cut), by pyarrow.compute."""
+    def among(column: str, values: set[str]) -> Any:
+        data = batch.column(column)
+        return _true(pc, pc.is_in(data, value_set=_strings(sorted(values), data)))
+
+    free = [sel for sel in query.selectors if not sel.collection and not sel.series]
+    studies = {s for sel in free for s in sel.studies}
+    masks = []
+    if ids:
+        results = _is_result(pc, batch)
+        by_id = among("collection_id", ids)
+        masks.append(by_id if results is None
+                     else pc.or_(pc.and_(pc.invert(results), by_id), pc.and_(results, among("analysis_result_id", ids))))
+    if series_wanted:
+        masks.append(among("SeriesInstanceUID", series_wanted))
+    if studies:
+        masks.append(among("StudyInstanceUID", studies))
+    if not masks:
+        return []
+    mask = masks[0]
+    for more in masks[1:]:
+        mask = pc.or_(mask, more)
+    return [int(i) for i in pc.indices_nonzero(mask).to_pylist()]
 
 
 def _candidates(batch: Any, query: Query, wanted_ids: dict[str, str], series_wanted: set[str]) -> Iterator[int]:

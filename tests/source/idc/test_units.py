@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pyarrow as pa
@@ -12,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from harvester.config import Config
-from harvester.errors import PermanentRequestError, RequestError, RetryableRequestError, UsageError
+from harvester.errors import HarvesterError, PermanentRequestError, RequestError, RetryableRequestError, UsageError
 from harvester.source.idc.index import _rows_at, collection_key, row_problem, series_bytes
 from harvester.source.idc.s3 import S3Client, S3Object, parse_listing
 
@@ -112,10 +114,71 @@ def test_planning_from_the_index_does_not_import_pandas(tmp_path: Path) -> None:
 
     rows = [make_series("idc_units", f"P{n}", f"1.2.826.0.9.{n}", "CT", 1, seed=n).row for n in range(3)]
     index = write_index(tmp_path / "idc_index.parquet", rows)
-    code = ("import sys\nfrom pathlib import Path\nfrom harvester.source.idc import index\n"
-            "from harvester.query import query_from_dict\n"
-            f"found = index.select(Path({str(index)!r}), query_from_dict("
-            "{'select': [{'collection': 'idc_units', 'patients': ['P0', 'P2']}]}))\n"
-            "print(len(found.rows), 'pandas' in sys.modules)\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.stdout.split() == ["2", "False"], done.stderr
+    for vector_rows in (10**12, 0):   # the Python cut of a small index, the pyarrow.compute cut of a large one
+        code = ("import sys\nfrom pathlib import Path\nfrom harvester.source.idc import index\n"
+                f"from harvester.query import query_from_dict\nindex.VECTOR_ROWS = {vector_rows}\n"
+                f"found = index.select(Path({str(index)!r}), query_from_dict("
+                "{'select': [{'collection': 'idc_units', 'studies': ['1.2.826.0.9.1']},"
+                " {'series': [" + repr(rows[2]["SeriesInstanceUID"]) + "]}]}))\n"
+                "print(len(found.rows), 'pandas' in sys.modules, 'pyarrow.compute' in sys.modules)\n")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert done.stdout.split() == ["2", "False", str(vector_rows == 0)], done.stderr
+
+
+_CELLS = {"collection_id": st.sampled_from(["idc_a", "idc_b", "", None]),
+          "analysis_result_id": st.sampled_from([None, "", "idc_a", "res_1"]),
+          "PatientID": st.sampled_from(["P1", "p1", "P2", None]),
+          "StudyInstanceUID": st.sampled_from(["1.2.3", "1.2.4", "x"]),
+          "SeriesInstanceUID": st.sampled_from(["1.2.3.1", "1.2.3.2", "1.2.4.1", "bad uid"])}
+_QUERIES = [[{"collection": "idc_a"}], [{"collection": "res_1"}, {"series": ["1.2.3.2"]}],
+            [{"studies": ["1.2.4"]}, {"collection": "IDC-B", "modality": "CT"}], [{"patients": ["p1"]}],
+            [{"series": ["1.2.3.1", "1.2.4.1"]}]]
+
+
+@settings(deadline=None, max_examples=60)
+@given(st.lists(st.fixed_dictionaries(_CELLS), min_size=1, max_size=30), st.sampled_from(_QUERIES))
+def test_the_vectorised_cut_selects_what_the_python_cut_selects(cells: list[dict[str, Any]],
+                                                                selectors: list[dict[str, Any]]) -> None:
+    """The pyarrow.compute cut of a large index and the per-row Python cut give the same
+    selection (rows, order, per selector, unusable rows), or the same error, whatever the rows:
+    empty and missing collections, analysis results, repeated and unusable series."""
+    from harvester.query import query_from_dict
+    from harvester.source.idc import index
+
+    from .conftest import make_series, write_index
+
+    base = make_series("idc_a", "P1", "1.2.3", "CT", 1, seed=1, pixel_bytes=16).row
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_index(Path(tmp) / "idc_index.parquet", [{**base, **c} for c in cells])
+        query = query_from_dict({"select": selectors}, origin="test")
+        outcomes = []
+        for vector_rows in (10**12, 0):
+            index.VECTOR_ROWS, before = vector_rows, index.VECTOR_ROWS
+            try:
+                outcomes.append(index.select(path, query))
+            except HarvesterError as exc:
+                outcomes.append(f"{type(exc).__name__}: {exc}")
+            finally:
+                index.VECTOR_ROWS = before
+    assert outcomes[0] == outcomes[1]
+
+
+def test_an_index_of_unexpected_column_types_is_cut_the_python_way(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hostile index whose UID columns are numbers: the vectorised cut gives way to the Python
+    one, which finds them unusable, never an exception of pyarrow's."""
+    import pyarrow.parquet as pq
+
+    from harvester.query import query_from_dict
+    from harvester.source.idc import index
+
+    from .conftest import make_series
+
+    row = make_series("idc_a", "P1", "1.2.3", "CT", 1, seed=1, pixel_bytes=16).row
+    table = pa.Table.from_pylist([{**row, "SeriesInstanceUID": 12, "StudyInstanceUID": 3}])
+    pq.write_table(table, tmp_path / "idc_index.parquet")
+    monkeypatch.setattr(index, "VECTOR_ROWS", 0)
+    query = query_from_dict({"select": [{"series": ["1.2.3.1"]}, {"studies": ["1.2.3"]}, {"collection": "idc_a"}]},
+                            origin="test")
+    found = index.select(tmp_path / "idc_index.parquet", query)
+    assert found.rows == [] and found.per_selector == [[], [], []]
