@@ -368,6 +368,11 @@ async def _run_shard(spec: ShardSpec, semaphore: Any, variable: Any, queue: Any)
     state = ShardState(config.out_dir, spec.shard_dir, spec.paths)
     await anyio.to_thread.run_sync(state.open)
     try:
+        # Series an earlier attempt of this task committed (its worker died, or its result was
+        # lost with a worker that hung): fetched in this run, so counted as downloaded, though
+        # this attempt skips them. The shard's folder is this run's alone.
+        earlier = sum(1 for t in spec.tasks if t.series_uid not in spec.refetch
+                      and state.completed_bytes(t.series_uid) is not None)
         for rec in spec.seed:   # the copy a refetch replaces (a re-run finds its own commit instead)
             if state.records.get(rec["SeriesInstanceUID"]) is None:
                 await anyio.to_thread.run_sync(state.restore, rec)
@@ -396,7 +401,7 @@ async def _run_shard(spec: ShardSpec, semaphore: Any, variable: Any, queue: Any)
             result = await engine.run(spec.tasks, spec.header, refetch=spec.refetch)
             tg.cancel_scope.cancel()
         await forward.flush()
-        return {"downloaded": result.downloaded, "bytes": result.bytes_received, "requests": result.requests,
+        return {"downloaded": earlier + result.downloaded, "bytes": result.bytes_received, "requests": result.requests,
                 "retries": result.retries, "fatal": result.fatal,
                 "refresh_failed": [(u, why) for u, why in result.failed
                                    if u in spec.refetch and state.complete(u) is not None]}
@@ -502,6 +507,11 @@ class ClusterEngine(Engine):
         futures = client.map(run_shard, specs, key=[f"harvester-shard-{run}-{n}" for n in range(len(specs))],
                              pure=False)
         by_key = {f.key: spec for f, spec in zip(futures, specs)}
+        completed = distributed.as_completed(futures)
+        # Held until merged, then released: a result the client still holds is recomputed when its
+        # worker dies, and the re-run of a merged shard would fetch its series again.
+        waiting = {f.key: f for f in futures}
+        del futures
         fatal: str | None = None
 
         async def drain() -> None:
@@ -514,7 +524,7 @@ class ClusterEngine(Engine):
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(drain)
-                async for future in distributed.as_completed(futures):
+                async for future in completed:
                     spec = by_key[future.key]
                     try:
                         if future.status == "cancelled":   # after a fatal stop: merged as far as it went
@@ -529,11 +539,13 @@ class ClusterEngine(Engine):
                     refresh_failed.update(dict(got.get("refresh_failed") or []))
                     if got.get("fatal") and fatal is None:
                         fatal = str(got["fatal"])
-                        await client.cancel([f for f in futures if not f.done()])
+                        await client.cancel([f for f in waiting.values() if not f.done()])
                     _, why = await anyio.to_thread.run_sync(merge_shard, self.state, spec.shard_dir)
                     if why is not None:
                         self.hub.emit(Event("warning", message=f"shard {spec.shard_dir.name} left for a later "
                                                                f"run: {why}"))
+                    waiting.pop(future.key, None)
+                    future.release()
                 for batch in await queue.get(batch=True):
                     for ev in batch:
                         self.hub.emit(ev)
@@ -541,5 +553,5 @@ class ClusterEngine(Engine):
         finally:
             with anyio.CancelScope(shield=True):
                 with contextlib.suppress(Exception):
-                    await client.cancel([f for f in futures if not f.done()])
+                    await client.cancel([f for f in waiting.values() if not f.done()])
         return fatal
