@@ -1,3 +1,3 @@
-from harvester.cli import main
+from harvester.cli import console
 
-raise SystemExit(main())
+console()

@@ -885,3 +885,33 @@ def test_a_zip_past_the_entry_limit_is_said_to_have_too_many_entries_not_truncat
     assert rec["status"] == "failed" and reason_class(rec["error_kind"], rec["error"]) != "truncated"
     assert srv.stats.downloads == {uid: 1}   # not retried: more attempts would not make it fit
     assert [p for p in out.rglob("*.dcm")] == [] and list((out / ".harvester" / "tmp").iterdir()) == []
+
+
+def test_the_command_exits_with_its_code_and_all_its_output_and_quietly_on_a_closed_pipe(
+        server: Any, small_archive: Any, tmp_path: Path) -> None:
+    """``python -m harvester`` ends by ``cli.exit_now`` (os._exit after atexit and a flush): its
+    exit code and every byte it printed arrive, a --log-file is complete, and a reader that
+    closed the pipe early (``harvester status DIR --json | head -c 1``) gets no "Exception
+    ignored" or traceback on stderr, only the exit code a closed stdout gives (120)."""
+    out = tmp_path / "out"
+    log = tmp_path / "h.log"
+    run = subprocess.run([sys.executable, "-m", "harvester", "run", str(write_query(tmp_path, select_all(small_archive))),
+                          "-o", str(out), "--api-url", server.base_url, *FAST_FLAGS, "--log-file", str(log)],
+                         capture_output=True, text=True, env=ENV, timeout=300, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stderr
+    lines = log.read_text().splitlines(keepends=True)
+    assert lines and all(line.endswith("\n") for line in lines) and "complete" in lines[-1]   # flushed to the end
+    whole = subprocess.run([sys.executable, "-m", "harvester", "status", str(out), "--json"],
+                           capture_output=True, text=True, env=ENV, timeout=120, stdin=subprocess.DEVNULL)
+    assert whole.returncode == 0, whole.stderr
+    assert json.loads(whole.stdout)["totals"]["complete"] > 0    # all of it: it parses
+    missing = subprocess.run([sys.executable, "-m", "harvester", "status", str(tmp_path / "nothing")],
+                             capture_output=True, text=True, env=ENV, timeout=120, stdin=subprocess.DEVNULL)
+    assert missing.returncode == 2 and missing.stderr.startswith("harvester: error:")
+    env = {k: v for k, v in ENV.items() if k != "PYTHONUNBUFFERED"}   # stdout buffered: written at exit
+    proc = subprocess.Popen([sys.executable, "-m", "harvester", "status", str(out), "--json"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()   # the reader is gone before the first byte
+    err = proc.stderr.read().decode()
+    assert proc.wait(120) == 120 and err == "", err
