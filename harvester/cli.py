@@ -1267,8 +1267,8 @@ def exit_now(code: int | None) -> None:
         try:
             if stream is not None:
                 stream.flush()
-        except (OSError, ValueError):   # a closed pipe or stream: what a normal exit would lose too
-            code = code or 120
+        except (OSError, ValueError):   # the reader closed the pipe: as in _dispatch, not an error
+            pass
     os._exit(code)
 
 
