@@ -1253,7 +1253,7 @@ def exit_now(code: int | None) -> None:
     """Exit with ``code`` after what a normal exit does that matters: the threads that are not
     daemons joined, the ``atexit`` handlers run (logging's flush, thread pools, temporary
     folders), stdout and stderr flushed; then ``os._exit``, skipping only the interpreter's
-    teardown of every module (aiohttp, asyncio, pyarrow and numpy for an IDC run): about 40 ms
+    teardown of every module (aiohttp, asyncio, pyarrow and numpy for an IDC run): about 60 ms
     of the time after a harvest's last byte, where nothing is left to write (bench/RESULTS.md)."""
     import atexit
     import threading
