@@ -337,8 +337,9 @@ def select(path: Path, query: Query) -> IndexSelection:
     rows: dict[str, dict[str, Any]] = {}
     per_selector: list[list[dict[str, Any]]] = [[] for _ in query.selectors]
     unusable: dict[str, str] = {}
+    value_sets: dict[tuple[str, str], Any] = {}   # the vectorised cut's, built once for every batch
     for batch in _batches(pf, path, columns):
-        picked = _picked(batch, query, wanted_ids, series_wanted, pc)
+        picked = _picked(batch, query, wanted_ids, series_wanted, pc, value_sets)
         if not picked:
             continue
         # only the rows picked become Python objects: a batch of 16,384 rows usually gives none
@@ -397,23 +398,28 @@ def _rows_at(batch: Any, picked: list[int]) -> Iterator[dict[str, Any]]:
 
 
 def _picked(batch: Any, query: Query, wanted_ids: dict[str, str], series_wanted: set[str],
-            pc: Any | None) -> list[int]:
+            pc: Any | None, value_sets: dict[tuple[str, str], Any]) -> list[int]:
     """``_candidates`` as a list: computed in pyarrow when ``pc`` is given and no selector cuts
     by patient alone (PatientID is folded in Python), else (and for columns of an unexpected
     type) by ``_candidates``."""
     if pc is not None and not any(sel.patients for sel in query.selectors if not sel.collection and not sel.series):
         try:
-            return _vector_candidates(pc, batch, query, set(wanted_ids.values()), series_wanted)
+            return _vector_candidates(pc, batch, query, set(wanted_ids.values()), series_wanted, value_sets)
         except Exception:  # noqa: BLE001 - a hostile file's column types: the Python way below
             pass
     return list(_candidates(batch, query, wanted_ids, series_wanted))
 
 
-def _vector_candidates(pc: Any, batch: Any, query: Query, ids: set[str], series_wanted: set[str]) -> list[int]:
-    """The rows ``_candidates`` yields (without a patient cut), by pyarrow.compute."""
+def _vector_candidates(pc: Any, batch: Any, query: Query, ids: set[str], series_wanted: set[str],
+                       value_sets: dict[tuple[str, str], Any]) -> list[int]:
+    """The rows ``_candidates`` yields (without a patient cut), by pyarrow.compute; each
+    column's value set is built once (``value_sets``: a cart may list 10,000 UIDs)."""
     def among(column: str, values: set[str]) -> Any:
         data = batch.column(column)
-        return _true(pc, pc.is_in(data, value_set=_strings(sorted(values), data)))
+        key = (column, str(data.type))
+        if key not in value_sets:
+            value_sets[key] = _strings(sorted(values), data)
+        return _true(pc, pc.is_in(data, value_set=value_sets[key]))
 
     free = [sel for sel in query.selectors if not sel.collection and not sel.series]
     studies = {s for sel in free for s in sel.studies}
