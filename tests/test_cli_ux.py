@@ -916,3 +916,15 @@ def test_the_command_exits_with_its_code_and_all_its_output_and_quietly_on_a_clo
     proc.stdout.close()   # the reader is gone before the first byte
     err = proc.stderr.read().decode()
     assert proc.wait(120) == 0 and err == "", err
+
+
+def test_the_command_exits_with_an_idle_thread_pool_worker_left(tmp_path: Path) -> None:
+    """``exit_now`` stops a ``ThreadPoolExecutor``'s idle worker (no daemon) as the interpreter
+    does, before it joins the threads: joining it first waited forever (a ``--cluster local:N``
+    run leaves Dask's offload thread so, and hung after its summary)."""
+    code = ("import concurrent.futures as cf, sys; from harvester.cli import exit_now; "
+            "pool = cf.ThreadPoolExecutor(1); pool.submit(print, 'ran').result(); "
+            "print('done', flush=False); exit_now(3)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60,
+                         stdin=subprocess.DEVNULL, cwd=tmp_path)
+    assert (run.returncode, run.stdout, run.stderr) == (3, "ran\ndone\n", "")

@@ -370,3 +370,19 @@ def test_merging_takes_a_finished_shard_leaves_a_busy_one_and_refuses_a_hostile_
         assert shards.merge_leftovers(main_state) == ([], []) and not any(root.iterdir())
     finally:
         main_state.close()
+
+
+def test_the_command_on_a_local_cluster_exits_when_done(server: ServerHandle, archive: Archive,
+                                                         tmp_path: Path) -> None:
+    """``harvester run --cluster local:2`` as a user runs it: the harvest done, the command ends
+    with 0 (it hung after its summary once: Dask's idle offload thread was joined before its
+    pool was told to stop, see ``cli.exit_now``)."""
+    manifest = tmp_path / "q.json"
+    manifest.write_text(json.dumps(select_all(archive)))
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "harvester", "run", str(manifest), "-o", str(out), "--api-url",
+                          server.base_url, "--workers", "2", "--connections", str(HOST_LIMIT), "--no-progress", "-q",
+                          "--cluster", "local:2"], env=ENV, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                         timeout=240)
+    assert run.returncode == 0, run.stderr
+    assert complete(out) == set(normal_series(archive)) and set(commits(out).values()) == {1}
