@@ -243,6 +243,8 @@ class ToolRun:
     cpu: float          # user + system seconds of the tool's process tree
     stdout: str
     stderr: str
+    user: float = 0.0   # the two parts of ``cpu``
+    system: float = 0.0
 
 
 def run_tool(cmd: list[str], cwd: Path, timeout: float = 3600) -> ToolRun:
@@ -266,9 +268,9 @@ def run_tool(cmd: list[str], cwd: Path, timeout: float = 3600) -> ToolRun:
         wall = time.monotonic() - started
         sampler.stop()
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return ToolRun(code, wall, sampler.peak, cpu, out_path.read_text(errors="replace"),
-                   err_path.read_text(errors="replace"))
+    user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+    return ToolRun(code, wall, sampler.peak, user + system, out_path.read_text(errors="replace"),
+                   err_path.read_text(errors="replace"), user, system)
 
 
 @dataclass

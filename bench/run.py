@@ -190,7 +190,8 @@ class Bench:
         ordered = sorted(runs, key=lambda m: m.wall)
         result = ordered[(len(ordered) - 1) // 2]
         result.runs = [m.wall for m in runs]
-        result.extra["runs"] = [{"wall": m.wall, "cpu": m.cpu, "peak_rss": m.peak_rss, "load": m.load,
+        result.extra["runs"] = [{"wall": m.wall, "cpu": m.cpu, "user": m.extra.get("user"), "system": m.extra.get("system"),
+                                 "peak_rss": m.peak_rss, "load": m.load,
                                  "complete": m.check.complete if m.check else None} for m in runs]
         self.results.append(result)
         if len(runs) > 1:
@@ -234,7 +235,8 @@ class Bench:
             bytes_sent=after["bytes_sent"] - before["bytes_sent"], link_seconds=meter.seconds,
             requests=request_count(before, after), downloads=downloads, retries=retries, check=check,
             returncode=run.returncode, note=note,
-            extra={k: v for k, v in summary.items() if k != "uids"} | {"asked": len(asked)} | _phases(meter, launched, run.wall),
+            extra={k: v for k, v in summary.items() if k != "uids"} | {"asked": len(asked)} | _phases(meter, launched, run.wall)
+            | {"user": round(run.user, 2), "system": round(run.system, 2)},
         )
         if run.returncode not in (0, 1):
             result.note = (result.note + f"; exit {run.returncode}: " + run.stderr.strip()[-300:]).strip("; ")
@@ -390,7 +392,8 @@ def _last_json(text: str) -> dict[str, Any]:
 
 def _brief(m: Measurement) -> str:
     done = f"{m.check.complete}/{m.check.series} series complete" if m.check else ""
-    return (f"{m.wall:.1f} s, {m.mib_s:.1f} MiB/s, peak RSS {m.peak_rss / MIB:.0f} MiB, "
+    return (f"{m.wall:.1f} s, {m.mib_s:.1f} MiB/s, CPU {m.cpu:.1f} s (user {m.extra.get('user', 0):.1f}, "
+            f"system {m.extra.get('system', 0):.1f}), peak RSS {m.peak_rss / MIB:.0f} MiB, "
             f"{m.requests} requests {done} (exit {m.returncode})")
 
 
