@@ -180,13 +180,25 @@ class Bench:
     # ------------------------------------------------------------ one tool, one run
     def measure(self, tool: str, setting: str, command: Callable[[str, Path], list[str]], *,
                 download: bool = True, note: str = "", faults: str | None = None) -> Measurement:
-        """Run the tool ``repeat`` times; the run of median wall time stands for all of them."""
-        if tool == "harvester" and BEFORE:   # the same runs of the earlier checkout, first
-            self.measure("harvester (before)", setting,
-                         lambda url, work: ["env", f"PYTHONPATH={BEFORE}", *command(url, work)],
-                         download=download, note=note, faults=faults)
-        runs = [self.measure_once(tool, setting, command, download=download, note=note, faults=faults)
-                for _ in range(self.repeat)]
+        """Run the tool ``repeat`` times; the run of median wall time stands for all of them.
+        With ``HARVESTER_BENCH_BEFORE``, harvester's runs alternate with the same runs of the
+        earlier checkout (before, after, before, after...): on this machine a run's system time
+        grows with what the runs before it wrote (scenario a: 2.6, 3.8, 7.2 s for three runs of
+        one build in a row), so the one measured second in a block of its own would pay for it."""
+        kw: dict[str, Any] = dict(download=download, note=note, faults=faults)
+        if tool == "harvester" and BEFORE:
+            old_command: Callable[[str, Path], list[str]] = \
+                lambda url, work: ["env", f"PYTHONPATH={BEFORE}", *command(url, work)]
+            old_runs, runs = [], []
+            for _ in range(self.repeat):
+                old_runs.append(self.measure_once("harvester (before)", setting, old_command, **kw))
+                runs.append(self.measure_once(tool, setting, command, **kw))
+            self._median(old_runs)
+            return self._median(runs)
+        return self._median([self.measure_once(tool, setting, command, **kw) for _ in range(self.repeat)])
+
+    def _median(self, runs: list[Measurement]) -> Measurement:
+        """The run of median wall time, carrying every run's figures; kept in ``results``."""
         ordered = sorted(runs, key=lambda m: m.wall)
         result = ordered[(len(ordered) - 1) // 2]
         result.runs = [m.wall for m in runs]
