@@ -197,13 +197,15 @@ class Bench:
             return self._median(runs)
         return self._median([self.measure_once(tool, setting, command, **kw) for _ in range(self.repeat)])
 
-    def _median(self, runs: list[Measurement]) -> Measurement:
-        """The run of median wall time, carrying every run's figures; kept in ``results``."""
+    def _median(self, runs: list[Measurement], more: tuple[str, ...] = ()) -> Measurement:
+        """The run of median wall time, carrying every run's figures (and ``more`` of them, from
+        the measurement or its ``extra``, where a run has them); kept in ``results``."""
         ordered = sorted(runs, key=lambda m: m.wall)
         result = ordered[(len(ordered) - 1) // 2]
         result.runs = [m.wall for m in runs]
         result.extra["runs"] = [{"wall": m.wall, "cpu": m.cpu, "user": m.extra.get("user"), "system": m.extra.get("system"),
                                  "peak_rss": m.peak_rss, "load": m.load,
+                                 **{k: getattr(m, k, m.extra.get(k)) for k in more if hasattr(m, k) or k in m.extra},
                                  "complete": m.check.complete if m.check else None} for m in runs]
         self.results.append(result)
         if len(runs) > 1:
@@ -271,9 +273,11 @@ class Bench:
                    server: Callable[[Path], Any]) -> Measurement:
         """``measure`` against an S3 server: ``server(work)`` is a fresh ``StaticS3`` per run, or
         the one seeded ``MotoS3`` (seeding 2,000 objects takes longer than a run)."""
-        if tool == "harvester" and BEFORE:   # the same runs of the earlier checkout, first (as ``measure``)
-            self.measure_s3("harvester (before)", setting,
-                            lambda url, work: ["env", f"PYTHONPATH={BEFORE}", *command(url, work)], server)
+        if tool == "harvester" and BEFORE:   # in turns with the earlier checkout's runs (as ``measure``)
+            old_command: Callable[[str, Path], list[str]] = \
+                lambda url, work: ["env", f"PYTHONPATH={BEFORE}", *command(url, work)]
+            return self.measure_s3_jobs([("harvester (before)", setting, old_command, server),
+                                         (tool, setting, command, server)], alternate=True)[1]
         return self.measure_s3_jobs([(tool, setting, command, server)])[0]
 
     def measure_s3_jobs(self, jobs: list[tuple[str, str, Callable[[str, Path], list[str]], Callable[[Path], Any]]],
@@ -298,17 +302,9 @@ class Bench:
                 set_aside(work / "out")
         results = []
         for job_runs in runs:
-            ordered = sorted(job_runs, key=lambda m: m.wall)
-            result = ordered[(len(ordered) - 1) // 2]
-            result.runs = [m.wall for m in job_runs]
-            result.extra["runs"] = [{"wall": m.wall, "cpu": m.cpu, "peak_rss": m.peak_rss, "load": m.load,
-                                     "bytes_sent": m.bytes_sent,
-                                     **{k: m.extra[k] for k in ("before_first_request", "after_last_byte")
-                                        if k in m.extra},
-                                     "complete": m.check.complete if m.check else None} for m in job_runs]
+            result = self._median(job_runs, ("bytes_sent", "before_first_request", "after_last_byte"))
             if alternate:
-                result.note += "; runs alternated with the other tool's"
-            self.results.append(result)
+                result.note += "; runs alternated with " + " and ".join(j[0] for j in jobs if j[0] != result.tool) + "'s"
             results.append(result)
         return results
 
@@ -331,7 +327,8 @@ class Bench:
             tool=tool, setting=setting, wall=run.wall, peak_rss=run.peak_rss, cpu=run.cpu, server_cpu=server_cpu,
             load=load, bytes_sent=sent, link_seconds=None, requests=requests, downloads=downloads,
             retries=int(m.group(2)) if m else None, check=check, returncode=run.returncode, note=note,
-            extra={"asked": len(self.uids), "server": srv.name} | _s3_phases(before, after, launched, run.wall))
+            extra={"asked": len(self.uids), "server": srv.name} | _s3_phases(before, after, launched, run.wall)
+            | {"user": round(run.user, 2), "system": round(run.system, 2)})
         if run.returncode != 0:
             result.note += f"; exit {run.returncode}: " + run.stderr.strip()[-300:]
         print(f"[{self.name}]   {_brief(result)}", file=sys.stderr, flush=True)
