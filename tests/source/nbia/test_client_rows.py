@@ -3,6 +3,7 @@ answer read whole (``json_rows``), wherever the chunks are cut, with repeated va
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -62,6 +63,24 @@ def test_repeated_values_are_one_object_per_answer():
     assert got == rows
     assert got[0]["Collection"] is got[2]["Collection"] and got[0]["StudyInstanceUID"] is got[1]["StudyInstanceUID"]
     assert [next(iter(r)) for r in got] == ["SeriesInstanceUID"] * 3 and next(iter(got[0])) is next(iter(got[2]))
+
+
+def test_values_are_shared_across_chunks_and_keys_within_the_rows_decoded_at_once():
+    rows = [{"SeriesInstanceUID": f"1.2.{n}", "StudyInstanceUID": "1.2.3", "Collection": "NLST", "Modality": "CT",
+             "ImageCount": n} for n in range(6)]
+    text = json.dumps(rows).encode()
+    ends = [m.end() for m in re.finditer(rb"\}", text)]
+    stream, calls = RowStream("u"), []
+    scan = stream._scan
+    stream._scan = lambda text, pos: calls.append(pos) or scan(text, pos)
+    for piece in (text[:ends[1] + 1], text[ends[1] + 1:ends[3] + 1], text[ends[3] + 1:]):
+        stream.feed(piece)   # rows 0-1, 2-3 and 4-5 arrive whole in three chunks
+    got = stream.finish()
+    assert got == rows and len(calls) == 3   # one call of the scanner for the whole rows of each
+    assert len({id(r["Collection"]) for r in got}) == 1 and len({id(r["StudyInstanceUID"]) for r in got}) == 1
+    assert len({id(r["SeriesInstanceUID"]) for r in got}) == 6
+    keys = [next(iter(r)) for r in got]
+    assert keys[0] is keys[1] and keys[2] is keys[3] and keys[4] is keys[5]
 
 
 def test_a_giant_cut_element_is_not_decoded_again_for_every_chunk(monkeypatch):
