@@ -928,3 +928,16 @@ def test_the_command_exits_with_an_idle_thread_pool_worker_left(tmp_path: Path) 
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60,
                          stdin=subprocess.DEVNULL, cwd=tmp_path)
     assert (run.returncode, run.stdout, run.stderr) == (3, "ran\ndone\n", "")
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 3, 4, 7])
+def test_plan_json_written_in_pieces_is_the_text_of_one_dumps(count):
+    """``plan --json`` writes its list a batch of series at a time; the text is exactly what one
+    ``json.dumps`` of the whole plan gives, for any count around the batch size."""
+    from harvester.cli import json_with_list
+
+    head = {"series": count, "bytes": None, "note": "é \"q\""}
+    items = [{"SeriesInstanceUID": f"1.2.{n}", "SeriesDescription": "é"} for n in range(count)]
+    pieces = list(json_with_list(head, "list", items, dict, batch=3))
+    assert "".join(pieces) == json.dumps({**head, "list": items})
+    assert len(pieces) == 2 + -(-count // 3)
