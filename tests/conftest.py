@@ -26,6 +26,49 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     compileall.compile_dir(str(Path(__file__).resolve().parent.parent / "harvester"), quiet=1)
 
 
+#: Where glibc keeps the named semaphores of multiprocessing (``sem.mp-*``).
+SHM = Path("/dev/shm")
+
+
+def _semaphores() -> set[str]:
+    try:
+        return {p.name for p in SHM.glob("sem.mp-*")}
+    except OSError:
+        return set()
+
+
+def _mapped_semaphores() -> set[str]:
+    """The ``sem.mp-*`` files some live process has open (``sem_open`` maps the file)."""
+    mapped: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:   # the process ended, or is not ours to read
+            continue
+        for line in text.splitlines():
+            at = line.find("/dev/shm/sem.mp-")
+            if at >= 0:
+                mapped.add(line[at + len("/dev/shm/"):].split()[0])
+    return mapped
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_semaphores() -> Iterator[None]:
+    """Remove the named semaphores a test leaves behind: a test that SIGKILLs a Dask client with
+    its cluster kills multiprocessing's resource tracker too, which would have unlinked them, and
+    each full run of the suite left about 120 files in /dev/shm. Only files that appeared during
+    the test and that no live process has open are removed."""
+    before = _semaphores()
+    yield
+    new = _semaphores() - before
+    if new:
+        for name in new - _mapped_semaphores():
+            try:
+                (SHM / name).unlink()
+            except OSError:
+                pass
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
