@@ -39,6 +39,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,8 @@ from harness import (  # noqa: E402
     warm_cache,
 )
 from s3 import MotoS3, StaticS3, bucket_objects, link_spec, series_prefix, write_index  # noqa: E402
+
+from harvester.server.synthetic import SyntheticSpec  # noqa: E402
 
 DOWNLOAD_ENDPOINTS = ("getImage", "getImageWithMD5Hash")
 #: the source tree of an earlier harvester (``git archive COMMIT | tar -x -C DIR``): with it, every
@@ -161,11 +164,14 @@ class Bench:
     """Runs tools for one scenario and collects their measurements."""
 
     def __init__(self, name: str, small: bool, keep: bool, repeat: int = 1,
-                 parts: tuple[str, ...] = H_PARTS, s3_faults: str = "", s3_order: str = "harvester-first") -> None:
+                 parts: tuple[str, ...] = H_PARTS, s3_faults: str = "", s3_order: str = "harvester-first",
+                 spec: str | None = None) -> None:
         self.name, self.small, self.keep, self.repeat = name, small, keep, max(1, repeat)
         self.parts = parts   # scenario h's servers to run (the others are left out)
         self.s3_faults, self.s3_order = s3_faults, s3_order   # the static S3's link (--s3-faults, --s3-order)
         self.setup = SETUPS[name][small]
+        if spec:   # --archive: the scenario on another cohort (its faults and peers' limits kept)
+            self.setup = dataclasses.replace(self.setup, spec=spec)
         self.archive = load_archive(self.setup.spec)
         self.collections = sorted(self.archive.collections())
         self.uids = [rec.uid for rec in self.archive.records()]
@@ -704,7 +710,19 @@ def main(argv: list[str] | None = None) -> int:
                              "(FaultSpec syntax; latency and total_rate only; with --parts static or static,nbia)")
     parser.add_argument("--s3-order", default="harvester-first", choices=("harvester-first", "s5cmd-first", "alternate"),
                         help="with --s3-faults: which tool's runs come first, or both in turns")
+    parser.add_argument("--archive", default=None, metavar="SPEC",
+                        help="one scenario on another synthetic cohort, e.g. h-idc at 10 GiB: "
+                             "collections=1,patients=400,studies=1,series=1,instances=50,size=512KiB,seed=0")
     args = parser.parse_args(argv)
+    if args.archive is not None:
+        try:
+            SyntheticSpec.parse(args.archive)
+        except ValueError as err:
+            print(f"bench: --archive: {err}", file=sys.stderr)
+            return 2
+        if args.scenario == "all":
+            print("bench: --archive replaces the cohort of one scenario: name it, not all", file=sys.stderr)
+            return 2
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
     if not parts or set(parts) - set(H_PARTS):
         print(f"bench: --parts wants a comma-separated list of {', '.join(H_PARTS)}", file=sys.stderr)
@@ -741,7 +759,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "small": args.small, "repeat": repeat,
                               "scenarios": {}}
     for name in names:
-        bench = Bench(name, args.small, args.keep, repeat, parts, args.s3_faults, args.s3_order)
+        bench = Bench(name, args.small, args.keep, repeat, parts, args.s3_faults, args.s3_order, args.archive)
         setup = bench.setup
         blocks = SCENARIOS[name](bench)
         if BEFORE:

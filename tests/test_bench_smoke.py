@@ -127,12 +127,15 @@ def test_idc_scenario_on_a_capped_link(tmp_path: Path) -> None:
     cache = os.environ.get("HARVESTER_TEST_CACHE") or str(tmp_path / "cache")
     env = dict(os.environ, HARVESTER_BENCH_OUT=str(tmp_path / "out"), HARVESTER_BENCH_CACHE=cache)
     out = tmp_path / "report.json"
+    cohort = "collections=1,patients=2,studies=1,series=1,instances=3,size=32KiB,seed=0"   # --archive: not h's own
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "h", "--small", "--parts", "static",
                            "--s3-faults", "latency=5ms,total_rate=4MiB", "--s3-order", "alternate", "--repeat", "2",
-                           "--json", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                           "--archive", cohort, "--json", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(out.read_text())["scenarios"]["h"]
     assert doc["s3_faults"] == "latency=5ms,total_rate=4MiB" and doc["s3_order"] == "alternate"
+    assert doc["spec"] == cohort and f"archive `{cohort}` (2 series" in proc.stdout
     results = doc["results"]
     assert sorted(r["tool"] for r in results) == ["harvester", "s5cmd"]
     for r in results:
@@ -155,6 +158,13 @@ def test_s3_faults_refuses_what_it_would_not_do(args: list[str]) -> None:
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "h", "--small", *args],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "bench: --s3-" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("args", [["h-idc", "--archive", "patients=many"], ["all", "--archive", "patients=2"]])
+def test_archive_refuses_a_bad_cohort_or_no_one_scenario(args: list[str]) -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), *args, "--small"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "bench: --archive" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_planning_lists_the_same_series(report: dict) -> None:
