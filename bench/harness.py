@@ -420,9 +420,14 @@ def set_aside(path: Path) -> None:
     Why not delete it now: on this machine's ext4 (no journal), creating a file right after many
     were deleted scans the recently deleted inodes (``recently_deleted`` in ext4_create; perf
     showed it as 40% of a run's samples), so a deletion between two tools would tax the second
-    one's file creation for a few minutes. Renaming frees no inode.
+    one's file creation for a few minutes. Renaming frees no inode. On tmpfs
+    (``HARVESTER_BENCH_OUT=/dev/shm/...``: the client's CPU without the disk's write-back in its
+    system time) the tree is deleted at once: tmpfs has no such scan, and memory would otherwise
+    hold every run's output until the end.
     """
-    if path.exists():
+    if path.exists() and _fs_type(OUT_DIR) == "tmpfs":
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
         trash = OUT_DIR / ".trash"
         trash.mkdir(parents=True, exist_ok=True)
         path.rename(trash / f"{path.name}-{time.time_ns()}")
