@@ -41,6 +41,8 @@ def test_parsers():
     assert as_int(1234) == as_int("1234") == as_int("1234.0") == as_int(1234.0) == as_int(" 1234 ") == 1234
     assert as_int("1.2E7") == as_int(1.2e7) == 12_000_000 and as_int("3000566.000000") == 3000566
     assert as_int("NaN") is None and as_int("Infinity") is None and as_int("") is None
+    # an int is taken as it is (a size of 9 PB is not rounded through a float), up to the bound
+    assert as_int(2**53 + 1) == 2**53 + 1 and as_int(2**62) == 2**62 and as_int(2**62 + 1) is None
     assert parse_retry_after("3") == 3.0 and parse_retry_after("soon") is None and parse_retry_after(None) is None
     assert redact_url("https://u:pw@h.org/x?password=p&a=1") == "https://h.org/x?password=***&a=1"
 
