@@ -524,9 +524,12 @@ class RowStream:
         last = text.rfind("}")
         if last < pos:
             return pos
+        wrapped = "[" + text[pos:last + 1] + "]"
         try:
-            values, _ = self._scan("[" + text[pos:last + 1] + "]", 0)
+            values, end = self._scan(wrapped, 0)
         except (ValueError, RecursionError):
+            return pos
+        if end != len(wrapped):   # a ']' in the text closed the array early ('{..}],[{..}'): not elements
             return pos
         memo, rows = self._memo, self.rows
         for row in values:

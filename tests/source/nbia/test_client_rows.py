@@ -48,7 +48,8 @@ def test_any_array_cut_anywhere_gives_the_rows_read_whole(answer, cuts, separato
     b"", b"  \n", b"[]", b" [ ] ", b"null", b'{"a":1}', b'[{"a":1},]', b'[{"a":1}', b'[{"a":1}] x', b"[,]",
     b"[" * 50000 + b"]" * 50000, b'[{"a":"\xff"}]', '[{"a":"é"}]'.encode("utf-16"), b'\xef\xbb\xbf[{"a":1}]',
     b"<html>oops</html>", b'[{"a":1}][', b'[{"a":"' + b"x" * 30000 + b'"}]', b'[{"a":1e999}]',
-    b'[{"a":"\xed\xa0\x80"}]', b"[1 2]", b'[12, 345, {"b": 2}]',
+    b'[{"a":"\xed\xa0\x80"}]', b"[1 2]", b'[12, 345, {"b": 2}]', b'[{"a":1}],[{"b":2}]', b'[{"a":1}] ,{"b":2}]',
+    b'[{"a":1},{"b":[}]', b'[{"a":"}"}, {"b":2}]',
 ], ids=lambda b: repr(b[:16]))
 @pytest.mark.parametrize("cut", [1, 3, 4096])
 def test_hostile_and_odd_answers_fail_or_pass_as_read_whole(body, cut):
