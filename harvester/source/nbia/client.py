@@ -471,6 +471,7 @@ class RowStream:
 
     def _parse(self, *, final: bool) -> None:
         text, pos = self._text, 0
+        whole_rows = True
         while True:
             while pos < len(text) and text[pos] in _SPACE:
                 pos += 1
@@ -489,10 +490,11 @@ class RowStream:
                 continue
             if not final and len(text) < self._retry_at:
                 break
-            if self._expect != "next":
+            if whole_rows:
                 pos = self._take_whole_elements(text, pos)
                 if self._expect == "next":
                     continue
+                whole_rows = False   # not whole rows up to the last '}': one by one from here, not tried again
             try:
                 value, end = self._scan(text, pos)
             except RecursionError:

@@ -100,3 +100,20 @@ def test_a_giant_cut_element_is_not_decoded_again_for_every_chunk(monkeypatch):
         rows.feed(body[i:i + 1024])
     assert rows.finish() == [{"a": "x" * 1_000_000}]
     assert calls < 30   # about log2(1000 chunks), not 1000
+
+
+def test_whole_rows_that_cannot_be_read_at_once_are_not_tried_again_for_every_row():
+    """When the text up to a chunk's last ``}`` is not whole rows (here that ``}`` is in a string
+    of the cut row), the rows are read one by one, without another try of the whole rest after
+    each of them (which would be quadratic in the chunk)."""
+    rows = [{"SeriesInstanceUID": f"1.2.{n}", "Collection": "NLST"} for n in range(50)]
+    text = json.dumps(rows + [{"SeriesDescription": "a } in a cut row"}]).encode()
+    cut = text.index(b"a } in") + 3
+    stream, calls = RowStream("u"), []
+    scan = stream._scan
+    stream._scan = lambda text, pos: calls.append(pos) or scan(text, pos)
+    stream.feed(text[:cut])
+    assert stream.rows == rows
+    assert len(calls) <= len(rows) + 3   # one try of the whole, a call per row, one of the cut row
+    stream.feed(text[cut:])
+    assert stream.finish() == rows + [{"SeriesDescription": "a } in a cut row"}]
