@@ -288,6 +288,49 @@ def test_fetch_and_unpack_hold_a_few_chunks_not_the_series(big_archive: Any, syn
     assert peak < 6 * config.chunk_size, peak
 
 
+WIDE_SPEC = "collections=1,patients=1,studies=1,series=1,instances=4,size=8MiB,seed=4"
+
+
+def test_a_series_spread_over_connections_holds_a_few_chunks_not_its_instances(synthetic_cache: Path,
+                                                                             tmp_path: Path) -> None:
+    """A series fetched instance by instance (getSingleImage, two at once) pours each instance
+    into its file as it arrives: the client's Python allocations stay below one instance (8 MiB).
+    They used to hold every instance in flight whole, and once more joined (16 MiB and up). The
+    bound is structural: per stream, aiohttp's buffer (a chunk), one batch of the source's
+    (``INSTANCE_BATCH_BYTES``) and one read. The server is its own process."""
+    from harvester.config import Config
+    from harvester.models import SeriesTask
+    from harvester.source.nbia import NBIAClient, make_session
+    from harvester.source.nbia.source import NBIASource
+    from harvester.store.sink import StoreSinks
+
+    (rec,) = build_synthetic(SyntheticSpec.parse(WIDE_SPEC), synthetic_cache).records()
+    instance = max(i.size for i in rec.instances)
+    assert instance >= 8 * 2**20
+    with serve_synthetic(WIDE_SPEC, synthetic_cache) as base_url:
+        config = Config(api_url=base_url, out_dir=tmp_path, retries=2, progress=False, per_instance="always",
+                        instance_streams=1)
+        task = SeriesTask(series_uid=rec.uid, collection=rec.row["Collection"], patient_id="P", study_uid="S",
+                          modality="CT", image_count=len(rec.instances), file_size=rec.total_bytes, row=dict(rec.row))
+
+        async def fetch() -> Any:
+            async with make_session(config) as session:
+                return await NBIASource(NBIAClient(config, session)).fetch_series(
+                    task, partial=tmp_path / "partial", staging=tmp_path / "staging", on_bytes=lambda n: None,
+                    rate=None, sinks=StoreSinks(Limits(), resume_root=tmp_path / "instances"))
+
+        tracemalloc.start()
+        try:
+            unpacked = anyio.run(fetch)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert sorted((f.size, f.md5) for f in unpacked.files) == sorted((i.size, i.md5) for i in rec.instances)
+    for f in unpacked.files:
+        assert (tmp_path / "staging" / f.name).stat().st_size == f.size
+    assert peak < instance, peak
+
+
 # ---------------------------------------------------------------- downloads overlap verification
 
 def test_committing_one_series_does_not_keep_a_download_slot(server, small_archive, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -94,14 +94,31 @@ class InstanceWriter(Protocol):
     def abort(self) -> None: ...
 
 
+class InstanceUpload(Protocol):
+    """One instance of a ``ParallelInstanceWriter`` as its bytes arrive (blocking: call it from a
+    worker thread): ``write_all`` writes pieces at once (never the whole instance in memory),
+    ``commit`` checks it (the archive's MD5, or ``""``; DICOM of the series, the instance asked
+    for) and keeps it; ``abandon`` removes what was written (safe after anything). Raises
+    ``IntegrityError`` and the disk's errors."""
+
+    def write_all(self, pieces: Sequence[bytes]) -> None: ...
+
+    def commit(self, archive_md5: str) -> VerifiedFile: ...
+
+    def abandon(self) -> None: ...
+
+
 class ParallelInstanceWriter(Protocol):
-    """Whole instances of one series, several at once, from any thread (blocking: call it from
+    """Instances of one series, several at once, from any thread (blocking: call it from
     worker threads): ``staged`` gives an instance a previous attempt kept (checked again), or
-    None; ``write`` checks and keeps one; ``finish`` checks the series (count, sizes) and leaves
-    its files in staging. Raises ``IntegrityError``/``IncompleteSeriesError`` and the disk's
-    errors; the instances verified so far outlive a failure, for the next attempt."""
+    None; ``open`` starts one streamed in (``InstanceUpload``), ``write`` checks and keeps one
+    held whole; ``finish`` checks the series (count, sizes) and leaves its files in staging.
+    Raises ``IntegrityError``/``IncompleteSeriesError`` and the disk's errors; the instances
+    verified so far outlive a failure, for the next attempt."""
 
     def staged(self, sop_uid: str, archive_md5: str) -> VerifiedFile | None: ...
+
+    def open(self, sop_uid: str) -> InstanceUpload: ...
 
     def write(self, sop_uid: str, data: bytes, archive_md5: str) -> VerifiedFile: ...
 

@@ -840,46 +840,31 @@ class ParallelInstanceSink:
             self._verified[sop_uid] = verified
         return verified
 
-    def write(self, sop_uid: str, data: bytes, archive_md5: str) -> VerifiedFile:
-        """Check instance ``sop_uid``'s bytes and keep them; ``archive_md5``: the archive's MD5 of
-        it, or ``""`` when it has none (then count, size and DICOM only, as the ZIP path)."""
+    def open(self, sop_uid: str) -> "InstanceUpload":
+        """A new file for instance ``sop_uid``'s bytes as they arrive (``InstanceUpload``): raises
+        ``IntegrityError`` for an instance the archive did not list."""
         name = self._names.get(sop_uid)
         if name is None:
             raise self._error(f"instance {sop_uid} is not one the archive listed for the series")
-        if len(data) > self.max_instance_bytes:
-            raise self._error(f"instance {sop_uid} is larger than {self.max_instance_bytes} bytes")
-        digest = hashlib.md5(data).hexdigest()
-        if archive_md5 and digest != archive_md5:
-            raise self._error(f"instance {sop_uid} does not match its MD5 (got {digest}, expected {archive_md5})")
-        file = _InstanceFile(self.resume, f".{name}.part")
+        return InstanceUpload(self, sop_uid, name)
+
+    def write(self, sop_uid: str, data: bytes, archive_md5: str) -> VerifiedFile:
+        """Check instance ``sop_uid``'s bytes, held whole, and keep them (``open``, then the
+        upload's ``write`` and ``commit``); raises as the class docstring says."""
+        upload = self.open(sop_uid)
         try:
-            file.write(data)
-            try:
-                os.fsync(file._fd)  # type: ignore[arg-type]
-            except OSError as exc:
-                raise classify_os_error(exc, name) from None
-            file.close()
-            try:
-                series, sop, sop_class = file.dicom_ids()
-            except IntegrityError as exc:
-                raise self._error(f"instance {sop_uid}: {exc}") from None
-            if series != self.series_uid:
-                raise self._error(f"instance {sop_uid} belongs to series {series or '(none)'}, not this one")
-            if sop != sop_uid:
-                raise self._error(f"the archive sent instance {sop or '(none)'} for {sop_uid}")
-            try:
-                os.replace(file.path, self.resume / name)
-            except OSError as exc:
-                raise classify_os_error(exc, name) from None
+            upload.write(data)
+            return upload.commit(archive_md5)
         except BaseException:
-            file.abandon()
-            file.path.unlink(missing_ok=True)
+            upload.abandon()
             raise
-        verified = VerifiedFile(name=name, size=len(data), md5=digest, sop_uid=sop_uid, sop_class_uid=sop_class,
-                                md5_checked=bool(archive_md5))
-        line = json.dumps({"sop": sop_uid, "name": name, "size": len(data), "md5": digest}) + "\n"
+
+    def _keep(self, upload: "InstanceUpload", digest: str, archive_md5: str, sop_class: str) -> VerifiedFile:
+        verified = VerifiedFile(name=upload.name, size=upload.size, md5=digest, sop_uid=upload.sop_uid,
+                                sop_class_uid=sop_class, md5_checked=bool(archive_md5))
+        line = json.dumps({"sop": upload.sop_uid, "name": upload.name, "size": upload.size, "md5": digest}) + "\n"
         with self._lock:
-            self._verified[sop_uid] = verified
+            self._verified[upload.sop_uid] = verified
             try:
                 with open(self.resume / RESUME_JOURNAL, "ab", opener=_no_follow_append) as fh:
                     fh.write(line.encode("utf-8"))
@@ -913,6 +898,67 @@ class ParallelInstanceSink:
             raise classify_os_error(exc, f"staging folder {self.staging.name}") from None
         _remove(self.resume)
         return UnpackedSeries(files=files, license_text=None, repairs=[])
+
+
+class InstanceUpload:
+    """One instance of a ``ParallelInstanceSink`` as its bytes arrive: ``write`` each piece
+    (hashed and written at once into a ``.part`` file of the resume folder, so an instance is
+    never held in memory whole, whatever its size), then ``commit`` with the archive's MD5, or
+    ``abandon``. Blocking; one thread at a time per upload (uploads of a sink may run at once).
+
+    ``write`` raises ``IntegrityError`` past the sink's ``max_instance_bytes``; ``commit`` raises
+    it for an MD5 other than the archive's, bytes that are not DICOM, or of another series or
+    instance; both raise the disk's errors. After an error, call ``abandon`` (nothing is kept)."""
+
+    def __init__(self, sink: ParallelInstanceSink, sop_uid: str, name: str) -> None:
+        self.sink, self.sop_uid, self.name = sink, sop_uid, name
+        part = sink.resume / f".{name}.part"
+        part.unlink(missing_ok=True)   # an earlier attempt's, abandoned by a kill
+        self._file = _InstanceFile(sink.resume, part.name)
+
+    @property
+    def size(self) -> int:
+        return self._file.size
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self._file.size + len(data) > self.sink.max_instance_bytes:
+            raise self.sink._error(f"instance {self.sop_uid} is larger than {self.sink.max_instance_bytes} bytes")
+        self._file.write(data)
+
+    def write_all(self, pieces: Sequence[bytes]) -> None:
+        for piece in pieces:
+            self.write(piece)
+
+    def commit(self, archive_md5: str) -> VerifiedFile:
+        """Check the instance (``archive_md5``: the archive's MD5, or ``""`` when it has none:
+        then count, size and DICOM only, as the ZIP path), fsync it, name it in the resume
+        folder and record it in the journal."""
+        sop_uid, file, error = self.sop_uid, self._file, self.sink._error
+        try:
+            os.fsync(file._fd)  # type: ignore[arg-type]
+        except OSError as exc:
+            raise classify_os_error(exc, self.name) from None
+        digest = file.close()
+        if archive_md5 and digest != archive_md5:
+            raise error(f"instance {sop_uid} does not match its MD5 (got {digest}, expected {archive_md5})")
+        try:
+            series, sop, sop_class = file.dicom_ids()
+        except IntegrityError as exc:
+            raise error(f"instance {sop_uid}: {exc}") from None
+        if series != self.sink.series_uid:
+            raise error(f"instance {sop_uid} belongs to series {series or '(none)'}, not this one")
+        if sop != sop_uid:
+            raise error(f"the archive sent instance {sop or '(none)'} for {sop_uid}")
+        try:
+            os.replace(file.path, self.sink.resume / self.name)
+        except OSError as exc:
+            raise classify_os_error(exc, self.name) from None
+        return self.sink._keep(self, digest, archive_md5, sop_class)
+
+    def abandon(self) -> None:
+        """Close and remove the ``.part`` file (quick; safe to call twice, or after ``commit``)."""
+        self._file.abandon()
+        self._file.path.unlink(missing_ok=True)
 
 
 def _no_follow(path: str, flags: int) -> int:

@@ -123,3 +123,53 @@ def test_a_resume_folder_through_a_symbolic_link_is_refused(series: SeriesRecord
         ParallelInstanceSink(tmp_path / "staging", root / "s", series_uid=series.uid, names=names,
                              image_count=None, file_size=None, max_instance_bytes=1 << 30)
     assert list(elsewhere.iterdir()) == []
+
+
+def test_an_instance_streamed_in_pieces_is_kept_as_one_written_whole(series: SeriesRecord, tmp_path: Path) -> None:
+    """``open`` then ``write_all`` piece by piece (as getSingleImage's body arrives) keeps the
+    same file, size and MD5 as ``write`` of the whole bytes, and the journal records it."""
+    sink = sink_for(series, tmp_path)
+    for inst in series.instances:
+        data = inst.path.read_bytes()
+        upload = sink.open(inst.sop_uid)
+        upload.write_all([data[i:i + 1000] for i in range(0, len(data), 1000)])
+        verified = upload.commit(inst.md5)
+        assert (verified.size, verified.md5, verified.sop_uid) == (len(data), inst.md5, inst.sop_uid)
+    journal = (tmp_path / "resume" / RESUME_JOURNAL).read_text().splitlines()
+    assert sorted(json.loads(line)["sop"] for line in journal) == sorted(i.sop_uid for i in series.instances)
+    sink.finish()
+    for i, inst in enumerate(series.instances, 1):
+        assert (tmp_path / "staging" / f"1-{i}.dcm").read_bytes() == inst.path.read_bytes()
+
+
+@pytest.mark.parametrize("case", ["too large", "md5", "cut short", "abandoned"])
+def test_a_streamed_instance_that_fails_leaves_nothing(series: SeriesRecord, tmp_path: Path, case: str) -> None:
+    """Past the size limit while its pieces arrive, an MD5 other than the archive's or a body
+    cut short (not DICOM to its end) at ``commit``, or given up (a network error): after
+    ``abandon`` the resume folder holds no file and no journal line, and the instance can be
+    streamed again."""
+    inst = series.instances[0]
+    data = inst.path.read_bytes()
+    sink = sink_for(series, tmp_path, max_instance_bytes=len(data) - 1 if case == "too large" else 1 << 30)
+    upload = sink.open(inst.sop_uid)
+    try:
+        if case == "too large":
+            with pytest.raises(IntegrityError, match="larger than"):
+                upload.write_all([data[:len(data) // 2], data[len(data) // 2:]])
+        elif case == "md5":
+            upload.write_all([data])
+            with pytest.raises(IntegrityError, match="MD5"):
+                upload.commit(hashlib.md5(b"x").hexdigest())
+        elif case == "cut short":
+            upload.write_all([data[:200]])
+            with pytest.raises(IntegrityError):
+                upload.commit("")
+        else:
+            upload.write_all([data[:len(data) // 2]])
+    finally:
+        upload.abandon()
+    assert [p.name for p in (tmp_path / "resume").iterdir()] == []
+    if case != "too large":
+        again = sink.open(inst.sop_uid)
+        again.write_all([data])
+        assert again.commit(inst.md5).md5 == inst.md5

@@ -364,18 +364,29 @@ class NBIAClient(RetryingClient):
                                         f"{one_line(md5[:60])}")
         return md5
 
+    def single_image_url(self, series_uid: str, sop_uid: str, collection: str | None) -> str:
+        return self.url("getSingleImage", {"SeriesInstanceUID": series_uid, "SOPInstanceUID": sop_uid},
+                        collection=collection)
+
+    def open_single_image(self, series_uid: str, sop_uid: str, collection: str | None
+                          ) -> contextlib.AbstractAsyncContextManager[aiohttp.ClientResponse]:
+        """Open one instance's body (getSingleImage; one attempt, the caller retries and reads
+        it under a ``BodyGuard``). Raises the classified errors of any request, those raised
+        while the caller reads inside the ``async with`` included."""
+        return self._request(self.single_image_url(series_uid, sop_uid, collection), accept="application/dicom")
+
     async def single_image(self, series_uid: str, sop_uid: str, collection: str | None, *,
                            hold: Callable[[], contextlib.AbstractAsyncContextManager[Any]] | None = None) -> bytes:
-        """One instance via getSingleImage (to repair a single bad file, or a series spread
-        over connections). ``hold()``, when given, is entered around each attempt only (a
-        connection of the engine's), so a back-off between attempts holds none."""
-        url = self.url("getSingleImage", {"SeriesInstanceUID": series_uid, "SOPInstanceUID": sop_uid},
-                       collection=collection)
+        """One instance via getSingleImage, held whole (to repair a single bad file; a series
+        spread over connections streams each instance instead, ``open_single_image``).
+        ``hold()``, when given, is entered around each attempt only (a connection of the
+        engine's), so a back-off between attempts holds none."""
+        shown = redact_url(self.single_image_url(series_uid, sop_uid, collection))
         async for attempt in self.retrying():
             with attempt:
                 async with hold() if hold is not None else contextlib.nullcontext():
-                    async with self._request(url, accept="application/dicom") as resp:
-                        return await read_guarded(resp, BodyGuard(self.config, redact_url(url),
+                    async with self.open_single_image(series_uid, sop_uid, collection) as resp:
+                        return await read_guarded(resp, BodyGuard(self.config, shown,
                                                                   max_bytes=self.config.limits.max_entry_bytes))
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -21,6 +21,7 @@ import dataclasses
 import datetime as dt
 import functools
 import hashlib
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,7 +34,8 @@ from harvester.errors import IncompleteSeriesError, IntegrityError, RetryableReq
 from harvester.models import AnnotatedSeries, Plan, SeriesTask, TaskStore, UnpackedSeries
 from harvester.query import Query
 from harvester.rate import RateLimiter
-from harvester.source.base import ClientBackedSource, Sinks
+from harvester.source.base import ClientBackedSource, InstanceUpload, ParallelInstanceWriter, Sinks
+from harvester.source.http import BodyGuard, redact_url
 from harvester.source.nbia.client import NBIAClient, license_from_row
 from harvester.source.nbia.download import download_bound, stream_series_zip
 from harvester.source.nbia.planner import Planner
@@ -47,6 +49,9 @@ SYNC_OVERLAP = dt.timedelta(days=2)
 #: not slow at all; in between (a connection still opening its window, a loaded machine) it is
 #: timed on, and decided at ``PROBE_MAX_SECONDS`` by ``slow_for`` alone
 PROBE_SECONDS = 0.25
+#: bytes of one instance gathered from the network before one hop to the worker thread that
+#: writes them (``_stream_instance``; the store's sinks take the same)
+INSTANCE_BATCH_BYTES = 1 << 20
 PROBE_MAX_SECONDS = 1.0
 PROBE_CLEAR = 4.0
 
@@ -290,12 +295,12 @@ class NBIASource(ClientBackedSource):
                 md5 = await client.instance_md5(sop, task.collection)
                 if await anyio.to_thread.run_sync(writer.staged, sop, md5) is not None:
                     continue
-                # a connection for each attempt, none through a back-off
-                data = await client.single_image(task.series_uid, sop, task.collection, hold=self._connection)
-                if rate is not None:
-                    await rate.consume(len(data))
-                on_bytes(len(data))
-                await anyio.to_thread.run_sync(writer.write, sop, data, md5)
+                upload = await self._stream_instance(task, sop, writer, rate, on_bytes)
+                try:
+                    await anyio.to_thread.run_sync(upload.commit, md5)
+                except BaseException:
+                    upload.abandon()
+                    raise
 
         try:
             async with anyio.create_task_group() as workers:  # the caller holds the download slot
@@ -304,6 +309,47 @@ class NBIASource(ClientBackedSource):
         except BaseExceptionGroup as group:
             raise _first_error(group) from None
         return await anyio.to_thread.run_sync(writer.finish)
+
+    async def _stream_instance(self, task: SeriesTask, sop: str, writer: ParallelInstanceWriter,
+                               rate: RateLimiter | None, on_bytes: Callable[[int], None]) -> InstanceUpload:
+        """One instance's body (getSingleImage), poured into a new upload of ``writer`` as it
+        arrives, in worker-thread calls of ``INSTANCE_BATCH_BYTES``: an instance is never held whole,
+        whatever its size. Each attempt holds one of the engine's connections while its body
+        moves (none through a back-off) and gets a fresh upload (a failed one's file is removed).
+        Returns the upload with every byte written, for the caller to ``commit``."""
+        client = self.client
+        shown = redact_url(client.single_image_url(task.series_uid, sop, task.collection))
+        limit = client.config.limits.max_entry_bytes
+        async for attempt in client.retrying():
+            with attempt:
+                upload = await anyio.to_thread.run_sync(writer.open, sop)
+                try:
+                    guard = BodyGuard(client.config, shown, max_bytes=limit)
+                    pending: list[bytes] = []
+                    held = 0
+                    async with self._connection():
+                        async with client.open_single_image(task.series_uid, sop, task.collection) as resp:
+                            # half a chunk per read, as the ZIP's stream (``stream_series_zip``)
+                            async for chunk in resp.content.iter_chunked(max(1, client.config.chunk_size // 2)):
+                                guard.feed(len(chunk))
+                                ours = time.monotonic()   # our side's time (the cap, the disk)
+                                if rate is not None:
+                                    await rate.consume(len(chunk))
+                                pending.append(chunk)
+                                held += len(chunk)
+                                if held >= INSTANCE_BATCH_BYTES:
+                                    on_bytes(held)
+                                    await anyio.to_thread.run_sync(upload.write_all, pending)
+                                    pending, held = [], 0
+                                guard.credit(time.monotonic() - ours)
+                    if held:
+                        on_bytes(held)
+                    await anyio.to_thread.run_sync(upload.write_all, pending)
+                except BaseException:
+                    upload.abandon()
+                    raise
+                return upload
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _series_download(self, task: SeriesTask) -> contextlib.AbstractContextManager[bool]:
         """The controller's count of series downloading, giving whether connections are spare
