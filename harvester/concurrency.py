@@ -36,8 +36,7 @@ A large series (``harvester.config.PER_INSTANCE_MIN_BYTES``) is spread only when
 is slow against its size (``slow_for``): it would take more than ``SPREAD_MIN_SECONDS`` on one
 connection. That is a per-connection cap (issue 17's 4 MB/s: 262 s for 1 GiB), which only
 instances in parallel get past; where one connection fills the link (a 1 GB series on
-loopback: 4 s) the ZIP is as fast, costs one request instead of one per instance, and holds no
-instance in memory. Before a connection's throughput was measured, the source streams the ZIP
+loopback: 4 s) the ZIP is as fast and costs one request instead of one per instance. Before a connection's throughput was measured, the source streams the ZIP
 and asks again once it has its own figure (``harvester.source.nbia.source``).
 
 Push-back is a share, not a single answer (``PushBackFilter``): an archive that fails one
@@ -71,8 +70,8 @@ SPREAD_MIN_ROUND_TRIPS = 0.75
 #: weight of a new round trip in the running average (``observe_latency``)
 LATENCY_WEIGHT = 0.2
 #: a large series is spread only when one connection would take longer than this for it
-#: (``slow_for``): spreading saves at most that time, and costs a request per instance and the
-#: instances held in memory; a failed ZIP of the series costs at most this much to refetch
+#: (``slow_for``): spreading saves at most that time, and costs a request per instance (and an
+#: fsync each); a failed ZIP of the series costs at most this much to refetch
 SPREAD_MIN_SECONDS = 20.0
 #: overload answers (429, 503, timeouts) are a push-back when they are at least this share of
 #: the last ``OVERLOAD_WINDOW`` requests sent (``PushBackFilter``): 6 of 40. An archive failing a

@@ -50,8 +50,6 @@ PER_INSTANCE_MODES = ("auto", "always", "never")
 #: is slow for it (a per-connection cap would make it take its size over one stream's speed, and
 #: a failure would cost all of it): ``harvester.concurrency.SPREAD_MIN_SECONDS``
 PER_INSTANCE_MIN_BYTES = 256 << 20
-#: ... unless its instances are this large on average (each instance is held in memory once)
-PER_INSTANCE_MAX_AVERAGE = 64 << 20
 #: ... and a series of at least this size when connections are spare (the few series left would
 #: leave connections idle as one ZIP each); below it a series takes a few round trips either way
 PER_INSTANCE_SPARE_MIN_BYTES = 1 << 20
@@ -100,7 +98,7 @@ class Config:
     # that one connection is slow for (``ConnectionController.slow_for``: a large series' ZIP is
     # timed first when nothing was measured) or of PER_INSTANCE_SPARE_MIN_BYTES when connections
     # are spare, "always", or "never"; 2 x
-    # instance_streams instances of one series in flight at most (each held in memory once),
+    # instance_streams instances of one series in flight at most (each streamed into its file),
     # each on a connection of the controller's (``max_connections``)
     per_instance: str = "auto"
     instance_streams: int = 16

@@ -29,7 +29,7 @@ import anyio
 
 from harvester.annotations import MAX_ANNOTATION_BYTES, AnnotationOpener, has_annotations
 from harvester.concurrency import ConnectionController
-from harvester.config import PER_INSTANCE_MAX_AVERAGE, PER_INSTANCE_MIN_BYTES, PER_INSTANCE_SPARE_MIN_BYTES
+from harvester.config import PER_INSTANCE_MIN_BYTES, PER_INSTANCE_SPARE_MIN_BYTES
 from harvester.errors import IncompleteSeriesError, IntegrityError, RetryableRequestError
 from harvester.models import AnnotatedSeries, Plan, SeriesTask, TaskStore, UnpackedSeries
 from harvester.query import Query
@@ -58,15 +58,14 @@ PROBE_CLEAR = 4.0
 
 def per_instance(task: SeriesTask, mode: str, *, spare: bool = False) -> bool:
     """Whether ``task`` is fetched instance by instance under ``config.per_instance`` ``mode``:
-    "always", "never", or "auto": a series in at least two instances of at most
-    ``PER_INSTANCE_MAX_AVERAGE`` on average (each is held in memory once) that is large (at least
-    ``PER_INSTANCE_MIN_BYTES``), or of at least ``PER_INSTANCE_SPARE_MIN_BYTES`` when connections
+    "always", "never", or "auto": a series in at least two instances (each is streamed into its
+    file, whatever its size) that is large (at least ``PER_INSTANCE_MIN_BYTES``), or of at least ``PER_INSTANCE_SPARE_MIN_BYTES`` when connections
     are ``spare`` (the connection controller's view: the series left are fewer than the
     connections, so one ZIP each would leave some idle)."""
     if mode != "auto":
         return mode == "always"
     count, size = task.image_count or 0, task.file_size or 0
-    if count < 2 or size // count > PER_INSTANCE_MAX_AVERAGE:
+    if count < 2:
         return False
     return size >= PER_INSTANCE_MIN_BYTES or (spare and size >= PER_INSTANCE_SPARE_MIN_BYTES)
 

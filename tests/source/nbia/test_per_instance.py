@@ -186,7 +186,7 @@ def test_auto_fetches_only_large_series_instance_by_instance() -> None:
     assert per_instance(task(500, 1 << 30), "auto")
     assert not per_instance(task(500, 1 << 20), "auto")        # small: one ZIP
     assert not per_instance(task(1, 1 << 30), "auto")          # one instance: nothing in parallel
-    assert not per_instance(task(4, 1 << 30), "auto")          # 256 MiB instances: not held in memory
+    assert per_instance(task(4, 1 << 30), "auto")              # 256 MiB instances: streamed, never held whole
     assert not per_instance(task(None, None), "auto")
     assert per_instance(task(None, None), "always")
     assert not per_instance(task(500, 1 << 30), "never")
