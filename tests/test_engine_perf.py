@@ -4,6 +4,7 @@ memory does not grow with the size of a series. Behaviour only: time is virtual 
 checked, and the one real-time check is a lower bound the limiter guarantees."""
 from __future__ import annotations
 
+import os
 import time
 import tracemalloc
 from pathlib import Path
@@ -329,6 +330,50 @@ def test_a_series_spread_over_connections_holds_a_few_chunks_not_its_instances(s
     for f in unpacked.files:
         assert (tmp_path / "staging" / f.name).stat().st_size == f.size
     assert peak < instance, peak
+
+
+def test_a_streamed_instance_cut_off_mid_body_is_fetched_again_and_leaves_no_part(synthetic_cache: Path,
+                                                                                 tmp_path: Path) -> None:
+    """Resets part-way through the 8 MiB instances (past the first batch, so each was being
+    written to its file): every cut attempt's file goes, the next attempt starts afresh, and the
+    series ends byte for byte the archive's with nothing left in the resume folder."""
+    from harvester.config import Config
+    from harvester.models import SeriesTask
+    from harvester.source.nbia import NBIAClient, make_session
+    from harvester.source.nbia.source import NBIASource
+    from harvester.store.sink import StoreSinks
+
+    archive = build_synthetic(SyntheticSpec.parse(WIDE_SPEC), synthetic_cache)
+    (rec,) = archive.records()
+    resume = tmp_path / "instances"
+    with serve_in_thread(archive, faults="reset=0.5,seed=3") as handle:
+        config = Config(api_url=handle.base_url, out_dir=tmp_path, retries=30, backoff_base=0.01, backoff_max=0.02,
+                        progress=False, per_instance="always", instance_streams=2)
+        task = SeriesTask(series_uid=rec.uid, collection=rec.row["Collection"], patient_id="P", study_uid="S",
+                          modality="CT", image_count=len(rec.instances), file_size=rec.total_bytes, row=dict(rec.row))
+
+        async def fetch() -> Any:
+            async with make_session(config) as session:
+                return await NBIASource(NBIAClient(config, session)).fetch_series(
+                    task, partial=tmp_path / "partial", staging=tmp_path / "staging", on_bytes=lambda n: None,
+                    rate=None, sinks=StoreSinks(Limits(), resume_root=resume))
+
+        unpacked = anyio.run(fetch)
+        resets = handle.stats.faults.get("reset", 0)
+    assert resets >= 2   # the faults did cut bodies
+    by_md5 = {i.md5: i for i in rec.instances}
+    for f in unpacked.files:
+        assert (tmp_path / "staging" / f.name).read_bytes() == by_md5[f.md5].path.read_bytes()
+    assert len(unpacked.files) == len(rec.instances)
+    assert not resume.exists() or not any(resume.rglob("*.part"))
+    if os.path.isdir("/proc/self/fd"):   # and no cut attempt's file is left open
+        held = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                held.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                pass
+        assert not [p for p in held if p.startswith(str(tmp_path))], held
 
 
 # ---------------------------------------------------------------- downloads overlap verification

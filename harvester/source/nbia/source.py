@@ -31,7 +31,7 @@ from harvester.annotations import MAX_ANNOTATION_BYTES, AnnotationOpener, has_an
 from harvester.concurrency import ConnectionController
 from harvester.config import PER_INSTANCE_MIN_BYTES, PER_INSTANCE_SPARE_MIN_BYTES
 from harvester.errors import IncompleteSeriesError, IntegrityError, RetryableRequestError
-from harvester.models import AnnotatedSeries, Plan, SeriesTask, TaskStore, UnpackedSeries
+from harvester.models import AnnotatedSeries, Plan, SeriesTask, TaskStore, UnpackedSeries, VerifiedFile
 from harvester.query import Query
 from harvester.rate import RateLimiter
 from harvester.source.base import ClientBackedSource, InstanceUpload, ParallelInstanceWriter, Sinks
@@ -78,6 +78,12 @@ def zip_entry_names(count: int, *, tcia_names: bool) -> list[str]:
         width = len(str(count))
         return [f"1-{i:0{width}d}.dcm" for i in range(1, count + 1)]
     return [f"{i:08d}.dcm" for i in range(1, count + 1)]
+
+
+def _write_and_commit(upload: InstanceUpload, rest: list[bytes], archive_md5: str) -> VerifiedFile:
+    """The last pieces of a streamed instance, then its check (one worker-thread call)."""
+    upload.write_all(rest)
+    return upload.commit(archive_md5)
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:
@@ -294,9 +300,12 @@ class NBIASource(ClientBackedSource):
                 md5 = await client.instance_md5(sop, task.collection)
                 if await anyio.to_thread.run_sync(writer.staged, sop, md5) is not None:
                     continue
-                upload = await self._stream_instance(task, sop, writer, rate, on_bytes)
+                upload, rest = await self._stream_instance(task, sop, writer, rate, on_bytes)
+                if upload is None:   # a small instance, whole in ``rest``: one worker-thread call
+                    await anyio.to_thread.run_sync(writer.write, sop, b"".join(rest), md5)
+                    continue
                 try:
-                    await anyio.to_thread.run_sync(upload.commit, md5)
+                    await anyio.to_thread.run_sync(_write_and_commit, upload, rest, md5)
                 except BaseException:
                     upload.abandon()
                     raise
@@ -310,18 +319,21 @@ class NBIASource(ClientBackedSource):
         return await anyio.to_thread.run_sync(writer.finish)
 
     async def _stream_instance(self, task: SeriesTask, sop: str, writer: ParallelInstanceWriter,
-                               rate: RateLimiter | None, on_bytes: Callable[[int], None]) -> InstanceUpload:
-        """One instance's body (getSingleImage), poured into a new upload of ``writer`` as it
-        arrives, in worker-thread calls of ``INSTANCE_BATCH_BYTES``: an instance is never held whole,
-        whatever its size. Each attempt holds one of the engine's connections while its body
-        moves (none through a back-off) and gets a fresh upload (a failed one's file is removed).
-        Returns the upload with every byte written, for the caller to ``commit``."""
+                               rate: RateLimiter | None, on_bytes: Callable[[int], None]
+                               ) -> tuple[InstanceUpload | None, list[bytes]]:
+        """One instance's body (getSingleImage). Past ``INSTANCE_BATCH_BYTES`` it is poured into a
+        new upload of ``writer`` as it arrives, a batch per worker-thread call, so an instance is
+        never held whole, whatever its size; a smaller one is kept as it came (one thread hop for
+        it, not three: most instances are well below a batch). Each attempt holds one of the
+        engine's connections while its body moves (none through a back-off) and starts afresh
+        (a failed attempt's upload is abandoned). Returns (the upload, or None, and the pieces
+        not yet written), for the caller to write and commit."""
         client = self.client
         shown = redact_url(client.single_image_url(task.series_uid, sop, task.collection))
         limit = client.config.limits.max_entry_bytes
         async for attempt in client.retrying():
             with attempt:
-                upload = await anyio.to_thread.run_sync(writer.open, sop)
+                upload: InstanceUpload | None = None
                 try:
                     guard = BodyGuard(client.config, shown, max_bytes=limit)
                     pending: list[bytes] = []
@@ -338,16 +350,18 @@ class NBIASource(ClientBackedSource):
                                 held += len(chunk)
                                 if held >= INSTANCE_BATCH_BYTES:
                                     on_bytes(held)
+                                    if upload is None:
+                                        upload = await anyio.to_thread.run_sync(writer.open, sop)
                                     await anyio.to_thread.run_sync(upload.write_all, pending)
                                     pending, held = [], 0
                                 guard.credit(time.monotonic() - ours)
                     if held:
                         on_bytes(held)
-                    await anyio.to_thread.run_sync(upload.write_all, pending)
                 except BaseException:
-                    upload.abandon()
+                    if upload is not None:
+                        upload.abandon()
                     raise
-                return upload
+                return upload, pending
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _series_download(self, task: SeriesTask) -> contextlib.AbstractContextManager[bool]:
