@@ -40,14 +40,21 @@ def main(argv: list[str] | None = None) -> int:
         def build(base_url: str, work: Path) -> list[str]:
             query = work / "query.json"
             query.write_text(json.dumps({"select": [{"collection": c} for c in bench.collections]}))
-            cmd = [PYTHON, "-m", "harvester", "run", str(query), "-o", str(work / "out"), "--api-url", base_url]
+            if planning:   # e measures the plan, as run.py's harvester_plan
+                cmd = [PYTHON, "-m", "harvester", "plan", str(query), "--json", "--api-url", base_url]
+            else:
+                cmd = [PYTHON, "-m", "harvester", "run", str(query), "-o", str(work / "out"), "--api-url", base_url]
             return (["env", f"PYTHONPATH={tree}"] if tree else []) + cmd
         return build
+
+    #: scenarios that time planning, not a harvest (``run.py``'s scenario e)
+    planning = args.scenario == "e"
 
     rows: list[dict[str, Any]] = []
     for i in range(max(1, args.repeat)):
         for label, tree in (("before", args.before), ("after", None)):
-            m = bench.measure_once(f"harvester ({label})", "defaults", command(tree))
+            m = bench.measure_once(f"harvester ({label})", "plan --json" if planning else "defaults", command(tree),
+                                   download=not planning)
             rows.append({"tree": label, "run": i + 1, "wall": m.wall, "cpu": m.cpu, "cpu_per_gb": m.cpu_per_gb,
                          "peak_rss_mib": m.peak_rss / MIB, "requests": m.requests, "retries": m.retries,
                          "complete": m.check.complete if m.check else None, "asked": len(bench.uids),
@@ -58,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     for r in rows:
         print(f"| {r['tree']} | {r['run']} | {r['wall']:.2f} | {r['cpu']:.2f} | {r['cpu_per_gb'] or 0:.2f} | "
-              f"{r['peak_rss_mib']:.0f} | {r['requests']} | {r['retries']} | {r['complete']}/{r['asked']} | "
+              f"{r['peak_rss_mib']:.0f} | {r['requests']} | {'-' if r['retries'] is None else r['retries']} | "
+              f"{'-' if r['complete'] is None else r['complete']}/{r['asked']} | "
               f"{r['load']:.1f} |")
     med = {t: statistics.median(r["wall"] for r in rows if r["tree"] == t) for t in ("before", "after")}
     print(f"\nmedian wall: before {med['before']:.2f} s, after {med['after']:.2f} s, "
