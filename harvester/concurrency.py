@@ -36,8 +36,9 @@ A large series (``harvester.config.PER_INSTANCE_MIN_BYTES``) is spread only when
 is slow against its size (``slow_for``): it would take more than ``SPREAD_MIN_SECONDS`` on one
 connection. That is a per-connection cap (issue 17's 4 MB/s: 262 s for 1 GiB), which only
 instances in parallel get past; where one connection fills the link (a 1 GB series on
-loopback: 4 s) the ZIP is as fast and costs one request instead of one per instance. Before a connection's throughput was measured, the source streams the ZIP
-and asks again once it has its own figure (``harvester.source.nbia.source``).
+loopback: 4 s) the ZIP is as fast and costs one request instead of one per instance. Before a
+connection's throughput was measured, the source streams the ZIP and asks again once it has its
+own figure (``harvester.source.nbia.source``).
 
 Push-back is a share, not a single answer (``PushBackFilter``): an archive that fails one
 request in forty with a 503 (a fault, an instance restarting) is not asking for fewer

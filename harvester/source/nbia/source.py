@@ -49,19 +49,20 @@ SYNC_OVERLAP = dt.timedelta(days=2)
 #: not slow at all; in between (a connection still opening its window, a loaded machine) it is
 #: timed on, and decided at ``PROBE_MAX_SECONDS`` by ``slow_for`` alone
 PROBE_SECONDS = 0.25
+PROBE_MAX_SECONDS = 1.0
+PROBE_CLEAR = 4.0
 #: bytes of one instance gathered from the network before one hop to the worker thread that
 #: writes them (``_stream_instance``; the store's sinks take the same)
 INSTANCE_BATCH_BYTES = 1 << 20
-PROBE_MAX_SECONDS = 1.0
-PROBE_CLEAR = 4.0
 
 
 def per_instance(task: SeriesTask, mode: str, *, spare: bool = False) -> bool:
     """Whether ``task`` is fetched instance by instance under ``config.per_instance`` ``mode``:
     "always", "never", or "auto": a series in at least two instances (each is streamed into its
-    file, whatever its size) that is large (at least ``PER_INSTANCE_MIN_BYTES``), or of at least ``PER_INSTANCE_SPARE_MIN_BYTES`` when connections
-    are ``spare`` (the connection controller's view: the series left are fewer than the
-    connections, so one ZIP each would leave some idle)."""
+    file, whatever its size) that is large (at least ``PER_INSTANCE_MIN_BYTES``), or of at least
+    ``PER_INSTANCE_SPARE_MIN_BYTES`` when connections are ``spare`` (the connection controller's
+    view: the series left are fewer than the connections, so one ZIP each would leave some
+    idle)."""
     if mode != "auto":
         return mode == "always"
     count, size = task.image_count or 0, task.file_size or 0
