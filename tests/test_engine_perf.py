@@ -292,6 +292,25 @@ def test_fetch_and_unpack_hold_a_few_chunks_not_the_series(big_archive: Any, syn
 WIDE_SPEC = "collections=1,patients=1,studies=1,series=1,instances=4,size=8MiB,seed=4"
 
 
+def fetch_spread(rec: Any, config: Any, tmp_path: Path) -> Any:
+    """``rec``'s series through ``NBIASource.fetch_series`` (instance by instance under
+    ``config``), into ``tmp_path/staging``, its verified instances kept in ``tmp_path/instances``."""
+    from harvester.models import SeriesTask
+    from harvester.source.nbia import NBIAClient, make_session
+    from harvester.source.nbia.source import NBIASource
+    from harvester.store.sink import StoreSinks
+
+    task = SeriesTask(series_uid=rec.uid, collection=rec.row["Collection"], patient_id="P", study_uid="S",
+                      modality="CT", image_count=len(rec.instances), file_size=rec.total_bytes, row=dict(rec.row))
+
+    async def fetch() -> Any:
+        async with make_session(config) as session:
+            return await NBIASource(NBIAClient(config, session)).fetch_series(
+                task, partial=tmp_path / "partial", staging=tmp_path / "staging", on_bytes=lambda n: None,
+                rate=None, sinks=StoreSinks(Limits(), resume_root=tmp_path / "instances"))
+    return anyio.run(fetch)
+
+
 def test_a_series_spread_over_connections_holds_a_few_chunks_not_its_instances(synthetic_cache: Path,
                                                                              tmp_path: Path) -> None:
     """A series fetched instance by instance (getSingleImage, two at once) pours each instance
@@ -300,10 +319,6 @@ def test_a_series_spread_over_connections_holds_a_few_chunks_not_its_instances(s
     bound is structural: per stream, aiohttp's buffer (a chunk), one batch of the source's
     (``INSTANCE_BATCH_BYTES``) and one read. The server is its own process."""
     from harvester.config import Config
-    from harvester.models import SeriesTask
-    from harvester.source.nbia import NBIAClient, make_session
-    from harvester.source.nbia.source import NBIASource
-    from harvester.store.sink import StoreSinks
 
     (rec,) = build_synthetic(SyntheticSpec.parse(WIDE_SPEC), synthetic_cache).records()
     instance = max(i.size for i in rec.instances)
@@ -311,18 +326,9 @@ def test_a_series_spread_over_connections_holds_a_few_chunks_not_its_instances(s
     with serve_synthetic(WIDE_SPEC, synthetic_cache) as base_url:
         config = Config(api_url=base_url, out_dir=tmp_path, retries=2, progress=False, per_instance="always",
                         instance_streams=1)
-        task = SeriesTask(series_uid=rec.uid, collection=rec.row["Collection"], patient_id="P", study_uid="S",
-                          modality="CT", image_count=len(rec.instances), file_size=rec.total_bytes, row=dict(rec.row))
-
-        async def fetch() -> Any:
-            async with make_session(config) as session:
-                return await NBIASource(NBIAClient(config, session)).fetch_series(
-                    task, partial=tmp_path / "partial", staging=tmp_path / "staging", on_bytes=lambda n: None,
-                    rate=None, sinks=StoreSinks(Limits(), resume_root=tmp_path / "instances"))
-
         tracemalloc.start()
         try:
-            unpacked = anyio.run(fetch)
+            unpacked = fetch_spread(rec, config, tmp_path)
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
@@ -338,10 +344,6 @@ def test_a_streamed_instance_cut_off_mid_body_is_fetched_again_and_leaves_no_par
     written to its file): every cut attempt's file goes, the next attempt starts afresh, and the
     series ends byte for byte the archive's with nothing left in the resume folder."""
     from harvester.config import Config
-    from harvester.models import SeriesTask
-    from harvester.source.nbia import NBIAClient, make_session
-    from harvester.source.nbia.source import NBIASource
-    from harvester.store.sink import StoreSinks
 
     archive = build_synthetic(SyntheticSpec.parse(WIDE_SPEC), synthetic_cache)
     (rec,) = archive.records()
@@ -349,16 +351,7 @@ def test_a_streamed_instance_cut_off_mid_body_is_fetched_again_and_leaves_no_par
     with serve_in_thread(archive, faults="reset=0.5,seed=3") as handle:
         config = Config(api_url=handle.base_url, out_dir=tmp_path, retries=30, backoff_base=0.01, backoff_max=0.02,
                         progress=False, per_instance="always", instance_streams=2)
-        task = SeriesTask(series_uid=rec.uid, collection=rec.row["Collection"], patient_id="P", study_uid="S",
-                          modality="CT", image_count=len(rec.instances), file_size=rec.total_bytes, row=dict(rec.row))
-
-        async def fetch() -> Any:
-            async with make_session(config) as session:
-                return await NBIASource(NBIAClient(config, session)).fetch_series(
-                    task, partial=tmp_path / "partial", staging=tmp_path / "staging", on_bytes=lambda n: None,
-                    rate=None, sinks=StoreSinks(Limits(), resume_root=resume))
-
-        unpacked = anyio.run(fetch)
+        unpacked = fetch_spread(rec, config, tmp_path)
         resets = handle.stats.faults.get("reset", 0)
     assert resets >= 2   # the faults did cut bodies
     by_md5 = {i.md5: i for i in rec.instances}
