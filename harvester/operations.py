@@ -57,6 +57,7 @@ from harvester.source.nbia import NBIAClient, NBIASource
 from harvester.store.plan import PlanTable, plan_path
 from harvester.store.shards import merge_leftovers
 from harvester.store.state import HarvestState
+from harvester.store.sink import RepairFile
 from harvester.store.manifest import read_manifest, recorded_source
 from harvester.unpack import read_dicom_ids
 
@@ -665,28 +666,37 @@ async def async_repair(config: Config, *, hub: Hub | None = None) -> RepairResul
                     if not isinstance(sop, str) or not sop:   # a hostile or older record: no instance to ask for
                         ok = False
                         break
+                    # streamed into a file of tmp/ as it arrives (an instance may be GBs), then
+                    # checked and renamed over the damaged one
+                    name = f"repair-{hashlib.sha1(f['path'].encode()).hexdigest()[:16]}"
+                    fresh = await anyio.to_thread.run_sync(RepairFile, state.tmp_dir, name)
                     try:
-                        data = await single.fetch_instance(task_from_record(rec), sop)
+                        await single.fetch_instance(task_from_record(rec), sop, fresh)
                     except (RequestError, HarvesterError):
+                        fresh.abandon()
                         ok = False
                         break
-                    if hashlib.md5(data).hexdigest() != f["md5"]:
-                        ok = False
-                        break
+                    except BaseException:
+                        fresh.abandon()
+                        raise
 
-                    def replace(rel: str = f["path"], data: bytes = data, sop: str = sop) -> bool:
-                        target = inside(config.out_dir, rel)   # checked again just before the write
-                        tmp = state.tmp_dir / f"repair-{hashlib.sha1(str(target).encode()).hexdigest()[:16]}"
-                        tmp.write_bytes(data)
-                        series, got_sop, _ = read_dicom_ids(tmp)
-                        if series != uid or got_sop != sop:
-                            tmp.unlink()
-                            return False
-                        # Into a folder reached without following links, so a folder swapped for a
-                        # link since the check cannot take the file out of DIR.
-                        with open_dir(config.out_dir, target.parent.relative_to(config.out_dir), create=True) as parent:
-                            os.replace(tmp, target.name, dst_dir_fd=parent)  # atomic: old bad file or good one
-                        return True
+                    def replace(rel: str = f["path"], md5: str = f["md5"], sop: str = sop,
+                                fresh: RepairFile = fresh) -> bool:
+                        try:
+                            if fresh.close() != md5:
+                                return False
+                            series, got_sop, _ = read_dicom_ids(fresh.path)
+                            if series != uid or got_sop != sop:
+                                return False
+                            target = inside(config.out_dir, rel)   # checked again just before the rename
+                            # Into a folder reached without following links, so a folder swapped for
+                            # a link since the check cannot take the file out of DIR.
+                            with open_dir(config.out_dir, target.parent.relative_to(config.out_dir),
+                                          create=True) as parent:
+                                os.replace(fresh.path, target.name, dst_dir_fd=parent)  # atomic: old bad file or good one
+                            return True
+                        finally:
+                            fresh.abandon()   # nothing left once renamed; the refetch otherwise
 
                     try:
                         replaced = await anyio.to_thread.run_sync(replace)

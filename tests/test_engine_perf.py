@@ -292,16 +292,33 @@ def test_fetch_and_unpack_hold_a_few_chunks_not_the_series(big_archive: Any, syn
 WIDE_SPEC = "collections=1,patients=1,studies=1,series=1,instances=4,size=8MiB,seed=4"
 
 
+def _task_of(rec: Any) -> Any:
+    from harvester.models import SeriesTask
+
+    return SeriesTask(series_uid=rec.uid, collection=rec.row["Collection"], patient_id="P", study_uid="S",
+                      modality="CT", image_count=len(rec.instances), file_size=rec.total_bytes, row=dict(rec.row))
+
+
+def _open_under(path: Path) -> list[str]:
+    """The files under ``path`` this process holds open (none where /proc cannot say)."""
+    held = []
+    if os.path.isdir("/proc/self/fd"):
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                held.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                pass
+    return [p for p in held if p.startswith(str(path))]
+
+
 def fetch_spread(rec: Any, config: Any, tmp_path: Path) -> Any:
     """``rec``'s series through ``NBIASource.fetch_series`` (instance by instance under
     ``config``), into ``tmp_path/staging``, its verified instances kept in ``tmp_path/instances``."""
-    from harvester.models import SeriesTask
     from harvester.source.nbia import NBIAClient, make_session
     from harvester.source.nbia.source import NBIASource
     from harvester.store.sink import StoreSinks
 
-    task = SeriesTask(series_uid=rec.uid, collection=rec.row["Collection"], patient_id="P", study_uid="S",
-                      modality="CT", image_count=len(rec.instances), file_size=rec.total_bytes, row=dict(rec.row))
+    task = _task_of(rec)
 
     async def fetch() -> Any:
         async with make_session(config) as session:
@@ -359,14 +376,67 @@ def test_a_streamed_instance_cut_off_mid_body_is_fetched_again_and_leaves_no_par
         assert (tmp_path / "staging" / f.name).read_bytes() == by_md5[f.md5].path.read_bytes()
     assert len(unpacked.files) == len(rec.instances)
     assert not resume.exists() or not any(resume.rglob("*.part"))
-    if os.path.isdir("/proc/self/fd"):   # and no cut attempt's file is left open
-        held = []
-        for fd in os.listdir("/proc/self/fd"):
-            try:
-                held.append(os.readlink(f"/proc/self/fd/{fd}"))
-            except OSError:
-                pass
-        assert not [p for p in held if p.startswith(str(tmp_path))], held
+    assert not _open_under(tmp_path)   # and no cut attempt's file is left open
+
+
+def fetch_repair(rec: Any, config: Any, folder: Path) -> tuple[int, str, Path]:
+    """``rec``'s first instance refetched alone, as a repair does (``NBIASource.fetch_instance``
+    into the store's ``RepairFile`` in ``folder``): its size, MD5 and file."""
+    from harvester.source.nbia import NBIAClient, make_session
+    from harvester.source.nbia.source import NBIASource
+    from harvester.store.sink import RepairFile
+
+    async def fetch() -> tuple[int, str, Path]:
+        async with make_session(config) as session:
+            fresh = RepairFile(folder, "first.dcm.repair")
+            size = await NBIASource(NBIAClient(config, session)).fetch_instance(_task_of(rec), rec.instances[0].sop_uid,
+                                                                                 fresh)
+            return size, fresh.close(), fresh.path
+    return anyio.run(fetch)
+
+
+def test_a_repair_streams_its_instance_into_a_file_not_memory(synthetic_cache: Path, tmp_path: Path) -> None:
+    """A single-instance refetch (a file that failed its MD5, ``verify --repair``) pours the
+    instance into its file as it arrives: the client's Python allocations stay below the
+    instance (8 MiB), which the refetch used to hold whole (instances of GBs exist: breast
+    tomosynthesis). The server is its own process."""
+    from harvester.config import Config
+
+    (rec,) = build_synthetic(SyntheticSpec.parse(WIDE_SPEC), synthetic_cache).records()
+    first = rec.instances[0]
+    assert first.size >= 8 * 2**20
+    with serve_synthetic(WIDE_SPEC, synthetic_cache) as base_url:
+        config = Config(api_url=base_url, out_dir=tmp_path, retries=2, progress=False)
+        tracemalloc.start()
+        try:
+            size, md5, path = fetch_repair(rec, config, tmp_path)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert (size, md5) == (first.size, first.md5)
+    assert path.read_bytes() == first.path.read_bytes()
+    assert peak < first.size, peak
+
+
+def test_a_repair_cut_off_mid_body_starts_its_file_afresh(synthetic_cache: Path, tmp_path: Path) -> None:
+    """Resets part-way through the 8 MiB instance: each attempt empties the file before it
+    writes, so the repair ends byte for byte the archive's, one file, none held open."""
+    from harvester.config import Config
+
+    archive = build_synthetic(SyntheticSpec.parse(WIDE_SPEC), synthetic_cache)
+    (rec,) = archive.records()
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    with serve_in_thread(archive, faults="reset=0.5,seed=3") as handle:
+        config = Config(api_url=handle.base_url, out_dir=tmp_path, retries=30, backoff_base=0.01, backoff_max=0.02,
+                        progress=False)
+        size, md5, path = fetch_repair(rec, config, folder)
+        resets = handle.stats.faults.get("reset", 0)
+    assert resets >= 1   # the faults did cut bodies
+    assert path.read_bytes() == rec.instances[0].path.read_bytes()
+    assert (size, md5) == (rec.instances[0].size, rec.instances[0].md5)
+    assert os.listdir(folder) == [path.name]
+    assert not _open_under(tmp_path)
 
 
 # ---------------------------------------------------------------- downloads overlap verification

@@ -7,8 +7,9 @@ of the engine (httpx's transports, rclone's backends).
 Abilities only some archives have are protocols of their own (rclone's ``fs/features.go``),
 checked with ``isinstance`` against these ``runtime_checkable`` classes, never with ``hasattr``:
 
-* ``SingleInstanceFetch``: one instance by its SOPInstanceUID (NBIA's getSingleImage); repair
-  refetches the whole series from a source without it.
+* ``SingleInstanceFetch``: one instance by its SOPInstanceUID (NBIA's getSingleImage), poured
+  into an ``InstanceTarget`` as it arrives; repair refetches the whole series from a source
+  without it.
 * ``UpdateFeed``: the series released or updated since a time (NBIA's getUpdatedSeries); sync
   then relies on counts and sizes alone.
 * ``PlanInto``: the planner writes its tasks into a store as it makes them (a harvest's plan:
@@ -108,6 +109,30 @@ class InstanceUpload(Protocol):
     def abandon(self) -> None: ...
 
 
+class InstanceTarget(Protocol):
+    """Where a single-instance fetch pours one instance's bytes as they arrive, so that it is
+    never held whole (blocking: call it from a worker thread): ``restart`` before each attempt
+    (what an earlier attempt wrote is dropped), then ``write_all`` for each batch of pieces.
+    Raises the disk's errors."""
+
+    def restart(self) -> None: ...
+
+    def write_all(self, pieces: Sequence[bytes]) -> None: ...
+
+
+class RepairTarget(InstanceTarget, Protocol):
+    """An ``InstanceTarget`` that is a new file beside the one it repairs (``Sinks.repair_file``):
+    ``close`` fsyncs and closes it and gives its MD5; ``abandon`` removes it (safe after
+    anything)."""
+
+    @property
+    def path(self) -> Path: ...
+
+    def close(self) -> str: ...
+
+    def abandon(self) -> None: ...
+
+
 class ParallelInstanceWriter(Protocol):
     """Instances of one series, several at once, from any thread (blocking: call it from
     worker threads): ``staged`` gives an instance a previous attempt kept (checked again), or
@@ -145,6 +170,11 @@ class Sinks(Protocol):
     def parallel_instances(self, task: SeriesTask, staging: Path, *, names: dict[str, str]) -> ParallelInstanceWriter:
         """A writer for ``task``'s instances fetched one by one (``names``: SOPInstanceUID -> the
         name its ZIP entry would have), ``staging`` made by its ``finish``."""
+        ...
+
+    def repair_file(self, folder: Path, name: str) -> RepairTarget:
+        """A new file ``folder/name`` (an earlier one of that name is replaced) for one instance
+        refetched alone (``SingleInstanceFetch.fetch_instance``)."""
         ...
 
 
@@ -188,9 +218,11 @@ class Source(Protocol):
 class SingleInstanceFetch(Protocol):
     """A source that can fetch one instance alone."""
 
-    async def fetch_instance(self, task: SeriesTask, sop_uid: str) -> bytes:
-        """The bytes of instance ``sop_uid`` of ``task``'s series, as the archive stores it (the
-        caller checks MD5 and header). Raises the request errors of ``harvester.errors``."""
+    async def fetch_instance(self, task: SeriesTask, sop_uid: str, into: InstanceTarget) -> int:
+        """Pour the bytes of instance ``sop_uid`` of ``task``'s series, as the archive stores it,
+        into ``into`` as they arrive (never the whole instance in memory, whatever its size);
+        returns how many there were. The caller checks MD5 and header. Raises the request
+        errors of ``harvester.errors`` and ``into``'s."""
         ...
 
 

@@ -736,6 +736,9 @@ class StoreSinks:
                                     image_count=task.image_count, file_size=task.file_size,
                                     max_instance_bytes=self.limits.max_entry_bytes)
 
+    def repair_file(self, folder: Path, name: str) -> RepairFile:
+        return RepairFile(folder, name)
+
 
 #: the record of the verified instances of a series fetched one by one (one JSON line each)
 RESUME_JOURNAL = "verified.jsonl"
@@ -957,6 +960,47 @@ class InstanceUpload:
 
     def abandon(self) -> None:
         """Close and remove the ``.part`` file (quick; safe to call twice, or after ``commit``)."""
+        self._file.abandon()
+        self._file.path.unlink(missing_ok=True)
+
+
+class RepairFile:
+    """One instance refetched alone (``harvester.source.base.RepairTarget``), poured into a new
+    file ``folder/name`` as it arrives (``O_EXCL``, never through a link; an earlier file of
+    that name, a kill's leftover, is removed first) and hashed as it is written: ``restart``
+    before each attempt, ``write_all`` for each batch, then ``close`` (fsynced; its MD5) or
+    ``abandon``. The caller checks it and renames it over the file it repairs. Blocking; raises
+    the disk's errors."""
+
+    def __init__(self, folder: Path, name: str) -> None:
+        (folder / name).unlink(missing_ok=True)
+        self._file = _InstanceFile(folder, name)
+
+    @property
+    def path(self) -> Path:
+        return self._file.path
+
+    def restart(self) -> None:
+        if self._file.size:   # an attempt that failed part-way: start again from an empty file
+            self.abandon()
+            self._file = _InstanceFile(self._file.folder, self._file.name)
+
+    def write_all(self, pieces: Sequence[bytes]) -> None:
+        for piece in pieces:
+            self._file.write(piece)
+
+    def close(self) -> str:
+        """fsync and close the file; returns its MD5."""
+        fd = self._file._fd
+        if fd is not None:
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                raise classify_os_error(exc, self._file.name) from None
+        return self._file.close()
+
+    def abandon(self) -> None:
+        """Close and remove the file (safe to call twice, or after ``close``)."""
         self._file.abandon()
         self._file.path.unlink(missing_ok=True)
 

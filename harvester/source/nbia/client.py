@@ -39,6 +39,7 @@ from harvester.errors import (
     UsageError,
 )
 from harvester.redact import SECRETS
+from harvester.source.base import InstanceTarget
 from harvester.source.http import (
     CLIENT_ERRORS,
     BodyGuard,
@@ -78,6 +79,9 @@ QUERY_ENDPOINTS: dict[str, tuple[str, ...]] = {
     "getMD5HashForImage": ("SOPInstanceUID", "SOPInstanceUid"),
 }
 TOKEN_ANSWER_BYTES = 1 << 20  # a token answer is a few hundred bytes; a bigger one is not read on
+#: bytes of one instance gathered from the network before one hop to the worker thread that
+#: writes them (``single_image_into``; the source's spread instances take the same)
+INSTANCE_BATCH_BYTES = 1 << 20
 
 
 @dataclass
@@ -375,19 +379,33 @@ class NBIAClient(RetryingClient):
         while the caller reads inside the ``async with`` included."""
         return self._request(self.single_image_url(series_uid, sop_uid, collection), accept="application/dicom")
 
-    async def single_image(self, series_uid: str, sop_uid: str, collection: str | None, *,
-                           hold: Callable[[], contextlib.AbstractAsyncContextManager[Any]] | None = None) -> bytes:
-        """One instance via getSingleImage, held whole (to repair a single bad file; a series
-        spread over connections streams each instance instead, ``open_single_image``).
-        ``hold()``, when given, is entered around each attempt only (a connection of the
-        engine's), so a back-off between attempts holds none."""
+    async def single_image_into(self, series_uid: str, sop_uid: str, collection: str | None, into: InstanceTarget,
+                                *, hold: Callable[[], contextlib.AbstractAsyncContextManager[Any]] | None = None) -> int:
+        """One instance via getSingleImage (to repair a single bad file), poured into ``into`` in
+        worker-thread calls of ``INSTANCE_BATCH_BYTES`` as it arrives, so it is never held whole;
+        each attempt ``restart``s it. Returns its size. ``hold()``, when given, is entered around
+        each attempt only (a connection of the engine's), so a back-off between attempts holds
+        none."""
         shown = redact_url(self.single_image_url(series_uid, sop_uid, collection))
         async for attempt in self.retrying():
             with attempt:
                 async with hold() if hold is not None else contextlib.nullcontext():
+                    await anyio.to_thread.run_sync(into.restart)
+                    guard = BodyGuard(self.config, shown, max_bytes=self.config.limits.max_entry_bytes)
+                    pending: list[bytes] = []
+                    held = 0
                     async with self.open_single_image(series_uid, sop_uid, collection) as resp:
-                        return await read_guarded(resp, BodyGuard(self.config, shown,
-                                                                  max_bytes=self.config.limits.max_entry_bytes))
+                        async for chunk in resp.content.iter_chunked(max(1, self.config.chunk_size // 2)):
+                            guard.feed(len(chunk))
+                            pending.append(chunk)
+                            held += len(chunk)
+                            if held >= INSTANCE_BATCH_BYTES:
+                                ours = time.monotonic()   # the disk's time, not the server's
+                                await anyio.to_thread.run_sync(into.write_all, pending)
+                                pending, held = [], 0
+                                guard.credit(time.monotonic() - ours)
+                    await anyio.to_thread.run_sync(into.write_all, pending)
+                    return guard.total
         raise AssertionError("unreachable")  # pragma: no cover
 
 

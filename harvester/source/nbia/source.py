@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import datetime as dt
 import functools
-import hashlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,12 +30,12 @@ from harvester.annotations import MAX_ANNOTATION_BYTES, AnnotationOpener, has_an
 from harvester.concurrency import ConnectionController
 from harvester.config import PER_INSTANCE_MIN_BYTES, PER_INSTANCE_SPARE_MIN_BYTES
 from harvester.errors import IncompleteSeriesError, IntegrityError, RetryableRequestError
-from harvester.models import AnnotatedSeries, Plan, SeriesTask, TaskStore, UnpackedSeries, VerifiedFile
+from harvester.models import AnnotatedSeries, Plan, Repair, SeriesTask, TaskStore, UnpackedSeries, VerifiedFile
 from harvester.query import Query
 from harvester.rate import RateLimiter
-from harvester.source.base import ClientBackedSource, InstanceUpload, ParallelInstanceWriter, Sinks
+from harvester.source.base import ClientBackedSource, InstanceTarget, InstanceUpload, ParallelInstanceWriter, Sinks
 from harvester.source.http import BodyGuard, redact_url
-from harvester.source.nbia.client import NBIAClient, license_from_row
+from harvester.source.nbia.client import INSTANCE_BATCH_BYTES, NBIAClient, license_from_row
 from harvester.source.nbia.download import download_bound, stream_series_zip
 from harvester.source.nbia.planner import Planner
 from harvester.unpack import read_dicom_ids
@@ -51,9 +50,6 @@ SYNC_OVERLAP = dt.timedelta(days=2)
 PROBE_SECONDS = 0.25
 PROBE_MAX_SECONDS = 1.0
 PROBE_CLEAR = 4.0
-#: bytes of one instance gathered from the network before one hop to the worker thread that
-#: writes them (``_stream_instance``; the store's sinks take the same)
-INSTANCE_BATCH_BYTES = 1 << 20
 
 
 def per_instance(task: SeriesTask, mode: str, *, spare: bool = False) -> bool:
@@ -122,9 +118,10 @@ class NBIASource(ClientBackedSource):
         return await Planner(self.client, concurrency=self.client.config.plan_concurrency).plan(
             query, details=details, into=tasks)
 
-    async def fetch_instance(self, task: SeriesTask, sop_uid: str) -> bytes:
-        """One instance's bytes via getSingleImage (request errors as the client raises them)."""
-        return await self.client.single_image(task.series_uid, sop_uid, task.collection)
+    async def fetch_instance(self, task: SeriesTask, sop_uid: str, into: InstanceTarget) -> int:
+        """One instance via getSingleImage, poured into ``into`` as it arrives (request errors as
+        the client raises them)."""
+        return await self.client.single_image_into(task.series_uid, sop_uid, task.collection, into)
 
     async def updated_since(self, last_sync: str | None) -> set[str]:
         """Series the archive says were released or updated since ``last_sync`` (an ISO time from
@@ -161,25 +158,34 @@ class NBIASource(ClientBackedSource):
         if unpacked.license_text is None:  # getImageWithMD5Hash sends none: say what getSeries said
             unpacked = dataclasses.replace(unpacked, license_text=license_from_row(task.row))
         for repair in unpacked.repairs:
-            data = await self.fetch_instance(task, repair.sop_uid)
-            if hashlib.md5(data).hexdigest() != repair.md5:
-                raise IntegrityError(f"{repair.name} still fails its MD5 after a single-image refetch",
-                                     series_uid=task.series_uid)
-            target = staging / repair.name
-
-            def write(target: Path = target, data: bytes = data, sop: str = repair.sop_uid) -> None:
-                tmp = target.with_name(target.name + ".repair")
-                tmp.write_bytes(data)
-                series, got_sop, _ = read_dicom_ids(tmp)
-                if series != task.series_uid or got_sop != sop:
-                    raise IntegrityError(f"{target.name}: the single-image refetch is another instance",
-                                         series_uid=task.series_uid)
-                tmp.replace(target)
-
-            await anyio.to_thread.run_sync(write)
+            await self._repair(task, staging, repair, sinks)
         if config.annotations and has_annotations(task.row):
             return await self._add_annotations(task, unpacked, staging, rate, on_bytes, sinks)
         return unpacked
+
+    async def _repair(self, task: SeriesTask, staging: Path, repair: Repair, sinks: Sinks) -> None:
+        """Refetch one file of the series that failed only its MD5 (getSingleImage), streamed
+        into a file beside it, and put it in its place once it has the MD5 and is that instance
+        of the series; raises ``IntegrityError`` otherwise (the series is retried)."""
+        target = staging / repair.name
+        fresh = await anyio.to_thread.run_sync(sinks.repair_file, staging, target.name + ".repair")
+        try:
+            await self.fetch_instance(task, repair.sop_uid, fresh)
+
+            def check_and_replace() -> None:
+                if fresh.close() != repair.md5:
+                    raise IntegrityError(f"{repair.name} still fails its MD5 after a single-image refetch",
+                                         series_uid=task.series_uid)
+                series, got_sop, _ = read_dicom_ids(fresh.path)
+                if series != task.series_uid or got_sop != repair.sop_uid:
+                    raise IntegrityError(f"{target.name}: the single-image refetch is another instance",
+                                         series_uid=task.series_uid)
+                fresh.path.replace(target)
+
+            await anyio.to_thread.run_sync(check_and_replace)
+        except BaseException:
+            fresh.abandon()
+            raise
 
     def _large(self, task: SeriesTask) -> bool:
         """A series "auto" spreads for its size alone (``PER_INSTANCE_MIN_BYTES``), under a

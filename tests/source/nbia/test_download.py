@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import zipfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import anyio
@@ -146,6 +146,22 @@ class Hold:
             self.active -= 1
 
 
+class Pieces:
+    """An ``InstanceTarget`` in memory (the store's ``RepairFile`` writes a file): what the last
+    attempt wrote, and how many attempts restarted it."""
+
+    def __init__(self) -> None:
+        self.pieces: list[bytes] = []
+        self.restarts = 0
+
+    def restart(self) -> None:
+        self.restarts += 1
+        self.pieces = []
+
+    def write_all(self, pieces: Sequence[bytes]) -> None:
+        self.pieces += pieces
+
+
 def test_a_connection_is_held_for_each_attempt_and_never_through_a_back_off(archive: Archive) -> None:
     """Many requests fail (40% 500/503, 20% resets): the ZIP and a single instance are held (an
     engine's connection) around each attempt's body only; at every retry's back-off none is
@@ -161,8 +177,10 @@ def test_a_connection_is_held_for_each_attempt_and_never_through_a_back_off(arch
             client = NBIAClient(cfg, session)
             client.on_retry = lambda exc: during_backoff.append(zip_hold.active + instance_hold.active)
             body = await stream_series_zip(client, rec.uid, None, Collector, hold=zip_hold)
-            one = await client.single_image(rec.uid, sop.sop_uid, None, hold=instance_hold)
-            return body, one
+            target = Pieces()
+            size = await client.single_image_into(rec.uid, sop.sop_uid, None, target, hold=instance_hold)
+            assert size == sum(map(len, target.pieces)) and target.restarts == instance_hold.entered
+            return body, b"".join(target.pieces)
 
     with serve_in_thread(archive, faults="error=0.4,reset=0.2,seed=3") as handle:
         body, one = anyio.run(go, handle)
