@@ -297,12 +297,22 @@ def serve(listing: Path, faults: str = "") -> None:
             stats["bytes_sent"] += obj.size
         headers = {"ETag": f'"{obj.md5}"', "Content-Type": "application/dicom"}
         if bucket_cap is None:
-            resp = web.FileResponse(obj.path, headers=headers)
-            await resp.prepare(request)   # sends the file (sendfile) before it returns
-        else:
-            resp = await capped(request, obj, headers)
+            # returned unprepared: aiohttp prepares (sends) it once, after the handler. Prepared
+            # here, it was prepared again there, failed, and every connection was closed after
+            # its first GET (each client then connected once per object)
+            request["etag"] = headers["ETag"]   # FileResponse sets its own (mtime-size): put back
+            return _TimedFile(obj.path, headers=headers)
+        resp = await capped(request, obj, headers)
         stats["last_byte"] = time.monotonic()
         return resp
+
+    class _TimedFile(web.FileResponse):
+        """The object's file (sendfile); the time its last byte went out is the server's last."""
+
+        async def prepare(self, request: web.BaseRequest) -> Any:
+            writer = await super().prepare(request)
+            stats["last_byte"] = time.monotonic()
+            return writer
 
     async def capped(request: web.Request, obj: BucketObject, headers: dict[str, str]) -> web.StreamResponse:
         """The object's bytes in chunks of at most ``CHUNK``, each booked on the shared bucket
@@ -322,7 +332,14 @@ def serve(listing: Path, faults: str = "") -> None:
     async def report(request: web.Request) -> web.Response:
         return web.json_response(stats)
 
+    async def s3_etag(request: web.Request, response: web.StreamResponse) -> None:
+        """The object's MD5 as its ETag, as S3 sends it (``on_response_prepare`` runs after
+        FileResponse has set an ETag of its own, before the headers go out)."""
+        if "etag" in request:
+            response.headers["ETag"] = request["etag"]
+
     app = web.Application()
+    app.on_response_prepare.append(s3_etag)
     app.router.add_get("/_stats", report)
     app.router.add_route("*", "/{bucket}", bucket)
     app.router.add_route("*", "/{bucket}/", bucket)
