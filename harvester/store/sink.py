@@ -129,6 +129,15 @@ class _InstanceFile:
         except OSError as exc:
             raise classify_os_error(exc, self.name) from None
 
+    def sync_and_close(self) -> str:
+        """fsync the file, then ``close`` it; returns its MD5."""
+        if self._fd is not None:
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                raise classify_os_error(exc, self.name) from None
+        return self.close()
+
     def close(self) -> str:
         """Close the file; returns its MD5."""
         fd, self._fd = self._fd, None
@@ -937,11 +946,7 @@ class InstanceUpload:
         then count, size and DICOM only, as the ZIP path), fsync it, name it in the resume
         folder and record it in the journal."""
         sop_uid, file, error = self.sop_uid, self._file, self.sink._error
-        try:
-            os.fsync(file._fd)  # type: ignore[arg-type]
-        except OSError as exc:
-            raise classify_os_error(exc, self.name) from None
-        digest = file.close()
+        digest = file.sync_and_close()
         if archive_md5 and digest != archive_md5:
             raise error(f"instance {sop_uid} does not match its MD5 (got {digest}, expected {archive_md5})")
         try:
@@ -991,13 +996,7 @@ class RepairFile:
 
     def close(self) -> str:
         """fsync and close the file; returns its MD5."""
-        fd = self._file._fd
-        if fd is not None:
-            try:
-                os.fsync(fd)
-            except OSError as exc:
-                raise classify_os_error(exc, self._file.name) from None
-        return self._file.close()
+        return self._file.sync_and_close()
 
     def abandon(self) -> None:
         """Close and remove the file (safe to call twice, or after ``close``)."""
