@@ -22,6 +22,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 
@@ -438,6 +439,13 @@ def _token_url(api_url: str) -> str:
     return api_url.rstrip("/").rsplit("/", 1)[0] + "/oauth/token"
 
 
+def _shown_url(url: str) -> str:
+    """A URL a user gave, for a usage error: any ``user:password@`` left out, with or without a scheme."""
+    from harvester.redact import redact
+
+    return redact(re.sub(r"^([a-z][a-z0-9+.-]*://)?[^/\s@]*@", lambda m: m.group(1) or "", url, flags=re.I))
+
+
 def build_config(args: argparse.Namespace, env: dict[str, str], manifest_api: str | None = None,
                  manifest_layout: str | None = None, manifest_source: str | None = None) -> Config:
     source = getattr(args, "source", None) or manifest_source or "nbia"
@@ -454,12 +462,23 @@ def build_config(args: argparse.Namespace, env: dict[str, str], manifest_api: st
     if not api:
         raise UsageError("a DICOMweb source needs its URL", hint="give --url URL or 'url:' in the manifest")
     if not re.match(r"^https?://[^/\s]+", api):
-        raise UsageError(f"API URL {api!r} is not an http(s) URL")
+        raise UsageError(f"API URL {_shown_url(api)!r} is not an http(s) URL")
+    try:
+        urlsplit(api).port
+    except ValueError:
+        raise UsageError(f"API URL {_shown_url(api)!r} has an invalid port",
+                         hint="a port is a number from 1 to 65535") from None
     changes: dict[str, Any] = {"api_url": api.rstrip("/"), "source": source, **idc}
     if getattr(args, "token_env", None):
+        if source != "dicomweb":
+            raise UsageError("--token-env is for --source dicomweb (NBIA logs in with --user and a password)")
         if args.token_env not in env:
             raise UsageError(f"--token-env names {args.token_env}, which is not set")
-        changes["bearer_token"] = env[args.token_env]
+        token = env[args.token_env].strip()
+        if not token or not all("!" <= c <= "~" for c in token):
+            raise UsageError(f"--token-env {args.token_env} holds no usable bearer token",
+                             hint="a token is one word of visible ASCII characters")
+        changes["bearer_token"] = token
     if getattr(args, "user", None):
         password = _password(args, env)
         if password is None:
@@ -690,6 +709,9 @@ def cmd_query(args: argparse.Namespace, env: dict[str, str]) -> int:
         import csv
         writer = csv.DictWriter(sys.stdout, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
+        if sys.stdout.isatty():   # server text on a terminal: its control characters made visible
+            from harvester.redact import printable
+            rows = [{k: printable(v) if isinstance(v, str) else v for k, v in r.items()} for r in rows]
         writer.writerows(rows)
     else:
         from rich.console import Console
@@ -1162,12 +1184,13 @@ class _Stderr:
 
 
 class _Redacting(logging.Filter):
-    """Every log record passes ``harvester.redact.redact`` before any handler writes it."""
+    """Every log record passes ``harvester.redact.redact`` before any handler writes it, and its
+    control characters are shown as ``\\xNN`` (stderr and a tailed --log-file are terminals)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from harvester.redact import redact
+        from harvester.redact import printable, redact
 
-        record.msg, record.args = redact(record.getMessage()), None
+        record.msg, record.args = printable(redact(record.getMessage())), None
         return True
 
 

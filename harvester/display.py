@@ -18,7 +18,6 @@ so a server cannot move the cursor or retitle the terminal.
 from __future__ import annotations
 
 import os
-import re
 import sys
 import textwrap
 import threading
@@ -26,15 +25,10 @@ import time
 from typing import Any, TextIO
 
 from harvester.events import Event, Failure, Hub, Tally, human_bytes, human_duration
+from harvester.redact import printable  # noqa: F401  (display's name for it since the start)
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 BAR_MIN, BAR_MAX = 10, 30
 BAR_PRIORITY = 3   # the bar goes after in flight, retries and unavailable, before failures
-
-
-def printable(text: str) -> str:
-    """``text`` with control characters (ESC, CSI, BEL, CR...) shown as ``\\xNN``: safe on a terminal."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group(0)):02x}", text)
 
 
 def terminal_width(stream: Any) -> int | None:

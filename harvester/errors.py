@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import errno
 
-from harvester.redact import redact
+from harvester.redact import printable, redact
 
 MAX_MESSAGE = 1000  # characters of one error message (server text in it is already cut shorter)
 
@@ -55,7 +55,7 @@ class HarvesterError(Exception):
     def one_line(self) -> str:
         """The message and the hint on one line, as the CLI prints it."""
         msg = " ".join(str(self).split())
-        return f"{msg} ({self.hint})" if self.hint else msg
+        return printable(f"{msg} ({self.hint})" if self.hint else msg)   # safe on a terminal
 
 
 class UsageError(HarvesterError):

@@ -21,49 +21,86 @@ must be scrubbed from a message built anywhere else.
 from __future__ import annotations
 
 import base64
+import html
+import json
 import re
 import threading
 from urllib.parse import quote, quote_plus
 
 MASK = "***"
-#: query/form parameters whose value is a secret, whoever sends them
+#: query/form parameters whose value is a secret, whoever sends them; a name that ends in one of
+#: ``SECRET_SUFFIXES`` is one too (``auth_token``, ``x-amz-security-token``, ``client-secret``)
 SECRET_PARAMS = ("password", "passwd", "token", "access_token", "refresh_token", "id_token", "client_secret",
                  "api_key", "apikey", "api-key", "session_state", "x-amz-signature", "signature")
-_PARAM_RE = re.compile(r"(?i)(?<![A-Za-z0-9_-])(" + "|".join(re.escape(p) for p in SECRET_PARAMS)
-                       + r")(\s*[=:]\s*|\"\s*:\s*\")([^&\s\"',;<>)}\]]+)")
+SECRET_SUFFIXES = ("password", "passwd", "token", "secret", "signature", "api_key", "api-key", "apikey")
+#: secrets only as URL parameters (``?key=...``): in prose "a key: x" is a word
+URL_SECRET_PARAMS = ("key", "sig")
+_NAME = (r"(?:[A-Za-z0-9_-]*(?:" + "|".join(re.escape(p) for p in SECRET_SUFFIXES) + r")|"
+         + "|".join(re.escape(p) for p in SECRET_PARAMS) + ")")
+_VALUE = r"([^&\s\"',;<>)}\]]+)"
+_PARAM_RE = re.compile(r"(?i)(?<![A-Za-z0-9_-])(" + _NAME + r")(\s*[=:]\s*|\"\s*:\s*\")" + _VALUE)
+_URL_PARAM_RE = re.compile(r"(?i)(?<=[?&;])(" + "|".join(URL_SECRET_PARAMS) + r")(=)" + _VALUE)
 _USERINFO_RE = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@?#]+@")
 _AUTH_RE = re.compile(r"\b(Bearer|Basic|bearer)(\s+)[A-Za-z0-9\-._~+/]{8,}=*")  # a credential, not "basic auth"
-MIN_SECRET = 4  # shorter values would mask ordinary words
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+MIN_SECRET = 4  # shorter values alone would mask ordinary words (as a user:secret pair they are masked)
 MAX_SECRET = 64 * 1024  # longer than any token or password we hold
+
+
+def is_secret_param(name: str) -> bool:
+    """Whether a query or form parameter called ``name`` carries a secret."""
+    name = name.lower()
+    return name in SECRET_PARAMS or name in URL_SECRET_PARAMS or name.endswith(SECRET_SUFFIXES)
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (ESC, CSI, BEL, CR...) shown as ``\\xNN``: safe on a terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group(0)):02x}", text)
+
+
+def _echoes(text: str) -> set[str]:
+    """The forms a server may echo ``text`` in: as it is, URL-encoded, JSON-escaped (NBIA writes
+    ``/`` as ``\\/``), as XML/HTML text, and with its white space folded (as ``excerpt`` does)."""
+    forms = {text, quote(text, safe=""), quote_plus(text), quote(text)}
+    for ascii_only in (True, False):
+        escaped = json.dumps(text, ensure_ascii=ascii_only)[1:-1]
+        forms |= {escaped, escaped.replace("/", "\\/")}
+    forms |= {html.escape(text, quote=True), html.escape(text, quote=False)}
+    forms.add(" ".join(text.split()))
+    return forms
 
 
 class SecretRegistry:
     """The secrets this process knows, in every form a server could echo them."""
 
     def __init__(self) -> None:
-        self._forms: set[str] = set()
+        self._forms: dict[str, str] = {}   # form -> what replaces it
         self._lock = threading.Lock()
 
     def add(self, secret: str | None, *, user: str | None = None) -> None:
-        """Register ``secret`` (and, with ``user``, the ``user:secret`` basic-auth pair)."""
-        if not secret or len(secret) < MIN_SECRET:
+        """Register ``secret`` (and, with ``user``, the ``user:secret`` basic-auth pair, also when
+        the secret alone is too short to mask: ``carol:p1!`` becomes ``carol:***``)."""
+        if not secret or len(secret) > MAX_SECRET:
             return
-        forms = {secret, quote(secret, safe=""), quote_plus(secret), quote(secret)}
-        raw = [secret.encode("utf-8")]
+        forms: dict[str, str] = {}
         if user is not None:
-            raw.append(f"{user}:{secret}".encode("utf-8"))
-        for data in raw:
-            forms.add(base64.b64encode(data).decode("ascii").rstrip("="))
-            forms.add(base64.urlsafe_b64encode(data).decode("ascii").rstrip("="))
+            pair = f"{user}:{secret}"
+            forms |= {form: f"{user}:{MASK}" for form in _echoes(pair)}
+        if len(secret) >= MIN_SECRET:
+            forms |= {form: MASK for form in _echoes(secret)}
+            raw = [secret.encode("utf-8")] + ([f"{user}:{secret}".encode("utf-8")] if user is not None else [])
+            for data in raw:
+                forms[base64.b64encode(data).decode("ascii").rstrip("=")] = MASK
+                forms[base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")] = MASK
         with self._lock:
-            self._forms |= {f for f in forms if len(f) >= MIN_SECRET}
+            self._forms.update({f: r for f, r in forms.items() if len(f) >= MIN_SECRET and f.strip()})
 
     def scrub(self, text: str) -> str:
         with self._lock:
-            forms = sorted(self._forms, key=len, reverse=True)  # longest first: no half-masked secret
-        for form in forms:
+            forms = sorted(self._forms.items(), key=lambda fr: len(fr[0]), reverse=True)  # longest first
+        for form, mask in forms:
             if form in text:
-                text = text.replace(form, MASK)
+                text = text.replace(form, mask)
         return text
 
     def clear(self) -> None:  # for tests
@@ -87,6 +124,7 @@ def redact(text: str, limit: int | None = None) -> str:
     text = _USERINFO_RE.sub(r"\1", text)
     text = _AUTH_RE.sub(lambda m: f"{m.group(1)}{m.group(2)}{MASK}", text)
     text = _PARAM_RE.sub(lambda m: f"{m.group(1)}{m.group(2)}{MASK}", text)
+    text = _URL_PARAM_RE.sub(lambda m: f"{m.group(1)}{m.group(2)}{MASK}", text)
     if limit is not None and len(text) > limit:
         text = text[:limit] + "..."
     return text
@@ -94,9 +132,11 @@ def redact(text: str, limit: int | None = None) -> str:
 
 def excerpt(body: bytes | str, limit: int = 200) -> str:
     """A bounded, redacted, one-line excerpt of server text for a message; ``(HTML error page)``
-    for HTML (its text is noise, and may echo the request)."""
+    for HTML (its text is noise, and may echo the request). The known secrets are scrubbed before
+    the white space is folded (a password with two spaces in it is still recognised), and
+    control characters are shown as ``\\xNN``."""
     text = body.decode("utf-8", "replace") if isinstance(body, (bytes, bytearray)) else str(body)
-    text = " ".join(text[: limit * 20].split())
+    text = " ".join(SECRETS.scrub(text[: limit * 20 + MAX_SECRET]).split())[: limit * 20]
     if "<html" in text.lower() or "<!doctype" in text.lower():
         return "(HTML error page)"
-    return redact(text, limit)
+    return printable(redact(text, limit))

@@ -31,7 +31,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiohttp
 import anyio
@@ -49,7 +49,7 @@ from harvester.errors import (
     ServerBusyError,
     should_retry_request,
 )
-from harvester.redact import SECRET_PARAMS, SECRETS, excerpt
+from harvester.redact import SECRETS, excerpt, is_secret_param
 from harvester.units import as_int  # noqa: F401  (re-exported: every source parses counts with it)
 
 #: transport failures worth another attempt (resets, broken bodies, stalls)
@@ -59,7 +59,6 @@ TRANSPORT_ERRORS = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, a
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 REDIRECT_STATUS = {301, 302, 303, 307, 308}
 MAX_REDIRECTS = 10
-_SECRET_PARAMS = set(SECRET_PARAMS)
 
 
 def redact_url(url: str) -> str:
@@ -69,10 +68,14 @@ def redact_url(url: str) -> str:
     except ValueError:
         return "<url>"
     netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
+    try:
+        port = parts.port
+    except ValueError:   # out of range or not a number: shown as given, never a traceback
+        port = parts.netloc.rpartition("@")[2].rpartition(":")[2]
+    if port:
+        netloc += f":{port}"
     query = "&".join(
-        (kv if kv.split("=", 1)[0].lower() not in _SECRET_PARAMS else kv.split("=", 1)[0] + "=***")
+        (kv if not is_secret_param(kv.split("=", 1)[0]) else kv.split("=", 1)[0] + "=***")
         for kv in parts.query.split("&") if kv
     )
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
@@ -202,6 +205,8 @@ def register_config_secrets(config: Config) -> None:
         try:
             parts = urlsplit(url)
             SECRETS.add(parts.password, user=parts.username)
+            if parts.password is not None:   # what aiohttp sends: the percent-decoded pair
+                SECRETS.add(unquote(parts.password), user=unquote(parts.username or ""))
         except ValueError:
             pass
 
@@ -291,6 +296,9 @@ def check_redirect(current: URL, location: str, *, cross_origin: bool, shown: st
     if current.scheme.lower() == "https" and scheme != "https":
         raise PermanentRequestError(f"{shown} redirects from https to http, which is never followed", url=shown,
                                     hint="use the server's https URL; a downgrade would expose the data")
+    if target.user is not None or target.password is not None:
+        raise PermanentRequestError(f"{shown} redirects to a URL with credentials in it, which is never followed",
+                                    url=shown, hint="the server's redirect is broken; report it")
     if not _same_server(current, target) and not (cross_origin and scheme == "https"):
         raise PermanentRequestError(
             f"{shown} redirects to another host ({redact_url(str(target.origin()))}), which is not followed by default",

@@ -13,6 +13,8 @@ encoding ``secret_forms`` lists, and no traceback appears in any of them.
 from __future__ import annotations
 
 import base64
+import html
+import json
 import os
 import subprocess
 import sys
@@ -38,11 +40,13 @@ Attack = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def secret_forms(*secrets: str) -> list[str]:
-    """Each secret as a server could echo it: literal, URL-encoded, base64 (and the basic-auth
-    pair of the user and the password)."""
+    """Each secret as a server could echo it: literal, URL-encoded, JSON-escaped (``/`` as
+    ``\\/``, as NBIA writes it), as XML/HTML text, base64 (and the basic-auth pair of the user
+    and the password)."""
     forms: set[str] = set()
     for s in secrets:
-        forms |= {s, quote(s, safe=""), quote_plus(s), base64.b64encode(s.encode()).decode().rstrip("=")}
+        forms |= {s, quote(s, safe=""), quote_plus(s), base64.b64encode(s.encode()).decode().rstrip("="),
+                  json.dumps(s)[1:-1].replace("/", "\\/"), html.escape(s)}
     forms.add(base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode().rstrip("="))
     return sorted(forms)
 

@@ -253,6 +253,8 @@ def test_malformed_journal_and_manifest_lines_are_reported_and_skipped(tmp_path:
     ("https://a.example/x", "file:///etc/passwd", True, False),
     ("https://a.example/x", "javascript:alert(1)", True, False),
     ("https://a.example/x", "http://[::1", True, False),
+    ("https://a.example/x", "https://u:p@a.example/y", False, False),  # credentials in the target
+    ("https://a.example/x", "https://u@a.example/y", True, False),
 ])
 def test_check_redirect_policy(current: str, location: str, cross: bool, ok: bool) -> None:
     if ok:

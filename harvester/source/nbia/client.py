@@ -84,6 +84,11 @@ TOKEN_ANSWER_BYTES = 1 << 20  # a token answer is a few hundred bytes; a bigger 
 INSTANCE_BATCH_BYTES = 1 << 20
 
 
+def _usable_token(token: str) -> bool:
+    """Whether ``token`` can go back in an ``Authorization`` header: one word of visible ASCII."""
+    return bool(token) and all("!" <= c <= "~" for c in token)
+
+
 @dataclass
 class _Token:
     access: str
@@ -168,10 +173,15 @@ class TokenAuth:
             raise RetryableRequestError(f"token request to {url} failed: {type(exc).__name__}", url=url) from None
         if not isinstance(data, dict) or not isinstance(data.get("access_token"), str):
             raise AuthError(f"token endpoint {url} answered without an access_token")
-        expires = as_int(data.get("expires_in")) or 3600
         refresh = data.get("refresh_token") if isinstance(data.get("refresh_token"), str) else None
         SECRETS.add(data["access_token"])  # a server that echoes them back is redacted too
         SECRETS.add(refresh)
+        if not _usable_token(data["access_token"]):   # CR/LF or spaces would not fit in a header
+            raise AuthError(f"token endpoint {url} answered an access_token that cannot be sent back",
+                            hint="the token endpoint is broken or not NBIA's; check --token-url")
+        if refresh is not None and not _usable_token(refresh):
+            refresh = None   # log in with the password again when the token expires
+        expires = as_int(data.get("expires_in")) or 3600
         self._token = _Token(data["access_token"], refresh, time.monotonic() + expires)
 
 
