@@ -811,10 +811,27 @@ class HarvestState:
         """A folder under a final name that the state does not vouch for goes to tmp/ (deleted
         after the new one is in place, or by the next run's clean-up)."""
         if final.exists() or final.is_symlink():
+            self._check_one_series(final)
             aside = self.tmp_dir / f"replaced-{series_key(str(final))}-{os.getpid()}"
             os.rename(final, aside)
             return aside
         return None
+
+    def _check_one_series(self, folder: Path) -> None:
+        """Raises ``UnsafePathError`` when ``folder`` holds a folder: a series folder holds only
+        files (its DICOM and annotation files), so this is a collection's, a patient's or a
+        study's that a forged or broken record names, and replacing or pruning it would take the
+        other series in it along."""
+        try:
+            with os.scandir(folder) as entries:
+                inner = next((e.name for e in entries if e.is_dir(follow_symlinks=False)), None)
+        except NotADirectoryError:
+            return
+        if inner is not None:
+            shown = folder.relative_to(self.out_dir) if folder.is_relative_to(self.out_dir) else folder
+            raise UnsafePathError(f"refusing to replace or move {str(shown)[:200]!r}: it holds the folder "
+                                  f"{inner[:100]!r}, so it is not one series' folder (a record names it)",
+                                  path=str(shown))
 
     # ------------------------------------------------------------ queries (index lookups)
     def complete(self, uid: str) -> dict[str, Any] | None:
@@ -978,6 +995,8 @@ class HarvestState:
                                   f"goes to the trash", path=path)
         src, dst = inside(self.out_dir, path), inside(self.out_dir, trash)
         if src.exists() and not dst.exists():
+            if not src.is_symlink():
+                self._check_one_series(src)
             try:
                 with open_dir(self.out_dir, dst.parent.relative_to(self.out_dir), create=True) as parent:
                     os.rename(src, dst.name, dst_dir_fd=parent)

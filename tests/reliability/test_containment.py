@@ -240,6 +240,37 @@ def test_a_forged_journal_cannot_move_or_delete_anything(template, place, server
            "a folder outside DIR", len(forged), 0, warnings[0], root)
 
 
+@pytest.mark.parametrize("prune", [False, True], ids=["changed-series-refetched", "prune"])
+def test_a_record_naming_a_folder_of_other_series_loses_none_of_them(prune, template, place, server, small_archive):
+    """A harvest.json record (state.db gone: someone else's DIR) whose folder is the collection's:
+    a sync that refetched that series (its size changed) replaced the whole collection folder, and
+    the other series' verified files were deleted; a --prune of it moved them all to the trash.
+    Now the folder is refused (it holds folders: not one series'), in one line, and every
+    verified file is where it was."""
+    root, decoy = place
+    out = copy_harvest(template, root / "out")
+    (out / ".harvester" / "state.db").unlink()
+    doc = manifest(out)
+    victim = series_by_path(out)[0]
+    collection = victim["path"].split("/")[0]
+    for rec in doc["series"]:
+        if rec["SeriesInstanceUID"] == victim["SeriesInstanceUID"]:
+            rec["path"] = collection
+            rec["metadata"]["FileSize"] = 1   # sync sees it changed and fetches it again
+    (out / "harvest.json").write_text(json.dumps(doc))
+    query = select_all(small_archive)
+    if prune:
+        query["exclude"] = {"series": [victim["SeriesInstanceUID"]]}
+    before = tree_state(out / collection)
+    proc = cli("sync", write_query(root / "q.yaml", query), "-o", out, "--api-url", server.base_url, *FAST_FLAGS,
+               *(["--prune"] if prune else []))
+    no_traceback(proc)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "not one series' folder" in error_line(proc, 3)
+    assert tree_state(out / collection) == before   # nothing replaced, moved or deleted
+    assert not any((out / ".harvester" / "trash").rglob("*.dcm")) if (out / ".harvester" / "trash").exists() else True
+
+
 # --------------------------------------------------------- clean-up of a failed first run
 
 def test_failed_first_run_cleanup_removes_only_what_it_created(template, place, figures):
