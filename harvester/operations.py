@@ -48,6 +48,7 @@ from harvester.models import Plan, SeriesRecord, SeriesTask, TaskStore
 from harvester.display import api_hub
 from harvester.events import Event, Hub, human_bytes
 from harvester.query import Query, load_query, query_from_dict
+from harvester.selection import empty_selectors
 from harvester.source.auto import AutoSource
 from harvester.source.base import PlanInto, SingleInstanceFetch, Source, UpdateFeed
 from harvester.source.dicomweb import DICOMwebSource
@@ -550,6 +551,12 @@ async def async_sync(query: Query, config: Config, *, prune: bool = False, dry_r
             if dry_run:
                 return SyncResult(diff=diff, harvest=None, pruned=[], dry_run=True,
                                   unavailable=[(u.series_uid, u.reason) for u in plan.unavailable])
+            if prune and diff.removed and (empty := empty_selectors(plan.warnings)):
+                # a selector that matches nothing is most often a typo (modality: MRI): pruning on
+                # it would move everything it was meant to keep into the trash
+                raise UsageError(f"--prune stopped before moving {len(diff.removed)} series to the trash: "
+                                 f"{empty[0]}", hint="fix the selector (harvester plan QUERY shows what it "
+                                 "matches), or leave it out; nothing was pruned")
             pruned = await anyio.to_thread.run_sync(_prune, state, diff.removed) if prune else []
             hub.emit(plan_event(plan))
             emit_warnings(hub, plan)

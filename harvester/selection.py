@@ -126,10 +126,18 @@ def refuse_unavailable(unavailable: list[UnavailableSeries], *, archive: str, hi
     raise UnknownSelectionError(message + (f"; {others} more in other selectors" if others else ""), hint=hint)
 
 
+EMPTY_SELECTOR = "matches no series"
+
+
 def empty_selector_warnings(selectors: tuple[Selector, ...], batches: list[list[dict[str, Any]]]) -> list[str]:
     """One warning per selector that matched no series, numbered from 1 as the user counts."""
-    return [f"selector {i} ({sel.describe()}) matches no series"
+    return [f"selector {i} ({sel.describe()}) {EMPTY_SELECTOR}"
             for i, (sel, rows) in enumerate(zip(selectors, batches), start=1) if not rows]
+
+
+def empty_selectors(warnings: list[str]) -> list[str]:
+    """The warnings of ``empty_selector_warnings`` among a plan's warnings."""
+    return [w for w in warnings if w.startswith("selector ") and w.endswith(EMPTY_SELECTOR)]
 
 
 def first_error(group: BaseExceptionGroup) -> BaseException:

@@ -16,6 +16,7 @@ import yaml
 
 from harvest_helpers import assert_identical, commits, kill_after_progress, manifest, test_config
 from harvester.api import verify_tree
+from harvester.errors import UsageError
 from harvester.store.tree import export_csv, export_tcia, read_status
 from harvester.operations import async_repair, async_sync
 from harvester.source.nbia.source import from_date_param
@@ -142,6 +143,24 @@ def test_prune_moves_unselected_series_to_trash(archives, tmp_path):
         assert not (out / paths[uid]).exists()
         trashed = list((out / ".harvester" / "trash").rglob(Path(paths[uid]).name))
         assert trashed, f"{uid} is not in the trash"
+    assert verify_tree(out).ok
+
+
+def test_prune_stops_when_a_selector_matches_nothing(archives, tmp_path):
+    """A typo (modality: MRI for MR) made a selector match nothing, and --prune moved every series
+    it was meant to keep into the trash, with a warning. Now nothing moves: a usage error."""
+    before, *_ = archives
+    out = tmp_path / "mirror"
+    with serve_in_thread(before) as srv:
+        assert sync(srv.base_url, out, query_all(before)).harvest.ok
+        collection = before.records()[0].row["Collection"]
+        typo = {"select": [{"collection": collection, "modality": "MRI"}]}
+        paths = [r["path"] for r in manifest(out)["series"]]
+        with pytest.raises(UsageError, match="--prune stopped .* selector 1 .* matches no series"):
+            sync(srv.base_url, out, typo, prune=True)
+        assert all((out / p).is_dir() for p in paths) and not (out / ".harvester" / "trash").exists()
+        assert len(manifest(out)["series"]) == len(paths)
+        assert sync(srv.base_url, out, typo, prune=True, dry_run=True).diff.removed   # a dry run still shows it
     assert verify_tree(out).ok
 
 
