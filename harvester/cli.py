@@ -203,7 +203,7 @@ def _add_json_arg(p: argparse.ArgumentParser, what: str) -> None:
 
 def _add_harvest_args(p: argparse.ArgumentParser) -> None:
     """The options of the commands that download (run, sync)."""
-    p.add_argument("-o", "--out", metavar="DIR", type=Path, required=True, help="output directory")
+    p.add_argument("-o", "--out", metavar="DIR", type=_out_dir, required=True, help="output directory")
     p.add_argument("--workers", type=_positive, metavar="N",
                    help=f"series downloaded at once (default {Config.workers}); as many again may be verifying "
                         "and unpacking meanwhile, so the progress line's 'in flight' can reach 2 x N; backs "
@@ -335,7 +335,7 @@ def build_parser(*, serve: bool = True) -> argparse.ArgumentParser:
                                         "DIR/harvest.json for a harvest made before it), report files that no record\n"
                                         "lists (extra), and count the series that failed, are unavailable or missing.",
                             epilog=VERIFY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    verify.add_argument("dir", metavar="DIR", type=Path, help="the output directory of a harvest")
+    verify.add_argument("dir", metavar="DIR", type=_out_dir, help="the output directory of a harvest")
     verify.add_argument("--repair", action="store_true",
                         help="refetch what fails, from the archive DIR/harvest.json records: damaged files with "
                              "getSingleImage (the whole series only if needed), failed and missing series whole")
@@ -351,7 +351,7 @@ def build_parser(*, serve: bool = True) -> argparse.ArgumentParser:
                             epilog=_examples("harvester status mirror", "harvester status mirror --json   # for a script",
                                              epilog=""),
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    status.add_argument("dir", metavar="DIR", type=Path, help="the output directory of a harvest")
+    status.add_argument("dir", metavar="DIR", type=_out_dir, help="the output directory of a harvest")
     status.add_argument("--json", action="store_true", help="print it as JSON")
     _add_log_args(status)
 
@@ -359,7 +359,7 @@ def build_parser(*, serve: bool = True) -> argparse.ArgumentParser:
                             epilog=_examples("harvester report mirror                # writes mirror/report.html",
                                              "harvester report mirror -o - > /srv/www/mirror.html", epilog=""),
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    report.add_argument("dir", metavar="DIR", type=Path, help="the output directory of a harvest")
+    report.add_argument("dir", metavar="DIR", type=_out_dir, help="the output directory of a harvest")
     report.add_argument("-o", "--out", metavar="FILE", type=Path, default=None,
                         help="where to write it ('-' for stdout; default DIR/report.html)")
     _add_log_args(report)
@@ -369,7 +369,7 @@ def build_parser(*, serve: bool = True) -> argparse.ArgumentParser:
                                              "harvester export mirror --csv - | grep CT     # one row per series, to stdout",
                                              epilog=""),
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    export.add_argument("dir", metavar="DIR", type=Path, help="the output directory of a harvest")
+    export.add_argument("dir", metavar="DIR", type=_out_dir, help="the output directory of a harvest")
     export.add_argument("--tcia", metavar="FILE", type=Path,
                         help="a cart the TCIA portal and Data Retriever accept ('-' for stdout)")
     export.add_argument("--csv", metavar="FILE", type=Path, help="one row per series with metadata and path ('-' for stdout)")
@@ -437,6 +437,14 @@ def _token_url(api_url: str) -> str:
     if m:
         return f"{m.group(1)}{m.group(2) or ''}/oauth/token"
     return api_url.rstrip("/").rsplit("/", 1)[0] + "/oauth/token"
+
+
+def _out_dir(text: str) -> Path:
+    """argparse type of ``-o``: an empty one (``-o "$OUT"`` with OUT unset) is refused, never the
+    current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the output directory is empty (an unset shell variable?); name a folder")
+    return Path(text)
 
 
 def _shown_url(url: str) -> str:

@@ -945,3 +945,18 @@ def test_plan_json_written_in_pieces_is_the_text_of_one_dumps(count):
     pieces = list(json_with_list(head, "list", items, dict, batch=3))
     assert "".join(pieces) == json.dumps({**head, "list": items})
     assert len(pieces) == 2 + -(-count // 3)
+
+
+def test_an_empty_output_directory_and_a_port_out_of_range_are_usage_errors(tmp_path: Path) -> None:
+    """``-o "$OUT"`` with OUT unset harvested into the current folder; ``serve --port 99999``
+    ended in a traceback (OverflowError from bind)."""
+    query = tmp_path / "q.yaml"
+    query.write_text("select:\n  - collection: X\n")
+    for args in (["run", str(query), "-o", "", "--api-url", "http://127.0.0.1:9/v4"], ["status", ""],
+                 ["verify", " "], ["serve", "--synthetic", "collections=1", "--port", "99999"],
+                 ["serve", "--synthetic", "collections=1", "--port", "-1"]):
+        proc = cli(*args, cwd=tmp_path)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (args, proc.stderr[-1500:])
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("harvester: error: "), (args, proc.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.yaml"]   # nothing written in the current folder

@@ -46,6 +46,17 @@ IDLE_TIMEOUT = 30.0
 MAX_LINE_SIZE = MAX_FIELD_SIZE = 8190
 
 
+def _port(text: str) -> int:
+    """argparse type of ``--port``: 0 (any free port) to 65535; anything else is exit 2."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port: give 0 (any free port) to 65535")
+    return port
+
+
 async def start_server(archive: Archive, host: str = "127.0.0.1", port: int = 0,
                        faults: FaultSpec | FaultInjector | None = None,
                        auth: ServerAuth | None = None, *, idle_timeout: float = IDLE_TIMEOUT,
@@ -110,7 +121,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", metavar="DIR", type=Path, default=None,
                         help=f"where synthetic archives are generated (default {DEFAULT_CACHE_DIR})")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
+    parser.add_argument("--port", type=_port, default=0, help="port (default 0: any free port)")
     parser.add_argument("--faults", metavar="SPEC",
                         help="inject failures, e.g. error=0.1,throttle=0.05,reset=0.05,latency=50ms,seed=7")
     parser.add_argument("--auth", metavar="USER:PASSWORD_FILE", action="append", default=None,

@@ -600,8 +600,16 @@ class ScratchDB:
 
     def _remove(self) -> None:
         for path in (self.path, self.path.with_name(self.path.name + "-journal")):
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.unlink(path)   # (a link planted there is removed, never followed)
+            except FileNotFoundError:
+                pass
+            except (IsADirectoryError, PermissionError) as exc:
+                if not path.is_dir():
+                    raise OutputNotWritableError(f"cannot remove the {self._what} {path}: {exc.strerror}") from None
+                raise FatalError(f"{path} is a folder, where the {self._what} (a scratch file) belongs",
+                                 hint="remove it (it holds nothing the harvest needs), then run the same "
+                                      "command again") from None
 
     @contextlib.contextmanager
     def _guard(self) -> Iterator[None]:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import functools
 import hashlib
@@ -434,7 +435,16 @@ class HarvestState:
         return self._lockfile is not None
 
     def _take_lock(self) -> None:
-        fd = os.open(self.meta_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        lock = self.meta_dir / "lock"
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except (IsADirectoryError, NotADirectoryError):
+            raise FatalError(f"{lock} is a folder, where DIR's lock file belongs",
+                             hint="remove it (the lock file holds nothing), then run the same command again") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnsafePathError(f"{lock} is a symbolic link; refusing to use it", path=str(lock)) from None
+            raise classify_os_error(exc, str(lock)) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

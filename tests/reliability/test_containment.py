@@ -9,6 +9,7 @@ it was (``tree_state`` never follows a link), and that a rerun after undoing the
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import io
@@ -269,6 +270,30 @@ def test_a_record_naming_a_folder_of_other_series_loses_none_of_them(prune, temp
     assert "not one series' folder" in error_line(proc, 3)
     assert tree_state(out / collection) == before   # nothing replaced, moved or deleted
     assert not any((out / ".harvester" / "trash").rglob("*.dcm")) if (out / ".harvester" / "trash").exists() else True
+
+
+@pytest.mark.parametrize("name", ["lock", "plan.db"])
+def test_a_folder_where_the_lock_or_the_plan_belongs_is_one_line(name, template, place, server, small_archive):
+    """``.harvester/lock`` or ``.harvester/plan.db`` as a folder ended run, sync, verify --repair
+    and export --manifest in a traceback (IsADirectoryError)."""
+    root, _decoy = place
+    out = copy_harvest(template, root / "out")
+    target = out / ".harvester" / name
+    with contextlib.suppress(FileNotFoundError):
+        target.unlink()
+    (target / "sub").mkdir(parents=True)
+    query = write_query(root / "q.yaml", select_all(small_archive))
+    before = tree_state(out)
+    procs = [cli("run", query, "-o", out, "--api-url", server.base_url, *FAST_FLAGS),
+             cli("sync", query, "-o", out, "--api-url", server.base_url, *FAST_FLAGS)]
+    if name == "lock":
+        procs += [cli("verify", out, "--repair"), cli("export", out, "--manifest")]
+    for proc in procs:
+        line = error_line(proc, 3)
+        assert f"{name} is a folder" in line and "remove it" in line, line
+    assert tree_state(out) == before
+    shutil.rmtree(target)
+    assert cli("run", query, "-o", out, "--api-url", server.base_url, *FAST_FLAGS).returncode == 0
 
 
 # --------------------------------------------------------- clean-up of a failed first run
