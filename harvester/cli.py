@@ -1090,6 +1090,7 @@ def verify_summary(result: Any, refused: list[str]) -> dict[str, Any]:
         return {"SeriesInstanceUID": str(rec.get("SeriesInstanceUID")), "collection": str(rec.get("Collection") or ""),
                 "patient": str(rec.get("PatientID") or ""), "description": str(meta.get("SeriesDescription") or ""),
                 "status": str(rec.get("status") or "failed"), "error": str(rec.get("error") or "")}
+    refused = list(dict.fromkeys([*result.refused, *refused]))
     return {"ok": result.ok and not refused, "checked": result.checked, "intact": result.intact,
             "failed": len(result.failed), "unavailable": len(result.unavailable), "missing": result.missing,
             "damaged_files": len(result.problems), "extra_files": len(result.extra), "files": result.files,

@@ -120,12 +120,15 @@ def record_problem(rec: Any) -> str | None:
     return None
 
 
-def numbered_usable_records(series: Any, where: str) -> list[tuple[int, dict[str, Any]]]:
+def numbered_usable_records(series: Any, where: str, skipped: list[str] | None = None
+                            ) -> list[tuple[int, dict[str, Any]]]:
     """(position from 1, record) for the records of a harvest.json ``series`` list that pass
     ``record_problem``; each one that does not is reported (``logging``, on stderr by default)
-    with its position and skipped."""
+    with its position, added to ``skipped`` when given, and skipped."""
     if not isinstance(series, list):
         _log.warning("%s: the series list is not a list; ignored", where)
+        if skipped is not None:
+            skipped.append(f"{where}: the series list is not a list; ignored")
         return []
     good = []
     for n, rec in enumerate(series, 1):
@@ -134,6 +137,8 @@ def numbered_usable_records(series: Any, where: str) -> list[tuple[int, dict[str
             good.append((n, rec))
         else:
             _log.warning("%s: series record %d: %s; skipped", where, n, redact(problem))
+            if skipped is not None:
+                skipped.append(f"{where}: series record {n}: {redact(problem)}; skipped")
     return good
 
 
@@ -372,6 +377,9 @@ class HarvestState:
         self.listed: list[tuple[int, dict[str, Any]]] = []
         #: one line per record refused on open (a path that leaves DIR), naming the file and line
         self.refused: list[str] = []
+        #: one line per record that could not be used at all (not a record, not JSON), warned and
+        #: skipped: ``verify`` cannot vouch for those series
+        self.unusable: list[str] = []
         self._lockfile: int | None = None
         self._overlay_origin: dict[str, str] = {}   # uid -> where read() found its overlay record
         #: (byte offset, line number) of the first old journal line not read (past the last whole one)
@@ -496,6 +504,7 @@ class HarvestState:
             if why is not None:
                 if uid not in self.records.hidden:
                     _log.warning("%s: series %s: %s; not used", origin, uid, redact(why))
+                    self.unusable.append(f"{origin}: series {uid}: {redact(why)}; not used")
                     self.records.hidden.add(uid)
                 continue
             assert rec is not None
@@ -531,7 +540,7 @@ class HarvestState:
         if (not imported or load_listed) and self.manifest_path.exists():
             try:
                 data = read_manifest(self.out_dir)   # a link or a FIFO: rebuilt as damaged
-                self.listed = numbered_usable_records(data.get("series", []), str(self.manifest_path))
+                self.listed = numbered_usable_records(data.get("series", []), str(self.manifest_path), self.unusable)
                 if not imported:
                     for index, rec in self.listed:
                         target.put(rec["SeriesInstanceUID"], rec, f"{self.manifest_path.name} series #{index}")
@@ -641,6 +650,7 @@ class HarvestState:
             why = _row_problem(uid, json_record(raw))
             if why is not None:
                 _log.warning("%s: series %s: %s; not used", origin, uid, redact(why))
+                self.unusable.append(f"{origin}: series {uid}: {redact(why)}; not used")
                 target.hide(uid)
 
     def _unsafe(self, rec: Any) -> str | None:

@@ -46,6 +46,7 @@ class VerifyResult:
     missing: int = 0         # planned series absent: all files gone, or never finished by the last run
     extra: list[str] = field(default_factory=list)      # files in series folders that no record lists
     damaged_series: int = 0  # complete series with damaged or extra files (but not all of them gone)
+    refused: list[str] = field(default_factory=list)    # records that could not be used (warned): unchecked
 
     @property
     def checked(self) -> int:
@@ -59,15 +60,18 @@ class VerifyResult:
 
     @property
     def ok(self) -> bool:
-        return self.files_ok and not self.failed and not self.unavailable and not self.missing
+        return (self.files_ok and not self.failed and not self.unavailable and not self.missing
+                and not self.refused)   # a record verify could not use is a series it could not vouch for
 
     def summary(self) -> str:
         """``58 series checked: 53 intact, 5 failed, 0 missing, 0 damaged files, 1 extra file``."""
         def n(count: int, what: str) -> str:
             return f"{count} {what}{'' if count == 1 else 's'}"
         unavailable = f", {len(self.unavailable)} unavailable" if self.unavailable else ""
+        refused = f", {n(len(self.refused), 'record')} not usable" if self.refused else ""
         return (f"{self.checked} series checked: {self.intact} intact, {len(self.failed)} failed{unavailable}, "
-                f"{self.missing} missing, {n(len(self.problems), 'damaged file')}, {n(len(self.extra), 'extra file')}")
+                f"{self.missing} missing, {n(len(self.problems), 'damaged file')}, {n(len(self.extra), 'extra file')}"
+                f"{refused}")
 
 
 def verify_tree(out_dir: Path, *, on_file: Callable[[int], None] | None = None,
@@ -177,6 +181,7 @@ def _verify_records(state: HarvestState, on_file: Callable[[int], None] | None,
     # An interrupted run (kill -9, Ctrl-C, a fatal stop) leaves series it never finished.
     todo, finished = _last_run(state)
     result.missing += max(0, todo - len(finished))
+    result.refused = list(dict.fromkeys([*state.refused, *state.unusable]))
     return result
 
 

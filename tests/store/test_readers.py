@@ -230,3 +230,33 @@ def test_an_unusable_row_is_reported_once_and_left_out_by_every_streamed_reader(
             assert got["totals"]["series"] == 297 and got["totals"]["files"] == 582, got["totals"]
         if name == "verify":
             assert got.checked == 297 and got.files == 582 and got.ok is False   # 6 failed, as before
+
+
+def test_verify_is_not_ok_when_a_record_could_not_be_used(harvests: tuple[Path, Path], tmp_path: Path) -> None:
+    """A row that is not a record (state.db) or a harvest.json entry that is not one was warned
+    about and skipped, and verify still said ok (exit 0): a series it could not vouch for."""
+    import json
+    import sqlite3
+
+    small, _ = harvests
+    out = tmp_path / "row"
+    shutil.copytree(small, out)
+    baseline = verify_tree(out)
+    assert baseline.refused == []
+    with sqlite3.connect(out / ".harvester" / "state.db") as conn:
+        conn.execute("UPDATE series SET record=x'deadbeef' WHERE seq=(SELECT MIN(seq) FROM series "
+                     "WHERE status='complete')")
+    result = verify_tree(out)
+    assert len(result.refused) == 1 and "not used" in result.refused[0] and not result.ok
+    assert "1 record not usable" in result.summary()
+    listed = tmp_path / "listed"
+    shutil.copytree(small, listed)
+    (listed / ".harvester" / "state.db").unlink()
+    doc = json.loads((listed / "harvest.json").read_text())
+    doc["series"] = [s for s in doc["series"] if s["status"] == "complete"]   # a harvest that was ok
+    (listed / "harvest.json").write_text(json.dumps(doc))
+    assert verify_tree(listed).ok
+    doc["series"][3] = "not a record"
+    (listed / "harvest.json").write_text(json.dumps(doc))
+    result = verify_tree(listed)
+    assert not result.ok and len(result.refused) == 1 and "series record 4" in result.refused[0]
