@@ -1053,9 +1053,34 @@ def cmd_status(args: argparse.Namespace, env: dict[str, str]) -> int:
     return EXIT_OK
 
 
+#: DIR's own files: written only by the harvester itself, never as another command's output
+OWN_FILES = ("harvest.json", "metadata.csv", "metadata/metadata.csv", "report.html")
+
+
+def check_not_harvest_file(out_dir: Path, target: Path | None, option: str, *, allow: tuple[str, ...] = ()) -> None:
+    """Raises ``UsageError`` when ``target`` (links followed, as the write would) is one of
+    ``out_dir``'s own files, lies in its ``.harvester/`` or in one of its folders (the series'):
+    an output option must never overwrite what the harvest holds. A new file directly in
+    ``out_dir`` (``DIR/series.csv``) is allowed, as are ``-`` and the names in ``allow``."""
+    if target is None or str(target) == "-":
+        return
+    root = os.path.realpath(out_dir)
+    where = os.path.realpath(target)
+    if not where.startswith(root + os.sep):
+        return
+    rel = os.path.relpath(where, root)
+    if os.sep in rel or rel in OWN_FILES or rel == ".harvester":
+        if rel in allow:
+            return
+        raise UsageError(f"{option} {target} is among the harvest's own files in {out_dir} ({rel}): "
+                         "writing it could destroy what is harvested",
+                         hint="write it outside DIR, or directly in DIR under a new name")
+
+
 def cmd_report(args: argparse.Namespace, env: dict[str, str]) -> int:
     from harvester.report import write_report
 
+    check_not_harvest_file(args.dir, args.out, "-o", allow=("report.html",))
     # What was written goes to stderr: stdout may be the report itself (-o -, -o /dev/stdout).
     print(f"wrote {write_report(args.dir, args.out)}", file=sys.stderr)
     return EXIT_OK
@@ -1070,6 +1095,8 @@ def cmd_export(args: argparse.Namespace, env: dict[str, str]) -> int:
     if [str(args.tcia), str(args.csv), str(args.jsonl)].count("-") > 1:
         raise UsageError("two of --tcia -, --csv - and --jsonl - would both write to stdout",
                          hint="send all but one of them to a file")
+    for option, target in (("--tcia", args.tcia), ("--csv", args.csv), ("--jsonl", args.jsonl)):
+        check_not_harvest_file(args.dir, target, option)
     if args.manifest:
         totals = rewrite_exports(args.dir)
         print(f"wrote {args.dir / 'harvest.json'} and metadata.csv: {totals['series']} series", file=sys.stderr)
@@ -1245,6 +1272,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     env = dict(os.environ)
+    harvest_dir = getattr(args, "dir", None) or (getattr(args, "out", None) if args.command in ("run", "sync") else None)
+    if harvest_dir is not None:
+        try:
+            check_not_harvest_file(harvest_dir, getattr(args, "log_file", None), "--log-file")
+        except UsageError as exc:
+            print(f"harvester: error: {exc.one_line()}", file=sys.stderr)
+            return EXIT_USAGE
     try:
         log_handler = setup_logging(getattr(args, "verbose", 0), getattr(args, "log_file", None))
     except OSError as exc:

@@ -960,3 +960,28 @@ def test_an_empty_output_directory_and_a_port_out_of_range_are_usage_errors(tmp_
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("harvester: error: "), (args, proc.stderr)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q.yaml"]   # nothing written in the current folder
+
+
+def test_an_output_option_never_writes_over_the_harvests_own_files(server: Any, small_archive: Any,
+                                                                   tmp_path: Path) -> None:
+    """report -o DIR/.harvester/state.db, export --csv DIR/harvest.json, --tcia on a harvested
+    .dcm, --log-file inside a series folder: each wrote over the harvest and exited 0."""
+    out = tmp_path / "out"
+    query = write_query(tmp_path, select_all(small_archive), "all.yaml")
+    assert cli("run", str(query), "-o", str(out), "--api-url", server.base_url, *FAST_FLAGS).returncode == 0
+    dcm = sorted(out.rglob("*.dcm"))[0]
+    before = {p: p.read_bytes() for p in [out / ".harvester" / "state.db", out / "harvest.json", dcm]}
+    for args in (["report", str(out), "-o", str(out / ".harvester" / "state.db")],
+                 ["export", str(out), "--csv", str(out / "harvest.json")],
+                 ["export", str(out), "--tcia", str(dcm)],
+                 ["export", str(out), "--jsonl", str(out / "metadata.csv")],
+                 ["verify", str(out), "--log-file", str(dcm)],
+                 ["run", str(query), "-o", str(out), "--api-url", server.base_url, *FAST_FLAGS,
+                  "--log-file", str(dcm.parent / "run.log")]):
+        assert "among the harvest's own files" in one_line_error(cli(*args), 2), args
+    assert {p: p.read_bytes() for p in before} == before
+    assert not (dcm.parent / "run.log").exists()
+    for args in (["export", str(out), "--csv", str(out / "series.csv")], ["report", str(out), "-o", str(out / "report.html")],
+                 ["verify", str(out), "--log-file", str(out / "verify.log")]):
+        assert cli(*args).returncode == 0, args   # a new file directly in DIR is fine
+    assert cli("verify", str(out)).returncode == 0
